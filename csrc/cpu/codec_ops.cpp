@@ -1,0 +1,114 @@
+// CPU quantize_nf4 / dequantize_nf4: argument checks, threading over blocks, and the choice of
+// kernel table (AVX-512 or portable); the arithmetic is in kernels_*.cpp.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "../op_checks.h"
+#include "cpu_kernels.h"
+#include "kernel_args.h"
+
+namespace qlora::cpu {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4(const at::Tensor& weight) {
+  check_quantizable("quantize_nf4", "weight", weight);
+  const at::Tensor w = weight.contiguous();
+  const int64_t nblocks = w.numel() / kBlockSize;
+  const int64_t groups = (nblocks + kScalerBlockSize - 1) / kScalerBlockSize;
+  const auto bytes = w.options().dtype(at::kByte);
+  const auto floats = w.options().dtype(at::kFloat);
+  at::Tensor packed = at::empty({nblocks * kBlockSize / 2}, bytes);
+  at::Tensor absmax_codes = at::empty({nblocks}, bytes);
+  at::Tensor absmax_scales = at::empty({groups}, floats);
+  at::Tensor absmax_offset = at::empty({}, floats);
+  std::vector<float> absmax(nblocks);
+  std::vector<double> group_sums(groups);
+
+  const CpuKernels& k = active_cpu_kernels();
+  const DType dtype = to_kernel_dtype(w.scalar_type());
+  std::atomic<uint32_t> seen_bits{0};
+  // One task per group of 256 blocks: its blocks, then its share of the absmax mean.
+  at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
+    const int64_t first = g_begin * kScalerBlockSize;
+    const int64_t last = std::min(g_end * kScalerBlockSize, nblocks);
+    const uint32_t bits = k.quantize_blocks(w.const_data_ptr(), dtype, first, last,
+                                            packed.mutable_data_ptr<uint8_t>(), absmax.data());
+    uint32_t prev = seen_bits.load();
+    while (bits > prev && !seen_bits.compare_exchange_weak(prev, bits)) {
+    }
+    for (int64_t g = g_begin; g < g_end; ++g) {
+      const int64_t start = g * kScalerBlockSize;
+      group_sums[g] = absmax_group_sum(absmax.data() + start,
+                                       std::min(kScalerBlockSize, nblocks - start));
+    }
+  });
+  if (seen_bits.load() >= kNonFiniteBits) fail_non_finite("quantize_nf4", "weight", weight);
+
+  const float offset = absmax_mean_from_group_sums(group_sums.data(), groups, nblocks);
+  absmax_offset.fill_(offset);
+  float* scales = absmax_scales.mutable_data_ptr<float>();
+  uint8_t* codes = absmax_codes.mutable_data_ptr<uint8_t>();
+  at::parallel_for(0, groups, 16, [&](int64_t g_begin, int64_t g_end) {
+    for (int64_t g = g_begin; g < g_end; ++g) {
+      const int64_t start = g * kScalerBlockSize;
+      scales[g] = quantize_absmax_group(absmax.data() + start,
+                                        std::min(kScalerBlockSize, nblocks - start), offset,
+                                        codes + start);
+    }
+  });
+  return {packed, absmax_codes, absmax_scales, absmax_offset};
+}
+
+at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& absmax_codes,
+                          const at::Tensor& absmax_scales, const at::Tensor& absmax_offset,
+                          at::IntArrayRef shape, at::ScalarType dtype) {
+  const int64_t numel =
+      check_components("dequantize_nf4", packed, absmax_codes, absmax_scales, absmax_offset);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                   "qlora::dequantize_nf4: argument 'dtype' must be float32, bfloat16 or float16; "
+                   "got ",
+                   dtype);
+  TORCH_CHECK_VALUE(c10::multiply_integers(shape) == numel,
+                    "qlora::dequantize_nf4: argument 'shape' must have ", numel,
+                    " elements (what the components encode); got ", shape);
+  const Nf4Storage storage(packed, absmax_codes, absmax_scales, absmax_offset);
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  const CpuKernels& k = active_cpu_kernels();
+  const DType out_dtype = to_kernel_dtype(dtype);
+  const int64_t elem_bytes = out.element_size();
+  auto* out_bytes = static_cast<char*>(out.mutable_data_ptr());
+  at::parallel_for(0, numel / kBlockSize, 256, [&](int64_t first, int64_t last) {
+    k.dequantize_blocks(storage.view, first, last, out_bytes + first * kBlockSize * elem_bytes,
+                        out_dtype);
+  });
+  return out;
+}
+
+std::string cpu_kernel_isa() { return active_cpu_kernels().name; }
+
+void set_cpu_kernel_isa(std::string_view name) {
+  const std::string n(name);
+  TORCH_CHECK_VALUE(select_cpu_kernels(n.c_str()), "qlora::set_cpu_kernel_isa: argument 'name' must ",
+                    "be 'auto', 'portable' or 'avx512' (on a CPU with AVX-512 and a build with it; ",
+                    "this one: ", cpu_has_avx512() && avx512_kernels() ? "yes" : "no", "); got '", n,
+                    "'");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora, CPU, m) {
+  m.impl("quantize_nf4", &quantize_nf4);
+  m.impl("dequantize_nf4", &dequantize_nf4);
+}
+
+TORCH_LIBRARY_IMPL(qlora, CompositeExplicitAutograd, m) {
+  m.impl("cpu_kernel_isa", &cpu_kernel_isa);
+  m.impl("set_cpu_kernel_isa", &set_cpu_kernel_isa);
+}
+
+}  // namespace qlora::cpu

@@ -1,0 +1,86 @@
+// The CPU kernel cores: plain C++ on raw pointers, no torch, so the same code is reached from the
+// op glue (csrc/cpu/*_ops.cpp) and from the C++ tests. Each instruction set provides one
+// CpuKernels table; `active_cpu_kernels()` picks one at run time.
+#pragma once
+
+#include <cstdint>
+
+#include "../nf4_format.h"
+
+namespace qlora::cpu {
+
+// Element type of a dense weight or activation buffer.
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+struct CpuKernels {
+  const char* name;  // "avx512" or "portable"
+
+  // Quantizes NF4 blocks [first, last) of `w` (element i of block b is w[b * 64 + i]): writes
+  // their packed bytes (32 per block, at packed[b * 32]) and float32 absmax (at absmax[b]).
+  // Returns the largest |w| bit pattern seen; >= kNonFiniteBits means a NaN or Inf was read.
+  uint32_t (*quantize_blocks)(const void* w, DType dtype, int64_t first, int64_t last,
+                              uint8_t* packed, float* absmax);
+
+  // Dequantizes NF4 blocks [first, last) into `out`, which points at the element first * 64.
+  void (*dequantize_blocks)(const Nf4View& w, int64_t first, int64_t last, void* out,
+                            DType dtype);
+
+  // Small-M forward, K % 64 == 0: y[m * ldy + n] = sum_k x[m, k] * W[n, k] for
+  // n in [n_begin, n_end), m < M (M <= kMaxFusedRows), reading the 4-bit codes directly.
+  // Row m of x starts at x + m * ldx in pair-split order (split_pairs): each 32-element chunk
+  // holds its 16 even-indexed elements, then its 16 odd-indexed ones, matching the two nibbles
+  // of the packed bytes so that no interleaving is needed in the inner loop.
+  void (*gemv_rows)(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end, const float* x,
+                    int64_t M, int64_t ldx, float* y, int64_t ldy);
+
+  // Small-M backward, K % 64 == 0, k_begin and k_end multiples of 64:
+  // gx[m * ldgx + k] = sum_n gy[m * ldgy + n] * W[n, k] for k in [k_begin, k_end), m < M.
+  void (*gemv_cols)(const Nf4View& w, int64_t N, int64_t K, int64_t k_begin, int64_t k_end,
+                    const float* gy, int64_t M, int64_t ldgy, float* gx, int64_t ldgx);
+};
+
+// Largest M the fused small-M kernels take; larger M goes through tiles + BLAS.
+constexpr int64_t kMaxFusedRows = 16;
+
+const CpuKernels& portable_kernels();
+// Null when the binary was built without AVX-512 support.
+const CpuKernels* avx512_kernels();
+
+// True when this CPU can run the AVX-512 kernels (AVX-512 F, BW, VL, DQ).
+bool cpu_has_avx512();
+
+// The kernels in use: AVX-512 where the CPU has it, unless QLORA_CPU_ISA=portable is set or
+// select_cpu_kernels("portable") was called.
+const CpuKernels& active_cpu_kernels();
+// Chooses the kernels by name ("avx512", "portable" or "auto"); false if not available here.
+bool select_cpu_kernels(const char* name);
+
+// Reorders `count` (a multiple of 32) elements into pair-split order for gemv_rows.
+void split_pairs(const float* in, int64_t count, float* out);
+
+// Scalar decode of any flat element range [start, start + count) of W into float32 (no alignment
+// needed). The slow path for weights whose rows are not whole NF4 blocks.
+void decode_range_f32(const Nf4View& w, int64_t start, int64_t count, float* out);
+
+// Mean of the per-block absmax in the fixed float64 order that the CUDA kernels share: per group
+// of 256 blocks, lane l (of 32) sums blocks l, l + 32, ..., then an XOR-butterfly over the lanes;
+// the group sums are reduced the same way (lane l takes groups l, l + 32, ...).
+float absmax_mean(const float* absmax, int64_t nblocks);
+// The two stages of absmax_mean: one group of <= 256 blocks, then the mean over the group sums.
+double absmax_group_sum(const float* absmax, int64_t count);
+float absmax_mean_from_group_sums(const double* group_sums, int64_t groups, int64_t nblocks);
+
+// Double quantization of the absmax values of one group of 256 blocks (`count` <= 256 of them):
+// writes the 8-bit codes and returns the group's float32 scale max |absmax - offset|.
+float quantize_absmax_group(const float* absmax, int64_t count, float offset, uint8_t* codes);
+
+// Sum of 32 lane values by the XOR-butterfly of a CUDA warp (__shfl_xor_sync 16, 8, 4, 2, 1).
+double butterfly_sum(const double* lanes);
+
+// float32 <-> bf16 / fp16 conversions with round-to-nearest-even, as torch rounds.
+float bf16_to_float(uint16_t h);
+uint16_t float_to_bf16(float f);
+float fp16_to_float(uint16_t h);
+uint16_t float_to_fp16(float f);
+
+}  // namespace qlora::cpu

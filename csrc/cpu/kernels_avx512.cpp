@@ -1,0 +1,274 @@
+// AVX-512 CPU kernels (F, BW, VL, DQ), compiled with -mavx512* in a file of their own and chosen
+// at run time (cpu_has_avx512), so the rest of the library runs on any x86-64. No torch headers
+// here: an inline function from them, compiled with AVX-512, could be picked by the linker for
+// the portable code too.
+//
+// The 16 NF4 values fit one zmm register: vpermps looks a code up with one instruction, and it
+// reads only the low 4 bits of each index, so a zero-extended packed byte looks up its odd
+// (low-nibble) code as it is, and its even code after a shift by 4.
+#define QLORA_ISA_NAMESPACE avx512_isa
+#include <immintrin.h>
+
+#include <utility>
+
+#include "cpu_kernels.h"
+
+namespace qlora::cpu {
+namespace {
+
+template <DType D>
+__m512 load16(const void* base, int64_t i) {
+  if constexpr (D == DType::kFloat32) {
+    return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+  } else {
+    const __m256i h = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
+    if constexpr (D == DType::kBFloat16) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm512_cvtph_ps(h);
+    }
+  }
+}
+
+template <DType D>
+void store16(void* base, int64_t i, __m512 v) {
+  if constexpr (D == DType::kFloat32) {
+    _mm512_storeu_ps(static_cast<float*>(base) + i, v);
+  } else {
+    __m256i h;
+    if constexpr (D == DType::kBFloat16) {
+      // Round to nearest even on the bit pattern (no AVX512-BF16 assumed); NaN stays quiet NaN.
+      __m512i bits = _mm512_castps_si512(v);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+      bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+      bits = _mm512_srli_epi32(bits, 16);
+      const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      bits = _mm512_mask_mov_epi32(bits, nan, _mm512_set1_epi32(0x7fc0));
+      h = _mm512_cvtepi32_epi16(bits);
+    } else {
+      h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(base) + i), h);
+  }
+}
+
+// NF4 codes of 16 scaled values: the binary search of nf4_code, one vpermps + compare per level.
+inline __m512i nf4_codes16(__m512 s, __m512 mids) {
+  const __m512 mid7 = _mm512_permutexvar_ps(_mm512_set1_epi32(7), mids);
+  __m512i c = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(s, mid7, _CMP_GT_OQ),
+                                     _mm512_set1_epi32(8));
+  for (int step = 4; step > 0; step >>= 1) {
+    const __m512 m = _mm512_permutexvar_ps(_mm512_add_epi32(c, _mm512_set1_epi32(step - 1)), mids);
+    c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(s, m, _CMP_GT_OQ), c,
+                              _mm512_set1_epi32(step));
+  }
+  return c;
+}
+
+inline __m512 clamp_unit16(__m512 v) {
+  return _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-1.0f)), _mm512_set1_ps(1.0f));
+}
+
+template <DType D>
+uint32_t quantize_blocks_t(const void* w, int64_t first, int64_t last, uint8_t* packed,
+                           float* absmax) {
+  const CodeTables& t = code_tables();
+  const __m512 mids = _mm512_loadu_ps(t.nf4_mid);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  __m512i seen = _mm512_setzero_si512();
+  for (int64_t b = first; b < last; ++b) {
+    __m512 v[4];
+    __m512i block_bits = _mm512_setzero_si512();
+    for (int q = 0; q < 4; ++q) {
+      v[q] = load16<D>(w, b * kBlockSize + 16 * q);
+      // max |v| on the bit patterns: exact, and NaN / Inf order above every number.
+      block_bits = _mm512_max_epu32(block_bits, _mm512_and_si512(_mm512_castps_si512(v[q]), abs_mask));
+    }
+    seen = _mm512_max_epu32(seen, block_bits);
+    const float amax = float_from_bits(_mm512_reduce_max_epu32(block_bits));
+    absmax[b] = amax;
+    const __m512 inv = _mm512_set1_ps(inverse_absmax(amax));
+    __m512i codes = _mm512_setzero_si512();  // 64 code bytes in element order
+    for (int q = 0; q < 4; ++q) {
+      const __m512i c = nf4_codes16(clamp_unit16(_mm512_mul_ps(v[q], inv)), mids);
+      codes = _mm512_inserti32x4(codes, _mm512_cvtepi32_epi8(c), q);
+    }
+    // As 16-bit lanes the low byte is the even element: byte = even << 4 | odd.
+    const __m512i pairs = _mm512_or_si512(
+        _mm512_slli_epi16(_mm512_and_si512(codes, _mm512_set1_epi16(0x00ff)), 4),
+        _mm512_srli_epi16(codes, 8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + b * (kBlockSize / 2)),
+                        _mm512_cvtepi16_epi8(pairs));
+  }
+  return _mm512_reduce_max_epu32(seen);
+}
+
+uint32_t quantize_blocks(const void* w, DType dtype, int64_t first, int64_t last, uint8_t* packed,
+                         float* absmax) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return quantize_blocks_t<DType::kFloat32>(w, first, last, packed, absmax);
+    case DType::kBFloat16:
+      return quantize_blocks_t<DType::kBFloat16>(w, first, last, packed, absmax);
+    case DType::kFloat16:
+      return quantize_blocks_t<DType::kFloat16>(w, first, last, packed, absmax);
+  }
+  return 0;
+}
+
+// The NF4 values of 32 weights (16 packed bytes): even-indexed weights and odd-indexed ones.
+struct HalfBlock {
+  __m512 even;
+  __m512 odd;
+};
+
+inline HalfBlock decode_half(const uint8_t* bytes, __m512 table) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  return {_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table), _mm512_permutexvar_ps(b, table)};
+}
+
+// permutex2var indices that interleave (even, odd) back into element order.
+inline __m512i interleave_low() {
+  return _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+}
+inline __m512i interleave_high() {
+  return _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+}
+
+template <DType D>
+void dequantize_blocks_t(const Nf4View& w, int64_t first, int64_t last, void* out) {
+  const CodeTables& t = code_tables();
+  const __m512 table = _mm512_loadu_ps(t.nf4);
+  const __m512i lo = interleave_low(), hi = interleave_high();
+  for (int64_t b = first; b < last; ++b) {
+    const __m512 a = _mm512_set1_ps(block_absmax(w, b, t));
+    const int64_t o = (b - first) * kBlockSize;
+    for (int h = 0; h < 2; ++h) {
+      const HalfBlock v = decode_half(w.packed + b * (kBlockSize / 2) + 16 * h, table);
+      const __m512 even = _mm512_mul_ps(v.even, a), odd = _mm512_mul_ps(v.odd, a);
+      store16<D>(out, o + 32 * h, _mm512_permutex2var_ps(even, lo, odd));
+      store16<D>(out, o + 32 * h + 16, _mm512_permutex2var_ps(even, hi, odd));
+    }
+  }
+}
+
+void dequantize_blocks(const Nf4View& w, int64_t first, int64_t last, void* out, DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return dequantize_blocks_t<DType::kFloat32>(w, first, last, out);
+    case DType::kBFloat16:
+      return dequantize_blocks_t<DType::kBFloat16>(w, first, last, out);
+    case DType::kFloat16:
+      return dequantize_blocks_t<DType::kFloat16>(w, first, last, out);
+  }
+}
+
+// One row n of W against MB rows of x (pair-split). Per block the code-value dot products are
+// summed first and scaled by the block's absmax once.
+template <int MB>
+void gemv_row(const Nf4View& w, int64_t K, int64_t n, const float* x, int64_t ldx, float* y,
+              int64_t ldy, const CodeTables& t, __m512 table) {
+  const int64_t blocks_per_row = K / kBlockSize;
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < blocks_per_row; ++kb) {
+    const int64_t b = n * blocks_per_row + kb;
+    const uint8_t* bytes = w.packed + b * (kBlockSize / 2);
+    const HalfBlock h0 = decode_half(bytes, table), h1 = decode_half(bytes + 16, table);
+    const __m512 a = _mm512_set1_ps(block_absmax(w, b, t));
+    for (int m = 0; m < MB; ++m) {
+      const float* xm = x + m * ldx + kb * kBlockSize;
+      __m512 p = _mm512_mul_ps(h0.even, _mm512_loadu_ps(xm));
+      p = _mm512_fmadd_ps(h0.odd, _mm512_loadu_ps(xm + 16), p);
+      p = _mm512_fmadd_ps(h1.even, _mm512_loadu_ps(xm + 32), p);
+      p = _mm512_fmadd_ps(h1.odd, _mm512_loadu_ps(xm + 48), p);
+      acc[m] = _mm512_fmadd_ps(p, a, acc[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m]);
+}
+
+template <int MB>
+void gemv_rows_mb(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end, const float* x,
+                  int64_t ldx, float* y, int64_t ldy) {
+  const CodeTables& t = code_tables();
+  const __m512 table = _mm512_loadu_ps(t.nf4);
+  for (int64_t n = n_begin; n < n_end; ++n) gemv_row<MB>(w, K, n, x, ldx, y, ldy, t, table);
+}
+
+using GemvRowsFn = void (*)(const Nf4View&, int64_t, int64_t, int64_t, const float*, int64_t,
+                            float*, int64_t);
+
+template <int... MB>
+constexpr GemvRowsFn gemv_rows_for(int64_t M, std::integer_sequence<int, MB...>) {
+  constexpr GemvRowsFn table[] = {&gemv_rows_mb<MB + 1>...};
+  return table[M - 1];
+}
+
+void gemv_rows(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end, const float* x,
+               int64_t M, int64_t ldx, float* y, int64_t ldy) {
+  gemv_rows_for(M, std::make_integer_sequence<int, kMaxFusedRows>{})(w, K, n_begin, n_end, x,
+                                                                     ldx, y, ldy);
+}
+
+// 64 columns [k, k + 64) of grad_x for MB rows: every row n of W adds gy[m, n] * W[n, k:k+64].
+template <int MB>
+void gemv_cols_block(const Nf4View& w, int64_t N, int64_t K, int64_t k, const float* gy,
+                     int64_t ldgy, float* gx, int64_t ldgx, const CodeTables& t, __m512 table) {
+  const int64_t blocks_per_row = K / kBlockSize;
+  __m512 acc[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int q = 0; q < 4; ++q) acc[m][q] = _mm512_setzero_ps();
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t b = n * blocks_per_row + k / kBlockSize;
+    const uint8_t* bytes = w.packed + b * (kBlockSize / 2);
+    const __m512 a = _mm512_set1_ps(block_absmax(w, b, t));
+    const HalfBlock h0 = decode_half(bytes, table), h1 = decode_half(bytes + 16, table);
+    const __m512 v[4] = {_mm512_mul_ps(h0.even, a), _mm512_mul_ps(h0.odd, a),
+                         _mm512_mul_ps(h1.even, a), _mm512_mul_ps(h1.odd, a)};
+    for (int m = 0; m < MB; ++m) {
+      const __m512 g = _mm512_set1_ps(gy[m * ldgy + n]);
+      for (int q = 0; q < 4; ++q) acc[m][q] = _mm512_fmadd_ps(v[q], g, acc[m][q]);
+    }
+  }
+  const __m512i lo = interleave_low(), hi = interleave_high();
+  for (int m = 0; m < MB; ++m) {
+    float* out = gx + m * ldgx + k;
+    for (int h = 0; h < 2; ++h) {
+      _mm512_storeu_ps(out + 32 * h, _mm512_permutex2var_ps(acc[m][2 * h], lo, acc[m][2 * h + 1]));
+      _mm512_storeu_ps(out + 32 * h + 16,
+                       _mm512_permutex2var_ps(acc[m][2 * h], hi, acc[m][2 * h + 1]));
+    }
+  }
+}
+
+constexpr int kColsRows = 4;  // rows of grad_y per pass: 4 x 4 accumulators stay in registers
+
+void gemv_cols(const Nf4View& w, int64_t N, int64_t K, int64_t k_begin, int64_t k_end,
+               const float* gy, int64_t M, int64_t ldgy, float* gx, int64_t ldgx) {
+  const CodeTables& t = code_tables();
+  const __m512 table = _mm512_loadu_ps(t.nf4);
+  for (int64_t k = k_begin; k < k_end; k += kBlockSize) {
+    for (int64_t m = 0; m < M; m += kColsRows) {
+      const float* g = gy + m * ldgy;
+      float* out = gx + m * ldgx;
+      switch (M - m < kColsRows ? M - m : kColsRows) {
+        case 1: gemv_cols_block<1>(w, N, K, k, g, ldgy, out, ldgx, t, table); break;
+        case 2: gemv_cols_block<2>(w, N, K, k, g, ldgy, out, ldgx, t, table); break;
+        case 3: gemv_cols_block<3>(w, N, K, k, g, ldgy, out, ldgx, t, table); break;
+        default: gemv_cols_block<4>(w, N, K, k, g, ldgy, out, ldgx, t, table); break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const CpuKernels* avx512_kernels() {
+  static const CpuKernels kernels{"avx512", quantize_blocks, dequantize_blocks, gemv_rows,
+                                  gemv_cols};
+  return &kernels;
+}
+
+}  // namespace qlora::cpu

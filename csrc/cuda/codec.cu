@@ -1,0 +1,273 @@
+// CUDA quantize_nf4 / dequantize_nf4. Bytes and values are identical to the CPU kernels: same
+// float32 operations (no FMA where the format rounds twice), and the absmax mean reduced in the
+// fixed float64 tree of absmax_mean() (kernels_common.cpp), one warp per group of 256 blocks.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../op_checks.h"
+#include "launchers.h"
+#include "nf4_device.cuh"
+
+namespace qlora::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kPartsPerBlock = kBlockSize / 8;  // threads per NF4 block, 8 weights each
+
+// ---- kernels --------------------------------------------------------------------------------
+
+// One thread per 8 weights: NF4 codes of its 8 weights (one 32-bit word of `packed`), with the
+// block's absmax found across the 8 threads of the block as a max of |w| bit patterns (exact;
+// NaN and Inf order above all numbers and surface as a non-finite offset later).
+template <typename T>
+__global__ void quantize_blocks_kernel(const T* __restrict__ w, int64_t nblocks,
+                                       uint32_t* __restrict__ packed, float* __restrict__ absmax) {
+  __shared__ CodeTables tables;
+  load_tables(tables);
+  __syncthreads();
+  const int64_t part = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool active = part < nblocks * kPartsPerBlock;  // whole NF4 blocks per warp: no mixing
+  float v[8] = {};
+  uint32_t bits = 0;
+  if (active) {
+    load8(w + part * 8, v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) bits = max(bits, __float_as_uint(v[i]) & 0x7fffffffu);
+  }
+#pragma unroll
+  for (int o = kPartsPerBlock / 2; o > 0; o >>= 1) bits = max(bits, __shfl_xor_sync(kFullMask, bits, o));
+  if (!active) return;
+  const float amax = __uint_as_float(bits);
+  const float inv = inverse_absmax(amax);
+  uint32_t word = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int c0 = nf4_code(clamp_unit(__fmul_rn(v[2 * j], inv)), tables.nf4_mid);
+    const int c1 = nf4_code(clamp_unit(__fmul_rn(v[2 * j + 1], inv)), tables.nf4_mid);
+    word |= static_cast<uint32_t>(pack_codes(c0, c1)) << (8 * j);
+  }
+  packed[part] = word;
+  if (part % kPartsPerBlock == 0) absmax[part / kPartsPerBlock] = amax;
+}
+
+// One warp per group of 256 blocks: lane l adds blocks l, l + 32, ... in float64, then the
+// butterfly.
+__global__ void group_sums_kernel(const float* __restrict__ absmax, int64_t nblocks,
+                                  int64_t groups, double* __restrict__ sums) {
+  const int64_t g = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (g >= groups) return;  // whole warps leave together
+  double acc = 0.0;
+  for (int j = 0; j < kScalerBlockSize / kWarp; ++j) {
+    const int64_t i = g * kScalerBlockSize + j * kWarp + lane;
+    if (i < nblocks) acc += static_cast<double>(absmax[i]);
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) sums[g] = acc;
+}
+
+// A single warp: lane l adds group sums l, l + 32, ...; butterfly; mean as float32.
+__global__ void offset_kernel(const double* __restrict__ sums, int64_t groups, int64_t nblocks,
+                              float* __restrict__ offset) {
+  double acc = 0.0;
+  for (int64_t g = threadIdx.x; g < groups; g += kWarp) acc += sums[g];
+  acc = warp_sum(acc);
+  if (threadIdx.x == 0) *offset = static_cast<float>(acc / static_cast<double>(nblocks));
+}
+
+// One warp per group of 256 blocks: scale = max |absmax - offset|, then 8-bit nearest codes.
+__global__ void absmax_codes_kernel(const float* __restrict__ absmax, int64_t nblocks,
+                                    int64_t groups, const float* __restrict__ offset,
+                                    uint8_t* __restrict__ codes, float* __restrict__ scales) {
+  __shared__ CodeTables tables;
+  load_tables(tables);
+  __syncthreads();
+  const int64_t g = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (g >= groups) return;
+  const float off = *offset;
+  constexpr int kPerLane = kScalerBlockSize / kWarp;
+  float centered[kPerLane];
+  float m = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int64_t i = g * kScalerBlockSize + j * kWarp + lane;
+    centered[j] = i < nblocks ? __fsub_rn(absmax[i], off) : 0.0f;
+    m = fmaxf(m, fabsf(centered[j]));
+  }
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, o));
+  if (lane == 0) scales[g] = m;
+  const float inv = inverse_absmax(m);
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int64_t i = g * kScalerBlockSize + j * kWarp + lane;
+    if (i < nblocks) {
+      codes[i] = static_cast<uint8_t>(absmax_code(clamp_unit(__fmul_rn(centered[j], inv)), tables.map_mid));
+    }
+  }
+}
+
+// Rows [0, rows) x columns [col0, col0 + cols) of a [*, K] NF4 weight (starting at row0) into a
+// dense [rows, cols] tile; one thread per 8 weights. Needs K, col0 and cols multiples of 8, so
+// that 8 weights share a block and a 32-bit word.
+template <typename T>
+__global__ void dequantize_tile_kernel(Nf4View w, int64_t K, int64_t row0, int64_t rows,
+                                       int64_t col0, int64_t cols, T* __restrict__ out) {
+  __shared__ CodeTables tables;
+  load_tables(tables);
+  __syncthreads();
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t words_per_row = cols / 8;
+  if (t >= rows * words_per_row) return;
+  const int64_t r = t / words_per_row, c = (t % words_per_row) * 8;
+  const int64_t e = (row0 + r) * K + col0 + c;  // flat index of the first of the 8 weights
+  const uint32_t word = reinterpret_cast<const uint32_t*>(w.packed)[e / 8];
+  float v[8];
+  decode8(word, block_absmax(w, e / kBlockSize, tables), tables.nf4, v);
+  store8(out + r * cols + c, v);
+}
+
+// The same for any K and range, one thread per weight (the slow path).
+template <typename T>
+__global__ void dequantize_tile_scalar_kernel(Nf4View w, int64_t K, int64_t row0, int64_t rows,
+                                              int64_t col0, int64_t cols, T* __restrict__ out) {
+  __shared__ CodeTables tables;
+  load_tables(tables);
+  __syncthreads();
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= rows * cols) return;
+  const int64_t e = (row0 + t / cols) * K + col0 + t % cols;
+  const uint8_t byte = w.packed[e / 2];
+  const int code = e % 2 == 0 ? even_code(byte) : odd_code(byte);
+  out[t] = from_float<T>(__fmul_rn(tables.nf4[code], block_absmax(w, e / kBlockSize, tables)));
+}
+
+}  // namespace
+
+// ---- launchers (also used by linear.cu) -----------------------------------------------------
+
+template <typename T>
+void launch_dequantize_tile(const Nf4View& w, int64_t K, int64_t row0, int64_t rows,
+                            int64_t col0, int64_t cols, T* out, cudaStream_t stream) {
+  const bool by_words = K % 8 == 0 && col0 % 8 == 0 && cols % 8 == 0 &&
+                        reinterpret_cast<uintptr_t>(w.packed) % 4 == 0 &&
+                        reinterpret_cast<uintptr_t>(out) % (8 * sizeof(T)) == 0;
+  if (by_words) {
+    const int64_t threads = rows * (cols / 8);
+    dequantize_tile_kernel<T><<<ceil_div(threads, kThreads), kThreads, 0, stream>>>(
+        w, K, row0, rows, col0, cols, out);
+  } else {
+    dequantize_tile_scalar_kernel<T><<<ceil_div(rows * cols, kThreads), kThreads, 0, stream>>>(
+        w, K, row0, rows, col0, cols, out);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template void launch_dequantize_tile<float>(const Nf4View&, int64_t, int64_t, int64_t, int64_t,
+                                            int64_t, float*, cudaStream_t);
+template void launch_dequantize_tile<__nv_bfloat16>(const Nf4View&, int64_t, int64_t, int64_t,
+                                                    int64_t, int64_t, __nv_bfloat16*, cudaStream_t);
+template void launch_dequantize_tile<__half>(const Nf4View&, int64_t, int64_t, int64_t, int64_t,
+                                             int64_t, __half*, cudaStream_t);
+
+at::Tensor contiguous_aligned(const at::Tensor& t, int64_t alignment) {
+  at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.const_data_ptr()) % alignment == 0 ? c : c.clone();
+}
+
+Nf4View nf4_view(const at::Tensor& packed, const at::Tensor& absmax_codes,
+                 const at::Tensor& absmax_scales, const at::Tensor& absmax_offset) {
+  TORCH_INTERNAL_ASSERT(packed.is_contiguous() && absmax_codes.is_contiguous() &&
+                        absmax_scales.is_contiguous() && absmax_offset.is_contiguous());
+  return {packed.const_data_ptr<uint8_t>(), absmax_codes.const_data_ptr<uint8_t>(),
+          absmax_scales.const_data_ptr<float>(), absmax_offset.const_data_ptr<float>()};
+}
+
+namespace {
+
+template <typename T>
+void launch_quantize_blocks(const at::Tensor& w, int64_t nblocks, at::Tensor& packed,
+                            at::Tensor& absmax, cudaStream_t stream) {
+  const int64_t threads = nblocks * kPartsPerBlock;
+  quantize_blocks_kernel<T><<<ceil_div(threads, kThreads), kThreads, 0, stream>>>(
+      reinterpret_cast<const T*>(w.const_data_ptr()), nblocks,
+      reinterpret_cast<uint32_t*>(packed.mutable_data_ptr<uint8_t>()),
+      absmax.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4(const at::Tensor& weight) {
+  check_quantizable("quantize_nf4", "weight", weight);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor w = contiguous_aligned(weight, 32);  // 8-element vector loads
+  const int64_t nblocks = w.numel() / kBlockSize;
+  const int64_t groups = ceil_div(nblocks, kScalerBlockSize);
+  const auto bytes = w.options().dtype(at::kByte);
+  const auto floats = w.options().dtype(at::kFloat);
+  at::Tensor packed = at::empty({nblocks * kBlockSize / 2}, bytes);
+  at::Tensor absmax_codes = at::empty({nblocks}, bytes);
+  at::Tensor absmax_scales = at::empty({groups}, floats);
+  at::Tensor absmax_offset = at::empty({}, floats);
+  at::Tensor absmax = at::empty({nblocks}, floats);
+  at::Tensor sums = at::empty({groups}, w.options().dtype(at::kDouble));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  dispatch_float(w.scalar_type(), [&](auto tag) {
+    launch_quantize_blocks<decltype(tag)>(w, nblocks, packed, absmax, stream);
+  });
+  const int64_t group_blocks = ceil_div(groups * kWarp, kThreads);
+  group_sums_kernel<<<group_blocks, kThreads, 0, stream>>>(absmax.const_data_ptr<float>(), nblocks,
+                                                           groups, sums.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  offset_kernel<<<1, kWarp, 0, stream>>>(sums.const_data_ptr<double>(), groups, nblocks,
+                                         absmax_offset.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  absmax_codes_kernel<<<group_blocks, kThreads, 0, stream>>>(
+      absmax.const_data_ptr<float>(), nblocks, groups, absmax_offset.const_data_ptr<float>(),
+      absmax_codes.mutable_data_ptr<uint8_t>(), absmax_scales.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Any NaN or Inf weight makes the mean non-finite: one small copy back to report it.
+  if (!std::isfinite(absmax_offset.item<float>())) fail_non_finite("quantize_nf4", "weight", weight);
+  return {packed, absmax_codes, absmax_scales, absmax_offset};
+}
+
+at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& absmax_codes,
+                          const at::Tensor& absmax_scales, const at::Tensor& absmax_offset,
+                          at::IntArrayRef shape, at::ScalarType dtype) {
+  const int64_t numel =
+      check_components("dequantize_nf4", packed, absmax_codes, absmax_scales, absmax_offset);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                   "qlora::dequantize_nf4: argument 'dtype' must be float32, bfloat16 or float16; "
+                   "got ", dtype);
+  TORCH_CHECK_VALUE(c10::multiply_integers(shape) == numel,
+                    "qlora::dequantize_nf4: argument 'shape' must have ", numel,
+                    " elements (what the components encode); got ", shape);
+  const c10::cuda::CUDAGuard guard(packed.device());
+  const at::Tensor p = contiguous_aligned(packed, 4), c = absmax_codes.contiguous(),
+                   s = absmax_scales.contiguous(), o = absmax_offset.contiguous();
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  const Nf4View view = nf4_view(p, c, s, o);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    // The whole weight as one row: every word lies in one block since numel % 64 == 0.
+    launch_dequantize_tile<T>(view, numel, 0, 1, 0, numel,
+                              reinterpret_cast<T*>(out.mutable_data_ptr()), stream);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora, CUDA, m) {
+  m.impl("quantize_nf4", &quantize_nf4);
+  m.impl("dequantize_nf4", &dequantize_nf4);
+}
+
+}  // namespace qlora::cuda

@@ -1,0 +1,128 @@
+#include "op_checks.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <sstream>
+#include <vector>
+
+#include "nf4_format.h"
+
+namespace qlora {
+
+namespace {
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+}  // namespace
+
+void check_float_dtype(const char* op, const char* arg, const at::Tensor& t) {
+  const auto d = t.scalar_type();
+  TORCH_CHECK_TYPE(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf, "qlora::", op,
+                   ": argument '", arg, "' must have dtype float32, bfloat16 or float16; got ", d);
+}
+
+void check_quantizable(const char* op, const char* arg, const at::Tensor& weight) {
+  check_float_dtype(op, arg, weight);
+  TORCH_CHECK_VALUE(weight.numel() > 0, "qlora::", op, ": argument '", arg,
+                    "' must not be empty; got shape ", shape_str(weight));
+  TORCH_CHECK_VALUE(weight.numel() % kBlockSize == 0, "qlora::", op, ": argument '", arg,
+                    "' must have a number of elements divisible by ", kBlockSize,
+                    " (the NF4 block size); got ", weight.numel(), " elements (shape ",
+                    shape_str(weight), ")");
+}
+
+void check_same_device(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
+                       const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "qlora::", op, ": argument '", arg,
+                    "' must be on the same device as '", ref_arg, "' (", ref.device(), "); got ",
+                    t.device());
+}
+
+int64_t check_components(const char* op, const at::Tensor& packed, const at::Tensor& absmax_codes,
+                         const at::Tensor& absmax_scales, const at::Tensor& absmax_offset) {
+  const std::pair<const char*, const at::Tensor*> bytes[] = {{"packed", &packed},
+                                                             {"absmax_codes", &absmax_codes}};
+  for (const auto& [name, t] : bytes) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kByte, "qlora::", op, ": argument '", name,
+                     "' must have dtype uint8; got ", t->scalar_type());
+  }
+  const std::pair<const char*, const at::Tensor*> floats[] = {{"absmax_scales", &absmax_scales},
+                                                              {"absmax_offset", &absmax_offset}};
+  for (const auto& [name, t] : floats) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "qlora::", op, ": argument '", name,
+                     "' must have dtype float32; got ", t->scalar_type());
+  }
+  check_same_device(op, "absmax_codes", absmax_codes, "packed", packed);
+  check_same_device(op, "absmax_scales", absmax_scales, "packed", packed);
+  check_same_device(op, "absmax_offset", absmax_offset, "packed", packed);
+
+  const int64_t bytes_per_block = kBlockSize / 2;
+  TORCH_CHECK_VALUE(packed.numel() > 0 && packed.numel() % bytes_per_block == 0, "qlora::", op,
+                    ": argument 'packed' must hold a positive multiple of ", bytes_per_block,
+                    " bytes (two 4-bit codes per byte, 64 codes per block); got ", packed.numel());
+  const int64_t nblocks = packed.numel() / bytes_per_block;
+  TORCH_CHECK_VALUE(absmax_codes.numel() == nblocks, "qlora::", op,
+                    ": argument 'absmax_codes' must hold one code per 64-element block, ", nblocks,
+                    " for 'packed' of ", packed.numel(), " bytes; got ", absmax_codes.numel());
+  const int64_t groups = (nblocks + kScalerBlockSize - 1) / kScalerBlockSize;
+  TORCH_CHECK_VALUE(absmax_scales.numel() == groups, "qlora::", op,
+                    ": argument 'absmax_scales' must hold one scale per 256 blocks, ", groups,
+                    " for ", nblocks, " blocks; got ", absmax_scales.numel());
+  TORCH_CHECK_VALUE(absmax_offset.numel() == 1, "qlora::", op,
+                    ": argument 'absmax_offset' must hold exactly one value; got ",
+                    absmax_offset.numel());
+  return nblocks * kBlockSize;
+}
+
+int64_t check_matmul_input(const char* op, const at::Tensor& x, const char* x_arg,
+                           int64_t weight_numel, int64_t dim, const char* dim_arg,
+                           const at::Tensor& packed) {
+  check_float_dtype(op, x_arg, x);
+  check_same_device(op, x_arg, x, "packed", packed);
+  TORCH_CHECK_VALUE(dim > 0 && weight_numel % dim == 0, "qlora::", op, ": argument '", dim_arg,
+                    "' must be a positive divisor of the weight's ", weight_numel,
+                    " elements; got ", dim);
+  const int64_t features = weight_numel / dim;
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == features, "qlora::", op, ": argument '", x_arg,
+                    "' must have last dimension ", features, " (", weight_numel,
+                    " weight elements / ", dim_arg, " ", dim, "); got shape ", shape_str(x));
+  return features;
+}
+
+void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x,
+                int64_t out_features) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "qlora::", op,
+                   ": argument 'bias' must have the dtype of 'x' (", x.scalar_type(), "); got ",
+                   bias->scalar_type());
+  check_same_device(op, "bias", *bias, "x", x);
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, "qlora::", op,
+                    ": argument 'bias' must have shape [", out_features, "]; got shape ",
+                    shape_str(*bias));
+}
+
+void fail_non_finite(const char* op, const char* arg, const at::Tensor& weight) {
+  const at::Tensor flat = weight.flatten();
+  const at::Tensor bad = at::logical_not(at::isfinite(flat)).nonzero().flatten();
+  std::ostringstream where;
+  if (bad.numel() > 0) {
+    int64_t rest = bad[0].item<int64_t>();
+    const float value = flat[rest].item<float>();
+    std::vector<int64_t> index(weight.dim());
+    for (int64_t d = weight.dim() - 1; d >= 0; --d) {
+      index[d] = rest % weight.size(d);
+      rest /= weight.size(d);
+    }
+    where << ", the first " << value << " at index " << at::IntArrayRef(index);
+  }
+  TORCH_CHECK_VALUE(false, "qlora::", op, ": argument '", arg,
+                    "' must hold only finite values (no NaN or Inf); got ", bad.numel(),
+                    " non-finite value(s)", where.str());
+}
+
+}  // namespace qlora

@@ -1,0 +1,52 @@
+"""Shared test setup: the devices to run on, dtypes, seeding, and tolerances.
+
+CUDA cases are parametrized like the CPU ones and skipped (reported as such) where there is no
+GPU or the extension was built without CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import qlora_ext._extension as ext
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cuda_available() -> bool:
+    return ext.WITH_CUDA and torch.cuda.is_available()
+
+
+def devices() -> list:
+    """cpu, and cuda as a case that skips itself when it cannot run."""
+    reason = "no CUDA GPU" if not torch.cuda.is_available() else "extension built without CUDA"
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not cuda_available(), reason=reason))]
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # A fresh seed per test, derived from its name: new random inputs per test, reproducible runs.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    return {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+
+
+def torchao_nf4():
+    """torchao's NF4 module (it moved between releases), or skip the test."""
+    import importlib
+
+    for name in ("torchao.quantization.quantize_.workflows.nf4.nf4_tensor", "torchao.dtypes.nf4tensor"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    pytest.skip("torchao (a test dependency) with NF4 support is not installed")

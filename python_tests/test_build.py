@@ -1,0 +1,54 @@
+"""The compiled library: what was built, the op schemas, and the torch-version guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qlora_ext._extension as ext
+from qlora_ext import ops
+
+SCHEMAS = {
+    "quantize_nf4": "qlora::quantize_nf4(Tensor weight) -> (Tensor packed, Tensor absmax_codes, Tensor absmax_scales, Tensor absmax_offset)",
+    "dequantize_nf4": "qlora::dequantize_nf4(Tensor packed, Tensor absmax_codes, Tensor absmax_scales, Tensor absmax_offset, SymInt[] shape, ScalarType dtype) -> Tensor",
+    "linear_nf4": "qlora::linear_nf4(Tensor x, Tensor packed, Tensor absmax_codes, Tensor absmax_scales, Tensor absmax_offset, int out_features, Tensor? bias=None) -> Tensor",
+    "linear_nf4_grad_input": "qlora::linear_nf4_grad_input(Tensor grad_y, Tensor packed, Tensor absmax_codes, Tensor absmax_scales, Tensor absmax_offset, int in_features) -> Tensor",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_schema(name):
+    assert str(getattr(torch.ops.qlora, name).default._schema) == SCHEMAS[name]
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_kernels_registered_per_backend(name):
+    dump = torch._C._dispatch_dump(f"qlora::{name}")
+    assert "\nCPU: registered at" in dump
+    assert ("\nCUDA: registered at" in dump) == ext.WITH_CUDA
+
+
+def test_build_was_made_for_the_imported_torch():
+    from qlora_ext import _build_info
+
+    assert _build_info.TORCH_VERSION == torch.__version__
+    assert ext.BUILD_KIND.startswith("CUDA" if ext.WITH_CUDA else "CPU only")
+
+
+def test_torch_version_mismatch_says_how_to_rebuild():
+    ext.check_torch_version("2.14.1", "2.14.1")
+    with pytest.raises(ImportError, match=r"built against torch 2\.13\.0\+cpu, but torch 2\.14\.1 is imported; rebuild .*pip install --no-build-isolation"):
+        ext.check_torch_version("2.13.0+cpu", "2.14.1")
+
+
+def test_cpu_kernel_isa_can_be_chosen():
+    before = ops.cpu_kernel_isa()
+    try:
+        ops.set_cpu_kernel_isa("portable")
+        assert ops.cpu_kernel_isa() == "portable"
+        ops.set_cpu_kernel_isa("auto")
+        assert ops.cpu_kernel_isa() in ("avx512", "portable")
+        with pytest.raises(ValueError, match=r"argument 'name' must be 'auto', 'portable' or 'avx512'.*got 'sse'"):
+            ops.set_cpu_kernel_isa("sse")
+    finally:
+        ops.set_cpu_kernel_isa(before)

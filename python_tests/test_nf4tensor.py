@@ -1,0 +1,175 @@
+"""NF4Tensor: construction, storage attributes, dense round trips, device moves, copies,
+serialization, and use as a module parameter."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from conftest import FLOAT_DTYPES, cuda_available, devices, dtype_id
+
+from qlora_ext import NF4Tensor, to_nf4
+from qlora_ext import _reference as ref
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_to_nf4_storage_attributes(device, dtype):
+    w = torch.randn(300, 128, dtype=dtype, device=device)
+    nf4 = to_nf4(w)
+    assert isinstance(nf4, NF4Tensor)
+    assert nf4.shape == w.shape and nf4.dtype == dtype and nf4.device == w.device
+    assert not nf4.requires_grad
+    assert nf4.packed.dtype == torch.uint8 and nf4.packed.shape == (300 * 128 // 2,)
+    assert nf4.absmax_codes.dtype == torch.uint8 and nf4.absmax_codes.shape == (600,)
+    assert nf4.absmax_scales.dtype == torch.float32 and nf4.absmax_scales.shape == (3,)
+    assert nf4.absmax_offset.dtype == torch.float32 and nf4.absmax_offset.shape == ()
+    want = ref.quantize_nf4(w.cpu())
+    for got, exp in zip(nf4.components(), want):
+        assert torch.equal(got.cpu(), exp)
+    # 4 + 8/64 + 32/(64*256) bits per weight, plus the float32 offset.
+    assert nf4.quantized_nbytes == 300 * 128 // 2 + 600 + 3 * 4 + 4
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_dense_round_trip(device, dtype):
+    w = torch.randn(64, 192, dtype=dtype, device=device)
+    nf4 = to_nf4(w)
+    want = ref.dequantize_nf4(*(c.cpu() for c in nf4.components()), w.shape, dtype)
+    assert torch.equal(nf4.dequantize().cpu(), want)
+    assert torch.equal(nf4.to(dtype).cpu(), want)  # .to(dtype) gives the dense tensor back
+    assert type(nf4.to(dtype)) is torch.Tensor
+    as_fp32 = nf4.dequantize(torch.float32)
+    assert as_fp32.dtype == torch.float32
+    assert torch.equal(nf4.to(torch.float32), as_fp32)
+    # NF4 keeps the weight within half a code step of the block absmax.
+    err = (as_fp32.cpu() - w.float().cpu()).abs().max()
+    assert err <= 0.2 * w.float().abs().max()
+
+
+def test_from_components_round_trip_and_checks():
+    w = torch.randn(300, 64)
+    nf4 = to_nf4(w)
+    again = NF4Tensor.from_components(*nf4.components(), w.shape, w.dtype)
+    assert torch.equal(again.dequantize(), nf4.dequantize())
+    # bitsandbytes-shaped inputs ([n, 1] packed, offset of shape [1]) are accepted and flattened.
+    again = NF4Tensor.from_components(nf4.packed.view(-1, 1), nf4.absmax_codes, nf4.absmax_scales, nf4.absmax_offset.view(1), (300, 64), torch.float32)
+    assert again.packed.shape == (9600,) and again.absmax_offset.shape == ()
+    p, c, s, o = nf4.components()
+    with pytest.raises(ValueError, match=r"'absmax_codes' must have 300 elements for shape \[300, 64\]; got 299"):
+        NF4Tensor.from_components(p, c[:299], s, o, (300, 64), torch.float32)
+    with pytest.raises(ValueError, match=r"'packed' must have 9600 elements for shape \[300, 64\]; got 9599"):
+        NF4Tensor.from_components(p[:-1], c, s, o, (300, 64), torch.float32)
+    with pytest.raises(ValueError, match=r"'shape' must have a positive number of elements divisible by 64; got \[10, 10\]"):
+        NF4Tensor.from_components(p, c, s, o, (10, 10), torch.float32)
+    with pytest.raises(TypeError, match=r"'absmax_scales' must have dtype torch.float32; got torch.float64"):
+        NF4Tensor.from_components(p, c, s.double(), o, (300, 64), torch.float32)
+    with pytest.raises(TypeError, match=r"'dtype' must be float32, bfloat16 or float16; got torch.int8"):
+        NF4Tensor.from_components(p, c, s, o, (300, 64), torch.int8)
+    with pytest.raises(TypeError, match=r"'packed' must be a plain tensor; got list"):
+        NF4Tensor.from_components([1, 2], c, s, o, (300, 64), torch.float32)
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
+def test_from_components_rejects_mixed_devices():
+    p, c, s, o = to_nf4(torch.randn(4, 64)).components()
+    with pytest.raises(ValueError, match=r"'absmax_codes' must be on the device of 'packed' \(cuda:0\); got cpu"):
+        NF4Tensor.from_components(p.cuda(), c, s.cuda(), o.cuda(), (4, 64), torch.float32)
+
+
+def test_to_nf4_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"'block_size' and 'scaler_block_size' must be 64 and 256.*got 128 and 256"):
+        to_nf4(torch.randn(4, 128), block_size=128)
+    with pytest.raises(TypeError, match=r"got an NF4Tensor"):
+        to_nf4(to_nf4(torch.randn(4, 64)))
+    with pytest.raises(ValueError, match=r"finite"):
+        to_nf4(torch.full((64,), float("nan")))
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
+def test_device_moves_keep_nf4():
+    nf4 = to_nf4(torch.randn(128, 64, dtype=torch.bfloat16))
+    on_gpu = nf4.cuda()
+    assert isinstance(on_gpu, NF4Tensor) and on_gpu.device.type == "cuda"
+    assert all(t.device.type == "cuda" for t in on_gpu.components())
+    assert torch.equal(on_gpu.dequantize().cpu(), nf4.dequantize())
+    back = on_gpu.to("cpu")
+    assert isinstance(back, NF4Tensor) and torch.equal(back.packed, nf4.packed)
+    assert isinstance(on_gpu.cpu(), NF4Tensor)
+    dense_gpu = nf4.to("cuda", torch.float32)  # device and dtype: dense on the device
+    assert type(dense_gpu) is torch.Tensor and dense_gpu.device.type == "cuda"
+
+
+def test_cpu_moves_and_clone_keep_nf4():
+    nf4 = to_nf4(torch.randn(128, 64))
+    assert nf4.cpu() is nf4 or isinstance(nf4.cpu(), NF4Tensor)
+    assert isinstance(nf4.to("cpu"), NF4Tensor)
+    twin = nf4.clone()
+    assert isinstance(twin, NF4Tensor) and twin.packed.data_ptr() != nf4.packed.data_ptr()
+    assert torch.equal(twin.dequantize(), nf4.dequantize())
+    assert isinstance(nf4.detach(), NF4Tensor)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_deepcopy(device):
+    nf4 = to_nf4(torch.randn(256, 64, device=device))
+    twin = copy.deepcopy(nf4)
+    assert isinstance(twin, NF4Tensor)
+    assert twin.packed.data_ptr() != nf4.packed.data_ptr()
+    assert torch.equal(twin.dequantize(), nf4.dequantize())
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(nf4, requires_grad=False)
+    module_twin = copy.deepcopy(module)
+    assert type(module_twin.weight) is NF4Tensor
+    assert torch.equal(module_twin.weight.dequantize(), nf4.dequantize())
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_torch_save_and_load(device, dtype, tmp_path):
+    nf4 = to_nf4(torch.randn(256, 64, dtype=dtype, device=device))
+    path = tmp_path / "w.pt"
+    torch.save({"w": nf4}, path)
+    loaded = torch.load(path)  # weights_only=True, the default
+    assert isinstance(loaded["w"], NF4Tensor)
+    assert loaded["w"].shape == nf4.shape and loaded["w"].dtype == dtype and loaded["w"].device == nf4.device
+    assert torch.equal(loaded["w"].dequantize(), nf4.dequantize())
+    buffer = io.BytesIO()
+    torch.save(nf4, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False).packed, nf4.packed)
+
+
+def test_parameter_keeps_the_nf4_type():
+    param = torch.nn.Parameter(to_nf4(torch.randn(64, 64)), requires_grad=False)
+    assert type(param) is NF4Tensor
+    assert isinstance(param, torch.nn.Parameter)
+
+
+def test_copy_from_dense_quantizes_and_from_nf4_copies():
+    target = to_nf4(torch.zeros(128, 64, dtype=torch.bfloat16))
+    source = torch.randn(128, 64)
+    with torch.no_grad():
+        target.copy_(source)
+    want = ref.quantize_nf4(source.to(torch.bfloat16))  # cast to the parameter's dtype first
+    for got, exp in zip(target.components(), want):
+        assert torch.equal(got, exp)
+    other = to_nf4(torch.randn(128, 64))
+    with torch.no_grad():
+        target.copy_(other)
+    assert torch.equal(target.packed, other.packed)
+    with pytest.raises(ValueError, match=r"'src' must have shape \[128, 64\]; got \[64, 128\]"):
+        target.copy_(torch.randn(64, 128))
+
+
+def test_unsupported_op_says_how_to_get_a_dense_tensor():
+    nf4 = to_nf4(torch.randn(64, 64))
+    with pytest.raises(NotImplementedError, match=r"NF4Tensor does not support aten.add.Tensor; make it dense first"):
+        nf4 + 1
+
+
+def test_repr_shows_metadata_not_values():
+    assert repr(to_nf4(torch.randn(2, 64))) == "NF4Tensor(shape=[2, 64], dtype=torch.float32, device=cpu)"

@@ -1,0 +1,269 @@
+"""NF4Tensor: a frozen weight stored in 4-bit NormalFloat with double-quantized absmax.
+
+It stands in for a dense tensor of its original shape and dtype (a tensor subclass, so it can be
+a module parameter, moved across devices, saved, deep-copied and traced by ``torch.compile``),
+while holding only the four storage tensors of DESIGN.md section 2, about 4.13 bits per weight.
+
+    nf4 = to_nf4(w)                  # quantize
+    dense = nf4.dequantize()         # or nf4.to(torch.bfloat16): a dense tensor again
+    y = linear_nf4(x, nf4)           # x @ w.T without a dense copy of w
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qlora_ext import ops
+from qlora_ext._tables import BLOCK_SIZE, SCALER_BLOCK_SIZE
+
+aten = torch.ops.aten
+
+_COMPONENTS = ("packed", "absmax_codes", "absmax_scales", "absmax_offset")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class NF4Tensor(Tensor):
+    """A weight in NF4 (see the module docstring); build it with ``to_nf4`` or ``from_components``.
+
+    Attributes:
+        packed: uint8 [numel / 2], two 4-bit codes per byte, the lower index in the high nibble.
+        absmax_codes: uint8 [numel / 64], the 8-bit code of each block's absmax.
+        absmax_scales: float32 [ceil(numel / 64 / 256)], one scale per 256 absmax codes.
+        absmax_offset: float32 scalar, the mean absmax, added back after decoding.
+        shape, dtype: those of the original weight.
+    """
+
+    packed: Tensor
+    absmax_codes: Tensor
+    absmax_scales: Tensor
+    absmax_offset: Tensor
+
+    @staticmethod
+    def __new__(cls, packed, absmax_codes, absmax_scales, absmax_offset, shape, dtype):
+        return Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=packed.device, requires_grad=False)
+
+    def __init__(self, packed, absmax_codes, absmax_scales, absmax_offset, shape, dtype):
+        self.packed = packed
+        self.absmax_codes = absmax_codes
+        self.absmax_scales = absmax_scales
+        self.absmax_offset = absmax_offset
+
+    @classmethod
+    def from_components(
+        cls,
+        packed: Tensor,
+        absmax_codes: Tensor,
+        absmax_scales: Tensor,
+        absmax_offset: Tensor,
+        shape: torch.Size | tuple[int, ...] | list[int],
+        dtype: torch.dtype,
+    ) -> NF4Tensor:
+        """Wraps existing storage tensors (e.g. read from a checkpoint), after checking them.
+
+        Raises:
+            TypeError: a component is not a tensor or has the wrong dtype; ``dtype`` is not float.
+            ValueError: component sizes disagree with each other or with ``shape``, or they are
+                on different devices.
+        """
+        components = dict(zip(_COMPONENTS, (packed, absmax_codes, absmax_scales, absmax_offset)))
+        expected_dtypes = (torch.uint8, torch.uint8, torch.float32, torch.float32)
+        for (name, t), want in zip(components.items(), expected_dtypes):
+            if not isinstance(t, Tensor) or isinstance(t, NF4Tensor):
+                raise TypeError(f"NF4Tensor.from_components: argument '{name}' must be a plain tensor; got {type(t).__name__}")
+            if t.dtype != want:
+                raise TypeError(f"NF4Tensor.from_components: argument '{name}' must have dtype {want}; got {t.dtype}")
+            if t.device != packed.device:
+                raise ValueError(
+                    f"NF4Tensor.from_components: argument '{name}' must be on the device of 'packed' "
+                    f"({packed.device}); got {t.device}"
+                )
+        if dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"NF4Tensor.from_components: argument 'dtype' must be float32, bfloat16 or float16; got {dtype}")
+        shape = torch.Size(shape)
+        numel = shape.numel()
+        nblocks = numel // BLOCK_SIZE
+        expected_sizes = {
+            "packed": numel // 2,
+            "absmax_codes": nblocks,
+            "absmax_scales": (nblocks + SCALER_BLOCK_SIZE - 1) // SCALER_BLOCK_SIZE,
+            "absmax_offset": 1,
+        }
+        if numel == 0 or numel % BLOCK_SIZE:
+            raise ValueError(
+                f"NF4Tensor.from_components: argument 'shape' must have a positive number of elements "
+                f"divisible by {BLOCK_SIZE}; got {list(shape)} ({numel} elements)"
+            )
+        for name, size in expected_sizes.items():
+            if components[name].numel() != size:
+                raise ValueError(
+                    f"NF4Tensor.from_components: argument '{name}' must have {size} elements for shape "
+                    f"{list(shape)}; got {components[name].numel()}"
+                )
+        flat = [t.reshape(-1) for t in (packed, absmax_codes, absmax_scales)]
+        return cls(*flat, absmax_offset.reshape(()), shape, dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense weight, in ``dtype`` (default: the original dtype)."""
+        return ops.dequantize_nf4(*self.components(), self.shape, dtype or self.dtype)
+
+    def components(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(packed, absmax_codes, absmax_scales, absmax_offset)."""
+        return self.packed, self.absmax_codes, self.absmax_scales, self.absmax_offset
+
+    @property
+    def quantized_nbytes(self) -> int:
+        """Bytes of storage actually held (the four components)."""
+        return sum(t.numel() * t.element_size() for t in self.components())
+
+    def __repr__(self) -> str:
+        return f"NF4Tensor(shape={list(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+    def __reduce_ex__(self, protocol):
+        return _rebuild_nf4tensor, (*self.components(), tuple(self.shape), self.dtype)
+
+    # -- tensor subclass protocol (torch.compile traces through these) -------------------------
+
+    def __tensor_flatten__(self):
+        return list(_COMPONENTS), (tuple(self.shape), self.dtype)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
+        shape, dtype = meta
+        return NF4Tensor(*(inner[name] for name in _COMPONENTS), shape, dtype)
+
+    def _stable_hash_for_caching(self) -> str:
+        return f"NF4Tensor{tuple(self.shape)}{self.dtype}"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _TORCH_FUNCTIONS.get(func)
+        if handler is not None:
+            return handler(*args, **kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        handler = _ATEN_OPS.get(func)
+        if handler is None:
+            raise NotImplementedError(
+                f"NF4Tensor does not support {func}; make it dense first with .dequantize() or .to(dtype)"
+            )
+        return handler(*args, **(kwargs or {}))
+
+
+def _rebuild_nf4tensor(packed, absmax_codes, absmax_scales, absmax_offset, shape, dtype) -> NF4Tensor:
+    return NF4Tensor(packed, absmax_codes, absmax_scales, absmax_offset, torch.Size(shape), dtype)
+
+
+# torch.load(weights_only=True), the default, may rebuild NF4Tensors.
+torch.serialization.add_safe_globals([_rebuild_nf4tensor])
+
+
+def to_nf4(weight: Tensor, block_size: int = BLOCK_SIZE, scaler_block_size: int = SCALER_BLOCK_SIZE) -> NF4Tensor:
+    """Quantizes a float32, bfloat16 or float16 weight (numel divisible by 64) to NF4.
+
+    Args:
+        weight: the dense weight; any shape, any device with qlora kernels (CPU, CUDA).
+        block_size: weights per absmax; the format fixes it at 64 (the argument mirrors torchao).
+        scaler_block_size: absmax values per scale; fixed at 256.
+
+    Returns:
+        The NF4Tensor, on the weight's device, with the weight's shape and dtype.
+
+    Raises:
+        TypeError: ``weight`` is not a float tensor.
+        ValueError: empty weight, numel not divisible by 64, NaN or Inf in it, other block sizes.
+    """
+    if block_size != BLOCK_SIZE or scaler_block_size != SCALER_BLOCK_SIZE:
+        raise ValueError(
+            f"to_nf4: arguments 'block_size' and 'scaler_block_size' must be {BLOCK_SIZE} and "
+            f"{SCALER_BLOCK_SIZE} (the NF4 format of this package); got {block_size} and {scaler_block_size}"
+        )
+    if isinstance(weight, NF4Tensor):
+        raise TypeError("to_nf4: argument 'weight' must be a dense tensor; got an NF4Tensor (already quantized)")
+    weight = weight.detach()
+    return NF4Tensor(*ops.quantize_nf4(weight), weight.shape, weight.dtype)
+
+
+def linear_nf4(x: Tensor, weight: NF4Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T (+ bias)`` for x [..., in] and an NF4 weight [out, in], in x's dtype.
+
+    Backward gives the gradient of x (and of bias) from the NF4 storage; the weight gets none.
+    """
+    if not isinstance(weight, NF4Tensor) or weight.dim() != 2:
+        raise TypeError(f"linear_nf4: argument 'weight' must be a 2-D NF4Tensor; got {_describe(weight)}")
+    return ops.linear_nf4(x, *weight.components(), weight.shape[0], bias)
+
+
+def _describe(t) -> str:
+    return f"{type(t).__name__} of shape {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+
+
+# -- torch functions: F.linear and Tensor.to ---------------------------------------------------
+
+
+def _linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    if not isinstance(weight, NF4Tensor):
+        raise TypeError(f"F.linear with an NF4Tensor: only 'weight' may be one; got input {_describe(input)}")
+    return linear_nf4(input, weight, bias)
+
+
+def _to(self: NF4Tensor, *args, **kwargs) -> Tensor:
+    # A dtype makes it dense (as torchao's NF4Tensor does); a device alone moves the NF4 storage.
+    device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+    moved = self
+    if device is not None and torch.device(device) != self.device:
+        moved = NF4Tensor(*(t.to(device, non_blocking=non_blocking) for t in self.components()), self.shape, self.dtype)
+    return moved if dtype is None else moved.dequantize(dtype)
+
+
+_TORCH_FUNCTIONS: dict[Callable, Callable] = {F.linear: _linear, Tensor.to: _to}
+
+
+# -- aten ops ----------------------------------------------------------------------------------
+
+
+def _detach(nf4: NF4Tensor) -> NF4Tensor:
+    return NF4Tensor(*nf4.components(), nf4.shape, nf4.dtype)
+
+
+def _clone(nf4: NF4Tensor, memory_format=None) -> NF4Tensor:
+    return NF4Tensor(*(t.clone() for t in nf4.components()), nf4.shape, nf4.dtype)
+
+
+def _to_copy(nf4: NF4Tensor, dtype=None, device=None, non_blocking=False, **_) -> Tensor:
+    moved = NF4Tensor(*(t.to(device or t.device, copy=True, non_blocking=non_blocking) for t in nf4.components()), nf4.shape, nf4.dtype)
+    return moved if dtype is None else moved.dequantize(dtype)
+
+
+def _copy_(dst: NF4Tensor, src: Tensor, non_blocking: bool = False) -> NF4Tensor:
+    # Loading a state dict copies into parameters: a dense source is quantized on the way in.
+    if src.shape != dst.shape:
+        raise ValueError(f"NF4Tensor.copy_: argument 'src' must have shape {list(dst.shape)}; got {list(src.shape)}")
+    if isinstance(src, NF4Tensor):
+        components = src.components()
+    else:
+        components = ops.quantize_nf4(src.to(device=dst.device, dtype=dst.dtype))
+    for d, s in zip(dst.components(), components):
+        d.copy_(s.reshape(d.shape), non_blocking=non_blocking)
+    return dst
+
+
+def _is_same_size(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape
+
+
+_ATEN_OPS: dict[Callable, Callable] = {
+    aten.detach.default: _detach,
+    aten.alias.default: _detach,
+    aten.clone.default: _clone,
+    aten._to_copy.default: _to_copy,
+    aten.copy_.default: _copy_,
+    aten.is_same_size.default: _is_same_size,
+}

@@ -1,0 +1,138 @@
+"""Typed wrappers over ``torch.ops.qlora.*``, each followed by its fake kernel and autograd.
+
+The kernels are C++ (CPU) and CUDA, registered by the compiled library; the fake kernels here let
+``torch.compile`` trace the ops without running them. Storage layout: DESIGN.md section 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from qlora_ext import _extension  # noqa: F401  (registers torch.ops.qlora)
+from qlora_ext._tables import BLOCK_SIZE, SCALER_BLOCK_SIZE
+
+_ops = torch.ops.qlora
+
+
+def quantize_nf4(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """NF4 + double quantization: (packed, absmax_codes, absmax_scales, absmax_offset)."""
+    return _ops.quantize_nf4(weight)
+
+
+@torch.library.register_fake("qlora::quantize_nf4")
+def _quantize_nf4_fake(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    nblocks = weight.numel() // BLOCK_SIZE
+    groups = (nblocks + SCALER_BLOCK_SIZE - 1) // SCALER_BLOCK_SIZE
+    return (
+        weight.new_empty(nblocks * BLOCK_SIZE // 2, dtype=torch.uint8),
+        weight.new_empty(nblocks, dtype=torch.uint8),
+        weight.new_empty(groups, dtype=torch.float32),
+        weight.new_empty((), dtype=torch.float32),
+    )
+
+
+def dequantize_nf4(
+    packed: Tensor,
+    absmax_codes: Tensor,
+    absmax_scales: Tensor,
+    absmax_offset: Tensor,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+) -> Tensor:
+    """The dense tensor of ``shape`` and ``dtype`` that the four NF4 components encode."""
+    return _ops.dequantize_nf4(packed, absmax_codes, absmax_scales, absmax_offset, list(shape), dtype)
+
+
+@torch.library.register_fake("qlora::dequantize_nf4")
+def _dequantize_nf4_fake(packed, absmax_codes, absmax_scales, absmax_offset, shape, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+def linear_nf4(
+    x: Tensor,
+    packed: Tensor,
+    absmax_codes: Tensor,
+    absmax_scales: Tensor,
+    absmax_offset: Tensor,
+    out_features: int,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """``x @ W.T (+ bias)`` with W [out_features, in] given as its four NF4 components."""
+    return _ops.linear_nf4(x, packed, absmax_codes, absmax_scales, absmax_offset, out_features, bias)
+
+
+@torch.library.register_fake("qlora::linear_nf4")
+def _linear_nf4_fake(x, packed, absmax_codes, absmax_scales, absmax_offset, out_features, bias=None):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def linear_nf4_grad_input(
+    grad_y: Tensor,
+    packed: Tensor,
+    absmax_codes: Tensor,
+    absmax_scales: Tensor,
+    absmax_offset: Tensor,
+    in_features: int,
+) -> Tensor:
+    """``grad_y @ W`` with W [out, in_features] given as its four NF4 components."""
+    return _ops.linear_nf4_grad_input(grad_y, packed, absmax_codes, absmax_scales, absmax_offset, in_features)
+
+
+@torch.library.register_fake("qlora::linear_nf4_grad_input")
+def _linear_nf4_grad_input_fake(grad_y, packed, absmax_codes, absmax_scales, absmax_offset, in_features):
+    return grad_y.new_empty((*grad_y.shape[:-1], in_features))
+
+
+# Autograd. W is frozen: its components never get a gradient, and backward keeps only them (and
+# sizes), never a dense copy of W. The two linear ops are each other's backward, so double
+# backward works too.
+
+
+def _linear_setup_context(ctx, inputs, output) -> None:
+    x, packed, absmax_codes, absmax_scales, absmax_offset, _, _ = inputs
+    ctx.save_for_backward(packed, absmax_codes, absmax_scales, absmax_offset)
+    ctx.in_features = x.shape[-1]
+
+
+def _linear_backward(ctx, grad_y: Tensor):
+    weight = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = linear_nf4_grad_input(grad_y, *weight, ctx.in_features)
+    if ctx.needs_input_grad[6]:
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    return grad_x, None, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd("qlora::linear_nf4", _linear_backward, setup_context=_linear_setup_context)
+
+
+def _grad_input_setup_context(ctx, inputs, output) -> None:
+    grad_y, packed, absmax_codes, absmax_scales, absmax_offset, _ = inputs
+    ctx.save_for_backward(packed, absmax_codes, absmax_scales, absmax_offset)
+    ctx.out_features = grad_y.shape[-1]
+
+
+def _grad_input_backward(ctx, grad_grad_x: Tensor):
+    grad_grad_y = None
+    if ctx.needs_input_grad[0]:
+        grad_grad_y = linear_nf4(grad_grad_x, *ctx.saved_tensors, ctx.out_features)
+    return grad_grad_y, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "qlora::linear_nf4_grad_input", _grad_input_backward, setup_context=_grad_input_setup_context
+)
+
+
+def cpu_kernel_isa() -> str:
+    """The CPU kernels in use: "avx512" or "portable"."""
+    return _ops.cpu_kernel_isa()
+
+
+def set_cpu_kernel_isa(name: str) -> None:
+    """Chooses the CPU kernels: "auto" (the best this CPU runs), "avx512" or "portable"."""
+    _ops.set_cpu_kernel_isa(name)
