@@ -201,6 +201,26 @@ def linear_nf4(x: Tensor, weight: NF4Tensor, bias: Tensor | None = None) -> Tens
     return ops.linear_nf4(x, *weight.components(), weight.shape[0], bias)
 
 
+def reparametrize_as_dtype_state_dict_post_hook(
+    module: torch.nn.Module,
+    state_dict: dict,
+    prefix: str,
+    *args,
+    dtype: torch.dtype | None = None,
+    offload_to_cpu: bool = True,
+) -> None:
+    """State-dict post-hook: the module's NF4Tensor entries become dense tensors.
+
+    Each entry is dequantized in ``dtype`` (default: its original dtype) and moved to CPU before
+    the next, so only one dense weight exists on the device at a time. Register it with
+    ``module._register_state_dict_hook`` (``LoRALinear`` does for a quantized base).
+    """
+    for name, value in list(state_dict.items()):
+        if name.startswith(prefix) and isinstance(value, NF4Tensor):
+            dense = value.dequantize(dtype or value.dtype)
+            state_dict[name] = dense.cpu() if offload_to_cpu else dense
+
+
 def _describe(t) -> str:
     return f"{type(t).__name__} of shape {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
 

@@ -102,7 +102,7 @@ def _linear_backward(ctx, grad_y: Tensor):
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_x = linear_nf4_grad_input(grad_y, *weight, ctx.in_features)
-    if ctx.needs_input_grad[6]:
+    if len(ctx.needs_input_grad) > 6 and ctx.needs_input_grad[6]:  # bias=None leaves it out
         grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
     return grad_x, None, None, None, None, None, grad_bias
 

@@ -1,0 +1,134 @@
+"""LoRALinear: a frozen base linear (dense, or NF4 for QLoRA) plus a trainable low-rank adapter,
+with torchtune's names and semantics."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qlora_ext.nf4 import NF4Tensor, linear_nf4, reparametrize_as_dtype_state_dict_post_hook, to_nf4
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha / rank) * lora_b(lora_a(dropout(x)))`` with the base weight frozen.
+
+    Args:
+        in_dim: input features.
+        out_dim: output features.
+        rank: rank of the adapter (lora_a: in_dim -> rank, lora_b: rank -> out_dim).
+        alpha: scaling numerator of the adapter output.
+        dropout: dropout on the adapter's input.
+        use_bias: whether the (frozen) base linear has a bias.
+        quantize_base: store the base weight as an ``NF4Tensor`` (QLoRA). Its ``state_dict()``
+            entry is then the dense weight in its original dtype, on CPU, and loading a dense
+            weight quantizes it.
+
+    ``lora_a`` starts kaiming-uniform and ``lora_b`` at zero, so a new adapter changes nothing.
+    Set ``disabled = True`` (or use ``qlora_ext.modules.peft.disable_adapter``) for base-only output.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_bias: bool = False,
+        quantize_base: bool = False,
+    ):
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"LoRALinear: argument 'rank' must be positive; got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRALinear: argument 'dropout' must be in [0, 1); got {dropout}")
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+        self.rank = rank
+        self.alpha = alpha
+        self.use_bias = use_bias
+        self._quantize_base = quantize_base
+        self.disabled = False
+        self.merged = False
+
+        base = nn.Linear(in_dim, out_dim, bias=use_bias)
+        weight = to_nf4(base.weight) if quantize_base else base.weight
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(base.bias, requires_grad=False) if use_bias else None
+        del base
+        self.dropout = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
+        self.lora_a = nn.Linear(in_dim, rank, bias=False)
+        self.lora_b = nn.Linear(rank, out_dim, bias=False)
+        self.initialize_parameters()
+        if quantize_base:
+            self._register_state_dict_hook(reparametrize_as_dtype_state_dict_post_hook)
+
+    def initialize_parameters(self) -> None:
+        """Resets the adapter: lora_a kaiming-uniform (as nn.Linear), lora_b zeros."""
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b.weight)
+
+    def adapter_params(self) -> list[str]:
+        """Names of the trainable adapter parameters, relative to this module."""
+        return ["lora_a.weight", "lora_b.weight"]
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.weight, NF4Tensor):
+            out = linear_nf4(x, self.weight, self.bias)
+        else:
+            out = F.linear(x, self.weight, self.bias)
+        if self.disabled or self.merged:
+            return out
+        lora_out = self.lora_b(self.lora_a(self.dropout(x)))
+        return out + self.scaling * lora_out
+
+    # -- merging ---------------------------------------------------------------------------------
+
+    def adapter_delta(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense change the adapter makes to the weight: (alpha / rank) * B @ A."""
+        delta = self.scaling * (self.lora_b.weight.float() @ self.lora_a.weight.float())
+        return delta.to(dtype or self.weight.dtype)
+
+    @torch.no_grad()
+    def merged_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense weight with the adapter folded in (what a merged checkpoint stores)."""
+        dtype = dtype or self.weight.dtype
+        base = self.weight.dequantize(torch.float32) if isinstance(self.weight, NF4Tensor) else self.weight.float()
+        if not self.merged:
+            base = base + self.adapter_delta(torch.float32)
+        return base.to(dtype)
+
+    @torch.no_grad()
+    def merge_(self) -> None:
+        """Folds the adapter into the base weight; forward then skips the adapter.
+
+        An NF4 base is dequantized, updated and quantized again, which rounds (as HF PEFT does
+        for 4-bit layers); a warning says so.
+        """
+        if self.merged:
+            return
+        self._add_to_base(self.adapter_delta(torch.float32))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge_(self) -> None:
+        """Takes a merged adapter back out of the base weight."""
+        if not self.merged:
+            return
+        self._add_to_base(-self.adapter_delta(torch.float32))
+        self.merged = False
+
+    def _add_to_base(self, delta: Tensor) -> None:
+        if isinstance(self.weight, NF4Tensor):
+            warnings.warn("LoRALinear: merging into an NF4 base weight quantizes it again, which rounds", stacklevel=3)
+            self.weight.copy_(self.weight.dequantize(torch.float32) + delta)
+        else:
+            self.weight.add_(delta.to(self.weight.dtype))

@@ -1,0 +1,40 @@
+"""Adapter bookkeeping over a whole model, with torchtune's names: which parameters are the
+adapter, freezing everything else, and running the base model alone."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+
+def get_adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Fully-qualified name -> parameter, for every module that has ``adapter_params()``."""
+    params = {}
+    for module_name, module in model.named_modules():
+        if hasattr(module, "adapter_params") and callable(module.adapter_params):
+            for name, param in module.named_parameters(recurse=True):
+                if name in module.adapter_params():
+                    params[f"{module_name}.{name}" if module_name else name] = param
+    return params
+
+
+def set_trainable_params(model: nn.Module, adapter_params: dict[str, nn.Parameter]) -> None:
+    """Only the given parameters require grad; everything else is frozen."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in adapter_params)
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[None]:
+    """Within the block, every adapter module returns its base output only."""
+    modules = [m for m in model.modules() if hasattr(m, "disabled")]
+    before = [m.disabled for m in modules]
+    for m in modules:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m, state in zip(modules, before):
+            m.disabled = state
