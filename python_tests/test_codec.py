@@ -70,6 +70,11 @@ def test_cuda_codec_identical_to_cpu(shape, dtype):
         assert torch.equal(d_cpu, d_cuda.cpu())
 
 
+def test_quantize_outputs_are_not_differentiable():
+    w = torch.randn(64, 64, requires_grad=True)
+    assert not any(t.requires_grad for t in ops.quantize_nf4(w))
+
+
 @pytest.mark.parametrize("device", devices())
 def test_zero_blocks_dequantize_to_exact_zeros(device):
     w = torch.randn(8, 256, device=device)
@@ -122,6 +127,7 @@ def test_offset_is_the_mean_absmax():
 def test_opcheck(device, dtype):
     w = random_weight((128, 192), dtype, device)
     torch.library.opcheck(torch.ops.qlora.quantize_nf4.default, (w,))
+    torch.library.opcheck(torch.ops.qlora.quantize_nf4.default, (w.clone().requires_grad_(True),))
     components = ops.quantize_nf4(w)
     torch.library.opcheck(torch.ops.qlora.dequantize_nf4.default, (*components, [128, 192], dtype))
 

@@ -34,6 +34,17 @@ def _quantize_nf4_fake(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     )
 
 
+def _quantize_setup_context(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(*output)
+
+
+def _quantize_backward(ctx, *grads):
+    return None  # rounding to codes has no useful gradient; the outputs are marked as such
+
+
+torch.library.register_autograd("qlora::quantize_nf4", _quantize_backward, setup_context=_quantize_setup_context)
+
+
 def dequantize_nf4(
     packed: Tensor,
     absmax_codes: Tensor,
