@@ -1,0 +1,154 @@
+"""python -m bench [codec|linear|model|model_<name>|all|readme] [--device cpu|cuda] [--quick|--smoke]
+                  [--out DIR] [--update-readme]
+
+Runs benchmarks from the repository root, prints each one's table and writes it as JSON to
+``DIR/<machine>/<benchmark>.json`` (default DIR: bench/results; bench/results/tmp for --smoke).
+``readme`` only rewrites bench/README.md's results section from bench/results/.
+
+Exit status: 0 when every benchmark ran; 1 when one failed (crashed); 2 with
+--fail-on-missed-targets when a speed target was missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+README = REPO / "bench" / "README.md"
+
+
+def _prefer_built_qlora_ext() -> None:
+    # `python -m bench` puts the checkout first on sys.path. Where the checkout's qlora_ext has no
+    # compiled library (the package was pip-installed, as gpu_check.sh and CI do), the source
+    # folder would shadow the installed package: drop the checkout from the path. The bench
+    # package itself is already imported, so its submodules still resolve.
+    if (REPO / "qlora_ext" / "_C.so").exists():
+        return
+    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != REPO]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from bench import registry
+
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("benchmark", nargs="?", default="all", choices=[*registry.choices(), "readme"])
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when the extension has CUDA kernels and a GPU is present, else cpu")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (a few minutes per benchmark on a 2-core CPU)")
+    mode.add_argument("--smoke", action="store_true", help="tiny shapes, two calls each: proves the benchmarks run (CI); numbers mean nothing")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results, or bench/results/tmp with --smoke)")
+    p.add_argument("--update-readme", action="store_true", help="afterwards rewrite bench/README.md's results section from bench/results/")
+    p.add_argument("--cpu-isa", choices=("auto", "avx512", "portable"), default=None, help="which CPU kernels of qlora_ext to benchmark")
+    p.add_argument("--ring-mib", type=int, default=None, help="size of the rotating input rings (default: twice the last-level cache)")
+    p.add_argument("--fail-on-missed-targets", action="store_true", help="exit with status 2 when a speed target is missed")
+    return p.parse_args(argv)
+
+
+def _import_qlora_ext():
+    try:
+        import qlora_ext._extension as ext
+    except ImportError as e:
+        sys.exit(
+            f"python -m bench: cannot import qlora_ext ({e}).\nBuild it in place "
+            "(cmake -S . -B build/dev -G Ninja -DQLORA_INPLACE=ON && cmake --build build/dev) or install it (pip install .)."
+        )
+    return ext
+
+
+def _device(requested: str | None, ext) -> str:
+    import torch
+
+    usable = bool(ext.WITH_CUDA) and torch.cuda.is_available()
+    if requested == "cuda" and not usable:
+        why = "no CUDA GPU is visible" if not torch.cuda.is_available() else f"qlora_ext was built without CUDA kernels ({ext.BUILD_KIND})"
+        sys.exit(f"python -m bench: --device cuda, but {why}")
+    return requested or ("cuda" if usable else "cpu")
+
+
+def run_one(name: str, module: str, ctx, out_root: Path) -> dict:
+    """Runs one benchmark, writes and returns its result."""
+    from bench import machine, model
+    from bench.report import SCHEMA_VERSION, validate
+
+    slug_dir = out_root / machine.machine_slug(ctx.device)
+    slug_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    report = model.runner(module, slug_dir)(ctx)
+    if ctx.smoke:  # tiny shapes on purpose: a target met or missed there would say nothing
+        for t in report.targets:
+            t.met, t.note = None, "smoke run: not evaluated"
+    result = {
+        "schema": SCHEMA_VERSION,
+        "benchmark": name,
+        "date": machine.now_iso(),
+        "git_revision": machine.git_revision(),
+        "device": ctx.device,
+        "mode": ctx.mode,
+        "duration_s": round(time.perf_counter() - start, 1),
+        **machine.describe(ctx.device),
+        "memory_bandwidth": ctx.bandwidth_dict(),
+        "ring_bytes": ctx.ring_bytes,
+        **report.to_dict(),
+    }
+    validate(result)
+    path = slug_dir / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    ctx.log(f"wrote {path}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    _prefer_built_qlora_ext()
+    args = parse_args(argv)
+    from bench import readme, registry
+
+    if args.benchmark == "readme":
+        changed = readme.rewrite(README, RESULTS)
+        print(f"{README}: {'rewritten' if changed else 'already up to date'}")
+        return 0
+
+    ext = _import_qlora_ext()
+    from bench.context import Context
+    from bench.report import render_text
+    from qlora_ext import ops
+
+    if args.cpu_isa:
+        ops.set_cpu_kernel_isa(args.cpu_isa)
+    mode = "quick" if args.quick else "smoke" if args.smoke else "full"
+    ctx = Context(_device(args.device, ext), mode, ring_bytes=args.ring_mib << 20 if args.ring_mib else None)
+    out_root = args.out or (RESULTS / "tmp" if mode == "smoke" else RESULTS)
+    todo = registry.resolve(args.benchmark)
+    if not todo:
+        print(f"python -m bench {args.benchmark}: nothing to run (no bench/model_*.py yet)")
+    failed, missed = [], 0
+    for name, module in todo:
+        ctx.log(f"=== {name} on {ctx.device} ({mode}; rings of {ctx.ring_bytes >> 20} MiB)")
+        try:
+            result = run_one(name, module, ctx, out_root)
+        except Exception:
+            traceback.print_exc()
+            print(f"\nBENCHMARK FAILED: {name}\n", flush=True)
+            failed.append(name)
+            continue
+        print("\n" + render_text(result), flush=True)
+        missed += sum(t["met"] is False for t in result["targets"])
+    if args.update_readme:
+        if args.out and args.out.resolve() != RESULTS.resolve():
+            print(f"note: --update-readme renders bench/results/, not {args.out}")
+        readme.rewrite(README, RESULTS)
+        print(f"rewrote the results section of {README}")
+    print(f"python -m bench {args.benchmark}: {len(todo) - len(failed)} ran, {len(failed)} failed{' (' + ', '.join(failed) + ')' if failed else ''}; {missed} target(s) missed")
+    if failed:
+        return 1
+    return 2 if missed and args.fail_on_missed_targets else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

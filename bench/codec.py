@@ -1,0 +1,140 @@
+"""Codec benchmark (issue 2): NF4 quantize (with double quantization) of bf16 weights, and
+dequantize back to bf16, side by side with bitsandbytes, torchao and ``clone()``.
+
+    python -m bench codec [--device cuda] [--quick]
+
+``clone()`` of the bf16 weight is the memory floor a codec can be compared with: it reads and
+writes the dense weight once, and allocates its output as the codecs do.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from bench.alternatives import BNB, TORCHAO, attempt, load_bitsandbytes, load_torchao_nf4
+from bench.context import Context
+from bench.harness import ratio
+from bench.report import Report, Target
+from qlora_ext import ops
+
+SHAPES = {
+    "full": [(4096, 4096), (11008, 4096)],
+    "quick": [(4096, 4096)],
+    "smoke": [(256, 512)],
+}
+DTYPE = torch.bfloat16
+TARGET_SHAPE = (4096, 4096)
+
+
+def nf4_nbytes(numel: int) -> int:
+    """Bytes of the NF4 storage (DESIGN.md 2.7): codes, absmax codes, scales, offset."""
+    blocks = numel // 64
+    return numel // 2 + blocks + 4 * math.ceil(blocks / 256) + 4
+
+
+def group_names(shape: tuple[int, int]) -> tuple[str, str]:
+    n, k = shape
+    return f"quantize {n}x{k} bf16", f"dequantize {n}x{k} -> bf16"
+
+
+def run(ctx: Context) -> Report:
+    report = Report()
+    bnb, why = load_bitsandbytes()
+    if bnb is None:
+        report.skip(BNB, why)
+    ao, why = load_torchao_nf4()
+    if ao is None:
+        report.skip(TORCHAO, why)
+    for shape in SHAPES[ctx.mode]:
+        _measure_shape(ctx, report, shape, bnb, ao)
+    report.targets = targets(ctx, report)
+    if ctx.device == "cpu":
+        report.notes.append("the CPU targets (ms) were set for the 2-core AVX-512 development VM")
+    return report
+
+
+def _measure_shape(ctx: Context, report: Report, shape, bnb, ao) -> None:
+    q_group, dq_group = group_names(shape)
+    numel = shape[0] * shape[1]
+    dense_bytes = numel * DTYPE.itemsize
+    packed_bytes = nf4_nbytes(numel)
+    q_bytes = dense_bytes + packed_bytes  # read the weight, write its NF4 storage
+    params = {"shape": list(shape)}
+    master = torch.randn(shape, dtype=DTYPE, device=ctx.device)
+    weights = ctx.ring(lambda i: master.clone(), dense_bytes)
+
+    ctx.log(f"codec {shape}: clone(), ours (ring of {len(weights)} weights)")
+    clone = ctx.time(lambda w: w.clone(), weights)
+    quant = ctx.time(ops.quantize_nf4, weights)
+    report.rows.append(ctx.row(q_group, "ours", DTYPE, quant, bytes_moved=q_bytes, op="quantize", **params))
+    report.rows.append(ctx.row(q_group, "clone()", DTYPE, clone, bytes_moved=2 * dense_bytes, op="clone", **params))
+
+    components = ops.quantize_nf4(master)
+    ours_ring = ctx.ring(lambda i: tuple(t.clone() for t in components), packed_bytes)
+    dequant = ctx.time(lambda c: ops.dequantize_nf4(*c, shape, DTYPE), ours_ring)
+    del ours_ring
+    report.rows.append(ctx.row(dq_group, "ours", DTYPE, dequant, bytes_moved=q_bytes, op="dequantize", **params))
+    report.rows.append(ctx.row(dq_group, "clone()", DTYPE, clone, bytes_moved=2 * dense_bytes, op="clone", **params))
+
+    if bnb is not None:
+        ctx.log(f"codec {shape}: bitsandbytes")
+        attempt(report, BNB, lambda: _bitsandbytes(ctx, report, bnb, master, weights, q_group, dq_group, q_bytes, params), ctx.log)
+    if ao is not None:
+        ctx.log(f"codec {shape}: torchao")
+        attempt(report, TORCHAO, lambda: _torchao(ctx, report, ao, master, weights, q_group, dq_group, q_bytes, params), ctx.log)
+    _order_rows(report)
+
+
+def _bitsandbytes(ctx, report, bnb, master, weights, q_group, dq_group, q_bytes, params) -> None:
+    F = bnb.functional
+
+    def quantize(w):
+        return F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+
+    stats = ctx.time(quantize, weights)
+    report.rows.append(ctx.row(q_group, BNB, DTYPE, stats, bytes_moved=q_bytes, op="quantize", **params))
+    packed, state = quantize(master)
+    ring = ctx.ring(lambda i: (packed.clone(), copy.deepcopy(state)), nf4_nbytes(master.numel()))
+    stats = ctx.time(lambda item: F.dequantize_4bit(item[0], item[1]), ring)
+    report.rows.append(ctx.row(dq_group, BNB, DTYPE, stats, bytes_moved=q_bytes, op="dequantize", **params))
+
+
+def _torchao(ctx, report, ao, master, weights, q_group, dq_group, q_bytes, params) -> None:
+    stats = ctx.time(lambda w: ao.to_nf4(w, 64, 256), weights)
+    report.rows.append(ctx.row(q_group, TORCHAO, DTYPE, stats, bytes_moved=q_bytes, op="quantize", **params))
+    nf4 = ao.to_nf4(master, 64, 256)
+    ring = ctx.ring(lambda i: copy.deepcopy(nf4), nf4_nbytes(master.numel()))
+    stats = ctx.time(lambda t: t.get_original_weight(), ring)
+    report.rows.append(ctx.row(dq_group, TORCHAO, DTYPE, stats, bytes_moved=q_bytes, op="dequantize", **params))
+
+
+_IMPL_ORDER = ("ours", BNB, TORCHAO, "clone()")
+
+
+def _order_rows(report: Report) -> None:
+    groups = list(dict.fromkeys(r.group for r in report.rows))
+    report.rows.sort(key=lambda r: (groups.index(r.group), _IMPL_ORDER.index(r.impl)))
+
+
+def targets(ctx: Context, report: Report) -> list[Target]:
+    """Issue 2's targets: on a CPU in ms and as speed-ups; on a GPU as a share of copy bandwidth."""
+    out = []
+    if ctx.device == "cpu":
+        q_group, dq_group = group_names(TARGET_SHAPE)
+        out.append(Target.check(f"{q_group}: ours", report.median_ms(q_group, "ours"), "<=", 30, " ms"))
+        out.append(Target.check(f"{dq_group}: ours", report.median_ms(dq_group, "ours"), "<=", 8, " ms"))
+        for impl, factor in ((TORCHAO, 20), (BNB, 4)):
+            for group in (q_group, dq_group):
+                speedup = ratio(report.median_ms(group, impl), report.median_ms(group, "ours"))
+                out.append(Target.check(f"{group}: speed-up over {impl}", speedup, ">=", factor, "x", report.missing_reason(impl)))
+        return out
+    bandwidth = ctx.bandwidth()[0]
+    for shape in SHAPES[ctx.mode]:
+        for group, limit in zip(group_names(shape), (60, 85)):
+            row = report.find(group, "ours")
+            share = 100 * row.bytes_moved / (row.median_ms * 1e-3) / bandwidth if row else None
+            out.append(Target.check(f"{group}: ours, share of the device copy bandwidth", share, ">=", limit, "%"))
+    return out

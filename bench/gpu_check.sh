@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# The GPU check: on a machine with an NVIDIA GPU and no network, prove the CUDA half of qlora_ext.
+#
+#   bash bench/gpu_check.sh OUTDIR            # the real check (needs nvidia-smi, nvcc, a CUDA torch)
+#   bash bench/gpu_check.sh --dry-run OUTDIR  # no GPU: the checks that keep this script from rotting
+#
+# Real run, in order, each step under its own timeout and all of them under one deadline
+# (GPU_CHECK_BUDGET_S, default 530 s, so that it ends within 9 minutes on an H100):
+#   1. preflight   the GPU (nvidia-smi), its compute capability -> the CUDA arch to build for
+#   2. build       pip install --no-build-isolation --no-deps -C cmake.define.QLORA_CUDA=ON
+#                  -C cmake.define.QLORA_CUDA_ARCHS=<arch> .   (QLORA_CUDA_ARCHS=... overrides)
+#   3. import      the installed qlora_ext has CUDA kernels and sees the GPU
+#   4. tests       pytest python_tests (cases parametrized over devices run on cuda here)
+#   5. cuda-ran    the CUDA test cases really ran: none skipped for want of a GPU
+#   6. memcheck    compute-sanitizer --tool memcheck   on bench/sanitize_ops.py
+#   7. racecheck   compute-sanitizer --tool racecheck  on bench/sanitize_ops.py
+#   8. codec       python -m bench codec  --device cuda
+#   9. linear      python -m bench linear --device cuda
+#  10. train       python -m bench model_train --device cuda --quick   (when bench/model_train.py exists)
+# Logs go to OUTDIR/logs/, benchmark JSON to OUTDIR/results/<gpu>/, the summary to
+# OUTDIR/summary.txt. Exit status 0 only when every step passed. Speed targets are printed with
+# the benchmark tables; a missed target is reported but does not fail the check.
+#
+# Dry run (no GPU, under 2 minutes; CI runs it through python_tests/test_bench.py): every file the
+# real run uses exists; this script and bench/*.py parse; the build command's CMake options exist
+# and pip accepts the command (metadata only); the sanitizer workload on the CPU; a smoke run of
+# every benchmark on the CPU.
+#
+# Environment: PYTHON (default python3), QLORA_CUDA_ARCHS, GPU_CHECK_BUDGET_S.
+set -uo pipefail
+
+usage() { echo "usage: bash bench/gpu_check.sh [--dry-run] OUTDIR" >&2; exit 2; }
+DRY_RUN=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
+[[ $# -eq 1 ]] || usage
+mkdir -p "$1/logs" "$1/results" || exit 2
+OUT=$(cd "$1" && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO" || exit 2
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
+START=$(date +%s)
+if (( DRY_RUN )); then BUDGET=${GPU_CHECK_BUDGET_S:-110}; else BUDGET=${GPU_CHECK_BUDGET_S:-530}; fi
+DEADLINE=$(( START + BUDGET ))
+SUMMARY=()
+FAILURES=0
+
+banner() { printf '\n===== [%4ss] %s\n' "$(( $(date +%s) - START ))" "$*"; }
+
+# run_step NAME TIMEOUT_S CMD... : runs CMD with its output in OUT/logs/NN-NAME.log, under
+# min(TIMEOUT_S, time left before the deadline); records PASS or FAIL; on failure shows the log's
+# end. With SHOW=1 the log (less bench progress lines) is printed on success too.
+run_step() {
+  local name=$1 limit=$2; shift 2
+  local n=$(( ${#SUMMARY[@]} + 1 ))
+  local log; log="$OUT/logs/$(printf %02d "$n")-$name.log"
+  local left=$(( DEADLINE - $(date +%s) ))
+  if (( left < 10 )); then
+    SUMMARY+=("FAIL  $name: not run, the ${BUDGET}s budget is spent"); FAILURES=$(( FAILURES + 1 ))
+    banner "[$n] $name: FAIL (no time left)"; return 1
+  fi
+  (( limit > left )) && limit=$left
+  local cmd="$*"
+  (( ${#cmd} > 150 )) && cmd="${cmd:0:150}..."
+  banner "[$n] $name (timeout ${limit}s): ${cmd//$'\n'/ }"
+  local t0; t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+  local rc=$? dt=$(( $(date +%s) - t0 ))
+  if (( rc == 0 )); then
+    SUMMARY+=("PASS  $name (${dt}s)")
+    echo "PASS: $name (${dt}s, log $log)"
+    [[ "${SHOW:-0}" == 1 ]] && grep -v '^\[bench ' "$log"
+  else
+    local why="exit status $rc"
+    (( rc == 124 || rc == 137 )) && why="timed out after ${limit}s"
+    SUMMARY+=("FAIL  $name (${dt}s): $why; log $log"); FAILURES=$(( FAILURES + 1 ))
+    echo "!!!!! FAIL: $name: $why. Last lines of $log:"
+    tail -n 40 "$log" | sed 's/^/    | /'
+  fi
+  return $rc
+}
+
+# "9.0" (nvidia-smi's compute_cap) -> "90" (CMake's CUDA_ARCHITECTURES); several GPUs -> "80;90".
+cuda_arch_from() { tr -d ' .' <<<"$1" | grep -v '^$' | sort -u | paste -sd ';' -; }
+
+build_command() {  # the one build command, used by the real run and checked by the dry run
+  echo "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v \
+    -C cmake.define.QLORA_CUDA=ON -C "cmake.define.QLORA_CUDA_ARCHS=$1" .
+}
+
+find_sanitizer() {
+  local nvcc_dir=""
+  command -v nvcc >/dev/null && nvcc_dir=$(dirname "$(command -v nvcc)")
+  for c in "$(command -v compute-sanitizer)" "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" "$nvcc_dir/compute-sanitizer"; do
+    [[ -n "$c" && -x "$c" ]] && { echo "$c"; return 0; }
+  done
+  return 1
+}
+
+finish() {
+  banner "summary ($(( $(date +%s) - START ))s of ${BUDGET}s)"
+  printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
+  if (( FAILURES )); then
+    echo; echo "!!!!! gpu_check: $FAILURES step(s) FAILED (logs in $OUT/logs)" | tee -a "$OUT/summary.txt"
+    exit 1
+  fi
+  echo; echo "gpu_check: all steps passed (logs in $OUT/logs, results in $OUT/results)" | tee -a "$OUT/summary.txt"
+  exit 0
+}
+
+REQUIRED_FILES=(pyproject.toml CMakeLists.txt csrc python_tests bench/__main__.py bench/codec.py
+  bench/linear.py bench/model.py bench/sanitize_ops.py)
+
+if (( DRY_RUN )); then
+  banner "gpu_check --dry-run in $REPO -> $OUT (python: $PYTHON)"
+  run_step files 10 bash -c 'for f in "$@"; do if [[ -e "$f" ]]; then echo "ok $f"; else echo "MISSING $f"; exit 1; fi; done
+    if [[ -e bench/model_train.py ]]; then echo "bench/model_train.py present: the real run trains"; else echo "no bench/model_train.py: the real run skips training"; fi' _ "${REQUIRED_FILES[@]}"
+  run_step syntax 60 bash -c 'bash -n "$1" && "$2" -m py_compile bench/*.py && echo "bash -n and py_compile: ok"' _ "${BASH_SOURCE[0]}" "$PYTHON"
+  run_step arch-parse 10 bash -c '[[ "$1" == 90 && "$2" == "80;90" ]] && echo "9.0 -> $1; 8.0,9.0,9.0 -> $2"' _ \
+    "$(cuda_arch_from "9.0")" "$(cuda_arch_from $'8.0\n9.0\n9.0')"
+  # The CMake options the build passes must exist (a rename would otherwise be silently ignored).
+  run_step cmake-configure 60 bash -c 'cmake -S . -B "$1" -G Ninja -DQLORA_CUDA=OFF -DQLORA_CUDA_ARCHS=90 -DPython_EXECUTABLE="$2" >/dev/null \
+    && cmake -N -LA "$1" | grep -E "^QLORA_CUDA:STRING=|^QLORA_CUDA_ARCHS:STRING=90$"' _ "$OUT/cmake-configure" "$PYTHON"
+  if "$PYTHON" -c "import scikit_build_core" 2>/dev/null; then
+    # shellcheck disable=SC2046  # build_command's words are meant to split
+    run_step pip-accepts-build 60 $(build_command 90 | sed 's/ -v / --dry-run /')
+  else
+    SUMMARY+=("SKIP  pip-accepts-build: scikit-build-core is not installed here (the GPU machine has it)")
+  fi
+  run_step sanitize-ops-cpu 60 "$PYTHON" bench/sanitize_ops.py --device cpu
+  run_step bench-smoke 90 "$PYTHON" -m bench all --smoke --device cpu --out "$OUT/results"
+  finish
+fi
+
+banner "gpu_check in $REPO -> $OUT (python: $PYTHON, budget ${BUDGET}s)"
+{ date -u; nvidia-smi; "$PYTHON" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda)'; nvcc --version; git -C "$REPO" rev-parse HEAD; } >"$OUT/env.txt" 2>&1
+run_step preflight 30 bash -c 'nvidia-smi --query-gpu=name,compute_cap,memory.total --format=csv && command -v nvcc && command -v cmake && command -v ninja' \
+  || finish
+ARCH=${QLORA_CUDA_ARCHS:-$(cuda_arch_from "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader)")}
+echo "building for CUDA arch $ARCH"
+# shellcheck disable=SC2046
+run_step build 330 $(build_command "$ARCH") || finish
+# From OUT, not the checkout: the source folder (without a compiled library) must not shadow the install.
+run_step import 60 bash -c 'cd "$1" && "$2" -c "
+import torch, qlora_ext._extension as ext
+print(ext.__file__, ext.BUILD_KIND)
+assert ext.WITH_CUDA, \"qlora_ext was installed without CUDA kernels\"
+assert torch.cuda.is_available(), \"torch sees no GPU\"
+" && if [[ -e "$3/qlora_ext/_C.so" ]]; then echo "a stale in-place build $3/qlora_ext/_C.so would shadow the install in python -m bench: remove it"; exit 1; fi' \
+  _ "$OUT" "$PYTHON" "$REPO" || finish
+# -P: the checkout's qlora_ext folder must not shadow the installed package.
+run_step tests 240 "$PYTHON" -P -m pytest python_tests -q -rs --junitxml "$OUT/pytest-junit.xml" \
+  --deselect python_tests/test_bench.py::test_gpu_check_dry_run
+run_step cuda-ran 30 "$PYTHON" - "$OUT/pytest-junit.xml" <<'PY'
+import sys, xml.etree.ElementTree as ET
+cases = list(ET.parse(sys.argv[1]).getroot().iter("testcase"))
+cuda = [c for c in cases if "cuda" in c.get("name", "")]
+skipped = [c.get("name") for c in cuda if c.find("skipped") is not None]
+print(f"{len(cases)} test cases, {len(cuda)} with 'cuda' in their name, {len(skipped)} of those skipped")
+if not cuda or skipped:
+    sys.exit(f"CUDA cases must run here; skipped: {skipped[:20]}")
+PY
+if SANITIZER=$(find_sanitizer); then
+  # Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees an access
+  # past the end of a tensor instead of into a neighbour in the same pooled block.
+  run_step memcheck 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --leak-check no \
+    --error-exitcode 1 --print-limit 20 "$PYTHON" bench/sanitize_ops.py --device cuda
+  run_step racecheck 180 "$SANITIZER" --tool racecheck --error-exitcode 1 --print-limit 20 \
+    "$PYTHON" bench/sanitize_ops.py --device cuda
+else
+  SUMMARY+=("FAIL  sanitizers: compute-sanitizer not found (PATH, \$CUDA_HOME/bin, next to nvcc)"); FAILURES=$(( FAILURES + 1 ))
+fi
+SHOW=1 run_step codec 120 "$PYTHON" -m bench codec --device cuda --out "$OUT/results"
+SHOW=1 run_step linear 240 "$PYTHON" -m bench linear --device cuda --out "$OUT/results"
+if [[ -e bench/model_train.py ]]; then
+  SHOW=1 run_step train 150 "$PYTHON" -m bench model_train --device cuda --quick --out "$OUT/results"
+else
+  SUMMARY+=("SKIP  train: no bench/model_train.py in this checkout yet")
+fi
+finish

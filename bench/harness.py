@@ -1,0 +1,219 @@
+"""Timing: warm-up, repetitions, medians; CUDA events on GPU; inputs that rotate through a ring
+larger than the last-level cache, so that every call reads its operands from memory, as the
+layers of a real model do.
+
+    budget = Budget.for_mode("full", device)
+    stats = time_calls(lambda item: op(*item), ring_of_inputs, device, budget)
+    stats.median_s
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# -- statistics --------------------------------------------------------------------------------
+
+
+def median(xs: Sequence[float]) -> float:
+    """The middle value (the mean of the two middle ones for an even count)."""
+    if not xs:
+        raise ValueError("median: argument 'xs' must be non-empty; got an empty sequence")
+    s = sorted(xs)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def quantile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile (numpy's default rule), q in [0, 1]."""
+    if not xs or not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile: needs a non-empty 'xs' and 0 <= q <= 1; got {len(xs)} values, q={q}")
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Per-call times of one measurement, in seconds."""
+
+    median_s: float
+    min_s: float
+    q1_s: float
+    q3_s: float
+    reps: int
+
+    @classmethod
+    def of(cls, times: Sequence[float]) -> Stats:
+        return cls(median(times), min(times), quantile(times, 0.25), quantile(times, 0.75), len(times))
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range relative to the median: how noisy the measurement was."""
+        return (self.q3_s - self.q1_s) / self.median_s if self.median_s > 0 else 0.0
+
+
+def ratio(numerator_s: float | None, denominator_s: float | None) -> float | None:
+    """numerator / denominator, or None when either is missing or the denominator is not positive."""
+    if numerator_s is None or denominator_s is None or denominator_s <= 0:
+        return None
+    return numerator_s / denominator_s
+
+
+# -- how long to measure -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Warm-up for at least ``warmup_s`` (and ``warmup_calls``), then time calls until both
+    ``min_reps`` calls and ``target_s`` seconds are done, or ``max_reps`` calls."""
+
+    warmup_s: float
+    warmup_calls: int
+    min_reps: int
+    max_reps: int
+    target_s: float
+
+    @classmethod
+    def for_mode(cls, mode: str, device: str) -> Budget:
+        if mode == "smoke":  # checks that the code runs; its numbers mean nothing
+            return cls(warmup_s=0.0, warmup_calls=1, min_reps=2, max_reps=2, target_s=0.0)
+        gpu = device == "cuda"
+        if mode == "quick":
+            return cls(0.05 if gpu else 0.1, 2 if gpu else 1, 5 if gpu else 3, 100 if gpu else 20, 0.1 if gpu else 0.4)
+        return cls(0.1 if gpu else 0.2, 3 if gpu else 1, 10 if gpu else 5, 400 if gpu else 50, 0.3 if gpu else 1.5)
+
+
+# -- rings of inputs ---------------------------------------------------------------------------
+
+
+def ring_length(item_bytes: int, ring_bytes: int, max_items: int = 64) -> int:
+    """How many distinct items make a ring of at least ``ring_bytes`` (at least 2)."""
+    return max(2, min(max_items, math.ceil(ring_bytes / max(1, item_bytes))))
+
+
+def make_ring(make: Callable[[int], Any], item_bytes: int, ring_bytes: int, max_items: int = 64) -> list:
+    """``[make(0), make(1), ...]``: distinct copies whose total size exceeds ``ring_bytes``."""
+    return [make(i) for i in range(ring_length(item_bytes, ring_bytes, max_items))]
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+
+def time_calls(fn: Callable[[Any], Any], ring: Sequence[Any], device: str, budget: Budget) -> Stats:
+    """Times ``fn(item)`` with items taken round-robin from ``ring``; returns per-call statistics."""
+    if not ring:
+        raise ValueError("time_calls: argument 'ring' must hold at least one input")
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()  # a collection in the middle of a timed call is noise, not the op's cost
+    try:
+        if device == "cuda":
+            return _time_cuda(fn, ring, budget)
+        return _time_cpu(fn, ring, budget)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _warm_up(fn, ring, budget: Budget, sync: Callable[[], None]) -> int:
+    start = time.perf_counter()
+    i = 0
+    while i < budget.warmup_calls or time.perf_counter() - start < budget.warmup_s:
+        fn(ring[i % len(ring)])
+        i += 1
+        sync()
+    return i
+
+
+def _time_cpu(fn, ring, budget: Budget) -> Stats:
+    i = _warm_up(fn, ring, budget, lambda: None)
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < budget.max_reps and (len(times) < budget.min_reps or spent < budget.target_s):
+        item = ring[i % len(ring)]
+        t0 = time.perf_counter_ns()
+        fn(item)
+        dt = (time.perf_counter_ns() - t0) * 1e-9
+        times.append(dt)
+        spent += dt
+        i += 1
+    return Stats.of(times)
+
+
+_SLEEP_CYCLES_PER_S: float | None = None
+
+
+def _sleep_cycles_per_second() -> float:
+    """Calibrates ``torch.cuda._sleep`` (a GPU spin of N clock cycles) against CUDA events."""
+    global _SLEEP_CYCLES_PER_S
+    if _SLEEP_CYCLES_PER_S is None:
+        cycles = 10_000_000
+        torch.cuda._sleep(cycles)  # first launch loads the kernel
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        _SLEEP_CYCLES_PER_S = cycles / (start.elapsed_time(end) * 1e-3)
+    return _SLEEP_CYCLES_PER_S
+
+
+def _time_cuda(fn, ring, budget: Budget) -> Stats:
+    # Each call is bracketed by its own pair of events on the current stream, so the time is the
+    # GPU's. Before each pair the GPU spins for about twice the host time of one call: the host
+    # then enqueues the whole call while the GPU is still busy, and the events measure the op's
+    # kernels back to back rather than the Python launch latency between them (a model keeps the
+    # GPU fed the same way). The spin sits outside the events.
+    i = _warm_up(fn, ring, budget, torch.cuda.synchronize)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn(ring[i % len(ring)])
+    host_s = time.perf_counter() - t0
+    i += 1
+    torch.cuda.synchronize()
+    spin = int(min(max(2 * host_s, 20e-6), 0.05) * _sleep_cycles_per_second())
+
+    pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+    wall_start = time.perf_counter()
+    while len(pairs) < budget.max_reps and (len(pairs) < budget.min_reps or time.perf_counter() - wall_start < budget.target_s):
+        item = ring[i % len(ring)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(spin)
+        start.record()
+        fn(item)
+        end.record()
+        pairs.append((start, end))
+        i += 1
+        if len(pairs) % 16 == 0:
+            end.synchronize()  # keeps the wall-clock budget honest: the host may not run far ahead
+    torch.cuda.synchronize()
+    return Stats.of([s.elapsed_time(e) * 1e-3 for s, e in pairs])
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# -- the physical floor ------------------------------------------------------------------------
+
+
+def measure_copy_bandwidth(device: str, nbytes: int, budget: Budget) -> tuple[float, Stats]:
+    """Memory bandwidth in bytes/s: (read + write) of a ``dst.copy_(src)`` of ``nbytes``, with
+    ``nbytes`` well above the cache, into memory touched once before (no page faults timed)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src).fill_(0)  # fill_: the pages exist before the clock starts
+    synchronize(device)
+    stats = time_calls(lambda _: dst.copy_(src), [None], device, budget)
+    del src, dst
+    return 2 * nbytes / stats.median_s, stats

@@ -1,0 +1,49 @@
+"""The model slot: runs each ``bench/model_*.py`` (model build, training throughput, ...).
+
+Contract for such a file (others write them; this keeps them in one harness):
+
+- Preferred: a module with ``run(ctx: bench.context.Context) -> bench.report.Report``. It gets
+  the device, the mode (``ctx.quick`` / ``ctx.smoke`` must shrink the work: a smoke run is part of
+  CI and of ``gpu_check.sh --dry-run``), ``ctx.time(fn, ring)`` for timing and ``ctx.row(...)``
+  for rows; its result is stored as ``<out>/<slug>/model_<name>.json`` like any benchmark's.
+- Otherwise a plain script: it is run as ``python bench/model_<name>.py --device D [--quick]
+  [--smoke] --out DIR`` and passes when it exits with status 0; its output goes to the log.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.context import Context
+from bench.report import Report
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def runner(module_name: str, out_dir: Path) -> Callable[[Context], Report]:
+    """The callable that runs benchmark ``module_name`` (a ``run(ctx)`` module, or a script)."""
+    module = importlib.import_module(module_name)
+    if hasattr(module, "run"):
+        return module.run
+    return lambda ctx: _run_script(ctx, Path(module.__file__), out_dir)
+
+
+def _run_script(ctx: Context, path: Path, out_dir: Path) -> Report:
+    cmd = [sys.executable, str(path), "--device", ctx.device, "--out", str(out_dir)]
+    if ctx.mode != "full":
+        cmd.append(f"--{ctx.mode}")
+    ctx.log(f"running script {' '.join(cmd)}")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    ctx.log(f"{path.name} output:\n{proc.stdout}{proc.stderr}")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{path.name} exited with status {proc.returncode} after {elapsed:.0f} s")
+    report = Report()
+    report.notes.append(f"{path.name} ran as a script ({elapsed:.0f} s); its own output is in the log")
+    return report

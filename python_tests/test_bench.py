@@ -1,0 +1,255 @@
+"""The benchmark harness (bench/): statistics, ratios, the result schema, the README section it
+writes, the model slot, and gpu_check.sh's dry run. No timing is asserted here: speed targets
+live in the benchmarks' output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# Appended, not prepended: an installed qlora_ext must still win over the source folder.
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
+
+from bench import harness, readme, registry  # noqa: E402
+from bench.__main__ import run_one  # noqa: E402
+from bench.context import Context  # noqa: E402
+from bench.model import runner  # noqa: E402
+from bench.report import Report, Target, render_markdown, render_text, table_rows, target_lines, validate  # noqa: E402
+
+# -- statistics --------------------------------------------------------------------------------
+
+
+def test_median_odd_even_and_empty():
+    assert harness.median([3.0, 1.0, 2.0]) == 2.0
+    assert harness.median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    assert harness.median([7.0]) == 7.0
+    with pytest.raises(ValueError, match="argument 'xs' must be non-empty"):
+        harness.median([])
+
+
+def test_quantile_matches_numpy():
+    np = pytest.importorskip("numpy")
+    xs = torch.rand(37, dtype=torch.float64).tolist()
+    for q in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0):
+        assert harness.quantile(xs, q) == pytest.approx(float(np.quantile(xs, q)), rel=1e-12)
+    with pytest.raises(ValueError, match="0 <= q <= 1"):
+        harness.quantile(xs, 1.5)
+
+
+def test_stats_and_spread():
+    s = harness.Stats.of([1.0, 2.0, 3.0, 4.0, 10.0])
+    assert (s.median_s, s.min_s, s.q1_s, s.q3_s, s.reps) == (3.0, 1.0, 2.0, 4.0, 5)
+    assert s.spread == pytest.approx(2.0 / 3.0)
+
+
+def test_ratio():
+    assert harness.ratio(6.0, 2.0) == 3.0
+    assert harness.ratio(None, 2.0) is None
+    assert harness.ratio(1.0, None) is None
+    assert harness.ratio(1.0, 0.0) is None
+
+
+def test_ring_length():
+    assert harness.ring_length(item_bytes=10, ring_bytes=95) == 10
+    assert harness.ring_length(item_bytes=10, ring_bytes=100) == 10
+    assert harness.ring_length(item_bytes=1000, ring_bytes=10) == 2  # never a single item
+    assert harness.ring_length(item_bytes=1, ring_bytes=10**9, max_items=64) == 64
+
+
+@pytest.mark.parametrize("target_s, min_reps, max_reps, expected", [(0.0, 3, 10, 3), (1e9, 3, 5, 5)])
+def test_time_calls_counts_and_rotates(target_s, min_reps, max_reps, expected):
+    seen = []
+    budget = harness.Budget(warmup_s=0.0, warmup_calls=2, min_reps=min_reps, max_reps=max_reps, target_s=target_s)
+    stats = harness.time_calls(seen.append, ["a", "b", "c"], "cpu", budget)
+    assert stats.reps == expected
+    assert seen == (["a", "b", "c"] * 4)[: 2 + expected]  # warm-up calls, then the timed ones
+    assert 0 <= stats.min_s <= stats.q1_s <= stats.median_s <= stats.q3_s
+
+
+def test_target_check():
+    assert Target.check("t", 0.3, "<=", 0.4, "x").met is True
+    assert Target.check("t", 0.5, "<=", 0.4, "x").met is False
+    assert Target.check("t", 25.0, ">=", 20, "x").met is True
+    missing = Target.check("t", None, ">=", 20, "x", "torchao skipped: not installed")
+    assert missing.met is None and missing.note == "torchao skipped: not installed"
+    with pytest.raises(ValueError, match="'sense' must be"):
+        Target.check("t", 1.0, "<", 2.0, "x")
+
+
+# -- a tiny synthetic benchmark through the whole pipeline ---------------------------------------
+
+
+def _synthetic_run(ctx: Context) -> Report:
+    report = Report()
+    a = ctx.ring(lambda i: torch.full((1024,), float(i)), 4096)
+    ours = ctx.time(lambda t: t * 2, a)
+    other = ctx.time(lambda t: t.clone().mul_(2).clone(), a)
+    report.rows.append(ctx.row("scale 1024 fp32", "ours", torch.float32, ours, bytes_moved=8192, op="scale"))
+    report.rows.append(ctx.row("scale 1024 fp32", "other", torch.float32, other, bytes_moved=8192, op="scale"))
+    report.skip("torchao", "not installed (pip install torchao)")
+    report.targets.append(Target.check("scale: ours / other", harness.ratio(ours.median_s, other.median_s), "<=", 1e9, "x"))
+    report.targets.append(Target.check("absent", None, "<=", 1.0, "x", report.missing_reason("torchao")))
+    return report
+
+
+@pytest.fixture
+def synthetic_result(tmp_path, monkeypatch):
+    module = types.ModuleType("bench_synthetic_for_tests")
+    module.run = _synthetic_run
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    ctx = Context("cpu", "smoke", ring_bytes=1 << 16)
+    result = run_one("synthetic", module.__name__, ctx, tmp_path / "results")
+    return result, tmp_path / "results"
+
+
+def test_result_json_schema(synthetic_result):
+    result, results_dir = synthetic_result
+    files = list(results_dir.glob("*/synthetic.json"))
+    assert len(files) == 1 and files[0].parent.name == result["machine"]["slug"]
+    stored = json.loads(files[0].read_text())
+    validate(stored)
+    assert stored == json.loads(json.dumps(result))
+    assert stored["benchmark"] == "synthetic" and stored["device"] == "cpu" and stored["mode"] == "smoke"
+    assert stored["machine"]["cpu_cores"] >= 1 and stored["machine"]["llc_bytes"] > 0
+    assert stored["software"]["torch"] == torch.__version__
+    assert stored["software"]["cpu_kernel_isa"] in ("avx512", "portable")
+    assert stored["memory_bandwidth"]["bytes_per_s"] > 0
+    assert [r["impl"] for r in stored["rows"]] == ["ours", "other"]
+    row = stored["rows"][0]
+    assert row["reps"] == 2 and row["min_ms"] <= row["median_ms"]
+    assert row["floor_ms"] == pytest.approx(8192 / stored["memory_bandwidth"]["bytes_per_s"] * 1e3)
+    # a smoke run's targets are never judged
+    assert [t["met"] for t in stored["targets"]] == [None, None]
+    broken = dict(stored, rows=[{"impl": "ours"}])
+    with pytest.raises(ValueError, match=r"rows\[0\] must have keys"):
+        validate(broken)
+    with pytest.raises(ValueError, match="key 'git_revision' is missing"):
+        validate({k: v for k, v in stored.items() if k != "git_revision"})
+
+
+def _result_with(rows, targets=()):
+    base = {
+        "schema": 1, "benchmark": "t", "date": "2025-01-01T00:00:00+00:00", "git_revision": "abc", "device": "cpu",
+        "mode": "full", "duration_s": 1.0, "memory_bandwidth": {"bytes_per_s": 1e10}, "ring_bytes": 1,
+        "machine": {"cpu": "cpu", "cpu_cores": 2, "gpu": None}, "software": {"torch": "x", "cpu_kernel_isa": "avx512"},
+        "rows": rows, "targets": list(targets), "skipped": [], "notes": [],
+    }
+    return base
+
+
+def _row(group, impl, median_ms, floor_ms=None, flops=None, bytes_moved=None):
+    return {"group": group, "impl": impl, "dtype": "float32", "median_ms": median_ms, "min_ms": median_ms, "q1_ms": median_ms,
+            "q3_ms": median_ms, "reps": 3, "bytes_moved": bytes_moved, "flops": flops, "floor_ms": floor_ms, "params": {}}
+
+
+def test_table_ratio_math():
+    result = _result_with([
+        _row("g1", "dense", 6.0, floor_ms=1.5, flops=12 * 10**9),
+        _row("g1", "ours", 2.0, floor_ms=0.5),
+        _row("g2", "other", 3.0),  # no reference in this group
+    ], [{"name": "n", "value": 0.31, "limit": 0.4, "sense": "<=", "unit": "x", "met": True, "note": ""}])
+    (g1, rows1), (g2, rows2) = table_rows(result)
+    assert (g1, g2) == ("g1", "g2")
+    dense, ours = rows1
+    assert dense[0] == "dense" and dense[3] == "3.00x" and dense[5] == "4.00x" and dense[6] == "2 TFLOP/s"
+    assert ours[3] == "1.00x" and ours[5] == "4.00x"
+    assert rows2[0][3] == "-"
+    assert target_lines(result) == ["[MET] n: 0.31x (target <= 0.4x)"]
+    text, md = render_text(result), render_markdown(result)
+    assert "3.00x" in text and "| g1 | dense | 6.00 |" in md and md.count("| g1 |") == 1
+
+
+def test_readme_rewrite(synthetic_result, tmp_path):
+    result, results_dir = synthetic_result
+    page = tmp_path / "README.md"
+    page.write_text(f"# Bench\n\nhand-written intro\n\n{readme.BEGIN} old -->\nstale table\n{readme.END}\n\nhand-written outro\n")
+    assert readme.rewrite(page, results_dir) is True
+    text = page.read_text()
+    assert "stale table" not in text
+    assert text.startswith("# Bench\n\nhand-written intro\n\n" + readme.BEGIN_LINE)
+    assert text.endswith(f"{readme.END}\n\nhand-written outro\n")
+    assert f"### {result['machine']['slug']}" in text and "#### synthetic" in text
+    assert render_markdown(result) in text
+    assert readme.rewrite(page, results_dir) is False  # idempotent
+    page.write_text("no markers\n")
+    with pytest.raises(ValueError, match="needs a line starting with"):
+        readme.rewrite(page, results_dir)
+
+
+def test_committed_readme_matches_committed_results(tmp_path):
+    page = tmp_path / "README.md"
+    page.write_text((REPO / "bench" / "README.md").read_text())
+    assert readme.rewrite(page, REPO / "bench" / "results") is False, "bench/README.md is stale: run `python -m bench readme`"
+
+
+# -- registry and the model slot ---------------------------------------------------------------
+
+
+def test_registry_resolves(monkeypatch, tmp_path):
+    (tmp_path / "model_build.py").write_text("")
+    (tmp_path / "model_train.py").write_text("")
+    monkeypatch.setattr(registry, "_HERE", tmp_path)
+    assert registry.resolve("codec") == [("codec", "bench.codec")]
+    assert registry.resolve("model") == [("model_build", "bench.model_build"), ("model_train", "bench.model_train")]
+    assert [name for name, _ in registry.resolve("all")] == ["codec", "linear", "model_build", "model_train"]
+    assert registry.resolve("model_train") == [("model_train", "bench.model_train")]
+    with pytest.raises(ValueError, match="unknown benchmark 'nope'; choose from codec, linear, model, all"):
+        registry.resolve("nope")
+
+
+def test_model_slot_runs_plain_scripts(tmp_path, monkeypatch):
+    script = tmp_path / "model_fake_for_tests.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        if __name__ == "__main__":
+            print("args", sys.argv[1:])
+            sys.exit(3 if "--smoke" in sys.argv else 0)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ctx = Context("cpu", "quick", ring_bytes=1 << 16)
+    report = runner("model_fake_for_tests", tmp_path)(ctx)
+    assert "ran as a script" in report.notes[0]
+    with pytest.raises(RuntimeError, match="exited with status 3"):
+        runner("model_fake_for_tests", tmp_path)(Context("cpu", "smoke", ring_bytes=1 << 16))
+
+
+# -- the command line and gpu_check.sh ---------------------------------------------------------
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(REPO)) if p)
+    return env
+
+
+def test_cli_refuses_cuda_without_gpu_or_kernels():
+    import qlora_ext._extension as ext
+
+    if ext.WITH_CUDA and torch.cuda.is_available():
+        pytest.skip("a CUDA device is usable here")
+    proc = subprocess.run([sys.executable, "-m", "bench", "codec", "--device", "cuda"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--device cuda, but" in proc.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    env = _env()
+    env["PYTHON"] = sys.executable
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "gpu_check: all steps passed" in proc.stdout
+    results = sorted(tmp_path.glob("results/*/*.json"))
+    assert {p.stem for p in results} >= {"codec", "linear"}
+    for path in results:
+        validate(json.loads(path.read_text()))
