@@ -47,6 +47,13 @@ def load_torchao_nf4() -> tuple[ModuleType | None, str]:
     return None, "installed, but no NF4 module found at " + " or ".join(_TORCHAO_NF4_MODULES) + f" ({_short(errors[-1]) if errors else 'no to_nf4'})"
 
 
+def copy_subclass(t):
+    """A copy of a traceable tensor subclass (torchao's NF4Tensor) with fresh storage, built
+    from its inner tensors: its own clone() and deepcopy re-quantize, seconds per copy on a CPU."""
+    names, meta = t.__tensor_flatten__()
+    return type(t).__tensor_unflatten__({name: getattr(t, name).clone() for name in names}, meta, t.shape, t.stride())
+
+
 def attempt(report: Report, impl: str, fn: Callable[[], Any], log: Callable[[str], None]) -> bool:
     """Runs one alternative's measurements; a failure becomes a skip with its reason, not a crash."""
     try:

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from bench.alternatives import BNB, TORCHAO, attempt, load_bitsandbytes, load_torchao_nf4
+from bench.alternatives import BNB, TORCHAO, attempt, copy_subclass, load_bitsandbytes, load_torchao_nf4
 from bench.context import Context
 from bench.harness import ratio
 from bench.report import Report, Target
@@ -106,7 +106,7 @@ def _torchao(ctx, report, ao, master, weights, q_group, dq_group, q_bytes, param
     stats = ctx.time(lambda w: ao.to_nf4(w, 64, 256), weights)
     report.rows.append(ctx.row(q_group, TORCHAO, DTYPE, stats, bytes_moved=q_bytes, op="quantize", **params))
     nf4 = ao.to_nf4(master, 64, 256)
-    ring = ctx.ring(lambda i: copy.deepcopy(nf4), nf4_nbytes(master.numel()))
+    ring = ctx.ring(lambda i: copy_subclass(nf4), nf4_nbytes(master.numel()))
     stats = ctx.time(lambda t: t.get_original_weight(), ring)
     report.rows.append(ctx.row(dq_group, TORCHAO, DTYPE, stats, bytes_moved=q_bytes, op="dequantize", **params))
 

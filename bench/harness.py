@@ -74,22 +74,33 @@ def ratio(numerator_s: float | None, denominator_s: float | None) -> float | Non
 @dataclass(frozen=True)
 class Budget:
     """Warm-up for at least ``warmup_s`` (and ``warmup_calls``), then time calls until both
-    ``min_reps`` calls and ``target_s`` seconds are done, or ``max_reps`` calls."""
+    ``min_reps`` calls and ``target_s`` seconds are done, or ``max_reps`` calls, or (after three
+    calls at least) ``max_s`` seconds: a call of seconds (torchao on a CPU) gets three."""
 
     warmup_s: float
     warmup_calls: int
     min_reps: int
     max_reps: int
     target_s: float
+    max_s: float = float("inf")
 
     @classmethod
     def for_mode(cls, mode: str, device: str) -> Budget:
         if mode == "smoke":  # checks that the code runs; its numbers mean nothing
             return cls(warmup_s=0.0, warmup_calls=1, min_reps=2, max_reps=2, target_s=0.0)
-        gpu = device == "cuda"
+        if device == "cuda":
+            if mode == "quick":
+                return cls(warmup_s=0.05, warmup_calls=2, min_reps=5, max_reps=100, target_s=0.1, max_s=2.0)
+            return cls(warmup_s=0.1, warmup_calls=3, min_reps=10, max_reps=400, target_s=0.3, max_s=5.0)
         if mode == "quick":
-            return cls(0.05 if gpu else 0.1, 2 if gpu else 1, 5 if gpu else 3, 100 if gpu else 20, 0.1 if gpu else 0.4)
-        return cls(0.1 if gpu else 0.2, 3 if gpu else 1, 10 if gpu else 5, 400 if gpu else 50, 0.3 if gpu else 1.5)
+            return cls(warmup_s=0.1, warmup_calls=1, min_reps=3, max_reps=20, target_s=0.4, max_s=1.5)
+        return cls(warmup_s=0.2, warmup_calls=1, min_reps=5, max_reps=50, target_s=1.5, max_s=5.0)
+
+    def done(self, reps: int, spent_s: float) -> bool:
+        """Whether ``reps`` timed calls taking ``spent_s`` in all are enough."""
+        if reps >= self.max_reps or (reps >= self.min_reps and spent_s >= self.target_s):
+            return True
+        return reps >= max(3, self.min_reps // 2) and spent_s >= self.max_s
 
 
 # -- rings of inputs ---------------------------------------------------------------------------
@@ -138,7 +149,7 @@ def _time_cpu(fn, ring, budget: Budget) -> Stats:
     i = _warm_up(fn, ring, budget, lambda: None)
     times: list[float] = []
     spent = 0.0
-    while len(times) < budget.max_reps and (len(times) < budget.min_reps or spent < budget.target_s):
+    while not budget.done(len(times), spent):
         item = ring[i % len(ring)]
         t0 = time.perf_counter_ns()
         fn(item)
@@ -185,7 +196,7 @@ def _time_cuda(fn, ring, budget: Budget) -> Stats:
 
     pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
     wall_start = time.perf_counter()
-    while len(pairs) < budget.max_reps and (len(pairs) < budget.min_reps or time.perf_counter() - wall_start < budget.target_s):
+    while not budget.done(len(pairs), time.perf_counter() - wall_start):
         item = ring[i % len(ring)]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda._sleep(spin)

@@ -76,6 +76,15 @@ def test_time_calls_counts_and_rotates(target_s, min_reps, max_reps, expected):
     assert 0 <= stats.min_s <= stats.q1_s <= stats.median_s <= stats.q3_s
 
 
+def test_budget_gives_slow_calls_three_reps():
+    b = harness.Budget(warmup_s=0.0, warmup_calls=1, min_reps=5, max_reps=50, target_s=1.5, max_s=5.0)
+    assert not b.done(2, 10.0)  # never fewer than three
+    assert b.done(3, 6.0)
+    assert not b.done(4, 1.0)
+    assert b.done(5, 1.5)
+    assert b.done(50, 0.0)
+
+
 def test_target_check():
     assert Target.check("t", 0.3, "<=", 0.4, "x").met is True
     assert Target.check("t", 0.5, "<=", 0.4, "x").met is False
@@ -232,7 +241,7 @@ def _env():
     return env
 
 
-def test_cli_refuses_cuda_without_gpu_or_kernels():
+def test_cli_refuses_gpu_device_without_one():
     import qlora_ext._extension as ext
 
     if ext.WITH_CUDA and torch.cuda.is_available():
