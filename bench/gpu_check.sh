@@ -141,14 +141,15 @@ echo "building for CUDA arch $ARCH"
 # would refuse to install into it; these machines are disposable.
 # shellcheck disable=SC2046
 run_step build 330 env PIP_BREAK_SYSTEM_PACKAGES=1 $(build_command "$ARCH") || finish
-# From OUT, not the checkout: the source folder (without a compiled library) must not shadow the install.
-run_step import 60 bash -c 'cd "$1" && "$2" -c "
-import torch, qlora_ext._extension as ext
-print(ext.__file__, ext.BUILD_KIND)
-assert ext.WITH_CUDA, \"qlora_ext was installed without CUDA kernels\"
+# Both ways Python finds qlora_ext must give the CUDA build: the installed package (from OUT) and
+# the checkout's (from the repository root, as `python -m bench` does; the build copies the
+# library there too, and an older CPU-only one left there would shadow the install).
+run_step import 60 bash -c 'for dir in "$1" "$3"; do (cd "$dir" && "$2" -c "
+import os, torch, qlora_ext._extension as ext
+print(os.getcwd(), \"->\", ext.__file__, ext.BUILD_KIND)
+assert ext.WITH_CUDA, \"this qlora_ext has no CUDA kernels: rebuild, or remove a stale qlora_ext/_C.so from the checkout\"
 assert torch.cuda.is_available(), \"torch sees no GPU\"
-" && if [[ -e "$3/qlora_ext/_C.so" ]]; then echo "a stale in-place build $3/qlora_ext/_C.so would shadow the install in python -m bench: remove it"; exit 1; fi' \
-  _ "$OUT" "$PYTHON" "$REPO" || finish
+") || exit 1; done' _ "$OUT" "$PYTHON" "$REPO" || finish
 # -P: the checkout's qlora_ext folder must not shadow the installed package.
 run_step tests 240 "$PYTHON" -P -m pytest python_tests -q -rs --junitxml "$OUT/pytest-junit.xml" \
   --deselect python_tests/test_bench.py::test_gpu_check_dry_run
