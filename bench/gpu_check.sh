@@ -12,8 +12,8 @@
 #   3. import      the installed qlora_ext has CUDA kernels and sees the GPU
 #   4. tests       pytest python_tests (cases parametrized over devices run on cuda here)
 #   5. cuda-ran    the CUDA test cases really ran: none skipped for want of a GPU
-#   6. memcheck    compute-sanitizer --tool memcheck   on bench/sanitize_ops.py
-#   7. racecheck   compute-sanitizer --tool racecheck  on bench/sanitize_ops.py
+#   6. memcheck    compute-sanitizer --tool memcheck   on bench/sanitize_ops.py  } side by
+#   7. racecheck   compute-sanitizer --tool racecheck  on bench/sanitize_ops.py  } side
 #   8. codec       python -m bench codec  --device cuda
 #   9. linear      python -m bench linear --device cuda
 #  10. train       python -m bench model_train --device cuda --quick   (when bench/model_train.py exists)
@@ -46,38 +46,52 @@ FAILURES=0
 
 banner() { printf '\n===== [%4ss] %s\n' "$(( $(date +%s) - START ))" "$*"; }
 
-# run_step NAME TIMEOUT_S CMD... : runs CMD with its output in OUT/logs/NN-NAME.log, under
-# min(TIMEOUT_S, time left before the deadline); records PASS or FAIL; on failure shows the log's
-# end. With SHOW=1 the log (less bench progress lines) is printed on success too.
-run_step() {
+# start_step NAME TIMEOUT_S CMD... : starts CMD in the background with its output in
+# OUT/logs/NN-NAME.log, under min(TIMEOUT_S, time left before the deadline). wait_steps waits for
+# every started step and records each as PASS or FAIL (showing the end of a failed step's log;
+# with SHOW=1 at start, the log less bench progress lines on success too). run_step = both.
+STEP_NO=0
+RUNNING=()  # "pid|name|log|t0|limit|show" of started steps
+start_step() {
   local name=$1 limit=$2; shift 2
-  local n=$(( ${#SUMMARY[@]} + 1 ))
-  local log; log="$OUT/logs/$(printf %02d "$n")-$name.log"
+  STEP_NO=$(( STEP_NO + 1 ))
+  local log; log="$OUT/logs/$(printf %02d "$STEP_NO")-$name.log"
   local left=$(( DEADLINE - $(date +%s) ))
   if (( left < 10 )); then
     SUMMARY+=("FAIL  $name: not run, the ${BUDGET}s budget is spent"); FAILURES=$(( FAILURES + 1 ))
-    banner "[$n] $name: FAIL (no time left)"; return 1
+    banner "[$STEP_NO] $name: FAIL (no time left)"; return 1
   fi
   (( limit > left )) && limit=$left
   local cmd="$*"
   (( ${#cmd} > 150 )) && cmd="${cmd:0:150}..."
-  banner "[$n] $name (timeout ${limit}s): ${cmd//$'\n'/ }"
-  local t0; t0=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
-  local rc=$? dt=$(( $(date +%s) - t0 ))
-  if (( rc == 0 )); then
-    SUMMARY+=("PASS  $name (${dt}s)")
-    echo "PASS: $name (${dt}s, log $log)"
-    [[ "${SHOW:-0}" == 1 ]] && grep -v '^\[bench ' "$log"
-  else
-    local why="exit status $rc"
-    (( rc == 124 || rc == 137 )) && why="timed out after ${limit}s"
-    SUMMARY+=("FAIL  $name (${dt}s): $why; log $log"); FAILURES=$(( FAILURES + 1 ))
-    echo "!!!!! FAIL: $name: $why. Last lines of $log:"
-    tail -n 40 "$log" | sed 's/^/    | /'
-  fi
-  return $rc
+  banner "[$STEP_NO] $name (timeout ${limit}s): ${cmd//$'\n'/ }"
+  timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1 &
+  RUNNING+=("$!|$name|$log|$(date +%s)|$limit|${SHOW:-0}")
 }
+
+wait_steps() {  # returns non-zero when one of the steps failed
+  local entry pid name log t0 limit show rc dt why any=0
+  for entry in "${RUNNING[@]}"; do
+    IFS='|' read -r pid name log t0 limit show <<<"$entry"
+    wait "$pid"; rc=$?; dt=$(( $(date +%s) - t0 ))
+    if (( rc == 0 )); then
+      SUMMARY+=("PASS  $name (${dt}s)")
+      echo "PASS: $name (${dt}s, log $log)"
+      if [[ "$show" == 1 ]]; then grep -v '^\[bench ' "$log"; fi
+    else
+      why="exit status $rc"
+      (( rc == 124 || rc == 137 )) && why="timed out after ${limit}s"
+      SUMMARY+=("FAIL  $name (${dt}s): $why; log $log"); FAILURES=$(( FAILURES + 1 ))
+      echo "!!!!! FAIL: $name: $why. Last lines of $log:"
+      tail -n 40 "$log" | sed 's/^/    | /'
+      any=1
+    fi
+  done
+  RUNNING=()
+  return $any
+}
+
+run_step() { start_step "$@" || return 1; wait_steps; }
 
 # "9.0" (nvidia-smi's compute_cap) -> "90" (CMake's CUDA_ARCHITECTURES); several GPUs -> "80;90".
 cuda_arch_from() { tr -d ' .' <<<"$1" | grep -v '^$' | sort -u | paste -sd ';' -; }
@@ -107,6 +121,20 @@ finish() {
   exit 0
 }
 
+# Reads pytest's junit XML: the cuda cases of the tests really ran, none skipped for want of a GPU.
+JUNIT_CHECK=$(cat <<'PY'
+import sys, xml.etree.ElementTree as ET
+cases = list(ET.parse(sys.argv[1]).getroot().iter("testcase"))
+cuda = [c for c in cases if "cuda" in c.get("name", "")]
+# conftest.devices() skips a cuda case with one of these reasons where it cannot run
+no_gpu = [c.get("name") for c in cuda if c.find("skipped") is not None
+          and any(r in (c.find("skipped").get("message") or "") for r in ("no CUDA GPU", "built without CUDA"))]
+print(f"{len(cases)} test cases, {len(cuda)} with 'cuda' in their name, {len(no_gpu)} of those skipped for want of a GPU")
+if not cuda or no_gpu:
+    sys.exit(f"CUDA cases must run here; skipped: {no_gpu[:20]}")
+PY
+)
+
 REQUIRED_FILES=(pyproject.toml CMakeLists.txt csrc python_tests bench/__main__.py bench/codec.py
   bench/linear.py bench/model.py bench/sanitize_ops.py)
 
@@ -114,9 +142,11 @@ if (( DRY_RUN )); then
   banner "gpu_check --dry-run in $REPO -> $OUT (python: $PYTHON)"
   run_step files 10 bash -c 'for f in "$@"; do if [[ -e "$f" ]]; then echo "ok $f"; else echo "MISSING $f"; exit 1; fi; done
     if [[ -e bench/model_train.py ]]; then echo "bench/model_train.py present: the real run trains"; else echo "no bench/model_train.py: the real run skips training"; fi' _ "${REQUIRED_FILES[@]}"
-  run_step syntax 60 bash -c 'bash -n "$1" && "$2" -m py_compile bench/*.py && echo "bash -n and py_compile: ok"' _ "${BASH_SOURCE[0]}" "$PYTHON"
-  run_step arch-parse 10 bash -c '[[ "$1" == 90 && "$2" == "80;90" ]] && echo "9.0 -> $1; 8.0,9.0,9.0 -> $2"' _ \
+  # These two side by side, as the real run's sanitizers are.
+  start_step syntax 60 bash -c 'bash -n "$1" && "$2" -m py_compile bench/*.py && echo "bash -n and py_compile: ok"' _ "${BASH_SOURCE[0]}" "$PYTHON"
+  start_step arch-parse 10 bash -c '[[ "$1" == 90 && "$2" == "80;90" ]] && echo "9.0 -> $1; 8.0,9.0,9.0 -> $2"' _ \
     "$(cuda_arch_from "9.0")" "$(cuda_arch_from $'8.0\n9.0\n9.0')"
+  wait_steps
   # The CMake options the build passes must exist (a rename would otherwise be silently ignored).
   run_step cmake-configure 60 bash -c 'cmake -S . -B "$1" -G Ninja -DQLORA_CUDA=OFF -DQLORA_CUDA_ARCHS=90 -DPython_EXECUTABLE="$2" >/dev/null \
     && cmake -N -LA "$1" | grep -E "^QLORA_CUDA:STRING=|^QLORA_CUDA_ARCHS:STRING=90$"' _ "$OUT/cmake-configure" "$PYTHON"
@@ -126,6 +156,9 @@ if (( DRY_RUN )); then
   else
     SUMMARY+=("SKIP  pip-accepts-build: scikit-build-core is not installed here (the GPU machine has it)")
   fi
+  printf '<testsuite><testcase name="t[cuda]"/><testcase name="u[cpu]"/></testsuite>\n' >"$OUT/junit-ran.xml"
+  printf '<testsuite><testcase name="t[cuda]"><skipped message="no CUDA GPU"/></testcase></testsuite>\n' >"$OUT/junit-skipped.xml"
+  run_step junit-check 30 bash -c '"$1" -c "$2" "$3" && ! "$1" -c "$2" "$4"' _ "$PYTHON" "$JUNIT_CHECK" "$OUT/junit-ran.xml" "$OUT/junit-skipped.xml"
   run_step sanitize-ops-cpu 60 "$PYTHON" bench/sanitize_ops.py --device cpu
   run_step bench-smoke 90 "$PYTHON" -m bench all --smoke --device cpu --out "$OUT/results"
   finish
@@ -153,29 +186,21 @@ assert torch.cuda.is_available(), \"torch sees no GPU\"
 # -P: the checkout's qlora_ext folder must not shadow the installed package.
 run_step tests 240 "$PYTHON" -P -m pytest python_tests -q -rs --junitxml "$OUT/pytest-junit.xml" \
   --deselect python_tests/test_bench.py::test_gpu_check_dry_run
-run_step cuda-ran 30 "$PYTHON" - "$OUT/pytest-junit.xml" <<'PY'
-import sys, xml.etree.ElementTree as ET
-cases = list(ET.parse(sys.argv[1]).getroot().iter("testcase"))
-cuda = [c for c in cases if "cuda" in c.get("name", "")]
-# conftest.devices() skips a cuda case with one of these reasons where it cannot run
-no_gpu = [c.get("name") for c in cuda if c.find("skipped") is not None
-          and any(r in (c.find("skipped").get("message") or "") for r in ("no CUDA GPU", "built without CUDA"))]
-print(f"{len(cases)} test cases, {len(cuda)} with 'cuda' in their name, {len(no_gpu)} of those skipped for want of a GPU")
-if not cuda or no_gpu:
-    sys.exit(f"CUDA cases must run here; skipped: {no_gpu[:20]}")
-PY
+run_step cuda-ran 30 "$PYTHON" -c "$JUNIT_CHECK" "$OUT/pytest-junit.xml"
 if SANITIZER=$(find_sanitizer); then
   # Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees an access
   # past the end of a tensor instead of into a neighbour in the same pooled block.
-  run_step memcheck 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --leak-check no \
+  # The two run side by side: each is mostly host-side instrumentation of a tiny GPU workload.
+  start_step memcheck 200 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --leak-check no \
     --error-exitcode 1 --print-limit 20 "$PYTHON" bench/sanitize_ops.py --device cuda
-  run_step racecheck 180 "$SANITIZER" --tool racecheck --error-exitcode 1 --print-limit 20 \
+  start_step racecheck 200 "$SANITIZER" --tool racecheck --error-exitcode 1 --print-limit 20 \
     "$PYTHON" bench/sanitize_ops.py --device cuda
+  wait_steps
 else
   SUMMARY+=("FAIL  sanitizers: compute-sanitizer not found (PATH, \$CUDA_HOME/bin, next to nvcc)"); FAILURES=$(( FAILURES + 1 ))
 fi
 SHOW=1 run_step codec 120 "$PYTHON" -m bench codec --device cuda --out "$OUT/results"
-SHOW=1 run_step linear 240 "$PYTHON" -m bench linear --device cuda --out "$OUT/results"
+SHOW=1 run_step linear 200 "$PYTHON" -m bench linear --device cuda --out "$OUT/results"
 if [[ -e bench/model_train.py ]]; then
   SHOW=1 run_step train 150 "$PYTHON" -m bench model_train --device cuda --quick --out "$OUT/results"
 else

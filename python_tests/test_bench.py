@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
-from bench import harness, readme, registry  # noqa: E402
+from bench import harness, machine, readme, registry  # noqa: E402
 from bench.__main__ import run_one  # noqa: E402
 from bench.context import Context  # noqa: E402
 from bench.model import runner  # noqa: E402
@@ -93,6 +93,12 @@ def test_target_check():
     assert missing.met is None and missing.note == "torchao skipped: not installed"
     with pytest.raises(ValueError, match="'sense' must be"):
         Target.check("t", 1.0, "<", 2.0, "x")
+
+
+def test_machine_slug():
+    assert machine.slugify("Intel(R) Xeon(R) Processor") == "intel-xeon-processor"
+    assert machine.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert machine.machine_slug("cpu").endswith(f"-{machine.cpu_count()}c")
 
 
 # -- a tiny synthetic benchmark through the whole pipeline ---------------------------------------
