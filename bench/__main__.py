@@ -1,4 +1,4 @@
-"""python -m bench [codec|linear|model|model_<name>|all|readme] [--device cpu|cuda] [--quick|--smoke]
+"""python -m bench [codec|linear|model|model_<name>|all|readme ...] [--device cpu|cuda] [--quick|--smoke]
                   [--out DIR] [--update-readme]
 
 Runs benchmarks from the repository root, prints each one's table and writes it as JSON to
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from bench import registry
 
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("benchmark", nargs="?", default="all", choices=[*registry.choices(), "readme"])
+    p.add_argument("benchmark", nargs="*", default=["all"], choices=[*registry.choices(), "readme"], help="one or more (default: all)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when the extension has CUDA kernels and a GPU is present, else cpu")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (a few minutes per benchmark on a 2-core CPU)")
@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bench import readme, registry
 
-    if args.benchmark == "readme":
+    if "readme" in args.benchmark:
+        if args.benchmark != ["readme"]:
+            sys.exit("python -m bench: 'readme' only re-renders bench/README.md; give it alone")
         changed = readme.rewrite(README, RESULTS)
         print(f"{README}: {'rewritten' if changed else 'already up to date'}")
         return 0
@@ -124,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "smoke" if args.smoke else "full"
     ctx = Context(_device(args.device, ext), mode, ring_bytes=args.ring_mib << 20 if args.ring_mib else None)
     out_root = args.out or (RESULTS / "tmp" if mode == "smoke" else RESULTS)
-    todo = registry.resolve(args.benchmark)
+    todo = list(dict.fromkeys(pair for name in args.benchmark for pair in registry.resolve(name)))
+    asked = " ".join(args.benchmark)
     if not todo:
-        print(f"python -m bench {args.benchmark}: nothing to run (no bench/model_*.py yet)")
+        print(f"python -m bench {asked}: nothing to run (no bench/model_*.py yet)")
     failed, missed = [], 0
     for name, module in todo:
         ctx.log(f"=== {name} on {ctx.device} ({mode}; rings of {ctx.ring_bytes >> 20} MiB)")
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: --update-readme renders bench/results/, not {args.out}")
         readme.rewrite(README, RESULTS)
         print(f"rewrote the results section of {README}")
-    print(f"python -m bench {args.benchmark}: {len(todo) - len(failed)} ran, {len(failed)} failed{' (' + ', '.join(failed) + ')' if failed else ''}; {missed} target(s) missed")
+    print(f"python -m bench {asked}: {len(todo) - len(failed)} ran, {len(failed)} failed{' (' + ', '.join(failed) + ')' if failed else ''}; {missed} target(s) missed")
     if failed:
         return 1
     return 2 if missed and args.fail_on_missed_targets else 0

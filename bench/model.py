@@ -7,14 +7,18 @@ Contract for such a file (others write them; this keeps them in one harness):
   CI and of ``gpu_check.sh --dry-run``), ``ctx.time(fn, ring)`` for timing and ``ctx.row(...)``
   for rows; its result is stored as ``<out>/<slug>/model_<name>.json`` like any benchmark's.
 - Otherwise a plain script: it is run as ``python bench/model_<name>.py --device D [--quick]
-  [--smoke] --out DIR`` and passes when it exits with status 0; its output goes to the log.
+  [--smoke] --out DIR`` and passes when it exits with status 0. Its standard output (its table)
+  and the JSON files it writes into DIR are kept in the result under ``script``, so that
+  bench/README.md shows them like any other benchmark's.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,16 +38,29 @@ def runner(module_name: str, out_dir: Path) -> Callable[[Context], Report]:
 
 
 def _run_script(ctx: Context, path: Path, out_dir: Path) -> Report:
-    cmd = [sys.executable, str(path), "--device", ctx.device, "--out", str(out_dir)]
-    if ctx.mode != "full":
-        cmd.append(f"--{ctx.mode}")
-    ctx.log(f"running script {' '.join(cmd)}")
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    ctx.log(f"{path.name} output:\n{proc.stdout}{proc.stderr}")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{path.name} exited with status {proc.returncode} after {elapsed:.0f} s")
+    with tempfile.TemporaryDirectory(prefix=f"{path.stem}-", dir=out_dir) as scratch:
+        cmd = [sys.executable, str(path), "--device", ctx.device, "--out", scratch]
+        if ctx.mode != "full":
+            cmd.append(f"--{ctx.mode}")
+        ctx.log(f"running script {' '.join(cmd)}")
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        elapsed = time.perf_counter() - start
+        ctx.log(f"{path.name} output:\n{proc.stdout}{proc.stderr}")
+        if proc.returncode != 0:
+            raise RuntimeError(f"{path.name} exited with status {proc.returncode} after {elapsed:.0f} s: {proc.stderr.strip()[-2000:]}")
+        results = {}
+        for file in sorted(Path(scratch).glob("*.json")):
+            try:
+                results[file.name] = json.loads(file.read_text())
+            except ValueError as e:
+                raise RuntimeError(f"{path.name} wrote {file.name}, which is not JSON: {e}") from None
     report = Report()
-    report.notes.append(f"{path.name} ran as a script ({elapsed:.0f} s); its own output is in the log")
+    report.notes.append(f"bench/{path.name} ran as a script ({elapsed:.0f} s); its output and JSON follow")
+    mode_flag = "" if ctx.mode == "full" else f" --{ctx.mode}"
+    report.script = {
+        "command": f"python bench/{path.name} --device {ctx.device}{mode_flag} --out DIR",
+        "stdout": proc.stdout,
+        "results": results,  # file name -> content, as the script wrote them
+    }
     return report

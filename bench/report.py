@@ -11,6 +11,7 @@ must move would take at the memory bandwidth measured in the same run.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 SCHEMA_VERSION = 1
@@ -86,6 +87,7 @@ class Report:
     targets: list[Target] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)  # {"impl": ..., "reason": ...}
     notes: list[str] = field(default_factory=list)
+    script: dict | None = None  # a plain-script benchmark's output (bench/model.py)
 
     def find(self, group: str, impl: str) -> Row | None:
         return next((r for r in self.rows if r.group == group and r.impl == impl), None)
@@ -110,6 +112,7 @@ class Report:
             "targets": [asdict(t) for t in self.targets],
             "skipped": list(self.skipped),
             "notes": list(self.notes),
+            **({"script": self.script} if self.script is not None else {}),
         }
 
 
@@ -198,9 +201,14 @@ def header_line(result: dict) -> str:
     bw_text = f"{bw / 1e9:.1f} GB/s" if bw else "not measured"
     return (
         f"{result['benchmark']} on {result['device']} ({where}); {result['mode']} run of {result['date']}; "
-        f"torch {s['torch']}, CPU kernels {s['cpu_kernel_isa']}, git {result['git_revision'][:12]}; "
+        f"torch {s['torch']}, CPU kernels {s['cpu_kernel_isa']}, git {_short_revision(result['git_revision'])}; "
         f"copy bandwidth {bw_text}"
     )
+
+
+def _short_revision(revision: str) -> str:
+    head, dirty, _ = revision.partition("+dirty")
+    return head[:12] + dirty if re.fullmatch(r"[0-9a-f]{40}", head) else revision
 
 
 def render_text(result: dict) -> str:
@@ -217,12 +225,16 @@ def render_text(result: dict) -> str:
         lines.append(f"skipped {s['impl']}: {s['reason']}")
     lines.extend(f"note: {n}" for n in result["notes"])
     lines.extend(target_lines(result))
+    if result.get("script"):
+        lines += ["", f"output of {result['script']['command']}:", result["script"]["stdout"].rstrip()]
     return "\n".join(lines).rstrip() + "\n"
 
 
 def render_markdown(result: dict) -> str:
     """The same, as Markdown for bench/README.md: one table, the group in the first column."""
-    lines = [header_line(result) + ".", "", "| case | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
+    lines = [header_line(result) + ".", ""]
+    if result["rows"]:
+        lines += ["| case | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
     for group, rows in table_rows(result):
         for i, cells in enumerate(rows):
             lines.append(f"| {group if i == 0 else ''} | " + " | ".join(cells) + " |")
@@ -230,4 +242,6 @@ def render_markdown(result: dict) -> str:
     lines.extend(f"- skipped {s['impl']}: {s['reason']}" for s in result["skipped"])
     lines.extend(f"- note: {n}" for n in result["notes"])
     lines.extend(f"- {line}" for line in target_lines(result))
+    if result.get("script"):
+        lines += ["", f"Output of `{result['script']['command']}`:", "", "```", result["script"]["stdout"].rstrip(), "```"]
     return "\n".join(lines).rstrip() + "\n"

@@ -225,17 +225,28 @@ def test_registry_resolves(monkeypatch, tmp_path):
 def test_model_slot_runs_plain_scripts(tmp_path, monkeypatch):
     script = tmp_path / "model_fake_for_tests.py"
     script.write_text(textwrap.dedent("""
-        import sys
+        import argparse, json, os, sys
         if __name__ == "__main__":
-            print("args", sys.argv[1:])
-            sys.exit(3 if "--smoke" in sys.argv else 0)
+            p = argparse.ArgumentParser()
+            p.add_argument("--device"); p.add_argument("--out"); p.add_argument("--quick", action="store_true"); p.add_argument("--smoke", action="store_true")
+            a = p.parse_args()
+            print(f"table of the fake benchmark on {a.device}, quick={a.quick}")
+            with open(os.path.join(a.out, "model_fake_for_tests.json"), "w") as f:
+                json.dump({"tokens_per_s": 123}, f)
+            sys.exit(3 if a.smoke else 0)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    ctx = Context("cpu", "quick", ring_bytes=1 << 16)
-    report = runner("model_fake_for_tests", tmp_path)(ctx)
-    assert "ran as a script" in report.notes[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    report = runner("model_fake_for_tests", out)(Context("cpu", "quick", ring_bytes=1 << 16))
+    assert report.script["results"] == {"model_fake_for_tests.json": {"tokens_per_s": 123}}
+    assert report.script["stdout"] == "table of the fake benchmark on cpu, quick=True\n"
+    assert report.script["command"] == "python bench/model_fake_for_tests.py --device cpu --quick --out DIR"
+    assert list(out.iterdir()) == []  # the script's scratch folder is gone; the harness writes the result
+    text = render_markdown(_result_with([]) | report.to_dict())
+    assert "```\ntable of the fake benchmark on cpu, quick=True\n```" in text
     with pytest.raises(RuntimeError, match="exited with status 3"):
-        runner("model_fake_for_tests", tmp_path)(Context("cpu", "smoke", ring_bytes=1 << 16))
+        runner("model_fake_for_tests", out)(Context("cpu", "smoke", ring_bytes=1 << 16))
 
 
 # -- the command line and gpu_check.sh ---------------------------------------------------------
