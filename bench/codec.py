@@ -41,6 +41,7 @@ def group_names(shape: tuple[int, int]) -> tuple[str, str]:
 
 
 def run(ctx: Context) -> Report:
+    ctx.bandwidth()  # first, on a quiet machine state: every row's floor uses it
     report = Report()
     bnb, why = load_bitsandbytes()
     if bnb is None:

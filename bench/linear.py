@@ -60,6 +60,7 @@ class Impl:
 
 
 def run(ctx: Context) -> Report:
+    ctx.bandwidth()  # first, on a quiet machine state: every row's floor uses it
     report = Report()
     bnb, why = load_bitsandbytes()
     if bnb is None:
