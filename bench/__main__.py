@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from bench import registry
 
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("benchmark", nargs="*", default=["all"], choices=[*registry.choices(), "readme"], help="one or more (default: all)")
+    names = [*registry.choices(), "readme"]
+    p.add_argument("benchmark", nargs="*", metavar="BENCHMARK", help=f"one or more of {', '.join(names)} (default: all)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when the extension has CUDA kernels and a GPU is present, else cpu")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (a few minutes per benchmark on a 2-core CPU)")
@@ -48,7 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-isa", choices=("auto", "avx512", "portable"), default=None, help="which CPU kernels of qlora_ext to benchmark")
     p.add_argument("--ring-mib", type=int, default=None, help="size of the rotating input rings (default: twice the last-level cache)")
     p.add_argument("--fail-on-missed-targets", action="store_true", help="exit with status 2 when a speed target is missed")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.benchmark = args.benchmark or ["all"]
+    for name in args.benchmark:
+        if name not in names:
+            p.error(f"argument BENCHMARK: invalid choice {name!r} (choose from {', '.join(names)})")
+    return args
 
 
 def _import_qlora_ext():

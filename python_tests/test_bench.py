@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
 from bench import harness, machine, readme, registry  # noqa: E402
-from bench.__main__ import run_one  # noqa: E402
+from bench.__main__ import parse_args, run_one  # noqa: E402
 from bench.context import Context  # noqa: E402
 from bench.model import runner  # noqa: E402
 from bench.report import Report, Target, render_markdown, render_text, table_rows, target_lines, validate  # noqa: E402
@@ -256,6 +256,16 @@ def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(REPO)) if p)
     return env
+
+
+def test_cli_arguments():
+    assert parse_args([]).benchmark == ["all"]
+    args = parse_args(["codec", "linear", "--smoke", "--device", "cpu"])
+    assert args.benchmark == ["codec", "linear"] and args.smoke and args.device == "cpu"
+    with pytest.raises(SystemExit):
+        parse_args(["nope"])
+    with pytest.raises(SystemExit):
+        parse_args(["--quick", "--smoke"])
 
 
 def test_cli_refuses_gpu_device_without_one():
