@@ -85,6 +85,8 @@ def run_one(name: str, module: str, ctx, out_root: Path) -> dict:
 
     slug_dir = out_root / machine.machine_slug(ctx.device)
     slug_dir.mkdir(parents=True, exist_ok=True)
+    revision = machine.git_revision()  # of the code that runs, before anything can change it
+    load_start = os.getloadavg()[0]
     start = time.perf_counter()
     report = model.runner(module, slug_dir)(ctx)
     if ctx.smoke:  # tiny shapes on purpose: a target met or missed there would say nothing
@@ -94,10 +96,12 @@ def run_one(name: str, module: str, ctx, out_root: Path) -> dict:
         "schema": SCHEMA_VERSION,
         "benchmark": name,
         "date": machine.now_iso(),
-        "git_revision": machine.git_revision(),
+        "git_revision": revision,
         "device": ctx.device,
         "mode": ctx.mode,
         "duration_s": round(time.perf_counter() - start, 1),
+        # other work on the machine makes timings noisy: the 1-minute load average, before and after
+        "load_avg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         **machine.describe(ctx.device),
         "memory_bandwidth": ctx.bandwidth_dict(),
         "ring_bytes": ctx.ring_bytes,

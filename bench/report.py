@@ -26,6 +26,7 @@ RESULT_KEYS = {
     "device": str,
     "mode": str,
     "duration_s": float,
+    "load_avg_1m": list,
     "machine": dict,
     "software": dict,
     "memory_bandwidth": dict,
@@ -202,7 +203,7 @@ def header_line(result: dict) -> str:
     return (
         f"{result['benchmark']} on {result['device']} ({where}); {result['mode']} run of {result['date']}; "
         f"torch {s['torch']}, CPU kernels {s['cpu_kernel_isa']}, git {_short_revision(result['git_revision'])}; "
-        f"copy bandwidth {bw_text}"
+        f"copy bandwidth {bw_text}" + (", load average {:.1f} -> {:.1f}".format(*result["load_avg_1m"]) if "load_avg_1m" in result else "")
     )
 
 

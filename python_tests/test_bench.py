@@ -139,6 +139,7 @@ def test_result_json_schema(synthetic_result):
     assert stored["software"]["torch"] == torch.__version__
     assert stored["software"]["cpu_kernel_isa"] in ("avx512", "portable")
     assert stored["memory_bandwidth"]["bytes_per_s"] > 0
+    assert len(stored["load_avg_1m"]) == 2
     assert [r["impl"] for r in stored["rows"]] == ["ours", "other"]
     row = stored["rows"][0]
     assert row["reps"] == 2 and row["min_ms"] <= row["median_ms"]
@@ -155,7 +156,7 @@ def test_result_json_schema(synthetic_result):
 def _result_with(rows, targets=()):
     base = {
         "schema": 1, "benchmark": "t", "date": "2025-01-01T00:00:00+00:00", "git_revision": "abc", "device": "cpu",
-        "mode": "full", "duration_s": 1.0, "memory_bandwidth": {"bytes_per_s": 1e10}, "ring_bytes": 1,
+        "mode": "full", "duration_s": 1.0, "load_avg_1m": [0.5, 0.7], "memory_bandwidth": {"bytes_per_s": 1e10}, "ring_bytes": 1,
         "machine": {"cpu": "cpu", "cpu_cores": 2, "gpu": None}, "software": {"torch": "x", "cpu_kernel_isa": "avx512"},
         "rows": rows, "targets": list(targets), "skipped": [], "notes": [],
     }
@@ -181,7 +182,7 @@ def test_table_ratio_math():
     assert rows2[0][3] == "-"
     assert target_lines(result) == ["[MET] n: 0.31x (target <= 0.4x)"]
     text, md = render_text(result), render_markdown(result)
-    assert "3.00x" in text and "| g1 | dense | 6.00 |" in md and md.count("| g1 |") == 1
+    assert "load average 0.5 -> 0.7" in text and "3.00x" in text and "| g1 | dense | 6.00 |" in md and md.count("| g1 |") == 1
 
 
 def test_readme_rewrite(synthetic_result, tmp_path):
