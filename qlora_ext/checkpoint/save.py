@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from qlora_ext.checkpoint.atomic import StagedFiles
 from qlora_ext.checkpoint.config import Llama2Config
 from qlora_ext.checkpoint.convert import ours_to_hf, strip_wrappers
-from qlora_ext.checkpoint.safetensors_writer import tensor_nbytes, write_safetensors
+from qlora_ext.checkpoint.safetensors_io import tensor_nbytes, write_safetensors
 from qlora_ext.modules.lora_linear import LoRALinear
 from qlora_ext.nf4 import NF4Tensor
 
