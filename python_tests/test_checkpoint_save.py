@@ -11,7 +11,14 @@ import pytest
 import torch
 from llama_helpers import hf_llama, rel_error, transformers
 
-from qlora_ext.checkpoint import StagedFiles, atomic_path, load_peft_adapter, read_adapter_config, save_hf_checkpoint, save_peft_adapter
+from qlora_ext.checkpoint import (
+    StagedFiles,
+    atomic_path,
+    load_peft_adapter,
+    read_adapter_config,
+    save_hf_checkpoint,
+    save_peft_adapter,
+)
 from qlora_ext.models.llama2 import llama2_from_checkpoint
 
 ALL_ATTN = ["q_proj", "k_proj", "v_proj", "output_proj"]
@@ -181,10 +188,10 @@ def test_atomic_helpers(tmp_path):
         assert os.path.dirname(tmp) == str(tmp_path) and not os.path.exists(target)
         torch.save({"a": 1}, tmp)
     assert torch.load(target) == {"a": 1}
-    with pytest.raises(ZeroDivisionError):
-        with atomic_path(target) as tmp:
-            open(tmp, "wb").write(b"partial")
-            1 / 0
+    with pytest.raises(RuntimeError, match="interrupted"), atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("interrupted")
     assert torch.load(target) == {"a": 1} and os.listdir(tmp_path) == ["state.pt"]
     with pytest.raises(ValueError, match=r"argument 'name' must be a plain file name; got '../x'"):
         StagedFiles(tmp_path).write("../x", lambda p: None)

@@ -58,6 +58,26 @@ def test_sizes_match_llama2(builder, params, layers, heads, kv_heads, hidden):
     assert attn.k_proj.weight.shape[0] == kv_heads * attn.head_dim
 
 
+@pytest.mark.parametrize("builder", [qlora_llama2_7b, qlora_llama2_13b, qlora_llama2_70b], ids=["7b", "13b", "70b"])
+def test_qlora_builders_quantize_exactly_the_lora_linears(builder):
+    with torch.device("meta"):
+        model = builder(["q_proj", "k_proj"], apply_lora_to_mlp=True, lora_rank=16, lora_alpha=32)
+    layer = model.layers[-1]
+    for lin in (layer.attn.q_proj, layer.attn.k_proj, layer.mlp.w1, layer.mlp.w2, layer.mlp.w3):
+        assert isinstance(lin, LoRALinear) and isinstance(lin.weight, NF4Tensor) and lin.rank == 16 and lin.alpha == 32
+    for lin in (layer.attn.v_proj, layer.attn.output_proj, model.output):
+        assert type(lin) is nn.Linear
+    # GQA: k_proj's NF4 weight has num_kv_heads * head_dim rows.
+    assert layer.attn.k_proj.weight.shape == (layer.attn.num_kv_heads * layer.attn.head_dim, layer.attn.embed_dim)
+
+
+def test_tiny_defaults():
+    model = llama2_tiny()
+    assert (model.tok_embeddings.num_embeddings, model.max_seq_len, len(model.layers)) == (512, 512, 4)
+    assert (model.layers[0].attn.num_heads, model.layers[0].attn.num_kv_heads, model.tok_embeddings.embedding_dim) == (4, 2, 256)
+    assert llama2_tiny(vocab_size=320).output.weight.shape == (320, 256)
+
+
 def test_scale_hidden_dim():
     assert scale_hidden_dim_for_mlp(4096) == 11008
     assert scale_hidden_dim_for_mlp(5120) == 13824
