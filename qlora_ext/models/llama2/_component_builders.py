@@ -152,6 +152,8 @@ def lora_llama2(
         return LoRALinear(in_dim, out_dim, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
 
     attn_lora = set(lora_attn_modules)
+    # One RoPE table for all layers (as torchtune): 32 copies of a 4096-position table would be 128 MB.
+    rope = RotaryPositionalEmbeddings(head_dim, max_seq_len=max_seq_len, base=rope_base)
     layers = []
     for _ in range(num_layers):
         # Each LoRALinear quantizes inside its constructor, before the next dense weight exists.
@@ -164,7 +166,7 @@ def lora_llama2(
             k_proj=linear("k_proj", embed_dim, kv_dim, "k_proj" in attn_lora),
             v_proj=linear("v_proj", embed_dim, kv_dim, "v_proj" in attn_lora),
             output_proj=linear("output_proj", num_heads * head_dim, embed_dim, "output_proj" in attn_lora),
-            pos_embeddings=RotaryPositionalEmbeddings(head_dim, max_seq_len=max_seq_len, base=rope_base),
+            pos_embeddings=rope,
             max_seq_len=max_seq_len,
             attn_dropout=attn_dropout,
         )
