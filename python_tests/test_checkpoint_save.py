@@ -195,3 +195,34 @@ def test_atomic_helpers(tmp_path):
     assert torch.load(target) == {"a": 1} and os.listdir(tmp_path) == ["state.pt"]
     with pytest.raises(ValueError, match=r"argument 'name' must be a plain file name; got '../x'"):
         StagedFiles(tmp_path).write("../x", lambda p: None)
+
+
+def test_streamed_safetensors_agree_with_the_safetensors_package(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from qlora_ext.checkpoint.safetensors_io import SafetensorsReader, write_safetensors
+
+    tensors = {
+        "a.bf16": torch.randn(3, 5).bfloat16(),
+        "b.fp16": torch.randn(7).half(),
+        "c.fp32": torch.randn(2, 2, 2),
+        "d.i64": torch.arange(5),
+        "e.bool": torch.tensor([True, False, True]),
+        "f.scalar": torch.tensor(3.5),
+        "g.empty": torch.empty(0, 4),
+    }
+    ours = str(tmp_path / "ours.safetensors")
+    write_safetensors(ours, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], tensors.__getitem__, {"format": "pt"})
+    theirs = load_file(ours)
+    assert theirs.keys() == tensors.keys() and all(torch.equal(theirs[k], v) for k, v in tensors.items())
+    save_file(tensors, tmp_path / "theirs.safetensors")
+    reader = SafetensorsReader(str(tmp_path / "theirs.safetensors"))
+    try:
+        assert set(reader.keys()) == set(tensors)
+        for k, v in tensors.items():
+            got = reader.get(k)
+            assert got.dtype == v.dtype and torch.equal(got, v) and reader.shape(k) == tuple(v.shape)
+    finally:
+        reader.close()
+    with pytest.raises(ValueError, match=r"tensor 'x' must be torch.float32 of shape \[2\]; got torch.float32 of shape \[3\]"):
+        write_safetensors(str(tmp_path / "bad"), [("x", (2,), torch.float32)], lambda n: torch.zeros(3))

@@ -12,6 +12,7 @@ its own bytes and leaves the file's pages to the page cache.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import struct
 from collections.abc import Callable, Sequence
@@ -34,6 +35,13 @@ _DTYPE_CODES: dict[torch.dtype, str] = {
 
 
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
+def _bytes_of(tensor: Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (no numpy needed); the tensor
+    must outlive the view."""
+    nbytes = tensor.numel() * tensor.element_size()
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 def tensor_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
@@ -82,8 +90,9 @@ def write_safetensors(
                     f"got {tensor.dtype} of shape {list(tensor.shape)}"
                 )
             # Raw little-endian bytes, as the format stores them (x86 and ARM hosts are LE).
-            f.write(memoryview(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()))
-            del tensor
+            data = tensor.detach().contiguous().cpu()
+            f.write(_bytes_of(data))
+            del tensor, data
 
 
 class SafetensorsReader:
@@ -130,9 +139,8 @@ class SafetensorsReader:
         dtype, shape, start, end = self._specs[name]
         tensor = torch.empty(shape, dtype=dtype)
         if end > start:
-            buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
             self._file.seek(self._base + start)
-            if self._file.readinto(buffer) != end - start:
+            if self._file.readinto(_bytes_of(tensor)) != end - start:
                 raise ValueError(f"{self.path}: tensor '{name}' is truncated")
         return tensor
 
