@@ -226,3 +226,23 @@ def test_streamed_safetensors_agree_with_the_safetensors_package(tmp_path):
         reader.close()
     with pytest.raises(ValueError, match=r"tensor 'x' must be torch.float32 of shape \[2\]; got torch.float32 of shape \[3\]"):
         write_safetensors(str(tmp_path / "bad"), [("x", (2,), torch.float32)], lambda n: torch.zeros(3))
+
+
+def test_wrapped_models_save_under_plain_names(base_dir, tmp_path):
+    # torch.compile and activation checkpointing insert "_orig_mod." / "_checkpoint_wrapped_module."
+    # into module names; checkpoints must not see them.
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = _trained(base_dir)
+    save_peft_adapter(model, tmp_path / "plain")
+    for i, layer in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(layer)
+    wrapped = torch.compile(model)
+    assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_modules())
+    save_peft_adapter(wrapped, tmp_path / "wrapped")
+    save_hf_checkpoint(wrapped, tmp_path / "merged")
+    from safetensors.torch import load_file
+
+    plain, again = load_file(tmp_path / "plain" / "adapter_model.safetensors"), load_file(tmp_path / "wrapped" / "adapter_model.safetensors")
+    assert plain.keys() == again.keys() and all(torch.equal(plain[k], again[k]) for k in plain)
+    assert "model.layers.1.mlp.down_proj.weight" in load_file(tmp_path / "merged" / "model.safetensors")

@@ -204,6 +204,11 @@ def test_fast_qlora_linear_is_a_plain_quantized_lora_linear():
     torch.manual_seed(0)
     b = qlora_linear(256, 128, rank=8, alpha=16)
     assert all(torch.equal(x, y) for x, y in zip(a.weight.components(), b.weight.components()))  # reproducible
+    torch.manual_seed(0)
+    scratch = torch.full((300 * 128,), float("nan"))
+    c = qlora_linear(256, 128, rank=8, alpha=16, scratch=scratch)  # drawn in a reused buffer: same weight
+    assert all(torch.equal(x, y) for x, y in zip(a.weight.components(), c.weight.components()))
+    assert not scratch[: 256 * 128].isnan().any() and scratch[256 * 128 :].isnan().all()
     ref = LoRALinear(256, 128, rank=8, alpha=16, quantize_base=True)
     assert type(a) is LoRALinear and isinstance(a.weight, NF4Tensor) and not a.weight.requires_grad
     assert [(n, p.shape, p.requires_grad) for n, p in a.named_parameters()] == [(n, p.shape, p.requires_grad) for n, p in ref.named_parameters()]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from qlora_ext.modules.attention import MultiHeadAttention
@@ -148,10 +149,18 @@ def lora_llama2(
                 f"{_NF4_BLOCK}; {name} is {out_dim} x {in_dim}"
             )
         if quantize_base:
-            return qlora_linear(in_dim, out_dim, lora_rank, lora_alpha, lora_dropout)
+            return qlora_linear(in_dim, out_dim, lora_rank, lora_alpha, lora_dropout, scratch=scratch)
         return LoRALinear(in_dim, out_dim, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
 
     attn_lora = set(lora_attn_modules)
+    lora_sizes = [embed_dim * num_heads * head_dim] if attn_lora & {"q_proj", "output_proj"} else []
+    lora_sizes += [embed_dim * kv_dim] if attn_lora & {"k_proj", "v_proj"} else []
+    lora_sizes += [embed_dim * hidden_dim] if apply_lora_to_mlp else []
+    lora_sizes += [embed_dim * vocab_size] if apply_lora_to_output else []
+    scratch = None
+    if quantize_base and lora_sizes and torch.get_default_device().type == "cpu":
+        # One buffer to draw every quantized weight in (see qlora_linear), as big as the largest.
+        scratch = torch.empty(max(lora_sizes))
     # One RoPE table for all layers (as torchtune): 32 copies of a 4096-position table would be 128 MB.
     rope = RotaryPositionalEmbeddings(head_dim, max_seq_len=max_seq_len, base=rope_base)
     layers = []
