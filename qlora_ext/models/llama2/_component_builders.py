@@ -192,6 +192,12 @@ def lora_llama2(
                 mlp_norm=RMSNorm(embed_dim, eps=norm_eps),
             )
         )
+    # Free the buffer as soon as no quantized weight needs it: the output and embedding are the
+    # largest dense tensors, and the build's peak is reached while they are created.
+    if not apply_lora_to_output:
+        scratch = None
+    output = linear("output", embed_dim, vocab_size, apply_lora_to_output)
+    scratch = None
     return TransformerDecoder(
         tok_embeddings=nn.Embedding(vocab_size, embed_dim),
         layers=layers,
@@ -199,7 +205,7 @@ def lora_llama2(
         num_heads=num_heads,
         head_dim=head_dim,
         norm=RMSNorm(embed_dim, eps=norm_eps),
-        output=linear("output", embed_dim, vocab_size, apply_lora_to_output),
+        output=output,
     )
 
 
