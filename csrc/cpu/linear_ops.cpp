@@ -1,6 +1,9 @@
 // CPU linear_nf4 and its backward. M <= 16 rows (decode-bound): fused kernels read the 4-bit
-// codes directly. Larger M (compute-bound): W is decoded tile by tile into a float32 buffer of
-// about the L2 size and each tile goes through BLAS; the whole dense W never exists.
+// codes directly. Larger M (compute-bound): W is decoded tile by tile into float32 buffers of
+// about 2 MB and each tile goes through BLAS; the whole dense W never exists. The tiles are
+// shared out among the threads in one parallel region (each thread decodes its tile and runs a
+// single-threaded BLAS call on it): one fork/join per call, not two per tile, which matters on a
+// busy machine where every join waits for the slowest, possibly descheduled, thread.
 // Activations of any float dtype are computed in float32 and returned in their own dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -15,25 +18,23 @@
 namespace qlora::cpu {
 namespace {
 
-constexpr int64_t kTileBytes = 4 << 20;  // float32 bytes of one decoded tile
-constexpr int64_t kMinTileRows = 128;   // narrower tiles make BLAS calls inefficient
+constexpr int64_t kTileBytes = 2 << 20;  // float32 bytes of one thread's decoded tile
+constexpr int64_t kMinTileRows = 64;     // narrower tiles make BLAS calls inefficient
 
 // Decodes rows [n0, n1) x columns [k0, k1) of the [*, K] weight into `out` (row-major).
 void decode_tile(const CpuKernels& k, const Nf4View& w, int64_t K, int64_t n0, int64_t n1,
                  int64_t k0, int64_t k1, float* out) {
   const int64_t cols = k1 - k0;
   const bool whole_blocks = K % kBlockSize == 0 && k0 % kBlockSize == 0 && cols % kBlockSize == 0;
-  at::parallel_for(n0, n1, 8, [&](int64_t r0, int64_t r1) {
-    for (int64_t n = r0; n < r1; ++n) {
-      float* row = out + (n - n0) * cols;
-      if (whole_blocks) {
-        const int64_t b = (n * K + k0) / kBlockSize;
-        k.dequantize_blocks(w, b, b + cols / kBlockSize, row, DType::kFloat32);
-      } else {
-        decode_range_f32(w, n * K + k0, cols, row);
-      }
+  for (int64_t n = n0; n < n1; ++n) {
+    float* row = out + (n - n0) * cols;
+    if (whole_blocks) {
+      const int64_t b = (n * K + k0) / kBlockSize;
+      k.dequantize_blocks(w, b, b + cols / kBlockSize, row, DType::kFloat32);
+    } else {
+      decode_range_f32(w, n * K + k0, cols, row);
     }
-  });
+  }
 }
 
 at::Tensor as_float_matrix(const at::Tensor& t, int64_t cols) {
@@ -66,13 +67,15 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
     });
   } else if (M > 0) {
     const int64_t rows = std::min(N, std::max(kMinTileRows, kTileBytes / (4 * K)));
-    at::Tensor tile = at::empty({rows, K}, x2.options());
-    for (int64_t n0 = 0; n0 < N; n0 += rows) {
-      const int64_t n1 = std::min(N, n0 + rows);
-      decode_tile(k, w.view, K, n0, n1, 0, K, tile.mutable_data_ptr<float>());
-      at::Tensor y_cols = y.narrow(1, n0, n1 - n0);
-      at::mm_out(y_cols, x2, tile.narrow(0, 0, n1 - n0).t());
-    }
+    at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
+      at::Tensor tile = at::empty({rows, K}, x2.options());  // this thread's buffer
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * rows, n1 = std::min(N, n0 + rows);
+        decode_tile(k, w.view, K, n0, n1, 0, K, tile.mutable_data_ptr<float>());
+        at::Tensor y_cols = y.narrow(1, n0, n1 - n0);
+        at::mm_out(y_cols, x2, tile.narrow(0, 0, n1 - n0).t());
+      }
+    });
   }
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -103,14 +106,16 @@ at::Tensor linear_nf4_grad_input(const at::Tensor& grad_y, const at::Tensor& pac
     // Column tiles: each decoded [N, cols] tile yields finished columns of grad_x.
     const int64_t fit = kTileBytes / (4 * N) / kBlockSize * kBlockSize;
     const int64_t cols = std::min(K, std::max(kBlockSize, fit));
-    at::Tensor storage = at::empty({N * cols}, g2.options());
-    for (int64_t k0 = 0; k0 < K; k0 += cols) {
-      const int64_t k1 = std::min(K, k0 + cols);
-      at::Tensor t = storage.narrow(0, 0, N * (k1 - k0)).view({N, k1 - k0});
-      decode_tile(k, w.view, K, 0, N, k0, k1, t.mutable_data_ptr<float>());
-      at::Tensor gx_cols = gx.narrow(1, k0, k1 - k0);
-      at::mm_out(gx_cols, g2, t);
-    }
+    at::parallel_for(0, (K + cols - 1) / cols, 1, [&](int64_t t0, int64_t t1) {
+      at::Tensor storage = at::empty({N * cols}, g2.options());  // this thread's buffer
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t k0 = t * cols, k1 = std::min(K, k0 + cols);
+        at::Tensor tile = storage.narrow(0, 0, N * (k1 - k0)).view({N, k1 - k0});
+        decode_tile(k, w.view, K, 0, N, k0, k1, tile.mutable_data_ptr<float>());
+        at::Tensor gx_cols = gx.narrow(1, k0, k1 - k0);
+        at::mm_out(gx_cols, g2, tile);
+      }
+    });
   }
   std::vector<int64_t> out_shape(grad_y.sizes().begin(), grad_y.sizes().end());
   out_shape.back() = K;
