@@ -68,6 +68,19 @@ def test_forward_and_backward_match_reference(shape, rows, dtype, device, cpu_is
     assert torch.allclose(bias.grad.double(), grad_y.double().sum(dim=(0, 1, 2)), rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_autograd_through_many_tiles_on_all_threads(dtype):
+    # Enough rows and columns for several tiles per thread: the kernel's worker threads run BLAS
+    # on tensors derived from an input that requires grad (they must run below autograd too).
+    nf4, dense, x = case((2048, 768), 40, dtype, "cpu", batch=(2,))
+    x.requires_grad_(True)
+    y = linear_nf4(x, nf4)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    assert_close_to_exact(y, x.detach().double() @ dense.double().t(), F.linear(x.detach(), dense.to(dtype)))
+    assert_close_to_exact(x.grad, grad_y.double() @ dense.double(), grad_y @ dense.to(dtype))
+
+
 @pytest.mark.parametrize("device", devices())
 def test_double_backward(device):
     nf4, dense, x = case((64, 128), 3, torch.float32, device, batch=())

@@ -7,6 +7,7 @@
 // Activations of any float dtype are computed in float32 and returned in their own dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -67,7 +68,9 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
     });
   } else if (M > 0) {
     const int64_t rows = std::min(N, std::max(kMinTileRows, kTileBytes / (4 * K)));
+    const at::ThreadLocalState caller;  // below autograd, etc.: the worker threads must be too
     at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
+      const at::ThreadLocalStateGuard same_state(caller);
       at::Tensor tile = at::empty({rows, K}, x2.options());  // this thread's buffer
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * rows, n1 = std::min(N, n0 + rows);
@@ -106,7 +109,9 @@ at::Tensor linear_nf4_grad_input(const at::Tensor& grad_y, const at::Tensor& pac
     // Column tiles: each decoded [N, cols] tile yields finished columns of grad_x.
     const int64_t fit = kTileBytes / (4 * N) / kBlockSize * kBlockSize;
     const int64_t cols = std::min(K, std::max(kBlockSize, fit));
+    const at::ThreadLocalState caller;
     at::parallel_for(0, (K + cols - 1) / cols, 1, [&](int64_t t0, int64_t t1) {
+      const at::ThreadLocalStateGuard same_state(caller);
       at::Tensor storage = at::empty({N * cols}, g2.options());  // this thread's buffer
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t k0 = t * cols, k1 = std::min(K, k0 + cols);
