@@ -158,7 +158,7 @@ def padded_collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int)
     """Pads to the longest example: tokens with ``pad_id``, labels with IGNORE_INDEX.
 
     Returns:
-        {"tokens": int64 [b, s], "labels": int64 [b, s]}
+        {"tokens": int64 [b, s], "labels": int64 [b, s], "num_tokens": int64 scalar (not padding)}
     """
     length = max(len(tokens) for tokens, _ in examples)
     tokens = torch.full((len(examples), length), pad_id, dtype=torch.long)
@@ -166,7 +166,8 @@ def padded_collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int)
     for row, (t, lab) in enumerate(examples):
         tokens[row, : len(t)] = torch.tensor(t, dtype=torch.long)
         labels[row, : len(lab)] = torch.tensor(lab, dtype=torch.long)
-    return {"tokens": tokens, "labels": labels}
+    num_tokens = torch.tensor(sum(len(t) for t, _ in examples))
+    return {"tokens": tokens, "labels": labels, "num_tokens": num_tokens}
 
 
 def num_batches(num_examples: int, batch_size: int) -> int:
