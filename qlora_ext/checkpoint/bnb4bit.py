@@ -1,0 +1,111 @@
+"""bitsandbytes 4-bit HF checkpoints: each quantized linear ``X`` is stored as
+
+    X.weight                                   uint8 [numel / 2, 1]   packed NF4 codes
+    X.weight.absmax                            uint8 [numel / 64]     8-bit codes of the block absmax
+    X.weight.quant_map                         float32 [16]           the NF4 code values
+    X.weight.nested_absmax                     float32 [blocks / 256] scale of each absmax group
+    X.weight.nested_quant_map                  float32 [256]          the 8-bit absmax code values
+    X.weight.quant_state.bitsandbytes__nf4     uint8 JSON             blocksizes, dtype, shape, offset
+
+which is this package's NF4 format (DESIGN.md section 2) with other names: bitsandbytes' absmax
+codes, nested absmax and nested offset are our ``absmax_codes``, ``absmax_scales`` and
+``absmax_offset``. They become an ``NF4Tensor`` as stored, without quantizing again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from qlora_ext._tables import ABSMAX_CODE_MAP, BLOCK_SIZE, NF4_VALUES, SCALER_BLOCK_SIZE
+from qlora_ext.nf4 import NF4Tensor
+
+_STATE_SUFFIX = ".quant_state.bitsandbytes__"
+_AUX = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Bnb4bitWeight:
+    """One bitsandbytes-quantized weight of a checkpoint, checked against our format.
+
+    Args:
+        name: the weight's key (``...q_proj.weight``).
+        get: reads a tensor of the checkpoint by key.
+        keys: all keys of the checkpoint (to find the auxiliary ones).
+
+    Raises:
+        ValueError: a missing auxiliary key, fp4 instead of nf4, blocksizes other than 64/256, no
+            double quantization, code tables that differ from ours, an unknown dtype.
+    """
+
+    def __init__(self, name: str, get: Callable[[str], Tensor], keys: set[str]):
+        self.name = name
+        self._get = get
+        state_keys = [k for k in keys if k.startswith(name + _STATE_SUFFIX)]
+        quant_type = state_keys[0][len(name + _STATE_SUFFIX) :] if state_keys else None
+        problems = []
+        if quant_type != "nf4":
+            problems.append(f"quant_type must be 'nf4'; got {quant_type!r}")
+            raise ValueError(self._message(problems))
+        state = json.loads(bytes(get(state_keys[0]).tolist()).decode("utf-8"))
+        missing = [name + suffix for suffix in _AUX if name + suffix not in keys]
+        if "nested_offset" not in state or missing:
+            problems.append(
+                "double quantization is required (bnb_4bit_use_double_quant=True): "
+                f"missing {missing + ([] if 'nested_offset' in state else ['nested_offset'])}"
+            )
+            raise ValueError(self._message(problems))
+        if state.get("blocksize") != BLOCK_SIZE:
+            problems.append(f"blocksize must be {BLOCK_SIZE}; got {state.get('blocksize')!r}")
+        if state.get("nested_blocksize") != SCALER_BLOCK_SIZE:
+            problems.append(f"nested_blocksize must be {SCALER_BLOCK_SIZE}; got {state.get('nested_blocksize')!r}")
+        if state.get("dtype") not in _DTYPES:
+            problems.append(f"dtype must be one of {sorted(_DTYPES)}; got {state.get('dtype')!r}")
+        if state.get("nested_dtype", "float32") != "float32":
+            problems.append(f"nested_dtype must be 'float32'; got {state.get('nested_dtype')!r}")
+        for suffix, table in ((".quant_map", NF4_VALUES), (".nested_quant_map", ABSMAX_CODE_MAP)):
+            stored = get(name + suffix)
+            if not torch.equal(stored.float().reshape(-1), torch.tensor(table, dtype=torch.float32)):
+                problems.append(f"{name + suffix} must equal this package's table (qlora_ext._tables); it differs")
+        if problems:
+            raise ValueError(self._message(problems))
+        self.shape = tuple(state["shape"])
+        self.dtype = _DTYPES[state["dtype"]]
+        self.offset = float(state["nested_offset"])
+
+    def _message(self, problems: list[str]) -> str:
+        return f"bitsandbytes 4-bit weight '{self.name}' cannot be read as NF4: " + "; ".join(problems)
+
+    def load(self) -> NF4Tensor:
+        """The weight as an NF4Tensor on CPU (storage as read, nothing re-quantized).
+
+        Raises:
+            ValueError: the packed storage is not uint8, or sizes disagree with the shape.
+        """
+        packed = self._get(self.name)
+        if packed.dtype != torch.uint8:
+            raise ValueError(
+                f"bitsandbytes 4-bit weight '{self.name}' must be stored as uint8 (bnb_4bit_quant_storage='uint8'); "
+                f"got {packed.dtype}"
+            )
+        return NF4Tensor.from_components(
+            packed,
+            self._get(self.name + ".absmax"),
+            self._get(self.name + ".nested_absmax").float(),
+            torch.tensor(self.offset, dtype=torch.float32),
+            self.shape,
+            self.dtype,
+        )
+
+
+def bnb4bit_weight_names(keys: set[str]) -> list[str]:
+    """Keys of the weights stored by bitsandbytes (those that have a packed quant state)."""
+    return sorted(k.split(_STATE_SUFFIX)[0] for k in keys if _STATE_SUFFIX in k)
+
+
+def bnb4bit_aux_keys(name: str, keys: set[str]) -> list[str]:
+    """The auxiliary keys that belong to the bitsandbytes weight ``name``."""
+    return [k for k in keys if k.startswith(name + ".") and (k[len(name) :] in _AUX or _STATE_SUFFIX in k)]

@@ -1,0 +1,207 @@
+"""The architecture numbers of a Llama-2 model, and their spelling in HF's ``config.json``,
+Meta's ``params.json`` and a built ``TransformerDecoder``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama2Config:
+    """What ``qlora_ext.models.llama2.llama2`` needs to build a model of this architecture.
+
+    ``builder_kwargs()`` gives exactly the keyword arguments of ``llama2`` / ``lora_llama2``.
+    """
+
+    vocab_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    embed_dim: int
+    intermediate_dim: int
+    max_seq_len: int = 4096
+    norm_eps: float = 1e-5
+    rope_base: float = 10_000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    def builder_kwargs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # -- HF ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> Llama2Config:
+        """Reads a HF ``LlamaConfig`` dict (transformers 4 or 5 spelling).
+
+        Raises:
+            ValueError: listing every missing field and every setting this model does not
+                implement (another architecture, activation, RoPE scaling, biases, tied embeddings,
+                a non-bitsandbytes quantization).
+        """
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        problems = [f"missing field '{key}'" for key in required if key not in config]
+        if problems:
+            raise ValueError(f"Llama2Config.from_hf: unsupported config.json: {'; '.join(problems)}")
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_base = rope.get("rope_theta", config.get("rope_theta", 10_000.0))
+        heads = config["num_attention_heads"]
+        expected = {
+            "model_type": ("llama", config.get("model_type", "llama")),
+            "hidden_act": ("silu", config.get("hidden_act", "silu")),
+            "rope type": ("default", rope_type),
+            "attention_bias": (False, config.get("attention_bias", False)),
+            "mlp_bias": (False, config.get("mlp_bias", False)),
+            "tie_word_embeddings": (False, config.get("tie_word_embeddings", False)),
+            "head_dim": (config["hidden_size"] // heads, config.get("head_dim") or config["hidden_size"] // heads),
+        }
+        problems = [f"'{key}' must be {want!r}, got {got!r}" for key, (want, got) in expected.items() if want != got]
+        quant = config.get("quantization_config")
+        if quant is not None and not (quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_4bit")):
+            problems.append(f"'quantization_config' must be bitsandbytes 4-bit or absent, got {quant!r}")
+        if problems:
+            raise ValueError(f"Llama2Config.from_hf: unsupported config.json: {'; '.join(problems)}")
+        return cls(
+            vocab_size=config["vocab_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            embed_dim=config["hidden_size"],
+            intermediate_dim=config["intermediate_size"],
+            max_seq_len=config.get("max_position_embeddings", 4096),
+            norm_eps=config.get("rms_norm_eps", 1e-5),
+            rope_base=float(rope_base),
+        )
+
+    def to_hf(self, *, dtype: torch.dtype | None = None, base: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A ``config.json`` dict that transformers' ``LlamaForCausalLM`` (4.x and 5.x) loads.
+
+        Args:
+            dtype: recorded as ``torch_dtype`` (the dtype of the saved weights).
+            base: an original config.json to keep unrelated fields of (tokens ids, ...);
+                its quantization settings are dropped, the architecture fields overwritten.
+        """
+        config = {k: v for k, v in (base or {}).items() if k not in ("quantization_config", "rope_parameters", "dtype")}
+        config.update(
+            architectures=["LlamaForCausalLM"],
+            model_type="llama",
+            vocab_size=self.vocab_size,
+            hidden_size=self.embed_dim,
+            intermediate_size=self.intermediate_dim,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=self.max_seq_len,
+            rms_norm_eps=self.norm_eps,
+            rope_theta=self.rope_base,
+            rope_scaling=None,
+            hidden_act="silu",
+            attention_bias=False,
+            mlp_bias=False,
+            tie_word_embeddings=False,
+        )
+        config.setdefault("bos_token_id", 1)
+        config.setdefault("eos_token_id", 2)
+        config.setdefault("initializer_range", 0.02)
+        config.setdefault("pretraining_tp", 1)
+        config.setdefault("use_cache", True)
+        if dtype is not None:
+            config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        return config
+
+    # -- Meta -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_meta(cls, params: dict[str, Any], *, vocab_size: int | None = None, max_seq_len: int = 4096) -> Llama2Config:
+        """Reads Meta's ``params.json``.
+
+        Args:
+            params: the parsed params.json (``dim``, ``n_layers``, ``n_heads``, optional
+                ``n_kv_heads``, ``multiple_of``, ``ffn_dim_multiplier``, ``norm_eps``, ``rope_theta``).
+            vocab_size: used when params.json says -1 (Llama-2's do: the tokenizer decides).
+            max_seq_len: not recorded by Meta; Llama-2 was trained with 4096.
+
+        Raises:
+            ValueError: missing fields, or no usable vocab size.
+        """
+        missing = [key for key in ("dim", "n_layers", "n_heads") if key not in params]
+        if missing:
+            raise ValueError(f"Llama2Config.from_meta: params.json lacks required fields {missing}; got keys {sorted(params)}")
+        vocab = params.get("vocab_size", -1)
+        vocab = vocab if vocab and vocab > 0 else vocab_size
+        if not vocab or vocab <= 0:
+            raise ValueError(
+                "Llama2Config.from_meta: argument 'vocab_size' is needed because params.json has vocab_size "
+                f"{params.get('vocab_size')!r}; got {vocab_size!r}"
+            )
+        dim = params["dim"]
+        # Meta's FeedForward sizing (llama/model.py), which yields 11008 / 13824 / 28672.
+        multiple_of = params.get("multiple_of", 256)
+        hidden = int(2 * (4 * dim) / 3)
+        if params.get("ffn_dim_multiplier") is not None:
+            hidden = int(params["ffn_dim_multiplier"] * hidden)
+        hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+        return cls(
+            vocab_size=vocab,
+            num_layers=params["n_layers"],
+            num_heads=params["n_heads"],
+            num_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+            embed_dim=dim,
+            intermediate_dim=hidden,
+            max_seq_len=max_seq_len,
+            norm_eps=params.get("norm_eps", 1e-5),
+            rope_base=float(params.get("rope_theta", 10_000.0)),
+        )
+
+    # -- a built model ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> Llama2Config:
+        """The architecture of a ``TransformerDecoder`` built by the llama2 builders.
+
+        Raises:
+            TypeError: ``model`` lacks the attributes of such a decoder.
+        """
+        try:
+            attn = model.layers[0].attn
+            w1 = model.layers[0].mlp.w1
+            return cls(
+                vocab_size=model.tok_embeddings.num_embeddings,
+                num_layers=len(model.layers),
+                num_heads=attn.num_heads,
+                num_kv_heads=attn.num_kv_heads,
+                embed_dim=model.tok_embeddings.embedding_dim,
+                intermediate_dim=w1.out_features if isinstance(w1, nn.Linear) else w1.out_dim,
+                max_seq_len=model.max_seq_len,
+                norm_eps=model.norm.eps,
+                rope_base=float(attn.pos_embeddings.base),
+            )
+        except (AttributeError, IndexError, TypeError) as e:
+            raise TypeError(
+                f"Llama2Config.from_model: argument 'model' must be a Llama-2 TransformerDecoder; got "
+                f"{type(model).__name__} ({e})"
+            ) from None
+
+    def differences(self, other: Llama2Config, *, ignore: tuple[str, ...] = ("max_seq_len",)) -> list[str]:
+        """``"field: self=... other=..."`` for every field that differs (``ignore`` aside)."""
+        out = []
+        for field in dataclasses.fields(self):
+            a, b = getattr(self, field.name), getattr(other, field.name)
+            if field.name not in ignore and a != b:
+                out.append(f"{field.name}: {a!r} vs {b!r}")
+        return out
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,225 @@
+"""Loading HF, Meta and bitsandbytes-4-bit checkpoints into a built Llama-2 model, one tensor at
+a time.
+
+The model may be built on the meta device (``with torch.device("meta"): model = ...``): each
+weight is then created where it belongs as it is read, and a weight the model keeps in NF4 is
+quantized on arrival (or taken as stored, for a bitsandbytes checkpoint), so loading never holds
+more than one dense tensor beyond what the model itself keeps dense. Adapter weights are not part
+of a base checkpoint: on the meta device they are initialized fresh (lora_b = 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from qlora_ext.checkpoint.config import Llama2Config, read_json
+from qlora_ext.checkpoint.convert import hf_to_ours, is_rotary_projection, meta_to_hf_rotary, meta_to_ours, strip_wrappers
+from qlora_ext.checkpoint.readers import Entry, TensorFiles, hf_entries, hf_weight_files, meta_entries, meta_weight_files
+from qlora_ext.modules.lora_linear import LoRALinear
+from qlora_ext.modules.peft import get_adapter_params
+from qlora_ext.modules.position_embeddings import RotaryPositionalEmbeddings
+from qlora_ext.nf4 import NF4Tensor, to_nf4
+
+_LIST_LIMIT = 20
+_QUANTIZABLE = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def checkpoint_format(checkpoint_dir: str | os.PathLike) -> str:
+    """"hf" (config.json) or "meta" (params.json + consolidated.*.pth).
+
+    Raises:
+        FileNotFoundError: the folder is missing or holds neither.
+    """
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"argument 'checkpoint_dir' must be an existing folder; got {checkpoint_dir!r}")
+    if os.path.exists(os.path.join(checkpoint_dir, "config.json")):
+        return "hf"
+    if os.path.exists(os.path.join(checkpoint_dir, "params.json")):
+        return "meta"
+    raise FileNotFoundError(
+        f"{checkpoint_dir} is neither a HF checkpoint (config.json) nor a Meta one (params.json); "
+        f"found {sorted(os.listdir(checkpoint_dir))}"
+    )
+
+
+def read_checkpoint_config(checkpoint_dir: str | os.PathLike) -> Llama2Config:
+    """The architecture a checkpoint folder holds, from config.json or params.json (Meta's
+    vocab_size of -1 is taken from the embedding's shape).
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        ValueError: an unsupported or incomplete config.
+    """
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    if checkpoint_format(checkpoint_dir) == "hf":
+        return Llama2Config.from_hf(read_json(os.path.join(checkpoint_dir, "config.json")))
+    with TensorFiles(meta_weight_files(checkpoint_dir)[:1]) as shard:
+        vocab = shard.shapes.get("tok_embeddings.weight", (None,))[0]
+    return Llama2Config.from_meta(read_json(os.path.join(checkpoint_dir, "params.json")), vocab_size=vocab)
+
+
+def load_checkpoint(model: nn.Module, checkpoint_dir: str | os.PathLike, *, device: torch.device | str | None = None) -> str:
+    """Fills ``model`` (a Llama-2 ``TransformerDecoder``) with a checkpoint's weights.
+
+    Reads HF folders (``config.json`` with ``model.safetensors``, sharded safetensors with
+    ``model.safetensors.index.json``, or ``pytorch_model*.bin``; bitsandbytes 4-bit ones too) and
+    Meta folders (``params.json`` + ``consolidated.*.pth``, model-parallel shards concatenated,
+    q/k rows permuted to the HF rotary layout).
+
+    Args:
+        model: the model, on the meta device or already materialized.
+        checkpoint_dir: the folder.
+        device: where weights of a meta-device model go (default: where the model's other
+            weights are, else CPU); a materialized model's weights stay where they are.
+
+    Returns:
+        The format read: "hf" or "meta".
+
+    Raises:
+        FileNotFoundError: no checkpoint in ``checkpoint_dir``.
+        ValueError: the architecture differs from the model's, or keys are missing, unexpected
+            or of the wrong shape (all listed), or the config is unsupported.
+    """
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    fmt = checkpoint_format(checkpoint_dir)
+    wanted = Llama2Config.from_model(model)
+    given = read_checkpoint_config(checkpoint_dir)
+    diffs = given.differences(wanted)
+    if diffs:
+        raise ValueError(f"load_checkpoint: checkpoint {checkpoint_dir} has another architecture than the model (checkpoint vs model): {'; '.join(diffs)}")
+    with contextlib.ExitStack() as stack:
+        if fmt == "hf":
+            files = stack.enter_context(TensorFiles(hf_weight_files(checkpoint_dir)))
+            load_entries(model, hf_entries(files), rename=hf_to_ours, device=device, source=checkpoint_dir)
+        else:
+            shards = [stack.enter_context(TensorFiles([path])) for path in meta_weight_files(checkpoint_dir)]
+
+            def to_hf_rotary(name: str, value: Tensor) -> Tensor:
+                if not is_rotary_projection(name):
+                    return value
+                heads = wanted.num_heads if name.endswith("q_proj.weight") else wanted.num_kv_heads
+                return meta_to_hf_rotary(value, heads)
+
+            load_entries(model, meta_entries(shards), rename=meta_to_ours, transform=to_hf_rotary, device=device, source=checkpoint_dir)
+    return fmt
+
+
+def load_entries(
+    model: nn.Module,
+    entries: list[Entry],
+    *,
+    rename: Callable[[str], str | None],
+    transform: Callable[[str, Tensor], Tensor] | None = None,
+    device: torch.device | str | None = None,
+    source: str = "checkpoint",
+) -> None:
+    """Checks every entry's name and shape against the model, then loads them one at a time.
+
+    Args:
+        model: the model to fill (meta device or materialized).
+        entries: the checkpoint's tensors.
+        rename: checkpoint name -> model name ("" to skip the entry, None if unknown).
+        transform: applied to each tensor after reading, with its model name.
+        device: for a meta-device model, where its weights go.
+        source: names the checkpoint in error messages.
+
+    Raises:
+        ValueError: missing, unexpected or wrongly shaped keys (listed, nothing loaded).
+        RuntimeError: a meta-device model still has meta tensors afterwards.
+    """
+    targets = _targets(model)
+    adapters = {strip_wrappers(name) for name in get_adapter_params(model)}
+    plan, unexpected, mismatched = [], [], []
+    for entry in entries:
+        ours = rename(entry.name)
+        if ours == "":
+            continue
+        if ours is None or ours not in targets:
+            unexpected.append(entry.name)
+            continue
+        module, attr = targets[ours]
+        have = tuple(getattr(module, attr).shape)
+        if have != tuple(entry.shape):
+            mismatched.append(f"{entry.name}: checkpoint {list(entry.shape)} vs model {list(have)}")
+        plan.append((ours, entry))
+    loaded = {ours for ours, _ in plan}
+    missing = [name for name in targets if name not in loaded and name not in adapters]
+    problems = [
+        f"{what} ({len(names)}): {names[:_LIST_LIMIT]}{' ...' if len(names) > _LIST_LIMIT else ''}"
+        for what, names in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", mismatched))
+        if names
+    ]
+    if problems:
+        raise ValueError(f"load_checkpoint: {source} does not fit the model: " + "; ".join(problems))
+
+    device = torch.device(device) if device is not None else _home_device(model)
+    for ours, entry in plan:
+        value = entry.load()
+        if transform is not None:
+            value = transform(ours, value)
+        module, attr = targets[ours]
+        _assign(module, attr, value, device)
+        del value  # one checkpoint tensor alive at a time
+    _materialize_rest(model, device)
+
+
+def _targets(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Model name -> (owning module, attribute) of every parameter and persistent buffer."""
+    targets = {}
+    for module_name, module in model.named_modules():
+        names = [n for n, p in module._parameters.items() if p is not None]
+        names += [n for n, b in module._buffers.items() if b is not None and n not in module._non_persistent_buffers_set]
+        for name in names:
+            targets[strip_wrappers(f"{module_name}.{name}" if module_name else name)] = (module, name)
+    return targets
+
+
+def _home_device(model: nn.Module) -> torch.device:
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if not tensor.is_meta:
+            return tensor.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def _assign(module: nn.Module, attr: str, value: Tensor, device: torch.device) -> None:
+    current = getattr(module, attr)
+    where = device if current.is_meta else current.device
+    if isinstance(current, NF4Tensor):
+        if not isinstance(value, NF4Tensor):
+            # Quantize from the checkpoint's own precision (fp16 -> NF4, not fp16 -> bf16 -> NF4).
+            source = value if value.dtype in _QUANTIZABLE else value.to(current.dtype)
+            value = to_nf4(source.to(where))
+        new = NF4Tensor.from_components(*(t.to(where) for t in value.components()), current.shape, current.dtype)
+        if current.is_meta:
+            module._parameters[attr] = nn.Parameter(new, requires_grad=False)
+        else:
+            current.copy_(new)
+        return
+    dense = value.dequantize(current.dtype) if isinstance(value, NF4Tensor) else value
+    dense = dense.to(device=where, dtype=current.dtype)
+    if not current.is_meta:
+        current.copy_(dense)
+    elif attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(dense, requires_grad=current.requires_grad)
+    else:
+        module._buffers[attr] = dense
+
+
+def _materialize_rest(model: nn.Module, device: torch.device) -> None:
+    for module in model.modules():
+        if isinstance(module, LoRALinear) and (module.lora_a.weight.is_meta or module.lora_b.weight.is_meta):
+            module.lora_a.to_empty(device=device)
+            module.lora_b.to_empty(device=device)
+            module.initialize_parameters()
+        if isinstance(module, RotaryPositionalEmbeddings) and module.cos.is_meta:
+            module.rope_init(device)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"load_checkpoint: these tensors are still on the meta device after loading: {left[:_LIST_LIMIT]}")

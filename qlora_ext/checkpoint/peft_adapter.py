@@ -1,0 +1,209 @@
+"""LoRA adapters in HF PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``
+with keys like ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``, which
+``peft.PeftModel.from_pretrained(LlamaForCausalLM, dir)`` loads. Our ``lora_a`` / ``lora_b`` are
+PEFT's ``lora_A`` / ``lora_B`` as they are (same shapes, same alpha / r scaling), and our q/k
+rows are in HF's rotary layout, so nothing is permuted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from qlora_ext.checkpoint.atomic import StagedFiles
+from qlora_ext.checkpoint.convert import hf_module_name, strip_wrappers
+from qlora_ext.modules.lora_linear import LoRALinear
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+_ATTN = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "output_proj"}
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """HF module path -> LoRALinear, for every LoRA linear of a Llama-2 model.
+
+    Raises:
+        ValueError: a LoRA linear that has no HF Llama counterpart.
+    """
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            hf_name = hf_module_name(name)
+            if hf_name is None:
+                raise ValueError(f"LoRA module '{strip_wrappers(name)}' has no HF Llama counterpart")
+            out[hf_name] = module
+    return out
+
+
+def _dropout_p(module: LoRALinear) -> float:
+    return module.dropout.p if isinstance(module.dropout, nn.Dropout) else 0.0
+
+
+def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> list[str]:
+    """Writes the model's LoRA adapters as a PEFT LoRA adapter for ``LlamaForCausalLM``.
+
+    Args:
+        model: a LoRA / QLoRA Llama-2 ``TransformerDecoder``.
+        out_dir: the folder (created if needed); both files are replaced atomically together.
+        base_model_name_or_path: recorded in the config (the HF checkpoint it adapts).
+
+    Returns:
+        The two paths written.
+
+    Raises:
+        ValueError: the model has no LoRA modules, or their rank / alpha / dropout differ
+            between modules, or they cover some layers and not others.
+    """
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("save_peft_adapter: argument 'model' has no LoRALinear modules")
+    settings = {(m.rank, m.alpha, _dropout_p(m)) for m in modules.values()}
+    if len(settings) != 1:
+        raise ValueError(f"save_peft_adapter: all LoRA modules must share (rank, alpha, dropout); got {sorted(settings)}")
+    rank, alpha, dropout = settings.pop()
+    targets = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    num_layers = len(getattr(model, "layers", []))
+    for target in targets:
+        covered = sum(name.endswith("." + target) or name == target for name in modules)
+        if target != "lm_head" and covered != num_layers:
+            raise ValueError(f"save_peft_adapter: '{target}' has LoRA in {covered} of {num_layers} layers; PEFT's target_modules needs all")
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+    tensors = {}
+    for name, module in modules.items():
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = module.lora_a.weight.detach().cpu().contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = module.lora_b.weight.detach().cpu().contiguous()
+
+    from safetensors.torch import save_file
+
+    with StagedFiles(out_dir) as staged:
+        staged.write(ADAPTER_WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+        staged.write(ADAPTER_CONFIG_NAME, lambda path: _write_json(path, config))
+    return [os.path.join(os.fspath(out_dir), n) for n in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME)]
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """The LoRA builder arguments that reproduce a PEFT adapter's layout.
+
+    Returns:
+        ``{"lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank",
+        "lora_alpha", "lora_dropout"}`` for ``lora_llama2`` and the model builders.
+
+    Raises:
+        FileNotFoundError: no adapter_config.json in ``adapter_dir``.
+        ValueError: an adapter these builders cannot express (not LoRA, DoRA, rsLoRA, biases,
+            per-module ranks, a partial MLP, other target modules).
+    """
+    path = os.path.join(os.fspath(adapter_dir), ADAPTER_CONFIG_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"argument 'adapter_dir' must hold {ADAPTER_CONFIG_NAME}; not found in {os.fspath(adapter_dir)!r}")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    expected = {"peft_type": "LORA", "use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False}
+    problems = [f"'{k}' must be {v!r}, got {config.get(k, v)!r}" for k, v in expected.items() if config.get(k, v) != v]
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform"):
+        if config.get(key):
+            problems.append(f"'{key}' must be empty, got {config[key]!r}")
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        problems.append(f"'target_modules' must be a list of module names, got the pattern {targets!r}")
+        targets = []
+    unknown = sorted(set(targets) - set(_ATTN) - set(_MLP) - {"lm_head"})
+    if unknown:
+        problems.append(f"'target_modules' may only hold {sorted(_ATTN) + list(_MLP) + ['lm_head']}, got {unknown}")
+    mlp = [t for t in _MLP if t in targets]
+    if mlp and len(mlp) != len(_MLP):
+        problems.append(f"'target_modules' must name all of {list(_MLP)} or none, got {mlp}")
+    if problems:
+        raise ValueError(f"read_adapter_config: unsupported adapter {path}: " + "; ".join(problems))
+    return {
+        "lora_attn_modules": [_ATTN[t] for t in _ATTN if t in targets],
+        "apply_lora_to_mlp": bool(mlp),
+        "apply_lora_to_output": "lm_head" in targets,
+        "lora_rank": config["r"],
+        "lora_alpha": config["lora_alpha"],
+        "lora_dropout": config.get("lora_dropout", 0.0),
+    }
+
+
+@torch.no_grad()
+def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
+    """Loads a PEFT LoRA adapter into the model's LoRALinear modules.
+
+    Raises:
+        FileNotFoundError: the adapter files are missing.
+        ValueError: rank or alpha differ from the model's, or keys are missing, unexpected or of
+            the wrong shape (all listed).
+    """
+    from safetensors.torch import load_file
+
+    builder_args = read_adapter_config(adapter_dir)
+    weights_path = os.path.join(os.fspath(adapter_dir), ADAPTER_WEIGHTS_NAME)
+    if not os.path.exists(weights_path):
+        raise FileNotFoundError(f"argument 'adapter_dir' must hold {ADAPTER_WEIGHTS_NAME}; not found in {os.fspath(adapter_dir)!r}")
+    modules = lora_modules(model)
+    problems = [
+        f"{name}: adapter (r={builder_args['lora_rank']}, alpha={builder_args['lora_alpha']}) vs model (r={m.rank}, alpha={m.alpha})"
+        for name, m in modules.items()
+        if (m.rank, m.alpha) != (builder_args["lora_rank"], builder_args["lora_alpha"])
+    ]
+    if problems:
+        raise ValueError(f"load_peft_adapter: {adapter_dir} does not fit the model: rank/alpha differ: {problems[:10]}")
+    tensors = load_file(weights_path)
+    unexpected, mismatched, seen = [], [], set()
+    for key, value in tensors.items():
+        match = _KEY.match(key)
+        module = modules.get(match["module"]) if match else None
+        if module is None:
+            unexpected.append(key)
+            continue
+        target = module.lora_a if match["which"] == "A" else module.lora_b
+        if tuple(value.shape) != tuple(target.weight.shape):
+            mismatched.append(f"{key}: adapter {list(value.shape)} vs model {list(target.weight.shape)}")
+            continue
+        seen.add((match["module"], match["which"]))
+    missing = [f"{_PREFIX}{name}.lora_{w}.weight" for name in modules for w in "AB" if (name, w) not in seen]
+    problems = [f"{what}: {names[:20]}" for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", mismatched)) if names]
+    if problems:
+        raise ValueError(f"load_peft_adapter: {adapter_dir} does not fit the model: " + "; ".join(problems))
+    for key, value in tensors.items():
+        match = _KEY.match(key)
+        module = modules[match["module"]]
+        target = module.lora_a if match["which"] == "A" else module.lora_b
+        if target.weight.is_meta:
+            target.weight = nn.Parameter(value.to(target.weight.dtype), requires_grad=True)
+        else:
+            target.weight.copy_(value)
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")

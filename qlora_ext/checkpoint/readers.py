@@ -1,0 +1,161 @@
+"""Lazy access to the tensors of a checkpoint directory, one tensor at a time.
+
+Each format becomes a list of ``Entry`` objects (name, shape, and a function that reads just that
+tensor), so a loader can check every name and shape before reading any data and then hold one
+tensor in memory at a time. safetensors files are read per key; ``.bin`` / ``.pth`` files are
+memory-mapped (``torch.load(mmap=True)``), so untouched tensors are never read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import os
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from qlora_ext.checkpoint.bnb4bit import Bnb4bitWeight, bnb4bit_aux_keys, bnb4bit_weight_names
+from qlora_ext.checkpoint.config import read_json
+from qlora_ext.checkpoint.convert import meta_shard_dim
+
+HF_INDEX_FILES = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+
+
+@dataclasses.dataclass
+class Entry:
+    """One tensor of a checkpoint: ``load()`` reads it (a dense tensor or an NF4Tensor, on CPU)."""
+
+    name: str
+    shape: tuple[int, ...]
+    load: Callable[[], Tensor]
+
+
+class TensorFiles(contextlib.ExitStack):
+    """The raw tensors of several checkpoint files, by key, opened lazily.
+
+    Use as a context manager; files stay open (mapped) until it exits.
+
+    Raises:
+        ValueError: a key appears in two files.
+    """
+
+    def __init__(self, paths: list[str]):
+        super().__init__()
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._readers: dict[str, Callable[[], Tensor]] = {}
+        self._where: dict[str, str] = {}
+        for path in paths:
+            if path.endswith(".safetensors"):
+                self._add_safetensors(path)
+            else:
+                self._add_torch(path)
+
+    def _add(self, key: str, shape, reader: Callable[[], Tensor], path: str) -> None:
+        if key in self._where:
+            raise ValueError(f"checkpoint key '{key}' appears in both {self._where[key]} and {path}")
+        self._where[key] = path
+        self.shapes[key] = tuple(shape)
+        self._readers[key] = reader
+
+    def _add_safetensors(self, path: str) -> None:
+        from safetensors import safe_open
+
+        f = self.enter_context(safe_open(path, framework="pt", device="cpu"))
+        for key in f.keys():
+            self._add(key, f.get_slice(key).get_shape(), lambda f=f, key=key: f.get_tensor(key), path)
+
+    def _add_torch(self, path: str) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:
+            # Files in torch's legacy (pre-zip) format cannot be mapped: read whole.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"checkpoint file {path} must hold a dict of tensors; got {type(state).__name__}")
+        # Drop our dict at exit so the mapped storages can go.
+        self.callback(state.clear)
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                self._add(key, value.shape, lambda state=state, key=key: state[key], path)
+
+    def keys(self) -> set[str]:
+        return set(self.shapes)
+
+    def get(self, key: str) -> Tensor:
+        return self._readers[key]()
+
+
+def hf_weight_files(checkpoint_dir: str) -> list[str]:
+    """The weight files of a HF checkpoint: per the index if sharded, else the single file.
+
+    Raises:
+        FileNotFoundError: none of the known file names is there, or a shard the index names is
+            missing.
+    """
+    for index_name, single_name in HF_INDEX_FILES:
+        index_path = os.path.join(checkpoint_dir, index_name)
+        if os.path.exists(index_path):
+            names = sorted(set(read_json(index_path)["weight_map"].values()))
+            missing = [n for n in names if not os.path.exists(os.path.join(checkpoint_dir, n))]
+            if missing:
+                raise FileNotFoundError(f"{index_path} names shards that do not exist: {missing}")
+            return [os.path.join(checkpoint_dir, n) for n in names]
+        if os.path.exists(os.path.join(checkpoint_dir, single_name)):
+            return [os.path.join(checkpoint_dir, single_name)]
+    looked_for = [name for pair in HF_INDEX_FILES for name in pair]
+    raise FileNotFoundError(
+        f"no HF weights in {checkpoint_dir}: looked for {looked_for}; found {sorted(os.listdir(checkpoint_dir))}"
+    )
+
+
+def hf_entries(files: TensorFiles) -> list[Entry]:
+    """The entries of a HF checkpoint, bitsandbytes 4-bit weights folded into one NF4 entry each."""
+    keys = files.keys()
+    entries = []
+    consumed: set[str] = set()
+    for name in bnb4bit_weight_names(keys):
+        weight = Bnb4bitWeight(name, files.get, keys)
+        entries.append(Entry(name, weight.shape, weight.load))
+        consumed |= {name, *bnb4bit_aux_keys(name, keys)}
+    for key in sorted(keys - consumed):
+        entries.append(Entry(key, files.shapes[key], lambda key=key: files.get(key)))
+    return entries
+
+
+def meta_weight_files(checkpoint_dir: str) -> list[str]:
+    """``consolidated.00.pth``, ``consolidated.01.pth``, ... in shard order.
+
+    Raises:
+        FileNotFoundError: there are none.
+    """
+    paths = sorted(glob.glob(os.path.join(checkpoint_dir, "consolidated.*.pth")))
+    if not paths:
+        raise FileNotFoundError(
+            f"no Meta weights in {checkpoint_dir}: looked for consolidated.*.pth; found {sorted(os.listdir(checkpoint_dir))}"
+        )
+    return paths
+
+
+def meta_entries(shards: list[TensorFiles]) -> list[Entry]:
+    """The entries of a Meta checkpoint; model-parallel shards are concatenated per tensor.
+
+    Raises:
+        ValueError: shards hold different keys.
+    """
+    keys = shards[0].keys()
+    for i, shard in enumerate(shards[1:], start=1):
+        if shard.keys() != keys:
+            raise ValueError(f"Meta checkpoint shard {i} holds other keys than shard 0: {sorted(shard.keys() ^ keys)[:10]}")
+    entries = []
+    for key in sorted(keys):
+        dim = meta_shard_dim(key) if len(shards) > 1 else None
+        if dim is None:
+            entries.append(Entry(key, shards[0].shapes[key], lambda key=key: shards[0].get(key)))
+            continue
+        shape = list(shards[0].shapes[key])
+        shape[dim] = sum(s.shapes[key][dim] for s in shards)
+        entries.append(Entry(key, tuple(shape), lambda key=key, dim=dim: torch.cat([s.get(key) for s in shards], dim)))
+    return entries

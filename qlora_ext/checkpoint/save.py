@@ -1,0 +1,151 @@
+"""Saving a Llama-2 model as a HF checkpoint (``config.json`` + safetensors shards + index) that
+transformers' ``LlamaForCausalLM.from_pretrained`` loads, with LoRA adapters merged in.
+
+Weights are produced one at a time (an NF4 weight is dequantized, and its adapter added, just
+before its bytes are written) and streamed to disk, so saving needs memory for one dense tensor,
+not for a shard or the model. All files are staged under temporary names and renamed into place
+only once every one of them is complete (``qlora_ext.checkpoint.atomic``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+from torch import Tensor, nn
+
+from qlora_ext.checkpoint.atomic import StagedFiles
+from qlora_ext.checkpoint.config import Llama2Config
+from qlora_ext.checkpoint.convert import ours_to_hf, strip_wrappers
+from qlora_ext.checkpoint.safetensors_writer import tensor_nbytes, write_safetensors
+from qlora_ext.modules.lora_linear import LoRALinear
+from qlora_ext.nf4 import NF4Tensor
+
+_HF_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*", str(size))
+    if not match:
+        raise ValueError(f"save_hf_checkpoint: argument 'max_shard_size' must be bytes or like '5GB'; got {size!r}")
+    scale = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+    return int(float(match[1]) * scale[match[2]])
+
+
+def merged_weights(model: nn.Module, *, dtype: torch.dtype | None = None, merge_adapters: bool = True):
+    """(our name, shape, dtype, producer) for every weight of a merged model, in module order.
+
+    LoRA linears give their base weight plus the adapter update (unless ``merge_adapters`` is
+    False); adapter parameters themselves are left out; other tensors are cast to ``dtype``.
+    """
+    out = []
+    lora_prefixes: list[str] = []
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if any(prefix.startswith(p) for p in lora_prefixes):
+            continue  # lora_a / lora_b inside a LoRALinear: folded into its weight
+        if isinstance(module, LoRALinear):
+            lora_prefixes.append(prefix)
+            name = strip_wrappers(prefix + "weight")
+            want = dtype or module.weight.dtype
+            if merge_adapters:
+                producer = lambda m=module, d=want: m.merged_weight(d)  # noqa: E731
+            else:
+                producer = lambda m=module, d=want: _base_weight(m, d)  # noqa: E731
+            out.append((name, tuple(module.weight.shape), want, producer))
+            if module.bias is not None:
+                out.append((strip_wrappers(prefix + "bias"), tuple(module.bias.shape), dtype or module.bias.dtype, lambda m=module, d=dtype: m.bias.to(d or m.bias.dtype)))
+            continue
+        for attr, tensor in module._parameters.items():
+            if tensor is not None:
+                want = dtype or tensor.dtype
+                out.append((strip_wrappers(prefix + attr), tuple(tensor.shape), want, lambda t=tensor, d=want: t.detach().to(d)))
+    return out
+
+
+def _base_weight(module: LoRALinear, dtype: torch.dtype) -> Tensor:
+    weight = module.weight
+    if isinstance(weight, NF4Tensor):
+        return weight.dequantize(dtype)
+    return weight.detach().to(dtype)
+
+
+def save_hf_checkpoint(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    merge_adapters: bool = True,
+    base_config: dict | None = None,
+) -> list[str]:
+    """Writes ``model`` as a HF Llama checkpoint: ``config.json``, ``model.safetensors`` or
+    ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``.
+
+    Args:
+        model: a Llama-2 ``TransformerDecoder`` (dense, LoRA or QLoRA).
+        out_dir: the folder (created if needed). Weight files of an earlier save there are
+            replaced; stale shards it no longer names are removed after the new files are in place.
+        dtype: dtype of the saved weights (default: each weight's own, NF4 ones their original).
+        max_shard_size: bytes per shard, as an int or a string like "5GB" / "500MB".
+        merge_adapters: fold LoRA updates into the weights (True) or save the base model.
+        base_config: an original config.json dict to keep unrelated fields of.
+
+    Returns:
+        The paths written.
+
+    Raises:
+        ValueError: a parameter without HF counterpart, or a bad ``max_shard_size``.
+    """
+    out_dir = os.fspath(out_dir)
+    limit = _parse_size(max_shard_size)
+    specs = []
+    producers = {}
+    for name, shape, want, producer in merged_weights(model, dtype=dtype, merge_adapters=merge_adapters):
+        hf_name = ours_to_hf(name)
+        if hf_name is None:
+            raise ValueError(f"save_hf_checkpoint: parameter '{name}' has no HF Llama counterpart")
+        specs.append((hf_name, shape, want))
+        producers[hf_name] = producer
+
+    shards: list[list[tuple]] = [[]]
+    shard_bytes = 0
+    for spec in specs:
+        size = tensor_nbytes(spec[1], spec[2])
+        if shards[-1] and shard_bytes + size > limit:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(spec)
+        shard_bytes += size
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    config = Llama2Config.from_model(model).to_hf(dtype=dtype or model.tok_embeddings.weight.dtype, base=base_config)
+
+    with torch.no_grad(), StagedFiles(out_dir) as staged:
+        for file_name, shard in zip(names, shards):
+            staged.write(file_name, lambda path, shard=shard: write_safetensors(path, shard, lambda n: producers[n](), {"format": "pt"}))
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(tensor_nbytes(s[1], s[2]) for s in specs)},
+                "weight_map": {spec[0]: file_name for file_name, shard in zip(names, shards) for spec in shard},
+            }
+            staged.write("model.safetensors.index.json", lambda path: _write_json(path, index))
+        staged.write("config.json", lambda path: _write_json(path, config))
+    kept = set(names) | ({"model.safetensors.index.json"} if len(shards) > 1 else set())
+    for stale in os.listdir(out_dir):
+        if _HF_WEIGHT_FILE.fullmatch(stale) and stale not in kept:
+            os.remove(os.path.join(out_dir, stale))
+    return [os.path.join(out_dir, n) for n in sorted(kept | {"config.json"})]
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")

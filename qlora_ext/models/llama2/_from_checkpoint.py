@@ -1,0 +1,87 @@
+"""Building a Llama-2 model straight from a checkpoint folder, memory-lean.
+
+The model is built on the meta device (no memory), then each weight is created from the
+checkpoint as it is read (NF4 ones quantized on arrival), so peak memory is the finished model
+plus one tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from qlora_ext.checkpoint.load import load_checkpoint, read_checkpoint_config
+from qlora_ext.checkpoint.peft_adapter import load_peft_adapter, read_adapter_config
+from qlora_ext.models.llama2._component_builders import lora_llama2
+from qlora_ext.modules.transformer import TransformerDecoder
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    before = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def llama2_from_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    lora_attn_modules: Sequence[str] = (),
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    *,
+    lora_rank: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    quantize_base: bool = False,
+    adapter_dir: str | os.PathLike | None = None,
+    max_seq_len: int | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> TransformerDecoder:
+    """A Llama-2 model with the architecture and weights of a HF or Meta checkpoint folder.
+
+    Args:
+        checkpoint_dir: the checkpoint (see ``qlora_ext.checkpoint.load_checkpoint``).
+        lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+            lora_dropout, quantize_base: as for ``lora_llama2``; with no LoRA modules and
+            ``quantize_base=True`` nothing is quantized (only LoRA linears are).
+        adapter_dir: a PEFT adapter to load; its adapter_config.json then decides the LoRA
+            layout and the LoRA arguments above are ignored.
+        max_seq_len: overrides the checkpoint's (RoPE table and KV-cache length).
+        device: where the weights go.
+        dtype: dtype of the dense weights and adapters (default: torch's default dtype); NF4
+            weights dequantize to it.
+
+    Returns:
+        The loaded ``TransformerDecoder``.
+
+    Raises:
+        FileNotFoundError / ValueError: as ``load_checkpoint`` and ``load_peft_adapter``.
+    """
+    config = read_checkpoint_config(checkpoint_dir)
+    kwargs = config.builder_kwargs()
+    if max_seq_len is not None:
+        kwargs["max_seq_len"] = max_seq_len
+    lora = dict(
+        lora_attn_modules=list(lora_attn_modules),
+        apply_lora_to_mlp=apply_lora_to_mlp,
+        apply_lora_to_output=apply_lora_to_output,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+    )
+    if adapter_dir is not None:
+        lora = read_adapter_config(adapter_dir)
+    with torch.device("meta"), _default_dtype(dtype):
+        model = lora_llama2(**lora, **kwargs, quantize_base=quantize_base)
+    load_checkpoint(model, checkpoint_dir, device=device)
+    if adapter_dir is not None:
+        load_peft_adapter(model, adapter_dir)
+    return model

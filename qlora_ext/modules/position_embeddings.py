@@ -1,0 +1,74 @@
+"""Rotary positional embeddings (RoPE) in the HF Llama convention ("rotate half").
+
+The two halves of each head dimension form the rotated pairs: element ``i`` pairs with
+``i + head_dim / 2``. Meta's original checkpoints pair adjacent elements instead; their q/k
+projection rows are permuted on load (``qlora_ext.checkpoint``), so one convention serves both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class RotaryPositionalEmbeddings(nn.Module):
+    """Rotates query/key vectors by position-dependent angles ``pos * base^(-2i / dim)``.
+
+    Args:
+        dim: the head dimension (even).
+        max_seq_len: positions with a precomputed cos/sin entry.
+        base: the frequency base (Llama-2: 10000).
+
+    Raises:
+        ValueError: ``dim`` is odd or not positive, or ``max_seq_len`` is not positive.
+    """
+
+    def __init__(self, dim: int, max_seq_len: int = 4096, base: float = 10_000.0):
+        super().__init__()
+        if dim <= 0 or dim % 2:
+            raise ValueError(f"RotaryPositionalEmbeddings: argument 'dim' must be a positive even number; got {dim}")
+        if max_seq_len <= 0:
+            raise ValueError(f"RotaryPositionalEmbeddings: argument 'max_seq_len' must be positive; got {max_seq_len}")
+        self.dim = dim
+        self.max_seq_len = max_seq_len
+        self.base = base
+        self.rope_init()
+
+    def rope_init(self, device: torch.device | str | None = None) -> None:
+        """(Re)computes the cos/sin tables, on ``device`` (default: where they are now).
+
+        A model built on the meta device calls this once its weights are materialized.
+        """
+        if device is None:
+            device = self.cos.device if hasattr(self, "cos") else None
+        # Same arithmetic as HF's LlamaRotaryEmbedding (int64 arange cast to float32, then a
+        # float32 power and outer product) so the tables agree with it bit for bit.
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim))
+        positions = torch.arange(self.max_seq_len, dtype=torch.int64, device=device).float()
+        freqs = torch.outer(positions, inv_freq)  # [max_seq_len, dim / 2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [max_seq_len, dim]
+        # Non-persistent: derived data, never part of a checkpoint.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor, *, input_pos: Tensor | None = None) -> Tensor:
+        """Applies the rotation.
+
+        Args:
+            x: [b, s, n_heads, head_dim].
+            input_pos: positions of the s tokens, [s] or [b, s] (int); default ``arange(s)``.
+
+        Returns:
+            The rotated tensor, same shape and dtype as ``x``.
+        """
+        seq_len = x.shape[1]
+        if input_pos is None:
+            cos, sin = self.cos[:seq_len], self.sin[:seq_len]  # [s, d]
+        else:
+            cos, sin = self.cos[input_pos], self.sin[input_pos]  # [s, d] or [b, s, d]
+        # Cast the tables to x's dtype before multiplying, as HF does, so bf16 runs round alike.
+        cos = cos.unsqueeze(-2).to(x.dtype)  # [..., s, 1, d]: broadcast over heads
+        sin = sin.unsqueeze(-2).to(x.dtype)
+        half = self.dim // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin

@@ -1,0 +1,159 @@
+"""The decoder-only transformer: pre-norm self-attention layers between an embedding and an
+output projection (torchtune's ``TransformerDecoder`` names and call signature)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from qlora_ext.modules.attention import MultiHeadAttention
+
+
+class TransformerSelfAttentionLayer(nn.Module):
+    """``h = x + attn(sa_norm(x)); out = h + mlp(mlp_norm(h))``.
+
+    Args:
+        attn: the self-attention module.
+        mlp: the feed-forward module.
+        sa_norm: normalization before attention.
+        mlp_norm: normalization before the feed-forward.
+    """
+
+    def __init__(self, *, attn: MultiHeadAttention, mlp: nn.Module, sa_norm: nn.Module, mlp_norm: nn.Module):
+        super().__init__()
+        self.attn = attn
+        self.mlp = mlp
+        self.sa_norm = sa_norm
+        self.mlp_norm = mlp_norm
+
+    def forward(self, x: Tensor, *, mask: Tensor | None = None, input_pos: Tensor | None = None) -> Tensor:
+        h = x + self.attn(self.sa_norm(x), mask=mask, input_pos=input_pos)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class TransformerDecoder(nn.Module):
+    """Token ids in, next-token logits out.
+
+    Args:
+        tok_embeddings: vocab_size -> embed_dim embedding.
+        layers: the transformer layers, in order.
+        max_seq_len: longest sequence the model accepts (and the default KV-cache length).
+        num_heads: query heads per layer (for shape bookkeeping).
+        head_dim: per-head dimension.
+        norm: final normalization.
+        output: embed_dim -> vocab_size projection (nn.Linear or LoRALinear).
+    """
+
+    def __init__(
+        self,
+        *,
+        tok_embeddings: nn.Embedding,
+        layers: list[nn.Module] | nn.ModuleList,
+        max_seq_len: int,
+        num_heads: int,
+        head_dim: int,
+        norm: nn.Module,
+        output: nn.Module,
+    ):
+        super().__init__()
+        self.tok_embeddings = tok_embeddings
+        self.layers = layers if isinstance(layers, nn.ModuleList) else nn.ModuleList(layers)
+        self.max_seq_len = max_seq_len
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.norm = norm
+        self.output = output
+        self._cache_len: int | None = None
+
+    # -- KV caches (generation) -------------------------------------------------------------------
+
+    def setup_caches(self, batch_size: int, dtype: torch.dtype, *, max_seq_len: int | None = None, device=None) -> None:
+        """Gives every layer a KV cache of ``max_seq_len`` positions (default: the model's).
+
+        Forward then requires ``input_pos`` and attends over the cache.
+
+        Raises:
+            ValueError: ``max_seq_len`` exceeds the model's, or ``batch_size`` is not positive.
+        """
+        max_seq_len = self.max_seq_len if max_seq_len is None else max_seq_len
+        if not 0 < max_seq_len <= self.max_seq_len:
+            raise ValueError(
+                f"TransformerDecoder.setup_caches: argument 'max_seq_len' must be in [1, {self.max_seq_len}] "
+                f"(the model's max_seq_len); got {max_seq_len}"
+            )
+        if batch_size <= 0:
+            raise ValueError(f"TransformerDecoder.setup_caches: argument 'batch_size' must be positive; got {batch_size}")
+        device = device if device is not None else self.tok_embeddings.weight.device
+        for layer in self.layers:
+            layer.attn.setup_cache(batch_size, dtype, max_seq_len, device)
+        self._cache_len = max_seq_len
+
+    def caches_are_setup(self) -> bool:
+        return self._cache_len is not None
+
+    def caches_are_enabled(self) -> bool:
+        """True when caches exist and forward uses them."""
+        return self._cache_len is not None and all(layer.attn.cache_enabled for layer in self.layers)
+
+    def reset_caches(self) -> None:
+        """Zeroes every KV cache, ready for new sequences.
+
+        Raises:
+            RuntimeError: no caches were set up.
+        """
+        if not self.caches_are_setup():
+            raise RuntimeError("TransformerDecoder.reset_caches: no KV caches are set up; call setup_caches() first")
+        for layer in self.layers:
+            layer.attn.reset_cache()
+
+    def remove_caches(self) -> None:
+        """Frees the KV caches; forward goes back to plain causal attention."""
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+            layer.attn.cache_enabled = False
+        self._cache_len = None
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def forward(self, tokens: Tensor, *, mask: Tensor | None = None, input_pos: Tensor | None = None) -> Tensor:
+        """Computes logits for every position.
+
+        Args:
+            tokens: [b, s] int64 token ids.
+            mask: optional boolean [b, s, s] (with caches: [b, s, cache_len]), True = may attend;
+                by default attention is causal.
+            input_pos: [s] or [b, s] positions of the tokens (default ``arange(s)``); required
+                when caches are enabled.
+
+        Returns:
+            float32 logits [b, s, vocab_size].
+
+        Raises:
+            ValueError: ``tokens`` is not 2-D or longer than max_seq_len, or ``input_pos`` is
+                missing while caches are enabled or has the wrong shape.
+        """
+        if tokens.dim() != 2:
+            raise ValueError(f"TransformerDecoder: argument 'tokens' must be 2-D [batch, seq]; got shape {list(tokens.shape)}")
+        b, s = tokens.shape
+        if s > self.max_seq_len:
+            raise ValueError(
+                f"TransformerDecoder: argument 'tokens' must be at most max_seq_len={self.max_seq_len} long; got {s}"
+            )
+        if input_pos is not None and input_pos.shape not in ((s,), (b, s)):
+            raise ValueError(
+                f"TransformerDecoder: argument 'input_pos' must have shape [{s}] or [{b}, {s}]; got {list(input_pos.shape)}"
+            )
+        if self.caches_are_enabled():
+            if input_pos is None:
+                raise ValueError("TransformerDecoder: argument 'input_pos' is required while KV caches are enabled; got None")
+            if mask is None:
+                # Causal over the cache: a query may see every cached position up to its own.
+                key_pos = torch.arange(self._cache_len, device=tokens.device)
+                pos = input_pos if input_pos.dim() == 2 else input_pos.expand(b, -1)
+                mask = key_pos[None, None, :] <= pos[:, :, None]  # [b, s, cache_len]
+
+        h = self.tok_embeddings(tokens)  # [b, s, d]
+        for layer in self.layers:
+            h = layer(h, mask=mask, input_pos=input_pos)
+        h = self.norm(h)
+        return self.output(h).float()  # [b, s, vocab]
