@@ -29,7 +29,7 @@ class CharTokenizer:
 
     bos_id, eos_id, pad_id = 1, 2, 0
 
-    def encode(self, text, add_bos=True, add_eos=True):
+    def encode(self, text, add_bos=True, add_eos=True, trim_leading_whitespace=False):
         return [self.bos_id] * add_bos + [ord(c) + 3 for c in text] + [self.eos_id] * add_eos
 
 

@@ -124,16 +124,18 @@ def test_plot_cli_two_runs(tmp_path, capsys):
         plot.main([str(tmp_path / "lora"), "--smoothing", "1.5"])
 
 
-def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+def test_atomic_torch_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "state.pt"
     ckpt.atomic_torch_save({"a": 1}, path)
 
-    def crash(f):
-        f.write(b"partial")
+    def crash(obj, f):
+        open(f, "wb").write(b"partial")
         raise KeyboardInterrupt
 
+    monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.atomic_write(path, crash)
+        ckpt.atomic_torch_save({"a": 2}, path)
+    monkeypatch.undo()
     assert torch.load(path) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temp file left behind
 

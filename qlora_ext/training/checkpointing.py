@@ -12,11 +12,14 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from qlora_ext.checkpoint.atomic import atomic_path, atomic_write_text, fsync_dir
+
+__all__ = ["atomic_torch_save", "atomic_write_text", "commit_dir", "load_training_state", "save_training_state", "staging_dir"]
 
 STATE_FILE = "recipe_state.pt"
 STATE_VERSION = 1
@@ -26,43 +29,10 @@ class ResumeError(RuntimeError):
     """No usable training state, or one from an incompatible config."""
 
 
-def fsync_dir(path: str | Path) -> None:
-    """Makes a rename or a new file inside ``path`` durable (a no-op where dirs cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Calls ``write(file)`` on a temp file in ``path``'s folder, fsyncs it, then renames it over
-    ``path``: readers see the old file or the complete new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text), mode="w")
-
-
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` to ``path`` atomically (a temp file in the same folder, fsync, rename)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def staging_dir(final: str | Path) -> Path:

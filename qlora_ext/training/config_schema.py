@@ -114,10 +114,8 @@ SCHEMA: dict[str, Any] = {
         "max_seq_len": Opt("int", None, "truncate examples to this many tokens (null: no limit)", nullable=True, minimum=2),
     },
     "checkpointer": {
-        "checkpoint_dir": Opt("path", REQUIRED, "folder of the base model checkpoint (HF format: config.json + weights)"),
-        "checkpoint_files": Opt(
-            "list[str]", None, "weight files in checkpoint_dir (null: the index file or all *.safetensors / *.bin)", nullable=True
-        ),
+        "checkpoint_dir": Opt("path", REQUIRED, "folder of the base model checkpoint: HF (config.json + model*.safetensors or pytorch_model*.bin, "
+            "found through the index file) or Meta (params.json + consolidated.*.pth)"),
         "model_type": Opt("str", "LLAMA2", "the checkpoint's model family", choices=("LLAMA2",)),
     },
     "dataset": {

@@ -40,7 +40,7 @@ class Tokenizer(Protocol):
     eos_id: int
     pad_id: int
 
-    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]: ...
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True, trim_leading_whitespace: bool = False) -> list[int]: ...
 
 
 class DataError(ValueError):
@@ -107,7 +107,8 @@ def tokenize_example(
 ) -> tuple[list[int], list[int]]:
     """(tokens, labels) of one record; labels are IGNORE_INDEX on the prompt unless train_on_input."""
     prompt = tokenizer.encode(alpaca_prompt(record), add_bos=True, add_eos=False)
-    response = tokenizer.encode(record["output"], add_bos=False, add_eos=True)
+    # The response continues the prompt's text: no SentencePiece word-start space at the junction.
+    response = tokenizer.encode(record["output"], add_bos=False, add_eos=True, trim_leading_whitespace=True)
     tokens = prompt + response
     labels = list(tokens) if train_on_input else [IGNORE_INDEX] * len(prompt) + response
     if max_seq_len is not None:

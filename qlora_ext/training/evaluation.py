@@ -27,11 +27,8 @@ def answer(
         for record in records:
             prompt = tokenizer.encode(alpaca_prompt(record), add_bos=True, add_eos=False)
             with autocast(device, dtype):
-                out = generate(
-                    model, torch.tensor(prompt, device=device), max_new_tokens=max_new_tokens, temperature=0.0,
-                    stop_tokens=[tokenizer.eos_id],
-                )
-            new = out[0, len(prompt) :].tolist() if out.dim() == 2 else out[len(prompt) :].tolist()
+                out = generate(model, prompt, max_new_tokens=max_new_tokens, temperature=0.0, stop_tokens=[tokenizer.eos_id])
+            new = out[0, len(prompt) :].tolist()  # [1, prompt + new]
             if tokenizer.eos_id in new:
                 new = new[: new.index(tokenizer.eos_id)]
             answers.append(tokenizer.decode(new).strip())
