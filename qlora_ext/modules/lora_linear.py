@@ -92,19 +92,27 @@ class LoRALinear(nn.Module):
 
     # -- merging ---------------------------------------------------------------------------------
 
+    def _compute_dtype(self) -> torch.dtype:
+        # At least float32 for the merge arithmetic, float64 if the adapter is.
+        return torch.promote_types(self.lora_b.weight.dtype, torch.float32)
+
     def adapter_delta(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dense change the adapter makes to the weight: (alpha / rank) * B @ A."""
-        delta = self.scaling * (self.lora_b.weight.float() @ self.lora_a.weight.float())
+        compute = self._compute_dtype()
+        delta = self.scaling * (self.lora_b.weight.to(compute) @ self.lora_a.weight.to(compute))
         return delta.to(dtype or self.weight.dtype)
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dense weight with the adapter folded in (what a merged checkpoint stores)."""
-        dtype = dtype or self.weight.dtype
-        base = self.weight.dequantize(torch.float32) if isinstance(self.weight, NF4Tensor) else self.weight.float()
+        compute = self._compute_dtype()
+        if isinstance(self.weight, NF4Tensor):
+            base = self.weight.dequantize(torch.float32).to(compute)
+        else:
+            base = self.weight.to(compute)
         if not self.merged:
-            base = base + self.adapter_delta(torch.float32)
-        return base.to(dtype)
+            base = base + self.adapter_delta(compute)
+        return base.to(dtype or self.weight.dtype)
 
     @torch.no_grad()
     def merge_(self) -> None:
@@ -115,7 +123,7 @@ class LoRALinear(nn.Module):
         """
         if self.merged:
             return
-        self._add_to_base(self.adapter_delta(torch.float32))
+        self._add_to_base(self.adapter_delta(self._compute_dtype()))
         self.merged = True
 
     @torch.no_grad()
@@ -123,12 +131,12 @@ class LoRALinear(nn.Module):
         """Takes a merged adapter back out of the base weight."""
         if not self.merged:
             return
-        self._add_to_base(-self.adapter_delta(torch.float32))
+        self._add_to_base(-self.adapter_delta(self._compute_dtype()))
         self.merged = False
 
     def _add_to_base(self, delta: Tensor) -> None:
         if isinstance(self.weight, NF4Tensor):
             warnings.warn("LoRALinear: merging into an NF4 base weight quantizes it again, which rounds", stacklevel=3)
-            self.weight.copy_(self.weight.dequantize(torch.float32) + delta)
+            self.weight.copy_(self.weight.dequantize(delta.dtype) + delta)
         else:
             self.weight.add_(delta.to(self.weight.dtype))

@@ -1,0 +1,72 @@
+"""torch.compile(fullgraph=True) of quantized LoRALinear layers: no graph breaks, outputs and
+gradients equal to eager, no recompilation for the same shapes, dynamic batch sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo.testing
+from conftest import devices
+from torch import nn
+
+from qlora_ext import LoRALinear
+
+
+class Block(nn.Module):
+    """RMSNorm -> LoRALinear -> SiLU -> LoRALinear, with a residual: a QLoRA MLP in miniature."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.norm = nn.RMSNorm(dim)
+        self.up = LoRALinear(dim, hidden, rank=8, alpha=16, quantize_base=True)
+        self.down = LoRALinear(hidden, dim, rank=8, alpha=16, quantize_base=True)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.silu(self.up(self.norm(x))))
+
+
+def make_model(kind: str, device: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "lora_linear":
+        model = LoRALinear(256, 192, rank=8, alpha=16, quantize_base=True)
+    else:
+        model = nn.Sequential(Block(128, 320), Block(128, 320))
+    for name, p in model.named_parameters():
+        if "lora_b" in name:  # non-zero adapters, so their gradients are non-trivial
+            nn.init.normal_(p, std=0.02)
+    return model.to(device)
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["lora_linear", "stack"])
+@pytest.mark.parametrize("device", devices())
+def test_compiled_matches_eager_without_breaks_or_recompiles(kind, device):
+    torch._dynamo.reset()
+    eager = make_model(kind, device)
+    compiled_model = make_model(kind, device)  # same seed: identical weights
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=counter)
+    in_dim = 256 if kind == "lora_linear" else 128
+
+    for step, batch in enumerate([4, 4, 7, 9]):
+        x = torch.randn(batch, 5, in_dim, device=device)
+        x_eager, x_comp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y_eager, y_comp = eager(x_eager), compiled(x_comp)
+        torch.testing.assert_close(y_comp, y_eager, rtol=1e-4, atol=1e-4)
+        grad_y = torch.randn_like(y_eager)
+        y_eager.backward(grad_y)
+        y_comp.backward(grad_y)
+        torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=1e-4, atol=1e-4)
+        g_eager, g_comp = grads(eager), grads(compiled_model)
+        assert g_eager.keys() == g_comp.keys() and any("lora_a" in n for n in g_eager)
+        for name in g_eager:
+            torch.testing.assert_close(g_comp[name], g_eager[name], rtol=1e-4, atol=1e-4)
+        eager.zero_grad()
+        compiled_model.zero_grad()
+        if step == 1:
+            assert counter.frame_count == 1, "the same shapes compiled twice"
+    # A new batch size compiles once more, as a dynamic graph; later sizes reuse it.
+    assert counter.frame_count == 2

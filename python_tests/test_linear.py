@@ -1,0 +1,176 @@
+"""linear_nf4 and its backward op against the reference (x @ dequantized W), opcheck, errors,
+and the memory a call needs."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FLOAT_DTYPES, cuda_available, devices, dtype_id, unit_roundoff
+
+from qlora_ext import linear_nf4, ops, to_nf4
+
+# (out, in): Llama-like, not multiples of 128, rows not whole blocks (in % 64 != 0), in % 8 != 0.
+WEIGHT_SHAPES = [(320, 192), (96, 448), (64, 100), (128, 36)]
+ROWS = [1, 5, 16, 17, 40]  # both sides of the fused small-M path (M <= 16)
+
+
+@pytest.fixture(params=["avx512", "portable"])
+def cpu_isa(request):
+    before = ops.cpu_kernel_isa()
+    try:
+        ops.set_cpu_kernel_isa(request.param)
+    except ValueError:
+        pytest.skip(f"{request.param} kernels not available here")
+    yield request.param
+    ops.set_cpu_kernel_isa(before)
+
+
+def assert_close_to_exact(got: torch.Tensor, exact: torch.Tensor, torch_same_precision: torch.Tensor):
+    """Our error vs the float64 result is at most twice PyTorch's own error in the same precision,
+    plus one rounding of the output."""
+    assert got.dtype == torch_same_precision.dtype and got.shape == exact.shape
+    err = (got.double() - exact).abs().max().item()
+    torch_err = (torch_same_precision.double() - exact).abs().max().item()
+    tol = 2 * torch_err + unit_roundoff(got.dtype) * exact.abs().max().item()
+    assert err <= tol, f"error {err:.3g} > tolerance {tol:.3g} (PyTorch's own error {torch_err:.3g})"
+
+
+def case(shape, rows, dtype, device, batch=(2, 3)):
+    w = (torch.randn(shape, device=device) * 0.05).to(dtype)
+    nf4 = to_nf4(w)
+    dense = nf4.dequantize(torch.float32)  # the weight the op must multiply by
+    x = torch.randn(*batch, rows, shape[1], device=device).to(dtype)
+    return nf4, dense, x
+
+
+@pytest.mark.parametrize("shape", WEIGHT_SHAPES, ids=str)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("device", devices())
+def test_forward_and_backward_match_reference(shape, rows, dtype, device, cpu_isa):
+    if device == "cuda" and cpu_isa == "portable":
+        pytest.skip("the CPU kernel table does not matter on CUDA")
+    nf4, dense, x = case(shape, rows, dtype, device, batch=(2, 3))  # [2, 3, rows, in]: 3 leading dims
+    bias = torch.randn(shape[0], device=device).to(dtype)
+    x.requires_grad_(True)
+    bias.requires_grad_(True)
+    y = linear_nf4(x, nf4, bias)
+    exact = x.detach().double() @ dense.double().t() + bias.detach().double()
+    assert_close_to_exact(y, exact, F.linear(x.detach(), dense.to(dtype), bias.detach()))
+
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    exact_gx = grad_y.double() @ dense.double()
+    assert_close_to_exact(x.grad, exact_gx, grad_y @ dense.to(dtype))
+    assert torch.allclose(bias.grad.double(), grad_y.double().sum(dim=(0, 1, 2)), rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-2)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_double_backward(device):
+    nf4, dense, x = case((64, 128), 3, torch.float32, device, batch=())
+    x.requires_grad_(True)
+    y = linear_nf4(x, nf4)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    (ggx,) = torch.autograd.grad(gx.sum(), x)
+    # d/dx sum(2 (x W^T) W) = 2 * 1 @ (W W^T)^T ... computed densely:
+    x2 = x.detach().clone().requires_grad_(True)
+    (gd,) = torch.autograd.grad((x2 @ dense.t()).pow(2).sum(), x2, create_graph=True)
+    (ggd,) = torch.autograd.grad(gd.sum(), x2)
+    assert torch.allclose(ggx, ggd, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("rows", [3, 24])
+def test_opcheck(device, dtype, rows):
+    nf4, _, x = case((96, 192), rows, dtype, device, batch=(2,))
+    bias = torch.randn(96, device=device).to(dtype)
+    op = torch.ops.qlora.linear_nf4.default
+    for requires_grad in (False, True):
+        xi = x.clone().requires_grad_(requires_grad)
+        torch.library.opcheck(op, (xi, *nf4.components(), 96))
+        torch.library.opcheck(op, (xi, *nf4.components(), 96, bias.clone().requires_grad_(requires_grad)))
+        grad_y = torch.randn(2, rows, 96, device=device).to(dtype).requires_grad_(requires_grad)
+        torch.library.opcheck(torch.ops.qlora.linear_nf4_grad_input.default, (grad_y, *nf4.components(), 192))
+
+
+def test_backward_saves_only_the_nf4_storage():
+    nf4, _, x = case((256, 128), 4, torch.float32, "cpu", batch=())
+    x.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        linear_nf4(x, nf4)
+    assert {id(t) for t in saved} <= {id(t) for t in nf4.components()}
+    assert sum(t.numel() * t.element_size() for t in saved) == nf4.quantized_nbytes
+
+
+@pytest.mark.parametrize("device", devices())
+def test_bad_input_is_rejected(device):
+    nf4 = to_nf4(torch.randn(96, 192, device=device))
+    comps = nf4.components()
+    with pytest.raises(ValueError, match=r"argument 'x' must have last dimension 192 \(18432 weight elements / out_features 96\); got shape \[4, 191\]"):
+        linear_nf4(torch.randn(4, 191, device=device), nf4)
+    with pytest.raises(TypeError, match=r"argument 'x' must have dtype float32, bfloat16 or float16; got Long"):
+        linear_nf4(torch.ones(4, 192, dtype=torch.long, device=device), nf4)
+    with pytest.raises(ValueError, match=r"argument 'out_features' must be a positive divisor of the weight's 18432 elements; got 100"):
+        ops.linear_nf4(torch.randn(4, 192, device=device), *comps, 100)
+    with pytest.raises(ValueError, match=r"argument 'bias' must have shape \[96\]; got shape \[95\]"):
+        linear_nf4(torch.randn(4, 192, device=device), nf4, torch.randn(95, device=device))
+    with pytest.raises(TypeError, match=r"argument 'bias' must have the dtype of 'x' \(Float\); got Half"):
+        linear_nf4(torch.randn(4, 192, device=device), nf4, torch.randn(96, device=device).half())
+    with pytest.raises(ValueError, match=r"argument 'grad_y' must have last dimension 96"):
+        ops.linear_nf4_grad_input(torch.randn(4, 97, device=device), *comps, 192)
+    with pytest.raises(TypeError, match=r"argument 'weight' must be a 2-D NF4Tensor; got Tensor of shape \[96, 192\]"):
+        linear_nf4(torch.randn(4, 192, device=device), torch.randn(96, 192, device=device))
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
+def test_x_on_another_device_than_the_weight():
+    nf4 = to_nf4(torch.randn(96, 192, device="cuda"))
+    with pytest.raises(ValueError, match=r"argument 'x' must be on the same device as 'packed' \(cuda:0\); got cpu"):
+        linear_nf4(torch.randn(4, 192), nf4)
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("rows", [1, 7, 16, 64])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_cuda_close_to_cpu_on_llama_shapes(rows, dtype):
+    for shape in [(4096, 4096), (11008, 4096), (4096, 11008)]:
+        w = (torch.randn(shape) * 0.02).to(dtype)
+        nf4 = to_nf4(w)
+        x = torch.randn(rows, shape[1]).to(dtype)
+        exact = x.double() @ nf4.dequantize(torch.float32).double().t()
+        torch_cuda = F.linear(x.cuda(), nf4.dequantize(dtype).cuda()).cpu()
+        assert_close_to_exact(linear_nf4(x.cuda(), nf4.cuda()).cpu(), exact, torch_cuda)
+        gy = torch.randn(rows, shape[0]).to(dtype)
+        exact_gx = gy.double() @ nf4.dequantize(torch.float32).double()
+        got = ops.linear_nf4_grad_input(gy.cuda(), *nf4.cuda().components(), shape[1]).cpu()
+        assert_close_to_exact(got, exact_gx, (gy.cuda() @ nf4.dequantize(dtype).cuda()).cpu())
+
+
+def _memory(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+
+def _peak_extra_bytes(fn) -> int:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident size (VmHWM) to the current one
+    before = _memory("VmRSS")
+    fn()
+    return _memory("VmHWM") - before
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+@pytest.mark.parametrize("rows", [1, 64])
+def test_cpu_call_never_holds_a_dense_weight(rows):
+    # 11008 x 4096: a dense bf16 copy would be 90 MB, float32 180 MB; tiles are 4 MB.
+    nf4 = to_nf4(torch.randn(11008, 4096) * 0.02)
+    x, gy = torch.randn(rows, 4096), torch.randn(rows, 11008)
+    forward = lambda: linear_nf4(x, nf4)  # noqa: E731
+    backward = lambda: ops.linear_nf4_grad_input(gy, *nf4.components(), 4096)  # noqa: E731
+    for fn in (forward, backward):
+        fn()  # first call: thread pools, BLAS buffers
+        assert _peak_extra_bytes(fn) < 16e6

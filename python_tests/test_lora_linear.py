@@ -1,0 +1,145 @@
+"""LoRALinear: torchtune semantics, NF4 base, adapters, merging, state dicts and memory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import cuda_available, devices
+from torch import nn
+
+from qlora_ext import LoRALinear, NF4Tensor, to_nf4
+from qlora_ext.modules import disable_adapter, get_adapter_params, set_trainable_params
+
+
+def storage_bytes(module: nn.Module) -> int:
+    total = 0
+    for p in module.parameters():
+        total += p.quantized_nbytes if isinstance(p, NF4Tensor) else p.numel() * p.element_size()
+    return total
+
+
+@pytest.mark.parametrize("quantize_base", [False, True])
+@pytest.mark.parametrize("device", devices())
+def test_output_is_base_plus_scaled_adapter(quantize_base, device):
+    lin = LoRALinear(192, 96, rank=4, alpha=8.0, quantize_base=quantize_base, use_bias=True).to(device)
+    nn.init.normal_(lin.lora_b.weight)
+    x = torch.randn(2, 3, 192, device=device)
+    base_w = lin.weight.dequantize() if quantize_base else lin.weight
+    want = F.linear(x, base_w, lin.bias) + 2.0 * (x @ lin.lora_a.weight.t() @ lin.lora_b.weight.t())
+    torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5)
+    assert isinstance(lin.weight, NF4Tensor) == quantize_base
+
+
+def test_initialization_and_trainable_parameters():
+    lin = LoRALinear(512, 256, rank=8, alpha=16, quantize_base=True)
+    assert torch.count_nonzero(lin.lora_b.weight) == 0  # a new adapter changes nothing
+    bound = 1 / math.sqrt(512)  # kaiming-uniform with a = sqrt(5), as nn.Linear
+    assert lin.lora_a.weight.abs().max() <= bound and lin.lora_a.weight.std() > bound / 3
+    assert lin.adapter_params() == ["lora_a.weight", "lora_b.weight"]
+    assert not lin.weight.requires_grad
+    x = torch.randn(4, 512, requires_grad=True)
+    nn.init.normal_(lin.lora_b.weight)
+    lin(x).sum().backward()
+    assert lin.lora_a.weight.grad is not None and lin.lora_b.weight.grad is not None
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_adapter_parameter_helpers():
+    model = nn.Sequential(LoRALinear(64, 64, 4, 8), nn.Linear(64, 64), LoRALinear(64, 64, 4, 8, quantize_base=True))
+    params = get_adapter_params(model)
+    assert sorted(params) == ["0.lora_a.weight", "0.lora_b.weight", "2.lora_a.weight", "2.lora_b.weight"]
+    set_trainable_params(model, params)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted(params)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_disable_adapter(device):
+    lin = LoRALinear(128, 64, rank=4, alpha=4, quantize_base=True).to(device)
+    nn.init.normal_(lin.lora_b.weight)
+    x = torch.randn(3, 128, device=device)
+    base = F.linear(x, lin.weight.dequantize())
+    with disable_adapter(lin):
+        torch.testing.assert_close(lin(x), base, rtol=1e-5, atol=1e-5)
+    assert not lin.disabled
+    assert not torch.allclose(lin(x), base)
+    lin.disabled = True
+    torch.testing.assert_close(lin(x), base, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unmerge_dense_base_are_exact_inverses():
+    lin = LoRALinear(128, 64, rank=4, alpha=4).double()
+    nn.init.normal_(lin.lora_b.weight)
+    x = torch.randn(3, 128, dtype=torch.float64)
+    before, weight = lin(x), lin.weight.detach().clone()
+    merged = lin.merged_weight()
+    lin.merge_()
+    assert lin.merged
+    torch.testing.assert_close(lin.weight, merged)
+    torch.testing.assert_close(lin(x), before)  # the adapter now lives in the weight
+    lin.unmerge_()
+    torch.testing.assert_close(lin.weight, weight)
+    torch.testing.assert_close(lin(x), before)
+
+
+def test_merge_into_nf4_base_requantizes_the_merged_weight():
+    lin = LoRALinear(256, 128, rank=4, alpha=4, quantize_base=True)
+    nn.init.normal_(lin.lora_b.weight, std=0.01)
+    merged = lin.merged_weight(torch.float32)
+    torch.testing.assert_close(merged, lin.weight.dequantize() + lin.adapter_delta(torch.float32))
+    with pytest.warns(UserWarning, match="quantizes it again"):
+        lin.merge_()
+    assert isinstance(lin.weight, NF4Tensor)
+    assert torch.equal(lin.weight.packed, to_nf4(merged).packed)
+    x = torch.randn(8, 256)
+    torch.testing.assert_close(lin(x), F.linear(x, to_nf4(merged).dequantize()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_is_dense_and_load_quantizes(dtype):
+    lin = LoRALinear(256, 128, rank=4, alpha=4, quantize_base=True).to(dtype)
+    sd = lin.state_dict()
+    assert sorted(sd) == ["lora_a.weight", "lora_b.weight", "weight"]
+    assert type(sd["weight"]) is torch.Tensor and sd["weight"].dtype == dtype and sd["weight"].device.type == "cpu"
+    assert torch.equal(sd["weight"], lin.weight.dequantize())
+    dense = torch.randn(128, 256, dtype=dtype)
+    sd["weight"] = dense
+    other = LoRALinear(256, 128, rank=4, alpha=4, quantize_base=True).to(dtype)
+    other.load_state_dict(sd)
+    assert isinstance(other.weight, NF4Tensor)
+    assert torch.equal(other.weight.packed, to_nf4(dense).packed)
+    assert torch.equal(other.lora_a.weight, lin.lora_a.weight)
+
+
+def test_quantized_layer_takes_8x_less_storage():
+    # The seed tutorial's example: 1,081,344 bytes dense (its CUDA number) vs 177,152 quantized.
+    dense = LoRALinear(512, 512, rank=8, alpha=0.1, quantize_base=False)
+    quantized = LoRALinear(512, 512, rank=8, alpha=0.1, quantize_base=True)
+    assert storage_bytes(dense) == 1_081_344
+    assert storage_bytes(quantized) <= 177_152
+    assert storage_bytes(dense) / storage_bytes(quantized) > 6
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
+def test_cuda_memory_of_the_seed_example():
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    with torch.device("cuda"):
+        qlora_linear = LoRALinear(512, 512, rank=8, alpha=0.1, quantize_base=True)
+    assert torch.cuda.memory_allocated() - base <= 177_152
+    del qlora_linear
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
+def test_state_dict_offloads_one_weight_at_a_time():
+    model = nn.Sequential(*[LoRALinear(1024, 1024, 4, 4, quantize_base=True) for _ in range(6)]).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    sd = model.state_dict()
+    assert all(v.device.type == "cpu" for v in sd.values())
+    one_dense = 1024 * 1024 * 4
+    assert torch.cuda.max_memory_allocated() - base <= 1.5 * one_dense
