@@ -17,14 +17,17 @@ from qlora_ext.models.llama2._model_builders import (
     qlora_llama2_70b,
     qlora_llama2_tiny,
 )
+from qlora_ext.models.llama2._tokenizer import Llama2Tokenizer, llama2_tokenizer
 
 __all__ = [
     "LORA_ATTN_MODULES",
+    "Llama2Tokenizer",
     "llama2",
     "llama2_7b",
     "llama2_13b",
     "llama2_70b",
     "llama2_from_checkpoint",
+    "llama2_tokenizer",
     "llama2_tiny",
     "lora_llama2",
     "lora_llama2_7b",

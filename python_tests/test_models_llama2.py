@@ -1,0 +1,176 @@
+"""Llama-2 builders: torchtune's module names, which weights are NF4, sizes of 7B/13B/70B (built
+on the meta device), argument errors, forward/backward, and torch.compile parity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import devices
+from torch import nn
+
+from qlora_ext import LoRALinear, NF4Tensor
+from qlora_ext.models.llama2 import (
+    llama2,
+    llama2_7b,
+    llama2_13b,
+    llama2_70b,
+    llama2_tiny,
+    lora_llama2,
+    qlora_llama2_7b,
+    qlora_llama2_13b,
+    qlora_llama2_70b,
+    qlora_llama2_tiny,
+    scale_hidden_dim_for_mlp,
+)
+from qlora_ext.modules import get_adapter_params, set_trainable_params
+
+
+def test_seed_snippet_runs_unchanged():
+    # The seed tutorial's lines, on the meta device so the 7B weights are not allocated.
+    with torch.device("meta"):
+        qlora_model = qlora_llama2_7b(lora_attn_modules=["q_proj", "v_proj"])
+    attn = qlora_model.layers[0].attn
+    assert type(attn.q_proj.weight) is NF4Tensor
+    assert type(attn.v_proj.weight) is NF4Tensor
+    assert type(attn.k_proj.weight) is nn.Parameter
+    assert type(attn.output_proj.weight) is nn.Parameter
+    assert type(qlora_model.layers[0].mlp.w1.weight) is nn.Parameter
+
+
+@pytest.mark.parametrize(
+    "builder, params, layers, heads, kv_heads, hidden",
+    [
+        (llama2_7b, 6_738_415_616, 32, 32, 32, 11008),
+        (llama2_13b, 13_015_864_320, 40, 40, 40, 13824),
+        (llama2_70b, 68_976_648_192, 80, 64, 8, 28672),
+    ],
+    ids=["7b", "13b", "70b"],
+)
+def test_sizes_match_llama2(builder, params, layers, heads, kv_heads, hidden):
+    with torch.device("meta"):
+        model = builder()
+    # Parameter counts of the published Llama-2 checkpoints.
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert len(model.layers) == layers
+    attn = model.layers[0].attn
+    assert (attn.num_heads, attn.num_kv_heads) == (heads, kv_heads)
+    assert model.layers[0].mlp.w1.weight.shape[0] == hidden
+    assert attn.k_proj.weight.shape[0] == kv_heads * attn.head_dim
+
+
+def test_scale_hidden_dim():
+    assert scale_hidden_dim_for_mlp(4096) == 11008
+    assert scale_hidden_dim_for_mlp(5120) == 13824
+    assert scale_hidden_dim_for_mlp(256) == 768
+
+
+def test_module_and_state_dict_names_follow_torchtune():
+    model = qlora_llama2_tiny(["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True, apply_lora_to_output=True)
+    names = set(model.state_dict())
+    for want in (
+        "tok_embeddings.weight",
+        "layers.0.attn.q_proj.weight",
+        "layers.0.attn.q_proj.lora_a.weight",
+        "layers.0.attn.q_proj.lora_b.weight",
+        "layers.3.attn.output_proj.weight",
+        "layers.0.mlp.w1.weight",
+        "layers.0.mlp.w2.weight",
+        "layers.0.mlp.w3.weight",
+        "layers.0.sa_norm.scale",
+        "layers.0.mlp_norm.scale",
+        "norm.scale",
+        "output.weight",
+        "output.lora_a.weight",
+    ):
+        assert want in names
+    # Non-persistent buffers (RoPE tables) stay out of checkpoints.
+    assert not any("cos" in n or "sin" in n for n in names)
+    # Every LoRA linear is quantized, nothing else; state_dict gives them dense.
+    state = model.state_dict()
+    lora = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    assert len(lora) == 4 * 7 + 1
+    for name in lora:
+        assert isinstance(model.get_submodule(name).weight, NF4Tensor), name
+        assert type(state[f"{name}.weight"]) is torch.Tensor
+    assert type(model.tok_embeddings.weight) is nn.Parameter
+
+
+def test_only_lora_linears_are_quantized():
+    model = qlora_llama2_tiny(["k_proj"], apply_lora_to_mlp=False)
+    layer = model.layers[0]
+    assert isinstance(layer.attn.k_proj.weight, NF4Tensor)
+    for other in (layer.attn.q_proj, layer.attn.v_proj, layer.attn.output_proj, layer.mlp.w1, layer.mlp.w2, model.output):
+        assert isinstance(other, nn.Linear) and type(other.weight) is nn.Parameter
+
+
+def test_builder_errors_name_the_argument():
+    base = dict(vocab_size=64, num_layers=1, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=16)
+    with pytest.raises(ValueError, match=r"argument 'lora_attn_modules' must be a list drawn from .*; got \['q_proj', 'wq'\]"):
+        lora_llama2(["q_proj", "wq"], **base, lora_rank=4, lora_alpha=8)
+    with pytest.raises(ValueError, match=r"argument 'lora_attn_modules' must be a list .*; got 'q_proj'"):
+        lora_llama2("q_proj", **base, lora_rank=4, lora_alpha=8)
+    with pytest.raises(ValueError, match=r"argument 'num_kv_heads' must divide num_heads=4; got 3"):
+        llama2(**{**base, "num_kv_heads": 3})
+    with pytest.raises(ValueError, match=r"argument 'embed_dim' must be a multiple of num_heads=4; got 66"):
+        llama2(**{**base, "embed_dim": 66})
+    with pytest.raises(ValueError, match=r"argument 'num_layers' must be a positive int; got 0"):
+        llama2(**{**base, "num_layers": 0})
+    with pytest.raises(ValueError, match=r"quantize_base=True needs .* multiple of 64; output is 5 x 72"):
+        lora_llama2([], apply_lora_to_output=True, **{**base, "vocab_size": 5, "embed_dim": 72}, lora_rank=4, lora_alpha=8, quantize_base=True)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_tiny_forward_backward_trains_only_adapters(device):
+    model = qlora_llama2_tiny(["q_proj", "v_proj"], apply_lora_to_mlp=True, vocab_size=128).to(device)
+    adapters = get_adapter_params(model)
+    set_trainable_params(model, adapters)
+    tokens = torch.randint(0, 128, (2, 12), device=device)
+    logits = model(tokens)
+    assert logits.shape == (2, 12, 128) and logits.dtype == torch.float32
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), tokens[:, 1:].reshape(-1)).backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == set(adapters)
+    # lora_b starts at zero, so only lora_b gets a nonzero gradient at first.
+    assert all(adapters[n].grad.abs().sum() > 0 for n in adapters if "lora_b" in n)
+
+
+def test_bf16_model_gives_float32_logits():
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = qlora_llama2_tiny(["q_proj"], vocab_size=64)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert model.layers[0].attn.q_proj.weight.dtype == torch.bfloat16  # NF4Tensor's original dtype
+    assert model(torch.randint(0, 64, (1, 5))).dtype == torch.float32
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = lora_llama2(
+        ["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True, apply_lora_to_output=True,
+        vocab_size=128, num_layers=1, num_heads=4, num_kv_heads=2, embed_dim=128, max_seq_len=64, intermediate_dim=256,
+        lora_rank=4, lora_alpha=8, quantize_base=True,
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(std=0.05)  # so adapters change the output and get full gradients
+    set_trainable_params(model, get_adapter_params(model))
+    tokens = torch.randint(0, 128, (2, 16))
+
+    def step(m):
+        model.zero_grad(set_to_none=True)
+        logits = m(tokens)
+        logits.logsumexp(-1).mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    eager_logits, eager_grads = step(model)
+    compiled = torch.compile(model, fullgraph=True)
+    compiled_logits, compiled_grads = step(compiled)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    torch.testing.assert_close(compiled_logits, eager_logits, rtol=1e-4, atol=1e-5)
+    assert eager_grads.keys() == compiled_grads.keys() and len(eager_grads) == 2 * (7 + 1)
+    for name in eager_grads:
+        torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)

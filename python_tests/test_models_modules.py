@@ -1,0 +1,167 @@
+"""The transformer modules against direct formulas: RMSNorm, RoPE, causal/GQA attention, the
+KV cache, and the decoder's argument checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import devices
+
+from qlora_ext.modules import KVCache, MultiHeadAttention, RMSNorm, RotaryPositionalEmbeddings
+from qlora_ext.models.llama2 import llama2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rms_norm_matches_formula(dtype):
+    norm = RMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        norm.scale.copy_(torch.rand(64) + 0.5)
+    norm = norm.to(dtype)
+    x = torch.randn(3, 5, 64, dtype=dtype) * 4
+    x32 = x.float()
+    want = (x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * norm.scale
+    got = norm(x)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 0, atol=1e-6 if dtype == torch.float32 else 0)
+
+
+def test_rope_rotates_halves_by_position_angle():
+    dim, base = 16, 10_000.0
+    rope = RotaryPositionalEmbeddings(dim, max_seq_len=32, base=base)
+    x = torch.randn(2, 7, 3, dim)
+    got = rope(x)
+    half = dim // 2
+    for pos in range(7):
+        for i in range(half):
+            theta = pos * base ** (-2 * i / dim)
+            a, b = x[:, pos, :, i], x[:, pos, :, i + half]
+            torch.testing.assert_close(got[:, pos, :, i], a * math.cos(theta) - b * math.sin(theta), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[:, pos, :, i + half], b * math.cos(theta) + a * math.sin(theta), rtol=1e-5, atol=1e-5)
+    # Explicit positions (per batch row) pick the same table rows.
+    pos = torch.tensor([[3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 3, 4, 5, 6]])
+    shifted = rope(x, input_pos=pos)
+    torch.testing.assert_close(shifted[1], got[1])
+    torch.testing.assert_close(shifted[0, 0], rope(x[0:1, 0:1], input_pos=torch.tensor([3]))[0, 0])
+    assert not torch.allclose(shifted[0, 0], got[0, 0])
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    rope = RotaryPositionalEmbeddings(32, max_seq_len=64)
+    q, k = torch.randn(1, 1, 1, 32), torch.randn(1, 1, 1, 32)
+
+    def score(pq, pk):
+        return (rope(q, input_pos=torch.tensor([pq])) * rope(k, input_pos=torch.tensor([pk]))).sum()
+
+    torch.testing.assert_close(score(5, 2), score(40, 37), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+def test_rope_rejects_bad_dims():
+    with pytest.raises(ValueError, match=r"argument 'dim' must be a positive even number; got 7"):
+        RotaryPositionalEmbeddings(7)
+    with pytest.raises(ValueError, match=r"argument 'max_seq_len' must be positive; got 0"):
+        RotaryPositionalEmbeddings(8, max_seq_len=0)
+
+
+def _naive_attention(x, attn, mask=None):
+    b, s, _ = x.shape
+    q = attn.q_proj(x).view(b, s, attn.num_heads, attn.head_dim)
+    k = attn.k_proj(x).view(b, s, attn.num_kv_heads, attn.head_dim)
+    v = attn.v_proj(x).view(b, s, attn.num_kv_heads, attn.head_dim)
+    q, k = attn.pos_embeddings(q), attn.pos_embeddings(k)
+    group = attn.num_heads // attn.num_kv_heads
+    out = torch.empty(b, s, attn.num_heads, attn.head_dim)
+    for h in range(attn.num_heads):
+        scores = q[:, :, h] @ k[:, :, h // group].transpose(1, 2) / math.sqrt(attn.head_dim)  # [b, s, s]
+        allowed = torch.ones(s, s, dtype=torch.bool).tril() if mask is None else mask
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[:, :, h] = F.softmax(scores, dim=-1) @ v[:, :, h // group]
+    return attn.output_proj(out.reshape(b, s, -1))
+
+
+def _attention(num_heads=4, num_kv_heads=2, dim=64, max_seq_len=32):
+    hd = dim // num_heads
+    lin = lambda i, o: torch.nn.Linear(i, o, bias=False)  # noqa: E731
+    return MultiHeadAttention(
+        embed_dim=dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=hd,
+        q_proj=lin(dim, num_heads * hd), k_proj=lin(dim, num_kv_heads * hd), v_proj=lin(dim, num_kv_heads * hd),
+        output_proj=lin(num_heads * hd, dim), pos_embeddings=RotaryPositionalEmbeddings(hd, max_seq_len), max_seq_len=max_seq_len,
+    )
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=lambda n: f"kv{n}")
+def test_attention_matches_naive_causal_gqa(kv_heads):
+    attn = _attention(num_kv_heads=kv_heads).eval()
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), _naive_attention(x, attn), rtol=1e-5, atol=1e-5)
+        # An explicit mask replaces the causal one.
+        mask = torch.rand(9, 9) > 0.4
+        mask |= torch.eye(9, dtype=torch.bool)
+        torch.testing.assert_close(attn(x, mask=mask.expand(2, 9, 9)), _naive_attention(x, attn, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_rejects_bad_heads():
+    with pytest.raises(ValueError, match=r"'num_kv_heads' must be positive and divide num_heads=4; got 3"):
+        _attention(num_kv_heads=3)
+
+
+def test_kv_cache_writes_at_positions_and_checks_batch():
+    cache = KVCache(batch_size=2, max_seq_len=8, num_kv_heads=2, head_dim=4, dtype=torch.float32)
+    k, v = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+    kc, vc = cache.update(k, v, torch.tensor([2, 3, 4]))
+    torch.testing.assert_close(kc[:, :, 2:5], k)
+    torch.testing.assert_close(vc[:, :, 2:5], v)
+    assert kc[:, :, :2].abs().sum() == 0 and kc[:, :, 5:].abs().sum() == 0
+    # Per-row positions.
+    k1 = torch.randn(2, 2, 1, 4)
+    kc, _ = cache.update(k1, k1, torch.tensor([[6], [7]]))
+    torch.testing.assert_close(kc[0, :, 6], k1[0, :, 0])
+    torch.testing.assert_close(kc[1, :, 7], k1[1, :, 0])
+    cache.reset()
+    assert cache.k_cache.abs().sum() == 0
+    with pytest.raises(ValueError, match=r"argument 'k_val' must have batch size 2 \(the cache's\); got 3"):
+        cache.update(torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4), torch.tensor([0]))
+
+
+def _tiny(**kw):
+    args = dict(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=16, intermediate_dim=96)
+    return llama2(**{**args, **kw}).eval()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_kv_cache_prefill_then_steps_equals_full_forward(device):
+    model = _tiny().to(device)
+    tokens = torch.randint(0, 64, (2, 11), device=device)
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_caches(2, torch.float32, max_seq_len=12)
+        assert model.caches_are_enabled() and model.caches_are_setup()
+        parts = [model(tokens[:, :6], input_pos=torch.arange(6, device=device))]
+        for i in range(6, 11):
+            parts.append(model(tokens[:, i : i + 1], input_pos=torch.tensor([i], device=device)))
+        torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+        model.reset_caches()
+        torch.testing.assert_close(model(tokens[:, :3], input_pos=torch.arange(3, device=device)), full[:, :3], rtol=1e-5, atol=1e-5)
+        model.remove_caches()
+    assert not model.caches_are_enabled()
+
+
+def test_decoder_argument_errors():
+    model = _tiny()
+    with pytest.raises(ValueError, match=r"argument 'tokens' must be 2-D \[batch, seq\]; got shape \[5\]"):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"argument 'tokens' must be at most max_seq_len=16 long; got 17"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"argument 'input_pos' must have shape \[4\] or \[1, 4\]; got \[3\]"):
+        model(torch.zeros(1, 4, dtype=torch.long), input_pos=torch.arange(3))
+    with pytest.raises(ValueError, match=r"argument 'max_seq_len' must be in \[1, 16\] \(the model's max_seq_len\); got 17"):
+        model.setup_caches(1, torch.float32, max_seq_len=17)
+    with pytest.raises(RuntimeError, match=r"no KV caches are set up"):
+        model.reset_caches()
+    model.setup_caches(1, torch.float32)
+    with pytest.raises(ValueError, match=r"argument 'input_pos' is required while KV caches are enabled"):
+        model(torch.zeros(1, 4, dtype=torch.long))

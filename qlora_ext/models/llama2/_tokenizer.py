@@ -1,0 +1,83 @@
+"""Llama-2's SentencePiece tokenizer (``tokenizer.model``), with torchtune's interface."""
+
+from __future__ import annotations
+
+import os
+
+
+class Llama2Tokenizer:
+    """Text <-> token ids through a SentencePiece model.
+
+    Args:
+        path: the ``tokenizer.model`` file.
+
+    Attributes:
+        bos_id, eos_id: the model's begin/end-of-sequence ids (1 and 2 for Llama-2).
+        pad_id: 0, the id batches are padded with (Llama-2 has no pad piece; 0 is ``<unk>``,
+            and padded positions are masked out of the loss anyway).
+        vocab_size: number of pieces.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the model defines no BOS or EOS piece.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from sentencepiece import SentencePieceProcessor
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Llama2Tokenizer: argument 'path' must be a SentencePiece model file; got {path!r}")
+        self.path = path
+        self.spm = SentencePieceProcessor(model_file=path)
+        self.vocab_size = self.spm.vocab_size()
+        self.bos_id = self.spm.bos_id()
+        self.eos_id = self.spm.eos_id()
+        self.pad_id = 0
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(
+                f"Llama2Tokenizer: the SentencePiece model {path} must define BOS and EOS pieces; "
+                f"got bos_id={self.bos_id}, eos_id={self.eos_id}"
+            )
+        # Ids of "\n", encoded alone; used to strip SentencePiece's leading space (see encode).
+        self._newline_ids = self.spm.encode("\n")
+
+    @property
+    def stop_tokens(self) -> list[int]:
+        """Ids that end generation."""
+        return [self.eos_id]
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True, trim_leading_whitespace: bool = False) -> list[int]:
+        """Token ids of ``text``.
+
+        Args:
+            text: the string.
+            add_bos: prepend ``bos_id``.
+            add_eos: append ``eos_id``.
+            trim_leading_whitespace: SentencePiece encodes a text as if it began with a space;
+                set this when ``text`` continues an earlier piece (e.g. a response encoded
+                apart from its prompt) so no space token appears at the junction.
+
+        Returns:
+            The ids, a list of ints.
+        """
+        if trim_leading_whitespace:
+            # Encode after a newline, then drop the newline's ids: the dummy space prefix
+            # attaches to the newline, not to the text (torchtune's approach).
+            ids = self.spm.encode("\n" + text)[len(self._newline_ids) :]
+        else:
+            ids = self.spm.encode(text)
+        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of ``ids`` (BOS/EOS and other control pieces produce no text)."""
+        return self.spm.decode(list(ids))
+
+
+def llama2_tokenizer(path: str | os.PathLike) -> Llama2Tokenizer:
+    """The Llama-2 tokenizer from a ``tokenizer.model`` file (torchtune's builder name).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    return Llama2Tokenizer(path)
