@@ -49,12 +49,14 @@ def test_resumed_run_matches_uninterrupted_step_for_step(tmp_path, setup, monkey
     assert [s for s, _, _ in reference] == list(range(1, 9))
 
     run = tmp_path / "interrupted"
-    _interrupt_at_micro_batch(monkeypatch, 2 * 5 + 1)  # during step 6: the last checkpoint is step_3
+    # killed during step 7: the last checkpoint is step_6, in the middle of the second epoch
+    _interrupt_at_micro_batch(monkeypatch, 2 * 6 + 1)
     with pytest.raises(KeyboardInterrupt):
         finetune.train(load_config("tiny_qlora", _overrides(setup, run)))
     monkeypatch.undo()
-    assert torch.load(run / "recipe_state.pt", weights_only=False)["global_step"] == 3
-    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5]
+    state = torch.load(run / "recipe_state.pt", weights_only=False)
+    assert (state["checkpoint_name"], state["epoch"], state["step_in_epoch"]) == ("step_6", 1, 2)
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6]
 
     finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True"]))
     resumed = [(r["step"], r["loss"], r["lr"]) for r in metrics(run)]

@@ -49,6 +49,7 @@ def small_run_overrides(checkpoint_dir: Path, data_file: Path, output_dir: Path)
         "lr_scheduler.num_warmup_steps=2",
         "optimizer.lr=1e-2",
         "seed=7",
+        "eval.num_samples=0",
     ]
 
 

@@ -169,8 +169,8 @@ def _check_value(key: str, spec: Opt, value: Any) -> Any:
             return None
         raise ConfigError(f"config key '{key}' must not be null ({spec.doc})")
     kind = spec.kind
-    if kind == "str|list[str]":
-        kind = "list[str]"
+    if kind == "path|list[path]":
+        kind = "list[path]"
         value = [value] if isinstance(value, str) else value
     if kind.startswith("list["):
         if not isinstance(value, (list, tuple)):

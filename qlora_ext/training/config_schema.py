@@ -17,7 +17,8 @@ class Opt:
 
     Attributes:
         kind: "int", "float", "bool", "str", "path" (a str; ``{assets}`` expands to the package's
-            bundled assets folder), "list[str]", "list[float]" or "str|list[str]".
+            bundled assets folder), "list[str]", "list[float]" or "path|list[path]" (one path or
+            a list; always resolved to a list).
         default: the value when not set; ``REQUIRED`` for keys that must be set.
         doc: what it means.
         choices: the allowed values (for lists: of each element).
@@ -119,7 +120,7 @@ SCHEMA: dict[str, Any] = {
         "model_type": Opt("str", "LLAMA2", "the checkpoint's model family", choices=("LLAMA2",)),
     },
     "dataset": {
-        "data_files": Opt("str|list[str]", REQUIRED, "local JSON or JSONL files of {instruction, input, output} records"),
+        "data_files": Opt("path|list[path]", REQUIRED, "local JSON or JSONL files of {instruction, input, output} records"),
         "template": Opt("str", "alpaca", "prompt template", choices=("alpaca",)),
         "train_on_input": Opt("bool", False, "also train on the prompt tokens (false: they are masked from the loss)"),
         "validation_fraction": Opt(
