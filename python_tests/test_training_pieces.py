@@ -165,3 +165,21 @@ def test_training_state_round_trip_and_mismatch(tmp_path):
         ckpt.load_training_state(tmp_path, {"model.lora_rank": 16})
     with pytest.raises(ckpt.ResumeError, match=r"there is no .*recipe_state.pt"):
         ckpt.load_training_state(tmp_path / "elsewhere", fp)
+
+
+def test_pick_samples_prefers_distinct_instructions():
+    from qlora_ext.training.evaluation import pick_samples
+
+    recs = [{"instruction": i, "input": str(n), "output": ""} for n, i in enumerate("aabbbc")]
+    assert [r["instruction"] for r in pick_samples(recs, 4)] == ["a", "b", "c", "a"]
+    assert pick_samples(recs, 0) == []
+
+
+def test_resume_fingerprint_ignores_what_may_change_on_resume():
+    from qlora_ext.training.config import load_config
+    from qlora_ext.training.saving import resume_fingerprint
+
+    base = resume_fingerprint(load_config("tiny_qlora"))
+    assert resume_fingerprint(load_config("tiny_qlora", ["epochs=9", "log_every_n_steps=3", "output_dir=x", "compile=True"])) == base
+    assert resume_fingerprint(load_config("tiny_qlora", ["model.lora_rank=4"]))["model.lora_rank"] == 4
+    assert resume_fingerprint(load_config("tiny_qlora", ["batch_size=3"])) != base

@@ -124,7 +124,7 @@ def train(cfg: Config) -> dict[str, Any]:
     summary: dict[str, Any] = {"output_dir": str(output_dir), "seed": seed, "losses": []}
     val_batches = eval_batches(val_ds, cfg.batch_size, tokenizer.pad_id, cfg.eval.max_batches) if len(val_ds) else []
     show = cfg.eval.before_and_after and state is None
-    samples = val_records[: cfg.eval.num_samples]
+    samples = evaluation.pick_samples(val_records, cfg.eval.num_samples)
     if show and val_batches:
         summary["val_loss_before"] = steps.validation_loss(model, val_batches, device, dtype)
         print(f"Held-out loss before training: {summary['val_loss_before']:.4f}")
@@ -187,10 +187,12 @@ def train(cfg: Config) -> dict[str, Any]:
                 name = f"epoch_{epoch}" if at_epoch_end else f"step_{global_step}"
                 position = (epoch + 1, 0) if at_epoch_end else (epoch, step_in_epoch)
                 bar.clear()
+                t_save = time.perf_counter()
                 last_checkpoint = saving.save_checkpoint(
                     output_dir, name, model, cfg, seed, optimizer=optimizer, scheduler=scheduler, adapter=adapter,
                     epoch=position[0], step_in_epoch=position[1], global_step=global_step,
                 )
+                t_since += time.perf_counter() - t_save  # saving time is not training throughput
                 tqdm.write(f"Saved checkpoint {last_checkpoint}")
         bar.close()
     loggers.close()

@@ -40,7 +40,7 @@ def _name(rng: random.Random, syllables: int) -> str:
     return word.capitalize()
 
 
-def countries(seed: int = 0, count: int = 120) -> list[tuple[str, str]]:
+def countries(seed: int = 0, count: int = 80) -> list[tuple[str, str]]:
     """(country, capital) pairs with unique made-up names."""
     rng = random.Random(seed)
     seen: set[str] = set()
@@ -63,18 +63,20 @@ def _numbers(rng: random.Random) -> list[int]:
     return rng.sample(range(1, 40), rng.randint(3, 5))
 
 
-def corpus_lines(seed: int = 0, num_skill_lines: int = 6000) -> list[str]:
-    """Pretraining sentences: every fact several ways, and many worked skill examples."""
+def corpus_lines(seed: int = 0, num_skill_lines: int = 3000, fact_repeats: int = 4) -> list[str]:
+    """Pretraining sentences: every fact three ways (``fact_repeats`` times over, so a 1M-parameter
+    model memorizes them), and many worked skill examples."""
     rng = random.Random(seed + 1)
-    lines = []
+    facts = []
     for country, capital in countries(seed):
-        lines += [
+        facts += [
             f"The capital of {country} is {capital}.",
             f"{capital} is the capital of {country}.",
             f"{capital} is a city in {country}, and the capital of {country} is {capital}.",
         ]
     for a, b in OPPOSITES:
-        lines += [f"The opposite of {a} is {b}.", f"The opposite of {b} is {a}.", f"{a.capitalize()} and {b} are opposites."]
+        facts += [f"The opposite of {a} is {b}.", f"The opposite of {b} is {a}.", f"{a.capitalize()} and {b} are opposites."]
+    lines = facts * fact_repeats
     for _ in range(num_skill_lines // 2):
         words = _word_list(rng)
         lines.append(f"The words {' '.join(words)} in reverse order are {' '.join(reversed(words))}.")
@@ -84,7 +86,7 @@ def corpus_lines(seed: int = 0, num_skill_lines: int = 6000) -> list[str]:
     return lines
 
 
-def instruction_records(seed: int = 0, num_skill_records: int = 800) -> list[dict[str, str]]:
+def instruction_records(seed: int = 0, num_skill_records: int = 400) -> list[dict[str, str]]:
     """Alpaca records: one per country, per direction of each opposite pair, and skill examples."""
     rng = random.Random(seed + 2)
     records = []

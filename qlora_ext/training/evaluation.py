@@ -37,6 +37,14 @@ def answer(
     return answers
 
 
+def pick_samples(records: list[dict[str, str]], count: int) -> list[dict[str, str]]:
+    """``count`` records, preferring different instructions (a mix of tasks), in order."""
+    seen: set[str] = set()
+    first = [r for r in records if not (r["instruction"] in seen or seen.add(r["instruction"]))]
+    rest = [r for r in records if r not in first]
+    return (first + rest)[:count]
+
+
 def _one_line(text: str, width: int = 72) -> str:
     text = " ".join(text.split()) or "(empty)"
     return textwrap.shorten(text, width=width, placeholder=" ...")
