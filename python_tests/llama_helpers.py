@@ -154,9 +154,10 @@ def corpus_lines(n: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
-def train_tokenizer(folder: str, vocab_size: int = 300) -> str:
-    """Trains a Llama-2-style SentencePiece BPE model (unk 0, bos 1, eos 2, byte fallback) on
-    local text; returns the path of ``tokenizer.model``."""
+def train_tokenizer(folder: str, vocab_size: int = 320) -> str:
+    """Trains a SentencePiece BPE model with Llama-2's settings (unk 0, bos 1, eos 2, no pad,
+    byte fallback, identity normalization, dummy prefix, split digits) on local text; returns
+    the path of ``tokenizer.model``."""
     spm = pytest.importorskip("sentencepiece")
     text = os.path.join(folder, "corpus.txt")
     with open(text, "w", encoding="utf-8") as f:
@@ -171,6 +172,10 @@ def train_tokenizer(folder: str, vocab_size: int = 300) -> str:
         eos_id=2,
         pad_id=-1,
         byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
         character_coverage=1.0,
         minloglevel=2,
     )

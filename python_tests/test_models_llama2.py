@@ -174,3 +174,24 @@ def test_compile_fullgraph_matches_eager():
     assert eager_grads.keys() == compiled_grads.keys() and len(eager_grads) == 2 * (7 + 1)
     for name in eager_grads:
         torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fast_qlora_linear_is_a_plain_quantized_lora_linear():
+    from qlora_ext.modules.lora_init import qlora_linear, uniform_parallel_
+
+    torch.manual_seed(0)
+    a = qlora_linear(256, 128, rank=8, alpha=16)
+    torch.manual_seed(0)
+    b = qlora_linear(256, 128, rank=8, alpha=16)
+    assert all(torch.equal(x, y) for x, y in zip(a.weight.components(), b.weight.components()))  # reproducible
+    ref = LoRALinear(256, 128, rank=8, alpha=16, quantize_base=True)
+    assert type(a) is LoRALinear and isinstance(a.weight, NF4Tensor) and not a.weight.requires_grad
+    assert [(n, p.shape, p.requires_grad) for n, p in a.named_parameters()] == [(n, p.shape, p.requires_grad) for n, p in ref.named_parameters()]
+    assert a.state_dict().keys() == ref.state_dict().keys() and type(a.state_dict()["weight"]) is torch.Tensor
+    assert a.lora_b.weight.abs().sum() == 0 and a.lora_a.weight.abs().sum() > 0
+    # nn.Linear's init distribution: U(-1/sqrt(in), 1/sqrt(in)), filled by several threads.
+    w = uniform_parallel_(torch.empty(4_000_000), 0.5)
+    assert w.min() >= -0.5 and w.max() <= 0.5
+    assert abs(w.mean().item()) < 2e-3 and abs(w.var().item() - 0.25 / 3) < 2e-3
+    halves = w.view(2, -1)
+    assert not torch.equal(halves[0][:100], halves[1][:100])  # threads draw different streams

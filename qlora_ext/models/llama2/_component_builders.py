@@ -2,8 +2,9 @@
 without LoRA adapters (torchtune's ``llama2`` / ``lora_llama2``).
 
 Layers are built one at a time and every LoRA linear with ``quantize_base=True`` quantizes its
-weight as soon as it exists, so a QLoRA model never holds all its frozen weights in 16/32 bits:
-at most one dense linear is alive beyond the parts that stay dense. Under
+weight as soon as it exists (``qlora_ext.modules.lora_init.qlora_linear``), so a QLoRA model never
+holds all its frozen weights in 16/32 bits: at most one dense linear is alive beyond the parts
+that stay dense. Under
 ``with torch.device("meta")`` nothing is allocated at all; ``qlora_ext.checkpoint`` then
 materializes the weights one tensor at a time as it reads them.
 """
@@ -16,6 +17,7 @@ from torch import nn
 
 from qlora_ext.modules.attention import MultiHeadAttention
 from qlora_ext.modules.feed_forward import FeedForward
+from qlora_ext.modules.lora_init import qlora_linear
 from qlora_ext.modules.lora_linear import LoRALinear
 from qlora_ext.modules.position_embeddings import RotaryPositionalEmbeddings
 from qlora_ext.modules.rms_norm import RMSNorm
@@ -145,7 +147,9 @@ def lora_llama2(
                 f"lora_llama2: quantize_base=True needs every LoRA linear's in_dim * out_dim to be a multiple of "
                 f"{_NF4_BLOCK}; {name} is {out_dim} x {in_dim}"
             )
-        return LoRALinear(in_dim, out_dim, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, quantize_base=quantize_base)
+        if quantize_base:
+            return qlora_linear(in_dim, out_dim, lora_rank, lora_alpha, lora_dropout)
+        return LoRALinear(in_dim, out_dim, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
 
     attn_lora = set(lora_attn_modules)
     layers = []

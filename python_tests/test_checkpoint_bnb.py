@@ -1,0 +1,154 @@
+"""bitsandbytes 4-bit HF checkpoints in: transformers + bitsandbytes quantize a random checkpoint
+(NF4, double quantization, on CPU) and save it; we load it into NF4Tensors exactly as stored (no
+re-quantization) and match HF + bitsandbytes logits; unsupported quantization settings are
+reported by name.
+
+On a CPU with AVX512-BF16, bitsandbytes 0.50's ``Linear4bit`` runs inference (eval, no grad)
+through a bf16 kernel (``support_avx512bf16_for_cpu``: weights repacked, activations in bf16),
+whatever ``bnb_4bit_compute_dtype`` says. Against that path logits agree to bf16 precision only
+(torch.testing's bf16 rtol); with it switched off bitsandbytes dequantizes and multiplies in
+fp32, and the logits agree exactly, as the dequantized weights are bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from llama_helpers import hf_llama, hf_logits, rel_error, transformers
+
+from qlora_ext import NF4Tensor, to_nf4
+from qlora_ext.models.llama2 import llama2_from_checkpoint
+
+ALL_ATTN = ["q_proj", "k_proj", "v_proj", "output_proj"]
+BF16_TOLERANCE = 1.6e-2  # torch.testing's default rtol for bfloat16
+
+
+@pytest.fixture(scope="module")
+def bnb_checkpoint(tmp_path_factory):
+    tf = transformers()
+    pytest.importorskip("bitsandbytes")
+    dense_dir = tmp_path_factory.mktemp("dense")
+    bnb_dir = tmp_path_factory.mktemp("bnb4")
+    hf_llama(num_kv_heads=2, seed=7).save_pretrained(dense_dir)
+    quant = tf.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+    )
+    hf4 = tf.LlamaForCausalLM.from_pretrained(dense_dir, quantization_config=quant, device_map="cpu").eval()
+    hf4.save_pretrained(bnb_dir)
+    hf4_fp32 = tf.LlamaForCausalLM.from_pretrained(dense_dir, quantization_config=quant, device_map="cpu").eval()
+    for module in hf4_fp32.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return {"default": hf4, "fp32": hf4_fp32}, str(dense_dir), str(bnb_dir)
+
+
+def _stored(bnb_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(bnb_dir, "model.safetensors"))
+
+
+def test_bnb_state_becomes_nf4_without_requantizing(bnb_checkpoint):
+    _, _, bnb_dir = bnb_checkpoint
+    stored = _stored(bnb_dir)
+    model = llama2_from_checkpoint(bnb_dir, ALL_ATTN, apply_lora_to_mlp=True, quantize_base=True)
+    for ours, theirs in (("layers.0.attn.q_proj", "model.layers.0.self_attn.q_proj"), ("layers.1.mlp.w2", "model.layers.1.mlp.down_proj")):
+        w = model.get_submodule(ours).weight
+        assert isinstance(w, NF4Tensor)
+        state = json.loads(bytes(stored[f"{theirs}.weight.quant_state.bitsandbytes__nf4"].tolist()))
+        assert torch.equal(w.packed, stored[f"{theirs}.weight"].view(-1))
+        assert torch.equal(w.absmax_codes, stored[f"{theirs}.weight.absmax"])
+        assert torch.equal(w.absmax_scales, stored[f"{theirs}.weight.nested_absmax"])
+        assert w.absmax_offset.item() == torch.tensor(state["nested_offset"], dtype=torch.float32).item()
+        assert list(w.shape) == state["shape"]
+
+
+@pytest.mark.parametrize("bnb_path", ["fp32", "default"])
+def test_logits_match_transformers_bitsandbytes(bnb_checkpoint, bnb_path):
+    hf4, _, bnb_dir = bnb_checkpoint
+    tokens = torch.randint(0, 320, (2, 15))
+    want = hf_logits(hf4[bnb_path], tokens)
+    tolerance = 1e-5 if bnb_path == "fp32" else BF16_TOLERANCE
+    nf4_model = llama2_from_checkpoint(bnb_dir, ALL_ATTN, apply_lora_to_mlp=True, quantize_base=True).eval()
+    # Linears without LoRA stay dense: their bnb weights are dequantized on load.
+    dense_model = llama2_from_checkpoint(bnb_dir).eval()
+    with torch.no_grad():
+        assert rel_error(nf4_model(tokens), want) <= tolerance
+        assert rel_error(dense_model(tokens), want) <= tolerance
+
+
+def test_quantizing_the_dense_checkpoint_matches_bitsandbytes(bnb_checkpoint):
+    hf4, dense_dir, bnb_dir = bnb_checkpoint
+    stored = _stored(bnb_dir)
+    model = llama2_from_checkpoint(dense_dir, ALL_ATTN, apply_lora_to_mlp=True, quantize_base=True).eval()
+    # The 4-bit codes are bitsandbytes' exactly; the 8-bit absmax codes may differ on near-ties.
+    w = model.layers[0].attn.v_proj.weight
+    assert torch.equal(w.packed, stored["model.layers.0.self_attn.v_proj.weight"].view(-1))
+    tokens = torch.randint(0, 320, (1, 11))
+    with torch.no_grad():
+        # Near-tie absmax codes differ by one step in ~0.2% of blocks: ~2e-4 here.
+        assert rel_error(model(tokens), hf_logits(hf4["fp32"], tokens)) <= 1e-3
+        assert rel_error(model(tokens), hf_logits(hf4["default"], tokens)) <= BF16_TOLERANCE
+
+
+def _rewrite(bnb_dir, tmp_path, edit):
+    from safetensors.torch import save_file
+
+    stored = _stored(bnb_dir)
+    edit(stored)
+    save_file(stored, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(open(os.path.join(bnb_dir, "config.json")).read())
+    return tmp_path
+
+
+def _edit_state(key, **changes):
+    def edit(stored):
+        state = json.loads(bytes(stored[key].tolist()))
+        state.update(changes)
+        stored[key] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+
+    return edit
+
+
+QS = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_edit_state(QS, blocksize=128), r"'model.layers.0.self_attn.q_proj.weight' cannot be read as NF4: blocksize must be 64; got 128"),
+        (_edit_state(QS, nested_blocksize=512), r"nested_blocksize must be 256; got 512"),
+        (
+            lambda s: s.__setitem__("model.layers.0.self_attn.q_proj.weight.quant_map", torch.linspace(-1, 1, 16)),
+            r"model.layers.0.self_attn.q_proj.weight.quant_map must equal this package's table",
+        ),
+        (
+            lambda s: s.__setitem__(QS.replace("nf4", "fp4"), s.pop(QS)),
+            r"quant_type must be 'nf4'; got 'fp4'",
+        ),
+        (
+            lambda s: (s.pop("model.layers.0.self_attn.q_proj.weight.nested_absmax"), s.pop("model.layers.0.self_attn.q_proj.weight.nested_quant_map")),
+            r"double quantization is required \(bnb_4bit_use_double_quant=True\)",
+        ),
+    ],
+    ids=["blocksize", "nested_blocksize", "quant_map", "fp4", "no_double_quant"],
+)
+def test_unsupported_bnb_settings_are_named(bnb_checkpoint, tmp_path, edit, message):
+    _, _, bnb_dir = bnb_checkpoint
+    folder = _rewrite(bnb_dir, tmp_path, edit)
+    with pytest.raises(ValueError, match=message):
+        llama2_from_checkpoint(folder, ALL_ATTN, quantize_base=True)
+
+
+def test_dense_source_quantization_is_ours(bnb_checkpoint):
+    # The NF4 weights of a dense load are exactly to_nf4 of the checkpoint tensor.
+    _, dense_dir, _ = bnb_checkpoint
+    from safetensors.torch import load_file
+
+    dense = load_file(os.path.join(dense_dir, "model.safetensors"))
+    model = llama2_from_checkpoint(dense_dir, ["k_proj"], quantize_base=True)
+    want = to_nf4(dense["model.layers.1.self_attn.k_proj.weight"])
+    assert all(torch.equal(a, b) for a, b in zip(model.layers[1].attn.k_proj.weight.components(), want.components()))

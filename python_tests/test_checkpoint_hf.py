@@ -1,0 +1,163 @@
+"""HF checkpoints in: our logits match transformers' LlamaForCausalLM on the same random
+checkpoint (MHA and GQA; single, sharded and .bin files), NF4 loading quantizes on arrival,
+and config or key problems are reported with everything that is wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from llama_helpers import hf_llama, hf_logits, rel_error, transformers
+
+from qlora_ext import NF4Tensor
+from qlora_ext.checkpoint import Llama2Config, load_checkpoint, read_checkpoint_config
+from qlora_ext.checkpoint.config import read_json
+from qlora_ext.models.llama2 import llama2, llama2_from_checkpoint, lora_llama2
+
+ALL_ATTN = ["q_proj", "k_proj", "v_proj", "output_proj"]
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    transformers()
+    out = {}
+    for kv in (4, 2):
+        model = hf_llama(num_kv_heads=kv, seed=kv)
+        folder = tmp_path_factory.mktemp(f"hf_kv{kv}")
+        model.save_pretrained(folder)
+        out[kv] = (model, str(folder))
+    return out
+
+
+@pytest.mark.parametrize("kv", [4, 2], ids=["mha", "gqa"])
+def test_logits_match_transformers(hf_models, kv):
+    hf, folder = hf_models[kv]
+    tokens = torch.randint(0, 320, (2, 23))
+    ours = llama2_from_checkpoint(folder).eval()
+    assert ours.layers[0].attn.num_kv_heads == kv
+    with torch.no_grad():
+        assert rel_error(ours(tokens), hf_logits(hf, tokens)) <= 1e-5
+
+
+@pytest.mark.parametrize("layout", ["sharded_safetensors", "bin", "sharded_bin"])
+def test_other_hf_file_layouts(hf_models, tmp_path, layout):
+    hf, _ = hf_models[2]
+    if layout == "sharded_safetensors":
+        hf.save_pretrained(tmp_path, max_shard_size="400KB")
+        assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    else:
+        # transformers 5 only writes safetensors: write .bin files (+ index) as older versions did.
+        state = hf.state_dict()
+        hf.config.save_pretrained(tmp_path)
+        if layout == "bin":
+            torch.save(state, tmp_path / "pytorch_model.bin")
+        else:
+            names = sorted(state)
+            halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+            for file, keys in halves.items():
+                torch.save({k: state[k] for k in keys}, tmp_path / file)
+            index = {"weight_map": {k: f for f, keys in halves.items() for k in keys}}
+            (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    tokens = torch.randint(0, 320, (1, 17))
+    ours = llama2_from_checkpoint(tmp_path).eval()
+    with torch.no_grad():
+        assert rel_error(ours(tokens), hf_logits(hf, tokens)) <= 1e-5
+
+
+def test_nf4_weights_quantized_on_arrival_into_meta_model(hf_models):
+    hf, folder = hf_models[2]
+    config = read_checkpoint_config(folder)
+    with torch.device("meta"):
+        model = lora_llama2(ALL_ATTN, True, **config.builder_kwargs(), lora_rank=4, lora_alpha=8, quantize_base=True)
+    assert load_checkpoint(model, folder) == "hf"
+    state = hf.state_dict()
+    q = model.layers[1].attn.q_proj
+    assert isinstance(q.weight, NF4Tensor) and q.weight.device.type == "cpu"
+    from qlora_ext import to_nf4
+
+    want = to_nf4(state["model.layers.1.self_attn.q_proj.weight"])
+    for got, exp in zip(q.weight.components(), want.components()):
+        assert torch.equal(got, exp)
+    # Dense weights are exact, adapters are fresh (lora_b = 0), RoPE tables rebuilt.
+    assert torch.equal(model.tok_embeddings.weight, state["model.embed_tokens.weight"])
+    assert torch.equal(model.layers[0].sa_norm.scale, state["model.layers.0.input_layernorm.weight"])
+    assert model.layers[0].attn.q_proj.lora_b.weight.abs().sum() == 0
+    assert model.layers[0].attn.q_proj.lora_a.weight.abs().sum() > 0
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    tokens = torch.randint(0, 320, (1, 9))
+    with torch.no_grad():
+        # NF4 rounding, not a layout error: a few percent, far below a wrong-weight mismatch.
+        assert rel_error(model(tokens), hf_logits(hf, tokens)) < 0.3
+
+
+def test_loading_into_materialized_model_copies_in_place(hf_models):
+    hf, folder = hf_models[4]
+    config = read_checkpoint_config(folder)
+    model = lora_llama2(["q_proj"], **config.builder_kwargs(), lora_rank=4, lora_alpha=8, quantize_base=True).eval()
+    weight_before = model.layers[0].attn.q_proj.weight
+    lora_a = model.layers[0].attn.q_proj.lora_a.weight.clone()
+    load_checkpoint(model, folder)
+    assert model.layers[0].attn.q_proj.weight is weight_before  # same parameter object
+    assert torch.equal(model.layers[0].attn.q_proj.lora_a.weight, lora_a)  # adapters untouched
+    tokens = torch.randint(0, 320, (1, 7))
+    fresh = llama2_from_checkpoint(folder, ["q_proj"], lora_rank=4, lora_alpha=8, quantize_base=True).eval()
+    with torch.no_grad():
+        assert torch.equal(model(tokens), fresh(tokens))
+
+
+def test_key_and_shape_problems_are_listed(hf_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf, folder = hf_models[4]
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    state["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
+    state["model.norm.weight"] = torch.ones(255)
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(open(os.path.join(folder, "config.json")).read())
+    with torch.device("meta"):
+        model = llama2(**read_checkpoint_config(tmp_path).builder_kwargs())
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(model, tmp_path)
+    msg = str(err.value)
+    assert "missing keys (1): ['layers.1.mlp.w3.weight']" in msg
+    assert "unexpected keys (1): ['model.layers.0.self_attn.extra.weight']" in msg
+    assert "wrong shapes (1): ['model.norm.weight: checkpoint [255] vs model [256]']" in msg
+
+
+def test_architecture_mismatch_and_unsupported_config(hf_models, tmp_path):
+    _, folder = hf_models[2]
+    with torch.device("meta"):
+        model = llama2(**{**read_checkpoint_config(folder).builder_kwargs(), "num_kv_heads": 4})
+    with pytest.raises(ValueError, match=r"another architecture than the model \(checkpoint vs model\): num_kv_heads: 2 vs 4"):
+        load_checkpoint(model, folder)
+
+    config = read_json(os.path.join(folder, "config.json"))
+    bad = {**config, "hidden_act": "gelu", "tie_word_embeddings": True, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    bad.pop("rope_parameters", None)
+    with pytest.raises(ValueError) as err:
+        Llama2Config.from_hf(bad)
+    for part in ("'hidden_act' must be 'silu', got 'gelu'", "'rope type' must be 'default', got 'linear'", "'tie_word_embeddings' must be False, got True"):
+        assert part in str(err.value)
+    with pytest.raises(ValueError, match=r"missing field 'hidden_size'"):
+        Llama2Config.from_hf({k: v for k, v in config.items() if k != "hidden_size"})
+    with pytest.raises(FileNotFoundError, match=r"neither a HF checkpoint \(config.json\) nor a Meta one"):
+        read_checkpoint_config(tmp_path)
+
+
+def test_hf_config_round_trip(hf_models):
+    _, folder = hf_models[2]
+    config = read_checkpoint_config(folder)
+    assert config == Llama2Config(vocab_size=320, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=256, intermediate_dim=768, max_seq_len=128)
+    assert Llama2Config.from_hf(config.to_hf(dtype=torch.bfloat16)) == config
+    # transformers 4 spelling (Llama-2-7b-hf's config.json): rope_theta absent, rope_scaling null.
+    old = {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 11008,
+           "max_position_embeddings": 4096, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+           "num_key_value_heads": 32, "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False,
+           "torch_dtype": "float16", "vocab_size": 32000}
+    assert Llama2Config.from_hf(old).builder_kwargs() == dict(
+        vocab_size=32000, num_layers=32, num_heads=32, num_kv_heads=32, embed_dim=4096, intermediate_dim=11008,
+        max_seq_len=4096, norm_eps=1e-5, rope_base=10000.0,
+    )

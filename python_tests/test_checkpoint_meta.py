@@ -1,0 +1,92 @@
+"""Meta checkpoints in (consolidated.*.pth + params.json): the q/k rotary layout is converted so
+our logits match both transformers' LlamaForCausalLM and an independent Meta-style reference
+forward; model-parallel shards are concatenated; params.json sizing rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from llama_helpers import hf_llama, hf_logits, hf_to_meta_state, meta_params, meta_reference_logits, rel_error, transformers
+
+from qlora_ext.checkpoint import Llama2Config, read_checkpoint_config
+from qlora_ext.checkpoint.convert import hf_to_meta_rotary, meta_to_hf_rotary
+from qlora_ext.models.llama2 import llama2_from_checkpoint
+
+# fairscale's layout: column-parallel weights split rows, row-parallel ones and the embedding
+# split columns, norms are replicated.
+_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1, "tok_embeddings": 1, "output": 0}
+
+
+def _write_meta(folder, model, shards: int = 1):
+    state, params = hf_to_meta_state(model), meta_params(model)
+    (folder / "params.json").write_text(json.dumps(params))
+    for i in range(shards):
+        shard = {}
+        for name, t in state.items():
+            key = name.split(".")[-2] if name.startswith("layers.") else name.split(".")[0]
+            dim = _SPLIT_DIM.get(key)
+            shard[name] = t if dim is None or shards == 1 else t.chunk(shards, dim)[i].clone()
+        torch.save(shard, folder / f"consolidated.{i:02d}.pth")
+    return state, params
+
+
+@pytest.mark.parametrize("kv", [4, 2], ids=["mha", "gqa"])
+def test_meta_checkpoint_matches_hf_and_meta_reference(tmp_path, kv):
+    transformers()
+    hf = hf_llama(num_kv_heads=kv, seed=10 + kv)
+    state, params = _write_meta(tmp_path, hf)
+    tokens = torch.randint(0, 320, (2, 19))
+    want = hf_logits(hf, tokens)
+    # The test's own Meta conversion is right: Meta's forward on it reproduces HF.
+    assert rel_error(meta_reference_logits(state, params, tokens), want) <= 1e-5
+    ours = llama2_from_checkpoint(tmp_path).eval()
+    with torch.no_grad():
+        got = ours(tokens)
+    assert rel_error(got, want) <= 1e-5
+    # Undoing the permutation makes the logits far off: the comparison can tell layouts apart.
+    with torch.no_grad():
+        for layer in ours.layers:
+            for proj, heads in ((layer.attn.q_proj, 4), (layer.attn.k_proj, kv)):
+                proj.weight.copy_(hf_to_meta_rotary(proj.weight, heads))
+        err = rel_error(ours(tokens), want)  # about 5e-2 here
+        assert err > 1e-3
+
+
+def test_meta_model_parallel_shards_are_concatenated(tmp_path):
+    transformers()
+    hf = hf_llama(num_kv_heads=2, seed=3)
+    _write_meta(tmp_path, hf, shards=2)
+    tokens = torch.randint(0, 320, (1, 13))
+    ours = llama2_from_checkpoint(tmp_path).eval()
+    with torch.no_grad():
+        assert rel_error(ours(tokens), hf_logits(hf, tokens)) <= 1e-5
+
+
+def test_rotary_permutation_round_trip_and_pairing():
+    w = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(16, 3)  # 2 heads of dim 8
+    hf = meta_to_hf_rotary(w, num_heads=2)
+    assert torch.equal(hf_to_meta_rotary(hf, num_heads=2), w)
+    # Head 0: Meta rows (0,1),(2,3),(4,5),(6,7) are pairs; HF puts pair j at rows j and j + 4.
+    assert torch.equal(hf[:8, 0], w[[0, 2, 4, 6, 1, 3, 5, 7], 0])
+    assert torch.equal(hf[8:, 0], w[[8, 10, 12, 14, 9, 11, 13, 15], 0])
+
+
+def test_params_json_sizes():
+    # Llama-2 70B's params.json: the FFN width comes from ffn_dim_multiplier and multiple_of.
+    p70 = {"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64, "n_kv_heads": 8, "n_layers": 80, "norm_eps": 1e-05, "vocab_size": -1}
+    c = Llama2Config.from_meta(p70, vocab_size=32000)
+    assert (c.intermediate_dim, c.num_kv_heads, c.vocab_size) == (28672, 8, 32000)
+    p7 = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05, "vocab_size": -1}
+    assert Llama2Config.from_meta(p7, vocab_size=32000).intermediate_dim == 11008
+    with pytest.raises(ValueError, match=r"argument 'vocab_size' is needed because params.json has vocab_size -1; got None"):
+        Llama2Config.from_meta(p7)
+    with pytest.raises(ValueError, match=r"params.json lacks required fields \['n_layers'\]"):
+        Llama2Config.from_meta({"dim": 8, "n_heads": 2})
+
+
+def test_vocab_size_read_from_embedding(tmp_path):
+    transformers()
+    _write_meta(tmp_path, hf_llama(num_kv_heads=4, seed=1))
+    assert read_checkpoint_config(tmp_path).vocab_size == 320

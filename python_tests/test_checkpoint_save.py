@@ -1,0 +1,190 @@
+"""Checkpoints out: PEFT adapters that HF PEFT loads onto LlamaForCausalLM with our logits, merged
+HF checkpoints (single and sharded) that transformers loads with our logits, and atomic writes
+(a crash mid-save leaves the previous checkpoint byte-for-byte intact, no temporaries)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from llama_helpers import hf_llama, rel_error, transformers
+
+from qlora_ext.checkpoint import StagedFiles, atomic_path, load_peft_adapter, read_adapter_config, save_hf_checkpoint, save_peft_adapter
+from qlora_ext.models.llama2 import llama2_from_checkpoint
+
+ALL_ATTN = ["q_proj", "k_proj", "v_proj", "output_proj"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    transformers()
+    folder = tmp_path_factory.mktemp("base")
+    hf_llama(num_kv_heads=2, seed=21).save_pretrained(folder)
+    return str(folder)
+
+
+def _trained(base_dir, quantize_base=False, attn=("q_proj", "v_proj", "output_proj"), mlp=True, output=True):
+    model = llama2_from_checkpoint(base_dir, list(attn), mlp, output, lora_rank=4, lora_alpha=8, quantize_base=quantize_base).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(std=0.05)  # as if trained: the adapter changes the output
+    return model
+
+
+def _hf(folder):
+    return transformers().LlamaForCausalLM.from_pretrained(folder).eval()
+
+
+@pytest.mark.parametrize("quantize_base", [False, True], ids=["lora", "qlora"])
+def test_peft_loads_our_adapter_with_our_logits(base_dir, tmp_path, quantize_base):
+    peft = pytest.importorskip("peft")
+    model = _trained(base_dir, quantize_base=quantize_base)
+    paths = save_peft_adapter(model, tmp_path, base_model_name_or_path=base_dir)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert paths == [str(tmp_path / "adapter_model.safetensors"), str(tmp_path / "adapter_config.json")]
+    from safetensors.torch import load_file
+
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight" in keys
+    assert "base_model.model.lm_head.lora_A.weight" in keys
+    hf_base = base_dir
+    if quantize_base:
+        # HF's base must hold the same weights as ours: the NF4 weights, dequantized.
+        hf_base = str(tmp_path / "dequantized_base")
+        save_hf_checkpoint(model, hf_base, merge_adapters=False)
+    peft_model = peft.PeftModel.from_pretrained(_hf(hf_base), str(tmp_path)).eval()
+    tokens = torch.randint(0, 320, (2, 13))
+    with torch.no_grad():
+        want = peft_model(tokens).logits
+        assert rel_error(model(tokens), want) <= 1e-5
+        # The adapter matters: the base model alone is far from it.
+        with peft_model.disable_adapter():
+            assert rel_error(peft_model(tokens).logits, want) > 1e-2
+
+
+def test_adapter_round_trip_and_config(base_dir, tmp_path):
+    model = _trained(base_dir, quantize_base=True)
+    save_peft_adapter(model, tmp_path)
+    config = read_adapter_config(tmp_path)
+    assert config == dict(
+        lora_attn_modules=["q_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True, apply_lora_to_output=True,
+        lora_rank=4, lora_alpha=8, lora_dropout=0.0,
+    )
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert raw["target_modules"] == ["down_proj", "gate_proj", "lm_head", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert raw["peft_type"] == "LORA" and raw["r"] == 4 and raw["lora_alpha"] == 8
+    again = llama2_from_checkpoint(base_dir, adapter_dir=tmp_path, quantize_base=True).eval()
+    tokens = torch.randint(0, 320, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(again(tokens), model(tokens))
+    # Wrong rank: named.
+    other = _trained(base_dir, attn=("q_proj", "v_proj", "output_proj"))
+    for m in other.modules():
+        if hasattr(m, "lora_a"):
+            m.alpha = 4
+    with pytest.raises(ValueError, match=r"rank/alpha differ: \['model.layers.0.self_attn.q_proj: adapter \(r=4, alpha=8\) vs model \(r=4, alpha=4\)'"):
+        load_peft_adapter(other, tmp_path)
+    # Missing modules: listed.
+    fewer = _trained(base_dir, attn=("q_proj", "k_proj", "v_proj", "output_proj"))
+    with pytest.raises(ValueError, match=r"missing: \['base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight'"):
+        load_peft_adapter(fewer, tmp_path)
+
+
+def test_unsupported_adapter_configs(tmp_path):
+    def write(**fields):
+        base = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**base, **fields}))
+
+    write(target_modules=["q_proj", "gate_proj"])
+    with pytest.raises(ValueError, match=r"'target_modules' must name all of \['gate_proj', 'up_proj', 'down_proj'\] or none, got \['gate_proj'\]"):
+        read_adapter_config(tmp_path)
+    write(use_dora=True, target_modules=["q_proj", "embed_tokens"])
+    with pytest.raises(ValueError) as err:
+        read_adapter_config(tmp_path)
+    assert "'use_dora' must be False, got True" in str(err.value) and "got ['embed_tokens']" in str(err.value)
+    with pytest.raises(FileNotFoundError, match=r"argument 'adapter_dir' must hold adapter_config.json"):
+        read_adapter_config(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("quantize_base", [False, True], ids=["lora", "qlora"])
+def test_merged_checkpoint_loads_in_transformers(base_dir, tmp_path, quantize_base):
+    model = _trained(base_dir, quantize_base=quantize_base)
+    save_hf_checkpoint(model, tmp_path, max_shard_size="300KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert "model.layers.0.self_attn.q_proj.weight" in index["weight_map"]
+    assert not any("lora" in k for k in index["weight_map"])
+    hf = _hf(tmp_path)
+    tokens = torch.randint(0, 320, (2, 11))
+    with torch.no_grad():
+        assert rel_error(hf(tokens).logits, model(tokens)) <= 1e-5
+    # And back in through our loader, single-file this time.
+    save_hf_checkpoint(model, tmp_path, dtype=torch.bfloat16)
+    assert not os.path.exists(tmp_path / "model.safetensors.index.json")  # stale index and shards removed
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    reloaded = llama2_from_checkpoint(tmp_path).eval()
+    assert reloaded.tok_embeddings.weight.dtype == torch.float32  # loaded in the default dtype
+    with torch.no_grad():
+        assert rel_error(reloaded(tokens), model(tokens)) <= 2e-2  # bf16 weights
+
+
+def _snapshot(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_crash_mid_save_leaves_previous_checkpoint(base_dir, tmp_path, monkeypatch):
+    model = _trained(base_dir)
+    merged, adapter = tmp_path / "merged", tmp_path / "adapter"
+    save_hf_checkpoint(model, merged, max_shard_size="300KB")
+    save_peft_adapter(model, adapter)
+    before, before_adapter = _snapshot(merged), _snapshot(adapter)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # the next save would write different bytes everywhere
+
+    calls = {"n": 0}
+    lora_module = model.layers[1].mlp.w2
+    original = type(lora_module).merged_weight
+
+    def crash_on_second_layer(self, dtype=None):
+        if self is lora_module:
+            raise RuntimeError("simulated crash while writing a shard")
+        calls["n"] += 1
+        return original(self, dtype)
+
+    monkeypatch.setattr(type(lora_module), "merged_weight", crash_on_second_layer)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        save_hf_checkpoint(model, merged, max_shard_size="300KB")
+    assert calls["n"] > 0  # the crash came after some shards were written
+    assert _snapshot(merged) == before  # same names, same bytes: no temporaries, nothing replaced
+
+    import safetensors.torch as st
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_peft_adapter(model, adapter)
+    assert _snapshot(adapter) == before_adapter
+
+
+def test_atomic_helpers(tmp_path):
+    target = tmp_path / "state.pt"
+    with atomic_path(target) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path) and not os.path.exists(target)
+        torch.save({"a": 1}, tmp)
+    assert torch.load(target) == {"a": 1}
+    with pytest.raises(ZeroDivisionError):
+        with atomic_path(target) as tmp:
+            open(tmp, "wb").write(b"partial")
+            1 / 0
+    assert torch.load(target) == {"a": 1} and os.listdir(tmp_path) == ["state.pt"]
+    with pytest.raises(ValueError, match=r"argument 'name' must be a plain file name; got '../x'"):
+        StagedFiles(tmp_path).write("../x", lambda p: None)

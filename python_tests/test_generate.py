@@ -1,0 +1,148 @@
+"""Generation: cached decoding equals uncached decoding, sampling honours temperature / top-k,
+stop tokens end rows, and ``python -m qlora_ext.generate`` prints what the Python API produces."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import devices
+from llama_helpers import hf_llama, train_tokenizer, transformers
+
+from qlora_ext.checkpoint import save_peft_adapter
+from qlora_ext.generation import generate, sample
+from qlora_ext.models.llama2 import llama2_from_checkpoint, llama2_tokenizer, lora_llama2
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _model(device="cpu"):
+    model = lora_llama2(
+        ["q_proj", "v_proj"], vocab_size=96, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+        max_seq_len=48, intermediate_dim=128, lora_rank=4, lora_alpha=8, quantize_base=True,
+    )
+    with torch.no_grad():
+        model.output.weight.mul_(30)  # peaked next-token distributions: greedy paths without near-ties
+    return model.to(device).eval()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_cached_greedy_equals_uncached(device):
+    model = _model(device)
+    prompt = torch.randint(0, 96, (3, 7), device=device)
+    cached = generate(model, prompt, max_new_tokens=20, temperature=0.0)
+    uncached = generate(model, prompt, max_new_tokens=20, temperature=0.0, use_cache=False)
+    assert cached.shape == (3, 27)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached[:, :7], prompt)
+    assert not model.caches_are_setup()  # caches made for the call are gone
+    # Caches set up by the caller are reset and reused.
+    model.setup_caches(3, torch.float32, max_seq_len=40)
+    assert torch.equal(generate(model, prompt, max_new_tokens=20, temperature=0.0), cached)
+    assert model.caches_are_enabled()
+    with pytest.raises(ValueError, match=r"prompt length 7 \+ max_new_tokens 40 must be at most 40 .*; got 47"):
+        generate(model, prompt, max_new_tokens=40)
+
+
+def test_single_prompt_list_and_top_k_one_is_greedy():
+    model = _model()
+    greedy = generate(model, [5, 6, 7], max_new_tokens=8, temperature=0.0)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(generate(model, [5, 6, 7], max_new_tokens=8, temperature=0.8, top_k=1, generator=gen), greedy)
+
+
+def test_sampling_temperature_and_top_k():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.log(torch.tensor([[1.0, 3.0, 0.0001, 0.0001]])).expand(4000, 4)
+    draws = sample(logits, temperature=1.0, generator=gen)
+    assert abs((draws == 1).float().mean().item() - 0.75) < 0.03
+    # Temperature 0.5 squares the odds: 9 : 1.
+    draws = sample(logits, temperature=0.5, generator=gen)
+    assert abs((draws == 1).float().mean().item() - 0.9) < 0.03
+    wide = torch.randn(500, 50)
+    draws = sample(wide, temperature=2.0, top_k=3, generator=gen)
+    top3 = wide.topk(3, dim=-1).indices
+    assert (top3 == draws[:, None]).any(-1).all()
+    with pytest.raises(ValueError, match=r"argument 'top_k' must be positive or None; got 0"):
+        sample(wide, top_k=0)
+    with pytest.raises(ValueError, match=r"argument 'temperature' must be >= 0; got -1"):
+        sample(wide, temperature=-1)
+
+
+def test_stop_tokens_end_rows_and_pad():
+    model = _model()
+    prompt = torch.randint(0, 96, (2, 5))
+    free = generate(model, prompt, max_new_tokens=12, temperature=0.0)
+    stop = int(free[0, 5 + 2])  # row 0's third new token
+    if stop in free[1, 5:].tolist():
+        pytest.skip("both rows emit the chosen stop token; nothing row-specific to check")
+    out = generate(model, prompt, max_new_tokens=12, temperature=0.0, stop_tokens=[stop], pad_id=95)
+    assert torch.equal(out[1], free[1])  # row 1 never stops early
+    first = free[0, 5:].tolist().index(stop)
+    assert torch.equal(out[0, : 5 + first + 1], free[0, : 5 + first + 1])
+    assert (out[0, 5 + first + 1 :] == 95).all()
+    # Every row stopped: generation ends early.
+    both = generate(model, prompt[:1], max_new_tokens=12, temperature=0.0, stop_tokens=[stop])
+    assert both.shape[1] == 5 + first + 1
+
+
+@pytest.fixture(scope="module")
+def checkpoint_with_tokenizer(tmp_path_factory):
+    transformers()
+    folder = tmp_path_factory.mktemp("gen_ckpt")
+    hf = hf_llama(num_kv_heads=2, seed=5)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(30)
+    hf.save_pretrained(folder)
+    spm_dir = tmp_path_factory.mktemp("spm")
+    shutil.copy(train_tokenizer(str(spm_dir)), folder / "tokenizer.model")
+    return str(folder)
+
+
+def _cli(*args):
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-m", "qlora_ext.generate", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.rstrip("\n"), out.stderr
+
+
+def _expected(folder, prompt, adapter_dir=None, n=6):
+    tokenizer = llama2_tokenizer(os.path.join(folder, "tokenizer.model"))
+    model = llama2_from_checkpoint(folder, adapter_dir=adapter_dir).eval()
+    ids = tokenizer.encode(prompt, add_eos=False)
+    new = generate(model, ids, max_new_tokens=n, temperature=0.0, stop_tokens=[tokenizer.eos_id])[0, len(ids) :].tolist()
+    new = new[: new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new
+    return tokenizer.decode(ids + new)
+
+
+def test_cli_matches_python(checkpoint_with_tokenizer, tmp_path):
+    folder = checkpoint_with_tokenizer
+    stdout, stderr = _cli("--checkpoint-dir", folder, "--prompt", "The quick fox", "--temperature", "0", "--max-new-tokens", "6")
+    assert stdout == _expected(folder, "The quick fox")
+    assert stdout.startswith("The quick fox") and "tokens/s" in stderr
+
+    model = llama2_from_checkpoint(folder, ["q_proj", "v_proj"], apply_lora_to_mlp=True, lora_rank=4, lora_alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(std=0.5)
+    save_peft_adapter(model, tmp_path / "adapter")
+    adapted, _ = _cli(
+        "--checkpoint-dir", folder, "--adapter-dir", str(tmp_path / "adapter"), "--prompt", "The quick fox",
+        "--temperature", "0", "--max-new-tokens", "6",
+    )
+    assert adapted == _expected(folder, "The quick fox", adapter_dir=str(tmp_path / "adapter"))
+    assert adapted != stdout  # the adapter was applied
+
+
+def test_cli_argument_errors(checkpoint_with_tokenizer):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    out = subprocess.run(
+        [sys.executable, "-m", "qlora_ext.generate", "--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "x", "--temperature", "-1"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert out.returncode == 2 and "argument --temperature must be >= 0; got -1.0" in out.stderr

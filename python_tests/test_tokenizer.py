@@ -1,0 +1,47 @@
+"""Llama2Tokenizer over a SentencePiece model trained here on local text (never downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+from llama_helpers import corpus_lines, train_tokenizer
+
+from qlora_ext.models.llama2 import Llama2Tokenizer, llama2_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return llama2_tokenizer(train_tokenizer(str(tmp_path_factory.mktemp("spm")), vocab_size=320))
+
+
+def test_ids_and_vocab(tokenizer):
+    assert isinstance(tokenizer, Llama2Tokenizer)
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (1, 2, 0)
+    assert tokenizer.vocab_size == 320
+    assert tokenizer.stop_tokens == [2]
+
+
+def test_encode_decode_round_trip(tokenizer):
+    for text in [*corpus_lines(5, seed=3), "Write 3 words: ünïcödé ✓ falls back to bytes."]:
+        ids = tokenizer.encode(text)
+        assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
+        assert all(0 <= i < tokenizer.vocab_size for i in ids)
+        assert tokenizer.decode(ids) == text
+    plain = tokenizer.encode("the quick fox", add_bos=False, add_eos=False)
+    assert tokenizer.encode("the quick fox") == [1, *plain, 2]
+    assert tokenizer.encode("the quick fox", add_eos=False) == [1, *plain]
+    assert len(plain) < len("the quick fox")  # merges happened: pieces, not characters
+    assert tokenizer.decode(plain) == "the quick fox"
+
+
+def test_trim_leading_whitespace(tokenizer):
+    prompt = tokenizer.encode("Question: the river", add_eos=False)
+    answer = tokenizer.encode("carries stories", add_bos=False, trim_leading_whitespace=True)
+    assert tokenizer.decode(prompt + answer) == "Question: the rivercarries stories"
+    spaced = tokenizer.encode("carries stories", add_bos=False)
+    assert tokenizer.decode(prompt + spaced) == "Question: the river carries stories"
+    assert answer != spaced
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"argument 'path' must be a SentencePiece model file; got '.*nope.model'"):
+        llama2_tokenizer(tmp_path / "nope.model")

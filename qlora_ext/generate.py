@@ -1,0 +1,108 @@
+"""Generate text with a Llama-2 checkpoint, optionally with a LoRA adapter.
+
+    python -m qlora_ext.generate --checkpoint-dir DIR --prompt "Tell me a story"
+    python -m qlora_ext.generate --checkpoint-dir DIR --adapter-dir OUT/epoch_0 --prompt "..." \
+        --temperature 0 --max-new-tokens 50 --quantize-base
+
+DIR is a HF or Meta checkpoint folder holding ``tokenizer.model`` (or pass ``--tokenizer``).
+The completion goes to stdout; timing goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m qlora_ext.generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint-dir", required=True, help="HF or Meta Llama-2 checkpoint folder")
+    parser.add_argument("--adapter-dir", default=None, help="PEFT LoRA adapter folder to apply")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.model (default: CHECKPOINT_DIR/tokenizer.model)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=300, help="sample among the k most likely tokens; 0 = all")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quantize-base", action="store_true", help="keep the adapted linears' base weights in NF4")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error(f"argument --max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    if args.temperature < 0:
+        parser.error(f"argument --temperature must be >= 0; got {args.temperature}")
+    if args.top_k < 0:
+        parser.error(f"argument --top-k must be >= 0; got {args.top_k}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError) as e:
+        # A bad path or an unusable checkpoint is the user's to fix: say what, skip the traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from qlora_ext.generation import generate
+    from qlora_ext.models.llama2 import llama2_from_checkpoint, llama2_tokenizer
+
+    tokenizer_path = args.tokenizer or os.path.join(args.checkpoint_dir, "tokenizer.model")
+    tokenizer = llama2_tokenizer(tokenizer_path)
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32)
+
+    start = time.perf_counter()
+    model = llama2_from_checkpoint(
+        args.checkpoint_dir,
+        adapter_dir=args.adapter_dir,
+        quantize_base=args.quantize_base,
+        device=args.device,
+        dtype=dtype,
+    ).eval()
+    if model.tok_embeddings.num_embeddings < tokenizer.vocab_size:
+        raise SystemExit(
+            f"error: the tokenizer has {tokenizer.vocab_size} pieces but the model only "
+            f"{model.tok_embeddings.num_embeddings} embeddings; pass the matching --tokenizer"
+        )
+    loaded = time.perf_counter()
+
+    prompt = tokenizer.encode(args.prompt, add_bos=True, add_eos=False)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    tokens = generate(
+        model,
+        prompt,
+        max_new_tokens=min(args.max_new_tokens, model.max_seq_len - len(prompt)),
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        stop_tokens=tokenizer.stop_tokens,
+        pad_id=tokenizer.pad_id,
+        generator=generator,
+    )
+    done = time.perf_counter()
+    new = tokens[0, len(prompt) :].tolist()
+    if tokenizer.eos_id in new:
+        new = new[: new.index(tokenizer.eos_id)]
+    # Decode prompt and continuation together: SentencePiece drops a leading space when decoding
+    # the continuation on its own.
+    print(tokenizer.decode(prompt + new))
+    print(
+        f"loaded in {loaded - start:.1f} s; generated {len(new)} tokens in {done - loaded:.2f} s "
+        f"({len(new) / max(done - loaded, 1e-9):.1f} tokens/s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

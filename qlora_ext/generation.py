@@ -1,0 +1,125 @@
+"""Autoregressive decoding with a KV cache: greedy, temperature and top-k sampling, stop tokens.
+
+    tokens = generate(model, prompt_ids, max_new_tokens=64, temperature=0.0)  # greedy
+
+The prompt is processed in one forward (prefill) that fills each layer's cache; every later
+step feeds only the newest token. ``use_cache=False`` recomputes the whole sequence each step
+(slow; the reference the cached path is tested against).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Picks one token per row of ``logits`` [b, vocab].
+
+    Args:
+        logits: unnormalized scores.
+        temperature: 0 picks the most likely token (greedy); otherwise scores are divided by it
+            before the softmax (below 1 sharpens, above 1 flattens).
+        top_k: sample among the k most likely tokens only.
+        generator: random source for reproducible sampling.
+
+    Returns:
+        int64 token ids [b].
+
+    Raises:
+        ValueError: negative ``temperature`` or non-positive ``top_k``.
+    """
+    if temperature < 0:
+        raise ValueError(f"sample: argument 'temperature' must be >= 0; got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"sample: argument 'top_k' must be positive or None; got {top_k}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [b, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt: Tensor | list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    stop_tokens: list[int] | None = None,
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Tensor:
+    """Extends each prompt by up to ``max_new_tokens`` tokens.
+
+    Args:
+        model: a ``TransformerDecoder``. If it has no KV caches, caches sized for this call are
+            set up and removed afterwards; caches set up by the caller are reset and reused.
+        prompt: [b, s] token ids (prompts of equal length) or one prompt as a list of ints.
+        max_new_tokens: most tokens to add.
+        temperature, top_k, generator: as for ``sample`` (temperature 0 = greedy).
+        stop_tokens: a row stops after emitting one of these; later positions get ``pad_id``.
+            Generation ends when every row has stopped.
+        pad_id: filler after a row's stop token.
+        use_cache: False recomputes the full sequence each step (a reference; slow).
+
+    Returns:
+        [b, s + n] int64: the prompts followed by the n <= max_new_tokens generated tokens.
+
+    Raises:
+        ValueError: an empty prompt, ``max_new_tokens`` < 1, prompt plus new tokens longer than
+            the model's max_seq_len (or than caches set up by the caller).
+    """
+    device = model.tok_embeddings.weight.device
+    if not isinstance(prompt, Tensor):
+        prompt = torch.tensor([list(prompt)], dtype=torch.long)
+    prompt = prompt.to(device)
+    if prompt.dim() != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"generate: argument 'prompt' must be [batch, seq] with seq >= 1; got shape {list(prompt.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: argument 'max_new_tokens' must be >= 1; got {max_new_tokens}")
+    b, s = prompt.shape
+    total = s + max_new_tokens
+    limit = model.max_seq_len
+    own_caches = use_cache and not model.caches_are_setup()
+    if use_cache and not own_caches:
+        limit = min(limit, model._cache_len)
+    if total > limit:
+        raise ValueError(
+            f"generate: prompt length {s} + max_new_tokens {max_new_tokens} must be at most {limit} "
+            f"(the model's max_seq_len or its cache length); got {total}"
+        )
+    stop = torch.tensor(stop_tokens or [], dtype=torch.long, device=device)
+
+    if own_caches:
+        model.setup_caches(b, model.tok_embeddings.weight.dtype, max_seq_len=total)
+    elif use_cache:
+        model.reset_caches()
+    try:
+        if use_cache:
+            logits = model(prompt, input_pos=torch.arange(s, device=device))[:, -1]
+        else:
+            logits = model(prompt)[:, -1]
+        tokens = [prompt]
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            nxt = sample(logits, temperature=temperature, top_k=top_k, generator=generator)
+            nxt = nxt.masked_fill(done, pad_id)
+            tokens.append(nxt[:, None])
+            done |= torch.isin(nxt, stop)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            if use_cache:
+                logits = model(nxt[:, None], input_pos=torch.tensor([s + step], device=device))[:, -1]
+            else:
+                logits = model(torch.cat(tokens, dim=1))[:, -1]
+    finally:
+        if own_caches:
+            model.remove_caches()
+    return torch.cat(tokens, dim=1)
