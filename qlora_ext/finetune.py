@@ -72,28 +72,27 @@ def train(cfg: Config) -> dict[str, Any]:
         resume_step=state["global_step"] if state else None,
     )
 
-    # -- tokenizer and data ------------------------------------------------------------------
+    # -- tokenizer and data (read before the model, so a data mistake fails fast) -------------
     tokenizer = model_setup.load_tokenizer(cfg.tokenizer.path)
     records = load_alpaca_records(cfg.dataset.data_files)
     train_records, val_records = split_records(records, cfg.dataset.validation_fraction, seed)
-    max_seq_len = cfg.tokenizer.max_seq_len
-    train_ds = InstructDataset(train_records, tokenizer, max_seq_len, cfg.dataset.train_on_input)
-    val_ds = InstructDataset(val_records, tokenizer, max_seq_len, cfg.dataset.train_on_input)
-    batches_per_epoch = num_batches(len(train_ds), cfg.batch_size)
-    steps_per_epoch = batches_per_epoch // cfg.gradient_accumulation_steps
+    steps_per_epoch = num_batches(len(train_records), cfg.batch_size) // cfg.gradient_accumulation_steps
     if cfg.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     if steps_per_epoch == 0:
         raise DataError(
-            f"dataset.data_files: {len(train_ds)} training examples make no optimizer step with batch_size="
+            f"dataset.data_files: {len(train_records)} training examples make no optimizer step with batch_size="
             f"{cfg.batch_size} and gradient_accumulation_steps={cfg.gradient_accumulation_steps}"
         )
-    print(f"Data: {len(train_ds)} training and {len(val_ds)} held-out examples; {steps_per_epoch} steps per epoch")
+    print(f"Data: {len(train_records)} training and {len(val_records)} held-out examples; {steps_per_epoch} steps per epoch")
 
     # -- model: base weights (NF4 for QLoRA) + fp32 adapters ---------------------------------
     torch.manual_seed(seed)
     model = model_setup.build_model(cfg, device, dtype)
     model_setup.check_vocab(model, tokenizer, cfg)
+    max_seq_len = model_setup.check_max_seq_len(model, cfg)
+    train_ds = InstructDataset(train_records, tokenizer, max_seq_len, cfg.dataset.train_on_input)
+    val_ds = InstructDataset(val_records, tokenizer, max_seq_len, cfg.dataset.train_on_input)
     adapter = model_setup.adapter_parameters(model)
     if cfg.log_peak_memory_stats:
         print(format_memory_stats(memory_stats(device, reset_peak=True), "after model init"))

@@ -63,9 +63,10 @@ def _numbers(rng: random.Random) -> list[int]:
     return rng.sample(range(1, 40), rng.randint(3, 5))
 
 
-def corpus_lines(seed: int = 0, num_skill_lines: int = 3000, fact_repeats: int = 4) -> list[str]:
-    """Pretraining sentences: every fact three ways (``fact_repeats`` times over, so a 1M-parameter
-    model memorizes them), and many worked skill examples."""
+def corpus_lines(seed: int = 0, num_skill_lines: int = 12000, fact_repeats: int = 6) -> list[str]:
+    """Pretraining sentences: every fact three ways (``fact_repeats`` times over, so the tiny
+    model memorizes them), and many distinct worked skill examples (too many to memorize, so the
+    model has to learn the skill itself)."""
     rng = random.Random(seed + 1)
     facts = []
     for country, capital in countries(seed):

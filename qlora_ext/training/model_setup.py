@@ -117,3 +117,19 @@ def check_vocab(model: nn.Module, tokenizer, cfg) -> None:
             f"tokenizer.path={cfg.tokenizer.path} has {tokenizer.vocab_size} pieces but the model's vocabulary "
             f"(from {cfg.checkpointer.checkpoint_dir}) has {vocab}; use the tokenizer of that checkpoint"
         )
+
+
+def check_max_seq_len(model: nn.Module, cfg) -> int:
+    """Examples are cut to ``tokenizer.max_seq_len``, or to the model's max_seq_len when null.
+
+    Raises:
+        ModelSetupError: ``tokenizer.max_seq_len`` is longer than the model takes.
+    """
+    limit = model.max_seq_len
+    wanted = cfg.tokenizer.max_seq_len
+    if wanted is not None and wanted > limit:
+        raise ModelSetupError(
+            f"tokenizer.max_seq_len={wanted} is longer than the model's max_seq_len {limit} "
+            f"(from {cfg.checkpointer.checkpoint_dir}); use at most {limit}"
+        )
+    return limit if wanted is None else wanted
