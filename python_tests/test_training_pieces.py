@@ -183,3 +183,25 @@ def test_resume_fingerprint_ignores_what_may_change_on_resume():
     assert resume_fingerprint(load_config("tiny_qlora", ["epochs=9", "log_every_n_steps=3", "output_dir=x", "compile=True"])) == base
     assert resume_fingerprint(load_config("tiny_qlora", ["model.lora_rank=4"]))["model.lora_rank"] == 4
     assert resume_fingerprint(load_config("tiny_qlora", ["batch_size=3"])) != base
+
+
+def test_tensorboard_logger_writes_events(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard (optional) is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    loggers = MetricLoggers("tensorboard", tmp_path)
+    for s in range(1, 4):
+        loggers.log({"loss": 1.0 / s, "lr": 0.1}, step=s)
+    loggers.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]  # the disk log is always kept
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("loss")] == [(1, 1.0), (2, 0.5), (3, 0.3333)]
+
+
+def test_matplotlib_loss_curves(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib (optional) is not installed")
+    curves = [Curve(name, list(range(1, 31)), [k / s for s in range(1, 31)]) for name, k in (("lora", 1.0), ("qlora", 1.2))]
+    path = tmp_path / "curves.png"
+    assert plot_loss_curves(curves, path, smoothing=0.5) == "matplotlib"
+    assert _png_size(path) == (800, 480)

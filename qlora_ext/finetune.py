@@ -57,6 +57,8 @@ DEFAULT_CONFIG = "tiny_qlora"
 def train(cfg: Config) -> dict[str, Any]:
     """Runs the whole fine-tuning described by ``cfg``; returns a summary (losses, paths)."""
     # -- setup: device, precision, seed, output folder ----------------------------------------
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
     device = steps.resolve_device(cfg.device)
     dtype = steps.resolve_dtype(cfg.dtype, device)
     output_dir = Path(cfg.output_dir)

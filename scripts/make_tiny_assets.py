@@ -1,6 +1,6 @@
 """Builds the bundled assets of the default run (``qlora_ext/assets/``), deterministically:
 
-    python scripts/make_tiny_assets.py data        # tiny_alpaca.jsonl + pretrain corpus (not shipped)
+    python scripts/make_tiny_assets.py data        # tiny_alpaca.jsonl + pretraining corpus (not shipped)
     python scripts/make_tiny_assets.py tokenizer   # tokenizer.model (SentencePiece BPE, byte fallback)
     python scripts/make_tiny_assets.py model       # tiny_llama2/ : the pretrained base, HF format, bf16
     python scripts/make_tiny_assets.py all
@@ -35,8 +35,13 @@ def make_data() -> None:
     with open(ASSETS / "tiny_alpaca.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    (WORK / "corpus.txt").write_text("\n".join(tiny_world.corpus_lines(SEED)) + "\n")
-    print(f"wrote {ASSETS / 'tiny_alpaca.jsonl'} ({len(records)} records) and {WORK / 'corpus.txt'}")
+    docs = tiny_world.corpus_documents(SEED)
+    (WORK / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    print(f"wrote {ASSETS / 'tiny_alpaca.jsonl'} ({len(records)} records) and {WORK / 'corpus.jsonl'} ({len(docs)} documents)")
+
+
+def read_corpus() -> list[str]:
+    return [json.loads(line) for line in (WORK / "corpus.jsonl").read_text().splitlines()]
 
 
 def make_tokenizer() -> None:
@@ -46,7 +51,7 @@ def make_tokenizer() -> None:
     from qlora_ext.training.data import alpaca_prompt
 
     records = [json.loads(line) for line in (ASSETS / "tiny_alpaca.jsonl").read_text().splitlines()]
-    text = (WORK / "corpus.txt").read_text().splitlines()
+    text = [line for doc in read_corpus() for line in doc.split("\n")]
     text += [alpaca_prompt(r) + r["output"] for r in records]
     model = io.BytesIO()
     # Llama-2's conventions: BPE, byte fallback, unk=0 bos=1 eos=2, no pad piece, digits split.
@@ -86,7 +91,7 @@ def main() -> None:
     if args.stage in ("model", "all"):
         from pretrain_tiny import pretrain_and_save
 
-        pretrain_and_save(ASSETS / "tiny_llama2", WORK / "corpus.txt", ASSETS / "tokenizer.model", seed=SEED)
+        pretrain_and_save(ASSETS / "tiny_llama2", read_corpus(), ASSETS / "tokenizer.model", seed=SEED)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ ARCH = dict(
 )
 SEQ = 128
 BATCH = 16
-STEPS = 1500
+STEPS = 1800
 LR = 3e-3
 WARMUP = 100
 
@@ -42,22 +42,22 @@ class _SentencePiece:
         return [self.sp.bos_id()] * add_bos + self.sp.encode(text) + [self.sp.eos_id()] * add_eos
 
 
-def packed_sequences(lines: list[str], tokenizer, seq: int, seed: int) -> torch.Tensor:
-    """Lines grouped into documents of 1-3 lines joined by newlines (so the model also sees text
-    that starts right after a newline, as an Alpaca response does), as one BOS ... EOS stream cut
-    into rows of ``seq + 1`` tokens."""
+def packed_sequences(docs: list[str], tokenizer, seq: int, seed: int) -> torch.Tensor:
+    """Documents in groups of 1-3 joined by newlines (so the model also sees text that starts
+    right after a newline, as an Alpaca response does), as one BOS ... EOS stream cut into rows of
+    ``seq + 1`` tokens."""
     rng = random.Random(seed)
     stream: list[int] = []
     i = 0
-    while i < len(lines):
+    while i < len(docs):
         n = rng.randint(1, 3)
-        stream += tokenizer.encode("\n".join(lines[i : i + n]), add_bos=True, add_eos=True)
+        stream += tokenizer.encode("\n".join(docs[i : i + n]), add_bos=True, add_eos=True)
         i += n
     rows = len(stream) // (seq + 1)
     return torch.tensor(stream[: rows * (seq + 1)]).view(rows, seq + 1)
 
 
-def pretrain_and_save(out_dir: Path, corpus_path: Path, tokenizer_path: Path, seed: int = 0, steps: int = STEPS) -> None:
+def pretrain_and_save(out_dir: Path, corpus: list[str], tokenizer_path: Path, seed: int = 0, steps: int = STEPS) -> None:
     import sentencepiece as spm
 
     from qlora_ext.checkpoint import save_hf_checkpoint
@@ -69,7 +69,7 @@ def pretrain_and_save(out_dir: Path, corpus_path: Path, tokenizer_path: Path, se
     torch.manual_seed(seed)
     tokenizer = _SentencePiece(spm.SentencePieceProcessor(model_file=str(tokenizer_path)))
     assert tokenizer.vocab_size == ARCH["vocab_size"], (tokenizer.vocab_size, ARCH["vocab_size"])
-    data = packed_sequences(corpus_path.read_text().splitlines(), tokenizer, SEQ, seed)
+    data = packed_sequences(corpus, tokenizer, SEQ, seed)
     model = llama2(**ARCH)
     print(f"pretraining {sum(p.numel() for p in model.parameters()):,} parameters on {data.numel():,} tokens "
           f"({data.shape[0]} rows of {SEQ + 1}), {steps} steps of {BATCH} rows")

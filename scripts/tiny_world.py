@@ -2,9 +2,9 @@
 
 Two kinds of text come out of it:
 
-* a pretraining corpus of plain sentences (``corpus_lines``): facts (made-up countries and their
-  capitals, opposites) and skills written out (word lists reversed, numbers sorted). The tiny base
-  model is pretrained on it once, by ``make_tiny_assets.py``;
+* a pretraining corpus (``corpus_documents``): facts (made-up countries and their capitals,
+  opposites) and skills written out (word lists reversed, numbers sorted), in sentences and short
+  two-line documents. The tiny base model is pretrained on it once, by ``make_tiny_assets.py``;
 * Alpaca-format instruction records (``instruction_records``) asking for the same knowledge and
   skills in the Alpaca prompt format, which the base has never seen. Each question appears once,
   so a random held-out split asks about countries and lists the fine-tuning never showed: the
@@ -63,10 +63,16 @@ def _numbers(rng: random.Random) -> list[int]:
     return rng.sample(range(1, 40), rng.randint(3, 5))
 
 
-def corpus_lines(seed: int = 0, num_skill_lines: int = 12000, fact_repeats: int = 6) -> list[str]:
-    """Pretraining sentences: every fact three ways (``fact_repeats`` times over, so the tiny
-    model memorizes them), and many distinct worked skill examples (too many to memorize, so the
-    model has to learn the skill itself)."""
+def corpus_documents(seed: int = 0, num_skill_lines: int = 12000, num_two_line: int = 6000, fact_repeats: int = 6) -> list[str]:
+    """Pretraining documents (one string each; some span two lines):
+
+    * every fact three ways, ``fact_repeats`` times over, so the tiny model memorizes them;
+    * many distinct worked skill examples, too many to memorize, so it learns the skills;
+    * two-line documents that name a thing on one line and use it on the next ("Here are some
+      words: ... / Backwards they read: ..."), so it learns to reach back across lines, as an
+      answer to a prompt must. Their wording is not the Alpaca template's: fine-tuning still has
+      the prompt format to learn.
+    """
     rng = random.Random(seed + 1)
     facts = []
     for country, capital in countries(seed):
@@ -74,17 +80,24 @@ def corpus_lines(seed: int = 0, num_skill_lines: int = 12000, fact_repeats: int 
             f"The capital of {country} is {capital}.",
             f"{capital} is the capital of {country}.",
             f"{capital} is a city in {country}, and the capital of {country} is {capital}.",
+            f"Tell me about {country}.\nThe capital of {country} is {capital}.",
         ]
     for a, b in OPPOSITES:
-        facts += [f"The opposite of {a} is {b}.", f"The opposite of {b} is {a}.", f"{a.capitalize()} and {b} are opposites."]
-    lines = facts * fact_repeats
+        facts += [f"The opposite of {a} is {b}.", f"The opposite of {b} is {a}.", f"{a.capitalize()} and {b} are opposites.",
+                  f"Think of the word {a}.\nThe opposite of {a} is {b}.", f"Think of the word {b}.\nThe opposite of {b} is {a}."]
+    docs = facts * fact_repeats
     for _ in range(num_skill_lines // 2):
         words = _word_list(rng)
-        lines.append(f"The words {' '.join(words)} in reverse order are {' '.join(reversed(words))}.")
+        docs.append(f"The words {' '.join(words)} in reverse order are {' '.join(reversed(words))}.")
         nums = _numbers(rng)
-        lines.append(f"The numbers {' '.join(map(str, nums))} in order are {' '.join(map(str, sorted(nums)))}.")
-    rng.shuffle(lines)
-    return lines
+        docs.append(f"The numbers {' '.join(map(str, nums))} in order are {' '.join(map(str, sorted(nums)))}.")
+    for _ in range(num_two_line // 2):
+        words = _word_list(rng)
+        docs.append(f"Here are some words: {' '.join(words)}.\nBackwards they read: {' '.join(reversed(words))}.")
+        nums = _numbers(rng)
+        docs.append(f"Here are some numbers: {' '.join(map(str, nums))}.\nSmallest first they read: {' '.join(map(str, sorted(nums)))}.")
+    rng.shuffle(docs)
+    return docs
 
 
 def instruction_records(seed: int = 0, num_skill_records: int = 400) -> list[dict[str, str]]:

@@ -76,6 +76,9 @@ SCHEMA: dict[str, Any] = {
         "(adapters and optimizer state stay fp32)",
         choices=("auto", "bf16", "fp32"),
     ),
+    "num_threads": Opt(
+        "int", None, "CPU threads for torch (null: torch's default, one per core)", nullable=True, minimum=1
+    ),
     "epochs": Opt("int", 1, "passes over the training data", minimum=1),
     "max_steps_per_epoch": Opt("int", None, "stop each epoch after this many optimizer steps", nullable=True, minimum=1),
     "batch_size": Opt("int", 2, "examples per forward/backward", minimum=1),
