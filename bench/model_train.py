@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
 import resource
 import sys
@@ -129,6 +130,8 @@ def _hf(arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.dty
 
 def _worker(stack: str, name: str, args: dict, queue) -> None:
     try:
+        if args.get("threads"):
+            torch.set_num_threads(args["threads"])
         device = torch.device(args["device"])
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         arch = CONFIGS[name]
@@ -187,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of qlora_ext's steps")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for model_train.json")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per stack and config")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for both stacks (default: torch's)")
     a = parser.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: cuda was asked for but no CUDA GPU is available")
@@ -194,11 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         a.configs, a.steps, a.warmup = ["tiny"], 1, 1
     elif a.quick:
         a.steps, a.warmup = 3, 1
-    args = dict(device=a.device, steps=a.steps, warmup=a.warmup, batch=a.batch, seq=a.seq, profile=a.profile, timeout=a.timeout)
+    args = dict(device=a.device, steps=a.steps, warmup=a.warmup, batch=a.batch, seq=a.seq, profile=a.profile, timeout=a.timeout,
+                threads=a.threads)
 
     results: dict = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "device": a.device},
+                    "threads": a.threads or torch.get_num_threads(), "device": a.device,
+                    "load_average_at_start": os.getloadavg()},
         "work": {"batch": a.batch, "seq": a.seq, "lora_rank": LORA["rank"], "lora_targets": "q,k,v,o + MLP",
                  "compute": "bf16" if a.device == "cuda" else "fp32", "steps": a.steps, "warmup": a.warmup},
         "configs": {},

@@ -207,8 +207,19 @@ def train(cfg: Config) -> dict[str, Any]:
         summary["loss_curve"], summary["plot_renderer"] = _plot(loggers.metrics_path, output_dir)
     summary["checkpoint"] = str(last_checkpoint) if last_checkpoint else None
     summary["metrics"] = str(loggers.metrics_path)
+    summary["peak_memory"] = _peak_memory(loggers.metrics_path)
     evaluation.print_report(summary, samples, cfg)
     return summary
+
+
+def _peak_memory(metrics_path: Path) -> dict[str, float]:
+    """The largest of each logged memory statistic over the run (GB)."""
+    peaks: dict[str, float] = {}
+    for record in read_metrics(metrics_path):
+        for key in ("peak_memory_alloc", "peak_memory_reserved", "peak_memory_active", "peak_rss_memory"):
+            if key in record:
+                peaks[key] = max(peaks.get(key, 0.0), record[key])
+    return peaks
 
 
 def _plot(metrics_path: Path, output_dir: Path) -> tuple[str | None, str | None]:

@@ -101,22 +101,35 @@ def corpus_documents(seed: int = 0, num_skill_lines: int = 12000, num_two_line: 
 
 
 def instruction_records(seed: int = 0, num_skill_records: int = 400) -> list[dict[str, str]]:
-    """Alpaca records: one per country, per direction of each opposite pair, and skill examples."""
+    """Alpaca records: one per country, per direction of each opposite pair, and skill examples.
+
+    Answers that use a word of the prompt restate it in a sentence ("The words ... in reverse
+    order are ..."), with the word in the middle of a line on both sides: SentencePiece spells a
+    word at the start of a line differently (no word-start marker), and a 2M-parameter model
+    copies a word far more reliably when the spelling is the same. The sort task keeps the
+    with-input form of the template (digits are split, so their spelling never changes).
+    """
     rng = random.Random(seed + 2)
     records = []
     capital_questions = ["What is the capital of {c}?", "Name the capital city of {c}.", "Which city is the capital of {c}?"]
     for country, capital in countries(seed):
         q = rng.choice(capital_questions).format(c=country)
         records.append({"instruction": q, "input": "", "output": f"The capital of {country} is {capital}."})
+    opposite_questions = ["What is the opposite of {w}?", "Give the opposite of the word {w}."]
     for a, b in OPPOSITES:
         for x, y in ((a, b), (b, a)):
-            q = rng.choice(["What is the opposite of the given word?", "Give the opposite of this word."])
-            records.append({"instruction": q, "input": x, "output": f"The opposite of {x} is {y}."})
+            q = rng.choice(opposite_questions).format(w=x)
+            records.append({"instruction": q, "input": "", "output": f"The opposite of {x} is {y}."})
     seen = set()
     while len(records) < len(countries(seed)) + 2 * len(OPPOSITES) + num_skill_records:
         if rng.random() < 0.5:
-            words = _word_list(rng)
-            rec = {"instruction": "Reverse the order of these words.", "input": " ".join(words), "output": " ".join(reversed(words))}
+            words = " ".join(_word_list(rng))
+            rev = " ".join(reversed(words.split()))
+            rec = {
+                "instruction": f"Reverse the order of the words {words}.",
+                "input": "",
+                "output": f"The words {words} in reverse order are {rev}.",
+            }
         else:
             nums = _numbers(rng)
             rec = {

@@ -59,6 +59,10 @@ def print_report(summary: dict[str, Any], samples: list[dict[str, str]], cfg) ->
         lines.append(f"Held-out loss after training: {summary['val_loss_after']:.4f}")
     if summary.get("losses"):
         lines.append(f"Training loss: {summary['losses'][0]:.4f} at the first step -> {summary['losses'][-1]:.4f} at the last")
+    if summary.get("peak_memory"):
+        names = {"peak_memory_alloc": "GPU allocated", "peak_memory_reserved": "GPU reserved",
+                 "peak_memory_active": "GPU active", "peak_rss_memory": "CPU resident"}
+        lines.append("Peak memory during training: " + ", ".join(f"{names[k]} {v:.2f} GB" for k, v in summary["peak_memory"].items()))
     if summary.get("answers_after"):
         lines.append("")
         lines.append("Held-out prompts (never trained on):")
