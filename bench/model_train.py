@@ -68,6 +68,7 @@ def _ours(arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.d
     sys.path.insert(0, str(REPO))
     from qlora_ext.models.llama2 import lora_llama2
     from qlora_ext.modules.peft import get_adapter_params, set_trainable_params
+    from qlora_ext.training.steps import autocast, token_loss_sum
 
     torch.set_default_dtype(dtype)
     with torch.device(device):
@@ -83,10 +84,10 @@ def _ours(arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.d
     opt = torch.optim.AdamW(list(adapter.values()), lr=1e-4, fused=device.type == "cuda")
     tokens = torch.randint(0, arch["vocab_size"], (batch, seq), device=device)
 
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+    def step():  # the trainer's step: qlora_ext.finetune's loss and precision handling
+        with autocast(device, dtype):
             logits = model(tokens)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+        loss = token_loss_sum(logits, tokens) / (tokens.numel() - tokens.shape[0])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

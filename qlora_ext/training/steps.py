@@ -67,11 +67,13 @@ def token_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
     Args:
         logits: [b, s, vocab] (float32).
         labels: [b, s]; position t's logits predict labels[t + 1].
+
+    The labels are shifted (and the last position ignored) rather than the logits sliced: slicing
+    [b, s, vocab] logits copies them, and its backward fills a zero tensor of their full size.
     """
     vocab = logits.shape[-1]
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [b, s]
+    return F.cross_entropy(logits.reshape(-1, vocab).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def num_loss_tokens(labels: Tensor) -> int:
