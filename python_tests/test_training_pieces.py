@@ -170,8 +170,9 @@ def test_training_state_round_trip_and_mismatch(tmp_path):
 def test_pick_samples_prefers_distinct_instructions():
     from qlora_ext.training.evaluation import pick_samples
 
-    recs = [{"instruction": i, "input": str(n), "output": ""} for n, i in enumerate("aabbbc")]
-    assert [r["instruction"] for r in pick_samples(recs, 4)] == ["a", "b", "c", "a"]
+    texts = ["Name the capital of A.", "Name the capital of B.", "Reverse the words x y.", "Reverse the words y z.", "Sort these."]
+    recs = [{"instruction": t, "input": "", "output": ""} for t in texts]
+    assert [r["instruction"] for r in pick_samples(recs, 4)] == [texts[0], texts[2], texts[4], texts[1]]
     assert pick_samples(recs, 0) == []
 
 

@@ -38,14 +38,20 @@ def answer(
 
 
 def pick_samples(records: list[dict[str, str]], count: int) -> list[dict[str, str]]:
-    """``count`` records, preferring different instructions (a mix of tasks), in order."""
-    seen: set[str] = set()
-    first = [r for r in records if not (r["instruction"] in seen or seen.add(r["instruction"]))]
+    """``count`` records, in order, preferring instructions that begin differently (a crude
+    "kind of task": the first two words), so the samples show a mix of tasks."""
+    seen: set[tuple[str, ...]] = set()
+    first = []
+    for r in records:
+        kind = tuple(r["instruction"].lower().split()[:2])
+        if kind not in seen:
+            seen.add(kind)
+            first.append(r)
     rest = [r for r in records if r not in first]
     return (first + rest)[:count]
 
 
-def _one_line(text: str, width: int = 72) -> str:
+def _one_line(text: str, width: int = 100) -> str:
     text = " ".join(text.split()) or "(empty)"
     return textwrap.shorten(text, width=width, placeholder=" ...")
 
