@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -48,6 +49,11 @@ def _proc_bytes(key: str) -> int:
         return int(re.search(key + r":\s+(\d+) kB", f.read()).group(1)) * 1024
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def worker(case: str, device: str) -> dict:
     """Runs one build in this process and returns its measurements."""
     sys.path.insert(0, REPO)
@@ -69,17 +75,22 @@ def worker(case: str, device: str) -> dict:
             f.write("5")  # VmHWM := current RSS, so the peak below is this build's
     rss_before = _proc_bytes("VmRSS")
     torch.set_default_dtype(getattr(torch, dtype_name))
+    cpu_start = _cpu_seconds()
     start = time.perf_counter()
     with torch.device("meta" if mode == "meta" else device):
         model = builder(ATTN, apply_lora_to_mlp=True)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    cpu_seconds = _cpu_seconds() - cpu_start
     nf4 = [p for p in model.parameters() if isinstance(p, NF4Tensor)]
     out = {
         "case": case,
         "device": device if mode != "meta" else "meta",
         "seconds": seconds,
+        # CPU time, user + system over all threads: unlike wall time, other processes on a
+        # shared machine barely change it.
+        "cpu_seconds": cpu_seconds,
         "params": sum(p.numel() for p in model.parameters()),
         "nf4_params": sum(p.numel() for p in nf4),
         "model_bytes": sum(p.quantized_nbytes if isinstance(p, NF4Tensor) else p.numel() * p.element_size() for p in model.parameters()),
@@ -134,14 +145,14 @@ def main() -> int:
         rows.append(row)
 
     print(f"model build, {cpu_name()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
-    print(f"{'case':<16} {'device':<6} {'seconds':>8} {'peak GB':>8} {'model GB':>9} {'NF4 params':>11}  targets")
+    print(f"{'case':<16} {'device':<6} {'seconds':>8} {'cpu s':>7} {'peak GB':>8} {'model GB':>9} {'NF4 params':>11}  targets")
     for r in rows:
         peak = r.get(peak_key)
         checks = ", ".join(
             f"{k[5:]} {'ok' if v else 'FAIL'} (< {r['target_' + k[5:]]})" for k, v in r.items() if k.startswith("pass_")
         )
         peak_text = f"{peak / GB:8.2f}" if peak is not None and r["device"] != "meta" else f"{'-':>8}"
-        print(f"{r['case']:<16} {r['device']:<6} {r['seconds']:8.1f} {peak_text} {r['model_bytes'] / GB:9.2f} {r['nf4_params'] / r['params']:10.1%}  {checks}")
+        print(f"{r['case']:<16} {r['device']:<6} {r['seconds']:8.1f} {r['cpu_seconds']:7.1f} {peak_text} {r['model_bytes'] / GB:9.2f} {r['nf4_params'] / r['params']:10.1%}  {checks}")
     os.makedirs(args.out, exist_ok=True)
     result = {
         "benchmark": "model_build",

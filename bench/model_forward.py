@@ -21,10 +21,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import torch  # noqa: E402
+import torch
 
-from qlora_ext import NF4Tensor  # noqa: E402
-from qlora_ext.models.llama2 import lora_llama2, qlora_llama2_7b  # noqa: E402
+from qlora_ext import NF4Tensor
+from qlora_ext.models.llama2 import lora_llama2, qlora_llama2_7b
 
 ALL = ["q_proj", "k_proj", "v_proj", "output_proj"]
 
@@ -99,7 +99,7 @@ def main() -> int:
         step_times = []
         for i in range(steps):
             pos = torch.tensor([args.prompt_len + i], device=device)
-            seconds, _ = _median_seconds(lambda: model(token, input_pos=pos), 1, device)
+            seconds, _ = _median_seconds(lambda pos=pos: model(token, input_pos=pos), 1, device)
             step_times.append(seconds)
         rows.append(dict(what="decode 1 token (KV cache)", seconds=statistics.median(step_times), all=step_times, tokens=1))
 

@@ -138,10 +138,12 @@ def meta_reference_logits(state: dict[str, Tensor], params: dict, tokens: Tensor
 
 # -- tokenizer ------------------------------------------------------------------------------------
 
-_WORDS = (
-    "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
-    "under pale moonlight and an old river carries stories from distant mountains to the sea "
-    "instruction input output response answer question explain describe write list give name"
+_WORDS = " ".join(
+    [
+        "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches",
+        "under pale moonlight and an old river carries stories from distant mountains to the sea",
+        "instruction input output response answer question explain describe write list give name",
+    ]
 ).split()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -100,7 +101,7 @@ def _rewrite(bnb_dir, tmp_path, edit):
     stored = _stored(bnb_dir)
     edit(stored)
     save_file(stored, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(open(os.path.join(bnb_dir, "config.json")).read())
+    shutil.copy(os.path.join(bnb_dir, "config.json"), tmp_path / "config.json")
     return tmp_path
 
 

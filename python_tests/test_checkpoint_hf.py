@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -93,7 +94,7 @@ def test_nf4_weights_quantized_on_arrival_into_meta_model(hf_models):
 
 
 def test_loading_into_materialized_model_copies_in_place(hf_models):
-    hf, folder = hf_models[4]
+    _, folder = hf_models[4]
     config = read_checkpoint_config(folder)
     model = lora_llama2(["q_proj"], **config.builder_kwargs(), lora_rank=4, lora_alpha=8, quantize_base=True).eval()
     weight_before = model.layers[0].attn.q_proj.weight
@@ -110,13 +111,13 @@ def test_loading_into_materialized_model_copies_in_place(hf_models):
 def test_key_and_shape_problems_are_listed(hf_models, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    hf, folder = hf_models[4]
+    _, folder = hf_models[4]
     state = load_file(os.path.join(folder, "model.safetensors"))
     del state["model.layers.1.mlp.up_proj.weight"]
     state["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
     state["model.norm.weight"] = torch.ones(255)
     save_file(state, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(open(os.path.join(folder, "config.json")).read())
+    shutil.copy(os.path.join(folder, "config.json"), tmp_path / "config.json")
     with torch.device("meta"):
         model = llama2(**read_checkpoint_config(tmp_path).builder_kwargs())
     with pytest.raises(ValueError) as err:

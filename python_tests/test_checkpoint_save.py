@@ -11,7 +11,14 @@ import pytest
 import torch
 from llama_helpers import hf_llama, rel_error, transformers
 
-from qlora_ext.checkpoint import StagedFiles, atomic_path, load_peft_adapter, read_adapter_config, save_hf_checkpoint, save_peft_adapter
+from qlora_ext.checkpoint import (
+    StagedFiles,
+    atomic_path,
+    load_peft_adapter,
+    read_adapter_config,
+    save_hf_checkpoint,
+    save_peft_adapter,
+)
 from qlora_ext.models.llama2 import llama2_from_checkpoint
 
 ALL_ATTN = ["q_proj", "k_proj", "v_proj", "output_proj"]
@@ -181,10 +188,61 @@ def test_atomic_helpers(tmp_path):
         assert os.path.dirname(tmp) == str(tmp_path) and not os.path.exists(target)
         torch.save({"a": 1}, tmp)
     assert torch.load(target) == {"a": 1}
-    with pytest.raises(ZeroDivisionError):
-        with atomic_path(target) as tmp:
-            open(tmp, "wb").write(b"partial")
-            1 / 0
+    with pytest.raises(RuntimeError, match="interrupted"), atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("interrupted")
     assert torch.load(target) == {"a": 1} and os.listdir(tmp_path) == ["state.pt"]
     with pytest.raises(ValueError, match=r"argument 'name' must be a plain file name; got '../x'"):
         StagedFiles(tmp_path).write("../x", lambda p: None)
+
+
+def test_streamed_safetensors_agree_with_the_safetensors_package(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from qlora_ext.checkpoint.safetensors_io import SafetensorsReader, write_safetensors
+
+    tensors = {
+        "a.bf16": torch.randn(3, 5).bfloat16(),
+        "b.fp16": torch.randn(7).half(),
+        "c.fp32": torch.randn(2, 2, 2),
+        "d.i64": torch.arange(5),
+        "e.bool": torch.tensor([True, False, True]),
+        "f.scalar": torch.tensor(3.5),
+        "g.empty": torch.empty(0, 4),
+    }
+    ours = str(tmp_path / "ours.safetensors")
+    write_safetensors(ours, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], tensors.__getitem__, {"format": "pt"})
+    theirs = load_file(ours)
+    assert theirs.keys() == tensors.keys() and all(torch.equal(theirs[k], v) for k, v in tensors.items())
+    save_file(tensors, tmp_path / "theirs.safetensors")
+    reader = SafetensorsReader(str(tmp_path / "theirs.safetensors"))
+    try:
+        assert set(reader.keys()) == set(tensors)
+        for k, v in tensors.items():
+            got = reader.get(k)
+            assert got.dtype == v.dtype and torch.equal(got, v) and reader.shape(k) == tuple(v.shape)
+    finally:
+        reader.close()
+    with pytest.raises(ValueError, match=r"tensor 'x' must be torch.float32 of shape \[2\]; got torch.float32 of shape \[3\]"):
+        write_safetensors(str(tmp_path / "bad"), [("x", (2,), torch.float32)], lambda n: torch.zeros(3))
+
+
+def test_wrapped_models_save_under_plain_names(base_dir, tmp_path):
+    # torch.compile and activation checkpointing insert "_orig_mod." / "_checkpoint_wrapped_module."
+    # into module names; checkpoints must not see them.
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = _trained(base_dir)
+    save_peft_adapter(model, tmp_path / "plain")
+    for i, layer in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(layer)
+    wrapped = torch.compile(model)
+    assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_modules())
+    save_peft_adapter(wrapped, tmp_path / "wrapped")
+    save_hf_checkpoint(wrapped, tmp_path / "merged")
+    from safetensors.torch import load_file
+
+    plain, again = load_file(tmp_path / "plain" / "adapter_model.safetensors"), load_file(tmp_path / "wrapped" / "adapter_model.safetensors")
+    assert plain.keys() == again.keys() and all(torch.equal(plain[k], again[k]) for k in plain)
+    assert "model.layers.1.mlp.down_proj.weight" in load_file(tmp_path / "merged" / "model.safetensors")

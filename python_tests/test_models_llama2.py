@@ -58,6 +58,26 @@ def test_sizes_match_llama2(builder, params, layers, heads, kv_heads, hidden):
     assert attn.k_proj.weight.shape[0] == kv_heads * attn.head_dim
 
 
+@pytest.mark.parametrize("builder", [qlora_llama2_7b, qlora_llama2_13b, qlora_llama2_70b], ids=["7b", "13b", "70b"])
+def test_qlora_builders_quantize_exactly_the_lora_linears(builder):
+    with torch.device("meta"):
+        model = builder(["q_proj", "k_proj"], apply_lora_to_mlp=True, lora_rank=16, lora_alpha=32)
+    layer = model.layers[-1]
+    for lin in (layer.attn.q_proj, layer.attn.k_proj, layer.mlp.w1, layer.mlp.w2, layer.mlp.w3):
+        assert isinstance(lin, LoRALinear) and isinstance(lin.weight, NF4Tensor) and lin.rank == 16 and lin.alpha == 32
+    for lin in (layer.attn.v_proj, layer.attn.output_proj, model.output):
+        assert type(lin) is nn.Linear
+    # GQA: k_proj's NF4 weight has num_kv_heads * head_dim rows.
+    assert layer.attn.k_proj.weight.shape == (layer.attn.num_kv_heads * layer.attn.head_dim, layer.attn.embed_dim)
+
+
+def test_tiny_defaults():
+    model = llama2_tiny()
+    assert (model.tok_embeddings.num_embeddings, model.max_seq_len, len(model.layers)) == (512, 512, 4)
+    assert (model.layers[0].attn.num_heads, model.layers[0].attn.num_kv_heads, model.tok_embeddings.embedding_dim) == (4, 2, 256)
+    assert llama2_tiny(vocab_size=320).output.weight.shape == (320, 256)
+
+
 def test_scale_hidden_dim():
     assert scale_hidden_dim_for_mlp(4096) == 11008
     assert scale_hidden_dim_for_mlp(5120) == 13824
@@ -184,6 +204,11 @@ def test_fast_qlora_linear_is_a_plain_quantized_lora_linear():
     torch.manual_seed(0)
     b = qlora_linear(256, 128, rank=8, alpha=16)
     assert all(torch.equal(x, y) for x, y in zip(a.weight.components(), b.weight.components()))  # reproducible
+    torch.manual_seed(0)
+    scratch = torch.full((300 * 128,), float("nan"))
+    c = qlora_linear(256, 128, rank=8, alpha=16, scratch=scratch)  # drawn in a reused buffer: same weight
+    assert all(torch.equal(x, y) for x, y in zip(a.weight.components(), c.weight.components()))
+    assert not scratch[: 256 * 128].isnan().any() and scratch[256 * 128 :].isnan().all()
     ref = LoRALinear(256, 128, rank=8, alpha=16, quantize_base=True)
     assert type(a) is LoRALinear and isinstance(a.weight, NF4Tensor) and not a.weight.requires_grad
     assert [(n, p.shape, p.requires_grad) for n, p in a.named_parameters()] == [(n, p.shape, p.requires_grad) for n, p in ref.named_parameters()]

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from conftest import devices
 
-from qlora_ext.modules import KVCache, MultiHeadAttention, RMSNorm, RotaryPositionalEmbeddings
 from qlora_ext.models.llama2 import llama2
+from qlora_ext.modules import KVCache, MultiHeadAttention, RMSNorm, RotaryPositionalEmbeddings
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -84,7 +84,9 @@ def _naive_attention(x, attn, mask=None):
 
 def _attention(num_heads=4, num_kv_heads=2, dim=64, max_seq_len=32):
     hd = dim // num_heads
-    lin = lambda i, o: torch.nn.Linear(i, o, bias=False)  # noqa: E731
+    def lin(i, o):
+        return torch.nn.Linear(i, o, bias=False)
+
     return MultiHeadAttention(
         embed_dim=dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=hd,
         q_proj=lin(dim, num_heads * hd), k_proj=lin(dim, num_kv_heads * hd), v_proj=lin(dim, num_kv_heads * hd),

@@ -59,8 +59,9 @@ def generate(
     """Extends each prompt by up to ``max_new_tokens`` tokens.
 
     Args:
-        model: a ``TransformerDecoder``. If it has no KV caches, caches sized for this call are
-            set up and removed afterwards; caches set up by the caller are reset and reused.
+        model: a ``TransformerDecoder``, normally in eval mode (dropout stays as the caller set
+            it). If it has no KV caches, caches sized for this call are set up and removed
+            afterwards; caches set up by the caller are reset and reused.
         prompt: [b, s] token ids (prompts of equal length) or one prompt as a list of ints.
         max_new_tokens: most tokens to add.
         temperature, top_k, generator: as for ``sample`` (temperature 0 = greedy).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from qlora_ext.checkpoint.atomic import StagedFiles
 from qlora_ext.checkpoint.config import Llama2Config
 from qlora_ext.checkpoint.convert import ours_to_hf, strip_wrappers
-from qlora_ext.checkpoint.safetensors_writer import tensor_nbytes, write_safetensors
+from qlora_ext.checkpoint.safetensors_io import tensor_nbytes, write_safetensors
 from qlora_ext.modules.lora_linear import LoRALinear
 from qlora_ext.nf4 import NF4Tensor
 
@@ -52,19 +53,21 @@ def merged_weights(model: nn.Module, *, dtype: torch.dtype | None = None, merge_
             lora_prefixes.append(prefix)
             name = strip_wrappers(prefix + "weight")
             want = dtype or module.weight.dtype
-            if merge_adapters:
-                producer = lambda m=module, d=want: m.merged_weight(d)  # noqa: E731
-            else:
-                producer = lambda m=module, d=want: _base_weight(m, d)  # noqa: E731
+            producer = partial(module.merged_weight, want) if merge_adapters else partial(_base_weight, module, want)
             out.append((name, tuple(module.weight.shape), want, producer))
             if module.bias is not None:
-                out.append((strip_wrappers(prefix + "bias"), tuple(module.bias.shape), dtype or module.bias.dtype, lambda m=module, d=dtype: m.bias.to(d or m.bias.dtype)))
+                bias_dtype = dtype or module.bias.dtype
+                out.append((strip_wrappers(prefix + "bias"), tuple(module.bias.shape), bias_dtype, partial(_cast, module.bias, bias_dtype)))
             continue
         for attr, tensor in module._parameters.items():
             if tensor is not None:
                 want = dtype or tensor.dtype
-                out.append((strip_wrappers(prefix + attr), tuple(tensor.shape), want, lambda t=tensor, d=want: t.detach().to(d)))
+                out.append((strip_wrappers(prefix + attr), tuple(tensor.shape), want, partial(_cast, tensor, want)))
     return out
+
+
+def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    return tensor.detach().to(dtype)
 
 
 def _base_weight(module: LoRALinear, dtype: torch.dtype) -> Tensor:

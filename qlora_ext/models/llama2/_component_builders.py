@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from qlora_ext.modules.attention import MultiHeadAttention
@@ -148,10 +149,20 @@ def lora_llama2(
                 f"{_NF4_BLOCK}; {name} is {out_dim} x {in_dim}"
             )
         if quantize_base:
-            return qlora_linear(in_dim, out_dim, lora_rank, lora_alpha, lora_dropout)
+            return qlora_linear(in_dim, out_dim, lora_rank, lora_alpha, lora_dropout, scratch=scratch)
         return LoRALinear(in_dim, out_dim, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
 
     attn_lora = set(lora_attn_modules)
+    lora_sizes = [embed_dim * num_heads * head_dim] if attn_lora & {"q_proj", "output_proj"} else []
+    lora_sizes += [embed_dim * kv_dim] if attn_lora & {"k_proj", "v_proj"} else []
+    lora_sizes += [embed_dim * hidden_dim] if apply_lora_to_mlp else []
+    lora_sizes += [embed_dim * vocab_size] if apply_lora_to_output else []
+    scratch = None
+    if quantize_base and lora_sizes and torch.get_default_device().type == "cpu":
+        # One buffer to draw every quantized weight in (see qlora_linear), as big as the largest.
+        scratch = torch.empty(max(lora_sizes))
+    # One RoPE table for all layers (as torchtune): 32 copies of a 4096-position table would be 128 MB.
+    rope = RotaryPositionalEmbeddings(head_dim, max_seq_len=max_seq_len, base=rope_base)
     layers = []
     for _ in range(num_layers):
         # Each LoRALinear quantizes inside its constructor, before the next dense weight exists.
@@ -164,7 +175,7 @@ def lora_llama2(
             k_proj=linear("k_proj", embed_dim, kv_dim, "k_proj" in attn_lora),
             v_proj=linear("v_proj", embed_dim, kv_dim, "v_proj" in attn_lora),
             output_proj=linear("output_proj", num_heads * head_dim, embed_dim, "output_proj" in attn_lora),
-            pos_embeddings=RotaryPositionalEmbeddings(head_dim, max_seq_len=max_seq_len, base=rope_base),
+            pos_embeddings=rope,
             max_seq_len=max_seq_len,
             attn_dropout=attn_dropout,
         )
@@ -181,6 +192,12 @@ def lora_llama2(
                 mlp_norm=RMSNorm(embed_dim, eps=norm_eps),
             )
         )
+    # Free the buffer as soon as no quantized weight needs it: the output and embedding are the
+    # largest dense tensors, and the build's peak is reached while they are created.
+    if not apply_lora_to_output:
+        scratch = None
+    output = linear("output", embed_dim, vocab_size, apply_lora_to_output)
+    scratch = None
     return TransformerDecoder(
         tok_embeddings=nn.Embedding(vocab_size, embed_dim),
         layers=layers,
@@ -188,7 +205,7 @@ def lora_llama2(
         num_heads=num_heads,
         head_dim=head_dim,
         norm=RMSNorm(embed_dim, eps=norm_eps),
-        output=linear("output", embed_dim, vocab_size, apply_lora_to_output),
+        output=output,
     )
 
 
