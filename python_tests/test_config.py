@@ -1,0 +1,112 @@
+"""Trainer configs: bundled files load, overrides apply with YAML typing, mistakes name the key,
+the rule, the value and the choices."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from qlora_ext.training.config import ASSETS_DIR, ConfigError, available_configs, load_config
+
+SEED_7B_QLORA = "llama2_7b_qlora_single_device"
+
+
+def test_bundled_configs_all_load():
+    names = available_configs()
+    for expected in ("tiny_qlora", SEED_7B_QLORA, "llama2_7b_lora_single_device", "llama2_13b_qlora_single_device", "llama2_70b_qlora_single_device"):
+        assert expected in names
+    for name in names:
+        load_config(name)
+
+
+def test_seed_config_fields_and_defaults():
+    cfg = load_config(SEED_7B_QLORA)
+    assert cfg.model.builder == "qlora_llama2_7b"
+    assert cfg.model.lora_attn_modules == ["q_proj", "v_proj", "output_proj"]
+    assert cfg.model.apply_lora_to_mlp is True and cfg.model.apply_lora_to_output is False
+    assert (cfg.model.lora_rank, cfg.model.lora_alpha) == (8, 16.0)
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (3e-4, 0.01)
+    assert (cfg.lr_scheduler.name, cfg.lr_scheduler.num_warmup_steps) == ("cosine_with_warmup", 100)
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps) == (2, 8)
+    assert cfg.dtype == "bf16" and cfg.enable_activation_checkpointing is True and cfg.compile is False
+
+
+def test_lora_and_qlora_7b_differ_only_in_quantization():
+    q, l = load_config(SEED_7B_QLORA).to_dict(), load_config("llama2_7b_lora_single_device").to_dict()
+    assert l["model"].pop("builder") == "lora_llama2_7b" and q["model"].pop("builder") == "qlora_llama2_7b"
+    assert q == l
+
+
+def test_overrides_are_typed_and_dotted(tmp_path):
+    cfg = load_config(
+        SEED_7B_QLORA,
+        ["model.lora_rank=16", "compile=True", f"checkpointer.checkpoint_dir={tmp_path}", "optimizer.lr=1e-4",
+         "model.lora_attn_modules=[q_proj,k_proj]", "seed=null", "dataset.data_files=a.json"],
+    )
+    assert cfg.model.lora_rank == 16 and cfg.compile is True
+    assert cfg.checkpointer.checkpoint_dir == str(tmp_path)
+    assert cfg.optimizer.lr == pytest.approx(1e-4)
+    assert cfg.model.lora_attn_modules == ["q_proj", "k_proj"]
+    assert cfg.seed is None
+    assert cfg.dataset.data_files == ["a.json"]  # a single file becomes a list
+
+
+def test_config_from_path_and_assets_placeholder(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"builder": "qlora_llama2", "embed_dim": 64},
+        "tokenizer": {"path": "{assets}/tokenizer.model"},
+        "checkpointer": {"checkpoint_dir": "x"},
+        "dataset": {"data_files": ["d.jsonl"]},
+    }))
+    cfg = load_config(str(path))
+    assert cfg.tokenizer.path == str(ASSETS_DIR / "tokenizer.model")
+    assert cfg.model.embed_dim == 64 and cfg.epochs == 1  # defaults filled in
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config("tiny_qlora", ["model.lora_rank=4"])
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(str(path)) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("model.lora_rnk=3", ["model.lora_rnk", "did you mean 'model.lora_rank'", "valid keys under 'model'"]),
+        ("modle.lora_rank=3", ["'modle'", "did you mean 'model'"]),
+        ("dtype=fp16", ["'dtype'", "one of auto, bf16, fp32", "'fp16'"]),
+        ("model.builder=gpt2", ["model.builder", "qlora_llama2_7b", "'gpt2'"]),
+        ("model.lora_attn_modules=[q_proj,foo]", ["model.lora_attn_modules[1]", "q_proj, k_proj, v_proj, output_proj", "'foo'"]),
+        ("batch_size=0", ["'batch_size'", ">= 1", "got 0"]),
+        ("batch_size=two", ["'batch_size'", "integer", "'two'"]),
+        ("compile=maybe", ["'compile'", "true or false", "'maybe'"]),
+        ("optimizer.lr=fast", ["optimizer.lr", "number", "'fast'"]),
+        ("model.embed_dim=64", ["model.embed_dim", "generic builder", "qlora_llama2_7b"]),
+        ("model=3", ["'model' is a section", "model.lora_rank"]),
+        ("epochs", ["key=value"]),
+        ("lora_rank=3", ["unknown config key 'lora_rank'"]),
+    ],
+)
+def test_bad_overrides_name_key_rule_and_value(override, needles):
+    with pytest.raises(ConfigError) as e:
+        load_config(SEED_7B_QLORA, [override])
+    for needle in needles:
+        assert needle in str(e.value)
+
+
+def test_unknown_key_in_file_and_unknown_config_name(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  builder: qlora_llama2\n  lora_rank: 8\n  rank: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.rank' in .*bad.yaml"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"'nope' is neither a file nor a bundled config; bundled configs: .*tiny_qlora"):
+        load_config("nope")
+
+
+def test_required_key_missing(tmp_path):
+    path = tmp_path / "partial.yaml"
+    path.write_text("model:\n  builder: qlora_llama2\n")
+    with pytest.raises(ConfigError, match=r"config key 'tokenizer.path' is required"):
+        load_config(str(path))

@@ -1,0 +1,137 @@
+"""Alpaca data: reading JSON/JSONL, the prompt template, BOS/EOS, truncation, the loss mask,
+padding collate, seeded order and held-out split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qlora_ext.training.data import (
+    IGNORE_INDEX,
+    PROMPT_NO_INPUT,
+    DataError,
+    InstructDataset,
+    alpaca_prompt,
+    epoch_order,
+    eval_batches,
+    iterate_batches,
+    load_alpaca_records,
+    padded_collate,
+    split_records,
+    tokenize_example,
+)
+
+
+class CharTokenizer:
+    """One token per character (id = ord + 3), bos 1, eos 2, pad 0: lengths are easy to predict."""
+
+    bos_id, eos_id, pad_id = 1, 2, 0
+
+    def encode(self, text, add_bos=True, add_eos=True, trim_leading_whitespace=False):
+        return [self.bos_id] * add_bos + [ord(c) + 3 for c in text] + [self.eos_id] * add_eos
+
+
+RECORDS = [
+    {"instruction": "Add.", "input": "1 2", "output": "3"},
+    {"instruction": "Greet.", "input": "", "output": "hi"},
+    {"instruction": "Say no.", "output": "no"},
+]
+
+
+def test_json_and_jsonl_read_alike(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(RECORDS))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n\n")
+    a = load_alpaca_records([tmp_path / "a.json"])
+    b = load_alpaca_records([tmp_path / "b.jsonl"])
+    assert a == b and len(a) == 3 and a[2]["input"] == ""
+    assert load_alpaca_records([tmp_path / "a.json", tmp_path / "b.jsonl"]) == a + b
+
+
+def test_bad_files_and_records_are_named(tmp_path):
+    with pytest.raises(DataError, match=r"dataset.data_files: '.*missing.json' is not a file"):
+        load_alpaca_records([tmp_path / "missing.json"])
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "x", "output": "y"}\n{"instruction": 3, "output": "y"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: key 'instruction' must be a string; got 3"):
+        load_alpaca_records([tmp_path / "bad.jsonl"])
+    (tmp_path / "broken.jsonl").write_text('{"instruction": \n')
+    with pytest.raises(DataError, match=r"broken.jsonl' line 1 is not valid JSON"):
+        load_alpaca_records([tmp_path / "broken.jsonl"])
+
+
+def test_alpaca_template():
+    assert alpaca_prompt(RECORDS[1]) == PROMPT_NO_INPUT.format(instruction="Greet.")
+    with_input = alpaca_prompt(RECORDS[0])
+    assert "paired with an input" in with_input
+    assert with_input.endswith("### Instruction:\nAdd.\n\n### Input:\n1 2\n\n### Response:\n")
+
+
+@pytest.mark.parametrize("train_on_input", [False, True])
+def test_tokens_labels_and_mask(train_on_input):
+    tok = CharTokenizer()
+    tokens, labels = tokenize_example(tok, RECORDS[0], None, train_on_input)
+    prompt = alpaca_prompt(RECORDS[0])
+    assert tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id
+    assert len(tokens) == 1 + len(prompt) + 1 + 1
+    assert tokens[-2] == ord("3") + 3
+    if train_on_input:
+        assert labels == tokens
+    else:
+        assert labels[: 1 + len(prompt)] == [IGNORE_INDEX] * (1 + len(prompt))
+        assert labels[1 + len(prompt) :] == tokens[1 + len(prompt) :]
+
+
+def test_truncation():
+    tokens, labels = tokenize_example(CharTokenizer(), RECORDS[0], 10, True)
+    assert len(tokens) == len(labels) == 10
+
+
+def test_padded_collate():
+    batch = padded_collate([([1, 5, 6], [IGNORE_INDEX, 5, 6]), ([1, 7], [IGNORE_INDEX, 7])], pad_id=0)
+    assert batch["tokens"].tolist() == [[1, 5, 6], [1, 7, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 5, 6], [IGNORE_INDEX, 7, IGNORE_INDEX]]
+    assert batch["tokens"].dtype == torch.long
+
+
+def test_epoch_order_is_seeded_and_differs_by_epoch():
+    assert epoch_order(50, 0, 7, True) == epoch_order(50, 0, 7, True)
+    assert epoch_order(50, 0, 7, True) != epoch_order(50, 1, 7, True)
+    assert epoch_order(50, 0, 7, True) != epoch_order(50, 0, 8, True)
+    assert sorted(epoch_order(50, 3, 7, True)) == list(range(50))
+    assert epoch_order(5, 0, 7, False) == [0, 1, 2, 3, 4]
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    records = [{"instruction": str(i), "input": "", "output": "x"} for i in range(100)]
+    train, val = split_records(records, 0.1, seed=3)
+    assert len(val) == 10 and len(train) == 90
+    assert {r["instruction"] for r in train}.isdisjoint(r["instruction"] for r in val)
+    assert split_records(records, 0.1, seed=3) == (train, val)
+    assert split_records(records, 0.1, seed=4)[1] != val
+    assert split_records(records, 0.0, seed=3) == (records, [])
+
+
+def test_batches_resume_position_and_eval_batches():
+    ds = InstructDataset(RECORDS * 4, CharTokenizer(), None, False)
+    order = epoch_order(len(ds), 0, 1, True)
+    full = list(iterate_batches(ds, order, 5, pad_id=0))
+    assert len(full) == 2  # 12 examples, batch 5: the partial batch is dropped
+    resumed = list(iterate_batches(ds, order, 5, pad_id=0, start_batch=1))
+    assert torch.equal(resumed[0]["tokens"], full[1]["tokens"])
+    ev = eval_batches(ds, 5, pad_id=0, max_batches=None)
+    assert [b["tokens"].shape[0] for b in ev] == [5, 5, 2]
+    assert len(eval_batches(ds, 5, pad_id=0, max_batches=1)) == 1
+
+
+def test_bundled_dataset_with_bundled_tokenizer():
+    import sentencepiece as spm
+
+    from qlora_ext.training.config import ASSETS_DIR
+
+    records = load_alpaca_records([ASSETS_DIR / "tiny_alpaca.jsonl"])
+    assert len(records) >= 500
+    sp = spm.SentencePieceProcessor(model_file=str(ASSETS_DIR / "tokenizer.model"))
+    assert (sp.bos_id(), sp.eos_id(), sp.unk_id()) == (1, 2, 0)  # Llama-2's ids
+    lengths = [len(sp.encode(alpaca_prompt(r) + r["output"])) for r in records]
+    assert max(lengths) <= 128  # the tiny config's max_seq_len never cuts an answer

@@ -1,0 +1,139 @@
+"""The trainer end to end on CPU: the default run (reduced), the 7B config's code path on a tiny
+HF checkpoint, the outputs it writes, the CLI's errors, NaN handling and torch.compile."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_ext import finetune
+from qlora_ext.training import steps
+from qlora_ext.training.config import ASSETS_DIR, load_config
+
+from trainer_helpers import metrics, small_run_overrides, write_small_dataset, write_tiny_hf_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    return write_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny_hf"))
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    return write_small_dataset(tmp_path_factory.mktemp("data") / "small.jsonl")
+
+
+@pytest.mark.skipif(not (ASSETS_DIR / "tiny_llama2" / "config.json").is_file(), reason="bundled tiny model not built")
+def test_default_run_reduced(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = finetune.main([f"output_dir={out}", "max_steps_per_epoch=3", "epochs=1", "eval.max_batches=1",
+                        "eval.num_samples=1", "eval.max_new_tokens=4", "log_every_n_steps=1"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "Memory Stats after model init::\nCPU resident memory:" in text
+    assert "Held-out loss:" in text and "before ->" in text
+    assert "prompt:" in text and "before:" in text and "after:" in text
+    assert "|3|Loss: " in text  # the progress bar: epoch|step|Loss
+    ckpt = out / "epoch_0"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json", "tokenizer.model", "training_config.yaml"):
+        assert (ckpt / name).is_file(), name
+    assert (out / "recipe_state.pt").is_file() and (out / "loss_curve.png").is_file() and (out / "config.yaml").is_file()
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert str(out) in text and "loss_curve.png" in text
+    # the merged model is in the base's dtype (bf16) and differs from the base where LoRA applied
+    merged, base = load_file(ckpt / "model.safetensors"), load_file(ASSETS_DIR / "tiny_llama2" / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert merged[key].dtype == torch.bfloat16 and not torch.equal(merged[key], base[key])
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+
+
+def test_seed_7b_config_code_path_on_tiny_hf_checkpoint(tmp_path, tiny_ckpt, small_data, capsys):
+    """The llama2_7b_qlora_single_device config, with only the model size, device and paths changed."""
+    out = tmp_path / "run"
+    args = ["--config", "llama2_7b_qlora_single_device", "model.builder=qlora_llama2", f"checkpointer.checkpoint_dir={tiny_ckpt}",
+            f"tokenizer.path={ASSETS_DIR / 'tokenizer.model'}", f"dataset.data_files={small_data}", f"output_dir={out}",
+            "device=cpu", "dtype=fp32", "max_steps_per_epoch=2", "lr_scheduler.num_warmup_steps=1"]
+    assert finetune.main(args) == 0
+    cfg = load_config(str(out / "config.yaml"))
+    assert cfg.enable_activation_checkpointing and cfg.gradient_accumulation_steps == 8 and cfg.model.lora_rank == 8
+    adapter_cfg = json.loads((out / "epoch_0" / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 8 and adapter_cfg["lora_alpha"] == 16
+    assert sorted(adapter_cfg["target_modules"]) == ["down_proj", "gate_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    lrs = [r["lr"] for r in metrics(out)]
+    assert lrs == pytest.approx([0.0, 3e-4])  # warmup from 0 to the seed config's 3e-4
+
+
+def test_adapter_only_and_loss_decreases(tmp_path, tiny_ckpt, small_data):
+    out = tmp_path / "run"
+    overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["epochs=4", "save_adapter_weights_only=True", "model.lora_rank=16"]
+    summary = finetune.train(load_config("tiny_qlora", overrides))
+    assert not (out / "epoch_3" / "model.safetensors").exists() and (out / "epoch_3" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("epoch_")) == ["epoch_0", "epoch_1", "epoch_2", "epoch_3"]
+    losses = summary["losses"]
+    assert len(losses) == 4 * 5  # 48 examples - 10% held out = 43 -> 10 batches of 4 -> 5 steps; 4 epochs
+    assert sum(losses[-4:]) < sum(losses[:4])
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_ckpt, small_data, monkeypatch, capsys):
+    out = tmp_path / "run"
+    overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["save_every_n_steps=2", "max_steps_per_epoch=4", "eval.before_and_after=False"]
+    real, calls = steps.token_loss_sum, {"n": 0}
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        loss = real(logits, labels)
+        return loss * float("nan") if calls["n"] == 7 else loss  # micro-batch 7 = optimizer step 4
+
+    monkeypatch.setattr(steps, "token_loss_sum", poisoned)
+    rc = finetune.main(["--config", "tiny_qlora", *overrides])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "loss is nan at epoch 1, step 4" in err and f"the last good checkpoint is {out / 'step_2'}" in err
+    state = torch.load(out / "recipe_state.pt", weights_only=False)
+    assert state["checkpoint_name"] == "step_2" and state["global_step"] == 2
+    assert (out / "step_2" / "adapter_model.safetensors").is_file()
+
+
+def test_compile_has_no_graph_breaks(tmp_path, tiny_ckpt, small_data, monkeypatch):
+    """compile=True compiles the whole model with fullgraph=True (a graph break is an error);
+    the cheap aot_eager backend stands in for inductor to keep the test fast."""
+    real_compile, used = torch.compile, {}
+
+    def compile_aot_eager(model, **kwargs):
+        used.update(kwargs)
+        return real_compile(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    out = tmp_path / "run"
+    overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["compile=True", "max_steps_per_epoch=2", "epochs=1",
+                                                                     "enable_activation_checkpointing=True", "eval.before_and_after=False"]
+    summary = finetune.train(load_config("tiny_qlora", overrides))
+    assert used.get("fullgraph") is True and len(summary["losses"]) == 2
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["model.lora_rnk=3"], "did you mean 'model.lora_rank'"),
+        (["--config", "nope"], "bundled configs:"),
+        (["dataset.data_files=/nonexistent.jsonl"], "dataset.data_files: '/nonexistent.jsonl' is not a file"),
+        (["checkpointer.checkpoint_dir=/nonexistent"], "checkpointer.checkpoint_dir: '/nonexistent' is not a folder"),
+        (["tokenizer.path=/nonexistent.model"], "tokenizer.path: '/nonexistent.model' is not a file"),
+        (["resume_from_checkpoint=True", "output_dir=/tmp/qlora_ext_test_no_such_run"], "resume_from_checkpoint=true: there is no"),
+    ],
+)
+def test_cli_errors_name_the_key(args, needle, capsys, tmp_path):
+    if not any(a.startswith("output_dir=") for a in args):
+        args = [*args, f"output_dir={tmp_path / 'run'}"]
+    assert finetune.main(args) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_list_configs(capsys):
+    assert finetune.main(["--list-configs"]) == 0
+    assert "llama2_7b_qlora_single_device" in capsys.readouterr().out

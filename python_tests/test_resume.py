@@ -1,0 +1,99 @@
+"""Resuming: an interrupted run continues from its last checkpoint and its loss curve matches an
+uninterrupted run with the same seed step for step (CPU, fp32); a run killed while saving leaves
+the previous checkpoint loadable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_ext import finetune
+from qlora_ext.training import saving, steps
+from qlora_ext.training.config import load_config
+
+from trainer_helpers import metrics, small_run_overrides, write_small_dataset, write_tiny_hf_checkpoint
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    ckpt = write_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny_hf"))
+    data = write_small_dataset(tmp_path_factory.mktemp("data") / "small.jsonl")
+    return ckpt, data
+
+
+def _overrides(setup, out):
+    ckpt, data = setup
+    # dropout makes the RNG state matter; 2 epochs x 4 steps, a checkpoint every 3 steps
+    return small_run_overrides(ckpt, data, out) + [
+        "epochs=2", "max_steps_per_epoch=4", "save_every_n_steps=3", "model.lora_dropout=0.1",
+        "eval.before_and_after=False", "save_adapter_weights_only=True", "clip_grad_norm=1.0",
+    ]
+
+
+def _interrupt_at_micro_batch(monkeypatch, n):
+    real, calls = steps.token_loss_sum, {"n": 0}
+
+    def interrupted(logits, labels):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("simulated kill")
+        return real(logits, labels)
+
+    monkeypatch.setattr(steps, "token_loss_sum", interrupted)
+
+
+def test_resumed_run_matches_uninterrupted_step_for_step(tmp_path, setup, monkeypatch):
+    full = tmp_path / "full"
+    finetune.train(load_config("tiny_qlora", _overrides(setup, full)))
+    reference = [(r["step"], r["loss"], r["lr"]) for r in metrics(full)]
+    assert [s for s, _, _ in reference] == list(range(1, 9))
+
+    run = tmp_path / "interrupted"
+    # killed during step 7: the last checkpoint is step_6, in the middle of the second epoch
+    _interrupt_at_micro_batch(monkeypatch, 2 * 6 + 1)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train(load_config("tiny_qlora", _overrides(setup, run)))
+    monkeypatch.undo()
+    state = torch.load(run / "recipe_state.pt", weights_only=False)
+    assert (state["checkpoint_name"], state["epoch"], state["step_in_epoch"]) == ("step_6", 1, 2)
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6]
+
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True"]))
+    resumed = [(r["step"], r["loss"], r["lr"]) for r in metrics(run)]
+    assert resumed == reference  # exactly: same data order, RNG, optimizer and schedule state
+    a = torch.load(full / "recipe_state.pt", weights_only=False)["adapter"]
+    b = torch.load(run / "recipe_state.pt", weights_only=False)["adapter"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_while_saving_keeps_previous_checkpoint(tmp_path, setup, monkeypatch):
+    run = tmp_path / "run"
+    real, calls = saving.save_peft_adapter, {"n": 0}
+
+    def dies_on_second_save(model, out_dir, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            (out_dir / "adapter_model.safetensors").write_bytes(b"half a file")
+            raise KeyboardInterrupt("killed while saving")
+        return real(model, out_dir, **kwargs)
+
+    monkeypatch.setattr(saving, "save_peft_adapter", dies_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train(load_config("tiny_qlora", _overrides(setup, run)))
+    monkeypatch.undo()
+    # the step-3 checkpoint and the state naming it are intact; the half-written save left nothing
+    state = torch.load(run / "recipe_state.pt", weights_only=False)
+    assert state["checkpoint_name"] == "step_3"
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["logs", "step_3"]
+    from safetensors.torch import load_file
+
+    assert load_file(run / "step_3" / "adapter_model.safetensors")
+    summary = finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True"]))
+    assert len(summary["losses"]) == 5  # steps 4..8
+
+
+def test_resume_refuses_a_different_config(tmp_path, setup):
+    run = tmp_path / "run"
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1"]))
+    with pytest.raises(Exception, match=r"config key 'model.lora_rank' is 4 but the checkpoint .* trained with 8"):
+        finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True", "model.lora_rank=4"]))

@@ -1,0 +1,208 @@
+"""Schedules, optimizer choice, metric loggers, memory stats, the loss-curve PNG and plot CLI,
+atomic writes and the training-state file."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import zlib
+
+import pytest
+import torch
+
+from qlora_ext import plot
+from qlora_ext.training import checkpointing as ckpt
+from qlora_ext.training.loss_plot import Curve, plot_loss_curves, smooth
+from qlora_ext.training.memory import format_memory_stats, memory_stats
+from qlora_ext.training.metric_logging import DiskLogger, MetricLoggers, MissingDependencyError, read_metrics
+from qlora_ext.training.optim import build_optimizer, build_scheduler, cosine_with_warmup
+
+
+def test_cosine_with_warmup_shape():
+    f = lambda s: cosine_with_warmup(s, num_warmup_steps=10, num_training_steps=110)  # noqa: E731
+    assert f(0) == 0.0 and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0, abs=1e-12)
+    assert all(f(s) >= f(s + 1) for s in range(10, 110))
+
+
+def test_scheduler_drives_lr_and_round_trips():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = build_optimizer([p], lr=1.0, weight_decay=0.0, betas=[0.9, 0.99], eps=1e-8, fused=None, device=torch.device("cpu"))
+    assert opt.defaults["fused"] in (False, None)  # fused only on CUDA by default
+    sched = build_scheduler(opt, "cosine_with_warmup", num_warmup_steps=4, num_training_steps=20, num_cycles=0.5)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    opt2 = build_optimizer([p], lr=1.0, weight_decay=0.0, betas=[0.9, 0.99], eps=1e-8, fused=None, device=torch.device("cpu"))
+    sched2 = build_scheduler(opt2, "cosine_with_warmup", num_warmup_steps=4, num_training_steps=20, num_cycles=0.5)
+    sched2.load_state_dict(sched.state_dict())
+    assert sched2.get_last_lr() == sched.get_last_lr()
+
+
+def test_disk_logger_appends_and_truncates_on_resume(tmp_path):
+    log = DiskLogger(tmp_path)
+    for s in range(1, 6):
+        log.log({"loss": 1.0 / s}, step=s)
+    log.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+    resumed = DiskLogger(tmp_path, resume_step=3)
+    resumed.log({"loss": 9.0}, step=4)
+    resumed.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)][-2:] == [(3, 1 / 3), (4, 9.0)]
+    fresh = DiskLogger(tmp_path)  # a new run starts a new file
+    fresh.close()
+    assert read_metrics(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind, package", [("tensorboard", "tensorboard"), ("wandb", "wandb")])
+def test_optional_loggers_say_what_to_install(tmp_path, kind, package, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_optional(name, *args, **kwargs):
+        if name.startswith(package) or name == "torch.utils.tensorboard":
+            raise ImportError(f"No module named {name}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_optional)
+    with pytest.raises(MissingDependencyError, match=rf"metric_logger.type={kind} needs the {package} package: pip install {package}"):
+        MetricLoggers(kind, tmp_path)
+
+
+def test_memory_stats_on_cpu():
+    stats = memory_stats(torch.device("cpu"))
+    assert 0.0 < stats["rss_memory"] <= stats["peak_rss_memory"] * 1.01 + 0.01
+    text = format_memory_stats(stats, "after model init")
+    assert text.startswith("Memory Stats after model init::\nCPU resident memory: ")
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and zlib.crc32(data[12 : 16 + length]) & 0xFFFFFFFF == struct.unpack(">I", data[16 + length : 20 + length])[0]
+    return struct.unpack(">II", data[16:24])
+
+
+def test_builtin_png_loss_curve(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda n, *a, **k: (_ for _ in ()).throw(ImportError(n)) if n == "matplotlib" else real_import(n, *a, **k))
+    curve = Curve("run", list(range(1, 51)), [3.0 * math.exp(-s / 10) + 0.1 for s in range(1, 51)])
+    path = tmp_path / "loss.png"
+    assert plot_loss_curves([curve], path) == "built-in"
+    assert _png_size(path) == (800, 480)
+    # the image is not blank: some pixels carry the first curve's colour
+    idat = re.search(rb"IDAT(.*)", path.read_bytes(), re.S).group(1)
+    pixels = zlib.decompressobj().decompress(idat)
+    assert bytes((31, 119, 180)) in pixels
+
+
+def test_smoothing():
+    assert smooth([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])  # debiased: no pull to zero
+    assert smooth([0.0, 10.0], 0.0) == [0.0, 10.0]
+
+
+def test_plot_cli_two_runs(tmp_path, capsys):
+    for name, scale in (("lora", 1.0), ("qlora", 1.2)):
+        (tmp_path / name / "logs").mkdir(parents=True)
+        with open(tmp_path / name / "logs" / "metrics.jsonl", "w") as f:
+            for s in range(1, 21):
+                f.write(json.dumps({"step": s, "loss": scale / s, "lr": 0.1}) + "\n")
+    out = tmp_path / "both.png"
+    assert plot.main([str(tmp_path / "lora"), str(tmp_path / "qlora"), "-o", str(out)]) == 0
+    assert out.is_file() and "lora: 20 steps" in capsys.readouterr().out
+    assert plot.main([str(tmp_path / "nothing"), "-o", str(out)]) == 2
+    with pytest.raises(SystemExit):
+        plot.main([str(tmp_path / "lora"), "--smoothing", "1.5"])
+
+
+def test_atomic_torch_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    ckpt.atomic_torch_save({"a": 1}, path)
+
+    def crash(obj, f):
+        open(f, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_torch_save({"a": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temp file left behind
+
+
+def test_commit_dir_replaces_whole_folder(tmp_path):
+    final = tmp_path / "epoch_0"
+    for content in ("one", "two"):
+        tmp = ckpt.staging_dir(final)
+        (tmp / "f.txt").write_text(content)
+        ckpt.commit_dir(tmp, final)
+    assert (final / "f.txt").read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0"]
+
+
+def test_training_state_round_trip_and_mismatch(tmp_path):
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = torch.optim.AdamW([p])
+    p.grad = torch.ones(4)
+    opt.step()
+    sched = build_scheduler(opt, "cosine_with_warmup", num_warmup_steps=1, num_training_steps=5, num_cycles=0.5)
+    fp = {"model.lora_rank": 8}
+    ckpt.save_training_state(tmp_path, checkpoint_name="step_1", epoch=0, step_in_epoch=1, global_step=1, seed=3,
+                             optimizer=opt, scheduler=sched, adapter={"x": p}, fingerprint=fp)
+    state = ckpt.load_training_state(tmp_path, fp)
+    assert state["global_step"] == 1 and torch.equal(state["adapter"]["x"], p.detach())
+    with pytest.raises(ckpt.ResumeError, match=r"config key 'model.lora_rank' is 16 but the checkpoint .* trained with 8"):
+        ckpt.load_training_state(tmp_path, {"model.lora_rank": 16})
+    with pytest.raises(ckpt.ResumeError, match=r"there is no .*recipe_state.pt"):
+        ckpt.load_training_state(tmp_path / "elsewhere", fp)
+
+
+def test_pick_samples_prefers_distinct_instructions():
+    from qlora_ext.training.evaluation import pick_samples
+
+    texts = ["Name the capital of A.", "Name the capital of B.", "Reverse the words x y.", "Reverse the words y z.", "Sort these."]
+    recs = [{"instruction": t, "input": "", "output": ""} for t in texts]
+    assert [r["instruction"] for r in pick_samples(recs, 4)] == [texts[0], texts[2], texts[4], texts[1]]
+    assert pick_samples(recs, 0) == []
+
+
+def test_resume_fingerprint_ignores_what_may_change_on_resume():
+    from qlora_ext.training.config import load_config
+    from qlora_ext.training.saving import resume_fingerprint
+
+    base = resume_fingerprint(load_config("tiny_qlora"))
+    assert resume_fingerprint(load_config("tiny_qlora", ["epochs=9", "log_every_n_steps=3", "output_dir=x", "compile=True"])) == base
+    assert resume_fingerprint(load_config("tiny_qlora", ["model.lora_rank=4"]))["model.lora_rank"] == 4
+    assert resume_fingerprint(load_config("tiny_qlora", ["batch_size=3"])) != base
+
+
+def test_tensorboard_logger_writes_events(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard (optional) is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    loggers = MetricLoggers("tensorboard", tmp_path)
+    for s in range(1, 4):
+        loggers.log({"loss": 1.0 / s, "lr": 0.1}, step=s)
+    loggers.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]  # the disk log is always kept
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("loss")] == [(1, 1.0), (2, 0.5), (3, 0.3333)]
+
+
+def test_matplotlib_loss_curves(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib (optional) is not installed")
+    curves = [Curve(name, list(range(1, 31)), [k / s for s in range(1, 31)]) for name, k in (("lora", 1.0), ("qlora", 1.2))]
+    path = tmp_path / "curves.png"
+    assert plot_loss_curves(curves, path, smoothing=0.5) == "matplotlib"
+    assert _png_size(path) == (800, 480)

@@ -1,0 +1,100 @@
+"""The numeric pieces of a step: token loss and its normalization over an accumulation window,
+activation checkpointing (same gradients, same names), device and dtype choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qlora_ext.models.llama2 import lora_llama2
+from qlora_ext.modules.peft import get_adapter_params, set_trainable_params
+from qlora_ext.training import steps
+from qlora_ext.training.config import ConfigError
+from qlora_ext.training.data import IGNORE_INDEX
+
+
+def _labels(b, s, vocab, masked_prefix):
+    labels = torch.randint(0, vocab, (b, s))
+    for row, n in enumerate(masked_prefix):
+        labels[row, :n] = IGNORE_INDEX
+    return labels
+
+
+def test_token_loss_is_shifted_masked_cross_entropy():
+    logits = torch.randn(2, 6, 11)
+    labels = _labels(2, 6, 11, [3, 1])
+    got = steps.token_loss_sum(logits, labels) / steps.num_loss_tokens(labels)
+    keep = labels[:, 1:] != IGNORE_INDEX
+    want = F.cross_entropy(logits[:, :-1][keep], labels[:, 1:][keep])
+    torch.testing.assert_close(got, want)
+    assert steps.num_loss_tokens(labels) == int(keep.sum()) == (6 - 3) + (6 - 1)  # labels after the masked prefix
+
+
+def test_accumulation_normalizes_by_all_tokens_of_the_window():
+    """Two micro-batches with different token counts give the gradient of the whole batch's
+    mean token loss (not the mean of the two micro-batch means)."""
+    w = torch.randn(8, 11, requires_grad=True)
+    x = torch.randn(4, 6, 8)
+    labels = _labels(4, 6, 11, [5, 5, 0, 1])  # few tokens in the first half, many in the second
+    F.cross_entropy((x @ w)[:, :-1][labels[:, 1:] != IGNORE_INDEX], labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]).backward()
+    want = w.grad.clone()
+    w.grad = None
+    total = steps.num_loss_tokens(labels)
+    for half in (slice(0, 2), slice(2, 4)):
+        (steps.token_loss_sum(x[half] @ w, labels[half]) / total).backward()
+    torch.testing.assert_close(w.grad, want)
+
+
+def _tiny_lora(seed=0):
+    torch.manual_seed(seed)
+    model = lora_llama2(["q_proj", "v_proj", "output_proj"], True, False, vocab_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, embed_dim=64, max_seq_len=32, intermediate_dim=128, lora_rank=4, lora_alpha=8.0,
+                        quantize_base=True)
+    adapter = get_adapter_params(model)
+    for p in adapter.values():
+        torch.nn.init.normal_(p, std=0.05)  # lora_b starts at zero; make both get gradients
+    set_trainable_params(model, adapter)
+    return model, adapter
+
+
+def test_activation_checkpointing_same_gradients_and_names():
+    tokens = torch.randint(0, 64, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        model, adapter = _tiny_lora()
+        names = [n for n, _ in model.named_parameters()]
+        if ckpt:
+            steps.enable_activation_checkpointing(model)
+            assert [n for n, _ in model.named_parameters()] == names
+        steps.token_loss_sum(model(tokens), tokens).backward()
+        grads.append({n: p.grad.clone() for n, p in adapter.items()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n])
+
+
+def test_bf16_autocast_with_fp32_adapters_on_cpu():
+    model, adapter = _tiny_lora()
+    tokens = torch.randint(0, 64, (2, 16))
+    with steps.autocast(torch.device("cpu"), torch.bfloat16):
+        logits = model(tokens)
+    steps.token_loss_sum(logits, tokens).backward()
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in adapter.values())
+
+
+def test_device_and_dtype_resolution():
+    cpu = torch.device("cpu")
+    assert steps.resolve_dtype("auto", cpu) == torch.float32
+    assert steps.resolve_dtype("bf16", cpu) == torch.bfloat16
+    if not torch.cuda.is_available():
+        assert steps.resolve_device("auto") == cpu
+        with pytest.raises(ConfigError, match="config key 'device' is cuda but no CUDA GPU is available"):
+            steps.resolve_device("cuda")
+
+
+def test_validation_loss_restores_train_mode():
+    model, _ = _tiny_lora()
+    model.train()
+    tokens = torch.randint(0, 64, (2, 16))
+    loss = steps.validation_loss(model, [{"tokens": tokens, "labels": tokens}], torch.device("cpu"), torch.float32)
+    assert model.training and loss > 0

@@ -1,0 +1,55 @@
+"""Smoothed training-loss curves of one or more runs in one picture (as the seed tutorial compares
+LoRA with QLoRA):
+
+    python -m qlora_ext.plot RUN_DIR [RUN_DIR ...] [-o loss_curves.png] [--smoothing 0.9]
+        [--labels lora qlora]
+
+A RUN_DIR is a trainer ``output_dir`` (its ``logs/metrics.jsonl`` is read). Uses matplotlib when
+installed, else a built-in PNG writer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from qlora_ext.training.loss_plot import Curve, plot_loss_curves
+from qlora_ext.training.metric_logging import read_metrics
+
+
+def load_curve(run_dir: str, label: str | None = None) -> Curve:
+    """The (step, loss) records of a run's metrics log."""
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    if not records:
+        raise ValueError(f"RUN_DIR '{run_dir}': its metrics log has no loss records yet")
+    return Curve(label or Path(run_dir).resolve().name, [r["step"] for r in records], [r["loss"] for r in records])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qlora_ext.plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="trainer output_dir(s)")
+    parser.add_argument("-o", "--output", default="loss_curves.png", help="PNG to write (default: %(default)s)")
+    parser.add_argument("--smoothing", type=float, default=None, help="EMA weight in [0, 1) (default: by curve length)")
+    parser.add_argument("--labels", nargs="+", default=None, help="one legend label per RUN_DIR (default: folder names)")
+    parser.add_argument("--title", default="training loss")
+    args = parser.parse_args(argv)
+    if args.smoothing is not None and not 0.0 <= args.smoothing < 1.0:
+        parser.error(f"argument --smoothing: must be in [0, 1); got {args.smoothing}")
+    if args.labels is not None and len(args.labels) != len(args.runs):
+        parser.error(f"argument --labels: needs one label per RUN_DIR ({len(args.runs)}); got {len(args.labels)}")
+    try:
+        curves = [load_curve(run, args.labels[i] if args.labels else None) for i, run in enumerate(args.runs)]
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    renderer = plot_loss_curves(curves, args.output, smoothing=args.smoothing, title=args.title)
+    note = "" if renderer == "matplotlib" else " (matplotlib is not installed: drawn by the built-in PNG writer; pip install matplotlib for a richer plot)"
+    print(f"wrote {args.output}{note}")
+    for c in curves:
+        print(f"  {c.label}: {len(c.losses)} steps, loss {c.losses[0]:.4f} -> {c.losses[-1]:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

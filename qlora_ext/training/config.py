@@ -1,0 +1,226 @@
+"""Configs: a YAML file (a bundled name or a path) plus ``key=value`` overrides, checked against
+``config_schema.SCHEMA`` and completed with its defaults.
+
+    cfg = load_config("tiny_qlora", ["model.lora_rank=16", "compile=True"])
+    cfg.model.lora_rank          # 16
+    print(cfg.to_yaml())         # the resolved config, every key
+
+Every mistake raises ``ConfigError`` with the key, the rule and the value (and the valid choices).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qlora_ext.training.config_schema import ARCH_KEYS, GENERIC_BUILDERS, REQUIRED, SCHEMA, Opt
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+
+
+class ConfigError(ValueError):
+    """A config file, key or value the trainer cannot use."""
+
+
+class Config:
+    """A resolved config section: attribute access to its keys (sections are Configs too)."""
+
+    def __init__(self, values: dict[str, Any]):
+        object.__setattr__(self, "_values", {k: Config(v) if isinstance(v, dict) else v for k, v in values.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"config has no key '{name}'; keys: {', '.join(self._values)}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a resolved Config is read-only; pass overrides to load_config instead")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and self.to_dict() == other.to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v.to_dict() if isinstance(v, Config) else v for k, v in self._values.items()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def available_configs() -> list[str]:
+    """Names of the configs shipped in ``qlora_ext/configs``."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Reads a bundled config by name (or a YAML file by path), applies overrides, validates.
+
+    Args:
+        name_or_path: a name from ``available_configs()`` or the path of a YAML file.
+        overrides: ``"dotted.key=value"`` strings; values are parsed as YAML (``16``, ``True``,
+            ``null``, ``[q_proj,v_proj]``); later ones win.
+
+    Raises:
+        ConfigError: unknown config name, unreadable YAML, unknown key, bad value.
+    """
+    path = Path(name_or_path)
+    if not path.is_file():
+        bundled = CONFIG_DIR / f"{name_or_path}.yaml"
+        if not bundled.is_file():
+            raise ConfigError(
+                f"--config: '{name_or_path}' is neither a file nor a bundled config; "
+                f"bundled configs: {', '.join(available_configs())}"
+            )
+        path = bundled
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of keys to values; got {type(raw).__name__}")
+    _check_known_keys(raw, SCHEMA, prefix="", where=f"in {path}")
+    for override in overrides:
+        _apply_override(raw, override)
+    values = _resolve(raw, SCHEMA, prefix="")
+    _check_cross_keys(values)
+    return Config(values)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ``("a.b", parsed value)``."""
+    key, sep, value = text.partition("=")
+    key = key.strip().removeprefix("--")
+    if not sep or not key:
+        raise ConfigError(f"override '{text}': must have the form key=value (e.g. model.lora_rank=16)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key, parsed
+
+
+def _apply_override(raw: dict, text: str) -> None:
+    key, value = parse_override(text)
+    parts = key.split(".")
+    node, schema = raw, SCHEMA
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[: depth + 1])
+        if not isinstance(schema, dict) or part not in schema:
+            parent = ".".join(parts[:depth])
+            raise ConfigError(_unknown_key_message(here, schema, parent, where=f"in override '{text}'"))
+        if depth == len(parts) - 1:
+            if isinstance(schema[part], dict):
+                raise ConfigError(
+                    f"override '{text}': '{here}' is a section; set one of its keys: "
+                    f"{', '.join(f'{here}.{k}' for k in schema[part])}"
+                )
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{here}' in the config file is not a section")
+            schema = schema[part]
+
+
+def _unknown_key_message(key: str, schema: Any, parent: str, where: str) -> str:
+    if not isinstance(schema, dict):
+        return f"unknown config key '{key}' {where}: '{parent}' is a value, not a section"
+    name = key.rsplit(".", 1)[-1]
+    valid = ", ".join(schema)
+    hint = difflib.get_close_matches(name, list(schema), n=1)
+    hint_text = f"; did you mean '{(parent + '.') if parent else ''}{hint[0]}'?" if hint else ""
+    return f"unknown config key '{key}' {where}{hint_text} (valid keys{' under ' + repr(parent) if parent else ''}: {valid})"
+
+
+def _check_known_keys(raw: dict, schema: dict, prefix: str, where: str) -> None:
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(_unknown_key_message(full, schema, prefix.rstrip("."), where))
+        if isinstance(schema[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' {where} must be a section (a mapping); got {value!r}")
+            _check_known_keys(value, schema[key], f"{full}.", where)
+
+
+def _resolve(raw: dict, schema: dict, prefix: str) -> dict[str, Any]:
+    out = {}
+    for key, spec in schema.items():
+        full = f"{prefix}{key}"
+        if isinstance(spec, dict):
+            out[key] = _resolve(raw.get(key) or {}, spec, f"{full}.")
+        elif key in raw:
+            out[key] = _check_value(full, spec, raw[key])
+        elif spec.default is REQUIRED:
+            raise ConfigError(f"config key '{full}' is required ({spec.doc}); set it with {full}=...")
+        else:
+            out[key] = spec.default
+    return out
+
+
+def _check_value(key: str, spec: Opt, value: Any) -> Any:
+    if value is None:
+        if spec.nullable:
+            return None
+        raise ConfigError(f"config key '{key}' must not be null ({spec.doc})")
+    kind = spec.kind
+    if kind == "path|list[path]":
+        kind = "list[path]"
+        value = [value] if isinstance(value, str) else value
+    if kind.startswith("list["):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list ({spec.doc}); got {value!r}")
+        element = Opt(kind[5:-1], None, spec.doc, choices=spec.choices)
+        return [_check_scalar(f"{key}[{i}]", element, v) for i, v in enumerate(value)]
+    return _check_scalar(key, spec, value)
+
+
+def _check_scalar(key: str, spec: Opt, value: Any) -> Any:
+    kind = spec.kind
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false; got {value!r}")
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer ({spec.doc}); got {value!r}")
+    elif kind == "float":
+        # YAML 1.1 reads "3e-4" (no dot) as a string, so numeric strings are accepted here.
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' must be a number ({spec.doc}); got {value!r}") from None
+    elif kind in ("str", "path"):
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string ({spec.doc}); got {value!r}")
+        if kind == "path":
+            value = value.replace("{assets}", str(ASSETS_DIR))
+            value = os.path.expanduser(value)
+    if spec.choices is not None and value not in spec.choices:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, spec.choices))}; got {value!r}")
+    if spec.minimum is not None and value < spec.minimum:
+        raise ConfigError(f"config key '{key}' must be >= {spec.minimum} ({spec.doc}); got {value!r}")
+    if spec.maximum is not None and value > spec.maximum:
+        raise ConfigError(f"config key '{key}' must be <= {spec.maximum} ({spec.doc}); got {value!r}")
+    return value
+
+
+def _check_cross_keys(values: dict) -> None:
+    model = values["model"]
+    if model["builder"] not in GENERIC_BUILDERS:
+        fixed = [k for k in ARCH_KEYS if model[k] is not None]
+        if fixed:
+            raise ConfigError(
+                f"config key 'model.{fixed[0]}' can only be set with a generic builder "
+                f"({', '.join(GENERIC_BUILDERS)}); model.builder={model['builder']} fixes the architecture"
+            )
+    if len(set(model["lora_attn_modules"])) != len(model["lora_attn_modules"]):
+        raise ConfigError(f"config key 'model.lora_attn_modules' must not repeat a module; got {model['lora_attn_modules']}")
+    if len(values["optimizer"]["betas"]) != 2 or not all(0.0 <= b < 1.0 for b in values["optimizer"]["betas"]):
+        raise ConfigError(f"config key 'optimizer.betas' must be two numbers in [0, 1); got {values['optimizer']['betas']}")

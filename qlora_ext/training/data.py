@@ -1,0 +1,195 @@
+"""Instruction data in Alpaca form: reading, the prompt template, tokenizing with the loss mask,
+the held-out split, the seeded order of each epoch, and the padding collate.
+
+A record is ``{"instruction": str, "input": str (may be empty or absent), "output": str}``; files
+are a JSON list of records or JSONL (one record a line). An example becomes
+
+    tokens = [BOS] + prompt + output + [EOS]
+    labels = [-100] * (1 + len(prompt)) + output + [EOS]     (train_on_input=False)
+
+cut to ``max_seq_len``; the loss is taken where labels != -100 (``IGNORE_INDEX``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+# Stanford Alpaca's prompts, as torchtune's AlpacaInstructTemplate.
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class Tokenizer(Protocol):
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True, trim_leading_whitespace: bool = False) -> list[int]: ...
+
+
+class DataError(ValueError):
+    """A data file or record the trainer cannot use."""
+
+
+def alpaca_prompt(record: dict[str, str]) -> str:
+    """The Alpaca prompt for a record (the with-input form when ``input`` is non-empty)."""
+    if record.get("input"):
+        return PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=record["input"])
+    return PROMPT_NO_INPUT.format(instruction=record["instruction"])
+
+
+def load_alpaca_records(files: Sequence[str | Path]) -> list[dict[str, str]]:
+    """Reads and checks the records of JSON / JSONL files, in file order.
+
+    Raises:
+        DataError: a missing file, bad JSON, or a record without a string instruction/output.
+    """
+    records: list[dict[str, str]] = []
+    for file in files:
+        path = Path(file)
+        if not path.is_file():
+            raise DataError(
+                f"dataset.data_files: '{file}' is not a file (local JSON or JSONL files of "
+                "{instruction, input, output} records; downloads are not supported)"
+            )
+        text = path.read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"dataset.data_files: '{file}' is not valid JSON: {e}") from None
+            located = [(f"{file}[{i}]", item) for i, item in enumerate(items)]
+        else:
+            located = []
+            for n, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    located.append((f"{file}:{n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"dataset.data_files: '{file}' line {n} is not valid JSON: {e}") from None
+        for where, item in located:
+            records.append(_check_record(where, item))
+    if not records:
+        raise DataError(f"dataset.data_files: no records in {', '.join(map(str, files))}")
+    return records
+
+
+def _check_record(where: str, item: Any) -> dict[str, str]:
+    if not isinstance(item, dict):
+        raise DataError(f"record {where} must be an object with instruction, input, output; got {type(item).__name__}")
+    for key in ("instruction", "output"):
+        if not isinstance(item.get(key), str):
+            raise DataError(f"record {where}: key '{key}' must be a string; got {item.get(key)!r}")
+    if not isinstance(item.get("input", ""), str):
+        raise DataError(f"record {where}: key 'input' must be a string when present; got {item['input']!r}")
+    return {"instruction": item["instruction"], "input": item.get("input", ""), "output": item["output"]}
+
+
+def tokenize_example(
+    tokenizer: Tokenizer, record: dict[str, str], max_seq_len: int | None, train_on_input: bool
+) -> tuple[list[int], list[int]]:
+    """(tokens, labels) of one record; labels are IGNORE_INDEX on the prompt unless train_on_input."""
+    prompt = tokenizer.encode(alpaca_prompt(record), add_bos=True, add_eos=False)
+    # The response continues the prompt's text: no SentencePiece word-start space at the junction.
+    response = tokenizer.encode(record["output"], add_bos=False, add_eos=True, trim_leading_whitespace=True)
+    tokens = prompt + response
+    labels = list(tokens) if train_on_input else [IGNORE_INDEX] * len(prompt) + response
+    if max_seq_len is not None:
+        tokens, labels = tokens[:max_seq_len], labels[:max_seq_len]
+    return tokens, labels
+
+
+class InstructDataset(torch.utils.data.Dataset):
+    """Alpaca records tokenized on access (cheap next to a training step, and memory-lean)."""
+
+    def __init__(self, records: list[dict[str, str]], tokenizer: Tokenizer, max_seq_len: int | None, train_on_input: bool):
+        self.records = records
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.train_on_input = train_on_input
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[list[int], list[int]]:
+        return tokenize_example(self.tokenizer, self.records[index], self.max_seq_len, self.train_on_input)
+
+
+def split_records(records: list, validation_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): a seeded random ``validation_fraction`` of the records held out."""
+    if validation_fraction <= 0.0:
+        return list(records), []
+    n_val = max(1, int(round(len(records) * validation_fraction)))
+    if n_val >= len(records):
+        raise DataError(
+            f"dataset.validation_fraction={validation_fraction} leaves no training records out of {len(records)}"
+        )
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(records), generator=g).tolist()
+    held = set(order[:n_val])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def epoch_order(num_examples: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    """The example order of an epoch: a function of (seed, epoch) only, so a resumed run repeats it."""
+    if not shuffle:
+        return list(range(num_examples))
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_examples, generator=g).tolist()
+
+
+def padded_collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Tensor]:
+    """Pads to the longest example: tokens with ``pad_id``, labels with IGNORE_INDEX.
+
+    Returns:
+        {"tokens": int64 [b, s], "labels": int64 [b, s], "num_tokens": int64 scalar (not padding)}
+    """
+    length = max(len(tokens) for tokens, _ in examples)
+    tokens = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    for row, (t, lab) in enumerate(examples):
+        tokens[row, : len(t)] = torch.tensor(t, dtype=torch.long)
+        labels[row, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+    num_tokens = torch.tensor(sum(len(t) for t, _ in examples))
+    return {"tokens": tokens, "labels": labels, "num_tokens": num_tokens}
+
+
+def num_batches(num_examples: int, batch_size: int) -> int:
+    """Batches per epoch: the last, partial batch is dropped (as torchtune's DataLoader does)."""
+    return num_examples // batch_size
+
+
+def iterate_batches(
+    dataset: InstructDataset, order: list[int], batch_size: int, pad_id: int, start_batch: int = 0
+) -> Iterator[dict[str, Tensor]]:
+    """Collated batches of ``order``, from batch ``start_batch`` on (the resume position)."""
+    for b in range(start_batch, num_batches(len(order), batch_size)):
+        yield padded_collate([dataset[i] for i in order[b * batch_size : (b + 1) * batch_size]], pad_id)
+
+
+def eval_batches(dataset: InstructDataset, batch_size: int, pad_id: int, max_batches: int | None) -> list[dict[str, Tensor]]:
+    """The validation set in fixed order (a partial last batch kept), at most ``max_batches``."""
+    count = math.ceil(len(dataset) / batch_size)
+    if max_batches is not None:
+        count = min(count, max_batches)
+    return [
+        padded_collate([dataset[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(dataset)))], pad_id)
+        for b in range(count)
+    ]

@@ -1,0 +1,100 @@
+"""What a person sees of the learning: held-out prompts answered by the model (greedy, so the
+before and after answers are comparable), and the closing report of a run."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+import torch
+from torch import nn
+
+from qlora_ext.training.data import alpaca_prompt
+from qlora_ext.training.steps import autocast
+
+
+@torch.no_grad()
+def answer(
+    model: nn.Module, tokenizer, records: list[dict[str, str]], max_new_tokens: int, device: torch.device, dtype: torch.dtype
+) -> list[str]:
+    """Greedy answers of the model to the records' Alpaca prompts (generation stops at EOS)."""
+    from qlora_ext.generation import generate
+
+    was_training = model.training
+    model.eval()
+    answers = []
+    try:
+        for record in records:
+            prompt = tokenizer.encode(alpaca_prompt(record), add_bos=True, add_eos=False)
+            with autocast(device, dtype):
+                out = generate(model, prompt, max_new_tokens=max_new_tokens, temperature=0.0, stop_tokens=[tokenizer.eos_id])
+            new = out[0, len(prompt) :].tolist()  # [1, prompt + new]
+            if tokenizer.eos_id in new:
+                new = new[: new.index(tokenizer.eos_id)]
+            answers.append(tokenizer.decode(new).strip())
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def pick_samples(records: list[dict[str, str]], count: int) -> list[dict[str, str]]:
+    """``count`` records, in order, preferring instructions that begin differently (a crude
+    "kind of task": the first two words), so the samples show a mix of tasks."""
+    seen: set[tuple[str, ...]] = set()
+    first = []
+    for r in records:
+        kind = tuple(r["instruction"].lower().split()[:2])
+        if kind not in seen:
+            seen.add(kind)
+            first.append(r)
+    rest = [r for r in records if r not in first]
+    return (first + rest)[:count]
+
+
+def _one_line(text: str, width: int = 100) -> str:
+    text = " ".join(text.split()) or "(empty)"
+    return textwrap.shorten(text, width=width, placeholder=" ...")
+
+
+def print_report(summary: dict[str, Any], samples: list[dict[str, str]], cfg) -> None:
+    """The end-of-run summary: held-out loss before -> after, sample answers, where things are."""
+    lines = ["", "=" * 78, "Run finished."]
+    if "val_loss_before" in summary and "val_loss_after" in summary:
+        lines.append(f"Held-out loss: {summary['val_loss_before']:.4f} before -> {summary['val_loss_after']:.4f} after training")
+    elif "val_loss_after" in summary:
+        lines.append(f"Held-out loss after training: {summary['val_loss_after']:.4f}")
+    if summary.get("losses"):
+        lines.append(f"Training loss: {summary['losses'][0]:.4f} at the first step -> {summary['losses'][-1]:.4f} at the last")
+    if summary.get("peak_memory"):
+        names = {"peak_memory_alloc": "GPU allocated", "peak_memory_reserved": "GPU reserved",
+                 "peak_memory_active": "GPU active", "peak_rss_memory": "CPU resident"}
+        lines.append("Peak memory during training: " + ", ".join(f"{names[k]} {v:.2f} GB" for k, v in summary["peak_memory"].items()))
+    if summary.get("answers_after"):
+        lines.append("")
+        lines.append("Held-out prompts (never trained on):")
+        before = summary.get("answers_before") or [None] * len(samples)
+        for record, b, a in zip(samples, before, summary["answers_after"]):
+            prompt = record["instruction"] + (f" [{record['input']}]" if record["input"] else "")
+            lines.append(f"  prompt:   {_one_line(prompt)}")
+            lines.append(f"  expected: {_one_line(record['output'])}")
+            if b is not None:
+                lines.append(f"  before:   {_one_line(b)}")
+            lines.append(f"  after:    {_one_line(a)}")
+            lines.append("")
+    out = summary["output_dir"]
+    lines.append(f"Outputs in {out}:")
+    if summary.get("checkpoint"):
+        ckpt = summary["checkpoint"]
+        lines.append(f"  adapter (PEFT format):   {ckpt}/adapter_model.safetensors, adapter_config.json")
+        if not cfg.save_adapter_weights_only:
+            lines.append(f"  merged model (HF):       {ckpt}/ (config.json, *.safetensors, tokenizer.model)")
+        lines.append(f"  training state:          {out}/recipe_state.pt (resume_from_checkpoint=True)")
+    lines.append(f"  metrics log:             {summary['metrics']}")
+    if summary.get("loss_curve"):
+        note = ""
+        if summary.get("plot_renderer") == "built-in":
+            note = "  (matplotlib is not installed, so the built-in PNG writer drew it; pip install matplotlib for a richer plot)"
+        lines.append(f"  loss curve:              {summary['loss_curve']}{note}")
+    lines.append(f"  resolved config:         {out}/config.yaml")
+    lines.append("=" * 78)
+    print("\n".join(lines))

@@ -1,0 +1,128 @@
+"""Loss curves as a PNG: one or several runs, raw (faint) and smoothed (solid), with matplotlib
+when it is installed and with the built-in raster writer (``png_canvas``) when it is not."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlora_ext.training.png_canvas import Canvas, text_width
+
+_PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75), (23, 190, 207)]
+
+
+@dataclass
+class Curve:
+    label: str
+    steps: list[int]
+    losses: list[float]
+
+
+def smooth(values: list[float], weight: float) -> list[float]:
+    """TensorBoard's debiased exponential moving average (weight 0 = no smoothing)."""
+    out, last, norm = [], 0.0, 0.0
+    for v in values:
+        last = weight * last + (1.0 - weight) * v
+        norm = weight * norm + (1.0 - weight)
+        out.append(last / norm)
+    return out
+
+
+def default_smoothing(num_points: int) -> float:
+    """More smoothing for longer curves: 0 for a handful of points, up to 0.9."""
+    return min(0.9, max(0.0, 1.0 - 10.0 / max(num_points, 1)))
+
+
+def plot_loss_curves(curves: list[Curve], path: str | Path, smoothing: float | None = None, title: str = "training loss") -> str:
+    """Writes the PNG; returns which renderer drew it ("matplotlib" or "built-in")."""
+    if not curves or not any(c.steps for c in curves):
+        raise ValueError("plot_loss_curves: no loss values to plot")
+    try:
+        import matplotlib
+    except ImportError:
+        _plot_builtin(curves, Path(path), smoothing, title)
+        return "built-in"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=100)
+    for i, c in enumerate(curves):
+        color = [v / 255 for v in _PALETTE[i % len(_PALETTE)]]
+        w = default_smoothing(len(c.losses)) if smoothing is None else smoothing
+        ax.plot(c.steps, c.losses, color=color, alpha=0.25, linewidth=1)
+        ax.plot(c.steps, smooth(c.losses, w), color=color, linewidth=2, label=f"{c.label} (smoothed {w:.2f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return "matplotlib"
+
+
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About ``count`` round values covering [lo, hi]."""
+    if hi <= lo:
+        hi = lo + 1.0
+    raw = (hi - lo) / count
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start = math.floor(lo / step) * step
+    ticks, v = [], start
+    while v <= hi + step * 0.5:
+        ticks.append(round(v, 10))
+        v += step
+    return ticks
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.2g}"
+
+
+def _plot_builtin(curves: list[Curve], path: Path, smoothing: float | None, title: str) -> None:
+    width, height, left, right, top, bottom = 800, 480, 80, 24, 56, 56
+    canvas = Canvas(width, height)
+    steps = [s for c in curves for s in c.steps]
+    losses = [v for c in curves for v in c.losses if math.isfinite(v)]
+    yticks = nice_ticks(min(losses), max(losses))
+    xticks = nice_ticks(min(steps), max(steps))
+    x_lo, x_hi, y_lo, y_hi = xticks[0], xticks[-1], yticks[0], yticks[-1]
+
+    def px(step: float) -> float:
+        return left + (step - x_lo) / max(x_hi - x_lo, 1e-12) * (width - left - right)
+
+    def py(loss: float) -> float:
+        return height - bottom - (loss - y_lo) / max(y_hi - y_lo, 1e-12) * (height - top - bottom)
+
+    for t in yticks:
+        canvas.line(left, py(t), width - right, py(t), (230, 230, 230))
+        canvas.text(left - 8, round(py(t)) - 5, _fmt(t), anchor="right")
+    for t in xticks:
+        canvas.line(px(t), top, px(t), height - bottom, (230, 230, 230))
+        canvas.text(round(px(t)), height - bottom + 8, _fmt(t), anchor="center")
+    canvas.rect(left, top, width - right, height - bottom, (0, 0, 0))
+    canvas.text(width // 2, 12, title, scale=3, anchor="center")
+    canvas.text(width // 2, height - 22, "step", anchor="center")
+    canvas.text(8, top - 20, "loss")
+
+    legend_x = width - right - 8
+    for i, c in enumerate(curves):
+        color = _PALETTE[i % len(_PALETTE)]
+        faint = tuple(255 - (255 - v) // 4 for v in color)
+        w = default_smoothing(len(c.losses)) if smoothing is None else smoothing
+        points = [(px(s), py(v)) for s, v in zip(c.steps, c.losses) if math.isfinite(v)]
+        for (a, b), (d, e) in zip(points, points[1:]):
+            canvas.line(a, b, d, e, faint)
+        smoothed = [(px(s), py(v)) for s, v in zip(c.steps, smooth(c.losses, w)) if math.isfinite(v)]
+        for (a, b), (d, e) in zip(smoothed, smoothed[1:]):
+            canvas.line(a, b, d, e, color, width=2)
+        label = c.label[:40]
+        y = top + 10 + 16 * i
+        canvas.text(legend_x, y, label, color=color, anchor="right")
+        canvas.rect(legend_x - text_width(label) - 24, y + 2, legend_x - text_width(label) - 8, y + 6, color, fill=True)
+    canvas.save_png(path)

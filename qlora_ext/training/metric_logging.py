@@ -1,0 +1,129 @@
+"""Metric loggers: every one writes ``{name: value}`` per step. The disk logger (a JSONL file under
+``output_dir/logs``, always on: the loss curve and ``python -m qlora_ext.plot`` read it), plus
+TensorBoard or Weights & Biases when chosen; those two are imported only then, and a missing
+package stops the run before training with the command that installs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MissingDependencyError(RuntimeError):
+    """An optional package the config asks for is not installed."""
+
+
+class DiskLogger:
+    """Appends one JSON object per ``log`` call to ``log_dir/metrics.jsonl``.
+
+    A resumed run truncates the file to the records before its resume step, so the file always
+    holds one consistent curve.
+    """
+
+    def __init__(self, log_dir: str | Path, resume_step: int | None = None):
+        self.path = Path(log_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        elif self.path.exists():
+            self.path.unlink()
+        self._file = open(self.path, "w" if resume_step is not None else "a")
+        for line in kept:
+            self._file.write(line + "\n")
+        self._file.flush()
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+
+class TensorBoardLogger:
+    """Scalars to TensorBoard event files in ``log_dir``."""
+
+    def __init__(self, log_dir: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise MissingDependencyError(
+                "metric_logger.type=tensorboard needs the tensorboard package: pip install tensorboard "
+                "(or pip install 'qlora_ext[tensorboard]'), or use metric_logger.type=disk"
+            ) from None
+        self._writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for name, value in metrics.items():
+            self._writer.add_scalar(name, value, global_step=step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class WandBLogger:
+    """Metrics to a Weights & Biases run (``wandb login`` first, or WANDB_MODE=offline)."""
+
+    def __init__(self, log_dir: str | Path, project: str, config: dict[str, Any]):
+        try:
+            import wandb
+        except ImportError:
+            raise MissingDependencyError(
+                "metric_logger.type=wandb needs the wandb package: pip install wandb "
+                "(or pip install 'qlora_ext[wandb]'), or use metric_logger.type=disk"
+            ) from None
+        self._wandb = wandb
+        self._run = wandb.init(project=project, dir=str(log_dir), config=config)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class MetricLoggers:
+    """The disk logger plus the chosen one; ``log`` and ``close`` go to all."""
+
+    def __init__(self, kind: str, log_dir: str | Path, *, project: str = "qlora_ext", config: dict | None = None, resume_step: int | None = None):
+        self.loggers: list[Any] = []
+        extra: Any = None
+        if kind == "tensorboard":
+            extra = TensorBoardLogger(log_dir)
+        elif kind == "wandb":
+            extra = WandBLogger(log_dir, project, config or {})
+        elif kind != "disk":
+            raise ValueError(f"metric_logger.type must be one of disk, tensorboard, wandb; got {kind!r}")
+        self.loggers.append(DiskLogger(log_dir, resume_step=resume_step))
+        if extra is not None:
+            self.loggers.append(extra)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.loggers[0].path
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for logger in self.loggers:
+            logger.log(metrics, step)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file (a run folder, its logs folder, or the file itself)."""
+    path = Path(path)
+    for candidate in (path, path / METRICS_FILE, path / "logs" / METRICS_FILE):
+        if candidate.is_file():
+            return [json.loads(line) for line in candidate.read_text().splitlines() if line.strip()]
+    raise FileNotFoundError(f"no {METRICS_FILE} in {path} or {path / 'logs'} (is it a training run's output_dir?)")

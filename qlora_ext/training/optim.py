@@ -1,0 +1,63 @@
+"""AdamW over the adapter parameters, and the learning-rate schedules (linear warmup, then cosine
+decay or constant), stepped once per optimizer step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter],
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] | list[float],
+    eps: float,
+    fused: bool | None,
+    device: torch.device,
+) -> torch.optim.AdamW:
+    """AdamW; ``fused=None`` picks the fused kernel on CUDA (one launch for all parameters).
+
+    Raises:
+        ValueError: ``fused=True`` on a device without the fused kernel.
+    """
+    if fused is None:
+        fused = device.type == "cuda"
+    if fused and device.type not in ("cuda", "cpu"):
+        raise ValueError(f"optimizer.fused=true needs a CUDA or CPU device; got {device}")
+    return torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=fused)
+
+
+def cosine_with_warmup(step: int, *, num_warmup_steps: int, num_training_steps: int, num_cycles: float = 0.5) -> float:
+    """The LR multiplier at ``step``: linear 0 -> 1 over the warmup, then cosine 1 -> 0 (torchtune's
+    get_cosine_schedule_with_warmup, with num_cycles=0.5)."""
+    if step < num_warmup_steps:
+        return step / max(1, num_warmup_steps)
+    progress = (step - num_warmup_steps) / max(1, num_training_steps - num_warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * num_cycles * 2.0 * progress)))
+
+
+def constant_with_warmup(step: int, *, num_warmup_steps: int, num_training_steps: int, num_cycles: float = 0.5) -> float:
+    """Linear warmup, then 1."""
+    return min(1.0, step / max(1, num_warmup_steps)) if num_warmup_steps else 1.0
+
+
+SCHEDULES = {"cosine_with_warmup": cosine_with_warmup, "constant_with_warmup": constant_with_warmup}
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, *, num_warmup_steps: int, num_training_steps: int, num_cycles: float
+) -> LambdaLR:
+    """A LambdaLR with the named schedule; its state_dict holds the step count (for resume)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"lr_scheduler.name must be one of {', '.join(SCHEDULES)}; got {name!r}")
+    fn = SCHEDULES[name]
+
+    def multiplier(step: int) -> float:
+        return fn(step, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps, num_cycles=num_cycles)
+
+    return LambdaLR(optimizer, multiplier)

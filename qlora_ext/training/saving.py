@@ -1,0 +1,104 @@
+"""Writing a training checkpoint: one folder with the PEFT adapter, the merged HF model (unless
+``save_adapter_weights_only``), the tokenizer and the configs, committed whole; then the training
+state that points at it (see ``checkpointing`` for why in that order)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from qlora_ext.checkpoint import save_hf_checkpoint, save_peft_adapter
+from qlora_ext.training import checkpointing
+
+# Keys whose change would make a resumed run a different run (the rest may change on resume:
+# epochs, logging, saving, output paths).
+_RESUME_KEYS = (
+    "model", "dataset", "tokenizer.max_seq_len", "batch_size", "gradient_accumulation_steps", "shuffle",
+    "max_steps_per_epoch", "optimizer", "lr_scheduler", "clip_grad_norm",
+)
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def resume_fingerprint(cfg) -> dict[str, Any]:
+    """The config values a resumed run must share with the run it continues (dotted keys)."""
+    full = cfg.to_dict()
+    out = {}
+    for key in _RESUME_KEYS:
+        node: Any = full
+        for part in key.split("."):
+            node = node[part]
+        if isinstance(node, dict):
+            out.update({f"{key}.{k}": v for k, v in node.items()})
+        else:
+            out[key] = node
+    if cfg.seed is not None:
+        out["seed"] = cfg.seed
+    return out
+
+
+def resolved_yaml(cfg, seed: int) -> str:
+    """The resolved config with the seed actually used (so the file reproduces the run)."""
+    values = cfg.to_dict()
+    values["seed"] = seed
+    return yaml.safe_dump(values, sort_keys=False, default_flow_style=None)
+
+
+def save_checkpoint(
+    output_dir: Path,
+    name: str,
+    model: nn.Module,
+    cfg,
+    seed: int,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    adapter: dict[str, nn.Parameter],
+    epoch: int,
+    step_in_epoch: int,
+    global_step: int,
+) -> Path:
+    """Writes ``output_dir/name`` and then ``output_dir/recipe_state.pt``; returns the folder.
+
+    Older ``step_*`` folders are removed once the new state is in place (epoch folders stay).
+    """
+    final = output_dir / name
+    tmp = checkpointing.staging_dir(final)
+    try:
+        ckpt_dir = cfg.checkpointer.checkpoint_dir
+        save_peft_adapter(model, tmp, base_model_name_or_path=str(ckpt_dir))
+        if not cfg.save_adapter_weights_only:
+            config_json = Path(ckpt_dir) / "config.json"
+            base_config = json.loads(config_json.read_text()) if config_json.is_file() else None
+            # Merged weights in the base checkpoint's dtype (bf16 for Llama-2), else the model's own.
+            save_hf_checkpoint(model, tmp, dtype=_declared_dtype(base_config), base_config=base_config)
+        for file in _TOKENIZER_FILES:
+            src = Path(ckpt_dir) / file
+            if file == "tokenizer.model":
+                src = Path(cfg.tokenizer.path)
+            if src.is_file():
+                shutil.copyfile(src, tmp / file)
+        (tmp / "training_config.yaml").write_text(resolved_yaml(cfg, seed))
+        checkpointing.commit_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    checkpointing.save_training_state(
+        output_dir, checkpoint_name=name, epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
+        seed=seed, optimizer=optimizer, scheduler=scheduler, adapter=adapter, fingerprint=resume_fingerprint(cfg),
+    )
+    for old in output_dir.glob("step_*"):
+        if old.name != name and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _declared_dtype(config: dict | None) -> torch.dtype | None:
+    """The dtype a HF config.json declares (``torch_dtype``, or ``dtype`` in transformers 5)."""
+    name = (config or {}).get("torch_dtype") or (config or {}).get("dtype")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(name)

@@ -1,0 +1,118 @@
+"""The numeric pieces of a training step: the token loss, precision context, activation
+checkpointing, and held-out loss.
+
+Gradient accumulation normalizes by the unmasked tokens of the whole accumulation window (not per
+micro-batch), so a step's gradient is that of the mean token loss over every token it saw,
+however the tokens fall into micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from qlora_ext.training.config import ConfigError
+from qlora_ext.training.data import IGNORE_INDEX
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; training stops before the step is applied."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu.
+
+    Raises:
+        ConfigError: ``cuda`` asked for where there is none.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'device' is cuda but no CUDA GPU is available; use device=cpu (or device=auto)")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bf16 on a GPU that supports it, else fp32.
+
+    Raises:
+        ConfigError: bf16 asked for on a GPU without bf16.
+    """
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"config key 'dtype' is bf16 but {torch.cuda.get_device_name(device)} does not support bf16; use dtype=fp32")
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """bf16 autocast when computing in bf16 (the fp32 adapters then run in bf16 too); else nothing."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def token_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed next-token cross entropy over positions whose label is not IGNORE_INDEX.
+
+    Args:
+        logits: [b, s, vocab] (float32).
+        labels: [b, s]; position t's logits predict labels[t + 1].
+
+    The labels are shifted (and the last position ignored) rather than the logits sliced: slicing
+    [b, s, vocab] logits copies them, and its backward fills a zero tensor of their full size.
+    """
+    vocab = logits.shape[-1]
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [b, s]
+    return F.cross_entropy(logits.reshape(-1, vocab).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def num_loss_tokens(labels: Tensor) -> int:
+    """Positions that count in ``token_loss_sum``."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recomputes each transformer layer in backward instead of keeping its activations.
+
+    The layer's forward is wrapped in place, so module and parameter names (and therefore
+    checkpoints) are unchanged.
+    """
+    for layer in model.layers:
+        inner = layer.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, batches: Iterable[dict[str, Tensor]], device: torch.device, dtype: torch.dtype) -> float:
+    """Mean token loss over the batches (the same masking as training)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+            with autocast(device, dtype):
+                logits = model(tokens)
+            total += float(token_loss_sum(logits, labels))
+            count += num_loss_tokens(labels)
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("validation_loss: the held-out batches have no unmasked tokens")
+    return total / count
