@@ -164,37 +164,55 @@ void dequantize_blocks(const Nf4View& w, int64_t first, int64_t last, void* out,
   }
 }
 
-// One row n of W against MB rows of x (pair-split). Per block the code-value dot products are
-// summed first and scaled by the block's absmax once.
+// Rows [n_begin, n_end) of W against MB rows of x (pair-split), over columns [k0, k1): adds the
+// partial dot products into y (or stores them when `first`). Per block the code-value products
+// are summed first and scaled by the block's absmax once.
 template <int MB>
-void gemv_row(const Nf4View& w, int64_t K, int64_t n, const float* x, int64_t ldx, float* y,
-              int64_t ldy, const CodeTables& t, __m512 table) {
+void gemv_rows_span(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end, int64_t k0,
+                    int64_t k1, bool first, const float* x, int64_t ldx, float* y, int64_t ldy,
+                    const CodeTables& t, __m512 table) {
   const int64_t blocks_per_row = K / kBlockSize;
-  __m512 acc[MB];
-  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t kb = 0; kb < blocks_per_row; ++kb) {
-    const int64_t b = n * blocks_per_row + kb;
-    const uint8_t* bytes = w.packed + b * (kBlockSize / 2);
-    const HalfBlock h0 = decode_half(bytes, table), h1 = decode_half(bytes + 16, table);
-    const __m512 a = _mm512_set1_ps(block_absmax(w, b, t));
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t kb = k0 / kBlockSize; kb < k1 / kBlockSize; ++kb) {
+      const int64_t b = n * blocks_per_row + kb;
+      const uint8_t* bytes = w.packed + b * (kBlockSize / 2);
+      const HalfBlock h0 = decode_half(bytes, table), h1 = decode_half(bytes + 16, table);
+      const __m512 a = _mm512_set1_ps(block_absmax(w, b, t));
+      for (int m = 0; m < MB; ++m) {
+        const float* xm = x + m * ldx + kb * kBlockSize;
+        __m512 p = _mm512_mul_ps(h0.even, _mm512_loadu_ps(xm));
+        p = _mm512_fmadd_ps(h0.odd, _mm512_loadu_ps(xm + 16), p);
+        p = _mm512_fmadd_ps(h1.even, _mm512_loadu_ps(xm + 32), p);
+        p = _mm512_fmadd_ps(h1.odd, _mm512_loadu_ps(xm + 48), p);
+        acc[m] = _mm512_fmadd_ps(p, a, acc[m]);
+      }
+    }
     for (int m = 0; m < MB; ++m) {
-      const float* xm = x + m * ldx + kb * kBlockSize;
-      __m512 p = _mm512_mul_ps(h0.even, _mm512_loadu_ps(xm));
-      p = _mm512_fmadd_ps(h0.odd, _mm512_loadu_ps(xm + 16), p);
-      p = _mm512_fmadd_ps(h1.even, _mm512_loadu_ps(xm + 32), p);
-      p = _mm512_fmadd_ps(h1.odd, _mm512_loadu_ps(xm + 48), p);
-      acc[m] = _mm512_fmadd_ps(p, a, acc[m]);
+      const float s = _mm512_reduce_add_ps(acc[m]);
+      y[m * ldy + n] = first ? s : y[m * ldy + n] + s;
     }
   }
-  for (int m = 0; m < MB; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m]);
 }
+
+// x is read in column chunks small enough to stay in L1/L2 while a group of W rows streams past
+// (a long row of x would otherwise be re-read from further out for every row of W).
+constexpr int64_t kRowsChunkCols = 2048;
+constexpr int64_t kRowsGroup = 64;
 
 template <int MB>
 void gemv_rows_mb(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end, const float* x,
                   int64_t ldx, float* y, int64_t ldy) {
   const CodeTables& t = code_tables();
   const __m512 table = _mm512_loadu_ps(t.nf4);
-  for (int64_t n = n_begin; n < n_end; ++n) gemv_row<MB>(w, K, n, x, ldx, y, ldy, t, table);
+  for (int64_t g = n_begin; g < n_end; g += kRowsGroup) {
+    const int64_t g_end = g + kRowsGroup < n_end ? g + kRowsGroup : n_end;
+    for (int64_t k0 = 0; k0 < K; k0 += kRowsChunkCols) {
+      const int64_t k1 = k0 + kRowsChunkCols < K ? k0 + kRowsChunkCols : K;
+      gemv_rows_span<MB>(w, K, g, g_end, k0, k1, k0 == 0, x, ldx, y, ldy, t, table);
+    }
+  }
 }
 
 using GemvRowsFn = void (*)(const Nf4View&, int64_t, int64_t, int64_t, const float*, int64_t,
@@ -212,15 +230,17 @@ void gemv_rows(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end, cons
                                                                      ldx, y, ldy);
 }
 
-// 64 columns [k, k + 64) of grad_x for MB rows: every row n of W adds gy[m, n] * W[n, k:k+64].
+// 64 columns [k, k + 64) of grad_x for MB rows, over rows [n0, n1) of W: adds
+// gy[m, n] * W[n, k:k+64] into gx (or stores when `first`).
 template <int MB>
-void gemv_cols_block(const Nf4View& w, int64_t N, int64_t K, int64_t k, const float* gy,
-                     int64_t ldgy, float* gx, int64_t ldgx, const CodeTables& t, __m512 table) {
+void gemv_cols_block(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64_t k, bool first,
+                     const float* gy, int64_t ldgy, float* gx, int64_t ldgx, const CodeTables& t,
+                     __m512 table) {
   const int64_t blocks_per_row = K / kBlockSize;
   __m512 acc[MB][4];
   for (int m = 0; m < MB; ++m)
     for (int q = 0; q < 4; ++q) acc[m][q] = _mm512_setzero_ps();
-  for (int64_t n = 0; n < N; ++n) {
+  for (int64_t n = n0; n < n1; ++n) {
     const int64_t b = n * blocks_per_row + k / kBlockSize;
     const uint8_t* bytes = w.packed + b * (kBlockSize / 2);
     const __m512 a = _mm512_set1_ps(block_absmax(w, b, t));
@@ -236,28 +256,41 @@ void gemv_cols_block(const Nf4View& w, int64_t N, int64_t K, int64_t k, const fl
   for (int m = 0; m < MB; ++m) {
     float* out = gx + m * ldgx + k;
     for (int h = 0; h < 2; ++h) {
-      _mm512_storeu_ps(out + 32 * h, _mm512_permutex2var_ps(acc[m][2 * h], lo, acc[m][2 * h + 1]));
-      _mm512_storeu_ps(out + 32 * h + 16,
-                       _mm512_permutex2var_ps(acc[m][2 * h], hi, acc[m][2 * h + 1]));
+      __m512 v0 = _mm512_permutex2var_ps(acc[m][2 * h], lo, acc[m][2 * h + 1]);
+      __m512 v1 = _mm512_permutex2var_ps(acc[m][2 * h], hi, acc[m][2 * h + 1]);
+      if (!first) {
+        v0 = _mm512_add_ps(v0, _mm512_loadu_ps(out + 32 * h));
+        v1 = _mm512_add_ps(v1, _mm512_loadu_ps(out + 32 * h + 16));
+      }
+      _mm512_storeu_ps(out + 32 * h, v0);
+      _mm512_storeu_ps(out + 32 * h + 16, v1);
     }
   }
 }
 
 constexpr int kColsRows = 4;  // rows of grad_y per pass: 4 x 4 accumulators stay in registers
+// W rows per pass over the columns: the group's codes (and their absmax codes) stay in L2 and
+// within few pages while every 64-column slice walks down it; walking all N rows per slice
+// instead thrashes the TLB (rows are K/2 bytes apart).
+constexpr int64_t kColsGroup = 128;
 
 void gemv_cols(const Nf4View& w, int64_t N, int64_t K, int64_t k_begin, int64_t k_end,
                const float* gy, int64_t M, int64_t ldgy, float* gx, int64_t ldgx) {
   const CodeTables& t = code_tables();
   const __m512 table = _mm512_loadu_ps(t.nf4);
-  for (int64_t k = k_begin; k < k_end; k += kBlockSize) {
-    for (int64_t m = 0; m < M; m += kColsRows) {
-      const float* g = gy + m * ldgy;
-      float* out = gx + m * ldgx;
-      switch (M - m < kColsRows ? M - m : kColsRows) {
-        case 1: gemv_cols_block<1>(w, N, K, k, g, ldgy, out, ldgx, t, table); break;
-        case 2: gemv_cols_block<2>(w, N, K, k, g, ldgy, out, ldgx, t, table); break;
-        case 3: gemv_cols_block<3>(w, N, K, k, g, ldgy, out, ldgx, t, table); break;
-        default: gemv_cols_block<4>(w, N, K, k, g, ldgy, out, ldgx, t, table); break;
+  for (int64_t n0 = 0; n0 < N; n0 += kColsGroup) {
+    const int64_t n1 = n0 + kColsGroup < N ? n0 + kColsGroup : N;
+    for (int64_t k = k_begin; k < k_end; k += kBlockSize) {
+      for (int64_t m = 0; m < M; m += kColsRows) {
+        const float* g = gy + m * ldgy;
+        float* out = gx + m * ldgx;
+        const bool first = n0 == 0;
+        switch (M - m < kColsRows ? M - m : kColsRows) {
+          case 1: gemv_cols_block<1>(w, K, n0, n1, k, first, g, ldgy, out, ldgx, t, table); break;
+          case 2: gemv_cols_block<2>(w, K, n0, n1, k, first, g, ldgy, out, ldgx, t, table); break;
+          case 3: gemv_cols_block<3>(w, K, n0, n1, k, first, g, ldgy, out, ldgx, t, table); break;
+          default: gemv_cols_block<4>(w, K, n0, n1, k, first, g, ldgy, out, ldgx, t, table); break;
+        }
       }
     }
   }
