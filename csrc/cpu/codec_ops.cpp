@@ -11,6 +11,7 @@
 #include "../op_checks.h"
 #include "cpu_kernels.h"
 #include "kernel_args.h"
+#include "output_memory.h"
 
 namespace qlora::cpu {
 namespace {
@@ -22,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4(const at
   const int64_t groups = (nblocks + kScalerBlockSize - 1) / kScalerBlockSize;
   const auto bytes = w.options().dtype(at::kByte);
   const auto floats = w.options().dtype(at::kFloat);
-  at::Tensor packed = at::empty({nblocks * kBlockSize / 2}, bytes);
+  at::Tensor packed = empty_output({nblocks * kBlockSize / 2}, bytes);
   at::Tensor absmax_codes = at::empty({nblocks}, bytes);
   at::Tensor absmax_scales = at::empty({groups}, floats);
   at::Tensor absmax_offset = at::empty({}, floats);
@@ -77,7 +78,7 @@ at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& absmax_cod
                     "qlora::dequantize_nf4: argument 'shape' must have ", numel,
                     " elements (what the components encode); got ", shape);
   const Nf4Storage storage(packed, absmax_codes, absmax_scales, absmax_offset);
-  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  at::Tensor out = empty_output(shape, packed.options().dtype(dtype));
   const CpuKernels& k = active_cpu_kernels();
   const DType out_dtype = to_kernel_dtype(dtype);
   const int64_t elem_bytes = out.element_size();
