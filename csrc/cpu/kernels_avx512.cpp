@@ -164,6 +164,8 @@ void dequantize_blocks(const Nf4View& w, int64_t first, int64_t last, void* out,
   }
 }
 
+constexpr int64_t kPrefetchBytes = 2048;  // how far ahead the stream of codes is prefetched
+
 // Rows [n_begin, n_end) of W against MB rows of x (pair-split), over columns [k0, k1): adds the
 // partial dot products into y (or stores them when `first`). Per block the code-value products
 // are summed first and scaled by the block's absmax once.
@@ -178,6 +180,7 @@ void gemv_rows_span(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end,
     for (int64_t kb = k0 / kBlockSize; kb < k1 / kBlockSize; ++kb) {
       const int64_t b = n * blocks_per_row + kb;
       const uint8_t* bytes = w.packed + b * (kBlockSize / 2);
+      _mm_prefetch(reinterpret_cast<const char*>(bytes) + kPrefetchBytes, _MM_HINT_T0);
       const HalfBlock h0 = decode_half(bytes, table), h1 = decode_half(bytes + 16, table);
       const __m512 a = _mm512_set1_ps(block_absmax(w, b, t));
       for (int m = 0; m < MB; ++m) {
@@ -200,16 +203,19 @@ void gemv_rows_span(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end,
 // (a long row of x would otherwise be re-read from further out for every row of W).
 constexpr int64_t kRowsChunkCols = 2048;
 constexpr int64_t kRowsGroup = 64;
+constexpr int64_t kRowsWholeBytes = 64 << 10;
 
 template <int MB>
 void gemv_rows_mb(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end, const float* x,
                   int64_t ldx, float* y, int64_t ldy) {
   const CodeTables& t = code_tables();
   const __m512 table = _mm512_loadu_ps(t.nf4);
+  // When x is small enough to stay in L1 anyway, whole rows: W then streams sequentially.
+  const int64_t chunk = MB * K * 4 <= kRowsWholeBytes ? K : kRowsChunkCols;
   for (int64_t g = n_begin; g < n_end; g += kRowsGroup) {
     const int64_t g_end = g + kRowsGroup < n_end ? g + kRowsGroup : n_end;
-    for (int64_t k0 = 0; k0 < K; k0 += kRowsChunkCols) {
-      const int64_t k1 = k0 + kRowsChunkCols < K ? k0 + kRowsChunkCols : K;
+    for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+      const int64_t k1 = k0 + chunk < K ? k0 + chunk : K;
       gemv_rows_span<MB>(w, K, g, g_end, k0, k1, k0 == 0, x, ldx, y, ldy, t, table);
     }
   }
@@ -230,6 +236,8 @@ void gemv_rows(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end, cons
                                                                      ldx, y, ldy);
 }
 
+constexpr int64_t kColsPrefetchRows = 8;  // rows ahead whose codes are prefetched
+
 // 64 columns [k, k + 64) of grad_x for MB rows, over rows [n0, n1) of W: adds
 // gy[m, n] * W[n, k:k+64] into gx (or stores when `first`).
 template <int MB>
@@ -240,9 +248,11 @@ void gemv_cols_block(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64_
   __m512 acc[MB][4];
   for (int m = 0; m < MB; ++m)
     for (int q = 0; q < 4; ++q) acc[m][q] = _mm512_setzero_ps();
+  const int64_t row_bytes = K / 2;
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t b = n * blocks_per_row + k / kBlockSize;
     const uint8_t* bytes = w.packed + b * (kBlockSize / 2);
+    _mm_prefetch(reinterpret_cast<const char*>(bytes) + kColsPrefetchRows * row_bytes, _MM_HINT_T0);
     const __m512 a = _mm512_set1_ps(block_absmax(w, b, t));
     const HalfBlock h0 = decode_half(bytes, table), h1 = decode_half(bytes + 16, table);
     const __m512 v[4] = {_mm512_mul_ps(h0.even, a), _mm512_mul_ps(h0.odd, a),
