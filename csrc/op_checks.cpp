@@ -18,6 +18,40 @@ std::string shape_str(const at::Tensor& t) {
   return s.str();
 }
 
+void check_same_device(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
+                       const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "qlora::", op, ": argument '", arg,
+                    "' must be on the same device as '", ref_arg, "' (", ref.device(), "); got ",
+                    t.device());
+}
+
+int64_t check_matmul_input(const char* op, const at::Tensor& x, const char* x_arg,
+                           int64_t weight_numel, int64_t dim, const char* dim_arg,
+                           const at::Tensor& packed) {
+  check_float_dtype(op, x_arg, x);
+  check_same_device(op, x_arg, x, "packed", packed);
+  TORCH_CHECK_VALUE(dim > 0 && weight_numel % dim == 0, "qlora::", op, ": argument '", dim_arg,
+                    "' must be a positive divisor of the weight's ", weight_numel,
+                    " elements; got ", dim);
+  const int64_t features = weight_numel / dim;
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == features, "qlora::", op, ": argument '", x_arg,
+                    "' must have last dimension ", features, " (", weight_numel,
+                    " weight elements / ", dim_arg, " ", dim, "); got shape ", shape_str(x));
+  return features;
+}
+
+void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x,
+                int64_t out_features) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "qlora::", op,
+                   ": argument 'bias' must have the dtype of 'x' (", x.scalar_type(), "); got ",
+                   bias->scalar_type());
+  check_same_device(op, "bias", *bias, "x", x);
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, "qlora::", op,
+                    ": argument 'bias' must have shape [", out_features, "]; got shape ",
+                    shape_str(*bias));
+}
+
 }  // namespace
 
 void check_float_dtype(const char* op, const char* arg, const at::Tensor& t) {
@@ -34,13 +68,6 @@ void check_quantizable(const char* op, const char* arg, const at::Tensor& weight
                     "' must have a number of elements divisible by ", kBlockSize,
                     " (the NF4 block size); got ", weight.numel(), " elements (shape ",
                     shape_str(weight), ")");
-}
-
-void check_same_device(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
-                       const at::Tensor& ref) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), "qlora::", op, ": argument '", arg,
-                    "' must be on the same device as '", ref_arg, "' (", ref.device(), "); got ",
-                    t.device());
 }
 
 int64_t check_components(const char* op, const at::Tensor& packed, const at::Tensor& absmax_codes,
@@ -79,31 +106,39 @@ int64_t check_components(const char* op, const at::Tensor& packed, const at::Ten
   return nblocks * kBlockSize;
 }
 
-int64_t check_matmul_input(const char* op, const at::Tensor& x, const char* x_arg,
-                           int64_t weight_numel, int64_t dim, const char* dim_arg,
-                           const at::Tensor& packed) {
-  check_float_dtype(op, x_arg, x);
-  check_same_device(op, x_arg, x, "packed", packed);
-  TORCH_CHECK_VALUE(dim > 0 && weight_numel % dim == 0, "qlora::", op, ": argument '", dim_arg,
-                    "' must be a positive divisor of the weight's ", weight_numel,
-                    " elements; got ", dim);
-  const int64_t features = weight_numel / dim;
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == features, "qlora::", op, ": argument '", x_arg,
-                    "' must have last dimension ", features, " (", weight_numel,
-                    " weight elements / ", dim_arg, " ", dim, "); got shape ", shape_str(x));
-  return features;
+int64_t check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax_codes,
+                              const at::Tensor& absmax_scales, const at::Tensor& absmax_offset,
+                              at::IntArrayRef shape, at::ScalarType dtype) {
+  const int64_t numel =
+      check_components("dequantize_nf4", packed, absmax_codes, absmax_scales, absmax_offset);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                   "qlora::dequantize_nf4: argument 'dtype' must be float32, bfloat16 or float16; "
+                   "got ",
+                   dtype);
+  TORCH_CHECK_VALUE(c10::multiply_integers(shape) == numel,
+                    "qlora::dequantize_nf4: argument 'shape' must have ", numel,
+                    " elements (what the components encode); got ", shape);
+  return numel;
 }
 
-void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x,
-                int64_t out_features) {
-  if (!bias.has_value()) return;
-  TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "qlora::", op,
-                   ": argument 'bias' must have the dtype of 'x' (", x.scalar_type(), "); got ",
-                   bias->scalar_type());
-  check_same_device(op, "bias", *bias, "x", x);
-  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, "qlora::", op,
-                    ": argument 'bias' must have shape [", out_features, "]; got shape ",
-                    shape_str(*bias));
+int64_t check_linear_args(const at::Tensor& x, const at::Tensor& packed,
+                          const at::Tensor& absmax_codes, const at::Tensor& absmax_scales,
+                          const at::Tensor& absmax_offset, int64_t out_features,
+                          const std::optional<at::Tensor>& bias) {
+  const char* op = "linear_nf4";
+  const int64_t numel = check_components(op, packed, absmax_codes, absmax_scales, absmax_offset);
+  const int64_t in_features =
+      check_matmul_input(op, x, "x", numel, out_features, "out_features", packed);
+  check_bias(op, bias, x, out_features);
+  return in_features;
+}
+
+int64_t check_grad_input_args(const at::Tensor& grad_y, const at::Tensor& packed,
+                              const at::Tensor& absmax_codes, const at::Tensor& absmax_scales,
+                              const at::Tensor& absmax_offset, int64_t in_features) {
+  const char* op = "linear_nf4_grad_input";
+  const int64_t numel = check_components(op, packed, absmax_codes, absmax_scales, absmax_offset);
+  return check_matmul_input(op, grad_y, "grad_y", numel, in_features, "in_features", packed);
 }
 
 void fail_non_finite(const char* op, const char* arg, const at::Tensor& weight) {

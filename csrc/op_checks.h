@@ -19,17 +19,22 @@ void check_quantizable(const char* op, const char* arg, const at::Tensor& weight
 int64_t check_components(const char* op, const at::Tensor& packed, const at::Tensor& absmax_codes,
                          const at::Tensor& absmax_scales, const at::Tensor& absmax_offset);
 
-// `t` lives on the same device as `ref`.
-void check_same_device(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
-                       const at::Tensor& ref);
+// All arguments of dequantize_nf4; returns the element count.
+int64_t check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax_codes,
+                              const at::Tensor& absmax_scales, const at::Tensor& absmax_offset,
+                              at::IntArrayRef shape, at::ScalarType dtype);
 
-// x [..., features] against a weight of `weight_numel` elements whose other dimension is
-// `dim` (named `dim_arg`): x's last dimension must be weight_numel / dim. Returns that size.
-int64_t check_matmul_input(const char* op, const at::Tensor& x, const char* x_arg,
-                           int64_t weight_numel, int64_t dim, const char* dim_arg,
-                           const at::Tensor& packed);
-void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x,
-                int64_t out_features);
+// All arguments of linear_nf4 (x [..., in], W numel = out_features * in, bias [out] like x);
+// returns in_features.
+int64_t check_linear_args(const at::Tensor& x, const at::Tensor& packed,
+                          const at::Tensor& absmax_codes, const at::Tensor& absmax_scales,
+                          const at::Tensor& absmax_offset, int64_t out_features,
+                          const std::optional<at::Tensor>& bias);
+
+// All arguments of linear_nf4_grad_input (grad_y [..., out]); returns out_features.
+int64_t check_grad_input_args(const at::Tensor& grad_y, const at::Tensor& packed,
+                              const at::Tensor& absmax_codes, const at::Tensor& absmax_scales,
+                              const at::Tensor& absmax_offset, int64_t in_features);
 
 // The weight must be finite: after a kernel saw a NaN or Inf, find the first and report it.
 [[noreturn]] void fail_non_finite(const char* op, const char* arg, const at::Tensor& weight);

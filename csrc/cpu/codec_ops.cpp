@@ -69,14 +69,7 @@ at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& absmax_cod
                           const at::Tensor& absmax_scales, const at::Tensor& absmax_offset,
                           at::IntArrayRef shape, at::ScalarType dtype) {
   const int64_t numel =
-      check_components("dequantize_nf4", packed, absmax_codes, absmax_scales, absmax_offset);
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-                   "qlora::dequantize_nf4: argument 'dtype' must be float32, bfloat16 or float16; "
-                   "got ",
-                   dtype);
-  TORCH_CHECK_VALUE(c10::multiply_integers(shape) == numel,
-                    "qlora::dequantize_nf4: argument 'shape' must have ", numel,
-                    " elements (what the components encode); got ", shape);
+      check_dequantize_args(packed, absmax_codes, absmax_scales, absmax_offset, shape, dtype);
   const Nf4Storage storage(packed, absmax_codes, absmax_scales, absmax_offset);
   at::Tensor out = empty_output(shape, packed.options().dtype(dtype));
   const CpuKernels& k = active_cpu_kernels();

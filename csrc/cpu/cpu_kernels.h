@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../nf4_format.h"
 
@@ -11,6 +12,17 @@ namespace qlora::cpu {
 
 // Element type of a dense weight or activation buffer.
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Calls f(std::integral_constant<DType, d>{}): how each kernel file picks the instantiation of
+// its dtype templates. (Instantiated per kernel file, with that file's instruction set.)
+template <typename F>
+decltype(auto) with_dtype(DType d, F&& f) {
+  switch (d) {
+    case DType::kFloat32: return f(std::integral_constant<DType, DType::kFloat32>{});
+    case DType::kBFloat16: return f(std::integral_constant<DType, DType::kBFloat16>{});
+    default: return f(std::integral_constant<DType, DType::kFloat16>{});
+  }
+}
 
 struct CpuKernels {
   const char* name;  // "avx512" or "portable"

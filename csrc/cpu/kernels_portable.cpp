@@ -57,15 +57,7 @@ uint32_t quantize_blocks_t(const void* w, int64_t first, int64_t last, uint8_t* 
 
 uint32_t quantize_blocks(const void* w, DType dtype, int64_t first, int64_t last, uint8_t* packed,
                          float* absmax) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return quantize_blocks_t<DType::kFloat32>(w, first, last, packed, absmax);
-    case DType::kBFloat16:
-      return quantize_blocks_t<DType::kBFloat16>(w, first, last, packed, absmax);
-    case DType::kFloat16:
-      return quantize_blocks_t<DType::kFloat16>(w, first, last, packed, absmax);
-  }
-  return 0;
+  return with_dtype(dtype, [&](auto d) { return quantize_blocks_t<d.value>(w, first, last, packed, absmax); });
 }
 
 template <DType D>
@@ -83,14 +75,7 @@ void dequantize_blocks_t(const Nf4View& w, int64_t first, int64_t last, void* ou
 }
 
 void dequantize_blocks(const Nf4View& w, int64_t first, int64_t last, void* out, DType dtype) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return dequantize_blocks_t<DType::kFloat32>(w, first, last, out);
-    case DType::kBFloat16:
-      return dequantize_blocks_t<DType::kBFloat16>(w, first, last, out);
-    case DType::kFloat16:
-      return dequantize_blocks_t<DType::kFloat16>(w, first, last, out);
-  }
+  with_dtype(dtype, [&](auto d) { dequantize_blocks_t<d.value>(w, first, last, out); });
 }
 
 // Decodes one block in pair-split order (see CpuKernels::gemv_rows): per 32-element half, the

@@ -166,10 +166,8 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
                       const at::Tensor& absmax_codes, const at::Tensor& absmax_scales,
                       const at::Tensor& absmax_offset, int64_t out_features,
                       const std::optional<at::Tensor>& bias) {
-  const char* op = "linear_nf4";
-  const int64_t numel = check_components(op, packed, absmax_codes, absmax_scales, absmax_offset);
-  const int64_t K = check_matmul_input(op, x, "x", numel, out_features, "out_features", packed);
-  check_bias(op, bias, x, out_features);
+  const int64_t K = check_linear_args(x, packed, absmax_codes, absmax_scales, absmax_offset,
+                                      out_features, bias);
   const int64_t N = out_features;
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor p = contiguous_aligned(packed, 4), c = absmax_codes.contiguous(),
@@ -211,10 +209,8 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
 at::Tensor linear_nf4_grad_input(const at::Tensor& grad_y, const at::Tensor& packed,
                                  const at::Tensor& absmax_codes, const at::Tensor& absmax_scales,
                                  const at::Tensor& absmax_offset, int64_t in_features) {
-  const char* op = "linear_nf4_grad_input";
-  const int64_t numel = check_components(op, packed, absmax_codes, absmax_scales, absmax_offset);
-  const int64_t N =
-      check_matmul_input(op, grad_y, "grad_y", numel, in_features, "in_features", packed);
+  const int64_t N = check_grad_input_args(grad_y, packed, absmax_codes, absmax_scales,
+                                          absmax_offset, in_features);
   const int64_t K = in_features;
   const c10::cuda::CUDAGuard guard(grad_y.device());
   const at::Tensor p = contiguous_aligned(packed, 4), c = absmax_codes.contiguous(),
