@@ -44,6 +44,17 @@ void decode_tile(const CpuKernels& k, const Nf4View& w, int64_t K, int64_t n0, i
   }
 }
 
+// Tile size along an extent: at most `max_tile`, a multiple of `align`, and a tile count that
+// is a whole number of rounds for the threads (3 tiles on 2 threads would leave one idle a third
+// of the time).
+int64_t balanced_tile(int64_t extent, int64_t max_tile, int64_t align) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t tiles = (extent + max_tile - 1) / max_tile;
+  const int64_t rounds = (tiles + threads - 1) / threads;
+  const int64_t tile = (extent + rounds * threads - 1) / (rounds * threads);
+  return std::min(extent, (tile + align - 1) / align * align);
+}
+
 at::Tensor as_float_matrix(const at::Tensor& t, int64_t cols) {
   return t.reshape({-1, cols}).to(at::kFloat).contiguous();
 }
@@ -71,7 +82,8 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
                   y.mutable_data_ptr<float>(), N);
     });
   } else if (M > 0) {
-    const int64_t rows = std::min(N, std::clamp(kTileBytes / (4 * K) / 16 * 16, kMinTileRows, kMaxTileRows));
+    const int64_t max_rows = std::clamp(kTileBytes / (4 * K) / 16 * 16, kMinTileRows, kMaxTileRows);
+    const int64_t rows = balanced_tile(N, max_rows, 16);
     const at::ThreadLocalState caller;  // below autograd, etc.: the worker threads must be too
     at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
       const at::ThreadLocalStateGuard same_state(caller);
@@ -110,7 +122,7 @@ at::Tensor linear_nf4_grad_input(const at::Tensor& grad_y, const at::Tensor& pac
   } else if (M > 0) {
     // Column tiles: each decoded [N, cols] tile yields finished columns of grad_x.
     const int64_t fit = kTileBytes / (4 * N) / kBlockSize * kBlockSize;
-    const int64_t cols = std::min(K, std::clamp(fit, kMinTileCols, kMaxTileCols));
+    const int64_t cols = balanced_tile(K, std::clamp(fit, kMinTileCols, kMaxTileCols), kBlockSize);
     const at::ThreadLocalState caller;
     at::parallel_for(0, (K + cols - 1) / cols, 1, [&](int64_t t0, int64_t t1) {
       const at::ThreadLocalStateGuard same_state(caller);
