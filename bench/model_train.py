@@ -68,7 +68,7 @@ def _ours(arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.d
     sys.path.insert(0, str(REPO))
     from qlora_ext.models.llama2 import lora_llama2
     from qlora_ext.modules.peft import get_adapter_params, set_trainable_params
-    from qlora_ext.training.steps import autocast, token_loss_sum
+    from qlora_ext.training.steps import autocast, fused_output_weight, token_loss_sum
 
     torch.set_default_dtype(dtype)
     with torch.device(device):
@@ -83,11 +83,13 @@ def _ours(arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.d
         p.data = p.data.float()
     opt = torch.optim.AdamW(list(adapter.values()), lr=1e-4, fused=device.type == "cuda")
     tokens = torch.randint(0, arch["vocab_size"], (batch, seq), device=device)
+    output_weight = fused_output_weight(model)  # the frozen output projection is applied by the loss
+    model.skip_output_layer = output_weight is not None
 
     def step():  # the trainer's step: qlora_ext.finetune's loss and precision handling
         with autocast(device, dtype):
-            logits = model(tokens)
-        loss = token_loss_sum(logits, tokens) / (tokens.numel() - tokens.shape[0])
+            outputs = model(tokens)
+        loss = token_loss_sum(outputs, tokens, output_weight) / (tokens.numel() - tokens.shape[0])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

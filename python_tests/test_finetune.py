@@ -83,9 +83,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_ckpt, smal
     overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["save_every_n_steps=2", "max_steps_per_epoch=4", "eval.before_and_after=False"]
     real, calls = steps.token_loss_sum, {"n": 0}
 
-    def poisoned(logits, labels):
+    def poisoned(outputs, labels, output_weight=None):
         calls["n"] += 1
-        loss = real(logits, labels)
+        loss = real(outputs, labels, output_weight)
         return loss * float("nan") if calls["n"] == 7 else loss  # micro-batch 7 = optimizer step 4
 
     monkeypatch.setattr(steps, "token_loss_sum", poisoned)

@@ -33,11 +33,11 @@ def _overrides(setup, out):
 def _interrupt_at_micro_batch(monkeypatch, n):
     real, calls = steps.token_loss_sum, {"n": 0}
 
-    def interrupted(logits, labels):
+    def interrupted(outputs, labels, output_weight=None):
         calls["n"] += 1
         if calls["n"] == n:
             raise KeyboardInterrupt("simulated kill")
-        return real(logits, labels)
+        return real(outputs, labels, output_weight)
 
     monkeypatch.setattr(steps, "token_loss_sum", interrupted)
 

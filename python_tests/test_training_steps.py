@@ -98,3 +98,57 @@ def test_validation_loss_restores_train_mode():
     tokens = torch.randint(0, 64, (2, 16))
     loss = steps.validation_loss(model, [{"tokens": tokens, "labels": tokens}], torch.device("cpu"), torch.float32)
     assert model.training and loss > 0
+
+
+def _tiny_qlora_frozen_output(seed=0):
+    torch.manual_seed(seed)
+    model = lora_llama2(["q_proj", "v_proj"], True, False, vocab_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                        embed_dim=64, max_seq_len=32, intermediate_dim=128, lora_rank=4, lora_alpha=8.0, quantize_base=True)
+    adapter = get_adapter_params(model)
+    for p in adapter.values():
+        torch.nn.init.normal_(p, std=0.05)
+    set_trainable_params(model, adapter)
+    return model, adapter
+
+
+def test_fused_output_loss_same_loss_and_gradients():
+    """The loss applying the frozen output projection itself (hidden states out of the model) gives
+    the logits path's loss and adapter gradients; a LoRA output keeps the logits path."""
+    tokens = torch.randint(0, 96, (3, 20))
+    labels = _labels(3, 20, 96, [7, 0, 19])
+    results = []
+    for fused in (False, True):
+        model, adapter = _tiny_qlora_frozen_output()
+        output_weight = steps.fused_output_weight(model)
+        assert output_weight is model.output.weight
+        with steps.hidden_state_outputs(model, fused):
+            outputs = model(tokens)
+        assert outputs.shape == ((3, 20, 64) if fused else (3, 20, 96))  # hidden states (dim 64) or logits
+        assert model.skip_output_layer is False  # restored
+        loss = steps.token_loss_sum(outputs, labels, output_weight if fused else None)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in adapter.items()}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for n in results[0][1]:
+        torch.testing.assert_close(results[0][1][n], results[1][1][n])
+    lora_output = lora_llama2(["q_proj"], False, True, vocab_size=96, num_layers=1, num_heads=4, num_kv_heads=2,
+                              embed_dim=64, max_seq_len=32, intermediate_dim=128, lora_rank=4, lora_alpha=8.0)
+    assert steps.fused_output_weight(lora_output) is None  # LoRA on the output: it trains, the logits path stays
+
+
+def test_skip_output_layer_returns_normed_hidden_states():
+    model, _ = _tiny_qlora_frozen_output()
+    tokens = torch.randint(0, 96, (2, 9))
+    logits = model(tokens)
+    with steps.hidden_state_outputs(model, True):
+        hidden = model(tokens)
+    torch.testing.assert_close(model.output(hidden), logits)
+
+
+def test_validation_loss_fused_equals_logits_path():
+    model, _ = _tiny_qlora_frozen_output()
+    tokens = torch.randint(0, 96, (2, 16))
+    batches = [{"tokens": tokens, "labels": tokens}]
+    fused = steps.validation_loss(model, batches, torch.device("cpu"), torch.float32)
+    want = float(steps.token_loss_sum(model(tokens), tokens)) / steps.num_loss_tokens(tokens)
+    assert fused == pytest.approx(want, rel=1e-5)

@@ -133,6 +133,9 @@ def train(cfg: Config) -> dict[str, Any]:
         summary["answers_before"] = evaluation.answer(model, tokenizer, samples, cfg.eval.max_new_tokens, device, dtype)
 
     # -- the loop ------------------------------------------------------------------------------
+    # A frozen output projection is applied by the loss, chunk by chunk (no [b, s, vocab] logits).
+    output_weight = steps.fused_output_weight(model)
+    model.skip_output_layer = output_weight is not None
     last_checkpoint = output_dir / state["checkpoint_name"] if state else None
     for epoch in range(start_epoch, cfg.epochs):
         order = epoch_order(len(train_ds), epoch, seed, cfg.shuffle)
@@ -147,8 +150,8 @@ def train(cfg: Config) -> dict[str, Any]:
             for batch in window:
                 tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
                 with steps.autocast(device, dtype):
-                    logits = train_model(tokens)  # [b, s, vocab]
-                loss = steps.token_loss_sum(logits, labels) / window_tokens
+                    outputs = train_model(tokens)  # [b, s, d] hidden states, or [b, s, vocab] logits
+                loss = steps.token_loss_sum(outputs, labels, output_weight) / window_tokens
                 loss.backward()
                 step_loss += loss.detach()
                 tokens_since += int(batch["num_tokens"])
@@ -196,6 +199,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 t_since += time.perf_counter() - t_save  # saving time is not training throughput
                 tqdm.write(f"Saved checkpoint {last_checkpoint}")
         bar.close()
+    model.skip_output_layer = False
     loggers.close()
 
     # -- after training: held-out loss, the same samples, the loss curve ----------------------

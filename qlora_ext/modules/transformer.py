@@ -42,6 +42,10 @@ class TransformerDecoder(nn.Module):
         head_dim: per-head dimension.
         norm: final normalization.
         output: embed_dim -> vocab_size projection (nn.Linear or LoRALinear).
+
+    With ``skip_output_layer`` set (torchtune's attribute), forward returns the final normalized
+    hidden states [b, s, embed_dim] instead of logits, for a loss that applies ``output`` itself
+    (``qlora_ext.modules.linear_cross_entropy``).
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class TransformerDecoder(nn.Module):
         self.head_dim = head_dim
         self.norm = norm
         self.output = output
+        self.skip_output_layer = False
         self._cache_len: int | None = None
 
     # -- KV caches (generation) -------------------------------------------------------------------
@@ -126,7 +131,8 @@ class TransformerDecoder(nn.Module):
                 when caches are enabled.
 
         Returns:
-            float32 logits [b, s, vocab_size].
+            float32 logits [b, s, vocab_size]; with ``skip_output_layer`` the normalized hidden
+            states [b, s, embed_dim] instead.
 
         Raises:
             ValueError: ``tokens`` is not 2-D or longer than max_seq_len, or ``input_pos`` is
@@ -156,4 +162,6 @@ class TransformerDecoder(nn.Module):
         for layer in self.layers:
             h = layer(h, mask=mask, input_pos=input_pos)
         h = self.norm(h)
+        if self.skip_output_layer:
+            return h  # [b, s, d]
         return self.output(h).float()  # [b, s, vocab]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from qlora_ext.modules.linear_cross_entropy import linear_cross_entropy_sum
 from qlora_ext.training.config import ConfigError
 from qlora_ext.training.data import IGNORE_INDEX
 
@@ -61,19 +62,53 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def token_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
+def fused_output_weight(model: nn.Module) -> Tensor | None:
+    """``model.output``'s weight when the loss can apply the output projection itself, else None.
+
+    That is the case for a frozen, bias-free ``nn.Linear`` output (every QLoRA/LoRA config that
+    does not put LoRA on the output): the loss then never materializes the [b, s, vocab] logits
+    (``linear_cross_entropy_sum``). A trainable or LoRA output keeps the plain logits path.
+    """
+    output = getattr(model, "output", None)
+    if not hasattr(model, "skip_output_layer") or type(output) is not nn.Linear:
+        return None
+    if output.bias is not None or output.weight.requires_grad:
+        return None
+    return output.weight
+
+
+@contextlib.contextmanager
+def hidden_state_outputs(model: nn.Module, enabled: bool):
+    """Within: ``model(tokens)`` returns hidden states (``skip_output_layer``) when ``enabled``."""
+    if not enabled:
+        yield
+        return
+    previous = model.skip_output_layer
+    model.skip_output_layer = True
+    try:
+        yield
+    finally:
+        model.skip_output_layer = previous
+
+
+def token_loss_sum(outputs: Tensor, labels: Tensor, output_weight: Tensor | None = None) -> Tensor:
     """Summed next-token cross entropy over positions whose label is not IGNORE_INDEX.
 
     Args:
-        logits: [b, s, vocab] (float32).
-        labels: [b, s]; position t's logits predict labels[t + 1].
+        outputs: [b, s, vocab] float32 logits, or with ``output_weight`` the hidden states [b, s, d]
+            of a model run under ``hidden_state_outputs``.
+        labels: [b, s]; position t's outputs predict labels[t + 1].
+        output_weight: the frozen [vocab, d] output projection (``fused_output_weight``); the loss
+            then computes the logits chunk by chunk, only for the positions that count.
 
     The labels are shifted (and the last position ignored) rather than the logits sliced: slicing
     [b, s, vocab] logits copies them, and its backward fills a zero tensor of their full size.
     """
-    vocab = logits.shape[-1]
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [b, s]
-    return F.cross_entropy(logits.reshape(-1, vocab).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    if output_weight is not None:
+        return linear_cross_entropy_sum(outputs, output_weight, targets, ignore_index=IGNORE_INDEX)
+    vocab = outputs.shape[-1]
+    return F.cross_entropy(outputs.reshape(-1, vocab).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def num_loss_tokens(labels: Tensor) -> int:
@@ -100,17 +135,19 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 @torch.no_grad()
 def validation_loss(model: nn.Module, batches: Iterable[dict[str, Tensor]], device: torch.device, dtype: torch.dtype) -> float:
-    """Mean token loss over the batches (the same masking as training)."""
+    """Mean token loss over the batches (the same masking and loss path as training)."""
     was_training = model.training
     model.eval()
+    output_weight = fused_output_weight(model)
     total, count = 0.0, 0
     try:
-        for batch in batches:
-            tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
-            with autocast(device, dtype):
-                logits = model(tokens)
-            total += float(token_loss_sum(logits, labels))
-            count += num_loss_tokens(labels)
+        with hidden_state_outputs(model, output_weight is not None):
+            for batch in batches:
+                tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+                with autocast(device, dtype):
+                    outputs = model(tokens)
+                total += float(token_loss_sum(outputs, labels, output_weight))
+                count += num_loss_tokens(labels)
     finally:
         model.train(was_training)
     if count == 0:

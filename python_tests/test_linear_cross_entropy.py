@@ -1,0 +1,67 @@
+"""The chunked linear + cross entropy against F.linear + F.cross_entropy: loss and the gradient of
+the hidden states, over chunk boundaries, ignored rows, dtypes and devices; bad arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import FLOAT_DTYPES, devices, dtype_id
+from qlora_ext.modules import linear_cross_entropy as lce
+
+IGNORE = -100
+
+
+def _reference(hidden, weight, targets):
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits.reshape(-1, weight.shape[0]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+def _case(device, dtype, shape=(3, 37), d=48, vocab=301, ignored=0.3):
+    hidden = torch.randn(*shape, d, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, d, device=device) / d**0.5).to(dtype)
+    targets = torch.randint(0, vocab, shape, device=device)
+    targets[torch.rand(shape, device=device) < ignored] = IGNORE
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("device", devices())
+def test_matches_linear_then_cross_entropy(device, dtype, monkeypatch):
+    # 64-row chunks (the smallest allowed) over 111 rows: two chunks, the last one partial.
+    monkeypatch.setitem(lce._CHUNK_BYTES, device, 1)
+    hidden, weight, targets = _case(device, dtype)
+    want = _reference(hidden, weight, targets)
+    (want_grad,) = torch.autograd.grad(want, hidden)
+    got = lce.linear_cross_entropy_sum(hidden, weight, targets, ignore_index=IGNORE)
+    (got_grad,) = torch.autograd.grad(got * 0.5, hidden)  # the upstream gradient scales it
+    assert got.dtype == torch.float32 and got.shape == ()
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}[dtype]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=0)
+    torch.testing.assert_close(got_grad.float(), 0.5 * want_grad.float(), rtol=rtol, atol=rtol * float(want_grad.abs().max()))
+    assert got_grad.dtype == dtype
+    assert not got_grad[targets == IGNORE].any()  # ignored rows get no gradient
+
+
+def test_without_grad_and_with_no_counted_rows():
+    hidden, weight, targets = _case("cpu", torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(lce.linear_cross_entropy_sum(hidden, weight, targets), _reference(hidden, weight, targets))
+    targets.fill_(IGNORE)
+    loss = lce.linear_cross_entropy_sum(hidden, weight, targets)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and not hidden.grad.any()
+
+
+def test_bad_arguments_are_named():
+    hidden, weight, targets = _case("cpu", torch.float32)
+    with pytest.raises(ValueError, match=r"argument 'weight' must be \[vocab, 48\].*got shape \[301, 47\]"):
+        lce.linear_cross_entropy_sum(hidden, weight[:, :47], targets)
+    with pytest.raises(ValueError, match=r"argument 'targets' must have hidden's shape.*\[3, 37\]; got \[3, 36\]"):
+        lce.linear_cross_entropy_sum(hidden, weight, targets[:, :36])
+    with pytest.raises(ValueError, match=r"argument 'weight' must be frozen \(requires_grad=False\)"):
+        lce.linear_cross_entropy_sum(hidden, weight.clone().requires_grad_(), targets)
+    targets[1, 5] = 301
+    with pytest.raises(ValueError, match=r"argument 'targets' must be in \[0, 301\) or ignore_index=-100; got 301"):
+        lce.linear_cross_entropy_sum(hidden, weight, targets)

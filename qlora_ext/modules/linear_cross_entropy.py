@@ -1,0 +1,120 @@
+"""Cross entropy of a frozen output projection, computed in row chunks: the [tokens, vocab]
+logits are never held whole.
+
+Unfused, a training step writes the logits (batch 2 x 256 tokens x 32000 vocab in fp32 is 65 MB),
+then a log-softmax of the same size, a zero-filled gradient of that size, the log-softmax
+gradient, and only then the gradient of the hidden states; each of those fresh buffers is also
+page-faulted in on a CPU. Here one chunk buffer is reused: for each chunk of rows the logits are
+computed, turned into the loss and, in place, into ``softmax - one_hot``, and multiplied by the
+weight right away, so the gradient of the hidden states is ready at the end of the forward and
+backward only scales it. Same FLOPs as the unfused path (the two matrix products); far fewer
+bytes. The weight gets no gradient: this is for a frozen projection (QLoRA's ``model.output``),
+as in torchtune's ``LinearCrossEntropyLoss`` with ``skip_output_layer``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Bytes of fp32 logits per chunk: large enough that each chunk's matrix products stay compute-bound
+# (>= 64 rows per pass over the weight at Llama-2's vocab), small enough to stay out of the way.
+_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
+
+
+def _chunk_rows(vocab: int, device: torch.device) -> int:
+    return max(64, _CHUNK_BYTES.get(device.type, 32 << 20) // (4 * vocab))
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum_i CE(hidden[i] @ weight.T, targets[i]) over rows that all count (no ignore_index)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:  # noqa: ANN001
+        n, vocab = hidden.shape[0], weight.shape[0]
+        want_grad = ctx.needs_input_grad[0]
+        grad_hidden = torch.empty_like(hidden) if want_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        fp32 = hidden.dtype == torch.float32
+        buffer = torch.empty(min(chunk, n), vocab, dtype=torch.float32, device=hidden.device) if fp32 else None
+        for start in range(0, n, chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]  # [c, d], [c]
+            if fp32:
+                logits = torch.mm(h, weight.t(), out=buffer[: h.shape[0]])  # [c, vocab]
+            else:  # bf16/fp16 matmul as the unfused path does, softmax in fp32
+                logits = torch.mm(h, weight.t()).float()
+            row_max = logits.amax(dim=1, keepdim=True)  # [c, 1]
+            target_logit = logits.gather(1, t[:, None])
+            logits.sub_(row_max).exp_()
+            row_sum = logits.sum(dim=1, keepdim=True)
+            total += (row_sum.log() + row_max - target_logit).sum()
+            if want_grad:
+                probs = logits.div_(row_sum)
+                probs.scatter_add_(1, t[:, None], probs.new_full((h.shape[0], 1), -1.0))  # softmax - one_hot
+                torch.mm(probs.to(weight.dtype), weight, out=grad_hidden[start : start + chunk])
+        if want_grad:
+            ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total: Tensor):  # noqa: ANN001, ANN206
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
+
+
+def linear_cross_entropy_sum(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100) -> Tensor:
+    """Summed cross entropy of ``hidden @ weight.T`` against ``targets``, skipping ``ignore_index``.
+
+    Equal to ``F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=ignore_index,
+    reduction="sum")``, computed in chunks of rows without the whole logits; rows whose target is
+    ``ignore_index`` cost nothing (their logits are never computed).
+
+    Args:
+        hidden: [..., d] hidden states (float32, bfloat16 or float16); gets a gradient.
+        weight: [vocab, d] frozen projection weight (requires_grad False), same device.
+        targets: [...] int64 class ids in [0, vocab) or ``ignore_index``, the shape of hidden
+            without its last dim.
+        ignore_index: target value of rows that do not count.
+
+    Returns:
+        float32 scalar.
+
+    Raises:
+        ValueError: mismatched shapes or devices, a weight that requires grad, or a target out of range.
+    """
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_cross_entropy_sum: argument 'weight' must be [vocab, {hidden.shape[-1]}] (hidden's last dim); "
+            f"got shape {list(weight.shape)}"
+        )
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"linear_cross_entropy_sum: argument 'targets' must have hidden's shape without its last dim "
+            f"{list(hidden.shape[:-1])}; got {list(targets.shape)}"
+        )
+    if weight.requires_grad:
+        raise ValueError(
+            "linear_cross_entropy_sum: argument 'weight' must be frozen (requires_grad=False): the fused loss gives "
+            "it no gradient; use F.linear + F.cross_entropy for a trainable output layer"
+        )
+    if weight.device != hidden.device or targets.device != hidden.device:
+        raise ValueError(
+            f"linear_cross_entropy_sum: arguments 'hidden', 'weight', 'targets' must be on one device; got "
+            f"{hidden.device}, {weight.device}, {targets.device}"
+        )
+    vocab = weight.shape[0]
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # [n, d], [n]
+    counted = targets != ignore_index
+    rows = counted.nonzero().squeeze(1)
+    if rows.numel() != targets.numel():  # only the rows that count
+        hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        bad = targets[(targets < 0) | (targets >= vocab)][0]
+        raise ValueError(
+            f"linear_cross_entropy_sum: argument 'targets' must be in [0, {vocab}) or ignore_index={ignore_index}; "
+            f"got {int(bad)}"
+        )
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    return _LinearCrossEntropySum.apply(hidden.contiguous(), weight, targets, _chunk_rows(vocab, hidden.device))
