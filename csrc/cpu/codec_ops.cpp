@@ -11,7 +11,6 @@
 #include "../op_checks.h"
 #include "cpu_kernels.h"
 #include "kernel_args.h"
-#include "output_memory.h"
 
 namespace qlora::cpu {
 namespace {
@@ -23,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4(const at
   const int64_t groups = (nblocks + kScalerBlockSize - 1) / kScalerBlockSize;
   const auto bytes = w.options().dtype(at::kByte);
   const auto floats = w.options().dtype(at::kFloat);
-  at::Tensor packed = empty_output({nblocks * kBlockSize / 2}, bytes);
+  at::Tensor packed = at::empty({nblocks * kBlockSize / 2}, bytes);
   at::Tensor absmax_codes = at::empty({nblocks}, bytes);
   at::Tensor absmax_scales = at::empty({groups}, floats);
   at::Tensor absmax_offset = at::empty({}, floats);
@@ -71,7 +70,10 @@ at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& absmax_cod
   const int64_t numel =
       check_dequantize_args(packed, absmax_codes, absmax_scales, absmax_offset, shape, dtype);
   const Nf4Storage storage(packed, absmax_codes, absmax_scales, absmax_offset);
-  at::Tensor out = empty_output(shape, packed.options().dtype(dtype));
+  // A plain allocation: fresh pages cost most of the time here (a 32 MB output is 8k first-touch
+  // faults), but asking for transparent huge pages, which halved the median on the 2-core VM,
+  // gave 10x slower calls whenever the 2 MB blocks had been handed back to the VM's host.
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
   const CpuKernels& k = active_cpu_kernels();
   const DType out_dtype = to_kernel_dtype(dtype);
   const int64_t elem_bytes = out.element_size();

@@ -15,7 +15,6 @@
 #include "../op_checks.h"
 #include "cpu_kernels.h"
 #include "kernel_args.h"
-#include "output_memory.h"
 
 namespace qlora::cpu {
 namespace {
@@ -71,7 +70,7 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
 
   const at::Tensor x2 = as_float_matrix(x, K);  // [M, K]
   const int64_t M = x2.size(0);
-  at::Tensor y = empty_output({M, N}, x2.options());  // [M, N]
+  at::Tensor y = at::empty({M, N}, x2.options());  // [M, N]
   if (M > 0 && M <= kMaxFusedRows && K % kBlockSize == 0) {
     at::Tensor xs = at::empty_like(x2);
     for (int64_t m = 0; m < M; ++m) {
@@ -113,7 +112,7 @@ at::Tensor linear_nf4_grad_input(const at::Tensor& grad_y, const at::Tensor& pac
 
   const at::Tensor g2 = as_float_matrix(grad_y, N);  // [M, N]
   const int64_t M = g2.size(0);
-  at::Tensor gx = empty_output({M, K}, g2.options());  // [M, K]
+  at::Tensor gx = at::empty({M, K}, g2.options());  // [M, K]
   if (M > 0 && M <= kMaxFusedRows && K % kBlockSize == 0) {
     at::parallel_for(0, K / kBlockSize, 1, [&](int64_t c0, int64_t c1) {
       k.gemv_cols(w.view, N, K, c0 * kBlockSize, c1 * kBlockSize, g2.const_data_ptr<float>(), M,
