@@ -81,6 +81,19 @@ def test_autograd_through_many_tiles_on_all_threads(dtype):
     assert_close_to_exact(x.grad, grad_y.double() @ dense.double(), grad_y @ dense.to(dtype))
 
 
+@pytest.mark.parametrize("shape", [(3000, 2112), (3000, 2080)], ids=str)
+def test_reduction_in_several_tiles(shape, cpu_isa):
+    # Bands of W wider than one 4 MB tile: forward walks K (2112, or 2080 = not whole blocks per
+    # row) in two chunks per band, backward walks N = 3000 in two; partial sums accumulate.
+    nf4, dense, x = case(shape, 24, torch.float32, "cpu", batch=(2,))
+    x.requires_grad_(True)
+    y = linear_nf4(x, nf4)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    assert_close_to_exact(y, x.detach().double() @ dense.double().t(), F.linear(x.detach(), dense))
+    assert_close_to_exact(x.grad, grad_y.double() @ dense.double(), grad_y @ dense)
+
+
 @pytest.mark.parametrize("device", devices())
 def test_double_backward(device):
     nf4, dense, x = case((64, 128), 3, torch.float32, device, batch=())

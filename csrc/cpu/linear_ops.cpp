@@ -19,13 +19,14 @@
 namespace qlora::cpu {
 namespace {
 
-// One thread's decoded tile: up to 8 MB of float32, and between 128 and 256 rows of W forward
-// (64 and 512 columns backward). Narrower tiles cost BLAS efficiency (it re-packs the activations
-// for every call: measured here, 128-row tiles run 12% slower than one whole-matrix call, 256-row
-// ones 3%); wider ones only cost memory.
-constexpr int64_t kTileBytes = 8 << 20;
-constexpr int64_t kMinTileRows = 128, kMaxTileRows = 256;
-constexpr int64_t kMinTileCols = 64, kMaxTileCols = 512;
+// One thread's decoded tile: at most 4 MB of float32. A thread owns a band of up to 1024 output
+// columns (rows of W forward, columns of W backward) and walks the reduction dimension through
+// it in chunks that keep the tile within 4 MB, accumulating into its band of the output. BLAS
+// re-packs the activations for every call, so what costs is the number of bands: bands of 128
+// rows of W spanning all of K (the earlier layout) ran 12% slower than one whole-matrix call, and
+// at K = 11008 only 176 rows fit, 30-50% slower.
+constexpr int64_t kTileBytes = 4 << 20;
+constexpr int64_t kMaxBand = 1024;
 
 // Decodes rows [n0, n1) x columns [k0, k1) of the [*, K] weight into `out` (row-major).
 void decode_tile(const CpuKernels& k, const Nf4View& w, int64_t K, int64_t n0, int64_t n1,
@@ -52,6 +53,16 @@ int64_t balanced_tile(int64_t extent, int64_t max_tile, int64_t align) {
   const int64_t rounds = (tiles + threads - 1) / threads;
   const int64_t tile = (extent + rounds * threads - 1) / (rounds * threads);
   return std::min(extent, (tile + align - 1) / align * align);
+}
+
+// How much of the reduction dimension (`extent`) one tile of `band` output columns takes: a
+// multiple of the NF4 block (so the tile decodes whole blocks) that keeps the tile within
+// kTileBytes, and about equal chunks rather than a full one and a sliver.
+int64_t reduction_chunk(int64_t extent, int64_t band) {
+  const int64_t fit = std::max<int64_t>(kBlockSize, kTileBytes / (4 * band) / kBlockSize * kBlockSize);
+  const int64_t chunks = (extent + fit - 1) / fit;
+  const int64_t chunk = (extent + chunks - 1) / chunks;
+  return std::min(extent, (chunk + kBlockSize - 1) / kBlockSize * kBlockSize);
 }
 
 at::Tensor as_float_matrix(const at::Tensor& t, int64_t cols) {
@@ -81,17 +92,26 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
                   y.mutable_data_ptr<float>(), N);
     });
   } else if (M > 0) {
-    const int64_t max_rows = std::clamp(kTileBytes / (4 * K) / 16 * 16, kMinTileRows, kMaxTileRows);
-    const int64_t rows = balanced_tile(N, max_rows, 16);
+    const int64_t rows = balanced_tile(N, kMaxBand, 16);  // rows of W per band
+    const int64_t chunk = reduction_chunk(K, rows);      // columns of W per tile
     const at::ThreadLocalState caller;  // below autograd, etc.: the worker threads must be too
     at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
       const at::ThreadLocalStateGuard same_state(caller);
-      at::Tensor tile = at::empty({rows, K}, x2.options());  // this thread's buffer
+      at::Tensor storage = at::empty({rows * chunk}, x2.options());  // this thread's tile
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * rows, n1 = std::min(N, n0 + rows);
-        decode_tile(k, w.view, K, n0, n1, 0, K, tile.mutable_data_ptr<float>());
-        at::Tensor y_cols = y.narrow(1, n0, n1 - n0);
-        at::mm_out(y_cols, x2, tile.narrow(0, 0, n1 - n0).t());
+        at::Tensor y_band = y.narrow(1, n0, n1 - n0);  // [M, n1 - n0]
+        for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+          const int64_t k1 = std::min(K, k0 + chunk);
+          at::Tensor tile = storage.narrow(0, 0, (n1 - n0) * (k1 - k0)).view({n1 - n0, k1 - k0});
+          decode_tile(k, w.view, K, n0, n1, k0, k1, tile.mutable_data_ptr<float>());
+          const at::Tensor x_chunk = x2.narrow(1, k0, k1 - k0);
+          if (k0 == 0) {
+            at::mm_out(y_band, x_chunk, tile.t());
+          } else {
+            at::addmm_out(y_band, y_band, x_chunk, tile.t());
+          }
+        }
       }
     });
   }
@@ -119,19 +139,26 @@ at::Tensor linear_nf4_grad_input(const at::Tensor& grad_y, const at::Tensor& pac
                   N, gx.mutable_data_ptr<float>(), K);
     });
   } else if (M > 0) {
-    // Column tiles: each decoded [N, cols] tile yields finished columns of grad_x.
-    const int64_t fit = kTileBytes / (4 * N) / kBlockSize * kBlockSize;
-    const int64_t cols = balanced_tile(K, std::clamp(fit, kMinTileCols, kMaxTileCols), kBlockSize);
+    const int64_t cols = balanced_tile(K, kMaxBand, kBlockSize);  // columns of W per band
+    const int64_t chunk = reduction_chunk(N, cols);                 // rows of W per tile
     const at::ThreadLocalState caller;
     at::parallel_for(0, (K + cols - 1) / cols, 1, [&](int64_t t0, int64_t t1) {
       const at::ThreadLocalStateGuard same_state(caller);
-      at::Tensor storage = at::empty({N * cols}, g2.options());  // this thread's buffer
+      at::Tensor storage = at::empty({chunk * cols}, g2.options());  // this thread's tile
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t k0 = t * cols, k1 = std::min(K, k0 + cols);
-        at::Tensor tile = storage.narrow(0, 0, N * (k1 - k0)).view({N, k1 - k0});
-        decode_tile(k, w.view, K, 0, N, k0, k1, tile.mutable_data_ptr<float>());
-        at::Tensor gx_cols = gx.narrow(1, k0, k1 - k0);
-        at::mm_out(gx_cols, g2, tile);
+        at::Tensor gx_band = gx.narrow(1, k0, k1 - k0);  // [M, k1 - k0]
+        for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+          const int64_t n1 = std::min(N, n0 + chunk);
+          at::Tensor tile = storage.narrow(0, 0, (n1 - n0) * (k1 - k0)).view({n1 - n0, k1 - k0});
+          decode_tile(k, w.view, K, n0, n1, k0, k1, tile.mutable_data_ptr<float>());
+          const at::Tensor g_chunk = g2.narrow(1, n0, n1 - n0);
+          if (n0 == 0) {
+            at::mm_out(gx_band, g_chunk, tile);
+          } else {
+            at::addmm_out(gx_band, gx_band, g_chunk, tile);
+          }
+        }
       }
     });
   }
