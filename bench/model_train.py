@@ -7,21 +7,29 @@ qlora_ext side by side with HF transformers + PEFT + bitsandbytes 4-bit doing th
     python bench/model_train.py --device cuda      # on a GPU (bf16 compute there)
 
 Same work on both sides: batch 2 x 256 tokens, LoRA r=8 alpha=16 on q/k/v/o and the MLP, frozen
-NF4 base with double-quantized scales, fp32 compute on CPU. Each stack runs in its own process so
-peak memory is its own. HF+PEFT+bnb rows are skipped with the reason when not installed
-(``pip install transformers peft bitsandbytes``). Results: a table, and JSON in ``--out``
-(default ``bench/results/model_train.json``). Also runs under the bench harness as a script
-(``--device D [--quick|--smoke] --out DIR``).
+NF4 base with double-quantized scales, fp32 compute on CPU; each side's own trainer step (ours
+lets the loss apply the frozen output projection in chunks, as ``python -m qlora_ext.finetune``
+does; HF computes the logits, then the loss). Ours runs eager and, as a second stack, under
+``torch.compile(fullgraph=True)`` (the trainer's ``compile=True``; its compile time is in the
+warm-up steps). Each stack runs in its own process so peak memory is its own, and the stacks take
+turns for ``--rounds`` rounds (2 by default, 1 with --quick): each ratio is the median of the
+per-round ratios, so a machine that speeds up or slows down over the minutes of the run does not
+favour either side. HF+PEFT+bnb rows are skipped with the reason when
+not installed (``pip install transformers peft bitsandbytes``). Results: a table, and JSON in
+``--out`` (default ``bench/results/tmp/model_train.json``). Also runs under the bench harness as a
+script (``--device D [--quick|--smoke] --out DIR``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +46,7 @@ CONFIGS = {
     "mid": dict(vocab_size=32_000, num_layers=12, num_heads=12, num_kv_heads=12, embed_dim=768, intermediate_dim=2048),
 }
 TARGETS = {"tiny": 2.0, "mid": 1.6}  # tokens/s vs HF+PEFT+bnb
+STACKS = ("qlora_ext", "qlora_ext_compiled", "hf_peft_bnb")  # ours eager, ours compiled, theirs
 LORA = dict(rank=8, alpha=16.0)
 MAX_SEQ_LEN = 512
 
@@ -63,8 +72,9 @@ def _timed_steps(step, n_warmup: int, n_steps: int, device: torch.device) -> lis
     return times
 
 
-def _ours(arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.dtype):
-    """A step function of qlora_ext: qlora_llama2 builder, our NF4 linear, fp32 adapters."""
+def _ours(arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.dtype, compile: bool = False):
+    """A step function of qlora_ext: qlora_llama2 builder, our NF4 linear, fp32 adapters; with
+    ``compile`` the model runs under ``torch.compile(fullgraph=True)`` (the trainer's compile=True)."""
     sys.path.insert(0, str(REPO))
     from qlora_ext.models.llama2 import lora_llama2
     from qlora_ext.modules.peft import get_adapter_params, set_trainable_params
@@ -85,10 +95,11 @@ def _ours(arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.d
     tokens = torch.randint(0, arch["vocab_size"], (batch, seq), device=device)
     output_weight = fused_output_weight(model)  # the frozen output projection is applied by the loss
     model.skip_output_layer = output_weight is not None
+    forward = torch.compile(model, fullgraph=True) if compile else model
 
     def step():  # the trainer's step: qlora_ext.finetune's loss and precision handling
         with autocast(device, dtype):
-            outputs = model(tokens)
+            outputs = forward(tokens)
         loss = token_loss_sum(outputs, tokens, output_weight) / (tokens.numel() - tokens.shape[0])
         loss.backward()
         opt.step()
@@ -138,7 +149,7 @@ def _worker(stack: str, name: str, args: dict, queue) -> None:
         device = torch.device(args["device"])
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         arch = CONFIGS[name]
-        build = _ours if stack == "qlora_ext" else _hf
+        build = {"qlora_ext": _ours, "qlora_ext_compiled": functools.partial(_ours, compile=True), "hf_peft_bnb": _hf}[stack]
         step, model = build(arch, args["batch"], args["seq"], device, dtype)
         times = _timed_steps(step, args["warmup"], args["steps"], device)
         median = sorted(times)[len(times) // 2]
@@ -182,25 +193,28 @@ def run_one(stack: str, name: str, args: dict) -> tuple[str, object]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--stacks", nargs="+", default=["qlora_ext", "hf_peft_bnb"], choices=["qlora_ext", "hf_peft_bnb"])
+    parser.add_argument("--stacks", nargs="+", default=list(STACKS), choices=list(STACKS))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=6, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds in which the stacks take turns (ratios: median over rounds)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="fewer steps")
     parser.add_argument("--smoke", action="store_true", help="tiny config, 1 step: checks it runs")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of qlora_ext's steps")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for model_train.json")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "tmp"), help="folder for model_train.json")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per stack and config")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for both stacks (default: torch's)")
     a = parser.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: cuda was asked for but no CUDA GPU is available")
     if a.smoke:
-        a.configs, a.steps, a.warmup = ["tiny"], 1, 1
+        a.configs, a.steps, a.warmup, a.rounds = ["tiny"], 1, 1, 1
     elif a.quick:
-        a.steps, a.warmup = 3, 1
+        a.steps, a.warmup, a.rounds = 3, 1, 1
+    if a.rounds < 1:
+        parser.error(f"argument --rounds must be >= 1; got {a.rounds}")
     args = dict(device=a.device, steps=a.steps, warmup=a.warmup, batch=a.batch, seq=a.seq, profile=a.profile, timeout=a.timeout,
                 threads=a.threads)
 
@@ -209,33 +223,48 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": a.threads or torch.get_num_threads(), "device": a.device,
                     "load_average_at_start": os.getloadavg()},
         "work": {"batch": a.batch, "seq": a.seq, "lora_rank": LORA["rank"], "lora_targets": "q,k,v,o + MLP",
-                 "compute": "bf16" if a.device == "cuda" else "fp32", "steps": a.steps, "warmup": a.warmup},
+                 "compute": "bf16" if a.device == "cuda" else "fp32", "steps": a.steps, "warmup": a.warmup,
+                 "rounds": a.rounds},
         "configs": {},
     }
-    print(f"{'config':6} {'stack':12} {'tokens/s':>10} {'step (s)':>9} {'peak mem (GB)':>14}")
+    print(f"{'config':6} {'stack':12} {'round':>5} {'tokens/s':>10} {'step (s)':>9} {'peak mem (GB)':>14}")
     for name in a.configs:
         row = results["configs"][name] = {"arch": CONFIGS[name]}
-        for stack in a.stacks:
-            status, payload = run_one(stack, name, args)
-            if status != "ok":
-                row[stack] = {"status": status, "reason": payload}
-                print(f"{name:6} {stack:12} {status}: {str(payload).splitlines()[0]}")
-                if stack == "qlora_ext":
-                    print(payload, file=sys.stderr)
-                    return 1
+        rounds: dict[str, list[dict]] = {stack: [] for stack in a.stacks}
+        for r in range(a.rounds):  # the stacks take turns, so a drift of the machine hits both
+            for stack in a.stacks:
+                if r > 0 and not rounds[stack]:
+                    continue  # skipped or failed in the first round
+                status, payload = run_one(stack, name, args)
+                if status != "ok":
+                    row[stack] = {"status": status, "reason": payload}
+                    print(f"{name:6} {stack:12} {status}: {str(payload).splitlines()[0]}")
+                    if stack != "hf_peft_bnb":
+                        print(payload, file=sys.stderr)
+                        return 1
+                    continue
+                profile_table = payload.pop("profile", None)
+                rounds[stack].append(payload)
+                print(f"{name:6} {stack:12} {r + 1:5} {payload['tokens_per_s']:10.0f} {payload['step_s_median']:9.3f} "
+                      f"{payload['peak_memory_gb']:14.2f}")
+                if profile_table:
+                    print(profile_table)
+        for stack, runs in rounds.items():
+            if runs:  # the median round, with every round's tokens/s
+                row[stack] = dict(sorted(runs, key=lambda p: p["tokens_per_s"])[len(runs) // 2])
+                row[stack]["tokens_per_s_rounds"] = [p["tokens_per_s"] for p in runs]
+        theirs = rounds.get("hf_peft_bnb", [])
+        for stack, key in (("qlora_ext", "ratio_vs_hf_peft_bnb"), ("qlora_ext_compiled", "ratio_compiled_vs_hf_peft_bnb")):
+            ours = rounds.get(stack, [])
+            if not (ours and theirs):
                 continue
-            profile_table = payload.pop("profile", None)
-            row[stack] = payload
-            print(f"{name:6} {stack:12} {payload['tokens_per_s']:10.0f} {payload['step_s_median']:9.3f} {payload['peak_memory_gb']:14.2f}")
-            if profile_table:
-                print(profile_table)
-        ours, theirs = row.get("qlora_ext", {}), row.get("hf_peft_bnb", {})
-        if "tokens_per_s" in ours and "tokens_per_s" in theirs:
-            ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
-            row["ratio_vs_hf_peft_bnb"] = ratio
+            ratios = sorted(o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(ours, theirs))
+            ratio = statistics.median(ratios)  # of the per-round ratios
+            row[key], row[key.replace("ratio", "ratios_by_round", 1)] = ratio, ratios
             row["target"] = TARGETS[name]
             verdict = "meets" if ratio >= TARGETS[name] else "MISSES"
-            print(f"{name:6} ratio qlora_ext / hf_peft_bnb = {ratio:.2f}x ({verdict} the {TARGETS[name]}x target)")
+            print(f"{name:6} ratio {stack} / hf_peft_bnb = {ratio:.2f}x, median of {len(ratios)} round(s) "
+                  f"[{', '.join(f'{x:.2f}' for x in ratios)}] ({verdict} the {TARGETS[name]}x target)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model_train.json"
