@@ -65,6 +65,42 @@ int64_t reduction_chunk(int64_t extent, int64_t band) {
   return std::min(extent, (chunk + kBlockSize - 1) / kBlockSize * kBlockSize);
 }
 
+// out = act @ W^T (forward: bands over W's rows, the reduction over its columns) or
+// out = act @ W (backward: bands over W's columns, the reduction over its rows), band by band on
+// the threads, each band's reduction in tiles decoded into the thread's buffer.
+void banded_matmul(const CpuKernels& k, const Nf4View& w, int64_t N, int64_t K, bool transposed,
+                   const at::Tensor& act, at::Tensor& out) {
+  const int64_t band_extent = transposed ? N : K, reduce_extent = transposed ? K : N;
+  const int64_t band = balanced_tile(band_extent, kMaxBand, transposed ? 16 : kBlockSize);
+  const int64_t chunk = reduction_chunk(reduce_extent, band);
+  const at::ThreadLocalState caller;  // below autograd, etc.: the worker threads must be too
+  at::parallel_for(0, (band_extent + band - 1) / band, 1, [&](int64_t t0, int64_t t1) {
+    const at::ThreadLocalStateGuard same_state(caller);
+    at::Tensor storage = at::empty({band * chunk}, act.options());  // this thread's tile
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b0 = t * band, b1 = std::min(band_extent, b0 + band);
+      at::Tensor out_band = out.narrow(1, b0, b1 - b0);  // [M, b1 - b0]
+      for (int64_t r0 = 0; r0 < reduce_extent; r0 += chunk) {
+        const int64_t r1 = std::min(reduce_extent, r0 + chunk);
+        at::Tensor tile = storage.narrow(0, 0, (b1 - b0) * (r1 - r0));
+        if (transposed) {  // W rows [b0, b1) x columns [r0, r1), used as its transpose
+          decode_tile(k, w, K, b0, b1, r0, r1, tile.mutable_data_ptr<float>());
+          tile = tile.view({b1 - b0, r1 - r0}).t();
+        } else {           // W rows [r0, r1) x columns [b0, b1)
+          decode_tile(k, w, K, r0, r1, b0, b1, tile.mutable_data_ptr<float>());
+          tile = tile.view({r1 - r0, b1 - b0});
+        }
+        const at::Tensor act_chunk = act.narrow(1, r0, r1 - r0);
+        if (r0 == 0) {
+          at::mm_out(out_band, act_chunk, tile);
+        } else {
+          at::addmm_out(out_band, out_band, act_chunk, tile);
+        }
+      }
+    }
+  });
+}
+
 at::Tensor as_float_matrix(const at::Tensor& t, int64_t cols) {
   return t.reshape({-1, cols}).to(at::kFloat).contiguous();
 }
@@ -92,28 +128,7 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
                   y.mutable_data_ptr<float>(), N);
     });
   } else if (M > 0) {
-    const int64_t rows = balanced_tile(N, kMaxBand, 16);  // rows of W per band
-    const int64_t chunk = reduction_chunk(K, rows);      // columns of W per tile
-    const at::ThreadLocalState caller;  // below autograd, etc.: the worker threads must be too
-    at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
-      const at::ThreadLocalStateGuard same_state(caller);
-      at::Tensor storage = at::empty({rows * chunk}, x2.options());  // this thread's tile
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n0 = t * rows, n1 = std::min(N, n0 + rows);
-        at::Tensor y_band = y.narrow(1, n0, n1 - n0);  // [M, n1 - n0]
-        for (int64_t k0 = 0; k0 < K; k0 += chunk) {
-          const int64_t k1 = std::min(K, k0 + chunk);
-          at::Tensor tile = storage.narrow(0, 0, (n1 - n0) * (k1 - k0)).view({n1 - n0, k1 - k0});
-          decode_tile(k, w.view, K, n0, n1, k0, k1, tile.mutable_data_ptr<float>());
-          const at::Tensor x_chunk = x2.narrow(1, k0, k1 - k0);
-          if (k0 == 0) {
-            at::mm_out(y_band, x_chunk, tile.t());
-          } else {
-            at::addmm_out(y_band, y_band, x_chunk, tile.t());
-          }
-        }
-      }
-    });
+    banded_matmul(k, w.view, N, K, /*transposed=*/true, x2, y);
   }
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -139,28 +154,7 @@ at::Tensor linear_nf4_grad_input(const at::Tensor& grad_y, const at::Tensor& pac
                   N, gx.mutable_data_ptr<float>(), K);
     });
   } else if (M > 0) {
-    const int64_t cols = balanced_tile(K, kMaxBand, kBlockSize);  // columns of W per band
-    const int64_t chunk = reduction_chunk(N, cols);                 // rows of W per tile
-    const at::ThreadLocalState caller;
-    at::parallel_for(0, (K + cols - 1) / cols, 1, [&](int64_t t0, int64_t t1) {
-      const at::ThreadLocalStateGuard same_state(caller);
-      at::Tensor storage = at::empty({chunk * cols}, g2.options());  // this thread's tile
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t k0 = t * cols, k1 = std::min(K, k0 + cols);
-        at::Tensor gx_band = gx.narrow(1, k0, k1 - k0);  // [M, k1 - k0]
-        for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-          const int64_t n1 = std::min(N, n0 + chunk);
-          at::Tensor tile = storage.narrow(0, 0, (n1 - n0) * (k1 - k0)).view({n1 - n0, k1 - k0});
-          decode_tile(k, w.view, K, n0, n1, k0, k1, tile.mutable_data_ptr<float>());
-          const at::Tensor g_chunk = g2.narrow(1, n0, n1 - n0);
-          if (n0 == 0) {
-            at::mm_out(gx_band, g_chunk, tile);
-          } else {
-            at::addmm_out(gx_band, gx_band, g_chunk, tile);
-          }
-        }
-      }
-    });
+    banded_matmul(k, w.view, N, K, /*transposed=*/false, g2, gx);
   }
   std::vector<int64_t> out_shape(grad_y.sizes().begin(), grad_y.sizes().end());
   out_shape.back() = K;
