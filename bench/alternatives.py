@@ -47,6 +47,18 @@ def load_torchao_nf4() -> tuple[ModuleType | None, str]:
     return None, "installed, but no NF4 module found at " + " or ".join(_TORCHAO_NF4_MODULES) + f" ({_short(errors[-1]) if errors else 'no to_nf4'})"
 
 
+def load_nf4_alternatives(report: Report) -> tuple[ModuleType | None, ModuleType | None]:
+    """(bitsandbytes, torchao's nf4 module), each None (and listed as skipped in ``report``, with
+    the reason) where it cannot be used."""
+    bnb, why = load_bitsandbytes()
+    if bnb is None:
+        report.skip(BNB, why)
+    ao, why = load_torchao_nf4()
+    if ao is None:
+        report.skip(TORCHAO, why)
+    return bnb, ao
+
+
 def copy_subclass(t):
     """A copy of a traceable tensor subclass (torchao's NF4Tensor) with fresh storage, built
     from its inner tensors: its own clone() and deepcopy re-quantize, seconds per copy on a CPU."""

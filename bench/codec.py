@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from bench.alternatives import BNB, TORCHAO, attempt, copy_subclass, load_bitsandbytes, load_torchao_nf4
+from bench.alternatives import BNB, TORCHAO, attempt, copy_subclass, load_nf4_alternatives
 from bench.context import Context
 from bench.harness import ratio
 from bench.report import Report, Target
@@ -43,12 +43,7 @@ def group_names(shape: tuple[int, int]) -> tuple[str, str]:
 def run(ctx: Context) -> Report:
     ctx.bandwidth()  # first, on a quiet machine state: every row's floor uses it
     report = Report()
-    bnb, why = load_bitsandbytes()
-    if bnb is None:
-        report.skip(BNB, why)
-    ao, why = load_torchao_nf4()
-    if ao is None:
-        report.skip(TORCHAO, why)
+    bnb, ao = load_nf4_alternatives(report)
     for shape in SHAPES[ctx.mode]:
         _measure_shape(ctx, report, shape, bnb, ao)
     report.targets = targets(ctx, report)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.alternatives import BNB, TORCHAO, attempt, copy_subclass, load_bitsandbytes, load_torchao_nf4
+from bench.alternatives import BNB, TORCHAO, attempt, copy_subclass, load_nf4_alternatives
 from bench.codec import nf4_nbytes
 from bench.context import Context
 from bench.harness import ratio, ring_length
@@ -62,12 +62,7 @@ class Impl:
 def run(ctx: Context) -> Report:
     ctx.bandwidth()  # first, on a quiet machine state: every row's floor uses it
     report = Report()
-    bnb, why = load_bitsandbytes()
-    if bnb is None:
-        report.skip(BNB, why)
-    ao, why = load_torchao_nf4()
-    if ao is None:
-        report.skip(TORCHAO, why)
+    bnb, ao = load_nf4_alternatives(report)
     for shape, ms in plan(ctx):
         _measure_shape(ctx, report, shape, ms, bnb, ao)
     _order_rows(report)
