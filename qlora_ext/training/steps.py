@@ -72,8 +72,8 @@ def fused_output_weight(model: nn.Module) -> Tensor | None:
     output = getattr(model, "output", None)
     if not hasattr(model, "skip_output_layer") or type(output) is not nn.Linear:
         return None
-    if output.bias is not None or output.weight.requires_grad:
-        return None
+    if output.bias is not None or output.weight.requires_grad or type(output.weight.detach()) is not Tensor:
+        return None  # a bias, a trainable weight, or a tensor subclass (e.g. NF4): the plain path
     return output.weight
 
 
