@@ -16,7 +16,8 @@
 #   7. racecheck   compute-sanitizer --tool racecheck  on bench/sanitize_ops.py  } side
 #   8. codec       python -m bench codec  --device cuda
 #   9. linear      python -m bench linear --device cuda
-#  10. train       python -m bench model_train --device cuda --quick   (when bench/model_train.py exists)
+#  10. train       python -m bench model_train --device cuda --quick   (the ~130M config: ours eager and
+#                  compiled, HF+PEFT+bnb; when bench/model_train.py exists)
 # Logs go to OUTDIR/logs/, benchmark JSON to OUTDIR/results/<gpu>/, the summary to
 # OUTDIR/summary.txt. Exit status 0 only when every step passed. Speed targets are printed with
 # the benchmark tables; a missed target is reported but does not fail the check.

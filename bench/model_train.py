@@ -12,12 +12,12 @@ lets the loss apply the frozen output projection in chunks, as ``python -m qlora
 does; HF computes the logits, then the loss). Ours runs eager and, as a second stack, under
 ``torch.compile(fullgraph=True)`` (the trainer's ``compile=True``; its compile time is in the
 warm-up steps). Each stack runs in its own process so peak memory is its own, and the stacks take
-turns for ``--rounds`` rounds (2 by default, 1 with --quick): each ratio is the median of the
-per-round ratios, so a machine that speeds up or slows down over the minutes of the run does not
-favour either side. HF+PEFT+bnb rows are skipped with the reason when
-not installed (``pip install transformers peft bitsandbytes``). Results: a table, and JSON in
-``--out`` (default ``bench/results/tmp/model_train.json``). Also runs under the bench harness as a
-script (``--device D [--quick|--smoke] --out DIR``).
+turns for ``--rounds`` rounds (2 by default): each ratio is the median of the per-round ratios,
+so a machine that speeds up or slows down over the minutes of the run does not favour either
+side. ``--quick`` (what the GPU check runs) is one round of the mid config. HF+PEFT+bnb rows are
+skipped with the reason when not installed (``pip install transformers peft bitsandbytes``).
+Results: a table, and JSON in ``--out`` (default ``bench/results/tmp/model_train.json``). Also
+runs under the bench harness as a script (``--device D [--quick|--smoke] --out DIR``).
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds in which the stacks take turns (ratios: median over rounds)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--quick", action="store_true", help="fewer steps")
+    parser.add_argument("--quick", action="store_true", help="the mid config, 1 round, fewer steps")
     parser.add_argument("--smoke", action="store_true", help="tiny config, 1 step: checks it runs")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of qlora_ext's steps")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "tmp"), help="folder for model_train.json")
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         a.configs, a.steps, a.warmup, a.rounds = ["tiny"], 1, 1, 1
     elif a.quick:
-        a.steps, a.warmup, a.rounds = 3, 1, 1
+        a.configs, a.steps, a.warmup, a.rounds = ["mid"], 3, 1, 1
     if a.rounds < 1:
         parser.error(f"argument --rounds must be >= 1; got {a.rounds}")
     args = dict(device=a.device, steps=a.steps, warmup=a.warmup, batch=a.batch, seq=a.seq, profile=a.profile, timeout=a.timeout,
