@@ -11,6 +11,7 @@ Building a 7B model on CPU allocates its weights (use ``with torch.device("meta"
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 from qlora_ext.models.llama2._component_builders import llama2, lora_llama2
 from qlora_ext.modules.transformer import TransformerDecoder
@@ -133,59 +134,16 @@ def lora_llama2_tiny(
     return _lora(arch, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout, quantize_base)
 
 
-def qlora_llama2_7b(
-    lora_attn_modules: Sequence[str],
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-) -> TransformerDecoder:
-    """Llama-2 7B for QLoRA: ``lora_llama2_7b(..., quantize_base=True)``.
+# QLoRA builders are the LoRA ones with NF4 base weights, as in torchtune: the base weights of the
+# LoRA linears (only those) are ``NF4Tensor`` parameters; everything else stays dense.
+qlora_llama2_7b = partial(lora_llama2_7b, quantize_base=True)
+qlora_llama2_7b.__doc__ = """Llama-2 7B for QLoRA: ``lora_llama2_7b(..., quantize_base=True)``."""
 
-    The base weights of the LoRA linears (only those) are ``NF4Tensor`` parameters; everything
-    else stays dense. Arguments as for ``lora_llama2_7b``.
-    """
-    return lora_llama2_7b(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout, True)
+qlora_llama2_13b = partial(lora_llama2_13b, quantize_base=True)
+qlora_llama2_13b.__doc__ = """Llama-2 13B for QLoRA: ``lora_llama2_13b(..., quantize_base=True)``."""
 
+qlora_llama2_70b = partial(lora_llama2_70b, quantize_base=True)
+qlora_llama2_70b.__doc__ = """Llama-2 70B for QLoRA: ``lora_llama2_70b(..., quantize_base=True)``."""
 
-def qlora_llama2_13b(
-    lora_attn_modules: Sequence[str],
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-) -> TransformerDecoder:
-    """Llama-2 13B for QLoRA: ``lora_llama2_13b(..., quantize_base=True)``."""
-    return lora_llama2_13b(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout, True)
-
-
-def qlora_llama2_70b(
-    lora_attn_modules: Sequence[str],
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-) -> TransformerDecoder:
-    """Llama-2 70B for QLoRA: ``lora_llama2_70b(..., quantize_base=True)``."""
-    return lora_llama2_70b(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout, True)
-
-
-def qlora_llama2_tiny(
-    lora_attn_modules: Sequence[str],
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-    *,
-    vocab_size: int = 512,
-    max_seq_len: int = 512,
-) -> TransformerDecoder:
-    """The tiny Llama-2 for QLoRA: ``lora_llama2_tiny(..., quantize_base=True)``."""
-    return lora_llama2_tiny(
-        lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout, True,
-        vocab_size=vocab_size, max_seq_len=max_seq_len,
-    )
+qlora_llama2_tiny = partial(lora_llama2_tiny, quantize_base=True)
+qlora_llama2_tiny.__doc__ = """The tiny Llama-2 for QLoRA: ``lora_llama2_tiny(..., quantize_base=True)``."""
