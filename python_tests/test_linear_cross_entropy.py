@@ -44,6 +44,23 @@ def test_matches_linear_then_cross_entropy(device, dtype, monkeypatch):
     assert not got_grad[targets == IGNORE].any()  # ignored rows get no gradient
 
 
+def test_cpu_workspace_is_kept_and_grown_between_calls(monkeypatch):
+    # The CPU chunk buffer outlives a call: a later, larger call grows it, a smaller one uses a view
+    # of it, and neither sees the previous call's values.
+    monkeypatch.setattr(lce, "_cpu_workspace", type(lce._cpu_workspace)())
+    largest = 0
+    for shape, vocab in [((2, 20), 301), ((3, 37), 517), ((1, 9), 100)]:
+        hidden, weight, targets = _case("cpu", torch.float32, shape=shape, vocab=vocab, ignored=0.0)
+        want = _reference(hidden, weight, targets)
+        (want_grad,) = torch.autograd.grad(want, hidden)
+        got = lce.linear_cross_entropy_sum(hidden, weight, targets)
+        (got_grad,) = torch.autograd.grad(got, hidden)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+        largest = max(largest, hidden.shape[0] * hidden.shape[1] * vocab)
+        assert lce._cpu_workspace.buffer.numel() == largest  # the largest so far, kept
+
+
 def test_without_grad_and_with_no_counted_rows():
     hidden, weight, targets = _case("cpu", torch.float32)
     with torch.no_grad():
