@@ -8,8 +8,9 @@ page-faulted in on a CPU. Here one chunk buffer is reused (on CPU, kept between 
 chunk of rows the logits are computed, turned into the loss and, in place, into
 ``softmax - one_hot``, and multiplied by the weight right away, so the gradient of the hidden
 states is ready at the end of the forward and backward only scales it. Same FLOPs as the unfused
-path (the two matrix products); far fewer bytes. The weight gets no gradient: this is for a frozen projection (QLoRA's ``model.output``),
-as in torchtune's ``LinearCrossEntropyLoss`` with ``skip_output_layer``.
+path (the two matrix products); far fewer bytes. The weight gets no gradient: this is for a
+frozen projection (QLoRA's ``model.output``), as in torchtune's ``LinearCrossEntropyLoss`` with
+``skip_output_layer``.
 """
 
 from __future__ import annotations
