@@ -10,25 +10,32 @@
 #   2. build       pip install --no-build-isolation --no-deps -C cmake.define.QLORA_CUDA=ON
 #                  -C cmake.define.QLORA_CUDA_ARCHS=<arch> .   (QLORA_CUDA_ARCHS=... overrides)
 #   3. import      the installed qlora_ext has CUDA kernels and sees the GPU
-#   4. tests       pytest python_tests (cases parametrized over devices run on cuda here)
-#   5. cuda-ran    the CUDA test cases really ran: none skipped for want of a GPU
-#   6. memcheck    compute-sanitizer --tool memcheck   on bench/sanitize_ops.py  } side by
-#   7. racecheck   compute-sanitizer --tool racecheck  on bench/sanitize_ops.py  } side
-#   8. codec       python -m bench codec  --device cuda
-#   9. linear      python -m bench linear --device cuda
+#   4. tests       pytest python_tests -k cuda: the CUDA cases (the CPU ones ran in CI), with
+#                  pytest-xdist's 4 workers where the image has it                  } side
+#   5. memcheck    compute-sanitizer --tool memcheck   on bench/sanitize_ops.py  } by
+#   6. racecheck   compute-sanitizer --tool racecheck  on bench/sanitize_ops.py  } side
+#                  (both on the kernels named *_kernel*, ours, where the sanitizer filters by name)
+#   7. cuda-ran    the CUDA test cases really ran: none skipped for want of a GPU
+#   8. codec       python -m bench codec  --device cuda --quick
+#   9. linear      python -m bench linear --device cuda --quick
 #  10. train       python -m bench model_train --device cuda --quick   (the ~130M config: ours eager and
 #                  compiled, HF+PEFT+bnb; when bench/model_train.py exists)
+# The image of the GPU machines has neither bitsandbytes nor torchao. When .gpu_deps/site-packages
+# exists (bench/stage_gpu_deps.sh makes it; carry it along), it goes on PYTHONPATH, so the parity
+# tests and the comparison rows run there too.
 # Logs go to OUTDIR/logs/, benchmark JSON to OUTDIR/results/<gpu>/, the summary to
 # OUTDIR/summary.txt. Exit status 0 only when every step passed. Speed targets are printed with
 # the benchmark tables; a missed target is reported but does not fail the check.
 #
 # Dry run (no GPU, under 2 minutes; CI runs it through python_tests/test_bench.py): every file the
-# real run uses exists; this script and bench/*.py parse; the build command's CMake options exist
+# real run uses exists; bench/*.sh and bench/*.py parse; the CUDA kernels' names match the
+# sanitizers' filter; the build command's CMake options exist
 # and pip accepts the command (metadata only); the junit check; the sanitizer workload on the CPU;
 # a smoke run of the codec and linear benchmarks on the CPU; each bench/model_*.py offers the
 # options the harness passes it.
 #
 # Environment: PYTHON (default python3), QLORA_CUDA_ARCHS, GPU_CHECK_BUDGET_S.
+# Step limits below add up to more than the budget; the deadline cuts the last ones short.
 set -uo pipefail
 
 usage() { echo "usage: bash bench/gpu_check.sh [--dry-run] OUTDIR" >&2; exit 2; }
@@ -145,7 +152,7 @@ if (( DRY_RUN )); then
   run_step files 10 bash -c 'for f in "$@"; do if [[ -e "$f" ]]; then echo "ok $f"; else echo "MISSING $f"; exit 1; fi; done
     if [[ -e bench/model_train.py ]]; then echo "bench/model_train.py present: the real run trains"; else echo "no bench/model_train.py: the real run skips training"; fi' _ "${REQUIRED_FILES[@]}"
   # These two side by side, as the real run's sanitizers are.
-  start_step syntax 60 bash -c 'bash -n "$1" && "$2" -m py_compile bench/*.py && echo "bash -n and py_compile: ok"' _ "${BASH_SOURCE[0]}" "$PYTHON"
+  start_step syntax 60 bash -c 'for f in bench/*.sh; do bash -n "$f" || exit 1; done && "$1" -m py_compile bench/*.py && echo "bash -n and py_compile: ok"' _ "$PYTHON"
   start_step arch-parse 10 bash -c '[[ "$1" == 90 && "$2" == "80;90" ]] && echo "9.0 -> $1; 8.0,9.0,9.0 -> $2"' _ \
     "$(cuda_arch_from "9.0")" "$(cuda_arch_from $'8.0\n9.0\n9.0')"
   wait_steps
@@ -158,6 +165,10 @@ if (( DRY_RUN )); then
   else
     SUMMARY+=("SKIP  pip-accepts-build: scikit-build-core is not installed here (the GPU machine has it)")
   fi
+  # The sanitizers instrument kernels by name (kns=_kernel): a kernel named otherwise would go unchecked.
+  run_step kernel-names 10 bash -c 'bad=$(grep -n "__global__" csrc/cuda/*.cu csrc/cuda/*.cuh | grep -v "_kernel(")
+    if [[ -n "$bad" ]]; then echo "kernels without _kernel( in their names, which the sanitizers would skip:"; echo "$bad"; exit 1; fi
+    echo "every __global__ function of csrc/cuda is named *_kernel"'
   printf '<testsuite><testcase name="t[cuda]"/><testcase name="u[cpu]"/></testsuite>\n' >"$OUT/junit-ran.xml"
   printf '<testsuite><testcase name="t[cuda]"><skipped message="no CUDA GPU"/></testcase></testsuite>\n' >"$OUT/junit-skipped.xml"
   run_step junit-check 30 bash -c '"$1" -c "$2" "$3" && ! "$1" -c "$2" "$4"' _ "$PYTHON" "$JUNIT_CHECK" "$OUT/junit-ran.xml" "$OUT/junit-skipped.xml"
@@ -174,6 +185,12 @@ if (( DRY_RUN )); then
 fi
 
 banner "gpu_check in $REPO -> $OUT (python: $PYTHON, budget ${BUDGET}s)"
+if [[ -d "$REPO/.gpu_deps/site-packages" ]]; then
+  export PYTHONPATH="$REPO/.gpu_deps/site-packages${PYTHONPATH:+:$PYTHONPATH}"
+  echo "comparison packages from .gpu_deps/site-packages: $(ls "$REPO/.gpu_deps/site-packages" | grep dist-info | paste -sd ' ' -)"
+else
+  echo "no .gpu_deps/site-packages: bitsandbytes/torchao cases and rows skip where the image lacks them (bench/stage_gpu_deps.sh)"
+fi
 { date -u; nvidia-smi; "$PYTHON" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda)'; nvcc --version; git -C "$REPO" rev-parse HEAD; } >"$OUT/env.txt" 2>&1
 run_step preflight 30 bash -c 'nvidia-smi --query-gpu=name,compute_cap,memory.total --format=csv && command -v nvcc && command -v cmake && command -v ninja' \
   || finish
@@ -192,24 +209,32 @@ print(os.getcwd(), \"->\", ext.__file__, ext.BUILD_KIND)
 assert ext.WITH_CUDA, \"this qlora_ext has no CUDA kernels: rebuild, or remove a stale qlora_ext/_C.so from the checkout\"
 assert torch.cuda.is_available(), \"torch sees no GPU\"
 ") || exit 1; done' _ "$OUT" "$PYTHON" "$REPO" || finish
-# -P: the checkout's qlora_ext folder must not shadow the installed package.
-run_step tests 240 "$PYTHON" -P -m pytest python_tests -q -rs --junitxml "$OUT/pytest-junit.xml" \
-  --deselect python_tests/test_bench.py::test_gpu_check_dry_run
-run_step cuda-ran 30 "$PYTHON" -c "$JUNIT_CHECK" "$OUT/pytest-junit.xml"
+# The CUDA cases of the tests, with both sanitizers beside them (the sanitizers are mostly host-side
+# instrumentation of a tiny GPU workload). -P: the checkout's qlora_ext folder must not shadow the
+# installed package. With xdist, 4 workers of 4 CPU threads each share the CPU-side references.
+XDIST=()
+"$PYTHON" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
+start_step tests 200 env OMP_NUM_THREADS=4 "$PYTHON" -P -m pytest python_tests -q -rs -k cuda ${XDIST[@]+"${XDIST[@]}"} \
+  --junitxml "$OUT/pytest-junit.xml" --deselect python_tests/test_bench.py::test_gpu_check_dry_run
 if SANITIZER=$(find_sanitizer); then
+  # Where the sanitizer filters by kernel name, only kernels with "_kernel" in their names are
+  # instrumented: all of qlora's (and torch's element-wise ones), not cuBLAS's. Faster, and
+  # racecheck then judges our shared memory use, not cuBLAS's barriers.
+  FILTER=()
+  "$SANITIZER" --help 2>/dev/null | grep -q -- '--kernel-name ' && FILTER=(--kernel-name kns=_kernel)
   # Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees an access
   # past the end of a tensor instead of into a neighbour in the same pooled block.
-  # The two run side by side: each is mostly host-side instrumentation of a tiny GPU workload.
   start_step memcheck 200 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --leak-check no \
-    --error-exitcode 1 --print-limit 20 "$PYTHON" bench/sanitize_ops.py --device cuda
-  start_step racecheck 200 "$SANITIZER" --tool racecheck --error-exitcode 1 --print-limit 20 \
+    ${FILTER[@]+"${FILTER[@]}"} --error-exitcode 1 --print-limit 20 "$PYTHON" bench/sanitize_ops.py --device cuda
+  start_step racecheck 200 "$SANITIZER" --tool racecheck ${FILTER[@]+"${FILTER[@]}"} --error-exitcode 1 --print-limit 20 \
     "$PYTHON" bench/sanitize_ops.py --device cuda
-  wait_steps
 else
   SUMMARY+=("FAIL  sanitizers: compute-sanitizer not found (PATH, \$CUDA_HOME/bin, next to nvcc)"); FAILURES=$(( FAILURES + 1 ))
 fi
-SHOW=1 run_step codec 120 "$PYTHON" -m bench codec --device cuda --out "$OUT/results"
-SHOW=1 run_step linear 200 "$PYTHON" -m bench linear --device cuda --out "$OUT/results"
+wait_steps
+run_step cuda-ran 30 "$PYTHON" -c "$JUNIT_CHECK" "$OUT/pytest-junit.xml"
+SHOW=1 run_step codec 90 "$PYTHON" -m bench codec --device cuda --quick --out "$OUT/results"
+SHOW=1 run_step linear 150 "$PYTHON" -m bench linear --device cuda --quick --out "$OUT/results"
 if [[ -e bench/model_train.py ]]; then
   SHOW=1 run_step train 150 "$PYTHON" -m bench model_train --device cuda --quick --out "$OUT/results"
 else

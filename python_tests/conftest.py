@@ -20,10 +20,29 @@ def cuda_available() -> bool:
     return ext.WITH_CUDA and torch.cuda.is_available()
 
 
+# Why a CUDA case cannot run here. bench/gpu_check.sh selects the CUDA cases with `-k cuda` and
+# fails when one of them was skipped with one of these reasons.
+_NO_CUDA_REASON = "no CUDA GPU" if not torch.cuda.is_available() else "extension built without CUDA"
+
+# For a test that needs a GPU; its name must contain "cuda" (pytest_collection_modifyitems checks).
+needs_cuda = pytest.mark.skipif(not cuda_available(), reason=_NO_CUDA_REASON)
+
+
 def devices() -> list:
     """cpu, and cuda as a case that skips itself when it cannot run."""
-    reason = "no CUDA GPU" if not torch.cuda.is_available() else "extension built without CUDA"
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not cuda_available(), reason=reason))]
+    return ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs a GPU must have "cuda" in its name: the GPU check runs only those."""
+    unnamed = [
+        item.nodeid
+        for item in items
+        if "cuda" not in item.name
+        and any(m.kwargs.get("reason") == _NO_CUDA_REASON for m in item.iter_markers("skipif"))
+    ]
+    if unnamed:
+        raise pytest.UsageError(f"tests that need a GPU must have 'cuda' in their names (gpu_check.sh runs -k cuda): {unnamed}")
 
 
 def dtype_id(dtype: torch.dtype) -> str:

@@ -279,6 +279,22 @@ def test_cli_refuses_gpu_device_without_one():
     assert "--device cuda, but" in proc.stderr
 
 
+def test_a_test_that_needs_a_gpu_must_be_named_cuda():
+    # gpu_check.sh runs `pytest -k cuda`: a GPU test without "cuda" in its name would never run.
+    import conftest
+
+    class Item:  # what the collection hook reads of a pytest item
+        nodeid = name = "test_moves_to_the_gpu"
+
+        def iter_markers(self, name):
+            return [conftest.needs_cuda.mark] if name == "skipif" else []
+
+    with pytest.raises(pytest.UsageError, match="test_moves_to_the_gpu"):
+        conftest.pytest_collection_modifyitems(None, [Item()])
+    Item.name = "test_moves_to_cuda"
+    conftest.pytest_collection_modifyitems(None, [Item()])
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
     env = _env()

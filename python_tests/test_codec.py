@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, cuda_available, devices, dtype_id, torchao_nf4
+from conftest import FLOAT_DTYPES, devices, dtype_id, needs_cuda, torchao_nf4
 
 from qlora_ext import _reference as ref
 from qlora_ext import ops
@@ -54,7 +54,7 @@ def test_dequantize_matches_reference_bit_for_bit_cpu(shape, dtype, cpu_isa):
     assert torch.equal(got, want)
 
 
-@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
+@needs_cuda
 @pytest.mark.parametrize("shape", SHAPES + [(4096, 4096), (11008, 4096)], ids=str)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_cuda_codec_identical_to_cpu(shape, dtype):
@@ -219,8 +219,8 @@ def test_dequantize_rejects_mismatched_components(device):
         ops.dequantize_nf4(packed, codes, scales, offset, shape, torch.int32)
 
 
-@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
-def test_dequantize_rejects_components_on_two_devices():
+@needs_cuda
+def test_dequantize_rejects_components_on_cpu_and_cuda():
     packed, codes, scales, offset = ops.quantize_nf4(torch.randn(4, 64, device="cuda"))
     with pytest.raises(ValueError, match=r"'absmax_scales' must be on the same device as 'packed' \(cuda:0\); got cpu"):
         ops.dequantize_nf4(packed, codes, scales.cpu(), offset, [4, 64], torch.float32)

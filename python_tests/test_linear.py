@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FLOAT_DTYPES, cuda_available, devices, dtype_id, unit_roundoff
+from conftest import FLOAT_DTYPES, devices, dtype_id, needs_cuda, unit_roundoff
 
 from qlora_ext import linear_nf4, ops, to_nf4
 
@@ -153,14 +153,14 @@ def test_bad_input_is_rejected(device):
         linear_nf4(torch.randn(4, 192, device=device), torch.randn(96, 192, device=device))
 
 
-@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
-def test_x_on_another_device_than_the_weight():
+@needs_cuda
+def test_x_on_cpu_and_weight_on_cuda_is_rejected():
     nf4 = to_nf4(torch.randn(96, 192, device="cuda"))
     with pytest.raises(ValueError, match=r"argument 'x' must be on the same device as 'packed' \(cuda:0\); got cpu"):
         linear_nf4(torch.randn(4, 192), nf4)
 
 
-@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
+@needs_cuda
 @pytest.mark.parametrize("rows", [1, 7, 16, 64])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_cuda_close_to_cpu_on_llama_shapes(rows, dtype):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cuda_available, devices
+from conftest import devices, needs_cuda
 from torch import nn
 
 from qlora_ext import LoRALinear, NF4Tensor, to_nf4
@@ -123,7 +123,7 @@ def test_quantized_layer_takes_8x_less_storage():
     assert storage_bytes(dense) / storage_bytes(quantized) > 6
 
 
-@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
+@needs_cuda
 def test_cuda_memory_of_the_seed_example():
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -133,8 +133,8 @@ def test_cuda_memory_of_the_seed_example():
     del qlora_linear
 
 
-@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
-def test_state_dict_offloads_one_weight_at_a_time():
+@needs_cuda
+def test_state_dict_offloads_cuda_weights_one_at_a_time():
     model = nn.Sequential(*[LoRALinear(1024, 1024, 4, 4, quantize_base=True) for _ in range(6)]).cuda()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

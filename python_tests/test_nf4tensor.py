@@ -8,7 +8,7 @@ import io
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, cuda_available, devices, dtype_id
+from conftest import FLOAT_DTYPES, devices, dtype_id, needs_cuda
 
 from qlora_ext import NF4Tensor, to_nf4
 from qlora_ext import _reference as ref
@@ -73,8 +73,8 @@ def test_from_components_round_trip_and_checks():
         NF4Tensor.from_components([1, 2], c, s, o, (300, 64), torch.float32)
 
 
-@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
-def test_from_components_rejects_mixed_devices():
+@needs_cuda
+def test_from_components_rejects_cpu_and_cuda_mixed():
     p, c, s, o = to_nf4(torch.randn(4, 64)).components()
     with pytest.raises(ValueError, match=r"'absmax_codes' must be on the device of 'packed' \(cuda:0\); got cpu"):
         NF4Tensor.from_components(p.cuda(), c, s.cuda(), o.cuda(), (4, 64), torch.float32)
@@ -89,8 +89,8 @@ def test_to_nf4_rejects_bad_arguments():
         to_nf4(torch.full((64,), float("nan")))
 
 
-@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and a CUDA build")
-def test_device_moves_keep_nf4():
+@needs_cuda
+def test_cuda_device_moves_keep_nf4():
     nf4 = to_nf4(torch.randn(128, 64, dtype=torch.bfloat16))
     on_gpu = nf4.cuda()
     assert isinstance(on_gpu, NF4Tensor) and on_gpu.device.type == "cuda"
