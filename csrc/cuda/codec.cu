@@ -28,7 +28,7 @@ template <typename T>
 __global__ void quantize_blocks_kernel(const T* __restrict__ w, int64_t nblocks,
                                        uint32_t* __restrict__ packed, float* __restrict__ absmax) {
   __shared__ CodeTables tables;
-  load_tables(tables);
+  load_tables<true>(tables);
   __syncthreads();
   const int64_t part = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool active = part < nblocks * kPartsPerBlock;  // whole NF4 blocks per warp: no mixing
@@ -85,7 +85,7 @@ __global__ void absmax_codes_kernel(const float* __restrict__ absmax, int64_t nb
                                     int64_t groups, const float* __restrict__ offset,
                                     uint8_t* __restrict__ codes, float* __restrict__ scales) {
   __shared__ CodeTables tables;
-  load_tables(tables);
+  load_tables<true>(tables);
   __syncthreads();
   const int64_t g = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
@@ -120,7 +120,7 @@ template <typename T>
 __global__ void dequantize_tile_kernel(Nf4View w, int64_t K, int64_t row0, int64_t rows,
                                        int64_t col0, int64_t cols, T* __restrict__ out) {
   __shared__ CodeTables tables;
-  load_tables(tables);
+  load_tables<false>(tables);
   __syncthreads();
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t words_per_row = cols / 8;
@@ -138,7 +138,7 @@ template <typename T>
 __global__ void dequantize_tile_scalar_kernel(Nf4View w, int64_t K, int64_t row0, int64_t rows,
                                               int64_t col0, int64_t cols, T* __restrict__ out) {
   __shared__ CodeTables tables;
-  load_tables(tables);
+  load_tables<false>(tables);
   __syncthreads();
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= rows * cols) return;

@@ -33,7 +33,7 @@ template <typename T, int MAXM>
 __global__ void gemv_rows_kernel(Nf4View w, int64_t N, int64_t K, const T* __restrict__ x, int M,
                                  const T* __restrict__ bias, T* __restrict__ y) {
   __shared__ CodeTables tables;
-  load_tables(tables);
+  load_tables<false>(tables);
   __syncthreads();
   const int64_t n = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
@@ -69,7 +69,7 @@ __global__ void gemv_cols_kernel(Nf4View w, int64_t N, int64_t K, const T* __res
                                  int64_t ldgy, int M, float* __restrict__ partial,
                                  int64_t ld_slice) {
   __shared__ CodeTables tables;
-  load_tables(tables);
+  load_tables<false>(tables);
   __syncthreads();
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= K / 8) return;

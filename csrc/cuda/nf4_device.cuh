@@ -15,22 +15,32 @@ namespace qlora::cuda {
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarp = 32;
 
-static __constant__ uint32_t c_nf4_bits[16] = QLORA_NF4_BITS;
-static __constant__ uint32_t c_map_bits[256] = QLORA_ABSMAX_MAP_BITS;
+// The tables' bit patterns, in global memory rather than __constant__: a warp reading 32
+// different entries of a __constant__ array is served one address at a time; from global memory
+// it is one or two cached transactions.
+static __device__ const uint32_t g_nf4_bits[16] = QLORA_NF4_BITS;
+static __device__ const uint32_t g_map_bits[256] = QLORA_ABSMAX_MAP_BITS;
 
-// Fills the tables from the bit patterns, midpoints rounded as on the host ((a + b) / 2 in
-// float32). Call with the whole CTA (any blockDim.x), then __syncthreads().
+// Fills the tables from the bit patterns. Call with the whole CTA (any blockDim.x), then
+// __syncthreads(). The midpoints (for the quantize kernels; decoding needs none) are rounded as on
+// the host, (a + b) / 2 in float32: halving by multiplying by 0.5f gives the same correctly
+// rounded value, without a division.
+template <bool kMidpoints>
 __device__ inline void load_tables(CodeTables& t) {
   for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-    t.map[i] = __uint_as_float(c_map_bits[i]);
-    t.map_mid[i] = i < 255 ? __fdiv_rn(__fadd_rn(__uint_as_float(c_map_bits[i]),
-                                                 __uint_as_float(c_map_bits[i + 1])), 2.0f)
-                           : __uint_as_float(c_map_bits[255]);
+    const float a = __uint_as_float(__ldg(&g_map_bits[i]));
+    t.map[i] = a;
+    if (kMidpoints) {
+      const float next = i < 255 ? __uint_as_float(__ldg(&g_map_bits[i + 1])) : a;
+      t.map_mid[i] = i < 255 ? __fmul_rn(__fadd_rn(a, next), 0.5f) : a;
+    }
     if (i < 16) {
-      t.nf4[i] = __uint_as_float(c_nf4_bits[i]);
-      t.nf4_mid[i] = i < 15 ? __fdiv_rn(__fadd_rn(__uint_as_float(c_nf4_bits[i]),
-                                                  __uint_as_float(c_nf4_bits[i + 1])), 2.0f)
-                            : __uint_as_float(c_nf4_bits[15]);
+      const float n = __uint_as_float(__ldg(&g_nf4_bits[i]));
+      t.nf4[i] = n;
+      if (kMidpoints) {
+        const float next = i < 15 ? __uint_as_float(__ldg(&g_nf4_bits[i + 1])) : n;
+        t.nf4_mid[i] = i < 15 ? __fmul_rn(__fadd_rn(n, next), 0.5f) : n;
+      }
     }
   }
 }
