@@ -125,7 +125,7 @@ __global__ void dequantize_tile_kernel(Nf4View w, int64_t K, int64_t row0, int64
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t words_per_row = cols / 8;
   if (t >= rows * words_per_row) return;
-  const int64_t r = rows == 1 ? 0 : t / words_per_row;  // one row (dequantize_nf4): no 64-bit division
+  const int64_t r = rows == 1 ? 0 : t / words_per_row;  // one row: no 64-bit division
   const int64_t c = (t - r * words_per_row) * 8;
   const int64_t e = (row0 + r) * K + col0 + c;  // flat index of the first of the 8 weights
   const uint32_t word = reinterpret_cast<const uint32_t*>(w.packed)[e / 8];
