@@ -9,9 +9,9 @@ qlora_ext side by side with HF transformers + PEFT + bitsandbytes 4-bit doing th
 Same work on both sides: batch 2 x 256 tokens, LoRA r=8 alpha=16 on q/k/v/o and the MLP, frozen
 NF4 base with double-quantized scales, fp32 compute on CPU; each side's own trainer step (ours
 lets the loss apply the frozen output projection in chunks, as ``python -m qlora_ext.finetune``
-does; HF computes the logits, then the loss). Ours runs eager and, as a second stack, under
-``torch.compile(fullgraph=True)`` (the trainer's ``compile=True``; its compile time is in the
-warm-up steps). Each stack runs in its own process so peak memory is its own, and the stacks take
+does; HF computes the logits, then the loss). Ours runs eager and, as a second stack, with each
+layer under ``torch.compile(fullgraph=True)`` (the trainer's ``compile=True``; its compile time is
+in the warm-up steps). Each stack runs in its own process so peak memory is its own, and the stacks take
 turns for ``--rounds`` rounds (2 by default): each ratio is the median of the per-round ratios,
 so a machine that speeds up or slows down over the minutes of the run does not favour either
 side. ``--quick`` (what the GPU check runs) is one round of the mid config. HF+PEFT+bnb rows are
@@ -74,11 +74,11 @@ def _timed_steps(step, n_warmup: int, n_steps: int, device: torch.device) -> lis
 
 def _ours(arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.dtype, compile: bool = False):
     """A step function of qlora_ext: qlora_llama2 builder, our NF4 linear, fp32 adapters; with
-    ``compile`` the model runs under ``torch.compile(fullgraph=True)`` (the trainer's compile=True)."""
+    ``compile`` each layer runs under ``torch.compile(fullgraph=True)`` (the trainer's compile=True)."""
     sys.path.insert(0, str(REPO))
     from qlora_ext.models.llama2 import lora_llama2
     from qlora_ext.modules.peft import get_adapter_params, set_trainable_params
-    from qlora_ext.training.steps import autocast, fused_output_weight, token_loss_sum
+    from qlora_ext.training.steps import autocast, compile_layers, fused_output_weight, token_loss_sum
 
     torch.set_default_dtype(dtype)
     with torch.device(device):
@@ -95,11 +95,12 @@ def _ours(arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.d
     tokens = torch.randint(0, arch["vocab_size"], (batch, seq), device=device)
     output_weight = fused_output_weight(model)  # the frozen output projection is applied by the loss
     model.skip_output_layer = output_weight is not None
-    forward = torch.compile(model, fullgraph=True) if compile else model
+    if compile:
+        compile_layers(model)
 
     def step():  # the trainer's step: qlora_ext.finetune's loss and precision handling
         with autocast(device, dtype):
-            outputs = forward(tokens)
+            outputs = model(tokens)
         loss = token_loss_sum(outputs, tokens, output_weight) / (tokens.numel() - tokens.shape[0])
         loss.backward()
         opt.step()

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from safetensors.torch import load_file
 
 from qlora_ext import finetune
@@ -99,8 +100,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_ckpt, smal
 
 
 def test_compile_has_no_graph_breaks(tmp_path, tiny_ckpt, small_data, monkeypatch):
-    """compile=True compiles the whole model with fullgraph=True (a graph break is an error);
-    the cheap aot_eager backend stands in for inductor to keep the test fast."""
+    """compile=True compiles each layer with fullgraph=True (a graph break is an error), and the
+    before/after evaluation still runs (eagerly); the cheap aot_eager backend stands in for
+    inductor to keep the test fast."""
     real_compile, used = torch.compile, {}
 
     def compile_aot_eager(model, **kwargs):
@@ -108,11 +110,17 @@ def test_compile_has_no_graph_breaks(tmp_path, tiny_ckpt, small_data, monkeypatc
         return real_compile(model, backend="aot_eager", **kwargs)
 
     monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    torch._dynamo.reset()
+    counters.clear()
     out = tmp_path / "run"
-    overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["compile=True", "max_steps_per_epoch=2", "epochs=1",
-                                                                     "enable_activation_checkpointing=True", "eval.before_and_after=False"]
+    overrides = small_run_overrides(tiny_ckpt, small_data, out) + [
+        "compile=True", "max_steps_per_epoch=2", "epochs=1", "enable_activation_checkpointing=True",
+        "dataset.validation_fraction=0.25", "eval.num_samples=1", "eval.max_new_tokens=3",
+    ]
     summary = finetune.train(load_config("tiny_qlora", overrides))
     assert used.get("fullgraph") is True and len(summary["losses"]) == 2
+    assert "val_loss_after" in summary and len(summary["answers_after"]) == 1
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
     torch._dynamo.reset()
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from qlora_ext.models.llama2 import lora_llama2
 from qlora_ext.modules.peft import get_adapter_params, set_trainable_params
-from qlora_ext.training import steps
+from qlora_ext.training import evaluation, steps
 from qlora_ext.training.config import ConfigError
 from qlora_ext.training.data import IGNORE_INDEX
 
@@ -71,6 +72,43 @@ def test_activation_checkpointing_same_gradients_and_names():
         grads.append({n: p.grad.clone() for n, p in adapter.items()})
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n])
+
+
+def test_compiled_layers_serve_training_only(monkeypatch):
+    # compile_layers compiles each layer (fullgraph); the same loss and gradients as eager, and
+    # validation and generation run eagerly: they add no graph, nor does a second step.
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="aot_eager", **kwargs))
+    torch._dynamo.reset()
+    counters.clear()
+    model, adapter = _tiny_lora()
+    tokens = torch.randint(0, 64, (2, 16))
+    want = steps.token_loss_sum(model(tokens), tokens)
+    want_grads = torch.autograd.grad(want, list(adapter.values()))
+    steps.enable_activation_checkpointing(model)
+    steps.compile_layers(model)
+    got = steps.token_loss_sum(model(tokens), tokens)
+    for w, g in zip(want_grads, torch.autograd.grad(got, list(adapter.values()))):
+        torch.testing.assert_close(g, w)
+    torch.testing.assert_close(got, want)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and not counters["graph_break"]
+
+    class Tokenizer:  # what evaluation.answer uses of one
+        eos_id = 2
+
+        def encode(self, text, add_bos, add_eos):
+            return [1, 5, 6, 7]
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    cpu = torch.device("cpu")
+    steps.validation_loss(model, [{"tokens": tokens, "labels": tokens}], cpu, torch.float32)
+    evaluation.answer(model, Tokenizer(), [{"instruction": "count", "input": ""}], 3, cpu, torch.float32)
+    steps.token_loss_sum(model(tokens), tokens).backward()
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
 
 
 def test_bf16_autocast_with_fp32_adapters_on_cpu():

@@ -102,7 +102,8 @@ def train(cfg: Config) -> dict[str, Any]:
     print(f"Model: {cfg.model.builder}, {n_train:,} trainable adapter parameters; {dtype} compute on {device}")
     if cfg.enable_activation_checkpointing:
         steps.enable_activation_checkpointing(model)
-    train_model = torch.compile(model, fullgraph=True) if cfg.compile else model
+    if cfg.compile:
+        steps.compile_layers(model)
 
     optimizer = build_optimizer(
         adapter.values(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, betas=cfg.optimizer.betas,
@@ -150,7 +151,7 @@ def train(cfg: Config) -> dict[str, Any]:
             for batch in window:
                 tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
                 with steps.autocast(device, dtype):
-                    outputs = train_model(tokens)  # [b, s, d] hidden states, or [b, s, vocab] logits
+                    outputs = model(tokens)  # [b, s, d] hidden states, or [b, s, vocab] logits
                 loss = steps.token_loss_sum(outputs, labels, output_weight) / window_tokens
                 loss.backward()
                 step_loss += loss.detach()

@@ -79,6 +79,13 @@ class MultiHeadAttention(nn.Module):
         if self.kv_cache is not None:
             self.kv_cache.reset()
 
+    def remove_cache(self) -> None:
+        """Frees the KV cache and disables it: the module is as built (no ``kv_cache`` submodule
+        slot left behind, which torch.compile's guards would tell apart from the start)."""
+        del self.kv_cache
+        self.kv_cache = None
+        self.cache_enabled = False
+
     def forward(self, x: Tensor, *, mask: Tensor | None = None, input_pos: Tensor | None = None) -> Tensor:
         """Attends each position to itself and earlier positions.
 

@@ -114,8 +114,7 @@ class TransformerDecoder(nn.Module):
     def remove_caches(self) -> None:
         """Frees the KV caches; forward goes back to plain causal attention."""
         for layer in self.layers:
-            layer.attn.kv_cache = None
-            layer.attn.cache_enabled = False
+            layer.attn.remove_cache()
         self._cache_len = None
 
     # -- forward ----------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ SCHEMA: dict[str, Any] = {
     "gradient_accumulation_steps": Opt("int", 1, "batches per optimizer step", minimum=1),
     "clip_grad_norm": Opt("float", None, "clip the adapter gradient norm to this (null: no clipping)", nullable=True, minimum=0.0),
     "shuffle": Opt("bool", True, "shuffle the training data each epoch (seeded)"),
-    "compile": Opt("bool", False, "torch.compile the model (whole graph, no graph breaks)"),
+    "compile": Opt("bool", False, "torch.compile each transformer layer (fullgraph: no graph breaks)"),
     "enable_activation_checkpointing": Opt("bool", False, "recompute each layer's activations in backward"),
     "log_every_n_steps": Opt("int", 1, "optimizer steps between metric log lines", minimum=1),
     "log_peak_memory_stats": Opt("bool", True, "log memory after model init and at each log step"),

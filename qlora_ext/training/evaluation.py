@@ -14,6 +14,7 @@ from qlora_ext.training.steps import autocast
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # layers compiled for training run eagerly: each decode step is a new shape
 def answer(
     model: nn.Module, tokenizer, records: list[dict[str, str]], max_new_tokens: int, device: torch.device, dtype: torch.dtype
 ) -> list[str]:
