@@ -18,8 +18,10 @@
 #   7. cuda-ran    the CUDA test cases really ran: none skipped for want of a GPU
 #   8. codec       python -m bench codec  --device cuda --quick
 #   9. linear      python -m bench linear --device cuda --quick
-#  10. train       python -m bench model_train --device cuda --quick   (the ~130M config: ours eager and
-#                  compiled, HF+PEFT+bnb; when bench/model_train.py exists)
+#  10. seed-7b     python -m bench model_seed_7b --device cuda --quick   (the seed tutorial's 7B QLoRA
+#                  config, random weights: memory after init and in training, it/s eager and compiled)
+#  11. train       python -m bench model_train --device cuda --quick   (the ~130M config: ours eager and
+#                  compiled, HF+PEFT+bnb)
 # The image of the GPU machines has neither bitsandbytes nor torchao. When .gpu_deps/site-packages
 # exists (bench/stage_gpu_deps.sh makes it; carry it along), it goes on PYTHONPATH, so the parity
 # tests and the comparison rows run there too.
@@ -145,12 +147,12 @@ PY
 )
 
 REQUIRED_FILES=(pyproject.toml CMakeLists.txt csrc python_tests bench/__main__.py bench/codec.py
-  bench/linear.py bench/model.py bench/sanitize_ops.py)
+  bench/linear.py bench/model.py bench/model_seed_7b.py bench/model_train.py bench/sanitize_ops.py)
 
 if (( DRY_RUN )); then
   banner "gpu_check --dry-run in $REPO -> $OUT (python: $PYTHON)"
-  run_step files 10 bash -c 'for f in "$@"; do if [[ -e "$f" ]]; then echo "ok $f"; else echo "MISSING $f"; exit 1; fi; done
-    if [[ -e bench/model_train.py ]]; then echo "bench/model_train.py present: the real run trains"; else echo "no bench/model_train.py: the real run skips training"; fi' _ "${REQUIRED_FILES[@]}"
+  run_step files 10 bash -c 'for f in "$@"; do if [[ -e "$f" ]]; then echo "ok $f"; else echo "MISSING $f"; exit 1; fi; done' \
+    _ "${REQUIRED_FILES[@]}"
   # These two side by side, as the real run's sanitizers are.
   start_step syntax 60 bash -c 'for f in bench/*.sh; do bash -n "$f" || exit 1; done && "$1" -m py_compile bench/*.py && echo "bash -n and py_compile: ok"' _ "$PYTHON"
   start_step arch-parse 10 bash -c '[[ "$1" == 90 && "$2" == "80;90" ]] && echo "9.0 -> $1; 8.0,9.0,9.0 -> $2"' _ \
@@ -235,9 +237,6 @@ wait_steps
 run_step cuda-ran 30 "$PYTHON" -c "$JUNIT_CHECK" "$OUT/pytest-junit.xml"
 SHOW=1 run_step codec 90 "$PYTHON" -m bench codec --device cuda --quick --out "$OUT/results"
 SHOW=1 run_step linear 150 "$PYTHON" -m bench linear --device cuda --quick --out "$OUT/results"
-if [[ -e bench/model_train.py ]]; then
-  SHOW=1 run_step train 150 "$PYTHON" -m bench model_train --device cuda --quick --out "$OUT/results"
-else
-  SUMMARY+=("SKIP  train: no bench/model_train.py in this checkout yet")
-fi
+SHOW=1 run_step seed-7b 240 "$PYTHON" -m bench model_seed_7b --device cuda --quick --out "$OUT/results"
+SHOW=1 run_step train 150 "$PYTHON" -m bench model_train --device cuda --quick --out "$OUT/results"
 finish

@@ -57,9 +57,15 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB (Linux)
 
 
-def _timed_steps(step, n_warmup: int, n_steps: int, device: torch.device) -> list[float]:
+def _timed_steps(step, n_warmup: int, n_steps: int, device: torch.device) -> tuple[float, list[float]]:
+    """(seconds of the first step, which includes any compilation; seconds of each timed step)."""
+    first = None
     for _ in range(n_warmup):
+        t = time.perf_counter()
         step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        first = time.perf_counter() - t if first is None else first
     times = []
     for _ in range(n_steps):
         if device.type == "cuda":
@@ -69,21 +75,33 @@ def _timed_steps(step, n_warmup: int, n_steps: int, device: torch.device) -> lis
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    return times
+    return first, times
 
 
-def _ours(arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.dtype, compile: bool = False):
-    """A step function of qlora_ext: qlora_llama2 builder, our NF4 linear, fp32 adapters; with
-    ``compile`` each layer runs under ``torch.compile(fullgraph=True)`` (the trainer's compile=True)."""
+def _ours(
+    arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.dtype, compile: bool = False, *,
+    lora_attn_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "output_proj"),
+    activation_checkpointing: bool = False, lr: float = 1e-4,
+):
+    """A step function of qlora_ext (it returns the step's loss): qlora_llama2 builder, our NF4
+    linear, fp32 adapters, the same batch every step; with ``compile`` each layer runs under
+    ``torch.compile(fullgraph=True)`` (the trainer's compile=True), with ``activation_checkpointing``
+    each layer is recomputed in backward (the trainer's enable_activation_checkpointing)."""
     sys.path.insert(0, str(REPO))
     from qlora_ext.models.llama2 import lora_llama2
     from qlora_ext.modules.peft import get_adapter_params, set_trainable_params
-    from qlora_ext.training.steps import autocast, compile_layers, fused_output_weight, token_loss_sum
+    from qlora_ext.training.steps import (
+        autocast,
+        compile_layers,
+        enable_activation_checkpointing,
+        fused_output_weight,
+        token_loss_sum,
+    )
 
     torch.set_default_dtype(dtype)
     with torch.device(device):
         model = lora_llama2(
-            ["q_proj", "k_proj", "v_proj", "output_proj"], True, False, **arch, max_seq_len=MAX_SEQ_LEN,
+            list(lora_attn_modules), True, False, **arch, max_seq_len=max(MAX_SEQ_LEN, seq),
             lora_rank=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0, quantize_base=True,
         )
     torch.set_default_dtype(torch.float32)
@@ -91,20 +109,23 @@ def _ours(arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.d
     set_trainable_params(model, adapter)
     for p in adapter.values():
         p.data = p.data.float()
-    opt = torch.optim.AdamW(list(adapter.values()), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(list(adapter.values()), lr=lr, fused=device.type == "cuda")
     tokens = torch.randint(0, arch["vocab_size"], (batch, seq), device=device)
     output_weight = fused_output_weight(model)  # the frozen output projection is applied by the loss
     model.skip_output_layer = output_weight is not None
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
     if compile:
         compile_layers(model)
 
-    def step():  # the trainer's step: qlora_ext.finetune's loss and precision handling
+    def step() -> torch.Tensor:  # the trainer's step: qlora_ext.finetune's loss and precision handling
         with autocast(device, dtype):
             outputs = model(tokens)
         loss = token_loss_sum(outputs, tokens, output_weight) / (tokens.numel() - tokens.shape[0])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
     return step, model
 
@@ -152,11 +173,12 @@ def _worker(stack: str, name: str, args: dict, queue) -> None:
         arch = CONFIGS[name]
         build = {"qlora_ext": _ours, "qlora_ext_compiled": functools.partial(_ours, compile=True), "hf_peft_bnb": _hf}[stack]
         step, model = build(arch, args["batch"], args["seq"], device, dtype)
-        times = _timed_steps(step, args["warmup"], args["steps"], device)
+        first_step_s, times = _timed_steps(step, args["warmup"], args["steps"], device)
         median = sorted(times)[len(times) // 2]
         result = {
             "tokens_per_s": args["batch"] * args["seq"] / median,
             "step_s_median": median,
+            "first_step_s": first_step_s,
             "step_s": times,
             "peak_memory_gb": _peak_memory_gb(device),
         }
@@ -228,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                  "rounds": a.rounds},
         "configs": {},
     }
-    print(f"{'config':6} {'stack':12} {'round':>5} {'tokens/s':>10} {'step (s)':>9} {'peak mem (GB)':>14}")
+    print(f"{'config':6} {'stack':12} {'round':>5} {'tokens/s':>10} {'step (s)':>9} {'peak mem (GB)':>14} {'first step (s)':>15}")
     for name in a.configs:
         row = results["configs"][name] = {"arch": CONFIGS[name]}
         rounds: dict[str, list[dict]] = {stack: [] for stack in a.stacks}
@@ -247,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 profile_table = payload.pop("profile", None)
                 rounds[stack].append(payload)
                 print(f"{name:6} {stack:12} {r + 1:5} {payload['tokens_per_s']:10.0f} {payload['step_s_median']:9.3f} "
-                      f"{payload['peak_memory_gb']:14.2f}")
+                      f"{payload['peak_memory_gb']:14.2f} {payload['first_step_s'] or float('nan'):15.1f}")
                 if profile_table:
                     print(profile_table)
         for stack, runs in rounds.items():
