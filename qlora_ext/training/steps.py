@@ -139,8 +139,8 @@ def compile_layers(model: nn.Module) -> None:
 
     The layers share their code, so one compiled graph serves them all (and a second one the
     first layer, whose input needs no gradient): compile time is that of a layer, whatever the
-    depth. On the 2-core CPU a 12-layer ~130M model compiled in 15 s this way against 48 s as
-    one whole-model graph, with steps as fast. Call after ``enable_activation_checkpointing``.
+    depth, where one whole-model graph takes time in proportion to the layers. Call after
+    ``enable_activation_checkpointing``.
     ``validation_loss`` and generation run the layers eagerly (``torch.compiler.set_stance``):
     the compiled graphs are the training step's.
     """
