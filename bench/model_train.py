@@ -1,6 +1,7 @@
 """Model-level QLoRA training benchmark: tokens/s and peak memory of full training steps
-(forward, backward, AdamW on the adapters) for a tiny and a mid-size (~130M) Llama-2 config,
-qlora_ext side by side with HF transformers + PEFT + bitsandbytes 4-bit doing the same steps.
+(forward, backward, AdamW on the adapters) for a tiny (with Llama-2's vocab of 32000 and with
+the package's tiny vocab of 512) and a mid-size (~130M) Llama-2 config, qlora_ext side by side
+with HF transformers + PEFT + bitsandbytes 4-bit doing the same steps.
 
     python bench/model_train.py                    # both configs, both stacks, prints ratios
     python bench/model_train.py --configs tiny --steps 5 --profile
@@ -42,10 +43,13 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {
     # dim 256, 4 layers (the package's tiny Llama-2: 4 heads, 2 kv heads, MLP 768), Llama-2 vocab
     "tiny": dict(vocab_size=32_000, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=256, intermediate_dim=768),
+    # the same with llama2_tiny's own vocab of 512: the output layer no longer dominates, the layers do
+    "tiny_v512": dict(vocab_size=512, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=256, intermediate_dim=768),
     # ~134M parameters: dim 768, 12 layers, 12 heads, MLP 2048, vocab 32000
     "mid": dict(vocab_size=32_000, num_layers=12, num_heads=12, num_kv_heads=12, embed_dim=768, intermediate_dim=2048),
 }
-TARGETS = {"tiny": 2.0, "mid": 1.6}  # tokens/s vs HF+PEFT+bnb
+# tokens/s vs HF+PEFT+bnb; the issue gives the tiny config its dim and depth, not its vocab: both are run
+TARGETS = {"tiny": 2.0, "tiny_v512": 2.0, "mid": 1.6}
 STACKS = ("qlora_ext", "qlora_ext_compiled", "hf_peft_bnb")  # ours eager, ours compiled, theirs
 LORA = dict(rank=8, alpha=16.0)
 MAX_SEQ_LEN = 512
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                  "rounds": a.rounds},
         "configs": {},
     }
-    print(f"{'config':6} {'stack':12} {'round':>5} {'tokens/s':>10} {'step (s)':>9} {'peak mem (GB)':>14} {'first step (s)':>15}")
+    print(f"{'config':9} {'stack':12} {'round':>5} {'tokens/s':>10} {'step (s)':>9} {'peak mem (GB)':>14} {'first step (s)':>15}")
     for name in a.configs:
         row = results["configs"][name] = {"arch": CONFIGS[name]}
         rounds: dict[str, list[dict]] = {stack: [] for stack in a.stacks}
@@ -261,14 +265,14 @@ def main(argv: list[str] | None = None) -> int:
                 status, payload = run_one(stack, name, args)
                 if status != "ok":
                     row[stack] = {"status": status, "reason": payload}
-                    print(f"{name:6} {stack:12} {status}: {str(payload).splitlines()[0]}")
+                    print(f"{name:9} {stack:12} {status}: {str(payload).splitlines()[0]}")
                     if stack != "hf_peft_bnb":
                         print(payload, file=sys.stderr)
                         return 1
                     continue
                 profile_table = payload.pop("profile", None)
                 rounds[stack].append(payload)
-                print(f"{name:6} {stack:12} {r + 1:5} {payload['tokens_per_s']:10.0f} {payload['step_s_median']:9.3f} "
+                print(f"{name:9} {stack:12} {r + 1:5} {payload['tokens_per_s']:10.0f} {payload['step_s_median']:9.3f} "
                       f"{payload['peak_memory_gb']:14.2f} {payload['first_step_s'] or float('nan'):15.1f}")
                 if profile_table:
                     print(profile_table)
@@ -286,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             row[key], row[key.replace("ratio", "ratios_by_round", 1)] = ratio, ratios
             row["target"] = TARGETS[name]
             verdict = "meets" if ratio >= TARGETS[name] else "MISSES"
-            print(f"{name:6} ratio {stack} / hf_peft_bnb = {ratio:.2f}x, median of {len(ratios)} round(s) "
+            print(f"{name:9} ratio {stack} / hf_peft_bnb = {ratio:.2f}x, median of {len(ratios)} round(s) "
                   f"[{', '.join(f'{x:.2f}' for x in ratios)}] ({verdict} the {TARGETS[name]}x target)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
