@@ -141,8 +141,9 @@ def compile_layers(model: nn.Module) -> None:
     first layer, whose input needs no gradient): compile time is that of a layer, whatever the
     depth, where one whole-model graph takes time in proportion to the layers. Call after
     ``enable_activation_checkpointing``.
-    ``validation_loss`` and generation run the layers eagerly (``torch.compiler.set_stance``):
-    the compiled graphs are the training step's.
+
+    ``validation_loss`` and ``evaluation.answer`` run the layers eagerly
+    (``torch.compiler.set_stance``): the compiled graphs are the training step's.
     """
     for layer in model.layers:
         layer.compile(fullgraph=True)
