@@ -20,7 +20,9 @@
 #   9. linear      python -m bench linear --device cuda --quick
 #  10. seed-7b     python -m bench model_seed_7b --device cuda --quick   (the seed tutorial's 7B QLoRA
 #                  config, random weights: memory after init and in training, it/s eager and compiled)
-#  11. train       python -m bench model_train --device cuda --quick   (the ~130M config: ours eager and
+#  11. build-7b    python -m bench model_build --device cuda --quick   (memory after init with LoRA on
+#                  q/k/v/o + MLP, where every projection is NF4)
+#  12. train       python -m bench model_train --device cuda --quick   (the ~130M config: ours eager and
 #                  compiled, HF+PEFT+bnb)
 # The image of the GPU machines has neither bitsandbytes nor torchao. When .gpu_deps/site-packages
 # exists (bench/stage_gpu_deps.sh makes it; carry it along), it goes on PYTHONPATH, so the parity
@@ -147,7 +149,8 @@ PY
 )
 
 REQUIRED_FILES=(pyproject.toml CMakeLists.txt csrc python_tests bench/__main__.py bench/codec.py
-  bench/linear.py bench/model.py bench/model_seed_7b.py bench/model_train.py bench/sanitize_ops.py)
+  bench/linear.py bench/model.py bench/model_build.py bench/model_seed_7b.py bench/model_train.py
+  bench/sanitize_ops.py)
 
 if (( DRY_RUN )); then
   banner "gpu_check --dry-run in $REPO -> $OUT (python: $PYTHON)"
@@ -238,5 +241,6 @@ run_step cuda-ran 30 "$PYTHON" -c "$JUNIT_CHECK" "$OUT/pytest-junit.xml"
 SHOW=1 run_step codec 90 "$PYTHON" -m bench codec --device cuda --quick --out "$OUT/results"
 SHOW=1 run_step linear 150 "$PYTHON" -m bench linear --device cuda --quick --out "$OUT/results"
 SHOW=1 run_step seed-7b 240 "$PYTHON" -m bench model_seed_7b --device cuda --quick --out "$OUT/results"
+SHOW=1 run_step build-7b 90 "$PYTHON" -m bench model_build --device cuda --quick --out "$OUT/results"
 SHOW=1 run_step train 150 "$PYTHON" -m bench model_train --device cuda --quick --out "$OUT/results"
 finish

@@ -15,7 +15,9 @@ so the loss must fall. Eager and compiled (``compile=True``: each layer under
 
 The seed measured 9.13 GB reserved after init, 9.29 GB reserved during training, 1.15 it/s eager
 and 3.95 it/s compiled, on its own GPU and data: a reference, not a same-machine comparison.
-Targets: <= 4.5 GB after init, <= 7 GB during training.
+Targets: <= 4.5 GB after init, <= 7 GB during training. By count, this config's parameters alone
+take 4.70 GB: k_proj, which gets no LoRA, stays a dense bf16 weight (1.07 GB in all), as in the
+seed's torchtune. With LoRA on q/k/v/o as well (bench/model_build.py's config) they take 3.91 GB.
 These are GPU figures, so a full or quick run on a CPU only says so.
 Results: a table, and ``OUT/model_seed_7b.json``.
 """
