@@ -53,13 +53,15 @@ def worker(case: str, device_name: str, arch_name: str, seq: int, warmup: int, s
     arch = ARCH_7B if arch_name == "7b" else CONFIGS[arch_name]
     torch.manual_seed(0)  # the same weights and batch in both cases
     if device.type == "cuda":
+        torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     step, _ = _ours(arch, 2, seq, device, dtype, compile=case == "compiled", lora_attn_modules=SEED_LORA_ATTN,
                     activation_checkpointing=True, lr=3e-4)
-    out: dict = {"case": case, "arch": arch_name, "seq": seq, "build_s": time.perf_counter() - start}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    out: dict = {"case": case, "arch": arch_name, "seq": seq, "build_s": time.perf_counter() - start}
+    if device.type == "cuda":
         out["reserved_after_init_gb"] = torch.cuda.max_memory_reserved(device) / GB
         out["allocated_after_init_gb"] = torch.cuda.max_memory_allocated(device) / GB
         torch.cuda.reset_peak_memory_stats(device)
