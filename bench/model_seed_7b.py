@@ -46,7 +46,7 @@ def worker(case: str, device_name: str, arch_name: str, seq: int, warmup: int, s
     sys.path.insert(0, str(REPO / "bench"))
     import torch
 
-    from model_train import CONFIGS, _ours, _timed_steps
+    from model_train import CONFIGS, qlora_ext_step, timed_steps
 
     device = torch.device(device_name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -56,8 +56,8 @@ def worker(case: str, device_name: str, arch_name: str, seq: int, warmup: int, s
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    step, _ = _ours(arch, 2, seq, device, dtype, compile=case == "compiled", lora_attn_modules=SEED_LORA_ATTN,
-                    activation_checkpointing=True, lr=3e-4)
+    step, _ = qlora_ext_step(arch, 2, seq, device, dtype, compile=case == "compiled", lora_attn_modules=SEED_LORA_ATTN,
+                             activation_checkpointing=True, lr=3e-4)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     out: dict = {"case": case, "arch": arch_name, "seq": seq, "build_s": time.perf_counter() - start}
@@ -70,7 +70,7 @@ def worker(case: str, device_name: str, arch_name: str, seq: int, warmup: int, s
     def recorded_step():
         losses.append(step())
 
-    first_step_s, times = _timed_steps(recorded_step, warmup, steps, device)
+    first_step_s, times = timed_steps(recorded_step, warmup, steps, device)
     median = sorted(times)[len(times) // 2]
     out.update(first_step_s=first_step_s, step_s=times, step_s_median=median, it_per_s=1.0 / median,
                tokens_per_s=2 * seq / median, losses=[float(x) for x in losses])

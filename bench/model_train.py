@@ -3,7 +3,7 @@
 the package's tiny vocab of 512) and a mid-size (~130M) Llama-2 config, qlora_ext side by side
 with HF transformers + PEFT + bitsandbytes 4-bit doing the same steps.
 
-    python bench/model_train.py                    # both configs, both stacks, prints ratios
+    python bench/model_train.py                    # every config and stack, prints ratios
     python bench/model_train.py --configs tiny --steps 5 --profile
     python bench/model_train.py --device cuda      # on a GPU (bf16 compute there)
 
@@ -61,7 +61,7 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB (Linux)
 
 
-def _timed_steps(step, n_warmup: int, n_steps: int, device: torch.device) -> tuple[float, list[float]]:
+def timed_steps(step, n_warmup: int, n_steps: int, device: torch.device) -> tuple[float, list[float]]:
     """(seconds of the first step, which includes any compilation; seconds of each timed step)."""
     first = None
     for _ in range(n_warmup):
@@ -82,7 +82,7 @@ def _timed_steps(step, n_warmup: int, n_steps: int, device: torch.device) -> tup
     return first, times
 
 
-def _ours(
+def qlora_ext_step(
     arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.dtype, compile: bool = False, *,
     lora_attn_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "output_proj"),
     activation_checkpointing: bool = False, lr: float = 1e-4,
@@ -175,9 +175,10 @@ def _worker(stack: str, name: str, args: dict, queue) -> None:
         device = torch.device(args["device"])
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         arch = CONFIGS[name]
-        build = {"qlora_ext": _ours, "qlora_ext_compiled": functools.partial(_ours, compile=True), "hf_peft_bnb": _hf}[stack]
+        build = {"qlora_ext": qlora_ext_step, "qlora_ext_compiled": functools.partial(qlora_ext_step, compile=True),
+                 "hf_peft_bnb": _hf}[stack]
         step, model = build(arch, args["batch"], args["seq"], device, dtype)
-        first_step_s, times = _timed_steps(step, args["warmup"], args["steps"], device)
+        first_step_s, times = timed_steps(step, args["warmup"], args["steps"], device)
         median = sorted(times)[len(times) // 2]
         result = {
             "tokens_per_s": args["batch"] * args["seq"] / median,
