@@ -220,7 +220,7 @@ assert torch.cuda.is_available(), \"torch sees no GPU\"
 XDIST=()
 "$PYTHON" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
 start_step tests 200 env OMP_NUM_THREADS=4 "$PYTHON" -P -m pytest python_tests -q -rs -k cuda ${XDIST[@]+"${XDIST[@]}"} \
-  --junitxml "$OUT/pytest-junit.xml" --deselect python_tests/test_bench.py::test_gpu_check_dry_run
+  --junitxml "$OUT/pytest-junit.xml"
 if SANITIZER=$(find_sanitizer); then
   # Where the sanitizer filters by kernel name, only kernels with "_kernel" in their names are
   # instrumented: all of qlora's (and torch's element-wise ones), not cuBLAS's. Faster, and
