@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qlora_ext.modules.lora_fused import lora_linear
 from qlora_ext.nf4 import NF4Tensor, linear_nf4, reparametrize_as_dtype_state_dict_post_hook, to_nf4
 
 
@@ -28,6 +29,9 @@ class LoRALinear(nn.Module):
             weight quantizes it.
 
     ``lora_a`` starts kaiming-uniform and ``lora_b`` at zero, so a new adapter changes nothing.
+    With a frozen base and the adapter computing in the input's dtype (or autocast's), forward and
+    backward run as one autograd function (``qlora_ext.modules.lora_fused``) that adds the adapter
+    into the base output in place; otherwise (a trainable base weight) module by module.
     Set ``disabled = True`` (or use ``qlora_ext.modules.peft.disable_adapter``) for base-only output.
     """
 
@@ -81,14 +85,24 @@ class LoRALinear(nn.Module):
         return self.alpha / self.rank
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.weight, NF4Tensor):
-            out = linear_nf4(x, self.weight, self.bias)
-        else:
-            out = F.linear(x, self.weight, self.bias)
         if self.disabled or self.merged:
-            return out
-        lora_out = self.lora_b(self.lora_a(self.dropout(x)))
-        return out + self.scaling * lora_out
+            return self._base(x)
+        x_lora = None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
+        if self._adapter_dtype(x) == x.dtype and not self.weight.requires_grad:
+            return lora_linear(x, self.weight, self.bias, self.lora_a.weight, self.lora_b.weight, self.scaling, x_lora)
+        lora_out = self.lora_b(self.lora_a(x if x_lora is None else x_lora))
+        return self._base(x) + self.scaling * lora_out
+
+    def _base(self, x: Tensor) -> Tensor:
+        if isinstance(self.weight, NF4Tensor):
+            return linear_nf4(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def _adapter_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the adapter computes in: autocast's when it is on, else its weights'."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return torch.promote_types(self.lora_a.weight.dtype, self.lora_b.weight.dtype)
 
     # -- merging ---------------------------------------------------------------------------------
 

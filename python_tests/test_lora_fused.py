@@ -1,0 +1,110 @@
+"""LoRALinear's fused training path (qlora_ext.modules.lora_fused) against the composed formula
+``base(x) + scaling * lora_b(lora_a(dropout(x)))``: outputs and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import devices
+from torch import nn
+
+from qlora_ext import LoRALinear
+from qlora_ext.modules.lora_fused import lora_linear
+
+TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
+
+
+def composed(lin: LoRALinear, x: torch.Tensor, x_lora: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The module-by-module formula, with the adapter cast to dtype as autocast would."""
+    base_w = lin.weight.dequantize(dtype) if lin._quantize_base else lin.weight.to(dtype)
+    a, b = lin.lora_a.weight.to(dtype), lin.lora_b.weight.to(dtype)
+    return F.linear(x, base_w, lin.bias) + lin.scaling * F.linear(F.linear(x_lora, a), b)
+
+
+def grads(out: torch.Tensor, grad_out: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(out, [t for t in tensors if t.requires_grad], grad_out))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("quantize_base", [True, False], ids=["nf4", "dense"])
+@pytest.mark.parametrize("device", devices())
+def test_fused_forward_and_gradients_match_the_composed_formula(quantize_base, dtype, device):
+    torch.manual_seed(0)
+    lin = LoRALinear(192, 136, rank=8, alpha=16.0, quantize_base=quantize_base, use_bias=True).to(device, dtype)
+    nn.init.normal_(lin.lora_b.weight)
+    x = torch.randn(2, 3, 5, 192, device=device, dtype=dtype, requires_grad=True)  # 3 leading dims
+    grad_y = torch.randn(5, 2, 3, 136, device=device, dtype=dtype).permute(1, 2, 0, 3)  # non-contiguous
+    params = (x, lin.lora_a.weight, lin.lora_b.weight)
+
+    got = lin(x)
+    want = composed(lin, x, x, dtype)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    for g, w in zip(grads(got, grad_y, *params), grads(want, grad_y, *params)):
+        torch.testing.assert_close(g, w, **TOL[dtype])
+
+
+def test_dropout_mask_is_applied_to_the_adapter_input_only():
+    lin = LoRALinear(128, 64, rank=4, alpha=8.0, dropout=0.5, quantize_base=True).train()
+    nn.init.normal_(lin.lora_b.weight)
+    x = torch.randn(6, 128, requires_grad=True)
+    grad_y = torch.randn(6, 64)
+    params = (x, lin.lora_a.weight, lin.lora_b.weight)
+
+    torch.manual_seed(7)
+    got = lin(x)
+    torch.manual_seed(7)
+    want = composed(lin, x, F.dropout(x, 0.5, training=True), torch.float32)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(grads(got, grad_y, *params), grads(want, grad_y, *params)):
+        torch.testing.assert_close(g, w)
+    lin.eval()  # no dropout in eval
+    torch.testing.assert_close(lin(x), composed(lin, x, x, torch.float32))
+
+
+def test_autocast_bf16_runs_fp32_adapters_in_bf16_with_fp32_gradients():
+    lin = LoRALinear(128, 96, rank=8, alpha=16.0, quantize_base=True).to(torch.bfloat16)
+    lin.lora_a.float(), lin.lora_b.float()  # the trainer's fp32 adapters
+    nn.init.normal_(lin.lora_b.weight)
+    x = torch.randn(4, 128, dtype=torch.bfloat16, requires_grad=True)
+    grad_y = torch.randn(4, 96, dtype=torch.bfloat16)
+    params = (x, lin.lora_a.weight, lin.lora_b.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lin(x)
+    want = composed(lin, x, x, torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    got_grads = grads(got, grad_y, *params)
+    assert [g.dtype for g in got_grads] == [torch.bfloat16, torch.float32, torch.float32]
+    torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
+    for g, w in zip(got_grads, grads(want, grad_y, *params)):
+        torch.testing.assert_close(g.float(), w.float(), **TOL[torch.bfloat16])
+
+
+def test_input_without_grad_and_trainable_bias():
+    lin = LoRALinear(64, 32, rank=4, alpha=4.0, use_bias=True, quantize_base=True)
+    lin.bias.requires_grad_(True)
+    nn.init.normal_(lin.lora_b.weight)
+    x = torch.randn(3, 7, 64)  # e.g. the first layer's input: no gradient wanted
+    grad_y = torch.randn(3, 7, 32)
+    lin(x).backward(grad_y)
+    torch.testing.assert_close(lin.bias.grad, grad_y.sum((0, 1)))
+    a_grad, b_grad = lin.lora_a.weight.grad, lin.lora_b.weight.grad
+    want = grads(composed(lin, x, x, torch.float32), grad_y, lin.lora_a.weight, lin.lora_b.weight)
+    torch.testing.assert_close([a_grad, b_grad], want)
+
+
+def test_trainable_dense_base_takes_the_composed_path_and_gets_its_gradient():
+    lin = LoRALinear(64, 32, rank=4, alpha=4.0)
+    lin.weight.requires_grad_(True)
+    x = torch.randn(5, 64)
+    lin(x).sum().backward()
+    assert lin.weight.grad is not None
+    torch.testing.assert_close(lin.weight.grad, torch.ones(5, 32).t() @ x)
+
+
+def test_lora_linear_function_never_gives_the_weight_a_gradient():
+    w = torch.randn(32, 64, requires_grad=True)
+    a = torch.randn(4, 64, requires_grad=True)
+    b = torch.randn(32, 4, requires_grad=True)
+    lora_linear(torch.randn(3, 64), w, None, a, b, 2.0).sum().backward()
+    assert w.grad is None and a.grad is not None and b.grad is not None
