@@ -113,7 +113,7 @@ def qlora_ext_step(
     set_trainable_params(model, adapter)
     for p in adapter.values():
         p.data = p.data.float()
-    opt = torch.optim.AdamW(list(adapter.values()), lr=lr, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(list(adapter.values()), lr=lr, fused=True)  # the trainer's default
     tokens = torch.randint(0, arch["vocab_size"], (batch, seq), device=device)
     output_weight = fused_output_weight(model)  # the frozen output projection is applied by the loss
     model.skip_output_layer = output_weight is not None
@@ -156,7 +156,7 @@ def _hf(arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.dty
     )
     model = get_peft_model(model, lora)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as ours
     tokens = torch.randint(0, arch["vocab_size"], (batch, seq), device=device)
 
     def step():

@@ -135,7 +135,7 @@ SCHEMA: dict[str, Any] = {
         "weight_decay": Opt("float", 0.01, "AdamW weight decay", minimum=0.0),
         "betas": Opt("list[float]", [0.9, 0.999], "AdamW betas"),
         "eps": Opt("float", 1e-8, "AdamW eps", minimum=0.0),
-        "fused": Opt("bool", None, "fused AdamW kernel (null: on CUDA)", nullable=True),
+        "fused": Opt("bool", None, "fused AdamW kernel (null: on CUDA and CPU)", nullable=True),
     },
     "lr_scheduler": {
         "name": Opt("str", "cosine_with_warmup", "schedule", choices=("cosine_with_warmup", "constant_with_warmup")),

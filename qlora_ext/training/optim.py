@@ -20,13 +20,15 @@ def build_optimizer(
     fused: bool | None,
     device: torch.device,
 ) -> torch.optim.AdamW:
-    """AdamW; ``fused=None`` picks the fused kernel on CUDA (one launch for all parameters).
+    """AdamW; ``fused=None`` picks the fused kernel on CUDA and CPU (one pass over all parameters:
+    for the ~130M config's 168 adapter tensors on the 2-core CPU, 2 ms a step against 10-11 ms for
+    the default multi-tensor one).
 
     Raises:
         ValueError: ``fused=True`` on a device without the fused kernel.
     """
     if fused is None:
-        fused = device.type == "cuda"
+        fused = device.type in ("cuda", "cpu")
     if fused and device.type not in ("cuda", "cpu"):
         raise ValueError(f"optimizer.fused=true needs a CUDA or CPU device; got {device}")
     return torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=fused)
