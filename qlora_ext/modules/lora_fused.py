@@ -8,7 +8,8 @@ the adapter is added into the base output by one ``addmm_`` (the BLAS epilogue d
 scaling and the sum), and backward adds the adapter's share of the input gradient into the
 base's gradient the same way; the adapter's [tokens, rank] intermediate is all it keeps besides
 the inputs. Same products, fewer bytes: on the 2-core CPU a forward + backward of one LoRA
-linear (512 tokens, rank 8, fp32, in/out among 256, 768 and 2048) took 15-36% less time.
+linear (512 tokens, rank 8, fp32, in/out among 256, 768 and 2048) took 15-36% less time
+(measured ad hoc, not in bench/).
 
 Backward is written in differentiable ops of the inputs, so second derivatives work (with
 ``create_graph`` it recomputes that intermediate and adds out of place).
