@@ -104,9 +104,11 @@ def worker(case: str, device: str) -> dict:
     return out
 
 
-def run_case(case: str, device: str) -> dict:
+def run_worker(script: str, case: str, worker_args: list[str]) -> dict:
+    """Runs ``script --worker case *worker_args`` in a fresh process (its memory peaks are its
+    own) and returns the JSON object its last line of output prints."""
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", case, "--device", device], capture_output=True, text=True
+        [sys.executable, os.path.abspath(script), "--worker", case, *worker_args], cwd=REPO, capture_output=True, text=True
     )
     if proc.returncode != 0:
         raise RuntimeError(f"case {case} failed:\n{proc.stderr[-4000:]}")
@@ -135,7 +137,7 @@ def main() -> int:
     peak_key = "peak_reserved" if args.device == "cuda" else "peak_rss"
     rows, failed = [], []
     for case in cases:
-        row = run_case(case, args.device)
+        row = run_worker(__file__, case, ["--device", args.device])
         for name, limit in targets.get(case, {}).items():
             value = row["seconds"] if name == "seconds" else row.get(peak_key, 0) / GB
             row[f"target_{name}"] = limit

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -81,12 +80,10 @@ def worker(case: str, device_name: str, arch_name: str, seq: int, warmup: int, s
 
 
 def run_case(case: str, args: argparse.Namespace, arch_name: str, warmup: int, steps: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, "--device", args.device, "--arch", arch_name,
-           "--seq", str(args.seq), "--warmup", str(warmup), "--steps", str(steps)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"case {case} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from model_build import run_worker  # run as a script: bench/ is on sys.path
+
+    return run_worker(__file__, case, ["--device", args.device, "--arch", arch_name, "--seq", str(args.seq),
+                                       "--warmup", str(warmup), "--steps", str(steps)])
 
 
 def main() -> int:
