@@ -59,6 +59,11 @@ class Context:
     def time(self, fn: Callable[[Any], Any], ring: Sequence[Any]) -> harness.Stats:
         return harness.time_calls(fn, ring, self.device, self.budget)
 
+    def time_in_turns(self, calls: Sequence[tuple[Callable[[Any], Any], Sequence[Any]]]) -> list[harness.Stats]:
+        """``time`` of each ``(fn, ring)``, the calls taking turns (``harness.time_in_turns``); a
+        smoke run gives each one turn."""
+        return harness.time_in_turns(calls, self.device, self.budget, rounds=1 if self.smoke else 3)
+
     def ring(self, make: Callable[[int], Any], item_bytes: int, max_items: int = 64) -> list:
         return harness.make_ring(make, item_bytes, self.ring_bytes, max_items)
 

@@ -13,7 +13,7 @@ import gc
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -83,6 +83,7 @@ class Budget:
     max_reps: int
     target_s: float
     max_s: float = float("inf")
+    min_calls: int = 3  # what even the slowest call gets
 
     @classmethod
     def for_mode(cls, mode: str, device: str) -> Budget:
@@ -100,7 +101,17 @@ class Budget:
         """Whether ``reps`` timed calls taking ``spent_s`` in all are enough."""
         if reps >= self.max_reps or (reps >= self.min_reps and spent_s >= self.target_s):
             return True
-        return reps >= max(3, self.min_reps // 2) and spent_s >= self.max_s
+        return reps >= max(self.min_calls, self.min_reps // 2) and spent_s >= self.max_s
+
+    def share(self, rounds: int) -> Budget:
+        """One of ``rounds`` equal turns of this budget (``time_in_turns``): each turn warms up with
+        ``warmup_calls`` again (the other turns in between have evicted everything), with no
+        ``warmup_s``, which only the first turn needs."""
+        return Budget(
+            warmup_s=0.0, warmup_calls=self.warmup_calls, min_reps=math.ceil(self.min_reps / rounds),
+            max_reps=math.ceil(self.max_reps / rounds), target_s=self.target_s / rounds, max_s=self.max_s / rounds,
+            min_calls=math.ceil(self.min_calls / rounds),
+        )
 
 
 # -- rings of inputs ---------------------------------------------------------------------------
@@ -121,8 +132,30 @@ def make_ring(make: Callable[[int], Any], item_bytes: int, ring_bytes: int, max_
 
 def time_calls(fn: Callable[[Any], Any], ring: Sequence[Any], device: str, budget: Budget) -> Stats:
     """Times ``fn(item)`` with items taken round-robin from ``ring``; returns per-call statistics."""
+    return Stats.of(_timed(fn, ring, device, budget))
+
+
+def time_in_turns(calls: Sequence[tuple[Callable[[Any], Any], Sequence[Any]]], device: str, budget: Budget,
+                  rounds: int = 3) -> list[Stats]:
+    """Times several implementations of one case, ``calls = [(fn, ring), ...]``, taking turns:
+    ``rounds`` rounds, each giving every implementation an equal share of ``budget``, in reverse
+    order every other round. The speed of a shared or virtual machine drifts by tens of percent
+    over seconds: timed one after the other, two implementations would each meet a different
+    machine and their ratio would measure the drift. Returns one Stats per call, over all rounds."""
+    times: list[list[float]] = [[] for _ in calls]
+    turn = budget.share(rounds)
+    for r in range(rounds):
+        order = range(len(calls)) if r % 2 == 0 else reversed(range(len(calls)))
+        for j in order:
+            fn, ring = calls[j]
+            times[j] += _timed(fn, ring, device, replace(turn, warmup_s=budget.warmup_s) if r == 0 else turn)
+    return [Stats.of(t) for t in times]
+
+
+def _timed(fn, ring, device: str, budget: Budget) -> list[float]:
+    """Per-call seconds of ``fn(item)``, items taken round-robin from ``ring``."""
     if not ring:
-        raise ValueError("time_calls: argument 'ring' must hold at least one input")
+        raise ValueError("timing: argument 'ring' must hold at least one input; got an empty one")
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()  # a collection in the middle of a timed call is noise, not the op's cost
@@ -145,7 +178,7 @@ def _warm_up(fn, ring, budget: Budget, sync: Callable[[], None]) -> int:
     return i
 
 
-def _time_cpu(fn, ring, budget: Budget) -> Stats:
+def _time_cpu(fn, ring, budget: Budget) -> list[float]:
     i = _warm_up(fn, ring, budget, lambda: None)
     times: list[float] = []
     spent = 0.0
@@ -157,7 +190,7 @@ def _time_cpu(fn, ring, budget: Budget) -> Stats:
         times.append(dt)
         spent += dt
         i += 1
-    return Stats.of(times)
+    return times
 
 
 _SLEEP_CYCLES_PER_S: float | None = None
@@ -179,7 +212,7 @@ def _sleep_cycles_per_second() -> float:
     return _SLEEP_CYCLES_PER_S
 
 
-def _time_cuda(fn, ring, budget: Budget) -> Stats:
+def _time_cuda(fn, ring, budget: Budget) -> list[float]:
     # Each call is bracketed by its own pair of events on the current stream, so the time is the
     # GPU's. Before each pair the GPU spins for about twice the host time of one call: the host
     # then enqueues the whole call while the GPU is still busy, and the events measure the op's
@@ -208,7 +241,7 @@ def _time_cuda(fn, ring, budget: Budget) -> Stats:
         if len(pairs) % 16 == 0:
             end.synchronize()  # keeps the wall-clock budget honest: the host may not run far ahead
     torch.cuda.synchronize()
-    return Stats.of([s.elapsed_time(e) * 1e-3 for s, e in pairs])
+    return [s.elapsed_time(e) * 1e-3 for s, e in pairs]
 
 
 def synchronize(device: str) -> None:

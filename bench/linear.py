@@ -7,6 +7,8 @@ side with dense ``F.linear`` (fp32 and bf16), bitsandbytes ``matmul_4bit`` and t
 Shapes are W's ``out x in``; M is the number of activation rows (batch x sequence). Activations
 are bf16 (the QLoRA case), and fp32 for ours and dense where a target names fp32. bitsandbytes
 and torchao have no backward op of their own; they appear in "fwd" and in "fwd+bwd" (autograd).
+The implementations of each case are timed in turns (three rounds), so that the drift of a
+virtual machine's speed falls on all of them alike.
 """
 
 from __future__ import annotations
@@ -102,37 +104,53 @@ def _measure_shape(ctx: Context, report: Report, shape, ms, bnb, ao) -> None:
         else:
             impls.append(Impl(TORCHAO, nf4_bytes, lambda i: copy_subclass(ao_weight), ao.linear_nf4, None, (BF16,), ("fwd", "fwd+bwd")))
 
+    # Every implementation's weights at once, so that each case can time them in turns.
+    rings: list[tuple[Impl, list]] = []
     for impl in impls:
+        def build(impl=impl):
+            # The weights of one ring are shared by every M; a large M needs fewer of them, since
+            # its activations fill the cache too.
+            weights = ctx.ring(impl.make_weight, impl.weight_bytes + min(ms) * (n + k) * 2)
+            ctx.log(f"linear {n}x{k} {impl.name} {'/'.join(str(d).removeprefix('torch.') for d in impl.dtypes)}: "
+                    f"ring of {len(weights)} weights")
+            rings.append((impl, weights))
+
         if impl.name == "ours":
-            _measure_impl(ctx, report, impl, shape, ms)
+            build()
         else:
-            attempt(report, impl.name, lambda impl=impl: _measure_impl(ctx, report, impl, shape, ms), ctx.log)
-
-
-def _measure_impl(ctx: Context, report: Report, impl: Impl, shape, ms) -> None:
-    n, k = shape
-    # The weights of one ring are shared by every M; a large M needs fewer of them, since its
-    # activations fill the cache too.
-    weights = ctx.ring(impl.make_weight, impl.weight_bytes + min(ms) * (n + k) * 2)
-    ctx.log(f"linear {n}x{k} {impl.name} {'/'.join(str(d).removeprefix('torch.') for d in impl.dtypes)}: ring of {len(weights)} weights")
+            attempt(report, impl.name, build, ctx.log)
     for m in ms:
-        for dtype in impl.dtypes:
-            act_bytes = m * (n + k) * dtype.itemsize  # x and y, or grad_y and grad_x
-            count = min(len(weights), ring_length(impl.weight_bytes + act_bytes, ctx.ring_bytes))
-            for pass_ in impl.passes:
+        for dtype in (BF16, FP32):
+            for pass_ in PASSES:
                 if pass_ == "fwd+bwd" and dtype != BF16:
                     continue  # training runs in bf16; fp32 is measured only where a target names it
-                fn, ring = _case(impl, pass_, weights[:count], m, shape, dtype, ctx.device)
-                stats = ctx.time(fn, ring)
-                w_reads = 2 if pass_ == "fwd+bwd" else 1
-                report.rows.append(ctx.row(
-                    group_name(pass_, shape, m, dtype), impl.name, dtype, stats,
-                    bytes_moved=w_reads * (impl.weight_bytes + act_bytes),
-                    flops=w_reads * 2 * m * n * k,
-                    op=pass_, shape=list(shape), M=m,
-                ))
-                del ring
-    del weights
+                _measure_case(ctx, report, rings, shape, m, dtype, pass_)
+
+
+def _measure_case(ctx: Context, report: Report, rings: list, shape, m: int, dtype: torch.dtype, pass_: str) -> None:
+    """One pass, M and dtype: every implementation that has it, timed in turns. An alternative
+    that fails is left out of this shape from then on."""
+    n, k = shape
+    act_bytes = m * (n + k) * dtype.itemsize  # x and y, or grad_y and grad_x
+    cases = []
+    for entry in list(rings):
+        impl, weights = entry
+        if dtype not in impl.dtypes or pass_ not in impl.passes:
+            continue
+        count = min(len(weights), ring_length(impl.weight_bytes + act_bytes, ctx.ring_bytes))
+        fn, ring = _case(impl, pass_, weights[:count], m, shape, dtype, ctx.device)
+        if impl.name != "ours" and not attempt(report, impl.name, lambda fn=fn, ring=ring: fn(ring[0]), ctx.log):
+            rings[:] = [e for e in rings if e is not entry]
+            continue
+        cases.append((impl, fn, ring))
+    w_reads = 2 if pass_ == "fwd+bwd" else 1
+    for (impl, _, _), stats in zip(cases, ctx.time_in_turns([(fn, ring) for _, fn, ring in cases])):
+        report.rows.append(ctx.row(
+            group_name(pass_, shape, m, dtype), impl.name, dtype, stats,
+            bytes_moved=w_reads * (impl.weight_bytes + act_bytes),
+            flops=w_reads * 2 * m * n * k,
+            op=pass_, shape=list(shape), M=m,
+        ))
 
 
 def _case(impl: Impl, pass_: str, weights: list, m: int, shape, dtype, device):

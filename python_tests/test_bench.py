@@ -76,6 +76,25 @@ def test_time_calls_counts_and_rotates(target_s, min_reps, max_reps, expected):
     assert 0 <= stats.min_s <= stats.q1_s <= stats.median_s <= stats.q3_s
 
 
+def test_time_in_turns_alternates_and_splits_the_budget():
+    seen = []
+    budget = harness.Budget(warmup_s=0.0, warmup_calls=1, min_reps=6, max_reps=6, target_s=0.0)
+    calls = [(lambda item: seen.append("a" + item), ["0", "1"]), (lambda item: seen.append("b" + item), ["0"])]
+    stats = harness.time_in_turns(calls, "cpu", budget, rounds=3)
+    assert [s.reps for s in stats] == [6, 6]  # 2 timed calls per turn, 3 turns
+    # each turn: one warm-up call, then two timed ones; the order reverses every other round
+    assert "".join(x[0] for x in seen) == "aaabbb" + "bbbaaa" + "aaabbb"
+    assert seen[:3] == ["a0", "a1", "a0"]  # each turn walks its ring round-robin
+
+
+def test_budget_share():
+    b = harness.Budget(warmup_s=0.2, warmup_calls=1, min_reps=5, max_reps=50, target_s=1.5, max_s=5.0)
+    turn = b.share(3)
+    assert (turn.warmup_s, turn.warmup_calls, turn.min_reps, turn.max_reps) == (0.0, 1, 2, 17)
+    assert turn.target_s == pytest.approx(0.5) and turn.max_s == pytest.approx(5.0 / 3)
+    assert turn.done(1, 2.0) and not turn.done(1, 1.0)  # a slow call: one per turn, three in all
+
+
 def test_budget_gives_slow_calls_three_reps():
     b = harness.Budget(warmup_s=0.0, warmup_calls=1, min_reps=5, max_reps=50, target_s=1.5, max_s=5.0)
     assert not b.done(2, 10.0)  # never fewer than three
