@@ -4,7 +4,8 @@ dequantize back to bf16, side by side with bitsandbytes, torchao and ``clone()``
     python -m bench codec [--device cuda] [--quick]
 
 ``clone()`` of the bf16 weight is the memory floor a codec can be compared with: it reads and
-writes the dense weight once, and allocates its output as the codecs do.
+writes the dense weight once, and allocates its output as the codecs do. The implementations of
+each op are timed in turns (``harness.time_in_turns``).
 """
 
 from __future__ import annotations
@@ -62,49 +63,46 @@ def _measure_shape(ctx: Context, report: Report, shape, bnb, ao) -> None:
     master = torch.randn(shape, dtype=DTYPE, device=ctx.device)
     weights = ctx.ring(lambda i: master.clone(), dense_bytes)
 
-    ctx.log(f"codec {shape}: clone(), ours (ring of {len(weights)} weights)")
-    clone = ctx.time(lambda w: w.clone(), weights)
-    quant = ctx.time(ops.quantize_nf4, weights)
-    report.rows.append(ctx.row(q_group, "ours", DTYPE, quant, bytes_moved=q_bytes, op="quantize", **params))
-    report.rows.append(ctx.row(q_group, "clone()", DTYPE, clone, bytes_moved=2 * dense_bytes, op="clone", **params))
-
+    # (name, quantize fn over the weights ring, (dequantize fn, its ring)) per implementation;
+    # each op's implementations are then timed in turns.
     components = ops.quantize_nf4(master)
-    ours_ring = ctx.ring(lambda i: tuple(t.clone() for t in components), packed_bytes)
-    dequant = ctx.time(lambda c: ops.dequantize_nf4(*c, shape, DTYPE), ours_ring)
-    del ours_ring
-    report.rows.append(ctx.row(dq_group, "ours", DTYPE, dequant, bytes_moved=q_bytes, op="dequantize", **params))
-    report.rows.append(ctx.row(dq_group, "clone()", DTYPE, clone, bytes_moved=2 * dense_bytes, op="clone", **params))
-
+    impls = [("ours", ops.quantize_nf4, (lambda c: ops.dequantize_nf4(*c, shape, DTYPE),
+                                         ctx.ring(lambda i: tuple(t.clone() for t in components), packed_bytes)))]
     if bnb is not None:
-        ctx.log(f"codec {shape}: bitsandbytes")
-        attempt(report, BNB, lambda: _bitsandbytes(ctx, report, bnb, master, weights, q_group, dq_group, q_bytes, params), ctx.log)
+        attempt(report, BNB, lambda: impls.append((BNB, *_bitsandbytes(ctx, bnb, master))), ctx.log)
     if ao is not None:
-        ctx.log(f"codec {shape}: torchao")
-        attempt(report, TORCHAO, lambda: _torchao(ctx, report, ao, master, weights, q_group, dq_group, q_bytes, params), ctx.log)
+        attempt(report, TORCHAO, lambda: impls.append((TORCHAO, *_torchao(ctx, ao, master))), ctx.log)
+    ctx.log(f"codec {shape}: {', '.join(name for name, _, _ in impls)} and clone() (ring of {len(weights)} weights)")
+
+    quantizers = [(lambda w: w.clone(), weights)] + [(quantize, weights) for _, quantize, _ in impls]
+    clone, *quants = ctx.time_in_turns(quantizers)
+    dequants = ctx.time_in_turns([dequantize for _, _, dequantize in impls])
+    for group, op, per_impl in ((q_group, "quantize", quants), (dq_group, "dequantize", dequants)):
+        for (name, _, _), stats in zip(impls, per_impl):
+            report.rows.append(ctx.row(group, name, DTYPE, stats, bytes_moved=q_bytes, op=op, **params))
+        report.rows.append(ctx.row(group, "clone()", DTYPE, clone, bytes_moved=2 * dense_bytes, op="clone", **params))
     _order_rows(report)
 
 
-def _bitsandbytes(ctx, report, bnb, master, weights, q_group, dq_group, q_bytes, params) -> None:
+def _bitsandbytes(ctx, bnb, master):
+    """bitsandbytes' quantize, and its dequantize with a ring of its NF4 states."""
     F = bnb.functional
 
     def quantize(w):
         return F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
 
-    stats = ctx.time(quantize, weights)
-    report.rows.append(ctx.row(q_group, BNB, DTYPE, stats, bytes_moved=q_bytes, op="quantize", **params))
     packed, state = quantize(master)
+    F.dequantize_4bit(packed, state)  # fails here, not in the middle of the turns
     ring = ctx.ring(lambda i: (packed.clone(), copy.deepcopy(state)), nf4_nbytes(master.numel()))
-    stats = ctx.time(lambda item: F.dequantize_4bit(item[0], item[1]), ring)
-    report.rows.append(ctx.row(dq_group, BNB, DTYPE, stats, bytes_moved=q_bytes, op="dequantize", **params))
+    return quantize, (lambda item: F.dequantize_4bit(item[0], item[1]), ring)
 
 
-def _torchao(ctx, report, ao, master, weights, q_group, dq_group, q_bytes, params) -> None:
-    stats = ctx.time(lambda w: ao.to_nf4(w, 64, 256), weights)
-    report.rows.append(ctx.row(q_group, TORCHAO, DTYPE, stats, bytes_moved=q_bytes, op="quantize", **params))
+def _torchao(ctx, ao, master):
+    """torchao's to_nf4, and its dequantize with a ring of NF4Tensors."""
     nf4 = ao.to_nf4(master, 64, 256)
+    nf4.get_original_weight()  # fails here, not in the middle of the turns
     ring = ctx.ring(lambda i: copy_subclass(nf4), nf4_nbytes(master.numel()))
-    stats = ctx.time(lambda t: t.get_original_weight(), ring)
-    report.rows.append(ctx.row(dq_group, TORCHAO, DTYPE, stats, bytes_moved=q_bytes, op="dequantize", **params))
+    return (lambda w: ao.to_nf4(w, 64, 256)), (lambda t: t.get_original_weight(), ring)
 
 
 _IMPL_ORDER = ("ours", BNB, TORCHAO, "clone()")
