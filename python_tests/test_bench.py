@@ -87,6 +87,14 @@ def test_time_in_turns_alternates_and_splits_the_budget():
     assert seen[:3] == ["a0", "a1", "a0"]  # each turn walks its ring round-robin
 
 
+def test_timing_an_empty_ring_is_an_error():
+    budget = harness.Budget(warmup_s=0.0, warmup_calls=1, min_reps=1, max_reps=1, target_s=0.0)
+    with pytest.raises(ValueError, match="argument 'ring' must hold at least one input"):
+        harness.time_calls(lambda item: None, [], "cpu", budget)
+    with pytest.raises(ValueError, match="argument 'ring' must hold at least one input"):
+        harness.time_in_turns([(lambda item: None, ["a"]), (lambda item: None, [])], "cpu", budget)
+
+
 def test_budget_share():
     b = harness.Budget(warmup_s=0.2, warmup_calls=1, min_reps=5, max_reps=50, target_s=1.5, max_s=5.0)
     turn = b.share(3)
