@@ -88,6 +88,7 @@ def test_merge_and_unmerge_dense_base_are_exact_inverses():
 def test_merge_into_nf4_base_requantizes_the_merged_weight():
     lin = LoRALinear(256, 128, rank=4, alpha=4, quantize_base=True)
     nn.init.normal_(lin.lora_b.weight, std=0.01)
+    original = lin.weight.dequantize(torch.float32)
     merged = lin.merged_weight(torch.float32)
     torch.testing.assert_close(merged, lin.weight.dequantize() + lin.adapter_delta(torch.float32))
     with pytest.warns(UserWarning, match="quantizes it again"):
@@ -96,6 +97,16 @@ def test_merge_into_nf4_base_requantizes_the_merged_weight():
     assert torch.equal(lin.weight.packed, to_nf4(merged).packed)
     x = torch.randn(8, 256)
     torch.testing.assert_close(lin(x), F.linear(x, to_nf4(merged).dequantize()), rtol=1e-5, atol=1e-5)
+    # ... and back out: the delta is subtracted from the (rounded) merged weight, quantized again.
+    delta = lin.adapter_delta(torch.float32)
+    rounded_merged = lin.weight.dequantize(torch.float32)
+    with pytest.warns(UserWarning, match="quantizes it again"):
+        lin.unmerge_()
+    assert not lin.merged and isinstance(lin.weight, NF4Tensor)
+    assert torch.equal(lin.weight.packed, to_nf4(rounded_merged - delta).packed)
+    unmerged = lin.weight.dequantize(torch.float32)
+    torch.testing.assert_close(lin(x), F.linear(x, unmerged) + x @ delta.t(), rtol=1e-5, atol=1e-5)
+    assert (unmerged - original).norm() / original.norm() < 0.1  # two NF4 roundings away
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -112,6 +123,41 @@ def test_state_dict_is_dense_and_load_quantizes(dtype):
     assert isinstance(other.weight, NF4Tensor)
     assert torch.equal(other.weight.packed, to_nf4(dense).packed)
     assert torch.equal(other.lora_a.weight, lin.lora_a.weight)
+
+
+def _dense_bytes_inside(t: torch.Tensor) -> int:
+    storage = t.untyped_storage()
+    try:
+        storage.data_ptr()
+    except RuntimeError:  # a wrapper subclass's storage holds no memory
+        return 0
+    return storage.nbytes()
+
+
+@pytest.mark.parametrize("cast", ["to_bf16", "half", "float"])
+def test_module_dtype_cast_keeps_the_base_nf4(cast):
+    # nn.Module.to(dtype) must not leave a dense copy of the weight inside the NF4 parameter.
+    lin = LoRALinear(256, 128, rank=4, alpha=4, quantize_base=True)
+    packed, dense = lin.weight.packed.clone(), lin.weight.dequantize(torch.float32)
+    want = {"to_bf16": torch.bfloat16, "half": torch.float16, "float": torch.float32}[cast]
+    lin = lin.to(torch.bfloat16) if cast == "to_bf16" else getattr(lin, cast)()
+    assert isinstance(lin.weight, NF4Tensor) and not lin.weight.requires_grad
+    assert lin.weight.dtype == want and lin.lora_a.weight.dtype == want
+    assert _dense_bytes_inside(lin.weight) == 0
+    assert torch.equal(lin.weight.packed, packed)
+    assert torch.equal(lin.weight.dequantize(torch.float32), dense)
+    assert lin.weight.absmax_scales.dtype == torch.float32  # storage dtypes never change
+    x = torch.randn(3, 256, dtype=want)
+    torch.testing.assert_close(lin(x), F.linear(x, dense.to(want)), rtol=1e-2, atol=1e-2)
+    assert lin.state_dict()["weight"].dtype == want
+
+
+def test_module_to_meta_and_back_with_to_empty():
+    lin = LoRALinear(256, 128, rank=4, alpha=4, quantize_base=True).to("meta")
+    assert isinstance(lin.weight, NF4Tensor) and lin.weight.is_meta and lin.weight.packed.is_meta
+    lin = lin.to_empty(device="cpu")
+    assert isinstance(lin.weight, NF4Tensor) and lin.weight.packed.device.type == "cpu"
+    assert lin.weight.packed.numel() == 256 * 128 // 2
 
 
 def test_quantized_layer_takes_8x_less_storage():

@@ -71,6 +71,27 @@ class LoRALinear(nn.Module):
         if quantize_base:
             self._register_state_dict_hook(reparametrize_as_dtype_state_dict_post_hook)
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) / .half() / .cuda() ... call fn on every parameter. On an NF4 base,
+        # Tensor.to(dtype) dequantizes (as torchao's does), and nn.Module would then keep that
+        # dense tensor hidden inside the NF4 parameter. Instead the NF4 storage follows fn's device
+        # and the dtype it asks for becomes the weight's compute dtype; nothing is dequantized.
+        weight = self._parameters.get("weight")
+        if not isinstance(weight, NF4Tensor):
+            return super()._apply(fn, recurse)
+        self._parameters["weight"] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"] = weight
+        target = fn(torch.empty(0, dtype=weight.dtype, device=weight.device))
+        dtype = target.dtype if target.dtype in (torch.float32, torch.bfloat16, torch.float16) else weight.dtype
+        components = [
+            torch.empty_like(t, device=target.device) if t.is_meta else t.to(target.device) for t in weight.components()
+        ]
+        self._parameters["weight"] = nn.Parameter(NF4Tensor(*components, weight.shape, dtype), requires_grad=False)
+        return self
+
     def initialize_parameters(self) -> None:
         """Resets the adapter: lora_a kaiming-uniform (as nn.Linear), lora_b zeros."""
         nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
