@@ -134,11 +134,15 @@ def test_opcheck(device, dtype):
 
 # -- bitsandbytes and torchao parity -------------------------------------------------------------
 
-bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is a test dependency")
+
+
+def bnb_functional():
+    # Imported per test, so a missing bitsandbytes skips these tests only, not the whole file.
+    return pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is a test dependency")
 
 
 def bnb_quantize(w):
-    packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    packed, state = bnb_functional().quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     return packed, state
 
 
@@ -164,7 +168,7 @@ def test_dequantize_bitsandbytes_state_bit_identical(shape, dtype):
     w = random_weight(shape, dtype)
     bnb_packed, state = bnb_quantize(w)
     ours = ops.dequantize_nf4(bnb_packed.view(-1), state.absmax, state.state2.absmax, state.offset, shape, dtype)
-    theirs = bnb_functional.dequantize_4bit(bnb_packed, state)
+    theirs = bnb_functional().dequantize_4bit(bnb_packed, state)
     assert ours.dtype == theirs.dtype
     assert torch.equal(ours, theirs)
 

@@ -109,3 +109,34 @@ def dequantize_nf4(
     absmax = dequantize_absmax(absmax_codes, absmax_scales, absmax_offset)
     codes = torch.stack([packed >> 4, packed & 15], dim=1).view(-1, BLOCK_SIZE).long()
     return (nf4[codes] * absmax.unsqueeze(1)).to(dtype).view(shape)
+
+
+def linear_nf4(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax_codes: torch.Tensor,
+    absmax_scales: torch.Tensor,
+    absmax_offset: torch.Tensor,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` with W the float32 dequantized weight, computed in float64 and
+    returned in float64: the exact result the kernels' rounding is measured against."""
+    in_features = x.shape[-1]
+    w = dequantize_nf4(packed, absmax_codes, absmax_scales, absmax_offset, [out_features, in_features], torch.float32)
+    y = x.double() @ w.double().t()
+    return y if bias is None else y + bias.double()
+
+
+def linear_nf4_grad_input(
+    grad_y: torch.Tensor,
+    packed: torch.Tensor,
+    absmax_codes: torch.Tensor,
+    absmax_scales: torch.Tensor,
+    absmax_offset: torch.Tensor,
+    in_features: int,
+) -> torch.Tensor:
+    """``grad_y @ W``, in float64 (as ``linear_nf4``): the input gradient of the linear."""
+    out_features = grad_y.shape[-1]
+    w = dequantize_nf4(packed, absmax_codes, absmax_scales, absmax_offset, [out_features, in_features], torch.float32)
+    return grad_y.double() @ w.double()

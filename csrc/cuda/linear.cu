@@ -49,8 +49,12 @@ __global__ void gemv_rows_kernel(Nf4View w, int64_t N, int64_t K, const T* __res
       if (m < M) {
         float xv[8];
         load8(x + m * K + k, xv);
+        // The 8 products of a step are summed first: the chain into acc[m] is K / 256 long
+        // (not K / 32), which keeps float32 rounding error near cuBLAS's.
+        float step = xv[0] * wv[0];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[m] = fmaf(xv[j], wv[j], acc[m]);
+        for (int j = 1; j < 8; ++j) step = fmaf(xv[j], wv[j], step);
+        acc[m] += step;
       }
     }
   }
@@ -197,9 +201,12 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
                                   stream);
       });
       at::Tensor y_cols = y.narrow(1, n0, n);
-      at::mm_out(y_cols, x2, tile.narrow(0, 0, n).t());
+      if (bias.has_value()) {  // bias added in cuBLAS's float32 epilogue: one rounding, as F.linear
+        at::addmm_out(y_cols, bias->narrow(0, n0, n), x2, tile.narrow(0, 0, n).t());
+      } else {
+        at::mm_out(y_cols, x2, tile.narrow(0, 0, n).t());
+      }
     }
-    if (bias.has_value()) y.add_(*bias);
   }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
