@@ -73,6 +73,13 @@ def test_from_components_round_trip_and_checks():
         NF4Tensor.from_components([1, 2], c, s, o, (300, 64), torch.float32)
 
 
+def test_from_components_rejects_mixed_devices_without_a_gpu():
+    # The device rule, checked in CI without a GPU: meta stands in for the other device.
+    p, c, s, o = to_nf4(torch.randn(4, 64)).components()
+    with pytest.raises(ValueError, match=r"'absmax_scales' must be on the device of 'packed' \(cpu\); got meta"):
+        NF4Tensor.from_components(p, c, s.to("meta"), o, (4, 64), torch.float32)
+
+
 @needs_cuda
 def test_from_components_rejects_cpu_and_cuda_mixed():
     p, c, s, o = to_nf4(torch.randn(4, 64)).components()
