@@ -97,8 +97,15 @@ def meta_params(model) -> dict:
         "n_kv_heads": cfg.num_key_value_heads,
         "multiple_of": 256,
         "norm_eps": cfg.rms_norm_eps,
+        "rope_theta": _rope_theta(cfg),
         "vocab_size": -1,
     }
+
+
+def _rope_theta(cfg) -> float:
+    # transformers 4 keeps it as config.rope_theta, 5 inside config.rope_parameters.
+    params = getattr(cfg, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10_000.0)))
 
 
 def meta_reference_logits(state: dict[str, Tensor], params: dict, tokens: Tensor) -> Tensor:
@@ -107,7 +114,7 @@ def meta_reference_logits(state: dict[str, Tensor], params: dict, tokens: Tensor
     h = state["tok_embeddings.weight"][tokens]
     b, s, dim = h.shape
     hd = dim // n_heads
-    freqs = 1.0 / (10000.0 ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+    freqs = 1.0 / (params.get("rope_theta", 10_000.0) ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
     freqs_cis = torch.polar(torch.ones(s, hd // 2), torch.outer(torch.arange(s).float(), freqs))
 
     def norm(x, w):

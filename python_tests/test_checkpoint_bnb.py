@@ -134,8 +134,12 @@ QS = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
             lambda s: (s.pop("model.layers.0.self_attn.q_proj.weight.nested_absmax"), s.pop("model.layers.0.self_attn.q_proj.weight.nested_quant_map")),
             r"double quantization is required \(bnb_4bit_use_double_quant=True\)",
         ),
+        (
+            lambda s: s.pop("model.layers.0.self_attn.q_proj.weight.absmax"),
+            r"cannot be read as NF4: missing keys \['model.layers.0.self_attn.q_proj.weight.absmax'\]$",
+        ),
     ],
-    ids=["blocksize", "nested_blocksize", "quant_map", "fp4", "no_double_quant"],
+    ids=["blocksize", "nested_blocksize", "quant_map", "fp4", "no_double_quant", "no_absmax"],
 )
 def test_unsupported_bnb_settings_are_named(bnb_checkpoint, tmp_path, edit, message):
     _, _, bnb_dir = bnb_checkpoint

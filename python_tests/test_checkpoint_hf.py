@@ -42,6 +42,21 @@ def test_logits_match_transformers(hf_models, kv):
         assert rel_error(ours(tokens), hf_logits(hf, tokens)) <= 1e-5
 
 
+def test_rope_base_and_norm_eps_are_read_from_config_json(tmp_path):
+    hf = hf_llama(num_kv_heads=2, seed=5, rope_theta=500_000.0, rms_norm_eps=1e-6)
+    hf.save_pretrained(tmp_path)
+    ours = llama2_from_checkpoint(tmp_path).eval()
+    assert ours.layers[0].attn.pos_embeddings.base == 500_000.0
+    assert ours.layers[0].sa_norm.eps == 1e-6 and ours.norm.eps == 1e-6
+    tokens = torch.randint(0, 320, (2, 40))  # long enough for the RoPE base to matter
+    with torch.no_grad():
+        got = ours(tokens)
+        assert rel_error(got, hf_logits(hf, tokens)) <= 1e-5
+        ours.layers[0].attn.pos_embeddings.base = 10_000.0  # the comparison can tell bases apart
+        ours.layers[0].attn.pos_embeddings.rope_init()
+        assert rel_error(ours(tokens), got) > 1e-4
+
+
 @pytest.mark.parametrize("layout", ["sharded_safetensors", "bin", "sharded_bin"])
 def test_other_hf_file_layouts(hf_models, tmp_path, layout):
     hf, _ = hf_models[2]

@@ -32,11 +32,19 @@ def _write_meta(folder, model, shards: int = 1):
     return state, params
 
 
-@pytest.mark.parametrize("kv", [4, 2], ids=["mha", "gqa"])
-def test_meta_checkpoint_matches_hf_and_meta_reference(tmp_path, kv):
+@pytest.mark.parametrize(
+    "kv, settings",
+    [(4, {}), (2, {}), (2, {"rope_theta": 500_000.0, "rms_norm_eps": 1e-6})],
+    ids=["mha", "gqa", "gqa-rope5e5-eps1e-6"],
+)
+def test_meta_checkpoint_matches_hf_and_meta_reference(tmp_path, kv, settings):
     transformers()
-    hf = hf_llama(num_kv_heads=kv, seed=10 + kv)
+    hf = hf_llama(num_kv_heads=kv, seed=10 + kv, **settings)
     state, params = _write_meta(tmp_path, hf)
+    if settings:  # they reach params.json, and from there our model
+        assert (params["rope_theta"], params["norm_eps"]) == (settings["rope_theta"], settings["rms_norm_eps"])
+        config = read_checkpoint_config(tmp_path)
+        assert (config.rope_base, config.norm_eps) == (settings["rope_theta"], settings["rms_norm_eps"])
     tokens = torch.randint(0, 320, (2, 19))
     want = hf_logits(hf, tokens)
     # The test's own Meta conversion is right: Meta's forward on it reproduces HF.
@@ -84,6 +92,11 @@ def test_params_json_sizes():
         Llama2Config.from_meta(p7)
     with pytest.raises(ValueError, match=r"params.json lacks required fields \['n_layers'\]"):
         Llama2Config.from_meta({"dim": 8, "n_heads": 2})
+    # Llama 3.1's scaled RoPE (and other settings this model lacks) are refused, all named.
+    with pytest.raises(
+        ValueError, match=r"unsupported params.json: 'use_scaled_rope' must be false or absent, got True; 'moe' must be absent, got"
+    ):
+        Llama2Config.from_meta({**p7, "use_scaled_rope": True, "moe": {"experts": 8}}, vocab_size=32000)
 
 
 def test_vocab_size_read_from_embedding(tmp_path):

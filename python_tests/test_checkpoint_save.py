@@ -101,6 +101,16 @@ def test_adapter_round_trip_and_config(base_dir, tmp_path):
         load_peft_adapter(fewer, tmp_path)
 
 
+def test_adapter_config_records_dropout_task_and_base(base_dir, tmp_path):
+    model = llama2_from_checkpoint(base_dir, ["q_proj", "v_proj"], lora_rank=2, lora_alpha=4, lora_dropout=0.1)
+    save_peft_adapter(model, tmp_path, base_model_name_or_path=base_dir)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert raw["lora_dropout"] == 0.1 and raw["r"] == 2 and raw["lora_alpha"] == 4
+    assert raw["task_type"] == "CAUSAL_LM" and raw["base_model_name_or_path"] == base_dir
+    assert raw["target_modules"] == ["q_proj", "v_proj"] and raw["bias"] == "none"
+    assert read_adapter_config(tmp_path)["lora_dropout"] == 0.1
+
+
 def test_unsupported_adapter_configs(tmp_path):
     def write(**fields):
         base = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
@@ -180,6 +190,29 @@ def test_crash_mid_save_leaves_previous_checkpoint(base_dir, tmp_path, monkeypat
     with pytest.raises(OSError, match="disk full"):
         save_peft_adapter(model, adapter)
     assert _snapshot(adapter) == before_adapter
+
+
+def test_crash_before_stale_shards_are_removed_loads_the_new_weights(base_dir, tmp_path, monkeypatch):
+    # A sharded save, then a single-file one that dies after committing, before removing the old
+    # shards: model.safetensors comes first for us, as for transformers, so both read the new one.
+    model = _trained(base_dir)
+    save_hf_checkpoint(model, tmp_path, max_shard_size="300KB")
+    with torch.no_grad():
+        model.tok_embeddings.weight.mul_(2.0)
+
+    def crash(path):
+        raise OSError(f"killed before removing {path}")
+
+    monkeypatch.setattr(os, "remove", crash)
+    with pytest.raises(OSError, match="killed before removing"):
+        save_hf_checkpoint(model, tmp_path)
+    monkeypatch.undo()
+    assert {"model.safetensors", "model.safetensors.index.json"} <= set(os.listdir(tmp_path))
+    tokens = torch.randint(0, 320, (2, 7))
+    with torch.no_grad():
+        want = model(tokens)
+        assert rel_error(llama2_from_checkpoint(tmp_path).eval()(tokens), want) <= 1e-6
+        assert rel_error(_hf(tmp_path)(tokens).logits, want) <= 1e-5
 
 
 def test_atomic_helpers(tmp_path):

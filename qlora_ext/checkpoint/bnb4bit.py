@@ -51,12 +51,14 @@ class Bnb4bitWeight:
             problems.append(f"quant_type must be 'nf4'; got {quant_type!r}")
             raise ValueError(self._message(problems))
         state = json.loads(bytes(get(state_keys[0]).tolist()).decode("utf-8"))
-        missing = [name + suffix for suffix in _AUX if name + suffix not in keys]
-        if "nested_offset" not in state or missing:
-            problems.append(
-                "double quantization is required (bnb_4bit_use_double_quant=True): "
-                f"missing {missing + ([] if 'nested_offset' in state else ['nested_offset'])}"
-            )
+        missing = [name + suffix for suffix in _AUX[:2] if name + suffix not in keys]
+        if missing:
+            problems.append(f"missing keys {missing}")
+        missing_nested = [name + suffix for suffix in _AUX[2:] if name + suffix not in keys]
+        missing_nested += [] if "nested_offset" in state else ["nested_offset (in the quant_state)"]
+        if missing_nested:
+            problems.append(f"double quantization is required (bnb_4bit_use_double_quant=True): missing {missing_nested}")
+        if problems:
             raise ValueError(self._message(problems))
         if state.get("blocksize") != BLOCK_SIZE:
             problems.append(f"blocksize must be {BLOCK_SIZE}; got {state.get('blocksize')!r}")

@@ -132,7 +132,8 @@ class Llama2Config:
             max_seq_len: not recorded by Meta; Llama-2 was trained with 4096.
 
         Raises:
-            ValueError: missing fields, or no usable vocab size.
+            ValueError: missing fields, no usable vocab size, or settings this model does not
+                implement (scaled RoPE, MoE), listed.
         """
         missing = [key for key in ("dim", "n_layers", "n_heads") if key not in params]
         if missing:
@@ -144,6 +145,11 @@ class Llama2Config:
                 "Llama2Config.from_meta: argument 'vocab_size' is needed because params.json has vocab_size "
                 f"{params.get('vocab_size')!r}; got {vocab_size!r}"
             )
+        unsupported = [f"'{key}' must be absent, got {params[key]!r}" for key in ("rope_scaling", "moe") if params.get(key)]
+        if params.get("use_scaled_rope"):  # Llama 3.1's long-context RoPE, not implemented here
+            unsupported.insert(0, f"'use_scaled_rope' must be false or absent, got {params['use_scaled_rope']!r}")
+        if unsupported:
+            raise ValueError(f"Llama2Config.from_meta: unsupported params.json: {'; '.join(unsupported)}")
         dim = params["dim"]
         # Meta's FeedForward sizing (llama/model.py), which yields 11008 / 13824 / 28672.
         multiple_of = params.get("multiple_of", 256)

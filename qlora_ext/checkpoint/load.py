@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -64,11 +64,18 @@ def read_checkpoint_config(checkpoint_dir: str | os.PathLike) -> Llama2Config:
     return Llama2Config.from_meta(read_json(os.path.join(checkpoint_dir, "params.json")), vocab_size=vocab)
 
 
-def load_checkpoint(model: nn.Module, checkpoint_dir: str | os.PathLike, *, device: torch.device | str | None = None) -> str:
+def load_checkpoint(
+    model: nn.Module,
+    checkpoint_dir: str | os.PathLike,
+    *,
+    device: torch.device | str | None = None,
+    checkpoint_files: Sequence[str] | None = None,
+) -> str:
     """Fills ``model`` (a Llama-2 ``TransformerDecoder``) with a checkpoint's weights.
 
     Reads HF folders (``config.json`` with ``model.safetensors``, sharded safetensors with
-    ``model.safetensors.index.json``, or ``pytorch_model*.bin``; bitsandbytes 4-bit ones too) and
+    ``model.safetensors.index.json``, or ``pytorch_model*.bin``; bitsandbytes 4-bit ones too, when
+    NF4 with double quantization and blocksize 64, the format ``to_nf4`` makes) and
     Meta folders (``params.json`` + ``consolidated.*.pth``, model-parallel shards concatenated,
     q/k rows permuted to the HF rotary layout).
 
@@ -77,12 +84,14 @@ def load_checkpoint(model: nn.Module, checkpoint_dir: str | os.PathLike, *, devi
         checkpoint_dir: the folder.
         device: where weights of a meta-device model go (default: where the model's other
             weights are, else CPU); a materialized model's weights stay where they are.
+        checkpoint_files: the weight files to read, names inside ``checkpoint_dir`` (torchtune's
+            ``checkpointer.checkpoint_files``); default: found from the index or the file names.
 
     Returns:
         The format read: "hf" or "meta".
 
     Raises:
-        FileNotFoundError: no checkpoint in ``checkpoint_dir``.
+        FileNotFoundError: no checkpoint in ``checkpoint_dir``, or a named file is not there.
         ValueError: the architecture differs from the model's, or keys are missing, unexpected
             or of the wrong shape (all listed), or the config is unsupported.
     """
@@ -93,12 +102,13 @@ def load_checkpoint(model: nn.Module, checkpoint_dir: str | os.PathLike, *, devi
     diffs = given.differences(wanted)
     if diffs:
         raise ValueError(f"load_checkpoint: checkpoint {checkpoint_dir} has another architecture than the model (checkpoint vs model): {'; '.join(diffs)}")
+    named = None if checkpoint_files is None else _named_files(checkpoint_dir, checkpoint_files)
     with contextlib.ExitStack() as stack:
         if fmt == "hf":
-            files = stack.enter_context(TensorFiles(hf_weight_files(checkpoint_dir)))
+            files = stack.enter_context(TensorFiles(named or hf_weight_files(checkpoint_dir)))
             load_entries(model, hf_entries(files), rename=hf_to_ours, device=device, source=checkpoint_dir)
         else:
-            shards = [stack.enter_context(TensorFiles([path])) for path in meta_weight_files(checkpoint_dir)]
+            shards = [stack.enter_context(TensorFiles([path])) for path in named or meta_weight_files(checkpoint_dir)]
 
             def to_hf_rotary(name: str, value: Tensor) -> Tensor:
                 if not is_rotary_projection(name):
@@ -108,6 +118,16 @@ def load_checkpoint(model: nn.Module, checkpoint_dir: str | os.PathLike, *, devi
 
             load_entries(model, meta_entries(shards), rename=meta_to_ours, transform=to_hf_rotary, device=device, source=checkpoint_dir)
     return fmt
+
+
+def _named_files(checkpoint_dir: str, names: Sequence[str]) -> list[str]:
+    if isinstance(names, str) or not names:
+        raise ValueError(f"load_checkpoint: argument 'checkpoint_files' must be a non-empty list of file names; got {names!r}")
+    paths = [os.path.join(checkpoint_dir, os.fspath(n)) for n in names]
+    missing = [n for n, p in zip(names, paths) if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"checkpoint_files {missing} are not files in {checkpoint_dir}; it holds {sorted(os.listdir(checkpoint_dir))}")
+    return paths
 
 
 def load_entries(

@@ -115,13 +115,16 @@ def _copy_out(tensor: Tensor, mapped: bool) -> Tensor:
 
 
 def hf_weight_files(checkpoint_dir: str) -> list[str]:
-    """The weight files of a HF checkpoint: per the index if sharded, else the single file.
+    """The weight files of a HF checkpoint, looked for in transformers' order: the single
+    ``model.safetensors``, its shards per the index, then the same for ``pytorch_model.bin``.
 
     Raises:
         FileNotFoundError: none of the known file names is there, or a shard the index names is
             missing.
     """
     for index_name, single_name in HF_INDEX_FILES:
+        if os.path.exists(os.path.join(checkpoint_dir, single_name)):
+            return [os.path.join(checkpoint_dir, single_name)]
         index_path = os.path.join(checkpoint_dir, index_name)
         if os.path.exists(index_path):
             names = sorted(set(read_json(index_path)["weight_map"].values()))
@@ -129,8 +132,6 @@ def hf_weight_files(checkpoint_dir: str) -> list[str]:
             if missing:
                 raise FileNotFoundError(f"{index_path} names shards that do not exist: {missing}")
             return [os.path.join(checkpoint_dir, n) for n in names]
-        if os.path.exists(os.path.join(checkpoint_dir, single_name)):
-            return [os.path.join(checkpoint_dir, single_name)]
     looked_for = [name for pair in HF_INDEX_FILES for name in pair]
     raise FileNotFoundError(
         f"no HF weights in {checkpoint_dir}: looked for {looked_for}; found {sorted(os.listdir(checkpoint_dir))}"
