@@ -110,11 +110,13 @@ def _cli(*args):
     return out.stdout.rstrip("\n"), out.stderr
 
 
-def _expected(folder, prompt, adapter_dir=None, n=6):
+def _expected(folder, prompt, adapter_dir=None, n=6, temperature=0.0, top_k=None, seed=0, quantize_base=False):
     tokenizer = llama2_tokenizer(os.path.join(folder, "tokenizer.model"))
-    model = llama2_from_checkpoint(folder, adapter_dir=adapter_dir).eval()
+    model = llama2_from_checkpoint(folder, adapter_dir=adapter_dir, quantize_base=quantize_base).eval()
     ids = tokenizer.encode(prompt, add_eos=False)
-    new = generate(model, ids, max_new_tokens=n, temperature=0.0, stop_tokens=[tokenizer.eos_id])[0, len(ids) :].tolist()
+    generator = torch.Generator().manual_seed(seed)
+    tokens = generate(model, ids, max_new_tokens=n, temperature=temperature, top_k=top_k, stop_tokens=[tokenizer.eos_id], generator=generator)
+    new = tokens[0, len(ids) :].tolist()
     new = new[: new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new
     return tokenizer.decode(ids + new)
 
@@ -138,6 +140,19 @@ def test_cli_matches_python(checkpoint_with_tokenizer, tmp_path):
     assert adapted == _expected(folder, "The quick fox", adapter_dir=str(tmp_path / "adapter"))
     assert adapted != stdout  # the adapter was applied
 
+    sampled, _ = _cli(
+        "--checkpoint-dir", folder, "--adapter-dir", str(tmp_path / "adapter"), "--quantize-base", "--prompt", "The quick fox",
+        "--temperature", "0.8", "--top-k", "5", "--seed", "3", "--max-new-tokens", "8",
+    )
+    want = _expected(folder, "The quick fox", str(tmp_path / "adapter"), n=8, temperature=0.8, top_k=5, seed=3, quantize_base=True)
+    assert sampled == want
+    again, _ = _cli(
+        "--checkpoint-dir", folder, "--adapter-dir", str(tmp_path / "adapter"), "--quantize-base", "--prompt", "The quick fox",
+        "--temperature", "0.8", "--top-k", "5", "--seed", "4", "--max-new-tokens", "8",
+    )
+    assert again == _expected(folder, "The quick fox", str(tmp_path / "adapter"), n=8, temperature=0.8, top_k=5, seed=4, quantize_base=True)
+    assert again != sampled  # the seed reaches the sampler
+
 
 def test_cli_argument_errors(checkpoint_with_tokenizer):
     env = {**os.environ, "PYTHONPATH": REPO}
@@ -146,3 +161,8 @@ def test_cli_argument_errors(checkpoint_with_tokenizer):
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert out.returncode == 2 and "argument --temperature must be >= 0; got -1.0" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "qlora_ext.generate", "--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "x", "--quantize-base"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert out.returncode == 2 and "argument --quantize-base needs --adapter-dir" in out.stderr

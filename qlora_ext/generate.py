@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --temperature must be >= 0; got {args.temperature}")
     if args.top_k < 0:
         parser.error(f"argument --top-k must be >= 0; got {args.top_k}")
+    if args.quantize_base and args.adapter_dir is None:
+        parser.error("argument --quantize-base needs --adapter-dir: only the adapted linears are kept in NF4")
     return args
 
 
