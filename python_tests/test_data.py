@@ -82,9 +82,25 @@ def test_tokens_labels_and_mask(train_on_input):
         assert labels[1 + len(prompt) :] == tokens[1 + len(prompt) :]
 
 
-def test_truncation():
-    tokens, labels = tokenize_example(CharTokenizer(), RECORDS[0], 10, True)
-    assert len(tokens) == len(labels) == 10
+def test_truncation_keeps_eos_last():
+    tok = CharTokenizer()
+    full, _ = tokenize_example(tok, RECORDS[0], None, True)
+    # Cut inside the prompt, training on it: the last token and its label become EOS (torchtune).
+    tokens, labels = tokenize_example(tok, RECORDS[0], 10, True)
+    assert tokens == full[:9] + [tok.eos_id] and labels == tokens
+    # Not training on the prompt: the EOS there is not a label.
+    tokens, labels = tokenize_example(tok, RECORDS[0], 10, False)
+    assert tokens == full[:9] + [tok.eos_id] and labels == [IGNORE_INDEX] * 10
+    # Cut inside the response: its cut end is labelled EOS.
+    prompt_len = 1 + len(alpaca_prompt(RECORDS[1]))
+    long = {**RECORDS[1], "output": "hello there"}
+    full, _ = tokenize_example(tok, long, None, False)
+    tokens, labels = tokenize_example(tok, long, prompt_len + 4, False)
+    assert tokens == full[: prompt_len + 3] + [tok.eos_id]
+    assert labels == [IGNORE_INDEX] * prompt_len + full[prompt_len : prompt_len + 3] + [tok.eos_id]
+    # Exactly max_seq_len long: nothing changes.
+    exact = len(tokenize_example(tok, RECORDS[0], None, True)[0])
+    assert tokenize_example(tok, RECORDS[0], exact, True) == tokenize_example(tok, RECORDS[0], None, True)
 
 
 def test_padded_collate():
@@ -135,3 +151,18 @@ def test_bundled_dataset_with_bundled_tokenizer():
     assert (sp.bos_id(), sp.eos_id(), sp.unk_id()) == (1, 2, 0)  # Llama-2's ids
     lengths = [len(sp.encode(alpaca_prompt(r) + r["output"])) for r in records]
     assert max(lengths) <= 128  # the tiny config's max_seq_len never cuts an answer
+
+
+def test_bundled_dataset_is_what_the_project_script_generates():
+    # qlora_ext/assets/tiny_alpaca.jsonl comes from scripts/make_tiny_assets.py (tiny_world, seed 0).
+    import importlib.util
+    from pathlib import Path
+
+    from qlora_ext.training.config import ASSETS_DIR
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "tiny_world.py"
+    spec = importlib.util.spec_from_file_location("tiny_world", script)
+    tiny_world = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny_world)
+    generated = "".join(json.dumps(r) + "\n" for r in tiny_world.instruction_records(0))
+    assert (ASSETS_DIR / "tiny_alpaca.jsonl").read_text() == generated

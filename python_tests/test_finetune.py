@@ -38,11 +38,14 @@ def test_default_run_reduced(tmp_path, capsys):
     assert "Held-out loss:" in text and "before ->" in text
     assert "prompt:" in text and "before:" in text and "after:" in text
     assert "|3|Loss: " in text  # the progress bar: epoch|step|Loss
+    assert "Resolved config (seed " in text and "model:\n  builder: qlora_llama2" in text
     ckpt = out / "epoch_0"
     for name in ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json", "tokenizer.model", "training_config.yaml"):
         assert (ckpt / name).is_file(), name
     assert (out / "recipe_state.pt").is_file() and (out / "loss_curve.png").is_file() and (out / "config.yaml").is_file()
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    for record in metrics(out):  # throughput and CPU memory with every logged step
+        assert record["tokens_per_second"] > 0 and 0 < record["rss_memory"] <= record["peak_rss_memory"] * 1.01 + 0.01
     assert str(out) in text and "loss_curve.png" in text
     # the merged model is in the base's dtype (bf16) and differs from the base where LoRA applied
     merged, base = load_file(ckpt / "model.safetensors"), load_file(ASSETS_DIR / "tiny_llama2" / "model.safetensors")
@@ -52,13 +55,16 @@ def test_default_run_reduced(tmp_path, capsys):
 
 
 def test_seed_7b_config_code_path_on_tiny_hf_checkpoint(tmp_path, tiny_ckpt, small_data, capsys):
-    """The llama2_7b_qlora_single_device config, with only the model size, device and paths changed."""
+    """The llama2_7b_qlora_single_device config (by torchtune's name, with the seed's checkpoint_files
+    key), with only the model size, device and paths changed."""
     out = tmp_path / "run"
-    args = ["--config", "llama2_7b_qlora_single_device", "model.builder=qlora_llama2", f"checkpointer.checkpoint_dir={tiny_ckpt}",
+    args = ["--config", "llama2/7B_qlora_single_device", "model.builder=qlora_llama2", f"checkpointer.checkpoint_dir={tiny_ckpt}",
+            "checkpointer.checkpoint_files=[model.safetensors]",
             f"tokenizer.path={ASSETS_DIR / 'tokenizer.model'}", f"dataset.data_files={small_data}", f"output_dir={out}",
             "device=cpu", "dtype=fp32", "max_steps_per_epoch=2", "lr_scheduler.num_warmup_steps=1"]
     assert finetune.main(args) == 0
     cfg = load_config(str(out / "config.yaml"))
+    assert cfg.checkpointer.checkpoint_files == ["model.safetensors"]
     assert cfg.enable_activation_checkpointing and cfg.gradient_accumulation_steps == 8 and cfg.model.lora_rank == 8
     adapter_cfg = json.loads((out / "epoch_0" / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 8 and adapter_cfg["lora_alpha"] == 16
@@ -77,6 +83,44 @@ def test_adapter_only_and_loss_decreases(tmp_path, tiny_ckpt, small_data):
     assert len(losses) == 4 * 5  # 48 examples - 10% held out = 43 -> 10 batches of 4 -> 5 steps; 4 epochs
     assert sum(losses[-4:]) < sum(losses[:4])
     assert summary["val_loss_after"] < summary["val_loss_before"]
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, tiny_ckpt, small_data):
+    # 2 micro-batches of 2 per step vs 1 batch of 4: the loss is normalized by the unmasked tokens
+    # of the whole window, so losses and the trained adapter agree (fp32, no shuffle, no dropout).
+    def run(batch_size, accumulation, name):
+        overrides = small_run_overrides(tiny_ckpt, small_data, tmp_path / name) + [
+            f"batch_size={batch_size}", f"gradient_accumulation_steps={accumulation}", "shuffle=False",
+            "model.lora_dropout=0.0", "epochs=1", "max_steps_per_epoch=3", "save_adapter_weights_only=True",
+        ]
+        summary = finetune.train(load_config("tiny_qlora", overrides))
+        return summary["losses"], load_file(tmp_path / name / "epoch_0" / "adapter_model.safetensors")
+
+    losses_a, adapter_a = run(2, 2, "accumulated")
+    losses_b, adapter_b = run(4, 1, "one_batch")
+    assert len(losses_a) == 3 and losses_a == pytest.approx(losses_b, rel=1e-5)
+    for name in adapter_a:
+        torch.testing.assert_close(adapter_a[name], adapter_b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_clipping_is_applied_and_logged(tmp_path, tiny_ckpt, small_data, monkeypatch):
+    real_clip = torch.nn.utils.clip_grad_norm_
+    seen = []
+
+    def spy(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        before = real_clip(parameters, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters])).item()
+        seen.append((before.item(), after))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    overrides = small_run_overrides(tiny_ckpt, small_data, tmp_path / "run") + ["clip_grad_norm=1e-3", "epochs=1", "max_steps_per_epoch=2"]
+    finetune.train(load_config("tiny_qlora", overrides))
+    assert len(seen) == 2
+    for (before, after), record in zip(seen, metrics(tmp_path / "run")):
+        assert before > 1e-3 and after <= 1e-3 * (1 + 1e-4)  # clipped to the limit
+        assert record["grad_norm"] == pytest.approx(before)  # the logged norm is the one before clipping
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_ckpt, small_data, monkeypatch, capsys):
@@ -131,6 +175,7 @@ def test_compile_has_no_graph_breaks(tmp_path, tiny_ckpt, small_data, monkeypatc
         (["--config", "nope"], "bundled configs:"),
         (["dataset.data_files=/nonexistent.jsonl"], "dataset.data_files: '/nonexistent.jsonl' is not a file"),
         (["checkpointer.checkpoint_dir=/nonexistent"], "checkpointer.checkpoint_dir: '/nonexistent' is not a folder"),
+        (["checkpointer.checkpoint_files=[model-1.safetensors]"], "checkpoint_files ['model-1.safetensors'] are not files in"),
         (["tokenizer.path=/nonexistent.model"], "tokenizer.path: '/nonexistent.model' is not a file"),
         (["resume_from_checkpoint=True", "output_dir=/tmp/qlora_ext_test_no_such_run"], "resume_from_checkpoint=true: there is no"),
     ],

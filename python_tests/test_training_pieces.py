@@ -7,6 +7,7 @@ import json
 import math
 import re
 import struct
+import sys
 import zlib
 
 import pytest
@@ -198,6 +199,31 @@ def test_tensorboard_logger_writes_events(tmp_path):
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [(e.step, round(e.value, 4)) for e in events.Scalars("loss")] == [(1, 1.0), (2, 0.5), (3, 0.3333)]
+
+
+def test_wandb_logger_drives_a_run(tmp_path, monkeypatch):
+    # A stand-in wandb module (the real one needs an account or network): what the logger calls.
+    import types
+
+    calls = []
+    run = types.SimpleNamespace(
+        log=lambda metrics, step: calls.append(("log", dict(metrics), step)), finish=lambda: calls.append(("finish",))
+    )
+
+    def init(project, dir, config):
+        calls.append(("init", project, dir, config))
+        return run
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    loggers = MetricLoggers("wandb", tmp_path, project="seed-qlora", config={"lr": 3e-4})
+    loggers.log({"loss": 2.0, "lr": 1e-4}, step=5)
+    loggers.close()
+    assert calls == [
+        ("init", "seed-qlora", str(tmp_path), {"lr": 3e-4}),
+        ("log", {"loss": 2.0, "lr": 1e-4}, 5),
+        ("finish",),
+    ]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [5]  # the disk log is always kept
 
 
 def test_matplotlib_loss_curves(tmp_path):

@@ -61,7 +61,8 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     """Reads a bundled config by name (or a YAML file by path), applies overrides, validates.
 
     Args:
-        name_or_path: a name from ``available_configs()`` or the path of a YAML file.
+        name_or_path: a name from ``available_configs()`` (or torchtune's spelling of it,
+            ``llama2/7B_qlora_single_device``) or the path of a YAML file.
         overrides: ``"dotted.key=value"`` strings; values are parsed as YAML (``16``, ``True``,
             ``null``, ``[q_proj,v_proj]``); later ones win.
 
@@ -70,7 +71,8 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     """
     path = Path(name_or_path)
     if not path.is_file():
-        bundled = CONFIG_DIR / f"{name_or_path}.yaml"
+        # torchtune's names work too: llama2/7B_qlora_single_device -> llama2_7b_qlora_single_device
+        bundled = CONFIG_DIR / f"{name_or_path.replace('/', '_').lower()}.yaml"
         if not bundled.is_file():
             raise ConfigError(
                 f"--config: '{name_or_path}' is neither a file nor a bundled config; "

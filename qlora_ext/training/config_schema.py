@@ -120,6 +120,8 @@ SCHEMA: dict[str, Any] = {
     "checkpointer": {
         "checkpoint_dir": Opt("path", REQUIRED, "folder of the base model checkpoint: HF (config.json + model*.safetensors or pytorch_model*.bin, "
             "found through the index file) or Meta (params.json + consolidated.*.pth)"),
+        "checkpoint_files": Opt("list[str]", None, "the weight files to read, names inside checkpoint_dir (torchtune's key); "
+            "null: found from the index file or the standard names", nullable=True),
         "model_type": Opt("str", "LLAMA2", "the checkpoint's model family", choices=("LLAMA2",)),
     },
     "dataset": {

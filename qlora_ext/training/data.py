@@ -105,14 +105,21 @@ def _check_record(where: str, item: Any) -> dict[str, str]:
 def tokenize_example(
     tokenizer: Tokenizer, record: dict[str, str], max_seq_len: int | None, train_on_input: bool
 ) -> tuple[list[int], list[int]]:
-    """(tokens, labels) of one record; labels are IGNORE_INDEX on the prompt unless train_on_input."""
+    """(tokens, labels) of one record; labels are IGNORE_INDEX on the prompt unless train_on_input.
+
+    Longer than ``max_seq_len``: cut, and the last token made EOS (as torchtune's ``truncate``),
+    its label EOS where that position is trained.
+    """
     prompt = tokenizer.encode(alpaca_prompt(record), add_bos=True, add_eos=False)
     # The response continues the prompt's text: no SentencePiece word-start space at the junction.
     response = tokenizer.encode(record["output"], add_bos=False, add_eos=True, trim_leading_whitespace=True)
     tokens = prompt + response
     labels = list(tokens) if train_on_input else [IGNORE_INDEX] * len(prompt) + response
-    if max_seq_len is not None:
+    if max_seq_len is not None and len(tokens) > max_seq_len:
         tokens, labels = tokens[:max_seq_len], labels[:max_seq_len]
+        tokens[-1] = tokenizer.eos_id
+        if labels[-1] != IGNORE_INDEX:
+            labels[-1] = tokenizer.eos_id
     return tokens, labels
 
 

@@ -72,7 +72,7 @@ def build_model(cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
             arch.update({k: getattr(m, k) for k in ARCH_KEYS if getattr(m, k) is not None})
         with torch.device("meta"), _default_dtype(dtype):
             model = _builder(m.builder)(**lora, **arch)
-        load_checkpoint(model, ckpt_dir, device=device)
+        load_checkpoint(model, ckpt_dir, device=device, checkpoint_files=cfg.checkpointer.checkpoint_files)
     except FileNotFoundError as e:
         raise ModelSetupError(f"checkpointer.checkpoint_dir: {e}") from None
     except ValueError as e:
