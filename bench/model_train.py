@@ -12,8 +12,9 @@ NF4 base with double-quantized scales, fp32 compute on CPU; each side's own trai
 lets the loss apply the frozen output projection in chunks, as ``python -m qlora_ext.finetune``
 does; HF computes the logits, then the loss). Ours runs eager and, as a second stack, with each
 layer under ``torch.compile(fullgraph=True)`` (the trainer's ``compile=True``; its compile time is
-in the warm-up steps). Each stack runs in its own process so peak memory is its own, and the stacks take
-turns for ``--rounds`` rounds (2 by default): each ratio is the median of the per-round ratios,
+in the warm-up steps). Each stack runs in its own process so peak memory is its own (the peak of
+the training steps, counted from the model as built), and the stacks take turns for ``--rounds``
+rounds (2 by default): each ratio is the median of the per-round ratios,
 so a machine that speeds up or slows down over the minutes of the run does not favour either
 side. ``--quick`` (what the GPU check runs) is one round of the mid config. HF+PEFT+bnb rows are
 skipped with the reason when not installed (``pip install transformers peft bitsandbytes``).
@@ -55,10 +56,28 @@ LORA = dict(rank=8, alpha=16.0)
 MAX_SEQ_LEN = 512
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    """Starts the peak over from what is held now: the steps' peak, not the model build's (HF's
+    side writes a whole dense checkpoint before loading it in 4 bits; ours never holds one)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: resets the process's peak resident size (VmHWM) to its current one
+    except OSError:
+        pass  # elsewhere the peak stays the lifetime one
+
+
 def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1024**3
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB (Linux)
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 1024**2  # KiB -> GiB
 
 
 def timed_steps(step, n_warmup: int, n_steps: int, device: torch.device) -> tuple[float, list[float]]:
@@ -178,6 +197,7 @@ def _worker(stack: str, name: str, args: dict, queue) -> None:
         build = {"qlora_ext": qlora_ext_step, "qlora_ext_compiled": functools.partial(qlora_ext_step, compile=True),
                  "hf_peft_bnb": _hf}[stack]
         step, model = build(arch, args["batch"], args["seq"], device, dtype)
+        _reset_peak_memory(device)
         first_step_s, times = timed_steps(step, args["warmup"], args["steps"], device)
         median = sorted(times)[len(times) // 2]
         result = {

@@ -337,15 +337,19 @@ def test_gpu_check_dry_run(tmp_path):
 
 @pytest.mark.slow
 def test_training_benchmarks_run(tmp_path):
-    # Smoke runs of the two training benchmarks (the GPU check's last steps): ours eager and
-    # compiled give the same losses on the same weights and batch, and the JSON says so.
+    # Smoke runs of the two training benchmarks (the GPU check's last steps), every stack: ours
+    # eager and compiled give the same losses on the same weights and batch, and the JSON says so.
     env = _env()
-    for script, extra in (("model_train.py", ["--stacks", "qlora_ext", "qlora_ext_compiled"]), ("model_seed_7b.py", [])):
+    for script, extra in (("model_train.py", []), ("model_seed_7b.py", [])):
         proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--smoke", "--out", str(tmp_path), *extra],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     train = json.loads((tmp_path / "model_train.json").read_text())["configs"]["tiny"]
     assert train["qlora_ext"]["tokens_per_s"] > 0 and train["qlora_ext_compiled"]["first_step_s"] > 0
+    # HF + PEFT + bitsandbytes (test dependencies) runs too, so its stack cannot rot unnoticed.
+    assert train["hf_peft_bnb"].get("tokens_per_s", 0) > 0, train["hf_peft_bnb"]
+    for stack in ("qlora_ext", "hf_peft_bnb"):
+        assert 0 < train[stack]["peak_memory_gb"] < 20
     seed = json.loads((tmp_path / "model_seed_7b.json").read_text())
     eager, compiled = seed["cases"]["eager"], seed["cases"]["compiled"]
     assert seed["arch"] == "tiny" and eager["it_per_s"] > 0 and compiled["it_per_s"] > 0
