@@ -9,7 +9,8 @@ Contract for such a file (others write them; this keeps them in one harness):
 - Otherwise a plain script: it is run as ``python bench/model_<name>.py --device D [--quick]
   [--smoke] --out DIR`` and passes when it exits with status 0. Its standard output (its table)
   and the JSON files it writes into DIR are kept in the result under ``script``, so that
-  bench/README.md shows them like any other benchmark's.
+  bench/README.md shows them like any other benchmark's; a JSON file's ``targets`` list
+  (``name``, ``value``, ``sense``, ``limit``, ``unit``) becomes the benchmark's targets.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.context import Context
-from bench.report import Report
+from bench.report import Report, Target
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,6 +58,12 @@ def _run_script(ctx: Context, path: Path, out_dir: Path) -> Report:
                 raise RuntimeError(f"{path.name} wrote {file.name}, which is not JSON: {e}") from None
     report = Report()
     report.notes.append(f"bench/{path.name} ran as a script ({elapsed:.0f} s); its output and JSON follow")
+    for file_name, content in results.items():  # a script's own targets, judged like any benchmark's
+        for t in content.get("targets", []) if isinstance(content, dict) else []:
+            try:
+                report.targets.append(Target.check(t["name"], t["value"], t["sense"], t["limit"], t["unit"], t.get("note", "")))
+            except (KeyError, TypeError, ValueError) as e:
+                raise RuntimeError(f"{path.name} wrote {file_name} with a malformed target {t!r}: {e}") from None
     mode_flag = "" if ctx.mode == "full" else f" --{ctx.mode}"
     report.script = {
         "command": f"python bench/{path.name} --device {ctx.device}{mode_flag} --out DIR",

@@ -4,6 +4,7 @@ live in the benchmarks' output."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -162,6 +163,13 @@ def test_result_json_schema(synthetic_result):
     validate(stored)
     assert stored == json.loads(json.dumps(result))
     assert stored["benchmark"] == "synthetic" and stored["device"] == "cpu" and stored["mode"] == "smoke"
+    # The code's revision (HEAD, "+dirty" with local changes) and a UTC ISO-8601 time of this run.
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert stored["git_revision"] in (head.stdout.strip(), head.stdout.strip() + "+dirty")
+    when = datetime.datetime.fromisoformat(stored["date"])
+    assert when.utcoffset() == datetime.timedelta(0)
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()) < 3600
     assert stored["machine"]["cpu_cores"] >= 1 and stored["machine"]["llc_bytes"] > 0
     assert stored["software"]["torch"] == torch.__version__
     assert stored["software"]["cpu_kernel_isa"] in ("avx512", "portable")
@@ -260,14 +268,19 @@ def test_model_slot_runs_plain_scripts(tmp_path, monkeypatch):
             a = p.parse_args()
             print(f"table of the fake benchmark on {a.device}, quick={a.quick}")
             with open(os.path.join(a.out, "model_fake_for_tests.json"), "w") as f:
-                json.dump({"tokens_per_s": 123}, f)
+                json.dump({"tokens_per_s": 123, "targets": [
+                    {"name": "fast", "value": 2.5, "sense": ">=", "limit": 2.0, "unit": "x"},
+                    {"name": "small", "value": None, "sense": "<=", "limit": 1.0, "unit": "GB"}]}, f)
             sys.exit(3 if a.smoke else 0)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "out"
     out.mkdir()
     report = runner("model_fake_for_tests", out)(Context("cpu", "quick", ring_bytes=1 << 16))
-    assert report.script["results"] == {"model_fake_for_tests.json": {"tokens_per_s": 123}}
+    assert report.script["results"]["model_fake_for_tests.json"]["tokens_per_s"] == 123
+    # the script's targets are the benchmark's: judged, or "not measured" without a value
+    assert [(t.name, t.met) for t in report.targets] == [("fast", True), ("small", None)]
+    assert report.targets[1].note == "not measured in this run"
     assert report.script["stdout"] == "table of the fake benchmark on cpu, quick=True\n"
     assert report.script["command"] == "python bench/model_fake_for_tests.py --device cpu --quick --out DIR"
     assert list(out.iterdir()) == []  # the script's scratch folder is gone; the harness writes the result
@@ -346,6 +359,11 @@ def test_training_benchmarks_run(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     train = json.loads((tmp_path / "model_train.json").read_text())["configs"]["tiny"]
     assert train["qlora_ext"]["tokens_per_s"] > 0 and train["qlora_ext_compiled"]["first_step_s"] > 0
+    targets = json.loads((tmp_path / "model_train.json").read_text())["targets"]
+    assert [(t["name"], t["limit"]) for t in targets] == [
+        ("train tiny qlora_ext: tokens/s over hf_peft_bnb", 2.0), ("train tiny qlora_ext_compiled: tokens/s over hf_peft_bnb", 2.0)
+    ]
+    assert all(t["value"] > 0 for t in targets)
     # HF + PEFT + bitsandbytes (test dependencies) runs too, so its stack cannot rot unnoticed.
     assert train["hf_peft_bnb"].get("tokens_per_s", 0) > 0, train["hf_peft_bnb"]
     for stack in ("qlora_ext", "hf_peft_bnb"):
