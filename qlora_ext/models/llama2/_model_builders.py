@@ -42,7 +42,11 @@ def llama2_70b() -> TransformerDecoder:
 
 
 def llama2_tiny(*, vocab_size: int = 512, max_seq_len: int = 512) -> TransformerDecoder:
-    """A tiny Llama-2 (4 layers, 4 heads, 2 kv heads, dim 256, MLP 768) for tests and the default run.
+    """A tiny Llama-2 (4 layers, 4 heads, 2 kv heads, dim 256, MLP 768) for tests and benchmarks.
+
+    The default run does not build it: it fine-tunes the bundled pretrained model
+    (``qlora_ext/assets/tiny_llama2``, made by ``scripts/make_tiny_assets.py``), whose own small
+    size is in its config.json and is read by the generic ``qlora_llama2`` builder.
 
     Args:
         vocab_size: match it to the tokenizer in use.
