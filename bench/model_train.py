@@ -1,7 +1,8 @@
 """Model-level QLoRA training benchmark: tokens/s and peak memory of full training steps
 (forward, backward, AdamW on the adapters) for a tiny (with Llama-2's vocab of 32000 and with
 the package's tiny vocab of 512) and a mid-size (~130M) Llama-2 config, qlora_ext side by side
-with HF transformers + PEFT + bitsandbytes 4-bit doing the same steps.
+with HF transformers + PEFT + bitsandbytes 4-bit doing the same steps, and with qlora_ext's plain
+LoRA (the same model with a dense frozen base: what quantizing costs or saves).
 
     python bench/model_train.py                    # every config and stack, prints ratios
     python bench/model_train.py --configs tiny --steps 5 --profile
@@ -51,7 +52,8 @@ CONFIGS = {
 }
 # tokens/s vs HF+PEFT+bnb; the issue gives the tiny config its dim and depth, not its vocab: both are run
 TARGETS = {"tiny": 2.0, "tiny_v512": 2.0, "mid": 1.6}
-STACKS = ("qlora_ext", "qlora_ext_compiled", "hf_peft_bnb")  # ours eager, ours compiled, theirs
+# ours eager, ours compiled, ours with a dense (not quantized) frozen base = plain LoRA, theirs
+STACKS = ("qlora_ext", "qlora_ext_compiled", "lora_dense", "hf_peft_bnb")
 LORA = dict(rank=8, alpha=16.0)
 MAX_SEQ_LEN = 512
 
@@ -104,12 +106,13 @@ def timed_steps(step, n_warmup: int, n_steps: int, device: torch.device) -> tupl
 def qlora_ext_step(
     arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.dtype, compile: bool = False, *,
     lora_attn_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "output_proj"),
-    activation_checkpointing: bool = False, lr: float = 1e-4,
+    activation_checkpointing: bool = False, lr: float = 1e-4, quantize_base: bool = True,
 ):
     """A step function of qlora_ext (it returns the step's loss): qlora_llama2 builder, our NF4
     linear, fp32 adapters, the same batch every step; with ``compile`` each layer runs under
     ``torch.compile(fullgraph=True)`` (the trainer's compile=True), with ``activation_checkpointing``
-    each layer is recomputed in backward (the trainer's enable_activation_checkpointing)."""
+    each layer is recomputed in backward (the trainer's enable_activation_checkpointing); without
+    ``quantize_base`` the frozen base stays dense (LoRA, not QLoRA)."""
     sys.path.insert(0, str(REPO))
     from qlora_ext.models.llama2 import lora_llama2
     from qlora_ext.modules.peft import get_adapter_params, set_trainable_params
@@ -125,7 +128,7 @@ def qlora_ext_step(
     with torch.device(device):
         model = lora_llama2(
             list(lora_attn_modules), True, False, **arch, max_seq_len=max(MAX_SEQ_LEN, seq),
-            lora_rank=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0, quantize_base=True,
+            lora_rank=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0, quantize_base=quantize_base,
         )
     torch.set_default_dtype(torch.float32)
     adapter = get_adapter_params(model)
@@ -195,7 +198,7 @@ def _worker(stack: str, name: str, args: dict, queue) -> None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         arch = CONFIGS[name]
         build = {"qlora_ext": qlora_ext_step, "qlora_ext_compiled": functools.partial(qlora_ext_step, compile=True),
-                 "hf_peft_bnb": _hf}[stack]
+                 "lora_dense": functools.partial(qlora_ext_step, quantize_base=False), "hf_peft_bnb": _hf}[stack]
         step, model = build(arch, args["batch"], args["seq"], device, dtype)
         _reset_peak_memory(device)
         first_step_s, times = timed_steps(step, args["warmup"], args["steps"], device)
@@ -320,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
             verdict = "meets" if ratio >= TARGETS[name] else "MISSES"
             print(f"{name:9} ratio {stack} / hf_peft_bnb = {ratio:.2f}x, median of {len(ratios)} round(s) "
                   f"[{', '.join(f'{x:.2f}' for x in ratios)}] ({verdict} the {TARGETS[name]}x target)")
+        dense = rounds.get("lora_dense", [])
+        if dense and rounds.get("qlora_ext"):  # what quantizing the base costs (no target)
+            ratios = sorted(o["tokens_per_s"] / d["tokens_per_s"] for o, d in zip(rounds["qlora_ext"], dense))
+            row["ratio_vs_lora_dense"] = statistics.median(ratios)
+            print(f"{name:9} ratio qlora_ext / lora_dense = {row['ratio_vs_lora_dense']:.2f}x (tokens/s of QLoRA over LoRA)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model_train.json"

@@ -366,8 +366,9 @@ def test_training_benchmarks_run(tmp_path):
     assert all(t["value"] > 0 for t in targets)
     # HF + PEFT + bitsandbytes (test dependencies) runs too, so its stack cannot rot unnoticed.
     assert train["hf_peft_bnb"].get("tokens_per_s", 0) > 0, train["hf_peft_bnb"]
-    for stack in ("qlora_ext", "hf_peft_bnb"):
+    for stack in ("qlora_ext", "lora_dense", "hf_peft_bnb"):
         assert 0 < train[stack]["peak_memory_gb"] < 20
+    assert train["ratio_vs_lora_dense"] > 0
     seed = json.loads((tmp_path / "model_seed_7b.json").read_text())
     eager, compiled = seed["cases"]["eager"], seed["cases"]["compiled"]
     assert seed["arch"] == "tiny" and eager["it_per_s"] > 0 and compiled["it_per_s"] > 0
