@@ -202,12 +202,12 @@ def header_line(result: dict) -> str:
     bw_text = f"{bw / 1e9:.1f} GB/s" if bw else "not measured"
     return (
         f"{result['benchmark']} on {result['device']} ({where}); {result['mode']} run of {result['date']}; "
-        f"torch {s['torch']}, CPU kernels {s['cpu_kernel_isa']}, git {_short_revision(result['git_revision'])}; "
+        f"torch {s['torch']}, CPU kernels {s['cpu_kernel_isa']}, git {short_revision(result['git_revision'])}; "
         f"copy bandwidth {bw_text}" + (", load average {:.1f} -> {:.1f}".format(*result["load_avg_1m"]) if "load_avg_1m" in result else "")
     )
 
 
-def _short_revision(revision: str) -> str:
+def short_revision(revision: str) -> str:
     head, dirty, _ = revision.partition("+dirty")
     return head[:12] + dirty if re.fullmatch(r"[0-9a-f]{40}", head) else revision
 

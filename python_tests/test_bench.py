@@ -237,10 +237,27 @@ def test_readme_rewrite(synthetic_result, tmp_path):
         readme.rewrite(page, results_dir)
 
 
-def test_committed_readme_matches_committed_results(tmp_path):
+def test_readme_status_lists_every_target(synthetic_result, tmp_path):
+    result, results_dir = synthetic_result
     page = tmp_path / "README.md"
-    page.write_text((REPO / "bench" / "README.md").read_text())
-    assert readme.rewrite(page, REPO / "bench" / "results") is False, "bench/README.md is stale: run `python -m bench readme`"
+    page.write_text(f"# Top\n\n## Status\n\n{readme.STATUS_BEGIN} -->\nhand-typed numbers\n{readme.STATUS_END}\n\nprose\n")
+    assert readme.rewrite(page, results_dir, status=True) is True
+    text = page.read_text()
+    assert "hand-typed numbers" not in text and text.endswith(f"{readme.STATUS_END}\n\nprose\n")
+    assert f"On {result['machine']['slug']} (bench/README.md has the tables):" in text
+    assert "- synthetic (smoke run of " in text
+    for line in target_lines(result):
+        assert f"  - {line}\n" in text
+    assert readme.rewrite(page, results_dir, status=True) is False  # idempotent
+    with pytest.raises(ValueError, match="needs a line starting with '<!-- bench-results:begin'"):
+        readme.rewrite(page, results_dir)  # the results section's markers are not there: named
+
+
+@pytest.mark.parametrize("page, status", [("bench/README.md", False), ("README.md", True)])
+def test_committed_readme_matches_committed_results(tmp_path, page, status):
+    copy = tmp_path / "README.md"
+    copy.write_text((REPO / page).read_text())
+    assert readme.rewrite(copy, REPO / "bench" / "results", status=status) is False, f"{page} is stale: run `python -m bench readme`"
 
 
 # -- registry and the model slot ---------------------------------------------------------------
