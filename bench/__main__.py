@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--smoke", action="store_true", help="tiny shapes, two calls each: proves the benchmarks run (CI); numbers mean nothing")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results, or bench/results/tmp with --smoke)")
     p.add_argument("--update-readme", action="store_true", help="afterwards rewrite bench/README.md's results section (and README.md's status lines) from bench/results/")
-    p.add_argument("--cpu-isa", choices=("auto", "avx512", "portable"), default=None, help="which CPU kernels of qlora_ext to benchmark")
+    p.add_argument("--cpu-isa", choices=("auto", "avx512", "avx2", "portable"), default=None, help="which CPU kernels of qlora_ext to benchmark")
     p.add_argument("--ring-mib", type=int, default=None, help="size of the rotating input rings (default: twice the last-level cache)")
     p.add_argument("--fail-on-missed-targets", action="store_true", help="exit with status 2 when a speed target is missed")
     args = p.parse_args(argv)

@@ -40,9 +40,10 @@ struct Case {
   std::function<void(const cpu::CpuKernels&)> run;
 };
 
-// The kernel tables this machine can run: portable always, AVX-512 where built and supported.
+// The kernel tables this machine can run: portable always, AVX2 and AVX-512 where built and supported.
 inline std::vector<const cpu::CpuKernels*> kernel_tables() {
   std::vector<const cpu::CpuKernels*> tables{&cpu::portable_kernels()};
+  if (cpu::cpu_has_avx2() && cpu::avx2_kernels() != nullptr) tables.push_back(cpu::avx2_kernels());
   if (cpu::avx512_kernels() != nullptr && cpu::cpu_has_avx512()) tables.push_back(cpu::avx512_kernels());
   return tables;
 }

@@ -22,8 +22,8 @@ TORCH_LIBRARY(qlora, m) {
   m.def(
       "linear_nf4_grad_input(Tensor grad_y, Tensor packed, Tensor absmax_codes, "
       "Tensor absmax_scales, Tensor absmax_offset, int in_features) -> Tensor");
-  // Which CPU kernels run ("avx512" or "portable"), and choosing them ("auto" picks the best the
-  // CPU has); for tests and benchmarks.
+  // Which CPU kernels run ("avx512", "avx2" or "portable"), and choosing them ("auto" picks the
+  // best the CPU has); for tests and benchmarks.
   m.def("cpu_kernel_isa() -> str");
   m.def("set_cpu_kernel_isa(str name) -> ()");
 }

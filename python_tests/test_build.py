@@ -49,16 +49,22 @@ def test_cpu_kernel_isa_can_be_chosen():
         ops.set_cpu_kernel_isa("portable")
         assert ops.cpu_kernel_isa() == "portable"
         ops.set_cpu_kernel_isa("auto")
-        # "auto" takes AVX-512 exactly when the CPU has the four extensions the kernels use and
-        # the build compiled them.
+        # "auto" takes the widest kernels whose extensions the CPU has and the build compiled.
         flags = set()
         if os.path.exists("/proc/cpuinfo"):
             with open("/proc/cpuinfo") as f:
                 flags = {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-        cpu_has = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
-        built = "avx512" in ext.CPU_KERNELS
-        assert ops.cpu_kernel_isa() == ("avx512" if cpu_has and built else "portable")
-        with pytest.raises(ValueError, match=r"argument 'name' must be 'auto', 'portable' or 'avx512'.*got 'sse'"):
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags and "avx512" in ext.CPU_KERNELS:
+            want = "avx512"
+        elif {"avx2", "fma", "f16c"} <= flags and "avx2" in ext.CPU_KERNELS:
+            want = "avx2"
+        else:
+            want = "portable"
+        assert ops.cpu_kernel_isa() == want
+        if "avx2" in flags and "avx2" in ext.CPU_KERNELS:
+            ops.set_cpu_kernel_isa("avx2")
+            assert ops.cpu_kernel_isa() == "avx2"
+        with pytest.raises(ValueError, match=r"argument 'name' must be 'auto', 'portable', 'avx2' or 'avx512'.*got 'sse'"):
             ops.set_cpu_kernel_isa("sse")
     finally:
         ops.set_cpu_kernel_isa(before)

@@ -14,7 +14,7 @@ from qlora_ext import ops
 SHAPES = [(512, 768), (300, 64), (3, 5, 128), (64,), (1, 4096 * 64 + 64), (11008 // 8, 4096 // 8)]
 
 
-@pytest.fixture(params=["avx512", "portable"])
+@pytest.fixture(params=["avx512", "avx2", "portable"])
 def cpu_isa(request):
     """Runs a test once per CPU kernel table (avx512 skipped where the CPU lacks it)."""
     before = ops.cpu_kernel_isa()

@@ -140,10 +140,10 @@ torch.library.register_autograd(
 
 
 def cpu_kernel_isa() -> str:
-    """The CPU kernels in use: "avx512" or "portable"."""
+    """The CPU kernels in use: "avx512", "avx2" or "portable"."""
     return _ops.cpu_kernel_isa()
 
 
 def set_cpu_kernel_isa(name: str) -> None:
-    """Chooses the CPU kernels: "auto" (the best this CPU runs), "avx512" or "portable"."""
+    """Chooses the CPU kernels: "auto" (the best this CPU runs), "avx512", "avx2" or "portable"."""
     _ops.set_cpu_kernel_isa(name)

@@ -1,5 +1,5 @@
 // CPU quantize_nf4 / dequantize_nf4: argument checks, threading over blocks, and the choice of
-// kernel table (AVX-512 or portable); the arithmetic is in kernels_*.cpp.
+// kernel table (AVX-512, AVX2 or portable); the arithmetic is in kernels_*.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -111,8 +111,9 @@ std::string cpu_kernel_isa() { return active_cpu_kernels().name; }
 void set_cpu_kernel_isa(std::string_view name) {
   const std::string n(name);
   TORCH_CHECK_VALUE(select_cpu_kernels(n.c_str()), "qlora::set_cpu_kernel_isa: argument 'name' must ",
-                    "be 'auto', 'portable' or 'avx512' (on a CPU with AVX-512 and a build with it; ",
-                    "this one: ", cpu_has_avx512() && avx512_kernels() ? "yes" : "no", "); got '", n,
+                    "be 'auto', 'portable', 'avx2' or 'avx512' (each on a CPU with it and a build ",
+                    "with it; this one: avx2 ", cpu_has_avx2() && avx2_kernels() ? "yes" : "no",
+                    ", avx512 ", cpu_has_avx512() && avx512_kernels() ? "yes" : "no", "); got '", n,
                     "'");
 }
 

@@ -25,7 +25,7 @@ decltype(auto) with_dtype(DType d, F&& f) {
 }
 
 struct CpuKernels {
-  const char* name;  // "avx512" or "portable"
+  const char* name;  // "avx512", "avx2" or "portable"
 
   // Quantizes NF4 blocks [first, last) of `w` (element i of block b is w[b * 64 + i]): writes
   // their packed bytes (32 per block, at packed[b * 32]) and float32 absmax (at absmax[b]).
@@ -57,14 +57,18 @@ constexpr int64_t kMaxFusedRows = 16;
 const CpuKernels& portable_kernels();
 // Null when the binary was built without AVX-512 support.
 const CpuKernels* avx512_kernels();
+// Null when the binary was built without AVX2 support.
+const CpuKernels* avx2_kernels();
 
 // True when this CPU can run the AVX-512 kernels (AVX-512 F, BW, VL, DQ).
 bool cpu_has_avx512();
+// True when this CPU can run the AVX2 kernels (AVX2, FMA, F16C).
+bool cpu_has_avx2();
 
-// The kernels in use: AVX-512 where the CPU has it, unless QLORA_CPU_ISA=portable is set or
-// select_cpu_kernels("portable") was called.
+// The kernels in use: the best this CPU runs (AVX-512, else AVX2, else portable), unless
+// QLORA_CPU_ISA names others or select_cpu_kernels() was called.
 const CpuKernels& active_cpu_kernels();
-// Chooses the kernels by name ("avx512", "portable" or "auto"); false if not available here.
+// Chooses the kernels by name ("avx512", "avx2", "portable" or "auto"); false if not available here.
 bool select_cpu_kernels(const char* name);
 
 // Reorders `count` (a multiple of 32) elements into pair-split order for gemv_rows.

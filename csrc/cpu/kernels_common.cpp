@@ -126,11 +126,23 @@ void decode_range_f32(const Nf4View& w, int64_t start, int64_t count, float* out
 #if !defined(QLORA_HAVE_AVX512)
 const CpuKernels* avx512_kernels() { return nullptr; }
 #endif
+#if !defined(QLORA_HAVE_AVX2)
+const CpuKernels* avx2_kernels() { return nullptr; }
+#endif
 
 bool cpu_has_avx512() {
 #if defined(__x86_64__) || defined(_M_X64)
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
 #else
   return false;
 #endif
@@ -143,9 +155,12 @@ const CpuKernels* kernels_by_name(const char* name) {
   if (want_auto || std::strcmp(name, "avx512") == 0) {
     if (avx512_kernels() != nullptr && cpu_has_avx512()) return avx512_kernels();
     if (!want_auto) return nullptr;
-    return &portable_kernels();
   }
-  if (std::strcmp(name, "portable") == 0) return &portable_kernels();
+  if (want_auto || std::strcmp(name, "avx2") == 0) {
+    if (cpu_has_avx2() && avx2_kernels() != nullptr) return avx2_kernels();  // CPU check first
+    if (!want_auto) return nullptr;
+  }
+  if (want_auto || std::strcmp(name, "portable") == 0) return &portable_kernels();
   return nullptr;
 }
 

@@ -1,5 +1,5 @@
 // Portable CPU kernels: plain C++ loops that any x86-64 or other CPU runs. The reference for the
-// AVX-512 kernels (same results bit for bit in the codec) and the fallback where AVX-512 is absent.
+// AVX-512 and AVX2 kernels (same results bit for bit in the codec) and the fallback without them.
 #include <algorithm>
 #include <cmath>
 

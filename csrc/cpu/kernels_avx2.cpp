@@ -1,0 +1,311 @@
+// AVX2 CPU kernels (AVX2, FMA, F16C), for x86-64 CPUs without AVX-512 (AMD Zen 2/3, older
+// Intel). Compiled with -mavx2 -mfma -mf16c in a file of their own and chosen at run time
+// (cpu_has_avx2), like the AVX-512 ones; the codec gives the same bytes and values bit for bit.
+//
+// The 16 NF4 values take two ymm registers: vpermps looks a code up in each half (it reads the
+// low 3 bits of the index) and bit 3 of the code picks the half. A code is the number of NF4
+// midpoints below the scaled value, counted with 15 compares (what the scalar binary search finds).
+#define QLORA_ISA_NAMESPACE avx2_isa
+#include <immintrin.h>
+
+#include <utility>
+
+#include "cpu_kernels.h"
+
+namespace qlora::cpu {
+namespace {
+
+template <DType D>
+__m256 load8(const void* base, int64_t i) {
+  if constexpr (D == DType::kFloat32) {
+    return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
+    if constexpr (D == DType::kBFloat16) {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm256_cvtph_ps(h);
+    }
+  }
+}
+
+template <DType D>
+void store8(void* base, int64_t i, __m256 v) {
+  if constexpr (D == DType::kFloat32) {
+    _mm256_storeu_ps(static_cast<float*>(base) + i, v);
+  } else {
+    __m128i h;
+    if constexpr (D == DType::kBFloat16) {
+      // Round to nearest even on the bit pattern, as float_to_bf16; NaN becomes quiet NaN.
+      __m256i bits = _mm256_castps_si256(v);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+      bits = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+      bits = _mm256_srli_epi32(bits, 16);
+      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x7fc0), nan);
+      // 32 -> 16 bits (every value fits): packus works per 128-bit lane, so gather lanes 0 and 2.
+      const __m256i packed = _mm256_packus_epi32(bits, bits);
+      h = _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+    } else {
+      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i), h);
+  }
+}
+
+// The 16-entry table `lo` (entries 0-7) / `hi` (8-15) looked up at 8 codes in 0..15.
+inline __m256 lookup16(__m256 lo, __m256 hi, __m256i codes) {
+  const __m256 from_hi = _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28));  // sign = bit 3
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, codes), _mm256_permutevar8x32_ps(hi, codes), from_hi);
+}
+
+inline uint32_t reduce_max_u32(__m256i v) {
+  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4e));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xb1));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
+}
+
+inline float reduce_add(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <DType D>
+uint32_t quantize_blocks_t(const void* w, int64_t first, int64_t last, uint8_t* packed,
+                           float* absmax) {
+  const CodeTables& t = code_tables();
+  __m256 mids[15];
+  for (int i = 0; i < 15; ++i) mids[i] = _mm256_set1_ps(t.nf4_mid[i]);
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+  const __m256 minus_one = _mm256_set1_ps(-1.0f), one = _mm256_set1_ps(1.0f);
+  __m256i seen = _mm256_setzero_si256();
+  alignas(32) int32_t codes[kBlockSize];
+  for (int64_t b = first; b < last; ++b) {
+    __m256 v[8];
+    __m256i block_bits = _mm256_setzero_si256();
+    for (int q = 0; q < 8; ++q) {
+      v[q] = load8<D>(w, b * kBlockSize + 8 * q);
+      // max |v| on the bit patterns: exact, and NaN / Inf order above every number.
+      block_bits = _mm256_max_epu32(block_bits, _mm256_and_si256(_mm256_castps_si256(v[q]), abs_mask));
+    }
+    seen = _mm256_max_epu32(seen, block_bits);
+    const float amax = float_from_bits(reduce_max_u32(block_bits));
+    absmax[b] = amax;
+    const __m256 inv = _mm256_set1_ps(inverse_absmax(amax));
+    for (int q = 0; q < 8; ++q) {
+      const __m256 s = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v[q], inv), minus_one), one);
+      __m256i c = _mm256_setzero_si256();
+      for (int i = 0; i < 15; ++i) {  // a true compare is -1: subtracting it counts
+        c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(s, mids[i], _CMP_GT_OQ)));
+      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(codes + 8 * q), c);
+    }
+    uint8_t* out = packed + b * (kBlockSize / 2);
+    for (int j = 0; j < kBlockSize / 2; ++j) out[j] = pack_codes(codes[2 * j], codes[2 * j + 1]);
+  }
+  return reduce_max_u32(seen);
+}
+
+uint32_t quantize_blocks(const void* w, DType dtype, int64_t first, int64_t last, uint8_t* packed,
+                         float* absmax) {
+  return with_dtype(dtype, [&](auto d) { return quantize_blocks_t<d.value>(w, first, last, packed, absmax); });
+}
+
+// The NF4 values of 16 weights (8 packed bytes): the 8 even-indexed ones and the 8 odd-indexed.
+struct Pairs8 {
+  __m256 even;
+  __m256 odd;
+};
+
+inline Pairs8 decode8(const uint8_t* bytes, __m256 lo, __m256 hi) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+  return {lookup16(lo, hi, _mm256_srli_epi32(b, 4)), lookup16(lo, hi, _mm256_and_si256(b, _mm256_set1_epi32(15)))};
+}
+
+// (even, odd) back into element order: weights 0-7 and 8-15 of the 16.
+inline void interleave(__m256 even, __m256 odd, __m256* first, __m256* second) {
+  const __m256 a = _mm256_unpacklo_ps(even, odd);  // e0 o0 e1 o1 | e4 o4 e5 o5
+  const __m256 b = _mm256_unpackhi_ps(even, odd);  // e2 o2 e3 o3 | e6 o6 e7 o7
+  *first = _mm256_permute2f128_ps(a, b, 0x20);
+  *second = _mm256_permute2f128_ps(a, b, 0x31);
+}
+
+template <DType D>
+void dequantize_blocks_t(const Nf4View& w, int64_t first, int64_t last, void* out) {
+  const CodeTables& t = code_tables();
+  const __m256 lo = _mm256_loadu_ps(t.nf4), hi = _mm256_loadu_ps(t.nf4 + 8);
+  for (int64_t b = first; b < last; ++b) {
+    const __m256 a = _mm256_set1_ps(block_absmax(w, b, t));
+    const int64_t o = (b - first) * kBlockSize;
+    for (int q = 0; q < 4; ++q) {
+      const Pairs8 v = decode8(w.packed + b * (kBlockSize / 2) + 8 * q, lo, hi);
+      __m256 first8, second8;
+      interleave(_mm256_mul_ps(v.even, a), _mm256_mul_ps(v.odd, a), &first8, &second8);
+      store8<D>(out, o + 16 * q, first8);
+      store8<D>(out, o + 16 * q + 8, second8);
+    }
+  }
+}
+
+void dequantize_blocks(const Nf4View& w, int64_t first, int64_t last, void* out, DType dtype) {
+  with_dtype(dtype, [&](auto d) { dequantize_blocks_t<d.value>(w, first, last, out); });
+}
+
+constexpr int64_t kPrefetchBytes = 2048;  // how far ahead the stream of codes is prefetched
+
+// Rows [n_begin, n_end) of W against MB rows of x (pair-split: per 32 elements, the 16 even then
+// the 16 odd), over columns [k0, k1): adds the partial dot products into y (or stores them when
+// `first`). Bytes 8h..8h+7 of a 32-element chunk hold its weights 16h..16h+15: their even ones
+// meet x's split positions 8h..8h+7, their odd ones 16+8h..16+8h+7. Per block the code-value
+// products are summed first and scaled by the block's absmax once.
+template <int MB>
+void gemv_rows_span(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end, int64_t k0,
+                    int64_t k1, bool first, const float* x, int64_t ldx, float* y, int64_t ldy,
+                    const CodeTables& t, __m256 lo, __m256 hi) {
+  const int64_t blocks_per_row = K / kBlockSize;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    __m256 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t kb = k0 / kBlockSize; kb < k1 / kBlockSize; ++kb) {
+      const int64_t b = n * blocks_per_row + kb;
+      const uint8_t* bytes = w.packed + b * (kBlockSize / 2);
+      _mm_prefetch(reinterpret_cast<const char*>(bytes) + kPrefetchBytes, _MM_HINT_T0);
+      Pairs8 d[4];
+      for (int q = 0; q < 4; ++q) d[q] = decode8(bytes + 8 * q, lo, hi);
+      const __m256 a = _mm256_set1_ps(block_absmax(w, b, t));
+      for (int m = 0; m < MB; ++m) {
+        const float* xm = x + m * ldx + kb * kBlockSize;
+        __m256 p = _mm256_mul_ps(d[0].even, _mm256_loadu_ps(xm));
+        p = _mm256_fmadd_ps(d[0].odd, _mm256_loadu_ps(xm + 16), p);
+        p = _mm256_fmadd_ps(d[1].even, _mm256_loadu_ps(xm + 8), p);
+        p = _mm256_fmadd_ps(d[1].odd, _mm256_loadu_ps(xm + 24), p);
+        p = _mm256_fmadd_ps(d[2].even, _mm256_loadu_ps(xm + 32), p);
+        p = _mm256_fmadd_ps(d[2].odd, _mm256_loadu_ps(xm + 48), p);
+        p = _mm256_fmadd_ps(d[3].even, _mm256_loadu_ps(xm + 40), p);
+        p = _mm256_fmadd_ps(d[3].odd, _mm256_loadu_ps(xm + 56), p);
+        acc[m] = _mm256_fmadd_ps(p, a, acc[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      const float s = reduce_add(acc[m]);
+      y[m * ldy + n] = first ? s : y[m * ldy + n] + s;
+    }
+  }
+}
+
+// x is read in column chunks small enough to stay in L1/L2 while a group of W rows streams past.
+constexpr int64_t kRowsChunkCols = 2048;
+constexpr int64_t kRowsGroup = 64;
+constexpr int64_t kRowsWholeBytes = 64 << 10;
+
+template <int MB>
+void gemv_rows_mb(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end, const float* x,
+                  int64_t ldx, float* y, int64_t ldy) {
+  const CodeTables& t = code_tables();
+  const __m256 lo = _mm256_loadu_ps(t.nf4), hi = _mm256_loadu_ps(t.nf4 + 8);
+  const int64_t chunk = MB * K * 4 <= kRowsWholeBytes ? K : kRowsChunkCols;
+  for (int64_t g = n_begin; g < n_end; g += kRowsGroup) {
+    const int64_t g_end = g + kRowsGroup < n_end ? g + kRowsGroup : n_end;
+    for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+      const int64_t k1 = k0 + chunk < K ? k0 + chunk : K;
+      gemv_rows_span<MB>(w, K, g, g_end, k0, k1, k0 == 0, x, ldx, y, ldy, t, lo, hi);
+    }
+  }
+}
+
+using GemvRowsFn = void (*)(const Nf4View&, int64_t, int64_t, int64_t, const float*, int64_t,
+                            float*, int64_t);
+
+template <int... MB>
+constexpr GemvRowsFn gemv_rows_for(int64_t M, std::integer_sequence<int, MB...>) {
+  constexpr GemvRowsFn table[] = {&gemv_rows_mb<MB + 1>...};
+  return table[M - 1];
+}
+
+void gemv_rows(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end, const float* x,
+               int64_t M, int64_t ldx, float* y, int64_t ldy) {
+  gemv_rows_for(M, std::make_integer_sequence<int, kMaxFusedRows>{})(w, K, n_begin, n_end, x,
+                                                                     ldx, y, ldy);
+}
+
+constexpr int64_t kColsPrefetchRows = 8;  // rows ahead whose codes are prefetched
+
+// 64 columns [k, k + 64) of grad_x for MB rows, over rows [n0, n1) of W: adds
+// gy[m, n] * W[n, k:k+64] into gx (or stores when `first`). Accumulators stay in (even, odd)
+// order per 16 weights and are interleaved once at the end.
+template <int MB>
+void gemv_cols_block(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64_t k, bool first,
+                     const float* gy, int64_t ldgy, float* gx, int64_t ldgx, const CodeTables& t,
+                     __m256 lo, __m256 hi) {
+  const int64_t blocks_per_row = K / kBlockSize;
+  __m256 acc[MB][8];
+  for (int m = 0; m < MB; ++m)
+    for (int q = 0; q < 8; ++q) acc[m][q] = _mm256_setzero_ps();
+  const int64_t row_bytes = K / 2;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t b = n * blocks_per_row + k / kBlockSize;
+    const uint8_t* bytes = w.packed + b * (kBlockSize / 2);
+    _mm_prefetch(reinterpret_cast<const char*>(bytes) + kColsPrefetchRows * row_bytes, _MM_HINT_T0);
+    const __m256 a = _mm256_set1_ps(block_absmax(w, b, t));
+    __m256 v[8];
+    for (int q = 0; q < 4; ++q) {
+      const Pairs8 d = decode8(bytes + 8 * q, lo, hi);
+      v[2 * q] = _mm256_mul_ps(d.even, a);
+      v[2 * q + 1] = _mm256_mul_ps(d.odd, a);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m256 g = _mm256_set1_ps(gy[m * ldgy + n]);
+      for (int q = 0; q < 8; ++q) acc[m][q] = _mm256_fmadd_ps(v[q], g, acc[m][q]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    float* out = gx + m * ldgx + k;
+    for (int q = 0; q < 4; ++q) {
+      __m256 first8, second8;
+      interleave(acc[m][2 * q], acc[m][2 * q + 1], &first8, &second8);
+      if (!first) {
+        first8 = _mm256_add_ps(first8, _mm256_loadu_ps(out + 16 * q));
+        second8 = _mm256_add_ps(second8, _mm256_loadu_ps(out + 16 * q + 8));
+      }
+      _mm256_storeu_ps(out + 16 * q, first8);
+      _mm256_storeu_ps(out + 16 * q + 8, second8);
+    }
+  }
+}
+
+constexpr int kColsRows = 2;  // rows of grad_y per pass: 16 accumulators (ymm registers are 16)
+constexpr int64_t kColsGroup = 128;  // W rows per pass over the columns (see the AVX-512 file)
+
+void gemv_cols(const Nf4View& w, int64_t N, int64_t K, int64_t k_begin, int64_t k_end,
+               const float* gy, int64_t M, int64_t ldgy, float* gx, int64_t ldgx) {
+  const CodeTables& t = code_tables();
+  const __m256 lo = _mm256_loadu_ps(t.nf4), hi = _mm256_loadu_ps(t.nf4 + 8);
+  for (int64_t n0 = 0; n0 < N; n0 += kColsGroup) {
+    const int64_t n1 = n0 + kColsGroup < N ? n0 + kColsGroup : N;
+    for (int64_t k = k_begin; k < k_end; k += kBlockSize) {
+      for (int64_t m = 0; m < M; m += kColsRows) {
+        const float* g = gy + m * ldgy;
+        float* out = gx + m * ldgx;
+        const bool first = n0 == 0;
+        if (M - m == 1) {
+          gemv_cols_block<1>(w, K, n0, n1, k, first, g, ldgy, out, ldgx, t, lo, hi);
+        } else {
+          gemv_cols_block<2>(w, K, n0, n1, k, first, g, ldgy, out, ldgx, t, lo, hi);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const CpuKernels* avx2_kernels() {
+  static const CpuKernels kernels{"avx2", quantize_blocks, dequantize_blocks, gemv_rows,
+                                  gemv_cols};
+  return &kernels;
+}
+
+}  // namespace qlora::cpu
