@@ -75,7 +75,8 @@ class LoRALinear(nn.Module):
         # Module.to(dtype) / .half() / .cuda() ... call fn on every parameter. On an NF4 base,
         # Tensor.to(dtype) dequantizes (as torchao's does), and nn.Module would then keep that
         # dense tensor hidden inside the NF4 parameter. Instead the NF4 storage follows fn's device
-        # and the dtype it asks for becomes the weight's compute dtype; nothing is dequantized.
+        # and the dtype it asks for becomes the weight's compute dtype (float32, bfloat16 or
+        # float16, what NF4 dequantizes to; any other leaves it as it is); nothing is dequantized.
         weight = self._parameters.get("weight")
         if not isinstance(weight, NF4Tensor):
             return super()._apply(fn, recurse)
