@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "readme" in args.benchmark:
         if args.benchmark != ["readme"]:
-            sys.exit("python -m bench: 'readme' only re-renders bench/README.md; give it alone")
+            sys.exit("python -m bench: 'readme' only re-renders bench/README.md and README.md's status; give it alone")
         for page, status in ((README, False), (TOP_README, True)):
             changed = readme.rewrite(page, RESULTS, status=status)
             print(f"{page}: {'rewritten' if changed else 'already up to date'}")
