@@ -19,7 +19,10 @@ rounds (2 by default): each ratio is the median of the per-round ratios,
 so a machine that speeds up or slows down over the minutes of the run does not favour either
 side. ``--quick`` (what the GPU check runs) is one round of the mid config. HF+PEFT+bnb rows are
 skipped with the reason when not installed (``pip install transformers peft bitsandbytes``).
-Results: a table, and JSON in ``--out`` (default ``bench/results/tmp/model_train.json``). Also
+Each config also gets its floor (bench/flops.py): the FLOPs of our step, as torch's
+``FlopCounterMode`` counts them, at the machine's measured matrix rate (``torch.mm``), with each
+row's share of that rate and the largest ratio over hf_peft_bnb that a step of these FLOPs can
+reach at it. Results: a table, and JSON in ``--out`` (default ``bench/results/tmp/model_train.json``). Also
 runs under the bench harness as a script (``--device D [--quick|--smoke] --out DIR``).
 """
 
@@ -210,6 +213,13 @@ def _worker(stack: str, name: str, args: dict, queue) -> None:
             "step_s": times,
             "peak_memory_gb": _peak_memory_gb(device),
         }
+        # FLOPs as torch counts them; the compiled stack runs the eager one's, and HF's are not
+        # countable (bitsandbytes' CPU ops are unknown to torch's counter), but its work is the same
+        if stack in ("qlora_ext", "lora_dense"):
+            sys.path.insert(0, str(REPO))
+            from bench import flops
+
+            result["flops_per_step"] = flops.count(step)
         if args.get("profile") and stack == "qlora_ext":
             from torch.profiler import ProfilerActivity, profile
 
@@ -269,10 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     args = dict(device=a.device, steps=a.steps, warmup=a.warmup, batch=a.batch, seq=a.seq, profile=a.profile, timeout=a.timeout,
                 threads=a.threads)
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    sys.path.insert(0, str(REPO))
+    from bench import flops
+
+    rate = flops.matrix_rate(torch.device(a.device))  # the floor's rate, before the stacks load the machine
+    print(f"matrix rate: {rate['flops_per_s'] / 1e9:.1f} GFLOP/s ({rate['how']})")
     results: dict = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                     "threads": a.threads or torch.get_num_threads(), "device": a.device,
-                    "load_average_at_start": os.getloadavg()},
+                    "load_average_at_start": os.getloadavg(), "matrix_rate": rate},
         "work": {"batch": a.batch, "seq": a.seq, "lora_rank": LORA["rank"], "lora_targets": "q,k,v,o + MLP",
                  "compute": "bf16" if a.device == "cuda" else "fp32", "steps": a.steps, "warmup": a.warmup,
                  "rounds": a.rounds},
@@ -281,9 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         # when a stack did not run (the reason is in its config's row)
         "targets": [],
     }
-    print(f"{'config':9} {'stack':12} {'round':>5} {'tokens/s':>10} {'step (s)':>9} {'peak mem (GB)':>14} {'first step (s)':>15}")
+    print(f"{'config':9} {'stack':12} {'round':>5} {'tokens/s':>10} {'step (s)':>9} {'peak mem (GB)':>14} {'first step (s)':>15}"
+          f" {'GFLOP/step':>11} {'of rate':>8}")
     for name in a.configs:
         row = results["configs"][name] = {"arch": CONFIGS[name]}
+        step_flops: dict[str, int] = {}  # per stack; the compiled stack runs the eager one's
         rounds: dict[str, list[dict]] = {stack: [] for stack in a.stacks}
         for r in range(a.rounds):  # the stacks take turns, so a drift of the machine hits both
             for stack in a.stacks:
@@ -299,8 +318,13 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 profile_table = payload.pop("profile", None)
                 rounds[stack].append(payload)
+                if "flops_per_step" in payload:
+                    step_flops[stack] = payload["flops_per_step"]
+                n_flops = step_flops.get("qlora_ext" if stack == "qlora_ext_compiled" else stack)
+                share = n_flops / payload["step_s_median"] / rate["flops_per_s"] if n_flops else float("nan")
                 print(f"{name:9} {stack:12} {r + 1:5} {payload['tokens_per_s']:10.0f} {payload['step_s_median']:9.3f} "
-                      f"{payload['peak_memory_gb']:14.2f} {payload['first_step_s'] or float('nan'):15.1f}")
+                      f"{payload['peak_memory_gb']:14.2f} {payload['first_step_s'] or float('nan'):15.1f}"
+                      f" {(n_flops or float('nan')) / 1e9:11.1f} {share:8.0%}")
                 if profile_table:
                     print(profile_table)
         for stack, runs in rounds.items():
@@ -308,10 +332,19 @@ def main(argv: list[str] | None = None) -> int:
                 row[stack] = dict(sorted(runs, key=lambda p: p["tokens_per_s"])[len(runs) // 2])
                 row[stack]["tokens_per_s_rounds"] = [p["tokens_per_s"] for p in runs]
         theirs = rounds.get("hf_peft_bnb", [])
+        floor_note = ""
+        if "qlora_ext" in step_flops:  # the least time a step of our FLOPs takes at the matrix rate
+            floor = row["floor_s"] = step_flops["qlora_ext"] / rate["flops_per_s"]
+            row["flops_per_step"] = step_flops
+            floor_note = f"a step's {step_flops['qlora_ext'] / 1e9:.0f} GFLOP take {floor:.2f} s at the matrix rate"
+            if theirs:
+                best = row["best_ratio_vs_hf_peft_bnb"] = statistics.median(t["step_s_median"] for t in theirs) / floor
+                floor_note += f", so at most {best:.2f}x over hf_peft_bnb"
+            print(f"{name:9} floor: {floor_note} ({rate['flops_per_s'] / 1e9:.1f} GFLOP/s, {rate['how']})")
         for stack, key in (("qlora_ext", "ratio_vs_hf_peft_bnb"), ("qlora_ext_compiled", "ratio_compiled_vs_hf_peft_bnb")):
             ours = rounds.get(stack, [])
             target = {"name": f"train {name} {stack}: tokens/s over hf_peft_bnb", "value": None, "sense": ">=",
-                      "limit": TARGETS[name], "unit": "x"}
+                      "limit": TARGETS[name], "unit": "x", "note": floor_note}
             if stack in a.stacks and "hf_peft_bnb" in a.stacks:
                 results["targets"].append(target)
             if not (ours and theirs):

@@ -386,7 +386,52 @@ def test_training_benchmarks_run(tmp_path):
     for stack in ("qlora_ext", "lora_dense", "hf_peft_bnb"):
         assert 0 < train[stack]["peak_memory_gb"] < 20
     assert train["ratio_vs_lora_dense"] > 0
+    # the floor: our step's FLOPs (the same as plain LoRA's) at the measured matrix rate
+    assert train["flops_per_step"]["qlora_ext"] == train["flops_per_step"]["lora_dense"] > 0
+    assert 0 < train["floor_s"] < train["qlora_ext"]["step_s_median"]
+    assert train["best_ratio_vs_hf_peft_bnb"] > 0 and "at most" in targets[0]["note"]
     seed = json.loads((tmp_path / "model_seed_7b.json").read_text())
     eager, compiled = seed["cases"]["eager"], seed["cases"]["compiled"]
     assert seed["arch"] == "tiny" and eager["it_per_s"] > 0 and compiled["it_per_s"] > 0
     assert eager["losses"] == pytest.approx(compiled["losses"], rel=1e-4)
+
+
+def test_flop_count_of_qlora_linear_ops_and_cpu_attention():
+    # bench/flops.py teaches torch's FlopCounterMode the ops it does not know: the NF4 linear, its
+    # input gradient (2 * M * in * out each) and CPU flash attention (causal: half the product).
+    import qlora_ext
+    from bench import flops
+
+    w = qlora_ext.to_nf4(torch.randn(96, 128))
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    assert flops.count(lambda: qlora_ext.linear_nf4(x, w)) == 2 * 6 * 128 * 96
+    assert flops.count(lambda: qlora_ext.linear_nf4(x, w).sum().backward()) == 2 * (2 * 6 * 128 * 96)
+    q, k, v = (torch.randn(2, 4, 32, 16, requires_grad=True) for _ in range(3))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    full = flops.count(lambda: sdpa(q, k, v))
+    assert full == 2 * (2 * 8 * 32 * 32 * 16)  # q @ k^T and p @ v
+    assert flops.count(lambda: sdpa(q, k, v, is_causal=True)) == full // 2
+    backward = 5 * full // 2  # torch's formula: the scores recomputed, then four products
+    assert flops.count(lambda: sdpa(q, k, v, is_causal=True).sum().backward()) == (full + backward) // 2
+
+
+def test_flop_count_of_a_qlora_training_step_equals_plain_loras():
+    # The floor of bench/model_train.py counts our QLoRA step; the same model with a dense base
+    # (aten matmuls, which torch counts itself) must come to the same FLOPs.
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench import flops
+    from model_train import qlora_ext_step
+
+    arch = dict(vocab_size=64, num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=64, intermediate_dim=128)
+    counts = []
+    for quantize in (True, False):
+        step, _ = qlora_ext_step(arch, 2, 16, torch.device("cpu"), torch.float32, quantize_base=quantize)
+        counts.append(flops.count(step))
+    assert counts[0] == counts[1] > 4 * 2 * 16 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 64 * 64)
+
+
+def test_matrix_rate_is_measured():
+    from bench import flops
+
+    rate = flops.matrix_rate(torch.device("cpu"), size=128, reps=2)
+    assert rate["flops_per_s"] > 1e6 and "torch.mm 128x128 float32" in rate["how"]
