@@ -29,27 +29,22 @@ __m256 load8(const void* base, int64_t i) {
   }
 }
 
+// 8 floats -> 8 bf16 or fp16 bit patterns, rounded to nearest even (as float_to_bf16 /
+// float_to_fp16; NaN becomes quiet NaN).
 template <DType D>
-void store8(void* base, int64_t i, __m256 v) {
-  if constexpr (D == DType::kFloat32) {
-    _mm256_storeu_ps(static_cast<float*>(base) + i, v);
+__m128i to16(__m256 v) {
+  if constexpr (D == DType::kBFloat16) {
+    __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    bits = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    bits = _mm256_srli_epi32(bits, 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x7fc0), nan);
+    // 32 -> 16 bits (every value fits): packus works per 128-bit lane, so gather lanes 0 and 2.
+    const __m256i packed = _mm256_packus_epi32(bits, bits);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
   } else {
-    __m128i h;
-    if constexpr (D == DType::kBFloat16) {
-      // Round to nearest even on the bit pattern, as float_to_bf16; NaN becomes quiet NaN.
-      __m256i bits = _mm256_castps_si256(v);
-      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-      bits = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
-      bits = _mm256_srli_epi32(bits, 16);
-      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-      bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x7fc0), nan);
-      // 32 -> 16 bits (every value fits): packus works per 128-bit lane, so gather lanes 0 and 2.
-      const __m256i packed = _mm256_packus_epi32(bits, bits);
-      h = _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
-    } else {
-      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i), h);
+    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
 }
 
@@ -133,25 +128,72 @@ inline void interleave(__m256 even, __m256 odd, __m256* first, __m256* second) {
   *second = _mm256_permute2f128_ps(a, b, 0x31);
 }
 
+// 16-bit outputs: per block, the 16 NF4 values times its absmax are rounded to the output
+// dtype once (the products and roundings each element would get), split into a table of their
+// low bytes and one of their high bytes, and the block's 64 codes look both up with vpshufb (a
+// 16-entry byte table per 128-bit lane). Unpacking the looked-up bytes into 16-bit values and
+// then even/odd pairs stays within lanes: lane 0 holds codes 0-31 of the block, lane 1 codes
+// 32-63, each stored as 128-bit quarters (no cross-lane shuffles; slow on AMD Zen 1).
 template <DType D>
-void dequantize_blocks_t(const Nf4View& w, int64_t first, int64_t last, void* out) {
+void dequantize_blocks_16bit(const Nf4View& w, int64_t first, int64_t last, void* out) {
+  const CodeTables& t = code_tables();
+  const __m256 lo = _mm256_loadu_ps(t.nf4), hi = _mm256_loadu_ps(t.nf4 + 8);
+  const __m128i split_bytes = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __m256i nibble = _mm256_set1_epi8(0x0f);
+  uint16_t* dst = static_cast<uint16_t*>(out);
+  for (int64_t b = first; b < last; ++b) {
+    const __m256 a = _mm256_set1_ps(block_absmax(w, b, t));
+    // values 0-7 and 8-15, each as [8 low bytes | 8 high bytes]
+    const __m128i v0 = _mm_shuffle_epi8(to16<D>(_mm256_mul_ps(lo, a)), split_bytes);
+    const __m128i v1 = _mm_shuffle_epi8(to16<D>(_mm256_mul_ps(hi, a)), split_bytes);
+    const __m256i low_bytes = _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(v0, v1));
+    const __m256i high_bytes = _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(v0, v1));
+    // byte j holds weights 2j (high nibble) and 2j + 1 (low nibble)
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.packed + b * (kBlockSize / 2)));
+    const __m256i even = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+    const __m256i odd = _mm256_and_si256(bytes, nibble);
+    const __m256i even_lo = _mm256_shuffle_epi8(low_bytes, even), even_hi = _mm256_shuffle_epi8(high_bytes, even);
+    const __m256i odd_lo = _mm256_shuffle_epi8(low_bytes, odd), odd_hi = _mm256_shuffle_epi8(high_bytes, odd);
+    // 16-bit values of bytes 0-7 / 8-15 of each lane, even and odd weights
+    const __m256i e0 = _mm256_unpacklo_epi8(even_lo, even_hi), e1 = _mm256_unpackhi_epi8(even_lo, even_hi);
+    const __m256i o0 = _mm256_unpacklo_epi8(odd_lo, odd_hi), o1 = _mm256_unpackhi_epi8(odd_lo, odd_hi);
+    // in weight order: per lane, r0 = bytes 0-3, r1 = 4-7, r2 = 8-11, r3 = 12-15 (8 weights each)
+    const __m256i r[4] = {_mm256_unpacklo_epi16(e0, o0), _mm256_unpackhi_epi16(e0, o0),
+                          _mm256_unpacklo_epi16(e1, o1), _mm256_unpackhi_epi16(e1, o1)};
+    __m128i* o = reinterpret_cast<__m128i*>(dst + (b - first) * kBlockSize);
+    for (int q = 0; q < 4; ++q) {
+      _mm_storeu_si128(o + q, _mm256_castsi256_si128(r[q]));           // weights 8q .. 8q + 7
+      _mm_storeu_si128(o + 4 + q, _mm256_extracti128_si256(r[q], 1));  // weights 32 + 8q ..
+    }
+  }
+}
+
+// float32 outputs: each 16 weights are looked up in the two table registers (vpermps), scaled
+// and put back in order. (This is bound by the bytes written; the 16-bit path is not.)
+void dequantize_blocks_f32(const Nf4View& w, int64_t first, int64_t last, float* out) {
   const CodeTables& t = code_tables();
   const __m256 lo = _mm256_loadu_ps(t.nf4), hi = _mm256_loadu_ps(t.nf4 + 8);
   for (int64_t b = first; b < last; ++b) {
     const __m256 a = _mm256_set1_ps(block_absmax(w, b, t));
-    const int64_t o = (b - first) * kBlockSize;
+    float* o = out + (b - first) * kBlockSize;
     for (int q = 0; q < 4; ++q) {
       const Pairs8 v = decode8(w.packed + b * (kBlockSize / 2) + 8 * q, lo, hi);
       __m256 first8, second8;
       interleave(_mm256_mul_ps(v.even, a), _mm256_mul_ps(v.odd, a), &first8, &second8);
-      store8<D>(out, o + 16 * q, first8);
-      store8<D>(out, o + 16 * q + 8, second8);
+      _mm256_storeu_ps(o + 16 * q, first8);
+      _mm256_storeu_ps(o + 16 * q + 8, second8);
     }
   }
 }
 
 void dequantize_blocks(const Nf4View& w, int64_t first, int64_t last, void* out, DType dtype) {
-  with_dtype(dtype, [&](auto d) { dequantize_blocks_t<d.value>(w, first, last, out); });
+  with_dtype(dtype, [&](auto d) {
+    if constexpr (d.value == DType::kFloat32) {
+      dequantize_blocks_f32(w, first, last, static_cast<float*>(out));
+    } else {
+      dequantize_blocks_16bit<d.value>(w, first, last, out);
+    }
+  });
 }
 
 constexpr int64_t kPrefetchBytes = 2048;  // how far ahead the stream of codes is prefetched
