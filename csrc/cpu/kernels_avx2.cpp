@@ -4,7 +4,8 @@
 //
 // The 16 NF4 values take two ymm registers: vpermps looks a code up in each half (it reads the
 // low 3 bits of the index) and bit 3 of the code picks the half. A code is the number of NF4
-// midpoints below the scaled value, counted with 15 compares (what the scalar binary search finds).
+// midpoints below the scaled value, found by the scalar code's four-step binary search on 8 lanes
+// at once. The 256-bit ops that cross 128-bit lanes are few: AMD Zen 1 runs them slowly.
 #define QLORA_ISA_NAMESPACE avx2_isa
 #include <immintrin.h>
 
@@ -68,16 +69,59 @@ inline float reduce_add(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The midpoints the binary search of nf4_code compares with, level by level: m7; m3 or m11; one
+// of m1, m5, m9, m13 (at code / 4); one of m0, m2, ..., m14 (at code / 2).
+struct MidpointSearch {
+  __m256 m7, m3, m11, quarter, half;
+
+  explicit MidpointSearch(const float* mid)
+      : m7(_mm256_set1_ps(mid[7])),
+        m3(_mm256_set1_ps(mid[3])),
+        m11(_mm256_set1_ps(mid[11])),
+        quarter(_mm256_setr_ps(mid[1], mid[5], mid[9], mid[13], 0.0f, 0.0f, 0.0f, 0.0f)),
+        half(_mm256_setr_ps(mid[0], mid[2], mid[4], mid[6], mid[8], mid[10], mid[12], mid[14])) {}
+
+  // The codes of 8 scaled values: nf4_code's four steps, with the thresholds of the later
+  // steps looked up per lane (what a scalar loop finds, NaN included: every compare is false).
+  __m256i codes(__m256 s) const {
+    const __m256 above_m7 = _mm256_cmp_ps(s, m7, _CMP_GT_OQ);
+    __m256i c = _mm256_and_si256(_mm256_castps_si256(above_m7), _mm256_set1_epi32(8));
+    const __m256 t4 = _mm256_blendv_ps(m3, m11, above_m7);
+    c = _mm256_or_si256(c, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(s, t4, _CMP_GT_OQ)), _mm256_set1_epi32(4)));
+    const __m256 t2 = _mm256_permutevar8x32_ps(quarter, _mm256_srli_epi32(c, 2));
+    c = _mm256_or_si256(c, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(s, t2, _CMP_GT_OQ)), _mm256_set1_epi32(2)));
+    const __m256 t1 = _mm256_permutevar8x32_ps(half, _mm256_srli_epi32(c, 1));
+    return _mm256_or_si256(c, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(s, t1, _CMP_GT_OQ)), _mm256_set1_epi32(1)));
+  }
+};
+
+// Packs a block's 64 codes (c[q] holds those of weights 8q .. 8q + 7, one per 32-bit lane) into
+// its 32 bytes, weight 2j in the high nibble of byte j. The codes are narrowed to bytes, each
+// adjacent pair is joined into one byte, and the lane order the packs leave is undone at the end.
+inline void pack_block(const __m256i c[8], uint8_t* out) {
+  // per 128-bit lane: weights 8q .. 8q + 3 of q = 0..3 (lane 0), 8q + 4 .. 8q + 7 (lane 1)
+  const __m256i low = _mm256_packus_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+  const __m256i high = _mm256_packus_epi16(_mm256_packs_epi32(c[4], c[5]), _mm256_packs_epi32(c[6], c[7]));
+  // each 16-bit unit holds an (even, odd) pair of codes: the byte (even << 4) | odd in its low half
+  const __m256i byte_mask = _mm256_set1_epi16(0x00ff);
+  const auto join = [&](__m256i u) {
+    return _mm256_and_si256(_mm256_or_si256(_mm256_slli_epi16(u, 4), _mm256_srli_epi16(u, 8)), byte_mask);
+  };
+  // lane 0: bytes of pairs 4q, 4q + 1 for q = 0..7; lane 1: pairs 4q + 2, 4q + 3
+  const __m256i pairs = _mm256_packus_epi16(join(low), join(high));
+  const __m128i lane0 = _mm256_castsi256_si128(pairs), lane1 = _mm256_extracti128_si256(pairs, 1);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_unpacklo_epi16(lane0, lane1));       // pairs 0-15
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm_unpackhi_epi16(lane0, lane1));  // 16-31
+}
+
 template <DType D>
 uint32_t quantize_blocks_t(const void* w, int64_t first, int64_t last, uint8_t* packed,
                            float* absmax) {
   const CodeTables& t = code_tables();
-  __m256 mids[15];
-  for (int i = 0; i < 15; ++i) mids[i] = _mm256_set1_ps(t.nf4_mid[i]);
+  const MidpointSearch search(t.nf4_mid);
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
   const __m256 minus_one = _mm256_set1_ps(-1.0f), one = _mm256_set1_ps(1.0f);
   __m256i seen = _mm256_setzero_si256();
-  alignas(32) int32_t codes[kBlockSize];
   for (int64_t b = first; b < last; ++b) {
     __m256 v[8];
     __m256i block_bits = _mm256_setzero_si256();
@@ -90,16 +134,11 @@ uint32_t quantize_blocks_t(const void* w, int64_t first, int64_t last, uint8_t* 
     const float amax = float_from_bits(reduce_max_u32(block_bits));
     absmax[b] = amax;
     const __m256 inv = _mm256_set1_ps(inverse_absmax(amax));
+    __m256i codes[8];
     for (int q = 0; q < 8; ++q) {
-      const __m256 s = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v[q], inv), minus_one), one);
-      __m256i c = _mm256_setzero_si256();
-      for (int i = 0; i < 15; ++i) {  // a true compare is -1: subtracting it counts
-        c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(s, mids[i], _CMP_GT_OQ)));
-      }
-      _mm256_store_si256(reinterpret_cast<__m256i*>(codes + 8 * q), c);
+      codes[q] = search.codes(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v[q], inv), minus_one), one));
     }
-    uint8_t* out = packed + b * (kBlockSize / 2);
-    for (int j = 0; j < kBlockSize / 2; ++j) out[j] = pack_codes(codes[2 * j], codes[2 * j + 1]);
+    pack_block(codes, packed + b * (kBlockSize / 2));
   }
   return reduce_max_u32(seen);
 }
