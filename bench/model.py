@@ -61,7 +61,10 @@ def _run_script(ctx: Context, path: Path, out_dir: Path) -> Report:
     for file_name, content in results.items():  # a script's own targets, judged like any benchmark's
         for t in content.get("targets", []) if isinstance(content, dict) else []:
             try:
-                report.targets.append(Target.check(t["name"], t["value"], t["sense"], t["limit"], t["unit"], t.get("note", "")))
+                target = Target.check(t["name"], t["value"], t["sense"], t["limit"], t["unit"], t.get("note", ""))
+                if target.value is not None:
+                    target.note = t.get("note", "")  # e.g. what limits the value
+                report.targets.append(target)
             except (KeyError, TypeError, ValueError) as e:
                 raise RuntimeError(f"{path.name} wrote {file_name} with a malformed target {t!r}: {e}") from None
     mode_flag = "" if ctx.mode == "full" else f" --{ctx.mode}"

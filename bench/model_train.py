@@ -321,10 +321,10 @@ def main(argv: list[str] | None = None) -> int:
                 if "flops_per_step" in payload:
                     step_flops[stack] = payload["flops_per_step"]
                 n_flops = step_flops.get("qlora_ext" if stack == "qlora_ext_compiled" else stack)
-                share = n_flops / payload["step_s_median"] / rate["flops_per_s"] if n_flops else float("nan")
+                flops_cells = (f"{n_flops / 1e9:11.1f} {n_flops / payload['step_s_median'] / rate['flops_per_s']:8.0%}"
+                               if n_flops else f"{'-':>11} {'-':>8}")  # HF's: not countable, see _worker
                 print(f"{name:9} {stack:12} {r + 1:5} {payload['tokens_per_s']:10.0f} {payload['step_s_median']:9.3f} "
-                      f"{payload['peak_memory_gb']:14.2f} {payload['first_step_s'] or float('nan'):15.1f}"
-                      f" {(n_flops or float('nan')) / 1e9:11.1f} {share:8.0%}")
+                      f"{payload['peak_memory_gb']:14.2f} {payload['first_step_s'] or float('nan'):15.1f} {flops_cells}")
                 if profile_table:
                     print(profile_table)
         for stack, runs in rounds.items():

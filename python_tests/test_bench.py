@@ -286,7 +286,7 @@ def test_model_slot_runs_plain_scripts(tmp_path, monkeypatch):
             print(f"table of the fake benchmark on {a.device}, quick={a.quick}")
             with open(os.path.join(a.out, "model_fake_for_tests.json"), "w") as f:
                 json.dump({"tokens_per_s": 123, "targets": [
-                    {"name": "fast", "value": 2.5, "sense": ">=", "limit": 2.0, "unit": "x"},
+                    {"name": "fast", "value": 2.5, "sense": ">=", "limit": 2.0, "unit": "x", "note": "at most 3x"},
                     {"name": "small", "value": None, "sense": "<=", "limit": 1.0, "unit": "GB"}]}, f)
             sys.exit(3 if a.smoke else 0)
     """))
@@ -298,6 +298,7 @@ def test_model_slot_runs_plain_scripts(tmp_path, monkeypatch):
     # the script's targets are the benchmark's: judged, or "not measured" without a value
     assert [(t.name, t.met) for t in report.targets] == [("fast", True), ("small", None)]
     assert report.targets[1].note == "not measured in this run"
+    assert report.targets[0].note == "at most 3x"  # a measured target keeps the script's note
     assert report.script["stdout"] == "table of the fake benchmark on cpu, quick=True\n"
     assert report.script["command"] == "python bench/model_fake_for_tests.py --device cpu --quick --out DIR"
     assert list(out.iterdir()) == []  # the script's scratch folder is gone; the harness writes the result
