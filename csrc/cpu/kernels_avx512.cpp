@@ -9,9 +9,8 @@
 #define QLORA_ISA_NAMESPACE avx512_isa
 #include <immintrin.h>
 
-#include <utility>
-
 #include "cpu_kernels.h"
+#include "gemv_loops.h"
 
 namespace qlora::cpu {
 namespace {
@@ -109,6 +108,12 @@ uint32_t quantize_blocks(const void* w, DType dtype, int64_t first, int64_t last
   return with_dtype(dtype, [&](auto d) { return quantize_blocks_t<d.value>(w, first, last, packed, absmax); });
 }
 
+// The 16 NF4 values in one register: the table of the gemv kernels.
+struct NF4Register {
+  __m512 values;
+  explicit NF4Register(const CodeTables& t) : values(_mm512_loadu_ps(t.nf4)) {}
+};
+
 // The NF4 values of 32 weights (16 packed bytes): even-indexed weights and odd-indexed ones.
 struct HalfBlock {
   __m512 even;
@@ -157,7 +162,8 @@ constexpr int64_t kPrefetchBytes = 2048;  // how far ahead the stream of codes i
 template <int MB>
 void gemv_rows_span(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end, int64_t k0,
                     int64_t k1, bool first, const float* x, int64_t ldx, float* y, int64_t ldy,
-                    const CodeTables& t, __m512 table) {
+                    const CodeTables& t, const NF4Register& nf4) {
+  const __m512 table = nf4.values;
   const int64_t blocks_per_row = K / kBlockSize;
   for (int64_t n = n_begin; n < n_end; ++n) {
     __m512 acc[MB];
@@ -184,43 +190,6 @@ void gemv_rows_span(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end,
   }
 }
 
-// x is read in column chunks small enough to stay in L1/L2 while a group of W rows streams past
-// (a long row of x would otherwise be re-read from further out for every row of W).
-constexpr int64_t kRowsChunkCols = 2048;
-constexpr int64_t kRowsGroup = 64;
-constexpr int64_t kRowsWholeBytes = 64 << 10;
-
-template <int MB>
-void gemv_rows_mb(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end, const float* x,
-                  int64_t ldx, float* y, int64_t ldy) {
-  const CodeTables& t = code_tables();
-  const __m512 table = _mm512_loadu_ps(t.nf4);
-  // When x is small enough to stay in L1 anyway, whole rows: W then streams sequentially.
-  const int64_t chunk = MB * K * 4 <= kRowsWholeBytes ? K : kRowsChunkCols;
-  for (int64_t g = n_begin; g < n_end; g += kRowsGroup) {
-    const int64_t g_end = g + kRowsGroup < n_end ? g + kRowsGroup : n_end;
-    for (int64_t k0 = 0; k0 < K; k0 += chunk) {
-      const int64_t k1 = k0 + chunk < K ? k0 + chunk : K;
-      gemv_rows_span<MB>(w, K, g, g_end, k0, k1, k0 == 0, x, ldx, y, ldy, t, table);
-    }
-  }
-}
-
-using GemvRowsFn = void (*)(const Nf4View&, int64_t, int64_t, int64_t, const float*, int64_t,
-                            float*, int64_t);
-
-template <int... MB>
-constexpr GemvRowsFn gemv_rows_for(int64_t M, std::integer_sequence<int, MB...>) {
-  constexpr GemvRowsFn table[] = {&gemv_rows_mb<MB + 1>...};
-  return table[M - 1];
-}
-
-void gemv_rows(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end, const float* x,
-               int64_t M, int64_t ldx, float* y, int64_t ldy) {
-  gemv_rows_for(M, std::make_integer_sequence<int, kMaxFusedRows>{})(w, K, n_begin, n_end, x,
-                                                                     ldx, y, ldy);
-}
-
 constexpr int64_t kColsPrefetchRows = 8;  // rows ahead whose codes are prefetched
 
 // 64 columns [k, k + 64) of grad_x for MB rows, over rows [n0, n1) of W: adds
@@ -228,7 +197,8 @@ constexpr int64_t kColsPrefetchRows = 8;  // rows ahead whose codes are prefetch
 template <int MB>
 void gemv_cols_block(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64_t k, bool first,
                      const float* gy, int64_t ldgy, float* gx, int64_t ldgx, const CodeTables& t,
-                     __m512 table) {
+                     const NF4Register& nf4) {
+  const __m512 table = nf4.values;
   const int64_t blocks_per_row = K / kBlockSize;
   __m512 acc[MB][4];
   for (int m = 0; m < MB; ++m)
@@ -263,39 +233,21 @@ void gemv_cols_block(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64_
   }
 }
 
-constexpr int kColsRows = 4;  // rows of grad_y per pass: 4 x 4 accumulators stay in registers
-// W rows per pass over the columns: the group's codes (and their absmax codes) stay in L2 and
-// within few pages while every 64-column slice walks down it; walking all N rows per slice
-// instead thrashes the TLB (rows are K/2 bytes apart).
-constexpr int64_t kColsGroup = 128;
-
-void gemv_cols(const Nf4View& w, int64_t N, int64_t K, int64_t k_begin, int64_t k_end,
-               const float* gy, int64_t M, int64_t ldgy, float* gx, int64_t ldgx) {
-  const CodeTables& t = code_tables();
-  const __m512 table = _mm512_loadu_ps(t.nf4);
-  for (int64_t n0 = 0; n0 < N; n0 += kColsGroup) {
-    const int64_t n1 = n0 + kColsGroup < N ? n0 + kColsGroup : N;
-    for (int64_t k = k_begin; k < k_end; k += kBlockSize) {
-      for (int64_t m = 0; m < M; m += kColsRows) {
-        const float* g = gy + m * ldgy;
-        float* out = gx + m * ldgx;
-        const bool first = n0 == 0;
-        switch (M - m < kColsRows ? M - m : kColsRows) {
-          case 1: gemv_cols_block<1>(w, K, n0, n1, k, first, g, ldgy, out, ldgx, t, table); break;
-          case 2: gemv_cols_block<2>(w, K, n0, n1, k, first, g, ldgy, out, ldgx, t, table); break;
-          case 3: gemv_cols_block<3>(w, K, n0, n1, k, first, g, ldgy, out, ldgx, t, table); break;
-          default: gemv_cols_block<4>(w, K, n0, n1, k, first, g, ldgy, out, ldgx, t, table); break;
-        }
-      }
-    }
-  }
-}
+// The inner kernels the loops of gemv_loops.h run.
+struct Gemv {
+  using Table = NF4Register;
+  static constexpr int kColsRows = 4;  // rows of grad_y per pass: 4 x 4 accumulators stay in registers
+  template <int MB>
+  static constexpr auto rows_span = &gemv_rows_span<MB>;
+  template <int MB>
+  static constexpr auto cols_block = &gemv_cols_block<MB>;
+};
 
 }  // namespace
 
 const CpuKernels* avx512_kernels() {
-  static const CpuKernels kernels{"avx512", quantize_blocks, dequantize_blocks, gemv_rows,
-                                  gemv_cols};
+  static const CpuKernels kernels{"avx512", quantize_blocks, dequantize_blocks,
+                                  gemv_rows<Gemv>, gemv_cols<Gemv>};
   return &kernels;
 }
 

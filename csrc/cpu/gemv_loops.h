@@ -1,0 +1,100 @@
+// The loops around the fused small-M kernels, shared by the AVX2 and AVX-512 files: how W is
+// walked (groups of rows and column chunks forward; 64-column slices down groups of rows
+// backward) and the choice of the instantiation for M. Each file passes its own inner kernels
+// as a policy type, and includes this after defining QLORA_ISA_NAMESPACE, so every loop here is
+// compiled with that file's instruction set and never shared with another file's copy.
+//
+// The policy `Isa` has:
+//   Isa::Table                   the code table in registers, constructed from a CodeTables
+//   Isa::rows_span<MB>(...)      gemv_rows over rows [n_begin, n_end), columns [k0, k1)
+//   Isa::cols_block<MB>(...)     gemv_cols' 64 columns [k, k + 64) over rows [n0, n1)
+//   Isa::kColsRows               the most rows of grad_y one cols_block keeps in registers
+#pragma once
+
+#include <cstdint>
+#include <utility>
+
+#include "cpu_kernels.h"
+
+namespace qlora::cpu {
+inline namespace QLORA_ISA_NAMESPACE {
+
+// x is read in column chunks small enough to stay in L1/L2 while a group of W rows streams past
+// (a long row of x would otherwise be re-read from further out for every row of W). When x is
+// small enough to stay in L1 anyway, whole rows: W then streams sequentially.
+constexpr int64_t kRowsChunkCols = 2048;
+constexpr int64_t kRowsGroup = 64;
+constexpr int64_t kRowsWholeBytes = 64 << 10;
+
+// W rows per pass over the columns backward: the group's codes (and their absmax codes) stay in
+// L2 and within few pages while every 64-column slice walks down it; walking all N rows per
+// slice instead thrashes the TLB (rows are K/2 bytes apart).
+constexpr int64_t kColsGroup = 128;
+
+template <typename Isa, int MB>
+void gemv_rows_mb(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end, const float* x,
+                  int64_t ldx, float* y, int64_t ldy) {
+  const CodeTables& t = code_tables();
+  const typename Isa::Table table(t);
+  const int64_t chunk = MB * K * 4 <= kRowsWholeBytes ? K : kRowsChunkCols;
+  for (int64_t g = n_begin; g < n_end; g += kRowsGroup) {
+    const int64_t g_end = g + kRowsGroup < n_end ? g + kRowsGroup : n_end;
+    for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+      const int64_t k1 = k0 + chunk < K ? k0 + chunk : K;
+      Isa::template rows_span<MB>(w, K, g, g_end, k0, k1, k0 == 0, x, ldx, y, ldy, t, table);
+    }
+  }
+}
+
+using GemvRowsFn = void (*)(const Nf4View&, int64_t, int64_t, int64_t, const float*, int64_t,
+                            float*, int64_t);
+
+template <typename Isa, int... MB>
+constexpr GemvRowsFn gemv_rows_for(int64_t M, std::integer_sequence<int, MB...>) {
+  constexpr GemvRowsFn table[] = {&gemv_rows_mb<Isa, MB + 1>...};
+  return table[M - 1];
+}
+
+// CpuKernels::gemv_rows.
+template <typename Isa>
+void gemv_rows(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end, const float* x,
+               int64_t M, int64_t ldx, float* y, int64_t ldy) {
+  gemv_rows_for<Isa>(M, std::make_integer_sequence<int, kMaxFusedRows>{})(w, K, n_begin, n_end,
+                                                                          x, ldx, y, ldy);
+}
+
+// Isa::cols_block<MB> for MB = rows (1 <= rows <= MB_MAX).
+template <typename Isa, int MB_MAX = Isa::kColsRows>
+void cols_block_of_rows(int64_t rows, const Nf4View& w, int64_t K, int64_t n0, int64_t n1,
+                        int64_t k, bool first, const float* gy, int64_t ldgy, float* gx,
+                        int64_t ldgx, const CodeTables& t, const typename Isa::Table& table) {
+  if constexpr (MB_MAX > 1) {
+    if (rows < MB_MAX) {
+      cols_block_of_rows<Isa, MB_MAX - 1>(rows, w, K, n0, n1, k, first, gy, ldgy, gx, ldgx, t,
+                                          table);
+      return;
+    }
+  }
+  Isa::template cols_block<MB_MAX>(w, K, n0, n1, k, first, gy, ldgy, gx, ldgx, t, table);
+}
+
+// CpuKernels::gemv_cols.
+template <typename Isa>
+void gemv_cols(const Nf4View& w, int64_t N, int64_t K, int64_t k_begin, int64_t k_end,
+               const float* gy, int64_t M, int64_t ldgy, float* gx, int64_t ldgx) {
+  const CodeTables& t = code_tables();
+  const typename Isa::Table table(t);
+  for (int64_t n0 = 0; n0 < N; n0 += kColsGroup) {
+    const int64_t n1 = n0 + kColsGroup < N ? n0 + kColsGroup : N;
+    for (int64_t k = k_begin; k < k_end; k += kBlockSize) {
+      for (int64_t m = 0; m < M; m += Isa::kColsRows) {
+        const int64_t rows = M - m < Isa::kColsRows ? M - m : Isa::kColsRows;
+        cols_block_of_rows<Isa>(rows, w, K, n0, n1, k, n0 == 0, gy + m * ldgy, ldgy,
+                                gx + m * ldgx, ldgx, t, table);
+      }
+    }
+  }
+}
+
+}  // namespace QLORA_ISA_NAMESPACE
+}  // namespace qlora::cpu
