@@ -80,8 +80,9 @@ def _device(requested: str | None, ext) -> str:
     return requested or ("cuda" if usable else "cpu")
 
 
-def run_one(name: str, module: str, ctx, out_root: Path) -> dict:
-    """Runs one benchmark, writes and returns its result."""
+def run_one(name: str, module: str, ctx, out_root: Path) -> dict | None:
+    """Runs one benchmark, writes and returns its result; None, and nothing written, when it was a
+    script that measured nothing on this device (model_seed_7b on a CPU: its output says why)."""
     from bench import machine, model
     from bench.report import SCHEMA_VERSION, validate
 
@@ -91,6 +92,9 @@ def run_one(name: str, module: str, ctx, out_root: Path) -> dict:
     load_start = os.getloadavg()[0]
     start = time.perf_counter()
     report = model.runner(module, slug_dir)(ctx)
+    if report.script is not None and not report.script["results"]:
+        ctx.log(f"{name} measured nothing on {ctx.device}; no result written")
+        return None
     if ctx.smoke:  # tiny shapes on purpose: a target met or missed there would say nothing
         for t in report.targets:
             t.met, t.note = None, "smoke run: not evaluated"
@@ -152,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             print(f"\nBENCHMARK FAILED: {name}\n", flush=True)
             failed.append(name)
+            continue
+        if result is None:
             continue
         print("\n" + render_text(result), flush=True)
         missed += sum(t["met"] is False for t in result["targets"])

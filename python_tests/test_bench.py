@@ -308,6 +308,24 @@ def test_model_slot_runs_plain_scripts(tmp_path, monkeypatch):
         runner("model_fake_for_tests", out)(Context("cpu", "smoke", ring_bytes=1 << 16))
 
 
+def test_a_script_that_measures_nothing_leaves_no_result(tmp_path, monkeypatch):
+    """model_seed_7b on a CPU only says that its figures are GPU figures: no result file for that."""
+    script = tmp_path / "model_gpu_only_for_tests.py"
+    script.write_text(textwrap.dedent("""
+        import argparse
+        if __name__ == "__main__":
+            p = argparse.ArgumentParser()
+            p.add_argument("--device"); p.add_argument("--out"); p.add_argument("--quick", action="store_true")
+            p.parse_args()
+            print("GPU figures: nothing to compare on a CPU")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    results = tmp_path / "results"
+    ctx = Context("cpu", "quick", ring_bytes=1 << 16)
+    assert run_one("model_gpu_only_for_tests", "model_gpu_only_for_tests", ctx, results) is None
+    assert [p for p in results.rglob("*") if p.is_file()] == []
+
+
 # -- the command line and gpu_check.sh ---------------------------------------------------------
 
 
