@@ -55,16 +55,18 @@ def test_default_run_reduced(tmp_path, capsys):
 
 
 def test_seed_7b_config_code_path_on_tiny_hf_checkpoint(tmp_path, tiny_ckpt, small_data, capsys):
-    """The llama2_7b_qlora_single_device config (by torchtune's name, with the seed's checkpoint_files
-    key), with only the model size, device and paths changed."""
+    """The llama2_7b_qlora_single_device config (by torchtune's name, with the seed's overrides
+    checkpointer.checkpoint_files and tokenizer_checkpoint), with only the model size, device and
+    paths changed."""
     out = tmp_path / "run"
     args = ["--config", "llama2/7B_qlora_single_device", "model.builder=qlora_llama2", f"checkpointer.checkpoint_dir={tiny_ckpt}",
             "checkpointer.checkpoint_files=[model.safetensors]",
-            f"tokenizer.path={ASSETS_DIR / 'tokenizer.model'}", f"dataset.data_files={small_data}", f"output_dir={out}",
+            f"tokenizer_checkpoint={ASSETS_DIR / 'tokenizer.model'}", f"dataset.data_files={small_data}", f"output_dir={out}",
             "device=cpu", "dtype=fp32", "max_steps_per_epoch=2", "lr_scheduler.num_warmup_steps=1"]
     assert finetune.main(args) == 0
     cfg = load_config(str(out / "config.yaml"))
     assert cfg.checkpointer.checkpoint_files == ["model.safetensors"]
+    assert cfg.tokenizer.path == str(ASSETS_DIR / "tokenizer.model")
     assert cfg.enable_activation_checkpointing and cfg.gradient_accumulation_steps == 8 and cfg.model.lora_rank == 8
     adapter_cfg = json.loads((out / "epoch_0" / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 8 and adapter_cfg["lora_alpha"] == 16

@@ -22,6 +22,9 @@ from qlora_ext.training.config_schema import ARCH_KEYS, GENERIC_BUILDERS, REQUIR
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
+# Override keys in torchtune's spelling (the seed tutorial's) that ours names differently.
+KEY_ALIASES = {"tokenizer_checkpoint": "tokenizer.path"}
+
 
 class ConfigError(ValueError):
     """A config file, key or value the trainer cannot use."""
@@ -64,7 +67,8 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         name_or_path: a name from ``available_configs()`` (or torchtune's spelling of it,
             ``llama2/7B_qlora_single_device``) or the path of a YAML file.
         overrides: ``"dotted.key=value"`` strings; values are parsed as YAML (``16``, ``True``,
-            ``null``, ``[q_proj,v_proj]``); later ones win.
+            ``null``, ``[q_proj,v_proj]``); later ones win. The seed tutorial's
+            ``tokenizer_checkpoint=PATH`` sets ``tokenizer.path`` (``KEY_ALIASES``).
 
     Raises:
         ConfigError: unknown config name, unreadable YAML, unknown key, bad value.
@@ -108,6 +112,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def _apply_override(raw: dict, text: str) -> None:
     key, value = parse_override(text)
+    key = KEY_ALIASES.get(key, key)
     parts = key.split(".")
     node, schema = raw, SCHEMA
     for depth, part in enumerate(parts):
