@@ -95,6 +95,15 @@ def test_reduction_in_several_tiles(shape, cpu_isa):
     assert_close_to_exact(x.grad, grad_y.double() @ dense.double(), grad_y @ dense)
 
 
+@pytest.mark.parametrize("rows", [8, 16])
+def test_small_m_forward_in_column_chunks(rows, cpu_isa):
+    # The fused small-M forward reads x in chunks of about 32 KB: K = 2112 takes several at 8 and
+    # 16 rows, whose partial sums accumulate.
+    nf4, dense, x = case((40, 2112), rows, torch.float32, "cpu", batch=())
+    y = linear_nf4(x, nf4)
+    assert_close_to_exact(y, x.double() @ dense.double().t(), F.linear(x, dense))
+
+
 @pytest.mark.parametrize("device", devices())
 def test_double_backward(device):
     nf4, dense, x = case((64, 128), 3, torch.float32, device, batch=())

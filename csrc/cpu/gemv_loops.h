@@ -19,12 +19,24 @@
 namespace qlora::cpu {
 inline namespace QLORA_ISA_NAMESPACE {
 
-// x is read in column chunks small enough to stay in L1/L2 while a group of W rows streams past
-// (a long row of x would otherwise be re-read from further out for every row of W). When x is
-// small enough to stay in L1 anyway, whole rows: W then streams sequentially.
-constexpr int64_t kRowsChunkCols = 2048;
+// x is read in column chunks of about 32 KB (all MB rows together), which stay in L1 while a
+// group of W rows streams past: every 16 products read a fresh line of x, and from L2 the
+// kernel waits on them. (The earlier chunks, 2048 columns or whole rows up to 64 KB, took
+// 1.2-1.5x as long at 4, 8, 12 and 16 rows on the 2-core AVX-512 Xeon, whose L1 is 48 KB.)
+// When the whole of x fits, whole rows: W then streams sequentially.
+constexpr int64_t kRowsChunkBytes = 32 << 10;
 constexpr int64_t kRowsGroup = 64;
-constexpr int64_t kRowsWholeBytes = 64 << 10;
+
+// The columns of one chunk for MB rows of x: K when x fits whole, else about equal chunks (a
+// multiple of the NF4 block each) rather than full ones and a sliver.
+template <int MB>
+constexpr int64_t rows_chunk_cols(int64_t K) {
+  const int64_t fit = kRowsChunkBytes / (MB * int64_t{4});
+  if (fit >= K) return K;
+  const int64_t chunks = (K + fit - 1) / fit;
+  const int64_t cols = (K + chunks - 1) / chunks;
+  return (cols + kBlockSize - 1) / kBlockSize * kBlockSize;
+}
 
 // W rows per pass over the columns backward: the group's codes (and their absmax codes) stay in
 // L2 and within few pages while every 64-column slice walks down it; walking all N rows per
@@ -36,7 +48,7 @@ void gemv_rows_mb(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end, c
                   int64_t ldx, float* y, int64_t ldy) {
   const CodeTables& t = code_tables();
   const typename Isa::Table table(t);
-  const int64_t chunk = MB * K * 4 <= kRowsWholeBytes ? K : kRowsChunkCols;
+  const int64_t chunk = rows_chunk_cols<MB>(K);
   for (int64_t g = n_begin; g < n_end; g += kRowsGroup) {
     const int64_t g_end = g + kRowsGroup < n_end ? g + kRowsGroup : n_end;
     for (int64_t k0 = 0; k0 < K; k0 += chunk) {
