@@ -23,16 +23,18 @@ inline namespace QLORA_ISA_NAMESPACE {
 // group of W rows streams past: every 16 products read a fresh line of x, and from L2 the
 // kernel waits on them. (The earlier chunks, 2048 columns or whole rows up to 64 KB, took
 // 1.2-1.5x as long at 4, 8, 12 and 16 rows on the 2-core AVX-512 Xeon, whose L1 is 48 KB.)
-// When the whole of x fits, whole rows: W then streams sequentially.
+// When the whole of x takes at most 48 KB, whole rows: W then streams sequentially, which one
+// row of x needs more than L1 hits (a 1 x 11008 x in two chunks took 1.5x as long).
 constexpr int64_t kRowsChunkBytes = 32 << 10;
+constexpr int64_t kRowsWholeBytes = 48 << 10;
 constexpr int64_t kRowsGroup = 64;
 
-// The columns of one chunk for MB rows of x: K when x fits whole, else about equal chunks (a
-// multiple of the NF4 block each) rather than full ones and a sliver.
+// The columns of one chunk for MB rows of x: K when x is small enough whole, else about equal
+// chunks (a multiple of the NF4 block each) rather than full ones and a sliver.
 template <int MB>
 constexpr int64_t rows_chunk_cols(int64_t K) {
+  if (MB * K * 4 <= kRowsWholeBytes) return K;
   const int64_t fit = kRowsChunkBytes / (MB * int64_t{4});
-  if (fit >= K) return K;
   const int64_t chunks = (K + fit - 1) / fit;
   const int64_t cols = (K + chunks - 1) / chunks;
   return (cols + kBlockSize - 1) / kBlockSize * kBlockSize;
