@@ -23,8 +23,8 @@ inline namespace QLORA_ISA_NAMESPACE {
 // group of W rows streams past: every 16 products read a fresh line of x, and from L2 the
 // kernel waits on them. (The earlier chunks, 2048 columns or whole rows up to 64 KB, took
 // 1.2-1.5x as long at 4, 8, 12 and 16 rows on the 2-core AVX-512 Xeon, whose L1 is 48 KB.)
-// When the whole of x takes at most 48 KB, whole rows: W then streams sequentially, which one
-// row of x needs more than L1 hits (a 1 x 11008 x in two chunks took 1.5x as long).
+// When the whole of x takes at most 48 KB, whole rows, so that W streams sequentially: at one
+// row of x that matters more than L1 hits (a 1 x 11008 x in two chunks took 1.5x as long).
 constexpr int64_t kRowsChunkBytes = 32 << 10;
 constexpr int64_t kRowsWholeBytes = 48 << 10;
 constexpr int64_t kRowsGroup = 64;
