@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     asked = " ".join(args.benchmark)
     if not todo:
         print(f"python -m bench {asked}: nothing to run (no bench/model_*.py yet)")
-    failed, missed = [], 0
+    failed, empty, missed = [], [], 0
     for name, module in todo:
         ctx.log(f"=== {name} on {ctx.device} ({mode}; rings of {ctx.ring_bytes >> 20} MiB)")
         try:
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
             continue
         if result is None:
+            empty.append(name)
             continue
         print("\n" + render_text(result), flush=True)
         missed += sum(t["met"] is False for t in result["targets"])
@@ -167,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         readme.rewrite(README, RESULTS)
         readme.rewrite(TOP_README, RESULTS, status=True)
         print(f"rewrote the results section of {README} and the status lines of {TOP_README}")
-    print(f"python -m bench {asked}: {len(todo) - len(failed)} ran, {len(failed)} failed{' (' + ', '.join(failed) + ')' if failed else ''}; {missed} target(s) missed")
+    nothing = f", {len(empty)} measured nothing here ({', '.join(empty)})" if empty else ""
+    print(f"python -m bench {asked}: {len(todo) - len(failed) - len(empty)} ran, {len(failed)} failed"
+          f"{' (' + ', '.join(failed) + ')' if failed else ''}{nothing}; {missed} target(s) missed")
     if failed:
         return 1
     return 2 if missed and args.fail_on_missed_targets else 0

@@ -434,10 +434,10 @@ def test_flop_count_of_qlora_linear_ops_and_cpu_attention():
     assert flops.count(lambda: sdpa(q, k, v, is_causal=True).sum().backward()) == (full + backward) // 2
 
 
-def test_flop_count_of_a_qlora_training_step_equals_plain_loras():
+def test_flop_count_of_a_qlora_training_step_equals_plain_loras(monkeypatch):
     # The floor of bench/model_train.py counts our QLoRA step; the same model with a dense base
     # (aten matmuls, which torch counts itself) must come to the same FLOPs.
-    sys.path.insert(0, str(REPO / "bench"))
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
     from bench import flops
     from model_train import qlora_ext_step
 
