@@ -16,7 +16,8 @@ llama2/7B_qlora_single_device`` (a local Llama-2-7b-hf folder and a local Alpaca
 
 Any config key can be overridden as ``dotted.key=value`` (``model.lora_rank=16``, ``compile=True``,
 ``max_steps_per_epoch=100``, ``resume_from_checkpoint=True``); ``--list-configs`` shows the
-bundled configs and ``--config PATH.yaml`` reads your own. Everything goes to ``output_dir``:
+bundled configs and ``--config PATH.yaml`` reads your own, in our keys or as a torchtune recipe
+config (``_component_`` sections; its overrides use torchtune's keys). Everything goes to ``output_dir``:
 the resolved ``config.yaml``, ``logs/metrics.jsonl``, ``loss_curve.png``, and a checkpoint folder
 per epoch (PEFT adapter, merged HF model, tokenizer, config) plus ``recipe_state.pt`` for resuming.
 """
@@ -249,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(available_configs()))
         return 0
     try:
-        cfg = load_config(args.config, args.overrides)
+        notes: list[str] = []
+        cfg = load_config(args.config, args.overrides, notes)
+        for note in notes:
+            print(f"note: {note}")
         train(cfg)
     except (ConfigError, DataError, checkpointing.ResumeError, MissingDependencyError, model_setup.ModelSetupError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from qlora_ext.training.config_schema import ARCH_KEYS, GENERIC_BUILDERS, REQUIRED, SCHEMA, Opt
+from qlora_ext.training.torchtune_config import TorchtuneConfigError, is_torchtune_config, resolve_interpolations, translate
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -60,15 +61,18 @@ def available_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
-def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), notes: list[str] | None = None) -> Config:
     """Reads a bundled config by name (or a YAML file by path), applies overrides, validates.
 
     Args:
         name_or_path: a name from ``available_configs()`` (or torchtune's spelling of it,
-            ``llama2/7B_qlora_single_device``) or the path of a YAML file.
+            ``llama2/7B_qlora_single_device``) or the path of a YAML file, ours or a torchtune
+            recipe config (``_component_`` sections, read by ``torchtune_config``).
         overrides: ``"dotted.key=value"`` strings; values are parsed as YAML (``16``, ``True``,
             ``null``, ``[q_proj,v_proj]``); later ones win. The seed tutorial's
-            ``tokenizer_checkpoint=PATH`` sets ``tokenizer.path`` (``KEY_ALIASES``).
+            ``tokenizer_checkpoint=PATH`` sets ``tokenizer.path`` (``KEY_ALIASES``). On a
+            torchtune config they use its keys, as ``tune run`` would, before it is translated.
+        notes: if given, gets a line for each torchtune setting that is read differently here.
 
     Raises:
         ConfigError: unknown config name, unreadable YAML, unknown key, bad value.
@@ -89,9 +93,20 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of keys to values; got {type(raw).__name__}")
-    _check_known_keys(raw, SCHEMA, prefix="", where=f"in {path}")
-    for override in overrides:
-        _apply_override(raw, override)
+    if is_torchtune_config(raw):
+        for override in overrides:
+            _set_raw(raw, override)
+        try:
+            raw, torchtune_notes = translate(resolve_interpolations(raw))
+        except TorchtuneConfigError as e:
+            raise ConfigError(f"--config: {path} (a torchtune config): {e}") from None
+        if notes is not None:
+            notes.extend(torchtune_notes)
+        _check_known_keys(raw, SCHEMA, prefix="", where=f"in {path} or its overrides (read as a torchtune config)")
+    else:
+        _check_known_keys(raw, SCHEMA, prefix="", where=f"in {path}")
+        for override in overrides:
+            _apply_override(raw, override)
     values = _resolve(raw, SCHEMA, prefix="")
     _check_cross_keys(values)
     return Config(values)
@@ -132,6 +147,18 @@ def _apply_override(raw: dict, text: str) -> None:
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{text}': '{here}' in the config file is not a section")
             schema = schema[part]
+
+
+def _set_raw(raw: dict, text: str) -> None:
+    """An override set as is, with no schema to check it against yet (a torchtune config's keys)."""
+    key, value = parse_override(text)
+    parts = KEY_ALIASES.get(key, key).split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{text}': '{'.'.join(parts[: depth + 1])}' in the config file is not a section")
+    node[parts[-1]] = value
 
 
 def _unknown_key_message(key: str, schema: Any, parent: str, where: str) -> str:

@@ -1,0 +1,183 @@
+"""torchtune recipe configs (``_component_`` sections, ``${...}`` interpolation) read as the
+trainer's own: the seed's 7B QLoRA file resolves to the bundled config's values, overrides use
+torchtune's keys, what has no counterpart is refused with the reason, and one such file trains."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from qlora_ext import finetune
+from qlora_ext.training.config import ASSETS_DIR, ConfigError, load_config
+
+from trainer_helpers import metrics, write_small_dataset, write_tiny_hf_checkpoint
+
+# torchtune's llama2/7B_qlora_single_device.yaml in its schema, with the values of our bundled
+# llama2_7b_qlora_single_device (the seed's LoRA targets and accumulation).
+TORCHTUNE_7B_QLORA = """
+model:
+  _component_: torchtune.models.llama2.qlora_llama2_7b
+  lora_attn_modules: ['q_proj', 'v_proj', 'output_proj']
+  apply_lora_to_mlp: True
+  apply_lora_to_output: False
+  lora_rank: 8
+  lora_alpha: 16
+  lora_dropout: 0.0
+tokenizer:
+  _component_: torchtune.models.llama2.llama2_tokenizer
+  path: /tmp/Llama-2-7b-hf/tokenizer.model
+  max_seq_len: null
+checkpointer:
+  _component_: torchtune.training.FullModelHFCheckpointer
+  checkpoint_dir: /tmp/Llama-2-7b-hf
+  checkpoint_files: [
+    pytorch_model-00001-of-00002.bin,
+    pytorch_model-00002-of-00002.bin
+  ]
+  adapter_checkpoint: null
+  recipe_checkpoint: null
+  output_dir: /tmp/Llama-2-7b-hf
+  model_type: LLAMA2
+resume_from_checkpoint: False
+save_adapter_weights_only: False
+dataset:
+  _component_: torchtune.datasets.alpaca_cleaned_dataset
+seed: null
+shuffle: True
+batch_size: 2
+optimizer:
+  _component_: torch.optim.AdamW
+  fused: True
+  weight_decay: 0.01
+  lr: 3e-4
+lr_scheduler:
+  _component_: torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup
+  num_warmup_steps: 100
+loss:
+  _component_: torchtune.modules.loss.CEWithChunkedOutputLoss
+epochs: 1
+max_steps_per_epoch: null
+gradient_accumulation_steps: 8
+compile: False
+output_dir: /tmp/qlora_finetune_output
+metric_logger:
+  _component_: torchtune.training.metric_logging.DiskLogger
+  log_dir: ${output_dir}/logs
+log_every_n_steps: 1
+log_peak_memory_stats: True
+device: cuda
+dtype: bf16
+enable_activation_checkpointing: True
+enable_activation_offloading: False
+profiler:
+  _component_: torchtune.training.setup_torch_profiler
+  enabled: False
+  output_dir: ${output_dir}/profiling_outputs
+low_cpu_ram: False
+"""
+
+
+def _write(tmp_path, text: str = TORCHTUNE_7B_QLORA, edit=None):
+    raw = yaml.safe_load(text)
+    if edit is not None:
+        edit(raw)
+    path = tmp_path / "torchtune.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
+def test_seed_config_in_torchtune_schema_equals_the_bundled_one(tmp_path):
+    local = ["dataset.data_files=alpaca.json", "output_dir=/runs/a"]
+    notes: list[str] = []
+    theirs = load_config(_write(tmp_path), local, notes).to_dict()
+    ours = load_config("llama2_7b_qlora_single_device", local + ["metric_logger.log_dir=/runs/a/logs"]).to_dict()
+    assert theirs["checkpointer"].pop("checkpoint_files") == ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+    assert ours["checkpointer"].pop("checkpoint_files") is None
+    assert theirs["optimizer"].pop("fused") is True and ours["optimizer"].pop("fused") is None
+    assert theirs == ours  # every other key, defaults included; log_dir followed the overridden output_dir
+    assert notes == ["checkpoints go to output_dir (/runs/a), with the logs; checkpointer.output_dir (/tmp/Llama-2-7b-hf) is not used"]
+
+
+def test_overrides_use_torchtune_keys(tmp_path):
+    cfg = load_config(_write(tmp_path), [
+        "dataset.data_files=[a.json,b.jsonl]", "checkpointer.checkpoint_files=[model.safetensors]",
+        "tokenizer_checkpoint=/t/tokenizer.model", "model._component_=torchtune.models.llama2.lora_llama2_7b",
+        "model.quantize_base=True", "metric_logger._component_=torchtune.training.metric_logging.TensorBoardLogger",
+        "dataset.source=json", "dataset.train_on_input=False", "compile=True",
+    ])
+    assert cfg.dataset.data_files == ["a.json", "b.jsonl"] and cfg.dataset.train_on_input is False
+    assert cfg.checkpointer.checkpoint_files == ["model.safetensors"] and cfg.tokenizer.path == "/t/tokenizer.model"
+    assert cfg.model.builder == "qlora_llama2_7b"  # torchtune's qlora builders are lora ones with quantize_base
+    assert cfg.metric_logger.type == "tensorboard" and cfg.compile is True
+
+
+def test_checkpoint_files_as_a_filename_format(tmp_path):
+    def edit(raw):
+        raw["checkpointer"]["checkpoint_files"] = {"filename_format": "model-{}-of-{}.safetensors", "max_filename": "00003"}
+
+    cfg = load_config(_write(tmp_path, edit=edit), ["dataset.data_files=a.json"])
+    assert cfg.checkpointer.checkpoint_files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+
+
+def _set(dotted: str, value):
+    def edit(raw):
+        *parents, last = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, needles",
+    [
+        (None, ["dataset.data_files=PATH", "yahma/alpaca-cleaned", "Hugging Face Hub"]),
+        (_set("optimizer._component_", "bitsandbytes.optim.PagedAdamW8bit"), ["'optimizer._component_'", "PagedAdamW8bit", "AdamW"]),
+        (_set("model._component_", "torchtune.models.llama2.llama2_7b"), ["full fine-tune", "qlora_llama2_7b"]),
+        (_set("model._component_", "torchtune.models.llama3.lora_llama3_8b"), ["'model._component_'", "lora_llama3_8b", "qlora_llama2_13b"]),
+        (_set("lr_scheduler._component_", "torchtune.training.lr_schedulers.get_linear_schedule"), ["get_cosine_schedule_with_warmup"]),
+        (_set("profiler.enabled", True), ["'profiler.enabled: True' is not supported"]),
+        (_set("dataset.packed", True), ["'dataset.packed: True' is not supported", "padded"]),
+        (_set("checkpointer.recipe_checkpoint", "recipe_state.pt"), ["checkpointer.recipe_checkpoint", "resume_from_checkpoint=True"]),
+        (_set("enable_activation_offloading", True), ["'enable_activation_offloading: True' is not supported"]),
+        (_set("model.use_dora", True), ["'model.use_dora: True'", "DoRA"]),
+        (_set("metric_logger.log_dir", "${oc.env:HOME}/logs"), ["${oc.env:HOME}", "resolvers"]),
+        (_set("metric_logger.log_dir", "${out_dir}/logs"), ["${out_dir}", "no key 'out_dir'"]),
+        (_set("output_dir", "${metric_logger.log_dir}"), ["refers to itself"]),
+        (_set("model.lora_rnk", 8), ["unknown config key 'model.lora_rnk'", "torchtune config", "did you mean 'model.lora_rank'"]),
+        (_set("dataset.source", "yahma/alpaca-cleaned"), ["dataset.data_files=PATH"]),
+    ],
+)
+def test_what_has_no_counterpart_is_refused_with_the_reason(tmp_path, edit, needles):
+    overrides = [] if needles[0] == "dataset.data_files=PATH" else ["dataset.data_files=a.json"]
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, edit=edit), overrides)
+    for needle in needles:
+        assert needle in str(e.value)
+
+
+def test_a_torchtune_config_trains(tmp_path, capsys):
+    """The tiny model's run from a file in torchtune's schema, end to end on CPU."""
+    ckpt = write_tiny_hf_checkpoint(tmp_path / "tiny_hf")
+    data = write_small_dataset(tmp_path / "small.jsonl")
+    out = tmp_path / "run"
+
+    def edit(raw):
+        raw["model"]["_component_"] = "torchtune.models.llama2.qlora_llama2"  # architecture from config.json
+        raw["checkpointer"]["checkpoint_files"] = ["model.safetensors"]
+        raw["checkpointer"]["output_dir"] = str(out)
+        del raw["output_dir"], raw["profiler"]  # then torchtune's checkpointer.output_dir is where everything goes
+        raw["metric_logger"]["log_dir"] = "${checkpointer.output_dir}/logs"
+
+    args = ["--config", _write(tmp_path, edit=edit), f"checkpointer.checkpoint_dir={ckpt}",
+            f"tokenizer.path={ASSETS_DIR / 'tokenizer.model'}", f"dataset.data_files={data}", "device=cpu", "dtype=fp32",
+            "max_steps_per_epoch=2", "gradient_accumulation_steps=1", "lr_scheduler.num_warmup_steps=1"]
+    assert finetune.main(args) == 0
+    text = capsys.readouterr().out
+    assert "builder: qlora_llama2\n" in text and "note:" not in text
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert (out / "epoch_0" / "adapter_model.safetensors").is_file()
+    saved = load_config(str(out / "config.yaml"))  # the resolved config is ours, and reloads
+    assert saved.model.builder == "qlora_llama2" and saved.dataset.train_on_input is True

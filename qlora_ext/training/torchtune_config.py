@@ -1,0 +1,225 @@
+"""torchtune recipe configs read as ours, so a user's ``7B_qlora_single_device.yaml`` (the file
+behind the seed tutorial's ``tune run lora_finetune_single_device --config ...``) runs as it is:
+
+    python -m qlora_ext.finetune --config my_7B_qlora_single_device.yaml dataset.data_files=alpaca.json
+
+Each section's ``_component_`` names what torchtune would build; here it selects the matching
+section of ``config_schema.SCHEMA`` (``torchtune.models.llama2.qlora_llama2_7b`` ->
+``model.builder: qlora_llama2_7b``, ``torch.optim.AdamW`` -> the trainer's AdamW, ...).
+``${dotted.key}`` interpolations (OmegaConf's syntax, as in ``log_dir: ${output_dir}``) are
+resolved first. What torchtune sets that changes nothing here is dropped (a disabled profiler,
+the loss class: the trainer's loss is always the chunked cross entropy), with a note where the
+user could expect otherwise; a component or setting this trainer does not have is refused with
+the reason and what it accepts. Keys left over go through the usual schema check.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any, Callable
+
+from qlora_ext.training.config_schema import MODEL_BUILDERS
+
+_INTERPOLATION = re.compile(r"\$\{([^}]*)\}")
+
+
+class TorchtuneConfigError(ValueError):
+    """A torchtune config that names something this trainer cannot do (``ConfigError`` wraps it)."""
+
+
+def is_torchtune_config(raw: dict) -> bool:
+    """Whether a config (top level or any section) uses torchtune's ``_component_`` keys."""
+    return "_component_" in raw or any(isinstance(v, dict) and "_component_" in v for v in raw.values())
+
+
+def resolve_interpolations(raw: dict) -> dict:
+    """A copy with every ``${a.b}`` replaced by the value at ``a.b`` (a value that is exactly one
+    interpolation keeps its type; one inside a longer string is formatted into it)."""
+
+    def lookup(key: str, chain: tuple[str, ...]) -> Any:
+        if ":" in key or not key.strip():
+            raise TorchtuneConfigError(
+                f"interpolation '${{{key}}}': only references to other keys (${{output_dir}}) are supported, not resolvers"
+            )
+        if key in chain:
+            raise TorchtuneConfigError(f"interpolation '${{{key}}}' refers to itself through {' -> '.join(chain + (key,))}")
+        node: Any = raw
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise TorchtuneConfigError(f"interpolation '${{{key}}}': the config has no key '{key}'")
+            node = node[part]
+        return resolve(node, chain + (key,))
+
+    def resolve(value: Any, chain: tuple[str, ...]) -> Any:
+        if isinstance(value, dict):
+            return {k: resolve(v, chain) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v, chain) for v in value]
+        if not isinstance(value, str) or "${" not in value:
+            return value
+        whole = _INTERPOLATION.fullmatch(value)
+        if whole:
+            return lookup(whole.group(1), chain)
+        return _INTERPOLATION.sub(lambda m: str(lookup(m.group(1), chain)), value)
+
+    return resolve(raw, ())
+
+
+def translate(raw: dict) -> tuple[dict, list[str]]:
+    """torchtune's config (interpolations resolved) -> (a raw config in our schema, notes).
+
+    Raises:
+        TorchtuneConfigError: a component or a setting the trainer does not have.
+    """
+    raw = copy.deepcopy(raw)
+    notes: list[str] = []
+    if "_component_" in raw:
+        raise TorchtuneConfigError(f"'_component_' at the top level ({raw['_component_']!r}) is not a recipe config")
+    for key in list(raw):
+        if isinstance(raw[key], dict) and key in _SECTIONS:
+            section = raw.pop(key)
+            component = section.pop("_component_", None)
+            translated = _SECTIONS[key](component, section, raw, notes)
+            if translated is not None:
+                raw[key] = translated
+    for key, (allowed, why) in _TOP_LEVEL.items():
+        _refuse_unless(raw, key, allowed, why, "")
+    return raw, notes
+
+
+def _name(component: Any, section: str, accepted: dict[str, Any]) -> Any:
+    """What ``accepted`` maps the component's last dotted name to (the module path may be any
+    torchtune/torch version's), or an error listing the accepted ones."""
+    if component is None:
+        raise TorchtuneConfigError(f"'{section}' needs a '_component_' in a torchtune config; accepted: {', '.join(accepted)}")
+    name = str(component).rsplit(".", 1)[-1]
+    if not str(component).startswith(("torchtune.", "torch.")) or name not in accepted:
+        raise TorchtuneConfigError(f"'{section}._component_' is {component!r}; this trainer has: {', '.join(accepted)}")
+    return accepted[name]
+
+
+def _refuse_unless(section: dict, key: str, allowed: tuple, why: str, where: str) -> None:
+    if key in section:
+        value = section.pop(key)
+        if value not in allowed:
+            raise TorchtuneConfigError(f"'{where + '.' if where else ''}{key}: {value}' is not supported: {why}")
+
+
+def _model(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:
+    full_finetune = {f"llama2{size}": None for size in ("", "_7b", "_13b", "_70b")}
+    name = _name(component, "model", {**{b: b for b in MODEL_BUILDERS}, **full_finetune})
+    if name is None:
+        raise TorchtuneConfigError(
+            f"'model._component_' is {component!r}, a full fine-tune; this trainer trains LoRA adapters: "
+            f"use one of {', '.join(MODEL_BUILDERS)}"
+        )
+    if section.pop("quantize_base", False) and not name.startswith("qlora_"):
+        name = f"q{name}"  # torchtune's qlora_* builders are its lora_* ones with quantize_base=True
+    _refuse_unless(section, "use_dora", (False, None), "DoRA adapters are not implemented", "model")
+    _refuse_unless(section, "attn_dropout", (0, 0.0, None), "attention dropout is not implemented", "model")
+    return {"builder": name, **section}
+
+
+def _tokenizer(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:
+    _name(component, "tokenizer", {"llama2_tokenizer": True})
+    _refuse_unless(section, "prompt_template", (None,), "the Alpaca template is set by dataset.template", "tokenizer")
+    return section
+
+
+def _checkpoint_files(value: Any) -> Any:
+    """torchtune's ``{filename_format: model-{}-of-{}.safetensors, max_filename: "00002"}`` -> the names."""
+    if not isinstance(value, dict):
+        return value
+    fmt, last = value.get("filename_format"), str(value.get("max_filename", ""))
+    if not isinstance(fmt, str) or fmt.count("{}") != 2 or not last.isdigit():
+        raise TorchtuneConfigError(
+            f"'checkpointer.checkpoint_files' as a mapping needs filename_format with two {{}} and a numeric "
+            f"max_filename; got {value!r}"
+        )
+    return [fmt.format(str(i).zfill(len(last)), last) for i in range(1, int(last) + 1)]
+
+
+def _checkpointer(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:
+    _name(component, "checkpointer", {"FullModelHFCheckpointer": True, "FullModelMetaCheckpointer": True})
+    for key in ("adapter_checkpoint", "recipe_checkpoint"):
+        _refuse_unless(section, key, (None,), "to continue a run, set resume_from_checkpoint=True: it reads "
+                       "output_dir's last checkpoint (adapter and training state)", "checkpointer")
+    _refuse_unless(section, "safe_serialization", (True, None), "checkpoints are always written as safetensors", "checkpointer")
+    ckpt_out = section.pop("output_dir", None)
+    if ckpt_out is not None:
+        if "output_dir" not in top:
+            top["output_dir"] = ckpt_out
+        elif str(ckpt_out).rstrip("/") != str(top["output_dir"]).rstrip("/"):
+            notes.append(f"checkpoints go to output_dir ({top['output_dir']}), with the logs; "
+                         f"checkpointer.output_dir ({ckpt_out}) is not used")
+    if "checkpoint_files" in section:
+        section["checkpoint_files"] = _checkpoint_files(section["checkpoint_files"])
+    return section
+
+
+_HUB_SOURCES = {"alpaca_dataset": "tatsu-lab/alpaca", "alpaca_cleaned_dataset": "yahma/alpaca-cleaned"}
+
+
+def _dataset(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:
+    name = _name(component, "dataset", {n: n for n in _HUB_SOURCES})
+    source = section.pop("source", _HUB_SOURCES[name])
+    if "data_files" not in section:
+        raise TorchtuneConfigError(
+            f"'dataset': torchtune's {name} downloads {source} from the Hugging Face Hub; this trainer reads local "
+            f"files: set dataset.data_files=PATH (JSON or JSONL of instruction/input/output records)"
+        )
+    if source not in ("json", _HUB_SOURCES[name]):
+        raise TorchtuneConfigError(f"'dataset.source: {source}' is not supported: dataset.data_files is read as JSON or JSONL")
+    _refuse_unless(section, "packed", (False, None), "examples are padded per batch, not packed", "dataset")
+    _refuse_unless(section, "split", ("train", None), "the held-out split is dataset.validation_fraction", "dataset")
+    _refuse_unless(section, "column_map", (None,), "records must use the Alpaca names instruction, input, output", "dataset")
+    if "max_seq_len" in section:  # older torchtune set it on the dataset
+        top.setdefault("tokenizer", {}).setdefault("max_seq_len", section.pop("max_seq_len"))
+    section.setdefault("train_on_input", True)  # torchtune's Alpaca default; ours is False
+    return section
+
+
+def _optimizer(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:
+    _name(component, "optimizer", {"AdamW": True})
+    return section
+
+
+def _lr_scheduler(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:
+    name = _name(component, "lr_scheduler", {"get_cosine_schedule_with_warmup": "cosine_with_warmup"})
+    return {"name": name, **section}
+
+
+def _loss(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:
+    _name(component, "loss", {"CrossEntropyLoss": True, "CEWithChunkedOutputLoss": True, "LinearCrossEntropyLoss": True})
+    return None  # the trainer's loss is always cross entropy over chunks of the output projection
+
+
+def _metric_logger(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:
+    kind = _name(component, "metric_logger", {
+        "DiskLogger": "disk", "StdoutLogger": "disk", "TensorBoardLogger": "tensorboard", "WandBLogger": "wandb",
+    })
+    if component.endswith("StdoutLogger"):
+        notes.append("metric_logger: the terminal shows the metrics anyway; they are also written to disk")
+    return {"type": kind, **section}
+
+
+def _profiler(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:
+    if section.get("enabled", False):
+        raise TorchtuneConfigError("'profiler.enabled: True' is not supported: profile a step with "
+                                   "bench/model_train.py --profile")
+    return None
+
+
+_SECTIONS: dict[str, Callable] = {
+    "model": _model, "tokenizer": _tokenizer, "checkpointer": _checkpointer, "dataset": _dataset,
+    "optimizer": _optimizer, "lr_scheduler": _lr_scheduler, "loss": _loss, "metric_logger": _metric_logger,
+    "profiler": _profiler,
+}
+
+# Top-level torchtune keys with no counterpart: (the values that change nothing here, why others are refused)
+_TOP_LEVEL = {
+    "enable_activation_offloading": ((False, None), "activations stay on the device (enable_activation_checkpointing saves memory)"),
+    "optimizer_in_bwd": ((False, None), "the optimizer steps after each accumulated batch"),
+    "low_cpu_ram": ((True, False, None), ""),  # the model is always loaded layer by layer
+}
