@@ -7,6 +7,7 @@ left out and the result says why; our own rows never are (an error in ours ends 
 from __future__ import annotations
 
 import importlib
+import sys
 import traceback
 from collections.abc import Callable
 from types import ModuleType
@@ -45,6 +46,25 @@ def load_torchao_nf4() -> tuple[ModuleType | None, str]:
     if errors and all(isinstance(e, ModuleNotFoundError) and e.name == "torchao" for e in errors):
         return None, "not installed (pip install torchao)"
     return None, "installed, but no NF4 module found at " + " or ".join(_TORCHAO_NF4_MODULES) + f" ({_short(errors[-1]) if errors else 'no to_nf4'})"
+
+
+def load_torchtune() -> ModuleType:
+    """torchtune, made importable next to this torchao: torchtune 0.6 imports ``NF4Tensor`` from
+    ``torchao.dtypes.nf4tensor``, which torchao 0.18 moved, so the old name is made an alias of
+    the new module (the same class and ops).
+
+    Raises:
+        ImportError: torchtune or torchao's NF4 is missing, with the reason.
+    """
+    try:
+        importlib.import_module("torchao.dtypes.nf4tensor")
+    except ImportError:
+        nf4, why = load_torchao_nf4()
+        if nf4 is None:
+            raise ImportError(f"torchao {why}") from None
+        sys.modules["torchao.dtypes.nf4tensor"] = nf4
+        importlib.import_module("torchao.dtypes").nf4tensor = nf4
+    return importlib.import_module("torchtune")
 
 
 def load_nf4_alternatives(report: Report) -> tuple[ModuleType | None, ModuleType | None]:

@@ -1,8 +1,9 @@
 """Model-level QLoRA training benchmark: tokens/s and peak memory of full training steps
 (forward, backward, AdamW on the adapters) for a tiny (with Llama-2's vocab of 32000 and with
 the package's tiny vocab of 512) and a mid-size (~130M) Llama-2 config, qlora_ext side by side
-with HF transformers + PEFT + bitsandbytes 4-bit doing the same steps, and with qlora_ext's plain
-LoRA (the same model with a dense frozen base: what quantizing costs or saves).
+with HF transformers + PEFT + bitsandbytes 4-bit doing the same steps, with torchtune + torchao
+(the seed tutorial's stack: torchtune's QLoRA Llama-2, its chunked loss), and with qlora_ext's
+plain LoRA (the same model with a dense frozen base: what quantizing costs or saves).
 
     python bench/model_train.py                    # every config and stack, prints ratios
     python bench/model_train.py --configs tiny --steps 5 --profile
@@ -17,8 +18,10 @@ in the warm-up steps). Each stack runs in its own process so peak memory is its 
 the training steps, counted from the model as built), and the stacks take turns for ``--rounds``
 rounds (2 by default): each ratio is the median of the per-round ratios,
 so a machine that speeds up or slows down over the minutes of the run does not favour either
-side. ``--quick`` (what the GPU check runs) is one round of the mid config. HF+PEFT+bnb rows are
-skipped with the reason when not installed (``pip install transformers peft bitsandbytes``).
+side. ``--quick`` (what the GPU check runs) is one round of the mid config. HF+PEFT+bnb and
+torchtune rows are skipped with the reason when not installed (``pip install transformers peft
+bitsandbytes``; ``pip install torchtune torchao``, with torchtune's own dependencies such as
+``datasets``; torchtune 0.6 runs on torchao 0.18 through an alias, see bench/alternatives.py).
 Each config also gets its floor (bench/flops.py): the FLOPs of our step, as torch's
 ``FlopCounterMode`` counts them, at the machine's measured matrix rate (``torch.mm``), with each
 row's share of that rate and the largest ratio over hf_peft_bnb that a step of these FLOPs can
@@ -56,7 +59,9 @@ CONFIGS = {
 # tokens/s vs HF+PEFT+bnb; the issue gives the tiny config its dim and depth, not its vocab: both are run
 TARGETS = {"tiny": 2.0, "tiny_v512": 2.0, "mid": 1.6}
 # ours eager, ours compiled, ours with a dense (not quantized) frozen base = plain LoRA, theirs
-STACKS = ("qlora_ext", "qlora_ext_compiled", "lora_dense", "hf_peft_bnb")
+STACKS = ("qlora_ext", "qlora_ext_compiled", "lora_dense", "hf_peft_bnb", "torchtune_torchao")
+OURS = ("qlora_ext", "qlora_ext_compiled", "lora_dense")  # a failure of one of these ends the run
+INSTALL = {"hf_peft_bnb": "pip install transformers peft bitsandbytes", "torchtune_torchao": "pip install torchtune torchao"}
 LORA = dict(rank=8, alpha=16.0)
 MAX_SEQ_LEN = 512
 
@@ -193,6 +198,41 @@ def _hf(arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.dty
     return step, model
 
 
+def _torchtune(arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.dtype):
+    """The same step as torchtune's lora_finetune_single_device recipe takes it: its QLoRA Llama-2
+    (torchao NF4 base, built in the compute dtype), its chunked cross entropy, fused AdamW."""
+    sys.path.insert(0, str(REPO))
+    from bench.alternatives import load_torchtune
+
+    load_torchtune()
+    from torchtune.models.llama2 import lora_llama2
+    from torchtune.modules.loss import CEWithChunkedOutputLoss
+    from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = lora_llama2(
+            lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True,
+            apply_lora_to_output=False, **arch, max_seq_len=max(MAX_SEQ_LEN, seq), lora_rank=LORA["rank"],
+            lora_alpha=LORA["alpha"], lora_dropout=0.0, quantize_base=True,
+        )
+    torch.set_default_dtype(torch.float32)
+    set_trainable_params(model, get_adapter_params(model))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    loss_fn = CEWithChunkedOutputLoss()
+    model.set_num_output_chunks(loss_fn.num_output_chunks)
+    tokens = torch.randint(0, arch["vocab_size"], (batch, seq), device=device)
+    labels = torch.nn.functional.pad(tokens[:, 1:], (0, 1), value=loss_fn.ignore_index)  # the recipe's shift
+
+    def step():
+        loss = loss_fn(model(tokens), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, model
+
+
 def _worker(stack: str, name: str, args: dict, queue) -> None:
     try:
         if args.get("threads"):
@@ -201,7 +241,8 @@ def _worker(stack: str, name: str, args: dict, queue) -> None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         arch = CONFIGS[name]
         build = {"qlora_ext": qlora_ext_step, "qlora_ext_compiled": functools.partial(qlora_ext_step, compile=True),
-                 "lora_dense": functools.partial(qlora_ext_step, quantize_base=False), "hf_peft_bnb": _hf}[stack]
+                 "lora_dense": functools.partial(qlora_ext_step, quantize_base=False), "hf_peft_bnb": _hf,
+                 "torchtune_torchao": _torchtune}[stack]
         step, model = build(arch, args["batch"], args["seq"], device, dtype)
         _reset_peak_memory(device)
         first_step_s, times = timed_steps(step, args["warmup"], args["steps"], device)
@@ -231,7 +272,10 @@ def _worker(stack: str, name: str, args: dict, queue) -> None:
             result["profile"] = prof.key_averages().table(sort_by=sort, row_limit=18)
         queue.put(("ok", result))
     except ImportError as e:
-        queue.put(("skipped", f"{type(e).__name__}: {e} (pip install transformers peft bitsandbytes)"))
+        if stack in OURS:
+            queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
+        else:
+            queue.put(("skipped", f"{type(e).__name__}: {e} ({INSTALL[stack]})"))
     except Exception as e:  # noqa: BLE001  (a failure of the other stack is reported, not fatal)
         queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
 
@@ -298,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         # when a stack did not run (the reason is in its config's row)
         "targets": [],
     }
-    print(f"{'config':9} {'stack':12} {'round':>5} {'tokens/s':>10} {'step (s)':>9} {'peak mem (GB)':>14} {'first step (s)':>15}"
+    print(f"{'config':9} {'stack':18} {'round':>5} {'tokens/s':>10} {'step (s)':>9} {'peak mem (GB)':>14} {'first step (s)':>15}"
           f" {'GFLOP/step':>11} {'of rate':>8}")
     for name in a.configs:
         row = results["configs"][name] = {"arch": CONFIGS[name]}
@@ -311,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                 status, payload = run_one(stack, name, args)
                 if status != "ok":
                     row[stack] = {"status": status, "reason": payload}
-                    print(f"{name:9} {stack:12} {status}: {str(payload).splitlines()[0]}")
-                    if stack != "hf_peft_bnb":
+                    print(f"{name:9} {stack:18} {status}: {str(payload).splitlines()[0]}")
+                    if stack in OURS:
                         print(payload, file=sys.stderr)
                         return 1
                     continue
@@ -323,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 n_flops = step_flops.get("qlora_ext" if stack == "qlora_ext_compiled" else stack)
                 flops_cells = (f"{n_flops / 1e9:11.1f} {n_flops / payload['step_s_median'] / rate['flops_per_s']:8.0%}"
                                if n_flops else f"{'-':>11} {'-':>8}")  # HF's: not countable, see _worker
-                print(f"{name:9} {stack:12} {r + 1:5} {payload['tokens_per_s']:10.0f} {payload['step_s_median']:9.3f} "
+                print(f"{name:9} {stack:18} {r + 1:5} {payload['tokens_per_s']:10.0f} {payload['step_s_median']:9.3f} "
                       f"{payload['peak_memory_gb']:14.2f} {payload['first_step_s'] or float('nan'):15.1f} {flops_cells}")
                 if profile_table:
                     print(profile_table)
@@ -361,6 +405,13 @@ def main(argv: list[str] | None = None) -> int:
             ratios = sorted(o["tokens_per_s"] / d["tokens_per_s"] for o, d in zip(rounds["qlora_ext"], dense))
             row["ratio_vs_lora_dense"] = statistics.median(ratios)
             print(f"{name:9} ratio qlora_ext / lora_dense = {row['ratio_vs_lora_dense']:.2f}x (tokens/s of QLoRA over LoRA)")
+        torchtune = rounds.get("torchtune_torchao", [])
+        for stack, key in (("qlora_ext", "ratio_vs_torchtune_torchao"), ("qlora_ext_compiled", "ratio_compiled_vs_torchtune_torchao")):
+            if torchtune and rounds.get(stack):  # over the seed tutorial's stack (no target)
+                ratios = sorted(o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(rounds[stack], torchtune))
+                row[key] = statistics.median(ratios)
+                print(f"{name:9} ratio {stack} / torchtune_torchao = {statistics.median(ratios):.2f}x, median of "
+                      f"{len(ratios)} round(s) (no target)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model_train.json"

@@ -402,6 +402,10 @@ def test_training_benchmarks_run(tmp_path):
     assert all(t["value"] > 0 for t in targets)
     # HF + PEFT + bitsandbytes (test dependencies) runs too, so its stack cannot rot unnoticed.
     assert train["hf_peft_bnb"].get("tokens_per_s", 0) > 0, train["hf_peft_bnb"]
+    # torchtune is not a test dependency (it pulls in datasets): it runs, or says how to install it
+    tune = train["torchtune_torchao"]
+    assert tune.get("tokens_per_s", 0) > 0 and train["ratio_vs_torchtune_torchao"] > 0 or (
+        tune["status"] == "skipped" and "pip install torchtune" in tune["reason"]), tune
     for stack in ("qlora_ext", "lora_dense", "hf_peft_bnb"):
         assert 0 < train[stack]["peak_memory_gb"] < 20
     assert train["ratio_vs_lora_dense"] > 0
