@@ -107,13 +107,12 @@ def _refuse_unless(section: dict, key: str, allowed: tuple, why: str, where: str
 
 
 def _model(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:
-    full_finetune = {f"llama2{size}": None for size in ("", "_7b", "_13b", "_70b")}
-    name = _name(component, "model", {**{b: b for b in MODEL_BUILDERS}, **full_finetune})
-    if name is None:
+    if str(component).startswith("torchtune.") and str(component).rsplit(".", 1)[-1] in ("llama2", "llama2_7b", "llama2_13b", "llama2_70b"):
         raise TorchtuneConfigError(
             f"'model._component_' is {component!r}, a full fine-tune; this trainer trains LoRA adapters: "
             f"use one of {', '.join(MODEL_BUILDERS)}"
         )
+    name = _name(component, "model", {b: b for b in MODEL_BUILDERS})
     if section.pop("quantize_base", False) and not name.startswith("qlora_"):
         name = f"q{name}"  # torchtune's qlora_* builders are its lora_* ones with quantize_base=True
     _refuse_unless(section, "use_dora", (False, None), "DoRA adapters are not implemented", "model")
