@@ -124,8 +124,8 @@ def describe(device: str) -> dict:
         "qlora_ext_build": ext.BUILD_KIND,
         "qlora_ext_cuda_kernels": bool(ext.WITH_CUDA),
         "cpu_kernel_isa": ops.cpu_kernel_isa(),
-        "bitsandbytes": package_version("bitsandbytes"),
-        "torchao": package_version("torchao"),
+        # the alternatives (None: not installed)
+        **{name: package_version(name) for name in ("bitsandbytes", "torchao", "transformers", "peft", "torchtune")},
     }
     return {"machine": machine, "software": software}
 

@@ -200,9 +200,11 @@ def header_line(result: dict) -> str:
     where = m["gpu"]["name"] if m.get("gpu") else f"{m['cpu']}, {m['cpu_cores']} cores"
     bw = result["memory_bandwidth"].get("bytes_per_s")
     bw_text = f"{bw / 1e9:.1f} GB/s" if bw else "not measured"
+    alternatives = [f"{name} {s[name]}" for name in ("bitsandbytes", "torchao", "transformers", "peft", "torchtune") if s.get(name)]
     return (
         f"{result['benchmark']} on {result['device']} ({where}); {result['mode']} run of {result['date']}; "
         f"torch {s['torch']}, CPU kernels {s['cpu_kernel_isa']}, git {short_revision(result['git_revision'])}; "
+        + (f"installed: {', '.join(alternatives)}; " if alternatives else "") +
         f"copy bandwidth {bw_text}" + (", load average {:.1f} -> {:.1f}".format(*result["load_avg_1m"]) if "load_avg_1m" in result else "")
     )
 
