@@ -3,8 +3,9 @@ gpu_check.sh runs under ``compute-sanitizer`` (memcheck, racecheck), and on the 
 
     python bench/sanitize_ops.py --device cuda
 
-Shapes cover both linear paths (M <= 16 fused; larger M tiled), in-features that are and are not
-multiples of 8, a partial last group of 256 absmax values, a bias and leading batch dimensions.
+Shapes cover every linear path (M <= 16 fused, on tensor cores for bf16/fp16 with 5 to 16 rows
+and in-features % 64 == 0, rows of W past its 32-row tile included; larger M tiled), in-features
+that are and are not multiples of 8, a partial last group of 256 absmax values, a bias and leading batch dimensions.
 Exits with status 1 on the first wrong result.
 """
 
@@ -19,8 +20,8 @@ from qlora_ext import _reference, ops
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CODEC_SHAPES = [(64,), (3, 64), (40, 64 * 7), (300, 256)]  # 300 * 4 blocks: a partial scale group
-LINEAR_SHAPES = [(64, 128), (96, 256), (64, 100)]  # [out, in]; in=100 is not a multiple of 8
-BATCHES = [(1,), (3,), (16,), (17,), (2, 3, 7)]  # leading dims of x; M = their product
+LINEAR_SHAPES = [(64, 128), (96, 256), (40, 192), (64, 100)]  # [out, in]; in=100 is not a multiple of 8
+BATCHES = [(1,), (3,), (6,), (16,), (17,), (2, 3, 7)]  # leading dims of x; M = their product
 # Relative error of y against float32 on the dequantized weight: the output rounding of the dtype
 # plus float32 accumulation-order differences, with room to spare.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}

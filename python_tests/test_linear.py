@@ -189,6 +189,22 @@ def test_cuda_close_to_cpu_on_llama_shapes(rows, dtype):
         assert_close_to_exact(got, exact_gx, (gy.cuda() @ nf4.dequantize(dtype).cuda()).cpu())
 
 
+@needs_cuda
+@pytest.mark.parametrize("shape", [(40, 64), (72, 192), (4096, 4096), (100, 11008)], ids=str)
+@pytest.mark.parametrize("rows", [4, 5, 8, 9, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_cuda_small_m_forward_on_tensor_cores(shape, rows, dtype):
+    # bf16/fp16 with 5 to 16 rows and in % 64 == 0 run on tensor cores (csrc/cuda/linear.cu):
+    # rows of W past a 32-row tile, one or two m tiles, with and without bias; 4 rows: CUDA cores
+    nf4, _, x = case(shape, rows, dtype, "cuda", batch=())
+    bias = torch.randn(shape[0], device="cuda").to(dtype)
+    exact = x.double() @ nf4.dequantize(torch.float32).double().t()
+    for b in (None, bias):
+        want = exact + (b.double() if b is not None else 0)
+        torch_same = F.linear(x, nf4.dequantize(dtype), b)
+        assert_close_to_exact(linear_nf4(x, nf4, b), want, torch_same)
+
+
 def _memory(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
