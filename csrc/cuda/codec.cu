@@ -18,6 +18,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kPartsPerBlock = kBlockSize / 8;  // threads per NF4 block, 8 weights each
+constexpr int kWordsPerThread = 4;              // dequantize: 32-bit code words per thread
 
 // ---- kernels --------------------------------------------------------------------------------
 
@@ -114,24 +115,33 @@ __global__ void absmax_codes_kernel(const float* __restrict__ absmax, int64_t nb
 }
 
 // Rows [0, rows) x columns [col0, col0 + cols) of a [*, K] NF4 weight (starting at row0) into a
-// dense [rows, cols] tile; one thread per 8 weights. Needs K, col0 and cols multiples of 8, so
-// that 8 weights share a block and a 32-bit word.
+// dense [rows, cols] tile; 8 weights (one 32-bit word) per thread and step, kWordsPerThread steps
+// a CTA apart, so that the CTA's table setup and barrier serve 8 KB of codes, not 2 KB. Needs K,
+// col0 and cols multiples of 8, so that 8 weights share a block and a word.
 template <typename T>
 __global__ void dequantize_tile_kernel(Nf4View w, int64_t K, int64_t row0, int64_t rows,
                                        int64_t col0, int64_t cols, T* __restrict__ out) {
   __shared__ CodeTables tables;
   load_tables<false>(tables);
   __syncthreads();
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t words_per_row = cols / 8;
-  if (t >= rows * words_per_row) return;
-  const int64_t r = rows == 1 ? 0 : t / words_per_row;  // one row: no 64-bit division
-  const int64_t c = (t - r * words_per_row) * 8;
-  const int64_t e = (row0 + r) * K + col0 + c;  // flat index of the first of the 8 weights
-  const uint32_t word = reinterpret_cast<const uint32_t*>(w.packed)[e / 8];
-  float v[8];
-  decode8(word, block_absmax(w, e / kBlockSize, tables), tables.nf4, v);
-  store8(out + r * cols + c, v);
+  const int64_t words = rows * words_per_row;
+  const bool narrow = words <= UINT32_MAX;  // 32-bit division (the usual case) is far cheaper
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x * kWordsPerThread + threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < kWordsPerThread; ++i) {
+    const int64_t t = first + static_cast<int64_t>(i) * blockDim.x;  // a warp: consecutive words
+    if (t >= words) return;
+    const int64_t r = rows == 1 ? 0
+                      : narrow  ? static_cast<uint32_t>(t) / static_cast<uint32_t>(words_per_row)
+                                : t / words_per_row;
+    const int64_t c = (t - r * words_per_row) * 8;
+    const int64_t e = (row0 + r) * K + col0 + c;  // flat index of the first of the 8 weights
+    const uint32_t word = reinterpret_cast<const uint32_t*>(w.packed)[e / 8];
+    float v[8];
+    decode8(word, block_absmax(w, e / kBlockSize, tables), tables.nf4, v);
+    store8(out + r * cols + c, v);
+  }
 }
 
 // The same for any K and range, one thread per weight (the slow path).
@@ -160,8 +170,8 @@ void launch_dequantize_tile(const Nf4View& w, int64_t K, int64_t row0, int64_t r
                         reinterpret_cast<uintptr_t>(w.packed) % 4 == 0 &&
                         reinterpret_cast<uintptr_t>(out) % (8 * sizeof(T)) == 0;
   if (by_words) {
-    const int64_t threads = rows * (cols / 8);
-    dequantize_tile_kernel<T><<<ceil_div(threads, kThreads), kThreads, 0, stream>>>(
+    const int64_t words = rows * (cols / 8);
+    dequantize_tile_kernel<T><<<ceil_div(words, kThreads * kWordsPerThread), kThreads, 0, stream>>>(
         w, K, row0, rows, col0, cols, out);
   } else {
     dequantize_tile_scalar_kernel<T><<<ceil_div(rows * cols, kThreads), kThreads, 0, stream>>>(
