@@ -8,8 +8,9 @@
 // would cost more than reading the weight once M reaches a few rows; the tensor cores do not.
 // Fewer rows, float32 x and the backward use CUDA-core kernels, one 32-bit word (8 weights) per
 // lane and step.
-// M > 16 rows (compute-bound): W is decoded a quarter at a time into a workspace of x's dtype and
-// multiplied by cuBLAS (at::mm_out into the matching slice of the output); no whole dense W.
+// M > 16 rows (compute-bound): W is decoded a half to a quarter at a time into a workspace of x's
+// dtype and multiplied by cuBLAS (at::mm_out into the matching slice of the output); no whole
+// dense W (see large_m_tiles).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -31,7 +32,7 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxFusedRows = 16;  // M above this takes the tiled cuBLAS path
 constexpr int kColsRows = 8;           // rows of grad_y per backward pass (8 x 8 accumulators)
 constexpr int64_t kRowsPerSlice = 128; // rows of W one backward thread walks before a partial sum
-constexpr int kTiles = 4;              // the large-M path decodes W in this many tiles
+constexpr int kMaxTiles = 4;           // the large-M path decodes W in 2 to this many tiles
 constexpr int kMmaMinRows = 5;         // default of mma_min_rows(); untuned (no GPU measured yet)
 constexpr int kMmaRows = 32;           // rows of W per CTA of the tensor-core kernel (two A tiles)
 constexpr int kMmaWarps = 8;           // its warps, which split the reduction (every 8th block)
@@ -383,6 +384,18 @@ void gemv_cols(const Nf4View& w, int64_t N, int64_t K, const T* gy, int64_t M, T
 
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
+// How many tiles the large-M path decodes W in, for an [M, out_cols] product: as few as leave
+// each tile's cuBLAS call about a wave of 128 x 128 output tiles on this GPU's SMs (a GEMM on a
+// quarter of the columns at M = 512 would fill a quarter of an H100), at least 2 (never the whole
+// dense W) and at most kMaxTiles (a smaller workspace, which stays in L2 between the decode and
+// the GEMM). Untuned: no GPU has run it yet.
+int64_t large_m_tiles(int64_t M, int64_t out_cols) {
+  int device = 0, sms = 1;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return std::clamp<int64_t>(ceil_div(M, 128) * ceil_div(out_cols, 128) / sms, 2, kMaxTiles);
+}
+
 // ---- ops ------------------------------------------------------------------------------------
 
 at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
@@ -413,7 +426,7 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
       }
     });
   } else if (M > 0) {
-    const int64_t rows = std::min(N, round_up(ceil_div(N, kTiles), 64));
+    const int64_t rows = std::min(N, round_up(ceil_div(N, large_m_tiles(M, N)), 64));
     at::Tensor tile = at::empty({rows, K}, x2.options());
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t n = std::min(rows, N - n0);
@@ -458,7 +471,7 @@ at::Tensor linear_nf4_grad_input(const at::Tensor& grad_y, const at::Tensor& pac
                    stream);
     });
   } else if (M > 0) {
-    const int64_t cols = std::min(K, round_up(ceil_div(K, kTiles), 64));
+    const int64_t cols = std::min(K, round_up(ceil_div(K, large_m_tiles(M, K)), 64));
     at::Tensor storage = at::empty({N * cols}, g2.options());
     for (int64_t k0 = 0; k0 < K; k0 += cols) {
       const int64_t k = std::min(cols, K - k0);
