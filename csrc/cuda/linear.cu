@@ -180,9 +180,9 @@ __device__ __forceinline__ void load_mma_stage(MmaStage<MT>& st, const Nf4View& 
 // y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for m < M <= 8 * MT, K % 64 == 0: CTA = kMmaRows rows
 // of W, its warps taking every kMmaWarps-th block of the reduction, summed in a fixed order.
 template <typename T, int MT>
-__global__ void __launch_bounds__(kMmaWarps * kWarp)
-    gemv_rows_mma_kernel(Nf4View w, int64_t N, int64_t K, const T* __restrict__ x, int M,
-                         const T* __restrict__ bias, T* __restrict__ y) {
+__global__ void __launch_bounds__(kMmaWarps * kWarp) gemv_rows_mma_kernel(
+    Nf4View w, int64_t N, int64_t K, const T* __restrict__ x, int M, const T* __restrict__ bias,
+    T* __restrict__ y) {
   __shared__ CodeTables tables;
   __shared__ float partial[kMmaWarps][2][MT][4][kWarp];  // [warp][A tile][m tile][d][lane]
   load_tables<false>(tables);
