@@ -31,6 +31,12 @@ def test_seed_config_fields_and_defaults():
     assert cfg.dtype == "bf16" and cfg.enable_activation_checkpointing is True and cfg.compile is False
 
 
+def test_torchtune_config_names():
+    for name in ("llama2/7B_qlora_single_device", "7B_qlora_single_device", "LLAMA2_7B_QLORA_SINGLE_DEVICE"):
+        assert load_config(name) == load_config(SEED_7B_QLORA)
+    assert load_config("13B_qlora_single_device").model.builder == "qlora_llama2_13b"
+
+
 def test_lora_and_qlora_7b_differ_only_in_quantization():
     q, l = load_config(SEED_7B_QLORA).to_dict(), load_config("llama2_7b_lora_single_device").to_dict()
     assert l["model"].pop("builder") == "lora_llama2_7b" and q["model"].pop("builder") == "qlora_llama2_7b"

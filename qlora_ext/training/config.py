@@ -79,9 +79,12 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
     """
     path = Path(name_or_path)
     if not path.is_file():
-        # torchtune's names work too: llama2/7B_qlora_single_device -> llama2_7b_qlora_single_device
-        bundled = CONFIG_DIR / f"{name_or_path.replace('/', '_').lower()}.yaml"
-        if not bundled.is_file():
+        # torchtune's names work too: llama2/7B_qlora_single_device -> llama2_7b_qlora_single_device,
+        # and the short 7B_qlora_single_device of its config comments
+        name = name_or_path.replace("/", "_").lower()
+        candidates = [CONFIG_DIR / f"{n}.yaml" for n in (name, f"llama2_{name}")]
+        bundled = next((c for c in candidates if c.is_file()), None)
+        if bundled is None:
             raise ConfigError(
                 f"--config: '{name_or_path}' is neither a file nor a bundled config; "
                 f"bundled configs: {', '.join(available_configs())}"
