@@ -320,13 +320,14 @@ int mma_min_rows() {
   return rows;
 }
 
-// Whether the tensor-core kernel was compiled for the current GPU (sm_80 or newer code in the
-// binary that runs on it; an older arch's build of it only traps).
+// Whether the code of the tensor-core kernel that runs on the current GPU was compiled for
+// compute_80 or newer: a build for an older arch holds only a trap, also when the driver JITs its
+// PTX for a newer GPU (so the PTX version counts, not the binary's).
 template <typename T, int MT>
 bool mma_kernel_runs() {
   cudaFuncAttributes attrs{};
   return cudaFuncGetAttributes(&attrs, gemv_rows_mma_kernel<T, MT>) == cudaSuccess &&
-         attrs.binaryVersion >= 80;
+         attrs.ptxVersion >= 80;
 }
 
 template <typename T, int MT>
