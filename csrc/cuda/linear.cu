@@ -326,8 +326,11 @@ int mma_min_rows() {
 template <typename T, int MT>
 bool mma_kernel_runs() {
   cudaFuncAttributes attrs{};
-  return cudaFuncGetAttributes(&attrs, gemv_rows_mma_kernel<T, MT>) == cudaSuccess &&
-         attrs.ptxVersion >= 80;
+  if (cudaFuncGetAttributes(&attrs, gemv_rows_mma_kernel<T, MT>) != cudaSuccess) {
+    (void)cudaGetLastError();  // no image for this GPU: clear the error, or the next launch check reports it
+    return false;
+  }
+  return attrs.ptxVersion >= 80;
 }
 
 template <typename T, int MT>
