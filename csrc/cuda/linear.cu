@@ -327,7 +327,8 @@ template <typename T, int MT>
 bool mma_kernel_runs() {
   cudaFuncAttributes attrs{};
   if (cudaFuncGetAttributes(&attrs, gemv_rows_mma_kernel<T, MT>) != cudaSuccess) {
-    (void)cudaGetLastError();  // no image for this GPU: clear the error, or the next launch check reports it
+    // No image for this GPU: clear the error, or the next launch check would report it.
+    (void)cudaGetLastError();
     return false;
   }
   return attrs.ptxVersion >= 80;
