@@ -127,7 +127,8 @@ __global__ void dequantize_tile_kernel(Nf4View w, int64_t K, int64_t row0, int64
   const int64_t words_per_row = cols / 8;
   const int64_t words = rows * words_per_row;
   const bool narrow = words <= UINT32_MAX;  // 32-bit division (the usual case) is far cheaper
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x * kWordsPerThread + threadIdx.x;
+  const int64_t first =
+      static_cast<int64_t>(blockIdx.x) * blockDim.x * kWordsPerThread + threadIdx.x;
 #pragma unroll
   for (int i = 0; i < kWordsPerThread; ++i) {
     const int64_t t = first + static_cast<int64_t>(i) * blockDim.x;  // a warp: consecutive words

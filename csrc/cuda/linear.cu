@@ -105,7 +105,8 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 // The two weights of byte `s` of `word`, times the block's absmax (as the dequantize op rounds
 // them), as one register of two T.
 template <typename T>
-__device__ __forceinline__ uint32_t decode_pair(uint32_t word, int s, float absmax, const float* nf4) {
+__device__ __forceinline__ uint32_t decode_pair(uint32_t word, int s, float absmax,
+                                                const float* nf4) {
   const uint32_t byte = (word >> (8 * s)) & 0xffu;
   return pack2<T>(__fmul_rn(nf4[byte >> 4], absmax), __fmul_rn(nf4[byte & 15u], absmax));
 }
