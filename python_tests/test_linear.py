@@ -3,7 +3,10 @@ and the memory a call needs."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -203,6 +206,22 @@ def test_cuda_small_m_forward_on_tensor_cores(shape, rows, dtype):
         want = exact + (b.double() if b is not None else 0)
         torch_same = F.linear(x, nf4.dequantize(dtype), b)
         assert_close_to_exact(linear_nf4(x, nf4, b), want, torch_same)
+
+
+@needs_cuda
+def test_cuda_mma_min_rows_variable_is_checked():
+    # QLORA_CUDA_MMA_MIN_ROWS (read once per process): 17 keeps 8 bf16 rows on CUDA cores; a
+    # value that is not a whole number >= 1 is an error naming the variable, not silently 0
+    code = ("import torch; from qlora_ext import linear_nf4, to_nf4; w = to_nf4(torch.randn(64, 128, device='cuda'));"
+            "x = torch.randn(8, 128, device='cuda', dtype=torch.bfloat16);"
+            "torch.testing.assert_close(linear_nf4(x, w).float(), x.float() @ w.dequantize(torch.float32).t(), atol=0.1, rtol=0.02)")
+    for value, error in (("17", None), ("abc", "QLORA_CUDA_MMA_MIN_ROWS must be a whole number >= 1")):
+        proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "QLORA_CUDA_MMA_MIN_ROWS": value},
+                              capture_output=True, text=True, timeout=300)
+        if error is None:
+            assert proc.returncode == 0, proc.stderr[-2000:]
+        else:
+            assert proc.returncode != 0 and error in proc.stderr and "'abc'" in proc.stderr, proc.stderr[-2000:]
 
 
 def _memory(key: str) -> int:

@@ -316,7 +316,13 @@ void gemv_rows(const Nf4View& w, int64_t N, int64_t K, const T* x, int M, const 
 int mma_min_rows() {
   static const int rows = [] {
     const char* s = std::getenv("QLORA_CUDA_MMA_MIN_ROWS");
-    return s != nullptr && *s != '\0' ? std::atoi(s) : static_cast<int>(kMmaMinRows);
+    if (s == nullptr || *s == '\0') return static_cast<int>(kMmaMinRows);
+    char* end = nullptr;
+    const long v = std::strtol(s, &end, 10);
+    TORCH_CHECK_VALUE(*end == '\0' && v >= 1 && v <= 1000000,
+                      "qlora: environment variable QLORA_CUDA_MMA_MIN_ROWS must be a whole number "
+                      ">= 1 (17 or more: no tensor-core kernel); got '", s, "'");
+    return static_cast<int>(v);
   }();
   return rows;
 }
