@@ -111,6 +111,11 @@ def test_overrides_use_torchtune_keys(tmp_path):
     assert cfg.metric_logger.type == "tensorboard" and cfg.compile is True
 
 
+def test_an_override_through_a_value_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"override 'seed.x=1': 'seed' in the config file is not a section"):
+        load_config(_write(tmp_path), ["dataset.data_files=a.json", "seed=3", "seed.x=1"])
+
+
 def test_checkpoint_files_as_a_filename_format(tmp_path):
     def edit(raw):
         raw["checkpointer"]["checkpoint_files"] = {"filename_format": "model-{}-of-{}.safetensors", "max_filename": "00003"}
