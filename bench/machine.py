@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from bench.report import ALTERNATIVE_PACKAGES
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -124,8 +126,7 @@ def describe(device: str) -> dict:
         "qlora_ext_build": ext.BUILD_KIND,
         "qlora_ext_cuda_kernels": bool(ext.WITH_CUDA),
         "cpu_kernel_isa": ops.cpu_kernel_isa(),
-        # the alternatives (None: not installed)
-        **{name: package_version(name) for name in ("bitsandbytes", "torchao", "transformers", "peft", "torchtune")},
+        **{name: package_version(name) for name in ALTERNATIVE_PACKAGES},
     }
     return {"machine": machine, "software": software}
 

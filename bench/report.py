@@ -14,6 +14,9 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+# The packages compared against, whose versions a result records (``software``, None: not installed).
+ALTERNATIVE_PACKAGES = ("bitsandbytes", "torchao", "transformers", "peft", "torchtune")
+
 SCHEMA_VERSION = 1
 REFERENCE_IMPL = "ours"
 
@@ -200,7 +203,7 @@ def header_line(result: dict) -> str:
     where = m["gpu"]["name"] if m.get("gpu") else f"{m['cpu']}, {m['cpu_cores']} cores"
     bw = result["memory_bandwidth"].get("bytes_per_s")
     bw_text = f"{bw / 1e9:.1f} GB/s" if bw else "not measured"
-    alternatives = [f"{name} {s[name]}" for name in ("bitsandbytes", "torchao", "transformers", "peft", "torchtune") if s.get(name)]
+    alternatives = [f"{name} {s[name]}" for name in ALTERNATIVE_PACKAGES if s.get(name)]
     return (
         f"{result['benchmark']} on {result['device']} ({where}); {result['mode']} run of {result['date']}; "
         f"torch {s['torch']}, CPU kernels {s['cpu_kernel_isa']}, git {short_revision(result['git_revision'])}; "
