@@ -1,7 +1,8 @@
-"""bitsandbytes 4-bit HF checkpoints in: transformers + bitsandbytes quantize a random checkpoint
-(NF4, double quantization, on CPU) and save it; we load it into NF4Tensors exactly as stored (no
-re-quantization) and match HF + bitsandbytes logits; unsupported quantization settings are
-reported by name.
+"""bitsandbytes 4-bit HF checkpoints, in and out: transformers + bitsandbytes quantize a random
+checkpoint (NF4, double quantization, on CPU) and save it; we load it into NF4Tensors exactly as
+stored (no re-quantization) and match HF + bitsandbytes logits; unsupported quantization settings
+are reported by name. Out: ``save_hf_checkpoint(..., bnb_4bit=True)`` writes the keys transformers
+writes, with bitsandbytes' 4-bit codes, and transformers loads it in 4 bits with our logits.
 
 On a CPU with AVX512-BF16, bitsandbytes 0.50's ``Linear4bit`` runs inference (eval, no grad)
 through a bf16 kernel (``support_avx512bf16_for_cpu``: weights repacked, activations in bf16),
@@ -21,6 +22,7 @@ import torch
 from llama_helpers import hf_llama, hf_logits, rel_error, transformers
 
 from qlora_ext import NF4Tensor, to_nf4
+from qlora_ext.checkpoint import save_hf_checkpoint
 from qlora_ext.models.llama2 import llama2_from_checkpoint
 
 ALL_ATTN = ["q_proj", "k_proj", "v_proj", "output_proj"]
@@ -157,3 +159,60 @@ def test_dense_source_quantization_is_ours(bnb_checkpoint):
     model = llama2_from_checkpoint(dense_dir, ["k_proj"], quantize_base=True)
     want = to_nf4(dense["model.layers.1.self_attn.k_proj.weight"])
     assert all(torch.equal(a, b) for a, b in zip(model.layers[1].attn.k_proj.weight.components(), want.components()))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["own_dtype", "bf16"])
+def test_bnb_4bit_save_is_what_transformers_writes_and_loads(bnb_checkpoint, tmp_path, dtype):
+    _, dense_dir, bnb_dir = bnb_checkpoint
+    theirs = _stored(bnb_dir)
+    # LoRA on q/v and the MLP: their bases are NF4 (written as stored), k/o are dense (quantized on save)
+    model = llama2_from_checkpoint(dense_dir, ["q_proj", "v_proj"], apply_lora_to_mlp=True, quantize_base=True).eval()
+    for name, p in model.named_parameters():
+        if "lora_b" in name:
+            p.data.normal_()  # an adapter that changes the output: it must not reach the base file
+    save_hf_checkpoint(model, tmp_path, merge_adapters=False, bnb_4bit=True, dtype=dtype)
+    mine = _stored(tmp_path)
+    assert set(mine) == set(theirs)
+    for key, value in theirs.items():  # a quant state's JSON length depends on its offset's digits
+        quantized = "proj.weight" in key  # the codes and their tables keep their dtypes, the rest is cast
+        assert mine[key].dtype == (value.dtype if quantized else dtype or value.dtype), key
+        assert key.endswith(".bitsandbytes__nf4") or mine[key].shape == value.shape, key
+    dense = _stored(dense_dir)
+    for key, value in theirs.items():
+        if key.endswith(("proj.weight", "quant_map")):  # the 4-bit codes and tables: bitsandbytes' exactly
+            if dtype is not None and key.endswith(("k_proj.weight", "o_proj.weight")):  # dense: cast, then quantized
+                value = to_nf4(dense[key].to(dtype)).packed.view(-1, 1)
+            assert torch.equal(mine[key], value), key
+        if key.endswith(".bitsandbytes__nf4"):
+            state = json.loads(bytes(mine[key].tolist()))
+            assert state["dtype"] == str(dtype or torch.float32).removeprefix("torch.")
+            assert list(state) == list(json.loads(bytes(value.tolist())))
+    q = model.layers[1].attn.q_proj.weight
+    assert torch.equal(mine["model.layers.1.self_attn.q_proj.weight.absmax"], q.absmax_codes)
+    assert torch.equal(mine["model.layers.1.self_attn.q_proj.weight.nested_absmax"], q.absmax_scales)
+    assert mine["model.norm.weight"].dtype == (dtype or torch.float32)
+
+    config = json.load(open(tmp_path / "config.json"))
+    their_config = json.load(open(os.path.join(bnb_dir, "config.json")))["quantization_config"]
+    want = {k: v for k, v in their_config.items() if not k.startswith("_")}
+    want["bnb_4bit_compute_dtype"] = str(dtype or torch.float32).removeprefix("torch.")
+    assert config["quantization_config"] == want
+
+    hf4 = transformers().LlamaForCausalLM.from_pretrained(tmp_path, device_map="cpu", torch_dtype=torch.float32).eval()
+    assert type(hf4.model.layers[0].self_attn.k_proj).__name__ == "Linear4bit"
+    for module in hf4.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False  # bitsandbytes' fp32 path: the same dequantized weights
+    back = llama2_from_checkpoint(tmp_path, ALL_ATTN, apply_lora_to_mlp=True, quantize_base=True).eval()
+    assert torch.equal(back.layers[1].attn.q_proj.weight.packed, q.packed)  # the base, not base + adapter
+    tokens = torch.randint(0, 320, (2, 13))
+    with torch.no_grad():
+        assert rel_error(back(tokens), hf_logits(hf4, tokens)) <= (1e-5 if dtype is None else BF16_TOLERANCE)
+
+
+def test_bnb_4bit_save_refuses_to_merge_adapters(bnb_checkpoint, tmp_path):
+    _, dense_dir, _ = bnb_checkpoint
+    model = llama2_from_checkpoint(dense_dir, ["q_proj"], quantize_base=True)
+    with pytest.raises(ValueError, match=r"bnb_4bit=True needs merge_adapters=False .* save_peft_adapter"):
+        save_hf_checkpoint(model, tmp_path / "out", bnb_4bit=True)
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")

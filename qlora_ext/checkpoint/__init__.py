@@ -1,5 +1,6 @@
 """Checkpoint I/O for Llama-2 models: HF, Meta and bitsandbytes-4-bit checkpoints in; merged HF
-checkpoints and PEFT LoRA adapters out; every write atomic.
+checkpoints, bitsandbytes-4-bit ones (``save_hf_checkpoint(..., bnb_4bit=True)``) and PEFT LoRA
+adapters out; every write atomic.
 
     from qlora_ext.checkpoint import load_checkpoint, save_hf_checkpoint, save_peft_adapter
 """

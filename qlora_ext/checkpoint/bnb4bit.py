@@ -9,7 +9,8 @@
 
 which is this package's NF4 format (DESIGN.md section 2) with other names: bitsandbytes' absmax
 codes, nested absmax and nested offset are our ``absmax_codes``, ``absmax_scales`` and
-``absmax_offset``. They become an ``NF4Tensor`` as stored, without quantizing again.
+``absmax_offset``. Read, they become an ``NF4Tensor`` as stored, without quantizing again; written
+(``bnb4bit_entries``), an ``NF4Tensor``'s storage is these keys byte for byte.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import torch
 from torch import Tensor
 
 from qlora_ext._tables import ABSMAX_CODE_MAP, BLOCK_SIZE, NF4_VALUES, SCALER_BLOCK_SIZE
-from qlora_ext.nf4 import NF4Tensor
+from qlora_ext.nf4 import NF4Tensor, to_nf4
 
 _STATE_SUFFIX = ".quant_state.bitsandbytes__"
 _AUX = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 class Bnb4bitWeight:
@@ -111,3 +113,87 @@ def bnb4bit_weight_names(keys: set[str]) -> list[str]:
 def bnb4bit_aux_keys(name: str, keys: set[str]) -> list[str]:
     """The auxiliary keys that belong to the bitsandbytes weight ``name``."""
     return [k for k in keys if k.startswith(name + ".") and (k[len(name) :] in _AUX or _STATE_SUFFIX in k)]
+
+
+def bnb4bit_quantization_config(compute_dtype: torch.dtype) -> dict:
+    """The ``quantization_config`` of config.json that transformers writes for such a checkpoint
+    (``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True)``) and reads back to load it in 4 bits."""
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": _DTYPE_NAMES[compute_dtype],
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": None,
+        "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_enable_fp32_cpu_offload": False,
+    }
+
+
+def bnb4bit_entries(name: str, weight: Tensor, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], Tensor]]]:
+    """The keys that store ``weight`` in the bitsandbytes 4-bit layout, as (key, shape, dtype,
+    producer) for a streaming writer, in the order transformers writes them.
+
+    Args:
+        name: the weight's key (``model.layers.0.self_attn.q_proj.weight``).
+        weight: an ``NF4Tensor`` (its storage is written as it is) or a dense 2-D weight (quantized
+            here, giving the bytes bitsandbytes' ``quantize_4bit`` gives; once to size the quant
+            state, and again when its keys are written, so only one weight's codes are held).
+        dtype: the dtype the weight dequantizes to (the quant state's ``dtype``); a dense weight
+            is cast to it before quantizing, as bitsandbytes quantizes a checkpoint of that dtype.
+
+    Raises:
+        ValueError: a dtype bitsandbytes' quant state cannot name, or (from ``to_nf4``) a dense
+            weight whose size is not a multiple of 64.
+    """
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"bnb4bit_entries: argument 'dtype' must be one of {sorted(_DTYPES)}; got {dtype}")
+    if isinstance(weight, NF4Tensor):
+        nf4 = weight
+        get_nf4 = lambda: weight  # noqa: E731
+    else:
+        dense = weight.detach()
+        get_nf4 = lambda: to_nf4(dense.to(dtype))  # noqa: E731
+        nf4 = get_nf4()
+    state = {
+        "quant_type": "nf4",
+        "blocksize": BLOCK_SIZE,
+        "dtype": _DTYPE_NAMES[dtype],
+        "shape": list(nf4.shape),
+        "nested_blocksize": SCALER_BLOCK_SIZE,
+        "nested_dtype": "float32",
+        "nested_offset": float(nf4.absmax_offset),
+    }
+    state_bytes = torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
+    packed_bytes = nf4.packed.numel()
+    blocks = nf4.absmax_codes.numel()
+    groups = nf4.absmax_scales.numel()
+    del nf4  # a dense weight's codes are made again when written
+    last: dict[str, NF4Tensor] = {}
+
+    def component(attr: str) -> Callable[[], Tensor]:
+        def produce() -> Tensor:
+            if "nf4" not in last:  # one quantization serves the weight's keys
+                last["nf4"] = get_nf4()
+            value = getattr(last["nf4"], attr)
+            if attr == "absmax_scales":
+                last.clear()  # the last key that needs the codes
+            return value.reshape(-1, 1) if attr == "packed" else value.reshape(-1)
+
+        return produce
+
+    def table(values: tuple[float, ...]) -> Callable[[], Tensor]:
+        return lambda: torch.tensor(values, dtype=torch.float32)
+
+    return [
+        (name, (packed_bytes, 1), torch.uint8, component("packed")),
+        (name + ".absmax", (blocks,), torch.uint8, component("absmax_codes")),
+        (name + ".quant_map", (len(NF4_VALUES),), torch.float32, table(NF4_VALUES)),
+        (name + ".nested_absmax", (groups,), torch.float32, component("absmax_scales")),
+        (name + ".nested_quant_map", (len(ABSMAX_CODE_MAP),), torch.float32, table(ABSMAX_CODE_MAP)),
+        (name + _STATE_SUFFIX + "nf4", tuple(state_bytes.shape), torch.uint8, lambda: state_bytes),
+    ]

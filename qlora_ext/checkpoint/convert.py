@@ -51,6 +51,7 @@ _HF_MODULES = {
     "mlp.w2": "mlp.down_proj",
     "mlp.w3": "mlp.up_proj",
 }
+_DECODER_LINEAR_WEIGHTS = {f"{module}.weight" for module in _HF_MODULES}
 _HF_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 _META_IGNORED = re.compile(r"rope\.freqs")
 # Wrappers that rename submodules (torch.compile, activation checkpointing, FSDP) are invisible
@@ -145,3 +146,9 @@ def meta_shard_dim(name: str) -> int | None:
 
 def is_rotary_projection(our_name: str) -> bool:
     return our_name.endswith(("attn.q_proj.weight", "attn.k_proj.weight"))
+
+
+def is_decoder_linear_weight(our_name: str) -> bool:
+    """True for the weight of an attention or MLP projection (what bitsandbytes quantizes)."""
+    match = _LAYER.match(our_name)
+    return bool(match) and match["prefix"] == "layers" and match["rest"] in _DECODER_LINEAR_WEIGHTS

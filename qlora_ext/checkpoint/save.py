@@ -1,5 +1,7 @@
 """Saving a Llama-2 model as a HF checkpoint (``config.json`` + safetensors shards + index) that
-transformers' ``LlamaForCausalLM.from_pretrained`` loads, with LoRA adapters merged in.
+transformers' ``LlamaForCausalLM.from_pretrained`` loads: dense with LoRA adapters merged in, or
+with the decoder's linear weights in bitsandbytes' 4-bit layout (what transformers saves for a
+model loaded with ``load_in_4bit``; our NF4 weights are written as stored).
 
 Weights are produced one at a time (an NF4 weight is dequantized, and its adapter added, just
 before its bytes are written) and streamed to disk, so saving needs memory for one dense tensor,
@@ -18,8 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from qlora_ext.checkpoint.atomic import StagedFiles
+from qlora_ext.checkpoint.bnb4bit import bnb4bit_entries, bnb4bit_quantization_config
 from qlora_ext.checkpoint.config import Llama2Config
-from qlora_ext.checkpoint.convert import ours_to_hf, strip_wrappers
+from qlora_ext.checkpoint.convert import is_decoder_linear_weight, ours_to_hf, strip_wrappers
 from qlora_ext.checkpoint.safetensors_io import tensor_nbytes, write_safetensors
 from qlora_ext.modules.lora_linear import LoRALinear
 from qlora_ext.nf4 import NF4Tensor
@@ -38,7 +41,8 @@ def _parse_size(size: int | str) -> int:
 
 
 def merged_weights(model: nn.Module, *, dtype: torch.dtype | None = None, merge_adapters: bool = True):
-    """(our name, shape, dtype, producer) for every weight of a merged model, in module order.
+    """(our name, shape, dtype, producer, stored) for every weight of a merged model, in module
+    order; ``stored`` is the tensor as the model holds it (an ``NF4Tensor`` for a quantized base).
 
     LoRA linears give their base weight plus the adapter update (unless ``merge_adapters`` is
     False); adapter parameters themselves are left out; other tensors are cast to ``dtype``.
@@ -54,15 +58,15 @@ def merged_weights(model: nn.Module, *, dtype: torch.dtype | None = None, merge_
             name = strip_wrappers(prefix + "weight")
             want = dtype or module.weight.dtype
             producer = partial(module.merged_weight, want) if merge_adapters else partial(_base_weight, module, want)
-            out.append((name, tuple(module.weight.shape), want, producer))
+            out.append((name, tuple(module.weight.shape), want, producer, module.weight))
             if module.bias is not None:
                 bias_dtype = dtype or module.bias.dtype
-                out.append((strip_wrappers(prefix + "bias"), tuple(module.bias.shape), bias_dtype, partial(_cast, module.bias, bias_dtype)))
+                out.append((strip_wrappers(prefix + "bias"), tuple(module.bias.shape), bias_dtype, partial(_cast, module.bias, bias_dtype), module.bias))
             continue
         for attr, tensor in module._parameters.items():
             if tensor is not None:
                 want = dtype or tensor.dtype
-                out.append((strip_wrappers(prefix + attr), tuple(tensor.shape), want, partial(_cast, tensor, want)))
+                out.append((strip_wrappers(prefix + attr), tuple(tensor.shape), want, partial(_cast, tensor, want), tensor))
     return out
 
 
@@ -85,6 +89,7 @@ def save_hf_checkpoint(
     max_shard_size: int | str = "5GB",
     merge_adapters: bool = True,
     base_config: dict | None = None,
+    bnb_4bit: bool = False,
 ) -> list[str]:
     """Writes ``model`` as a HF Llama checkpoint: ``config.json``, ``model.safetensors`` or
     ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``.
@@ -97,23 +102,38 @@ def save_hf_checkpoint(
         max_shard_size: bytes per shard, as an int or a string like "5GB" / "500MB".
         merge_adapters: fold LoRA updates into the weights (True) or save the base model.
         base_config: an original config.json dict to keep unrelated fields of.
+        bnb_4bit: write the attention and MLP linear weights in bitsandbytes' 4-bit layout (NF4,
+            double quantization, blocksize 64) and its ``quantization_config``, as transformers
+            saves a model loaded with ``load_in_4bit``: it loads back in 4 bits, and so does
+            ``load_checkpoint``. NF4 weights are written as stored, dense ones quantized (the
+            bytes bitsandbytes would give); embeddings, norms and the output layer stay dense.
+            A model with LoRA adapters needs ``merge_adapters=False`` (save the adapters with
+            ``save_peft_adapter``): merging would quantize the weights a second time.
 
     Returns:
         The paths written.
 
     Raises:
-        ValueError: a parameter without HF counterpart, or a bad ``max_shard_size``.
+        ValueError: a parameter without HF counterpart, a bad ``max_shard_size``, or ``bnb_4bit``
+            with ``merge_adapters`` on a model that has adapters.
     """
     out_dir = os.fspath(out_dir)
     limit = _parse_size(max_shard_size)
+    if bnb_4bit and merge_adapters and any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError(
+            "save_hf_checkpoint: bnb_4bit=True needs merge_adapters=False for a model with LoRA adapters "
+            "(merging into a 4-bit weight would quantize it again); save the adapters with save_peft_adapter"
+        )
     specs = []
     producers = {}
-    for name, shape, want, producer in merged_weights(model, dtype=dtype, merge_adapters=merge_adapters):
+    for name, shape, want, producer, stored in merged_weights(model, dtype=dtype, merge_adapters=merge_adapters):
         hf_name = ours_to_hf(name)
         if hf_name is None:
             raise ValueError(f"save_hf_checkpoint: parameter '{name}' has no HF Llama counterpart")
-        specs.append((hf_name, shape, want))
-        producers[hf_name] = producer
+        entries = bnb4bit_entries(hf_name, stored, want) if bnb_4bit and is_decoder_linear_weight(name) else [(hf_name, shape, want, producer)]
+        for key, key_shape, key_dtype, key_producer in entries:
+            specs.append((key, key_shape, key_dtype))
+            producers[key] = key_producer
 
     shards: list[list[tuple]] = [[]]
     shard_bytes = 0
@@ -129,7 +149,10 @@ def save_hf_checkpoint(
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    config = Llama2Config.from_model(model).to_hf(dtype=dtype or model.tok_embeddings.weight.dtype, base=base_config)
+    config_dtype = dtype or model.tok_embeddings.weight.dtype
+    config = Llama2Config.from_model(model).to_hf(dtype=config_dtype, base=base_config)
+    if bnb_4bit:
+        config["quantization_config"] = bnb4bit_quantization_config(config_dtype)
 
     with torch.no_grad(), StagedFiles(out_dir) as staged:
         for file_name, shard in zip(names, shards):
