@@ -71,7 +71,9 @@ class _LoRALinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_a_weight = torch.mm(grad_a.t(), lora_in).to(a_weight.dtype)  # [rank, in]
         if ctx.needs_input_grad[3]:
-            grad_b_weight = (torch.mm(g.t(), a) * ctx.scaling).to(b_weight.dtype)  # [out, rank]
+            # [out, rank], as the transpose of a [rank, out] product: MKL takes a quarter of the
+            # time for that shape (24 vs 94 us at 512 tokens, out 768; 85 vs 267 at out 2048)
+            grad_b_weight = (torch.mm(a.t(), g) * ctx.scaling).t().to(b_weight.dtype)
         if ctx.needs_input_grad[0]:
             grad_x = _base_grad_input(grad_y, weight, ctx.in_features)  # [..., in], fresh
             if ctx.lora_in_is_x and torch.is_grad_enabled():  # create_graph: no in-place on an op's output
