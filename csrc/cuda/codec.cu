@@ -190,7 +190,12 @@ template void launch_dequantize_tile<__half>(const Nf4View&, int64_t, int64_t, i
 
 at::Tensor contiguous_aligned(const at::Tensor& t, int64_t alignment) {
   at::Tensor c = t.contiguous();
-  return reinterpret_cast<uintptr_t>(c.const_data_ptr()) % alignment == 0 ? c : c.clone();
+  if (reinterpret_cast<uintptr_t>(c.const_data_ptr()) % alignment == 0) return c;
+  c = c.clone();  // a fresh block: 512-byte aligned from the caching allocator
+  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(c.const_data_ptr()) % alignment == 0,
+                        "qlora: the CUDA allocator returned memory aligned to less than ",
+                        alignment, " bytes");
+  return c;
 }
 
 Nf4View nf4_view(const at::Tensor& packed, const at::Tensor& absmax_codes,

@@ -18,6 +18,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdlib>
 #include <type_traits>
 
@@ -332,20 +334,38 @@ int mma_min_rows() {
 // PTX for a newer GPU (so the PTX version counts, not the binary's).
 template <typename T, int MT>
 bool mma_kernel_runs() {
+  const bool no_earlier_error = cudaPeekAtLastError() == cudaSuccess;
   cudaFuncAttributes attrs{};
   if (cudaFuncGetAttributes(&attrs, gemv_rows_mma_kernel<T, MT>) != cudaSuccess) {
-    // No image for this GPU: clear the error, or the next launch check would report it.
-    (void)cudaGetLastError();
+    // No image for this GPU: clear our error, or the next launch check would report it (an
+    // earlier one is left for its own check).
+    if (no_earlier_error) (void)cudaGetLastError();
     return false;
   }
   return attrs.ptxVersion >= 80;
 }
 
+// mma_kernel_runs, asked once per device: one process may drive GPUs of different archs, and a
+// build for "75;90" runs the trap on a T4 and the kernel on an H100.
+template <typename T, int MT>
+bool mma_kernel_runs_on_current_device() {
+  constexpr int kDevices = 64;
+  static std::array<std::atomic<int8_t>, kDevices> known{};  // 0 not asked yet, 1 runs, 2 not
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= kDevices) return mma_kernel_runs<T, MT>();
+  int8_t state = known[device].load(std::memory_order_relaxed);
+  if (state == 0) {
+    state = mma_kernel_runs<T, MT>() ? 1 : 2;
+    known[device].store(state, std::memory_order_relaxed);
+  }
+  return state == 1;
+}
+
 template <typename T, int MT>
 bool launch_gemv_rows_mma(const Nf4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias,
                           T* y, cudaStream_t stream) {
-  static const bool runs = mma_kernel_runs<T, MT>();  // per device type in practice: one GPU model
-  if (!runs) return false;
+  if (!mma_kernel_runs_on_current_device<T, MT>()) return false;
   gemv_rows_mma_kernel<T, MT><<<ceil_div(N, kMmaRows), kMmaWarps * kWarp, 0, stream>>>(w, N, K, x,
                                                                                      M, bias, y);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -396,6 +416,13 @@ void gemv_cols(const Nf4View& w, int64_t N, int64_t K, const T* gy, int64_t M, T
 
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
+// Rows (forward) or columns (backward) of W per tile of the large-M path, for `tiles` tiles over
+// `extent`: multiples of 64 for the GEMMs; a weight under 128 along it goes in multiples of 8
+// (the decoder's word), so that it too is decoded in two tiles, not whole, from 16 up.
+int64_t tile_extent(int64_t extent, int64_t tiles) {
+  return std::min(extent, round_up(ceil_div(extent, tiles), extent >= 128 ? 64 : 8));
+}
+
 // How many tiles the large-M path decodes W in, for an [M, out_cols] product: as few as leave
 // each tile's cuBLAS call about a wave of 128 x 128 output tiles on this GPU's SMs (a GEMM on a
 // quarter of the columns at M = 512 would fill a quarter of an H100), at least 2 (never the whole
@@ -423,7 +450,8 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
   const Nf4View w = nf4_view(p, c, s, o);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  const at::Tensor x2 = contiguous_aligned(x.reshape({-1, K}), 32);  // [M, K]
+  // [M, K], rows 8-element aligned for the small-M kernels' vector loads when K % 8 == 0
+  const at::Tensor x2 = contiguous_aligned(x.reshape({-1, K}), 8 * x.element_size());
   const int64_t M = x2.size(0);
   at::Tensor y = at::empty({M, N}, x2.options());  // [M, N]
   if (M > 0 && M <= kMaxFusedRows && K % 8 == 0) {
@@ -438,7 +466,7 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
       }
     });
   } else if (M > 0) {
-    const int64_t rows = std::min(N, round_up(ceil_div(N, large_m_tiles(M, N)), 64));
+    const int64_t rows = tile_extent(N, large_m_tiles(M, N));
     at::Tensor tile = at::empty({rows, K}, x2.options());
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t n = std::min(rows, N - n0);
@@ -483,7 +511,7 @@ at::Tensor linear_nf4_grad_input(const at::Tensor& grad_y, const at::Tensor& pac
                    stream);
     });
   } else if (M > 0) {
-    const int64_t cols = std::min(K, round_up(ceil_div(K, large_m_tiles(M, K)), 64));
+    const int64_t cols = tile_extent(K, large_m_tiles(M, K));
     at::Tensor storage = at::empty({N * cols}, g2.options());
     for (int64_t k0 = 0; k0 < K; k0 += cols) {
       const int64_t k = std::min(cols, K - k0);
