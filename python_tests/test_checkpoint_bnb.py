@@ -210,9 +210,20 @@ def test_bnb_4bit_save_is_what_transformers_writes_and_loads(bnb_checkpoint, tmp
         assert rel_error(back(tokens), hf_logits(hf4, tokens)) <= (1e-5 if dtype is None else BF16_TOLERANCE)
 
 
-def test_bnb_4bit_save_refuses_to_merge_adapters(bnb_checkpoint, tmp_path):
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, r"bnb_4bit=True needs merge_adapters=False .* save_peft_adapter"),
+        (
+            {"merge_adapters": False, "dtype": torch.float64},
+            r"argument 'dtype' must be None, torch.float32, torch.bfloat16 or torch.float16 with bnb_4bit=True .*; got torch.float64",
+        ),
+    ],
+    ids=["merge", "float64"],
+)
+def test_bnb_4bit_save_refuses_what_it_cannot_write(bnb_checkpoint, tmp_path, kwargs, message):
     _, dense_dir, _ = bnb_checkpoint
     model = llama2_from_checkpoint(dense_dir, ["q_proj"], quantize_base=True)
-    with pytest.raises(ValueError, match=r"bnb_4bit=True needs merge_adapters=False .* save_peft_adapter"):
-        save_hf_checkpoint(model, tmp_path / "out", bnb_4bit=True)
+    with pytest.raises(ValueError, match=message):
+        save_hf_checkpoint(model, tmp_path / "out", bnb_4bit=True, **kwargs)
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")

@@ -115,10 +115,16 @@ def save_hf_checkpoint(
 
     Raises:
         ValueError: a parameter without HF counterpart, a bad ``max_shard_size``, or ``bnb_4bit``
-            with ``merge_adapters`` on a model that has adapters.
+            with ``merge_adapters`` on a model that has adapters or with a ``dtype`` other than
+            float32, bfloat16 and float16.
     """
     out_dir = os.fspath(out_dir)
     limit = _parse_size(max_shard_size)
+    if bnb_4bit and dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            "save_hf_checkpoint: argument 'dtype' must be None, torch.float32, torch.bfloat16 or torch.float16 "
+            f"with bnb_4bit=True (the dtypes a bitsandbytes quant state names); got {dtype}"
+        )
     if bnb_4bit and merge_adapters and any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError(
             "save_hf_checkpoint: bnb_4bit=True needs merge_adapters=False for a model with LoRA adapters "
