@@ -72,7 +72,8 @@ class _LoRALinearFunction(torch.autograd.Function):
             grad_a_weight = torch.mm(grad_a.t(), lora_in).to(a_weight.dtype)  # [rank, in]
         if ctx.needs_input_grad[3]:
             # [out, rank], as the transpose of a [rank, out] product: MKL takes a quarter of the
-            # time for that shape (24 vs 94 us at 512 tokens, out 768; 85 vs 267 at out 2048)
+            # time for that shape (24 vs 94 us at 512 tokens, out 768; 85 vs 267 at out 2048;
+            # measured ad hoc on the 2-core AVX-512 Xeon, not in bench/)
             grad_b_weight = (torch.mm(a.t(), g) * ctx.scaling).t().to(b_weight.dtype)
         if ctx.needs_input_grad[0]:
             grad_x = _base_grad_input(grad_y, weight, ctx.in_features)  # [..., in], fresh
