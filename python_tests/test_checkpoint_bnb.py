@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,8 +193,8 @@ def test_bnb_4bit_save_is_what_transformers_writes_and_loads(bnb_checkpoint, tmp
     assert torch.equal(mine["model.layers.1.self_attn.q_proj.weight.nested_absmax"], q.absmax_scales)
     assert mine["model.norm.weight"].dtype == (dtype or torch.float32)
 
-    config = json.load(open(tmp_path / "config.json"))
-    their_config = json.load(open(os.path.join(bnb_dir, "config.json")))["quantization_config"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    their_config = json.loads((Path(bnb_dir) / "config.json").read_text())["quantization_config"]
     want = {k: v for k, v in their_config.items() if not k.startswith("_")}
     want["bnb_4bit_compute_dtype"] = str(dtype or torch.float32).removeprefix("torch.")
     assert config["quantization_config"] == want
@@ -216,7 +217,8 @@ def test_bnb_4bit_save_is_what_transformers_writes_and_loads(bnb_checkpoint, tmp
         ({}, r"bnb_4bit=True needs merge_adapters=False .* save_peft_adapter"),
         (
             {"merge_adapters": False, "dtype": torch.float64},
-            r"argument 'dtype' must be None, torch.float32, torch.bfloat16 or torch.float16 with bnb_4bit=True .*; got torch.float64",
+            r"argument 'dtype' must be None or one of \[torch.float32, torch.bfloat16, torch.float16\] with bnb_4bit=True .*; "
+            r"got torch.float64",
         ),
     ],
     ids=["merge", "float64"],

@@ -28,6 +28,7 @@ _STATE_SUFFIX = ".quant_state.bitsandbytes__"
 _AUX = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+BNB4BIT_DTYPES = tuple(_DTYPES.values())  # the dtypes a quant state can name
 
 
 class Bnb4bitWeight:
@@ -150,8 +151,8 @@ def bnb4bit_entries(name: str, weight: Tensor, dtype: torch.dtype) -> list[tuple
         ValueError: a dtype bitsandbytes' quant state cannot name, or (from ``to_nf4``) a dense
             weight whose size is not a multiple of 64.
     """
-    if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"bnb4bit_entries: argument 'dtype' must be one of {sorted(_DTYPES)}; got {dtype}")
+    if dtype not in BNB4BIT_DTYPES:
+        raise ValueError(f"bnb4bit_entries: argument 'dtype' must be one of {list(BNB4BIT_DTYPES)}; got {dtype}")
     if isinstance(weight, NF4Tensor):
         nf4 = weight
         get_nf4 = lambda: weight  # noqa: E731

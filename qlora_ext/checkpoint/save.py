@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from qlora_ext.checkpoint.atomic import StagedFiles
-from qlora_ext.checkpoint.bnb4bit import bnb4bit_entries, bnb4bit_quantization_config
+from qlora_ext.checkpoint.bnb4bit import BNB4BIT_DTYPES, bnb4bit_entries, bnb4bit_quantization_config
 from qlora_ext.checkpoint.config import Llama2Config
 from qlora_ext.checkpoint.convert import is_decoder_linear_weight, ours_to_hf, strip_wrappers
 from qlora_ext.checkpoint.safetensors_io import tensor_nbytes, write_safetensors
@@ -120,10 +120,10 @@ def save_hf_checkpoint(
     """
     out_dir = os.fspath(out_dir)
     limit = _parse_size(max_shard_size)
-    if bnb_4bit and dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+    if bnb_4bit and dtype is not None and dtype not in BNB4BIT_DTYPES:
         raise ValueError(
-            "save_hf_checkpoint: argument 'dtype' must be None, torch.float32, torch.bfloat16 or torch.float16 "
-            f"with bnb_4bit=True (the dtypes a bitsandbytes quant state names); got {dtype}"
+            f"save_hf_checkpoint: argument 'dtype' must be None or one of {list(BNB4BIT_DTYPES)} with bnb_4bit=True "
+            f"(the dtypes a bitsandbytes quant state names); got {dtype}"
         )
     if bnb_4bit and merge_adapters and any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError(
