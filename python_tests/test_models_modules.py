@@ -28,6 +28,65 @@ def test_rms_norm_matches_formula(dtype):
     torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 0, atol=1e-6 if dtype == torch.float32 else 0)
 
 
+def _first_and_second_derivatives(fn, inputs, grad_out, probe):
+    """fn's output, d(out . grad_out)/d inputs, and the derivative of (those . probe) again."""
+    out = fn(*inputs)
+    firsts = torch.autograd.grad(out, inputs, grad_out, create_graph=True)
+    seconds = torch.autograd.grad(sum((f * p).sum() for f, p in zip(firsts, probe)), inputs, allow_unused=True)
+    return out, firsts, seconds
+
+
+def test_rms_norm_float32_backward_matches_formula():
+    # float32 takes a hand-written autograd function; its first and second derivatives are the
+    # formula's (which autograd differentiates).
+    norm = RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.scale.copy_(torch.rand(48) + 0.5)
+    x = (torch.randn(2, 7, 48) * 3).requires_grad_()
+    scale = norm.scale
+
+    def formula(x, scale):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * scale
+
+    grad_out, probe = torch.randn(2, 7, 48), (torch.randn(2, 7, 48), torch.randn(48))
+    got = _first_and_second_derivatives(lambda x, s: norm(x), (x, scale), grad_out, probe)
+    want = _first_and_second_derivatives(formula, (x, scale), grad_out, probe)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for g, w in zip(got[1] + got[2], want[1] + want[2]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    # Without create_graph (the training path, in place), the same first derivatives.
+    x.grad = scale.grad = None
+    norm(x).backward(grad_out)
+    torch.testing.assert_close(x.grad, want[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scale.grad, want[1][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["default", "per_row"])
+def test_rope_float32_backward_matches_formula(positions):
+    rope = RotaryPositionalEmbeddings(16, max_seq_len=32)
+    x = torch.randn(2, 5, 3, 16, requires_grad=True)
+    pos = None if positions == "default" else torch.tensor([[4, 5, 6, 7, 8], [0, 2, 4, 6, 8]])
+    cos = (rope.cos[:5] if pos is None else rope.cos[pos]).unsqueeze(-2)
+    sin = (rope.sin[:5] if pos is None else rope.sin[pos]).unsqueeze(-2)
+
+    def formula(x):
+        return x * cos + torch.cat((-x[..., 8:], x[..., :8]), dim=-1) * sin
+
+    grad_out = torch.randn(2, 5, 3, 16, requires_grad=True)
+    got = rope(x, input_pos=pos)
+    want = formula(x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    (got_grad,) = torch.autograd.grad(got, x, grad_out, create_graph=True)
+    (want_grad,) = torch.autograd.grad(want, x, grad_out, create_graph=True)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-6)
+    # Differentiable again: linear in grad_out, so the derivative of (grad . probe) is the rotation of probe.
+    probe = torch.randn(2, 5, 3, 16)
+    torch.testing.assert_close(
+        torch.autograd.grad((got_grad * probe).sum(), grad_out)[0], torch.autograd.grad((want_grad * probe).sum(), grad_out)[0],
+        rtol=1e-6, atol=1e-6,
+    )
+
+
 def test_rope_rotates_halves_by_position_angle():
     dim, base = 16, 10_000.0
     rope = RotaryPositionalEmbeddings(dim, max_seq_len=32, base=base)

@@ -3,12 +3,42 @@
 The two halves of each head dimension form the rotated pairs: element ``i`` pairs with
 ``i + head_dim / 2``. Meta's original checkpoints pair adjacent elements instead; their q/k
 projection rows are permuted on load (``qlora_ext.checkpoint``), so one convention serves both.
+
+For float32 input outside ``torch.compile`` the rotation is one autograd function that writes its
+output in three passes (``x * cos``, then a multiply-add into each half) and backward the same
+way, where the formula also builds the negated half and the concatenation and autograd slices its
+gradient back apart. On the 2-core CPU a forward + backward of [2, 256, 12, 64] took 0.43 instead
+of 1.1 ms (measured ad hoc, not in bench/). Compiled code keeps the formula, which inductor fuses.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+
+class _RotateHalfFunction(torch.autograd.Function):
+    """``x * cos + rotate_half(x) * sin`` for float32 x, with ``rotate_half(x) = cat(-x2, x1)``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # noqa: ANN001
+        half = x.shape[-1] // 2
+        out = x * cos
+        out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1.0)  # x1 c - x2 s
+        out[..., half:].addcmul_(x[..., :half], sin[..., half:])  # x2 c + x1 s
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # noqa: ANN001, ANN206
+        # Linear in x with constant tables: the transposed rotation. In place on a fresh tensor,
+        # which autograd can still differentiate (the tables get no gradient).
+        cos, sin = ctx.saved_tensors
+        half = grad_out.shape[-1] // 2
+        grad_x = grad_out * cos
+        grad_x[..., :half].addcmul_(grad_out[..., half:], sin[..., half:])  # g1 c + g2 s
+        grad_x[..., half:].addcmul_(grad_out[..., :half], sin[..., :half], value=-1.0)  # g2 c - g1 s
+        return grad_x, None, None
 
 
 class RotaryPositionalEmbeddings(nn.Module):
@@ -69,6 +99,8 @@ class RotaryPositionalEmbeddings(nn.Module):
         # Cast the tables to x's dtype before multiplying, as HF does, so bf16 runs round alike.
         cos = cos.unsqueeze(-2).to(x.dtype)  # [..., s, 1, d]: broadcast over heads
         sin = sin.unsqueeze(-2).to(x.dtype)
+        if x.dtype == torch.float32 and not torch.compiler.is_compiling():
+            return _RotateHalfFunction.apply(x, cos, sin)
         half = self.dim // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
