@@ -16,12 +16,13 @@ does; HF computes the logits, then the loss). Ours runs eager and, as a second s
 layer under ``torch.compile(fullgraph=True)`` (the trainer's ``compile=True``; its compile time is
 in the warm-up steps). Each stack runs in its own process so peak memory is its own (the peak of
 the training steps, counted from the model as built), and the stacks take turns for ``--rounds``
-rounds (2 by default): each ratio is the median of the per-round ratios,
-so a machine that speeds up or slows down over the minutes of the run does not favour either
-side. ``--quick`` (what the GPU check runs) is one round of the mid config. HF+PEFT+bnb and
-torchtune rows are skipped with the reason when not installed (``pip install transformers peft
-bitsandbytes``; ``pip install torchtune torchao``, with torchtune's own dependencies such as
-``datasets``; torchtune 0.6 runs on torchao 0.18 through an alias, see bench/alternatives.py).
+rounds (3 by default: a median of two is their mean, which one disturbed round moves): each
+ratio is the median of the per-round ratios, so a machine that speeds up or slows down over the
+minutes of the run does not favour either side. ``--quick`` (what the GPU check runs) is one
+round of the mid config. HF+PEFT+bnb and torchtune rows are skipped with the reason when not
+installed (``pip install transformers peft bitsandbytes``; ``pip install torchtune torchao``, with
+torchtune's own dependencies such as ``datasets``; torchtune 0.6 runs on torchao 0.18 through an
+alias, see bench/alternatives.py).
 Each config also gets its floor (bench/flops.py): the FLOPs of our step, as torch's
 ``FlopCounterMode`` counts them, at the machine's measured matrix rate (``torch.mm``), with each
 row's share of that rate and the largest ratio over hf_peft_bnb that a step of these FLOPs can
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=6, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2, help="rounds in which the stacks take turns (ratios: median over rounds)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds in which the stacks take turns (ratios: median over rounds)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="the mid config, 1 round, fewer steps")
