@@ -18,7 +18,9 @@ in the warm-up steps). Each stack runs in its own process so peak memory is its 
 the training steps, counted from the model as built), and the stacks take turns for ``--rounds``
 rounds (3 by default: a median of two is their mean, which one disturbed round moves): each
 ratio is the median of the per-round ratios, so a machine that speeds up or slows down over the
-minutes of the run does not favour either side. ``--quick`` (what the GPU check runs) is one
+minutes of the run does not favour either side. A target is judged on the lower of two such
+ratios, one of each stack's median step and one of its fastest step, so that neither side's
+unsteady steps flatter ours. ``--quick`` (what the GPU check runs) is one
 round of the mid config. HF+PEFT+bnb and torchtune rows are skipped with the reason when not
 installed (``pip install transformers peft bitsandbytes``; ``pip install torchtune torchao``, with
 torchtune's own dependencies such as ``datasets``; torchtune 0.6 runs on torchao 0.18 through an
@@ -65,6 +67,21 @@ OURS = ("qlora_ext", "qlora_ext_compiled", "lora_dense")  # a failure of one of 
 INSTALL = {"hf_peft_bnb": "pip install transformers peft bitsandbytes", "torchtune_torchao": "pip install torchtune torchao"}
 LORA = dict(rank=8, alpha=16.0)
 MAX_SEQ_LEN = 512
+
+
+def judged_speedup(ours: list[dict], theirs: list[dict]) -> tuple[float, float, float, list[float], list[float]]:
+    """How many times faster ours is, from per-round results (``tokens_per_s``, ``step_s``) taken in turns.
+
+    Returns (judged, over median steps, over fastest steps, per-round ratios of median steps,
+    per-round ratios of fastest steps); each of the two is the median of its per-round ratios, and
+    the judged one is the lower: a stack whose steps wander (HF's mid steps took 1.2 to 2.2 s
+    within one round on the Xeon, with 64k page faults each, while ours held at 1.0 s) cannot
+    flatter ours, and neither can ours.
+    """
+    by_median = sorted(o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(ours, theirs))
+    by_fastest = sorted(min(t["step_s"]) / min(o["step_s"]) for o, t in zip(ours, theirs))
+    median_ratio, fastest_ratio = statistics.median(by_median), statistics.median(by_fastest)
+    return min(median_ratio, fastest_ratio), median_ratio, fastest_ratio, by_median, by_fastest
 
 
 def _reset_peak_memory(device: torch.device) -> None:
@@ -383,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             row["flops_per_step"] = step_flops
             floor_note = f"a step's {step_flops['qlora_ext'] / 1e9:.0f} GFLOP take {floor:.2f} s at the matrix rate"
             if theirs:
-                best = row["best_ratio_vs_hf_peft_bnb"] = statistics.median(t["step_s_median"] for t in theirs) / floor
+                # over HF's fastest steps: the judged ratio is never above that one (judged_speedup)
+                best = row["best_ratio_vs_hf_peft_bnb"] = statistics.median(min(t["step_s"]) for t in theirs) / floor
                 floor_note += f", so at most {best:.2f}x over hf_peft_bnb"
             print(f"{name:9} floor: {floor_note} ({rate['flops_per_s'] / 1e9:.1f} GFLOP/s, {rate['how']})")
         for stack, key in (("qlora_ext", "ratio_vs_hf_peft_bnb"), ("qlora_ext_compiled", "ratio_compiled_vs_hf_peft_bnb")):
@@ -394,13 +412,15 @@ def main(argv: list[str] | None = None) -> int:
                 results["targets"].append(target)
             if not (ours and theirs):
                 continue
-            ratios = sorted(o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(ours, theirs))
-            ratio = target["value"] = statistics.median(ratios)  # of the per-round ratios
+            ratio, by_median, by_fastest, ratios, fastest = judged_speedup(ours, theirs)
+            target["value"] = ratio
             row[key], row[key.replace("ratio", "ratios_by_round", 1)] = ratio, ratios
+            row[key + "_median_steps"], row[key + "_fastest_steps"] = by_median, by_fastest
             row["target"] = TARGETS[name]
             verdict = "meets" if ratio >= TARGETS[name] else "MISSES"
-            print(f"{name:9} ratio {stack} / hf_peft_bnb = {ratio:.2f}x, median of {len(ratios)} round(s) "
-                  f"[{', '.join(f'{x:.2f}' for x in ratios)}] ({verdict} the {TARGETS[name]}x target)")
+            print(f"{name:9} ratio {stack} / hf_peft_bnb = {ratio:.2f}x ({verdict} the {TARGETS[name]}x target): the "
+                  f"lower of {by_median:.2f}x over median steps, by round [{', '.join(f'{x:.2f}' for x in ratios)}], "
+                  f"and {by_fastest:.2f}x over fastest steps [{', '.join(f'{x:.2f}' for x in fastest)}]")
         dense = rounds.get("lora_dense", [])
         if dense and rounds.get("qlora_ext"):  # what quantizing the base costs (no target)
             ratios = sorted(o["tokens_per_s"] / d["tokens_per_s"] for o, d in zip(rounds["qlora_ext"], dense))

@@ -419,6 +419,23 @@ def test_training_benchmarks_run(tmp_path):
     assert eager["losses"] == pytest.approx(compiled["losses"], rel=1e-4)
 
 
+def test_training_speedup_is_judged_on_the_lower_of_median_and_fastest_steps():
+    from bench.model_train import judged_speedup
+
+    def result(steps):
+        return {"step_s": steps, "tokens_per_s": 512 / sorted(steps)[len(steps) // 2]}
+
+    steady_ours = [result([1.0, 1.01, 1.02]), result([1.0, 1.0, 1.03]), result([1.01, 1.02, 1.0])]
+    # HF's steps wander in two of three rounds: the median steps would give 1.8x, the fastest 1.2x.
+    wandering = [result([2.2, 1.2, 1.8, 1.9]), result([1.2, 1.85, 2.0]), result([1.21, 1.22, 1.2])]
+    judged, by_median, by_fastest, per_round, fastest = judged_speedup(steady_ours, wandering)
+    assert by_median == pytest.approx(1.8, rel=0.03) and by_fastest == pytest.approx(1.2, rel=0.01)
+    assert judged == by_fastest and len(per_round) == len(fastest) == 3
+    # the other way round: our own wandering steps do not count for us either
+    judged, by_median, by_fastest, _, _ = judged_speedup(wandering, steady_ours)
+    assert judged == by_median == pytest.approx(1 / 1.8, rel=0.03) and by_fastest > judged
+
+
 def test_flop_count_of_qlora_linear_ops_and_cpu_attention():
     # bench/flops.py teaches torch's FlopCounterMode the ops it does not know: the NF4 linear, its
     # input gradient (2 * M * in * out each) and CPU flash attention (causal: half the product).
