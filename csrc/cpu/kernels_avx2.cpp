@@ -287,29 +287,49 @@ void gemv_rows_span(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end,
 
 constexpr int64_t kColsPrefetchRows = 8;  // rows ahead whose codes are prefetched
 
+// Row n's 64 weights [k, k + 64) of W times their block's absmax: per 16 weights, the 8 even
+// ones then the 8 odd ones.
+inline void cols_row(const Nf4View& w, int64_t K, int64_t n, int64_t k, const CodeTables& t,
+                     const NF4Registers& nf4, __m256 v[8]) {
+  const int64_t b = n * (K / kBlockSize) + k / kBlockSize;
+  const uint8_t* bytes = w.packed + b * (kBlockSize / 2);
+  _mm_prefetch(reinterpret_cast<const char*>(bytes) + kColsPrefetchRows * (K / 2), _MM_HINT_T0);
+  const __m256 a = _mm256_set1_ps(block_absmax(w, b, t));
+  for (int q = 0; q < 4; ++q) {
+    const Pairs8 d = decode8(bytes + 8 * q, nf4.lo, nf4.hi);
+    v[2 * q] = _mm256_mul_ps(d.even, a);
+    v[2 * q + 1] = _mm256_mul_ps(d.odd, a);
+  }
+}
+
+// cols_row for rows [n0, n1), one after another into `decoded` (64 floats a row).
+void gemv_cols_decode(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64_t k,
+                      const CodeTables& t, const NF4Registers& nf4, float* decoded) {
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 v[8];
+    cols_row(w, K, n, k, t, nf4, v);
+    for (int q = 0; q < 8; ++q) _mm256_storeu_ps(decoded + (n - n0) * kBlockSize + 8 * q, v[q]);
+  }
+}
+
 // 64 columns [k, k + 64) of grad_x for MB rows, over rows [n0, n1) of W: adds
-// gy[m, n] * W[n, k:k+64] into gx (or stores when `first`). Accumulators stay in (even, odd)
-// order per 16 weights and are interleaved once at the end.
-template <int MB>
+// gy[m, n] * W[n, k:k+64] into gx (or stores when `first`). W's rows are decoded from the codes,
+// or read from `decoded` (gemv_cols_decode's output for these rows and columns) when not null.
+// Accumulators stay in (even, odd) order per 16 weights and are interleaved once at the end.
+template <int MB, bool kFromSlice>
+[[gnu::noinline]]
 void gemv_cols_block(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64_t k, bool first,
                      const float* gy, int64_t ldgy, float* gx, int64_t ldgx, const CodeTables& t,
-                     const NF4Registers& nf4) {
-  const __m256 lo = nf4.lo, hi = nf4.hi;
-  const int64_t blocks_per_row = K / kBlockSize;
+                     const NF4Registers& nf4, const float* decoded) {
   __m256 acc[MB][8];
   for (int m = 0; m < MB; ++m)
     for (int q = 0; q < 8; ++q) acc[m][q] = _mm256_setzero_ps();
-  const int64_t row_bytes = K / 2;
   for (int64_t n = n0; n < n1; ++n) {
-    const int64_t b = n * blocks_per_row + k / kBlockSize;
-    const uint8_t* bytes = w.packed + b * (kBlockSize / 2);
-    _mm_prefetch(reinterpret_cast<const char*>(bytes) + kColsPrefetchRows * row_bytes, _MM_HINT_T0);
-    const __m256 a = _mm256_set1_ps(block_absmax(w, b, t));
     __m256 v[8];
-    for (int q = 0; q < 4; ++q) {
-      const Pairs8 d = decode8(bytes + 8 * q, lo, hi);
-      v[2 * q] = _mm256_mul_ps(d.even, a);
-      v[2 * q + 1] = _mm256_mul_ps(d.odd, a);
+    if constexpr (kFromSlice) {
+      for (int q = 0; q < 8; ++q) v[q] = _mm256_loadu_ps(decoded + (n - n0) * kBlockSize + 8 * q);
+    } else {
+      cols_row(w, K, n, k, t, nf4, v);
     }
     for (int m = 0; m < MB; ++m) {
       const __m256 g = _mm256_set1_ps(gy[m * ldgy + n]);
@@ -331,6 +351,20 @@ void gemv_cols_block(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64_
   }
 }
 
+// gemv_cols_block reading `decoded` when it is not null, else the codes. Two instantiations, each
+// compiled on its own: a branch in the loop, or both inlined into gemv_cols, changed the register
+// allocation of the decoding loop (20% slower at 2 rows on AVX2, 15% at 1 row on AVX-512).
+template <int MB>
+void gemv_cols_block_from(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64_t k,
+                          bool first, const float* gy, int64_t ldgy, float* gx, int64_t ldgx,
+                          const CodeTables& t, const NF4Registers& nf4, const float* decoded) {
+  if (decoded != nullptr) {
+    gemv_cols_block<MB, true>(w, K, n0, n1, k, first, gy, ldgy, gx, ldgx, t, nf4, decoded);
+  } else {
+    gemv_cols_block<MB, false>(w, K, n0, n1, k, first, gy, ldgy, gx, ldgx, t, nf4, nullptr);
+  }
+}
+
 // The inner kernels the loops of gemv_loops.h run.
 struct Gemv {
   using Table = NF4Registers;
@@ -338,7 +372,8 @@ struct Gemv {
   template <int MB>
   static constexpr auto rows_span = &gemv_rows_span<MB>;
   template <int MB>
-  static constexpr auto cols_block = &gemv_cols_block<MB>;
+  static constexpr auto cols_block = &gemv_cols_block_from<MB>;
+  static constexpr auto cols_decode = &gemv_cols_decode;
 };
 
 }  // namespace
