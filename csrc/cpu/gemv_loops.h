@@ -7,8 +7,8 @@
 // The policy `Isa` has:
 //   Isa::Table                   the code table in registers, constructed from a CodeTables
 //   Isa::rows_span<MB>(...)      gemv_rows over rows [n_begin, n_end), columns [k0, k1)
-//   Isa::cols_block<MB>(...)     gemv_cols' 64 columns [k, k + 64) over rows [n0, n1), W's rows
-//                                decoded from the codes or read from cols_decode's output
+//   Isa::cols_block<MB, S>(...)  gemv_cols' 64 columns [k, k + 64) over rows [n0, n1), W's rows
+//                                decoded from the codes, or (S true) read from cols_decode's output
 //   Isa::cols_decode(...)        those rows of W decoded into a float buffer, as cols_block reads it
 //   Isa::kColsRows               the most rows of grad_y one cols_block keeps in registers
 #pragma once
@@ -79,7 +79,7 @@ void gemv_rows(const Nf4View& w, int64_t K, int64_t n_begin, int64_t n_end, cons
                                                                           x, ldx, y, ldy);
 }
 
-// Isa::cols_block<MB> for MB = rows (1 <= rows <= MB_MAX).
+// Isa::cols_block for MB = rows (1 <= rows <= MB_MAX), reading W from `decoded` when not null.
 template <typename Isa, int MB_MAX = Isa::kColsRows>
 void cols_block_of_rows(int64_t rows, const Nf4View& w, int64_t K, int64_t n0, int64_t n1,
                         int64_t k, bool first, const float* gy, int64_t ldgy, float* gx,
@@ -92,7 +92,16 @@ void cols_block_of_rows(int64_t rows, const Nf4View& w, int64_t K, int64_t n0, i
       return;
     }
   }
-  Isa::template cols_block<MB_MAX>(w, K, n0, n1, k, first, gy, ldgy, gx, ldgx, t, table, decoded);
+  // Two instantiations, reading `decoded` or the codes, each compiled on its own (the kernels are
+  // noinline): a branch in the loop, or both inlined into gemv_cols, changed the register
+  // allocation of the decoding loop (20% slower at 2 rows on AVX2, 15% at 1 row on AVX-512).
+  if (decoded != nullptr) {
+    Isa::template cols_block<MB_MAX, true>(w, K, n0, n1, k, first, gy, ldgy, gx, ldgx, t, table,
+                                           decoded);
+  } else {
+    Isa::template cols_block<MB_MAX, false>(w, K, n0, n1, k, first, gy, ldgy, gx, ldgx, t, table,
+                                            nullptr);
+  }
 }
 
 // CpuKernels::gemv_cols. When M takes more than one pass of Isa::kColsRows rows, each slice

@@ -317,7 +317,7 @@ void gemv_cols_decode(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64
 // or read from `decoded` (gemv_cols_decode's output for these rows and columns) when not null.
 // Accumulators stay in (even, odd) order per 16 weights and are interleaved once at the end.
 template <int MB, bool kFromSlice>
-[[gnu::noinline]]
+[[gnu::noinline]]  // compiled on its own: see cols_block_of_rows in gemv_loops.h
 void gemv_cols_block(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64_t k, bool first,
                      const float* gy, int64_t ldgy, float* gx, int64_t ldgx, const CodeTables& t,
                      const NF4Registers& nf4, const float* decoded) {
@@ -351,28 +351,14 @@ void gemv_cols_block(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64_
   }
 }
 
-// gemv_cols_block reading `decoded` when it is not null, else the codes. Two instantiations, each
-// compiled on its own: a branch in the loop, or both inlined into gemv_cols, changed the register
-// allocation of the decoding loop (20% slower at 2 rows on AVX2, 15% at 1 row on AVX-512).
-template <int MB>
-void gemv_cols_block_from(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64_t k,
-                          bool first, const float* gy, int64_t ldgy, float* gx, int64_t ldgx,
-                          const CodeTables& t, const NF4Registers& nf4, const float* decoded) {
-  if (decoded != nullptr) {
-    gemv_cols_block<MB, true>(w, K, n0, n1, k, first, gy, ldgy, gx, ldgx, t, nf4, decoded);
-  } else {
-    gemv_cols_block<MB, false>(w, K, n0, n1, k, first, gy, ldgy, gx, ldgx, t, nf4, nullptr);
-  }
-}
-
 // The inner kernels the loops of gemv_loops.h run.
 struct Gemv {
   using Table = NF4Registers;
   static constexpr int kColsRows = 2;  // rows of grad_y per pass: 16 accumulators (ymm registers are 16)
   template <int MB>
   static constexpr auto rows_span = &gemv_rows_span<MB>;
-  template <int MB>
-  static constexpr auto cols_block = &gemv_cols_block_from<MB>;
+  template <int MB, bool kFromSlice>
+  static constexpr auto cols_block = &gemv_cols_block<MB, kFromSlice>;
   static constexpr auto cols_decode = &gemv_cols_decode;
 };
 

@@ -220,7 +220,7 @@ void gemv_cols_decode(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64
 // gy[m, n] * W[n, k:k+64] into gx (or stores when `first`). W's rows are decoded from the codes,
 // or read from `decoded` (gemv_cols_decode's output for these rows and columns) when not null.
 template <int MB, bool kFromSlice>
-[[gnu::noinline]]
+[[gnu::noinline]]  // compiled on its own: see cols_block_of_rows in gemv_loops.h
 void gemv_cols_block(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64_t k, bool first,
                      const float* gy, int64_t ldgy, float* gx, int64_t ldgx, const CodeTables& t,
                      const NF4Register& nf4, const float* decoded) {
@@ -255,28 +255,14 @@ void gemv_cols_block(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64_
   }
 }
 
-// gemv_cols_block reading `decoded` when it is not null, else the codes. Two instantiations, each
-// compiled on its own: a branch in the loop, or both inlined into gemv_cols, changed the register
-// allocation of the decoding loop (20% slower at 2 rows on AVX2, 15% at 1 row on AVX-512).
-template <int MB>
-void gemv_cols_block_from(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64_t k,
-                          bool first, const float* gy, int64_t ldgy, float* gx, int64_t ldgx,
-                          const CodeTables& t, const NF4Register& nf4, const float* decoded) {
-  if (decoded != nullptr) {
-    gemv_cols_block<MB, true>(w, K, n0, n1, k, first, gy, ldgy, gx, ldgx, t, nf4, decoded);
-  } else {
-    gemv_cols_block<MB, false>(w, K, n0, n1, k, first, gy, ldgy, gx, ldgx, t, nf4, nullptr);
-  }
-}
-
 // The inner kernels the loops of gemv_loops.h run.
 struct Gemv {
   using Table = NF4Register;
   static constexpr int kColsRows = 4;  // rows of grad_y per pass: 4 x 4 accumulators stay in registers
   template <int MB>
   static constexpr auto rows_span = &gemv_rows_span<MB>;
-  template <int MB>
-  static constexpr auto cols_block = &gemv_cols_block_from<MB>;
+  template <int MB, bool kFromSlice>
+  static constexpr auto cols_block = &gemv_cols_block<MB, kFromSlice>;
   static constexpr auto cols_decode = &gemv_cols_decode;
 };
 
