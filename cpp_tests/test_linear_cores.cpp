@@ -77,7 +77,7 @@ void gemv_rows_matches_float64(const CpuKernels& k) {
 void gemv_cols_matches_float64(const CpuKernels& k) {
   for (const int64_t N : {45, 200}) {
     const Weight w(N, 256, 2);
-    for (const int64_t M : {1, 3, 5, 16}) {
+    for (const int64_t M : {1, 3, 5, 16, 37}) {
       const std::vector<float> gy = random_matrix(M, w.N, 200 + M);
       std::vector<float> gx(M * w.K, NAN);
       k.gemv_cols(w.view(), w.N, w.K, 64, 192, gy.data(), M, w.N, gx.data(), w.K);

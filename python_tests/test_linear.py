@@ -18,7 +18,9 @@ from qlora_ext import linear_nf4, ops, to_nf4
 
 # (out, in): Llama-like, not multiples of 128, rows not whole blocks (in % 64 != 0), in % 8 != 0.
 WEIGHT_SHAPES = [(320, 192), (96, 448), (64, 100), (128, 36)]
-ROWS = [1, 5, 16, 17, 40]  # both sides of the fused small-M path (M <= 16)
+# Rows per batch of 2 x 3, so M = 6 x rows: both sides of the fused forward (M <= 16) and of the
+# fused AVX-512 backward (M <= 128).
+ROWS = [1, 5, 16, 17, 40]
 
 
 @pytest.fixture(params=["avx512", "avx2", "portable"])

@@ -49,9 +49,13 @@ struct CpuKernels {
   // gx[m * ldgx + k] = sum_n gy[m * ldgy + n] * W[n, k] for k in [k_begin, k_end), m < M.
   void (*gemv_cols)(const Nf4View& w, int64_t N, int64_t K, int64_t k_begin, int64_t k_end,
                     const float* gy, int64_t M, int64_t ldgy, float* gx, int64_t ldgx);
+
+  // The most rows of grad_y linear_nf4's backward gives gemv_cols; more go through tiles + BLAS.
+  int64_t max_gemv_cols_rows;
 };
 
-// Largest M the fused small-M kernels take; larger M goes through tiles + BLAS.
+// Largest M the fused small-M forward takes (and the backward, unless a table says more);
+// larger M goes through tiles + BLAS.
 constexpr int64_t kMaxFusedRows = 16;
 
 const CpuKernels& portable_kernels();

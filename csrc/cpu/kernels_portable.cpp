@@ -138,7 +138,7 @@ void gemv_cols(const Nf4View& w, int64_t N, int64_t K, int64_t k_begin, int64_t 
 
 const CpuKernels& portable_kernels() {
   static const CpuKernels kernels{"portable", quantize_blocks, dequantize_blocks, gemv_rows,
-                                  gemv_cols};
+                                  gemv_cols, kMaxFusedRows};
   return kernels;
 }
 

@@ -1,9 +1,10 @@
-// CPU linear_nf4 and its backward. M <= 16 rows (decode-bound): fused kernels read the 4-bit
-// codes directly. Larger M (compute-bound): W is decoded tile by tile into float32 buffers of
-// a few MB and each tile goes through BLAS; the whole dense W never exists. The tiles are
-// shared out among the threads in one parallel region (each thread decodes its tile and runs a
-// single-threaded BLAS call on it): one fork/join per call, not two per tile, which matters on a
-// busy machine where every join waits for the slowest, possibly descheduled, thread.
+// CPU linear_nf4 and its backward. M <= 16 rows (decode-bound; the backward up to the kernel
+// table's max_gemv_cols_rows): fused kernels read the 4-bit codes directly. Larger M
+// (compute-bound): W is decoded tile by tile into float32 buffers of a few MB and each tile goes
+// through BLAS; the whole dense W never exists. The tiles are shared out among the threads in one
+// parallel region (each thread decodes its tile and runs a single-threaded BLAS call on it): one
+// fork/join per call, not two per tile, which matters on a busy machine where every join waits
+// for the slowest, possibly descheduled, thread.
 // Activations of any float dtype are computed in float32 and returned in their own dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -148,7 +149,7 @@ at::Tensor linear_nf4_grad_input(const at::Tensor& grad_y, const at::Tensor& pac
   const at::Tensor g2 = as_float_matrix(grad_y, N);  // [M, N]
   const int64_t M = g2.size(0);
   at::Tensor gx = at::empty({M, K}, g2.options());  // [M, K]
-  if (M > 0 && M <= kMaxFusedRows && K % kBlockSize == 0) {
+  if (M > 0 && M <= k.max_gemv_cols_rows && K % kBlockSize == 0) {
     at::parallel_for(0, K / kBlockSize, 1, [&](int64_t c0, int64_t c1) {
       k.gemv_cols(w.view, N, K, c0 * kBlockSize, c1 * kBlockSize, g2.const_data_ptr<float>(), M,
                   N, gx.mutable_data_ptr<float>(), K);
