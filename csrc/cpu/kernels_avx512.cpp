@@ -218,7 +218,7 @@ void gemv_cols_decode(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64
 
 // 64 columns [k, k + 64) of grad_x for MB rows, over rows [n0, n1) of W: adds
 // gy[m, n] * W[n, k:k+64] into gx (or stores when `first`). W's rows are decoded from the codes,
-// or read from `decoded` (gemv_cols_decode's output for these rows and columns) when not null.
+// or with kFromSlice read from `decoded` (gemv_cols_decode's output for these rows and columns).
 template <int MB, bool kFromSlice>
 [[gnu::noinline]]  // compiled on its own: see cols_block_of_rows in gemv_loops.h
 void gemv_cols_block(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64_t k, bool first,
