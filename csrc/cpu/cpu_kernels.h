@@ -54,8 +54,8 @@ struct CpuKernels {
   int64_t max_gemv_cols_rows;
 };
 
-// Largest M the fused small-M forward takes (and the backward, unless a table says more);
-// larger M goes through tiles + BLAS.
+// Largest M the fused small-M forward takes; larger M goes through tiles + BLAS. (The backward's
+// limit is each table's max_gemv_cols_rows: this in the AVX2 and portable tables.)
 constexpr int64_t kMaxFusedRows = 16;
 
 const CpuKernels& portable_kernels();
