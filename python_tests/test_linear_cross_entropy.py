@@ -44,6 +44,22 @@ def test_matches_linear_then_cross_entropy(device, dtype, monkeypatch):
     assert not got_grad[targets == IGNORE].any()  # ignored rows get no gradient
 
 
+def test_targets_whose_probability_underflows_keep_an_exact_loss():
+    # Logits hundreds apart: the target's softmax probability is 0 in float32, yet its loss (about
+    # the gap to the row's largest logit) is finite and as exact as log_softmax's.
+    hidden, weight, targets = _case("cpu", torch.float32, ignored=0.0)
+    hidden = (hidden.detach() * 60.0).requires_grad_()
+    want = _reference(hidden, weight, targets)
+    got = lce.linear_cross_entropy_sum(hidden, weight, targets)
+    (want_grad,) = torch.autograd.grad(want, hidden)
+    (got_grad,) = torch.autograd.grad(got, hidden)
+    probs = torch.softmax(F.linear(hidden.detach(), weight), dim=-1)
+    assert (probs.gather(-1, targets[..., None]) == 0).sum() > 10  # the case is really there
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_workspace_is_kept_and_grown_between_calls(monkeypatch):
     # The CPU chunk buffer outlives a call: a later, larger call grows it, a smaller one uses a view
     # of it, and neither sees the previous call's values.

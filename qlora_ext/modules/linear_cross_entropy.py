@@ -5,7 +5,7 @@ Unfused, a training step writes the logits (batch 2 x 256 tokens x 32000 vocab i
 then a log-softmax of the same size, a zero-filled gradient of that size, the log-softmax
 gradient, and only then the gradient of the hidden states; each of those fresh buffers is also
 page-faulted in on a CPU. Here one chunk buffer is reused (on CPU, kept between calls): for each
-chunk of rows the logits are computed, turned into the loss and, in place, into
+chunk of rows the logits are computed, turned into the loss and (on CPU in place) into
 ``softmax - one_hot``, and multiplied by the weight right away, so the gradient of the hidden
 states is ready at the end of the forward and backward only scales it. Same FLOPs as the unfused
 path (the two matrix products); far fewer bytes. The weight gets no gradient: this is for a
@@ -46,6 +46,18 @@ def _chunk_buffer(rows: int, vocab: int, device: torch.device) -> Tensor:
     return _cpu_workspace.buffer[:size].view(rows, vocab)
 
 
+def _softmax_rows(logits: Tensor) -> Tensor:
+    """Softmax over dim 1 in one fused pass per row (max, exp and sum, scale), where ``amax``,
+    ``sub_().exp_()``, ``sum`` and ``div_`` would each stream the whole chunk through memory. On CPU
+    it is written over ``logits`` (row by row each element is read before it is written; a fresh
+    64 MB output would be page-faulted in anew), elsewhere into a new tensor (the caching allocator
+    reuses its blocks). Loss and gradient of 512 x 32000 fp32 on the 2-core AMD EPYC: 138 -> 122 ms
+    median (ad hoc)."""
+    if logits.device.type == "cpu":
+        return torch.ops.aten._softmax.out(logits, 1, False, out=logits)
+    return torch.softmax(logits, dim=1)
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
     """sum_i CE(hidden[i] @ weight.T, targets[i]) over rows that all count (no ignore_index)."""
 
@@ -65,11 +77,11 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 logits = torch.mm(h, weight.t()).float()
             row_max = logits.amax(dim=1, keepdim=True)  # [c, 1]
             target_logit = logits.gather(1, t[:, None])
-            logits.sub_(row_max).exp_()
-            row_sum = logits.sum(dim=1, keepdim=True)
-            total += (row_sum.log() + row_max - target_logit).sum()
+            probs = _softmax_rows(logits)
+            # The row's largest probability is exp(0) / row_sum, so log(row_sum) is exact from it
+            # even where the target's own probability underflows.
+            total += (row_max - target_logit - probs.amax(dim=1, keepdim=True).log()).sum()
             if want_grad:
-                probs = logits.div_(row_sum)
                 probs.scatter_add_(1, t[:, None], probs.new_full((h.shape[0], 1), -1.0))  # softmax - one_hot
                 torch.mm(probs.to(weight.dtype), weight, out=grad_hidden[start : start + chunk])
         if want_grad:
