@@ -126,6 +126,7 @@ def describe(device: str) -> dict:
         "qlora_ext_build": ext.BUILD_KIND,
         "qlora_ext_cuda_kernels": bool(ext.WITH_CUDA),
         "cpu_kernel_isa": ops.cpu_kernel_isa(),
+        "cpu_bf16_gemm": ops.cpu_bf16_gemm(),
         **{name: package_version(name) for name in ALTERNATIVE_PACKAGES},
     }
     return {"machine": machine, "software": software}

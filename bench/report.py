@@ -206,7 +206,7 @@ def header_line(result: dict) -> str:
     alternatives = [f"{name} {s[name]}" for name in ALTERNATIVE_PACKAGES if s.get(name)]
     return (
         f"{result['benchmark']} on {result['device']} ({where}); {result['mode']} run of {result['date']}; "
-        f"torch {s['torch']}, CPU kernels {s['cpu_kernel_isa']}, git {short_revision(result['git_revision'])}; "
+        f"torch {s['torch']}, CPU kernels {s['cpu_kernel_isa']}{' with bf16 BLAS tiles' if s.get('cpu_bf16_gemm') else ''}, git {short_revision(result['git_revision'])}; "
         + (f"installed: {', '.join(alternatives)}; " if alternatives else "") +
         f"copy bandwidth {bw_text}" + (", load average {:.1f} -> {:.1f}".format(*result["load_avg_1m"]) if "load_avg_1m" in result else "")
     )

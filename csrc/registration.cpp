@@ -26,4 +26,7 @@ TORCH_LIBRARY(qlora, m) {
   // best the CPU has); for tests and benchmarks.
   m.def("cpu_kernel_isa() -> str");
   m.def("set_cpu_kernel_isa(str name) -> ()");
+  // Whether CPU linear_nf4 multiplies bf16 activations by bf16 tiles of W with bf16 BLAS (on a
+  // CPU with AVX512-BF16, or as QLORA_CPU_BF16_GEMM=0/1 says) rather than in float32.
+  m.def("cpu_bf16_gemm() -> bool");
 }

@@ -100,6 +100,33 @@ def test_reduction_in_several_tiles(shape, cpu_isa):
     assert_close_to_exact(x.grad, grad_y.double() @ dense.double(), grad_y @ dense)
 
 
+@pytest.mark.parametrize("bf16_gemm", ["0", "1"])
+@pytest.mark.parametrize("shape", [(3000, 2112), (200, 448), (96, 100)], ids=str)
+def test_bf16_activations_with_and_without_bf16_blas_tiles(shape, bf16_gemm, cpu_isa, monkeypatch):
+    # QLORA_CPU_BF16_GEMM forces either way of the tile path for bf16 activations (by default bf16
+    # BLAS tiles where the CPU has AVX512-BF16): each band's whole reduction in one bf16 tile
+    # (3000 x 2112: several bands per thread), or float32 tiles; in % 64 != 0 always float32.
+    monkeypatch.setenv("QLORA_CPU_BF16_GEMM", bf16_gemm)
+    assert ops.cpu_bf16_gemm() is (bf16_gemm == "1")
+    nf4, dense, x = case(shape, 150, torch.bfloat16, "cpu", batch=(2,))  # M = 300: past every fused path
+    x.requires_grad_(True)
+    y = linear_nf4(x, nf4)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    assert_close_to_exact(y, x.detach().double() @ dense.double().t(), F.linear(x.detach(), dense.to(torch.bfloat16)))
+    assert_close_to_exact(x.grad, grad_y.double() @ dense.double(), grad_y @ dense.to(torch.bfloat16))
+
+
+def test_bf16_blas_variable_is_checked(monkeypatch):
+    nf4, _, x = case((64, 128), 40, torch.bfloat16, "cpu", batch=())
+    monkeypatch.setenv("QLORA_CPU_BF16_GEMM", "yes")
+    with pytest.raises(ValueError, match=r"QLORA_CPU_BF16_GEMM must be 'auto', '0' or '1'; got 'yes'"):
+        linear_nf4(x, nf4)
+    monkeypatch.setenv("QLORA_CPU_BF16_GEMM", "auto")
+    if os.path.exists("/proc/cpuinfo"):  # auto: the CPU's AVX512-BF16 flag decides
+        assert ops.cpu_bf16_gemm() is ("avx512_bf16" in open("/proc/cpuinfo").read())
+
+
 @pytest.mark.parametrize("rows", [8, 16])
 def test_small_m_forward_in_column_chunks(rows, cpu_isa):
     # The fused small-M forward reads x in chunks of about 32 KB: K = 2112 takes several at 8 and
@@ -239,11 +266,13 @@ def _peak_extra_bytes(fn) -> int:
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
-@pytest.mark.parametrize("rows", [1, 64])
-def test_cpu_call_never_holds_a_dense_weight(rows):
-    # 11008 x 4096: a dense bf16 copy would be 90 MB, float32 180 MB; tiles are 4 MB.
+@pytest.mark.parametrize("rows, dtype", [(1, torch.float32), (64, torch.float32), (256, torch.bfloat16)])
+def test_cpu_call_never_holds_a_dense_weight(rows, dtype, monkeypatch):
+    # 11008 x 4096: a dense bf16 copy would be 90 MB, float32 180 MB; tiles are 4 MB (bf16 rows
+    # through bf16 BLAS tiles, forced here).
+    monkeypatch.setenv("QLORA_CPU_BF16_GEMM", "1")
     nf4 = to_nf4(torch.randn(11008, 4096) * 0.02)
-    x, gy = torch.randn(rows, 4096), torch.randn(rows, 11008)
+    x, gy = torch.randn(rows, 4096, dtype=dtype), torch.randn(rows, 11008, dtype=dtype)
     forward = lambda: linear_nf4(x, nf4)  # noqa: E731
     backward = lambda: ops.linear_nf4_grad_input(gy, *nf4.components(), 4096)  # noqa: E731
     for fn in (forward, backward):

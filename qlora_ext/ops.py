@@ -147,3 +147,11 @@ def cpu_kernel_isa() -> str:
 def set_cpu_kernel_isa(name: str) -> None:
     """Chooses the CPU kernels: "auto" (the best this CPU runs), "avx512", "avx2" or "portable"."""
     _ops.set_cpu_kernel_isa(name)
+
+
+def cpu_bf16_gemm() -> bool:
+    """Whether CPU ``linear_nf4`` multiplies bf16 activations (more rows than the fused small-M
+    kernels take) by bf16 tiles of W with torch's bf16 BLAS, rounding each output once, rather than
+    in float32: by default where the CPU has AVX512-BF16; ``QLORA_CPU_BF16_GEMM=0`` or ``=1`` in
+    the environment decides instead, at each call."""
+    return _ops.cpu_bf16_gemm()

@@ -68,6 +68,8 @@ const CpuKernels* avx2_kernels();
 bool cpu_has_avx512();
 // True when this CPU can run the AVX2 kernels (AVX2, FMA, F16C).
 bool cpu_has_avx2();
+// True when this CPU has native bf16 dot products (AVX512-BF16), which torch's bf16 matmul uses.
+bool cpu_has_avx512_bf16();
 
 // The kernels in use: the best this CPU runs (AVX-512, else AVX2, else portable), unless
 // QLORA_CPU_ISA names others or select_cpu_kernels() was called.
