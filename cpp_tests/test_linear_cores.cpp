@@ -48,10 +48,11 @@ std::vector<float> random_matrix(int64_t rows, int64_t cols, unsigned seed) {
 }
 
 void gemv_rows_matches_float64(const CpuKernels& k) {
-  // K = 2112 is read in several column chunks at 8 and 16 rows: partial sums accumulate in y
+  // K = 2112 is read in several column chunks at 8 and 16 rows: partial sums accumulate in y;
+  // 12, 13 and 16 rows run in two passes of the rows (6 + 6, 7 + 6, 8 + 8)
   const Weight weights[] = {Weight(37, 320, 1), Weight(19, 2112, 2)};
   for (const Weight& w : weights) {
-    for (const int64_t M : {1, 3, 8, 16}) {
+    for (const int64_t M : {1, 3, 8, 12, 13, 16}) {
       const std::vector<float> x = random_matrix(M, w.K, 100 + M);
       std::vector<float> xs(x.size());
       for (int64_t m = 0; m < M; ++m) split_pairs(x.data() + m * w.K, w.K, xs.data() + m * w.K);

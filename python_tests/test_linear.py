@@ -127,10 +127,10 @@ def test_bf16_blas_variable_is_checked(monkeypatch):
         assert ops.cpu_bf16_gemm() is ("avx512_bf16" in open("/proc/cpuinfo").read())
 
 
-@pytest.mark.parametrize("rows", [8, 16])
+@pytest.mark.parametrize("rows", [8, 13, 16])
 def test_small_m_forward_in_column_chunks(rows, cpu_isa):
-    # The fused small-M forward reads x in chunks of about 32 KB: K = 2112 takes several at 8 and
-    # 16 rows, whose partial sums accumulate.
+    # The fused small-M forward reads x in chunks of about 32 KB: K = 2112 takes several at 8, 13
+    # and 16 rows, whose partial sums accumulate; 13 and 16 rows run in two passes (7 + 6, 8 + 8).
     nf4, dense, x = case((40, 2112), rows, torch.float32, "cpu", batch=())
     y = linear_nf4(x, nf4)
     assert_close_to_exact(y, x.double() @ dense.double().t(), F.linear(x, dense))

@@ -355,6 +355,7 @@ void gemv_cols_block(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64_
 struct Gemv {
   using Table = NF4Registers;
   static constexpr int kColsRows = 2;  // rows of grad_y per pass: 16 accumulators (ymm registers are 16)
+  static constexpr int kRowsPass = 8;  // rows of x per rows_span pass (passes of 4 were slower at 8 rows)
   template <int MB>
   static constexpr auto rows_span = &gemv_rows_span<MB>;
   template <int MB, bool kFromSlice>

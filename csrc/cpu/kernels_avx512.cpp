@@ -259,6 +259,7 @@ void gemv_cols_block(const Nf4View& w, int64_t K, int64_t n0, int64_t n1, int64_
 struct Gemv {
   using Table = NF4Register;
   static constexpr int kColsRows = 4;  // rows of grad_y per pass: 4 x 4 accumulators stay in registers
+  static constexpr int kRowsPass = 8;  // rows of x per rows_span pass: 8 accumulators + 4 decoded halves + row pointers
   template <int MB>
   static constexpr auto rows_span = &gemv_rows_span<MB>;
   template <int MB, bool kFromSlice>
