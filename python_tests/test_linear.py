@@ -167,6 +167,14 @@ def test_opcheck(shape, device, dtype, rows):
         torch.library.opcheck(torch.ops.qlora.linear_nf4_grad_input.default, (grad_y, *nf4.components(), k))
 
 
+@pytest.mark.parametrize("shape", [(320, 192), (96, 448)], ids=str)
+def test_opcheck_with_bf16_blas_tiles(shape, monkeypatch):
+    # The bf16 tile path (bf16 tiles of W, bf16 BLAS) forced on whatever CPU this is: 2 x 3 x 24
+    # rows are past both fused paths.
+    monkeypatch.setenv("QLORA_CPU_BF16_GEMM", "1")
+    test_opcheck(shape, "cpu", torch.bfloat16, 24)
+
+
 def test_backward_saves_only_the_nf4_storage():
     nf4, _, x = case((256, 128), 4, torch.float32, "cpu", batch=())
     x.requires_grad_(True)
