@@ -230,6 +230,18 @@ def test_cuda_close_to_cpu_on_llama_shapes(rows, dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("rows", [1, 9])
+def test_cuda_small_m_backward_over_a_vocabulary_sized_out(rows):
+    # out = 40000 rows: past 256 slices of 128 rows, so each slice of the fused backward walks
+    # ceil(40000 / 256) = 157 rows (csrc/cuda/linear.cu, kMaxSlices), the last one fewer.
+    nf4, dense, _ = case((40000, 192), rows, torch.float32, "cuda", batch=())
+    gy = torch.randn(rows, 40000, device="cuda")
+    got = ops.linear_nf4_grad_input(gy, *nf4.components(), 192)
+    exact = gy.double() @ dense.double()
+    assert_close_to_exact(got, exact, gy @ dense)
+
+
+@needs_cuda
 @pytest.mark.parametrize("shape", [(40, 64), (72, 192), (4096, 4096), (100, 11008)], ids=str)
 @pytest.mark.parametrize("rows", [4, 5, 8, 9, 16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)

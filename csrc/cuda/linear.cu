@@ -34,6 +34,8 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxFusedRows = 16;  // M above this takes the tiled cuBLAS path
 constexpr int kColsRows = 8;           // rows of grad_y per backward pass (8 x 8 accumulators)
 constexpr int64_t kRowsPerSlice = 128; // rows of W one backward thread walks before a partial sum
+constexpr int64_t kMaxSlices = 256;    // more rows per slice beyond this: the partial sums' buffer
+                                       // stays at most 256 x M x K floats (64 MB at M 16, K 4096)
 constexpr int kMaxTiles = 4;           // the large-M path decodes W in 2 to this many tiles
 constexpr int kMmaMinRows = 5;         // default of mma_min_rows(); untuned (no GPU measured yet)
 constexpr int kMmaRows = 32;           // rows of W per CTA of the tensor-core kernel (two A tiles)
@@ -245,20 +247,20 @@ __global__ void __launch_bounds__(kMmaWarps * kWarp) gemv_rows_mma_kernel(
 }
 
 // partial[slice, m, k] = sum over the slice's rows n of gy[m, n] W[n, k], for MAXM rows of gy
-// (m < M) and the 8 columns k of this thread; slices of kRowsPerSlice rows give parallelism over
+// (m < M) and the 8 columns k of this thread; slices of rows_per_slice rows give parallelism over
 // N, and sum_slices_kernel adds them up in a fixed order.
 template <typename T, int MAXM>
 __global__ void gemv_cols_kernel(Nf4View w, int64_t N, int64_t K, const T* __restrict__ gy,
-                                 int64_t ldgy, int M, float* __restrict__ partial,
-                                 int64_t ld_slice) {
+                                 int64_t ldgy, int M, int64_t rows_per_slice,
+                                 float* __restrict__ partial, int64_t ld_slice) {
   __shared__ CodeTables tables;
   load_tables<false>(tables);
   __syncthreads();
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= K / 8) return;
   const int64_t k = t * 8;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kRowsPerSlice;
-  const int64_t n1 = min(N, n0 + kRowsPerSlice);
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * rows_per_slice;
+  const int64_t n1 = min(N, n0 + rows_per_slice);
   const uint32_t* words = reinterpret_cast<const uint32_t*>(w.packed);
   float acc[MAXM][8] = {};
   for (int64_t n = n0; n < n1; ++n) {
@@ -387,16 +389,20 @@ bool gemv_rows_mma(const Nf4View& w, int64_t N, int64_t K, const T* x, int M, co
 
 template <typename T, int MAXM>
 void launch_gemv_cols(const Nf4View& w, int64_t N, int64_t K, const T* gy, int64_t ldgy, int M,
-                      float* partial, int64_t ld_slice, cudaStream_t stream) {
-  const dim3 grid(ceil_div(K / 8, kThreads), ceil_div(N, kRowsPerSlice));
-  gemv_cols_kernel<T, MAXM><<<grid, kThreads, 0, stream>>>(w, N, K, gy, ldgy, M, partial, ld_slice);
+                      int64_t rows_per_slice, float* partial, int64_t ld_slice,
+                      cudaStream_t stream) {
+  const dim3 grid(ceil_div(K / 8, kThreads), ceil_div(N, rows_per_slice));
+  gemv_cols_kernel<T, MAXM><<<grid, kThreads, 0, stream>>>(w, N, K, gy, ldgy, M, rows_per_slice,
+                                                           partial, ld_slice);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
 void gemv_cols(const Nf4View& w, int64_t N, int64_t K, const T* gy, int64_t M, T* gx,
                const at::TensorOptions& float_options, cudaStream_t stream) {
-  const int64_t slices = ceil_div(N, kRowsPerSlice);
+  // A vocabulary-sized N (128256 rows) would otherwise need 1002 slices: 262 MB at M 16, K 4096.
+  const int64_t rows_per_slice = std::max(kRowsPerSlice, ceil_div(N, kMaxSlices));
+  const int64_t slices = ceil_div(N, rows_per_slice);
   const int64_t ld_slice = M * K;
   at::Tensor partial = at::empty({slices * ld_slice}, float_options);
   float* p = partial.mutable_data_ptr<float>();
@@ -404,10 +410,11 @@ void gemv_cols(const Nf4View& w, int64_t N, int64_t K, const T* gy, int64_t M, T
     const int rows = static_cast<int>(std::min<int64_t>(kColsRows, M - m0));
     const T* g = gy + m0 * N;
     float* out = p + m0 * K;
-    if (rows <= 1) launch_gemv_cols<T, 1>(w, N, K, g, N, rows, out, ld_slice, stream);
-    else if (rows <= 2) launch_gemv_cols<T, 2>(w, N, K, g, N, rows, out, ld_slice, stream);
-    else if (rows <= 4) launch_gemv_cols<T, 4>(w, N, K, g, N, rows, out, ld_slice, stream);
-    else launch_gemv_cols<T, 8>(w, N, K, g, N, rows, out, ld_slice, stream);
+    const int64_t rps = rows_per_slice;
+    if (rows <= 1) launch_gemv_cols<T, 1>(w, N, K, g, N, rows, rps, out, ld_slice, stream);
+    else if (rows <= 2) launch_gemv_cols<T, 2>(w, N, K, g, N, rows, rps, out, ld_slice, stream);
+    else if (rows <= 4) launch_gemv_cols<T, 4>(w, N, K, g, N, rows, rps, out, ld_slice, stream);
+    else launch_gemv_cols<T, 8>(w, N, K, g, N, rows, rps, out, ld_slice, stream);
   }
   sum_slices_kernel<T><<<ceil_div(ld_slice, kThreads), kThreads, 0, stream>>>(p, slices, ld_slice,
                                                                              ld_slice, gx);
