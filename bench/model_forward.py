@@ -4,9 +4,12 @@
 
 Model: ``qlora_llama2_7b`` with LoRA (rank 8) on every linear, so every projection runs
 ``linear_nf4``; activations in fp32 on CPU, bf16 on CUDA. Measured: a 16-token prompt forward
-(prefill, batch 1) and single-token decode steps with the KV cache. The floor is the time to read
-the weights once at the machine's measured copy bandwidth (decode is memory-bound: every step
-reads all 3.9 GB); ``vs floor`` = time / floor. Results: a table and ``OUT/model_forward.json``.
+(prefill, batch 1) and single-token decode steps with the KV cache. Each row's floor is the larger
+of two: the time to read the weights once at the machine's measured copy bandwidth (decode is
+memory-bound: every step reads all 3.9 GB), and the time of the row's FLOPs at the machine's
+matrix rate (bench/flops.py; a 16-token prefill of 7B is 212 GFLOP, about a second on 2 CPU
+cores in fp32); ``bound`` says which, ``vs floor`` = time / floor. Results: a table and
+``OUT/model_forward.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ sys.path.insert(0, REPO)
 
 import torch
 
+from bench import flops
 from qlora_ext import NF4Tensor
 from qlora_ext.models.llama2 import lora_llama2, qlora_llama2_7b
 
@@ -84,14 +88,23 @@ def main() -> int:
     # The embedding is read one row per token, not whole.
     read_bytes = weight_bytes - model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
     bandwidth = _copy_bandwidth(device)
-    floor = read_bytes / bandwidth
+    bytes_floor = read_bytes / bandwidth
+    rate = flops.matrix_rate(torch.device(device))
+
+    def floor_of(fn) -> tuple[float, str, int]:
+        """(seconds, what bounds them, FLOPs) of the least time one call of fn can take."""
+        n_flops = flops.count(fn)
+        flop_floor = n_flops / rate["flops_per_s"]
+        return (flop_floor, "FLOPs", n_flops) if flop_floor > bytes_floor else (bytes_floor, "bytes", n_flops)
 
     prompt = torch.randint(0, model.tok_embeddings.num_embeddings, (1, args.prompt_len), device=device)
     rows = []
     with torch.no_grad():
         model(prompt)  # warm-up
         prefill, prefill_all = _median_seconds(lambda: model(prompt), reps, device)
-        rows.append(dict(what=f"prefill {args.prompt_len} tokens", seconds=prefill, all=prefill_all, tokens=args.prompt_len))
+        floor, bound, n_flops = floor_of(lambda: model(prompt))
+        rows.append(dict(what=f"prefill {args.prompt_len} tokens", seconds=prefill, all=prefill_all, tokens=args.prompt_len,
+                         floor_seconds=floor, bound=bound, flops=n_flops))
 
         model.setup_caches(1, dtype, max_seq_len=args.prompt_len + steps + 1)
         model(prompt, input_pos=torch.arange(args.prompt_len, device=device))
@@ -101,18 +114,22 @@ def main() -> int:
             pos = torch.tensor([args.prompt_len + i], device=device)
             seconds, _ = _median_seconds(lambda pos=pos: model(token, input_pos=pos), 1, device)
             step_times.append(seconds)
-        rows.append(dict(what="decode 1 token (KV cache)", seconds=statistics.median(step_times), all=step_times, tokens=1))
+        pos = torch.tensor([args.prompt_len + steps], device=device)
+        floor, bound, n_flops = floor_of(lambda: model(token, input_pos=pos))
+        rows.append(dict(what="decode 1 token (KV cache)", seconds=statistics.median(step_times), all=step_times, tokens=1,
+                         floor_seconds=floor, bound=bound, flops=n_flops))
 
     print(f"model forward: {name}, {device}, {dtype}; built in {build_seconds:.1f} s; weights {weight_bytes / 1e9:.2f} GB; "
-          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; load {os.getloadavg()[0]:.1f}")
-    print(f"{'what':<28} {'ms':>9} {'tokens/s':>9} {'floor ms':>9} {'vs floor':>9}")
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; matrix rate {rate['flops_per_s'] / 1e9:.0f} GFLOP/s ({rate['how']}); "
+          f"load {os.getloadavg()[0]:.1f}")
+    print(f"{'what':<28} {'ms':>9} {'tokens/s':>9} {'GFLOP':>7} {'floor ms':>9} {'bound':>6} {'vs floor':>9}")
     for r in rows:
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
-        r["floor_seconds"] = floor
-        print(f"{r['what']:<28} {r['seconds'] * 1e3:9.1f} {r['tokens_per_s']:9.2f} {floor * 1e3:9.1f} {r['seconds'] / floor:9.2f}")
+        print(f"{r['what']:<28} {r['seconds'] * 1e3:9.1f} {r['tokens_per_s']:9.2f} {r['flops'] / 1e9:7.1f} "
+              f"{r['floor_seconds'] * 1e3:9.1f} {r['bound']:>6} {r['seconds'] / r['floor_seconds']:9.2f}")
     os.makedirs(args.out, exist_ok=True)
     result = dict(benchmark="model_forward", model=name, device=device, dtype=str(dtype), build_seconds=build_seconds,
-                  weight_bytes=weight_bytes, copy_bandwidth=bandwidth, cores=os.cpu_count(), load_avg_1m=os.getloadavg()[0], rows=rows)
+                  weight_bytes=weight_bytes, copy_bandwidth=bandwidth, matrix_rate=rate, cores=os.cpu_count(), load_avg_1m=os.getloadavg()[0], rows=rows)
     with open(os.path.join(args.out, "model_forward.json"), "w") as f:
         json.dump(result, f, indent=2)
     return 0
