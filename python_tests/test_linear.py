@@ -118,6 +118,18 @@ def test_portable_backward_over_many_rows_errs_less_than_torch():
         ops.set_cpu_kernel_isa(before)
 
 
+def test_tile_path_never_gives_blas_a_narrow_band():
+    # 41 rows of W went in bands of 32 and 9, and torch's float32 matmul with fewer than about
+    # 12 output columns erred 2.2x as much as the whole product (csrc/cpu/linear_ops.cpp,
+    # kMinBand): a remainder under 16 rows now joins the band before it.
+    for _ in range(3):
+        nf4, dense, x = case((41, 4160), 129, torch.float32, "cpu", batch=())
+        exact = x.double() @ dense.double().t()
+        err = (linear_nf4(x, nf4).double() - exact).abs().max().item()
+        torch_err = (F.linear(x, dense).double() - exact).abs().max().item()
+        assert err <= 1.5 * torch_err, f"error {err:.3g} > 1.5 x torch's {torch_err:.3g}"
+
+
 @pytest.mark.parametrize("bf16_gemm", ["0", "1"])
 @pytest.mark.parametrize("shape", [(3000, 2112), (200, 448), (96, 100)], ids=str)
 def test_bf16_activations_with_and_without_bf16_blas_tiles(shape, bf16_gemm, cpu_isa, monkeypatch):

@@ -31,6 +31,12 @@ namespace {
 // at K = 11008 only 176 rows fit, 30-50% slower.
 constexpr int64_t kTileBytes = 4 << 20;
 constexpr int64_t kMaxBand = 1024;
+// The narrowest band BLAS is given: a remainder narrower than this joins the band before it.
+// torch's float32 matmul (oneDNN) with fewer than about 12 output columns takes another kernel
+// whose error was 2.3-2.8x that of wider products over a reduction of 4160 (129 rows, 1 to 9
+// columns; 12 and more: the same as the whole product), and 41 rows of W went in bands of 32
+// and 9.
+constexpr int64_t kMinBand = 16;
 
 // A tile of a few columns of W (the backward's bands) reads each row's codes a whole row apart:
 // the hardware prefetchers do not follow, and each row waited on memory (11008 x 4096 backward
@@ -99,12 +105,14 @@ void banded_matmul(const CpuKernels& k, const Nf4View& w, int64_t N, int64_t K, 
   const int64_t max_band = bf16 ? std::max<int64_t>(16, kTileBytes / (2 * reduce_extent)) : kMaxBand;
   const int64_t band = balanced_tile(band_extent, max_band, transposed ? 16 : kBlockSize);
   const int64_t chunk = bf16 ? reduce_extent : reduction_chunk(reduce_extent, band);
+  const int64_t rest = band_extent % band;
+  const int64_t bands = band_extent / band + (rest >= kMinBand ? 1 : 0);  // band <= band_extent
   const at::ThreadLocalState caller;  // below autograd, etc.: the worker threads must be too
-  at::parallel_for(0, (band_extent + band - 1) / band, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, bands, 1, [&](int64_t t0, int64_t t1) {
     const at::ThreadLocalStateGuard same_state(caller);
-    at::Tensor storage = at::empty({band * chunk}, act.options());  // this thread's tile
+    at::Tensor storage = at::empty({(band + kMinBand) * chunk}, act.options());  // this thread's tile
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b0 = t * band, b1 = std::min(band_extent, b0 + band);
+      const int64_t b0 = t * band, b1 = t == bands - 1 ? band_extent : b0 + band;
       at::Tensor out_band = out.narrow(1, b0, b1 - b0);  // [M, b1 - b0]
       for (int64_t r0 = 0; r0 < reduce_extent; r0 += chunk) {
         const int64_t r1 = std::min(reduce_extent, r0 + chunk);
