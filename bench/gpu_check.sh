@@ -15,6 +15,8 @@
 #   5. memcheck    compute-sanitizer --tool memcheck   on bench/sanitize_ops.py  } by
 #   6. racecheck   compute-sanitizer --tool racecheck  on bench/sanitize_ops.py  } side
 #                  (both on the kernels named *_kernel*, ours, where the sanitizer filters by name)
+#      fuzz        bench/fuzz_ops.py --device cuda for 60 s: random shapes, dtypes and layouts
+#                  against the reference (also beside the tests)
 #   7. cuda-ran    the CUDA test cases really ran: none skipped for want of a GPU
 #   8. codec       python -m bench codec  --device cuda --quick
 #   9. linear      python -m bench linear --device cuda --quick
@@ -33,10 +35,10 @@
 #
 # Dry run (no GPU, under 2 minutes; CI runs it through python_tests/test_bench.py): every file the
 # real run uses exists; bench/*.sh and bench/*.py parse; the CUDA kernels' names match the
-# sanitizers' filter; the build command's CMake options exist
-# and pip accepts the command (metadata only); the junit check; the sanitizer workload on the CPU;
-# a smoke run of the codec and linear benchmarks on the CPU; each bench/model_*.py offers the
-# options the harness passes it.
+# sanitizers' filter; the build command's CMake options exist and pip accepts the command
+# (metadata only); the junit check; the sanitizer workload and 20 fuzz cases on the CPU; a smoke
+# run of the codec and linear benchmarks on the CPU; each bench/model_*.py offers the options the
+# harness passes it.
 #
 # Environment: PYTHON (default python3), QLORA_CUDA_ARCHS, GPU_CHECK_BUDGET_S.
 # Step limits below add up to more than the budget; the deadline cuts the last ones short.
@@ -150,7 +152,7 @@ PY
 
 REQUIRED_FILES=(pyproject.toml CMakeLists.txt csrc python_tests bench/__main__.py bench/codec.py
   bench/linear.py bench/model.py bench/model_build.py bench/model_seed_7b.py bench/model_train.py
-  bench/sanitize_ops.py)
+  bench/sanitize_ops.py bench/fuzz_ops.py)
 
 if (( DRY_RUN )); then
   banner "gpu_check --dry-run in $REPO -> $OUT (python: $PYTHON)"
@@ -178,6 +180,7 @@ if (( DRY_RUN )); then
   printf '<testsuite><testcase name="t[cuda]"><skipped message="no CUDA GPU"/></testcase></testsuite>\n' >"$OUT/junit-skipped.xml"
   run_step junit-check 30 bash -c '"$1" -c "$2" "$3" && ! "$1" -c "$2" "$4"' _ "$PYTHON" "$JUNIT_CHECK" "$OUT/junit-ran.xml" "$OUT/junit-skipped.xml"
   run_step sanitize-ops-cpu 60 "$PYTHON" bench/sanitize_ops.py --device cpu
+  run_step fuzz-cpu 60 "$PYTHON" bench/fuzz_ops.py --device cpu --cases 20
   run_step bench-smoke 90 "$PYTHON" -m bench codec linear --smoke --device cpu --out "$OUT/results"
   # The model scripts belong to their own tests (a smoke run of them takes a minute); here only
   # their side of the harness contract: the options bench/model.py passes them.
@@ -221,6 +224,7 @@ XDIST=()
 "$PYTHON" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
 start_step tests 200 env OMP_NUM_THREADS=4 "$PYTHON" -P -m pytest python_tests -q -rs -k cuda ${XDIST[@]+"${XDIST[@]}"} \
   --junitxml "$OUT/pytest-junit.xml"
+start_step fuzz 100 env OMP_NUM_THREADS=4 "$PYTHON" bench/fuzz_ops.py --device cuda --seconds 60
 if SANITIZER=$(find_sanitizer); then
   # Where the sanitizer filters by kernel name, only kernels with "_kernel" in their names are
   # instrumented: all of qlora's (and torch's element-wise ones), not cuBLAS's. Faster, and

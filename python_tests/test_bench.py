@@ -475,3 +475,17 @@ def test_matrix_rate_is_measured():
 
     rate = flops.matrix_rate(torch.device("cpu"), size=128, reps=2)
     assert rate["flops_per_s"] > 1e6 and "torch.mm 128x128 float32" in rate["how"]
+
+
+def test_fuzz_ops_passes_its_cases_and_reports_a_wrong_result(monkeypatch, capsys):
+    # bench/fuzz_ops.py (run by gpu_check.sh on the GPU): random cases pass on this CPU, and a
+    # forward that is off by 1% fails, naming the case and how to run it again.
+    from bench import fuzz_ops
+
+    assert fuzz_ops.main(["--cases", "25", "--seed", "11"]) == 0
+    assert "25 cases from seed 11" in capsys.readouterr().out
+    real = fuzz_ops.linear_nf4
+    monkeypatch.setattr(fuzz_ops, "linear_nf4", lambda x, nf4, bias=None: real(x, nf4, bias) * 1.01)
+    assert fuzz_ops.main(["--cases", "2", "--seed", "11", "--first", "5"]) == 1
+    out = capsys.readouterr().out
+    assert "case 5 (--seed 11 --first 5 --cases 1)" in out and "forward: error" in out
