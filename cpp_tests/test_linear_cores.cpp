@@ -73,6 +73,27 @@ void gemv_rows_matches_float64(const CpuKernels& k) {
   }
 }
 
+// x = a column of the identity: y[n] = W[n, k] bit for bit (one product, every other term an
+// exact zero), so the block absmax the forward decodes equals the codec's (an FMA in its decode
+// would differ). K = 2112: 33 blocks a row, rows that cross groups of 256 blocks.
+void gemv_rows_of_a_unit_vector_give_w_exactly(const CpuKernels& k) {
+  const Weight weights[] = {Weight(19, 2112, 4), Weight(300, 128, 5)};
+  for (const Weight& w : weights) {
+    for (const int64_t col : {int64_t{0}, int64_t{1}, int64_t{63}, int64_t{64}, w.K - 1}) {
+      for (const int64_t M : {1, 3}) {
+        std::vector<float> x(M * w.K, 0.0f), xs(M * w.K);
+        for (int64_t m = 0; m < M; ++m) x[m * w.K + col] = 1.0f;
+        for (int64_t m = 0; m < M; ++m) split_pairs(x.data() + m * w.K, w.K, xs.data() + m * w.K);
+        std::vector<float> y(M * w.N, NAN);
+        k.gemv_rows(w.view(), w.K, 0, w.N, xs.data(), M, w.K, y.data(), w.N);
+        for (int64_t m = 0; m < M; ++m) {
+          for (int64_t n = 0; n < w.N; ++n) CHECK_EQ(y[m * w.N + n], w.dense[n * w.K + col]);
+        }
+      }
+    }
+  }
+}
+
 // M above a pass's rows (2 on AVX2, 4 on AVX-512) reads W from a decoded slice; 200 rows of W
 // take two row groups, the second adding into what the first stored.
 void gemv_cols_matches_float64(const CpuKernels& k) {
@@ -113,6 +134,7 @@ void unaligned_range_decode(const CpuKernels& k) {
 int main() {
   return test::run_cases({
       {"gemv_rows (forward, small M) vs float64", gemv_rows_matches_float64},
+      {"gemv_rows of a unit vector gives W exactly", gemv_rows_of_a_unit_vector_give_w_exactly},
       {"gemv_cols (backward, small M) vs float64", gemv_cols_matches_float64},
       {"unaligned range decode equals block decode", unaligned_range_decode},
   });
