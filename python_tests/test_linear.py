@@ -131,6 +131,21 @@ def test_tile_path_never_gives_blas_a_narrow_band():
 
 
 @pytest.mark.parametrize("bf16_gemm", ["0", "1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_tile_path_takes_the_bias_into_its_blas_call(dtype, bf16_gemm, monkeypatch):
+    # More than 16 rows: the bias goes into each band's first BLAS call, as F.linear's addmm takes
+    # it; added afterwards, bf16 outputs were rounded twice and erred 1.3-2x as much as torch.
+    monkeypatch.setenv("QLORA_CPU_BF16_GEMM", bf16_gemm)
+    for shape, rows in [((96, 448), 129), ((320, 192), 40), ((41, 4160), 129)]:
+        nf4, dense, x = case(shape, rows, dtype, "cpu", batch=())
+        bias = torch.randn(shape[0]).to(dtype)
+        exact = x.double() @ dense.double().t() + bias.double()
+        err = (linear_nf4(x, nf4, bias).double() - exact).abs().max().item()
+        torch_err = (F.linear(x, dense.to(dtype), bias).double() - exact).abs().max().item()
+        assert err <= 1.25 * torch_err, f"{shape} x {rows}: error {err:.3g} > 1.25 x torch's {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("bf16_gemm", ["0", "1"])
 @pytest.mark.parametrize("shape", [(3000, 2112), (200, 448), (96, 100)], ids=str)
 def test_bf16_activations_with_and_without_bf16_blas_tiles(shape, bf16_gemm, cpu_isa, monkeypatch):
     # QLORA_CPU_BF16_GEMM forces either way of the tile path for bf16 activations (by default bf16

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 
 #include "../op_checks.h"
 #include "cpu_kernels.h"
@@ -93,13 +94,15 @@ int64_t reduction_chunk(int64_t extent, int64_t band) {
   return std::min(extent, (chunk + kBlockSize - 1) / kBlockSize * kBlockSize);
 }
 
-// out = act @ W^T (forward: bands over W's rows, the reduction over its columns) or
+// out = act @ W^T (+ bias) (forward: bands over W's rows, the reduction over its columns) or
 // out = act @ W (backward: bands over W's columns, the reduction over its rows), band by band on
 // the threads. float32 act: each band's reduction in tiles decoded into the thread's buffer and
 // accumulated in `out`. bfloat16 act (bf16_tiles): narrower bands, each with the whole reduction
 // in one bf16 tile and one BLAS call, so each output is rounded once, as dense bf16 rounds it.
+// The bias goes into the first BLAS call of each band, as F.linear's addmm takes it.
 void banded_matmul(const CpuKernels& k, const Nf4View& w, int64_t N, int64_t K, bool transposed,
-                   const at::Tensor& act, at::Tensor& out) {
+                   const at::Tensor& act, at::Tensor& out,
+                   const std::optional<at::Tensor>& bias = std::nullopt) {
   const bool bf16 = act.scalar_type() == at::kBFloat16;
   const int64_t band_extent = transposed ? N : K, reduce_extent = transposed ? K : N;
   const int64_t max_band = bf16 ? std::max<int64_t>(16, kTileBytes / (2 * reduce_extent)) : kMaxBand;
@@ -107,10 +110,12 @@ void banded_matmul(const CpuKernels& k, const Nf4View& w, int64_t N, int64_t K, 
   const int64_t chunk = bf16 ? reduce_extent : reduction_chunk(reduce_extent, band);
   const int64_t rest = band_extent % band;
   const int64_t bands = band_extent / band + (rest >= kMinBand ? 1 : 0);  // band <= band_extent
+  const at::Tensor bias_out = bias.has_value() ? bias->to(out.scalar_type()) : at::Tensor();
   const at::ThreadLocalState caller;  // below autograd, etc.: the worker threads must be too
   at::parallel_for(0, bands, 1, [&](int64_t t0, int64_t t1) {
     const at::ThreadLocalStateGuard same_state(caller);
-    at::Tensor storage = at::empty({(band + kMinBand) * chunk}, act.options());  // this thread's tile
+    // This thread's tile (a last band may be up to kMinBand - 1 wider).
+    at::Tensor storage = at::empty({(band + kMinBand) * chunk}, act.options());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b0 = t * band, b1 = t == bands - 1 ? band_extent : b0 + band;
       at::Tensor out_band = out.narrow(1, b0, b1 - b0);  // [M, b1 - b0]
@@ -125,7 +130,10 @@ void banded_matmul(const CpuKernels& k, const Nf4View& w, int64_t N, int64_t K, 
           tile = tile.view({r1 - r0, b1 - b0});
         }
         const at::Tensor act_chunk = act.narrow(1, r0, r1 - r0);
-        if (r0 == 0) {
+        if (r0 == 0 && bias_out.defined()) {
+          const at::Tensor bias_band = bias_out.narrow(0, b0, b1 - b0).expand_as(out_band);
+          at::addmm_out(out_band, bias_band, act_chunk, tile);
+        } else if (r0 == 0) {
           at::mm_out(out_band, act_chunk, tile);
         } else {
           at::addmm_out(out_band, out_band, act_chunk, tile);
@@ -171,9 +179,11 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
 
   const int64_t M = x.numel() / K;
   at::Tensor y;  // [M, N]
+  bool bias_added = false;  // by the tile path's BLAS calls
   if (M > kMaxFusedRows && bf16_tiles(x, K)) {
     y = at::empty({M, N}, x.options());
-    banded_matmul(k, w.view, N, K, /*transposed=*/true, x.reshape({M, K}).contiguous(), y);
+    banded_matmul(k, w.view, N, K, /*transposed=*/true, x.reshape({M, K}).contiguous(), y, bias);
+    bias_added = true;
   } else {
     const at::Tensor x2 = as_float_matrix(x, K);  // [M, K]
     y = at::empty({M, N}, x2.options());
@@ -187,10 +197,11 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
                     y.mutable_data_ptr<float>(), N);
       });
     } else if (M > 0) {
-      banded_matmul(k, w.view, N, K, /*transposed=*/true, x2, y);
+      banded_matmul(k, w.view, N, K, /*transposed=*/true, x2, y, bias);
+      bias_added = true;
     }
   }
-  if (bias.has_value()) y.add_(bias->to(y.scalar_type()));
+  if (bias.has_value() && !bias_added) y.add_(bias->to(y.scalar_type()));
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   return y.to(x.scalar_type()).reshape(out_shape);
