@@ -12,7 +12,8 @@ It checks:
 - dequantize: bit-identical to the reference;
 - linear_nf4 forward, and its backward through autograd: the error against float64 is at most
   twice torch's own (``F.linear`` with the dequantized weight in x's dtype, on the same device)
-  plus one rounding of the output: the bound of python_tests/test_linear.py.
+  plus one rounding of the output: the bound of python_tests/test_linear.py. With fewer than 32
+  outputs, where the largest error is too noisy to compare, each output's a-priori bound instead.
 
 Case i draws from its own generator (seed, i), so ``--seed K --first I --cases 1`` runs a
 reported case again. Prints each failure and a summary; exit status 1 when any case failed.
@@ -57,11 +58,27 @@ def cpu_isas() -> list[str]:
     return found
 
 
-def within_bound(got: torch.Tensor, exact: torch.Tensor, torch_same: torch.Tensor) -> tuple[bool, str]:
-    err = (got.double().cpu() - exact).abs().max().item()
-    torch_err = (torch_same.double().cpu() - exact).abs().max().item()
-    bound = 2 * torch_err + UNIT_ROUNDOFF[got.dtype] * exact.abs().max().item()
-    return err <= bound, f"error {err:.3g} > bound {bound:.3g} (torch's own {torch_err:.3g})"
+# Below this many outputs the largest error is too noisy a draw to set against torch's (one
+# output of 128 terms erred 3x torch's, a coin toss); there the a-priori bound of any order of
+# summing n terms in float32 is checked instead: n u |terms| (+ the rounding to x's dtype).
+MIN_OUTPUTS_TO_COMPARE = 32
+
+
+def within_bound(got: torch.Tensor, exact: torch.Tensor, torch_same: torch.Tensor, abs_terms: torch.Tensor,
+                 n_terms: int) -> tuple[bool, str]:
+    """Whether `got` is as close to `exact` as the tests demand; `abs_terms` is the float64 sum of
+    the |products| behind each output (and |bias|), over `n_terms` terms."""
+    err = (got.double().cpu() - exact).abs()
+    if exact.numel() >= MIN_OUTPUTS_TO_COMPARE:
+        torch_err = (torch_same.double().cpu() - exact).abs().max().item()
+        bound = 2 * torch_err + UNIT_ROUNDOFF[got.dtype] * exact.abs().max().item()
+        return err.max().item() <= bound, f"error {err.max().item():.3g} > bound {bound:.3g} (torch's own {torch_err:.3g})"
+    u_out = UNIT_ROUNDOFF[got.dtype]
+    bound = (n_terms * UNIT_ROUNDOFF[torch.float32] + (u_out if got.dtype != torch.float32 else 0)) * abs_terms
+    bound = bound + u_out * exact.abs()
+    worst = (err - bound).argmax()
+    return bool((err <= bound).all()), (f"error {err.flatten()[worst].item():.3g} > a-priori bound "
+                                        f"{bound.flatten()[worst].item():.3g} ({exact.numel()} outputs)")
 
 
 def run_case(seed: int, index: int, device: str, isas: list[str]) -> list[str]:
@@ -106,12 +123,15 @@ def run_case(seed: int, index: int, device: str, isas: list[str]) -> list[str]:
         y = linear_nf4(x, nf4, bias)
         exact_w = nf4.dequantize(torch.float32).double().cpu()
         exact = x.detach().double().cpu() @ exact_w.t() + (bias.double().cpu() if bias is not None else 0)
-        ok, detail = within_bound(y, exact, F.linear(x.detach(), dense, bias))
+        x64 = x.detach().double().cpu()
+        terms = x64.abs() @ exact_w.abs().t() + (bias.double().cpu().abs() if bias is not None else 0)
+        ok, detail = within_bound(y, exact, F.linear(x.detach(), dense, bias), terms, k + 1)
         if not ok:
             failures.append(f"{what}: forward: {detail}")
         grad_y = torch.randn_like(y)
         y.backward(grad_y)
-        ok, detail = within_bound(x.grad, grad_y.double().cpu() @ exact_w, grad_y @ dense)
+        g64 = grad_y.double().cpu()
+        ok, detail = within_bound(x.grad, g64 @ exact_w, grad_y @ dense, g64.abs() @ exact_w.abs(), n)
         if not ok:
             failures.append(f"{what}: backward: {detail}")
     except Exception as e:  # noqa: BLE001  (an op that raises on valid input is a failure to report)
