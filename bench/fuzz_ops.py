@@ -122,9 +122,9 @@ def run_case(seed: int, index: int, device: str, isas: list[str]) -> list[str]:
         bias = torch.randn(n).to(dtype).to(device) if with_bias else None
         y = linear_nf4(x, nf4, bias)
         exact_w = nf4.dequantize(torch.float32).double().cpu()
-        exact = x.detach().double().cpu() @ exact_w.t() + (bias.double().cpu() if bias is not None else 0)
-        x64 = x.detach().double().cpu()
-        terms = x64.abs() @ exact_w.abs().t() + (bias.double().cpu().abs() if bias is not None else 0)
+        x64, b64 = x.detach().double().cpu(), (bias.double().cpu() if bias is not None else torch.zeros(()))
+        exact = x64 @ exact_w.t() + b64
+        terms = x64.abs() @ exact_w.abs().t() + b64.abs()
         ok, detail = within_bound(y, exact, F.linear(x.detach(), dense, bias), terms, k + 1)
         if not ok:
             failures.append(f"{what}: forward: {detail}")
