@@ -100,22 +100,18 @@ def test_reduction_in_several_tiles(shape, cpu_isa):
     assert_close_to_exact(x.grad, grad_y.double() @ dense.double(), grad_y @ dense)
 
 
-def test_portable_backward_over_many_rows_errs_less_than_torch():
+@pytest.mark.parametrize("cpu_isa", ["portable"], indirect=True)
+def test_portable_backward_over_many_rows_errs_less_than_torch(cpu_isa):
     # The portable backward (no FMA) sums 32 rows of W at a time in float and those partials in
     # double (csrc/cpu/kernels_portable.cpp): over 4096 rows its error stays under torch's own
     # float32 product; one float chain of 4096 steps erred 1.2x torch's at the median.
-    before = ops.cpu_kernel_isa()
-    ops.set_cpu_kernel_isa("portable")
-    try:
-        for _ in range(3):
-            nf4, dense, _ = case((4096, 256), 4, torch.float32, "cpu", batch=())
-            grad_y = torch.randn(4, 4096)
-            exact = grad_y.double() @ dense.double()
-            err = (ops.linear_nf4_grad_input(grad_y, *nf4.components(), 256).double() - exact).abs().max().item()
-            torch_err = ((grad_y @ dense).double() - exact).abs().max().item()
-            assert err < torch_err, f"error {err:.3g} >= torch's {torch_err:.3g}"
-    finally:
-        ops.set_cpu_kernel_isa(before)
+    for _ in range(3):
+        nf4, dense, _ = case((4096, 256), 4, torch.float32, "cpu", batch=())
+        grad_y = torch.randn(4, 4096)
+        exact = grad_y.double() @ dense.double()
+        err = (ops.linear_nf4_grad_input(grad_y, *nf4.components(), 256).double() - exact).abs().max().item()
+        torch_err = ((grad_y @ dense).double() - exact).abs().max().item()
+        assert err < torch_err, f"error {err:.3g} >= torch's {torch_err:.3g}"
 
 
 def test_tile_path_never_gives_blas_a_narrow_band():

@@ -178,12 +178,10 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
   const CpuKernels& k = active_cpu_kernels();
 
   const int64_t M = x.numel() / K;
-  at::Tensor y;  // [M, N]
-  bool bias_added = false;  // by the tile path's BLAS calls
+  at::Tensor y;  // [M, N]; the tile path takes the bias into its BLAS calls, the fused one adds it
   if (M > kMaxFusedRows && bf16_tiles(x, K)) {
     y = at::empty({M, N}, x.options());
     banded_matmul(k, w.view, N, K, /*transposed=*/true, x.reshape({M, K}).contiguous(), y, bias);
-    bias_added = true;
   } else {
     const at::Tensor x2 = as_float_matrix(x, K);  // [M, K]
     y = at::empty({M, N}, x2.options());
@@ -196,12 +194,11 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
         k.gemv_rows(w.view, K, n0, n1, xs.const_data_ptr<float>(), M, K,
                     y.mutable_data_ptr<float>(), N);
       });
+      if (bias.has_value()) y.add_(bias->to(y.scalar_type()));
     } else if (M > 0) {
       banded_matmul(k, w.view, N, K, /*transposed=*/true, x2, y, bias);
-      bias_added = true;
     }
   }
-  if (bias.has_value() && !bias_added) y.add_(bias->to(y.scalar_type()));
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   return y.to(x.scalar_type()).reshape(out_shape);
