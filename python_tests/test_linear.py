@@ -274,7 +274,7 @@ def test_cuda_close_to_cpu_on_llama_shapes(rows, dtype):
 @pytest.mark.parametrize("rows", [1, 9])
 def test_cuda_small_m_backward_over_a_vocabulary_sized_out(rows):
     # out = 40000 rows: past 256 slices of 128 rows, so each slice of the fused backward walks
-    # ceil(40000 / 256) = 157 rows (csrc/cuda/linear.cu, kMaxSlices), the last one fewer.
+    # ceil(40000 / 256) = 157 rows (csrc/cuda/linear_kernels.cuh, kMaxSlices), the last one fewer.
     nf4, dense, _ = case((40000, 192), rows, torch.float32, "cuda", batch=())
     gy = torch.randn(rows, 40000, device="cuda")
     got = ops.linear_nf4_grad_input(gy, *nf4.components(), 192)

@@ -1,6 +1,7 @@
-// CUDA quantize_nf4 / dequantize_nf4. Bytes and values are identical to the CPU kernels: same
-// float32 operations (no FMA where the format rounds twice), and the absmax mean reduced in the
-// fixed float64 tree of absmax_mean() (kernels_common.cpp), one warp per group of 256 blocks.
+// CUDA quantize_nf4 / dequantize_nf4 (the kernels: codec_kernels.cuh). Bytes and values are
+// identical to the CPU kernels: same float32 operations (no FMA where the format rounds twice),
+// and the absmax mean reduced in the fixed float64 tree of absmax_mean() (kernels_common.cpp), one
+// warp per group of 256 blocks.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -11,175 +12,10 @@
 
 #include "../op_checks.h"
 #include "launchers.h"
-#include "nf4_device.cuh"
+// after launchers.h, which declares launch()
+#include "codec_kernels.cuh"
 
 namespace qlora::cuda {
-namespace {
-
-constexpr int kThreads = 256;
-constexpr int kPartsPerBlock = kBlockSize / 8;  // threads per NF4 block, 8 weights each
-constexpr int kWordsPerThread = 4;              // dequantize: 32-bit code words per thread
-
-// ---- kernels --------------------------------------------------------------------------------
-
-// One thread per 8 weights: NF4 codes of its 8 weights (one 32-bit word of `packed`), with the
-// block's absmax found across the 8 threads of the block as a max of |w| bit patterns (exact;
-// NaN and Inf order above all numbers and surface as a non-finite offset later).
-template <typename T>
-__global__ void quantize_blocks_kernel(const T* __restrict__ w, int64_t nblocks,
-                                       uint32_t* __restrict__ packed, float* __restrict__ absmax) {
-  __shared__ CodeTables tables;
-  load_tables<true>(tables);
-  __syncthreads();
-  const int64_t part = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const bool active = part < nblocks * kPartsPerBlock;  // whole NF4 blocks per warp: no mixing
-  float v[8] = {};
-  uint32_t bits = 0;
-  if (active) {
-    load8(w + part * 8, v);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) bits = max(bits, __float_as_uint(v[i]) & 0x7fffffffu);
-  }
-#pragma unroll
-  for (int o = kPartsPerBlock / 2; o > 0; o >>= 1) bits = max(bits, __shfl_xor_sync(kFullMask, bits, o));
-  if (!active) return;
-  const float amax = __uint_as_float(bits);
-  const float inv = inverse_absmax(amax);
-  uint32_t word = 0;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int c0 = nf4_code(clamp_unit(__fmul_rn(v[2 * j], inv)), tables.nf4_mid);
-    const int c1 = nf4_code(clamp_unit(__fmul_rn(v[2 * j + 1], inv)), tables.nf4_mid);
-    word |= static_cast<uint32_t>(pack_codes(c0, c1)) << (8 * j);
-  }
-  packed[part] = word;
-  if (part % kPartsPerBlock == 0) absmax[part / kPartsPerBlock] = amax;
-}
-
-// One warp per group of 256 blocks: lane l adds blocks l, l + 32, ... in float64, then the
-// butterfly.
-__global__ void group_sums_kernel(const float* __restrict__ absmax, int64_t nblocks,
-                                  int64_t groups, double* __restrict__ sums) {
-  const int64_t g = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (g >= groups) return;  // whole warps leave together
-  double acc = 0.0;
-  for (int j = 0; j < kScalerBlockSize / kWarp; ++j) {
-    const int64_t i = g * kScalerBlockSize + j * kWarp + lane;
-    if (i < nblocks) acc += static_cast<double>(absmax[i]);
-  }
-  acc = warp_sum(acc);
-  if (lane == 0) sums[g] = acc;
-}
-
-// A single warp: lane l adds group sums l, l + 32, ...; butterfly; mean as float32.
-__global__ void offset_kernel(const double* __restrict__ sums, int64_t groups, int64_t nblocks,
-                              float* __restrict__ offset) {
-  double acc = 0.0;
-  for (int64_t g = threadIdx.x; g < groups; g += kWarp) acc += sums[g];
-  acc = warp_sum(acc);
-  if (threadIdx.x == 0) *offset = static_cast<float>(acc / static_cast<double>(nblocks));
-}
-
-// One warp per group of 256 blocks: scale = max |absmax - offset|, then 8-bit nearest codes.
-__global__ void absmax_codes_kernel(const float* __restrict__ absmax, int64_t nblocks,
-                                    int64_t groups, const float* __restrict__ offset,
-                                    uint8_t* __restrict__ codes, float* __restrict__ scales) {
-  __shared__ CodeTables tables;
-  load_tables<true>(tables);
-  __syncthreads();
-  const int64_t g = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (g >= groups) return;
-  const float off = *offset;
-  constexpr int kPerLane = kScalerBlockSize / kWarp;
-  float centered[kPerLane];
-  float m = 0.0f;
-#pragma unroll
-  for (int j = 0; j < kPerLane; ++j) {
-    const int64_t i = g * kScalerBlockSize + j * kWarp + lane;
-    centered[j] = i < nblocks ? __fsub_rn(absmax[i], off) : 0.0f;
-    m = fmaxf(m, fabsf(centered[j]));
-  }
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, o));
-  if (lane == 0) scales[g] = m;
-  const float inv = inverse_absmax(m);
-#pragma unroll
-  for (int j = 0; j < kPerLane; ++j) {
-    const int64_t i = g * kScalerBlockSize + j * kWarp + lane;
-    if (i < nblocks) {
-      codes[i] = static_cast<uint8_t>(absmax_code(clamp_unit(__fmul_rn(centered[j], inv)), tables.map_mid));
-    }
-  }
-}
-
-// Rows [0, rows) x columns [col0, col0 + cols) of a [*, K] NF4 weight (starting at row0) into a
-// dense [rows, cols] tile; 8 weights (one 32-bit word) per thread and step, kWordsPerThread steps
-// a CTA apart, so that the CTA's table setup and barrier serve 8 KB of codes, not 2 KB. Needs K,
-// col0 and cols multiples of 8, so that 8 weights share a block and a word.
-template <typename T>
-__global__ void dequantize_tile_kernel(Nf4View w, int64_t K, int64_t row0, int64_t rows,
-                                       int64_t col0, int64_t cols, T* __restrict__ out) {
-  __shared__ CodeTables tables;
-  load_tables<false>(tables);
-  __syncthreads();
-  const int64_t words_per_row = cols / 8;
-  const int64_t words = rows * words_per_row;
-  const bool narrow = words <= UINT32_MAX;  // 32-bit division (the usual case) is far cheaper
-  const int64_t first =
-      static_cast<int64_t>(blockIdx.x) * blockDim.x * kWordsPerThread + threadIdx.x;
-#pragma unroll
-  for (int i = 0; i < kWordsPerThread; ++i) {
-    const int64_t t = first + static_cast<int64_t>(i) * blockDim.x;  // a warp: consecutive words
-    if (t >= words) return;
-    const int64_t r = rows == 1 ? 0
-                      : narrow  ? static_cast<uint32_t>(t) / static_cast<uint32_t>(words_per_row)
-                                : t / words_per_row;
-    const int64_t c = (t - r * words_per_row) * 8;
-    const int64_t e = (row0 + r) * K + col0 + c;  // flat index of the first of the 8 weights
-    const uint32_t word = reinterpret_cast<const uint32_t*>(w.packed)[e / 8];
-    float v[8];
-    decode8(word, block_absmax(w, e / kBlockSize, tables), tables.nf4, v);
-    store8(out + r * cols + c, v);
-  }
-}
-
-// The same for any K and range, one thread per weight (the slow path).
-template <typename T>
-__global__ void dequantize_tile_scalar_kernel(Nf4View w, int64_t K, int64_t row0, int64_t rows,
-                                              int64_t col0, int64_t cols, T* __restrict__ out) {
-  __shared__ CodeTables tables;
-  load_tables<false>(tables);
-  __syncthreads();
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= rows * cols) return;
-  const int64_t e = (row0 + t / cols) * K + col0 + t % cols;
-  const uint8_t byte = w.packed[e / 2];
-  const int code = e % 2 == 0 ? even_code(byte) : odd_code(byte);
-  out[t] = from_float<T>(__fmul_rn(tables.nf4[code], block_absmax(w, e / kBlockSize, tables)));
-}
-
-}  // namespace
-
-// ---- launchers (also used by linear.cu) -----------------------------------------------------
-
-template <typename T>
-void launch_dequantize_tile(const Nf4View& w, int64_t K, int64_t row0, int64_t rows,
-                            int64_t col0, int64_t cols, T* out, cudaStream_t stream) {
-  const bool by_words = K % 8 == 0 && col0 % 8 == 0 && cols % 8 == 0 &&
-                        reinterpret_cast<uintptr_t>(w.packed) % 4 == 0 &&
-                        reinterpret_cast<uintptr_t>(out) % (8 * sizeof(T)) == 0;
-  if (by_words) {
-    const int64_t words = rows * (cols / 8);
-    dequantize_tile_kernel<T><<<ceil_div(words, kThreads * kWordsPerThread), kThreads, 0, stream>>>(
-        w, K, row0, rows, col0, cols, out);
-  } else {
-    dequantize_tile_scalar_kernel<T><<<ceil_div(rows * cols, kThreads), kThreads, 0, stream>>>(
-        w, K, row0, rows, col0, cols, out);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 
 template void launch_dequantize_tile<float>(const Nf4View&, int64_t, int64_t, int64_t, int64_t,
                                             int64_t, float*, cudaStream_t);
@@ -208,17 +44,6 @@ Nf4View nf4_view(const at::Tensor& packed, const at::Tensor& absmax_codes,
 
 namespace {
 
-template <typename T>
-void launch_quantize_blocks(const at::Tensor& w, int64_t nblocks, at::Tensor& packed,
-                            at::Tensor& absmax, cudaStream_t stream) {
-  const int64_t threads = nblocks * kPartsPerBlock;
-  quantize_blocks_kernel<T><<<ceil_div(threads, kThreads), kThreads, 0, stream>>>(
-      reinterpret_cast<const T*>(w.const_data_ptr()), nblocks,
-      reinterpret_cast<uint32_t*>(packed.mutable_data_ptr<uint8_t>()),
-      absmax.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4(const at::Tensor& weight) {
   check_quantizable("quantize_nf4", "weight", weight);
   const c10::cuda::CUDAGuard guard(weight.device());
@@ -236,19 +61,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4(const at
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   dispatch_float(w.scalar_type(), [&](auto tag) {
-    launch_quantize_blocks<decltype(tag)>(w, nblocks, packed, absmax, stream);
+    using T = decltype(tag);
+    launch_quantize<T>(reinterpret_cast<const T*>(w.const_data_ptr()), nblocks,
+                       reinterpret_cast<uint32_t*>(packed.mutable_data_ptr<uint8_t>()),
+                       absmax.mutable_data_ptr<float>(), sums.mutable_data_ptr<double>(),
+                       absmax_offset.mutable_data_ptr<float>(),
+                       absmax_codes.mutable_data_ptr<uint8_t>(),
+                       absmax_scales.mutable_data_ptr<float>(), stream);
   });
-  const int64_t group_blocks = ceil_div(groups * kWarp, kThreads);
-  group_sums_kernel<<<group_blocks, kThreads, 0, stream>>>(absmax.const_data_ptr<float>(), nblocks,
-                                                           groups, sums.mutable_data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  offset_kernel<<<1, kWarp, 0, stream>>>(sums.const_data_ptr<double>(), groups, nblocks,
-                                         absmax_offset.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  absmax_codes_kernel<<<group_blocks, kThreads, 0, stream>>>(
-      absmax.const_data_ptr<float>(), nblocks, groups, absmax_offset.const_data_ptr<float>(),
-      absmax_codes.mutable_data_ptr<uint8_t>(), absmax_scales.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   // Any NaN or Inf weight makes the mean non-finite: one small copy back to report it.
   if (!std::isfinite(absmax_offset.item<float>())) fail_non_finite("quantize_nf4", "weight", weight);
   return {packed, absmax_codes, absmax_scales, absmax_offset};

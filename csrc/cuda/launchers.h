@@ -5,11 +5,32 @@
 #include <c10/util/Exception.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
+
+#include <tuple>
+#include <utility>
 
 #include "../nf4_format.h"
 
 namespace qlora::cuda {
+
+// kernel<<<grid, block, 0, stream>>>(args...), through the runtime's cudaLaunchKernel: each
+// argument converted to its parameter's type, a launch error reported as a C++ exception. The
+// kernel headers (codec_kernels.cuh, linear_kernels.cuh) launch through this, and the C++ tests
+// through an emulator of the same signature that runs the kernel on the CPU.
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream, A&&... args) {
+  static_assert(sizeof...(P) == sizeof...(A), "launch: one argument per kernel parameter");
+  std::tuple<P...> values(std::forward<A>(args)...);
+  std::apply(
+      [&](auto&... v) {
+        void* argv[] = {static_cast<void*>(&v)...};
+        C10_CUDA_CHECK(cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, block, argv, 0,
+                                        stream));
+      },
+      values);
+}
 
 // Raw view of the four (contiguous) components.
 Nf4View nf4_view(const at::Tensor& packed, const at::Tensor& absmax_codes,

@@ -1,0 +1,390 @@
+// The CUDA kernels and their launchers (csrc/cuda/*_kernels.cuh), run on the CPU by
+// cuda_emulator.h, against the CPU kernel cores and float64 references: NF4 bytes and dequantized
+// values bit for bit, the small-M linear forward (CUDA cores and tensor cores) and backward within
+// float32 rounding. Every buffer ends at a guard page, so a read or write past its end stops the
+// test with the kernel, block and thread that made it. What a GPU adds (timing, memory ordering,
+// the hardware's rounding inside mma) is bench/gpu_check.sh's job.
+#include "cuda_emulator.h"  // first: it defines what the kernel headers expect from nvcc
+
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "../csrc/cuda/codec_kernels.cuh"
+#include "../csrc/cuda/linear_kernels.cuh"
+#include "check.h"
+
+using namespace qlora;
+
+namespace {
+
+int64_t round_up_to(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// `n` elements of T in host memory that ends at an inaccessible page: the first access past the
+// end faults. The start is aligned as the kernels' vector accesses need (16 bytes, 32 for float),
+// and the size is rounded up to that alignment only. Filled with 0xff bytes (NaN in every float
+// type), so that an element no kernel wrote shows.
+template <typename T>
+class GuardedBuffer {
+ public:
+  explicit GuardedBuffer(int64_t n) : n_(n) {
+    const int64_t align = std::max<int64_t>(16, 8 * sizeof(T));
+    const int64_t bytes = round_up_to(std::max<int64_t>(n, 1) * sizeof(T), align);
+    const int64_t page = sysconf(_SC_PAGESIZE);
+    map_bytes_ = round_up_to(bytes, page) + page;
+    void* p = mmap(nullptr, map_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) std::abort();
+    base_ = static_cast<char*>(p);
+    if (mprotect(base_ + map_bytes_ - page, page, PROT_NONE) != 0) std::abort();
+    data_ = reinterpret_cast<T*>(base_ + map_bytes_ - page - bytes);
+    std::memset(static_cast<void*>(data_), 0xff, bytes);
+  }
+  GuardedBuffer(const GuardedBuffer&) = delete;
+  GuardedBuffer& operator=(const GuardedBuffer&) = delete;
+  ~GuardedBuffer() { munmap(base_, map_bytes_); }
+
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  int64_t size() const { return n_; }
+  T& operator[](int64_t i) { return data_[i]; }
+  const T& operator[](int64_t i) const { return data_[i]; }
+
+ private:
+  int64_t n_, map_bytes_;
+  char* base_;
+  T* data_;
+};
+
+void on_fault(int) {
+  qlora::emu::fail("memory access past the end of a buffer (guard page) or outside any");
+}
+
+// The three element types as the CUDA code sees them, with the host's conversions.
+template <typename T>
+struct Elem;
+template <>
+struct Elem<float> {
+  static constexpr cpu::DType dtype = cpu::DType::kFloat32;
+  static constexpr const char* name = "float32";
+  static constexpr double rounding = 0.0;  // relative rounding of a result stored as T
+  static float from(float v) { return v; }
+  static float to_float(float v) { return v; }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  static constexpr cpu::DType dtype = cpu::DType::kBFloat16;
+  static constexpr const char* name = "bfloat16";
+  static constexpr double rounding = 1.0 / 256;
+  static __nv_bfloat16 from(float v) {
+    __nv_bfloat16_raw r;
+    r.x = cpu::float_to_bf16(v);
+    return __nv_bfloat16(r);
+  }
+  static float to_float(__nv_bfloat16 v) { return cpu::bf16_to_float(__nv_bfloat16_raw(v).x); }
+};
+template <>
+struct Elem<__half> {
+  static constexpr cpu::DType dtype = cpu::DType::kFloat16;
+  static constexpr const char* name = "float16";
+  static constexpr double rounding = 1.0 / 2048;
+  static __half from(float v) {
+    __half_raw r;
+    r.x = cpu::float_to_fp16(v);
+    return __half(r);
+  }
+  static float to_float(__half v) { return cpu::fp16_to_float(__half_raw(v).x); }
+};
+
+template <typename T>
+bool same_bits(const T& a, const T& b) {
+  return std::memcmp(&a, &b, sizeof(T)) == 0;
+}
+
+// Random weights as T: normal, each NF4 block with its own scale (absmax spanning decades), one
+// block all zeros.
+template <typename T>
+std::vector<T> random_weights(int64_t numel, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<T> w(numel);
+  for (int64_t b = 0; b < numel / kBlockSize; ++b) {
+    const float scale = b == 1 ? 0.0f : 0.02f * std::exp(1.5f * normal(rng));
+    for (int64_t i = 0; i < kBlockSize; ++i) {
+      w[b * kBlockSize + i] = Elem<T>::from(scale * normal(rng));
+    }
+  }
+  return w;
+}
+
+// An NF4 weight made by the CPU kernel cores, in guarded buffers, with its decoded float32 values.
+struct Nf4Weight {
+  int64_t numel, nblocks, groups;
+  GuardedBuffer<uint8_t> packed, codes;
+  GuardedBuffer<float> scales, offset;
+  std::vector<float> dense;
+
+  Nf4Weight(const std::vector<float>& w)
+      : numel(static_cast<int64_t>(w.size())),
+        nblocks(numel / kBlockSize),
+        groups((nblocks + kScalerBlockSize - 1) / kScalerBlockSize),
+        packed(numel / 2),
+        codes(nblocks),
+        scales(groups),
+        offset(1),
+        dense(numel) {
+    std::vector<float> absmax(nblocks);
+    cpu::portable_kernels().quantize_blocks(w.data(), cpu::DType::kFloat32, 0, nblocks,
+                                             packed.data(), absmax.data());
+    offset[0] = cpu::absmax_mean(absmax.data(), nblocks);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t first = g * kScalerBlockSize;
+      scales[g] = cpu::quantize_absmax_group(absmax.data() + first,
+                                             std::min(kScalerBlockSize, nblocks - first),
+                                             offset[0], codes.data() + first);
+    }
+    cpu::decode_range_f32(view(), 0, numel, dense.data());
+  }
+  Nf4View view() const { return {packed.data(), codes.data(), scales.data(), offset.data()}; }
+};
+
+std::vector<float> random_floats(int64_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng);
+  return v;
+}
+
+template <typename T>
+void copy_as(const std::vector<float>& from, GuardedBuffer<T>& to) {
+  for (int64_t i = 0; i < to.size(); ++i) to[i] = Elem<T>::from(from[i]);
+}
+
+// |got - want| within float32 accumulation error of the terms' magnitudes (`abs_sum`) plus the
+// rounding of a result stored as T; a NaN (an element nobody wrote) fails.
+template <typename T>
+bool close(T got, double want, double abs_sum) {
+  const double g = Elem<T>::to_float(got);
+  return std::isfinite(g) && std::abs(g - want) <= 2e-5 * abs_sum + 1e-30 +
+                                                     Elem<T>::rounding * std::abs(want);
+}
+
+// ---- codec ------------------------------------------------------------------------------------
+
+// Quantize: the four-kernel pipeline gives the CPU cores' bytes exactly (packed codes, absmax
+// codes, scales, offset), over partial groups of 256 blocks and a partial last CTA.
+template <typename T>
+void quantize_matches_cpu() {
+  for (const int64_t nblocks : {1, 7, 256, 300, 513}) {
+    const std::vector<T> w = random_weights<T>(nblocks * kBlockSize, 7 + nblocks);
+    GuardedBuffer<T> dw(nblocks * kBlockSize);
+    std::memcpy(static_cast<void*>(dw.data()), w.data(), w.size() * sizeof(T));
+    const int64_t groups = (nblocks + kScalerBlockSize - 1) / kScalerBlockSize;
+    GuardedBuffer<uint8_t> packed(nblocks * kBlockSize / 2), codes(nblocks);
+    GuardedBuffer<float> absmax(nblocks), scales(groups), offset(1);
+    GuardedBuffer<double> sums(groups);
+    cuda::launch_quantize<T>(dw.data(), nblocks, reinterpret_cast<uint32_t*>(packed.data()),
+                             absmax.data(), sums.data(), offset.data(), codes.data(), scales.data(),
+                             nullptr);
+
+    std::vector<uint8_t> ref_packed(nblocks * kBlockSize / 2), ref_codes(nblocks);
+    std::vector<float> ref_absmax(nblocks);
+    cpu::portable_kernels().quantize_blocks(w.data(), Elem<T>::dtype, 0, nblocks,
+                                             ref_packed.data(), ref_absmax.data());
+    const float ref_offset = cpu::absmax_mean(ref_absmax.data(), nblocks);
+    CHECK(same_bits(offset[0], ref_offset));
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t first = g * kScalerBlockSize;
+      const float scale = cpu::quantize_absmax_group(
+          ref_absmax.data() + first, std::min(kScalerBlockSize, nblocks - first), ref_offset,
+          ref_codes.data() + first);
+      CHECK(same_bits(scales[g], scale));
+    }
+    CHECK(std::memcmp(packed.data(), ref_packed.data(), ref_packed.size()) == 0);
+    CHECK(std::memcmp(codes.data(), ref_codes.data(), ref_codes.size()) == 0);
+  }
+}
+
+// Dequantize (the whole weight as one row, as the op does) gives the CPU cores' values exactly.
+template <typename T>
+void dequantize_matches_cpu() {
+  for (const int64_t nblocks : {1, 7, 300, 513}) {
+    const Nf4Weight w(random_floats(nblocks * kBlockSize, 40 + nblocks));
+    GuardedBuffer<T> out(w.numel);
+    cuda::launch_dequantize_tile<T>(w.view(), w.numel, 0, 1, 0, w.numel, out.data(), nullptr);
+    std::vector<T> ref(w.numel);
+    cpu::portable_kernels().dequantize_blocks(w.view(), 0, nblocks, ref.data(), Elem<T>::dtype);
+    int64_t wrong = 0;
+    for (int64_t i = 0; i < w.numel; ++i) wrong += !same_bits(out[i], ref[i]);
+    CHECK_EQ(wrong, 0);
+  }
+}
+
+// The tiles the large-M linear path decodes (rows of W for the forward, columns for the backward,
+// tile_extent apart), and tiles whose columns are not whole 8-weight words (the scalar kernel):
+// each equals its slice of the decoded weight.
+template <typename T>
+void dequantize_tiles_match_slices() {
+  struct Shape {
+    int64_t N, K;
+  };
+  for (const Shape s : {Shape{40, 64}, Shape{130, 200}, Shape{16, 36}, Shape{9, 512}}) {
+    const Nf4Weight w(random_floats(s.N * s.K, 60 + s.N));
+    auto check_tile = [&](int64_t row0, int64_t rows, int64_t col0, int64_t cols) {
+      GuardedBuffer<T> out(rows * cols);
+      cuda::launch_dequantize_tile<T>(w.view(), s.K, row0, rows, col0, cols, out.data(), nullptr);
+      int64_t wrong = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t c = 0; c < cols; ++c) {
+          const T want = Elem<T>::from(w.dense[(row0 + r) * s.K + col0 + c]);
+          wrong += !same_bits(out[r * cols + c], want);
+        }
+      }
+      CHECK_EQ(wrong, 0);
+    };
+    for (const int64_t tiles : {2, 3, 4}) {
+      const int64_t rows = cuda::tile_extent(s.N, tiles);
+      for (int64_t n0 = 0; n0 < s.N; n0 += rows) check_tile(n0, std::min(rows, s.N - n0), 0, s.K);
+      const int64_t cols = cuda::tile_extent(s.K, tiles);
+      for (int64_t k0 = 0; k0 < s.K; k0 += cols) check_tile(0, s.N, k0, std::min(cols, s.K - k0));
+    }
+    check_tile(1, s.N - 2, 3, s.K - 5);  // odd columns: one thread per weight
+  }
+}
+
+// ---- linear -----------------------------------------------------------------------------------
+
+struct LinearShape {
+  int64_t N, K;
+};
+
+// y = x W^T (+ bias) by the CUDA-core forward (gemv_rows: every MAXM instantiation) and, for
+// bf16/fp16 with K % 64 == 0, by the tensor-core one (launch_gemv_rows_mma, whose weights are
+// rounded to T before the product, as its registers hold them).
+template <typename T, bool tensor_cores>
+void gemv_rows_matches_float64() {
+  const LinearShape shapes[] = {{37, 64}, {45, 200}, {33, 576}};
+  for (const LinearShape s : shapes) {
+    if (tensor_cores && s.K % kBlockSize != 0) continue;
+    const Nf4Weight w(random_floats(s.N * s.K, 80 + s.N));
+    for (const int M : {1, 2, 3, 4, 5, 8, 9, 12, 16}) {
+      const bool with_bias = M % 2 == 1;
+      GuardedBuffer<T> x(M * s.K), bias(s.N), y(M * s.N);
+      copy_as(random_floats(M * s.K, 90 + M), x);
+      copy_as(random_floats(s.N, 95 + M), bias);
+      const T* b = with_bias ? bias.data() : nullptr;
+      if constexpr (tensor_cores) {
+        cuda::launch_gemv_rows_mma<T>(w.view(), s.N, s.K, x.data(), M, b, y.data(), nullptr);
+      } else {
+        cuda::gemv_rows<T>(w.view(), s.N, s.K, x.data(), M, b, y.data(), nullptr);
+      }
+      int64_t wrong = 0;
+      for (int m = 0; m < M; ++m) {
+        for (int64_t n = 0; n < s.N; ++n) {
+          double sum = with_bias ? Elem<T>::to_float(bias[n]) : 0.0, abs_sum = std::abs(sum);
+          for (int64_t k = 0; k < s.K; ++k) {
+            float wv = w.dense[n * s.K + k];
+            if (tensor_cores) wv = Elem<T>::to_float(Elem<T>::from(wv));
+            const double term = static_cast<double>(Elem<T>::to_float(x[m * s.K + k])) * wv;
+            sum += term;
+            abs_sum += std::abs(term);
+          }
+          wrong += !close(y[m * s.N + n], sum, abs_sum);
+        }
+      }
+      if (wrong != 0) {
+        std::fprintf(stderr, "  %s N=%lld K=%lld M=%d bias=%d: %lld wrong\n", Elem<T>::name,
+                     static_cast<long long>(s.N), static_cast<long long>(s.K), M, with_bias,
+                     static_cast<long long>(wrong));
+      }
+      CHECK_EQ(wrong, 0);
+    }
+  }
+}
+
+// gx = gy W by the backward (gemv_cols: passes of 8 rows of gy, slices of W's rows summed in
+// order), including more slices than kMaxSlices would allow at kRowsPerSlice rows each.
+template <typename T>
+void gemv_cols_matches_float64() {
+  struct Case {
+    LinearShape shape;
+    std::vector<int> ms;
+  };
+  const Case cases[] = {{{37, 64}, {1, 2, 3, 5, 8, 9, 13, 16}},
+                        {{300, 200}, {1, 4, 11}},
+                        {{45, 1024}, {2, 16}},
+                        {{33000, 64}, {2}}};
+  for (const Case& c : cases) {
+    const LinearShape s = c.shape;
+    const Nf4Weight w(random_floats(s.N * s.K, 120 + s.N));
+    for (const int M : c.ms) {
+      GuardedBuffer<T> gy(M * s.N), gx(M * s.K);
+      copy_as(random_floats(M * s.N, 130 + M), gy);
+      GuardedBuffer<float> partial(cuda::cols_slices(s.N).slices * M * s.K);
+      cuda::gemv_cols<T>(w.view(), s.N, s.K, gy.data(), M, gx.data(), partial.data(), nullptr);
+      int64_t wrong = 0;
+      for (int m = 0; m < M; ++m) {
+        for (int64_t k = 0; k < s.K; ++k) {
+          double sum = 0.0, abs_sum = 0.0;
+          for (int64_t n = 0; n < s.N; ++n) {
+            const double term =
+                static_cast<double>(Elem<T>::to_float(gy[m * s.N + n])) * w.dense[n * s.K + k];
+            sum += term;
+            abs_sum += std::abs(term);
+          }
+          wrong += !close(gx[m * s.K + k], sum, abs_sum);
+        }
+      }
+      if (wrong != 0) {
+        std::fprintf(stderr, "  %s N=%lld K=%lld M=%d: %lld wrong\n", Elem<T>::name,
+                     static_cast<long long>(s.N), static_cast<long long>(s.K), M,
+                     static_cast<long long>(wrong));
+      }
+      CHECK_EQ(wrong, 0);
+    }
+  }
+}
+
+template <typename T>
+void run(const char* what, void (*f)()) {
+  const int before = test::failures();
+  f();
+  std::printf("%-6s %-8s %s\n", test::failures() == before ? "ok" : "FAIL", Elem<T>::name, what);
+}
+
+template <typename T>
+void run_all() {
+  run<T>("quantize: the CPU cores' bytes", quantize_matches_cpu<T>);
+  run<T>("dequantize: the CPU cores' values", dequantize_matches_cpu<T>);
+  run<T>("dequantize tiles: slices of the weight", dequantize_tiles_match_slices<T>);
+  run<T>("gemv_rows (forward): float64 product", gemv_rows_matches_float64<T, false>);
+  if constexpr (!std::is_same_v<T, float>) {
+    run<T>("gemv_rows_mma (tensor cores): float64 product", gemv_rows_matches_float64<T, true>);
+  }
+  run<T>("gemv_cols (backward): float64 product", gemv_cols_matches_float64<T>);
+}
+
+}  // namespace
+
+int main() {
+  // The fault handler runs on a stack of its own: a fault may come from an exhausted thread stack.
+  static std::vector<char> handler_stack(1 << 16);
+  stack_t ss{};
+  ss.ss_sp = handler_stack.data();
+  ss.ss_size = handler_stack.size();
+  sigaltstack(&ss, nullptr);
+  struct sigaction sa {};
+  sa.sa_handler = on_fault;
+  sa.sa_flags = SA_ONSTACK;
+  sigaction(SIGSEGV, &sa, nullptr);
+  sigaction(SIGBUS, &sa, nullptr);
+  run_all<float>();
+  run_all<__nv_bfloat16>();
+  run_all<__half>();
+  std::printf("%d failure(s)\n", test::failures());
+  return test::failures() == 0 ? 0 : 1;
+}
