@@ -209,6 +209,26 @@ void quantize_matches_cpu() {
   }
 }
 
+// A NaN or Inf weight makes the offset non-finite, which is how the op detects it (one value
+// read back instead of a scan of the weight).
+template <typename T>
+void quantize_flags_non_finite() {
+  const int64_t nblocks = 300;
+  for (const float bad : {NAN, INFINITY, -INFINITY}) {
+    std::vector<T> w = random_weights<T>(nblocks * kBlockSize, 11);
+    w[299 * kBlockSize + 5] = Elem<T>::from(bad);
+    GuardedBuffer<T> dw(nblocks * kBlockSize);
+    std::memcpy(static_cast<void*>(dw.data()), w.data(), w.size() * sizeof(T));
+    GuardedBuffer<uint8_t> packed(nblocks * kBlockSize / 2), codes(nblocks);
+    GuardedBuffer<float> absmax(nblocks), scales(2), offset(1);
+    GuardedBuffer<double> sums(2);
+    cuda::launch_quantize<T>(dw.data(), nblocks, reinterpret_cast<uint32_t*>(packed.data()),
+                             absmax.data(), sums.data(), offset.data(), codes.data(), scales.data(),
+                             nullptr);
+    CHECK(!std::isfinite(offset[0]));
+  }
+}
+
 // Dequantize (the whole weight as one row, as the op does) gives the CPU cores' values exactly.
 template <typename T>
 void dequantize_matches_cpu() {
@@ -267,7 +287,8 @@ struct LinearShape {
 // rounded to T before the product, as its registers hold them).
 template <typename T, bool tensor_cores>
 void gemv_rows_matches_float64() {
-  const LinearShape shapes[] = {{37, 64}, {45, 200}, {33, 576}};
+  // one row; one word per row (K = 8: a single lane works); odd N; 9 blocks of K for 8 warps
+  const LinearShape shapes[] = {{1, 64}, {8, 8}, {37, 64}, {45, 200}, {33, 576}};
   for (const LinearShape s : shapes) {
     if (tensor_cores && s.K % kBlockSize != 0) continue;
     const Nf4Weight w(random_floats(s.N * s.K, 80 + s.N));
@@ -314,7 +335,9 @@ void gemv_cols_matches_float64() {
     LinearShape shape;
     std::vector<int> ms;
   };
-  const Case cases[] = {{{37, 64}, {1, 2, 3, 5, 8, 9, 13, 16}},
+  const Case cases[] = {{{1, 64}, {1, 3}},
+                        {{8, 8}, {2, 16}},
+                        {{37, 64}, {1, 2, 3, 5, 8, 9, 13, 16}},
                         {{300, 200}, {1, 4, 11}},
                         {{45, 1024}, {2, 16}},
                         {{33000, 64}, {2}}};
@@ -359,6 +382,7 @@ void run(const char* what, void (*f)()) {
 template <typename T>
 void run_all() {
   run<T>("quantize: the CPU cores' bytes", quantize_matches_cpu<T>);
+  run<T>("quantize: a NaN or Inf weight gives a non-finite offset", quantize_flags_non_finite<T>);
   run<T>("dequantize: the CPU cores' values", dequantize_matches_cpu<T>);
   run<T>("dequantize tiles: slices of the weight", dequantize_tiles_match_slices<T>);
   run<T>("gemv_rows (forward): float64 product", gemv_rows_matches_float64<T, false>);
