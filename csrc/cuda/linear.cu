@@ -7,8 +7,9 @@
 // mma_min_rows() rows (in_features % 64 == 0, sm_80+) runs on tensor cores: W decoded to x's type
 // in registers, mma.m16n8k16 against up to 16 rows of x. A float32 FMA per weight and row of x
 // would cost more than reading the weight once M reaches a few rows; the tensor cores do not.
-// Fewer rows, float32 x and the backward use CUDA-core kernels, one 32-bit word (8 weights) per
-// lane and step.
+// Fewer rows, float32 x and the backward use CUDA-core kernels: the forward reads 16 bytes of codes
+// (32 weights) per lane and step where in_features % 32 == 0, else one 32-bit word (8 weights), as
+// does the backward.
 // M > 16 rows (compute-bound): W is decoded a half to a quarter at a time into a workspace of x's
 // dtype and multiplied by cuBLAS (at::mm_out into the matching slice of the output); no whole
 // dense W (see large_m_tiles).
