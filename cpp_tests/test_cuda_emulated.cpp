@@ -288,8 +288,9 @@ struct LinearShape {
 // rounded to T before the product, as its registers hold them).
 template <typename T, bool tensor_cores>
 void gemv_rows_matches_float64() {
-  // one row; one word per row (K = 8: a single lane works); odd N; 9 blocks of K for 8 warps
-  const LinearShape shapes[] = {{1, 64}, {8, 8}, {37, 64}, {45, 200}, {33, 576}};
+  // one row; one word per row (K = 8: a single lane works); odd N; fewer NF4 blocks along K than
+  // the tensor-core kernel's 16 warps (9), and more (40: each warp prefetches its next block)
+  const LinearShape shapes[] = {{1, 64}, {8, 8}, {37, 64}, {45, 200}, {33, 576}, {19, 2560}};
   for (const LinearShape s : shapes) {
     if (tensor_cores && s.K % kBlockSize != 0) continue;
     const Nf4Weight w(random_floats(s.N * s.K, 80 + s.N));

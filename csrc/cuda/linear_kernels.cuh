@@ -19,7 +19,10 @@ constexpr int64_t kRowsPerSlice = 128; // rows of W one backward thread walks be
 constexpr int64_t kMaxSlices = 256;    // more rows per slice beyond this: the partial sums' buffer
                                        // stays at most 256 x M x K floats (64 MB at M 16, K 4096)
 constexpr int kMmaRows = 32;           // rows of W per CTA of the tensor-core kernel (two A tiles)
-constexpr int kMmaWarps = 8;           // its warps, which split the reduction (every 8th block)
+// Its warps, which split the reduction (every 16th NF4 block each): at N = 4096 the kernel has 128
+// CTAs, one per SM, so the loads in flight per SM (which set the speed at small M) are those of one
+// CTA's warps; 16 keep twice the bytes in flight of 8. Untuned: no GPU measured yet.
+constexpr int kMmaWarps = 16;
 
 // ---- kernels --------------------------------------------------------------------------------
 
