@@ -283,9 +283,9 @@ struct LinearShape {
 };
 
 // y = x W^T (+ bias) by the CUDA-core forward (gemv_rows: every MAXM instantiation, 16-byte steps
-// of codes where K % 32 == 0, 4-byte ones for K = 8 and 200) and, for
-// bf16/fp16 with K % 64 == 0, by the tensor-core one (launch_gemv_rows_mma, whose weights are
-// rounded to T before the product, as its registers hold them).
+// of codes where K % 32 == 0, 4-byte ones for K = 8 and 200) and, for bf16/fp16 with K % 64 == 0,
+// by the tensor-core one (launch_gemv_rows_mma, whose weights are rounded to T before the product,
+// as its registers hold them).
 template <typename T, bool tensor_cores>
 void gemv_rows_matches_float64() {
   // one row; one word per row (K = 8: a single lane works); odd N; fewer NF4 blocks along K than
