@@ -56,8 +56,11 @@ __device__ __forceinline__ void store_warp_sums(const float (&acc)[MAXM], int la
 }
 
 // y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for m < M <= MAXM, K % 8 == 0: one warp per row n
-// of W, one 32-bit word of codes (8 weights) per lane and step.
-template <typename T, int MAXM>
+// of W, one 32-bit word of codes (8 weights) per lane and step; with kWide (K % 32 == 0, 16-byte
+// aligned codes) 16 bytes of codes (32 weights, half an NF4 block, one absmax) per lane and step.
+// A GPU keeps only so many loads in flight per SM, and at M = 1 the bytes in flight set the speed:
+// 16-byte loads carry four times those of 4-byte ones.
+template <typename T, int MAXM, bool kWide>
 __global__ void gemv_rows_kernel(Nf4View w, int64_t N, int64_t K, const T* __restrict__ x, int M,
                                  const T* __restrict__ bias, T* __restrict__ y) {
   __shared__ CodeTables tables;
@@ -66,41 +69,28 @@ __global__ void gemv_rows_kernel(Nf4View w, int64_t N, int64_t K, const T* __res
   const int64_t n = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (n >= N) return;  // whole warps leave together
-  const uint32_t* words = reinterpret_cast<const uint32_t*>(w.packed);
   float acc[MAXM] = {};
-  for (int64_t k = lane * 8; k < K; k += kWarp * 8) {
-    const int64_t e = n * K + k;
-    float wv[8];
-    decode8(words[e / 8], block_absmax(w, e / kBlockSize, tables), tables.nf4, wv);
-    accumulate8<T, MAXM>(acc, wv, x, K, k, M);
-  }
-  store_warp_sums<T, MAXM>(acc, lane, n, N, M, bias, y);
-}
-
-// The same for K % 32 == 0 and 16-byte aligned codes: 16 bytes of codes (32 weights, half an NF4
-// block, one absmax) per lane and step. A GPU keeps only so many loads in flight per SM, and at
-// M = 1 the bytes in flight set the speed: 16-byte loads carry four times those of 4-byte ones.
-template <typename T, int MAXM>
-__global__ void gemv_rows_wide_kernel(Nf4View w, int64_t N, int64_t K, const T* __restrict__ x,
-                                      int M, const T* __restrict__ bias, T* __restrict__ y) {
-  __shared__ CodeTables tables;
-  load_tables<false>(tables);
-  __syncthreads();
-  const int64_t n = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (n >= N) return;  // whole warps leave together
-  const uint4* chunks = reinterpret_cast<const uint4*>(w.packed + n * K / 2);  // row n's codes
-  float acc[MAXM] = {};
+  if constexpr (kWide) {
+    const uint4* chunks = reinterpret_cast<const uint4*>(w.packed + n * K / 2);  // row n's codes
 #pragma unroll 2
-  for (int64_t c = lane; c < K / 32; c += kWarp) {
-    const uint4 q = chunks[c];
-    const float absmax = block_absmax(w, (n * K + c * 32) / kBlockSize, tables);
-    const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+    for (int64_t c = lane; c < K / 32; c += kWarp) {
+      const uint4 q = chunks[c];
+      const float absmax = block_absmax(w, (n * K + c * 32) / kBlockSize, tables);
+      const uint32_t words[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < 4; ++i) {
+        float wv[8];
+        decode8(words[i], absmax, tables.nf4, wv);
+        accumulate8<T, MAXM>(acc, wv, x, K, c * 32 + i * 8, M);
+      }
+    }
+  } else {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(w.packed);
+    for (int64_t k = lane * 8; k < K; k += kWarp * 8) {
+      const int64_t e = n * K + k;
       float wv[8];
-      decode8(words[i], absmax, tables.nf4, wv);
-      accumulate8<T, MAXM>(acc, wv, x, K, c * 32 + i * 8, M);
+      decode8(words[e / 8], block_absmax(w, e / kBlockSize, tables), tables.nf4, wv);
+      accumulate8<T, MAXM>(acc, wv, x, K, k, M);
     }
   }
   store_warp_sums<T, MAXM>(acc, lane, n, N, M, bias, y);
@@ -328,7 +318,7 @@ template <typename T, int MAXM>
 void launch_gemv_rows(const Nf4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias,
                       T* y, cudaStream_t stream) {
   const bool wide = K % 32 == 0 && reinterpret_cast<uintptr_t>(w.packed) % 16 == 0;
-  const auto kernel = wide ? gemv_rows_wide_kernel<T, MAXM> : gemv_rows_kernel<T, MAXM>;
+  const auto kernel = wide ? gemv_rows_kernel<T, MAXM, true> : gemv_rows_kernel<T, MAXM, false>;
   launch(kernel, ceil_div(N * kWarp, kLinearThreads), kLinearThreads, stream, w, N, K, x, M, bias,
          y);
 }
