@@ -2,6 +2,7 @@
 // program runs its cases for every CPU kernel table available and exits non-zero on any failure.
 #pragma once
 
+#include <algorithm>
 #include <cstdio>
 #include <functional>
 #include <string>
@@ -34,6 +35,18 @@ inline int& failures() {
       ++::qlora::test::failures();                                                    \
     }                                                                                 \
   } while (0)
+
+// Double quantization of the `nblocks` absmax values of a weight with the CPU cores, as the
+// quantize op does: their mean (`offset`), 8-bit codes, one scale per group of 256 (`scales`).
+inline void double_quantize(const float* absmax, int64_t nblocks, float* offset, uint8_t* codes,
+                            float* scales) {
+  *offset = cpu::absmax_mean(absmax, nblocks);
+  for (int64_t g = 0; g * kScalerBlockSize < nblocks; ++g) {
+    const int64_t first = g * kScalerBlockSize;
+    const int64_t count = std::min(kScalerBlockSize, nblocks - first);
+    scales[g] = cpu::quantize_absmax_group(absmax + first, count, *offset, codes + first);
+  }
+}
 
 struct Case {
   const char* name;

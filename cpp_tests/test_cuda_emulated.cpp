@@ -139,13 +139,7 @@ struct Nf4Weight {
     std::vector<float> absmax(nblocks);
     cpu::portable_kernels().quantize_blocks(w.data(), cpu::DType::kFloat32, 0, nblocks,
                                              packed.data(), absmax.data());
-    offset[0] = cpu::absmax_mean(absmax.data(), nblocks);
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t first = g * kScalerBlockSize;
-      scales[g] = cpu::quantize_absmax_group(absmax.data() + first,
-                                             std::min(kScalerBlockSize, nblocks - first),
-                                             offset[0], codes.data() + first);
-    }
+    test::double_quantize(absmax.data(), nblocks, offset.data(), codes.data(), scales.data());
     cpu::decode_range_f32(view(), 0, numel, dense.data());
   }
   Nf4View view() const { return {packed.data(), codes.data(), scales.data(), offset.data()}; }
@@ -192,18 +186,14 @@ void quantize_matches_cpu() {
                              nullptr);
 
     std::vector<uint8_t> ref_packed(nblocks * kBlockSize / 2), ref_codes(nblocks);
-    std::vector<float> ref_absmax(nblocks);
+    std::vector<float> ref_absmax(nblocks), ref_scales(groups);
+    float ref_offset;
     cpu::portable_kernels().quantize_blocks(w.data(), Elem<T>::dtype, 0, nblocks,
                                              ref_packed.data(), ref_absmax.data());
-    const float ref_offset = cpu::absmax_mean(ref_absmax.data(), nblocks);
+    test::double_quantize(ref_absmax.data(), nblocks, &ref_offset, ref_codes.data(),
+                          ref_scales.data());
     CHECK(same_bits(offset[0], ref_offset));
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t first = g * kScalerBlockSize;
-      const float scale = cpu::quantize_absmax_group(
-          ref_absmax.data() + first, std::min(kScalerBlockSize, nblocks - first), ref_offset,
-          ref_codes.data() + first);
-      CHECK(same_bits(scales[g], scale));
-    }
+    for (int64_t g = 0; g < groups; ++g) CHECK(same_bits(scales[g], ref_scales[g]));
     CHECK(std::memcmp(packed.data(), ref_packed.data(), ref_packed.size()) == 0);
     CHECK(std::memcmp(codes.data(), ref_codes.data(), ref_codes.size()) == 0);
   }

@@ -28,12 +28,9 @@ struct Weight {
     for (float& v : w) v = dist(rng);
     packed.resize(N * K / 2);
     portable_kernels().quantize_blocks(w.data(), DType::kFloat32, 0, nblocks, packed.data(), absmax.data());
-    offset = absmax_mean(absmax.data(), nblocks);
     codes.resize(nblocks);
-    for (int64_t g = 0; g * kScalerBlockSize < nblocks; ++g) {
-      const int64_t first = g * kScalerBlockSize;
-      scales.push_back(quantize_absmax_group(absmax.data() + first, std::min(kScalerBlockSize, nblocks - first), offset, codes.data() + first));
-    }
+    scales.resize((nblocks + kScalerBlockSize - 1) / kScalerBlockSize);
+    test::double_quantize(absmax.data(), nblocks, &offset, codes.data(), scales.data());
     dense.resize(N * K);
     decode_range_f32(view(), 0, N * K, dense.data());
   }
