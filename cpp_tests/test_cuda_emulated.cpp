@@ -4,6 +4,9 @@
 // float32 rounding. Every buffer ends at a guard page, so a read or write past its end stops the
 // test with the kernel, block and thread that made it. What a GPU adds (timing, memory ordering,
 // the hardware's rounding inside mma) is bench/gpu_check.sh's job.
+//
+//   test_cuda_emulated               the fixed cases (ctest)
+//   test_cuda_emulated --random S    60 random shapes from seed S (about 40 s on 2 cores)
 #include "cuda_emulator.h"  // first: it defines what the kernel headers expect from nvcc
 
 #include <signal.h>
@@ -237,45 +240,90 @@ void dequantize_matches_cpu() {
 // The tiles the large-M linear path decodes (rows of W for the forward, columns for the backward,
 // tile_extent apart), and tiles whose columns are not whole 8-weight words (the scalar kernel):
 // each equals its slice of the decoded weight.
+struct LinearShape {
+  int64_t N, K;
+};
+
+void report(const char* what, const char* dtype, LinearShape s, int64_t a, int64_t b,
+            int64_t wrong) {
+  if (wrong == 0) return;
+  std::fprintf(stderr, "  %s %s N=%lld K=%lld (%lld, %lld): %lld wrong\n", what, dtype,
+               static_cast<long long>(s.N), static_cast<long long>(s.K), static_cast<long long>(a),
+               static_cast<long long>(b), static_cast<long long>(wrong));
+}
+
+// Rows [row0, row0 + rows) x columns [col0, col0 + cols) of W decoded to T equal that slice of
+// the decoded weight.
+template <typename T>
+void check_tile(const Nf4Weight& w, LinearShape s, int64_t row0, int64_t rows, int64_t col0,
+                int64_t cols) {
+  GuardedBuffer<T> out(rows * cols);
+  cuda::launch_dequantize_tile<T>(w.view(), s.K, row0, rows, col0, cols, out.data(), nullptr);
+  int64_t wrong = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const T want = Elem<T>::from(w.dense[(row0 + r) * s.K + col0 + c]);
+      wrong += !same_bits(out[r * cols + c], want);
+    }
+  }
+  report("tile at (row, col)", Elem<T>::name, s, row0, col0, wrong);
+  CHECK_EQ(wrong, 0);
+}
+
 template <typename T>
 void dequantize_tiles_match_slices() {
-  struct Shape {
-    int64_t N, K;
-  };
-  for (const Shape s : {Shape{40, 64}, Shape{130, 200}, Shape{16, 36}, Shape{9, 512}}) {
+  for (const LinearShape s : {LinearShape{40, 64}, {130, 200}, {16, 36}, {9, 512}}) {
     const Nf4Weight w(random_floats(s.N * s.K, 60 + s.N));
-    auto check_tile = [&](int64_t row0, int64_t rows, int64_t col0, int64_t cols) {
-      GuardedBuffer<T> out(rows * cols);
-      cuda::launch_dequantize_tile<T>(w.view(), s.K, row0, rows, col0, cols, out.data(), nullptr);
-      int64_t wrong = 0;
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t c = 0; c < cols; ++c) {
-          const T want = Elem<T>::from(w.dense[(row0 + r) * s.K + col0 + c]);
-          wrong += !same_bits(out[r * cols + c], want);
-        }
-      }
-      CHECK_EQ(wrong, 0);
-    };
     for (const int64_t tiles : {2, 3, 4}) {
       const int64_t rows = cuda::tile_extent(s.N, tiles);
-      for (int64_t n0 = 0; n0 < s.N; n0 += rows) check_tile(n0, std::min(rows, s.N - n0), 0, s.K);
+      for (int64_t n0 = 0; n0 < s.N; n0 += rows) {
+        check_tile<T>(w, s, n0, std::min(rows, s.N - n0), 0, s.K);
+      }
       const int64_t cols = cuda::tile_extent(s.K, tiles);
-      for (int64_t k0 = 0; k0 < s.K; k0 += cols) check_tile(0, s.N, k0, std::min(cols, s.K - k0));
+      for (int64_t k0 = 0; k0 < s.K; k0 += cols) {
+        check_tile<T>(w, s, 0, s.N, k0, std::min(cols, s.K - k0));
+      }
     }
-    check_tile(1, s.N - 2, 3, s.K - 5);  // odd columns: one thread per weight
+    check_tile<T>(w, s, 1, s.N - 2, 3, s.K - 5);  // odd columns: one thread per weight
   }
 }
 
 // ---- linear -----------------------------------------------------------------------------------
 
-struct LinearShape {
-  int64_t N, K;
-};
-
 // y = x W^T (+ bias) by the CUDA-core forward (gemv_rows: every MAXM instantiation, 16-byte steps
 // of codes where K % 32 == 0, 4-byte ones for K = 8 and 200) and, for bf16/fp16 with K % 64 == 0,
 // by the tensor-core one (launch_gemv_rows_mma, whose weights are rounded to T before the product,
 // as its registers hold them).
+template <typename T, bool tensor_cores>
+void check_forward(const Nf4Weight& w, LinearShape s, int M, bool with_bias, unsigned seed) {
+  GuardedBuffer<T> x(M * s.K), bias(s.N), y(M * s.N);
+  copy_as(random_floats(M * s.K, seed), x);
+  copy_as(random_floats(s.N, seed + 1), bias);
+  const T* b = with_bias ? bias.data() : nullptr;
+  if constexpr (tensor_cores) {
+    cuda::launch_gemv_rows_mma<T>(w.view(), s.N, s.K, x.data(), M, b, y.data(), nullptr);
+  } else {
+    cuda::gemv_rows<T>(w.view(), s.N, s.K, x.data(), M, b, y.data(), nullptr);
+  }
+  int64_t wrong = 0;
+  for (int m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < s.N; ++n) {
+      double sum = with_bias ? Elem<T>::to_float(bias[n]) : 0.0, abs_sum = std::abs(sum);
+      for (int64_t k = 0; k < s.K; ++k) {
+        float wv = w.dense[n * s.K + k];
+        if (tensor_cores) wv = Elem<T>::to_float(Elem<T>::from(wv));
+        const double term = static_cast<double>(Elem<T>::to_float(x[m * s.K + k])) * wv;
+        sum += term;
+        abs_sum += std::abs(term);
+      }
+      wrong += !close(y[m * s.N + n], sum, abs_sum);
+    }
+  }
+  report(tensor_cores ? "forward on tensor cores (M, bias)" : "forward (M, bias)", Elem<T>::name,
+         s, M, with_bias, wrong);
+  CHECK_EQ(wrong, 0);
+}
+
 template <typename T, bool tensor_cores>
 void gemv_rows_matches_float64() {
   // one row; one word per row (K = 8: a single lane works); odd N; fewer NF4 blocks along K than
@@ -285,42 +333,36 @@ void gemv_rows_matches_float64() {
     if (tensor_cores && s.K % kBlockSize != 0) continue;
     const Nf4Weight w(random_floats(s.N * s.K, 80 + s.N));
     for (const int M : {1, 2, 3, 4, 5, 8, 9, 12, 16}) {
-      const bool with_bias = M % 2 == 1;
-      GuardedBuffer<T> x(M * s.K), bias(s.N), y(M * s.N);
-      copy_as(random_floats(M * s.K, 90 + M), x);
-      copy_as(random_floats(s.N, 95 + M), bias);
-      const T* b = with_bias ? bias.data() : nullptr;
-      if constexpr (tensor_cores) {
-        cuda::launch_gemv_rows_mma<T>(w.view(), s.N, s.K, x.data(), M, b, y.data(), nullptr);
-      } else {
-        cuda::gemv_rows<T>(w.view(), s.N, s.K, x.data(), M, b, y.data(), nullptr);
-      }
-      int64_t wrong = 0;
-      for (int m = 0; m < M; ++m) {
-        for (int64_t n = 0; n < s.N; ++n) {
-          double sum = with_bias ? Elem<T>::to_float(bias[n]) : 0.0, abs_sum = std::abs(sum);
-          for (int64_t k = 0; k < s.K; ++k) {
-            float wv = w.dense[n * s.K + k];
-            if (tensor_cores) wv = Elem<T>::to_float(Elem<T>::from(wv));
-            const double term = static_cast<double>(Elem<T>::to_float(x[m * s.K + k])) * wv;
-            sum += term;
-            abs_sum += std::abs(term);
-          }
-          wrong += !close(y[m * s.N + n], sum, abs_sum);
-        }
-      }
-      if (wrong != 0) {
-        std::fprintf(stderr, "  %s N=%lld K=%lld M=%d bias=%d: %lld wrong\n", Elem<T>::name,
-                     static_cast<long long>(s.N), static_cast<long long>(s.K), M, with_bias,
-                     static_cast<long long>(wrong));
-      }
-      CHECK_EQ(wrong, 0);
+      check_forward<T, tensor_cores>(w, s, M, M % 2 == 1, 90 + M);
     }
   }
 }
 
 // gx = gy W by the backward (gemv_cols: passes of 8 rows of gy, slices of W's rows summed in
 // order), including more slices than kMaxSlices would allow at kRowsPerSlice rows each.
+template <typename T>
+void check_backward(const Nf4Weight& w, LinearShape s, int M, unsigned seed) {
+  GuardedBuffer<T> gy(M * s.N), gx(M * s.K);
+  copy_as(random_floats(M * s.N, seed), gy);
+  GuardedBuffer<float> partial(cuda::cols_slices(s.N).slices * M * s.K);
+  cuda::gemv_cols<T>(w.view(), s.N, s.K, gy.data(), M, gx.data(), partial.data(), nullptr);
+  int64_t wrong = 0;
+  for (int m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < s.K; ++k) {
+      double sum = 0.0, abs_sum = 0.0;
+      for (int64_t n = 0; n < s.N; ++n) {
+        const double term =
+            static_cast<double>(Elem<T>::to_float(gy[m * s.N + n])) * w.dense[n * s.K + k];
+        sum += term;
+        abs_sum += std::abs(term);
+      }
+      wrong += !close(gx[m * s.K + k], sum, abs_sum);
+    }
+  }
+  report("backward (M, -)", Elem<T>::name, s, M, 0, wrong);
+  CHECK_EQ(wrong, 0);
+}
+
 template <typename T>
 void gemv_cols_matches_float64() {
   struct Case {
@@ -334,33 +376,35 @@ void gemv_cols_matches_float64() {
                         {{45, 1024}, {2, 16}},
                         {{33000, 64}, {2}}};
   for (const Case& c : cases) {
-    const LinearShape s = c.shape;
-    const Nf4Weight w(random_floats(s.N * s.K, 120 + s.N));
-    for (const int M : c.ms) {
-      GuardedBuffer<T> gy(M * s.N), gx(M * s.K);
-      copy_as(random_floats(M * s.N, 130 + M), gy);
-      GuardedBuffer<float> partial(cuda::cols_slices(s.N).slices * M * s.K);
-      cuda::gemv_cols<T>(w.view(), s.N, s.K, gy.data(), M, gx.data(), partial.data(), nullptr);
-      int64_t wrong = 0;
-      for (int m = 0; m < M; ++m) {
-        for (int64_t k = 0; k < s.K; ++k) {
-          double sum = 0.0, abs_sum = 0.0;
-          for (int64_t n = 0; n < s.N; ++n) {
-            const double term =
-                static_cast<double>(Elem<T>::to_float(gy[m * s.N + n])) * w.dense[n * s.K + k];
-            sum += term;
-            abs_sum += std::abs(term);
-          }
-          wrong += !close(gx[m * s.K + k], sum, abs_sum);
-        }
+    const Nf4Weight w(random_floats(c.shape.N * c.shape.K, 120 + c.shape.N));
+    for (const int M : c.ms) check_backward<T>(w, c.shape, M, 130 + M);
+  }
+}
+
+// `count` random cases from `seed`: a shape (N * K a multiple of 64, K a multiple of 8), then a
+// tile, the forward (and on tensor cores where K % 64 == 0) and the backward at a random M.
+template <typename T>
+void random_cases(int count, unsigned seed) {
+  std::mt19937 rng(seed);
+  auto uniform = [&](int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+  };
+  for (int i = 0; i < count; ++i) {
+    LinearShape s;
+    do {
+      s = {uniform(1, 400), 8 * uniform(1, 200)};
+    } while ((s.N * s.K) % kBlockSize != 0);
+    const Nf4Weight w(random_floats(s.N * s.K, static_cast<unsigned>(rng())));
+    const int64_t row0 = uniform(0, s.N - 1), col0 = uniform(0, s.K - 1);
+    check_tile<T>(w, s, row0, uniform(1, s.N - row0), col0, uniform(1, s.K - col0));
+    const int M = static_cast<int>(uniform(1, cuda::kMaxFusedRows));
+    check_forward<T, false>(w, s, M, uniform(0, 1) == 1, static_cast<unsigned>(rng()));
+    if constexpr (!std::is_same_v<T, float>) {
+      if (s.K % kBlockSize == 0) {
+        check_forward<T, true>(w, s, M, uniform(0, 1) == 1, static_cast<unsigned>(rng()));
       }
-      if (wrong != 0) {
-        std::fprintf(stderr, "  %s N=%lld K=%lld M=%d: %lld wrong\n", Elem<T>::name,
-                     static_cast<long long>(s.N), static_cast<long long>(s.K), M,
-                     static_cast<long long>(wrong));
-      }
-      CHECK_EQ(wrong, 0);
     }
+    check_backward<T>(w, s, M, static_cast<unsigned>(rng()));
   }
 }
 
@@ -386,7 +430,7 @@ void run_all() {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   // The fault handler runs on a stack of its own: a fault may come from an exhausted thread stack.
   static std::vector<char> handler_stack(1 << 16);
   stack_t ss{};
@@ -398,9 +442,16 @@ int main() {
   sa.sa_flags = SA_ONSTACK;
   sigaction(SIGSEGV, &sa, nullptr);
   sigaction(SIGBUS, &sa, nullptr);
-  run_all<float>();
-  run_all<__nv_bfloat16>();
-  run_all<__half>();
+  if (argc == 3 && std::strcmp(argv[1], "--random") == 0) {  // --random SEED: more cases, any time
+    const unsigned seed = static_cast<unsigned>(std::strtoul(argv[2], nullptr, 10));
+    random_cases<float>(20, seed);
+    random_cases<__nv_bfloat16>(20, seed + 1);
+    random_cases<__half>(20, seed + 2);
+  } else {
+    run_all<float>();
+    run_all<__nv_bfloat16>();
+    run_all<__half>();
+  }
   std::printf("%d failure(s)\n", test::failures());
   return test::failures() == 0 ? 0 : 1;
 }
