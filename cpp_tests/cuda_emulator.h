@@ -217,7 +217,7 @@ void launch_grid(void (*kernel)(P...), dim3 grid, dim3 block, A&&... args) {
                  name.c_str(), grid.x, grid.y, grid.z, block.x, block.y, block.z);
     std::abort();
   }
-  std::tuple<std::decay_t<P>...> values(std::forward<A>(args)...);
+  std::tuple<P...> values(std::forward<A>(args)...);  // as launchers.h converts them
   Block b;
   b.kernel = name;
   b.grid_dim = grid;

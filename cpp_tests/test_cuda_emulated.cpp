@@ -130,7 +130,7 @@ struct Nf4Weight {
   GuardedBuffer<float> scales, offset;
   std::vector<float> dense;
 
-  Nf4Weight(const std::vector<float>& w)
+  explicit Nf4Weight(const std::vector<float>& w)
       : numel(static_cast<int64_t>(w.size())),
         nblocks(numel / kBlockSize),
         groups((nblocks + kScalerBlockSize - 1) / kScalerBlockSize),
