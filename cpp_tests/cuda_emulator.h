@@ -12,9 +12,18 @@
 // `__shared__` variables are function statics (one block at a time), and a barrier that some
 // threads never reach, or a full-warp collective after some lanes exited, is reported as an error
 // instead of hanging. Memory is plain host memory: the tests put guard pages after each buffer.
-// Not modelled: timing, memory ordering between threads (no races can happen here), the hardware's
-// exact rounding inside mma (the products are exact; they and the accumulator are summed in
-// double, then rounded once to float).
+//
+// Races: between two switch points a thread runs alone, so a race shows as a dependence on the
+// order the scheduler picks. `schedule()` sets it: in order, or reversed (the threads of each
+// block, and the blocks of each grid, in reverse), which flips the order of every pair of threads
+// that meet between barriers, and of every pair of blocks; a kernel whose results differ between
+// the two reads shared memory another thread writes without a barrier between them (or writes it
+// twice), or depends on another block of its grid. And shared memory is filled with 0xff bytes (NaN
+// in every float type) before each block, so a read of shared memory that no thread of the block
+// wrote finds NaN, not the previous block's values.
+// Not modelled: timing, the hardware's exact rounding inside mma (the products are exact; they
+// and the accumulator are summed in double, then rounded once to float), and races in which a
+// thread spins on another's writes (no kernel here does).
 #pragma once
 
 #define QLORA_CUDA_EMULATION 1
@@ -23,6 +32,8 @@
 #include <cuda_fp16.h>
 #include <cxxabi.h>
 #include <dlfcn.h>
+#include <elf.h>
+#include <link.h>
 #include <driver_types.h>
 #include <ucontext.h>
 #include <vector_types.h>
@@ -59,6 +70,13 @@ namespace qlora::emu {
 
 inline constexpr int kWarpSize = 32;
 inline constexpr size_t kStackBytes = 256 * 1024;
+
+// The order in which threads run between barriers, and blocks run in a grid (see the top).
+enum class Schedule { kInOrder, kReversed };
+inline Schedule& schedule() {
+  static Schedule s = Schedule::kInOrder;
+  return s;
+}
 
 enum class State { kReady, kAtBlockBarrier, kAtWarpBarrier, kDone };
 
@@ -111,6 +129,67 @@ inline Thread& current_thread() {
   return *b->current;
 }
 
+// The `__shared__` variables: the function statics of the kernels (functions of qlora::cuda named
+// *_kernel), found in the executable's symbol table (/proc/self/exe, with the load address from
+// dl_iterate_phdr), since g++ puts no template's statics in a section of our choosing. Empty if
+// the executable is stripped: the test checks that it is not.
+struct SharedVariable {
+  void* address;
+  size_t bytes;
+};
+
+inline std::vector<SharedVariable> find_shared_variables() {
+  std::vector<SharedVariable> found;
+  FILE* f = std::fopen("/proc/self/exe", "rb");
+  if (f == nullptr) return found;
+  std::vector<char> image;
+  char chunk[1 << 16];
+  for (size_t n; (n = std::fread(chunk, 1, sizeof chunk, f)) > 0;) {
+    image.insert(image.end(), chunk, chunk + n);
+  }
+  std::fclose(f);
+  if (image.size() < sizeof(Elf64_Ehdr) || std::memcmp(image.data(), ELFMAG, SELFMAG) != 0 ||
+      image[EI_CLASS] != ELFCLASS64) {
+    return found;
+  }
+  uintptr_t load = 0;
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* out) {
+        *static_cast<uintptr_t*>(out) = info->dlpi_addr;  // the first object is the executable
+        return 1;
+      },
+      &load);
+  const auto* eh = reinterpret_cast<const Elf64_Ehdr*>(image.data());
+  const auto* sh = reinterpret_cast<const Elf64_Shdr*>(image.data() + eh->e_shoff);
+  for (int i = 0; i < eh->e_shnum; ++i) {
+    if (sh[i].sh_type != SHT_SYMTAB) continue;
+    const char* strings = image.data() + sh[sh[i].sh_link].sh_offset;
+    const auto* sym = reinterpret_cast<const Elf64_Sym*>(image.data() + sh[i].sh_offset);
+    for (size_t j = 0; j < sh[i].sh_size / sizeof(Elf64_Sym); ++j) {
+      const char* mangled = strings + sym[j].st_name;
+      if (ELF64_ST_TYPE(sym[j].st_info) != STT_OBJECT || sym[j].st_size == 0 ||
+          std::strncmp(mangled, "_ZZN5qlora4cuda", 15) != 0) {  // a static local of qlora::cuda
+        continue;
+      }
+      int status = 0;
+      char* demangled = abi::__cxa_demangle(mangled, nullptr, nullptr, &status);
+      if (status != 0 || demangled == nullptr) continue;
+      const std::string name = demangled;  // "void qlora::cuda::f_kernel<...>(...)::variable"
+      std::free(demangled);
+      const std::string function = name.substr(0, name.find('('));
+      if (function.find("_kernel") == std::string::npos) continue;
+      found.push_back({reinterpret_cast<void*>(load + sym[j].st_value),
+                       static_cast<size_t>(sym[j].st_size)});
+    }
+  }
+  return found;
+}
+
+inline const std::vector<SharedVariable>& shared_variables() {
+  static const std::vector<SharedVariable> variables = find_shared_variables();
+  return variables;
+}
+
 // Gives control back to the scheduler until the barrier this thread waits at completes.
 inline void wait_at(State barrier) {
   Block& b = *running();
@@ -145,9 +224,12 @@ inline void run_block(Block& b) {
     t.context.uc_link = nullptr;
     makecontext(&t.context, thread_entry, 0);
   }
+  for (const SharedVariable& v : shared_variables()) std::memset(v.address, 0xff, v.bytes);
+  const bool reversed = schedule() == Schedule::kReversed;
   for (;;) {
     bool ran = false;
-    for (Thread& t : b.threads) {
+    for (int i = 0; i < nthreads; ++i) {
+      Thread& t = b.threads[reversed ? nthreads - 1 - i : i];
       if (t.state != State::kReady) continue;
       b.current = &t;
       swapcontext(&b.scheduler, &t.context);
@@ -235,13 +317,12 @@ void launch_grid(void (*kernel)(P...), dim3 grid, dim3 block, A&&... args) {
   }
   b.body = [&] { std::apply(kernel, values); };
   running() = &b;
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        b.block_idx = {x, y, z};
-        run_block(b);
-      }
-    }
+  const int64_t nblocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
+  for (int64_t j = 0; j < nblocks; ++j) {
+    const int64_t i = schedule() == Schedule::kReversed ? nblocks - 1 - j : j;
+    b.block_idx = {static_cast<unsigned>(i % grid.x), static_cast<unsigned>(i / grid.x % grid.y),
+                   static_cast<unsigned>(i / (static_cast<int64_t>(grid.x) * grid.y))};
+    run_block(b);
   }
   running() = nullptr;
 }

@@ -2,8 +2,10 @@
 // cuda_emulator.h, against the CPU kernel cores and float64 references: NF4 bytes and dequantized
 // values bit for bit, the small-M linear forward (CUDA cores and tensor cores) and backward within
 // float32 rounding. Every buffer ends at a guard page, so a read or write past its end stops the
-// test with the kernel, block and thread that made it. What a GPU adds (timing, memory ordering,
-// the hardware's rounding inside mma) is bench/gpu_check.sh's job.
+// test with the kernel, block and thread that made it. Every launch runs twice, its threads and
+// blocks in reverse order and in order, and must leave the same bytes both times: a race shows as a
+// difference (cuda_emulator.h). What a GPU adds (timing, the hardware's memory model and its
+// rounding inside mma) is bench/gpu_check.sh's job.
 //
 //   test_cuda_emulated               the fixed cases (ctest)
 //   test_cuda_emulated --random S    60 random shapes from seed S (about 40 s on 2 cores)
@@ -36,15 +38,15 @@ class GuardedBuffer {
  public:
   explicit GuardedBuffer(int64_t n) : n_(n) {
     const int64_t align = std::max<int64_t>(16, 8 * sizeof(T));
-    const int64_t bytes = round_up_to(std::max<int64_t>(n, 1) * sizeof(T), align);
+    bytes_ = round_up_to(std::max<int64_t>(n, 1) * sizeof(T), align);
     const int64_t page = sysconf(_SC_PAGESIZE);
-    map_bytes_ = round_up_to(bytes, page) + page;
+    map_bytes_ = round_up_to(bytes_, page) + page;
     void* p = mmap(nullptr, map_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) std::abort();
     base_ = static_cast<char*>(p);
     if (mprotect(base_ + map_bytes_ - page, page, PROT_NONE) != 0) std::abort();
-    data_ = reinterpret_cast<T*>(base_ + map_bytes_ - page - bytes);
-    std::memset(static_cast<void*>(data_), 0xff, bytes);
+    data_ = reinterpret_cast<T*>(base_ + map_bytes_ - page - bytes_);
+    poison();
   }
   GuardedBuffer(const GuardedBuffer&) = delete;
   GuardedBuffer& operator=(const GuardedBuffer&) = delete;
@@ -55,9 +57,14 @@ class GuardedBuffer {
   int64_t size() const { return n_; }
   T& operator[](int64_t i) { return data_[i]; }
   const T& operator[](int64_t i) const { return data_[i]; }
+  void poison() { std::memset(static_cast<void*>(data_), 0xff, bytes_); }
+  std::vector<uint8_t> bytes() const {
+    const auto* p = reinterpret_cast<const uint8_t*>(data_);
+    return {p, p + bytes_};
+  }
 
  private:
-  int64_t n_, map_bytes_;
+  int64_t n_, bytes_, map_bytes_;
   char* base_;
   T* data_;
 };
@@ -101,6 +108,28 @@ struct Elem<__half> {
   }
   static float to_float(__half v) { return cpu::fp16_to_float(__half_raw(v).x); }
 };
+
+// Runs `launch` twice on `outputs` filled with 0xff bytes: with the emulator's threads and blocks
+// in reverse order, then in order. Both runs must leave the same bytes in every output, or the
+// kernels race (or depend on the order of blocks); the in-order results stay in the buffers.
+template <typename Launch, typename... Buffers>
+void run_in_both_orders(Launch launch, Buffers&... outputs) {
+  emu::schedule() = emu::Schedule::kReversed;
+  (outputs.poison(), ...);
+  launch();
+  const std::vector<std::vector<uint8_t>> reversed = {outputs.bytes()...};
+  emu::schedule() = emu::Schedule::kInOrder;
+  (outputs.poison(), ...);
+  launch();
+  const std::vector<std::vector<uint8_t>> in_order = {outputs.bytes()...};
+  for (size_t i = 0; i < in_order.size(); ++i) {
+    if (in_order[i] != reversed[i]) {
+      std::fprintf(stderr, "  output %zu of %zu differs between the thread orders: a race\n", i + 1,
+                   in_order.size());
+    }
+    CHECK(in_order[i] == reversed[i]);
+  }
+}
 
 template <typename T>
 bool same_bits(const T& a, const T& b) {
@@ -184,9 +213,13 @@ void quantize_matches_cpu() {
     GuardedBuffer<uint8_t> packed(nblocks * kBlockSize / 2), codes(nblocks);
     GuardedBuffer<float> absmax(nblocks), scales(groups), offset(1);
     GuardedBuffer<double> sums(groups);
-    cuda::launch_quantize<T>(dw.data(), nblocks, reinterpret_cast<uint32_t*>(packed.data()),
-                             absmax.data(), sums.data(), offset.data(), codes.data(), scales.data(),
-                             nullptr);
+    run_in_both_orders(
+        [&] {
+          cuda::launch_quantize<T>(dw.data(), nblocks, reinterpret_cast<uint32_t*>(packed.data()),
+                                   absmax.data(), sums.data(), offset.data(), codes.data(),
+                                   scales.data(), nullptr);
+        },
+        packed, absmax, sums, offset, codes, scales);
 
     std::vector<uint8_t> ref_packed(nblocks * kBlockSize / 2), ref_codes(nblocks);
     std::vector<float> ref_absmax(nblocks), ref_scales(groups);
@@ -215,9 +248,13 @@ void quantize_flags_non_finite() {
     GuardedBuffer<uint8_t> packed(nblocks * kBlockSize / 2), codes(nblocks);
     GuardedBuffer<float> absmax(nblocks), scales(2), offset(1);
     GuardedBuffer<double> sums(2);
-    cuda::launch_quantize<T>(dw.data(), nblocks, reinterpret_cast<uint32_t*>(packed.data()),
-                             absmax.data(), sums.data(), offset.data(), codes.data(), scales.data(),
-                             nullptr);
+    run_in_both_orders(
+        [&] {
+          cuda::launch_quantize<T>(dw.data(), nblocks, reinterpret_cast<uint32_t*>(packed.data()),
+                                   absmax.data(), sums.data(), offset.data(), codes.data(),
+                                   scales.data(), nullptr);
+        },
+        packed, absmax, sums, offset, codes, scales);
     CHECK(!std::isfinite(offset[0]));
   }
 }
@@ -228,7 +265,11 @@ void dequantize_matches_cpu() {
   for (const int64_t nblocks : {1, 7, 300, 513}) {
     const Nf4Weight w(random_floats(nblocks * kBlockSize, 40 + nblocks));
     GuardedBuffer<T> out(w.numel);
-    cuda::launch_dequantize_tile<T>(w.view(), w.numel, 0, 1, 0, w.numel, out.data(), nullptr);
+    run_in_both_orders(
+        [&] {
+          cuda::launch_dequantize_tile<T>(w.view(), w.numel, 0, 1, 0, w.numel, out.data(), nullptr);
+        },
+        out);
     std::vector<T> ref(w.numel);
     cpu::portable_kernels().dequantize_blocks(w.view(), 0, nblocks, ref.data(), Elem<T>::dtype);
     int64_t wrong = 0;
@@ -258,7 +299,11 @@ template <typename T>
 void check_tile(const Nf4Weight& w, LinearShape s, int64_t row0, int64_t rows, int64_t col0,
                 int64_t cols) {
   GuardedBuffer<T> out(rows * cols);
-  cuda::launch_dequantize_tile<T>(w.view(), s.K, row0, rows, col0, cols, out.data(), nullptr);
+  run_in_both_orders(
+      [&] {
+        cuda::launch_dequantize_tile<T>(w.view(), s.K, row0, rows, col0, cols, out.data(), nullptr);
+      },
+      out);
   int64_t wrong = 0;
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < cols; ++c) {
@@ -300,11 +345,15 @@ void check_forward(const Nf4Weight& w, LinearShape s, int M, bool with_bias, uns
   copy_as(random_floats(M * s.K, seed), x);
   copy_as(random_floats(s.N, seed + 1), bias);
   const T* b = with_bias ? bias.data() : nullptr;
-  if constexpr (tensor_cores) {
-    cuda::launch_gemv_rows_mma<T>(w.view(), s.N, s.K, x.data(), M, b, y.data(), nullptr);
-  } else {
-    cuda::gemv_rows<T>(w.view(), s.N, s.K, x.data(), M, b, y.data(), nullptr);
-  }
+  run_in_both_orders(
+      [&] {
+        if constexpr (tensor_cores) {
+          cuda::launch_gemv_rows_mma<T>(w.view(), s.N, s.K, x.data(), M, b, y.data(), nullptr);
+        } else {
+          cuda::gemv_rows<T>(w.view(), s.N, s.K, x.data(), M, b, y.data(), nullptr);
+        }
+      },
+      y);
   int64_t wrong = 0;
   for (int m = 0; m < M; ++m) {
     for (int64_t n = 0; n < s.N; ++n) {
@@ -345,7 +394,11 @@ void check_backward(const Nf4Weight& w, LinearShape s, int M, unsigned seed) {
   GuardedBuffer<T> gy(M * s.N), gx(M * s.K);
   copy_as(random_floats(M * s.N, seed), gy);
   GuardedBuffer<float> partial(cuda::cols_slices(s.N).slices * M * s.K);
-  cuda::gemv_cols<T>(w.view(), s.N, s.K, gy.data(), M, gx.data(), partial.data(), nullptr);
+  run_in_both_orders(
+      [&] {
+        cuda::gemv_cols<T>(w.view(), s.N, s.K, gy.data(), M, gx.data(), partial.data(), nullptr);
+      },
+      gx, partial);
   int64_t wrong = 0;
   for (int m = 0; m < M; ++m) {
     for (int64_t k = 0; k < s.K; ++k) {
@@ -442,6 +495,10 @@ int main(int argc, char** argv) {
   sa.sa_flags = SA_ONSTACK;
   sigaction(SIGSEGV, &sa, nullptr);
   sigaction(SIGBUS, &sa, nullptr);
+  // Without them the per-block poisoning of shared memory would silently do nothing.
+  std::printf("%zu __shared__ variables found (filled with 0xff before each block)\n",
+              emu::shared_variables().size());
+  CHECK(!emu::shared_variables().empty());
   if (argc == 3 && std::strcmp(argv[1], "--random") == 0) {  // --random SEED: more cases, any time
     const unsigned seed = static_cast<unsigned>(std::strtoul(argv[2], nullptr, 10));
     random_cases<float>(20, seed);
