@@ -201,18 +201,26 @@ bool close(T got, double want, double abs_sum) {
 
 // ---- codec ------------------------------------------------------------------------------------
 
-// Quantize: the four-kernel pipeline gives the CPU cores' bytes exactly (packed codes, absmax
-// codes, scales, offset), over partial groups of 256 blocks and a partial last CTA.
-template <typename T>
-void quantize_matches_cpu() {
-  for (const int64_t nblocks : {1, 7, 256, 300, 513}) {
-    const std::vector<T> w = random_weights<T>(nblocks * kBlockSize, 7 + nblocks);
-    GuardedBuffer<T> dw(nblocks * kBlockSize);
+// What the quantize pipeline (launch_quantize) makes of weights `w`, in both thread orders: its
+// outputs and its scratch buffers (absmax, group sums).
+struct Quantized {
+  int64_t nblocks, groups;
+  GuardedBuffer<uint8_t> packed, codes;
+  GuardedBuffer<float> absmax, scales, offset;
+  GuardedBuffer<double> sums;
+
+  template <typename T>
+  explicit Quantized(const std::vector<T>& w)
+      : nblocks(static_cast<int64_t>(w.size()) / kBlockSize),
+        groups((nblocks + kScalerBlockSize - 1) / kScalerBlockSize),
+        packed(nblocks * kBlockSize / 2),
+        codes(nblocks),
+        absmax(nblocks),
+        scales(groups),
+        offset(1),
+        sums(groups) {
+    GuardedBuffer<T> dw(static_cast<int64_t>(w.size()));
     std::memcpy(static_cast<void*>(dw.data()), w.data(), w.size() * sizeof(T));
-    const int64_t groups = (nblocks + kScalerBlockSize - 1) / kScalerBlockSize;
-    GuardedBuffer<uint8_t> packed(nblocks * kBlockSize / 2), codes(nblocks);
-    GuardedBuffer<float> absmax(nblocks), scales(groups), offset(1);
-    GuardedBuffer<double> sums(groups);
     run_in_both_orders(
         [&] {
           cuda::launch_quantize<T>(dw.data(), nblocks, reinterpret_cast<uint32_t*>(packed.data()),
@@ -220,6 +228,17 @@ void quantize_matches_cpu() {
                                    scales.data(), nullptr);
         },
         packed, absmax, sums, offset, codes, scales);
+  }
+};
+
+// Quantize: the four-kernel pipeline gives the CPU cores' bytes exactly (packed codes, absmax
+// codes, scales, offset), over partial groups of 256 blocks and a partial last CTA.
+template <typename T>
+void quantize_matches_cpu() {
+  for (const int64_t nblocks : {1, 7, 256, 300, 513}) {
+    const std::vector<T> w = random_weights<T>(nblocks * kBlockSize, 7 + nblocks);
+    const Quantized q(w);
+    const int64_t groups = q.groups;
 
     std::vector<uint8_t> ref_packed(nblocks * kBlockSize / 2), ref_codes(nblocks);
     std::vector<float> ref_absmax(nblocks), ref_scales(groups);
@@ -228,10 +247,10 @@ void quantize_matches_cpu() {
                                              ref_packed.data(), ref_absmax.data());
     test::double_quantize(ref_absmax.data(), nblocks, &ref_offset, ref_codes.data(),
                           ref_scales.data());
-    CHECK(same_bits(offset[0], ref_offset));
-    for (int64_t g = 0; g < groups; ++g) CHECK(same_bits(scales[g], ref_scales[g]));
-    CHECK(std::memcmp(packed.data(), ref_packed.data(), ref_packed.size()) == 0);
-    CHECK(std::memcmp(codes.data(), ref_codes.data(), ref_codes.size()) == 0);
+    CHECK(same_bits(q.offset[0], ref_offset));
+    for (int64_t g = 0; g < groups; ++g) CHECK(same_bits(q.scales[g], ref_scales[g]));
+    CHECK(std::memcmp(q.packed.data(), ref_packed.data(), ref_packed.size()) == 0);
+    CHECK(std::memcmp(q.codes.data(), ref_codes.data(), ref_codes.size()) == 0);
   }
 }
 
@@ -243,19 +262,7 @@ void quantize_flags_non_finite() {
   for (const float bad : {NAN, INFINITY, -INFINITY}) {
     std::vector<T> w = random_weights<T>(nblocks * kBlockSize, 11);
     w[299 * kBlockSize + 5] = Elem<T>::from(bad);
-    GuardedBuffer<T> dw(nblocks * kBlockSize);
-    std::memcpy(static_cast<void*>(dw.data()), w.data(), w.size() * sizeof(T));
-    GuardedBuffer<uint8_t> packed(nblocks * kBlockSize / 2), codes(nblocks);
-    GuardedBuffer<float> absmax(nblocks), scales(2), offset(1);
-    GuardedBuffer<double> sums(2);
-    run_in_both_orders(
-        [&] {
-          cuda::launch_quantize<T>(dw.data(), nblocks, reinterpret_cast<uint32_t*>(packed.data()),
-                                   absmax.data(), sums.data(), offset.data(), codes.data(),
-                                   scales.data(), nullptr);
-        },
-        packed, absmax, sums, offset, codes, scales);
-    CHECK(!std::isfinite(offset[0]));
+    CHECK(!std::isfinite(Quantized(w).offset[0]));
   }
 }
 
