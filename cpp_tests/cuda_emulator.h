@@ -84,15 +84,21 @@ struct Thread {
   uint3 index{};
   int warp = 0, lane = 0;
   State state = State::kReady;
+  unsigned collectives = 0;  // warp collectives this thread has entered in this block
   ucontext_t context{};
   char* stack = nullptr;
 };
 
 // Per warp: the values lanes exchange in a collective (a shuffle: one 64-bit value per lane; an
-// mma: 4 + 2 registers per lane).
+// mma: 4 + 2 registers per lane), twice: the lanes' n-th collective uses set n % 2. A lane that
+// has read its values and goes on to the next collective writes the other set, and cannot reach
+// the one after (this set again) before every lane has arrived at the next, that is, has read
+// this one: one wait per collective suffices.
 struct WarpSlots {
-  uint64_t value[kWarpSize];
-  uint32_t mma[kWarpSize][6];
+  struct Exchange {
+    uint64_t value[kWarpSize];
+    uint32_t mma[kWarpSize][6];
+  } set[2];
 };
 
 struct Block {
@@ -100,7 +106,6 @@ struct Block {
   dim3 grid_dim{}, block_dim{}, block_idx{};
   std::vector<Thread> threads;
   std::vector<WarpSlots> warps;
-  std::unique_ptr<char[]> stacks;
   ucontext_t scheduler{};
   Thread* current = nullptr;
   std::function<void()> body;
@@ -190,6 +195,11 @@ inline const std::vector<SharedVariable>& shared_variables() {
   return variables;
 }
 
+// The exchange set of thread t's next warp collective (see WarpSlots).
+inline WarpSlots::Exchange& exchange_of(Thread& t) {
+  return running()->warps[t.warp].set[t.collectives++ % 2];
+}
+
 // Gives control back to the scheduler until the barrier this thread waits at completes.
 inline void wait_at(State barrier) {
   Block& b = *running();
@@ -225,6 +235,7 @@ inline void run_block(Block& b) {
     makecontext(&t.context, thread_entry, 0);
   }
   for (const SharedVariable& v : shared_variables()) std::memset(v.address, 0xff, v.bytes);
+  for (Thread& t : b.threads) t.collectives = 0;
   const bool reversed = schedule() == Schedule::kReversed;
   for (;;) {
     bool ran = false;
@@ -306,14 +317,21 @@ void launch_grid(void (*kernel)(P...), dim3 grid, dim3 block, A&&... args) {
   b.block_dim = block;
   b.threads.resize(nthreads);
   b.warps.resize((nthreads + kWarpSize - 1) / kWarpSize);
-  b.stacks.reset(new char[nthreads * kStackBytes]);
+  // The threads' stacks, kept from launch to launch (a new 256 MB per launch of 1024 threads would
+  // be mapped and faulted in again each time).
+  static std::unique_ptr<char[]> stacks;
+  static int64_t stack_threads = 0;
+  if (stack_threads < nthreads) {
+    stacks.reset(new char[nthreads * kStackBytes]);
+    stack_threads = nthreads;
+  }
   for (int64_t i = 0; i < nthreads; ++i) {
     Thread& t = b.threads[i];
     t.index = {static_cast<unsigned>(i % block.x), static_cast<unsigned>(i / block.x % block.y),
                static_cast<unsigned>(i / (static_cast<int64_t>(block.x) * block.y))};
     t.warp = static_cast<int>(i / kWarpSize);
     t.lane = static_cast<int>(i % kWarpSize);
-    t.stack = b.stacks.get() + i * kStackBytes;
+    t.stack = stacks.get() + i * kStackBytes;
   }
   b.body = [&] { std::apply(kernel, values); };
   running() = &b;
@@ -331,12 +349,11 @@ template <typename T>
 T shfl_xor(unsigned mask, T v, int lane_mask) {
   static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>);
   Thread& t = current_thread();
-  WarpSlots& w = running()->warps[t.warp];
-  std::memcpy(&w.value[t.lane], &v, sizeof v);
+  WarpSlots::Exchange& e = exchange_of(t);
+  std::memcpy(&e.value[t.lane], &v, sizeof v);
   sync_warp(mask);
   T r;
-  std::memcpy(&r, &w.value[(t.lane ^ lane_mask) % kWarpSize], sizeof r);
-  sync_warp(mask);  // nobody overwrites a slot before every lane has read
+  std::memcpy(&r, &e.value[(t.lane ^ lane_mask) % kWarpSize], sizeof r);
   return r;
 }
 
@@ -362,7 +379,7 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
   constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
   static_assert(bf16 || std::is_same_v<T, __half>);
   Thread& me = current_thread();
-  WarpSlots& w = running()->warps[me.warp];
+  WarpSlots::Exchange& w = exchange_of(me);
   std::memcpy(w.mma[me.lane], a, sizeof a);
   w.mma[me.lane][4] = b0;
   w.mma[me.lane][5] = b1;
@@ -389,7 +406,6 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
     for (int k = 0; k < 16; ++k) s += static_cast<double>(A[row][k]) * B[k][col];
     d[i] = static_cast<float>(s);
   }
-  sync_warp(0xffffffffu);
 }
 
 }  // namespace qlora::emu

@@ -1,14 +1,15 @@
 // The CUDA kernels and their launchers (csrc/cuda/*_kernels.cuh), run on the CPU by
 // cuda_emulator.h, against the CPU kernel cores and float64 references: NF4 bytes and dequantized
 // values bit for bit, the small-M linear forward (CUDA cores and tensor cores) and backward within
-// float32 rounding. Every buffer ends at a guard page, so a read or write past its end stops the
+// float32 rounding. Every buffer lies between guard pages, flush against the one after it and, in a
+// second pass over the cases, the one before it, so that a read or write past either end stops the
 // test with the kernel, block and thread that made it. Every launch runs twice, its threads and
 // blocks in reverse order and in order, and must leave the same bytes both times: a race shows as a
 // difference (cuda_emulator.h). What a GPU adds (timing, the hardware's memory model and its
 // rounding inside mma) is bench/gpu_check.sh's job.
 //
 //   test_cuda_emulated               the fixed cases (ctest)
-//   test_cuda_emulated --random S    60 random shapes from seed S (about 40 s on 2 cores)
+//   test_cuda_emulated --random S    60 random shapes from seed S (about 25 s on 2 cores)
 #include "cuda_emulator.h"  // first: it defines what the kernel headers expect from nvcc
 
 #include <signal.h>
@@ -29,10 +30,19 @@ namespace {
 
 int64_t round_up_to(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// `n` elements of T in host memory that ends at an inaccessible page: the first access past the
-// end faults. The start is aligned as the kernels' vector accesses need (16 bytes, 32 for float),
-// and the size is rounded up to that alignment only. Filled with 0xff bytes (NaN in every float
-// type), so that an element no kernel wrote shows.
+// Which inaccessible page the buffers made from now on lie flush against: the one after their
+// end (an overrun faults) or the one before their start (an underrun faults). The fixed cases run
+// once each way.
+enum class GuardSide { kAfter, kBefore };
+GuardSide& guard_side() {
+  static GuardSide side = GuardSide::kAfter;
+  return side;
+}
+
+// `n` elements of T in host memory between two inaccessible pages, flush against the one
+// guard_side() says. The start is aligned as the kernels' vector accesses need (16 bytes, 32 for
+// float), and the size is rounded up to that alignment only. Filled with 0xff bytes (NaN in every
+// float type), so that an element no kernel wrote shows.
 template <typename T>
 class GuardedBuffer {
  public:
@@ -40,12 +50,15 @@ class GuardedBuffer {
     const int64_t align = std::max<int64_t>(16, 8 * sizeof(T));
     bytes_ = round_up_to(std::max<int64_t>(n, 1) * sizeof(T), align);
     const int64_t page = sysconf(_SC_PAGESIZE);
-    map_bytes_ = round_up_to(bytes_, page) + page;
+    map_bytes_ = page + round_up_to(bytes_, page) + page;
     void* p = mmap(nullptr, map_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) std::abort();
     base_ = static_cast<char*>(p);
+    if (mprotect(base_, page, PROT_NONE) != 0) std::abort();
     if (mprotect(base_ + map_bytes_ - page, page, PROT_NONE) != 0) std::abort();
-    data_ = reinterpret_cast<T*>(base_ + map_bytes_ - page - bytes_);
+    data_ = reinterpret_cast<T*>(guard_side() == GuardSide::kAfter
+                                     ? base_ + map_bytes_ - page - bytes_
+                                     : base_ + page);
     poison();
   }
   GuardedBuffer(const GuardedBuffer&) = delete;
@@ -70,7 +83,7 @@ class GuardedBuffer {
 };
 
 void on_fault(int) {
-  qlora::emu::fail("memory access past the end of a buffer (guard page) or outside any");
+  qlora::emu::fail("memory access past either end of a buffer (a guard page) or outside any");
 }
 
 // The three element types as the CUDA code sees them, with the host's conversions.
@@ -450,6 +463,7 @@ void random_cases(int count, unsigned seed) {
     return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
   };
   for (int i = 0; i < count; ++i) {
+    guard_side() = i % 2 == 0 ? GuardSide::kAfter : GuardSide::kBefore;
     LinearShape s;
     do {
       s = {uniform(1, 400), 8 * uniform(1, 200)};
@@ -512,9 +526,14 @@ int main(int argc, char** argv) {
     random_cases<__nv_bfloat16>(20, seed + 1);
     random_cases<__half>(20, seed + 2);
   } else {
-    run_all<float>();
-    run_all<__nv_bfloat16>();
-    run_all<__half>();
+    for (const GuardSide side : {GuardSide::kAfter, GuardSide::kBefore}) {
+      guard_side() = side;
+      std::printf("-- buffers flush against a guard page %s them\n",
+                  side == GuardSide::kAfter ? "after" : "before");
+      run_all<float>();
+      run_all<__nv_bfloat16>();
+      run_all<__half>();
+    }
   }
   std::printf("%d failure(s)\n", test::failures());
   return test::failures() == 0 ? 0 : 1;
