@@ -55,36 +55,77 @@ __device__ __forceinline__ void store_warp_sums(const float (&acc)[MAXM], int la
   }
 }
 
+// Chunk c of row n of W as the wide forward reads it: 16 bytes of codes (32 weights, half an NF4
+// block) and the block's absmax code and scale, loaded from global memory in one go.
+struct WideChunk {
+  uint4 codes;
+  uint32_t absmax_code;
+  float scale;
+};
+
+__device__ __forceinline__ WideChunk load_chunk(const Nf4View& w, int64_t n, int64_t K, int64_t c) {
+  const int64_t b = (n * K + c * 32) / kBlockSize;
+  return {reinterpret_cast<const uint4*>(w.packed + n * K / 2)[c], w.absmax_codes[b],
+          w.absmax_scales[b / kScalerBlockSize]};
+}
+
+// acc[m] += x[m, 32 c .. 32 c + 32) . (the chunk's weights) for m < M.
+template <typename T, int MAXM>
+__device__ __forceinline__ void accumulate_chunk(float (&acc)[MAXM], const WideChunk& chunk,
+                                                 float offset, const CodeTables& tables,
+                                                 const T* x, int64_t K, int64_t c, int M) {
+  const float absmax = decode_absmax(tables.map[chunk.absmax_code], chunk.scale, offset);
+  const uint32_t words[4] = {chunk.codes.x, chunk.codes.y, chunk.codes.z, chunk.codes.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float wv[8];
+    decode8(words[i], absmax, tables.nf4, wv);
+    accumulate8<T, MAXM>(acc, wv, x, K, c * 32 + i * 8, M);
+  }
+}
+
 // y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for m < M <= MAXM, K % 8 == 0: one warp per row n
 // of W, one 32-bit word of codes (8 weights) per lane and step; with kWide (K % 32 == 0, 16-byte
 // aligned codes) 16 bytes of codes (32 weights, half an NF4 block, one absmax) per lane and step.
 // A GPU keeps only so many loads in flight per SM, and at M = 1 the bytes in flight set the speed:
-// 16-byte loads carry four times those of 4-byte ones.
+// 16-byte loads carry four times those of 4-byte ones. And at M = 1 the kernel takes a few
+// microseconds, so the wide one issues each lane's first kChunksAhead chunks (all of them for
+// K = 4096) before it loads the tables: the round trip of the tables' loads and the barrier no
+// longer comes before the first load of codes.
+constexpr int kChunksAhead = 4;
+
 template <typename T, int MAXM, bool kWide>
 __global__ void gemv_rows_kernel(Nf4View w, int64_t N, int64_t K, const T* __restrict__ x, int M,
                                  const T* __restrict__ bias, T* __restrict__ y) {
   __shared__ CodeTables tables;
-  load_tables<false>(tables);
-  __syncthreads();
   const int64_t n = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
-  if (n >= N) return;  // whole warps leave together
   float acc[MAXM] = {};
   if constexpr (kWide) {
-    const uint4* chunks = reinterpret_cast<const uint4*>(w.packed + n * K / 2);  // row n's codes
-#pragma unroll 2
-    for (int64_t c = lane; c < K / 32; c += kWarp) {
-      const uint4 q = chunks[c];
-      const float absmax = block_absmax(w, (n * K + c * 32) / kBlockSize, tables);
-      const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+    const int64_t chunks = K / 32;
+    WideChunk ahead[kChunksAhead] = {};
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float wv[8];
-        decode8(words[i], absmax, tables.nf4, wv);
-        accumulate8<T, MAXM>(acc, wv, x, K, c * 32 + i * 8, M);
-      }
+    for (int i = 0; i < kChunksAhead; ++i) {
+      const int64_t c = lane + i * kWarp;
+      if (n < N && c < chunks) ahead[i] = load_chunk(w, n, K, c);
+    }
+    const float offset = *w.absmax_offset;
+    load_tables<false>(tables);
+    __syncthreads();
+    if (n >= N) return;  // whole warps leave together
+#pragma unroll
+    for (int i = 0; i < kChunksAhead; ++i) {
+      const int64_t c = lane + i * kWarp;
+      if (c < chunks) accumulate_chunk<T, MAXM>(acc, ahead[i], offset, tables, x, K, c, M);
+    }
+#pragma unroll 2
+    for (int64_t c = lane + kChunksAhead * kWarp; c < chunks; c += kWarp) {
+      accumulate_chunk<T, MAXM>(acc, load_chunk(w, n, K, c), offset, tables, x, K, c, M);
     }
   } else {
+    load_tables<false>(tables);
+    __syncthreads();
+    if (n >= N) return;  // whole warps leave together
     const uint32_t* words = reinterpret_cast<const uint32_t*>(w.packed);
     for (int64_t k = lane * 8; k < K; k += kWarp * 8) {
       const int64_t e = n * K + k;
