@@ -206,7 +206,9 @@ struct MmaStage {
   uint4 x_lo[MT], x_hi[MT];
 };
 
-template <typename T, int MT>
+// kMapInGlobal: the absmax map is read from global memory (the block's first stage, loaded before
+// its tables are in shared memory), else from the shared tables; the values are the same.
+template <typename T, int MT, bool kMapInGlobal = false>
 __device__ __forceinline__ void load_mma_stage(MmaStage<MT>& st, const Nf4View& w, int64_t N,
                                                int64_t K, int64_t n_base, int64_t block,
                                                const T* x, int M, const CodeTables& tables,
@@ -221,7 +223,12 @@ __device__ __forceinline__ void load_mma_stage(MmaStage<MT>& st, const Nf4View& 
         const int64_t word0 = (n * K + block * kBlockSize) / 8;
         st.lo[a][h] = words[word0 + t];
         st.hi[a][h] = words[word0 + t + 4];
-        st.absmax[a][h] = block_absmax(w, (n * K) / kBlockSize + block, tables);
+        const int64_t b = (n * K) / kBlockSize + block;
+        const uint32_t code = w.absmax_codes[b];
+        const float map =
+            kMapInGlobal ? __uint_as_float(__ldg(&g_map_bits[code])) : tables.map[code];
+        st.absmax[a][h] =
+            decode_absmax(map, w.absmax_scales[b / kScalerBlockSize], *w.absmax_offset);
       } else {  // past the last row: zero weights, results not stored
         st.lo[a][h] = st.hi[a][h] = 0u;
         st.absmax[a][h] = 0.0f;
@@ -242,15 +249,14 @@ __device__ __forceinline__ void load_mma_stage(MmaStage<MT>& st, const Nf4View& 
 }
 
 // y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for m < M <= 8 * MT, K % 64 == 0: CTA = kMmaRows rows
-// of W, its warps taking every kMmaWarps-th block of the reduction, summed in a fixed order.
+// of W, its warps taking every kMmaWarps-th block of the reduction, summed in a fixed order. Each
+// warp's first stage is loaded before the tables (as in gemv_rows_kernel).
 template <typename T, int MT>
 __global__ void __launch_bounds__(kMmaWarps * kWarp) gemv_rows_mma_kernel(
     Nf4View w, int64_t N, int64_t K, const T* __restrict__ x, int M, const T* __restrict__ bias,
     T* __restrict__ y) {
   __shared__ CodeTables tables;
   __shared__ float partial[kMmaWarps][2][MT][4][kWarp];  // [warp][A tile][m tile][d][lane]
-  load_tables<false>(tables);
-  __syncthreads();
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int g = lane / 4, t = lane % 4;
   const int64_t n_base = static_cast<int64_t>(blockIdx.x) * kMmaRows;
@@ -258,7 +264,9 @@ __global__ void __launch_bounds__(kMmaWarps * kWarp) gemv_rows_mma_kernel(
 
   float acc[2][MT][4] = {};
   MmaStage<MT> cur{};
-  if (warp < blocks) load_mma_stage<T, MT>(cur, w, N, K, n_base, warp, x, M, tables, g, t);
+  if (warp < blocks) load_mma_stage<T, MT, true>(cur, w, N, K, n_base, warp, x, M, tables, g, t);
+  load_tables<false>(tables);
+  __syncthreads();
   for (int64_t block = warp; block < blocks; block += kMmaWarps) {
     MmaStage<MT> next{};  // the next block's loads are in flight while this one is multiplied
     if (block + kMmaWarps < blocks) {
