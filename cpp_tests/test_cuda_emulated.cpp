@@ -485,6 +485,25 @@ void random_cases(int count, unsigned seed) {
   }
 }
 
+// ---- host logic -------------------------------------------------------------------------------
+
+// The large-M path's tile count: 2 to 4 for any shape, and the wave arithmetic of its comment (at
+// M = 2048 on 132 SMs, 3 tiles of 4096 columns would be GEMMs of 1.33 waves).
+void large_m_tiles_choice() {
+  for (const int64_t M : {17, 256, 2048, 8192}) {
+    for (const int64_t cols : {16, 64, 4096, 11008, 32000}) {
+      for (const int sms : {108, 132}) {
+        const int tiles = cuda::large_m_tiles(M, cols, sms);
+        CHECK(tiles >= cuda::kMinTiles && tiles <= cuda::kMaxTiles);
+      }
+    }
+  }
+  CHECK_EQ(cuda::large_m_tiles(2048, 4096, 132), 2);
+  CHECK_EQ(cuda::large_m_tiles(2048, 11008, 132), 2);
+  CHECK_EQ(cuda::large_m_tiles(2048, 5120, 132), 3);  // 13B's width: halves lose more than thirds
+  CHECK_EQ(cuda::large_m_tiles(256, 4096, 132), 2);  // under a wave whatever the split: fewest
+}
+
 template <typename T>
 void run(const char* what, void (*f)()) {
   const int before = test::failures();
@@ -529,6 +548,10 @@ int main(int argc, char** argv) {
     random_cases<__nv_bfloat16>(20, seed + 1);
     random_cases<__half>(20, seed + 2);
   } else {
+    const int before = test::failures();
+    large_m_tiles_choice();
+    std::printf("%-6s %-8s %s\n", test::failures() == before ? "ok" : "FAIL", "host",
+                "large-M tile count: 2 to 4, the fewest of the least wave loss");
     for (const GuardSide side : {GuardSide::kAfter, GuardSide::kBefore}) {
       guard_side() = side;
       std::printf("-- buffers flush against a guard page %s them\n",

@@ -299,14 +299,19 @@ def test_cuda_small_m_forward_on_tensor_cores(shape, rows, dtype):
 
 
 @needs_cuda
-def test_cuda_mma_min_rows_variable_is_checked():
-    # QLORA_CUDA_MMA_MIN_ROWS (read once per process): 17 keeps 8 bf16 rows on CUDA cores; a
-    # value that is not a whole number >= 1 is an error naming the variable, not silently 0
-    code = ("import torch; from qlora_ext import linear_nf4, to_nf4; w = to_nf4(torch.randn(64, 128, device='cuda'));"
-            "x = torch.randn(8, 128, device='cuda', dtype=torch.bfloat16);"
+@pytest.mark.parametrize("variable, good, rule, rows", [
+    ("QLORA_CUDA_MMA_MIN_ROWS", "17", "must be a whole number >= 1", 8),  # 17: 8 bf16 rows on CUDA cores
+    ("QLORA_CUDA_LARGE_M_TILES", "4", "must be a whole number from 2 to 4", 64),  # 4 tiles at 64 rows
+])
+def test_cuda_tuning_variables_are_checked(variable, good, rule, rows):
+    # The variables that override a CUDA path choice for a measurement (read once per process):
+    # a good value gives the right product; one that is not a whole number in range is an error
+    # naming the variable, not silently 0
+    code = ("import torch; from qlora_ext import linear_nf4, to_nf4; w = to_nf4(torch.randn(512, 128, device='cuda'));"
+            f"x = torch.randn({rows}, 128, device='cuda', dtype=torch.bfloat16);"
             "torch.testing.assert_close(linear_nf4(x, w).float(), x.float() @ w.dequantize(torch.float32).t(), atol=0.1, rtol=0.02)")
-    for value, error in (("17", None), ("abc", "QLORA_CUDA_MMA_MIN_ROWS must be a whole number >= 1")):
-        proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "QLORA_CUDA_MMA_MIN_ROWS": value},
+    for value, error in ((good, None), ("abc", f"{variable} {rule}")):
+        proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, variable: value},
                               capture_output=True, text=True, timeout=300)
         if error is None:
             assert proc.returncode == 0, proc.stderr[-2000:]

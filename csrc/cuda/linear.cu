@@ -12,7 +12,7 @@
 // does the backward.
 // M > 16 rows (compute-bound): W is decoded a half to a quarter at a time into a workspace of x's
 // dtype and multiplied by cuBLAS (at::mm_out into the matching slice of the output); no whole
-// dense W (see large_m_tiles).
+// dense W (see large_m_tiles in linear_kernels.cuh).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -33,23 +33,27 @@
 namespace qlora::cuda {
 namespace {
 
-constexpr int kMaxTiles = 4;           // the large-M path decodes W in 2 to this many tiles
-constexpr int kMmaMinRows = 5;         // default of mma_min_rows(); untuned (no GPU measured yet)
+constexpr int kMmaMinRows = 5;  // default of mma_min_rows(); untuned (no GPU measured yet)
+
+// The whole number in environment variable `name`, from lo to hi, or `unset` where it is unset or
+// empty; any other value is an error that names the variable, the rule and the value.
+int int_from_environment(const char* name, int unset, long lo, long hi, const char* rule) {
+  const char* s = std::getenv(name);
+  if (s == nullptr || *s == '\0') return unset;
+  char* end = nullptr;
+  const long v = std::strtol(s, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && v >= lo && v <= hi, "qlora: environment variable ", name,
+                    " must be ", rule, "; got '", s, "'");
+  return static_cast<int>(v);
+}
 
 // The smallest M whose bf16/fp16 small-M forward takes the tensor-core kernel: kMmaMinRows, or
 // the environment's QLORA_CUDA_MMA_MIN_ROWS (read once; 17 or more: never), for measuring the
 // crossover with bench/linear.py on a GPU.
 int mma_min_rows() {
-  static const int rows = [] {
-    const char* s = std::getenv("QLORA_CUDA_MMA_MIN_ROWS");
-    if (s == nullptr || *s == '\0') return static_cast<int>(kMmaMinRows);
-    char* end = nullptr;
-    const long v = std::strtol(s, &end, 10);
-    TORCH_CHECK_VALUE(*end == '\0' && v >= 1 && v <= 1000000,
-                      "qlora: environment variable QLORA_CUDA_MMA_MIN_ROWS must be a whole number "
-                      ">= 1 (17 or more: no tensor-core kernel); got '", s, "'");
-    return static_cast<int>(v);
-  }();
+  static const int rows =
+      int_from_environment("QLORA_CUDA_MMA_MIN_ROWS", kMmaMinRows, 1, 1000000,
+                           "a whole number >= 1 (17 or more: no tensor-core kernel)");
   return rows;
 }
 
@@ -102,16 +106,18 @@ bool gemv_rows_mma(const Nf4View& w, int64_t N, int64_t K, const T* x, int M, co
   }
 }
 
-// How many tiles the large-M path decodes W in, for an [M, out_cols] product: as few as leave
-// each tile's cuBLAS call about a wave of 128 x 128 output tiles on this GPU's SMs (a GEMM on a
-// quarter of the columns at M = 512 would fill a quarter of an H100), at least 2 (never the whole
-// dense W) and at most kMaxTiles (a smaller workspace, which stays in L2 between the decode and
-// the GEMM). Untuned: no GPU has run it yet.
-int64_t large_m_tiles(int64_t M, int64_t out_cols) {
+// How many tiles the large-M path decodes W in, for an [M, out_cols] product on the current GPU:
+// large_m_tiles (linear_kernels.cuh), or the environment's QLORA_CUDA_LARGE_M_TILES (read once),
+// for measuring the choice with bench/linear.py on a GPU.
+int64_t large_m_tiles_here(int64_t M, int64_t out_cols) {
+  static const int forced =
+      int_from_environment("QLORA_CUDA_LARGE_M_TILES", 0, kMinTiles, kMaxTiles,
+                           "a whole number from 2 to 4 (unset: chosen per shape)");
+  if (forced != 0) return forced;
   int device = 0, sms = 1;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return std::clamp<int64_t>(ceil_div(M, 128) * ceil_div(out_cols, 128) / sms, 2, kMaxTiles);
+  return large_m_tiles(M, out_cols, sms);
 }
 
 // ---- ops ------------------------------------------------------------------------------------
@@ -145,7 +151,7 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
       }
     });
   } else if (M > 0) {
-    const int64_t rows = tile_extent(N, large_m_tiles(M, N));
+    const int64_t rows = tile_extent(N, large_m_tiles_here(M, N));
     at::Tensor tile = at::empty({rows, K}, x2.options());
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t n = std::min(rows, N - n0);
@@ -191,7 +197,7 @@ at::Tensor linear_nf4_grad_input(const at::Tensor& grad_y, const at::Tensor& pac
                    stream);
     });
   } else if (M > 0) {
-    const int64_t cols = tile_extent(K, large_m_tiles(M, K));
+    const int64_t cols = tile_extent(K, large_m_tiles_here(M, K));
     at::Tensor storage = at::empty({N * cols}, g2.options());
     for (int64_t k0 = 0; k0 < K; k0 += cols) {
       const int64_t k = std::min(cols, K - k0);

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -441,6 +442,39 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // (the decoder's word), so that it too is decoded in two tiles, not whole, from 16 up.
 inline int64_t tile_extent(int64_t extent, int64_t tiles) {
   return std::min(extent, round_up(ceil_div(extent, tiles), extent >= 128 ? 64 : 8));
+}
+
+// How many tiles, kMinTiles to kMaxTiles (never the whole dense W; a small workspace stays in L2
+// between the decode and the GEMM), the large-M path decodes W in for an [M, out_cols] product on
+// a GPU of `sms` SMs: the count whose cuBLAS calls (one per tile) lose least to wave quantization,
+// judged under both output tiles of cuBLAS's large kernels, 128 x 128 and 128 x 256 (a GEMM of
+// 1.3 waves runs its last wave a third full); on a tie, fewer (larger) GEMMs. At M = 2048 on 132
+// SMs: 2 tiles for 4096 output columns (3 would be GEMMs of 1.33 waves) and for 11008. Untuned: no
+// GPU has measured it (linear.cu lets QLORA_CUDA_LARGE_M_TILES override it for that).
+constexpr int kMinTiles = 2, kMaxTiles = 4;
+
+inline int large_m_tiles(int64_t M, int64_t out_cols, int sms) {
+  int best = kMinTiles;
+  double best_efficiency = -1.0;
+  for (int tiles = kMinTiles; tiles <= kMaxTiles; ++tiles) {
+    const int64_t cols = tile_extent(out_cols, tiles);
+    double efficiency = 1.0;  // the lower of the two tile shapes': busy SM-waves / SM-waves
+    for (const int64_t tile_n : {128, 256}) {
+      double waves = 0.0, whole_waves = 0.0;
+      for (int64_t c0 = 0; c0 < out_cols; c0 += cols) {
+        const double w = static_cast<double>(ceil_div(M, 128) *
+                                             ceil_div(std::min(cols, out_cols - c0), tile_n)) / sms;
+        waves += w;
+        whole_waves += std::ceil(w);
+      }
+      efficiency = std::min(efficiency, waves / whole_waves);
+    }
+    if (efficiency > best_efficiency + 1e-9) {
+      best = tiles;
+      best_efficiency = efficiency;
+    }
+  }
+  return best;
 }
 
 }  // namespace qlora::cuda
