@@ -116,31 +116,48 @@ __global__ void absmax_codes_kernel(const float* __restrict__ absmax, int64_t nb
 
 // Rows [0, rows) x columns [col0, col0 + cols) of a [*, K] NF4 weight (starting at row0) into a
 // dense [rows, cols] tile; 8 weights (one 32-bit word) per thread and step, kWordsPerThread steps
-// a CTA apart, so that the CTA's table setup and barrier serve 8 KB of codes, not 2 KB. Needs K,
-// col0 and cols multiples of 8, so that 8 weights share a block and a word.
+// a CTA apart, so that the CTA's table setup and barrier serve 8 KB of codes, not 2 KB. A thread
+// issues all its loads (codes, absmax codes and scales) before the tables are loaded, so that
+// their round trip and the barrier do not come first. Needs K, col0 and cols multiples of 8, so
+// that 8 weights share a block and a word.
 template <typename T>
 __global__ void dequantize_tile_kernel(Nf4View w, int64_t K, int64_t row0, int64_t rows,
                                        int64_t col0, int64_t cols, T* __restrict__ out) {
   __shared__ CodeTables tables;
-  load_tables<false>(tables);
-  __syncthreads();
   const int64_t words_per_row = cols / 8;
   const int64_t words = rows * words_per_row;
   const bool narrow = words <= UINT32_MAX;  // 32-bit division (the usual case) is far cheaper
   const int64_t first =
       static_cast<int64_t>(blockIdx.x) * blockDim.x * kWordsPerThread + threadIdx.x;
+  // Word t of the tile: its row r and column c in the tile (computed twice rather than held in
+  // registers across the barrier).
+  const auto row_of = [&](int64_t t) -> int64_t {
+    return rows == 1 ? 0
+           : narrow  ? static_cast<uint32_t>(t) / static_cast<uint32_t>(words_per_row)
+                     : t / words_per_row;
+  };
+  uint32_t word[kWordsPerThread] = {}, code[kWordsPerThread] = {};
+  float scale[kWordsPerThread] = {};
 #pragma unroll
   for (int i = 0; i < kWordsPerThread; ++i) {
     const int64_t t = first + static_cast<int64_t>(i) * blockDim.x;  // a warp: consecutive words
-    if (t >= words) return;
-    const int64_t r = rows == 1 ? 0
-                      : narrow  ? static_cast<uint32_t>(t) / static_cast<uint32_t>(words_per_row)
-                                : t / words_per_row;
-    const int64_t c = (t - r * words_per_row) * 8;
+    if (t >= words) break;
+    const int64_t r = row_of(t), c = (t - r * words_per_row) * 8;
     const int64_t e = (row0 + r) * K + col0 + c;  // flat index of the first of the 8 weights
-    const uint32_t word = reinterpret_cast<const uint32_t*>(w.packed)[e / 8];
+    word[i] = reinterpret_cast<const uint32_t*>(w.packed)[e / 8];
+    code[i] = w.absmax_codes[e / kBlockSize];
+    scale[i] = w.absmax_scales[e / kBlockSize / kScalerBlockSize];
+  }
+  const float offset = *w.absmax_offset;
+  load_tables<false>(tables);
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kWordsPerThread; ++i) {
+    const int64_t t = first + static_cast<int64_t>(i) * blockDim.x;
+    if (t >= words) return;
+    const int64_t r = row_of(t), c = (t - r * words_per_row) * 8;
     float v[8];
-    decode8(word, block_absmax(w, e / kBlockSize, tables), tables.nf4, v);
+    decode8(word[i], decode_absmax(tables.map[code[i]], scale[i], offset), tables.nf4, v);
     store8(out + r * cols + c, v);
   }
 }
