@@ -21,13 +21,12 @@ constexpr int kWordsPerThread = 4;              // dequantize: 32-bit code words
 
 // One thread per 8 weights: NF4 codes of its 8 weights (one 32-bit word of `packed`), with the
 // block's absmax found across the 8 threads of the block as a max of |w| bit patterns (exact;
-// NaN and Inf order above all numbers and surface as a non-finite offset later).
+// NaN and Inf order above all numbers and surface as a non-finite offset later). The weights are
+// loaded and their absmax found before the tables are loaded, which only the codes need.
 template <typename T>
 __global__ void quantize_blocks_kernel(const T* __restrict__ w, int64_t nblocks,
                                        uint32_t* __restrict__ packed, float* __restrict__ absmax) {
   __shared__ CodeTables tables;
-  load_tables<true>(tables);
-  __syncthreads();
   const int64_t part = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool active = part < nblocks * kPartsPerBlock;  // whole NF4 blocks per warp: no mixing
   float v[8] = {};
@@ -39,6 +38,8 @@ __global__ void quantize_blocks_kernel(const T* __restrict__ w, int64_t nblocks,
   }
 #pragma unroll
   for (int o = kPartsPerBlock / 2; o > 0; o >>= 1) bits = max(bits, __shfl_xor_sync(kFullMask, bits, o));
+  load_tables<true>(tables);
+  __syncthreads();
   if (!active) return;
   const float amax = __uint_as_float(bits);
   const float inv = inverse_absmax(amax);
