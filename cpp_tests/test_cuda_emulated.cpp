@@ -3,10 +3,11 @@
 // values bit for bit, the small-M linear forward (CUDA cores and tensor cores) and backward within
 // float32 rounding. Every buffer lies between guard pages, flush against the one after it and, in a
 // second pass over the cases, the one before it, so that a read or write past either end stops the
-// test with the kernel, block and thread that made it. Every launch runs twice, its threads and
-// blocks in reverse order and in order, and must leave the same bytes both times: a race shows as a
-// difference (cuda_emulator.h). What a GPU adds (timing, the hardware's memory model and its
-// rounding inside mma) is bench/gpu_check.sh's job.
+// test with the kernel, block and thread that made it. Built with UBSan (CMakeLists.txt), the test
+// also stops at a misaligned vector access, which faults on a GPU and passes on a CPU. Every launch
+// runs twice, its threads and blocks in reverse order and in order, and must leave the same bytes
+// both times: a race shows as a difference (cuda_emulator.h). What a GPU adds (timing, the
+// hardware's memory model and its rounding inside mma) is bench/gpu_check.sh's job.
 //
 //   test_cuda_emulated               the fixed cases (ctest)
 //   test_cuda_emulated --random S    60 random shapes from seed S (about 25 s on 2 cores)
