@@ -87,23 +87,26 @@ __global__ void absmax_codes_kernel(const float* __restrict__ absmax, int64_t nb
                                     int64_t groups, const float* __restrict__ offset,
                                     uint8_t* __restrict__ codes, float* __restrict__ scales) {
   __shared__ CodeTables tables;
-  load_tables<true>(tables);
-  __syncthreads();
   const int64_t g = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
-  if (g >= groups) return;
-  const float off = *offset;
+  const bool active = g < groups;  // whole warps
   constexpr int kPerLane = kScalerBlockSize / kWarp;
-  float centered[kPerLane];
+  float centered[kPerLane] = {};
   float m = 0.0f;
+  if (active) {  // the group's scale, before the tables are loaded: only the codes need them
+    const float off = *offset;
 #pragma unroll
-  for (int j = 0; j < kPerLane; ++j) {
-    const int64_t i = g * kScalerBlockSize + j * kWarp + lane;
-    centered[j] = i < nblocks ? __fsub_rn(absmax[i], off) : 0.0f;
-    m = fmaxf(m, fabsf(centered[j]));
+    for (int j = 0; j < kPerLane; ++j) {
+      const int64_t i = g * kScalerBlockSize + j * kWarp + lane;
+      centered[j] = i < nblocks ? __fsub_rn(absmax[i], off) : 0.0f;
+      m = fmaxf(m, fabsf(centered[j]));
+    }
+#pragma unroll
+    for (int o = kWarp / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, o));
   }
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, o));
+  load_tables<true>(tables);
+  __syncthreads();
+  if (!active) return;
   if (lane == 0) scales[g] = m;
   const float inv = inverse_absmax(m);
 #pragma unroll
