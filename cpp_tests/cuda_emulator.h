@@ -286,6 +286,18 @@ inline void run_block(Block& b) {
   }
 }
 
+// Stacks for `nthreads` threads, one buffer for every launch of every kernel, grown when a launch
+// needs more (a new 256 MB per launch of 1024 threads would be mapped and faulted in each time).
+inline char* thread_stacks(int64_t nthreads) {
+  static std::unique_ptr<char[]> stacks;
+  static int64_t capacity = 0;
+  if (capacity < nthreads) {
+    stacks.reset(new char[nthreads * kStackBytes]);
+    capacity = nthreads;
+  }
+  return stacks.get();
+}
+
 // The kernel's name with its template arguments, from the executable's symbols (the test links
 // with -rdynamic), for error reports.
 inline std::string function_name(void* fn) {
@@ -317,21 +329,14 @@ void launch_grid(void (*kernel)(P...), dim3 grid, dim3 block, A&&... args) {
   b.block_dim = block;
   b.threads.resize(nthreads);
   b.warps.resize((nthreads + kWarpSize - 1) / kWarpSize);
-  // The threads' stacks, kept from launch to launch (a new 256 MB per launch of 1024 threads would
-  // be mapped and faulted in again each time).
-  static std::unique_ptr<char[]> stacks;
-  static int64_t stack_threads = 0;
-  if (stack_threads < nthreads) {
-    stacks.reset(new char[nthreads * kStackBytes]);
-    stack_threads = nthreads;
-  }
+  char* const stacks = thread_stacks(nthreads);
   for (int64_t i = 0; i < nthreads; ++i) {
     Thread& t = b.threads[i];
     t.index = {static_cast<unsigned>(i % block.x), static_cast<unsigned>(i / block.x % block.y),
                static_cast<unsigned>(i / (static_cast<int64_t>(block.x) * block.y))};
     t.warp = static_cast<int>(i / kWarpSize);
     t.lane = static_cast<int>(i % kWarpSize);
-    t.stack = stacks.get() + i * kStackBytes;
+    t.stack = stacks + i * kStackBytes;
   }
   b.body = [&] { std::apply(kernel, values); };
   running() = &b;
