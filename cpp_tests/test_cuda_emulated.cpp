@@ -215,8 +215,8 @@ bool close(T got, double want, double abs_sum) {
 
 // ---- codec ------------------------------------------------------------------------------------
 
-// What the quantize pipeline (launch_quantize) makes of weights `w`, in both thread orders: its
-// outputs and its scratch buffers (absmax, group sums).
+// What the quantize pipeline (launch_quantize_codes, then launch_quantize_absmax) makes of weights
+// `w`, in both thread orders: its outputs and its scratch buffers (absmax, group sums).
 struct Quantized {
   int64_t nblocks, groups;
   GuardedBuffer<uint8_t> packed, codes;
@@ -237,9 +237,11 @@ struct Quantized {
     std::memcpy(static_cast<void*>(dw.data()), w.data(), w.size() * sizeof(T));
     run_in_both_orders(
         [&] {
-          cuda::launch_quantize<T>(dw.data(), nblocks, reinterpret_cast<uint32_t*>(packed.data()),
-                                   absmax.data(), sums.data(), offset.data(), codes.data(),
-                                   scales.data(), nullptr);
+          cuda::launch_quantize_codes<T>(dw.data(), nblocks,
+                                         reinterpret_cast<uint32_t*>(packed.data()), absmax.data(),
+                                         sums.data(), offset.data(), nullptr);
+          cuda::launch_quantize_absmax(absmax.data(), nblocks, offset.data(), codes.data(),
+                                       scales.data(), nullptr);
         },
         packed, absmax, sums, offset, codes, scales);
   }

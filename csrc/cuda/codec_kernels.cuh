@@ -183,22 +183,30 @@ __global__ void dequantize_tile_scalar_kernel(Nf4View w, int64_t K, int64_t row0
 
 // ---- launchers ------------------------------------------------------------------------------
 
-// Quantizes `nblocks` NF4 blocks of w (8-element aligned): packed codes and float32 absmax per
-// block, the group sums of the absmax in float64 (`sums`, one per group of 256 blocks), their
-// mean (`offset`, one float) and the double-quantized absmax (8-bit codes, a float32 scale per
-// group). Four kernels in order on `stream`.
+// Quantizing `nblocks` NF4 blocks of w (8-element aligned) takes two launchers, in order on one
+// stream; between them the op copies the offset back to check it, while the second runs.
+// First: packed codes and float32 absmax per block, the group sums of the absmax in float64
+// (`sums`, one per group of 256 blocks) and their mean (`offset`, one float), which is not finite
+// when a weight is NaN or Inf. Three kernels.
 template <typename T>
-void launch_quantize(const T* w, int64_t nblocks, uint32_t* packed, float* absmax, double* sums,
-                     float* offset, uint8_t* absmax_codes, float* absmax_scales,
-                     cudaStream_t stream) {
+void launch_quantize_codes(const T* w, int64_t nblocks, uint32_t* packed, float* absmax,
+                           double* sums, float* offset, cudaStream_t stream) {
   const int64_t groups = ceil_div(nblocks, kScalerBlockSize);
   launch(quantize_blocks_kernel<T>, ceil_div(nblocks * kPartsPerBlock, kCodecThreads),
          kCodecThreads, stream, w, nblocks, packed, absmax);
   const int64_t group_blocks = ceil_div(groups * kWarp, kCodecThreads);  // a warp per group
   launch(group_sums_kernel, group_blocks, kCodecThreads, stream, absmax, nblocks, groups, sums);
   launch(offset_kernel, 1, kWarp, stream, sums, groups, nblocks, offset);
-  launch(absmax_codes_kernel, group_blocks, kCodecThreads, stream, absmax, nblocks, groups, offset,
-         absmax_codes, absmax_scales);
+}
+
+// Second: the double-quantized absmax (8-bit codes, a float32 scale per group of 256 blocks), from
+// the first's absmax and offset. One kernel.
+inline void launch_quantize_absmax(const float* absmax, int64_t nblocks, const float* offset,
+                                   uint8_t* absmax_codes, float* absmax_scales,
+                                   cudaStream_t stream) {
+  const int64_t groups = ceil_div(nblocks, kScalerBlockSize);
+  launch(absmax_codes_kernel, ceil_div(groups * kWarp, kCodecThreads), kCodecThreads, stream,
+         absmax, nblocks, groups, offset, absmax_codes, absmax_scales);
 }
 
 template <typename T>
