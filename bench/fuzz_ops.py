@@ -12,8 +12,10 @@ It checks:
 - dequantize: bit-identical to the reference;
 - linear_nf4 forward, and its backward through autograd: the error against float64 is at most
   twice torch's own (``F.linear`` with the dequantized weight in x's dtype, on the same device)
-  plus one rounding of the output: the bound of python_tests/test_linear.py. With fewer than 32
-  outputs, where the largest error is too noisy to compare, each output's a-priori bound instead.
+  plus one rounding of the output: the bound of python_tests/test_linear.py, with torch's error
+  the largest of four summation orders (the reduction dimension as it is and three random
+  permutations of it). With fewer than 32 outputs, where the largest error is too noisy to
+  compare, each output's a-priori bound instead.
 
 Case i draws from its own generator (seed, i), so ``--seed K --first I --cases 1`` runs a
 reported case again. Prints each failure and a summary; exit status 1 when any case failed.
@@ -64,13 +66,27 @@ def cpu_isas() -> list[str]:
 MIN_OUTPUTS_TO_COMPARE = 32
 
 
-def within_bound(got: torch.Tensor, exact: torch.Tensor, torch_same: torch.Tensor, abs_terms: torch.Tensor,
+# Torch's largest error is one draw too: where our product is itself a BLAS call on the decoded
+# weight (in-features not whole NF4 blocks), its error is torch's under another blocking, and it
+# came out 2.06x torch's in 1 of 100 seeds of 464 x 100 at 6 rows (the fuzz met one such case in
+# about 1100). Against the worst of torch's errors over SUMMATION_ORDERS orders of the same sum,
+# the largest ratio in those 100 seeds was 1.58x.
+SUMMATION_ORDERS = 4
+
+
+def summation_orders(n: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Index orders of a reduction of length n: as it is, then random permutations."""
+    return [torch.arange(n)] + [torch.randperm(n, generator=generator) for _ in range(SUMMATION_ORDERS - 1)]
+
+
+def within_bound(got: torch.Tensor, exact: torch.Tensor, torch_same: list[torch.Tensor], abs_terms: torch.Tensor,
                  n_terms: int) -> tuple[bool, str]:
-    """Whether `got` is as close to `exact` as the tests demand; `abs_terms` is the float64 sum of
-    the |products| behind each output (and |bias|), over `n_terms` terms."""
+    """Whether `got` is as close to `exact` as the tests demand; `torch_same` holds torch's own
+    result in several summation orders, `abs_terms` the float64 sum of the |products| behind each
+    output (and |bias|), over `n_terms` terms."""
     err = (got.double().cpu() - exact).abs()
     if exact.numel() >= MIN_OUTPUTS_TO_COMPARE:
-        torch_err = (torch_same.double().cpu() - exact).abs().max().item()
+        torch_err = max((t.double().cpu() - exact).abs().max().item() for t in torch_same)
         bound = 2 * torch_err + UNIT_ROUNDOFF[got.dtype] * exact.abs().max().item()
         return err.max().item() <= bound, f"error {err.max().item():.3g} > bound {bound:.3g} (torch's own {torch_err:.3g})"
     u_out = UNIT_ROUNDOFF[got.dtype]
@@ -125,13 +141,17 @@ def run_case(seed: int, index: int, device: str, isas: list[str]) -> list[str]:
         x64, b64 = x.detach().double().cpu(), (bias.double().cpu() if bias is not None else torch.zeros(()))
         exact = x64 @ exact_w.t() + b64
         terms = x64.abs() @ exact_w.abs().t() + b64.abs()
-        ok, detail = within_bound(y, exact, F.linear(x.detach(), dense, bias), terms, k + 1)
+        orders = torch.Generator().manual_seed(rng.getrandbits(63))
+        torch_y = [F.linear(x.detach()[..., p], dense[:, p], bias)
+                   for p in (q.to(device) for q in summation_orders(k, orders))]
+        ok, detail = within_bound(y, exact, torch_y, terms, k + 1)
         if not ok:
             failures.append(f"{what}: forward: {detail}")
         grad_y = torch.randn_like(y)
         y.backward(grad_y)
         g64 = grad_y.double().cpu()
-        ok, detail = within_bound(x.grad, g64 @ exact_w, grad_y @ dense, g64.abs() @ exact_w.abs(), n)
+        torch_grad = [grad_y[..., p] @ dense[p] for p in (q.to(device) for q in summation_orders(n, orders))]
+        ok, detail = within_bound(x.grad, g64 @ exact_w, torch_grad, g64.abs() @ exact_w.abs(), n)
         if not ok:
             failures.append(f"{what}: backward: {detail}")
     except Exception as e:  # noqa: BLE001  (an op that raises on valid input is a failure to report)

@@ -484,6 +484,9 @@ def test_fuzz_ops_passes_its_cases_and_reports_a_wrong_result(monkeypatch, capsy
 
     assert fuzz_ops.main(["--cases", "25", "--seed", "11"]) == 0
     assert "25 cases from seed 11" in capsys.readouterr().out
+    # 464 x 100 at 6 rows: our BLAS call on the decoded weight erred 2.3x torch's F.linear on the
+    # 2-core EPYC, a different blocking of the same sum; against torch's worst of four orders, in.
+    assert fuzz_ops.main(["--cases", "1", "--seed", "0", "--first", "1102"]) == 0
     real = fuzz_ops.linear_nf4
     monkeypatch.setattr(fuzz_ops, "linear_nf4", lambda x, nf4, bias=None: real(x, nf4, bias) * 1.01)
     assert fuzz_ops.main(["--cases", "2", "--seed", "11", "--first", "5"]) == 1
