@@ -6,6 +6,11 @@ dequantize back to bf16, side by side with bitsandbytes, torchao and ``clone()``
 ``clone()`` of the bf16 weight is the memory floor a codec can be compared with: it reads and
 writes the dense weight once, and allocates its output as the codecs do. The implementations of
 each op are timed in turns (``harness.time_in_turns``).
+
+On a GPU the quick run measures both shapes (a few seconds each), and each quantize group gets a
+row ``.item() (host round trip)``: a 4-byte copy back and the host's return, timed as the ops are.
+Our quantize waits for one such copy (of the absmax mean, to reject NaN and Inf weights), which
+bitsandbytes and torchao do not check: the row shows what that wait costs at least.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ def nf4_nbytes(numel: int) -> int:
     return numel // 2 + blocks + 4 * math.ceil(blocks / 256) + 4
 
 
+def shapes(ctx: Context) -> list[tuple[int, int]]:
+    return SHAPES["full"] if ctx.device == "cuda" and ctx.mode == "quick" else SHAPES[ctx.mode]
+
+
 def group_names(shape: tuple[int, int]) -> tuple[str, str]:
     n, k = shape
     return f"quantize {n}x{k} bf16", f"dequantize {n}x{k} -> bf16"
@@ -45,7 +54,7 @@ def run(ctx: Context) -> Report:
     ctx.bandwidth()  # first, on a quiet machine state: every row's floor uses it
     report = Report()
     bnb, ao = load_nf4_alternatives(report)
-    for shape in SHAPES[ctx.mode]:
+    for shape in shapes(ctx):
         _measure_shape(ctx, report, shape, bnb, ao)
     report.targets = targets(ctx, report)
     if ctx.device == "cpu":
@@ -81,6 +90,10 @@ def _measure_shape(ctx: Context, report: Report, shape, bnb, ao) -> None:
         for (name, _, _), stats in zip(impls, per_impl):
             report.rows.append(ctx.row(group, name, DTYPE, stats, bytes_moved=q_bytes, op=op, **params))
         report.rows.append(ctx.row(group, "clone()", DTYPE, clone, bytes_moved=2 * dense_bytes, op="clone", **params))
+    if ctx.device == "cuda":
+        scalars = ctx.ring(lambda i: torch.zeros((), device=ctx.device), 4, max_items=8)
+        round_trip = ctx.time(lambda t: t.item(), scalars)
+        report.rows.append(ctx.row(q_group, ROUND_TRIP, torch.float32, round_trip, op="item", **params))
     _order_rows(report)
 
 
@@ -105,7 +118,8 @@ def _torchao(ctx, ao, master):
     return (lambda w: ao.to_nf4(w, 64, 256)), (lambda t: t.get_original_weight(), ring)
 
 
-_IMPL_ORDER = ("ours", BNB, TORCHAO, "clone()")
+ROUND_TRIP = ".item() (host round trip)"
+_IMPL_ORDER = ("ours", BNB, TORCHAO, "clone()", ROUND_TRIP)
 
 
 def _order_rows(report: Report) -> None:
@@ -126,7 +140,7 @@ def targets(ctx: Context, report: Report) -> list[Target]:
                 out.append(Target.check(f"{group}: speed-up over {impl}", speedup, ">=", factor, "x", report.missing_reason(impl)))
         return out
     bandwidth = ctx.bandwidth()[0]
-    for shape in SHAPES[ctx.mode]:
+    for shape in shapes(ctx):
         for group, limit in zip(group_names(shape), (60, 85)):
             row = report.find(group, "ours")
             share = 100 * row.bytes_moved / (row.median_ms * 1e-3) / bandwidth if row else None
