@@ -79,6 +79,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4(const at
   at::Tensor absmax_offset = at::empty({}, floats);
   at::Tensor absmax = at::empty({nblocks}, floats);
   at::Tensor sums = at::empty({groups}, w.options().dtype(at::kDouble));
+  // allocated before the launches: a first pinned allocation may wait for the device
+  at::Tensor offset_on_host = at::empty({}, floats.device(at::kCPU).pinned_memory(true));
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
 
   dispatch_float(w.scalar_type(), [&](auto tag) {
@@ -91,7 +93,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4(const at
   // Any NaN or Inf weight makes the offset non-finite: it comes back to pinned memory and is
   // checked while the GPU goes on with the absmax codes, so the wait for it (a sync the error
   // needs) leaves less of the GPU idle than a copy after the last kernel would.
-  at::Tensor offset_on_host = at::empty({}, floats.device(at::kCPU).pinned_memory(true));
   C10_CUDA_CHECK(cudaMemcpyAsync(offset_on_host.mutable_data_ptr<float>(),
                                  absmax_offset.const_data_ptr<float>(), sizeof(float),
                                  cudaMemcpyDeviceToHost, stream));
