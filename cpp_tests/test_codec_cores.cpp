@@ -43,6 +43,32 @@ void nf4_codes_at_midpoints(const CpuKernels& k) {
   }
 }
 
+// nf4_code_by_bucket (the CUDA quantize kernel's code selection) gives nf4_code's code for every
+// float in [-1, 1], the range clamp_unit leaves; 2 x 1.07e9 values, a few seconds. Run once, not
+// per kernel table: it uses no table.
+void nf4_code_by_bucket_on_every_float() {
+  const CodeTables& t = code_tables();
+  int64_t mismatches = 0;
+  uint32_t first_bad = 0;
+  for (const uint32_t sign : {0u, 0x80000000u}) {
+    for (uint32_t magnitude = 0; magnitude <= 0x3f800000u; ++magnitude) {  // +-0 ... +-1
+      const float x = float_from_bits(sign | magnitude);
+      if (nf4_code_by_bucket(x, t.nf4_bucket) != nf4_code(x, t.nf4_mid)) {
+        if (mismatches++ == 0) first_bad = sign | magnitude;
+      }
+    }
+  }
+  if (mismatches != 0) std::printf("first mismatch at bits 0x%08x\n", first_bad);
+  CHECK_EQ(mismatches, int64_t{0});
+  // Outside [-1, 1] (clamped away in the kernels) and NaN: an index inside the table.
+  for (const uint32_t bits : {0x7fc00000u, 0xffffffffu, 0x7f800000u, 0xff800000u, 0x3f800001u, 0x4b000000u}) {
+    const int b = nf4_bucket(float_from_bits(bits));
+    CHECK(b >= 0 && b < kNf4Buckets);
+  }
+  std::printf("%-6s %-8s %s\n", test::failures() == 0 ? "ok" : "FAIL", "-",
+              "NF4 code by bucket = binary search, on every float in [-1, 1]");
+}
+
 void absmax_codes_at_midpoints(const CpuKernels&) {
   const CodeTables& t = code_tables();
   for (int i = 0; i < 255; ++i) {
@@ -216,6 +242,7 @@ void tables_agree_with_portable(const CpuKernels& k) {
 }  // namespace
 
 int main() {
+  nf4_code_by_bucket_on_every_float();
   return test::run_cases({
       {"nf4 codes at and around every midpoint", nf4_codes_at_midpoints},
       {"8-bit absmax codes at and around every midpoint", absmax_codes_at_midpoints},

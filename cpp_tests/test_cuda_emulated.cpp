@@ -17,6 +17,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -270,6 +271,30 @@ void quantize_matches_cpu() {
   }
 }
 
+// Quantize at and around every NF4 midpoint (ties go to the lower code), which random weights
+// hardly ever hit: blocks of absmax 1, so that the scaled values are the weights themselves.
+void quantize_codes_at_midpoints() {
+  const CodeTables& t = code_tables();
+  std::vector<float> block = {1.0f, -0.0f, 1e-30f};
+  for (int i = 0; i < 15; ++i) {
+    const float mid = t.nf4_mid[i];
+    block.insert(block.end(), {mid, std::nextafter(mid, 2.0f), std::nextafter(mid, -2.0f)});
+  }
+  block.insert(block.end(), t.nf4, t.nf4 + 16);
+  CHECK_EQ(static_cast<int64_t>(block.size()), kBlockSize);
+  std::vector<float> w;
+  for (int copy = 0; copy < 3; ++copy) w.insert(w.end(), block.begin(), block.end());
+  std::reverse(w.begin() + kBlockSize, w.begin() + 2 * kBlockSize);  // other positions in a word
+  const Quantized q(w);
+  std::vector<uint8_t> ref_packed(w.size() / 2);
+  std::vector<float> ref_absmax(3);
+  cpu::portable_kernels().quantize_blocks(w.data(), Elem<float>::dtype, 0, 3, ref_packed.data(),
+                                          ref_absmax.data());
+  CHECK(std::memcmp(q.packed.data(), ref_packed.data(), ref_packed.size()) == 0);
+  CHECK_EQ(even_code(q.packed[(3 + 3 * 3) / 2]), 3);  // element 12 of block 0: midpoint 3, a tie
+  CHECK_EQ(odd_code(q.packed[(4 + 3 * 3) / 2]), 4);   // element 13: just above it
+}
+
 // A NaN or Inf weight makes the offset non-finite, which is how the op detects it (one value
 // read back instead of a scan of the weight).
 template <typename T>
@@ -518,6 +543,9 @@ template <typename T>
 void run_all() {
   run<T>("quantize: the CPU cores' bytes", quantize_matches_cpu<T>);
   run<T>("quantize: a NaN or Inf weight gives a non-finite offset", quantize_flags_non_finite<T>);
+  if constexpr (std::is_same_v<T, float>) {
+    run<T>("quantize: codes at and around every NF4 midpoint", quantize_codes_at_midpoints);
+  }
   run<T>("dequantize: the CPU cores' values", dequantize_matches_cpu<T>);
   run<T>("dequantize tiles: slices of the weight", dequantize_tiles_match_slices<T>);
   run<T>("gemv_rows (forward): float64 product", gemv_rows_matches_float64<T, false>);

@@ -77,11 +77,20 @@ constexpr uint32_t kNonFiniteBits = 0x7f800000u;  // |x| bits >= this: x is Inf 
 
 // Code tables as float32 plus their midpoints (a[i] + a[i+1]) / 2, computed in float32. The last
 // midpoint slot is padding that code selection never reads.
+// One of the buckets that nf4_code_by_bucket picks from: the NF4 midpoint inside it (+Inf where
+// there is none) and how many midpoints lie in lower buckets.
+struct alignas(8) Nf4Bucket {  // one 8-byte load
+  float mid;
+  int32_t below;
+};
+constexpr int kNf4Buckets = 64;  // 33 in use; the index is masked to 6 bits, the rest pad it
+
 struct CodeTables {
   float nf4[16];
   float nf4_mid[16];
   float map[256];
   float map_mid[256];
+  Nf4Bucket nf4_bucket[kNf4Buckets];
 };
 
 // Raw view of the four storage tensors of one NF4 weight.
@@ -114,6 +123,46 @@ QLORA_HD uint32_t bits_from_float(float f) {
 #endif
 }
 
+// nf4_code in one table read and one compare, where nf4_code makes four dependent reads and
+// compares (the CUDA quantize kernel uses this; a table read there is a shared-memory access, on
+// its critical path). 16 * scaled + 16 rounded to a whole number picks one
+// of 33 buckets of width 1/16 over [-1, 1]: adding 1.5 * 2^23, where floats are whole numbers,
+// rounds it, and the low bits of the sum are the number (16 * scaled is exact, so a fused
+// multiply-add gives the same sum). The bucket grows monotonically with scaled and no two
+// midpoints share one (they lie 0.085 apart or more), so the midpoints in lower buckets are all
+// below scaled, those in higher ones above, and only the one in its own bucket needs comparing:
+// exactly nf4_code (cpp_tests/test_codec_cores.cpp checks every float in [-1, 1]). A NaN gives
+// some bucket of the 64, never an index outside the table.
+QLORA_HD int nf4_bucket(float scaled) {
+  return static_cast<int>(bits_from_float(scaled * 16.0f + 12582928.0f) & (kNf4Buckets - 1));
+}
+
+QLORA_HD int nf4_code_by_bucket(float scaled, const Nf4Bucket* buckets) {
+  const Nf4Bucket b = buckets[nf4_bucket(scaled)];
+  return b.below + (scaled > b.mid ? 1 : 0);
+}
+
+// Bucket j of nf4_code_by_bucket, from the 15 midpoints: nf4_mid(i) is midpoint i. One midpoint
+// at a time (not unrolled), so that a CUDA thread filling a bucket holds few registers.
+template <typename Midpoint>
+QLORA_HD Nf4Bucket make_nf4_bucket(int j, Midpoint nf4_mid) {
+  Nf4Bucket b{float_from_bits(kNonFiniteBits), 0};
+#pragma unroll 1
+  for (int i = 0; i < 15; ++i) {
+    const float mid = nf4_mid(i);
+    const int at = nf4_bucket(mid);
+    if (at < j) ++b.below;
+    if (at == j) b.mid = mid;
+  }
+  return b;
+}
+
+// The midpoint accessor of make_nf4_bucket over an array.
+struct MidpointsIn {
+  const float* mid;
+  QLORA_HD float operator()(int i) const { return mid[i]; }
+};
+
 inline CodeTables make_code_tables() {
   constexpr uint32_t nf4_bits[16] = QLORA_NF4_BITS;
   constexpr uint32_t map_bits[256] = QLORA_ABSMAX_MAP_BITS;
@@ -124,6 +173,7 @@ inline CodeTables make_code_tables() {
   for (int i = 0; i < 255; ++i) t.map_mid[i] = (t.map[i] + t.map[i + 1]) / 2.0f;
   t.nf4_mid[15] = t.nf4[15];
   t.map_mid[255] = t.map[255];
+  for (int j = 0; j < kNf4Buckets; ++j) t.nf4_bucket[j] = make_nf4_bucket(j, MidpointsIn{t.nf4_mid});
   return t;
 }
 

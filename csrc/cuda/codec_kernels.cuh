@@ -46,8 +46,8 @@ __global__ void quantize_blocks_kernel(const T* __restrict__ w, int64_t nblocks,
   uint32_t word = 0;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const int c0 = nf4_code(clamp_unit(__fmul_rn(v[2 * j], inv)), tables.nf4_mid);
-    const int c1 = nf4_code(clamp_unit(__fmul_rn(v[2 * j + 1], inv)), tables.nf4_mid);
+    const int c0 = nf4_code_by_bucket(clamp_unit(__fmul_rn(v[2 * j], inv)), tables.nf4_bucket);
+    const int c1 = nf4_code_by_bucket(clamp_unit(__fmul_rn(v[2 * j + 1], inv)), tables.nf4_bucket);
     word |= static_cast<uint32_t>(pack_codes(c0, c1)) << (8 * j);
   }
   packed[part] = word;

@@ -21,12 +21,25 @@ constexpr int kWarp = 32;
 static __device__ const uint32_t g_nf4_bits[16] = QLORA_NF4_BITS;
 static __device__ const uint32_t g_map_bits[256] = QLORA_ABSMAX_MAP_BITS;
 
+// NF4 midpoint i, rounded as on the host, (a + b) / 2 in float32: halving by multiplying by 0.5f
+// gives the same correctly rounded value, without a division.
+__device__ __forceinline__ float nf4_midpoint(int i) {
+  return __fmul_rn(__fadd_rn(__uint_as_float(__ldg(&g_nf4_bits[i])),
+                             __uint_as_float(__ldg(&g_nf4_bits[i + 1]))),
+                   0.5f);
+}
+
 // Fills the tables from the bit patterns. Call with the whole CTA (any blockDim.x), then
-// __syncthreads(). The midpoints (for the quantize kernels; decoding needs none) are rounded as on
-// the host, (a + b) / 2 in float32: halving by multiplying by 0.5f gives the same correctly
-// rounded value, without a division.
+// __syncthreads(). The midpoints and NF4 buckets are for the quantize kernels (decoding needs
+// none); a bucket needs all 15 NF4 midpoints, which its thread computes itself rather than wait
+// for the shared copy.
 template <bool kMidpoints>
 __device__ inline void load_tables(CodeTables& t) {
+  if (kMidpoints) {
+    for (int j = threadIdx.x; j < kNf4Buckets; j += blockDim.x) {
+      t.nf4_bucket[j] = make_nf4_bucket(j, nf4_midpoint);
+    }
+  }
   for (int i = threadIdx.x; i < 256; i += blockDim.x) {
     const float a = __uint_as_float(__ldg(&g_map_bits[i]));
     t.map[i] = a;
@@ -37,10 +50,7 @@ __device__ inline void load_tables(CodeTables& t) {
     if (i < 16) {
       const float n = __uint_as_float(__ldg(&g_nf4_bits[i]));
       t.nf4[i] = n;
-      if (kMidpoints) {
-        const float next = i < 15 ? __uint_as_float(__ldg(&g_nf4_bits[i + 1])) : n;
-        t.nf4_mid[i] = i < 15 ? __fmul_rn(__fadd_rn(n, next), 0.5f) : n;
-      }
+      if (kMidpoints) t.nf4_mid[i] = i < 15 ? nf4_midpoint(i) : n;
     }
   }
 }
