@@ -61,7 +61,8 @@ void nf4_code_by_bucket_on_every_float() {
   if (mismatches != 0) std::printf("first mismatch at bits 0x%08x\n", first_bad);
   CHECK_EQ(mismatches, int64_t{0});
   // Outside [-1, 1] (clamped away in the kernels) and NaN: an index inside the table.
-  for (const uint32_t bits : {0x7fc00000u, 0xffffffffu, 0x7f800000u, 0xff800000u, 0x3f800001u, 0x4b000000u}) {
+  for (const uint32_t bits :
+       {0x7fc00000u, 0xffffffffu, 0x7f800000u, 0xff800000u, 0x3f800001u, 0x4b000000u}) {
     const int b = nf4_bucket(float_from_bits(bits));
     CHECK(b >= 0 && b < kNf4Buckets);
   }

@@ -75,8 +75,6 @@ constexpr uint32_t kNonFiniteBits = 0x7f800000u;  // |x| bits >= this: x is Inf 
    0x3f5dcccdu, 0x3f616666u, 0x3f650000u, 0x3f68999au, 0x3f6c3333u, 0x3f6fcccdu, 0x3f736666u, \
    0x3f770000u, 0x3f7a999au, 0x3f7e3333u, 0x3f800000u}
 
-// Code tables as float32 plus their midpoints (a[i] + a[i+1]) / 2, computed in float32. The last
-// midpoint slot is padding that code selection never reads.
 // One of the buckets that nf4_code_by_bucket picks from: the NF4 midpoint inside it (+Inf where
 // there is none) and how many midpoints lie in lower buckets.
 struct alignas(8) Nf4Bucket {  // one 8-byte load
@@ -85,6 +83,8 @@ struct alignas(8) Nf4Bucket {  // one 8-byte load
 };
 constexpr int kNf4Buckets = 64;  // 33 in use; the index is masked to 6 bits, the rest pad it
 
+// Code tables as float32 plus their midpoints (a[i] + a[i+1]) / 2, computed in float32 (the last
+// midpoint slot is padding that code selection never reads), and the NF4 buckets.
 struct CodeTables {
   float nf4[16];
   float nf4_mid[16];
@@ -125,14 +125,14 @@ QLORA_HD uint32_t bits_from_float(float f) {
 
 // nf4_code in one table read and one compare, where nf4_code makes four dependent reads and
 // compares (the CUDA quantize kernel uses this; a table read there is a shared-memory access, on
-// its critical path). 16 * scaled + 16 rounded to a whole number picks one
-// of 33 buckets of width 1/16 over [-1, 1]: adding 1.5 * 2^23, where floats are whole numbers,
-// rounds it, and the low bits of the sum are the number (16 * scaled is exact, so a fused
-// multiply-add gives the same sum). The bucket grows monotonically with scaled and no two
-// midpoints share one (they lie 0.085 apart or more), so the midpoints in lower buckets are all
-// below scaled, those in higher ones above, and only the one in its own bucket needs comparing:
-// exactly nf4_code (cpp_tests/test_codec_cores.cpp checks every float in [-1, 1]). A NaN gives
-// some bucket of the 64, never an index outside the table.
+// its critical path). 16 * scaled + 16 rounded to a whole number picks one of 33 buckets of width
+// 1/16 over [-1, 1]: adding 1.5 * 2^23, where floats are whole numbers, rounds it, and the low
+// bits of the sum are the number (16 * scaled is exact, so a fused multiply-add gives the same
+// sum). The bucket grows monotonically with scaled and no two midpoints share one (they lie 0.085
+// apart or more), so the midpoints in lower buckets are all below scaled, those in higher ones
+// above, and only the one in its own bucket needs comparing: exactly nf4_code
+// (cpp_tests/test_codec_cores.cpp checks every float in [-1, 1]). A NaN gives some bucket of the
+// 64, never an index outside the table.
 QLORA_HD int nf4_bucket(float scaled) {
   return static_cast<int>(bits_from_float(scaled * 16.0f + 12582928.0f) & (kNf4Buckets - 1));
 }
@@ -147,7 +147,9 @@ QLORA_HD int nf4_code_by_bucket(float scaled, const Nf4Bucket* buckets) {
 template <typename Midpoint>
 QLORA_HD Nf4Bucket make_nf4_bucket(int j, Midpoint nf4_mid) {
   Nf4Bucket b{float_from_bits(kNonFiniteBits), 0};
+#if defined(__CUDACC__)
 #pragma unroll 1
+#endif
   for (int i = 0; i < 15; ++i) {
     const float mid = nf4_mid(i);
     const int at = nf4_bucket(mid);
@@ -173,7 +175,9 @@ inline CodeTables make_code_tables() {
   for (int i = 0; i < 255; ++i) t.map_mid[i] = (t.map[i] + t.map[i + 1]) / 2.0f;
   t.nf4_mid[15] = t.nf4[15];
   t.map_mid[255] = t.map[255];
-  for (int j = 0; j < kNf4Buckets; ++j) t.nf4_bucket[j] = make_nf4_bucket(j, MidpointsIn{t.nf4_mid});
+  for (int j = 0; j < kNf4Buckets; ++j) {
+    t.nf4_bucket[j] = make_nf4_bucket(j, MidpointsIn{t.nf4_mid});
+  }
   return t;
 }
 
