@@ -45,7 +45,9 @@ Nf4View nf4_view(const at::Tensor& packed, const at::Tensor& absmax_codes,
 namespace {
 
 // An event recorded on `stream` at construction (ATen's CUDAEvent would pull in the CUDA library
-// headers through CUDAContext.h); wait() blocks the host until the stream has reached it.
+// headers through CUDAContext.h); wait() blocks the host until the stream has reached it. Left
+// without wait() (an exception in between), the destructor waits: the copy's pinned destination
+// was not allocated through ATen's copy_, so its allocator would not know it is still in use.
 class CopyDone {
  public:
   explicit CopyDone(cudaStream_t stream) {
@@ -58,16 +60,30 @@ class CopyDone {
   }
   CopyDone(const CopyDone&) = delete;
   CopyDone& operator=(const CopyDone&) = delete;
-  ~CopyDone() { (void)cudaEventDestroy(event_); }
-  void wait() const { C10_CUDA_CHECK(cudaEventSynchronize(event_)); }
+  ~CopyDone() {
+    if (!waited_) (void)cudaEventSynchronize(event_);
+    (void)cudaEventDestroy(event_);
+  }
+  void wait() {
+    waited_ = true;
+    C10_CUDA_CHECK(cudaEventSynchronize(event_));
+  }
 
  private:
   cudaEvent_t event_ = nullptr;
+  bool waited_ = false;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4(const at::Tensor& weight) {
   check_quantizable("quantize_nf4", "weight", weight);
   const c10::cuda::CUDAGuard guard(weight.device());
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
+  // before any allocation: a pinned one would break a capture in its default (global) mode
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+              "qlora: quantize_nf4 cannot run while a CUDA graph is being captured: it checks "
+              "argument 'weight' for NaN/Inf on the host; quantize before capturing");
   const at::Tensor w = contiguous_aligned(weight, 32);  // 8-element vector loads
   const int64_t nblocks = w.numel() / kBlockSize;
   const int64_t groups = ceil_div(nblocks, kScalerBlockSize);
@@ -81,7 +97,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4(const at
   at::Tensor sums = at::empty({groups}, w.options().dtype(at::kDouble));
   // allocated before the launches: a first pinned allocation may wait for the device
   at::Tensor offset_on_host = at::empty({}, floats.device(at::kCPU).pinned_memory(true));
-  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
 
   dispatch_float(w.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -96,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4(const at
   C10_CUDA_CHECK(cudaMemcpyAsync(offset_on_host.mutable_data_ptr<float>(),
                                  absmax_offset.const_data_ptr<float>(), sizeof(float),
                                  cudaMemcpyDeviceToHost, stream));
-  const CopyDone offset_copied(stream);
+  CopyDone offset_copied(stream);
   launch_quantize_absmax(absmax.const_data_ptr<float>(), nblocks,
                          absmax_offset.const_data_ptr<float>(),
                          absmax_codes.mutable_data_ptr<uint8_t>(),
