@@ -246,6 +246,29 @@ def test_bad_input_is_rejected(device):
         linear_nf4(torch.randn(4, 192, device=device), torch.randn(96, 192, device=device))
 
 
+def test_meta_tensor_among_cpu_arguments_is_rejected():
+    # A meta argument sends the call to the fake kernel, which must apply the kernels' device
+    # rule instead of returning uninitialised memory.
+    nf4 = to_nf4(torch.randn(96, 192))
+    packed, codes, scales, offset = nf4.components()
+    x = torch.randn(4, 192)
+    with pytest.raises(ValueError, match=r"qlora::linear_nf4: argument 'absmax_codes' must be on the same device as 'packed' \(meta\); got cpu"):
+        ops.linear_nf4(x, packed.to("meta"), codes, scales, offset, 96)
+    with pytest.raises(ValueError, match=r"argument 'absmax_offset' must be on the same device as 'packed' \(cpu\); got meta"):
+        ops.linear_nf4(x, packed, codes, scales, offset.to("meta"), 96)
+    with pytest.raises(ValueError, match=r"argument 'bias' must be on the same device as 'x' \(cpu\); got meta"):
+        ops.linear_nf4(x, packed, codes, scales, offset, 96, torch.zeros(96, device="meta"))
+    with pytest.raises(ValueError, match=r"argument 'x' must be on the same device as 'packed' \(meta\); got cpu"):
+        ops.linear_nf4(x, *(t.to("meta") for t in nf4.components()), 96)
+    with pytest.raises(ValueError, match=r"qlora::dequantize_nf4: argument 'absmax_scales' must be on the same device as 'packed' \(cpu\); got meta"):
+        ops.dequantize_nf4(packed, codes, scales.to("meta"), offset, [96, 192], torch.float32)
+    with pytest.raises(ValueError, match=r"qlora::linear_nf4_grad_input: argument 'grad_y' must be on the same device as 'packed' \(meta\); got cpu"):
+        ops.linear_nf4_grad_input(torch.randn(4, 96), *(t.to("meta") for t in nf4.components()), 192)
+    # all on meta: shapes only, as torch.compile and meta-device initialisation need
+    y = ops.linear_nf4(x.to("meta"), *(t.to("meta") for t in nf4.components()), 96)
+    assert y.is_meta and y.shape == (4, 96)
+
+
 @needs_cuda
 def test_x_on_cpu_and_weight_on_cuda_is_rejected():
     nf4 = to_nf4(torch.randn(96, 192, device="cuda"))

@@ -17,6 +17,23 @@ from qlora_ext._tables import BLOCK_SIZE, SCALER_BLOCK_SIZE
 _ops = torch.ops.qlora
 
 
+def _check_same_device(op: str, ref_arg: str, ref: Tensor, **args: Tensor | None) -> None:
+    """The kernels' device rule, in the fake kernels too. The dispatcher sends a call with any
+    meta tensor to the fake kernel, so without this a meta component mixed with CPU ones would
+    return an uninitialised CPU tensor instead of an error."""
+    for name, t in args.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(
+                f"qlora::{op}: argument '{name}' must be on the same device as '{ref_arg}' ({ref.device}); got {t.device}"
+            )
+
+
+def _check_components(op: str, packed: Tensor, absmax_codes: Tensor, absmax_scales: Tensor, absmax_offset: Tensor) -> None:
+    _check_same_device(
+        op, "packed", packed, absmax_codes=absmax_codes, absmax_scales=absmax_scales, absmax_offset=absmax_offset
+    )
+
+
 def quantize_nf4(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """NF4 + double quantization: (packed, absmax_codes, absmax_scales, absmax_offset)."""
     return _ops.quantize_nf4(weight)
@@ -59,6 +76,7 @@ def dequantize_nf4(
 
 @torch.library.register_fake("qlora::dequantize_nf4")
 def _dequantize_nf4_fake(packed, absmax_codes, absmax_scales, absmax_offset, shape, dtype):
+    _check_components("dequantize_nf4", packed, absmax_codes, absmax_scales, absmax_offset)
     return packed.new_empty(shape, dtype=dtype)
 
 
@@ -77,6 +95,9 @@ def linear_nf4(
 
 @torch.library.register_fake("qlora::linear_nf4")
 def _linear_nf4_fake(x, packed, absmax_codes, absmax_scales, absmax_offset, out_features, bias=None):
+    _check_components("linear_nf4", packed, absmax_codes, absmax_scales, absmax_offset)
+    _check_same_device("linear_nf4", "packed", packed, x=x)
+    _check_same_device("linear_nf4", "x", x, bias=bias)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -94,6 +115,8 @@ def linear_nf4_grad_input(
 
 @torch.library.register_fake("qlora::linear_nf4_grad_input")
 def _linear_nf4_grad_input_fake(grad_y, packed, absmax_codes, absmax_scales, absmax_offset, in_features):
+    _check_components("linear_nf4_grad_input", packed, absmax_codes, absmax_scales, absmax_offset)
+    _check_same_device("linear_nf4_grad_input", "packed", packed, grad_y=grad_y)
     return grad_y.new_empty((*grad_y.shape[:-1], in_features))
 
 
