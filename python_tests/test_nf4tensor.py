@@ -156,6 +156,75 @@ def test_parameter_keeps_the_nf4_type():
     assert isinstance(param, torch.nn.Parameter)
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_torch_save_keeps_parameter_and_requires_grad(requires_grad):
+    def save_load(obj, weights_only):
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=weights_only)
+
+    nf4 = to_nf4(torch.randn(64, 64))
+    param = torch.nn.Parameter(nf4, requires_grad=requires_grad)
+    loaded = save_load(param, weights_only=True)
+    assert type(loaded) is NF4Tensor and isinstance(loaded, torch.nn.Parameter)
+    assert loaded.requires_grad == requires_grad
+    assert torch.equal(loaded.packed, nf4.packed)
+    plain = save_load(nf4, weights_only=True)
+    assert not isinstance(plain, torch.nn.Parameter) and not plain.requires_grad
+    module = torch.nn.Module()
+    module.weight = param
+    reloaded = save_load(module, weights_only=False)
+    assert isinstance(reloaded.weight, torch.nn.Parameter) and type(reloaded.weight) is NF4Tensor
+    assert dict(reloaded.named_parameters()).keys() == {"weight"}
+
+
+def test_setting_data_to_a_dense_tensor_is_refused():
+    # nn.Module.to(dtype) on a module that is not a LoRALinear does `param.data = param.to(dtype)`,
+    # which would hide a dense copy inside the NF4 parameter.
+    module = torch.nn.Module()
+    nf4 = to_nf4(torch.randn(128, 64))
+    module.weight = torch.nn.Parameter(nf4, requires_grad=False)
+    with pytest.raises(TypeError, match=r"'.data' must be set to an NF4Tensor; got Tensor of shape \[128, 64\]"):
+        module.to(torch.bfloat16)
+    assert type(module.weight) is NF4Tensor and module.weight.dtype == torch.float32
+    assert torch.equal(module.weight.packed, nf4.packed)
+    with pytest.raises(RuntimeError):  # a wrapper holds no dense storage
+        module.weight.untyped_storage().data_ptr()
+    other = to_nf4(torch.randn(256, 64, dtype=torch.bfloat16))
+    module.weight.data = other  # an NF4Tensor may replace the data
+    assert module.weight.shape == (256, 64) and module.weight.dtype == torch.bfloat16
+    assert torch.equal(module.weight.dequantize(), other.dequantize())
+
+
+def test_to_with_copy_and_other_dtypes():
+    nf4 = to_nf4(torch.randn(128, 64))
+    copied = nf4.to("cpu", copy=True)
+    assert type(copied) is NF4Tensor and copied.packed.data_ptr() != nf4.packed.data_ptr()
+    assert torch.equal(copied.packed, nf4.packed)
+    assert nf4.to("cpu", copy=False) is nf4
+    dense = nf4.to(torch.bfloat16, copy=True)
+    assert type(dense) is torch.Tensor and torch.equal(dense, nf4.dequantize(torch.bfloat16))
+    exact = nf4.dequantize(torch.float32)  # NF4 values are exact in float32
+    for got in (nf4.to(torch.float64), nf4.double()):
+        assert got.dtype == torch.float64 and torch.equal(got, exact.double())
+    assert torch.equal(nf4.to(torch.int32), exact.to(torch.int32))
+
+
+def test_dense_destination_copies_from_nf4():
+    nf4 = to_nf4(torch.randn(128, 64))
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        dst = torch.zeros(128, 64, dtype=dtype)
+        with torch.no_grad():
+            dst.copy_(nf4)
+        assert type(dst) is torch.Tensor
+        assert torch.equal(dst, nf4.dequantize(torch.float32).to(dtype))
+    linear = torch.nn.Linear(64, 128, bias=False)
+    linear.load_state_dict({"weight": nf4})
+    assert type(linear.weight) is torch.nn.Parameter
+    assert torch.equal(linear.weight, nf4.dequantize())
+
+
 def test_copy_from_dense_quantizes_and_from_nf4_copies():
     target = to_nf4(torch.zeros(128, 64, dtype=torch.bfloat16))
     source = torch.randn(128, 64)

@@ -123,7 +123,10 @@ class NF4Tensor(Tensor):
         return f"NF4Tensor(shape={list(self.shape)}, dtype={self.dtype}, device={self.device})"
 
     def __reduce_ex__(self, protocol):
-        return _rebuild_nf4tensor, (*self.components(), tuple(self.shape), self.dtype)
+        # nn.Parameter(nf4) is an NF4Tensor flagged as a parameter (torch's rule for tensor
+        # subclasses); the flag and requires_grad travel with it.
+        is_param = isinstance(self, torch.nn.Parameter)
+        return _rebuild_nf4tensor, (*self.components(), tuple(self.shape), self.dtype, self.requires_grad, is_param)
 
     # -- tensor subclass protocol (torch.compile traces through these) -------------------------
 
@@ -157,8 +160,13 @@ class NF4Tensor(Tensor):
         return handler(*args, **(kwargs or {}))
 
 
-def _rebuild_nf4tensor(packed, absmax_codes, absmax_scales, absmax_offset, shape, dtype) -> NF4Tensor:
-    return NF4Tensor(packed, absmax_codes, absmax_scales, absmax_offset, torch.Size(shape), dtype)
+def _rebuild_nf4tensor(
+    packed, absmax_codes, absmax_scales, absmax_offset, shape, dtype, requires_grad=False, is_param=False
+) -> NF4Tensor:
+    nf4 = NF4Tensor(packed, absmax_codes, absmax_scales, absmax_offset, torch.Size(shape), dtype)
+    if is_param:
+        return torch.nn.Parameter(nf4, requires_grad=requires_grad)
+    return nf4.requires_grad_(requires_grad)
 
 
 # torch.load(weights_only=True), the default, may rebuild NF4Tensors.
@@ -234,16 +242,33 @@ def _linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     return linear_nf4(input, weight, bias)
 
 
-def _to(self: NF4Tensor, *args, **kwargs) -> Tensor:
+def _to(self: NF4Tensor, *args, copy: bool = False, **kwargs) -> Tensor:
     # A dtype makes it dense (as torchao's NF4Tensor does); a device alone moves the NF4 storage.
     device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
     moved = self
     if device is not None and torch.device(device) != self.device:
         moved = NF4Tensor(*(t.to(device, non_blocking=non_blocking) for t in self.components()), self.shape, self.dtype)
-    return moved if dtype is None else moved.dequantize(dtype)
+    elif copy and dtype is None:
+        moved = _clone(self)
+    return moved if dtype is None else _dense(moved, dtype)
 
 
-_TORCH_FUNCTIONS: dict[Callable, Callable] = {F.linear: _linear, Tensor.to: _to}
+def _set_data(self: NF4Tensor, value: Tensor) -> None:
+    # nn.Module.to(dtype) on a module that is not a LoRALinear sets param.data to what
+    # Tensor.to(dtype) gave, a dense tensor, which would hide a dense copy inside this NF4Tensor.
+    if not isinstance(value, NF4Tensor):
+        raise TypeError(
+            f"NF4Tensor: '.data' must be set to an NF4Tensor; got {_describe(value)}. A module's NF4 "
+            "weight cannot change dtype in place (nn.Module.to(dtype) tries to): use LoRALinear, whose "
+            ".to(dtype) keeps the NF4 storage and changes its compute dtype, or assign a new "
+            "nn.Parameter(to_nf4(...))"
+        )
+    with torch._C.DisableTorchFunctionSubclass():
+        Tensor.data.__set__(self, value)
+    self.packed, self.absmax_codes, self.absmax_scales, self.absmax_offset = value.components()
+
+
+_TORCH_FUNCTIONS: dict[Callable, Callable] = {F.linear: _linear, Tensor.to: _to, Tensor.data.__set__: _set_data}
 
 
 # -- aten ops ----------------------------------------------------------------------------------
@@ -257,15 +282,26 @@ def _clone(nf4: NF4Tensor, memory_format=None) -> NF4Tensor:
     return NF4Tensor(*(t.clone() for t in nf4.components()), nf4.shape, nf4.dtype)
 
 
+def _dense(nf4: NF4Tensor, dtype: torch.dtype) -> Tensor:
+    # NF4 values are exact in float32, so other dtypes (float64, integers) convert from that.
+    if dtype in _FLOAT_DTYPES:
+        return nf4.dequantize(dtype)
+    return nf4.dequantize(torch.float32).to(dtype)
+
+
 def _to_copy(nf4: NF4Tensor, dtype=None, device=None, non_blocking=False, **_) -> Tensor:
     moved = NF4Tensor(*(t.to(device or t.device, copy=True, non_blocking=non_blocking) for t in nf4.components()), nf4.shape, nf4.dtype)
-    return moved if dtype is None else moved.dequantize(dtype)
+    return moved if dtype is None else _dense(moved, dtype)
 
 
-def _copy_(dst: NF4Tensor, src: Tensor, non_blocking: bool = False) -> NF4Tensor:
-    # Loading a state dict copies into parameters: a dense source is quantized on the way in.
+def _copy_(dst: Tensor, src: Tensor, non_blocking: bool = False) -> Tensor:
+    # Loading a state dict copies into parameters: a dense source is quantized on the way in, and
+    # an NF4 source is dequantized into a dense destination.
     if src.shape != dst.shape:
         raise ValueError(f"NF4Tensor.copy_: argument 'src' must have shape {list(dst.shape)}; got {list(src.shape)}")
+    if not isinstance(dst, NF4Tensor):
+        dense = _dense(src, dst.dtype if dst.dtype in _FLOAT_DTYPES else src.dtype)
+        return dst.copy_(dense, non_blocking=non_blocking)
     if isinstance(src, NF4Tensor):
         components = src.components()
     else:
