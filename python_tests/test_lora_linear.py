@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -68,6 +69,45 @@ def test_disable_adapter(device):
     assert not torch.allclose(lin(x), base)
     lin.disabled = True
     torch.testing.assert_close(lin(x), base, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantize_base", [False, True])
+def test_disabling_a_merged_adapter_unmerges_it(quantize_base):
+    # As PEFT does: base-only output needs the adapter taken back out of the base.
+    lin = LoRALinear(128, 64, rank=4, alpha=8, quantize_base=quantize_base)
+    nn.init.normal_(lin.lora_b.weight, std=0.02)
+    x = torch.randn(3, 128)
+    with_adapter = lin(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NF4 re-quantization
+        lin.merge_()
+        with disable_adapter(lin):
+            y = lin(x)
+    assert not lin.merged
+    base = F.linear(x, lin.weight.dequantize() if quantize_base else lin.weight)
+    torch.testing.assert_close(y, base, rtol=1e-5, atol=1e-5)
+    # Enabled again, the adapter runs beside the unmerged base (for NF4, rounded twice).
+    torch.testing.assert_close(lin(x), base + x @ lin.adapter_delta(torch.float32).t(), rtol=1e-5, atol=1e-5)
+    if not quantize_base:
+        torch.testing.assert_close(lin(x), with_adapter)
+
+
+@pytest.mark.parametrize("on_meta", [False, True])
+def test_assign_load_quantizes_a_dense_weight(on_meta):
+    source = LoRALinear(256, 128, rank=4, alpha=4, quantize_base=True)
+    sd = source.state_dict()  # a dense 'weight'
+    sd["weight"] = torch.randn(128, 256)
+    with torch.device("meta" if on_meta else "cpu"):
+        lin = LoRALinear(256, 128, rank=4, alpha=4, quantize_base=True)
+    lin.load_state_dict(sd, assign=True)
+    assert type(lin.weight) is NF4Tensor and isinstance(lin.weight, nn.Parameter) and not lin.weight.requires_grad
+    assert _dense_bytes_inside(lin.weight) == 0
+    assert torch.equal(lin.weight.packed, to_nf4(sd["weight"]).packed)
+    assert type(sd["weight"]) is torch.Tensor  # the caller's dict is left alone
+    x = torch.randn(2, 256)
+    torch.testing.assert_close(lin(x), source.lora_b(source.lora_a(x)) + F.linear(x, to_nf4(sd["weight"]).dequantize()))
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):
+        lin.load_state_dict({**sd, "weight": torch.randn(64, 256)}, assign=True)
 
 
 def test_merge_and_unmerge_dense_base_are_exact_inverses():

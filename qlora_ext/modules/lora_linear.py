@@ -32,7 +32,9 @@ class LoRALinear(nn.Module):
     With a frozen base and the adapter computing in the input's dtype (or autocast's), forward and
     backward run as one autograd function (``qlora_ext.modules.lora_fused``) that adds the adapter
     into the base output in place; otherwise (a trainable base weight) module by module.
-    Set ``disabled = True`` (or use ``qlora_ext.modules.peft.disable_adapter``) for base-only output.
+    Set ``disabled = True`` (or use ``qlora_ext.modules.peft.disable_adapter``) for base-only
+    output; a merged adapter is then taken back out of the base first (``unmerge_``, as PEFT does).
+    ``load_state_dict(..., assign=True)`` quantizes a dense ``weight`` entry for an NF4 base.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class LoRALinear(nn.Module):
         self.initialize_parameters()
         if quantize_base:
             self._register_state_dict_hook(reparametrize_as_dtype_state_dict_post_hook)
+            self.register_load_state_dict_pre_hook(_quantize_assigned_weight)
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) / .half() / .cuda() ... call fn on every parameter. On an NF4 base,
@@ -107,6 +110,8 @@ class LoRALinear(nn.Module):
         return self.alpha / self.rank
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.disabled and self.merged:
+            self.unmerge_()  # base-only output needs the base without the adapter, as PEFT does
         if self.disabled or self.merged:
             return self._base(x)
         x_lora = None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
@@ -176,3 +181,18 @@ class LoRALinear(nn.Module):
             self.weight.copy_(self.weight.dequantize(delta.dtype) + delta)
         else:
             self.weight.add_(delta.to(self.weight.dtype))
+
+
+def _quantize_assigned_weight(module: LoRALinear, state_dict: dict, prefix: str, local_metadata: dict, *_) -> None:
+    # load_state_dict(assign=True) puts the entry itself in place of the parameter, so a dense
+    # base weight (what state_dict() gives) would stay dense; quantize it first. Without assign,
+    # copying into the NF4 parameter quantizes (NF4Tensor.copy_). A wrong shape is left for
+    # load_state_dict's own size check.
+    value = state_dict.get(prefix + "weight")
+    if (
+        local_metadata.get("assign_to_params_buffers", False)
+        and isinstance(value, Tensor)
+        and not isinstance(value, NF4Tensor)
+        and value.shape == module.weight.shape
+    ):
+        state_dict[prefix + "weight"] = to_nf4(value)
