@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from qlora_ext import finetune
 from qlora_ext.training import steps
 from qlora_ext.training.config import ASSETS_DIR, load_config
+from qlora_ext.training.optim import cosine_with_warmup
 
 from trainer_helpers import metrics, small_run_overrides, write_small_dataset, write_tiny_hf_checkpoint
 
@@ -140,9 +141,17 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_ckpt, smal
     err = capsys.readouterr().err
     assert rc == 1
     assert "loss is nan at epoch 1, step 4" in err and f"the last good checkpoint is {out / 'step_2'}" in err
+    assert "resume_from_checkpoint=True and a lower optimizer.lr or a clip_grad_norm" in err
     state = torch.load(out / "recipe_state.pt", weights_only=False)
     assert state["checkpoint_name"] == "step_2" and state["global_step"] == 2
     assert (out / "step_2" / "adapter_model.safetensors").is_file()
+    # the advice works: the resume with a lower lr and clipping is accepted and finishes the epoch
+    monkeypatch.undo()
+    resume = ["resume_from_checkpoint=True", "optimizer.lr=1e-3", "clip_grad_norm=0.5", "epochs=1"]
+    assert finetune.main(["--config", "tiny_qlora", *overrides, *resume]) == 0
+    assert "optimizer.lr 0.01 -> 0.001" in capsys.readouterr().out
+    lrs = [r["lr"] for r in metrics(out) if "loss" in r]
+    assert len(lrs) == 4 and lrs[2:] == pytest.approx([1e-3 * cosine_with_warmup(s, num_warmup_steps=2, num_training_steps=4) for s in (2, 3)])
 
 
 def test_compile_has_no_graph_breaks(tmp_path, tiny_ckpt, small_data, monkeypatch):

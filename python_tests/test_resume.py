@@ -10,6 +10,7 @@ import torch
 from qlora_ext import finetune
 from qlora_ext.training import saving, steps
 from qlora_ext.training.config import load_config
+from qlora_ext.training.optim import cosine_with_warmup
 
 from trainer_helpers import metrics, small_run_overrides, write_small_dataset, write_tiny_hf_checkpoint
 
@@ -97,3 +98,36 @@ def test_resume_refuses_a_different_config(tmp_path, setup):
     finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1"]))
     with pytest.raises(Exception, match=r"config key 'model.lora_rank' is 4 but the checkpoint .* trained with 8"):
         finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True", "model.lora_rank=4"]))
+
+
+def test_resume_applies_changed_optimizer_schedule_and_clipping(tmp_path, setup, monkeypatch, capsys):
+    # What the NaN-loss advice asks for: resume with a lower lr (and other optimizer, schedule and
+    # clipping settings); the loaded optimizer and schedule take the new values.
+    run = tmp_path / "run"
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1"]))  # lr 1e-2, warmup 2, clip 1.0
+    assert [r["lr"] for r in metrics(run) if "loss" in r][-1] == pytest.approx(1e-2 * cosine_with_warmup(3, num_warmup_steps=2, num_training_steps=4))
+    max_norms = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm, *args, **kwargs):
+        max_norms.append(max_norm)
+        return real_clip(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    capsys.readouterr()
+    changed = ["optimizer.lr=1e-3", "optimizer.weight_decay=0.0", "optimizer.betas=[0.8,0.99]", "lr_scheduler.num_warmup_steps=6", "clip_grad_norm=0.5"]
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True", *changed]))
+    text = capsys.readouterr().out
+    assert "Changed since the checkpoint, applied from step 5: " in text
+    for needle in ("clip_grad_norm 1.0 -> 0.5", "lr_scheduler.num_warmup_steps 2 -> 6", "optimizer.lr 0.01 -> 0.001", "optimizer.weight_decay 0.01 -> 0.0"):
+        assert needle in text
+    # steps 5..8 at the new peak lr under the new warmup (cosine over the 8 steps of 2 epochs)
+    lrs = [r["lr"] for r in metrics(run) if "loss" in r and r["step"] > 4]
+    expected = [1e-3 * cosine_with_warmup(s, num_warmup_steps=6, num_training_steps=8) for s in range(4, 8)]
+    assert lrs == pytest.approx(expected, rel=1e-12) and lrs[0] > 0
+    assert max_norms == [0.5] * 4
+    state = torch.load(run / "recipe_state.pt", weights_only=False)
+    group = state["optimizer"]["param_groups"][0]
+    assert (group["weight_decay"], group["betas"], group["initial_lr"]) == (0.0, (0.8, 0.99), 1e-3)
+    assert state["lr_scheduler"]["base_lrs"] == [1e-3] and state["global_step"] == 8
+    assert state["fingerprint"]["optimizer.lr"] == 1e-3  # the next resume compares with the new values

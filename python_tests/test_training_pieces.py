@@ -164,6 +164,9 @@ def test_training_state_round_trip_and_mismatch(tmp_path):
     assert state["global_step"] == 1 and torch.equal(state["adapter"]["x"], p.detach())
     with pytest.raises(ckpt.ResumeError, match=r"config key 'model.lora_rank' is 16 but the checkpoint .* trained with 8"):
         ckpt.load_training_state(tmp_path, {"model.lora_rank": 16})
+    assert ckpt.load_training_state(tmp_path, {"model.lora_rank": 16}, may_change=("model",))["global_step"] == 1
+    with pytest.raises(ckpt.ResumeError, match=r"only optimizer.lr, lr_scheduler may change"):
+        ckpt.load_training_state(tmp_path, {"model.lora_rank": 16}, may_change=("optimizer.lr", "lr_scheduler"))
     with pytest.raises(ckpt.ResumeError, match=r"there is no .*recipe_state.pt"):
         ckpt.load_training_state(tmp_path / "elsewhere", fp)
 

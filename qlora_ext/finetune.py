@@ -50,7 +50,7 @@ from qlora_ext.training.data import (
 from qlora_ext.training.loss_plot import Curve, plot_loss_curves
 from qlora_ext.training.memory import format_memory_stats, memory_stats
 from qlora_ext.training.metric_logging import MetricLoggers, MissingDependencyError, read_metrics
-from qlora_ext.training.optim import build_optimizer, build_scheduler
+from qlora_ext.training.optim import apply_hyperparameters, build_optimizer, build_scheduler
 
 DEFAULT_CONFIG = "tiny_qlora"
 
@@ -65,7 +65,9 @@ def train(cfg: Config) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = saving.resume_fingerprint(cfg)
-    state = checkpointing.load_training_state(output_dir, fingerprint) if cfg.resume_from_checkpoint else None
+    state = None
+    if cfg.resume_from_checkpoint:
+        state = checkpointing.load_training_state(output_dir, fingerprint, may_change=saving.ADJUSTABLE_ON_RESUME)
     seed = cfg.seed if cfg.seed is not None else (state["seed"] if state else int.from_bytes(os.urandom(4), "little") >> 1)
     print(f"Resolved config (seed {seed}):\n{cfg.to_yaml()}")
     checkpointing.atomic_write_text(output_dir / "config.yaml", saving.resolved_yaml(cfg, seed))
@@ -119,9 +121,18 @@ def train(cfg: Config) -> dict[str, Any]:
         model_setup.load_adapter_state(model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["lr_scheduler"])
+        # The config's lr, weight decay, betas, eps replace the saved ones; the schedule and
+        # clip_grad_norm are the config's already (the loaded state holds only the step count).
+        apply_hyperparameters(
+            optimizer, scheduler, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
+            betas=cfg.optimizer.betas, eps=cfg.optimizer.eps,
+        )
         checkpointing.set_rng_state(state["rng"])
         start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         print(f"Resumed from {output_dir / state['checkpoint_name']}: epoch {start_epoch + 1}, step {global_step}")
+        changed = saving.changed_settings(state["fingerprint"], fingerprint)
+        if changed:
+            print(f"Changed since the checkpoint, applied from step {global_step + 1}: {', '.join(changed)}")
 
     # -- before training: held-out loss and sample answers -----------------------------------
     summary: dict[str, Any] = {"output_dir": str(output_dir), "seed": seed, "losses": []}
@@ -161,11 +172,18 @@ def train(cfg: Config) -> dict[str, Any]:
             if not math.isfinite(loss_value):
                 bar.close()
                 loggers.close()
-                kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
+                if last_checkpoint:
+                    advice = (
+                        f"the last good checkpoint is {last_checkpoint}. Continue from it with resume_from_checkpoint=True "
+                        f"and a lower optimizer.lr or a clip_grad_norm (of the training settings, only "
+                        f"{', '.join(saving.ADJUSTABLE_ON_RESUME)} may change on resume); a bad record may be fixed in "
+                        "its file, keeping the number of records (dataset.* may not change on resume)"
+                    )
+                else:
+                    advice = "no checkpoint was saved yet. Rerun with a lower optimizer.lr or a clip_grad_norm, or fix the data"
                 raise steps.NonFiniteLossError(
                     f"loss is {loss_value} at epoch {epoch + 1}, step {global_step + 1}: training stopped before applying "
-                    f"it; {kept}. Lower optimizer.lr, set clip_grad_norm, or check the data, then resume with "
-                    "resume_from_checkpoint=True"
+                    f"it; {advice}"
                 )
             lr = optimizer.param_groups[0]["lr"]
             if cfg.clip_grad_norm is not None:

@@ -109,8 +109,14 @@ def save_training_state(
     return path
 
 
-def load_training_state(output_dir: str | Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+def load_training_state(output_dir: str | Path, fingerprint: dict[str, Any], may_change: tuple[str, ...] = ()) -> dict[str, Any]:
     """Reads ``output_dir/recipe_state.pt`` and checks it was written by a compatible config.
+
+    Args:
+        output_dir: the run's folder.
+        fingerprint: the config values the state must have been written with (dotted keys).
+        may_change: keys (or sections: ``"lr_scheduler"`` covers ``"lr_scheduler.name"``) whose
+            value may differ from the saved one.
 
     Raises:
         ResumeError: no state file, an unreadable one, or a config key that differs.
@@ -130,9 +136,12 @@ def load_training_state(output_dir: str | Path, fingerprint: dict[str, Any]) -> 
         raise ResumeError(f"resume_from_checkpoint=true: {path} has state version {state.get('version')}, expected {STATE_VERSION}")
     saved = state["fingerprint"]
     for key in sorted(set(saved) | set(fingerprint)):
+        if any(key == k or key.startswith(f"{k}.") for k in may_change):
+            continue
         if saved.get(key) != fingerprint.get(key):
             raise ResumeError(
                 f"resume_from_checkpoint=true: config key '{key}' is {fingerprint.get(key)!r} but the checkpoint in "
                 f"{output_dir} was trained with {saved.get(key)!r}; use the same value to resume"
+                + (f" (of the settings a resumed run must share, only {', '.join(may_change)} may change)" if may_change else "")
             )
     return state

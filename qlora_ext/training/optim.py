@@ -63,3 +63,20 @@ def build_scheduler(
         return fn(step, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps, num_cycles=num_cycles)
 
     return LambdaLR(optimizer, multiplier)
+
+
+def apply_hyperparameters(
+    optimizer: torch.optim.Optimizer, scheduler: LambdaLR, *, lr: float, weight_decay: float,
+    betas: tuple[float, float] | list[float], eps: float,
+) -> None:
+    """Puts the config's hyperparameters on an optimizer and scheduler whose state was just loaded
+    (a resumed run, whose config may lower the lr after a NaN): the loaded state keeps the Adam
+    moments and the step count; lr (the schedule's peak), weight decay, betas and eps are replaced,
+    and the current lr becomes the schedule's value at the loaded step under the new peak (and
+    under the scheduler's own, possibly new, warmup)."""
+    for group in optimizer.param_groups:
+        group.update(weight_decay=weight_decay, betas=tuple(betas), eps=eps, initial_lr=lr)
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, multiplier in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = lr * multiplier(scheduler.last_epoch)  # what LambdaLR.get_lr computes
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

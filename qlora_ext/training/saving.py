@@ -16,12 +16,16 @@ from torch import nn
 from qlora_ext.checkpoint import save_hf_checkpoint, save_peft_adapter
 from qlora_ext.training import checkpointing
 
-# Keys whose change would make a resumed run a different run (the rest may change on resume:
-# epochs, logging, saving, output paths).
+# Keys recorded with the training state. A resumed run must keep them, except those in
+# ADJUSTABLE_ON_RESUME: the optimizer's hyperparameters, the schedule and clipping (what one changes
+# after a NaN loss), which the resumed run puts on the loaded optimizer and schedule. The model,
+# the data, its order and batching stay, or the resumed run would be a different run; keys not
+# listed (epochs, logging, saving, output paths) may change freely.
 _RESUME_KEYS = (
     "model", "dataset", "tokenizer.max_seq_len", "batch_size", "gradient_accumulation_steps", "shuffle",
     "max_steps_per_epoch", "optimizer", "lr_scheduler", "clip_grad_norm",
 )
+ADJUSTABLE_ON_RESUME = ("optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "optimizer.eps", "lr_scheduler", "clip_grad_norm")
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -40,6 +44,16 @@ def resume_fingerprint(cfg) -> dict[str, Any]:
     if cfg.seed is not None:
         out["seed"] = cfg.seed
     return out
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"key old -> new"`` for each fingerprint key whose value differs (on an accepted resume,
+    only ADJUSTABLE_ON_RESUME keys can)."""
+    return [
+        f"{key} {saved.get(key)!r} -> {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
 
 
 def resolved_yaml(cfg, seed: int) -> str:
