@@ -44,8 +44,9 @@ def test_default_run_reduced(tmp_path, capsys):
     for name in ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json", "tokenizer.model", "training_config.yaml"):
         assert (ckpt / name).is_file(), name
     assert (out / "recipe_state.pt").is_file() and (out / "loss_curve.png").is_file() and (out / "config.yaml").is_file()
-    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
-    for record in metrics(out):  # throughput and CPU memory with every logged step
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in metrics(out) if "val_loss" in r] == [3]  # the epoch end
+    for record in (r for r in metrics(out) if "loss" in r):  # throughput and CPU memory with every logged step
         assert record["tokens_per_second"] > 0 and 0 < record["rss_memory"] <= record["peak_rss_memory"] * 1.01 + 0.01
     assert str(out) in text and "loss_curve.png" in text
     # the merged model is in the base's dtype (bf16) and differs from the base where LoRA applied
@@ -88,6 +89,35 @@ def test_adapter_only_and_loss_decreases(tmp_path, tiny_ckpt, small_data):
     assert summary["val_loss_after"] < summary["val_loss_before"]
 
 
+def test_validation_loss_is_logged_periodically_and_at_epoch_ends(tmp_path, tiny_ckpt, small_data, monkeypatch):
+    # through every metric logger: the disk log and, here, a stand-in wandb module
+    import sys
+    import types
+
+    wandb_logged = []
+    run = types.SimpleNamespace(log=lambda m, step: wandb_logged.append((step, dict(m))), finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kwargs: run))
+    out = tmp_path / "run"
+    overrides = small_run_overrides(tiny_ckpt, small_data, out) + [
+        "dataset.validation_fraction=0.25", "eval.every_n_steps=2", "epochs=2", "max_steps_per_epoch=3",
+        "eval.before_and_after=True", "save_adapter_weights_only=True", "metric_logger.type=wandb",
+    ]
+    summary = finetune.train(load_config("tiny_qlora", overrides))
+    val = [(r["step"], r["val_loss"]) for r in metrics(out) if "val_loss" in r]
+    assert [s for s, _ in val] == [2, 3, 4, 6]  # every 2 steps and at the ends of the 3-step epochs, once each
+    assert all(v > 0 for _, v in val) and val[0][1] != val[-1][1]
+    assert val == summary["val_losses"] and summary["val_loss_after"] == val[-1][1]
+    assert [(s, m["val_loss"]) for s, m in wandb_logged if "val_loss" in m] == val
+    assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 7))  # the training records unchanged
+    # no validation split: nothing to score, no val_loss
+    out2 = tmp_path / "no_split"
+    overrides = small_run_overrides(tiny_ckpt, small_data, out2) + [
+        "dataset.validation_fraction=0.0", "eval.every_n_steps=1", "epochs=1", "max_steps_per_epoch=2", "save_adapter_weights_only=True",
+    ]
+    assert finetune.train(load_config("tiny_qlora", overrides))["val_losses"] == []
+    assert not any("val_loss" in r for r in metrics(out2))
+
+
 def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, tiny_ckpt, small_data):
     # 2 micro-batches of 2 per step vs 1 batch of 4: the loss is normalized by the unmasked tokens
     # of the whole window, so losses and the trained adapter agree (fp32, no shuffle, no dropout).
@@ -121,7 +151,7 @@ def test_gradient_clipping_is_applied_and_logged(tmp_path, tiny_ckpt, small_data
     overrides = small_run_overrides(tiny_ckpt, small_data, tmp_path / "run") + ["clip_grad_norm=1e-3", "epochs=1", "max_steps_per_epoch=2"]
     finetune.train(load_config("tiny_qlora", overrides))
     assert len(seen) == 2
-    for (before, after), record in zip(seen, metrics(tmp_path / "run")):
+    for (before, after), record in zip(seen, [r for r in metrics(tmp_path / "run") if "loss" in r], strict=True):
         assert before > 1e-3 and after <= 1e-3 * (1 + 1e-4)  # clipped to the limit
         assert record["grad_norm"] == pytest.approx(before)  # the logged norm is the one before clipping
 

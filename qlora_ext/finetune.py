@@ -18,8 +18,10 @@ Any config key can be overridden as ``dotted.key=value`` (``model.lora_rank=16``
 ``max_steps_per_epoch=100``, ``resume_from_checkpoint=True``); ``--list-configs`` shows the
 bundled configs and ``--config PATH.yaml`` reads your own, in our keys or as a torchtune recipe
 config (``_component_`` sections; its overrides use torchtune's keys). Everything goes to ``output_dir``:
-the resolved ``config.yaml``, ``logs/metrics.jsonl``, ``loss_curve.png``, and a checkpoint folder
-per epoch (PEFT adapter, merged HF model, tokenizer, config) plus ``recipe_state.pt`` for resuming.
+the resolved ``config.yaml``, ``logs/metrics.jsonl`` (loss, lr, throughput, memory at each logged
+step; with a validation split, ``val_loss`` at each epoch end and every ``eval.every_n_steps``),
+``loss_curve.png``, and a checkpoint folder per epoch (PEFT adapter, merged HF model, tokenizer,
+config) plus ``recipe_state.pt`` for resuming.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def train(cfg: Config) -> dict[str, Any]:
             print(f"Changed since the checkpoint, applied from step {global_step + 1}: {', '.join(changed)}")
 
     # -- before training: held-out loss and sample answers -----------------------------------
-    summary: dict[str, Any] = {"output_dir": str(output_dir), "seed": seed, "losses": []}
+    summary: dict[str, Any] = {"output_dir": str(output_dir), "seed": seed, "losses": [], "val_losses": []}
     val_batches = eval_batches(val_ds, cfg.batch_size, tokenizer.pad_id, cfg.eval.max_batches) if len(val_ds) else []
     show = cfg.eval.before_and_after and state is None
     samples = evaluation.pick_samples(val_records, cfg.eval.num_samples)
@@ -207,6 +209,16 @@ def train(cfg: Config) -> dict[str, Any]:
                 loggers.log(metrics, step=global_step)
                 tokens_since, t_since = 0, time.perf_counter()
             at_epoch_end = step_in_epoch == steps_per_epoch
+            # Validation before saving: a checkpoint at step N implies step N's val_loss is logged
+            # (a resumed run keeps the log up to its checkpoint and does not score that step again).
+            if val_batches and (at_epoch_end or (cfg.eval.every_n_steps and global_step % cfg.eval.every_n_steps == 0)):
+                bar.clear()
+                t_val = time.perf_counter()
+                val_loss = steps.validation_loss(model, val_batches, device, dtype)
+                t_since += time.perf_counter() - t_val  # validation time is not training throughput either
+                loggers.log({"val_loss": val_loss}, step=global_step)
+                summary["val_losses"].append((global_step, val_loss))
+                tqdm.write(f"Held-out loss at step {global_step}: {val_loss:.4f}")
             if at_epoch_end or (cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0):
                 name = f"epoch_{epoch}" if at_epoch_end else f"step_{global_step}"
                 position = (epoch + 1, 0) if at_epoch_end else (epoch, step_in_epoch)
@@ -224,7 +236,10 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # -- after training: held-out loss, the same samples, the loss curve ----------------------
     if cfg.eval.before_and_after and val_batches:
-        summary["val_loss_after"] = steps.validation_loss(model, val_batches, device, dtype)
+        if summary["val_losses"] and summary["val_losses"][-1][0] == global_step:  # scored at the last epoch end
+            summary["val_loss_after"] = summary["val_losses"][-1][1]
+        else:
+            summary["val_loss_after"] = steps.validation_loss(model, val_batches, device, dtype)
     if cfg.eval.before_and_after and samples:
         summary["answers_after"] = evaluation.answer(model, tokenizer, samples, cfg.eval.max_new_tokens, device, dtype)
     if cfg.metric_logger.plot_loss_curve:

@@ -129,7 +129,8 @@ SCHEMA: dict[str, Any] = {
         "template": Opt("str", "alpaca", "prompt template", choices=("alpaca",)),
         "train_on_input": Opt("bool", False, "also train on the prompt tokens (false: they are masked from the loss)"),
         "validation_fraction": Opt(
-            "float", 0.0, "fraction of examples held out for validation loss (seeded split)", minimum=0.0, maximum=0.5
+            "float", 0.0, "fraction of examples held out for validation loss (seeded split; scored at each epoch end "
+            "and every eval.every_n_steps)", minimum=0.0, maximum=0.5
         ),
     },
     "optimizer": {
@@ -151,6 +152,10 @@ SCHEMA: dict[str, Any] = {
         "plot_loss_curve": Opt("bool", True, "write output_dir/loss_curve.png at the end"),
     },
     "eval": {
+        "every_n_steps": Opt(
+            "int", None, "with a validation split: also score it every N optimizer steps, besides each epoch end; "
+            "logged as val_loss with the training metrics (null: epoch ends only)", nullable=True, minimum=1
+        ),
         "before_and_after": Opt("bool", False, "held-out loss and sample answers before and after training"),
         "num_samples": Opt("int", 3, "held-out prompts answered before and after", minimum=0),
         "max_new_tokens": Opt("int", 48, "answer length limit for the samples", minimum=1),
