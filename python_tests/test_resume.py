@@ -133,3 +133,19 @@ def test_resume_applies_changed_optimizer_schedule_and_clipping(tmp_path, setup,
     assert (group["weight_decay"], group["betas"], group["initial_lr"]) == (0.0, (0.8, 0.99), 1e-3)
     assert state["lr_scheduler"]["base_lrs"] == [1e-3] and state["global_step"] == 8
     assert state["fingerprint"]["optimizer.lr"] == 1e-3  # the next resume compares with the new values
+
+
+def test_resume_after_a_save_killed_between_its_renames(tmp_path, setup):
+    # A save of epoch_0 (re-run in the same output_dir) killed by SIGKILL after moving the old
+    # epoch_0 aside and before moving the new one in: epoch_0 is missing, recipe_state.pt names it.
+    run = tmp_path / "run"
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1"]))
+    dead = 2**22 + 1  # above Linux's largest pid, so no process has it
+    (run / "epoch_0").rename(run / f".epoch_0.old-{dead}")
+    (run / f".epoch_0.tmp-{dead}").mkdir()
+    (run / f".epoch_0.tmp-{dead}" / "adapter_model.safetensors").write_bytes(b"complete but never recorded")
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True"]))
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["epoch_0", "epoch_1", "logs"]
+    from safetensors.torch import load_file
+
+    assert load_file(run / "epoch_0" / "adapter_model.safetensors")  # the restored, real one

@@ -151,6 +151,31 @@ def test_commit_dir_replaces_whole_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0"]
 
 
+def test_recover_interrupted_saves(tmp_path):
+    import os
+
+    dead, alive = 2**22 + 1, os.getppid()  # above Linux's largest pid (no such process), and a running one
+
+    def folder(name, content="x"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f.txt").write_text(content)
+
+    folder(f".step_4.tmp-{dead}")  # killed while writing
+    folder(f".epoch_0.old-{dead}", "old epoch_0")  # killed between commit_dir's renames: epoch_0 missing
+    folder(f".epoch_0.tmp-{dead}", "new epoch_0")
+    folder("epoch_1", "new epoch_1")
+    folder(f".epoch_1.old-{dead}", "old epoch_1")  # killed while removing the replaced folder
+    folder(f".step_2.tmp-{os.getpid()}")  # our pid, before we saved anything: a restarted container's
+    folder(f".step_8.tmp-{alive}")  # another live process's: left alone
+    folder(".notes.tmp-12")  # not our pattern
+    notes = ckpt.recover_interrupted_saves(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp-12", f".step_8.tmp-{alive}", "epoch_0", "epoch_1"]
+    assert (tmp_path / "epoch_0" / "f.txt").read_text() == "old epoch_0"
+    assert (tmp_path / "epoch_1" / "f.txt").read_text() == "new epoch_1"
+    assert len(notes) == 5 and any(n.startswith(f"restored {tmp_path / 'epoch_0'}") for n in notes)
+    assert ckpt.recover_interrupted_saves(tmp_path) == []
+
+
 def test_training_state_round_trip_and_mismatch(tmp_path):
     p = torch.nn.Parameter(torch.randn(4))
     opt = torch.optim.AdamW([p])

@@ -66,6 +66,8 @@ def train(cfg: Config) -> dict[str, Any]:
     dtype = steps.resolve_dtype(cfg.dtype, device)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    for note in checkpointing.recover_interrupted_saves(output_dir):  # before reading the state that may name it
+        print(f"Checkpoint folders: {note}")
     fingerprint = saving.resume_fingerprint(cfg)
     state = None
     if cfg.resume_from_checkpoint:
