@@ -57,6 +57,23 @@ def test_overrides_are_typed_and_dotted(tmp_path):
     assert cfg.dataset.data_files == ["a.json"]  # a single file becomes a list
 
 
+def test_string_and_path_overrides_are_taken_as_written():
+    # YAML would cut a value at " #" and make dates, numbers and booleans of what are names here
+    cfg = load_config(SEED_7B_QLORA, [
+        "output_dir=/tmp/runs/my run #2", "metric_logger.project=2024-06-01", "checkpointer.checkpoint_dir=2024",
+        "tokenizer.path={assets}/tokenizer.model", "dataset.data_files=/data/set #1.json", "device=cpu",
+    ])
+    assert cfg.output_dir == "/tmp/runs/my run #2" and cfg.metric_logger.project == "2024-06-01"
+    assert cfg.checkpointer.checkpoint_dir == "2024" and cfg.tokenizer.path == str(ASSETS_DIR / "tokenizer.model")
+    assert cfg.dataset.data_files == ["/data/set #1.json"] and cfg.device == "cpu"
+    assert load_config(SEED_7B_QLORA, ["metric_logger.project=on"]).metric_logger.project == "on"
+    # lists, null and the other kinds are still YAML
+    cfg = load_config(SEED_7B_QLORA, ["dataset.data_files=[a.json, 'b #2.json']", "metric_logger.log_dir=null", "model.lora_rank=16"])
+    assert cfg.dataset.data_files == ["a.json", "b #2.json"] and cfg.metric_logger.log_dir is None and cfg.model.lora_rank == 16
+    with pytest.raises(ConfigError, match=r"config key 'metric_logger.project' must not be null"):
+        load_config(SEED_7B_QLORA, ["metric_logger.project=~"])
+
+
 def test_config_from_path_and_assets_placeholder(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump({

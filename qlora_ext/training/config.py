@@ -69,7 +69,8 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
             ``llama2/7B_qlora_single_device``) or the path of a YAML file, ours or a torchtune
             recipe config (``_component_`` sections, read by ``torchtune_config``).
         overrides: ``"dotted.key=value"`` strings; values are parsed as YAML (``16``, ``True``,
-            ``null``, ``[q_proj,v_proj]``); later ones win. The seed tutorial's
+            ``null``, ``[q_proj,v_proj]``), except that string and path keys take the text as
+            written (``parse_value``); later ones win. The seed tutorial's
             ``tokenizer_checkpoint=PATH`` sets ``tokenizer.path`` (``KEY_ALIASES``). On a
             torchtune config they use its keys, as ``tune run`` would, before it is translated.
         notes: if given, gets a line for each torchtune setting that is read differently here.
@@ -115,21 +116,37 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
     return Config(values)
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"a.b=value"`` -> ``("a.b", parsed value)``."""
+def parse_override(text: str, kind: str | None = None) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ``("a.b", parsed value)``; see ``parse_value`` for ``kind``."""
+    key, value = _split_override(text)
+    return key, parse_value(value, kind)
+
+
+def parse_value(text: str, kind: str | None = None) -> Any:
+    """An override's value: parsed as YAML (``16``, ``true``, ``[q_proj,v_proj]``), except for a key
+    of schema kind ``str`` or ``path``, and ``path|list[path]`` unless written as a ``[...]`` list,
+    whose value is the text as written (YAML would cut ``/runs/a #2`` at `` #`` and read
+    ``2024-06-01`` as a date). Empty, ``null`` or ``~`` is null for every kind."""
+    if text.strip() in ("", "null", "Null", "NULL", "~"):
+        return None
+    if kind in ("str", "path") or (kind == "path|list[path]" and not text.lstrip().startswith("[")):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _split_override(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     key = key.strip().removeprefix("--")
     if not sep or not key:
         raise ConfigError(f"override '{text}': must have the form key=value (e.g. model.lora_rank=16)")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value
-    return key, parsed
+    return key, value
 
 
 def _apply_override(raw: dict, text: str) -> None:
-    key, value = parse_override(text)
+    key, value = _split_override(text)
     key = KEY_ALIASES.get(key, key)
     parts = key.split(".")
     node, schema = raw, SCHEMA
@@ -144,7 +161,7 @@ def _apply_override(raw: dict, text: str) -> None:
                     f"override '{text}': '{here}' is a section; set one of its keys: "
                     f"{', '.join(f'{here}.{k}' for k in schema[part])}"
                 )
-            node[part] = value
+            node[part] = parse_value(value, schema[part].kind)
         else:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
