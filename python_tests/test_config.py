@@ -110,6 +110,13 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         ("model=3", ["'model' is a section", "model.lora_rank"]),
         ("epochs", ["key=value"]),
         ("lora_rank=3", ["unknown config key 'lora_rank'"]),
+        ("optimizer.lr=nan", ["'optimizer.lr'", "finite number", "got nan"]),
+        ("clip_grad_norm=.inf", ["'clip_grad_norm'", "finite number", "got inf"]),
+        ("lr_scheduler.num_cycles=1e400", ["'lr_scheduler.num_cycles'", "finite number", "got inf"]),
+        ("dataset.validation_fraction=nan", ["'dataset.validation_fraction'", "finite number", "got nan"]),
+        ("optimizer.betas=[0.9,.nan]", ["'optimizer.betas[1]'", "finite number", "got nan"]),
+        ("seed=9223372036854775808", ["'seed'", "<= 9223372036854775807", "2**63", "got 9223372036854775808"]),
+        ("seed=-1", ["'seed'", ">= 0", "got -1"]),
     ],
 )
 def test_bad_overrides_name_key_rule_and_value(override, needles):
@@ -117,6 +124,10 @@ def test_bad_overrides_name_key_rule_and_value(override, needles):
         load_config(SEED_7B_QLORA, [override])
     for needle in needles:
         assert needle in str(e.value)
+
+
+def test_largest_seed_is_accepted():
+    assert load_config(SEED_7B_QLORA, [f"seed={2**63 - 1}"]).seed == 2**63 - 1
 
 
 def test_unknown_key_in_file_and_unknown_config_name(tmp_path):

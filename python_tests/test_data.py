@@ -118,6 +118,15 @@ def test_epoch_order_is_seeded_and_differs_by_epoch():
     assert epoch_order(5, 0, 7, False) == [0, 1, 2, 3, 4]
 
 
+def test_epoch_order_takes_any_valid_seed():
+    # small seeds keep the order they always had; the largest (2**63 - 1) and 10**15 no longer overflow
+    expected = torch.randperm(10, generator=torch.Generator().manual_seed(7 * 100_003 + 1)).tolist()
+    assert epoch_order(10, 1, 7, True) == expected
+    for seed in (10**15, 2**63 - 1):
+        order = epoch_order(10, 3, seed, True)
+        assert sorted(order) == list(range(10)) and order == epoch_order(10, 3, seed, True)
+
+
 def test_split_is_seeded_disjoint_and_complete():
     records = [{"instruction": str(i), "input": "", "output": "x"} for i in range(100)]
     train, val = split_records(records, 0.1, seed=3)

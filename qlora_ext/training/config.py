@@ -11,6 +11,7 @@ Every mistake raises ``ConfigError`` with the key, the rule and the value (and t
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,8 @@ def _check_scalar(key: str, spec: Opt, value: Any) -> Any:
             value = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"config key '{key}' must be a number ({spec.doc}); got {value!r}") from None
+        if not math.isfinite(value):  # NaN passes every range check below
+            raise ConfigError(f"config key '{key}' must be a finite number ({spec.doc}); got {value!r}")
     elif kind in ("str", "path"):
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' must be a string ({spec.doc}); got {value!r}")

@@ -67,7 +67,10 @@ ARCH_KEYS = (
 
 SCHEMA: dict[str, Any] = {
     "output_dir": Opt("path", "qlora_output", "where checkpoints, logs, the loss curve and the resolved config go"),
-    "seed": Opt("int", None, "seeds weights, data order and dropout; null picks one (and records it)", nullable=True, minimum=0),
+    "seed": Opt(
+        "int", None, "seeds weights, data order and dropout, 0 <= seed < 2**63 (torch's generators take 64 bits); "
+        "null picks one (and records it)", nullable=True, minimum=0, maximum=2**63 - 1
+    ),
     "device": Opt("str", "auto", "auto = cuda when available, else cpu", choices=("auto", "cpu", "cuda")),
     "dtype": Opt(
         "str",

@@ -155,10 +155,14 @@ def split_records(records: list, validation_fraction: float, seed: int) -> tuple
 
 
 def epoch_order(num_examples: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
-    """The example order of an epoch: a function of (seed, epoch) only, so a resumed run repeats it."""
+    """The example order of an epoch: a function of (seed, epoch) only, so a resumed run repeats it.
+
+    The generator's seed is ``(seed * 100_003 + epoch) mod 2**63``: any config seed (< 2**63) fits
+    torch's 64-bit seed, and seeds below 2**63 / 100_003 keep the orders they always had.
+    """
     if not shuffle:
         return list(range(num_examples))
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    g = torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**63)
     return torch.randperm(num_examples, generator=g).tolist()
 
 
