@@ -49,6 +49,13 @@ def test_json_and_jsonl_read_alike(tmp_path):
     assert load_alpaca_records([tmp_path / "a.json", tmp_path / "b.jsonl"]) == a + b
 
 
+def test_files_with_a_byte_order_mark(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(RECORDS), encoding="utf-8-sig")
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS), encoding="utf-8-sig")
+    assert load_alpaca_records([tmp_path / "a.json"]) == load_alpaca_records([tmp_path / "b.jsonl"])
+    assert load_alpaca_records([tmp_path / "a.json"])[0]["instruction"] == "Add."
+
+
 def test_bad_files_and_records_are_named(tmp_path):
     with pytest.raises(DataError, match=r"dataset.data_files: '.*missing.json' is not a file"):
         load_alpaca_records([tmp_path / "missing.json"])

@@ -121,6 +121,15 @@ def test_plot_cli_two_runs(tmp_path, capsys):
     assert plot.main([str(tmp_path / "lora"), str(tmp_path / "qlora"), "-o", str(out)]) == 0
     assert out.is_file() and "lora: 20 steps" in capsys.readouterr().out
     assert plot.main([str(tmp_path / "nothing"), "-o", str(out)]) == 2
+    # -o in a folder that does not exist yet: created; under a file, or a folder itself: an error naming -o
+    assert plot.main([str(tmp_path / "lora"), "-o", str(tmp_path / "new" / "sub" / "lora.png")]) == 0
+    assert (tmp_path / "new" / "sub" / "lora.png").is_file()
+    capsys.readouterr()
+    assert plot.main([str(tmp_path / "lora"), "-o", str(out / "x.png")]) == 2
+    assert f"argument -o/--output: cannot write '{out / 'x.png'}'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        plot.main([str(tmp_path / "lora"), "-o", str(tmp_path / "new")])
+    assert f"argument -o/--output: '{tmp_path / 'new'}' is a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         plot.main([str(tmp_path / "lora"), "--smoothing", "1.5"])
 

@@ -43,7 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    renderer = plot_loss_curves(curves, args.output, smoothing=args.smoothing, title=args.title)
+    output = Path(args.output)
+    if output.is_dir():
+        parser.error(f"argument -o/--output: '{args.output}' is a folder; give the path of the PNG file to write")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)  # as the trainer creates its output_dir
+        renderer = plot_loss_curves(curves, output, smoothing=args.smoothing, title=args.title)
+    except OSError as e:
+        print(f"error: argument -o/--output: cannot write '{args.output}': {e}", file=sys.stderr)
+        return 2
     note = "" if renderer == "matplotlib" else " (matplotlib is not installed: drawn by the built-in PNG writer; pip install matplotlib for a richer plot)"
     print(f"wrote {args.output}{note}")
     for c in curves:
