@@ -125,8 +125,8 @@ def train(cfg: Config) -> dict[str, Any]:
         model_setup.load_adapter_state(model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["lr_scheduler"])
-        # The config's lr, weight decay, betas, eps replace the saved ones; the schedule and
-        # clip_grad_norm are the config's already (the loaded state holds only the step count).
+        # The config's lr, weight decay, betas, eps replace the loaded ones (they may change on
+        # resume); the schedule's multiplier and clip_grad_norm come from the config anyway.
         apply_hyperparameters(
             optimizer, scheduler, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
             betas=cfg.optimizer.betas, eps=cfg.optimizer.eps,
