@@ -65,6 +65,17 @@ def test_bad_files_and_records_are_named(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"instruction": \n')
     with pytest.raises(DataError, match=r"broken.jsonl' line 1 is not valid JSON"):
         load_alpaca_records([tmp_path / "broken.jsonl"])
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": RECORDS}, indent=1))
+    with pytest.raises(DataError, match=r"wrapped.json' is one JSON object \(keys: data\); it must be a JSON list"):
+        load_alpaca_records([tmp_path / "wrapped.json"])
+    (tmp_path / "number.jsonl").write_text('{"instruction": "x", "input": 5, "output": "y"}\n')
+    with pytest.raises(DataError, match=r"number.jsonl:1: key 'input' must be a string or null when present; got 5"):
+        load_alpaca_records([tmp_path / "number.jsonl"])
+
+
+def test_null_input_means_no_input(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"instruction": "Greet.", "input": None, "output": "Hi"}) + "\n")
+    assert load_alpaca_records([tmp_path / "a.jsonl"]) == [{"instruction": "Greet.", "input": "", "output": "Hi"}]
 
 
 def test_alpaca_template():

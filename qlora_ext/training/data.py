@@ -83,6 +83,7 @@ def load_alpaca_records(files: Sequence[str | Path]) -> list[dict[str, str]]:
                 try:
                     located.append((f"{file}:{n}", json.loads(line)))
                 except json.JSONDecodeError as e:
+                    _refuse_one_object(file, text)
                     raise DataError(f"dataset.data_files: '{file}' line {n} is not valid JSON: {e}") from None
         for where, item in located:
             records.append(_check_record(where, item))
@@ -91,15 +92,30 @@ def load_alpaca_records(files: Sequence[str | Path]) -> list[dict[str, str]]:
     return records
 
 
+def _refuse_one_object(file: str | Path, text: str) -> None:
+    # A pretty-printed JSON object (e.g. {"data": [records]}) fails as JSON lines on its line 1;
+    # say what it is rather than which line failed.
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    if isinstance(whole, dict):
+        raise DataError(
+            f"dataset.data_files: '{file}' is one JSON object (keys: {', '.join(map(str, whole))}); it must be a "
+            "JSON list of {instruction, input, output} records or one record per line (JSON lines)"
+        )
+
+
 def _check_record(where: str, item: Any) -> dict[str, str]:
     if not isinstance(item, dict):
         raise DataError(f"record {where} must be an object with instruction, input, output; got {type(item).__name__}")
     for key in ("instruction", "output"):
         if not isinstance(item.get(key), str):
             raise DataError(f"record {where}: key '{key}' must be a string; got {item.get(key)!r}")
-    if not isinstance(item.get("input", ""), str):
-        raise DataError(f"record {where}: key 'input' must be a string when present; got {item['input']!r}")
-    return {"instruction": item["instruction"], "input": item.get("input", ""), "output": item["output"]}
+    value = item.get("input")  # absent or null (as a dataset export may write it): no input
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"record {where}: key 'input' must be a string or null when present; got {value!r}")
+    return {"instruction": item["instruction"], "input": value or "", "output": item["output"]}
 
 
 def tokenize_example(
