@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -192,27 +193,124 @@ def test_crash_mid_save_leaves_previous_checkpoint(base_dir, tmp_path, monkeypat
     assert _snapshot(adapter) == before_adapter
 
 
-def test_crash_before_stale_shards_are_removed_loads_the_new_weights(base_dir, tmp_path, monkeypatch):
-    # A sharded save, then a single-file one that dies after committing, before removing the old
-    # shards: model.safetensors comes first for us, as for transformers, so both read the new one.
+def _crash_at_step(monkeypatch, folder, step):
+    """Makes the step-th os.replace / os.remove of a path in ``folder`` raise, as a crash there would."""
+    calls = {"n": 0}
+
+    def counted(real):
+        def call(path, *args):
+            if os.path.dirname(os.path.abspath(path)) == str(folder):
+                calls["n"] += 1
+                if calls["n"] == step:
+                    raise OSError(f"simulated crash at step {step}")
+            return real(path, *args)
+
+        return call
+
+    monkeypatch.setattr(os, "replace", counted(os.replace))
+    monkeypatch.setattr(os, "remove", counted(os.remove))
+
+
+@pytest.mark.parametrize(
+    "before, after",
+    [("5GB", "300KB"), ("300KB", "5GB"), ("300KB", "300KB")],
+    ids=["single_to_sharded", "sharded_to_single", "sharded_to_same_shards"],
+)
+def test_a_crash_at_any_step_of_the_commit_never_loads_a_mix(base_dir, tmp_path, monkeypatch, before, after):
+    # Each step of moving the new files into place (renames, deleting the old config.json and the
+    # stale weight files) is made to fail in turn. The folder is then the old checkpoint as it was
+    # (the first step failed), or has no config.json, which we refuse (and transformers' Auto
+    # classes); never new shards under the old config, or a stale model.safetensors shadowing a new
+    # index.
     model = _trained(base_dir)
-    save_hf_checkpoint(model, tmp_path, max_shard_size="300KB")
-    with torch.no_grad():
-        model.tok_embeddings.weight.mul_(2.0)
-
-    def crash(path):
-        raise OSError(f"killed before removing {path}")
-
-    monkeypatch.setattr(os, "remove", crash)
-    with pytest.raises(OSError, match="killed before removing"):
-        save_hf_checkpoint(model, tmp_path)
-    monkeypatch.undo()
-    assert {"model.safetensors", "model.safetensors.index.json"} <= set(os.listdir(tmp_path))
+    old_dir, folder = tmp_path / "old", tmp_path / "out"
+    save_hf_checkpoint(model, old_dir, max_shard_size=before)
     tokens = torch.randint(0, 320, (2, 7))
     with torch.no_grad():
-        want = model(tokens)
-        assert rel_error(llama2_from_checkpoint(tmp_path).eval()(tokens), want) <= 1e-6
-        assert rel_error(_hf(tmp_path)(tokens).logits, want) <= 1e-5
+        old = model(tokens)
+        model.tok_embeddings.weight.mul_(2.0)
+        model.layers[1].mlp.w2.weight.mul_(0.5)
+        new = model(tokens)
+    assert rel_error(new, old) > 1e-2
+    refused, stale_and_new_together = 0, False
+    for step in range(1, 100):
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(old_dir, folder)
+        _crash_at_step(monkeypatch, folder, step)
+        try:
+            save_hf_checkpoint(model, folder, max_shard_size=after)
+            crashed = False
+        except OSError as e:
+            assert str(e) == f"simulated crash at step {step}"
+            crashed = True
+        monkeypatch.undo()
+        names = set(os.listdir(folder))
+        assert not [n for n in names if n.startswith(".tmp-")], step  # temporaries discarded
+        if not crashed:
+            break
+        if step == 1:
+            assert _snapshot(folder) == _snapshot(old_dir)  # deleting the old config.json failed
+            continue
+        assert "config.json" not in names, step
+        stale_and_new_together |= {"model.safetensors", "model.safetensors.index.json"} <= names
+        with pytest.raises(FileNotFoundError, match=r"neither a HF checkpoint \(config.json\)"):
+            llama2_from_checkpoint(folder)
+        refused += 1
+    assert not crashed and refused >= 2
+    assert stale_and_new_together == (before != after)  # the window the ordering has to cover was hit
+    with torch.no_grad():
+        assert rel_error(llama2_from_checkpoint(folder).eval()(tokens), new) <= 1e-6
+        assert rel_error(_hf(folder)(tokens).logits, new) <= 1e-5
+    assert ("model.safetensors" in os.listdir(folder)) == (after == "5GB")
+
+
+def test_failed_commit_discards_its_temporaries_and_hides_the_group(tmp_path, monkeypatch):
+    for name in ("a.bin", "b.bin", "index.json"):
+        (tmp_path / name).write_text("old")
+    staged = StagedFiles(tmp_path)
+    for name in ("a.bin", "b.bin", "c.bin", "index.json"):
+        staged.write(name, lambda path: open(path, "w").write("new"))
+    real_replace, renamed = os.replace, []
+
+    def replace(src, dst):
+        renamed.append(os.path.basename(dst))
+        if len(renamed) == 2:
+            raise OSError("disk gone")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk gone"):
+        staged.commit()
+    monkeypatch.undo()
+    assert renamed == ["a.bin", "b.bin"]
+    # The index that named the old files is gone, so nothing reads a.bin (new) with b.bin (old);
+    # c.bin's and the index's temporaries were deleted.
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.bin"]
+    assert (tmp_path / "a.bin").read_text() == "new" and (tmp_path / "b.bin").read_text() == "old"
+    assert staged.commit() == []  # nothing left staged
+
+
+def test_temporaries_of_killed_saves_are_swept(base_dir, tmp_path):
+    model = _trained(base_dir)
+    adapter = tmp_path / "adapter"
+    save_hf_checkpoint(model, tmp_path, max_shard_size="300KB")
+    save_peft_adapter(model, adapter)
+    # A killed save leaves what it staged: neither committed nor discarded.
+    killed = StagedFiles(tmp_path)
+    killed.write("model-00001-of-00009.safetensors", lambda path: open(path, "wb").write(b"partial"))
+    killed.write("model.safetensors.index.json", lambda path: open(path, "wb").write(b"{"))
+    killed.write("config.json", lambda path: None)
+    StagedFiles(adapter).write("adapter_model.safetensors", lambda path: open(path, "wb").write(b"partial"))
+    # Not ours to delete: other names, other patterns.
+    foreign = [".tmp-notes.txt.abcd1234", ".tmp-model.safetensors", ".tmp-config.json.TOOLONG12", "notes.txt"]
+    for name in foreign:
+        (tmp_path / name).write_text("keep")
+    assert sum(n.startswith(".tmp-") for n in os.listdir(tmp_path)) == 3 + 3
+    assert sum(n.startswith(".tmp-") for n in os.listdir(adapter)) == 1
+    save_hf_checkpoint(model, tmp_path, max_shard_size="300KB")
+    save_peft_adapter(model, adapter)
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".tmp-") or n == "notes.txt") == sorted(foreign)
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_atomic_helpers(tmp_path):
@@ -226,6 +324,12 @@ def test_atomic_helpers(tmp_path):
             f.write(b"partial")
         raise RuntimeError("interrupted")
     assert torch.load(target) == {"a": 1} and os.listdir(tmp_path) == ["state.pt"]
+    # A killed writer's temporary of the same file is deleted by the next write; others stay.
+    (tmp_path / ".tmp-state.pt.k1lled_x").write_bytes(b"partial")
+    (tmp_path / ".tmp-other.pt.abcdefgh").write_bytes(b"someone else's")
+    with atomic_path(target) as tmp:
+        torch.save({"a": 2}, tmp)
+    assert sorted(os.listdir(tmp_path)) == [".tmp-other.pt.abcdefgh", "state.pt"] and torch.load(target) == {"a": 2}
     with pytest.raises(ValueError, match=r"argument 'name' must be a plain file name; got '../x'"):
         StagedFiles(tmp_path).write("../x", lambda p: None)
 

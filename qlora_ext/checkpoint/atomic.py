@@ -5,17 +5,25 @@ Each file is written under a temporary name in the destination folder (same file
 ``os.replace`` is an atomic rename), flushed and fsync'ed, then renamed; the folder is fsync'ed
 so the rename itself survives a power loss. ``StagedFiles`` does this for a set of files that
 belong together (checkpoint shards and their index): all are written and synced before any is
-renamed, so a crash while writing leaves every previous file untouched.
+renamed, so a crash while writing leaves every previous file untouched, and the commit is ordered
+so that a crash while renaming leaves a folder loaders refuse, never a mix of old and new files.
+
+Temporaries are named ``.tmp-<final name>.<8 random characters>``. A process killed mid-save
+cannot delete its own, so a later save into the folder does (``sweep_temporaries``): two saves
+into one folder at the same time are not supported (they would replace each other's files anyway).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 
 _TMP_PREFIX = ".tmp-"
+# mkstemp's names: our prefix and the final name, a dot, then 8 of its random characters.
+_TMP_NAME = re.compile(r"\.tmp-(?P<name>.+)\.[a-z0-9_]{8}")
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -39,6 +47,24 @@ def _temp_path(final_path: str) -> str:
     return tmp
 
 
+def sweep_temporaries(folder: str | os.PathLike, owns: Callable[[str], object]) -> list[str]:
+    """Deletes the temporaries that killed writers left in ``folder`` for the final names ``owns``
+    accepts (files named by this module's pattern only); returns their paths."""
+    folder = os.fspath(folder)
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    swept = []
+    for name in names:
+        match = _TMP_NAME.fullmatch(name)
+        if match and owns(match["name"]):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+                swept.append(os.path.join(folder, name))
+    return swept
+
+
 def _fsync_file(path: str) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -47,13 +73,16 @@ def _fsync_file(path: str) -> None:
 @contextlib.contextmanager
 def atomic_path(final_path: str | os.PathLike) -> Iterator[str]:
     """Yields a temporary path to write ``final_path``'s content to; on a clean exit the file is
-    synced and renamed to ``final_path``, on an exception it is deleted.
+    synced and renamed to ``final_path``, on an exception it is deleted. Temporaries of
+    ``final_path`` that a killed writer left are deleted first.
 
         with atomic_path("out/state.pt") as tmp:
             torch.save(state, tmp)
     """
     final_path = os.fspath(final_path)
-    os.makedirs(os.path.dirname(os.path.abspath(final_path)), exist_ok=True)
+    folder, name = os.path.split(os.path.abspath(final_path))
+    os.makedirs(folder, exist_ok=True)
+    sweep_temporaries(folder, lambda stale: stale == name)
     tmp = _temp_path(final_path)
     try:
         yield tmp
@@ -80,21 +109,28 @@ def atomic_write_text(final_path: str | os.PathLike, text: str) -> None:
 class StagedFiles:
     """A group of files committed together into one folder.
 
-        with StagedFiles(out_dir) as staged:
+        with StagedFiles(out_dir, owns=is_checkpoint_file) as staged:
             staged.write("model-00001-of-00002.safetensors", lambda p: save_file(t1, p))
-            staged.write("model.safetensors.index.json", lambda p: open(p, "w").write(index))
-        # all renamed into place here, in the order written; an exception deletes the temporaries
+            staged.write("config.json", lambda p: open(p, "w").write(config))
+        # all moved into place here (see commit); an exception deletes the temporaries
 
-    Files are renamed in the order they were staged: stage the file that names the others (an
-    index, a config) last, so it only ever points at files that are complete.
+    The file staged last must be the one loaders find the group by (a config, an index): the
+    commit takes it away first and puts it back last.
 
     Args:
         folder: the destination folder (created if missing).
+        owns: tells which final names belong to this kind of group (e.g. every HF weight file
+            name and ``config.json``). Temporaries of such names that a killed save left in the
+            folder are deleted now, and files of such names that the group does not write again
+            (shards of an earlier, larger save) are deleted by the commit. Default: none.
     """
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, *, owns: Callable[[str], object] | None = None):
         self.folder = os.path.abspath(os.fspath(folder))
+        self._owns = owns
         self._staged: list[tuple[str, str]] = []
+        if owns is not None:
+            sweep_temporaries(self.folder, owns)
 
     def write(self, name: str, writer: Callable[[str], object]) -> None:
         """Calls ``writer(temp_path)`` to produce the file ``name``, then syncs it to disk.
@@ -113,13 +149,45 @@ class StagedFiles:
         _fsync_file(tmp)
 
     def commit(self) -> list[str]:
-        """Renames every staged file into place; returns the final paths."""
-        paths = []
-        for name, tmp in self._staged:
-            path = os.path.join(self.folder, name)
-            os.replace(tmp, path)
-            paths.append(path)
-        self._staged = []
+        """Moves every staged file into place; returns the final paths, in staging order.
+
+        The steps: (1) delete the existing file under the last staged name (the one loaders find
+        the group by); (2) rename the other staged files into place, in order; (3) delete the
+        files of owned names that were not staged (stale shards); (4) rename the last file into
+        place. The folder is synced after (1) and before (4), so even after a power loss a reader
+        sees the previous group complete, or a folder without that file (which loaders refuse),
+        or the new group complete: never new files under an old index or config, nor old ones
+        under a new one.
+
+        Raises:
+            OSError (or whatever interrupted it): a failed step. The temporaries not yet renamed
+                are deleted and the exception propagates; the folder is then left without the
+                last staged file, or unchanged if step (1) itself failed.
+        """
+        staged, self._staged = self._staged, []
+        if not staged:
+            return []
+        paths = [os.path.join(self.folder, name) for name, _ in staged]
+        done = 0
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(paths[-1])
+            fsync_dir(self.folder)
+            for (_, tmp), path in zip(staged[:-1], paths):
+                os.replace(tmp, path)
+                done += 1
+            if self._owns is not None:
+                keep = {name for name, _ in staged}
+                for name in os.listdir(self.folder):
+                    if name not in keep and self._owns(name) and not _TMP_NAME.fullmatch(name):
+                        os.remove(os.path.join(self.folder, name))
+            fsync_dir(self.folder)
+            os.replace(staged[-1][1], paths[-1])
+            done += 1
+        except BaseException:
+            self._staged = staged[done:]
+            self.discard()
+            raise
         fsync_dir(self.folder)
         return paths
 

@@ -52,7 +52,8 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_mode
 
     Args:
         model: a LoRA / QLoRA Llama-2 ``TransformerDecoder``.
-        out_dir: the folder (created if needed); both files are replaced atomically together.
+        out_dir: the folder (created if needed); both files are replaced together (a crash
+            midway leaves no adapter_config.json, never a mix), temporaries of a killed save removed.
         base_model_name_or_path: recorded in the config (the HF checkpoint it adapts).
 
     Returns:
@@ -103,7 +104,7 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_mode
 
     from safetensors.torch import save_file
 
-    with StagedFiles(out_dir) as staged:
+    with StagedFiles(out_dir, owns=lambda name: name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME)) as staged:
         staged.write(ADAPTER_WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
         staged.write(ADAPTER_CONFIG_NAME, lambda path: _write_json(path, config))
     return [os.path.join(os.fspath(out_dir), n) for n in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME)]

@@ -97,7 +97,10 @@ def save_hf_checkpoint(
     Args:
         model: a Llama-2 ``TransformerDecoder`` (dense, LoRA or QLoRA).
         out_dir: the folder (created if needed). Weight files of an earlier save there are
-            replaced; stale shards it no longer names are removed after the new files are in place.
+            replaced, and the ones this save does not write again (shards of a larger save, a
+            single ``model.safetensors``) are deleted, as are temporaries a killed save left. A
+            crash while the new files are moved into place leaves the folder without
+            ``config.json`` (loaders refuse it), never old and new weights together.
         dtype: dtype of the saved weights (default: each weight's own, NF4 ones their original).
         max_shard_size: bytes per shard, as an int or a string like "5GB" / "500MB".
         merge_adapters: fold LoRA updates into the weights (True) or save the base model.
@@ -160,7 +163,9 @@ def save_hf_checkpoint(
     if bnb_4bit:
         config["quantization_config"] = bnb4bit_quantization_config(config_dtype)
 
-    with torch.no_grad(), StagedFiles(out_dir) as staged:
+    # config.json goes last: the commit takes the old one away first and puts the new one back
+    # last, with stale shards and a stale single file deleted in between (atomic.StagedFiles).
+    with torch.no_grad(), StagedFiles(out_dir, owns=_is_hf_checkpoint_file) as staged:
         for file_name, shard in zip(names, shards):
             staged.write(file_name, lambda path, shard=shard: write_safetensors(path, shard, lambda n: producers[n](), {"format": "pt"}))
         if len(shards) > 1:
@@ -171,10 +176,11 @@ def save_hf_checkpoint(
             staged.write("model.safetensors.index.json", lambda path: _write_json(path, index))
         staged.write("config.json", lambda path: _write_json(path, config))
     kept = set(names) | ({"model.safetensors.index.json"} if len(shards) > 1 else set())
-    for stale in os.listdir(out_dir):
-        if _HF_WEIGHT_FILE.fullmatch(stale) and stale not in kept:
-            os.remove(os.path.join(out_dir, stale))
     return [os.path.join(out_dir, n) for n in sorted(kept | {"config.json"})]
+
+
+def _is_hf_checkpoint_file(name: str) -> bool:
+    return name == "config.json" or bool(_HF_WEIGHT_FILE.fullmatch(name))
 
 
 def _write_json(path: str, data: dict) -> None:
