@@ -57,6 +57,28 @@ def test_rope_base_and_norm_eps_are_read_from_config_json(tmp_path):
         assert rel_error(ours(tokens), got) > 1e-4
 
 
+def test_absent_config_fields_take_transformers_defaults(tmp_path):
+    # transformers' LlamaConfig defaults: rms_norm_eps 1e-6, max_position_embeddings 2048,
+    # rope_theta 10000; a config.json without them means those.
+    hf = hf_llama(num_kv_heads=2, seed=6, rms_norm_eps=1e-6)
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("rms_norm_eps", "max_position_embeddings", "rope_theta", "rope_parameters", "rope_scaling"):
+        config.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    defaults = transformers().LlamaConfig()
+    assert (defaults.rms_norm_eps, defaults.max_position_embeddings) == (1e-6, 2048)
+    read = read_checkpoint_config(tmp_path)
+    assert (read.norm_eps, read.max_seq_len, read.rope_base) == (1e-6, 2048, 10_000.0)
+    hf_again = transformers().LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert hf_again.config.rms_norm_eps == 1e-6 and hf_again.config.max_position_embeddings == 2048
+    ours = llama2_from_checkpoint(tmp_path).eval()
+    assert ours.norm.eps == 1e-6 and ours.layers[0].sa_norm.eps == 1e-6 and ours.max_seq_len == 2048
+    tokens = torch.randint(0, 320, (2, 9))
+    with torch.no_grad():
+        assert rel_error(ours(tokens), hf_logits(hf_again, tokens)) <= 1e-5
+
+
 @pytest.mark.parametrize("layout", ["sharded_safetensors", "bin", "sharded_bin"])
 def test_other_hf_file_layouts(hf_models, tmp_path, layout):
     hf, _ = hf_models[2]

@@ -40,7 +40,9 @@ class Llama2Config:
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> Llama2Config:
-        """Reads a HF ``LlamaConfig`` dict (transformers 4 or 5 spelling).
+        """Reads a HF ``LlamaConfig`` dict (transformers 4 or 5 spelling); a field it lacks has
+        ``LlamaConfig``'s default (``rms_norm_eps`` 1e-6, ``max_position_embeddings`` 2048,
+        ``rope_theta`` 10000).
 
         Raises:
             ValueError: listing every missing field and every setting this model does not
@@ -77,8 +79,9 @@ class Llama2Config:
             num_kv_heads=config.get("num_key_value_heads") or heads,
             embed_dim=config["hidden_size"],
             intermediate_dim=config["intermediate_size"],
-            max_seq_len=config.get("max_position_embeddings", 4096),
-            norm_eps=config.get("rms_norm_eps", 1e-5),
+            # Absent fields mean transformers' LlamaConfig defaults, not Llama-2's own values.
+            max_seq_len=config.get("max_position_embeddings", 2048),
+            norm_eps=config.get("rms_norm_eps", 1e-6),
             rope_base=float(rope_base),
         )
 
