@@ -7,14 +7,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
 from llama_helpers import hf_llama, rel_error, transformers
 
+from qlora_ext import LoRALinear
 from qlora_ext.checkpoint import (
     StagedFiles,
     atomic_path,
+    load_checkpoint,
     load_peft_adapter,
     read_adapter_config,
     save_hf_checkpoint,
@@ -150,6 +153,83 @@ def test_merged_checkpoint_loads_in_transformers(base_dir, tmp_path, quantize_ba
     assert reloaded.tok_embeddings.weight.dtype == torch.float32  # loaded in the default dtype
     with torch.no_grad():
         assert rel_error(reloaded(tokens), model(tokens)) <= 2e-2  # bf16 weights
+
+
+def _merge_all(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # merging into an NF4 base rounds; the warning says so
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.merge_()
+
+
+@pytest.mark.parametrize("quantize_base", [False, True], ids=["lora", "qlora"])
+def test_base_of_a_merged_model_is_saved_without_its_adapter(base_dir, tmp_path, quantize_base):
+    # merge_adapters=False saves the base: for a module whose adapter is merged into its weight,
+    # the adapter is taken back out, so PEFT's base + adapter is our model (not base + 2 adapters).
+    peft = pytest.importorskip("peft")
+    model = _trained(base_dir, quantize_base=quantize_base)
+    tokens = torch.randint(0, 320, (2, 9))
+    with torch.no_grad():
+        unmerged = model(tokens)
+    _merge_all(model)
+    with torch.no_grad():
+        want = model(tokens)  # an NF4 merge rounds: compare with the merged model itself
+    if not quantize_base:
+        assert rel_error(want, unmerged) <= 1e-5
+    save_hf_checkpoint(model, tmp_path / "base", merge_adapters=False)
+    save_peft_adapter(model, tmp_path / "adapter")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "base" / "model.safetensors")
+    source = load_file(os.path.join(base_dir, "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    if not quantize_base:
+        torch.testing.assert_close(saved[key], source[key], rtol=0, atol=1e-6)
+    peft_model = peft.PeftModel.from_pretrained(_hf(tmp_path / "base"), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert rel_error(peft_model(tokens).logits, want) <= 1e-5
+    # Merged weights are written as they are with merge_adapters=True (the adapter not added twice).
+    save_hf_checkpoint(model, tmp_path / "merged")
+    with torch.no_grad():
+        assert rel_error(_hf(tmp_path / "merged")(tokens).logits, want) <= 1e-5
+    if quantize_base:
+        with pytest.raises(ValueError, match=r"bnb_4bit=True writes each 4-bit base weight as stored, so the model must have no merged adapters; "
+                           r"LoRA modules \['layers.0.attn.q_proj', .* call unmerge_\(\) on them first"):
+            save_hf_checkpoint(model, tmp_path / "bnb", merge_adapters=False, bnb_4bit=True)
+        assert not os.path.exists(tmp_path / "bnb")
+
+
+def test_loading_into_a_merged_model_is_refused(base_dir, tmp_path):
+    # A merged module's forward skips the adapter: new base weights or a new adapter loaded into it
+    # would be silently wrong, so loading names the modules and asks for unmerge_() first.
+    trained = _trained(base_dir)
+    save_peft_adapter(trained, tmp_path / "adapter")
+    tokens = torch.randint(0, 320, (2, 9))
+    with torch.no_grad():
+        want = trained(tokens)
+    model = llama2_from_checkpoint(base_dir, ["q_proj", "v_proj", "output_proj"], True, True, lora_rank=4, lora_alpha=8).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(std=0.05)  # another adapter
+    _merge_all(model)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    message = (r"argument 'model' must have no merged adapters; LoRA modules \['layers.0.attn.q_proj', 'layers.0.attn.v_proj', .*\] "
+               r"have theirs merged into the base weight \(merged=True\): call unmerge_\(\) on them before loading")
+    with pytest.raises(ValueError, match="load_peft_adapter: " + message):
+        load_peft_adapter(model, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="load_checkpoint: " + message):
+        load_checkpoint(model, base_dir)
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # nothing loaded
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.unmerge_()
+    load_checkpoint(model, base_dir)
+    load_peft_adapter(model, tmp_path / "adapter")
+    with torch.no_grad():
+        assert rel_error(model(tokens), want) <= 1e-6
 
 
 def _snapshot(folder):

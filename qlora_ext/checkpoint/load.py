@@ -93,7 +93,8 @@ def load_checkpoint(
     Raises:
         FileNotFoundError: no checkpoint in ``checkpoint_dir``, or a named file is not there.
         ValueError: the architecture differs from the model's, or keys are missing, unexpected
-            or of the wrong shape (all listed), or the config is unsupported.
+            or of the wrong shape (all listed), or the config is unsupported, or a LoRA module of
+            the model has its adapter merged into its base weight (call ``unmerge_()`` first).
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
     fmt = checkpoint_format(checkpoint_dir)
@@ -150,9 +151,11 @@ def load_entries(
         source: names the checkpoint in error messages.
 
     Raises:
-        ValueError: missing, unexpected or wrongly shaped keys (listed, nothing loaded).
+        ValueError: missing, unexpected or wrongly shaped keys (listed, nothing loaded), or LoRA
+            modules with a merged adapter (nothing loaded).
         RuntimeError: a meta-device model still has meta tensors afterwards.
     """
+    refuse_merged(model, "load_checkpoint")
     targets = _targets(model)
     adapters = {strip_wrappers(name) for name in get_adapter_params(model)}
     plan, unexpected, mismatched = [], [], []
@@ -187,6 +190,18 @@ def load_entries(
         _assign(module, attr, value, device)
         del value  # one checkpoint tensor alive at a time
     _materialize_rest(model, device)
+
+
+def refuse_merged(model: nn.Module, caller: str) -> None:
+    """Raises ValueError naming the LoRA linears whose adapter is merged into their base weight
+    (``merged=True``): weights loaded into such a module would leave its merged state wrong (the
+    old adapter in a new base, or a new adapter next to the old one in the base)."""
+    merged = [strip_wrappers(name) for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.merged]
+    if merged:
+        raise ValueError(
+            f"{caller}: argument 'model' must have no merged adapters; LoRA modules {merged[:_LIST_LIMIT]} have theirs "
+            "merged into the base weight (merged=True): call unmerge_() on them before loading"
+        )
 
 
 def _targets(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:

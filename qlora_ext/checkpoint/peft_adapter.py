@@ -17,6 +17,7 @@ from torch import nn
 
 from qlora_ext.checkpoint.atomic import StagedFiles
 from qlora_ext.checkpoint.convert import hf_module_name, strip_wrappers
+from qlora_ext.checkpoint.load import refuse_merged
 from qlora_ext.modules.lora_linear import LoRALinear
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -161,7 +162,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
     Raises:
         FileNotFoundError: the adapter files are missing.
         ValueError: rank or alpha differ from the model's, or keys are missing, unexpected or of
-            the wrong shape (all listed).
+            the wrong shape (all listed), or a LoRA module has its adapter merged into its base
+            weight (call ``unmerge_()`` first); nothing is loaded then.
     """
     from safetensors.torch import load_file
 
@@ -169,6 +171,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
     weights_path = os.path.join(os.fspath(adapter_dir), ADAPTER_WEIGHTS_NAME)
     if not os.path.exists(weights_path):
         raise FileNotFoundError(f"argument 'adapter_dir' must hold {ADAPTER_WEIGHTS_NAME}; not found in {os.fspath(adapter_dir)!r}")
+    refuse_merged(model, "load_peft_adapter")
     modules = lora_modules(model)
     problems = [
         f"{name}: adapter (r={builder_args['lora_rank']}, alpha={builder_args['lora_alpha']}) vs model (r={m.rank}, alpha={m.alpha})"

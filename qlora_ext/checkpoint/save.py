@@ -76,6 +76,12 @@ def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _base_weight(module: LoRALinear, dtype: torch.dtype) -> Tensor:
     weight = module.weight
+    if module.merged:
+        # The stored weight holds the adapter (merge_): take it back out, as unmerge_ would, so
+        # that this base plus the saved adapter is the model again.
+        compute = torch.promote_types(module.lora_b.weight.dtype, torch.float32)
+        base = weight.dequantize(torch.float32) if isinstance(weight, NF4Tensor) else weight.detach()
+        return (base.to(compute) - module.adapter_delta(compute)).to(dtype)
     if isinstance(weight, NF4Tensor):
         return weight.dequantize(dtype)
     return weight.detach().to(dtype)
@@ -103,7 +109,9 @@ def save_hf_checkpoint(
             ``config.json`` (loaders refuse it), never old and new weights together.
         dtype: dtype of the saved weights (default: each weight's own, NF4 ones their original).
         max_shard_size: bytes per shard, as an int or a string like "5GB" / "500MB".
-        merge_adapters: fold LoRA updates into the weights (True) or save the base model.
+        merge_adapters: fold LoRA updates into the weights (True) or save the base model
+            (False); a module whose adapter is merged (``merge_()``) then has it taken back out
+            of the saved weight, so the base plus ``save_peft_adapter``'s adapter is the model.
         base_config: an original config.json dict to keep unrelated fields of.
         bnb_4bit: write the attention and MLP linear weights in bitsandbytes' 4-bit layout (NF4,
             double quantization, blocksize 64) and its ``quantization_config``, as transformers
@@ -118,8 +126,9 @@ def save_hf_checkpoint(
 
     Raises:
         ValueError: a parameter without HF counterpart, a bad ``max_shard_size``, or ``bnb_4bit``
-            with ``merge_adapters`` on a model that has adapters or with a ``dtype`` other than
-            float32, bfloat16 and float16.
+            with ``merge_adapters`` on a model that has adapters, with merged adapters (the 4-bit
+            base would have to be quantized again without them; call ``unmerge_()`` first), or
+            with a ``dtype`` other than float32, bfloat16 and float16.
     """
     out_dir = os.fspath(out_dir)
     limit = _parse_size(max_shard_size)
@@ -132,6 +141,13 @@ def save_hf_checkpoint(
         raise ValueError(
             "save_hf_checkpoint: bnb_4bit=True needs merge_adapters=False for a model with LoRA adapters "
             "(merging into a 4-bit weight would quantize it again); save the adapters with save_peft_adapter"
+        )
+    merged = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.merged]
+    if bnb_4bit and merged:
+        raise ValueError(
+            "save_hf_checkpoint: bnb_4bit=True writes each 4-bit base weight as stored, so the model must have no merged "
+            f"adapters; LoRA modules {[strip_wrappers(n) for n in merged][:20]} have theirs merged (merged=True): "
+            "call unmerge_() on them first"
         )
     specs = []
     producers = {}
