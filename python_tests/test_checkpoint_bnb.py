@@ -1,7 +1,8 @@
 """bitsandbytes 4-bit HF checkpoints, in and out: transformers + bitsandbytes quantize a random
 checkpoint (NF4, double quantization, on CPU) and save it; we load it into NF4Tensors exactly as
-stored (no re-quantization) and match HF + bitsandbytes logits; unsupported quantization settings
-are reported by name. Out: ``save_hf_checkpoint(..., bnb_4bit=True)`` writes the keys transformers
+stored (no re-quantization) and match HF + bitsandbytes logits, also from bfloat16 quant storage;
+unsupported quantization settings and bad storage tensors are reported by name before anything is
+loaded. Out: ``save_hf_checkpoint(..., bnb_4bit=True)`` writes the keys transformers
 writes, with bitsandbytes' 4-bit codes, and transformers loads it in 4 bits with our logits.
 
 On a CPU with AVX512-BF16, bitsandbytes 0.50's ``Linear4bit`` runs inference (eval, no grad)
@@ -23,7 +24,7 @@ import torch
 from llama_helpers import hf_llama, hf_logits, rel_error, transformers
 
 from qlora_ext import NF4Tensor, to_nf4
-from qlora_ext.checkpoint import save_hf_checkpoint
+from qlora_ext.checkpoint import load_checkpoint, save_hf_checkpoint
 from qlora_ext.models.llama2 import llama2_from_checkpoint
 
 ALL_ATTN = ["q_proj", "k_proj", "v_proj", "output_proj"]
@@ -149,6 +150,69 @@ def test_unsupported_bnb_settings_are_named(bnb_checkpoint, tmp_path, edit, mess
     folder = _rewrite(bnb_dir, tmp_path, edit)
     with pytest.raises(ValueError, match=message):
         llama2_from_checkpoint(folder, ALL_ATTN, quantize_base=True)
+
+
+def test_bfloat16_quant_storage_is_read_as_the_same_bytes(bnb_checkpoint, tmp_path):
+    # bnb_4bit_quant_storage=bfloat16 (FSDP-QLoRA) stores the packed uint8 codes reinterpreted as
+    # bfloat16 ([numel / 4, 1]); transformers + bitsandbytes write it, we read the same NF4 storage.
+    tf = transformers()
+    _, dense_dir, bnb_dir = bnb_checkpoint
+    quant = tf.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.bfloat16,
+    )
+    tf.LlamaForCausalLM.from_pretrained(dense_dir, quantization_config=quant, device_map="cpu").save_pretrained(tmp_path)
+    stored, uint8_stored = _stored(tmp_path), _stored(bnb_dir)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert stored[key].dtype == torch.bfloat16 and stored[key].shape == (uint8_stored[key].shape[0] // 2, 1)
+    assert torch.equal(stored[key].view(torch.uint8), uint8_stored[key].view(-1, 2))  # the same bytes
+    ours = llama2_from_checkpoint(tmp_path, ALL_ATTN, apply_lora_to_mlp=True, quantize_base=True).eval()
+    want = llama2_from_checkpoint(bnb_dir, ALL_ATTN, apply_lora_to_mlp=True, quantize_base=True).eval()
+    for name in ("layers.0.attn.q_proj", "layers.1.mlp.w2"):
+        got, expected = ours.get_submodule(name).weight, want.get_submodule(name).weight
+        assert all(torch.equal(a, b) for a, b in zip(got.components(), expected.components())), name
+    tokens = torch.randint(0, 320, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(ours(tokens), want(tokens))
+        assert torch.equal(llama2_from_checkpoint(tmp_path).eval()(tokens), llama2_from_checkpoint(bnb_dir).eval()(tokens))
+
+
+UP1 = "model.layers.1.mlp.up_proj.weight"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.__setitem__(UP1, s[UP1].view(-1).view(torch.int32).reshape(-1, 1)), rf"'{UP1}' must be stored as one of \[.*\] \(bnb_4bit_quant_storage\); got torch.int32"),
+        (lambda s: s.__setitem__(UP1, s[UP1][:-8]), rf"'{UP1}' must hold 98304 bytes \(two codes per byte\) for shape \[768, 256\]; got 98296"),
+        (lambda s: s.__setitem__(UP1 + ".absmax", s[UP1 + ".absmax"].float()), rf"'{UP1}.absmax' must be torch.uint8 with 3072 elements .*; got torch.float32 with 3072"),
+        (lambda s: s.__setitem__(UP1 + ".nested_absmax", s[UP1 + ".nested_absmax"][:1]), rf"'{UP1}.nested_absmax' must be .* with 12 elements .*; got torch.float32 with 1"),
+    ],
+    ids=["storage_dtype", "packed_size", "absmax_dtype", "nested_absmax_size"],
+)
+def test_bad_storage_is_refused_before_anything_is_loaded(bnb_checkpoint, tmp_path, edit, message):
+    # The bad weight is one of the last: every tensor is checked before any is assigned, so the
+    # model is left as it was, not half overwritten.
+    _, dense_dir, bnb_dir = bnb_checkpoint
+    folder = _rewrite(bnb_dir, tmp_path, edit)
+    model = llama2_from_checkpoint(dense_dir, ALL_ATTN, quantize_base=True).eval()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(model, folder)
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_truncated_file_is_refused_before_anything_is_loaded(bnb_checkpoint, tmp_path):
+    _, dense_dir, _ = bnb_checkpoint
+    shutil.copy(os.path.join(dense_dir, "config.json"), tmp_path / "config.json")
+    data = Path(dense_dir, "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-100])  # the last tensor's end is missing
+    model = llama2_from_checkpoint(dense_dir).eval()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor '.*' \(F32 \[.*\]\) has data offsets .* do not fit .* \(a truncated or corrupt file\)"):
+        load_checkpoint(model, tmp_path)
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
 
 
 def test_dense_source_quantization_is_ours(bnb_checkpoint):

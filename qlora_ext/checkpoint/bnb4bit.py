@@ -7,7 +7,8 @@
     X.weight.nested_quant_map                  float32 [256]          the 8-bit absmax code values
     X.weight.quant_state.bitsandbytes__nf4     uint8 JSON             blocksizes, dtype, shape, offset
 
-which is this package's NF4 format (DESIGN.md section 2) with other names: bitsandbytes' absmax
+(with ``bnb_4bit_quant_storage`` other than uint8, ``X.weight`` holds the same bytes viewed as that
+dtype), which is this package's NF4 format (DESIGN.md section 2) with other names: bitsandbytes' absmax
 codes, nested absmax and nested offset are our ``absmax_codes``, ``absmax_scales`` and
 ``absmax_offset``. Read, they become an ``NF4Tensor`` as stored, without quantizing again; written
 (``bnb4bit_entries``), an ``NF4Tensor``'s storage is these keys byte for byte.
@@ -16,6 +17,7 @@ codes, nested absmax and nested offset are our ``absmax_codes``, ``absmax_scales
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 
 import torch
@@ -29,31 +31,38 @@ _AUX = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 BNB4BIT_DTYPES = tuple(_DTYPES.values())  # the dtypes a quant state can name
+# bnb_4bit_quant_storage: the dtype the packed bytes are stored as (transformers' choices).
+_STORAGE_DTYPES = (torch.uint8, torch.int8, torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 class Bnb4bitWeight:
     """One bitsandbytes-quantized weight of a checkpoint, checked against our format.
 
+    Everything is checked here, from the quant state and the keys' dtypes and shapes, so a loader
+    that builds every weight first finds any problem before it has loaded anything.
+
     Args:
         name: the weight's key (``...q_proj.weight``).
-        get: reads a tensor of the checkpoint by key.
-        keys: all keys of the checkpoint (to find the auxiliary ones).
+        files: the checkpoint's tensors (``readers.TensorFiles``: ``get``, ``keys()``, ``shapes``,
+            ``dtypes``).
 
     Raises:
         ValueError: a missing auxiliary key, fp4 instead of nf4, blocksizes other than 64/256, no
-            double quantization, code tables that differ from ours, an unknown dtype.
+            double quantization, code tables that differ from ours, an unknown dtype, or storage
+            tensors whose dtype or size disagree with the quant state's shape.
     """
 
-    def __init__(self, name: str, get: Callable[[str], Tensor], keys: set[str]):
+    def __init__(self, name: str, files):
         self.name = name
-        self._get = get
+        self._get = files.get
+        keys = files.keys()
         state_keys = [k for k in keys if k.startswith(name + _STATE_SUFFIX)]
         quant_type = state_keys[0][len(name + _STATE_SUFFIX) :] if state_keys else None
         problems = []
         if quant_type != "nf4":
             problems.append(f"quant_type must be 'nf4'; got {quant_type!r}")
             raise ValueError(self._message(problems))
-        state = json.loads(bytes(get(state_keys[0]).tolist()).decode("utf-8"))
+        state = json.loads(bytes(files.get(state_keys[0]).tolist()).decode("utf-8"))
         missing = [name + suffix for suffix in _AUX[:2] if name + suffix not in keys]
         if missing:
             problems.append(f"missing keys {missing}")
@@ -72,9 +81,10 @@ class Bnb4bitWeight:
         if state.get("nested_dtype", "float32") != "float32":
             problems.append(f"nested_dtype must be 'float32'; got {state.get('nested_dtype')!r}")
         for suffix, table in ((".quant_map", NF4_VALUES), (".nested_quant_map", ABSMAX_CODE_MAP)):
-            stored = get(name + suffix)
+            stored = files.get(name + suffix)
             if not torch.equal(stored.float().reshape(-1), torch.tensor(table, dtype=torch.float32)):
                 problems.append(f"{name + suffix} must equal this package's table (qlora_ext._tables); it differs")
+        problems += _storage_problems(name, files, state.get("shape"))
         if problems:
             raise ValueError(self._message(problems))
         self.shape = tuple(state["shape"])
@@ -85,17 +95,10 @@ class Bnb4bitWeight:
         return f"bitsandbytes 4-bit weight '{self.name}' cannot be read as NF4: " + "; ".join(problems)
 
     def load(self) -> NF4Tensor:
-        """The weight as an NF4Tensor on CPU (storage as read, nothing re-quantized).
-
-        Raises:
-            ValueError: the packed storage is not uint8, or sizes disagree with the shape.
-        """
-        packed = self._get(self.name)
-        if packed.dtype != torch.uint8:
-            raise ValueError(
-                f"bitsandbytes 4-bit weight '{self.name}' must be stored as uint8 (bnb_4bit_quant_storage='uint8'); "
-                f"got {packed.dtype}"
-            )
+        """The weight as an NF4Tensor on CPU (storage as read, nothing re-quantized)."""
+        # bnb_4bit_quant_storage other than uint8 (FSDP-QLoRA's bfloat16) stores the same packed
+        # bytes reinterpreted as that dtype; read them back as bytes.
+        packed = self._get(self.name).reshape(-1).view(torch.uint8)
         return NF4Tensor.from_components(
             packed,
             self._get(self.name + ".absmax"),
@@ -104,6 +107,33 @@ class Bnb4bitWeight:
             self.shape,
             self.dtype,
         )
+
+
+def _storage_problems(name: str, files, shape) -> list[str]:
+    """What is wrong with the dtypes and sizes of a weight's storage keys, for its quant state's shape."""
+    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+        return [f"the quant_state's shape must be a list of positive sizes; got {shape!r}"]
+    numel = math.prod(shape)
+    if numel % BLOCK_SIZE:
+        return [f"the quant_state's shape {shape} must have a number of elements divisible by {BLOCK_SIZE}; got {numel}"]
+    blocks = numel // BLOCK_SIZE
+    problems = []
+    dtype, packed_bytes = files.dtypes[name], math.prod(files.shapes[name]) * _itemsize(files.dtypes[name])
+    if dtype not in _STORAGE_DTYPES:
+        problems.append(f"'{name}' must be stored as one of {[str(d) for d in _STORAGE_DTYPES]} (bnb_4bit_quant_storage); got {dtype}")
+    elif packed_bytes != numel // 2:
+        problems.append(f"'{name}' must hold {numel // 2} bytes (two codes per byte) for shape {shape}; got {packed_bytes} ({dtype} {list(files.shapes[name])})")
+    for suffix, want_dtype, want_numel in ((".absmax", (torch.uint8,), blocks), (".nested_absmax", _DTYPES.values(), -(-blocks // SCALER_BLOCK_SIZE))):
+        key = name + suffix
+        got_dtype, got_numel = files.dtypes[key], math.prod(files.shapes[key])
+        if got_dtype not in want_dtype or got_numel != want_numel:
+            want = " or ".join(str(d) for d in want_dtype)
+            problems.append(f"'{key}' must be {want} with {want_numel} elements for shape {shape}; got {got_dtype} with {got_numel}")
+    return problems
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def bnb4bit_weight_names(keys: set[str]) -> list[str]:

@@ -52,6 +52,7 @@ class TensorFiles(contextlib.ExitStack):
     def __init__(self, paths: list[str]):
         super().__init__()
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
         self._readers: dict[str, Callable[[], Tensor]] = {}
         self._where: dict[str, str] = {}
         for path in paths:
@@ -60,18 +61,19 @@ class TensorFiles(contextlib.ExitStack):
             else:
                 self._add_torch(path)
 
-    def _add(self, key: str, shape, reader: Callable[[], Tensor], path: str) -> None:
+    def _add(self, key: str, shape, dtype: torch.dtype, reader: Callable[[], Tensor], path: str) -> None:
         if key in self._where:
             raise ValueError(f"checkpoint key '{key}' appears in both {self._where[key]} and {path}")
         self._where[key] = path
         self.shapes[key] = tuple(shape)
+        self.dtypes[key] = dtype
         self._readers[key] = reader
 
     def _add_safetensors(self, path: str) -> None:
         reader = SafetensorsReader(path)
         self.callback(reader.close)
         for key in reader.keys():
-            self._add(key, reader.shape(key), lambda reader=reader, key=key: reader.get(key), path)
+            self._add(key, reader.shape(key), reader.dtype(key), lambda reader=reader, key=key: reader.get(key), path)
 
     def _add_torch(self, path: str) -> None:
         mapped = True
@@ -87,7 +89,7 @@ class TensorFiles(contextlib.ExitStack):
         self.callback(state.clear)
         for key, value in state.items():
             if isinstance(value, Tensor):
-                self._add(key, value.shape, lambda state=state, key=key, mapped=mapped: _copy_out(state[key], mapped), path)
+                self._add(key, value.shape, value.dtype, lambda state=state, key=key, mapped=mapped: _copy_out(state[key], mapped), path)
 
     def keys(self) -> set[str]:
         return set(self.shapes)
@@ -144,7 +146,7 @@ def hf_entries(files: TensorFiles) -> list[Entry]:
     entries = []
     consumed: set[str] = set()
     for name in bnb4bit_weight_names(keys):
-        weight = Bnb4bitWeight(name, files.get, keys)
+        weight = Bnb4bitWeight(name, files)
         entries.append(Entry(name, weight.shape, weight.load))
         consumed |= {name, *bnb4bit_aux_keys(name, keys)}
     for key in sorted(keys - consumed):

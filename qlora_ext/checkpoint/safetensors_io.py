@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import struct
 from collections.abc import Callable, Sequence
 
@@ -116,19 +117,32 @@ class SafetensorsReader:
             raise ValueError(f"{path} is not a safetensors file: {e}") from None
         self.metadata = header.pop("__metadata__", {}) or {}
         self._base = 8 + length
+        data_size = os.fstat(self._file.fileno()).st_size - self._base
         self._specs: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, spec in header.items():
             if spec["dtype"] not in _CODE_DTYPES:
                 self._file.close()
                 raise ValueError(f"{path}: tensor '{name}' has dtype {spec['dtype']}, which this reader does not support")
+            dtype, shape = _CODE_DTYPES[spec["dtype"]], tuple(spec["shape"])
             start, end = spec["data_offsets"]
-            self._specs[name] = (_CODE_DTYPES[spec["dtype"]], tuple(spec["shape"]), start, end)
+            # Checked here, so a loader that checks every entry before loading any never finds a
+            # short or inconsistent file halfway through.
+            if not 0 <= start <= end <= data_size or end - start != tensor_nbytes(shape, dtype):
+                self._file.close()
+                raise ValueError(
+                    f"{path}: tensor '{name}' ({spec['dtype']} {list(shape)}) has data offsets {[start, end]} that do not fit "
+                    f"its size or the file's {data_size} data bytes (a truncated or corrupt file)"
+                )
+            self._specs[name] = (dtype, shape, start, end)
 
     def keys(self) -> list[str]:
         return list(self._specs)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._specs[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._specs[name][0]
 
     def get(self, name: str) -> Tensor:
         """The tensor ``name``, freshly read.
