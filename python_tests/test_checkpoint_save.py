@@ -13,7 +13,7 @@ import pytest
 import torch
 from llama_helpers import hf_llama, rel_error, transformers
 
-from qlora_ext import LoRALinear
+from qlora_ext import LoRALinear, NF4Tensor, to_nf4
 from qlora_ext.checkpoint import (
     StagedFiles,
     atomic_path,
@@ -129,6 +129,103 @@ def test_unsupported_adapter_configs(tmp_path):
     assert "'use_dora' must be False, got True" in str(err.value) and "got ['embed_tokens']" in str(err.value)
     with pytest.raises(FileNotFoundError, match=r"argument 'adapter_dir' must hold adapter_config.json"):
         read_adapter_config(tmp_path / "nowhere")
+
+
+def _rewrite_adapter(folder, config_changes=None, edit=None):
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(config_changes or {})
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    if edit is not None:
+        tensors = load_file(folder / "adapter_model.safetensors")
+        edit(tensors)
+        save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def test_adapters_in_the_forms_peft_writes(base_dir, tmp_path):
+    # Written as PEFT writes them (keys base_model.model.<path>.lora_A.weight, adapter_config.json):
+    # target_modules "all-linear", or full module paths (what PEFT saves for "all-linear"), and the
+    # lm_head base weight PEFT saves when lm_head is targeted.
+    tokens = torch.randint(0, 320, (2, 9))
+    linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    paths = [f"model.layers.{i}.{'mlp' if t in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{t}" for i in range(2) for t in linears]
+    model = _trained(base_dir, attn=ALL_ATTN, output=False)
+    with torch.no_grad():
+        want = model(tokens)
+    for i, targets in enumerate(["all-linear", "ALL-LINEAR", paths, [f"self_attn.{t}" for t in linears[:4]] + [f"mlp.{t}" for t in linears[4:]]]):
+        folder = tmp_path / f"linear{i}"
+        save_peft_adapter(model, folder)
+        _rewrite_adapter(folder, {"target_modules": targets})
+        assert read_adapter_config(folder) == dict(
+            lora_attn_modules=ALL_ATTN, apply_lora_to_mlp=True, apply_lora_to_output=False, lora_rank=4, lora_alpha=8, lora_dropout=0.0,
+        ), targets
+        again = llama2_from_checkpoint(base_dir, adapter_dir=folder).eval()
+        with torch.no_grad():
+            assert torch.equal(again(tokens), want), targets
+
+    # lm_head targeted: PEFT also writes lm_head.base_layer.weight (the full output weight) and
+    # loads it into the model; so do we.
+    model = _trained(base_dir, attn=("q_proj",), mlp=False, output=True)
+    folder = tmp_path / "lm_head"
+    save_peft_adapter(model, folder)
+    new_head = model.output.weight.detach() * 2
+
+    def add_base_layer(tensors):
+        tensors["base_model.model.lm_head.base_layer.weight"] = new_head.clone()
+
+    _rewrite_adapter(folder, {"target_modules": ["q_proj", "lm_head"]}, add_base_layer)
+    for quantize_base in (False, True):
+        again = llama2_from_checkpoint(base_dir, adapter_dir=folder, quantize_base=quantize_base)
+        head = again.output.weight
+        if quantize_base:  # quantized on arrival, as a base checkpoint's weight is
+            assert isinstance(head, NF4Tensor) and all(torch.equal(a, b) for a, b in zip(head.components(), to_nf4(new_head).components()))
+        else:
+            assert torch.equal(head, new_head)
+        assert torch.equal(again.output.lora_b.weight, model.output.lora_b.weight)
+
+    # Refused: a regex pattern, a path that names no linear, LoRA on some layers only, and a
+    # base weight of the wrong shape.
+    folder = tmp_path / "refused"
+    save_peft_adapter(_trained(base_dir, attn=("q_proj",), mlp=False, output=False), folder)
+    _rewrite_adapter(folder, {"target_modules": r".*\.q_proj"})
+    with pytest.raises(ValueError, match=r"'target_modules' must be a list of module names or 'all-linear', got the pattern '\.\*\\\\.q_proj'"):
+        read_adapter_config(folder)
+    _rewrite_adapter(folder, {"target_modules": ["model.layers.0.self_attn", "model.layers.0.q_proj", "model.embed_tokens"]})
+    with pytest.raises(ValueError, match=r"got \['model.embed_tokens', 'model.layers.0.q_proj', 'model.layers.0.self_attn'\]"):
+        read_adapter_config(folder)
+    _rewrite_adapter(folder, {"target_modules": ["model.layers.0.self_attn.q_proj"]}, lambda t: t.pop("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"))
+    assert read_adapter_config(folder)["lora_attn_modules"] == ["q_proj"]
+    with pytest.raises(ValueError, match=r"missing: \['base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight'\]"):
+        llama2_from_checkpoint(base_dir, adapter_dir=folder)
+    _rewrite_adapter(folder, {"target_modules": ["q_proj"]}, lambda t: t.update({
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight": torch.zeros(4, 256),
+        "base_model.model.lm_head.base_layer.weight": torch.zeros(3, 3),
+    }))
+    with pytest.raises(ValueError, match=r"wrong shapes: \['base_model.model.lm_head.base_layer.weight: adapter \[3, 3\] vs model \[320, 256\]'\]"):
+        llama2_from_checkpoint(base_dir, adapter_dir=folder)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "with_lm_head"])
+def test_adapters_made_by_peft_load_with_peft_logits(base_dir, tmp_path, targets):
+    peft = pytest.importorskip("peft")
+    linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear" if targets == "all-linear" else linears + ["lm_head"],
+        init_lora_weights=False, task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT: "Setting save_embedding_layers to True" for lm_head
+        peft_model = peft.get_peft_model(_hf(base_dir), config).eval()
+        peft_model.save_pretrained(tmp_path)
+    ours = llama2_from_checkpoint(base_dir, adapter_dir=tmp_path).eval()
+    assert (ours.output.__class__ is LoRALinear) == (targets == "with_lm_head")
+    tokens = torch.randint(0, 320, (2, 9))
+    with torch.no_grad():
+        want = peft_model(tokens).logits
+        assert rel_error(ours(tokens), want) <= 1e-5
+        with peft_model.disable_adapter():
+            assert rel_error(peft_model(tokens).logits, want) > 1e-2  # the adapter matters
 
 
 @pytest.mark.parametrize("quantize_base", [False, True], ids=["lora", "qlora"])

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from qlora_ext.checkpoint.atomic import StagedFiles
-from qlora_ext.checkpoint.convert import hf_module_name, strip_wrappers
-from qlora_ext.checkpoint.load import refuse_merged
+from qlora_ext.checkpoint.convert import hf_module_name, hf_to_ours, strip_wrappers
+from qlora_ext.checkpoint.load import _assign, _home_device, _targets, refuse_merged
 from qlora_ext.modules.lora_linear import LoRALinear
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -26,6 +26,20 @@ _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 _ATTN = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "output_proj"}
 _MLP = ("gate_proj", "up_proj", "down_proj")
+# The LoRA-able linears of a LlamaForCausalLM decoder layer, as paths inside the layer.
+_LAYER_LINEARS = tuple(f"self_attn.{name}" for name in _ATTN) + tuple(f"mlp.{name}" for name in _MLP)
+_ONE_LAYER = re.compile(r"(?:(?:model\.)?layers\.)?\d+\.(?P<rest>.+)")
+
+
+def _matched_targets(entry: str) -> set[str]:
+    """The module types (q_proj, ..., lm_head) a ``target_modules`` entry matches in
+    LlamaForCausalLM by PEFT's rule: a module whose path equals the entry or ends with "." + it."""
+    if entry == "lm_head":
+        return {"lm_head"}
+    one_layer = _ONE_LAYER.fullmatch(entry)  # model.layers.3.self_attn.q_proj: from the index on, all of it
+    if one_layer:
+        return {path.rsplit(".", 1)[1] for path in _LAYER_LINEARS if path == one_layer["rest"]}
+    return {path.rsplit(".", 1)[1] for path in _LAYER_LINEARS if path == entry or path.endswith("." + entry)}
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -122,24 +136,39 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         FileNotFoundError: no adapter_config.json in ``adapter_dir``.
         ValueError: an adapter these builders cannot express (not LoRA, DoRA, rsLoRA, biases,
             per-module ranks, a partial MLP, other target modules).
+
+    ``target_modules`` is read as PEFT matches it: an entry names every module whose path equals
+    it or ends with "." + it (``q_proj``, ``self_attn.q_proj``, ``model.layers.0.self_attn.q_proj``
+    as PEFT writes for ``"all-linear"``), and ``"all-linear"`` means every linear but ``lm_head``.
+    The builders put LoRA on a module type in every layer: an adapter that has it in some layers
+    only is refused by ``load_peft_adapter`` (its other layers' keys are missing).
     """
     path = os.path.join(os.fspath(adapter_dir), ADAPTER_CONFIG_NAME)
     if not os.path.exists(path):
         raise FileNotFoundError(f"argument 'adapter_dir' must hold {ADAPTER_CONFIG_NAME}; not found in {os.fspath(adapter_dir)!r}")
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
-    expected = {"peft_type": "LORA", "use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False}
+    expected = {"peft_type": "LORA", "use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False, "lora_bias": False}
     problems = [f"'{k}' must be {v!r}, got {config.get(k, v)!r}" for k, v in expected.items() if config.get(k, v) != v]
-    for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform"):
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform", "exclude_modules", "target_parameters",
+                "trainable_token_indices", "layer_replication"):
         if config.get(key):
             problems.append(f"'{key}' must be empty, got {config[key]!r}")
     targets = config.get("target_modules") or []
     if isinstance(targets, str):
-        problems.append(f"'target_modules' must be a list of module names, got the pattern {targets!r}")
-        targets = []
-    unknown = sorted(set(targets) - set(_ATTN) - set(_MLP) - {"lm_head"})
+        if targets.lower() == "all-linear":  # PEFT's shorthand: every linear but the output head
+            targets = [linear.rsplit(".", 1)[1] for linear in _LAYER_LINEARS]
+        else:
+            problems.append(f"'target_modules' must be a list of module names or 'all-linear', got the pattern {targets!r}")
+            targets = []
+    matched = {entry: _matched_targets(entry) for entry in targets}
+    unknown = sorted(entry for entry, names in matched.items() if not names)
     if unknown:
-        problems.append(f"'target_modules' may only hold {sorted(_ATTN) + list(_MLP) + ['lm_head']}, got {unknown}")
+        problems.append(
+            f"'target_modules' may only hold {sorted(_ATTN) + list(_MLP) + ['lm_head']} or their paths "
+            f"(self_attn.q_proj, model.layers.0.self_attn.q_proj), got {unknown}"
+        )
+    targets = set().union(*matched.values())
     mlp = [t for t in _MLP if t in targets]
     if mlp and len(mlp) != len(_MLP):
         problems.append(f"'target_modules' must name all of {list(_MLP)} or none, got {mlp}")
@@ -157,7 +186,8 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
 
 @torch.no_grad()
 def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
-    """Loads a PEFT LoRA adapter into the model's LoRALinear modules.
+    """Loads a PEFT LoRA adapter into the model's LoRALinear modules, and the base weights PEFT
+    saves next to it (``lm_head.base_layer.weight`` when lm_head is targeted) into the model.
 
     Raises:
         FileNotFoundError: the adapter files are missing.
@@ -181,10 +211,24 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
     if problems:
         raise ValueError(f"load_peft_adapter: {adapter_dir} does not fit the model: rank/alpha differ: {problems[:10]}")
     tensors = load_file(weights_path)
-    unexpected, mismatched, seen = [], [], set()
+    targets = _targets(model)
+    unexpected, mismatched, seen, base_weights = [], [], set(), []
     for key, value in tensors.items():
         match = _KEY.match(key)
-        module = modules.get(match["module"]) if match else None
+        if match is None:
+            # PEFT also saves the base weight of a targeted lm_head / embedding
+            # (``lm_head.base_layer.weight``) and of resized embeddings, and loads them back.
+            ours = hf_to_ours(key[len(_PREFIX) :].replace(".base_layer.", ".")) if key.startswith(_PREFIX) else None
+            if not ours or ours not in targets:
+                unexpected.append(key)
+                continue
+            have = tuple(getattr(*targets[ours]).shape)
+            if tuple(value.shape) != have:
+                mismatched.append(f"{key}: adapter {list(value.shape)} vs model {list(have)}")
+                continue
+            base_weights.append((ours, value))
+            continue
+        module = modules.get(match["module"])
         if module is None:
             unexpected.append(key)
             continue
@@ -197,8 +241,13 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
     problems = [f"{what}: {names[:20]}" for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", mismatched)) if names]
     if problems:
         raise ValueError(f"load_peft_adapter: {adapter_dir} does not fit the model: " + "; ".join(problems))
+    device = _home_device(model)
+    for ours, value in base_weights:
+        _assign(*targets[ours], value, device)
     for key, value in tensors.items():
         match = _KEY.match(key)
+        if match is None:
+            continue
         module = modules[match["module"]]
         target = module.lora_a if match["which"] == "A" else module.lora_b
         if target.weight.is_meta:
