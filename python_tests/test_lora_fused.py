@@ -80,6 +80,27 @@ def test_autocast_bf16_runs_fp32_adapters_in_bf16_with_fp32_gradients():
         torch.testing.assert_close(g.float(), w.float(), **TOL[torch.bfloat16])
 
 
+def test_autocast_bf16_over_a_dense_fp32_base():
+    # Plain LoRA under AMP: fp32 base weight, bf16 activations between layers. Backward used to
+    # multiply the bf16 output gradient by the fp32 weight and fail on the dtype mismatch.
+    torch.manual_seed(0)
+    lin = LoRALinear(128, 96, rank=8, alpha=16.0, use_bias=True)
+    nn.init.normal_(lin.lora_b.weight)
+    x = torch.randn(4, 128, dtype=torch.bfloat16, requires_grad=True)
+    grad_y = torch.randn(4, 96, dtype=torch.bfloat16)
+    params = (x, lin.lora_a.weight, lin.lora_b.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lin(x)
+    assert got.dtype == torch.bfloat16
+    got_grads = grads(got, grad_y, *params)
+    assert [g.dtype for g in got_grads] == [torch.bfloat16, torch.float32, torch.float32]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # casts the fp32 bias as it does for lin
+        want = composed(lin, x, x, torch.bfloat16)
+    torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
+    for g, w in zip(got_grads, grads(want, grad_y, *params)):
+        torch.testing.assert_close(g.float(), w.float(), **TOL[torch.bfloat16])
+
+
 def test_input_without_grad_and_trainable_bias():
     lin = LoRALinear(64, 32, rank=4, alpha=4.0, use_bias=True, quantize_base=True)
     lin.bias.requires_grad_(True)

@@ -35,8 +35,8 @@ def _base_forward(x: Tensor, weight: tuple[Tensor, ...], out_features: int, bias
 
 
 def _base_grad_input(grad_y: Tensor, weight: tuple[Tensor, ...], in_features: int) -> Tensor:
-    if len(weight) == 1:
-        return grad_y @ weight[0]
+    if len(weight) == 1:  # under autocast a dense fp32 weight met a bf16 x in forward: cast as it did
+        return grad_y @ weight[0].to(grad_y.dtype)
     return ops.linear_nf4_grad_input(grad_y, *weight, in_features)
 
 
