@@ -10,6 +10,8 @@ import torch
 _LIBRARY = os.path.join(os.path.dirname(__file__), "_C.so")
 _REBUILD = (
     "rebuild qlora_ext against the installed torch: from its source folder run "
+    "`pip install scikit-build-core cmake ninja` (the build tools; build isolation would fetch them, "
+    "and a newer torch with them) and then "
     "`pip install --no-build-isolation --force-reinstall --no-deps .`"
 )
 
