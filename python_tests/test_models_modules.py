@@ -165,6 +165,19 @@ def test_attention_matches_naive_causal_gqa(kv_heads):
         torch.testing.assert_close(attn(x, mask=mask.expand(2, 9, 9)), _naive_attention(x, attn, mask), rtol=1e-5, atol=1e-5)
 
 
+def test_attention_with_a_cache_and_no_mask_is_causal_over_the_cache():
+    # Used alone (not through TransformerDecoder), a decode step without a mask must see the
+    # cached positions up to its own; SDPA's is_causal would let it see only the first one.
+    attn = _attention().eval()
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        full = attn(x)
+        attn.setup_cache(2, torch.float32, 12)
+        parts = [attn(x[:, :5], input_pos=torch.arange(5))]
+        parts += [attn(x[:, i : i + 1], input_pos=torch.tensor([i])) for i in range(5, 9)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_rejects_bad_heads():
     with pytest.raises(ValueError, match=r"'num_kv_heads' must be positive and divide num_heads=4; got 3"):
         _attention(num_kv_heads=3)

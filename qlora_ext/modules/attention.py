@@ -92,7 +92,8 @@ class MultiHeadAttention(nn.Module):
         Args:
             x: [b, s, embed_dim].
             mask: optional boolean [b, s, kv_len] (True = may attend), kv_len = s without a
-                cache and the cache length with one; replaces the built-in causal mask.
+                cache and the cache length with one; replaces the built-in causal mask (with a
+                cache, each query sees the cached positions up to its own ``input_pos``).
             input_pos: [s] or [b, s] positions of the tokens; required with an enabled cache.
 
         Returns:
@@ -111,6 +112,8 @@ class MultiHeadAttention(nn.Module):
             if input_pos is None:
                 raise ValueError("MultiHeadAttention: argument 'input_pos' is required while the KV cache is enabled; got None")
             k, v = self.kv_cache.update(k, v, input_pos)  # [b, n_kv, cache_len, head_dim]
+            if mask is None:  # is_causal would align the queries with the cache's first positions
+                mask = causal_cache_mask(input_pos.to(k.device), b, k.shape[2])
 
         if self.num_kv_heads != self.num_heads:
             # Expand shared heads to a view-backed copy; every SDPA backend then sees plain MHA.
@@ -128,3 +131,11 @@ class MultiHeadAttention(nn.Module):
         )  # [b, n_heads, s, head_dim]
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
         return self.output_proj(out)
+
+
+def causal_cache_mask(input_pos: Tensor, batch_size: int, cache_len: int) -> Tensor:
+    """Boolean [b, s, cache_len] mask letting each query at ``input_pos`` ([s] or [b, s]) attend
+    to every cache position up to and including its own."""
+    key_pos = torch.arange(cache_len, device=input_pos.device)
+    pos = input_pos if input_pos.dim() == 2 else input_pos.expand(batch_size, -1)
+    return key_pos[None, None, :] <= pos[:, :, None]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qlora_ext.modules.attention import MultiHeadAttention
+from qlora_ext.modules.attention import MultiHeadAttention, causal_cache_mask
 
 
 class TransformerSelfAttentionLayer(nn.Module):
@@ -151,11 +151,8 @@ class TransformerDecoder(nn.Module):
         if self.caches_are_enabled():
             if input_pos is None:
                 raise ValueError("TransformerDecoder: argument 'input_pos' is required while KV caches are enabled; got None")
-            if mask is None:
-                # Causal over the cache: a query may see every cached position up to its own.
-                key_pos = torch.arange(self._cache_len, device=tokens.device)
-                pos = input_pos if input_pos.dim() == 2 else input_pos.expand(b, -1)
-                mask = key_pos[None, None, :] <= pos[:, :, None]  # [b, s, cache_len]
+            if mask is None:  # built once for all layers
+                mask = causal_cache_mask(input_pos.to(tokens.device), b, self._cache_len)
 
         h = self.tok_embeddings(tokens)  # [b, s, d]
         for layer in self.layers:
