@@ -4,6 +4,7 @@ stop tokens end rows, and ``python -m qlora_ext.generate`` prints what the Pytho
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -69,8 +70,17 @@ def test_sampling_temperature_and_top_k():
     assert (top3 == draws[:, None]).any(-1).all()
     with pytest.raises(ValueError, match=r"argument 'top_k' must be positive or None; got 0"):
         sample(wide, top_k=0)
-    with pytest.raises(ValueError, match=r"argument 'temperature' must be >= 0; got -1"):
-        sample(wide, temperature=-1)
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"argument 'temperature' must be finite and >= 0; got {bad}"):
+            sample(wide, temperature=bad)
+
+
+def test_tiny_temperature_is_greedy():
+    # Dividing the raw scores by 1e-30 made every one +-inf and the softmax NaN (multinomial failed).
+    wide = torch.randn(300, 50) * 10
+    gen = torch.Generator().manual_seed(2)
+    for temperature in (1e-30, 1e-45, 1e-6):
+        assert torch.equal(sample(wide, temperature=temperature, top_k=5, generator=gen), wide.argmax(-1))
 
 
 def test_stop_tokens_end_rows_and_pad():
@@ -160,7 +170,19 @@ def test_cli_argument_errors(checkpoint_with_tokenizer):
         [sys.executable, "-m", "qlora_ext.generate", "--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "x", "--temperature", "-1"],
         capture_output=True, text=True, env=env, timeout=120,
     )
-    assert out.returncode == 2 and "argument --temperature must be >= 0; got -1.0" in out.stderr
+    assert out.returncode == 2 and "argument --temperature must be finite and >= 0; got -1.0" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "qlora_ext.generate", "--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "x", "--temperature", "nan"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert out.returncode == 2 and "argument --temperature must be finite and >= 0; got nan" in out.stderr
+    # A prompt filling the model's max_seq_len (128) leaves no room: named, not "max_new_tokens ... got -N".
+    out = subprocess.run(
+        [sys.executable, "-m", "qlora_ext.generate", "--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "The quick fox " * 60],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert re.search(r"error: argument --prompt must leave room for new tokens: it is \d+ tokens \(with BOS\) and the model's max_seq_len is 128", out.stderr)
     out = subprocess.run(
         [sys.executable, "-m", "qlora_ext.generate", "--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "x", "--quantize-base"],
         capture_output=True, text=True, env=env, timeout=120,

@@ -11,6 +11,7 @@ The completion goes to stdout; timing goes to stderr.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -36,8 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"argument --max-new-tokens must be >= 1; got {args.max_new_tokens}")
-    if args.temperature < 0:
-        parser.error(f"argument --temperature must be >= 0; got {args.temperature}")
+    if not (0 <= args.temperature < math.inf):  # also refuses nan
+        parser.error(f"argument --temperature must be finite and >= 0; got {args.temperature}")
     if args.top_k < 0:
         parser.error(f"argument --top-k must be >= 0; got {args.top_k}")
     if args.quantize_base and args.adapter_dir is None:
@@ -79,6 +80,11 @@ def _run(args: argparse.Namespace) -> int:
     loaded = time.perf_counter()
 
     prompt = tokenizer.encode(args.prompt, add_bos=True, add_eos=False)
+    if len(prompt) >= model.max_seq_len:
+        raise ValueError(
+            f"argument --prompt must leave room for new tokens: it is {len(prompt)} tokens (with BOS) and "
+            f"the model's max_seq_len is {model.max_seq_len}; shorten it"
+        )
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     tokens = generate(
         model,

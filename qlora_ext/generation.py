@@ -9,6 +9,8 @@ step feeds only the newest token. ``use_cache=False`` recomputes the whole seque
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -27,15 +29,18 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None
         int64 token ids [b].
 
     Raises:
-        ValueError: negative ``temperature`` or non-positive ``top_k``.
+        ValueError: a negative or non-finite ``temperature``, or a non-positive ``top_k``.
     """
-    if temperature < 0:
-        raise ValueError(f"sample: argument 'temperature' must be >= 0; got {temperature}")
+    if not (0 <= temperature < math.inf):  # also refuses NaN
+        raise ValueError(f"sample: argument 'temperature' must be finite and >= 0; got {temperature}")
     if top_k is not None and top_k <= 0:
         raise ValueError(f"sample: argument 'top_k' must be positive or None; got {top_k}")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Scores relative to the row's best before dividing: a tiny temperature then sends the others
+    # to -inf (greedy in the limit) instead of every score to +-inf and the softmax to NaN.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [b, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
