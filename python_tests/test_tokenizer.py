@@ -6,6 +6,7 @@ import pytest
 from llama_helpers import corpus_lines, train_tokenizer
 
 from qlora_ext.models.llama2 import Llama2Tokenizer, llama2_tokenizer
+from qlora_ext.training.config import ASSETS_DIR
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,17 @@ def test_trim_leading_whitespace(tokenizer):
     spaced = tokenizer.encode("carries stories", add_bos=False)
     assert tokenizer.decode(prompt + spaced) == "Question: the river carries stories"
     assert answer != spaced
+
+
+def test_trim_leading_whitespace_keeps_leading_newlines():
+    # The bundled tokenizer has a "\n\n" piece: "\n" + "\nhello" encodes the two newlines as
+    # one piece, and slicing off the first newline's ids used to drop the text's own newline.
+    bundled = llama2_tokenizer(ASSETS_DIR / "tokenizer.model")
+    assert bundled.spm.encode("\n\n") != bundled.spm.encode("\n") * 2  # the merge this is about
+    prompt = bundled.encode("Response:", add_eos=False)
+    for text in ["\nhello", "\n\nhello there", "hello", " hello", "\n", ""]:
+        answer = bundled.encode(text, add_bos=False, add_eos=False, trim_leading_whitespace=True)
+        assert bundled.decode(prompt + answer) == "Response:" + text, repr(text)
 
 
 def test_missing_file(tmp_path):

@@ -39,8 +39,10 @@ class Llama2Tokenizer:
                 f"Llama2Tokenizer: the SentencePiece model {path} must define BOS and EOS pieces; "
                 f"got bos_id={self.bos_id}, eos_id={self.eos_id}"
             )
-        # Ids of "\n", encoded alone; used to strip SentencePiece's leading space (see encode).
+        # Ids of "\n" and of the lone space piece; used to strip SentencePiece's leading space
+        # (see encode).
         self._newline_ids = self.spm.encode("\n")
+        self._space_id = self.spm.piece_to_id("\u2581")  # unk_id if the model has no lone "▁"
 
     @property
     def stop_tokens(self) -> list[int]:
@@ -61,13 +63,23 @@ class Llama2Tokenizer:
         Returns:
             The ids, a list of ints.
         """
-        if trim_leading_whitespace:
-            # Encode after a newline, then drop the newline's ids: the dummy space prefix
-            # attaches to the newline, not to the text (torchtune's approach).
-            ids = self.spm.encode("\n" + text)[len(self._newline_ids) :]
-        else:
-            ids = self.spm.encode(text)
+        ids = self._encode_trimmed(text) if trim_leading_whitespace else self.spm.encode(text)
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def _encode_trimmed(self, text: str) -> list[int]:
+        # Encode after a newline, then drop the newline's ids: the dummy space prefix attaches to
+        # the newline, not to the text (torchtune's approach).
+        ids = self.spm.encode("\n" + text)
+        n = len(self._newline_ids)
+        if ids[:n] == self._newline_ids:
+            return ids[n:]
+        # The text's own first characters merged with that newline (a text starting with "\n"
+        # and a model with a "\n\n" piece): slicing would drop them. Encode the text alone and
+        # drop the dummy prefix when it stands as its own piece.
+        ids = self.spm.encode(text)
+        if ids and ids[0] == self._space_id and self._space_id != self.spm.unk_id():
+            return ids[1:]
+        return ids  # the prefix merged into the first piece: keep it rather than lose text
 
     def decode(self, ids: list[int]) -> str:
         """The text of ``ids`` (BOS/EOS and other control pieces produce no text)."""
