@@ -560,3 +560,19 @@ def test_wrapped_models_save_under_plain_names(base_dir, tmp_path):
     plain, again = load_file(tmp_path / "plain" / "adapter_model.safetensors"), load_file(tmp_path / "wrapped" / "adapter_model.safetensors")
     assert plain.keys() == again.keys() and all(torch.equal(plain[k], again[k]) for k in plain)
     assert "model.layers.1.mlp.down_proj.weight" in load_file(tmp_path / "merged" / "model.safetensors")
+
+
+def test_max_shard_size_reads_as_save_pretrained_reads_it():
+    transformers()
+    try:
+        from transformers.utils.hub import convert_file_size_to_int
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import convert_file_size_to_int
+    from qlora_ext.checkpoint.save import _parse_size
+
+    for size in ["5GB", "5gb", "5Gb", "500MB", "500mb", "300KB", "300kB", "2GiB", "2gib", "1MiB", "64KiB", 12345]:
+        assert _parse_size(size) == convert_file_size_to_int(size), size
+    assert _parse_size("1.5GB") == 1_500_000_000 and _parse_size("100") == 100
+    for bad, rule in [("5TB", "bytes or like '5GB'"), ("", "bytes or like '5GB'"), (0, "at least 1 byte"), ("0MB", "at least 1 byte"), (True, "an int or a str")]:
+        with pytest.raises(ValueError, match=rf"argument 'max_shard_size' must be {rule}"):
+            _parse_size(bad)

@@ -31,13 +31,22 @@ _HF_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.jso
 
 
 def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*", str(size))
-    if not match:
-        raise ValueError(f"save_hf_checkpoint: argument 'max_shard_size' must be bytes or like '5GB'; got {size!r}")
-    scale = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
-    return int(float(match[1]) * scale[match[2]])
+    """Bytes in ``size``, read as transformers' ``save_pretrained`` reads it: units in any case
+    (KB/MB/GB are powers of 10, KiB/MiB/GiB of 2), and a decimal unit ending in a lowercase 'b'
+    ('5Gb', '500mb') counts bits."""
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(f"save_hf_checkpoint: argument 'max_shard_size' must be an int or a str like '5GB'; got {size!r}")
+    if isinstance(size, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?\s*", size, flags=re.IGNORECASE)
+        if not match:
+            raise ValueError(f"save_hf_checkpoint: argument 'max_shard_size' must be bytes or like '5GB'; got {size!r}")
+        unit = (match[2] or "b").upper()
+        scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+        bits = len(unit) == 2 and match[2].endswith("b")
+        size = int(float(match[1]) * scale) // (8 if bits else 1)
+    if size < 1:
+        raise ValueError(f"save_hf_checkpoint: argument 'max_shard_size' must be at least 1 byte; got {size}")
+    return size
 
 
 def merged_weights(model: nn.Module, *, dtype: torch.dtype | None = None, merge_adapters: bool = True):
@@ -108,7 +117,8 @@ def save_hf_checkpoint(
             crash while the new files are moved into place leaves the folder without
             ``config.json`` (loaders refuse it), never old and new weights together.
         dtype: dtype of the saved weights (default: each weight's own, NF4 ones their original).
-        max_shard_size: bytes per shard, as an int or a string like "5GB" / "500MB".
+        max_shard_size: bytes per shard, as an int or a string like "5GB" / "500MB" / "2GiB",
+            read as ``save_pretrained`` reads it (any case; "5Gb" with a lowercase b is bits).
         merge_adapters: fold LoRA updates into the weights (True) or save the base model
             (False); a module whose adapter is merged (``merge_()``) then has it taken back out
             of the saved weight, so the base plus ``save_peft_adapter``'s adapter is the model.
