@@ -191,8 +191,15 @@ def test_adapters_in_the_forms_peft_writes(base_dir, tmp_path):
     _rewrite_adapter(folder, {"target_modules": r".*\.q_proj"})
     with pytest.raises(ValueError, match=r"'target_modules' must be a list of module names or 'all-linear', got the pattern '\.\*\\\\.q_proj'"):
         read_adapter_config(folder)
-    _rewrite_adapter(folder, {"target_modules": ["model.layers.0.self_attn", "model.layers.0.q_proj", "model.embed_tokens"]})
-    with pytest.raises(ValueError, match=r"got \['model.embed_tokens', 'model.layers.0.q_proj', 'model.layers.0.self_attn'\]"):
+    _rewrite_adapter(folder, {"target_modules": ["q_proj", "model.layers.3.self_attn", "layers.0.input_layernorm", "model.embed_tokens"]})
+    with pytest.raises(ValueError, match=r"got \['layers.0.input_layernorm', 'model.embed_tokens', 'model.layers.3.self_attn'\]"):
+        read_adapter_config(folder)
+    # Names no Llama module has (another architecture's, or a path that is not Llama's) are
+    # skipped as PEFT skips them, unless nothing else matches.
+    _rewrite_adapter(folder, {"target_modules": ["q_proj", "query_key_value", "c_attn", "model.layers.0.q_proj"]})
+    assert read_adapter_config(folder)["lora_attn_modules"] == ["q_proj"]
+    _rewrite_adapter(folder, {"target_modules": ["query_key_value", "model.layers.0.q_proj"]})
+    with pytest.raises(ValueError, match=r"'target_modules' must match a linear of a Llama model, got \['query_key_value', 'model.layers.0.q_proj'\]"):
         read_adapter_config(folder)
     _rewrite_adapter(folder, {"target_modules": ["model.layers.0.self_attn.q_proj"]}, lambda t: t.pop("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"))
     assert read_adapter_config(folder)["lora_attn_modules"] == ["q_proj"]

@@ -29,6 +29,15 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 # The LoRA-able linears of a LlamaForCausalLM decoder layer, as paths inside the layer.
 _LAYER_LINEARS = tuple(f"self_attn.{name}" for name in _ATTN) + tuple(f"mlp.{name}" for name in _MLP)
 _ONE_LAYER = re.compile(r"(?:(?:model\.)?layers\.)?\d+\.(?P<rest>.+)")
+# The other modules of a LlamaForCausalLM (layer 0 standing for every layer): an entry matching
+# one of them asks for LoRA the builders cannot express (an embedding) or that PEFT refuses (a
+# norm, a block). An entry matching no module at all (another architecture's name) is skipped,
+# as PEFT skips it.
+_OTHER_MODULES = (
+    "model", "model.embed_tokens", "model.layers", "model.layers.0", "model.layers.0.self_attn", "model.layers.0.mlp",
+    "model.layers.0.mlp.act_fn", "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+    "model.norm", "model.rotary_emb",
+)
 
 
 def _matched_targets(entry: str) -> set[str]:
@@ -40,6 +49,12 @@ def _matched_targets(entry: str) -> set[str]:
     if one_layer:
         return {path.rsplit(".", 1)[1] for path in _LAYER_LINEARS if path == one_layer["rest"]}
     return {path.rsplit(".", 1)[1] for path in _LAYER_LINEARS if path == entry or path.endswith("." + entry)}
+
+
+def _names_other_module(entry: str) -> bool:
+    """Whether a ``target_modules`` entry matches a Llama module that is not a LoRA-able linear."""
+    entry = re.sub(r"(^|\.)layers\.\d+", r"\1layers.0", entry)
+    return any(path == entry or path.endswith("." + entry) for path in _OTHER_MODULES)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -140,6 +155,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     ``target_modules`` is read as PEFT matches it: an entry names every module whose path equals
     it or ends with "." + it (``q_proj``, ``self_attn.q_proj``, ``model.layers.0.self_attn.q_proj``
     as PEFT writes for ``"all-linear"``), and ``"all-linear"`` means every linear but ``lm_head``.
+    Entries that match no Llama module (``query_key_value``) are skipped, as PEFT skips them.
     The builders put LoRA on a module type in every layer: an adapter that has it in some layers
     only is refused by ``load_peft_adapter`` (its other layers' keys are missing).
     """
@@ -162,13 +178,15 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
             problems.append(f"'target_modules' must be a list of module names or 'all-linear', got the pattern {targets!r}")
             targets = []
     matched = {entry: _matched_targets(entry) for entry in targets}
-    unknown = sorted(entry for entry, names in matched.items() if not names)
-    if unknown:
+    unsupported = sorted(entry for entry, names in matched.items() if not names and _names_other_module(entry))
+    if unsupported:
         problems.append(
             f"'target_modules' may only hold {sorted(_ATTN) + list(_MLP) + ['lm_head']} or their paths "
-            f"(self_attn.q_proj, model.layers.0.self_attn.q_proj), got {unknown}"
+            f"(self_attn.q_proj, model.layers.0.self_attn.q_proj), got {unsupported}"
         )
     targets = set().union(*matched.values())
+    if not targets and not unsupported:
+        problems.append(f"'target_modules' must match a linear of a Llama model, got {config.get('target_modules')!r}")
     mlp = [t for t in _MLP if t in targets]
     if mlp and len(mlp) != len(_MLP):
         problems.append(f"'target_modules' must name all of {list(_MLP)} or none, got {mlp}")
