@@ -37,10 +37,17 @@ def test_torchtune_config_names():
     assert load_config("13B_qlora_single_device").model.builder == "qlora_llama2_13b"
 
 
-def test_lora_and_qlora_7b_differ_only_in_quantization():
+def test_lora_and_qlora_7b_differ_only_in_quantization_and_output_dir():
     q, l = load_config(SEED_7B_QLORA).to_dict(), load_config("llama2_7b_lora_single_device").to_dict()
     assert l["model"].pop("builder") == "lora_llama2_7b" and q["model"].pop("builder") == "qlora_llama2_7b"
+    # Apart, so the two runs can be compared (a second run in the same folder replaces the first's logs).
+    assert (q.pop("output_dir"), l.pop("output_dir")) == ("/tmp/qlora_finetune_output", "/tmp/lora_finetune_output")
     assert q == l
+
+
+def test_shipped_configs_write_to_different_folders():
+    dirs = [load_config(name).output_dir for name in available_configs()]
+    assert len(set(dirs)) == len(dirs), dirs
 
 
 def test_overrides_are_typed_and_dotted(tmp_path):
