@@ -38,6 +38,28 @@ def runner(module_name: str, out_dir: Path) -> Callable[[Context], Report]:
     return lambda ctx: _run_script(ctx, Path(module.__file__), out_dir)
 
 
+def script_targets(script_name: str, file_name: str, content) -> list[Target]:
+    """The targets a script wrote in one JSON file (a list of {name, value, sense, limit, unit,
+    note?} under "targets"), judged.
+
+    Raises:
+        RuntimeError: "targets" is not such a list.
+    """
+    targets = content.get("targets", []) if isinstance(content, dict) else []
+    if not isinstance(targets, list):
+        raise RuntimeError(f"{script_name} wrote {file_name} with 'targets' that is not a list: {targets!r}")
+    out = []
+    for t in targets:
+        try:
+            target = Target.check(t["name"], t["value"], t["sense"], t["limit"], t["unit"], t.get("note", ""))
+            if target.value is not None:
+                target.note = t.get("note", "")  # e.g. what limits the value
+            out.append(target)
+        except (KeyError, TypeError, ValueError) as e:
+            raise RuntimeError(f"{script_name} wrote {file_name} with a malformed target {t!r}: {e}") from None
+    return out
+
+
 def _run_script(ctx: Context, path: Path, out_dir: Path) -> Report:
     with tempfile.TemporaryDirectory(prefix=f"{path.stem}-", dir=out_dir) as scratch:
         cmd = [sys.executable, str(path), "--device", ctx.device, "--out", scratch]
@@ -59,14 +81,7 @@ def _run_script(ctx: Context, path: Path, out_dir: Path) -> Report:
     report = Report()
     report.notes.append(f"bench/{path.name} ran as a script ({elapsed:.0f} s); its output and JSON follow")
     for file_name, content in results.items():  # a script's own targets, judged like any benchmark's
-        for t in content.get("targets", []) if isinstance(content, dict) else []:
-            try:
-                target = Target.check(t["name"], t["value"], t["sense"], t["limit"], t["unit"], t.get("note", ""))
-                if target.value is not None:
-                    target.note = t.get("note", "")  # e.g. what limits the value
-                report.targets.append(target)
-            except (KeyError, TypeError, ValueError) as e:
-                raise RuntimeError(f"{path.name} wrote {file_name} with a malformed target {t!r}: {e}") from None
+        report.targets += script_targets(path.name, file_name, content)
     mode_flag = "" if ctx.mode == "full" else f" --{ctx.mode}"
     report.script = {
         "command": f"python bench/{path.name} --device {ctx.device}{mode_flag} --out DIR",

@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:
 from bench import harness, machine, readme, registry  # noqa: E402
 from bench.__main__ import parse_args, run_one  # noqa: E402
 from bench.context import Context  # noqa: E402
-from bench.model import runner  # noqa: E402
+from bench.model import runner, script_targets  # noqa: E402
 from bench.report import Report, Target, render_markdown, render_text, table_rows, target_lines, validate  # noqa: E402
 
 # -- statistics --------------------------------------------------------------------------------
@@ -417,6 +417,24 @@ def test_training_benchmarks_run(tmp_path):
     eager, compiled = seed["cases"]["eager"], seed["cases"]["compiled"]
     assert seed["arch"] == "tiny" and eager["it_per_s"] > 0 and compiled["it_per_s"] > 0
     assert eager["losses"] == pytest.approx(compiled["losses"], rel=1e-4)
+    # Both files are what the harness reads (python -m bench model_*, as gpu_check.sh runs them).
+    for name, content in (("model_train.json", json.loads((tmp_path / "model_train.json").read_text())), ("model_seed_7b.json", seed)):
+        assert len(script_targets(name.replace(".json", ".py"), name, content)) == len(content["targets"])
+
+
+def test_seed_7b_gpu_targets_are_read_by_the_harness():
+    # On a GPU the seed benchmark judges its memory targets; the harness used to fail on them
+    # (a dict where it reads a list) after both 7B runs had finished.
+    from bench.model_seed_7b import TARGETS, harness_targets
+
+    measured = {"reserved_after_init_gb": 3.9, "reserved_training_gb": 7.5}
+    targets = script_targets("model_seed_7b.py", "model_seed_7b.json", {"targets": harness_targets("eager", measured)})
+    assert [(t.name, t.value, t.limit, t.met) for t in targets] == [
+        ("seed 7B eager: reserved_after_init", 3.9, TARGETS["reserved_after_init_gb"], True),
+        ("seed 7B eager: reserved_training", 7.5, TARGETS["reserved_training_gb"], False),
+    ]
+    with pytest.raises(RuntimeError, match=r"model_seed_7b.py wrote model_seed_7b.json with 'targets' that is not a list"):
+        script_targets("model_seed_7b.py", "model_seed_7b.json", {"targets": TARGETS})
 
 
 def test_training_speedup_is_judged_on_the_lower_of_median_and_fastest_steps():
