@@ -144,20 +144,23 @@ def time_in_turns(calls: Sequence[tuple[Callable[[Any], Any], Sequence[Any]]], d
     machine and their ratio would measure the drift. Returns one Stats per call, over all rounds."""
     times: list[list[float]] = [[] for _ in calls]
     turn = budget.share(rounds)
+    gc.collect()  # once per case: a full collection costs about 0.2 s once bitsandbytes is imported
     for r in range(rounds):
         order = range(len(calls)) if r % 2 == 0 else reversed(range(len(calls)))
         for j in order:
             fn, ring = calls[j]
-            times[j] += _timed(fn, ring, device, replace(turn, warmup_s=budget.warmup_s) if r == 0 else turn)
+            times[j] += _timed(fn, ring, device, replace(turn, warmup_s=budget.warmup_s) if r == 0 else turn, collect=False)
     return [Stats.of(t) for t in times]
 
 
-def _timed(fn, ring, device: str, budget: Budget) -> list[float]:
-    """Per-call seconds of ``fn(item)``, items taken round-robin from ``ring``."""
+def _timed(fn, ring, device: str, budget: Budget, collect: bool = True) -> list[float]:
+    """Per-call seconds of ``fn(item)``, items taken round-robin from ``ring``; ``collect``
+    first runs a full garbage collection."""
     if not ring:
         raise ValueError("timing: argument 'ring' must hold at least one input; got an empty one")
     gc_was_enabled = gc.isenabled()
-    gc.collect()
+    if collect:
+        gc.collect()
     gc.disable()  # a collection in the middle of a timed call is noise, not the op's cost
     try:
         if device == "cuda":
