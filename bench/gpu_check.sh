@@ -20,12 +20,13 @@
 #   7. cuda-ran    the CUDA test cases really ran: none skipped for want of a GPU
 #   8. codec       python -m bench codec  --device cuda --quick
 #   9. linear      python -m bench linear --device cuda --quick
-#  10. seed-7b     python -m bench model_seed_7b --device cuda --quick   (the seed tutorial's 7B QLoRA
-#                  config, random weights: memory after init and in training, it/s eager and compiled)
+#  10. train       python -m bench model_train --device cuda --quick   (the ~130M config: ours eager and
+#                  compiled, HF+PEFT+bnb)
 #  11. build-7b    python -m bench model_build --device cuda --quick   (memory after init with LoRA on
 #                  q/k/v/o + MLP, where every projection is NF4)
-#  12. train       python -m bench model_train --device cuda --quick   (the ~130M config: ours eager and
-#                  compiled, HF+PEFT+bnb)
+#  12. seed-7b     python -m bench model_seed_7b --device cuda --quick   (the seed tutorial's 7B QLoRA
+#                  config, random weights: memory after init and in training, it/s eager and compiled;
+#                  last, the longest, where the deadline may cut it)
 # The image of the GPU machines has neither bitsandbytes nor torchao. When .gpu_deps/site-packages
 # exists (bench/stage_gpu_deps.sh makes it; carry it along), it goes on PYTHONPATH, so the parity
 # tests and the comparison rows run there too.
@@ -40,7 +41,11 @@
 # run of the codec and linear benchmarks on the CPU; each bench/model_*.py offers the options the
 # harness passes it.
 #
-# Environment: PYTHON (default python3), QLORA_CUDA_ARCHS, GPU_CHECK_BUDGET_S.
+# Environment: PYTHON (default python3), QLORA_CUDA_ARCHS, GPU_CHECK_BUDGET_S, and
+# QLORA_BENCH_GIT_REVISION (the commit, for the JSON, where the copy has no .git).
+# The lent GPU machines return at most 8 files from $OUT, and this writes about 20: run it into a
+# scratch folder and pack that, e.g.
+#   QLORA_BENCH_GIT_REVISION=<sha> bash bench/gpu_check.sh /tmp/gc; rc=$?; tar czf "$OUT/gc.tgz" -C /tmp gc; exit $rc
 # Step limits below add up to more than the budget; the deadline cuts the last ones short.
 set -uo pipefail
 
@@ -125,6 +130,20 @@ find_sanitizer() {
   return 1
 }
 
+# sanitizer_options HELP_TEXT: the options to give compute-sanitizer, as far as its --help offers
+# them. --kernel-name kns=_kernel: instrument only kernels named *_kernel* (all of qlora's and
+# torch's element-wise ones, not cuBLAS's): faster, and racecheck judges our shared memory use, not
+# cuBLAS's barriers. --report-api-errors no: CUDA API errors that torch and its libraries handle
+# themselves (probes, queries) would fail the check; ours raise in Python anyway (C10_CUDA_CHECK).
+# The help text is taken whole: `--help | grep -q` under pipefail fails when grep stops reading
+# before the help ends (SIGPIPE), which read as "no such option".
+sanitizer_options() {
+  local opts=()
+  [[ $1 == *"--kernel-name "* ]] && opts+=(--kernel-name kns=_kernel)
+  [[ $1 == *"--report-api-errors"* ]] && opts+=(--report-api-errors no)
+  echo "${opts[*]}"
+}
+
 finish() {
   banner "summary ($(( $(date +%s) - START ))s of ${BUDGET}s)"
   printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
@@ -172,6 +191,10 @@ if (( DRY_RUN )); then
   else
     SUMMARY+=("SKIP  pip-accepts-build: scikit-build-core is not installed here (the GPU machine has it)")
   fi
+  # The sanitizer options come from a long help text (as compute-sanitizer's is), whole.
+  run_step sanitizer-options 10 bash -c '[[ "$1" == "--kernel-name kns=_kernel --report-api-errors no" && -z "$2" ]] && echo "options: $1"' _ \
+    "$(sanitizer_options "$(echo "  --kernel-name arg"; seq 1 50000 | sed 's/^/  --option-/'; echo "  --report-api-errors arg")")" \
+    "$(sanitizer_options "  --tool arg")"
   # The sanitizers instrument kernels by name (kns=_kernel): a kernel named otherwise would go unchecked.
   run_step kernel-names 10 bash -c 'bad=$(grep -n "__global__" csrc/cuda/*.cu csrc/cuda/*.cuh | grep -v "_kernel(")
     if [[ -n "$bad" ]]; then echo "kernels without _kernel( in their names, which the sanitizers would skip:"; echo "$bad"; exit 1; fi
@@ -226,16 +249,14 @@ start_step tests 200 env OMP_NUM_THREADS=4 "$PYTHON" -P -m pytest python_tests -
   --junitxml "$OUT/pytest-junit.xml"
 start_step fuzz 100 env OMP_NUM_THREADS=4 "$PYTHON" bench/fuzz_ops.py --device cuda --seconds 60
 if SANITIZER=$(find_sanitizer); then
-  # Where the sanitizer filters by kernel name, only kernels with "_kernel" in their names are
-  # instrumented: all of qlora's (and torch's element-wise ones), not cuBLAS's. Faster, and
-  # racecheck then judges our shared memory use, not cuBLAS's barriers.
-  FILTER=()
-  "$SANITIZER" --help 2>/dev/null | grep -q -- '--kernel-name ' && FILTER=(--kernel-name kns=_kernel)
+  # Only our kernels where the sanitizer can filter by name (see sanitizer_options).
+  read -r -a SANITIZER_OPTS <<<"$(sanitizer_options "$("$SANITIZER" --help 2>&1)")"
+  echo "compute-sanitizer: $SANITIZER, with: ${SANITIZER_OPTS[*]:-no filter (every kernel), API errors reported}"
   # Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees an access
   # past the end of a tensor instead of into a neighbour in the same pooled block.
   start_step memcheck 200 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --leak-check no \
-    ${FILTER[@]+"${FILTER[@]}"} --error-exitcode 1 --print-limit 20 "$PYTHON" bench/sanitize_ops.py --device cuda
-  start_step racecheck 200 "$SANITIZER" --tool racecheck ${FILTER[@]+"${FILTER[@]}"} --error-exitcode 1 --print-limit 20 \
+    ${SANITIZER_OPTS[@]+"${SANITIZER_OPTS[@]}"} --error-exitcode 1 --print-limit 20 "$PYTHON" bench/sanitize_ops.py --device cuda
+  start_step racecheck 200 "$SANITIZER" --tool racecheck ${SANITIZER_OPTS[@]+"${SANITIZER_OPTS[@]}"} --error-exitcode 1 --print-limit 20 \
     "$PYTHON" bench/sanitize_ops.py --device cuda
 else
   SUMMARY+=("FAIL  sanitizers: compute-sanitizer not found (PATH, \$CUDA_HOME/bin, next to nvcc)"); FAILURES=$(( FAILURES + 1 ))
@@ -244,7 +265,7 @@ wait_steps
 run_step cuda-ran 30 "$PYTHON" -c "$JUNIT_CHECK" "$OUT/pytest-junit.xml"
 SHOW=1 run_step codec 90 "$PYTHON" -m bench codec --device cuda --quick --out "$OUT/results"
 SHOW=1 run_step linear 150 "$PYTHON" -m bench linear --device cuda --quick --out "$OUT/results"
-SHOW=1 run_step seed-7b 240 "$PYTHON" -m bench model_seed_7b --device cuda --quick --out "$OUT/results"
-SHOW=1 run_step build-7b 90 "$PYTHON" -m bench model_build --device cuda --quick --out "$OUT/results"
 SHOW=1 run_step train 150 "$PYTHON" -m bench model_train --device cuda --quick --out "$OUT/results"
+SHOW=1 run_step build-7b 90 "$PYTHON" -m bench model_build --device cuda --quick --out "$OUT/results"
+SHOW=1 run_step seed-7b 240 "$PYTHON" -m bench model_seed_7b --device cuda --quick --out "$OUT/results"
 finish
