@@ -133,8 +133,8 @@ def run_case(seed: int, index: int, device: str, isas: list[str]) -> list[str]:
         if not torch.equal(dense.cpu(), _reference.dequantize_nf4(*want, (n, k), dtype)):
             failures.append(f"{what}: dequantize differs from the reference")
 
-        x = torch.randn(*lead, 2 * k if strided else k).to(dtype)
-        x = (x[..., ::2] if strided else x).to(device).requires_grad_(True)
+        x = torch.randn(*lead, 2 * k if strided else k).to(dtype).to(device)  # sliced there: .to() would copy a view contiguous
+        x = (x[..., ::2] if strided else x).requires_grad_(True)
         bias = torch.randn(n).to(dtype).to(device) if with_bias else None
         y = linear_nf4(x, nf4, bias)
         exact_w = nf4.dequantize(torch.float32).double().cpu()

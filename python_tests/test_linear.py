@@ -74,6 +74,25 @@ def test_forward_and_backward_match_reference(shape, rows, dtype, device, cpu_is
     assert torch.allclose(bias.grad.double(), grad_y.double().sum(dim=(0, 1, 2)), rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-2)
 
 
+@pytest.mark.parametrize("rows", [1, 17])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("device", devices())
+def test_strided_input_and_gradient_give_the_contiguous_result(rows, dtype, device):
+    # Made on the device and sliced there: .to(device) of a view would arrive contiguous.
+    nf4, _, _ = case((320, 192), rows, dtype, device)
+    wide = torch.randn(2, rows, 3, 2 * 192, device=device).to(dtype)
+    x = wide.transpose(1, 2)[..., ::2]  # [2, 3, rows, 192], strided in every dim
+    grad_y = torch.randn(320, 2, 3, rows, device=device).to(dtype).permute(1, 2, 3, 0)
+    assert not x.is_contiguous() and not grad_y.is_contiguous()
+    x.requires_grad_(True)
+    y = linear_nf4(x, nf4)
+    y.backward(grad_y)
+    x_c = x.detach().contiguous().requires_grad_(True)
+    y_c = linear_nf4(x_c, nf4)
+    y_c.backward(grad_y.contiguous())
+    assert torch.equal(y, y_c) and torch.equal(x.grad, x_c.grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_autograd_through_many_tiles_on_all_threads(dtype):
     # Enough rows and columns for several tiles per thread: the kernel's worker threads run BLAS
