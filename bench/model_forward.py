@@ -51,11 +51,11 @@ def _median_seconds(fn, reps: int, device: str) -> tuple[float, list[float]]:
 
 def _copy_bandwidth(device: str) -> float:
     """Bytes/s of a large copy (read + write), the memory bandwidth the floor uses."""
-    src = torch.empty(256 * 2**20 // 4, device=device).uniform_()
+    src = torch.empty(256 * 2**20 // 4, device=device, dtype=torch.float32).uniform_()  # not the default dtype (bf16 on cuda)
     dst = torch.empty_like(src)
     dst.copy_(src)
     seconds, _ = _median_seconds(lambda: dst.copy_(src), 5, device)
-    return 2 * src.numel() * 4 / seconds
+    return 2 * src.numel() * src.element_size() / seconds
 
 
 def main() -> int:
