@@ -145,6 +145,20 @@ def test_loading_into_materialized_model_copies_in_place(hf_models):
         assert torch.equal(model(tokens), fresh(tokens))
 
 
+def test_a_non_finite_weight_to_quantize_is_named(hf_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = hf_models[4]
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    state["model.layers.1.self_attn.q_proj.weight"][5, 7] = float("nan")
+    save_file(state, tmp_path / "model.safetensors")
+    shutil.copy(os.path.join(folder, "config.json"), tmp_path / "config.json")
+    with pytest.raises(ValueError, match=r"load_checkpoint: .*: entry model.layers.1.self_attn.q_proj.weight cannot be loaded: "
+                       r".*argument 'weight' must hold only finite values.*The model now holds \d+ of the checkpoint's \d+ tensors: rebuild it"):
+        llama2_from_checkpoint(tmp_path, ["q_proj"], lora_rank=4, lora_alpha=8, quantize_base=True)
+    llama2_from_checkpoint(tmp_path)  # a dense model takes the NaN as it is, as torch and transformers do
+
+
 def test_key_and_shape_problems_are_listed(hf_models, tmp_path):
     from safetensors.torch import load_file, save_file
 

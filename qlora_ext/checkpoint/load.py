@@ -94,7 +94,9 @@ def load_checkpoint(
         FileNotFoundError: no checkpoint in ``checkpoint_dir``, or a named file is not there.
         ValueError: the architecture differs from the model's, or keys are missing, unexpected
             or of the wrong shape (all listed), or the config is unsupported, or a LoRA module of
-            the model has its adapter merged into its base weight (call ``unmerge_()`` first).
+            the model has its adapter merged into its base weight (call ``unmerge_()`` first);
+            nothing is loaded then. A weight to quantize that holds NaN or Inf is found only when
+            it is read: the error names it and how many tensors were loaded before it.
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
     fmt = checkpoint_format(checkpoint_dir)
@@ -151,8 +153,9 @@ def load_entries(
         source: names the checkpoint in error messages.
 
     Raises:
-        ValueError: missing, unexpected or wrongly shaped keys (listed, nothing loaded), or LoRA
-            modules with a merged adapter (nothing loaded).
+        ValueError: missing, unexpected or wrongly shaped keys (listed, nothing loaded), LoRA
+            modules with a merged adapter (nothing loaded), or a weight to quantize that holds
+            NaN or Inf (named; the tensors before it are loaded, and the message says how many).
         RuntimeError: a meta-device model still has meta tensors afterwards.
     """
     refuse_merged(model, "load_checkpoint")
@@ -182,12 +185,19 @@ def load_entries(
         raise ValueError(f"load_checkpoint: {source} does not fit the model: " + "; ".join(problems))
 
     device = torch.device(device) if device is not None else _home_device(model)
-    for ours, entry in plan:
+    for done, (ours, entry) in enumerate(plan):
         value = entry.load()
         if transform is not None:
             value = transform(ours, value)
         module, attr = targets[ours]
-        _assign(module, attr, value, device)
+        try:
+            _assign(module, attr, value, device)
+        except ValueError as e:  # a weight to quantize that holds NaN or Inf
+            # Checking every weight first would read the checkpoint twice; say what state is left.
+            raise ValueError(
+                f"load_checkpoint: {source}: entry {entry.name} cannot be loaded: {e}. The model now holds "
+                f"{done} of the checkpoint's {len(plan)} tensors: rebuild it (or load a good checkpoint) before use"
+            ) from None
         del value  # one checkpoint tensor alive at a time
     _materialize_rest(model, device)
 
