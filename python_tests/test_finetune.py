@@ -228,6 +228,34 @@ def test_cli_errors_name_the_key(args, needle, capsys, tmp_path):
     assert needle in capsys.readouterr().err
 
 
+def test_unreadable_inputs_are_named(capsys, tmp_path):
+    binary = tmp_path / "binary.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    cases = [
+        ([f"dataset.data_files={binary}"], "dataset.data_files: '" + str(binary) + "' cannot be read as UTF-8 JSON text"),
+        ([f"tokenizer.path={binary}"], f"tokenizer.path: Llama2Tokenizer: argument 'path' must be a readable SentencePiece model file; '{binary}' is not"),
+        ([f"output_dir={binary}"], f"output_dir: '{binary}' must be a folder this user can create or write to"),
+        ([f"metric_logger.log_dir={binary}"], f"metric_logger.log_dir: '{binary}' must be a folder this user can create or write to"),
+        (["--config", str(binary)], f"--config: {binary} cannot be read as UTF-8 YAML text"),
+    ]
+    for args, needle in cases:
+        if not any(a.startswith("output_dir=") for a in args):
+            args = [*args, f"output_dir={tmp_path / 'run'}"]
+        assert finetune.main(args) == 2, args
+        assert needle in capsys.readouterr().err, args
+
+
+def test_a_run_that_fails_in_setup_leaves_the_earlier_runs_log(tmp_path, tiny_ckpt, small_data, capsys):
+    out = tmp_path / "run"
+    overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["max_steps_per_epoch=2", "epochs=1", "eval.before_and_after=False"]
+    finetune.train(load_config("tiny_qlora", overrides))
+    before = {name: (out / name).read_bytes() for name in ("logs/metrics.jsonl", "config.yaml")}
+    assert sum("loss" in r for r in metrics(out)) == 2
+    assert finetune.main([*overrides, "dataset.data_files=/nonexistent.jsonl", "optimizer.lr=0.5"]) == 2
+    assert "dataset.data_files: '/nonexistent.jsonl' is not a file" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
 def test_list_configs(capsys):
     assert finetune.main(["--list-configs"]) == 0
     assert "llama2_7b_qlora_single_device" in capsys.readouterr().out

@@ -176,6 +176,15 @@ def test_cli_argument_errors(checkpoint_with_tokenizer):
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert out.returncode == 2 and "argument --temperature must be finite and >= 0; got nan" in out.stderr
+    for device, needle in (("tpu", "argument --device must be cpu, cuda or cuda:N; got 'tpu'"),
+                           ("cuda", None if torch.cuda.is_available() else "argument --device: cuda was asked for but torch sees no CUDA GPU")):
+        if needle is None:
+            continue
+        out = subprocess.run(
+            [sys.executable, "-m", "qlora_ext.generate", "--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "x", "--device", device],
+            capture_output=True, text=True, env=env, timeout=120,
+        )
+        assert out.returncode == 2 and needle in out.stderr, out.stderr[-2000:]
     # A prompt filling the model's max_seq_len (128) leaves no room: named, not "max_new_tokens ... got -N".
     out = subprocess.run(
         [sys.executable, "-m", "qlora_ext.generate", "--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "The quick fox " * 60],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 import sys
@@ -55,9 +56,38 @@ def test_disk_logger_appends_and_truncates_on_resume(tmp_path):
     resumed.log({"loss": 9.0}, step=4)
     resumed.close()
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)][-2:] == [(3, 1 / 3), (4, 9.0)]
-    fresh = DiskLogger(tmp_path)  # a new run starts a new file
+    fresh = DiskLogger(tmp_path)  # a new run starts a new file, but only once it logs or closes
+    assert len(read_metrics(tmp_path)) == 4  # a run failing in setup leaves the earlier log
     fresh.close()
     assert read_metrics(tmp_path) == []
+
+
+def test_disk_logger_survives_a_killed_writer(tmp_path, capsys, monkeypatch):
+    log = DiskLogger(tmp_path)
+    for s in range(1, 6):
+        log.log({"loss": 1.0 / s}, step=s)
+    log.close()
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(path.read_bytes()[:-9] + b"\x00\x00\x00")  # killed mid-line (power loss: NULs)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]  # the plot still reads it
+    assert "skipped 1 line(s) that are not JSON records (lines [5]" in capsys.readouterr().err
+    resumed = DiskLogger(tmp_path, resume_step=4)
+    resumed.log({"loss": 9.0}, step=5)
+    resumed.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)][-2:] == [(4, 1 / 4), (5, 9.0)]
+    assert b"\x00" not in path.read_bytes()
+
+    # The resume rewrite is atomic: interrupted while writing, the old file is whole.
+    before = path.read_bytes()
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        DiskLogger(tmp_path, resume_step=2).log({"loss": 1.0}, step=3)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
 
 
 @pytest.mark.parametrize("kind, package", [("tensorboard", "tensorboard"), ("wandb", "wandb")])
@@ -132,6 +162,15 @@ def test_plot_cli_two_runs(tmp_path, capsys):
     assert f"argument -o/--output: '{tmp_path / 'new'}' is a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         plot.main([str(tmp_path / "lora"), "--smoothing", "1.5"])
+    with pytest.raises(SystemExit):
+        plot.main([str(tmp_path / "lora"), "-o", str(tmp_path / "curve.svg")])
+    assert "the name must end in .png; got" in capsys.readouterr().err
+    # Logs with no usable loss (foreign or hand-edited): named, not a traceback.
+    (tmp_path / "odd" / "logs").mkdir(parents=True)
+    (tmp_path / "odd" / "logs" / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": NaN}\n{"loss": 2.0}\n{"step": 3, "loss": "x"}\n[1, 2]\n')
+    assert plot.main([str(tmp_path / "odd"), "-o", str(out)]) == 2
+    assert "its metrics log has no records with a step and a finite loss yet" in capsys.readouterr().err
 
 
 def test_atomic_torch_save_keeps_old_file_on_failure(tmp_path, monkeypatch):

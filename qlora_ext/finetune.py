@@ -65,7 +65,10 @@ def train(cfg: Config) -> dict[str, Any]:
     device = steps.resolve_device(cfg.device)
     dtype = steps.resolve_dtype(cfg.dtype, device)
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output_dir: '{output_dir}' must be a folder this user can create or write to: {e}") from None
     for note in checkpointing.recover_interrupted_saves(output_dir):  # before reading the state that may name it
         print(f"Checkpoint folders: {note}")
     fingerprint = saving.resume_fingerprint(cfg)
@@ -74,12 +77,14 @@ def train(cfg: Config) -> dict[str, Any]:
         state = checkpointing.load_training_state(output_dir, fingerprint, may_change=saving.ADJUSTABLE_ON_RESUME)
     seed = cfg.seed if cfg.seed is not None else (state["seed"] if state else int.from_bytes(os.urandom(4), "little") >> 1)
     print(f"Resolved config (seed {seed}):\n{cfg.to_yaml()}")
-    checkpointing.atomic_write_text(output_dir / "config.yaml", saving.resolved_yaml(cfg, seed))
     log_dir = Path(cfg.metric_logger.log_dir or output_dir / "logs")
-    loggers = MetricLoggers(
-        cfg.metric_logger.type, log_dir, project=cfg.metric_logger.project, config=cfg.to_dict(),
-        resume_step=state["global_step"] if state else None,
-    )
+    try:
+        loggers = MetricLoggers(
+            cfg.metric_logger.type, log_dir, project=cfg.metric_logger.project, config=cfg.to_dict(),
+            resume_step=state["global_step"] if state else None,
+        )
+    except OSError as e:
+        raise ConfigError(f"metric_logger.log_dir: '{log_dir}' must be a folder this user can create or write to: {e}") from None
 
     # -- tokenizer and data (read before the model, so a data mistake fails fast) -------------
     tokenizer = model_setup.load_tokenizer(cfg.tokenizer.path)
@@ -137,6 +142,10 @@ def train(cfg: Config) -> dict[str, Any]:
         changed = saving.changed_settings(state["fingerprint"], fingerprint)
         if changed:
             print(f"Changed since the checkpoint, applied from step {global_step + 1}: {', '.join(changed)}")
+
+    # Written once setup has succeeded: a run that fails before it leaves an earlier run's
+    # config.yaml (and, see DiskLogger, its metrics log) as they were.
+    checkpointing.atomic_write_text(output_dir / "config.yaml", saving.resolved_yaml(cfg, seed))
 
     # -- before training: held-out loss and sample answers -----------------------------------
     summary: dict[str, Any] = {"output_dir": str(output_dir), "seed": seed, "losses": [], "val_losses": []}

@@ -41,6 +41,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --temperature must be finite and >= 0; got {args.temperature}")
     if args.top_k < 0:
         parser.error(f"argument --top-k must be >= 0; got {args.top_k}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        parser.error(f"argument --device must be cpu, cuda or cuda:N; got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"argument --device: {args.device} was asked for but torch sees no CUDA GPU")
     if args.quantize_base and args.adapter_dir is None:
         parser.error("argument --quantize-base needs --adapter-dir: only the adapted linears are kept in NF4")
     return args

@@ -11,6 +11,7 @@ installed, else a built-in PNG writer.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -19,10 +20,13 @@ from qlora_ext.training.metric_logging import read_metrics
 
 
 def load_curve(run_dir: str, label: str | None = None) -> Curve:
-    """The (step, loss) records of a run's metrics log."""
-    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    """The (step, loss) records of a run's metrics log (those with an int step and a finite loss)."""
+    records = [
+        r for r in read_metrics(run_dir)
+        if isinstance(r.get("step"), int) and isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])
+    ]
     if not records:
-        raise ValueError(f"RUN_DIR '{run_dir}': its metrics log has no loss records yet")
+        raise ValueError(f"RUN_DIR '{run_dir}': its metrics log has no records with a step and a finite loss yet")
     return Curve(label or Path(run_dir).resolve().name, [r["step"] for r in records], [r["loss"] for r in records])
 
 
@@ -40,12 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --labels: needs one label per RUN_DIR ({len(args.runs)}); got {len(args.labels)}")
     try:
         curves = [load_curve(run, args.labels[i] if args.labels else None) for i, run in enumerate(args.runs)]
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # missing or unreadable logs, logs without losses
         print(f"error: {e}", file=sys.stderr)
         return 2
     output = Path(args.output)
     if output.is_dir():
         parser.error(f"argument -o/--output: '{args.output}' is a folder; give the path of the PNG file to write")
+    if output.suffix.lower() != ".png":
+        parser.error(f"argument -o/--output: the picture is a PNG, so the name must end in .png; got '{args.output}'")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)  # as the trainer creates its output_dir
         renderer = plot_loss_curves(curves, output, smoothing=args.smoothing, title=args.title)

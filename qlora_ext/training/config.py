@@ -93,9 +93,11 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
             )
         path = bundled
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config: {path} cannot be read as UTF-8 YAML text: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of keys to values; got {type(raw).__name__}")
     if is_torchtune_config(raw):

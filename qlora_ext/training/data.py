@@ -68,7 +68,10 @@ def load_alpaca_records(files: Sequence[str | Path]) -> list[dict[str, str]]:
                 f"dataset.data_files: '{file}' is not a file (local JSON or JSONL files of "
                 "{instruction, input, output} records; downloads are not supported)"
             )
-        text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is not JSON
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is not JSON
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"dataset.data_files: '{file}' cannot be read as UTF-8 JSON text: {e}") from None
         if text.lstrip().startswith("["):
             try:
                 items = json.loads(text)

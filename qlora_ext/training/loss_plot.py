@@ -36,8 +36,8 @@ def default_smoothing(num_points: int) -> float:
 
 def plot_loss_curves(curves: list[Curve], path: str | Path, smoothing: float | None = None, title: str = "training loss") -> str:
     """Writes the PNG; returns which renderer drew it ("matplotlib" or "built-in")."""
-    if not curves or not any(c.steps for c in curves):
-        raise ValueError("plot_loss_curves: no loss values to plot")
+    if not any(math.isfinite(loss) for c in curves for loss in c.losses):
+        raise ValueError("plot_loss_curves: argument 'curves' must hold at least one finite loss value; got none")
     try:
         import matplotlib
     except ImportError:

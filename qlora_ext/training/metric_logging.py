@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
+
+from qlora_ext.checkpoint.atomic import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -21,28 +24,35 @@ class MissingDependencyError(RuntimeError):
 class DiskLogger:
     """Appends one JSON object per ``log`` call to ``log_dir/metrics.jsonl``.
 
-    A resumed run truncates the file to the records before its resume step, so the file always
-    holds one consistent curve.
+    The file is first touched by the first ``log`` (or ``close``), so a run that fails during
+    setup leaves an earlier run's log as it was. Then a new run starts the file afresh, and a
+    resumed run keeps the records up to its resume step (rewritten atomically; lines a killed
+    writer left unreadable are dropped with a warning), so the file always holds one curve.
     """
 
     def __init__(self, log_dir: str | Path, resume_step: int | None = None):
         self.path = Path(log_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        elif self.path.exists():
-            self.path.unlink()
-        self._file = open(self.path, "w" if resume_step is not None else "a")
-        for line in kept:
-            self._file.write(line + "\n")
-        self._file.flush()
+        self._resume_step = resume_step
+        self._file: Any = None
+
+    def _open(self) -> None:
+        if self._resume_step is None:
+            self._file = open(self.path, "w", encoding="utf-8")
+            return
+        kept = [line for line, record in _parsed_lines(self.path) if record.get("step", 0) <= self._resume_step]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self._file is None:
+            self._open()
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
         self._file.flush()
 
     def close(self) -> None:
+        if self._file is None:
+            self._open()
         if not self._file.closed:
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -121,9 +131,32 @@ class MetricLoggers:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file (a run folder, its logs folder, or the file itself)."""
+    """The records of a metrics.jsonl file (a run folder, its logs folder, or the file itself).
+    Lines that are not JSON objects (a writer killed mid-line) are skipped with a warning."""
     path = Path(path)
     for candidate in (path, path / METRICS_FILE, path / "logs" / METRICS_FILE):
         if candidate.is_file():
-            return [json.loads(line) for line in candidate.read_text().splitlines() if line.strip()]
+            return [record for _, record in _parsed_lines(candidate)]
     raise FileNotFoundError(f"no {METRICS_FILE} in {path} or {path / 'logs'} (is it a training run's output_dir?)")
+
+
+def _parsed_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of each line of a metrics log holding a JSON object; warns of the others."""
+    if not path.exists():
+        return []
+    out, broken = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            out.append((line, record))
+        else:
+            broken.append(number)
+    if broken:
+        print(f"warning: {path}: skipped {len(broken)} line(s) that are not JSON records (lines {broken[:10]}; "
+              "a run killed while writing leaves one)", file=sys.stderr)
+    return out

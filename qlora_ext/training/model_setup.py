@@ -36,7 +36,10 @@ def load_tokenizer(path: str):
     """The Llama-2 SentencePiece tokenizer at ``tokenizer.path``."""
     if not Path(path).is_file():
         raise ModelSetupError(f"tokenizer.path: '{path}' is not a file (the SentencePiece tokenizer.model of the model)")
-    return llama2_models.llama2_tokenizer(path)
+    try:
+        return llama2_models.llama2_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise ModelSetupError(f"tokenizer.path: {e}") from None
 
 
 def _builder(name: str):

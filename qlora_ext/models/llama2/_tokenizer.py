@@ -19,7 +19,7 @@ class Llama2Tokenizer:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the model defines no BOS or EOS piece.
+        ValueError: the file is not a readable SentencePiece model, or defines no BOS or EOS piece.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -29,7 +29,10 @@ class Llama2Tokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Llama2Tokenizer: argument 'path' must be a SentencePiece model file; got {path!r}")
         self.path = path
-        self.spm = SentencePieceProcessor(model_file=path)
+        try:
+            self.spm = SentencePieceProcessor(model_file=path)
+        except (OSError, RuntimeError) as e:  # sentencepiece raises RuntimeError for a file it cannot parse
+            raise ValueError(f"Llama2Tokenizer: argument 'path' must be a readable SentencePiece model file; {path!r} is not: {e}") from None
         self.vocab_size = self.spm.vocab_size()
         self.bos_id = self.spm.bos_id()
         self.eos_id = self.spm.eos_id()
