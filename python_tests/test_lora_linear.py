@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -229,3 +230,20 @@ def test_state_dict_offloads_cuda_weights_one_at_a_time():
     assert all(v.device.type == "cpu" for v in sd.values())
     one_dense = 1024 * 1024 * 4
     assert torch.cuda.max_memory_allocated() - base <= 1.5 * one_dense
+
+
+def test_constructor_arguments_are_checked():
+    for kwargs, needle in [
+        (dict(rank=0), "argument 'rank' must be a positive int; got 0"),
+        (dict(rank=2.5), "argument 'rank' must be a positive int; got 2.5"),
+        (dict(rank=True), "argument 'rank' must be a positive int; got True"),
+        (dict(in_dim=0), "argument 'in_dim' must be a positive int; got 0"),
+        (dict(out_dim=-3), "argument 'out_dim' must be a positive int; got -3"),
+        (dict(alpha=float("nan")), "argument 'alpha' must be a finite number; got nan"),
+        (dict(alpha=float("inf")), "argument 'alpha' must be a finite number; got inf"),
+        (dict(dropout=1.0), "argument 'dropout' must be in [0, 1); got 1.0"),
+    ]:
+        args = {"in_dim": 64, "out_dim": 32, "rank": 4, "alpha": 8.0, **kwargs}
+        with pytest.raises(ValueError, match=re.escape(f"LoRALinear: {needle}")):
+            LoRALinear(**args)
+    assert LoRALinear(64, 32, rank=4, alpha=0).scaling == 0  # alpha 0 is allowed: an adapter that adds nothing

@@ -135,6 +135,18 @@ def test_builder_errors_name_the_argument():
         llama2(**{**base, "embed_dim": 66})
     with pytest.raises(ValueError, match=r"argument 'num_layers' must be a positive int; got 0"):
         llama2(**{**base, "num_layers": 0})
+    with pytest.raises(ValueError, match=r"argument 'num_heads' must be a positive int; got True"):
+        llama2(**{**base, "num_heads": True})
+    with pytest.raises(ValueError, match=r"argument 'lora_attn_modules' must be a list .*; got None"):
+        lora_llama2(None, **base, lora_rank=4, lora_alpha=8)
+    with pytest.raises(ValueError, match=r"LoRALinear: argument 'alpha' must be a finite number; got nan"):
+        lora_llama2(["q_proj"], **base, lora_rank=4, lora_alpha=float("nan"))
+    with pytest.raises(ValueError, match=r"argument 'base' must be a finite number > 0; got -1.0"):
+        llama2(**base, rope_base=-1.0)
+    model = llama2(**base)
+    with pytest.raises(ValueError, match=r"set_trainable_params: argument 'adapter_params' must name parameters of the model; these are not: \['typo'\]"):
+        set_trainable_params(model, {"typo": None})
+    assert all(p.requires_grad for p in model.parameters())  # nothing changed
     with pytest.raises(ValueError, match=r"quantize_base=True needs .* multiple of 64; output is 5 x 72"):
         lora_llama2([], apply_lora_to_output=True, **{**base, "vocab_size": 5, "embed_dim": 72}, lora_rank=4, lora_alpha=8, quantize_base=True)
 

@@ -123,6 +123,12 @@ def test_rope_rejects_bad_dims():
         RotaryPositionalEmbeddings(7)
     with pytest.raises(ValueError, match=r"argument 'max_seq_len' must be positive; got 0"):
         RotaryPositionalEmbeddings(8, max_seq_len=0)
+    for base in (0.0, -1.0, float("nan"), float("inf")):  # each made NaN tables
+        with pytest.raises(ValueError, match=rf"argument 'base' must be a finite number > 0; got {base}"):
+            RotaryPositionalEmbeddings(8, base=base)
+    for eps in (-1e-6, float("nan")):
+        with pytest.raises(ValueError, match=rf"RMSNorm: argument 'eps' must be a finite number >= 0; got {eps}"):
+            RMSNorm(8, eps=eps)
 
 
 def _naive_attention(x, attn, mask=None):

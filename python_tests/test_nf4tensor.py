@@ -94,6 +94,13 @@ def test_to_nf4_rejects_bad_arguments():
         to_nf4(to_nf4(torch.randn(4, 64)))
     with pytest.raises(ValueError, match=r"finite"):
         to_nf4(torch.full((64,), float("nan")))
+    with pytest.raises(TypeError, match=r"to_nf4: argument 'weight' must be a torch.Tensor; got list"):
+        to_nf4([[0.5] * 64])
+    with pytest.raises(ValueError, match=r"must be 64 and 256.*got 64.0 and 256"):
+        to_nf4(torch.randn(64), block_size=64.0)
+    nf4 = to_nf4(torch.randn(8, 64))
+    with pytest.raises(ValueError, match=r"argument 'shape' must hold sizes that are ints >= 0; got \[-8, -64\]"):
+        NF4Tensor.from_components(*nf4.components(), (-8, -64), torch.float32)
 
 
 @needs_cuda

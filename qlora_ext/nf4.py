@@ -83,6 +83,8 @@ class NF4Tensor(Tensor):
                 )
         if dtype not in _FLOAT_DTYPES:
             raise TypeError(f"NF4Tensor.from_components: argument 'dtype' must be float32, bfloat16 or float16; got {dtype}")
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+            raise ValueError(f"NF4Tensor.from_components: argument 'shape' must hold sizes that are ints >= 0; got {list(shape)}")
         shape = torch.Size(shape)
         numel = shape.numel()
         nblocks = numel // BLOCK_SIZE
@@ -185,10 +187,14 @@ def to_nf4(weight: Tensor, block_size: int = BLOCK_SIZE, scaler_block_size: int 
         The NF4Tensor, on the weight's device, with the weight's shape and dtype.
 
     Raises:
-        TypeError: ``weight`` is not a float tensor.
+        TypeError: ``weight`` is not a float tensor (or not a tensor at all).
         ValueError: empty weight, numel not divisible by 64, NaN or Inf in it, other block sizes.
     """
-    if block_size != BLOCK_SIZE or scaler_block_size != SCALER_BLOCK_SIZE:
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"to_nf4: argument 'weight' must be a torch.Tensor; got {type(weight).__name__}")
+    if any(isinstance(b, bool) or not isinstance(b, int) for b in (block_size, scaler_block_size)) or (
+        block_size != BLOCK_SIZE or scaler_block_size != SCALER_BLOCK_SIZE
+    ):
         raise ValueError(
             f"to_nf4: arguments 'block_size' and 'scaler_block_size' must be {BLOCK_SIZE} and "
             f"{SCALER_BLOCK_SIZE} (the NF4 format of this package); got {block_size} and {scaler_block_size}"

@@ -48,8 +48,11 @@ class LoRALinear(nn.Module):
         quantize_base: bool = False,
     ):
         super().__init__()
-        if rank <= 0:
-            raise ValueError(f"LoRALinear: argument 'rank' must be positive; got {rank}")
+        for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("rank", rank)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"LoRALinear: argument '{name}' must be a positive int; got {value!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"LoRALinear: argument 'alpha' must be a finite number; got {alpha!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRALinear: argument 'dropout' must be in [0, 1); got {dropout}")
         self.in_dim = in_dim

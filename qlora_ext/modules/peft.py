@@ -21,7 +21,18 @@ def get_adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def set_trainable_params(model: nn.Module, adapter_params: dict[str, nn.Parameter]) -> None:
-    """Only the given parameters require grad; everything else is frozen."""
+    """Only the given parameters require grad; everything else is frozen.
+
+    Raises:
+        ValueError: a name in ``adapter_params`` is not a parameter of ``model`` (names from
+            ``get_adapter_params`` of another or a differently wrapped model): nothing changes.
+    """
+    unknown = sorted(set(adapter_params) - {name for name, _ in model.named_parameters()})
+    if unknown:
+        raise ValueError(
+            f"set_trainable_params: argument 'adapter_params' must name parameters of the model; these are not: {unknown[:10]}"
+            f"{' ...' if len(unknown) > 10 else ''} (take the names from get_adapter_params of this model, as wrapped now)"
+        )
     for name, param in model.named_parameters():
         param.requires_grad_(name in adapter_params)
 

@@ -129,8 +129,9 @@ def lora_llama2(
         ValueError: unknown ``lora_attn_modules`` entries, inconsistent sizes, or a quantized
             linear whose element count is not a multiple of 64.
     """
-    unknown = sorted(set(lora_attn_modules) - set(LORA_ATTN_MODULES))
-    if unknown or isinstance(lora_attn_modules, str):
+    is_list = isinstance(lora_attn_modules, (list, tuple, set, frozenset)) and all(isinstance(m, str) for m in lora_attn_modules)
+    unknown = sorted(set(lora_attn_modules) - set(LORA_ATTN_MODULES)) if is_list else []
+    if unknown or not is_list:
         raise ValueError(
             f"lora_llama2: argument 'lora_attn_modules' must be a list drawn from {list(LORA_ATTN_MODULES)}; "
             f"got {lora_attn_modules!r}"
@@ -220,7 +221,7 @@ def _check_sizes(vocab_size, num_layers, num_heads, num_kv_heads, embed_dim, max
         "intermediate_dim": intermediate_dim if intermediate_dim is not None else 1,
     }
     for name, value in sizes.items():
-        if not isinstance(value, int) or value <= 0:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"llama2: argument '{name}' must be a positive int; got {value!r}")
     if embed_dim % num_heads:
         raise ValueError(f"llama2: argument 'embed_dim' must be a multiple of num_heads={num_heads}; got {embed_dim}")
