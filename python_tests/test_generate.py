@@ -83,6 +83,21 @@ def test_tiny_temperature_is_greedy():
         assert torch.equal(sample(wide, temperature=temperature, top_k=5, generator=gen), wide.argmax(-1))
 
 
+def test_prompt_and_pad_id_outside_the_vocabulary_are_named():
+    model = _model()
+    vocab = model.tok_embeddings.num_embeddings
+    for prompt, needle in [
+        ([5, vocab], rf"argument 'prompt' must hold token ids in \[0, {vocab}\); got \[{vocab}\]"),
+        (torch.tensor([[3, -1]]), r"argument 'prompt' must hold token ids in \[0, \d+\); got \[-1\]"),
+        (torch.ones(1, 3), r"argument 'prompt' must hold integer token ids; got dtype torch.float32"),
+        ([[1, 2], [3]], r"argument 'prompt' must be a \[batch, seq\] tensor or one prompt as a list of ints; got a list holding \['list'\]"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            generate(model, prompt, max_new_tokens=2, temperature=0.0)
+    with pytest.raises(ValueError, match=rf"argument 'pad_id' must be a token id in \[0, {vocab}\); got -1"):
+        generate(model, [1, 2], max_new_tokens=2, pad_id=-1)
+
+
 def test_stop_tokens_end_rows_and_pad():
     model = _model()
     prompt = torch.randint(0, 96, (2, 5))

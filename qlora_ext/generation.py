@@ -79,15 +79,28 @@ def generate(
         [b, s + n] int64: the prompts followed by the n <= max_new_tokens generated tokens.
 
     Raises:
-        ValueError: an empty prompt, ``max_new_tokens`` < 1, prompt plus new tokens longer than
-            the model's max_seq_len (or than caches set up by the caller).
+        ValueError: an empty prompt, token ids or ``pad_id`` outside the vocabulary,
+            ``max_new_tokens`` < 1, prompt plus new tokens longer than the model's max_seq_len
+            (or than caches set up by the caller).
     """
     device = model.tok_embeddings.weight.device
     if not isinstance(prompt, Tensor):
-        prompt = torch.tensor([list(prompt)], dtype=torch.long)
+        prompt = list(prompt)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError("generate: argument 'prompt' must be a [batch, seq] tensor or one prompt as a list of ints; "
+                             f"got a list holding {sorted({type(t).__name__ for t in prompt})}")
+        prompt = torch.tensor([prompt], dtype=torch.long)
     prompt = prompt.to(device)
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"generate: argument 'prompt' must be [batch, seq] with seq >= 1; got shape {list(prompt.shape)}")
+    vocab = model.tok_embeddings.num_embeddings
+    if prompt.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"generate: argument 'prompt' must hold integer token ids; got dtype {prompt.dtype}")
+    outside = (prompt < 0) | (prompt >= vocab)
+    if bool(outside.any()):
+        raise ValueError(f"generate: argument 'prompt' must hold token ids in [0, {vocab}); got {prompt[outside][:5].tolist()}")
+    if not 0 <= pad_id < vocab:
+        raise ValueError(f"generate: argument 'pad_id' must be a token id in [0, {vocab}); got {pad_id}")
     if max_new_tokens < 1:
         raise ValueError(f"generate: argument 'max_new_tokens' must be >= 1; got {max_new_tokens}")
     b, s = prompt.shape
