@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ring-mib", type=int, default=None, help="size of the rotating input rings (default: twice the last-level cache)")
     p.add_argument("--fail-on-missed-targets", action="store_true", help="exit with status 2 when a speed target is missed")
     args = p.parse_args(argv)
+    if args.ring_mib is not None and args.ring_mib < 1:
+        p.error(f"argument --ring-mib must be at least 1 (MiB); got {args.ring_mib}")
     args.benchmark = args.benchmark or ["all"]
     for name in args.benchmark:
         if name not in names:
@@ -84,6 +86,7 @@ def run_one(name: str, module: str, ctx, out_root: Path) -> dict | None:
     """Runs one benchmark, writes and returns its result; None, and nothing written, when it was a
     script that measured nothing on this device (model_seed_7b on a CPU: its output says why)."""
     from bench import machine, model
+    from bench.files import write_text_atomic
     from bench.report import SCHEMA_VERSION, validate
 
     slug_dir = out_root / machine.machine_slug(ctx.device)
@@ -115,7 +118,7 @@ def run_one(name: str, module: str, ctx, out_root: Path) -> dict | None:
     }
     validate(result)
     path = slug_dir / f"{name}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(result, indent=1) + "\n")
     ctx.log(f"wrote {path}")
     return result
 

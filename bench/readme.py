@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from bench import registry
+from bench.files import write_text_atomic
 from bench.report import short_revision, render_markdown, target_lines, validate
 
 BEGIN = "<!-- bench-results:begin"
@@ -89,5 +90,5 @@ def rewrite(readme: Path, results_dir: Path, *, status: bool = False) -> bool:
     new = text[:begin] + begin_line + "\n\n" + body + "\n" + text[end:]
     if new == text:
         return False
-    readme.write_text(new)
+    write_text_atomic(readme, new)
     return True

@@ -343,6 +343,28 @@ def test_cli_arguments():
         parse_args(["nope"])
     with pytest.raises(SystemExit):
         parse_args(["--quick", "--smoke"])
+    for bad in ("0", "-5"):  # 0 silently meant the default; -5 was stored as a negative ring size
+        with pytest.raises(SystemExit):
+            parse_args(["codec", "--ring-mib", bad])
+    assert parse_args(["codec", "--ring-mib", "3"]).ring_mib == 3
+
+
+def test_result_files_are_written_whole(tmp_path, monkeypatch):
+    from bench.files import write_text_atomic
+
+    path = tmp_path / "codec.json"
+    write_text_atomic(path, "old\n")
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(path, "new, cut short\n")
+    monkeypatch.undo()
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["codec.json"]
+    write_text_atomic(path, "new\n")
+    assert path.read_text() == "new\n"
 
 
 def test_cli_refuses_gpu_device_without_one():
