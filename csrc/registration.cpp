@@ -1,4 +1,5 @@
-// The one TORCH_LIBRARY block of the project: every schema of namespace `qlora`, nothing else.
+// The one TORCH_LIBRARY block of namespace `qlora`: the four ops of DESIGN.md section 3, nothing
+// else. The CPU kernels' switches, which are not ops of the format, live in `qlora_cpu` below.
 // Kernels are registered per backend at the bottom of csrc/cpu/*.cpp and csrc/cuda/*.cu; fake
 // kernels and autograd live in qlora_ext/ops.py. Storage layout: DESIGN.md section 2.
 #include <torch/library.h>
@@ -22,6 +23,10 @@ TORCH_LIBRARY(qlora, m) {
   m.def(
       "linear_nf4_grad_input(Tensor grad_y, Tensor packed, Tensor absmax_codes, "
       "Tensor absmax_scales, Tensor absmax_offset, int in_features) -> Tensor");
+}
+
+// Switches of the CPU kernels, for tests and benchmarks (qlora_ext.ops wraps them).
+TORCH_LIBRARY(qlora_cpu, m) {
   // Which CPU kernels run ("avx512", "avx2" or "portable"), and choosing them ("auto" picks the
   // best the CPU has); for tests and benchmarks.
   m.def("cpu_kernel_isa() -> str");

@@ -23,6 +23,14 @@ def test_schema(name):
     assert str(getattr(torch.ops.qlora, name).default._schema) == SCHEMAS[name]
 
 
+def test_the_qlora_namespace_holds_exactly_the_four_ops():
+    # DESIGN.md section 3 fixes the op set; the CPU kernels' switches live in qlora_cpu.
+    names = {s.name for s in torch._C._jit_get_all_schemas() if s.name.startswith("qlora::")}
+    assert names == {f"qlora::{n}" for n in SCHEMAS}
+    assert {s.name for s in torch._C._jit_get_all_schemas() if s.name.startswith("qlora_cpu::")} == {
+        "qlora_cpu::cpu_kernel_isa", "qlora_cpu::set_cpu_kernel_isa", "qlora_cpu::cpu_bf16_gemm"}
+
+
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_kernels_registered_per_backend(name):
     dump = torch._C._dispatch_dump(f"qlora::{name}")

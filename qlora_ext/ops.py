@@ -164,12 +164,12 @@ torch.library.register_autograd(
 
 def cpu_kernel_isa() -> str:
     """The CPU kernels in use: "avx512", "avx2" or "portable"."""
-    return _ops.cpu_kernel_isa()
+    return torch.ops.qlora_cpu.cpu_kernel_isa()
 
 
 def set_cpu_kernel_isa(name: str) -> None:
     """Chooses the CPU kernels: "auto" (the best this CPU runs), "avx512", "avx2" or "portable"."""
-    _ops.set_cpu_kernel_isa(name)
+    torch.ops.qlora_cpu.set_cpu_kernel_isa(name)
 
 
 def cpu_bf16_gemm() -> bool:
@@ -177,4 +177,4 @@ def cpu_bf16_gemm() -> bool:
     kernels take) by bf16 tiles of W with torch's bf16 BLAS, rounding each output once, rather than
     in float32: by default where the CPU has AVX512-BF16; ``QLORA_CPU_BF16_GEMM=0`` or ``=1`` in
     the environment decides instead, at each call."""
-    return _ops.cpu_bf16_gemm()
+    return torch.ops.qlora_cpu.cpu_bf16_gemm()

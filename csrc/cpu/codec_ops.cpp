@@ -110,7 +110,7 @@ std::string cpu_kernel_isa() { return active_cpu_kernels().name; }
 
 void set_cpu_kernel_isa(std::string_view name) {
   const std::string n(name);
-  TORCH_CHECK_VALUE(select_cpu_kernels(n.c_str()), "qlora::set_cpu_kernel_isa: argument 'name' must ",
+  TORCH_CHECK_VALUE(select_cpu_kernels(n.c_str()), "qlora_cpu::set_cpu_kernel_isa: argument 'name' must ",
                     "be 'auto', 'portable', 'avx2' or 'avx512' (each on a CPU with it and a build ",
                     "with it; this one: avx2 ", cpu_has_avx2() && avx2_kernels() ? "yes" : "no",
                     ", avx512 ", cpu_has_avx512() && avx512_kernels() ? "yes" : "no", "); got '", n,
@@ -124,7 +124,7 @@ TORCH_LIBRARY_IMPL(qlora, CPU, m) {
   m.impl("dequantize_nf4", &dequantize_nf4);
 }
 
-TORCH_LIBRARY_IMPL(qlora, CompositeExplicitAutograd, m) {
+TORCH_LIBRARY_IMPL(qlora_cpu, CompositeExplicitAutograd, m) {
   m.impl("cpu_kernel_isa", &cpu_kernel_isa);
   m.impl("set_cpu_kernel_isa", &set_cpu_kernel_isa);
 }

@@ -148,7 +148,7 @@ void banded_matmul(const CpuKernels& k, const Nf4View& w, int64_t N, int64_t K, 
 // torch's bf16 matmul runs 2.3x its float32 rate (2-core AMD EPYC: 210 vs 92 GFLOP/s a core);
 // elsewhere bf16 BLAS is emulated and slower than float32 (2-core Xeon without it: 194 vs 62 ms
 // at M = 256). The environment variable QLORA_CPU_BF16_GEMM=0/1 overrides the CPU check, read at
-// each call (tests, benchmarks). Also the op qlora::cpu_bf16_gemm.
+// each call (tests, benchmarks). Also the op qlora_cpu::cpu_bf16_gemm.
 bool cpu_bf16_gemm() {
   const char* env = std::getenv("QLORA_CPU_BF16_GEMM");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return cpu_has_avx512_bf16();
@@ -242,7 +242,7 @@ TORCH_LIBRARY_IMPL(qlora, CPU, m) {
   m.impl("linear_nf4_grad_input", &linear_nf4_grad_input);
 }
 
-TORCH_LIBRARY_IMPL(qlora, CompositeExplicitAutograd, m) {
+TORCH_LIBRARY_IMPL(qlora_cpu, CompositeExplicitAutograd, m) {
   m.impl("cpu_bf16_gemm", &cpu_bf16_gemm);
 }
 
