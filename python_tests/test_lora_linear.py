@@ -247,3 +247,13 @@ def test_constructor_arguments_are_checked():
         with pytest.raises(ValueError, match=re.escape(f"LoRALinear: {needle}")):
             LoRALinear(**args)
     assert LoRALinear(64, 32, rank=4, alpha=0).scaling == 0  # alpha 0 is allowed: an adapter that adds nothing
+
+
+def test_seed_tutorial_import_lines_carry_over():
+    # torchtune.modules.peft / torchtune.models.llama2 / torchao.dtypes.nf4tensor -> qlora_ext.*
+    from qlora_ext.models.llama2 import qlora_llama2_7b
+    from qlora_ext.modules.peft import LoRALinear as PeftLoRALinear
+    from qlora_ext.nf4 import linear_nf4 as nf4_linear
+    from qlora_ext.nf4 import to_nf4 as nf4_to
+
+    assert PeftLoRALinear is LoRALinear and nf4_to is to_nf4 and callable(nf4_linear) and callable(qlora_llama2_7b)

@@ -1,7 +1,7 @@
 """QLoRA (or LoRA) fine-tuning of a Llama-2 model on Alpaca-format instruction data, on one device.
 
 The default run needs no download and no GPU: it instruction-tunes a tiny Llama-2 model that
-ships with the package, on a bundled synthetic dataset, in a few minutes on 2 CPU cores, and shows
+ships with the package, on a bundled synthetic dataset, in about a minute on 2 CPU cores, and shows
 held-out loss and sample answers before and after:
 
     python -m qlora_ext.finetune

@@ -1,5 +1,6 @@
 """Adapter bookkeeping over a whole model, with torchtune's names: which parameters are the
-adapter, freezing everything else, and running the base model alone."""
+adapter, freezing everything else, and running the base model alone. ``LoRALinear`` is importable
+from here as from ``torchtune.modules.peft``, so the seed tutorial's import line carries over."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import contextlib
 from collections.abc import Iterator
 
 from torch import nn
+
+from qlora_ext.modules.lora_linear import LoRALinear
+
+__all__ = ["LoRALinear", "disable_adapter", "get_adapter_params", "set_trainable_params"]
 
 
 def get_adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
