@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from qlora_ext import plot
+from qlora_ext.training import checkpoint_folders
 from qlora_ext.training import checkpointing as ckpt
 from qlora_ext.training.loss_plot import Curve, plot_loss_curves, smooth
 from qlora_ext.training.memory import format_memory_stats, memory_stats
@@ -192,9 +193,9 @@ def test_atomic_torch_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
 def test_commit_dir_replaces_whole_folder(tmp_path):
     final = tmp_path / "epoch_0"
     for content in ("one", "two"):
-        tmp = ckpt.staging_dir(final)
+        tmp = checkpoint_folders.staging_dir(final)
         (tmp / "f.txt").write_text(content)
-        ckpt.commit_dir(tmp, final)
+        checkpoint_folders.commit_dir(tmp, final)
     assert (final / "f.txt").read_text() == "two"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0"]
 
@@ -216,12 +217,12 @@ def test_recover_interrupted_saves(tmp_path):
     folder(f".step_2.tmp-{os.getpid()}")  # our pid, before we saved anything: a restarted container's
     folder(f".step_8.tmp-{alive}")  # another live process's: left alone
     folder(".notes.tmp-12")  # not our pattern
-    notes = ckpt.recover_interrupted_saves(tmp_path)
+    notes = checkpoint_folders.recover_interrupted_saves(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp-12", f".step_8.tmp-{alive}", "epoch_0", "epoch_1"]
     assert (tmp_path / "epoch_0" / "f.txt").read_text() == "old epoch_0"
     assert (tmp_path / "epoch_1" / "f.txt").read_text() == "new epoch_1"
     assert len(notes) == 5 and any(n.startswith(f"restored {tmp_path / 'epoch_0'}") for n in notes)
-    assert ckpt.recover_interrupted_saves(tmp_path) == []
+    assert checkpoint_folders.recover_interrupted_saves(tmp_path) == []
 
 
 def test_training_state_round_trip_and_mismatch(tmp_path):

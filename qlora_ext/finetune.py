@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from qlora_ext.training import checkpointing, evaluation, model_setup, saving, steps
+from qlora_ext.checkpoint.atomic import atomic_write_text
+from qlora_ext.training import checkpoint_folders, checkpointing, evaluation, model_setup, saving, steps
 from qlora_ext.training.config import Config, ConfigError, available_configs, load_config
 from qlora_ext.training.data import (
     DataError,
@@ -69,7 +70,7 @@ def train(cfg: Config) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"output_dir: '{output_dir}' must be a folder this user can create or write to: {e}") from None
-    for note in checkpointing.recover_interrupted_saves(output_dir):  # before reading the state that may name it
+    for note in checkpoint_folders.recover_interrupted_saves(output_dir):  # before reading the state that may name it
         print(f"Checkpoint folders: {note}")
     fingerprint = saving.resume_fingerprint(cfg)
     state = None
@@ -145,7 +146,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # Written once setup has succeeded: a run that fails before it leaves an earlier run's
     # config.yaml (and, see DiskLogger, its metrics log) as they were.
-    checkpointing.atomic_write_text(output_dir / "config.yaml", saving.resolved_yaml(cfg, seed))
+    atomic_write_text(output_dir / "config.yaml", saving.resolved_yaml(cfg, seed))
 
     # -- before training: held-out loss and sample answers -----------------------------------
     summary: dict[str, Any] = {"output_dir": str(output_dir), "seed": seed, "losses": [], "val_losses": []}

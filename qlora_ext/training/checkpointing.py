@@ -1,31 +1,21 @@
-"""Atomic files and the training state that lets an interrupted run continue exactly.
-
-A checkpoint is a folder ``output_dir/epoch_E`` or ``output_dir/step_S`` (adapter, merged model,
-tokenizer, config), written under a temporary name and renamed into place when complete, plus
-``output_dir/recipe_state.pt`` (optimizer, schedule, counters, RNG states, adapter weights in
-full precision, and the folder it belongs to), replaced atomically *after* the folder. A run killed
-at any moment therefore leaves the previous ``recipe_state.pt`` and the folder it names intact;
-``recover_interrupted_saves`` then removes what the killed save left (or puts back the folder it
-was replacing) when the next run starts.
+"""The training state that lets an interrupted run continue exactly: ``output_dir/recipe_state.pt``
+(optimizer, schedule, counters, RNG states, adapter weights in full precision, and the checkpoint
+folder it belongs to), replaced atomically *after* that folder is committed (see
+``checkpoint_folders``). A run killed at any moment therefore leaves the previous
+``recipe_state.pt`` and the folder it names intact.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qlora_ext.checkpoint.atomic import atomic_path, atomic_write_text, fsync_dir
+from qlora_ext.checkpoint.atomic import atomic_path
 
-__all__ = [
-    "atomic_torch_save", "atomic_write_text", "commit_dir", "load_training_state", "recover_interrupted_saves",
-    "save_training_state", "staging_dir",
-]
+__all__ = ["ResumeError", "atomic_torch_save", "load_training_state", "rng_state", "save_training_state", "set_rng_state"]
 
 STATE_FILE = "recipe_state.pt"
 STATE_VERSION = 1
@@ -39,86 +29,6 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to ``path`` atomically (a temp file in the same folder, fsync, rename)."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-
-
-def staging_dir(final: str | Path) -> Path:
-    """A fresh temporary folder beside ``final`` to write a checkpoint into."""
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def commit_dir(tmp: str | Path, final: str | Path) -> None:
-    """Moves a completely written staging folder to ``final`` (replacing an older one)."""
-    tmp, final = Path(tmp), Path(final)
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# The names staging_dir and commit_dir give: .epoch_0.tmp-1234, .step_6.old-1234 (1234: the writer's pid).
-_LEFTOVER = re.compile(r"\.((?:epoch|step)_\d+)\.(tmp|old)-(\d+)")
-
-
-def _writer_may_be_running(pid: int) -> bool:
-    """Whether process ``pid`` may still be writing. Our own pid counts as gone: this is called
-    before this process saves anything (a container that restarts the trainer gives it the same
-    pid each time). Where liveness cannot be checked (not POSIX) every writer counts as running."""
-    if pid == os.getpid():
-        return False
-    if os.name != "posix":
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by another user
-        return True
-    return True
-
-
-def recover_interrupted_saves(output_dir: str | Path) -> list[str]:
-    """Cleans up after checkpoint saves that were killed (no exception handler ran), before a run
-    or a resume writes into ``output_dir``: a ``.NAME.old-PID`` folder whose ``NAME`` is missing is
-    renamed back (the save died between commit_dir's two renames, and the folder it was replacing
-    may be the one ``recipe_state.pt`` names); every other ``.NAME.tmp-PID`` / ``.NAME.old-PID`` is
-    removed. Only folders of that exact pattern whose writer is no longer running are touched, so
-    a concurrent save (which one output_dir does not support anyway) is never cut short.
-
-    Returns:
-        One line per folder restored or removed.
-    """
-    output_dir = Path(output_dir)
-    leftovers = []
-    for path in sorted(output_dir.iterdir()):
-        match = _LEFTOVER.fullmatch(path.name)
-        if match and path.is_dir() and not _writer_may_be_running(int(match.group(3))):
-            leftovers.append((path, output_dir / match.group(1), match.group(2)))
-    notes = []
-    for path, final, kind in leftovers:
-        if kind == "old" and not final.exists():
-            os.replace(path, final)
-            notes.append(f"restored {final} from {path.name} (a save was killed while replacing it)")
-    for path, _, _ in leftovers:
-        if path.exists():
-            shutil.rmtree(path, ignore_errors=True)  # one that cannot be removed does not stop the run
-            if not path.exists():
-                notes.append(f"removed {path} (left by a killed save)")
-    if notes:
-        fsync_dir(output_dir)
-    return notes
 
 
 def rng_state() -> dict[str, Any]:

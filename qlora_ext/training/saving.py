@@ -14,7 +14,7 @@ import yaml
 from torch import nn
 
 from qlora_ext.checkpoint import save_hf_checkpoint, save_peft_adapter
-from qlora_ext.training import checkpointing
+from qlora_ext.training import checkpoint_folders, checkpointing
 
 # Keys recorded with the training state. A resumed run must keep them, except those in
 # ADJUSTABLE_ON_RESUME: the optimizer's hyperparameters, the schedule and clipping (what one changes
@@ -82,7 +82,7 @@ def save_checkpoint(
     Older ``step_*`` folders are removed once the new state is in place (epoch folders stay).
     """
     final = output_dir / name
-    tmp = checkpointing.staging_dir(final)
+    tmp = checkpoint_folders.staging_dir(final)
     try:
         ckpt_dir = cfg.checkpointer.checkpoint_dir
         save_peft_adapter(model, tmp, base_model_name_or_path=str(ckpt_dir))
@@ -98,7 +98,7 @@ def save_checkpoint(
             if src.is_file():
                 shutil.copyfile(src, tmp / file)
         (tmp / "training_config.yaml").write_text(resolved_yaml(cfg, seed))
-        checkpointing.commit_dir(tmp, final)
+        checkpoint_folders.commit_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
