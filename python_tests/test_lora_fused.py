@@ -62,40 +62,26 @@ def test_dropout_mask_is_applied_to_the_adapter_input_only():
     torch.testing.assert_close(lin(x), composed(lin, x, x, torch.float32))
 
 
-def test_autocast_bf16_runs_fp32_adapters_in_bf16_with_fp32_gradients():
-    lin = LoRALinear(128, 96, rank=8, alpha=16.0, quantize_base=True).to(torch.bfloat16)
-    lin.lora_a.float(), lin.lora_b.float()  # the trainer's fp32 adapters
-    nn.init.normal_(lin.lora_b.weight)
-    x = torch.randn(4, 128, dtype=torch.bfloat16, requires_grad=True)
-    grad_y = torch.randn(4, 96, dtype=torch.bfloat16)
-    params = (x, lin.lora_a.weight, lin.lora_b.weight)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = lin(x)
-    want = composed(lin, x, x, torch.bfloat16)
-    assert got.dtype == torch.bfloat16
-    got_grads = grads(got, grad_y, *params)
-    assert [g.dtype for g in got_grads] == [torch.bfloat16, torch.float32, torch.float32]
-    torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
-    for g, w in zip(got_grads, grads(want, grad_y, *params)):
-        torch.testing.assert_close(g.float(), w.float(), **TOL[torch.bfloat16])
-
-
-def test_autocast_bf16_over_a_dense_fp32_base():
-    # Plain LoRA under AMP: fp32 base weight, bf16 activations between layers. Backward used to
-    # multiply the bf16 output gradient by the fp32 weight and fail on the dtype mismatch.
+@pytest.mark.parametrize("base", ["nf4_bf16", "dense_fp32_with_bias"])
+def test_autocast_bf16_runs_fp32_adapters_in_bf16_with_fp32_gradients(base):
+    # The trainer's QLoRA (a bf16 NF4 base, fp32 adapters) and plain LoRA under AMP (an fp32 dense
+    # base: its backward used to multiply the bf16 output gradient by the fp32 weight and fail).
     torch.manual_seed(0)
-    lin = LoRALinear(128, 96, rank=8, alpha=16.0, use_bias=True)
+    if base == "nf4_bf16":
+        lin = LoRALinear(128, 96, rank=8, alpha=16.0, quantize_base=True).to(torch.bfloat16)
+        lin.lora_a.float(), lin.lora_b.float()  # the trainer's fp32 adapters
+    else:
+        lin = LoRALinear(128, 96, rank=8, alpha=16.0, use_bias=True)
     nn.init.normal_(lin.lora_b.weight)
     x = torch.randn(4, 128, dtype=torch.bfloat16, requires_grad=True)
     grad_y = torch.randn(4, 96, dtype=torch.bfloat16)
     params = (x, lin.lora_a.weight, lin.lora_b.weight)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = lin(x)
+        want = composed(lin, x, x, torch.bfloat16)  # under autocast too: it casts an fp32 bias as for lin
     assert got.dtype == torch.bfloat16
     got_grads = grads(got, grad_y, *params)
     assert [g.dtype for g in got_grads] == [torch.bfloat16, torch.float32, torch.float32]
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # casts the fp32 bias as it does for lin
-        want = composed(lin, x, x, torch.bfloat16)
     torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
     for g, w in zip(got_grads, grads(want, grad_y, *params)):
         torch.testing.assert_close(g.float(), w.float(), **TOL[torch.bfloat16])
