@@ -142,8 +142,12 @@ QS = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
             lambda s: s.pop("model.layers.0.self_attn.q_proj.weight.absmax"),
             r"cannot be read as NF4: missing keys \['model.layers.0.self_attn.q_proj.weight.absmax'\]$",
         ),
+        (  # was a bare KeyError
+            lambda s: s.pop("model.layers.0.self_attn.q_proj.weight"),
+            r"cannot be read as NF4: missing keys \['model.layers.0.self_attn.q_proj.weight'\]$",
+        ),
     ],
-    ids=["blocksize", "nested_blocksize", "quant_map", "fp4", "no_double_quant", "no_absmax"],
+    ids=["blocksize", "nested_blocksize", "quant_map", "fp4", "no_double_quant", "no_absmax", "no_packed_codes"],
 )
 def test_unsupported_bnb_settings_are_named(bnb_checkpoint, tmp_path, edit, message):
     _, _, bnb_dir = bnb_checkpoint

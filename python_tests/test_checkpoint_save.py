@@ -191,8 +191,8 @@ def test_adapters_in_the_forms_peft_writes(base_dir, tmp_path):
     _rewrite_adapter(folder, {"target_modules": r".*\.q_proj"})
     with pytest.raises(ValueError, match=r"'target_modules' must be a list of module names or 'all-linear', got the pattern '\.\*\\\\.q_proj'"):
         read_adapter_config(folder)
-    _rewrite_adapter(folder, {"target_modules": ["q_proj", "model.layers.3.self_attn", "layers.0.input_layernorm", "model.embed_tokens"]})
-    with pytest.raises(ValueError, match=r"got \['layers.0.input_layernorm', 'model.embed_tokens', 'model.layers.3.self_attn'\]"):
+    _rewrite_adapter(folder, {"target_modules": ["q_proj", "model.layers.3.self_attn", "layers.0.input_layernorm", "model.embed_tokens", "5.self_attn", "12.mlp"]})
+    with pytest.raises(ValueError, match=r"got \['12.mlp', '5.self_attn', 'layers.0.input_layernorm', 'model.embed_tokens', 'model.layers.3.self_attn'\]"):
         read_adapter_config(folder)
     # Names no Llama module has (another architecture's, or a path that is not Llama's) are
     # skipped as PEFT skips them, unless nothing else matches.

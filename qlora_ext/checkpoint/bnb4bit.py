@@ -63,7 +63,7 @@ class Bnb4bitWeight:
             problems.append(f"quant_type must be 'nf4'; got {quant_type!r}")
             raise ValueError(self._message(problems))
         state = json.loads(bytes(files.get(state_keys[0]).tolist()).decode("utf-8"))
-        missing = [name + suffix for suffix in _AUX[:2] if name + suffix not in keys]
+        missing = [name + suffix for suffix in ("", *_AUX[:2]) if name + suffix not in keys]  # "": the packed codes
         if missing:
             problems.append(f"missing keys {missing}")
         missing_nested = [name + suffix for suffix in _AUX[2:] if name + suffix not in keys]

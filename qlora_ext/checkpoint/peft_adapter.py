@@ -53,7 +53,7 @@ def _matched_targets(entry: str) -> set[str]:
 
 def _names_other_module(entry: str) -> bool:
     """Whether a ``target_modules`` entry matches a Llama module that is not a LoRA-able linear."""
-    entry = re.sub(r"(^|\.)layers\.\d+", r"\1layers.0", entry)
+    entry = re.sub(r"(^|\.)\d+(?=\.|$)", r"\g<1>0", entry)  # any layer index stands for layer 0
     return any(path == entry or path.endswith("." + entry) for path in _OTHER_MODULES)
 
 
