@@ -245,6 +245,23 @@ def test_unreadable_inputs_are_named(capsys, tmp_path):
         assert needle in capsys.readouterr().err, args
 
 
+def test_read_only_folders_are_found_at_setup(capsys, tmp_path, monkeypatch):
+    # An existing folder that cannot be written (a read-only mount; root ignores chmod, so the
+    # failure is simulated): named at setup, not a traceback after the model is built and trained.
+    from qlora_ext.training import metric_logging
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(finetune.tempfile, "TemporaryFile", read_only)
+    assert finetune.main([f"output_dir={tmp_path}"]) == 2
+    assert f"output_dir: '{tmp_path}' must be a folder this user can create or write to: [Errno 30] Read-only" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(metric_logging, "open", read_only, raising=False)
+    assert finetune.main([f"output_dir={tmp_path}", f"metric_logger.log_dir={tmp_path / 'logs'}"]) == 2
+    assert f"metric_logger.log_dir: '{tmp_path / 'logs'}' must be a folder this user can create or write to" in capsys.readouterr().err
+
+
 def test_a_run_that_fails_in_setup_leaves_the_earlier_runs_log(tmp_path, tiny_ckpt, small_data, capsys):
     out = tmp_path / "run"
     overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["max_steps_per_epoch=2", "epochs=1", "eval.before_and_after=False"]

@@ -30,6 +30,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ def train(cfg: Config) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=output_dir).close()  # an existing folder may still be read-only
     except OSError as e:
         raise ConfigError(f"output_dir: '{output_dir}' must be a folder this user can create or write to: {e}") from None
     for note in checkpoint_folders.recover_interrupted_saves(output_dir):  # before reading the state that may name it

@@ -33,6 +33,7 @@ class DiskLogger:
     def __init__(self, log_dir: str | Path, resume_step: int | None = None):
         self.path = Path(log_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        open(self.path, "a").close()  # fails now, not after the first step, where it cannot be written; keeps its content
         self._resume_step = resume_step
         self._file: Any = None
 
