@@ -25,7 +25,6 @@ from qlora_ext.checkpoint.config import Llama2Config
 from qlora_ext.checkpoint.convert import is_decoder_linear_weight, ours_to_hf, strip_wrappers
 from qlora_ext.checkpoint.safetensors_io import tensor_nbytes, write_safetensors
 from qlora_ext.modules.lora_linear import LoRALinear
-from qlora_ext.nf4 import NF4Tensor
 
 _HF_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
 
@@ -66,7 +65,7 @@ def merged_weights(model: nn.Module, *, dtype: torch.dtype | None = None, merge_
             lora_prefixes.append(prefix)
             name = strip_wrappers(prefix + "weight")
             want = dtype or module.weight.dtype
-            producer = partial(module.merged_weight, want) if merge_adapters else partial(_base_weight, module, want)
+            producer = partial(module.merged_weight if merge_adapters else module.base_weight, want)
             out.append((name, tuple(module.weight.shape), want, producer, module.weight))
             if module.bias is not None:
                 bias_dtype = dtype or module.bias.dtype
@@ -81,19 +80,6 @@ def merged_weights(model: nn.Module, *, dtype: torch.dtype | None = None, merge_
 
 def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return tensor.detach().to(dtype)
-
-
-def _base_weight(module: LoRALinear, dtype: torch.dtype) -> Tensor:
-    weight = module.weight
-    if module.merged:
-        # The stored weight holds the adapter (merge_): take it back out, as unmerge_ would, so
-        # that this base plus the saved adapter is the model again.
-        compute = torch.promote_types(module.lora_b.weight.dtype, torch.float32)
-        base = weight.dequantize(torch.float32) if isinstance(weight, NF4Tensor) else weight.detach()
-        return (base.to(compute) - module.adapter_delta(compute)).to(dtype)
-    if isinstance(weight, NF4Tensor):
-        return weight.dequantize(dtype)
-    return weight.detach().to(dtype)
 
 
 def save_hf_checkpoint(

@@ -146,17 +146,31 @@ class LoRALinear(nn.Module):
         delta = self.scaling * (self.lora_b.weight.to(compute) @ self.lora_a.weight.to(compute))
         return delta.to(dtype or self.weight.dtype)
 
+    def _stored_weight(self, dtype: torch.dtype) -> Tensor:
+        # The weight as stored (with the adapter in it after merge_), dense in dtype.
+        if isinstance(self.weight, NF4Tensor):
+            return self.weight.dequantize(torch.float32).to(dtype)
+        return self.weight.detach().to(dtype)
+
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dense weight with the adapter folded in (what a merged checkpoint stores)."""
         compute = self._compute_dtype()
-        if isinstance(self.weight, NF4Tensor):
-            base = self.weight.dequantize(torch.float32).to(compute)
-        else:
-            base = self.weight.to(compute)
+        base = self._stored_weight(compute)
         if not self.merged:
             base = base + self.adapter_delta(compute)
         return base.to(dtype or self.weight.dtype)
+
+    @torch.no_grad()
+    def base_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense base weight without the adapter (what a base checkpoint beside a PEFT adapter
+        stores): as stored, or after ``merge_`` with the adapter taken back out, as ``unmerge_``
+        would."""
+        dtype = dtype or self.weight.dtype
+        if not self.merged:
+            return self.weight.dequantize(dtype) if isinstance(self.weight, NF4Tensor) else self.weight.detach().to(dtype)
+        compute = self._compute_dtype()
+        return (self._stored_weight(compute) - self.adapter_delta(compute)).to(dtype)
 
     @torch.no_grad()
     def merge_(self) -> None:
