@@ -24,8 +24,9 @@ class MissingDependencyError(RuntimeError):
 class DiskLogger:
     """Appends one JSON object per ``log`` call to ``log_dir/metrics.jsonl``.
 
-    The file is first touched by the first ``log`` (or ``close``), so a run that fails during
-    setup leaves an earlier run's log as it was. Then a new run starts the file afresh, and a
+    Its content first changes at the first ``log`` (or ``close``), so a run that fails during
+    setup leaves an earlier run's log as it was (construction only checks that the file can be
+    written, opening it for append). Then a new run starts the file afresh, and a
     resumed run keeps the records up to its resume step (rewritten atomically; lines a killed
     writer left unreadable are dropped with a warning), so the file always holds one curve.
     """
@@ -33,7 +34,7 @@ class DiskLogger:
     def __init__(self, log_dir: str | Path, resume_step: int | None = None):
         self.path = Path(log_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        open(self.path, "a").close()  # fails now, not after the first step, where it cannot be written; keeps its content
+        open(self.path, "a").close()  # a read-only folder fails here, not after the first step
         self._resume_step = resume_step
         self._file: Any = None
 
