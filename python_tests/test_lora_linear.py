@@ -227,7 +227,9 @@ def test_state_dict_offloads_cuda_weights_one_at_a_time():
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     sd = model.state_dict()
-    assert all(v.device.type == "cpu" for v in sd.values())
+    # The NF4 bases come out dense on the CPU; the adapters are the parameters themselves (the
+    # hook offloads what it dequantizes, as torchtune's does), so they stay on the GPU.
+    assert all(v.device.type == ("cuda" if ".lora_" in k else "cpu") for k, v in sd.items())
     one_dense = 1024 * 1024 * 4
     assert torch.cuda.max_memory_allocated() - base <= 1.5 * one_dense
 
