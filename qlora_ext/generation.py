@@ -10,6 +10,7 @@ step feeds only the newest token. ``use_cache=False`` recomputes the whole seque
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor, nn
@@ -86,10 +87,10 @@ def generate(
     device = model.tok_embeddings.weight.device
     if not isinstance(prompt, Tensor):
         prompt = list(prompt)
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):  # numpy ints too
             raise ValueError("generate: argument 'prompt' must be a [batch, seq] tensor or one prompt as a list of ints; "
                              f"got a list holding {sorted({type(t).__name__ for t in prompt})}")
-        prompt = torch.tensor([prompt], dtype=torch.long)
+        prompt = torch.tensor([[int(t) for t in prompt]], dtype=torch.long)
     prompt = prompt.to(device)
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"generate: argument 'prompt' must be [batch, seq] with seq >= 1; got shape {list(prompt.shape)}")
