@@ -249,6 +249,10 @@ def test_constructor_arguments_are_checked():
         with pytest.raises(ValueError, match=re.escape(f"LoRALinear: {needle}")):
             LoRALinear(**args)
     assert LoRALinear(64, 32, rank=4, alpha=0).scaling == 0  # alpha 0 is allowed: an adapter that adds nothing
+    import numpy as np  # numpy numbers (a config read by numpy) are taken, and kept as plain Python ones
+
+    lin = LoRALinear(np.int64(64), 32, rank=np.int32(4), alpha=np.float32(8.0))
+    assert (type(lin.rank), type(lin.in_dim), type(lin.alpha), lin.scaling) == (int, int, float, 2.0)
 
 
 def test_seed_tutorial_import_lines_carry_over():

@@ -4,6 +4,7 @@ with torchtune's names and semantics."""
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -49,12 +50,14 @@ class LoRALinear(nn.Module):
     ):
         super().__init__()
         for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("rank", rank)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"LoRALinear: argument '{name}' must be a positive int; got {value!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
             raise ValueError(f"LoRALinear: argument 'alpha' must be a finite number; got {alpha!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRALinear: argument 'dropout' must be in [0, 1); got {dropout}")
+        in_dim, out_dim, rank = int(in_dim), int(out_dim), int(rank)  # numpy ints too, as plain ints (JSON)
+        alpha = alpha if isinstance(alpha, (int, float)) else float(alpha)
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.rank = rank
