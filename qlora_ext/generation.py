@@ -10,10 +10,11 @@ step feeds only the newest token. ``use_cache=False`` recomputes the whole seque
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor, nn
+
+from qlora_ext._arguments import is_int
 
 
 def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
@@ -87,7 +88,7 @@ def generate(
     device = model.tok_embeddings.weight.device
     if not isinstance(prompt, Tensor):
         prompt = list(prompt)
-        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):  # numpy ints too
+        if not all(is_int(t) for t in prompt):
             raise ValueError("generate: argument 'prompt' must be a [batch, seq] tensor or one prompt as a list of ints; "
                              f"got a list holding {sorted({type(t).__name__ for t in prompt})}")
         prompt = torch.tensor([[int(t) for t in prompt]], dtype=torch.long)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qlora_ext import ops
+from qlora_ext._arguments import is_int
 from qlora_ext._tables import BLOCK_SIZE, SCALER_BLOCK_SIZE
 
 aten = torch.ops.aten
@@ -83,7 +84,7 @@ class NF4Tensor(Tensor):
                 )
         if dtype not in _FLOAT_DTYPES:
             raise TypeError(f"NF4Tensor.from_components: argument 'dtype' must be float32, bfloat16 or float16; got {dtype}")
-        if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+        if any(not is_int(d) or d < 0 for d in shape):
             raise ValueError(f"NF4Tensor.from_components: argument 'shape' must hold sizes that are ints >= 0; got {list(shape)}")
         shape = torch.Size(shape)
         numel = shape.numel()
@@ -192,9 +193,7 @@ def to_nf4(weight: Tensor, block_size: int = BLOCK_SIZE, scaler_block_size: int 
     """
     if not isinstance(weight, Tensor):
         raise TypeError(f"to_nf4: argument 'weight' must be a torch.Tensor; got {type(weight).__name__}")
-    if any(isinstance(b, bool) or not isinstance(b, int) for b in (block_size, scaler_block_size)) or (
-        block_size != BLOCK_SIZE or scaler_block_size != SCALER_BLOCK_SIZE
-    ):
+    if not (is_int(block_size) and is_int(scaler_block_size)) or (block_size, scaler_block_size) != (BLOCK_SIZE, SCALER_BLOCK_SIZE):
         raise ValueError(
             f"to_nf4: arguments 'block_size' and 'scaler_block_size' must be {BLOCK_SIZE} and "
             f"{SCALER_BLOCK_SIZE} (the NF4 format of this package); got {block_size} and {scaler_block_size}"

@@ -11,20 +11,17 @@ installed, else a built-in PNG writer.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
+from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext.training.loss_plot import Curve, plot_loss_curves
 from qlora_ext.training.metric_logging import read_metrics
 
 
 def load_curve(run_dir: str, label: str | None = None) -> Curve:
     """The (step, loss) records of a run's metrics log (those with an int step and a finite loss)."""
-    records = [
-        r for r in read_metrics(run_dir)
-        if isinstance(r.get("step"), int) and isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])
-    ]
+    records = [r for r in read_metrics(run_dir) if is_int(r.get("step")) and is_finite_real(r.get("loss"))]
     if not records:
         raise ValueError(f"RUN_DIR '{run_dir}': its metrics log has no records with a step and a finite loss yet")
     return Curve(label or Path(run_dir).resolve().name, [r["step"] for r in records], [r["loss"] for r in records])

@@ -19,6 +19,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from qlora_ext._arguments import is_int
 from qlora_ext.checkpoint.atomic import StagedFiles
 from qlora_ext.checkpoint.bnb4bit import BNB4BIT_DTYPES, bnb4bit_entries, bnb4bit_quantization_config
 from qlora_ext.checkpoint.config import Llama2Config
@@ -33,7 +34,7 @@ def _parse_size(size: int | str) -> int:
     """Bytes in ``size``, read as transformers' ``save_pretrained`` reads it: units in any case
     (KB/MB/GB are powers of 10, KiB/MiB/GiB of 2), and a decimal unit ending in a lowercase 'b'
     ('5Gb', '500mb') counts bits."""
-    if isinstance(size, bool) or not isinstance(size, (int, str)):
+    if not (is_int(size) or isinstance(size, str)):
         raise ValueError(f"save_hf_checkpoint: argument 'max_shard_size' must be an int or a str like '5GB'; got {size!r}")
     if isinstance(size, str):
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?\s*", size, flags=re.IGNORECASE)

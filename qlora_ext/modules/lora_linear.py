@@ -4,13 +4,13 @@ with torchtune's names and semantics."""
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext.modules.lora_fused import lora_linear
 from qlora_ext.nf4 import NF4Tensor, linear_nf4, reparametrize_as_dtype_state_dict_post_hook, to_nf4
 
@@ -50,9 +50,9 @@ class LoRALinear(nn.Module):
     ):
         super().__init__()
         for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("rank", rank)):
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"LoRALinear: argument '{name}' must be a positive int; got {value!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        if not is_finite_real(alpha):
             raise ValueError(f"LoRALinear: argument 'alpha' must be a finite number; got {alpha!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRALinear: argument 'dropout' must be in [0, 1); got {dropout}")

@@ -13,11 +13,10 @@ of 1.1 ms (measured ad hoc, not in bench/). Compiled code keeps the formula, whi
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 from torch import Tensor, nn
+
+from qlora_ext._arguments import is_finite_real
 
 
 class _RotateHalfFunction(torch.autograd.Function):
@@ -62,7 +61,7 @@ class RotaryPositionalEmbeddings(nn.Module):
             raise ValueError(f"RotaryPositionalEmbeddings: argument 'dim' must be a positive even number; got {dim}")
         if max_seq_len <= 0:
             raise ValueError(f"RotaryPositionalEmbeddings: argument 'max_seq_len' must be positive; got {max_seq_len}")
-        if isinstance(base, bool) or not isinstance(base, numbers.Real) or not 0 < base < math.inf:
+        if not (is_finite_real(base) and base > 0):
             raise ValueError(f"RotaryPositionalEmbeddings: argument 'base' must be a finite number > 0; got {base!r}")
         self.dim = dim
         self.max_seq_len = max_seq_len

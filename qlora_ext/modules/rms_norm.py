@@ -9,11 +9,10 @@ of 1.8 ms (measured ad hoc, not in bench/). Compiled code keeps the formula, whi
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 from torch import Tensor, nn
+
+from qlora_ext._arguments import is_finite_real
 
 
 def _inv_rms(x: Tensor, eps: float) -> Tensor:
@@ -61,7 +60,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:
+        if not (is_finite_real(eps) and eps >= 0):
             raise ValueError(f"RMSNorm: argument 'eps' must be a finite number >= 0; got {eps!r}")
         self.eps = eps
         self.scale = nn.Parameter(torch.ones(dim))

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from qlora_ext._arguments import is_int
 from qlora_ext.modules.attention import MultiHeadAttention
 from qlora_ext.modules.feed_forward import FeedForward
 from qlora_ext.modules.lora_init import qlora_linear
@@ -221,7 +222,7 @@ def _check_sizes(vocab_size, num_layers, num_heads, num_kv_heads, embed_dim, max
         "intermediate_dim": intermediate_dim if intermediate_dim is not None else 1,
     }
     for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not is_int(value) or value <= 0:
             raise ValueError(f"llama2: argument '{name}' must be a positive int; got {value!r}")
     if embed_dim % num_heads:
         raise ValueError(f"llama2: argument 'embed_dim' must be a multiple of num_heads={num_heads}; got {embed_dim}")

@@ -1,0 +1,18 @@
+"""Predicates for argument checks: what counts as an integer or a finite number (Python's and
+numpy's; never a bool, which Python counts as an int). The callers raise their own errors, naming
+the argument, the rule and the value."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def is_int(value: object) -> bool:
+    """An integral number (int, numpy integer), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_finite_real(value: object) -> bool:
+    """A real number (int, float, numpy scalar) that is neither a bool, NaN nor infinite."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
