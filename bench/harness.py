@@ -132,6 +132,7 @@ def make_ring(make: Callable[[int], Any], item_bytes: int, ring_bytes: int, max_
 
 def time_calls(fn: Callable[[Any], Any], ring: Sequence[Any], device: str, budget: Budget) -> Stats:
     """Times ``fn(item)`` with items taken round-robin from ``ring``; returns per-call statistics."""
+    gc.collect()
     return Stats.of(_timed(fn, ring, device, budget))
 
 
@@ -144,23 +145,21 @@ def time_in_turns(calls: Sequence[tuple[Callable[[Any], Any], Sequence[Any]]], d
     machine and their ratio would measure the drift. Returns one Stats per call, over all rounds."""
     times: list[list[float]] = [[] for _ in calls]
     turn = budget.share(rounds)
-    gc.collect()  # once per case: a full collection costs about 0.2 s once bitsandbytes is imported
+    gc.collect()  # once per case, not per turn: a full collection takes about 0.2 s once bitsandbytes is imported
     for r in range(rounds):
         order = range(len(calls)) if r % 2 == 0 else reversed(range(len(calls)))
         for j in order:
             fn, ring = calls[j]
-            times[j] += _timed(fn, ring, device, replace(turn, warmup_s=budget.warmup_s) if r == 0 else turn, collect=False)
+            times[j] += _timed(fn, ring, device, replace(turn, warmup_s=budget.warmup_s) if r == 0 else turn)
     return [Stats.of(t) for t in times]
 
 
-def _timed(fn, ring, device: str, budget: Budget, collect: bool = True) -> list[float]:
-    """Per-call seconds of ``fn(item)``, items taken round-robin from ``ring``; ``collect``
-    first runs a full garbage collection."""
+def _timed(fn, ring, device: str, budget: Budget) -> list[float]:
+    """Per-call seconds of ``fn(item)``, items taken round-robin from ``ring``, with the garbage
+    collector off (its callers collect first)."""
     if not ring:
         raise ValueError("timing: argument 'ring' must hold at least one input; got an empty one")
     gc_was_enabled = gc.isenabled()
-    if collect:
-        gc.collect()
     gc.disable()  # a collection in the middle of a timed call is noise, not the op's cost
     try:
         if device == "cuda":
