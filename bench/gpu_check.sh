@@ -183,7 +183,9 @@ if (( DRY_RUN )); then
     "$(cuda_arch_from "9.0")" "$(cuda_arch_from $'8.0\n9.0\n9.0')"
   wait_steps
   # The CMake options the build passes must exist (a rename would otherwise be silently ignored).
-  run_step cmake-configure 60 bash -c 'cmake -S . -B "$1" -G Ninja -DQLORA_CUDA=OFF -DQLORA_CUDA_ARCHS=90 -DPython_EXECUTABLE="$2" >/dev/null \
+  # The cmake and ninja installed beside $PYTHON come first (pip's, in a venv not activated): a
+  # distribution's older cmake elsewhere on the PATH fails CMakeLists.txt's minimum version.
+  run_step cmake-configure 60 env PATH="$(dirname "$PYTHON"):$PATH" bash -c 'cmake -S . -B "$1" -G Ninja -DQLORA_CUDA=OFF -DQLORA_CUDA_ARCHS=90 -DPython_EXECUTABLE="$2" >/dev/null \
     && cmake -N -LA "$1" | grep -E "^QLORA_CUDA:STRING=|^QLORA_CUDA_ARCHS:STRING=90$"' _ "$OUT/cmake-configure" "$PYTHON"
   if "$PYTHON" -c "import scikit_build_core" 2>/dev/null; then
     # shellcheck disable=SC2046  # build_command's words are meant to split
