@@ -129,6 +129,12 @@ def test_unsupported_adapter_configs(tmp_path):
     assert "'use_dora' must be False, got True" in str(err.value) and "got ['embed_tokens']" in str(err.value)
     with pytest.raises(FileNotFoundError, match=r"argument 'adapter_dir' must hold adapter_config.json"):
         read_adapter_config(tmp_path / "nowhere")
+    # A trainer checkpoint folder, whose adapter is in its adapter/ subfolder: the error points there.
+    (tmp_path / "epoch_0" / "adapter").mkdir(parents=True)
+    (tmp_path / "adapter_config.json").rename(tmp_path / "epoch_0" / "adapter" / "adapter_config.json")
+    with pytest.raises(FileNotFoundError) as err:
+        read_adapter_config(tmp_path / "epoch_0")
+    assert f"its subfolder '{tmp_path / 'epoch_0' / 'adapter'}' holds one" in str(err.value)
 
 
 def _rewrite_adapter(folder, config_changes=None, edit=None):

@@ -183,6 +183,6 @@ def test_a_torchtune_config_trains(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "builder: qlora_llama2\n" in text and "note:" not in text
     assert [r["step"] for r in metrics(out)] == [1, 2]
-    assert (out / "epoch_0" / "adapter_model.safetensors").is_file()
+    assert (out / "epoch_0" / "adapter" / "adapter_model.safetensors").is_file()
     saved = load_config(str(out / "config.yaml"))  # the resolved config is ours, and reloads
     assert saved.model.builder == "qlora_llama2" and saved.dataset.train_on_input is True

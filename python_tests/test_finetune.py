@@ -41,8 +41,10 @@ def test_default_run_reduced(tmp_path, capsys):
     assert "|3|Loss: " in text  # the progress bar: epoch|step|Loss
     assert "Resolved config (seed " in text and "model:\n  builder: qlora_llama2" in text
     ckpt = out / "epoch_0"
-    for name in ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json", "tokenizer.model", "training_config.yaml"):
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "model.safetensors", "config.json", "tokenizer.model",
+                 "training_config.yaml"):
         assert (ckpt / name).is_file(), name
+    assert not (ckpt / "adapter_config.json").exists()  # beside the merged weights, transformers would apply it again
     assert (out / "recipe_state.pt").is_file() and (out / "loss_curve.png").is_file() and (out / "config.yaml").is_file()
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]
     assert [r["step"] for r in metrics(out) if "val_loss" in r] == [3]  # the epoch end
@@ -70,7 +72,7 @@ def test_seed_7b_config_code_path_on_tiny_hf_checkpoint(tmp_path, tiny_ckpt, sma
     assert cfg.checkpointer.checkpoint_files == ["model.safetensors"]
     assert cfg.tokenizer.path == str(ASSETS_DIR / "tokenizer.model")
     assert cfg.enable_activation_checkpointing and cfg.gradient_accumulation_steps == 8 and cfg.model.lora_rank == 8
-    adapter_cfg = json.loads((out / "epoch_0" / "adapter_config.json").read_text())
+    adapter_cfg = json.loads((out / "epoch_0" / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 8 and adapter_cfg["lora_alpha"] == 16
     assert sorted(adapter_cfg["target_modules"]) == ["down_proj", "gate_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     lrs = [r["lr"] for r in metrics(out)]
@@ -81,7 +83,7 @@ def test_adapter_only_and_loss_decreases(tmp_path, tiny_ckpt, small_data):
     out = tmp_path / "run"
     overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["epochs=4", "save_adapter_weights_only=True", "model.lora_rank=16"]
     summary = finetune.train(load_config("tiny_qlora", overrides))
-    assert not (out / "epoch_3" / "model.safetensors").exists() and (out / "epoch_3" / "adapter_model.safetensors").is_file()
+    assert not (out / "epoch_3" / "model.safetensors").exists() and (out / "epoch_3" / "adapter" / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("epoch_")) == ["epoch_0", "epoch_1", "epoch_2", "epoch_3"]
     losses = summary["losses"]
     assert len(losses) == 4 * 5  # 48 examples - 10% held out = 43 -> 10 batches of 4 -> 5 steps; 4 epochs
@@ -127,7 +129,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, tiny_ckpt, smal
             "model.lora_dropout=0.0", "epochs=1", "max_steps_per_epoch=3", "save_adapter_weights_only=True",
         ]
         summary = finetune.train(load_config("tiny_qlora", overrides))
-        return summary["losses"], load_file(tmp_path / name / "epoch_0" / "adapter_model.safetensors")
+        return summary["losses"], load_file(tmp_path / name / "epoch_0" / "adapter" / "adapter_model.safetensors")
 
     losses_a, adapter_a = run(2, 2, "accumulated")
     losses_b, adapter_b = run(4, 1, "one_batch")
@@ -174,7 +176,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_ckpt, smal
     assert "resume_from_checkpoint=True and a lower optimizer.lr or a clip_grad_norm" in err
     state = torch.load(out / "recipe_state.pt", weights_only=False)
     assert state["checkpoint_name"] == "step_2" and state["global_step"] == 2
-    assert (out / "step_2" / "adapter_model.safetensors").is_file()
+    assert (out / "step_2" / "adapter" / "adapter_model.safetensors").is_file()
     # the advice works: the resume with a lower lr and clipping is accepted and finishes the epoch
     monkeypatch.undo()
     resume = ["resume_from_checkpoint=True", "optimizer.lr=1e-3", "clip_grad_norm=0.5", "epochs=1"]
@@ -276,3 +278,33 @@ def test_a_run_that_fails_in_setup_leaves_the_earlier_runs_log(tmp_path, tiny_ck
 def test_list_configs(capsys):
     assert finetune.main(["--list-configs"]) == 0
     assert "llama2_7b_qlora_single_device" in capsys.readouterr().out
+
+
+def test_checkpoint_folder_loads_in_transformers_and_peft(tmp_path, tiny_ckpt, small_data):
+    """transformers' from_pretrained of a checkpoint folder gives the fine-tuned model once: the
+    folder holds the merged weights and keeps the adapter in adapter/, where from_pretrained does
+    not apply it a second time; PEFT puts that adapter on the base to the same model."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from qlora_ext.models.llama2 import llama2_from_checkpoint
+
+    out = tmp_path / "run"
+    # a dense base (LoRA, not QLoRA), so that the merged weights are the base's plus the adapter's
+    overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["model.builder=lora_llama2", "epochs=1", "max_steps_per_epoch=2",
+                                                                   "optimizer.lr=0.05"]
+    finetune.train(load_config("tiny_qlora", overrides))
+    ckpt = out / "epoch_0"
+    tokens = torch.randint(0, 1024, (2, 11))
+    with torch.no_grad():
+        want = llama2_from_checkpoint(tiny_ckpt, adapter_dir=ckpt / "adapter").eval()(tokens)
+        base = llama2_from_checkpoint(tiny_ckpt).eval()(tokens)
+        merged = transformers.LlamaForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+        assert not any("lora" in name for name, _ in merged.named_parameters())
+        got = merged(tokens).logits
+        peft_model = peft.PeftModel.from_pretrained(
+            transformers.LlamaForCausalLM.from_pretrained(tiny_ckpt, torch_dtype=torch.float32), ckpt / "adapter"
+        ).eval()
+        via_peft = peft_model(tokens).logits
+    assert (want - base).abs().max() > 1e-2  # the training changed the model
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)  # the adapter applied once (twice was off by about half the logits)
+    assert torch.allclose(via_peft, want, rtol=1e-4, atol=1e-4)

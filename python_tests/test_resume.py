@@ -76,6 +76,7 @@ def test_killed_while_saving_keeps_previous_checkpoint(tmp_path, setup, monkeypa
     def dies_on_second_save(model, out_dir, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
+            out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "adapter_model.safetensors").write_bytes(b"half a file")
             raise KeyboardInterrupt("killed while saving")
         return real(model, out_dir, **kwargs)
@@ -90,7 +91,7 @@ def test_killed_while_saving_keeps_previous_checkpoint(tmp_path, setup, monkeypa
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["logs", "step_3"]
     from safetensors.torch import load_file
 
-    assert load_file(run / "step_3" / "adapter_model.safetensors")
+    assert load_file(run / "step_3" / "adapter" / "adapter_model.safetensors")
     summary = finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True"]))
     assert len(summary["losses"]) == 5  # steps 4..8
 
@@ -148,4 +149,4 @@ def test_resume_after_a_save_killed_between_its_renames(tmp_path, setup):
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["epoch_0", "epoch_1", "logs"]
     from safetensors.torch import load_file
 
-    assert load_file(run / "epoch_0" / "adapter_model.safetensors")  # the restored, real one
+    assert load_file(run / "epoch_0" / "adapter" / "adapter_model.safetensors")  # the restored, real one

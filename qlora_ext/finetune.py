@@ -20,8 +20,8 @@ bundled configs and ``--config PATH.yaml`` reads your own, in our keys or as a t
 config (``_component_`` sections; its overrides use torchtune's keys). Everything goes to ``output_dir``:
 the resolved ``config.yaml``, ``logs/metrics.jsonl`` (loss, lr, throughput, memory at each logged
 step; with a validation split, ``val_loss`` at each epoch end and every ``eval.every_n_steps``),
-``loss_curve.png``, and a checkpoint folder per epoch (PEFT adapter, merged HF model, tokenizer,
-config) plus ``recipe_state.pt`` for resuming.
+``loss_curve.png``, and a checkpoint folder per epoch (merged HF model, tokenizer, config, and the
+PEFT adapter in its ``adapter/`` subfolder) plus ``recipe_state.pt`` for resuming.
 """
 
 from __future__ import annotations

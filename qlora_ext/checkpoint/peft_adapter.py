@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -161,7 +162,10 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """
     path = os.path.join(os.fspath(adapter_dir), ADAPTER_CONFIG_NAME)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"argument 'adapter_dir' must hold {ADAPTER_CONFIG_NAME}; not found in {os.fspath(adapter_dir)!r}")
+        folder = Path(adapter_dir)
+        inner = sorted(p.parent for p in folder.glob(f"*/{ADAPTER_CONFIG_NAME}")) if folder.is_dir() else []
+        hint = f"; its subfolder '{inner[0]}' holds one (a training checkpoint keeps its adapter there)" if inner else ""
+        raise FileNotFoundError(f"argument 'adapter_dir' must hold {ADAPTER_CONFIG_NAME}; not found in {os.fspath(adapter_dir)!r}{hint}")
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     expected = {"peft_type": "LORA", "use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False, "lora_bias": False}

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from qlora_ext.training.data import alpaca_prompt
+from qlora_ext.training.saving import ADAPTER_SUBDIR
 from qlora_ext.training.steps import autocast
 
 
@@ -86,7 +87,7 @@ def print_report(summary: dict[str, Any], samples: list[dict[str, str]], cfg) ->
     lines.append(f"Outputs in {out}:")
     if summary.get("checkpoint"):
         ckpt = summary["checkpoint"]
-        lines.append(f"  adapter (PEFT format):   {ckpt}/adapter_model.safetensors, adapter_config.json")
+        lines.append(f"  adapter (PEFT format):   {ckpt}/{ADAPTER_SUBDIR}/ (adapter_model.safetensors, adapter_config.json)")
         if not cfg.save_adapter_weights_only:
             lines.append(f"  merged model (HF):       {ckpt}/ (config.json, *.safetensors, tokenizer.model)")
         lines.append(f"  training state:          {out}/recipe_state.pt (resume_from_checkpoint=True)")

@@ -1,6 +1,12 @@
-"""Writing a training checkpoint: one folder with the PEFT adapter, the merged HF model (unless
-``save_adapter_weights_only``), the tokenizer and the configs, committed whole; then the training
-state that points at it (see ``checkpointing`` for why in that order)."""
+"""Writing a training checkpoint: one folder with the merged HF model (unless
+``save_adapter_weights_only``), the tokenizer and the configs, and the PEFT adapter in its
+``adapter/`` subfolder, committed whole; then the training state that points at it (see
+``checkpointing`` for why in that order).
+
+The adapter has a folder of its own because transformers' ``from_pretrained`` treats a model
+folder that also holds an ``adapter_config.json`` as base weights with an adapter to apply: beside
+the merged weights, the adapter would be applied twice.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ _RESUME_KEYS = (
     "max_steps_per_epoch", "optimizer", "lr_scheduler", "clip_grad_norm",
 )
 ADJUSTABLE_ON_RESUME = ("optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "optimizer.eps", "lr_scheduler", "clip_grad_norm")
+ADAPTER_SUBDIR = "adapter"  # the PEFT adapter's folder inside a checkpoint folder
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -85,7 +92,7 @@ def save_checkpoint(
     tmp = checkpoint_folders.staging_dir(final)
     try:
         ckpt_dir = cfg.checkpointer.checkpoint_dir
-        save_peft_adapter(model, tmp, base_model_name_or_path=str(ckpt_dir))
+        save_peft_adapter(model, tmp / ADAPTER_SUBDIR, base_model_name_or_path=str(ckpt_dir))
         if not cfg.save_adapter_weights_only:
             config_json = Path(ckpt_dir) / "config.json"
             base_config = json.loads(config_json.read_text()) if config_json.is_file() else None
