@@ -3,6 +3,7 @@ stop tokens end rows, and ``python -m qlora_ext.generate`` prints what the Pytho
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ from llama_helpers import hf_llama, train_tokenizer, transformers
 from qlora_ext.checkpoint import save_peft_adapter
 from qlora_ext.generation import generate, sample
 from qlora_ext.models.llama2 import llama2_from_checkpoint, llama2_tokenizer, lora_llama2
+from qlora_ext.training.data import alpaca_prompt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -179,6 +181,20 @@ def test_cli_matches_python(checkpoint_with_tokenizer, tmp_path):
     assert again != sampled  # the seed reaches the sampler
 
 
+def test_cli_alpaca_template(checkpoint_with_tokenizer, tmp_path):
+    """--template alpaca: the prompt (and --input) inside the trainer's Alpaca prompt."""
+    folder = tmp_path / "long"  # the fixture's model, with room for the template's ~200 tokens
+    shutil.copytree(checkpoint_with_tokenizer, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
+    templated, _ = _cli(
+        "--checkpoint-dir", str(folder), "--template", "alpaca", "--prompt", "Name a colour.", "--input", "The sky",
+        "--temperature", "0", "--max-new-tokens", "6",
+    )
+    assert templated == _expected(str(folder), alpaca_prompt({"instruction": "Name a colour.", "input": "The sky"}))
+    assert "### Instruction:\nName a colour.\n\n### Input:\nThe sky" in templated
+
+
 def test_cli_argument_errors(checkpoint_with_tokenizer):
     env = {**os.environ, "PYTHONPATH": REPO}
     out = subprocess.run(
@@ -212,3 +228,13 @@ def test_cli_argument_errors(checkpoint_with_tokenizer):
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert out.returncode == 2 and "argument --quantize-base needs --adapter-dir" in out.stderr
+    missing = os.path.join(checkpoint_with_tokenizer, "nowhere")
+    for args, needle in (
+        (["--checkpoint-dir", missing], f"argument --checkpoint-dir must be a checkpoint folder; '{missing}' is not a folder"),
+        (["--checkpoint-dir", checkpoint_with_tokenizer, "--input", "y"], "argument --input needs --template alpaca"),
+        (["--checkpoint-dir", os.path.dirname(checkpoint_with_tokenizer)],
+         f"argument --tokenizer is needed: the checkpoint folder '{os.path.dirname(checkpoint_with_tokenizer)}' holds no tokenizer.model"),
+    ):
+        out = subprocess.run([sys.executable, "-m", "qlora_ext.generate", *args, "--prompt", "x"], capture_output=True, text=True, env=env,
+                             timeout=120)
+        assert out.returncode == 2 and needle in out.stderr, out.stderr[-2000:]

@@ -1,11 +1,15 @@
 """Generate text with a Llama-2 checkpoint, optionally with a LoRA adapter.
 
     python -m qlora_ext.generate --checkpoint-dir DIR --prompt "Tell me a story"
-    python -m qlora_ext.generate --checkpoint-dir DIR --adapter-dir OUT/epoch_0 --prompt "..." \
+    python -m qlora_ext.generate --checkpoint-dir DIR --adapter-dir OUT/epoch_0/adapter \
+        --template alpaca --prompt "Give three tips for staying healthy." \
         --temperature 0 --max-new-tokens 50 --quantize-base
 
-DIR is a HF or Meta checkpoint folder holding ``tokenizer.model`` (or pass ``--tokenizer``).
-The completion goes to stdout; timing goes to stderr.
+DIR is a HF or Meta checkpoint folder holding ``tokenizer.model`` (or pass ``--tokenizer``); a
+checkpoint folder the trainer wrote holds the merged model, so ``--checkpoint-dir OUT/epoch_0``
+alone runs the fine-tuned model. ``--template alpaca`` puts the prompt (and ``--input``) into the
+Alpaca prompt the trainer trains on: an instruction-tuned model answers that, not bare text.
+The prompt and its continuation go to stdout; timing goes to stderr.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m qlora_ext.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint-dir", required=True, help="HF or Meta Llama-2 checkpoint folder")
     parser.add_argument("--adapter-dir", default=None, help="PEFT LoRA adapter folder to apply")
-    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--prompt", required=True, help="text to continue (with --template alpaca: the instruction)")
+    parser.add_argument("--template", choices=("none", "alpaca"), default="none",
+                        help="none: the prompt as given; alpaca: the trainer's Alpaca prompt around it (default: none)")
+    parser.add_argument("--input", default="", help="with --template alpaca: the record's input (context) text")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model (default: CHECKPOINT_DIR/tokenizer.model)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
@@ -35,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     args = parser.parse_args(argv)
+    if not os.path.isdir(args.checkpoint_dir):
+        parser.error(f"argument --checkpoint-dir must be a checkpoint folder; '{args.checkpoint_dir}' is not a folder")
+    if args.tokenizer is None and not os.path.isfile(os.path.join(args.checkpoint_dir, "tokenizer.model")):
+        parser.error(f"argument --tokenizer is needed: the checkpoint folder '{args.checkpoint_dir}' holds no tokenizer.model")
+    if args.input and args.template != "alpaca":
+        parser.error("argument --input needs --template alpaca: only the Alpaca prompt has an input field")
     if args.max_new_tokens < 1:
         parser.error(f"argument --max-new-tokens must be >= 1; got {args.max_new_tokens}")
     if not (0 <= args.temperature < math.inf):  # also refuses nan
@@ -87,7 +100,12 @@ def _run(args: argparse.Namespace) -> int:
         )
     loaded = time.perf_counter()
 
-    prompt = tokenizer.encode(args.prompt, add_bos=True, add_eos=False)
+    text = args.prompt
+    if args.template == "alpaca":
+        from qlora_ext.training.data import alpaca_prompt
+
+        text = alpaca_prompt({"instruction": args.prompt, "input": args.input})
+    prompt = tokenizer.encode(text, add_bos=True, add_eos=False)
     if len(prompt) >= model.max_seq_len:
         raise ValueError(
             f"argument --prompt must leave room for new tokens: it is {len(prompt)} tokens (with BOS) and "
