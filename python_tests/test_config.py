@@ -117,6 +117,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         ("model=3", ["'model' is a section", "model.lora_rank"]),
         ("epochs", ["key=value"]),
         ("lora_rank=3", ["unknown config key 'lora_rank'"]),
+        ("metric_logger._component_=torchtune.training.metric_logging.WandBLogger",
+         ["'metric_logger._component_'", "not torchtune's _component_", "metric_logger.type", "type, log_dir, project"]),
         ("optimizer.lr=nan", ["'optimizer.lr'", "finite number", "got nan"]),
         ("clip_grad_norm=.inf", ["'clip_grad_norm'", "finite number", "got inf"]),
         ("lr_scheduler.num_cycles=1e400", ["'lr_scheduler.num_cycles'", "finite number", "got inf"]),

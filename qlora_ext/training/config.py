@@ -191,6 +191,11 @@ def _unknown_key_message(key: str, schema: Any, parent: str, where: str) -> str:
     valid = ", ".join(schema)
     hint = difflib.get_close_matches(name, list(schema), n=1)
     hint_text = f"; did you mean '{(parent + '.') if parent else ''}{hint[0]}'?" if hint else ""
+    if name == "_component_":  # a torchtune spelling on one of our configs
+        hint_text = (
+            "; this config has qlora_ext's keys, not torchtune's _component_ (a torchtune recipe config file given with "
+            f"--config takes its _component_ sections){'; a metric logger is chosen with metric_logger.type' if parent == 'metric_logger' else ''}"
+        )
     return f"unknown config key '{key}' {where}{hint_text} (valid keys{' under ' + repr(parent) if parent else ''}: {valid})"
 
 
