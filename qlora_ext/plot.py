@@ -28,7 +28,10 @@ def load_curve(run_dir: str, label: str | None = None) -> Curve:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qlora_ext.plot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m qlora_ext.plot", description=__doc__.split("\n\n")[0].rstrip(":") + ".",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2],
+    )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="trainer output_dir(s)")
     parser.add_argument("-o", "--output", default="loss_curves.png", help="PNG to write (default: %(default)s)")
     parser.add_argument("--smoothing", type=float, default=None, help="EMA weight in [0, 1) (default: by curve length)")
