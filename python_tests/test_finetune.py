@@ -42,7 +42,7 @@ def test_default_run_reduced(tmp_path, capsys):
     assert "Resolved config (seed " in text and "model:\n  builder: qlora_llama2" in text
     ckpt = out / "epoch_0"
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "model.safetensors", "config.json", "tokenizer.model",
-                 "training_config.yaml"):
+                 "tokenizer_config.json", "training_config.yaml"):
         assert (ckpt / name).is_file(), name
     assert not (ckpt / "adapter_config.json").exists()  # beside the merged weights, transformers would apply it again
     assert (out / "recipe_state.pt").is_file() and (out / "loss_curve.png").is_file() and (out / "config.yaml").is_file()

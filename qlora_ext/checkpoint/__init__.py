@@ -7,6 +7,7 @@ adapters out; every write atomic.
 
 from qlora_ext.checkpoint.atomic import StagedFiles, atomic_path, atomic_write_bytes, atomic_write_text
 from qlora_ext.checkpoint.config import Llama2Config
+from qlora_ext.checkpoint.hf_tokenizer import save_hf_tokenizer
 from qlora_ext.checkpoint.load import checkpoint_format, load_checkpoint, read_checkpoint_config
 from qlora_ext.checkpoint.peft_adapter import load_peft_adapter, read_adapter_config, save_peft_adapter
 from qlora_ext.checkpoint.save import save_hf_checkpoint
@@ -23,5 +24,6 @@ __all__ = [
     "read_adapter_config",
     "read_checkpoint_config",
     "save_hf_checkpoint",
+    "save_hf_tokenizer",
     "save_peft_adapter",
 ]

@@ -19,7 +19,7 @@ import torch
 import yaml
 from torch import nn
 
-from qlora_ext.checkpoint import save_hf_checkpoint, save_peft_adapter
+from qlora_ext.checkpoint import save_hf_checkpoint, save_hf_tokenizer, save_peft_adapter
 from qlora_ext.training import checkpoint_folders, checkpointing
 
 # Keys recorded with the training state. A resumed run must keep them, except those in
@@ -33,7 +33,6 @@ _RESUME_KEYS = (
 )
 ADJUSTABLE_ON_RESUME = ("optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "optimizer.eps", "lr_scheduler", "clip_grad_norm")
 ADAPTER_SUBDIR = "adapter"  # the PEFT adapter's folder inside a checkpoint folder
-_TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 def resume_fingerprint(cfg) -> dict[str, Any]:
@@ -98,12 +97,9 @@ def save_checkpoint(
             base_config = json.loads(config_json.read_text()) if config_json.is_file() else None
             # Merged weights in the base checkpoint's dtype (bf16 for Llama-2), else the model's own.
             save_hf_checkpoint(model, tmp, dtype=_declared_dtype(base_config), base_config=base_config)
-        for file in _TOKENIZER_FILES:
-            src = Path(ckpt_dir) / file
-            if file == "tokenizer.model":
-                src = Path(cfg.tokenizer.path)
-            if src.is_file():
-                shutil.copyfile(src, tmp / file)
+        save_hf_tokenizer(tmp, cfg.tokenizer.path, source_dir=ckpt_dir)
+        if (Path(ckpt_dir) / "generation_config.json").is_file():
+            shutil.copyfile(Path(ckpt_dir) / "generation_config.json", tmp / "generation_config.json")
         (tmp / "training_config.yaml").write_text(resolved_yaml(cfg, seed))
         checkpoint_folders.commit_dir(tmp, final)
     except BaseException:

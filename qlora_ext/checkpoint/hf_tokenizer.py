@@ -1,0 +1,75 @@
+"""The tokenizer files of a HF Llama-2 checkpoint folder: ``tokenizer.model`` and the files through
+which transformers reads it.
+
+From ``tokenizer.model`` alone, transformers builds a Llama tokenizer that adds no BOS token (it
+adds one where ``tokenizer_config.json`` says ``add_bos_token`` or ``tokenizer.json``'s
+post-processor does) and knows no added tokens. A model trained with BOS first then gets prompts
+without it. So a folder gets the HF files that came with this very ``tokenizer.model``, or else a
+Llama-2 ``tokenizer_config.json``.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+from pathlib import Path
+
+from qlora_ext.checkpoint.atomic import StagedFiles
+
+__all__ = ["HF_TOKENIZER_FILES", "save_hf_tokenizer"]
+
+# What transformers reads beside tokenizer.model; they describe that one file only.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def save_hf_tokenizer(out_dir: str | os.PathLike, tokenizer_model: str | os.PathLike, *, source_dir: str | os.PathLike | None = None) -> list[str]:
+    """Writes ``tokenizer.model`` into ``out_dir`` with what transformers needs to tokenize as the
+    trainer does (BOS first, no EOS); the files are committed together (``StagedFiles``).
+
+    Args:
+        out_dir: the folder (created if needed).
+        tokenizer_model: the SentencePiece model file.
+        source_dir: the HF folder the tokenizer came from. Its ``HF_TOKENIZER_FILES`` are copied
+            when its ``tokenizer.model`` has the same bytes as ``tokenizer_model``.
+
+    Returns:
+        The paths written. Where no ``tokenizer_config.json`` came along, one is written: class
+        ``LlamaTokenizer``, ``add_bos_token`` true, ``add_eos_token`` false, and the model's own BOS,
+        EOS and UNK pieces.
+    """
+    source = Path(source_dir) if source_dir is not None else None
+    copied: list[str] = []
+    if source is not None and (source / "tokenizer.model").is_file() and filecmp.cmp(source / "tokenizer.model", tokenizer_model, shallow=False):
+        copied = [name for name in HF_TOKENIZER_FILES if (source / name).is_file()]
+    # tokenizer_config.json last: transformers finds the tokenizer by it (see StagedFiles)
+    with StagedFiles(out_dir, owns=lambda name: name == "tokenizer.model" or name in HF_TOKENIZER_FILES) as staged:
+        staged.write("tokenizer.model", lambda path: shutil.copyfile(tokenizer_model, path))
+        for name in copied:
+            if name != "tokenizer_config.json":
+                staged.write(name, lambda path, name=name: shutil.copyfile(source / name, path))
+        if "tokenizer_config.json" in copied:
+            staged.write("tokenizer_config.json", lambda path: shutil.copyfile(source / "tokenizer_config.json", path))
+        else:
+            config = json.dumps(_llama2_tokenizer_config(tokenizer_model), indent=2) + "\n"
+            staged.write("tokenizer_config.json", lambda path: Path(path).write_text(config))
+        return staged.commit()
+
+
+def _llama2_tokenizer_config(tokenizer_model: str | os.PathLike) -> dict:
+    """A Llama-2 ``tokenizer_config.json`` (as meta-llama/Llama-2-7b-hf's) for this model's pieces."""
+    from sentencepiece import SentencePieceProcessor
+
+    spm = SentencePieceProcessor(model_file=os.fspath(tokenizer_model))
+    return {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": spm.id_to_piece(spm.bos_id()),
+        "eos_token": spm.id_to_piece(spm.eos_id()),
+        "unk_token": spm.id_to_piece(spm.unk_id()),
+        "pad_token": None,
+        "legacy": False,
+        "clean_up_tokenization_spaces": False,
+    }
