@@ -1,5 +1,6 @@
 """Adapter bookkeeping over a whole model, with torchtune's names: which parameters are the
-adapter, freezing everything else, and running the base model alone. ``LoRALinear`` is importable
+adapter, freezing everything else, running the base model alone, and folding the adapter of a
+state dict into its base weights. ``LoRALinear`` is importable
 from here as from ``torchtune.modules.peft``, so the seed tutorial's import line carries over."""
 
 from __future__ import annotations
@@ -7,11 +8,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext.modules.lora_linear import LoRALinear
 
-__all__ = ["LoRALinear", "disable_adapter", "get_adapter_params", "set_trainable_params"]
+__all__ = [
+    "LoRALinear", "disable_adapter", "get_adapter_params", "get_adapter_state_dict", "get_merged_lora_ckpt", "set_trainable_params",
+]
 
 
 def get_adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -54,3 +59,48 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
     finally:
         for m, state in zip(modules, before):
             m.disabled = state
+
+
+def get_adapter_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The LoRA entries (``*.lora_a.*``, ``*.lora_b.*``) of a model's state dict."""
+    return {k: v for k, v in state_dict.items() if ".lora_a." in k or ".lora_b." in k}
+
+
+def get_merged_lora_ckpt(state_dict: dict[str, Tensor], rank: int, alpha: float) -> dict[str, Tensor]:
+    """Folds each LoRA pair of a state dict into its base weight, as torchtune's function does:
+    ``{m}.weight += (alpha / rank) * {m}.lora_b.weight @ {m}.lora_a.weight``, and the pair is removed.
+
+    The sum is taken in float32 and stored in the weight's dtype. The dict is changed in place and
+    returned; it then loads into the same model built without LoRA.
+
+    Args:
+        state_dict: a LoRA / QLoRA model's ``state_dict()`` (its NF4 bases come out dense).
+        rank: the LoRA rank (> 0).
+        alpha: the LoRA alpha (finite).
+
+    Raises:
+        ValueError: bad ``rank`` or ``alpha``; a LoRA pair without its base weight or with shapes
+            that do not make one; DoRA magnitudes (not supported).
+    """
+    if not is_int(rank) or rank <= 0:
+        raise ValueError(f"get_merged_lora_ckpt: argument 'rank' must be an integer > 0; got {rank!r}")
+    if not is_finite_real(alpha):
+        raise ValueError(f"get_merged_lora_ckpt: argument 'alpha' must be a finite number; got {alpha!r}")
+    if any(k.endswith(".magnitude") for k in state_dict):
+        raise ValueError("get_merged_lora_ckpt: argument 'state_dict' holds DoRA magnitudes; only LoRA is supported")
+    modules = sorted(k[: -len(".lora_a.weight")] for k in state_dict if k.endswith(".lora_a.weight"))
+    for module in modules:
+        a, b = state_dict.get(f"{module}.lora_a.weight"), state_dict.get(f"{module}.lora_b.weight")
+        weight = state_dict.get(f"{module}.weight")
+        if b is None or weight is None:
+            missing = f"{module}.lora_b.weight" if b is None else f"{module}.weight"
+            raise ValueError(f"get_merged_lora_ckpt: argument 'state_dict' has {module}.lora_a.weight but no {missing}")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank or (b.shape[0], a.shape[1]) != tuple(weight.shape):
+            raise ValueError(
+                f"get_merged_lora_ckpt: {module}: lora_b {list(b.shape)} @ lora_a {list(a.shape)} must be a "
+                f"{list(weight.shape)} update of rank {rank}"
+            )
+        delta = (alpha / rank) * (b.to(torch.float32) @ a.to(torch.float32))  # [out, in]
+        state_dict[f"{module}.weight"] = (weight.to(torch.float32) + delta.to(weight.device)).to(weight.dtype)
+        del state_dict[f"{module}.lora_a.weight"], state_dict[f"{module}.lora_b.weight"]
+    return state_dict
