@@ -95,7 +95,26 @@ def test_seed_config_in_torchtune_schema_equals_the_bundled_one(tmp_path):
     assert ours["checkpointer"].pop("checkpoint_files") is None
     assert theirs["optimizer"].pop("fused") is True and ours["optimizer"].pop("fused") is None
     assert theirs == ours  # every other key, defaults included; log_dir followed the overridden output_dir
-    assert notes == ["checkpoints go to output_dir (/runs/a), with the logs; checkpointer.output_dir (/tmp/Llama-2-7b-hf) is not used"]
+    assert notes == [
+        "tokenizer: no prompt_template, so the Alpaca prompt alone, as torchtune before 0.3 (and the seed tutorial) trained; "
+        "torchtune 0.3 and later wrap it in Llama2ChatTemplate ([INST] ... [/INST]): "
+        "tokenizer.prompt_template=torchtune.models.llama2.Llama2ChatTemplate does that here too",
+        "checkpoints go to output_dir (/runs/a), with the logs; checkpointer.output_dir (/tmp/Llama-2-7b-hf) is not used",
+    ]
+
+
+@pytest.mark.parametrize(
+    "override, template",
+    [("tokenizer.prompt_template=torchtune.models.llama2.Llama2ChatTemplate", "llama2_chat"), ("tokenizer.prompt_template=null", "alpaca")],
+)
+def test_prompt_template_chooses_the_dataset_template(tmp_path, override, template):
+    notes: list[str] = []
+    cfg = load_config(_write(tmp_path), ["dataset.data_files=alpaca.json", override], notes)
+    assert cfg.dataset.template == template
+    assert not any(note.startswith("tokenizer:") for note in notes)
+    with pytest.raises(ConfigError, match=r"'tokenizer.prompt_template: torchtune.data.ChatMLTemplate' is not supported: null .* or "
+                                          r"torchtune.models.llama2.Llama2ChatTemplate"):
+        load_config(_write(tmp_path), ["dataset.data_files=alpaca.json", "tokenizer.prompt_template=torchtune.data.ChatMLTemplate"])
 
 
 def test_overrides_use_torchtune_keys(tmp_path):
@@ -175,6 +194,7 @@ def test_a_torchtune_config_trains(tmp_path, capsys):
         raw["checkpointer"]["output_dir"] = str(out)
         del raw["output_dir"], raw["profiler"]  # then torchtune's checkpointer.output_dir is where everything goes
         raw["metric_logger"]["log_dir"] = "${checkpointer.output_dir}/logs"
+        raw["tokenizer"]["prompt_template"] = "torchtune.models.llama2.Llama2ChatTemplate"  # torchtune 0.3+'s default
 
     args = ["--config", _write(tmp_path, edit=edit), f"checkpointer.checkpoint_dir={ckpt}",
             f"tokenizer.path={ASSETS_DIR / 'tokenizer.model'}", f"dataset.data_files={data}", "device=cpu", "dtype=fp32",
@@ -185,4 +205,4 @@ def test_a_torchtune_config_trains(tmp_path, capsys):
     assert [r["step"] for r in metrics(out)] == [1, 2]
     assert (out / "epoch_0" / "adapter" / "adapter_model.safetensors").is_file()
     saved = load_config(str(out / "config.yaml"))  # the resolved config is ours, and reloads
-    assert saved.model.builder == "qlora_llama2" and saved.dataset.train_on_input is True
+    assert saved.model.builder == "qlora_llama2" and saved.dataset.train_on_input is True and saved.dataset.template == "llama2_chat"

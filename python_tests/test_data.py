@@ -121,6 +121,37 @@ def test_truncation_keeps_eos_last():
     assert tokenize_example(tok, RECORDS[0], exact, True) == tokenize_example(tok, RECORDS[0], None, True)
 
 
+# Token ids torchtune 0.6.1 gives with the bundled tokenizer (its alpaca_dataset through
+# llama2_tokenizer), recorded here as the reference: its default Llama2ChatTemplate, and with
+# prompt_template=None an output with trailing spaces (which torchtune strips).
+_TORCHTUNE_CHAT_RECORD_0 = [
+    1, 958, 94, 1001, 1011, 998, 980, 96, 494, 297, 439, 503, 449, 501, 262, 492, 969, 495, 262, 499, 449, 504, 500, 289, 496, 458, 502,
+    446, 536, 289, 277, 330, 289, 283, 389, 370, 366, 386, 458, 497, 446, 958, 958, 94, 50, 1001, 1011, 998, 980, 96, 271, 283, 389, 370,
+    366, 386, 273, 300, 277, 267, 386, 366, 370, 389, 969, 2,
+]
+_TORCHTUNE_PLAIN_TRAILING_SPACES = [
+    1, 494, 297, 439, 503, 449, 501, 262, 492, 969, 495, 262, 499, 449, 504, 500, 289, 496, 458, 502, 446, 980, 318, 291, 597, 285, 972,
+    961, 976, 351, 273, 729, 520, 458, 497, 446, 1020, 966, 962, 977, 259, 552, 272, 318, 291, 597, 285, 972, 961, 976, 351, 969, 2,
+]
+
+
+def test_tokens_are_torchtunes():
+    from qlora_ext.models.llama2 import llama2_tokenizer
+    from qlora_ext.training.config import ASSETS_DIR
+
+    tok = llama2_tokenizer(ASSETS_DIR / "tokenizer.model")
+    record = load_alpaca_records([ASSETS_DIR / "tiny_alpaca.jsonl"])[0]
+    tokens, labels = tokenize_example(tok, record, None, False, "llama2_chat")
+    assert tokens == _TORCHTUNE_CHAT_RECORD_0
+    assert labels == [IGNORE_INDEX] * 50 + tokens[50:]  # BOS, [INST], the prompt and [/INST] are not trained
+    assert tokenize_example(tok, record, 40, False, "llama2_chat") == (tokens[:39] + [tok.eos_id], [IGNORE_INDEX] * 40)
+    spaces = {"instruction": "Trailing spaces in output.", "input": "", "output": "Answer with trailing spaces.   "}
+    tokens, labels = tokenize_example(tok, spaces, None, False, "alpaca")
+    assert tokens == _TORCHTUNE_PLAIN_TRAILING_SPACES and labels == [IGNORE_INDEX] * 36 + tokens[36:]
+    with pytest.raises(ValueError, match=r"argument 'template' must be one of alpaca, llama2_chat; got 'chatml'"):
+        tokenize_example(tok, record, None, False, "chatml")
+
+
 def test_padded_collate():
     batch = padded_collate([([1, 5, 6], [IGNORE_INDEX, 5, 6]), ([1, 7], [IGNORE_INDEX, 7])], pad_id=0)
     assert batch["tokens"].tolist() == [[1, 5, 6], [1, 7, 0]]

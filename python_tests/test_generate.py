@@ -18,7 +18,7 @@ from llama_helpers import hf_llama, train_tokenizer, transformers
 from qlora_ext.checkpoint import save_peft_adapter
 from qlora_ext.generation import generate, sample
 from qlora_ext.models.llama2 import llama2_from_checkpoint, llama2_tokenizer, lora_llama2
-from qlora_ext.training.data import alpaca_prompt
+from qlora_ext.training.data import alpaca_prompt, prompt_tokens
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -193,6 +193,15 @@ def test_cli_alpaca_template(checkpoint_with_tokenizer, tmp_path):
     )
     assert templated == _expected(str(folder), alpaca_prompt({"instruction": "Name a colour.", "input": "The sky"}))
     assert "### Instruction:\nName a colour.\n\n### Input:\nThe sky" in templated
+    chat, _ = _cli(
+        "--checkpoint-dir", str(folder), "--template", "llama2_chat", "--prompt", "Name a colour.", "--temperature", "0", "--max-new-tokens", "6",
+    )
+    assert chat.startswith("[INST] Below is an instruction") and "### Instruction:\nName a colour.\n\n### Response:\n  [/INST]" in chat
+    tokenizer = llama2_tokenizer(str(folder / "tokenizer.model"))
+    prompt = prompt_tokens(tokenizer, {"instruction": "Name a colour.", "input": ""}, "llama2_chat")
+    model = llama2_from_checkpoint(str(folder)).eval()
+    new = generate(model, prompt, max_new_tokens=6, temperature=0.0, stop_tokens=[tokenizer.eos_id])[0, len(prompt) :].tolist()
+    assert chat == tokenizer.decode(prompt + (new[: new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new))
 
 
 def test_cli_argument_errors(checkpoint_with_tokenizer):
@@ -231,7 +240,7 @@ def test_cli_argument_errors(checkpoint_with_tokenizer):
     missing = os.path.join(checkpoint_with_tokenizer, "nowhere")
     for args, needle in (
         (["--checkpoint-dir", missing], f"argument --checkpoint-dir must be a checkpoint folder; '{missing}' is not a folder"),
-        (["--checkpoint-dir", checkpoint_with_tokenizer, "--input", "y"], "argument --input needs --template alpaca"),
+        (["--checkpoint-dir", checkpoint_with_tokenizer, "--input", "y"], "argument --input needs --template alpaca or llama2_chat"),
         (["--checkpoint-dir", os.path.dirname(checkpoint_with_tokenizer)],
          f"argument --tokenizer is needed: the checkpoint folder '{os.path.dirname(checkpoint_with_tokenizer)}' holds no tokenizer.model"),
     ):

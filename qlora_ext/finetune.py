@@ -108,8 +108,8 @@ def train(cfg: Config) -> dict[str, Any]:
     model = model_setup.build_model(cfg, device, dtype)
     model_setup.check_vocab(model, tokenizer, cfg)
     max_seq_len = model_setup.check_max_seq_len(model, cfg)
-    train_ds = InstructDataset(train_records, tokenizer, max_seq_len, cfg.dataset.train_on_input)
-    val_ds = InstructDataset(val_records, tokenizer, max_seq_len, cfg.dataset.train_on_input)
+    train_ds = InstructDataset(train_records, tokenizer, max_seq_len, cfg.dataset.train_on_input, cfg.dataset.template)
+    val_ds = InstructDataset(val_records, tokenizer, max_seq_len, cfg.dataset.train_on_input, cfg.dataset.template)
     adapter = model_setup.adapter_parameters(model)
     if cfg.log_peak_memory_stats:
         print(format_memory_stats(memory_stats(device, reset_peak=True), "after model init"))
@@ -159,7 +159,7 @@ def train(cfg: Config) -> dict[str, Any]:
         summary["val_loss_before"] = steps.validation_loss(model, val_batches, device, dtype)
         print(f"Held-out loss before training: {summary['val_loss_before']:.4f}")
     if show and samples:
-        summary["answers_before"] = evaluation.answer(model, tokenizer, samples, cfg.eval.max_new_tokens, device, dtype)
+        summary["answers_before"] = evaluation.answer(model, tokenizer, samples, cfg.eval.max_new_tokens, device, dtype, cfg.dataset.template)
 
     # -- the loop ------------------------------------------------------------------------------
     # A frozen output projection is applied by the loss, chunk by chunk (no [b, s, vocab] logits).
@@ -255,7 +255,7 @@ def train(cfg: Config) -> dict[str, Any]:
         else:
             summary["val_loss_after"] = steps.validation_loss(model, val_batches, device, dtype)
     if cfg.eval.before_and_after and samples:
-        summary["answers_after"] = evaluation.answer(model, tokenizer, samples, cfg.eval.max_new_tokens, device, dtype)
+        summary["answers_after"] = evaluation.answer(model, tokenizer, samples, cfg.eval.max_new_tokens, device, dtype, cfg.dataset.template)
     if cfg.metric_logger.plot_loss_curve:
         summary["loss_curve"], summary["plot_renderer"] = _plot(loggers.metrics_path, output_dir)
     summary["checkpoint"] = str(last_checkpoint) if last_checkpoint else None

@@ -7,8 +7,9 @@
 
 DIR is a HF or Meta checkpoint folder holding ``tokenizer.model`` (or pass ``--tokenizer``); a
 checkpoint folder the trainer wrote holds the merged model, so ``--checkpoint-dir OUT/epoch_0``
-alone runs the fine-tuned model. ``--template alpaca`` puts the prompt (and ``--input``) into the
-Alpaca prompt the trainer trains on: an instruction-tuned model answers that, not bare text.
+alone runs the fine-tuned model. ``--template alpaca`` (or ``llama2_chat``, as the run's
+``dataset.template``) puts the prompt (and ``--input``) into the prompt the trainer trains on: an
+instruction-tuned model answers that, not bare text.
 The prompt and its continuation go to stdout; timing goes to stderr.
 """
 
@@ -30,9 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-dir", required=True, help="HF or Meta Llama-2 checkpoint folder")
     parser.add_argument("--adapter-dir", default=None, help="PEFT LoRA adapter folder to apply")
     parser.add_argument("--prompt", required=True, help="text to continue (with --template alpaca: the instruction)")
-    parser.add_argument("--template", choices=("none", "alpaca"), default="none",
-                        help="none: the prompt as given; alpaca: the trainer's Alpaca prompt around it (default: none)")
-    parser.add_argument("--input", default="", help="with --template alpaca: the record's input (context) text")
+    parser.add_argument("--template", choices=("none", "alpaca", "llama2_chat"), default="none",
+                        help="none: the prompt as given; alpaca / llama2_chat: the trainer's prompt of that dataset.template "
+                             "around it (default: none)")
+    parser.add_argument("--input", default="", help="with --template alpaca or llama2_chat: the record's input (context) text")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model (default: CHECKPOINT_DIR/tokenizer.model)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
@@ -46,8 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --checkpoint-dir must be a checkpoint folder; '{args.checkpoint_dir}' is not a folder")
     if args.tokenizer is None and not os.path.isfile(os.path.join(args.checkpoint_dir, "tokenizer.model")):
         parser.error(f"argument --tokenizer is needed: the checkpoint folder '{args.checkpoint_dir}' holds no tokenizer.model")
-    if args.input and args.template != "alpaca":
-        parser.error("argument --input needs --template alpaca: only the Alpaca prompt has an input field")
+    if args.input and args.template == "none":
+        parser.error("argument --input needs --template alpaca or llama2_chat: only the Alpaca prompt has an input field")
     if args.max_new_tokens < 1:
         parser.error(f"argument --max-new-tokens must be >= 1; got {args.max_new_tokens}")
     if not (0 <= args.temperature < math.inf):  # also refuses nan
@@ -100,12 +102,12 @@ def _run(args: argparse.Namespace) -> int:
         )
     loaded = time.perf_counter()
 
-    text = args.prompt
-    if args.template == "alpaca":
-        from qlora_ext.training.data import alpaca_prompt
+    if args.template == "none":
+        prompt = tokenizer.encode(args.prompt, add_bos=True, add_eos=False)
+    else:  # the prompt's tokens exactly as the trainer makes them
+        from qlora_ext.training.data import prompt_tokens
 
-        text = alpaca_prompt({"instruction": args.prompt, "input": args.input})
-    prompt = tokenizer.encode(text, add_bos=True, add_eos=False)
+        prompt = prompt_tokens(tokenizer, {"instruction": args.prompt, "input": args.input}, args.template)
     if len(prompt) >= model.max_seq_len:
         raise ValueError(
             f"argument --prompt must leave room for new tokens: it is {len(prompt)} tokens (with BOS) and "

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from qlora_ext.training.data import TEMPLATES
+
 
 @dataclass(frozen=True)
 class Opt:
@@ -129,7 +131,8 @@ SCHEMA: dict[str, Any] = {
     },
     "dataset": {
         "data_files": Opt("path|list[path]", REQUIRED, "local JSON or JSONL files of {instruction, input, output} records"),
-        "template": Opt("str", "alpaca", "prompt template", choices=("alpaca",)),
+        "template": Opt("str", "alpaca", "prompt template: alpaca, or llama2_chat ([INST] ... [/INST] around it, torchtune 0.3+'s default)",
+                        choices=TEMPLATES),
         "train_on_input": Opt("bool", False, "also train on the prompt tokens (false: they are masked from the loss)"),
         "validation_fraction": Opt(
             "float", 0.0, "fraction of examples held out for validation loss (seeded split; scored at each epoch end "

@@ -7,7 +7,10 @@ are a JSON list of records or JSONL (one record a line). An example becomes
     tokens = [BOS] + prompt + output + [EOS]
     labels = [-100] * (1 + len(prompt)) + output + [EOS]     (train_on_input=False)
 
-cut to ``max_seq_len``; the loss is taken where labels != -100 (``IGNORE_INDEX``).
+cut to ``max_seq_len``; the loss is taken where labels != -100 (``IGNORE_INDEX``). Tokens are
+torchtune's, token for token: its Alpaca dataset through its ``llama2_tokenizer`` with
+``prompt_template=None`` (template ``alpaca``, as torchtune before 0.3 and the seed tutorial) or
+with its default ``Llama2ChatTemplate`` (template ``llama2_chat``, torchtune 0.3 and later).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
+TEMPLATES = ("alpaca", "llama2_chat")  # see prompt_tokens
 
 # Stanford Alpaca's prompts, as torchtune's AlpacaInstructTemplate.
 PROMPT_WITH_INPUT = (
@@ -52,6 +56,29 @@ def alpaca_prompt(record: dict[str, str]) -> str:
     if record.get("input"):
         return PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=record["input"])
     return PROMPT_NO_INPUT.format(instruction=record["instruction"])
+
+
+def prompt_tokens(tokenizer: Tokenizer, record: dict[str, str], template: str = "alpaca") -> list[int]:
+    """BOS and the tokens of a record's prompt (the user turn), as torchtune tokenizes them.
+
+    ``alpaca``: the Alpaca prompt. ``llama2_chat``: torchtune's ``Llama2ChatTemplate`` around it,
+    ``"[INST] "`` + prompt + ``" [/INST] "``. torchtune encodes each piece on its own, with
+    trailing spaces stripped, so the pieces do too.
+
+    Raises:
+        ValueError: an unknown template.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"argument 'template' must be one of {', '.join(TEMPLATES)}; got {template!r}")
+    pieces = ["[INST] ", alpaca_prompt(record), " [/INST] "] if template == "llama2_chat" else [alpaca_prompt(record)]
+    return [tokenizer.bos_id] + [t for piece in pieces for t in tokenizer.encode(piece.rstrip(" "), add_bos=False, add_eos=False)]
+
+
+def response_tokens(tokenizer: Tokenizer, output: str, template: str = "alpaca") -> list[int]:
+    """The tokens of a record's output and EOS, as torchtune tokenizes the assistant turn: trailing
+    spaces stripped; after the Alpaca prompt (which ends in a newline) the text continues without
+    SentencePiece's word-start space, after ``" [/INST] "`` it starts a word."""
+    return tokenizer.encode(output.rstrip(" "), add_bos=False, add_eos=True, trim_leading_whitespace=template == "alpaca")
 
 
 def load_alpaca_records(files: Sequence[str | Path]) -> list[dict[str, str]]:
@@ -122,16 +149,15 @@ def _check_record(where: str, item: Any) -> dict[str, str]:
 
 
 def tokenize_example(
-    tokenizer: Tokenizer, record: dict[str, str], max_seq_len: int | None, train_on_input: bool
+    tokenizer: Tokenizer, record: dict[str, str], max_seq_len: int | None, train_on_input: bool, template: str = "alpaca"
 ) -> tuple[list[int], list[int]]:
     """(tokens, labels) of one record; labels are IGNORE_INDEX on the prompt unless train_on_input.
 
     Longer than ``max_seq_len``: cut, and the last token made EOS (as torchtune's ``truncate``),
     its label EOS where that position is trained.
     """
-    prompt = tokenizer.encode(alpaca_prompt(record), add_bos=True, add_eos=False)
-    # The response continues the prompt's text: no SentencePiece word-start space at the junction.
-    response = tokenizer.encode(record["output"], add_bos=False, add_eos=True, trim_leading_whitespace=True)
+    prompt = prompt_tokens(tokenizer, record, template)
+    response = response_tokens(tokenizer, record["output"], template)
     tokens = prompt + response
     labels = list(tokens) if train_on_input else [IGNORE_INDEX] * len(prompt) + response
     if max_seq_len is not None and len(tokens) > max_seq_len:
@@ -145,17 +171,22 @@ def tokenize_example(
 class InstructDataset(torch.utils.data.Dataset):
     """Alpaca records tokenized on access (cheap next to a training step, and memory-lean)."""
 
-    def __init__(self, records: list[dict[str, str]], tokenizer: Tokenizer, max_seq_len: int | None, train_on_input: bool):
+    def __init__(
+        self, records: list[dict[str, str]], tokenizer: Tokenizer, max_seq_len: int | None, train_on_input: bool, template: str = "alpaca"
+    ):
+        if template not in TEMPLATES:
+            raise ValueError(f"InstructDataset: argument 'template' must be one of {', '.join(TEMPLATES)}; got {template!r}")
         self.records = records
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.train_on_input = train_on_input
+        self.template = template
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[list[int], list[int]]:
-        return tokenize_example(self.tokenizer, self.records[index], self.max_seq_len, self.train_on_input)
+        return tokenize_example(self.tokenizer, self.records[index], self.max_seq_len, self.train_on_input, self.template)
 
 
 def split_records(records: list, validation_fraction: float, seed: int) -> tuple[list, list]:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlora_ext.training.data import alpaca_prompt
+from qlora_ext.training.data import prompt_tokens
 from qlora_ext.training.saving import ADAPTER_SUBDIR
 from qlora_ext.training.steps import autocast
 
@@ -17,9 +17,10 @@ from qlora_ext.training.steps import autocast
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # layers compiled for training run eagerly: each decode step is a new shape
 def answer(
-    model: nn.Module, tokenizer, records: list[dict[str, str]], max_new_tokens: int, device: torch.device, dtype: torch.dtype
+    model: nn.Module, tokenizer, records: list[dict[str, str]], max_new_tokens: int, device: torch.device, dtype: torch.dtype,
+    template: str = "alpaca",
 ) -> list[str]:
-    """Greedy answers of the model to the records' Alpaca prompts (generation stops at EOS)."""
+    """Greedy answers of the model to the records' prompts in ``template`` (generation stops at EOS)."""
     from qlora_ext.generation import generate
 
     was_training = model.training
@@ -27,7 +28,7 @@ def answer(
     answers = []
     try:
         for record in records:
-            prompt = tokenizer.encode(alpaca_prompt(record), add_bos=True, add_eos=False)
+            prompt = prompt_tokens(tokenizer, record, template)
             with autocast(device, dtype):
                 out = generate(model, prompt, max_new_tokens=max_new_tokens, temperature=0.0, stop_tokens=[tokenizer.eos_id])
             new = out[0, len(prompt) :].tolist()  # [1, prompt + new]

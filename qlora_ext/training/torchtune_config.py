@@ -122,7 +122,20 @@ def _model(component: Any, section: dict, top: dict, notes: list[str]) -> dict |
 
 def _tokenizer(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:
     _name(component, "tokenizer", {"llama2_tokenizer": True})
-    _refuse_unless(section, "prompt_template", (None,), "the Alpaca template is set by dataset.template", "tokenizer")
+    if "prompt_template" not in section:
+        notes.append(
+            "tokenizer: no prompt_template, so the Alpaca prompt alone, as torchtune before 0.3 (and the seed "
+            "tutorial) trained; torchtune 0.3 and later wrap it in Llama2ChatTemplate ([INST] ... [/INST]): "
+            "tokenizer.prompt_template=torchtune.models.llama2.Llama2ChatTemplate does that here too"
+        )
+    template = section.pop("prompt_template", None)
+    if template is not None and str(template).rsplit(".", 1)[-1] != "Llama2ChatTemplate":
+        raise TorchtuneConfigError(
+            f"'tokenizer.prompt_template: {template}' is not supported: null (the Alpaca prompt alone) or "
+            "torchtune.models.llama2.Llama2ChatTemplate"
+        )
+    dataset = top.get("dataset") if isinstance(top.get("dataset"), dict) else top.setdefault("dataset", {})
+    dataset["template"] = "alpaca" if template is None else "llama2_chat"
     return section
 
 
