@@ -4,6 +4,8 @@ the previous checkpoint loadable."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -134,6 +136,20 @@ def test_resume_applies_changed_optimizer_schedule_and_clipping(tmp_path, setup,
     assert (group["weight_decay"], group["betas"], group["initial_lr"]) == (0.0, (0.8, 0.99), 1e-3)
     assert state["lr_scheduler"]["base_lrs"] == [1e-3] and state["global_step"] == 8
     assert state["fingerprint"]["optimizer.lr"] == 1e-3  # the next resume compares with the new values
+
+
+def test_resume_after_a_kill_while_an_old_step_folder_was_deleted(tmp_path, setup):
+    # Killed (SIGKILL) after the last save: one replaced step folder still whole, another half
+    # deleted by remove_dir. A resume with nothing left to train leaves only the named checkpoint.
+    run = tmp_path / "run"
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1"]))
+    dead = 2**22 + 1
+    shutil.copytree(run / "epoch_0", run / "step_4")
+    shutil.copytree(run / "epoch_0", run / f".step_3.del-{dead}")
+    shutil.rmtree(run / f".step_3.del-{dead}" / "adapter")
+    summary = finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1", "resume_from_checkpoint=True"]))
+    assert summary["losses"] == []
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["epoch_0", "logs"]
 
 
 def test_resume_after_a_save_killed_between_its_renames(tmp_path, setup):

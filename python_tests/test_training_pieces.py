@@ -214,6 +214,7 @@ def test_recover_interrupted_saves(tmp_path):
     folder(f".epoch_0.tmp-{dead}", "new epoch_0")
     folder("epoch_1", "new epoch_1")
     folder(f".epoch_1.old-{dead}", "old epoch_1")  # killed while removing the replaced folder
+    folder(f".step_3.del-{dead}", "half of step_3")  # killed while remove_dir deleted it: step_3 stays gone
     folder(f".step_2.tmp-{os.getpid()}")  # our pid, before we saved anything: a restarted container's
     folder(f".step_8.tmp-{alive}")  # another live process's: left alone
     folder(".notes.tmp-12")  # not our pattern
@@ -221,7 +222,7 @@ def test_recover_interrupted_saves(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp-12", f".step_8.tmp-{alive}", "epoch_0", "epoch_1"]
     assert (tmp_path / "epoch_0" / "f.txt").read_text() == "old epoch_0"
     assert (tmp_path / "epoch_1" / "f.txt").read_text() == "new epoch_1"
-    assert len(notes) == 5 and any(n.startswith(f"restored {tmp_path / 'epoch_0'}") for n in notes)
+    assert len(notes) == 6 and any(n.startswith(f"restored {tmp_path / 'epoch_0'}") for n in notes)
     assert checkpoint_folders.recover_interrupted_saves(tmp_path) == []
 
 

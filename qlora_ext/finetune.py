@@ -78,6 +78,8 @@ def train(cfg: Config) -> dict[str, Any]:
     state = None
     if cfg.resume_from_checkpoint:
         state = checkpointing.load_training_state(output_dir, fingerprint, may_change=saving.ADJUSTABLE_ON_RESUME)
+        # a run killed after saving, before deleting the step folder that save replaced
+        checkpoint_folders.remove_step_folders(output_dir, keep=state["checkpoint_name"])
     seed = cfg.seed if cfg.seed is not None else (state["seed"] if state else int.from_bytes(os.urandom(4), "little") >> 1)
     print(f"Resolved config (seed {seed}):\n{cfg.to_yaml()}")
     log_dir = Path(cfg.metric_logger.log_dir or output_dir / "logs")

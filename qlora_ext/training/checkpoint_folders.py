@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qlora_ext.checkpoint.atomic import fsync_dir
 
-__all__ = ["commit_dir", "recover_interrupted_saves", "staging_dir"]
+__all__ = ["commit_dir", "recover_interrupted_saves", "remove_dir", "remove_step_folders", "staging_dir"]
 
 
 def staging_dir(final: str | Path) -> Path:
@@ -43,8 +43,28 @@ def commit_dir(tmp: str | Path, final: str | Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-# The names staging_dir and commit_dir give: .epoch_0.tmp-1234, .step_6.old-1234 (1234: the writer's pid).
-_LEFTOVER = re.compile(r"\.((?:epoch|step)_\d+)\.(tmp|old)-(\d+)")
+def remove_dir(folder: str | Path) -> None:
+    """Deletes a checkpoint folder so that no half of it stays under its name: renamed to
+    ``.NAME.del-PID`` first (one atomic step), then deleted. A kill midway leaves that name, which
+    ``recover_interrupted_saves`` removes."""
+    folder = Path(folder)
+    doomed = folder.with_name(f".{folder.name}.del-{os.getpid()}")
+    os.replace(folder, doomed)
+    fsync_dir(folder.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_step_folders(output_dir: str | Path, *, keep: str | None) -> None:
+    """Deletes every ``step_N`` checkpoint folder of ``output_dir`` but ``keep`` (``remove_dir``):
+    only the newest checkpoint of a run is kept between epoch ends."""
+    for old in Path(output_dir).glob("step_*"):
+        if old.name != keep and old.is_dir() and re.fullmatch(r"step_\d+", old.name):
+            remove_dir(old)
+
+
+# The names staging_dir, commit_dir and remove_dir give: .epoch_0.tmp-1234, .step_6.old-1234,
+# .step_6.del-1234 (1234: the writer's pid).
+_LEFTOVER = re.compile(r"\.((?:epoch|step)_\d+)\.(tmp|old|del)-(\d+)")
 
 
 def _writer_may_be_running(pid: int) -> bool:
@@ -68,8 +88,8 @@ def recover_interrupted_saves(output_dir: str | Path) -> list[str]:
     """Cleans up after checkpoint saves that were killed (no exception handler ran), before a run
     or a resume writes into ``output_dir``: a ``.NAME.old-PID`` folder whose ``NAME`` is missing is
     renamed back (the save died between commit_dir's two renames, and the folder it was replacing
-    may be the one ``recipe_state.pt`` names); every other ``.NAME.tmp-PID`` / ``.NAME.old-PID`` is
-    removed. Only folders of that exact pattern whose writer is no longer running are touched, so
+    may be the one ``recipe_state.pt`` names); every other ``.NAME.tmp-PID`` / ``.NAME.old-PID``,
+    and every ``.NAME.del-PID`` (a deletion by ``remove_dir`` cut short), is removed. Only folders of that exact pattern whose writer is no longer running are touched, so
     a concurrent save (which one output_dir does not support anyway) is never cut short.
 
     Returns:

@@ -109,9 +109,7 @@ def save_checkpoint(
         output_dir, checkpoint_name=name, epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
         seed=seed, optimizer=optimizer, scheduler=scheduler, adapter=adapter, fingerprint=resume_fingerprint(cfg),
     )
-    for old in output_dir.glob("step_*"):
-        if old.name != name and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
+    checkpoint_folders.remove_step_folders(output_dir, keep=name)
     return final
 
 
