@@ -407,11 +407,12 @@ def _crash_at_step(monkeypatch, folder, step):
     ids=["single_to_sharded", "sharded_to_single", "sharded_to_same_shards"],
 )
 def test_a_crash_at_any_step_of_the_commit_never_loads_a_mix(base_dir, tmp_path, monkeypatch, before, after):
-    # Each step of moving the new files into place (renames, deleting the old config.json and the
-    # stale weight files) is made to fail in turn. The folder is then the old checkpoint as it was
-    # (the first step failed), or has no config.json, which we refuse (and transformers' Auto
-    # classes); never new shards under the old config, or a stale model.safetensors shadowing a new
-    # index.
+    # Each step of moving the new files into place (renames, deleting the old config.json, index and
+    # the stale weight files) is made to fail in turn. The folder is then the old checkpoint as it
+    # was (the first step failed), or has no weight index nor single weight file, which we refuse
+    # and so does transformers' from_pretrained (without config.json alone it would take a default
+    # LlamaConfig and load the shards an old index names); never new shards under the old config
+    # or index, or a stale model.safetensors shadowing a new index.
     model = _trained(base_dir)
     old_dir, folder = tmp_path / "old", tmp_path / "out"
     save_hf_checkpoint(model, old_dir, max_shard_size=before)
@@ -422,7 +423,7 @@ def test_a_crash_at_any_step_of_the_commit_never_loads_a_mix(base_dir, tmp_path,
         model.layers[1].mlp.w2.weight.mul_(0.5)
         new = model(tokens)
     assert rel_error(new, old) > 1e-2
-    refused, stale_and_new_together = 0, False
+    refused, config_without_index = 0, False
     for step in range(1, 100):
         shutil.rmtree(folder, ignore_errors=True)
         shutil.copytree(old_dir, folder)
@@ -438,16 +439,17 @@ def test_a_crash_at_any_step_of_the_commit_never_loads_a_mix(base_dir, tmp_path,
         assert not [n for n in names if n.startswith(".tmp-")], step  # temporaries discarded
         if not crashed:
             break
-        if step == 1:
-            assert _snapshot(folder) == _snapshot(old_dir)  # deleting the old config.json failed
+        if _snapshot(folder) == _snapshot(old_dir):  # it failed before changing anything
             continue
-        assert "config.json" not in names, step
-        stale_and_new_together |= {"model.safetensors", "model.safetensors.index.json"} <= names
-        with pytest.raises(FileNotFoundError, match=r"neither a HF checkpoint \(config.json\)"):
+        assert not names & {"model.safetensors", "model.safetensors.index.json"}, step
+        with pytest.raises(FileNotFoundError):
             llama2_from_checkpoint(folder)
+        with pytest.raises(OSError, match=r"no file named model.safetensors"):
+            _hf(folder)
         refused += 1
+        config_without_index |= "config.json" in names
     assert not crashed and refused >= 2
-    assert stale_and_new_together == (before != after)  # the window the ordering has to cover was hit
+    assert config_without_index  # the window the ordering has to cover was hit: config.json in place, no index yet
     with torch.no_grad():
         assert rel_error(llama2_from_checkpoint(folder).eval()(tokens), new) <= 1e-6
         assert rel_error(_hf(folder)(tokens).logits, new) <= 1e-5

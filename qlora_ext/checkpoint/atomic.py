@@ -114,8 +114,9 @@ class StagedFiles:
             staged.write("config.json", lambda p: open(p, "w").write(config))
         # all moved into place here (see commit); an exception deletes the temporaries
 
-    The file staged last must be the one loaders find the group by (a config, an index): the
-    commit takes it away first and puts it back last.
+    Loaders find a group by some of its files (a config, an index): ``finders``. The commit takes
+    every existing file of those names away first and puts the staged ones back last, in the order
+    given; by default the file staged last is the only finder.
 
     Args:
         folder: the destination folder (created if missing).
@@ -123,11 +124,16 @@ class StagedFiles:
             name and ``config.json``). Temporaries of such names that a killed save left in the
             folder are deleted now, and files of such names that the group does not write again
             (shards of an earlier, larger save) are deleted by the commit. Default: none.
+        finders: the names loaders find the group by, in the order the commit puts them back; a
+            loader must refuse a folder that lacks the last one present in the group.
     """
 
-    def __init__(self, folder: str | os.PathLike, *, owns: Callable[[str], object] | None = None):
+    def __init__(
+        self, folder: str | os.PathLike, *, owns: Callable[[str], object] | None = None, finders: tuple[str, ...] | None = None
+    ):
         self.folder = os.path.abspath(os.fspath(folder))
         self._owns = owns
+        self._finders = finders
         self._staged: list[tuple[str, str]] = []
         if owns is not None:
             sweep_temporaries(self.folder, owns)
@@ -151,30 +157,34 @@ class StagedFiles:
     def commit(self) -> list[str]:
         """Moves every staged file into place; returns the final paths, in staging order.
 
-        The steps: (1) delete the existing file under the last staged name (the one loaders find
-        the group by); (2) rename the other staged files into place, in order; (3) delete the
-        files of owned names that were not staged (stale shards); (4) rename the last file into
-        place. The folder is synced after (1) and before (4), so even after a power loss a reader
-        sees the previous group complete, or a folder without that file (which loaders refuse),
-        or the new group complete: never new files under an old index or config, nor old ones
-        under a new one.
+        The steps: (1) delete the existing files under the finder names, the one put back last
+        first; (2) rename the other staged files into place, in order; (3) delete the files of
+        owned names that were not staged (stale shards); (4) rename the staged finders into place,
+        in the finders' order. The folder is synced after (1) and before (4), so even after a
+        power loss a reader sees the previous group complete, or a folder without its last finder
+        (which loaders refuse), or the new group complete: never new files under an old index or
+        config, nor old ones under a new one.
 
         Raises:
             OSError (or whatever interrupted it): a failed step. The temporaries not yet renamed
-                are deleted and the exception propagates; the folder is then left without the
-                last staged file, or unchanged if step (1) itself failed.
+                are deleted and the exception propagates; the folder is then left without its
+                last finder, or unchanged if step (1) itself failed first.
         """
         staged, self._staged = self._staged, []
         if not staged:
             return []
-        paths = [os.path.join(self.folder, name) for name, _ in staged]
+        finders = self._finders if self._finders is not None else (staged[-1][0],)
+        order = [item for item in staged if item[0] not in finders]
+        order += sorted((item for item in staged if item[0] in finders), key=lambda item: finders.index(item[0]))
+        first_finder = len(staged) - sum(1 for name, _ in staged if name in finders)
         done = 0
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(paths[-1])
+            for name in reversed(finders):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.folder, name))
             fsync_dir(self.folder)
-            for (_, tmp), path in zip(staged[:-1], paths):
-                os.replace(tmp, path)
+            for name, tmp in order[:first_finder]:
+                os.replace(tmp, os.path.join(self.folder, name))
                 done += 1
             if self._owns is not None:
                 keep = {name for name, _ in staged}
@@ -182,14 +192,15 @@ class StagedFiles:
                     if name not in keep and self._owns(name) and not _TMP_NAME.fullmatch(name):
                         os.remove(os.path.join(self.folder, name))
             fsync_dir(self.folder)
-            os.replace(staged[-1][1], paths[-1])
-            done += 1
+            for name, tmp in order[first_finder:]:
+                os.replace(tmp, os.path.join(self.folder, name))
+                done += 1
         except BaseException:
-            self._staged = staged[done:]
+            self._staged = order[done:]
             self.discard()
             raise
         fsync_dir(self.folder)
-        return paths
+        return [os.path.join(self.folder, name) for name, _ in staged]
 
     def discard(self) -> None:
         """Deletes the staged temporaries; nothing under a final name changes."""

@@ -101,8 +101,9 @@ def save_hf_checkpoint(
         out_dir: the folder (created if needed). Weight files of an earlier save there are
             replaced, and the ones this save does not write again (shards of a larger save, a
             single ``model.safetensors``) are deleted, as are temporaries a killed save left. A
-            crash while the new files are moved into place leaves the folder without
-            ``config.json`` (loaders refuse it), never old and new weights together.
+            crash while the new files are moved into place leaves the folder without its weight
+            index or single weight file (loaders, transformers' too, refuse it), never old and new
+            weights together.
         dtype: dtype of the saved weights (default: each weight's own, NF4 ones their original).
         max_shard_size: bytes per shard, as an int or a string like "5GB" / "500MB" / "2GiB",
             read as ``save_pretrained`` reads it (any case; "5Gb" with a lowercase b is bits).
@@ -176,9 +177,13 @@ def save_hf_checkpoint(
     if bnb_4bit:
         config["quantization_config"] = bnb4bit_quantization_config(config_dtype)
 
-    # config.json goes last: the commit takes the old one away first and puts the new one back
-    # last, with stale shards and a stale single file deleted in between (atomic.StagedFiles).
-    with torch.no_grad(), StagedFiles(out_dir, owns=_is_hf_checkpoint_file) as staged:
+    # The commit takes the old config.json and weight index (or single file) away first and puts
+    # the new ones back last, the index last of all, with stale shards deleted in between
+    # (atomic.StagedFiles): a folder cut short there has no index, which our loader and
+    # transformers' from_pretrained refuse (without config.json alone, transformers would build a
+    # default LlamaConfig and load the shards named by an old index).
+    finders = ("config.json", "model.safetensors.index.json", "model.safetensors")
+    with torch.no_grad(), StagedFiles(out_dir, owns=_is_hf_checkpoint_file, finders=finders) as staged:
         for file_name, shard in zip(names, shards):
             staged.write(file_name, lambda path, shard=shard: write_safetensors(path, shard, lambda n: producers[n](), {"format": "pt"}))
         if len(shards) > 1:
