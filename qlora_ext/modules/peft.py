@@ -1,7 +1,7 @@
 """Adapter bookkeeping over a whole model, with torchtune's names: which parameters are the
 adapter, freezing everything else, running the base model alone, and folding the adapter of a
-state dict into its base weights. ``LoRALinear`` is importable
-from here as from ``torchtune.modules.peft``, so the seed tutorial's import line carries over."""
+state dict into its base weights. ``LoRALinear`` is importable from here as from
+``torchtune.modules.peft``, so the seed tutorial's import line carries over."""
 
 from __future__ import annotations
 

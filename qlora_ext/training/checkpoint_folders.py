@@ -89,8 +89,9 @@ def recover_interrupted_saves(output_dir: str | Path) -> list[str]:
     or a resume writes into ``output_dir``: a ``.NAME.old-PID`` folder whose ``NAME`` is missing is
     renamed back (the save died between commit_dir's two renames, and the folder it was replacing
     may be the one ``recipe_state.pt`` names); every other ``.NAME.tmp-PID`` / ``.NAME.old-PID``,
-    and every ``.NAME.del-PID`` (a deletion by ``remove_dir`` cut short), is removed. Only folders of that exact pattern whose writer is no longer running are touched, so
-    a concurrent save (which one output_dir does not support anyway) is never cut short.
+    and every ``.NAME.del-PID`` (a deletion by ``remove_dir`` cut short), is removed. Only folders
+    of that exact pattern whose writer is no longer running are touched, so a concurrent save
+    (which one output_dir does not support anyway) is never cut short.
 
     Returns:
         One line per folder restored or removed.

@@ -8,9 +8,9 @@ are a JSON list of records or JSONL (one record a line). An example becomes
     labels = [-100] * (1 + len(prompt)) + output + [EOS]     (train_on_input=False)
 
 cut to ``max_seq_len``; the loss is taken where labels != -100 (``IGNORE_INDEX``). Tokens are
-torchtune's, token for token: its Alpaca dataset through its ``llama2_tokenizer`` with
-``prompt_template=None`` (template ``alpaca``, as torchtune before 0.3 and the seed tutorial) or
-with its default ``Llama2ChatTemplate`` (template ``llama2_chat``, torchtune 0.3 and later).
+those of torchtune's Alpaca dataset through its ``llama2_tokenizer`` (compared token for token
+with torchtune 0.6.1), with ``prompt_template=None`` (template ``alpaca``, as torchtune before 0.3
+and the seed tutorial) or its default ``Llama2ChatTemplate`` (template ``llama2_chat``).
 """
 
 from __future__ import annotations
@@ -174,8 +174,6 @@ class InstructDataset(torch.utils.data.Dataset):
     def __init__(
         self, records: list[dict[str, str]], tokenizer: Tokenizer, max_seq_len: int | None, train_on_input: bool, template: str = "alpaca"
     ):
-        if template not in TEMPLATES:
-            raise ValueError(f"InstructDataset: argument 'template' must be one of {', '.join(TEMPLATES)}; got {template!r}")
         self.records = records
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len

@@ -134,8 +134,8 @@ def _tokenizer(component: Any, section: dict, top: dict, notes: list[str]) -> di
             f"'tokenizer.prompt_template: {template}' is not supported: null (the Alpaca prompt alone) or "
             "torchtune.models.llama2.Llama2ChatTemplate"
         )
-    dataset = top.get("dataset") if isinstance(top.get("dataset"), dict) else top.setdefault("dataset", {})
-    dataset["template"] = "alpaca" if template is None else "llama2_chat"
+    if isinstance(top.setdefault("dataset", {}), dict):  # else the dataset section's own check names it
+        top["dataset"]["template"] = "alpaca" if template is None else "llama2_chat"
     return section
 
 
