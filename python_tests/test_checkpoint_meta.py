@@ -12,6 +12,7 @@ from llama_helpers import hf_llama, hf_logits, hf_to_meta_state, meta_params, me
 
 from qlora_ext.checkpoint import Llama2Config, read_checkpoint_config
 from qlora_ext.checkpoint.convert import hf_to_meta_rotary, meta_to_hf_rotary
+from qlora_ext.checkpoint.load import stored_dtype
 from qlora_ext.models.llama2 import llama2_from_checkpoint
 
 # fairscale's layout: column-parallel weights split rows, row-parallel ones and the embedding
@@ -66,6 +67,7 @@ def test_meta_model_parallel_shards_are_concatenated(tmp_path):
     transformers()
     hf = hf_llama(num_kv_heads=2, seed=3)
     _write_meta(tmp_path, hf, shards=2)
+    assert stored_dtype(tmp_path) == torch.float32  # what a merged save of it is written in (Meta declares none)
     tokens = torch.randint(0, 320, (1, 13))
     ours = llama2_from_checkpoint(tmp_path).eval()
     with torch.no_grad():

@@ -308,3 +308,27 @@ def test_checkpoint_folder_loads_in_transformers_and_peft(tmp_path, tiny_ckpt, s
     assert (want - base).abs().max() > 1e-2  # the training changed the model
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)  # the adapter applied once (twice was off by about half the logits)
     assert torch.allclose(via_peft, want, rtol=1e-4, atol=1e-4)
+
+
+def test_merged_model_keeps_the_stored_dtype_of_a_base_that_declares_none(tmp_path, small_data):
+    """A base whose config.json names no dtype (or a Meta one, which has no config.json) is saved
+    merged in the dtype its weights are stored in, not in the float32 the CPU run computed in."""
+    from safetensors import safe_open
+
+    from qlora_ext.checkpoint import save_hf_checkpoint
+    from qlora_ext.checkpoint.load import stored_dtype
+    from qlora_ext.models.llama2 import llama2
+    from trainer_helpers import TINY_ARCH
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    save_hf_checkpoint(llama2(**TINY_ARCH), base, dtype=torch.bfloat16)
+    config = json.loads((base / "config.json").read_text())
+    config.pop("torch_dtype", None), config.pop("dtype", None)
+    (base / "config.json").write_text(json.dumps(config))
+    assert stored_dtype(base) == torch.bfloat16
+    out = tmp_path / "run"
+    finetune.train(load_config("tiny_qlora", small_run_overrides(base, small_data, out) + ["epochs=1", "max_steps_per_epoch=1"]))
+    with safe_open(out / "epoch_0" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((out / "epoch_0" / "config.json").read_text())["torch_dtype"] == "bfloat16"

@@ -48,6 +48,26 @@ def checkpoint_format(checkpoint_dir: str | os.PathLike) -> str:
     )
 
 
+def stored_dtype(checkpoint_dir: str | os.PathLike) -> torch.dtype | None:
+    """The dtype a checkpoint stores its token embedding in (for a Meta checkpoint, or a HF one whose
+    config.json declares none); None where there is no such tensor. Only the file's header or
+    index is read.
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+    """
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    if checkpoint_format(checkpoint_dir) == "hf":
+        files, key = hf_weight_files(checkpoint_dir), "model.embed_tokens.weight"
+    else:
+        files, key = meta_weight_files(checkpoint_dir)[:1], "tok_embeddings.weight"
+    for file in files:
+        with TensorFiles([file]) as tensors:
+            if key in tensors.dtypes:
+                return tensors.dtypes[key] if tensors.dtypes[key].is_floating_point else None
+    return None
+
+
 def read_checkpoint_config(checkpoint_dir: str | os.PathLike) -> Llama2Config:
     """The architecture a checkpoint folder holds, from config.json or params.json (Meta's
     vocab_size of -1 is taken from the embedding's shape).

@@ -20,6 +20,7 @@ import yaml
 from torch import nn
 
 from qlora_ext.checkpoint import save_hf_checkpoint, save_hf_tokenizer, save_peft_adapter
+from qlora_ext.checkpoint.load import stored_dtype
 from qlora_ext.training import checkpoint_folders, checkpointing
 
 # Keys recorded with the training state. A resumed run must keep them, except those in
@@ -95,8 +96,10 @@ def save_checkpoint(
         if not cfg.save_adapter_weights_only:
             config_json = Path(ckpt_dir) / "config.json"
             base_config = json.loads(config_json.read_text()) if config_json.is_file() else None
-            # Merged weights in the base checkpoint's dtype (bf16 for Llama-2), else the model's own.
-            save_hf_checkpoint(model, tmp, dtype=_declared_dtype(base_config), base_config=base_config)
+            # Merged weights in the base checkpoint's dtype (bf16 for Llama-2): the one its config.json
+            # declares, else the one it stores (a Meta checkpoint declares none), else the model's own.
+            dtype = _declared_dtype(base_config) or stored_dtype(ckpt_dir)
+            save_hf_checkpoint(model, tmp, dtype=dtype, base_config=base_config)
         save_hf_tokenizer(tmp, cfg.tokenizer.path, source_dir=ckpt_dir)
         if (Path(ckpt_dir) / "generation_config.json").is_file():
             shutil.copyfile(Path(ckpt_dir) / "generation_config.json", tmp / "generation_config.json")
