@@ -70,7 +70,7 @@ def test_sampling_temperature_and_top_k():
     draws = sample(wide, temperature=2.0, top_k=3, generator=gen)
     top3 = wide.topk(3, dim=-1).indices
     assert (top3 == draws[:, None]).any(-1).all()
-    with pytest.raises(ValueError, match=r"argument 'top_k' must be positive or None; got 0"):
+    with pytest.raises(ValueError, match=r"argument 'top_k' must be a positive integer or None; got 0"):
         sample(wide, top_k=0)
     for bad in (-1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=rf"argument 'temperature' must be finite and >= 0; got {bad}"):
@@ -98,6 +98,21 @@ def test_prompt_and_pad_id_outside_the_vocabulary_are_named():
             generate(model, prompt, max_new_tokens=2, temperature=0.0)
     with pytest.raises(ValueError, match=rf"argument 'pad_id' must be a token id in \[0, {vocab}\); got -1"):
         generate(model, [1, 2], max_new_tokens=2, pad_id=-1)
+    for kwargs, needle in [
+        ({"max_new_tokens": 3.0}, r"argument 'max_new_tokens' must be an integer >= 1; got 3.0"),
+        ({"max_new_tokens": 2, "stop_tokens": [2.5]}, r"argument 'stop_tokens' must hold integer token ids; got \[2.5\]"),
+        ({"max_new_tokens": 2, "top_k": 5.0}, r"argument 'top_k' must be a positive integer or None; got 5.0"),
+        ({"max_new_tokens": 2, "top_k": True}, r"argument 'top_k' must be a positive integer or None; got True"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            generate(model, [1, 2], **kwargs)
+    # stop tokens as a tensor are taken as a list
+    want = generate(model, [1, 2], max_new_tokens=4, temperature=0.0, stop_tokens=[3, 4])
+    assert torch.equal(generate(model, [1, 2], max_new_tokens=4, temperature=0.0, stop_tokens=torch.tensor([3, 4])), want)
+    model.setup_caches(1, torch.float32, max_seq_len=8)
+    with pytest.raises(ValueError, match=r"argument 'use_cache' is False but the model has KV caches; call model.remove_caches\(\) first"):
+        generate(model, [1, 2], max_new_tokens=2, use_cache=False)
+    model.remove_caches()
 
 
 def test_stop_tokens_end_rows_and_pad():
@@ -204,7 +219,7 @@ def test_cli_alpaca_template(checkpoint_with_tokenizer, tmp_path):
     assert chat == tokenizer.decode(prompt + (new[: new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new))
 
 
-def test_cli_argument_errors(checkpoint_with_tokenizer):
+def test_cli_argument_errors(checkpoint_with_tokenizer, tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO}
     out = subprocess.run(
         [sys.executable, "-m", "qlora_ext.generate", "--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "x", "--temperature", "-1"],
@@ -238,9 +253,14 @@ def test_cli_argument_errors(checkpoint_with_tokenizer):
     )
     assert out.returncode == 2 and "argument --quantize-base needs --adapter-dir" in out.stderr
     missing = os.path.join(checkpoint_with_tokenizer, "nowhere")
+    trained = tmp_path / "epoch_0"  # as the trainer writes one: the merged model, its adapter in adapter/
+    shutil.copytree(checkpoint_with_tokenizer, trained)
+    (trained / "adapter").mkdir()
     for args, needle in (
         (["--checkpoint-dir", missing], f"argument --checkpoint-dir must be a checkpoint folder; '{missing}' is not a folder"),
         (["--checkpoint-dir", checkpoint_with_tokenizer, "--input", "y"], "argument --input needs --template alpaca or llama2_chat"),
+        (["--checkpoint-dir", str(trained), "--adapter-dir", str(trained / "adapter")],
+         "is the adapter of the checkpoint folder, whose model has it merged already"),
         (["--checkpoint-dir", os.path.dirname(checkpoint_with_tokenizer)],
          f"argument --tokenizer is needed: the checkpoint folder '{os.path.dirname(checkpoint_with_tokenizer)}' holds no tokenizer.model"),
     ):

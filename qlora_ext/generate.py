@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=300, help="sample among the k most likely tokens; 0 = all")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quantize-base", action="store_true", help="keep the adapted linears' base weights in NF4")
+    parser.add_argument("--quantize-base", action="store_true",
+                        help="keep the adapted linears' base weights in NF4: the base a QLoRA run's adapter was trained on")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     args = parser.parse_args(argv)
@@ -64,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --device must be cpu, cuda or cuda:N; got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"argument --device: {args.device} was asked for but torch sees no CUDA GPU")
+    inner = os.path.join(args.checkpoint_dir, "adapter")
+    if args.adapter_dir is not None and os.path.isdir(args.adapter_dir) and os.path.isdir(inner) and os.path.samefile(args.adapter_dir, inner):
+        parser.error(f"argument --adapter-dir: '{args.adapter_dir}' is the adapter of the checkpoint folder, whose model has it "
+                     "merged already; pass --checkpoint-dir alone, or the base model's folder with --adapter-dir")
     if args.quantize_base and args.adapter_dir is None:
         parser.error("argument --quantize-base needs --adapter-dir: only the adapted linears are kept in NF4")
     return args

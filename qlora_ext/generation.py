@@ -31,12 +31,13 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None
         int64 token ids [b].
 
     Raises:
-        ValueError: a negative or non-finite ``temperature``, or a non-positive ``top_k``.
+        ValueError: a negative or non-finite ``temperature``, or a ``top_k`` that is not a
+            positive integer.
     """
     if not (0 <= temperature < math.inf):  # also refuses NaN
         raise ValueError(f"sample: argument 'temperature' must be finite and >= 0; got {temperature}")
-    if top_k is not None and top_k <= 0:
-        raise ValueError(f"sample: argument 'top_k' must be positive or None; got {top_k}")
+    if top_k is not None and (not is_int(top_k) or top_k <= 0):
+        raise ValueError(f"sample: argument 'top_k' must be a positive integer or None; got {top_k!r}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float()
@@ -70,20 +71,25 @@ def generate(
             it). If it has no KV caches, caches sized for this call are set up and removed
             afterwards; caches set up by the caller are reset and reused.
         prompt: [b, s] token ids (prompts of equal length) or one prompt as a list of ints.
+            There is no attention mask: a prompt padded to the length of others would have its
+            pads attended, so generate prompts of different lengths one at a time.
         max_new_tokens: most tokens to add.
         temperature, top_k, generator: as for ``sample`` (temperature 0 = greedy).
-        stop_tokens: a row stops after emitting one of these; later positions get ``pad_id``.
+        stop_tokens: token ids (a list, or a 1-D tensor); a row stops after emitting one of
+            these, and its later positions get ``pad_id``.
             Generation ends when every row has stopped.
         pad_id: filler after a row's stop token.
-        use_cache: False recomputes the full sequence each step (a reference; slow).
+        use_cache: False recomputes the full sequence each step (a reference; slow) and needs a
+            model without KV caches.
 
     Returns:
         [b, s + n] int64: the prompts followed by the n <= max_new_tokens generated tokens.
 
     Raises:
         ValueError: an empty prompt, token ids or ``pad_id`` outside the vocabulary,
-            ``max_new_tokens`` < 1, prompt plus new tokens longer than the model's max_seq_len
-            (or than caches set up by the caller).
+            ``max_new_tokens`` not an integer >= 1, stop tokens that are not integers, prompt plus
+            new tokens longer than the model's max_seq_len (or than caches set up by the caller),
+            ``use_cache=False`` on a model with KV caches.
     """
     device = model.tok_embeddings.weight.device
     if not isinstance(prompt, Tensor):
@@ -103,8 +109,13 @@ def generate(
         raise ValueError(f"generate: argument 'prompt' must hold token ids in [0, {vocab}); got {prompt[outside][:5].tolist()}")
     if not 0 <= pad_id < vocab:
         raise ValueError(f"generate: argument 'pad_id' must be a token id in [0, {vocab}); got {pad_id}")
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: argument 'max_new_tokens' must be >= 1; got {max_new_tokens}")
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"generate: argument 'max_new_tokens' must be an integer >= 1; got {max_new_tokens!r}")
+    stop_ids = [] if stop_tokens is None else (stop_tokens.tolist() if isinstance(stop_tokens, Tensor) else list(stop_tokens))
+    if not all(is_int(t) for t in stop_ids):
+        raise ValueError(f"generate: argument 'stop_tokens' must hold integer token ids; got {stop_ids}")
+    if not use_cache and model.caches_are_setup():
+        raise ValueError("generate: argument 'use_cache' is False but the model has KV caches; call model.remove_caches() first")
     b, s = prompt.shape
     total = s + max_new_tokens
     limit = model.max_seq_len
@@ -116,7 +127,7 @@ def generate(
             f"generate: prompt length {s} + max_new_tokens {max_new_tokens} must be at most {limit} "
             f"(the model's max_seq_len or its cache length); got {total}"
         )
-    stop = torch.tensor(stop_tokens or [], dtype=torch.long, device=device)
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
 
     if own_caches:
         model.setup_caches(b, model.tok_embeddings.weight.dtype, max_seq_len=total)
