@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m qlora_ext.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint-dir", required=True, help="HF or Meta Llama-2 checkpoint folder")
     parser.add_argument("--adapter-dir", default=None, help="PEFT LoRA adapter folder to apply")
-    parser.add_argument("--prompt", required=True, help="text to continue (with --template alpaca: the instruction)")
+    parser.add_argument("--prompt", required=True, help="text to continue (with a --template: the instruction)")
     parser.add_argument("--template", choices=("none", "alpaca", "llama2_chat"), default="none",
                         help="none: the prompt as given; alpaca / llama2_chat: the trainer's prompt of that dataset.template "
                              "around it (default: none)")
@@ -65,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --device must be cpu, cuda or cuda:N; got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"argument --device: {args.device} was asked for but torch sees no CUDA GPU")
-    inner = os.path.join(args.checkpoint_dir, "adapter")
+    from qlora_ext.training.saving import ADAPTER_SUBDIR
+
+    inner = os.path.join(args.checkpoint_dir, ADAPTER_SUBDIR)
     if args.adapter_dir is not None and os.path.isdir(args.adapter_dir) and os.path.isdir(inner) and os.path.samefile(args.adapter_dir, inner):
         parser.error(f"argument --adapter-dir: '{args.adapter_dir}' is the adapter of the checkpoint folder, whose model has it "
                      "merged already; pass --checkpoint-dir alone, or the base model's folder with --adapter-dir")
