@@ -324,7 +324,8 @@ def test_merged_model_keeps_the_stored_dtype_of_a_base_that_declares_none(tmp_pa
     torch.manual_seed(0)
     save_hf_checkpoint(llama2(**TINY_ARCH), base, dtype=torch.bfloat16)
     config = json.loads((base / "config.json").read_text())
-    config.pop("torch_dtype", None), config.pop("dtype", None)
+    for key in ("torch_dtype", "dtype"):
+        config.pop(key, None)
     (base / "config.json").write_text(json.dumps(config))
     assert stored_dtype(base) == torch.bfloat16
     out = tmp_path / "run"
