@@ -92,7 +92,12 @@ def test_prompt_and_pad_id_outside_the_vocabulary_are_named():
         ([5, vocab], rf"argument 'prompt' must hold token ids in \[0, {vocab}\); got \[{vocab}\]"),
         (torch.tensor([[3, -1]]), r"argument 'prompt' must hold token ids in \[0, \d+\); got \[-1\]"),
         (torch.ones(1, 3), r"argument 'prompt' must hold integer token ids; got dtype torch.float32"),
-        ([[1, 2], [3]], r"argument 'prompt' must be a \[batch, seq\] tensor or one prompt as a list of ints; got a list holding \['list'\]"),
+        ([1, [2]], r"argument 'prompt' must be a \[batch, seq\] tensor, one prompt as a list of ints, or a list of such lists "
+                   r"\(prompts of any lengths\); got a list holding \['int', 'list'\]"),
+        ([], r"argument 'prompt' must be .*; got an empty list"),
+        ([[1, 2], []], r"argument 'prompt' must be .*; prompt 1 is empty"),
+        ([[1, 2], [3, 4.0]], r"argument 'prompt' must be .*; prompt 1 holds \['float', 'int'\]"),
+        ([[1, 2], [3, vocab]], rf"argument 'prompt' must hold token ids in \[0, {vocab}\); got \[{vocab}\]"),
     ]:
         with pytest.raises(ValueError, match=needle):
             generate(model, prompt, max_new_tokens=2, temperature=0.0)
@@ -113,6 +118,36 @@ def test_prompt_and_pad_id_outside_the_vocabulary_are_named():
     with pytest.raises(ValueError, match=r"argument 'use_cache' is False but the model has KV caches; call model.remove_caches\(\) first"):
         generate(model, [1, 2], max_new_tokens=2, use_cache=False)
     model.remove_caches()
+
+
+def test_prompts_of_different_lengths_decode_as_each_alone():
+    model = _model()
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (7, 2, 5, 1)]
+    alone = [generate(model, p, max_new_tokens=10, temperature=0.0)[0] for p in prompts]
+    cached = generate(model, prompts, max_new_tokens=10, temperature=0.0, pad_id=95)
+    uncached = generate(model, prompts, max_new_tokens=10, temperature=0.0, pad_id=95, use_cache=False)
+    assert cached.shape == (4, 7 + 10)
+    assert torch.equal(cached, uncached)
+    for row, want in zip(cached, alone):
+        n = len(want)  # prompt + 10 new tokens, then pads up to the longest prompt's width
+        assert torch.equal(row[:n], want)
+        assert (row[n:] == 95).all()
+    # Rows given as 1-D tensors, and a batch of equal lengths, take the same path as a [b, s] tensor.
+    assert torch.equal(generate(model, [torch.tensor(p) for p in prompts], max_new_tokens=10, temperature=0.0, pad_id=95), cached)
+    square = torch.tensor([prompts[0], prompts[0][::-1]])
+    assert torch.equal(generate(model, square.tolist(), max_new_tokens=6, temperature=0.0), generate(model, square, max_new_tokens=6, temperature=0.0))
+    # The longest prompt bounds the length; a stop token ends one row and the batch ends when all did.
+    with pytest.raises(ValueError, match=r"prompt length 7 \+ max_new_tokens 42 must be at most 48"):
+        generate(model, prompts, max_new_tokens=42)
+    stop = int(alone[1][2])  # the short prompt's first new token
+    out = generate(model, [prompts[1], prompts[3]], max_new_tokens=10, temperature=0.0, stop_tokens=[stop], pad_id=95)
+    assert torch.equal(out[0, :3], alone[1][:3]) and (out[0, 3:] == 95).all()
+    free = alone[3][1:].tolist()
+    if stop in free:
+        assert out.shape[1] == 2 + free.index(stop) + 1
+    else:
+        assert torch.equal(out[1, :11], alone[3])
 
 
 def test_stop_tokens_end_rows_and_pad():

@@ -1,6 +1,7 @@
 """Autoregressive decoding with a KV cache: greedy, temperature and top-k sampling, stop tokens.
 
     tokens = generate(model, prompt_ids, max_new_tokens=64, temperature=0.0)  # greedy
+    tokens = generate(model, [ids_a, ids_b], max_new_tokens=64, stop_tokens=[eos])  # a ragged batch
 
 The prompt is processed in one forward (prefill) that fills each layer's cache; every later
 step feeds only the newest token. ``use_cache=False`` recomputes the whole sequence each step
@@ -51,10 +52,45 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _prompt_rows(prompt: Tensor | list, pad_id: int, vocab: int) -> tuple[Tensor, Tensor]:
+    """The prompts as a right-padded [b, s] int64 tensor and their lengths [b] (on the CPU)."""
+    if isinstance(prompt, Tensor):
+        if prompt.dim() != 2 or prompt.shape[1] == 0:
+            raise ValueError(f"generate: argument 'prompt' must be [batch, seq] with seq >= 1; got shape {list(prompt.shape)}")
+        if prompt.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"generate: argument 'prompt' must hold integer token ids; got dtype {prompt.dtype}")
+        rows = prompt.long()
+        lengths = torch.full((rows.shape[0],), rows.shape[1], dtype=torch.long)
+    else:
+        prompt = list(prompt)
+        nested = len(prompt) > 0 and all(isinstance(p, (list, tuple)) or (isinstance(p, Tensor) and p.dim() == 1) for p in prompt)
+        lists = [p.tolist() if isinstance(p, Tensor) else list(p) for p in prompt] if nested else [prompt]
+        for i, row in enumerate(lists):
+            if row and all(is_int(t) for t in row):
+                continue
+            kinds = sorted({type(t).__name__ for t in row})
+            if nested:
+                what = f"prompt {i} is empty" if not row else f"prompt {i} holds {kinds}"
+            else:
+                what = "got an empty list" if not row else f"got a list holding {kinds}"
+            raise ValueError(
+                "generate: argument 'prompt' must be a [batch, seq] tensor, one prompt as a list of ints, "
+                f"or a list of such lists (prompts of any lengths); {what}"
+            )
+        lengths = torch.tensor([len(row) for row in lists], dtype=torch.long)
+        rows = torch.full((len(lists), int(lengths.max())), pad_id, dtype=torch.long)
+        for i, row in enumerate(lists):
+            rows[i, : len(row)] = torch.tensor([int(t) for t in row], dtype=torch.long)
+    outside = (rows < 0) | (rows >= vocab)
+    if bool(outside.any()):
+        raise ValueError(f"generate: argument 'prompt' must hold token ids in [0, {vocab}); got {rows[outside][:5].tolist()}")
+    return rows, lengths
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
-    prompt: Tensor | list[int],
+    prompt: Tensor | list[int] | list[list[int]],
     *,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -70,45 +106,36 @@ def generate(
         model: a ``TransformerDecoder``, normally in eval mode (dropout stays as the caller set
             it). If it has no KV caches, caches sized for this call are set up and removed
             afterwards; caches set up by the caller are reset and reused.
-        prompt: [b, s] token ids (prompts of equal length) or one prompt as a list of ints.
-            There is no attention mask: a prompt padded to the length of others would have its
-            pads attended, so generate prompts of different lengths one at a time.
+        prompt: [b, s] token ids (prompts of equal length), one prompt as a list of ints, or a
+            list of such lists: prompts of different lengths, decoded together in one batch.
+            Each row starts at position 0 and its new tokens follow its own last prompt token;
+            the pads after a shorter prompt come later in the sequence, where causal attention
+            keeps them from its tokens, and new tokens overwrite them (no attention mask needed).
         max_new_tokens: most tokens to add.
         temperature, top_k, generator: as for ``sample`` (temperature 0 = greedy).
         stop_tokens: token ids (a list, or a 1-D tensor); a row stops after emitting one of
             these, and its later positions get ``pad_id``.
             Generation ends when every row has stopped.
-        pad_id: filler after a row's stop token.
+        pad_id: filler after a row's stop token, and after the new tokens of a prompt shorter
+            than the longest.
         use_cache: False recomputes the full sequence each step (a reference; slow) and needs a
             model without KV caches.
 
     Returns:
-        [b, s + n] int64: the prompts followed by the n <= max_new_tokens generated tokens.
+        [b, s + n] int64, s the longest prompt and n <= max_new_tokens the decoding steps run:
+        row i holds prompt i, its new tokens from position ``len(prompt i)``, then ``pad_id``.
 
     Raises:
         ValueError: an empty prompt, token ids or ``pad_id`` outside the vocabulary,
-            ``max_new_tokens`` not an integer >= 1, stop tokens that are not integers, prompt plus
-            new tokens longer than the model's max_seq_len (or than caches set up by the caller),
-            ``use_cache=False`` on a model with KV caches.
+            ``max_new_tokens`` not an integer >= 1, stop tokens that are not integers, the longest
+            prompt plus new tokens longer than the model's max_seq_len (or than caches set up by
+            the caller), ``use_cache=False`` on a model with KV caches.
     """
     device = model.tok_embeddings.weight.device
-    if not isinstance(prompt, Tensor):
-        prompt = list(prompt)
-        if not all(is_int(t) for t in prompt):
-            raise ValueError("generate: argument 'prompt' must be a [batch, seq] tensor or one prompt as a list of ints; "
-                             f"got a list holding {sorted({type(t).__name__ for t in prompt})}")
-        prompt = torch.tensor([[int(t) for t in prompt]], dtype=torch.long)
-    prompt = prompt.to(device)
-    if prompt.dim() != 2 or prompt.shape[1] == 0:
-        raise ValueError(f"generate: argument 'prompt' must be [batch, seq] with seq >= 1; got shape {list(prompt.shape)}")
     vocab = model.tok_embeddings.num_embeddings
-    if prompt.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"generate: argument 'prompt' must hold integer token ids; got dtype {prompt.dtype}")
-    outside = (prompt < 0) | (prompt >= vocab)
-    if bool(outside.any()):
-        raise ValueError(f"generate: argument 'prompt' must hold token ids in [0, {vocab}); got {prompt[outside][:5].tolist()}")
-    if not 0 <= pad_id < vocab:
-        raise ValueError(f"generate: argument 'pad_id' must be a token id in [0, {vocab}); got {pad_id}")
+    if not is_int(pad_id) or not 0 <= pad_id < vocab:
+        raise ValueError(f"generate: argument 'pad_id' must be a token id in [0, {vocab}); got {pad_id!r}")
+    rows, lengths = _prompt_rows(prompt, pad_id, vocab)
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"generate: argument 'max_new_tokens' must be an integer >= 1; got {max_new_tokens!r}")
     stop_ids = [] if stop_tokens is None else (stop_tokens.tolist() if isinstance(stop_tokens, Tensor) else list(stop_tokens))
@@ -116,7 +143,7 @@ def generate(
         raise ValueError(f"generate: argument 'stop_tokens' must hold integer token ids; got {stop_ids}")
     if not use_cache and model.caches_are_setup():
         raise ValueError("generate: argument 'use_cache' is False but the model has KV caches; call model.remove_caches() first")
-    b, s = prompt.shape
+    b, s = rows.shape
     total = s + max_new_tokens
     limit = model.max_seq_len
     own_caches = use_cache and not model.caches_are_setup()
@@ -128,6 +155,13 @@ def generate(
             f"(the model's max_seq_len or its cache length); got {total}"
         )
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    lengths = lengths.to(device)
+    batch = torch.arange(b, device=device)
+    # Every row right-padded to s + max_new_tokens; row i's step t writes position lengths[i] + t.
+    # Pads after a shorter prompt sit at later positions than its real tokens, so causal attention
+    # never lets them in: each is overwritten by a new token before any query can reach it.
+    out = torch.full((b, total), pad_id, dtype=torch.long, device=device)
+    out[:, :s] = rows.to(device)
 
     if own_caches:
         model.setup_caches(b, model.tok_embeddings.weight.dtype, max_seq_len=total)
@@ -135,23 +169,24 @@ def generate(
         model.reset_caches()
     try:
         if use_cache:
-            logits = model(prompt, input_pos=torch.arange(s, device=device))[:, -1]
+            logits = model(out[:, :s], input_pos=torch.arange(s, device=device))
         else:
-            logits = model(prompt)[:, -1]
-        tokens = [prompt]
+            logits = model(out[:, :s])
+        logits = logits[batch, lengths - 1]  # [b, vocab]: after each row's last prompt token
         done = torch.zeros(b, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             nxt = sample(logits, temperature=temperature, top_k=top_k, generator=generator)
             nxt = nxt.masked_fill(done, pad_id)
-            tokens.append(nxt[:, None])
+            pos = lengths + step  # [b]: where each row's new token goes
+            out[batch, pos] = nxt
             done |= torch.isin(nxt, stop)
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
             if use_cache:
-                logits = model(nxt[:, None], input_pos=torch.tensor([s + step], device=device))[:, -1]
+                logits = model(nxt[:, None], input_pos=pos[:, None])[:, -1]
             else:
-                logits = model(torch.cat(tokens, dim=1))[:, -1]
+                logits = model(out[:, : s + step + 1])[batch, pos]
     finally:
         if own_caches:
             model.remove_caches()
-    return torch.cat(tokens, dim=1)
+    return out[:, : s + step + 1]

@@ -23,20 +23,23 @@ def answer(
     """Greedy answers of the model to the records' prompts in ``template`` (generation stops at EOS)."""
     from qlora_ext.generation import generate
 
+    if not records:
+        return []
+    prompts = [prompt_tokens(tokenizer, record, template) for record in records]
     was_training = model.training
     model.eval()
-    answers = []
     try:
-        for record in records:
-            prompt = prompt_tokens(tokenizer, record, template)
-            with autocast(device, dtype):
-                out = generate(model, prompt, max_new_tokens=max_new_tokens, temperature=0.0, stop_tokens=[tokenizer.eos_id])
-            new = out[0, len(prompt) :].tolist()  # [1, prompt + new]
-            if tokenizer.eos_id in new:
-                new = new[: new.index(tokenizer.eos_id)]
-            answers.append(tokenizer.decode(new).strip())
+        with autocast(device, dtype):  # one batch: rows of different lengths decode side by side
+            out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                           stop_tokens=[tokenizer.eos_id], pad_id=tokenizer.eos_id)
     finally:
         model.train(was_training)
+    answers = []
+    for prompt, row in zip(prompts, out.tolist()):
+        new = row[len(prompt) :]  # the answer, then EOS-valued padding (if any)
+        if tokenizer.eos_id in new:
+            new = new[: new.index(tokenizer.eos_id)]
+        answers.append(tokenizer.decode(new).strip())
     return answers
 
 
