@@ -49,6 +49,8 @@ def test_cached_greedy_equals_uncached(device):
     assert model.caches_are_enabled()
     with pytest.raises(ValueError, match=r"prompt length 7 \+ max_new_tokens 40 must be at most 40 .*; got 47"):
         generate(model, prompt, max_new_tokens=40)
+    with pytest.raises(ValueError, match=r"argument 'prompt' holds 2 prompts but the model's KV caches were set up for batch size 3"):
+        generate(model, prompt[:2], max_new_tokens=4)
 
 
 def test_single_prompt_list_and_top_k_one_is_greedy():

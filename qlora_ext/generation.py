@@ -129,7 +129,8 @@ def generate(
         ValueError: an empty prompt, token ids or ``pad_id`` outside the vocabulary,
             ``max_new_tokens`` not an integer >= 1, stop tokens that are not integers, the longest
             prompt plus new tokens longer than the model's max_seq_len (or than caches set up by
-            the caller), ``use_cache=False`` on a model with KV caches.
+            the caller), a batch size other than that of caches set up by the caller,
+            ``use_cache=False`` on a model with KV caches.
     """
     device = model.tok_embeddings.weight.device
     vocab = model.tok_embeddings.num_embeddings
@@ -149,6 +150,12 @@ def generate(
     own_caches = use_cache and not model.caches_are_setup()
     if use_cache and not own_caches:
         limit = min(limit, model._cache_len)
+        cache_batch = model.layers[0].attn.kv_cache.batch_size
+        if cache_batch != b:
+            raise ValueError(
+                f"generate: argument 'prompt' holds {b} prompts but the model's KV caches were set up for batch size "
+                f"{cache_batch}; call model.setup_caches({b}, ...) again, or model.remove_caches() to let generate size them"
+            )
     if total > limit:
         raise ValueError(
             f"generate: prompt length {s} + max_new_tokens {max_new_tokens} must be at most {limit} "
