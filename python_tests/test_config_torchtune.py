@@ -117,6 +117,22 @@ def test_prompt_template_chooses_the_dataset_template(tmp_path, override, templa
         load_config(_write(tmp_path), ["dataset.data_files=alpaca.json", "tokenizer.prompt_template=torchtune.data.ChatMLTemplate"])
 
 
+def test_our_dataset_template_key_is_kept_and_a_contradiction_refused(tmp_path):
+    # dataset.template given without tokenizer.prompt_template had been overwritten with alpaca, silently.
+    for template in ("llama2_chat", "alpaca"):
+        notes: list[str] = []
+        cfg = load_config(_write(tmp_path), ["dataset.data_files=alpaca.json", f"dataset.template={template}"], notes)
+        assert cfg.dataset.template == template
+        assert not any(note.startswith("tokenizer:") for note in notes)
+    cfg = load_config(_write(tmp_path), ["dataset.data_files=alpaca.json", "dataset.template=llama2_chat",
+                                         "tokenizer.prompt_template=torchtune.models.llama2.Llama2ChatTemplate"])
+    assert cfg.dataset.template == "llama2_chat"
+    with pytest.raises(ConfigError, match=r"'dataset.template: alpaca' contradicts 'tokenizer.prompt_template: "
+                                          r"torchtune.models.llama2.Llama2ChatTemplate' \(which means dataset.template=llama2_chat\)"):
+        load_config(_write(tmp_path), ["dataset.data_files=alpaca.json", "dataset.template=alpaca",
+                                       "tokenizer.prompt_template=torchtune.models.llama2.Llama2ChatTemplate"])
+
+
 def test_overrides_use_torchtune_keys(tmp_path):
     cfg = load_config(_write(tmp_path), [
         "dataset.data_files=[a.json,b.jsonl]", "checkpointer.checkpoint_files=[model.safetensors]",

@@ -122,20 +122,29 @@ def _model(component: Any, section: dict, top: dict, notes: list[str]) -> dict |
 
 def _tokenizer(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:
     _name(component, "tokenizer", {"llama2_tokenizer": True})
-    if "prompt_template" not in section:
+    dataset = top.setdefault("dataset", {})
+    explicit = dataset.get("template") if isinstance(dataset, dict) else None  # our own key, in the yaml or an override
+    if "prompt_template" not in section and explicit is None:
         notes.append(
             "tokenizer: no prompt_template, so the Alpaca prompt alone, as torchtune before 0.3 (and the seed "
             "tutorial) trained; torchtune 0.3 and later wrap it in Llama2ChatTemplate ([INST] ... [/INST]): "
             "tokenizer.prompt_template=torchtune.models.llama2.Llama2ChatTemplate does that here too"
         )
+    given = "prompt_template" in section
     template = section.pop("prompt_template", None)
     if template is not None and str(template).rsplit(".", 1)[-1] != "Llama2ChatTemplate":
         raise TorchtuneConfigError(
             f"'tokenizer.prompt_template: {template}' is not supported: null (the Alpaca prompt alone) or "
             "torchtune.models.llama2.Llama2ChatTemplate"
         )
-    if isinstance(top.setdefault("dataset", {}), dict):  # else the dataset section's own check names it
-        top["dataset"]["template"] = "alpaca" if template is None else "llama2_chat"
+    chosen = "alpaca" if template is None else "llama2_chat"
+    if given and explicit is not None and explicit != chosen:
+        raise TorchtuneConfigError(
+            f"'dataset.template: {explicit}' contradicts 'tokenizer.prompt_template: {template}' (which means "
+            f"dataset.template={chosen}); set one of them"
+        )
+    if isinstance(dataset, dict) and explicit is None:  # else the dataset section's own check names it
+        dataset["template"] = chosen
     return section
 
 
