@@ -232,6 +232,17 @@ def test_cli_matches_python(checkpoint_with_tokenizer, tmp_path):
     assert again == _expected(folder, "The quick fox", str(tmp_path / "adapter"), n=8, temperature=0.8, top_k=5, seed=4, quantize_base=True)
     assert again != sampled  # the seed reaches the sampler
 
+    # A trainer checkpoint's model has its run's adapter merged: another adapter goes on top, with a warning;
+    # the adapter trained on that very folder goes on quietly.
+    run = tmp_path / "run" / "epoch_0"
+    shutil.copytree(folder, run)
+    (run / "training_config.yaml").write_text("seed: 0\n")
+    _, stderr = _cli("--checkpoint-dir", str(run), "--adapter-dir", str(tmp_path / "adapter"), "--prompt", "x", "--max-new-tokens", "1")
+    assert f"warning: --checkpoint-dir '{run}' is a trainer checkpoint" in stderr and "an unrecorded base" in stderr
+    save_peft_adapter(model, tmp_path / "adapter_on_run", base_model_name_or_path=str(run))
+    _, stderr = _cli("--checkpoint-dir", str(run), "--adapter-dir", str(tmp_path / "adapter_on_run"), "--prompt", "x", "--max-new-tokens", "1")
+    assert "warning" not in stderr
+
 
 def test_cli_alpaca_template(checkpoint_with_tokenizer, tmp_path):
     """--template alpaca: the prompt (and --input) inside the trainer's Alpaca prompt."""
@@ -293,13 +304,22 @@ def test_cli_argument_errors(checkpoint_with_tokenizer, tmp_path):
     trained = tmp_path / "epoch_0"  # as the trainer writes one: the merged model, its adapter in adapter/
     shutil.copytree(checkpoint_with_tokenizer, trained)
     (trained / "adapter").mkdir()
+    adapter_only = tmp_path / "adapter_only"
+    adapter_only.mkdir()
+    (adapter_only / "adapter_config.json").write_text("{}")
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(checkpoint_with_tokenizer, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer.model"))
     for args, needle in (
         (["--checkpoint-dir", missing], f"argument --checkpoint-dir must be a checkpoint folder; '{missing}' is not a folder"),
         (["--checkpoint-dir", checkpoint_with_tokenizer, "--input", "y"], "argument --input needs --template alpaca or llama2_chat"),
         (["--checkpoint-dir", str(trained), "--adapter-dir", str(trained / "adapter")],
          "is the adapter of the checkpoint folder, whose model has it merged already"),
-        (["--checkpoint-dir", os.path.dirname(checkpoint_with_tokenizer)],
-         f"argument --tokenizer is needed: the checkpoint folder '{os.path.dirname(checkpoint_with_tokenizer)}' holds no tokenizer.model"),
+        (["--checkpoint-dir", str(tmp_path)], f"argument --checkpoint-dir must be a HF (config.json) or Meta (params.json) "
+         f"checkpoint folder; '{tmp_path}' holds neither (checkpoint folders inside it: epoch_0, no_tokenizer)"),
+        (["--checkpoint-dir", str(adapter_only)], "holds neither (it holds a PEFT adapter: pass the base model's folder as "
+         "--checkpoint-dir and this one as --adapter-dir)"),
+        (["--checkpoint-dir", str(no_tokenizer)], f"argument --tokenizer is needed: the checkpoint folder '{no_tokenizer}' holds "
+         "no tokenizer.model"),
     ):
         out = subprocess.run([sys.executable, "-m", "qlora_ext.generate", *args, "--prompt", "x"], capture_output=True, text=True, env=env,
                              timeout=120)

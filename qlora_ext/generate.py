@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not os.path.isdir(args.checkpoint_dir):
         parser.error(f"argument --checkpoint-dir must be a checkpoint folder; '{args.checkpoint_dir}' is not a folder")
+    if not any(os.path.isfile(os.path.join(args.checkpoint_dir, name)) for name in ("config.json", "params.json")):
+        parser.error(f"argument --checkpoint-dir must be a HF (config.json) or Meta (params.json) checkpoint folder; "
+                     f"'{args.checkpoint_dir}' holds neither{_what_it_holds(args.checkpoint_dir)}")
     if args.tokenizer is None and not os.path.isfile(os.path.join(args.checkpoint_dir, "tokenizer.model")):
         parser.error(f"argument --tokenizer is needed: the checkpoint folder '{args.checkpoint_dir}' holds no tokenizer.model")
     if args.input and args.template == "none":
@@ -71,9 +74,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.adapter_dir is not None and os.path.isdir(args.adapter_dir) and os.path.isdir(inner) and os.path.samefile(args.adapter_dir, inner):
         parser.error(f"argument --adapter-dir: '{args.adapter_dir}' is the adapter of the checkpoint folder, whose model has it "
                      "merged already; pass --checkpoint-dir alone, or the base model's folder with --adapter-dir")
+    if args.adapter_dir is not None and os.path.isfile(os.path.join(args.checkpoint_dir, "training_config.yaml")):
+        _warn_if_merged_elsewhere(args.checkpoint_dir, args.adapter_dir)
     if args.quantize_base and args.adapter_dir is None:
         parser.error("argument --quantize-base needs --adapter-dir: only the adapted linears are kept in NF4")
     return args
+
+
+def _what_it_holds(folder: str) -> str:
+    """A hint for a folder that is no checkpoint: a PEFT adapter, or a run's checkpoint folders."""
+    if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        return (" (it holds a PEFT adapter: pass the base model's folder as --checkpoint-dir and this one as "
+                "--adapter-dir)")
+    inner = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name, "config.json")))
+    return f" (checkpoint folders inside it: {', '.join(inner[:8])}{' ...' if len(inner) > 8 else ''})" if inner else ""
+
+
+def _warn_if_merged_elsewhere(checkpoint_dir: str, adapter_dir: str) -> None:
+    """A trainer's checkpoint folder holds a model with that run's adapter merged; an adapter
+    trained on another base would be applied on top of it. Warn (the folder may have been copied)."""
+    import json
+
+    try:
+        with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):  # the adapter's own loading names what is wrong with it
+        return
+    if base and os.path.isdir(base) and os.path.samefile(base, checkpoint_dir):
+        return
+    print(f"warning: --checkpoint-dir '{checkpoint_dir}' is a trainer checkpoint (its run's adapter is merged into "
+          f"its model) and the adapter in --adapter-dir was trained on {base or 'an unrecorded base'!r}: it is "
+          "applied on top of the already adapted model", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
