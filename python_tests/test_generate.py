@@ -108,14 +108,19 @@ def test_prompt_and_pad_id_outside_the_vocabulary_are_named():
     for kwargs, needle in [
         ({"max_new_tokens": 3.0}, r"argument 'max_new_tokens' must be an integer >= 1; got 3.0"),
         ({"max_new_tokens": 2, "stop_tokens": [2.5]}, r"argument 'stop_tokens' must hold integer token ids; got \[2.5\]"),
-        ({"max_new_tokens": 2, "top_k": 5.0}, r"argument 'top_k' must be a positive integer or None; got 5.0"),
-        ({"max_new_tokens": 2, "top_k": True}, r"argument 'top_k' must be a positive integer or None; got True"),
+        ({"max_new_tokens": 2, "top_k": 5.0}, r"generate: argument 'top_k' must be a positive integer or None; got 5.0"),
+        ({"max_new_tokens": 2, "top_k": True}, r"generate: argument 'top_k' must be a positive integer or None; got True"),
+        ({"max_new_tokens": 2, "temperature": -0.5}, r"generate: argument 'temperature' must be finite and >= 0; got -0.5"),
+        ({"max_new_tokens": 2, "stop_tokens": "2"}, r"argument 'stop_tokens' must hold integer token ids; got \['2'\]"),
     ]:
         with pytest.raises(ValueError, match=needle):
             generate(model, [1, 2], **kwargs)
     # stop tokens as a tensor are taken as a list
     want = generate(model, [1, 2], max_new_tokens=4, temperature=0.0, stop_tokens=[3, 4])
     assert torch.equal(generate(model, [1, 2], max_new_tokens=4, temperature=0.0, stop_tokens=torch.tensor([3, 4])), want)
+    one = generate(model, [1, 2], max_new_tokens=4, temperature=0.0, stop_tokens=[3])
+    for stop in (3, torch.tensor(3), torch.tensor([[3]])):  # one id as an int or a tensor of any shape
+        assert torch.equal(generate(model, [1, 2], max_new_tokens=4, temperature=0.0, stop_tokens=stop), one)
     model.setup_caches(1, torch.float32, max_seq_len=8)
     with pytest.raises(ValueError, match=r"argument 'use_cache' is False but the model has KV caches; call model.remove_caches\(\) first"):
         generate(model, [1, 2], max_new_tokens=2, use_cache=False)

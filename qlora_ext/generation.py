@@ -113,7 +113,7 @@ def generate(
             keeps them from its tokens, and new tokens overwrite them (no attention mask needed).
         max_new_tokens: most tokens to add.
         temperature, top_k, generator: as for ``sample`` (temperature 0 = greedy).
-        stop_tokens: token ids (a list, or a 1-D tensor); a row stops after emitting one of
+        stop_tokens: token ids (a list, a tensor, or one int); a row stops after emitting one of
             these, and its later positions get ``pad_id``.
             Generation ends when every row has stopped.
         pad_id: filler after a row's stop token, and after the new tokens of a prompt shorter
@@ -139,9 +139,18 @@ def generate(
     rows, lengths = _prompt_rows(prompt, pad_id, vocab)
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"generate: argument 'max_new_tokens' must be an integer >= 1; got {max_new_tokens!r}")
-    stop_ids = [] if stop_tokens is None else (stop_tokens.tolist() if isinstance(stop_tokens, Tensor) else list(stop_tokens))
+    if stop_tokens is None:
+        stop_ids = []
+    elif isinstance(stop_tokens, Tensor):
+        stop_ids = stop_tokens.reshape(-1).tolist()
+    else:
+        stop_ids = [stop_tokens] if is_int(stop_tokens) else list(stop_tokens)  # one id, or several
     if not all(is_int(t) for t in stop_ids):
         raise ValueError(f"generate: argument 'stop_tokens' must hold integer token ids; got {stop_ids}")
+    if not (0 <= temperature < math.inf):  # as sample() checks, before the prefill rather than after it
+        raise ValueError(f"generate: argument 'temperature' must be finite and >= 0; got {temperature}")
+    if top_k is not None and (not is_int(top_k) or top_k <= 0):
+        raise ValueError(f"generate: argument 'top_k' must be a positive integer or None; got {top_k!r}")
     if not use_cache and model.caches_are_setup():
         raise ValueError("generate: argument 'use_cache' is False but the model has KV caches; call model.remove_caches() first")
     b, s = rows.shape
