@@ -56,7 +56,8 @@ def test_the_source_folders_hf_files_come_along_with_its_tokenizer(tmp_path):
     expected = ["tokenizer.model"] + [n for n in ("tokenizer.json", "special_tokens_map.json", "added_tokens.json") if (source / n).exists()]
     assert [p.rsplit("/", 1)[-1] for p in paths] == expected + ["tokenizer_config.json"]
     assert sorted(p.name for p in out.iterdir()) == sorted(expected + ["tokenizer_config.json"])
-    assert (out / "tokenizer_config.json").read_bytes() == (source / "tokenizer_config.json").read_bytes()
+    source_config = json.loads((source / "tokenizer_config.json").read_text())
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {**source_config, "add_bos_token": True, "add_eos_token": False}
     assert _hf_ids(out, "<|im_start|> Hello world") == want
 
 
@@ -72,3 +73,39 @@ def test_another_tokenizer_does_not_take_the_source_folders_files(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tokenizer.model", "tokenizer_config.json"]
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["add_bos_token"] is True
     assert (tmp_path / "out" / "tokenizer.model").read_bytes() == open(other, "rb").read()
+
+
+def test_a_source_config_that_adds_eos_or_no_bos_is_set_to_encode_as_the_trainer(tmp_path):
+    ours = llama2_tokenizer(TOKENIZER)
+    for i, flags in enumerate(({"add_bos_token": True, "add_eos_token": True}, {"add_bos_token": False})):
+        source = tmp_path / f"base{i}"
+        source.mkdir()
+        shutil.copy(TOKENIZER, source / "tokenizer.model")
+        (source / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", **flags}))
+        save_hf_tokenizer(tmp_path / f"out{i}", TOKENIZER, source_dir=source)
+        for text in TEXTS:
+            assert _hf_ids(tmp_path / f"out{i}", text) == ours.encode(text, add_bos=True, add_eos=False)
+
+
+def test_a_save_cut_short_leaves_every_file_in_place(tmp_path, monkeypatch):
+    # The config had been taken away first, as a loader's "finder"; transformers then loaded the
+    # folder without it, and without BOS.
+    from qlora_ext.checkpoint import atomic
+
+    out = tmp_path / "out"
+    save_hf_tokenizer(out, TOKENIZER)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = atomic.os.replace
+
+    def failing(src, dst):
+        if str(dst).endswith("tokenizer_config.json"):
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing)
+    with pytest.raises(OSError, match="disk full"):
+        save_hf_tokenizer(out, TOKENIZER)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporaries left, nothing missing
+    assert _hf_ids(out, TEXTS[0]) == llama2_tokenizer(TOKENIZER).encode(TEXTS[0], add_bos=True, add_eos=False)

@@ -26,13 +26,21 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens
 
 def save_hf_tokenizer(out_dir: str | os.PathLike, tokenizer_model: str | os.PathLike, *, source_dir: str | os.PathLike | None = None) -> list[str]:
     """Writes ``tokenizer.model`` into ``out_dir`` with what transformers needs to tokenize as the
-    trainer does (BOS first, no EOS); the files are committed together (``StagedFiles``).
+    trainer does (BOS first, no EOS).
+
+    Each file is written to a temporary and renamed over its old version, and ``HF_TOKENIZER_FILES``
+    of an earlier save that this one does not write are removed last (``StagedFiles``). No file is
+    ever missing on the way: transformers refuses no tokenizer folder, whatever it lacks, so a
+    missing ``tokenizer_config.json`` would load silently without BOS. A save cut short over a
+    different tokenizer can leave old and new files side by side; a checkpoint folder committed
+    whole (as the trainer's are) never shows that.
 
     Args:
         out_dir: the folder (created if needed).
         tokenizer_model: the SentencePiece model file.
         source_dir: the HF folder the tokenizer came from. Its ``HF_TOKENIZER_FILES`` are copied
-            when its ``tokenizer.model`` has the same bytes as ``tokenizer_model``.
+            when its ``tokenizer.model`` has the same bytes as ``tokenizer_model``, its
+            ``tokenizer_config.json`` with ``add_bos_token`` true and ``add_eos_token`` false.
 
     Returns:
         The paths written. Where no ``tokenizer_config.json`` came along, one is written: class
@@ -43,17 +51,20 @@ def save_hf_tokenizer(out_dir: str | os.PathLike, tokenizer_model: str | os.Path
     copied: list[str] = []
     if source is not None and (source / "tokenizer.model").is_file() and filecmp.cmp(source / "tokenizer.model", tokenizer_model, shallow=False):
         copied = [name for name in HF_TOKENIZER_FILES if (source / name).is_file()]
-    # tokenizer_config.json last: transformers finds the tokenizer by it (see StagedFiles)
-    with StagedFiles(out_dir, owns=lambda name: name == "tokenizer.model" or name in HF_TOKENIZER_FILES) as staged:
+    if "tokenizer_config.json" in copied:
+        config = json.loads((source / "tokenizer_config.json").read_text())
+        if not isinstance(config, dict):
+            raise ValueError(f"save_hf_tokenizer: '{source / 'tokenizer_config.json'}' must hold a JSON object; got {type(config).__name__}")
+    else:
+        config = _llama2_tokenizer_config(tokenizer_model)
+    config.update(add_bos_token=True, add_eos_token=False)  # as the trainer encodes prompts
+    owned = {"tokenizer.model", *HF_TOKENIZER_FILES}
+    with StagedFiles(out_dir, owns=lambda name: name in owned, finders=()) as staged:
         staged.write("tokenizer.model", lambda path: shutil.copyfile(tokenizer_model, path))
         for name in copied:
             if name != "tokenizer_config.json":
                 staged.write(name, lambda path, name=name: shutil.copyfile(source / name, path))
-        if "tokenizer_config.json" in copied:
-            staged.write("tokenizer_config.json", lambda path: shutil.copyfile(source / "tokenizer_config.json", path))
-        else:
-            config = json.dumps(_llama2_tokenizer_config(tokenizer_model), indent=2) + "\n"
-            staged.write("tokenizer_config.json", lambda path: Path(path).write_text(config))
+        staged.write("tokenizer_config.json", lambda path: Path(path).write_text(json.dumps(config, indent=2) + "\n"))
         return staged.commit()
 
 
