@@ -62,8 +62,20 @@ def test_merge_keeps_the_weight_dtype_and_sums_in_float32():
         ({"m.weight": torch.zeros(3, 4), "m.lora_a.weight": torch.zeros(2, 4), "m.lora_b.weight": torch.zeros(3, 2)}, 4, 1.0,
          "m: lora_b [3, 2] @ lora_a [2, 4] must be a [3, 4] update of rank 4"),
         ({"m.weight": torch.zeros(3, 4), "m.magnitude": torch.zeros(3)}, 2, 1.0, "holds DoRA magnitudes"),
+        ({"m.weight": torch.zeros(3, 4), "m.lora_b.weight": torch.zeros(3, 2)}, 2, 1.0, "has m.lora_b.weight but no m.lora_a.weight"),
     ],
 )
 def test_bad_input_is_named(state, rank, alpha, message):
     with pytest.raises(ValueError, match=r"get_merged_lora_ckpt: .*" + re.escape(message)):
         get_merged_lora_ckpt(state, rank, alpha)
+
+
+def test_adapter_state_dict_takes_torchtunes_device_argument():
+    lora_a, base = torch.randn(2, 4), torch.randn(3, 4)
+    state = {"m.weight": base, "m.lora_a.weight": lora_a, "m.lora_b.weight": torch.zeros(3, 2), "n.magnitude": torch.ones(3)}
+    adapter = get_adapter_state_dict(state)  # device="cpu", as torchtune's
+    assert sorted(adapter) == ["m.lora_a.weight", "m.lora_b.weight", "n.magnitude"]
+    assert adapter["m.lora_a.weight"] is lora_a  # already there: not copied, as Tensor.to does
+    assert get_adapter_state_dict(state, device=None)["m.lora_a.weight"] is lora_a
+    moved = get_adapter_state_dict(state, device="meta")
+    assert all(t.device.type == "meta" for t in moved.values())

@@ -61,9 +61,12 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
             m.disabled = state
 
 
-def get_adapter_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The LoRA entries (``*.lora_a.*``, ``*.lora_b.*``) of a model's state dict."""
-    return {k: v for k, v in state_dict.items() if ".lora_a." in k or ".lora_b." in k}
+def get_adapter_state_dict(state_dict: dict[str, Tensor], device: torch.device | str | None = "cpu") -> dict[str, Tensor]:
+    """The adapter entries (``*.lora_a.*``, ``*.lora_b.*``, DoRA's ``*.magnitude``) of a model's
+    state dict, moved to ``device`` as torchtune's function does (None: left where they are).
+    Tensors already on ``device`` are the state dict's own, not copies."""
+    keep = {k: v for k, v in state_dict.items() if ".lora_a." in k or ".lora_b." in k or k.endswith(".magnitude")}
+    return keep if device is None else {k: v.to(device) for k, v in keep.items()}
 
 
 def get_merged_lora_ckpt(state_dict: dict[str, Tensor], rank: int, alpha: float) -> dict[str, Tensor]:
@@ -79,7 +82,7 @@ def get_merged_lora_ckpt(state_dict: dict[str, Tensor], rank: int, alpha: float)
         alpha: the LoRA alpha (finite).
 
     Raises:
-        ValueError: bad ``rank`` or ``alpha``; a LoRA pair without its base weight or with shapes
+        ValueError: bad ``rank`` or ``alpha``; a LoRA matrix without its partner; a pair without its base weight or with shapes
             that do not make one; DoRA magnitudes (not supported).
     """
     if not is_int(rank) or rank <= 0:
@@ -89,6 +92,9 @@ def get_merged_lora_ckpt(state_dict: dict[str, Tensor], rank: int, alpha: float)
     if any(k.endswith(".magnitude") for k in state_dict):
         raise ValueError("get_merged_lora_ckpt: argument 'state_dict' holds DoRA magnitudes; only LoRA is supported")
     modules = sorted(k[: -len(".lora_a.weight")] for k in state_dict if k.endswith(".lora_a.weight"))
+    orphans = sorted(k for k in state_dict if k.endswith(".lora_b.weight") and k[: -len(".lora_b.weight")] not in modules)
+    if orphans:
+        raise ValueError(f"get_merged_lora_ckpt: argument 'state_dict' has {orphans[0]} but no {orphans[0][: -len('.lora_b.weight')]}.lora_a.weight")
     for module in modules:
         a, b = state_dict.get(f"{module}.lora_a.weight"), state_dict.get(f"{module}.lora_b.weight")
         weight = state_dict.get(f"{module}.weight")
