@@ -16,6 +16,7 @@ The prompt and its continuation go to stdout; timing goes to stderr.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -93,14 +94,12 @@ def _what_it_holds(folder: str) -> str:
 def _warn_if_merged_elsewhere(checkpoint_dir: str, adapter_dir: str) -> None:
     """A trainer's checkpoint folder holds a model with that run's adapter merged; an adapter
     trained on another base would be applied on top of it. Warn (the folder may have been copied)."""
-    import json
-
     try:
         with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
             base = json.load(f).get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError):  # the adapter's own loading names what is wrong with it
         return
-    if base and os.path.isdir(base) and os.path.samefile(base, checkpoint_dir):
+    if isinstance(base, str) and os.path.isdir(base) and os.path.samefile(base, checkpoint_dir):
         return
     print(f"warning: --checkpoint-dir '{checkpoint_dir}' is a trainer checkpoint (its run's adapter is merged into "
           f"its model) and the adapter in --adapter-dir was trained on {base or 'an unrecorded base'!r}: it is "
