@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import devices
@@ -100,6 +101,8 @@ def test_prompt_and_pad_id_outside_the_vocabulary_are_named():
         ([[1, 2], []], r"argument 'prompt' must be .*; prompt 1 is empty"),
         ([[1, 2], [3, 4.0]], r"argument 'prompt' must be .*; prompt 1 holds \['float', 'int'\]"),
         ([[1, 2], [3, vocab]], rf"argument 'prompt' must hold token ids in \[0, {vocab}\); got \[{vocab}\]"),
+        (torch.zeros(0, 3, dtype=torch.long), r"argument 'prompt' must be \[batch, seq\] with batch and seq >= 1; got shape \[0, 3\]"),
+        (torch.nested.nested_tensor([torch.tensor([1, 2]), torch.tensor([3])]), r"argument 'prompt' must be a dense tensor; got a nested tensor"),
     ]:
         with pytest.raises(ValueError, match=needle):
             generate(model, prompt, max_new_tokens=2, temperature=0.0)
@@ -112,6 +115,10 @@ def test_prompt_and_pad_id_outside_the_vocabulary_are_named():
         ({"max_new_tokens": 2, "top_k": True}, r"generate: argument 'top_k' must be a positive integer or None; got True"),
         ({"max_new_tokens": 2, "temperature": -0.5}, r"generate: argument 'temperature' must be finite and >= 0; got -0.5"),
         ({"max_new_tokens": 2, "stop_tokens": "2"}, r"argument 'stop_tokens' must hold integer token ids; got \['2'\]"),
+        ({"max_new_tokens": 2, "stop_tokens": 3.0}, r"argument 'stop_tokens' must hold integer token ids; got \[3.0\]"),
+        ({"max_new_tokens": 2, "temperature": None}, r"generate: argument 'temperature' must be finite and >= 0; got None"),
+        ({"max_new_tokens": 2, "temperature": True}, r"generate: argument 'temperature' must be finite and >= 0; got True"),
+        ({"max_new_tokens": 2, "generator": "seed"}, r"generate: argument 'generator' must be a torch.Generator or None; got str"),
     ]:
         with pytest.raises(ValueError, match=needle):
             generate(model, [1, 2], **kwargs)
@@ -142,6 +149,13 @@ def test_prompts_of_different_lengths_decode_as_each_alone():
         assert (row[n:] == 95).all()
     # Rows given as 1-D tensors, and a batch of equal lengths, take the same path as a [b, s] tensor.
     assert torch.equal(generate(model, [torch.tensor(p) for p in prompts], max_new_tokens=10, temperature=0.0, pad_id=95), cached)
+    assert torch.equal(generate(model, [np.array(p) for p in prompts], max_new_tokens=10, temperature=0.0, pad_id=95), cached)
+    # Caches kept in another dtype than the model's activations are read in the activations' dtype.
+    model.setup_caches(4, torch.bfloat16, max_seq_len=17)
+    try:
+        assert generate(model, prompts, max_new_tokens=10, temperature=0.0, pad_id=95).shape == (4, 17)
+    finally:
+        model.remove_caches()
     square = torch.tensor([prompts[0], prompts[0][::-1]])
     assert torch.equal(generate(model, square.tolist(), max_new_tokens=6, temperature=0.0), generate(model, square, max_new_tokens=6, temperature=0.0))
     # The longest prompt bounds the length; a stop token ends one row and the batch ends when all did.

@@ -10,12 +10,11 @@ step feeds only the newest token. ``use_cache=False`` recomputes the whole seque
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn
 
-from qlora_ext._arguments import is_int
+from qlora_ext._arguments import is_finite_real, is_int
 
 
 def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
@@ -25,7 +24,7 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None
         logits: unnormalized scores.
         temperature: 0 picks the most likely token (greedy); otherwise scores are divided by it
             before the softmax (below 1 sharpens, above 1 flattens).
-        top_k: sample among the k most likely tokens only.
+        top_k: sample among the k most likely tokens only (and any tied with the k-th, as in HF).
         generator: random source for reproducible sampling.
 
     Returns:
@@ -35,8 +34,8 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None
         ValueError: a negative or non-finite ``temperature``, or a ``top_k`` that is not a
             positive integer.
     """
-    if not (0 <= temperature < math.inf):  # also refuses NaN
-        raise ValueError(f"sample: argument 'temperature' must be finite and >= 0; got {temperature}")
+    if not is_finite_real(temperature) or temperature < 0:  # also refuses NaN, None and bools
+        raise ValueError(f"sample: argument 'temperature' must be finite and >= 0; got {temperature!r}")
     if top_k is not None and (not is_int(top_k) or top_k <= 0):
         raise ValueError(f"sample: argument 'top_k' must be a positive integer or None; got {top_k!r}")
     if temperature == 0:
@@ -54,17 +53,21 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None
 
 def _prompt_rows(prompt: Tensor | list, pad_id: int, vocab: int) -> tuple[Tensor, Tensor]:
     """The prompts as a right-padded [b, s] int64 tensor and their lengths [b] (on the CPU)."""
+    if isinstance(prompt, Tensor) and prompt.is_nested:
+        raise ValueError("generate: argument 'prompt' must be a dense tensor; got a nested tensor: pass its rows as a list "
+                         "(prompt.unbind()) for prompts of different lengths")
     if isinstance(prompt, Tensor):
-        if prompt.dim() != 2 or prompt.shape[1] == 0:
-            raise ValueError(f"generate: argument 'prompt' must be [batch, seq] with seq >= 1; got shape {list(prompt.shape)}")
+        if prompt.dim() != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
+            raise ValueError(f"generate: argument 'prompt' must be [batch, seq] with batch and seq >= 1; got shape {list(prompt.shape)}")
         if prompt.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"generate: argument 'prompt' must hold integer token ids; got dtype {prompt.dtype}")
         rows = prompt.long()
         lengths = torch.full((rows.shape[0],), rows.shape[1], dtype=torch.long)
     else:
         prompt = list(prompt)
-        nested = len(prompt) > 0 and all(isinstance(p, (list, tuple)) or (isinstance(p, Tensor) and p.dim() == 1) for p in prompt)
-        lists = [p.tolist() if isinstance(p, Tensor) else list(p) for p in prompt] if nested else [prompt]
+        # Rows: lists, tuples, or 1-D arrays (torch or numpy).
+        nested = len(prompt) > 0 and all(isinstance(p, (list, tuple)) or getattr(p, "ndim", None) == 1 for p in prompt)
+        lists = [list(p) if isinstance(p, (list, tuple)) else p.tolist() for p in prompt] if nested else [prompt]
         for i, row in enumerate(lists):
             if row and all(is_int(t) for t in row):
                 continue
@@ -143,12 +146,19 @@ def generate(
         stop_ids = []
     elif isinstance(stop_tokens, Tensor):
         stop_ids = stop_tokens.reshape(-1).tolist()
+    elif is_int(stop_tokens):
+        stop_ids = [stop_tokens]
     else:
-        stop_ids = [stop_tokens] if is_int(stop_tokens) else list(stop_tokens)  # one id, or several
+        try:
+            stop_ids = list(stop_tokens)
+        except TypeError:
+            stop_ids = [stop_tokens]  # refused below, by its value
     if not all(is_int(t) for t in stop_ids):
         raise ValueError(f"generate: argument 'stop_tokens' must hold integer token ids; got {stop_ids}")
-    if not (0 <= temperature < math.inf):  # as sample() checks, before the prefill rather than after it
-        raise ValueError(f"generate: argument 'temperature' must be finite and >= 0; got {temperature}")
+    if not is_finite_real(temperature) or temperature < 0:  # as sample() checks, before the prefill rather than after it
+        raise ValueError(f"generate: argument 'temperature' must be finite and >= 0; got {temperature!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generate: argument 'generator' must be a torch.Generator or None; got {type(generator).__name__}")
     if top_k is not None and (not is_int(top_k) or top_k <= 0):
         raise ValueError(f"generate: argument 'top_k' must be a positive integer or None; got {top_k!r}")
     if not use_cache and model.caches_are_setup():

@@ -112,6 +112,7 @@ class MultiHeadAttention(nn.Module):
             if input_pos is None:
                 raise ValueError("MultiHeadAttention: argument 'input_pos' is required while the KV cache is enabled; got None")
             k, v = self.kv_cache.update(k, v, input_pos)  # [b, n_kv, cache_len, head_dim]
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a cache kept in another dtype than the activations
             if mask is None:  # is_causal would align the queries with the cache's first positions
                 mask = causal_cache_mask(input_pos.to(k.device), b, k.shape[2])
 
