@@ -105,6 +105,26 @@ def test_resume_refuses_a_different_config(tmp_path, setup):
         finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True", "model.lora_rank=4"]))
 
 
+def test_a_drawn_seed_is_kept_and_a_finished_run_is_named(tmp_path, setup, capsys):
+    # seed=null draws one; the run's own config.yaml (which records it) and seed=null both resume it.
+    run = tmp_path / "run"
+    first = finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1", "seed=null"]))
+    saved = run / "config.yaml"
+    assert f"seed: {first['seed']}" in saved.read_text()
+    shutil.copy(saved, tmp_path / "again.yaml")
+    assert finetune.train(load_config(str(tmp_path / "again.yaml"), ["resume_from_checkpoint=True", "epochs=2"]))["seed"] == first["seed"]
+    assert finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True", "epochs=3", "seed=null"]))["seed"] == first["seed"]
+    with pytest.raises(Exception, match=rf"config key 'seed' is {first['seed'] + 1} but the checkpoint .* was trained with seed {first['seed']}"):
+        finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True", "epochs=4", f"seed={first['seed'] + 1}"]))
+    # A finished run re-launched says so, and changes nothing (its config.yaml had been rewritten with the new epochs).
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert finetune.main(["--config", "tiny_qlora", *_overrides(setup, run), "resume_from_checkpoint=True", "epochs=2", "seed=null"]) == 0
+    out = capsys.readouterr().out
+    assert "Nothing left to train: the checkpoint" in out and "has completed 3 epochs and epochs is 2; set epochs above 3" in out
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_resume_applies_changed_optimizer_schedule_and_clipping(tmp_path, setup, monkeypatch, capsys):
     # What the NaN-loss advice asks for: resume with a lower lr (and other optimizer, schedule and
     # clipping settings); the loaded optimizer and schedule take the new values.

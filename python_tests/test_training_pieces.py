@@ -244,6 +244,13 @@ def test_training_state_round_trip_and_mismatch(tmp_path):
         ckpt.load_training_state(tmp_path, {"model.lora_rank": 16}, may_change=("optimizer.lr", "lr_scheduler"))
     with pytest.raises(ckpt.ResumeError, match=r"there is no .*recipe_state.pt"):
         ckpt.load_training_state(tmp_path / "elsewhere", fp)
+    # The seed: the one used must match, a null one takes it (a state of an earlier version also kept it in its fingerprint).
+    assert ckpt.load_training_state(tmp_path, fp, seed=3)["seed"] == 3
+    with pytest.raises(ckpt.ResumeError, match=r"config key 'seed' is 4 but the checkpoint .* was trained with seed 3; .* or seed=null"):
+        ckpt.load_training_state(tmp_path, fp, seed=4)
+    ckpt.save_training_state(tmp_path, checkpoint_name="step_1", epoch=0, step_in_epoch=1, global_step=1, seed=3,
+                             optimizer=opt, scheduler=sched, adapter={"x": p}, fingerprint={**fp, "seed": 3})
+    assert ckpt.load_training_state(tmp_path, fp)["fingerprint"] == fp
 
 
 def test_pick_samples_prefers_distinct_instructions():

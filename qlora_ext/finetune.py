@@ -77,9 +77,14 @@ def train(cfg: Config) -> dict[str, Any]:
     fingerprint = saving.resume_fingerprint(cfg)
     state = None
     if cfg.resume_from_checkpoint:
-        state = checkpointing.load_training_state(output_dir, fingerprint, may_change=saving.ADJUSTABLE_ON_RESUME)
+        state = checkpointing.load_training_state(output_dir, fingerprint, may_change=saving.ADJUSTABLE_ON_RESUME, seed=cfg.seed)
         # a run killed after saving, before deleting the step folder that save replaced
         checkpoint_folders.remove_step_folders(output_dir, keep=state["checkpoint_name"])
+        if state["epoch"] >= cfg.epochs:  # a finished run re-launched: nothing is built, written or logged
+            print(f"Nothing left to train: the checkpoint {output_dir / state['checkpoint_name']} has completed "
+                  f"{state['epoch']} epochs and epochs is {cfg.epochs}; set epochs above {state['epoch']} to train on")
+            return {"output_dir": str(output_dir), "seed": state["seed"], "losses": [], "val_losses": [],
+                    "checkpoint": str(output_dir / state["checkpoint_name"])}
     seed = cfg.seed if cfg.seed is not None else (state["seed"] if state else int.from_bytes(os.urandom(4), "little") >> 1)
     print(f"Resolved config (seed {seed}):\n{cfg.to_yaml()}")
     log_dir = Path(cfg.metric_logger.log_dir or output_dir / "logs")

@@ -78,7 +78,9 @@ def save_training_state(
     return path
 
 
-def load_training_state(output_dir: str | Path, fingerprint: dict[str, Any], may_change: tuple[str, ...] = ()) -> dict[str, Any]:
+def load_training_state(
+    output_dir: str | Path, fingerprint: dict[str, Any], may_change: tuple[str, ...] = (), seed: int | None = None
+) -> dict[str, Any]:
     """Reads ``output_dir/recipe_state.pt`` and checks it was written by a compatible config.
 
     Args:
@@ -86,6 +88,8 @@ def load_training_state(output_dir: str | Path, fingerprint: dict[str, Any], may
         fingerprint: the config values the state must have been written with (dotted keys).
         may_change: keys (or sections: ``"lr_scheduler"`` covers ``"lr_scheduler.name"``) whose
             value may differ from the saved one.
+        seed: the config's seed; None takes the one the state was trained with (``state["seed"]``,
+            a drawn one included).
 
     Raises:
         ResumeError: no state file, an unreadable one, or a config key that differs.
@@ -103,7 +107,14 @@ def load_training_state(output_dir: str | Path, fingerprint: dict[str, Any], may
         raise ResumeError(f"resume_from_checkpoint=true: {path} cannot be read ({e})") from None
     if state.get("version") != STATE_VERSION:
         raise ResumeError(f"resume_from_checkpoint=true: {path} has state version {state.get('version')}, expected {STATE_VERSION}")
-    saved = state["fingerprint"]
+    # The seed is compared with the one actually used (states of earlier versions also kept the
+    # configured one among the fingerprint's keys).
+    saved = state["fingerprint"] = {k: v for k, v in state["fingerprint"].items() if k != "seed"}
+    if seed is not None and seed != state["seed"]:
+        raise ResumeError(
+            f"resume_from_checkpoint=true: config key 'seed' is {seed!r} but the checkpoint in {output_dir} was trained "
+            f"with seed {state['seed']!r}; use the same value to resume, or seed=null to take the checkpoint's"
+        )
     for key in sorted(set(saved) | set(fingerprint)):
         if any(key == k or key.startswith(f"{k}.") for k in may_change):
             continue

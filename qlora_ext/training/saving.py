@@ -48,9 +48,7 @@ def resume_fingerprint(cfg) -> dict[str, Any]:
             out.update({f"{key}.{k}": v for k, v in node.items()})
         else:
             out[key] = node
-    if cfg.seed is not None:
-        out["seed"] = cfg.seed
-    return out
+    return out  # the seed is checked apart (checkpointing.load_training_state): a null one takes the checkpoint's
 
 
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
