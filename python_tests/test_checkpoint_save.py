@@ -127,6 +127,26 @@ def test_unsupported_adapter_configs(tmp_path):
     with pytest.raises(ValueError) as err:
         read_adapter_config(tmp_path)
     assert "'use_dora' must be False, got True" in str(err.value) and "got ['embed_tokens']" in str(err.value)
+    # Initializations that change the base weights, LoRA variants and settings unknown here are refused by name;
+    # PEFT's defaults for r and lora_alpha (8) apply where the keys are absent.
+    for fields, needle in [
+        ({"init_lora_weights": "pissa"}, "'init_lora_weights' must be one of [True, False, 'gaussian', 'eva', 'orthogonal'], got 'pissa'"),
+        ({"init_lora_weights": "olora"}, "got 'olora'"),
+        ({"alora_invocation_tokens": [5, 6]}, "'alora_invocation_tokens' must be empty, got [5, 6]"),
+        ({"kasa_config": {"beta": 1e-4}}, "'kasa_config' must be empty, got {'beta': 0.0001}"),
+        ({"a_future_variant": True}, "'a_future_variant' must be empty, got True (a setting this loader does not implement)"),
+        ({"r": None}, "'r' must be a positive integer, got None"),
+        ({"lora_alpha": "16"}, "'lora_alpha' must be a finite number, got '16'"),
+    ]:
+        write(**fields)
+        with pytest.raises(ValueError) as err:
+            read_adapter_config(tmp_path)
+        assert needle in str(err.value)
+    for init in (True, False, "gaussian", "eva", "orthogonal"):
+        write(init_lora_weights=init, loftq_config={}, kasa_config=None, megatron_core="megatron.core", qalora_group_size=16)
+        assert read_adapter_config(tmp_path)["lora_rank"] == 8
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ["q_proj"]}))
+    assert (read_adapter_config(tmp_path)["lora_rank"], read_adapter_config(tmp_path)["lora_alpha"]) == (8, 8)
     with pytest.raises(FileNotFoundError, match=r"argument 'adapter_dir' must hold adapter_config.json"):
         read_adapter_config(tmp_path / "nowhere")
     # A trainer checkpoint folder, whose adapter is in its adapter/ subfolder: the error points there.

@@ -53,8 +53,11 @@ class Llama2Config:
         problems = [f"missing field '{key}'" for key in required if key not in config]
         if problems:
             raise ValueError(f"Llama2Config.from_hf: unsupported config.json: {'; '.join(problems)}")
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        # transformers takes a legacy rope_scaling over rope_parameters (which it also writes, with
+        # the default type, into configs it saves): a scaling in either is refused.
+        rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+        rope_type = next((t for r in (config.get("rope_scaling"), config.get("rope_parameters")) if isinstance(r, dict)
+                          for t in [r.get("rope_type", r.get("type", "default"))] if t != "default"), "default")
         rope_base = rope.get("rope_theta", config.get("rope_theta", 10_000.0))
         heads = config["num_attention_heads"]
         expected = {

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext.checkpoint.atomic import StagedFiles
 from qlora_ext.checkpoint.convert import hf_module_name, hf_to_ours, strip_wrappers
 from qlora_ext.checkpoint.load import _assign, _home_device, _targets, refuse_merged
@@ -28,6 +29,16 @@ _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\
 _ATTN = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "output_proj"}
 _MLP = ("gate_proj", "up_proj", "down_proj")
 # The LoRA-able linears of a LlamaForCausalLM decoder layer, as paths inside the layer.
+# adapter_config.json settings that do not change what the saved matrices compute (bookkeeping,
+# or options of features whose own keys are then empty); any other one must be empty or absent.
+_INERT_KEYS = frozenset({
+    "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode", "r", "lora_alpha",
+    "lora_dropout", "target_modules", "layers_pattern", "megatron_core", "qalora_group_size", "eva_config", "runtime_config",
+    "ensure_weight_tying",
+})
+# init_lora_weights values after which the adapter is plain LoRA on the unchanged base: PEFT's
+# default (True, or "gaussian"), zeros for both (False), EVA's and the orthogonal initialization.
+_PLAIN_LORA_INITS = (True, False, "gaussian", "eva", "orthogonal")
 _LAYER_LINEARS = tuple(f"self_attn.{name}" for name in _ATTN) + tuple(f"mlp.{name}" for name in _MLP)
 _ONE_LAYER = re.compile(r"(?:(?:model\.)?layers\.)?\d+\.(?P<rest>.+)")
 # The other modules of a LlamaForCausalLM (layer 0 standing for every layer): an entry matching
@@ -170,10 +181,22 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         config = json.load(f)
     expected = {"peft_type": "LORA", "use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False, "lora_bias": False}
     problems = [f"'{k}' must be {v!r}, got {config.get(k, v)!r}" for k, v in expected.items() if config.get(k, v) != v]
-    for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform", "exclude_modules", "target_parameters",
-                "trainable_token_indices", "layer_replication"):
-        if config.get(key):
-            problems.append(f"'{key}' must be empty, got {config[key]!r}")
+    init = config.get("init_lora_weights", True)
+    if init not in _PLAIN_LORA_INITS:
+        problems.append(
+            f"'init_lora_weights' must be one of {list(_PLAIN_LORA_INITS)}, got {init!r} (an initialization that changes "
+            "the base weights, or a LoRA variant: PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) "
+            "converts such an adapter to plain LoRA)"
+        )
+    # Every other setting (those of LoRA variants and of PEFT versions to come) must be empty.
+    for key, value in config.items():
+        if key not in expected and key not in _INERT_KEYS and key != "init_lora_weights" and value not in (None, False, {}, [], ""):
+            problems.append(f"'{key}' must be empty, got {value!r} (a setting this loader does not implement)")
+    rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)  # PEFT's defaults
+    if not is_int(rank) or rank <= 0:
+        problems.append(f"'r' must be a positive integer, got {rank!r}")
+    if not is_finite_real(alpha):
+        problems.append(f"'lora_alpha' must be a finite number, got {alpha!r}")
     targets = config.get("target_modules") or []
     if isinstance(targets, str):
         if targets.lower() == "all-linear":  # PEFT's shorthand: every linear but the output head
@@ -200,8 +223,8 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         "lora_attn_modules": [_ATTN[t] for t in _ATTN if t in targets],
         "apply_lora_to_mlp": bool(mlp),
         "apply_lora_to_output": "lm_head" in targets,
-        "lora_rank": config["r"],
-        "lora_alpha": config["lora_alpha"],
+        "lora_rank": rank,
+        "lora_alpha": alpha,
         "lora_dropout": config.get("lora_dropout", 0.0),
     }
 
