@@ -317,3 +317,29 @@ def test_matplotlib_loss_curves(tmp_path):
     path = tmp_path / "curves.png"
     assert plot_loss_curves(curves, path, smoothing=0.5) == "matplotlib"
     assert _png_size(path) == (800, 480)
+
+
+def test_a_max_seq_len_that_leaves_no_response_is_named():
+    # tokenizer.max_seq_len=8 on the bundled data had trained on nothing (loss 0.0) and then
+    # failed validation with a traceback.
+    from qlora_ext.models.llama2 import llama2_tokenizer
+    from qlora_ext.training.config import ASSETS_DIR
+    from qlora_ext.training.data import DataError, InstructDataset, check_loss_tokens, load_alpaca_records
+
+    tokenizer = llama2_tokenizer(ASSETS_DIR / "tokenizer.model")
+    records = load_alpaca_records([str(ASSETS_DIR / "tiny_alpaca.jsonl")])[:40]
+    with pytest.raises(DataError, match=r"tokenizer.max_seq_len=8 cuts 40 of the first 40 training examples to their prompt "
+                                        r"\(up to \d+ tokens with BOS\), leaving no response token to learn from; raise "
+                                        r"tokenizer.max_seq_len \(or set dataset.train_on_input=true\)"):
+        check_loss_tokens(InstructDataset(records, tokenizer, 8, False), "training")
+    assert check_loss_tokens(InstructDataset(records, tokenizer, 8, True), "training") is None  # the prompt is learned
+    assert check_loss_tokens(InstructDataset(records, tokenizer, None, False), "training") is None
+    from qlora_ext.training.data import prompt_tokens
+
+    prompts = [len(prompt_tokens(tokenizer, r, "alpaca")) for r in records]
+    cut = sorted(prompts)[20]  # examples whose prompt fills the cut keep no response token
+    empty = sum(n >= cut for n in prompts)
+    assert 0 < empty < 40
+    note = check_loss_tokens(InstructDataset(records, tokenizer, cut, False), "held-out")
+    assert note == (f"tokenizer.max_seq_len={cut} cuts {empty} of the first 40 held-out examples to their prompt (up to "
+                    f"{max(prompts)} tokens with BOS), leaving no response token to learn from: they add nothing to the loss")

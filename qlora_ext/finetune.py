@@ -44,6 +44,7 @@ from qlora_ext.training.config import Config, ConfigError, available_configs, lo
 from qlora_ext.training.data import (
     DataError,
     InstructDataset,
+    check_loss_tokens,
     epoch_order,
     eval_batches,
     iterate_batches,
@@ -117,6 +118,10 @@ def train(cfg: Config) -> dict[str, Any]:
     max_seq_len = model_setup.check_max_seq_len(model, cfg)
     train_ds = InstructDataset(train_records, tokenizer, max_seq_len, cfg.dataset.train_on_input, cfg.dataset.template)
     val_ds = InstructDataset(val_records, tokenizer, max_seq_len, cfg.dataset.train_on_input, cfg.dataset.template)
+    for dataset, name in ((train_ds, "training"), (val_ds, "held-out")):
+        note = check_loss_tokens(dataset, name)
+        if note:
+            print(f"note: {note}")
     adapter = model_setup.adapter_parameters(model)
     if cfg.log_peak_memory_stats:
         print(format_memory_stats(memory_stats(device, reset_peak=True), "after model init"))

@@ -187,6 +187,31 @@ class InstructDataset(torch.utils.data.Dataset):
         return tokenize_example(self.tokenizer, self.records[index], self.max_seq_len, self.train_on_input, self.template)
 
 
+def check_loss_tokens(dataset: InstructDataset, name: str, probe: int = 256) -> str | None:
+    """Tokenizes up to ``probe`` examples of ``dataset`` (the first ones) and checks that they
+    leave tokens to learn from after ``max_seq_len`` cuts them.
+
+    Returns:
+        None, or a note when some of them keep none (they add nothing to the loss).
+
+    Raises:
+        DataError: none of them keeps a loss token, naming ``tokenizer.max_seq_len``.
+    """
+    n = min(len(dataset), probe)
+    if n == 0:
+        return None
+    examples = [dataset[i] for i in range(n)]
+    empty = sum(1 for _, labels in examples if all(label == IGNORE_INDEX for label in labels[1:]))
+    if empty == 0:
+        return None
+    prompts = [len(prompt_tokens(dataset.tokenizer, dataset.records[i], dataset.template)) for i in range(n)]
+    what = (f"tokenizer.max_seq_len={dataset.max_seq_len} cuts {empty} of the first {n} {name} examples to their prompt "
+            f"(up to {max(prompts)} tokens with BOS), leaving no response token to learn from")
+    if empty == n:
+        raise DataError(f"{what}; raise tokenizer.max_seq_len" + ("" if dataset.train_on_input else " (or set dataset.train_on_input=true)"))
+    return f"{what}: they add nothing to the loss"
+
+
 def split_records(records: list, validation_fraction: float, seed: int) -> tuple[list, list]:
     """(train, validation): a seeded random ``validation_fraction`` of the records held out."""
     if validation_fraction <= 0.0:
