@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from qlora_ext.training.config import ASSETS_DIR, ConfigError, available_configs, load_config
+from qlora_ext.training.config import ASSETS_DIR, CONFIG_DIR, ConfigError, available_configs, load_config
 
 SEED_7B_QLORA = "llama2_7b_qlora_single_device"
 
@@ -153,3 +153,19 @@ def test_required_key_missing(tmp_path):
     path.write_text("model:\n  builder: qlora_llama2\n")
     with pytest.raises(ConfigError, match=r"config key 'tokenizer.path' is required"):
         load_config(str(path))
+
+
+def test_interpolations_and_python_none_in_our_own_configs(tmp_path):
+    # ${...} was resolved in torchtune configs only: ours kept the text and made a folder named '${output_dir}'.
+    cfg = load_config("tiny_qlora", ["output_dir=/runs/a", "metric_logger.log_dir=${output_dir}/logs"])
+    assert cfg.metric_logger.log_dir == "/runs/a/logs"
+    own = tmp_path / "own.yaml"
+    raw = yaml.safe_load((CONFIG_DIR / "tiny_qlora.yaml").read_text())
+    raw["output_dir"], raw["metric_logger"]["log_dir"] = f"{tmp_path}/out", "${output_dir}/tb"
+    own.write_text(yaml.safe_dump(raw))
+    assert load_config(str(own)).metric_logger.log_dir == f"{tmp_path}/out/tb"
+    with pytest.raises(ConfigError, match=r"--config: .*tiny_qlora.yaml or its overrides: interpolation .\$\{no_such_key\}.: the config has no key .no_such_key."):
+        load_config("tiny_qlora", ["metric_logger.log_dir=${no_such_key}/logs"])
+    # None, as Python spells it, is null (log_dir=None had logged to ./None, max_steps_per_epoch=None was refused).
+    cfg = load_config("tiny_qlora", ["metric_logger.log_dir=None", "max_steps_per_epoch=None", "seed=none"])
+    assert cfg.metric_logger.log_dir is None and cfg.max_steps_per_epoch is None and cfg.seed is None

@@ -114,6 +114,10 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
         _check_known_keys(raw, SCHEMA, prefix="", where=f"in {path}")
         for override in overrides:
             _apply_override(raw, override)
+        try:  # ${output_dir}/logs and the like, as in torchtune configs
+            raw = resolve_interpolations(raw)
+        except TorchtuneConfigError as e:
+            raise ConfigError(f"--config: {path} or its overrides: {e}") from None
     values = _resolve(raw, SCHEMA, prefix="")
     _check_cross_keys(values)
     return Config(values)
@@ -129,8 +133,8 @@ def parse_value(text: str, kind: str | None = None) -> Any:
     """An override's value: parsed as YAML (``16``, ``true``, ``[q_proj,v_proj]``), except for a key
     of schema kind ``str`` or ``path``, and ``path|list[path]`` unless written as a ``[...]`` list,
     whose value is the text as written (YAML would cut ``/runs/a #2`` at `` #`` and read
-    ``2024-06-01`` as a date). Empty, ``null`` or ``~`` is null for every kind."""
-    if text.strip() in ("", "null", "Null", "NULL", "~"):
+    ``2024-06-01`` as a date). Empty, ``null``, ``~`` or Python's ``None`` is null for every kind."""
+    if text.strip() in ("", "null", "Null", "NULL", "~", "None", "none"):
         return None
     if kind in ("str", "path") or (kind == "path|list[path]" and not text.lstrip().startswith("[")):
         return text
