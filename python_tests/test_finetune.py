@@ -79,6 +79,16 @@ def test_seed_7b_config_code_path_on_tiny_hf_checkpoint(tmp_path, tiny_ckpt, sma
     assert lrs == pytest.approx([0.0, 3e-4])  # warmup from 0 to the seed config's 3e-4
 
 
+def test_the_last_step_is_logged_whatever_log_every_n_steps(tmp_path, tiny_ckpt, small_data):
+    # log_every_n_steps above the run's steps had logged no loss at all: no curve, no memory peaks.
+    out = tmp_path / "run"
+    overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["epochs=2", "max_steps_per_epoch=3", "log_every_n_steps=4",
+                                                                   "save_adapter_weights_only=True", "eval.before_and_after=False"]
+    summary = finetune.train(load_config("tiny_qlora", overrides))
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [4, 6]
+    assert (out / "loss_curve.png").is_file() and summary["peak_memory"]
+
+
 def test_adapter_only_and_loss_decreases(tmp_path, tiny_ckpt, small_data):
     out = tmp_path / "run"
     overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["epochs=4", "save_adapter_weights_only=True", "model.lora_rank=16"]

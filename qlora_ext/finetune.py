@@ -225,7 +225,8 @@ def train(cfg: Config) -> dict[str, Any]:
             bar.update(1)
             bar.set_description(f"{epoch + 1}|{global_step}|Loss: {loss_value}")
 
-            if global_step % cfg.log_every_n_steps == 0:
+            last_step = epoch == cfg.epochs - 1 and step_in_epoch == steps_per_epoch
+            if global_step % cfg.log_every_n_steps == 0 or last_step:  # the last one: a curve even for short runs
                 elapsed = time.perf_counter() - t_since
                 metrics = {"loss": loss_value, "lr": lr, "tokens_per_second": tokens_since / max(elapsed, 1e-9)}
                 if cfg.clip_grad_norm is not None:
