@@ -310,6 +310,17 @@ def test_wandb_logger_drives_a_run(tmp_path, monkeypatch):
     ]
     assert [r["step"] for r in read_metrics(tmp_path)] == [5]  # the disk log is always kept
 
+    class UsageError(Exception):
+        pass
+
+    def failing_init(project, dir, config):
+        raise UsageError("api_key not configured (no-tty)")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=failing_init))
+    with pytest.raises(MissingDependencyError, match=r"metric_logger.type=wandb: wandb.init\(project='seed-qlora'\) failed: "
+                                                     r"UsageError: api_key not configured \(no-tty\). Run `wandb login` first"):
+        MetricLoggers("wandb", tmp_path / "again", project="seed-qlora", config={})
+
 
 def test_matplotlib_loss_curves(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib (optional) is not installed")
@@ -343,3 +354,10 @@ def test_a_max_seq_len_that_leaves_no_response_is_named():
     note = check_loss_tokens(InstructDataset(records, tokenizer, cut, False), "held-out")
     assert note == (f"tokenizer.max_seq_len={cut} cuts {empty} of the first 40 held-out examples to their prompt (up to "
                     f"{max(prompts)} tokens with BOS), leaving no response token to learn from: they add nothing to the loss")
+
+
+def test_an_empty_data_files_list_is_named():
+    from qlora_ext.training.data import DataError, load_alpaca_records
+
+    with pytest.raises(DataError, match=r"dataset.data_files: must name at least one JSON or JSONL file; got an empty list"):
+        load_alpaca_records([])

@@ -117,6 +117,8 @@ def load_alpaca_records(files: Sequence[str | Path]) -> list[dict[str, str]]:
                     raise DataError(f"dataset.data_files: '{file}' line {n} is not valid JSON: {e}") from None
         for where, item in located:
             records.append(_check_record(where, item))
+    if not files:
+        raise DataError("dataset.data_files: must name at least one JSON or JSONL file; got an empty list")
     if not records:
         raise DataError(f"dataset.data_files: no records in {', '.join(map(str, files))}")
     return records

@@ -94,7 +94,13 @@ class WandBLogger:
                 "(or pip install 'qlora_ext[wandb]'), or use metric_logger.type=disk"
             ) from None
         self._wandb = wandb
-        self._run = wandb.init(project=project, dir=str(log_dir), config=config)
+        try:
+            self._run = wandb.init(project=project, dir=str(log_dir), config=config)
+        except Exception as e:  # noqa: BLE001  (wandb's own errors: no login, no network, a bad project)
+            raise MissingDependencyError(
+                f"metric_logger.type=wandb: wandb.init(project={project!r}) failed: {type(e).__name__}: {e}. Run "
+                "`wandb login` first, or set WANDB_MODE=offline, or use metric_logger.type=disk"
+            ) from None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._run.log(metrics, step=step)
