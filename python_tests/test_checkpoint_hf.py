@@ -220,3 +220,24 @@ def test_hf_config_round_trip(hf_models):
         vocab_size=32000, num_layers=32, num_heads=32, num_kv_heads=32, embed_dim=4096, intermediate_dim=11008,
         max_seq_len=4096, norm_eps=1e-5, rope_base=10000.0,
     )
+
+
+def test_malformed_json_index_and_safetensors_header_are_named(tmp_path):
+    import struct
+
+    from qlora_ext.checkpoint.readers import hf_weight_files
+    from qlora_ext.checkpoint.safetensors_io import SafetensorsReader
+
+    (tmp_path / "config.json").write_text('{"vocab_size": 32, oops}')
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'config.json'} is not valid JSON: Expecting property name"):
+        read_json(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config.json must hold a JSON object; got list"):
+        read_json(tmp_path / "config.json")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json must map tensor names to shard files under 'weight_map'; got None"):
+        hf_weight_files(str(tmp_path))
+    header = json.dumps({"w": {"shape": [2], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(ValueError, match=r"bad.safetensors is not a safetensors file: tensor 'w' must have dtype, shape and data_offsets"):
+        SafetensorsReader(str(tmp_path / "bad.safetensors"))

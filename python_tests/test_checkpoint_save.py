@@ -259,6 +259,24 @@ def test_adapters_made_by_peft_load_with_peft_logits(base_dir, tmp_path, targets
         assert rel_error(ours(tokens), want) <= 1e-5
         with peft_model.disable_adapter():
             assert rel_error(peft_model(tokens).logits, want) > 1e-2  # the adapter matters
+    # As PEFT writes it with safe_serialization=False (many 2023 QLoRA adapters): adapter_model.bin.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "adapter_model.bin").is_file() and not (tmp_path / "bin" / "adapter_model.safetensors").exists()
+    with torch.no_grad():
+        assert rel_error(llama2_from_checkpoint(base_dir, adapter_dir=tmp_path / "bin").eval()(tokens), want) <= 1e-5
+    # Without weights, the folder is named before the base is loaded.
+    (tmp_path / "bin" / "adapter_model.bin").unlink()
+    import qlora_ext.models.llama2._from_checkpoint as from_checkpoint
+
+    def no_base_load(*args, **kwargs):
+        raise AssertionError("the base was loaded before the adapter's files were checked")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(from_checkpoint, "load_checkpoint", no_base_load)
+        with pytest.raises(FileNotFoundError, match=r"argument 'adapter_dir' must hold adapter_model.safetensors \(or adapter_model.bin\)"):
+            llama2_from_checkpoint(base_dir, adapter_dir=tmp_path / "bin")
 
 
 @pytest.mark.parametrize("quantize_base", [False, True], ids=["lora", "qlora"])

@@ -215,5 +215,16 @@ class Llama2Config:
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON object file (config.json, params.json, an index).
+
+    Raises:
+        ValueError: not valid UTF-8 JSON, or not an object; the message names the file.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{os.fspath(path)} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{os.fspath(path)} must hold a JSON object; got {type(value).__name__}")
+    return value

@@ -24,6 +24,7 @@ from qlora_ext.modules.lora_linear import LoRALinear
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_BIN_NAME = "adapter_model.bin"  # what PEFT writes with safe_serialization=False (read, never written)
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 _ATTN = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "output_proj"}
@@ -146,7 +147,8 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_mode
 
     from safetensors.torch import save_file
 
-    with StagedFiles(out_dir, owns=lambda name: name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME)) as staged:
+    owned = (ADAPTER_WEIGHTS_NAME, ADAPTER_WEIGHTS_BIN_NAME, ADAPTER_CONFIG_NAME)  # an older .bin would be stale
+    with StagedFiles(out_dir, owns=lambda name: name in owned) as staged:
         staged.write(ADAPTER_WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
         staged.write(ADAPTER_CONFIG_NAME, lambda path: _write_json(path, config))
     return [os.path.join(os.fspath(out_dir), n) for n in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME)]
@@ -229,6 +231,21 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     }
 
 
+def adapter_weights_path(adapter_dir: str | os.PathLike) -> str:
+    """The adapter's weights file: ``adapter_model.safetensors``, else PEFT's ``adapter_model.bin``.
+
+    Raises:
+        FileNotFoundError: neither is in ``adapter_dir``.
+    """
+    for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_WEIGHTS_BIN_NAME):
+        path = os.path.join(os.fspath(adapter_dir), name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"argument 'adapter_dir' must hold {ADAPTER_WEIGHTS_NAME} (or {ADAPTER_WEIGHTS_BIN_NAME}); not found in {os.fspath(adapter_dir)!r}"
+    )
+
+
 @torch.no_grad()
 def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
     """Loads a PEFT LoRA adapter into the model's LoRALinear modules, and the base weights PEFT
@@ -243,9 +260,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
     from safetensors.torch import load_file
 
     builder_args = read_adapter_config(adapter_dir)
-    weights_path = os.path.join(os.fspath(adapter_dir), ADAPTER_WEIGHTS_NAME)
-    if not os.path.exists(weights_path):
-        raise FileNotFoundError(f"argument 'adapter_dir' must hold {ADAPTER_WEIGHTS_NAME}; not found in {os.fspath(adapter_dir)!r}")
+    weights_path = adapter_weights_path(adapter_dir)
     refuse_merged(model, "load_peft_adapter")
     modules = lora_modules(model)
     problems = [
@@ -255,7 +270,15 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
     ]
     if problems:
         raise ValueError(f"load_peft_adapter: {adapter_dir} does not fit the model: rank/alpha differ: {problems[:10]}")
-    tensors = load_file(weights_path)
+    if weights_path.endswith(".safetensors"):
+        tensors = load_file(weights_path)
+    else:
+        try:
+            tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (any unreadable file is the same user-facing problem)
+            raise ValueError(f"load_peft_adapter: {weights_path} cannot be read as a torch state dict: {e}") from None
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise ValueError(f"load_peft_adapter: {weights_path} must hold a dict of tensors; got {type(tensors).__name__}")
     targets = _targets(model)
     unexpected, mismatched, seen, base_weights = [], [], set(), []
     for key, value in tensors.items():

@@ -129,7 +129,10 @@ def hf_weight_files(checkpoint_dir: str) -> list[str]:
             return [os.path.join(checkpoint_dir, single_name)]
         index_path = os.path.join(checkpoint_dir, index_name)
         if os.path.exists(index_path):
-            names = sorted(set(read_json(index_path)["weight_map"].values()))
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f"{index_path} must map tensor names to shard files under 'weight_map'; got {weight_map!r:.200}")
+            names = sorted(set(weight_map.values()))
             missing = [n for n in names if not os.path.exists(os.path.join(checkpoint_dir, n))]
             if missing:
                 raise FileNotFoundError(f"{index_path} names shards that do not exist: {missing}")

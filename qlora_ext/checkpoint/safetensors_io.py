@@ -120,6 +120,9 @@ class SafetensorsReader:
         data_size = os.fstat(self._file.fileno()).st_size - self._base
         self._specs: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, spec in header.items():
+            if not isinstance(spec, dict) or any(key not in spec for key in ("dtype", "shape", "data_offsets")):
+                self._file.close()
+                raise ValueError(f"{path} is not a safetensors file: tensor '{name}' must have dtype, shape and data_offsets; got {spec!r:.200}")
             if spec["dtype"] not in _CODE_DTYPES:
                 self._file.close()
                 raise ValueError(f"{path}: tensor '{name}' has dtype {spec['dtype']}, which this reader does not support")
