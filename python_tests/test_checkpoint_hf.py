@@ -174,7 +174,7 @@ def test_key_and_shape_problems_are_listed(hf_models, tmp_path):
     with pytest.raises(ValueError) as err:
         load_checkpoint(model, tmp_path)
     msg = str(err.value)
-    assert "missing keys (1): ['layers.1.mlp.w3.weight']" in msg
+    assert "missing keys (1): ['model.layers.1.mlp.up_proj.weight']" in msg  # as the checkpoint names it
     assert "unexpected keys (1): ['model.layers.0.self_attn.extra.weight']" in msg
     assert "wrong shapes (1): ['model.norm.weight: checkpoint [255] vs model [256]']" in msg
 

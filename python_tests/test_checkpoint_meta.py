@@ -105,3 +105,19 @@ def test_vocab_size_read_from_embedding(tmp_path):
     transformers()
     _write_meta(tmp_path, hf_llama(num_kv_heads=4, seed=1))
     assert read_checkpoint_config(tmp_path).vocab_size == 320
+
+
+def test_meta_keys_missing_are_named_as_meta_names_them(tmp_path):
+    transformers()
+    state, _ = _write_meta(tmp_path, hf_llama(num_kv_heads=2, seed=4))
+    del state["layers.1.feed_forward.w3.weight"]
+    torch.save(state, tmp_path / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"missing keys \(1\): \['layers.1.feed_forward.w3.weight'\]"):
+        llama2_from_checkpoint(tmp_path)
+    # Without the embedding, and vocab_size -1 in params.json, the size cannot be told: the file is named.
+    del state["tok_embeddings.weight"]
+    torch.save(state, tmp_path / "consolidated.00.pth")
+    params = json.loads((tmp_path / "params.json").read_text())
+    (tmp_path / "params.json").write_text(json.dumps({**params, "vocab_size": -1}))
+    with pytest.raises(ValueError, match=r"consolidated.00.pth holds no tok_embeddings.weight, and params.json gives no vocab_size \(it has -1\)"):
+        read_checkpoint_config(tmp_path)

@@ -95,6 +95,12 @@ def meta_to_ours(name: str) -> str | None:
     return _translate(name, _META_LAYER, _META_TOP, "layers", "layers")
 
 
+def ours_to_meta(name: str) -> str | None:
+    """The Meta key of one of our parameter names; None if it has no Meta counterpart."""
+    name = strip_wrappers(name)
+    return _translate(name, [(b, a) for a, b in _META_LAYER], [(b, a) for a, b in _META_TOP], "layers", "layers")
+
+
 def hf_module_name(module_name: str) -> str | None:
     """HF module path of one of our linear modules (``layers.0.attn.q_proj`` ->
     ``model.layers.0.self_attn.q_proj``, ``output`` -> ``lm_head``); None if it has none."""

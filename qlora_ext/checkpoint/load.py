@@ -18,7 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from qlora_ext.checkpoint.config import Llama2Config, read_json
-from qlora_ext.checkpoint.convert import hf_to_ours, is_rotary_projection, meta_to_hf_rotary, meta_to_ours, strip_wrappers
+from qlora_ext.checkpoint.convert import (
+    hf_to_ours,
+    is_rotary_projection,
+    meta_to_hf_rotary,
+    meta_to_ours,
+    ours_to_hf,
+    ours_to_meta,
+    strip_wrappers,
+)
 from qlora_ext.checkpoint.readers import Entry, TensorFiles, hf_entries, hf_weight_files, meta_entries, meta_weight_files
 from qlora_ext.modules.lora_linear import LoRALinear
 from qlora_ext.modules.peft import get_adapter_params
@@ -79,9 +87,16 @@ def read_checkpoint_config(checkpoint_dir: str | os.PathLike) -> Llama2Config:
     checkpoint_dir = os.fspath(checkpoint_dir)
     if checkpoint_format(checkpoint_dir) == "hf":
         return Llama2Config.from_hf(read_json(os.path.join(checkpoint_dir, "config.json")))
-    with TensorFiles(meta_weight_files(checkpoint_dir)[:1]) as shard:
+    first = meta_weight_files(checkpoint_dir)[0]
+    with TensorFiles([first]) as shard:
         vocab = shard.shapes.get("tok_embeddings.weight", (None,))[0]
-    return Llama2Config.from_meta(read_json(os.path.join(checkpoint_dir, "params.json")), vocab_size=vocab)
+    params = read_json(os.path.join(checkpoint_dir, "params.json"))
+    if vocab is None and params.get("vocab_size", -1) == -1:
+        raise ValueError(
+            f"{first} holds no tok_embeddings.weight, and params.json gives no vocab_size (it has "
+            f"{params.get('vocab_size')!r}): the vocabulary size cannot be told"
+        )
+    return Llama2Config.from_meta(params, vocab_size=vocab)
 
 
 def load_checkpoint(
@@ -129,7 +144,7 @@ def load_checkpoint(
     with contextlib.ExitStack() as stack:
         if fmt == "hf":
             files = stack.enter_context(TensorFiles(named or hf_weight_files(checkpoint_dir)))
-            load_entries(model, hf_entries(files), rename=hf_to_ours, device=device, source=checkpoint_dir)
+            load_entries(model, hf_entries(files), rename=hf_to_ours, name_in_source=ours_to_hf, device=device, source=checkpoint_dir)
         else:
             shards = [stack.enter_context(TensorFiles([path])) for path in named or meta_weight_files(checkpoint_dir)]
 
@@ -139,7 +154,8 @@ def load_checkpoint(
                 heads = wanted.num_heads if name.endswith("q_proj.weight") else wanted.num_kv_heads
                 return meta_to_hf_rotary(value, heads)
 
-            load_entries(model, meta_entries(shards), rename=meta_to_ours, transform=to_hf_rotary, device=device, source=checkpoint_dir)
+            load_entries(model, meta_entries(shards), rename=meta_to_ours, name_in_source=ours_to_meta, transform=to_hf_rotary,
+                         device=device, source=checkpoint_dir)
     return fmt
 
 
@@ -158,6 +174,7 @@ def load_entries(
     entries: list[Entry],
     *,
     rename: Callable[[str], str | None],
+    name_in_source: Callable[[str], str | None] | None = None,
     transform: Callable[[str, Tensor], Tensor] | None = None,
     device: torch.device | str | None = None,
     source: str = "checkpoint",
@@ -168,6 +185,8 @@ def load_entries(
         model: the model to fill (meta device or materialized).
         entries: the checkpoint's tensors.
         rename: checkpoint name -> model name ("" to skip the entry, None if unknown).
+        name_in_source: model name -> checkpoint name, for naming missing keys as the checkpoint
+            would have them (default: the model's names).
         transform: applied to each tensor after reading, with its model name.
         device: for a meta-device model, where its weights go.
         source: names the checkpoint in error messages.
@@ -196,6 +215,8 @@ def load_entries(
         plan.append((ours, entry))
     loaded = {ours for ours, _ in plan}
     missing = [name for name in targets if name not in loaded and name not in adapters]
+    if name_in_source is not None:
+        missing = [name_in_source(name) or name for name in missing]
     problems = [
         f"{what} ({len(names)}): {names[:_LIST_LIMIT]}{' ...' if len(names) > _LIST_LIMIT else ''}"
         for what, names in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", mismatched))
