@@ -118,6 +118,7 @@ def test_meta_keys_missing_are_named_as_meta_names_them(tmp_path):
     del state["tok_embeddings.weight"]
     torch.save(state, tmp_path / "consolidated.00.pth")
     params = json.loads((tmp_path / "params.json").read_text())
-    (tmp_path / "params.json").write_text(json.dumps({**params, "vocab_size": -1}))
-    with pytest.raises(ValueError, match=r"consolidated.00.pth holds no tok_embeddings.weight, and params.json gives no vocab_size \(it has -1\)"):
-        read_checkpoint_config(tmp_path)
+    for declared in (-1, 0, None):
+        (tmp_path / "params.json").write_text(json.dumps({**params, "vocab_size": declared}))
+        with pytest.raises(ValueError, match=rf"consolidated.00.pth holds no tok_embeddings.weight, and params.json gives no vocab_size \(it has {declared}\)"):
+            read_checkpoint_config(tmp_path)

@@ -169,3 +169,11 @@ def test_interpolations_and_python_none_in_our_own_configs(tmp_path):
     # None, as Python spells it, is null (log_dir=None had logged to ./None, max_steps_per_epoch=None was refused).
     cfg = load_config("tiny_qlora", ["metric_logger.log_dir=None", "max_steps_per_epoch=None", "seed=none"])
     assert cfg.metric_logger.log_dir is None and cfg.max_steps_per_epoch is None and cfg.seed is None
+    assert load_config("tiny_qlora", ["output_dir=none"]).output_dir == "none"  # a folder: output_dir may not be null
+    # A key left at its default can be referred to; a null one cannot be formatted into a path.
+    assert load_config("tiny_qlora", ["metric_logger.log_dir=${output_dir}/tb"]).metric_logger.log_dir == "qlora_output/tiny_qlora/tb"
+    del raw["output_dir"]
+    own.write_text(yaml.safe_dump(raw))
+    assert load_config(str(own)).metric_logger.log_dir.endswith("/tb")
+    with pytest.raises(ConfigError, match=r"interpolation '\$\{seed\}': 'seed' is null, which cannot be part of a longer value"):
+        load_config("tiny_qlora", ["seed=null", "output_dir=/runs/${seed}"])

@@ -120,6 +120,8 @@ def test_a_drawn_seed_is_kept_and_a_finished_run_is_named(tmp_path, setup, capsy
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     capsys.readouterr()
     assert finetune.main(["--config", "tiny_qlora", *_overrides(setup, run), "resume_from_checkpoint=True", "epochs=2", "seed=null"]) == 0
+    again = finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True", "epochs=3", "seed=null"]))
+    assert again["nothing_left_to_train"] and again["losses"] == [] and again["checkpoint"].endswith("epoch_2")
     out = capsys.readouterr().out
     assert "Nothing left to train: the checkpoint" in out and "has completed 3 epochs and epochs is 2; set epochs above 3" in out
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

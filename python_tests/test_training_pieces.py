@@ -317,7 +317,9 @@ def test_wandb_logger_drives_a_run(tmp_path, monkeypatch):
         raise UsageError("api_key not configured (no-tty)")
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=failing_init))
-    with pytest.raises(MissingDependencyError, match=r"metric_logger.type=wandb: wandb.init\(project='seed-qlora'\) failed: "
+    from qlora_ext.training.metric_logging import MetricLoggerError
+
+    with pytest.raises(MetricLoggerError, match=r"metric_logger.type=wandb: wandb.init\(project='seed-qlora'\) failed: "
                                                      r"UsageError: api_key not configured \(no-tty\). Run `wandb login` first"):
         MetricLoggers("wandb", tmp_path / "again", project="seed-qlora", config={})
 

@@ -54,7 +54,7 @@ from qlora_ext.training.data import (
 )
 from qlora_ext.training.loss_plot import Curve, plot_loss_curves
 from qlora_ext.training.memory import format_memory_stats, memory_stats
-from qlora_ext.training.metric_logging import MetricLoggers, MissingDependencyError, read_metrics
+from qlora_ext.training.metric_logging import MetricLoggerError, MetricLoggers, MissingDependencyError, read_metrics
 from qlora_ext.training.optim import apply_hyperparameters, build_optimizer, build_scheduler
 
 DEFAULT_CONFIG = "tiny_qlora"
@@ -85,7 +85,8 @@ def train(cfg: Config) -> dict[str, Any]:
             print(f"Nothing left to train: the checkpoint {output_dir / state['checkpoint_name']} has completed "
                   f"{state['epoch']} epochs and epochs is {cfg.epochs}; set epochs above {state['epoch']} to train on")
             return {"output_dir": str(output_dir), "seed": state["seed"], "losses": [], "val_losses": [],
-                    "checkpoint": str(output_dir / state["checkpoint_name"])}
+                    "checkpoint": str(output_dir / state["checkpoint_name"]), "metrics": None, "peak_memory": {},
+                    "nothing_left_to_train": True}
     seed = cfg.seed if cfg.seed is not None else (state["seed"] if state else int.from_bytes(os.urandom(4), "little") >> 1)
     print(f"Resolved config (seed {seed}):\n{cfg.to_yaml()}")
     log_dir = Path(cfg.metric_logger.log_dir or output_dir / "logs")
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         for note in notes:
             print(f"note: {note}")
         train(cfg)
-    except (ConfigError, DataError, checkpointing.ResumeError, MissingDependencyError, model_setup.ModelSetupError) as e:
+    except (ConfigError, DataError, checkpointing.ResumeError, MissingDependencyError, MetricLoggerError, model_setup.ModelSetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except steps.NonFiniteLossError as e:

@@ -91,7 +91,8 @@ def read_checkpoint_config(checkpoint_dir: str | os.PathLike) -> Llama2Config:
     with TensorFiles([first]) as shard:
         vocab = shard.shapes.get("tok_embeddings.weight", (None,))[0]
     params = read_json(os.path.join(checkpoint_dir, "params.json"))
-    if vocab is None and params.get("vocab_size", -1) == -1:
+    declared = params.get("vocab_size")
+    if vocab is None and not (isinstance(declared, int) and declared > 0):  # as from_meta reads it
         raise ValueError(
             f"{first} holds no tok_embeddings.weight, and params.json gives no vocab_size (it has "
             f"{params.get('vocab_size')!r}): the vocabulary size cannot be told"

@@ -115,7 +115,7 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
         for override in overrides:
             _apply_override(raw, override)
         try:  # ${output_dir}/logs and the like, as in torchtune configs
-            raw = resolve_interpolations(raw)
+            raw = resolve_interpolations(raw, defaults=_defaults(SCHEMA))
         except TorchtuneConfigError as e:
             raise ConfigError(f"--config: {path} or its overrides: {e}") from None
     values = _resolve(raw, SCHEMA, prefix="")
@@ -129,12 +129,16 @@ def parse_override(text: str, kind: str | None = None) -> tuple[str, Any]:
     return key, parse_value(value, kind)
 
 
-def parse_value(text: str, kind: str | None = None) -> Any:
+def parse_value(text: str, kind: str | None = None, nullable: bool = True) -> Any:
     """An override's value: parsed as YAML (``16``, ``true``, ``[q_proj,v_proj]``), except for a key
     of schema kind ``str`` or ``path``, and ``path|list[path]`` unless written as a ``[...]`` list,
     whose value is the text as written (YAML would cut ``/runs/a #2`` at `` #`` and read
-    ``2024-06-01`` as a date). Empty, ``null``, ``~`` or Python's ``None`` is null for every kind."""
-    if text.strip() in ("", "null", "Null", "NULL", "~", "None", "none"):
+    ``2024-06-01`` as a date). Empty, ``null`` or ``~`` is null for every kind, and Python's ``None``
+    (or ``none``) too, except for a string or path key that may not be null (``output_dir=none`` is
+    a folder)."""
+    if text.strip() in ("", "null", "Null", "NULL", "~"):
+        return None
+    if text.strip() in ("None", "none") and (nullable or kind not in ("str", "path", "path|list[path]")):
         return None
     if kind in ("str", "path") or (kind == "path|list[path]" and not text.lstrip().startswith("[")):
         return text
@@ -168,7 +172,7 @@ def _apply_override(raw: dict, text: str) -> None:
                     f"override '{text}': '{here}' is a section; set one of its keys: "
                     f"{', '.join(f'{here}.{k}' for k in schema[part])}"
                 )
-            node[part] = parse_value(value, schema[part].kind)
+            node[part] = parse_value(value, schema[part].kind, schema[part].nullable)
         else:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -212,6 +216,17 @@ def _check_known_keys(raw: dict, schema: dict, prefix: str, where: str) -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{full}' {where} must be a section (a mapping); got {value!r}")
             _check_known_keys(value, schema[key], f"{full}.", where)
+
+
+def _defaults(schema: dict) -> dict[str, Any]:
+    """The schema's default values, nested as the config is (required keys left out)."""
+    out: dict[str, Any] = {}
+    for key, spec in schema.items():
+        if isinstance(spec, dict):
+            out[key] = _defaults(spec)
+        elif spec.default is not REQUIRED:
+            out[key] = spec.default
+    return out
 
 
 def _resolve(raw: dict, schema: dict, prefix: str) -> dict[str, Any]:

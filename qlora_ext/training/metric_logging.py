@@ -21,6 +21,10 @@ class MissingDependencyError(RuntimeError):
     """An optional package the config asks for is not installed."""
 
 
+class MetricLoggerError(RuntimeError):
+    """A chosen metric logger's package is installed but cannot start (e.g. wandb without a login)."""
+
+
 class DiskLogger:
     """Appends one JSON object per ``log`` call to ``log_dir/metrics.jsonl``.
 
@@ -97,7 +101,7 @@ class WandBLogger:
         try:
             self._run = wandb.init(project=project, dir=str(log_dir), config=config)
         except Exception as e:  # noqa: BLE001  (wandb's own errors: no login, no network, a bad project)
-            raise MissingDependencyError(
+            raise MetricLoggerError(
                 f"metric_logger.type=wandb: wandb.init(project={project!r}) failed: {type(e).__name__}: {e}. Run "
                 "`wandb login` first, or set WANDB_MODE=offline, or use metric_logger.type=disk"
             ) from None

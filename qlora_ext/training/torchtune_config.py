@@ -33,9 +33,11 @@ def is_torchtune_config(raw: dict) -> bool:
     return "_component_" in raw or any(isinstance(v, dict) and "_component_" in v for v in raw.values())
 
 
-def resolve_interpolations(raw: dict) -> dict:
+def resolve_interpolations(raw: dict, defaults: dict | None = None) -> dict:
     """A copy with every ``${a.b}`` replaced by the value at ``a.b`` (a value that is exactly one
-    interpolation keeps its type; one inside a longer string is formatted into it)."""
+    interpolation keeps its type; one inside a longer string is formatted into it). A key absent
+    from ``raw`` is looked up in ``defaults`` (same nesting), if given. A null value cannot be
+    formatted into a longer string."""
 
     def lookup(key: str, chain: tuple[str, ...]) -> Any:
         if ":" in key or not key.strip():
@@ -44,12 +46,21 @@ def resolve_interpolations(raw: dict) -> dict:
             )
         if key in chain:
             raise TorchtuneConfigError(f"interpolation '${{{key}}}' refers to itself through {' -> '.join(chain + (key,))}")
-        node: Any = raw
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise TorchtuneConfigError(f"interpolation '${{{key}}}': the config has no key '{key}'")
-            node = node[part]
-        return resolve(node, chain + (key,))
+        for table in (raw, defaults or {}):
+            node: Any = table
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    break
+                node = node[part]
+            else:
+                return resolve(node, chain + (key,))
+        raise TorchtuneConfigError(f"interpolation '${{{key}}}': the config has no key '{key}'")
+
+    def formatted(key: str, chain: tuple[str, ...]) -> str:
+        value = lookup(key, chain)
+        if value is None:
+            raise TorchtuneConfigError(f"interpolation '${{{key}}}': '{key}' is null, which cannot be part of a longer value")
+        return str(value)
 
     def resolve(value: Any, chain: tuple[str, ...]) -> Any:
         if isinstance(value, dict):
@@ -61,7 +72,7 @@ def resolve_interpolations(raw: dict) -> dict:
         whole = _INTERPOLATION.fullmatch(value)
         if whole:
             return lookup(whole.group(1), chain)
-        return _INTERPOLATION.sub(lambda m: str(lookup(m.group(1), chain)), value)
+        return _INTERPOLATION.sub(lambda m: formatted(m.group(1), chain), value)
 
     return resolve(raw, ())
 
