@@ -105,6 +105,14 @@ def test_vocab_size_read_from_embedding(tmp_path):
     transformers()
     _write_meta(tmp_path, hf_llama(num_kv_heads=4, seed=1))
     assert read_checkpoint_config(tmp_path).vocab_size == 320
+    # Under a name of the user's (torchtune's checkpoint_files): the named file is read.
+    (tmp_path / "consolidated.00.pth").rename(tmp_path / "model.pth")
+    params = json.loads((tmp_path / "params.json").read_text())
+    (tmp_path / "params.json").write_text(json.dumps({**params, "vocab_size": -1}))
+    assert read_checkpoint_config(tmp_path, ["model.pth"]).vocab_size == 320
+    assert stored_dtype(tmp_path, ["model.pth"]) == torch.float32
+    with pytest.raises(FileNotFoundError, match=r"no Meta weights in .*: looked for consolidated"):
+        read_checkpoint_config(tmp_path)
 
 
 def test_meta_keys_missing_are_named_as_meta_names_them(tmp_path):

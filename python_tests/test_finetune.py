@@ -343,3 +343,12 @@ def test_merged_model_keeps_the_stored_dtype_of_a_base_that_declares_none(tmp_pa
     with safe_open(out / "epoch_0" / "model.safetensors", "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     assert json.loads((out / "epoch_0" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    # Weights under a name of the user's, given as checkpointer.checkpoint_files: found for the dtype
+    # too (the save had looked for the standard names and failed after training).
+    (base / "model.safetensors").rename(base / "weights.safetensors")
+    assert stored_dtype(base, ["weights.safetensors"]) == torch.bfloat16
+    out = tmp_path / "named"
+    finetune.train(load_config("tiny_qlora", small_run_overrides(base, small_data, out)
+                               + ["epochs=1", "max_steps_per_epoch=1", "checkpointer.checkpoint_files=[weights.safetensors]"]))
+    with safe_open(out / "epoch_0" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}

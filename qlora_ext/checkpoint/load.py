@@ -56,19 +56,28 @@ def checkpoint_format(checkpoint_dir: str | os.PathLike) -> str:
     )
 
 
-def stored_dtype(checkpoint_dir: str | os.PathLike) -> torch.dtype | None:
+def _weight_files(checkpoint_dir: str, fmt: str, checkpoint_files: Sequence[str] | None) -> list[str]:
+    """The weight files: those named (``checkpoint_files``, inside the folder), else found by name."""
+    if checkpoint_files is not None:
+        return _named_files(checkpoint_dir, checkpoint_files)
+    return hf_weight_files(checkpoint_dir) if fmt == "hf" else meta_weight_files(checkpoint_dir)
+
+
+def stored_dtype(checkpoint_dir: str | os.PathLike, checkpoint_files: Sequence[str] | None = None) -> torch.dtype | None:
     """The dtype a checkpoint stores its token embedding in (for a Meta checkpoint, or a HF one whose
     config.json declares none); None where there is no such tensor. Only the file's header or
-    index is read.
+    index is read. ``checkpoint_files`` as for ``load_checkpoint``.
 
     Raises:
-        FileNotFoundError: no checkpoint there.
+        FileNotFoundError: no checkpoint there, or a named file is not there.
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
-    if checkpoint_format(checkpoint_dir) == "hf":
-        files, key = hf_weight_files(checkpoint_dir), "model.embed_tokens.weight"
+    fmt = checkpoint_format(checkpoint_dir)
+    files = _weight_files(checkpoint_dir, fmt, checkpoint_files)
+    if fmt == "hf":
+        key = "model.embed_tokens.weight"
     else:
-        files, key = meta_weight_files(checkpoint_dir)[:1], "tok_embeddings.weight"
+        files, key = files[:1], "tok_embeddings.weight"
     for file in files:
         with TensorFiles([file]) as tensors:
             if key in tensors.dtypes:
@@ -76,18 +85,19 @@ def stored_dtype(checkpoint_dir: str | os.PathLike) -> torch.dtype | None:
     return None
 
 
-def read_checkpoint_config(checkpoint_dir: str | os.PathLike) -> Llama2Config:
+def read_checkpoint_config(checkpoint_dir: str | os.PathLike, checkpoint_files: Sequence[str] | None = None) -> Llama2Config:
     """The architecture a checkpoint folder holds, from config.json or params.json (Meta's
-    vocab_size of -1 is taken from the embedding's shape).
+    vocab_size of -1 is taken from the embedding's shape, in the first weight file:
+    ``checkpoint_files`` as for ``load_checkpoint``).
 
     Raises:
-        FileNotFoundError: no checkpoint there.
+        FileNotFoundError: no checkpoint there, or a named file is not there.
         ValueError: an unsupported or incomplete config.
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
     if checkpoint_format(checkpoint_dir) == "hf":
         return Llama2Config.from_hf(read_json(os.path.join(checkpoint_dir, "config.json")))
-    first = meta_weight_files(checkpoint_dir)[0]
+    first = _weight_files(checkpoint_dir, "meta", checkpoint_files)[0]
     with TensorFiles([first]) as shard:
         vocab = shard.shapes.get("tok_embeddings.weight", (None,))[0]
     params = read_json(os.path.join(checkpoint_dir, "params.json"))
@@ -137,7 +147,7 @@ def load_checkpoint(
     checkpoint_dir = os.fspath(checkpoint_dir)
     fmt = checkpoint_format(checkpoint_dir)
     wanted = Llama2Config.from_model(model)
-    given = read_checkpoint_config(checkpoint_dir)
+    given = read_checkpoint_config(checkpoint_dir, checkpoint_files)
     diffs = given.differences(wanted)
     if diffs:
         raise ValueError(f"load_checkpoint: checkpoint {checkpoint_dir} has another architecture than the model (checkpoint vs model): {'; '.join(diffs)}")

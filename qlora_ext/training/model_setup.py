@@ -71,7 +71,7 @@ def build_model(cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
     try:
         arch = {}
         if m.builder in GENERIC_BUILDERS:
-            arch = read_checkpoint_config(ckpt_dir).builder_kwargs()
+            arch = read_checkpoint_config(ckpt_dir, cfg.checkpointer.checkpoint_files).builder_kwargs()
             arch.update({k: getattr(m, k) for k in ARCH_KEYS if getattr(m, k) is not None})
         with torch.device("meta"), _default_dtype(dtype):
             model = _builder(m.builder)(**lora, **arch)

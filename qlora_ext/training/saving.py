@@ -96,7 +96,7 @@ def save_checkpoint(
             base_config = json.loads(config_json.read_text()) if config_json.is_file() else None
             # Merged weights in the base checkpoint's dtype (bf16 for Llama-2): the one its config.json
             # declares, else the one it stores (a Meta checkpoint declares none), else the model's own.
-            dtype = _declared_dtype(base_config) or stored_dtype(ckpt_dir)
+            dtype = _declared_dtype(base_config) or stored_dtype(ckpt_dir, cfg.checkpointer.checkpoint_files)
             save_hf_checkpoint(model, tmp, dtype=dtype, base_config=base_config)
         save_hf_tokenizer(tmp, cfg.tokenizer.path, source_dir=ckpt_dir)
         if (Path(ckpt_dir) / "generation_config.json").is_file():
