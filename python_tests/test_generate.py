@@ -224,6 +224,9 @@ def test_cli_matches_python(checkpoint_with_tokenizer, tmp_path):
     stdout, stderr = _cli("--checkpoint-dir", folder, "--prompt", "The quick fox", "--temperature", "0", "--max-new-tokens", "6")
     assert stdout == _expected(folder, "The quick fox")
     assert stdout.startswith("The quick fox") and "tokens/s" in stderr
+    # Several prompts decode in one batch and print in order; greedy, each is what it alone gives.
+    both, _ = _cli("--checkpoint-dir", folder, "--prompt", "The quick fox", "--prompt", "A", "--temperature", "0", "--max-new-tokens", "6")
+    assert both == _expected(folder, "The quick fox") + "\n---\n" + _expected(folder, "A")
 
     model = llama2_from_checkpoint(folder, ["q_proj", "v_proj"], apply_lora_to_mlp=True, lora_rank=4, lora_alpha=8)
     with torch.no_grad():

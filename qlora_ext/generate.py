@@ -10,7 +10,8 @@ checkpoint folder the trainer wrote holds the merged model, so ``--checkpoint-di
 alone runs the fine-tuned model. ``--template alpaca`` (or ``llama2_chat``, as the run's
 ``dataset.template``) puts the prompt (and ``--input``) into the prompt the trainer trains on: an
 instruction-tuned model answers that, not bare text.
-The prompt and its continuation go to stdout; timing goes to stderr.
+The prompt and its continuation go to stdout (several ``--prompt`` are decoded in one batch and
+printed in order, separated by lines of ``---``); timing goes to stderr.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m qlora_ext.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint-dir", required=True, help="HF or Meta Llama-2 checkpoint folder")
     parser.add_argument("--adapter-dir", default=None, help="PEFT LoRA adapter folder to apply")
-    parser.add_argument("--prompt", required=True, help="text to continue (with a --template: the instruction)")
+    parser.add_argument("--prompt", required=True, action="append",
+                        help="text to continue (with a --template: the instruction); repeat it for several prompts, "
+                             "decoded together in one batch and printed in order, separated by lines of '---'")
     parser.add_argument("--template", choices=("none", "alpaca", "llama2_chat"), default="none",
                         help="none: the prompt as given; alpaca / llama2_chat: the trainer's prompt of that dataset.template "
                              "around it (default: none)")
@@ -140,21 +143,22 @@ def _run(args: argparse.Namespace) -> int:
     loaded = time.perf_counter()
 
     if args.template == "none":
-        prompt = tokenizer.encode(args.prompt, add_bos=True, add_eos=False)
+        prompts = [tokenizer.encode(text, add_bos=True, add_eos=False) for text in args.prompt]
     else:  # the prompt's tokens exactly as the trainer makes them
         from qlora_ext.training.data import prompt_tokens
 
-        prompt = prompt_tokens(tokenizer, {"instruction": args.prompt, "input": args.input}, args.template)
-    if len(prompt) >= model.max_seq_len:
+        prompts = [prompt_tokens(tokenizer, {"instruction": text, "input": args.input}, args.template) for text in args.prompt]
+    longest = max(len(p) for p in prompts)
+    if longest >= model.max_seq_len:
         raise ValueError(
-            f"argument --prompt must leave room for new tokens: it is {len(prompt)} tokens (with BOS) and "
+            f"argument --prompt must leave room for new tokens: it is {longest} tokens (with BOS) and "
             f"the model's max_seq_len is {model.max_seq_len}; shorten it"
         )
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     tokens = generate(
         model,
-        prompt,
-        max_new_tokens=min(args.max_new_tokens, model.max_seq_len - len(prompt)),
+        prompts,
+        max_new_tokens=min(args.max_new_tokens, model.max_seq_len - longest),
         temperature=args.temperature,
         top_k=args.top_k or None,
         stop_tokens=tokenizer.stop_tokens,
@@ -162,15 +166,20 @@ def _run(args: argparse.Namespace) -> int:
         generator=generator,
     )
     done = time.perf_counter()
-    new = tokens[0, len(prompt) :].tolist()
-    if tokenizer.eos_id in new:
-        new = new[: new.index(tokenizer.eos_id)]
-    # Decode prompt and continuation together: SentencePiece drops a leading space when decoding
-    # the continuation on its own.
-    print(tokenizer.decode(prompt + new))
+    steps = tokens.shape[1] - longest  # row i's new tokens are tokens[i, len(prompt i) : len(prompt i) + steps]
+    texts, count = [], 0
+    for prompt, row in zip(prompts, tokens.tolist()):
+        new = row[len(prompt) : len(prompt) + steps]
+        ends = [i for i, t in enumerate(new) if t in tokenizer.stop_tokens]
+        new = new[: ends[0]] if ends else new
+        count += len(new)
+        # Decode prompt and continuation together: SentencePiece drops a leading space when
+        # decoding the continuation on its own.
+        texts.append(tokenizer.decode(prompt + new))
+    print("\n---\n".join(texts))
     print(
-        f"loaded in {loaded - start:.1f} s; generated {len(new)} tokens in {done - loaded:.2f} s "
-        f"({len(new) / max(done - loaded, 1e-9):.1f} tokens/s)",
+        f"loaded in {loaded - start:.1f} s; generated {count} tokens in {done - loaded:.2f} s "
+        f"({count / max(done - loaded, 1e-9):.1f} tokens/s)",
         file=sys.stderr,
     )
     return 0
