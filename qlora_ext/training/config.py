@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 from qlora_ext.training.config_schema import ARCH_KEYS, GENERIC_BUILDERS, REQUIRED, SCHEMA, Opt
-from qlora_ext.training.torchtune_config import TorchtuneConfigError, is_torchtune_config, resolve_interpolations, translate
+from qlora_ext.training.interpolation import InterpolationError, resolve_interpolations
+from qlora_ext.training.torchtune_config import TorchtuneConfigError, is_torchtune_config, translate
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -105,7 +106,7 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
             _set_raw(raw, override)
         try:
             raw, torchtune_notes = translate(resolve_interpolations(raw))
-        except TorchtuneConfigError as e:
+        except (InterpolationError, TorchtuneConfigError) as e:
             raise ConfigError(f"--config: {path} (a torchtune config): {e}") from None
         if notes is not None:
             notes.extend(torchtune_notes)
@@ -116,7 +117,7 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
             _apply_override(raw, override)
         try:  # ${output_dir}/logs and the like, as in torchtune configs
             raw = resolve_interpolations(raw, defaults=_defaults(SCHEMA))
-        except TorchtuneConfigError as e:
+        except InterpolationError as e:
             raise ConfigError(f"--config: {path} or its overrides: {e}") from None
     values = _resolve(raw, SCHEMA, prefix="")
     _check_cross_keys(values)
