@@ -51,7 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not os.path.isdir(args.checkpoint_dir):
         parser.error(f"argument --checkpoint-dir must be a checkpoint folder; '{args.checkpoint_dir}' is not a folder")
-    if not any(os.path.isfile(os.path.join(args.checkpoint_dir, name)) for name in ("config.json", "params.json")):
+    from qlora_ext.checkpoint.load import checkpoint_format
+
+    try:
+        checkpoint_format(args.checkpoint_dir)
+    except FileNotFoundError:
         parser.error(f"argument --checkpoint-dir must be a HF (config.json) or Meta (params.json) checkpoint folder; "
                      f"'{args.checkpoint_dir}' holds neither{_what_it_holds(args.checkpoint_dir)}")
     if args.tokenizer is None and not os.path.isfile(os.path.join(args.checkpoint_dir, "tokenizer.model")):

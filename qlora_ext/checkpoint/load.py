@@ -151,13 +151,13 @@ def load_checkpoint(
     diffs = given.differences(wanted)
     if diffs:
         raise ValueError(f"load_checkpoint: checkpoint {checkpoint_dir} has another architecture than the model (checkpoint vs model): {'; '.join(diffs)}")
-    named = None if checkpoint_files is None else _named_files(checkpoint_dir, checkpoint_files)
+    paths = _weight_files(checkpoint_dir, fmt, checkpoint_files)
     with contextlib.ExitStack() as stack:
         if fmt == "hf":
-            files = stack.enter_context(TensorFiles(named or hf_weight_files(checkpoint_dir)))
+            files = stack.enter_context(TensorFiles(paths))
             load_entries(model, hf_entries(files), rename=hf_to_ours, name_in_source=ours_to_hf, device=device, source=checkpoint_dir)
         else:
-            shards = [stack.enter_context(TensorFiles([path])) for path in named or meta_weight_files(checkpoint_dir)]
+            shards = [stack.enter_context(TensorFiles([path])) for path in paths]
 
             def to_hf_rotary(name: str, value: Tensor) -> Tensor:
                 if not is_rotary_projection(name):
