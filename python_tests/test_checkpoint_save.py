@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -103,6 +105,35 @@ def test_adapter_round_trip_and_config(base_dir, tmp_path):
     fewer = _trained(base_dir, attn=("q_proj", "k_proj", "v_proj", "output_proj"))
     with pytest.raises(ValueError, match=r"missing: \['base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight'"):
         load_peft_adapter(fewer, tmp_path)
+
+
+def test_adapter_round_trip_needs_no_numpy(tmp_path):
+    """numpy is no dependency of ours: an adapter is written and read back in a process where it
+    cannot be imported (safetensors' own save_file imports it; ours streams the bytes)."""
+    script = f"""
+import sys
+sys.modules["numpy"] = None  # import numpy raises ImportError
+import torch
+from qlora_ext.checkpoint import load_peft_adapter, save_peft_adapter
+from qlora_ext.models.llama2 import qlora_llama2_tiny
+torch.manual_seed(0)
+model = qlora_llama2_tiny(lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=True)
+for name, p in model.named_parameters():
+    if "lora_b" in name:
+        torch.nn.init.normal_(p)
+save_peft_adapter(model, {str(tmp_path)!r})
+again = qlora_llama2_tiny(lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=True)
+load_peft_adapter(again, {str(tmp_path)!r})
+ours, theirs = dict(model.named_parameters()), dict(again.named_parameters())
+assert all(torch.equal(p, theirs[n]) for n, p in ours.items() if "lora_" in n)
+print("ok", sum("lora_" in n for n in ours))
+"""
+    import qlora_ext
+
+    home = os.path.dirname(os.path.dirname(qlora_ext.__file__))  # the child imports the qlora_ext this test does
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (home, os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.startswith("ok "), done.stdout + done.stderr
 
 
 def test_adapter_config_records_dropout_task_and_base(base_dir, tmp_path):
@@ -410,12 +441,14 @@ def test_crash_mid_save_leaves_previous_checkpoint(base_dir, tmp_path, monkeypat
     assert calls["n"] > 0  # the crash came after some shards were written
     assert _snapshot(merged) == before  # same names, same bytes: no temporaries, nothing replaced
 
-    import safetensors.torch as st
+    import qlora_ext.checkpoint.peft_adapter as peft_adapter
 
-    def crash(*args, **kwargs):
+    def crash(path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a header")  # a part written, then the disk fills
         raise OSError("disk full")
 
-    monkeypatch.setattr(st, "save_file", crash)
+    monkeypatch.setattr(peft_adapter, "write_safetensors", crash)
     with pytest.raises(OSError, match="disk full"):
         save_peft_adapter(model, adapter)
     assert _snapshot(adapter) == before_adapter

@@ -20,6 +20,7 @@ from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext.checkpoint.atomic import StagedFiles
 from qlora_ext.checkpoint.convert import hf_module_name, hf_to_ours, strip_wrappers
 from qlora_ext.checkpoint.load import _assign, _home_device, _targets, refuse_merged
+from qlora_ext.checkpoint.safetensors_io import SafetensorsReader, write_safetensors
 from qlora_ext.modules.lora_linear import LoRALinear
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -145,11 +146,10 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_mode
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = module.lora_a.weight.detach().cpu().contiguous()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = module.lora_b.weight.detach().cpu().contiguous()
 
-    from safetensors.torch import save_file
-
+    specs = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
     owned = (ADAPTER_WEIGHTS_NAME, ADAPTER_WEIGHTS_BIN_NAME, ADAPTER_CONFIG_NAME)  # an older .bin would be stale
     with StagedFiles(out_dir, owns=lambda name: name in owned) as staged:
-        staged.write(ADAPTER_WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+        staged.write(ADAPTER_WEIGHTS_NAME, lambda path: write_safetensors(path, specs, tensors.__getitem__, {"format": "pt"}))
         staged.write(ADAPTER_CONFIG_NAME, lambda path: _write_json(path, config))
     return [os.path.join(os.fspath(out_dir), n) for n in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME)]
 
@@ -257,8 +257,6 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
             the wrong shape (all listed), or a LoRA module has its adapter merged into its base
             weight (call ``unmerge_()`` first); nothing is loaded then.
     """
-    from safetensors.torch import load_file
-
     builder_args = read_adapter_config(adapter_dir)
     weights_path = adapter_weights_path(adapter_dir)
     refuse_merged(model, "load_peft_adapter")
@@ -271,7 +269,11 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
     if problems:
         raise ValueError(f"load_peft_adapter: {adapter_dir} does not fit the model: rank/alpha differ: {problems[:10]}")
     if weights_path.endswith(".safetensors"):
-        tensors = load_file(weights_path)
+        reader = SafetensorsReader(weights_path)
+        try:
+            tensors = {name: reader.get(name) for name in reader.keys()}
+        finally:
+            reader.close()
     else:
         try:
             tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
