@@ -76,19 +76,3 @@ def test_cpu_kernel_isa_can_be_chosen():
             ops.set_cpu_kernel_isa("sse")
     finally:
         ops.set_cpu_kernel_isa(before)
-
-
-def test_console_scripts_point_at_the_module_clis(capsys):
-    """pyproject's [project.scripts]: one per CLI module (python -m qlora_ext.X), each a main that
-    answers --help."""
-    import importlib
-
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
-        scripts = tomllib.load(f)["project"]["scripts"]
-    assert scripts == {f"qlora-{name}": f"qlora_ext.{name}:main" for name in ("finetune", "generate", "plot")}
-    for target in scripts.values():
-        module, function = target.split(":")
-        with pytest.raises(SystemExit) as done:
-            getattr(importlib.import_module(module), function)(["--help"])
-        assert done.value.code == 0 and "usage: python -m " + module in capsys.readouterr().out

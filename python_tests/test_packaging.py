@@ -1,0 +1,59 @@
+"""pyproject.toml's promises: the console scripts, and the oldest Python it admits."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+SOURCE_DIRS = ("qlora_ext", "bench", "python_tests", "scripts", ".ci")
+
+
+def _pyproject() -> dict:
+    try:
+        import tomllib  # novermin (Python 3.11+)
+    except ModuleNotFoundError:  # Python 3.10: its predecessor, a test dependency there
+        import tomli as tomllib
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def test_console_scripts_point_at_the_module_clis(capsys):
+    """[project.scripts]: one per CLI module (python -m qlora_ext.X), each a main that answers --help."""
+    scripts = _pyproject()["project"]["scripts"]
+    assert scripts == {f"qlora-{name}": f"qlora_ext.{name}:main" for name in ("finetune", "generate", "plot")}
+    for target in scripts.values():
+        module, function = target.split(":")
+        with pytest.raises(SystemExit) as done:
+            getattr(importlib.import_module(module), function)(["--help"])
+        assert done.value.code == 0 and "usage: python -m " + module in capsys.readouterr().out
+
+
+def _vermin(paths: list[str], oldest: str) -> subprocess.CompletedProcess:
+    """vermin (a test dependency) reports each file that needs a Python newer than ``oldest``."""
+    vermin = shutil.which("vermin", path=os.path.dirname(sys.executable)) or shutil.which("vermin")
+    if vermin is None:
+        pytest.skip("vermin is not installed (pip install vermin)")
+    command = [vermin, "--quiet", "--no-tips", "--violations", "--eval-annotations", f"--target={oldest}-", *paths]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+
+
+def test_python_code_needs_no_newer_python_than_requires_python(tmp_path):
+    """Every Python file runs on the oldest Python that requires-python admits (3.10): no module,
+    function or syntax of a later one (a line may opt out with a ``# novermin`` comment, as an
+    import guarded by a fallback does)."""
+    requires = _pyproject()["project"]["requires-python"]
+    assert requires.startswith(">="), requires
+    oldest = requires[2:]
+    # the check is alive: a file that needs 3.11 fails it
+    newer = tmp_path / "needs_311.py"
+    newer.write_text("import tomllib\n")
+    caught = _vermin([str(newer)], oldest)
+    assert caught.returncode != 0 and "tomllib" in caught.stdout, caught.stdout + caught.stderr
+    checked = _vermin(list(SOURCE_DIRS), oldest)
+    assert checked.returncode == 0, f"needs a Python newer than {oldest}:\n{checked.stdout}{checked.stderr}"
