@@ -70,3 +70,36 @@ def test_compiled_matches_eager_without_breaks_or_recompiles(kind, device):
             assert counter.frame_count == 1, "the same shapes compiled twice"
     # A new batch size compiles once more, as a dynamic graph; later sizes reuse it.
     assert counter.frame_count == 2
+
+
+@pytest.mark.parametrize("how", ["whole", "layers"])
+def test_generate_with_a_compiled_model_reuses_its_graphs(how):
+    """generate() on a compiled model (torch.compile(model), or each layer's .compile() as the
+    trainer's compile=True does): prompts of other lengths and other max_new_tokens reuse the
+    same few graphs (a prefill, made dynamic once, and a decoding step), and decode as eager does.
+    Caches sized per call had compiled two graphs a call, up to torch's recompile limit."""
+    from qlora_ext.generation import generate
+    from qlora_ext.models.llama2 import lora_llama2
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = lora_llama2(["q_proj", "v_proj"], vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+                        max_seq_len=64, intermediate_dim=128, lora_rank=4, lora_alpha=8, quantize_base=True).eval()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    if how == "whole":
+        compiled = torch.compile(model, fullgraph=True, backend=counter)
+    else:
+        compiled = model
+        for layer in model.layers:
+            layer.compile(fullgraph=True, backend=counter)
+    calls = [([[5, 6, 7, 8], [9, 10]], 3), ([[1, 2, 3], [4, 5, 6, 7, 8]], 6), ([[11] * 7, [12] * 2], 2),
+             ([[3, 1], [4, 1, 5]], 9), ([[2] * 10, [7] * 9], 5), ([[8, 9, 10, 11, 12], [13]], 4)]
+    graphs = []
+    for prompt, max_new_tokens in calls:
+        got = generate(compiled, prompt, max_new_tokens=max_new_tokens, temperature=0.0)
+        with torch.compiler.set_stance("force_eager"):
+            want = generate(model, prompt, max_new_tokens=max_new_tokens, temperature=0.0)
+        assert torch.equal(got, want)
+        assert not model.caches_are_setup()  # generate's own caches are removed again
+        graphs.append(counter.frame_count)
+    assert graphs[-1] <= 3 and graphs[2] == graphs[-1], f"graphs compiled after each call: {graphs}"

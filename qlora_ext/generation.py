@@ -10,6 +10,7 @@ step feeds only the newest token. ``use_cache=False`` recomputes the whole seque
 
 from __future__ import annotations
 
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -91,6 +92,14 @@ def _prompt_rows(prompt: Tensor | list, pad_id: int, vocab: int) -> tuple[Tensor
 
 
 @torch.no_grad()
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``torch.compile`` wraps the model (``torch.compile(model)``) or any of its modules
+    (``module.compile()``, as ``compile=True`` in the trainer does to each layer)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported yet: nothing is compiled
+    wrapper = eval_frame.OptimizedModule if eval_frame is not None else ()
+    return any(isinstance(m, wrapper) or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
 def generate(
     model: nn.Module,
     prompt: Tensor | list[int] | list[list[int]],
@@ -107,8 +116,12 @@ def generate(
 
     Args:
         model: a ``TransformerDecoder``, normally in eval mode (dropout stays as the caller set
-            it). If it has no KV caches, caches sized for this call are set up and removed
-            afterwards; caches set up by the caller are reset and reused.
+            it), or one compiled with ``torch.compile`` (whole, or module by module). If it has
+            no KV caches, caches are set up for this call and removed afterwards: sized for it,
+            or for the model's ``max_seq_len`` when it is compiled, so that every call has the
+            same cache shapes and reuses the same graphs (a prefill and a decoding step; sized
+            per call, each call would compile anew until torch's recompile limit stops it).
+            Caches set up by the caller are reset and reused.
         prompt: [b, s] token ids (prompts of equal length), one prompt as a list of ints, or a
             list of such lists: prompts of different lengths, decoded together in one batch.
             Each row starts at position 0 and its new tokens follow its own last prompt token;
@@ -187,17 +200,19 @@ def generate(
     # Pads after a shorter prompt sit at later positions than its real tokens, so causal attention
     # never lets them in: each is overwritten by a new token before any query can reach it.
     out = torch.full((b, total), pad_id, dtype=torch.long, device=device)
-    out[:, :s] = rows.to(device)
+    rows = rows.to(device)  # the prefill's input: contiguous, whatever max_new_tokens (a view of out has out's strides)
+    out[:, :s] = rows
 
     if own_caches:
-        model.setup_caches(b, model.tok_embeddings.weight.dtype, max_seq_len=total)
+        model.setup_caches(b, model.tok_embeddings.weight.dtype, max_seq_len=limit if _is_compiled(model) else total)
     elif use_cache:
         model.reset_caches()
     try:
         if use_cache:
-            logits = model(out[:, :s], input_pos=torch.arange(s, device=device))
+            # [b, s] positions, as the decoding steps pass [b, 1]: one input rank, for compiled models
+            logits = model(rows, input_pos=torch.arange(s, device=device).expand(b, s))
         else:
-            logits = model(out[:, :s])
+            logits = model(rows)
         logits = logits[batch, lengths - 1]  # [b, vocab]: after each row's last prompt token
         done = torch.zeros(b, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
