@@ -103,3 +103,32 @@ def test_generate_with_a_compiled_model_reuses_its_graphs(how):
         assert not model.caches_are_setup()  # generate's own caches are removed again
         graphs.append(counter.frame_count)
     assert graphs[-1] <= 3 and graphs[2] == graphs[-1], f"graphs compiled after each call: {graphs}"
+
+
+def test_a_merged_then_disabled_layer_compiles_with_fullgraph():
+    """A disabled adapter takes itself out of a merged base in forward (as PEFT does); compiled
+    with fullgraph=True that must trace too (the rounding warning is eager-only) and give eager's
+    output and weights."""
+    import warnings
+
+    torch._dynamo.reset()
+    layers = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        layer = LoRALinear(128, 64, rank=4, alpha=8, quantize_base=True)
+        nn.init.normal_(layer.lora_b.weight, std=0.05)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layer.merge_()
+        layer.disabled = True
+        layers.append(layer)
+    eager, compiled_layer = layers
+    x = torch.randn(3, 128)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = eager(x)
+    got = torch.compile(compiled_layer, fullgraph=True, backend=counter)(x)
+    assert counter.frame_count == 1 and not compiled_layer.merged
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_layer.weight.dequantize(), eager.weight.dequantize(), rtol=0, atol=0)

@@ -197,7 +197,8 @@ class LoRALinear(nn.Module):
 
     def _add_to_base(self, delta: Tensor) -> None:
         if isinstance(self.weight, NF4Tensor):
-            warnings.warn("LoRALinear: merging into an NF4 base weight quantizes it again, which rounds", stacklevel=3)
+            if not torch.compiler.is_compiling():  # dynamo cannot trace warnings.warn (fullgraph=True)
+                warnings.warn("LoRALinear: merging into an NF4 base weight quantizes it again, which rounds", stacklevel=3)
             self.weight.copy_(self.weight.dequantize(delta.dtype) + delta)
         else:
             self.weight.add_(delta.to(self.weight.dtype))
