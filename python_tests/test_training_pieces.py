@@ -63,6 +63,31 @@ def test_disk_logger_appends_and_truncates_on_resume(tmp_path):
     assert read_metrics(tmp_path) == []
 
 
+def test_metrics_of_a_run_with_its_own_log_dir_are_found(tmp_path, monkeypatch):
+    """A run that set metric_logger.log_dir (README: 'metric_logger.log_dir=${output_dir}/tb')
+    keeps its metrics there; its output_dir still names the run: read_metrics (and so
+    python -m qlora_ext.plot RUN_DIR) follows the run's config.yaml, inside the run folder
+    wherever it now is, or to a log_dir outside it."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "moved" / "run_b"  # trained as qlora_output/run_b, then moved
+    (run / "tb").mkdir(parents=True)
+    (run / "config.yaml").write_text("output_dir: qlora_output/run_b\nmetric_logger:\n  type: disk\n  log_dir: qlora_output/run_b/tb\n")
+    log = DiskLogger(run / "tb")
+    log.log({"loss": 1.5}, step=1)
+    log.close()
+    assert [r["loss"] for r in read_metrics(run)] == [1.5]
+    outside = tmp_path / "elsewhere"
+    log = DiskLogger(outside)
+    log.log({"loss": 2.5}, step=1)
+    log.close()
+    (run / "config.yaml").write_text(f"output_dir: qlora_output/run_b\nmetric_logger:\n  log_dir: {outside}\n")
+    assert [r["loss"] for r in read_metrics(run)] == [2.5]
+    (run / "config.yaml").write_text("output_dir: qlora_output/run_b\nmetric_logger:\n  log_dir: qlora_output/run_b/gone\n")
+    with pytest.raises(FileNotFoundError, match=r"no metrics.jsonl in .*run_b, .*run_b/logs or .*run_b/gone \(its config.yaml's metric_logger.log_dir\): "
+                       r"give a training run's output_dir, or the folder holding its metrics.jsonl"):
+        read_metrics(run)
+
+
 def test_disk_logger_survives_a_killed_writer(tmp_path, capsys, monkeypatch):
     log = DiskLogger(tmp_path)
     for s in range(1, 6):

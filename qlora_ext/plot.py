@@ -4,8 +4,9 @@ LoRA with QLoRA):
     python -m qlora_ext.plot RUN_DIR [RUN_DIR ...] [-o loss_curves.png] [--smoothing 0.9]
         [--labels lora qlora]
 
-A RUN_DIR is a trainer ``output_dir`` (its ``logs/metrics.jsonl`` is read). Uses matplotlib when
-installed, else a built-in PNG writer.
+A RUN_DIR is a trainer ``output_dir``: its ``logs/metrics.jsonl`` is read, or the one in the
+``metric_logger.log_dir`` its ``config.yaml`` names. Uses matplotlib when installed, else a built-in
+PNG writer.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from qlora_ext.checkpoint.atomic import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -143,13 +145,44 @@ class MetricLoggers:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file (a run folder, its logs folder, or the file itself).
-    Lines that are not JSON objects (a writer killed mid-line) are skipped with a warning."""
+    """The records of a metrics.jsonl file (a run folder, its logs folder, or the file itself; for
+    a run that set ``metric_logger.log_dir``, the folder its ``config.yaml`` names). Lines that are
+    not JSON objects (a writer killed mid-line) are skipped with a warning."""
     path = Path(path)
-    for candidate in (path, path / METRICS_FILE, path / "logs" / METRICS_FILE):
+    candidates = [path, path / METRICS_FILE, path / "logs" / METRICS_FILE]
+    log_dir = _configured_log_dir(path)
+    if log_dir is not None:
+        candidates.append(log_dir / METRICS_FILE)
+    for candidate in candidates:
         if candidate.is_file():
             return [record for _, record in _parsed_lines(candidate)]
-    raise FileNotFoundError(f"no {METRICS_FILE} in {path} or {path / 'logs'} (is it a training run's output_dir?)")
+    where = f"{path}, {path / 'logs'}" + (f" or {log_dir} (its config.yaml's metric_logger.log_dir)" if log_dir else "")
+    raise FileNotFoundError(
+        f"no {METRICS_FILE} in {where}: give a training run's output_dir, or the folder holding its {METRICS_FILE}"
+    )
+
+
+def _configured_log_dir(run_dir: Path) -> Path | None:
+    """The ``metric_logger.log_dir`` a run's saved ``config.yaml`` names, if any. A relative one is
+    taken as the trainer did (from its working directory) unless it lies inside the recorded
+    ``output_dir``: then it is found inside ``run_dir``, wherever the run folder is now."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        return None
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    logger = config.get("metric_logger") if isinstance(config, dict) else None
+    log_dir = logger.get("log_dir") if isinstance(logger, dict) else None
+    if not isinstance(log_dir, str) or not log_dir:
+        return None
+    output_dir = config.get("output_dir")
+    if isinstance(output_dir, str) and output_dir:
+        inside = os.path.relpath(log_dir, output_dir)
+        if not inside.startswith(os.pardir) and os.path.isabs(log_dir) == os.path.isabs(output_dir):
+            return run_dir / inside
+    return Path(log_dir)
 
 
 def _parsed_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
