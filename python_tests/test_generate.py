@@ -346,3 +346,42 @@ def test_cli_argument_errors(checkpoint_with_tokenizer, tmp_path):
         out = subprocess.run([sys.executable, "-m", "qlora_ext.generate", *args, "--prompt", "x"], capture_output=True, text=True, env=env,
                              timeout=120)
         assert out.returncode == 2 and needle in out.stderr, out.stderr[-2000:]
+
+
+def test_a_padded_vocabulary_generates_only_ids_the_tokenizer_decodes(tmp_path):
+    """A HF checkpoint whose embedding has more rows than its tokenizer.model has pieces (padded,
+    which the trainer accepts): the padding ids, here the likeliest, are never generated, so
+    generate (Python and CLI) and the trainer's answers decode (SentencePiece raised on them)."""
+    transformers()
+    from qlora_ext.training.evaluation import answer
+
+    folder = tmp_path / "padded"
+    hf = hf_llama(num_kv_heads=2, seed=7, vocab_size=400, max_position_embeddings=256)  # room for the Alpaca prompt
+    spm_dir = tmp_path / "spm"
+    spm_dir.mkdir()
+    tokenizer_path = train_tokenizer(str(spm_dir))
+    tokenizer = llama2_tokenizer(tokenizer_path)
+    assert tokenizer.vocab_size == 320
+    with torch.no_grad():
+        hf.lm_head.weight[320:] = hf.lm_head.weight[320:].sign() * 5 + hf.model.norm.weight.sign() * 5  # padding rows win
+    hf.save_pretrained(folder)
+    shutil.copy(tokenizer_path, folder / "tokenizer.model")
+    model = llama2_from_checkpoint(folder).eval()
+    ids = tokenizer.encode("the cat", add_eos=False)
+    unlimited = generate(model, ids, max_new_tokens=6, temperature=0.0)
+    assert (unlimited[0, len(ids):] >= 320).any()  # without the limit, padding ids come out
+    limited = generate(model, ids, max_new_tokens=6, temperature=0.0, vocab_limit=tokenizer.vocab_size)
+    assert (limited[0, len(ids):] < 320).all()
+    for temperature in (0.0, 1.0):
+        sampled = generate(model, [ids, ids[:1]], max_new_tokens=6, temperature=temperature, top_k=50,
+                           generator=torch.Generator().manual_seed(0), vocab_limit=320)
+        assert (sampled < 320).all()
+    with pytest.raises(ValueError, match=r"argument 'vocab_limit' must be an integer in \[1, 400\] \(the model's vocabulary\) or None; got 401"):
+        generate(model, ids, max_new_tokens=2, vocab_limit=401)
+    stdout, _ = _cli("--checkpoint-dir", str(folder), "--prompt", "the cat", "--temperature", "0", "--max-new-tokens", "6")
+    assert stdout == tokenizer.decode(limited[0].tolist())
+    records = [{"instruction": "Name a color.", "input": "", "output": ""}]
+    assert answer(model, tokenizer, records, 6, torch.device("cpu"), torch.float32) == [
+        tokenizer.decode(generate(model, prompt_tokens(tokenizer, records[0], "alpaca"), max_new_tokens=6, temperature=0.0,
+                                  stop_tokens=[tokenizer.eos_id], vocab_limit=320)[0].tolist()[len(prompt_tokens(tokenizer, records[0], "alpaca")):]).strip()
+    ]

@@ -168,6 +168,7 @@ def _run(args: argparse.Namespace) -> int:
         stop_tokens=tokenizer.stop_tokens,
         pad_id=tokenizer.pad_id,
         generator=generator,
+        vocab_limit=tokenizer.vocab_size,  # a padded embedding's extra ids would not decode
     )
     done = time.perf_counter()
     steps = tokens.shape[1] - longest  # row i's new tokens are tokens[i, len(prompt i) : len(prompt i) + steps]

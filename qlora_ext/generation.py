@@ -111,6 +111,7 @@ def generate(
     pad_id: int = 0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    vocab_limit: int | None = None,
 ) -> Tensor:
     """Extends each prompt by up to ``max_new_tokens`` tokens.
 
@@ -136,6 +137,9 @@ def generate(
             than the longest.
         use_cache: False recomputes the full sequence each step (a reference; slow) and needs a
             model without KV caches.
+        vocab_limit: only ids below it are generated: a tokenizer's size, where the model's
+            embedding has more rows than the tokenizer has pieces (padded, as some HF
+            checkpoints are), so that every new id decodes. None: the model's whole vocabulary.
 
     Returns:
         [b, s + n] int64, s the longest prompt and n <= max_new_tokens the decoding steps run:
@@ -146,7 +150,7 @@ def generate(
             ``max_new_tokens`` not an integer >= 1, stop tokens that are not integers, the longest
             prompt plus new tokens longer than the model's max_seq_len (or than caches set up by
             the caller), a batch size other than that of caches set up by the caller,
-            ``use_cache=False`` on a model with KV caches.
+            ``use_cache=False`` on a model with KV caches, ``vocab_limit`` not in [1, vocabulary].
     """
     device = model.tok_embeddings.weight.device
     vocab = model.tok_embeddings.num_embeddings
@@ -174,6 +178,8 @@ def generate(
         raise ValueError(f"generate: argument 'generator' must be a torch.Generator or None; got {type(generator).__name__}")
     if top_k is not None and (not is_int(top_k) or top_k <= 0):
         raise ValueError(f"generate: argument 'top_k' must be a positive integer or None; got {top_k!r}")
+    if vocab_limit is not None and (not is_int(vocab_limit) or not 1 <= vocab_limit <= vocab):
+        raise ValueError(f"generate: argument 'vocab_limit' must be an integer in [1, {vocab}] (the model's vocabulary) or None; got {vocab_limit!r}")
     if not use_cache and model.caches_are_setup():
         raise ValueError("generate: argument 'use_cache' is False but the model has KV caches; call model.remove_caches() first")
     b, s = rows.shape
@@ -214,6 +220,8 @@ def generate(
         else:
             logits = model(rows)
         logits = logits[batch, lengths - 1]  # [b, vocab]: after each row's last prompt token
+        if vocab_limit is not None:
+            logits = logits[:, :vocab_limit]
         done = torch.zeros(b, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             nxt = sample(logits, temperature=temperature, top_k=top_k, generator=generator)
@@ -227,6 +235,8 @@ def generate(
                 logits = model(nxt[:, None], input_pos=pos[:, None])[:, -1]
             else:
                 logits = model(out[:, : s + step + 1])[batch, pos]
+            if vocab_limit is not None:
+                logits = logits[:, :vocab_limit]
     finally:
         if own_caches:
             model.remove_caches()

@@ -31,7 +31,8 @@ def answer(
     try:
         with autocast(device, dtype):  # one batch: rows of different lengths decode side by side
             out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                           stop_tokens=[tokenizer.eos_id], pad_id=tokenizer.eos_id)
+                           stop_tokens=[tokenizer.eos_id], pad_id=tokenizer.eos_id,
+                           vocab_limit=tokenizer.vocab_size)  # a padded embedding's extra ids would not decode
     finally:
         model.train(was_training)
     answers = []
