@@ -385,3 +385,29 @@ def test_a_padded_vocabulary_generates_only_ids_the_tokenizer_decodes(tmp_path):
         tokenizer.decode(generate(model, prompt_tokens(tokenizer, records[0], "alpaca"), max_new_tokens=6, temperature=0.0,
                                   stop_tokens=[tokenizer.eos_id], vocab_limit=320)[0].tolist()[len(prompt_tokens(tokenizer, records[0], "alpaca")):]).strip()
     ]
+
+
+def test_cli_refuses_a_model_larger_than_the_free_memory(checkpoint_with_tokenizer, monkeypatch, capsys):
+    """A dense model that cannot fit (a 7B in float32, the CPU default, is 27 GB) is refused with
+    its size and the smaller dtypes, before any weight is read; the OS would kill the process."""
+    from qlora_ext import generate as cli
+    from qlora_ext.models import llama2 as builders
+
+    count = transformers().LlamaForCausalLM.from_pretrained(checkpoint_with_tokenizer).num_parameters()
+    monkeypatch.setattr(cli, "_available_bytes", lambda device: count * 4 - 1)  # fp32 needs count * 4
+    loads = []
+    monkeypatch.setattr(builders, "llama2_from_checkpoint", lambda *a, **k: loads.append(a))
+    assert cli.main(["--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "hi", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"error: the model in --checkpoint-dir has {count / 1e9:.2f} B parameters: {count * 4 / 1e9:.1f} GB in float32, "
+                     rf"more than the {(count * 4 - 1) / 1e9:.1f} GB of memory available on cpu; pass --dtype bfloat16 \({count * 2 / 1e9:.1f} GB\), "
+                     r"or --quantize-base with the --adapter-dir of a QLoRA run", err), err
+    assert loads == []  # refused before loading
+
+    def load_then_stop(*args, **kwargs):
+        loads.append(args)
+        raise ValueError("loaded")
+
+    monkeypatch.setattr(builders, "llama2_from_checkpoint", load_then_stop)  # bfloat16 fits: it loads
+    assert cli.main(["--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "hi", "--device", "cpu", "--dtype", "bfloat16"]) == 1
+    assert "error: loaded" in capsys.readouterr().err and len(loads) == 1

@@ -47,7 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quantize-base", action="store_true",
                         help="keep the adapted linears' base weights in NF4: the base a QLoRA run's adapter was trained on")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU; a dense model larger than the device's free memory "
+                             "at this dtype is refused before loading, with the sizes at the smaller dtypes")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.checkpoint_dir):
         parser.error(f"argument --checkpoint-dir must be a checkpoint folder; '{args.checkpoint_dir}' is not a folder")
@@ -131,6 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     tokenizer = llama2_tokenizer(tokenizer_path)
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32)
 
+    _refuse_a_model_that_cannot_fit(args, dtype)
     start = time.perf_counter()
     model = llama2_from_checkpoint(
         args.checkpoint_dir,
@@ -188,6 +191,52 @@ def _run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _refuse_a_model_that_cannot_fit(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """Stops before loading a dense model larger than the memory available on its device (a 7B
+    in float32, the CPU default, is 27 GB): the operating system would kill the process without a
+    word. With --quantize-base the adapted linears are NF4, so the dense size overstates it: no
+    check then.
+
+    Raises:
+        ValueError: the model's dense weights at ``dtype`` exceed the available memory.
+    """
+    if args.quantize_base:
+        return
+    from qlora_ext.checkpoint.load import read_checkpoint_config
+    from qlora_ext.models.llama2 import llama2
+
+    available = _available_bytes(torch.device(args.device))
+    if available is None:
+        return
+    with torch.device("meta"):
+        count = sum(p.numel() for p in llama2(**read_checkpoint_config(args.checkpoint_dir).builder_kwargs()).parameters())
+    need = count * dtype.itemsize
+    if need <= available:
+        return
+    smaller = [f"--dtype {name} ({count * d.itemsize / 1e9:.1f} GB)" for name, d in sorted(_DTYPES.items())
+               if d.itemsize < dtype.itemsize and (args.device != "cpu" or d != torch.float16)]
+    raise ValueError(
+        f"the model in --checkpoint-dir has {count / 1e9:.2f} B parameters: {need / 1e9:.1f} GB in {str(dtype).removeprefix('torch.')}, "
+        f"more than the {available / 1e9:.1f} GB of memory available on {args.device}; "
+        f"pass {' or '.join(smaller) or 'a smaller --dtype'}, or --quantize-base with the --adapter-dir of a QLoRA run"
+    )
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device``: the GPU's free memory, or the CPU's MemAvailable (Linux); None
+    where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 if __name__ == "__main__":
