@@ -89,6 +89,26 @@ def test_the_last_step_is_logged_whatever_log_every_n_steps(tmp_path, tiny_ckpt,
     assert (out / "loss_curve.png").is_file() and summary["peak_memory"]
 
 
+def test_the_peak_memory_summary_counts_the_last_save(tmp_path, tiny_ckpt, small_data, monkeypatch, capsys):
+    """The summary's peaks are the largest of the logged steps' and of a reading after the last
+    step, which the last checkpoint save precedes (on a GPU each logged reading starts a new
+    window, so that save's peak was in none). Readings here are stand-ins that grow per call."""
+    readings = []
+
+    def growing(device, reset_peak=False):
+        readings.append(len(readings) + 1.0)
+        return {"peak_memory_reserved": readings[-1]}
+
+    monkeypatch.setattr(finetune, "memory_stats", growing)
+    out = tmp_path / "run"
+    overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["epochs=1", "max_steps_per_epoch=2", "log_every_n_steps=1",
+                                                                   "save_adapter_weights_only=True", "eval.before_and_after=False"]
+    summary = finetune.train(load_config("tiny_qlora", overrides))
+    assert [r["peak_memory_reserved"] for r in metrics(out) if "loss" in r] == [2.0, 3.0]  # init reading, then one per step
+    assert readings == [1.0, 2.0, 3.0, 4.0] and summary["peak_memory"] == {"peak_memory_reserved": 4.0}
+    assert "Peak memory during training and its checkpoint saves: GPU reserved 4.00 GiB" in capsys.readouterr().out
+
+
 def test_adapter_only_and_loss_decreases(tmp_path, tiny_ckpt, small_data):
     out = tmp_path / "run"
     overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["epochs=4", "save_adapter_weights_only=True", "model.lora_rank=16"]

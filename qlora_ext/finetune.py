@@ -259,6 +259,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 t_since += time.perf_counter() - t_save  # saving time is not training throughput
                 tqdm.write(f"Saved checkpoint {last_checkpoint}")
         bar.close()
+    # the peaks since the last logged step: the last checkpoint save (GPU); the process's (CPU)
+    after_training = memory_stats(device) if cfg.log_peak_memory_stats else {}
     model.skip_output_layer = False
     loggers.close()
 
@@ -274,15 +276,16 @@ def train(cfg: Config) -> dict[str, Any]:
         summary["loss_curve"], summary["plot_renderer"] = _plot(loggers.metrics_path, output_dir)
     summary["checkpoint"] = str(last_checkpoint) if last_checkpoint else None
     summary["metrics"] = str(loggers.metrics_path)
-    summary["peak_memory"] = _peak_memory(loggers.metrics_path)
+    summary["peak_memory"] = _peak_memory(loggers.metrics_path, after_training)
     evaluation.print_report(summary, samples, cfg)
     return summary
 
 
-def _peak_memory(metrics_path: Path) -> dict[str, float]:
-    """The largest of each logged memory statistic over the run (GB)."""
+def _peak_memory(metrics_path: Path, after_training: dict[str, float]) -> dict[str, float]:
+    """The largest of each logged memory statistic over the run and of those taken after its
+    last step, so the last checkpoint save counts too (GiB)."""
     peaks: dict[str, float] = {}
-    for record in read_metrics(metrics_path):
+    for record in [*read_metrics(metrics_path), after_training]:
         for key in ("peak_memory_alloc", "peak_memory_reserved", "peak_memory_active", "peak_rss_memory"):
             if key in record:
                 peaks[key] = max(peaks.get(key, 0.0), record[key])
