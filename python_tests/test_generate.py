@@ -56,7 +56,10 @@ def test_cached_greedy_equals_uncached(device):
 
 def test_single_prompt_list_and_top_k_one_is_greedy():
     model = _model()
+    grad_modes = []
+    model.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
     greedy = generate(model, [5, 6, 7], max_new_tokens=8, temperature=0.0)
+    assert grad_modes and not any(grad_modes)  # decoding records no autograd graph
     gen = torch.Generator().manual_seed(0)
     assert torch.equal(generate(model, [5, 6, 7], max_new_tokens=8, temperature=0.8, top_k=1, generator=gen), greedy)
 

@@ -91,7 +91,6 @@ def _prompt_rows(prompt: Tensor | list, pad_id: int, vocab: int) -> tuple[Tensor
     return rows, lengths
 
 
-@torch.no_grad()
 def _is_compiled(model: nn.Module) -> bool:
     """Whether ``torch.compile`` wraps the model (``torch.compile(model)``) or any of its modules
     (``module.compile()``, as ``compile=True`` in the trainer does to each layer)."""
@@ -100,6 +99,7 @@ def _is_compiled(model: nn.Module) -> bool:
     return any(isinstance(m, wrapper) or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
 
 
+@torch.no_grad()
 def generate(
     model: nn.Module,
     prompt: Tensor | list[int] | list[list[int]],
