@@ -156,7 +156,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     for candidate in candidates:
         if candidate.is_file():
             return [record for _, record in _parsed_lines(candidate)]
-    where = f"{path}, {path / 'logs'}" + (f" or {log_dir} (its config.yaml's metric_logger.log_dir)" if log_dir else "")
+    where = f"{path}, {path / 'logs'} or {log_dir} (its config.yaml's metric_logger.log_dir)" if log_dir else f"{path} or {path / 'logs'}"
     raise FileNotFoundError(
         f"no {METRICS_FILE} in {where}: give a training run's output_dir, or the folder holding its {METRICS_FILE}"
     )
