@@ -4,6 +4,7 @@ HF checkpoint, the outputs it writes, the CLI's errors, NaN handling and torch.c
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +108,35 @@ def test_the_peak_memory_summary_counts_the_last_save(tmp_path, tiny_ckpt, small
     assert [r["peak_memory_reserved"] for r in metrics(out) if "loss" in r] == [2.0, 3.0]  # init reading, then one per step
     assert readings == [1.0, 2.0, 3.0, 4.0] and summary["peak_memory"] == {"peak_memory_reserved": 4.0}
     assert "Peak memory during training and its checkpoint saves: GPU reserved 4.00 GiB" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("folder", ["epoch_0", "step_3/sub"])
+def test_a_base_inside_a_checkpoint_folder_of_the_run_is_refused(tmp_path, tiny_ckpt, small_data, folder):
+    """A base model (or tokenizer) inside output_dir/epoch_N or step_N: the run's saves would
+    replace it (epoch) or delete it (step), as chaining runs in one output_dir did. Refused by
+    key, before anything is written; a base elsewhere in output_dir is fine."""
+    import shutil
+
+    from qlora_ext.training.config import ConfigError
+
+    out = tmp_path / "run"
+    base = out / folder
+    shutil.copytree(tiny_ckpt, base)
+    before = {f.name: f.read_bytes() for f in base.iterdir()}
+    overrides = small_run_overrides(base, small_data, out) + ["epochs=1", "max_steps_per_epoch=1", "eval.before_and_after=False"]
+    with pytest.raises(ConfigError, match=rf"checkpointer.checkpoint_dir: '{base}' lies in {out / folder.split('/')[0]}, a checkpoint "
+                                          rf"folder of this run's output_dir '{out}', which the run's saves replace or delete"):
+        finetune.train(load_config("tiny_qlora", overrides))
+    assert {f.name: f.read_bytes() for f in base.iterdir()} == before and sorted(p.name for p in out.iterdir()) == [folder.split("/")[0]]
+    shutil.copy(ASSETS_DIR / "tokenizer.model", base / "tokenizer.model")
+    tokenizer_inside = small_run_overrides(tiny_ckpt, small_data, out) + [f"tokenizer.path={base / 'tokenizer.model'}"]
+    with pytest.raises(ConfigError, match=r"tokenizer.path: .* lies in "):
+        finetune.train(load_config("tiny_qlora", tokenizer_inside))
+    elsewhere = out / "bases" / "tiny"  # inside output_dir, but in no checkpoint folder: kept as it is
+    shutil.copytree(tiny_ckpt, elsewhere)
+    finetune.train(load_config("tiny_qlora", small_run_overrides(elsewhere, small_data, out) + [
+        "epochs=1", "max_steps_per_epoch=1", "eval.before_and_after=False", "save_adapter_weights_only=True"]))
+    assert (out / "epoch_0").is_dir() and sorted(f.name for f in elsewhere.iterdir()) == sorted(f.name for f in Path(tiny_ckpt).iterdir())
 
 
 def test_adapter_only_and_loss_decreases(tmp_path, tiny_ckpt, small_data):

@@ -73,6 +73,13 @@ def train(cfg: Config) -> dict[str, Any]:
         tempfile.TemporaryFile(dir=output_dir).close()  # an existing folder may still be read-only
     except OSError as e:
         raise ConfigError(f"output_dir: '{output_dir}' must be a folder this user can create or write to: {e}") from None
+    for key, path in (("checkpointer.checkpoint_dir", cfg.checkpointer.checkpoint_dir), ("tokenizer.path", cfg.tokenizer.path)):
+        inside = path is not None and checkpoint_folders.checkpoint_folder_holding(output_dir, path)
+        if inside:
+            raise ConfigError(
+                f"{key}: '{path}' lies in {inside}, a checkpoint folder of this run's output_dir '{output_dir}', which the "
+                f"run's saves replace or delete; copy it out of '{output_dir}' first, or choose another output_dir"
+            )
     for note in checkpoint_folders.recover_interrupted_saves(output_dir):  # before reading the state that may name it
         print(f"Checkpoint folders: {note}")
     fingerprint = saving.resume_fingerprint(cfg)

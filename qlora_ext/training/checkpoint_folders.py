@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qlora_ext.checkpoint.atomic import fsync_dir
 
-__all__ = ["commit_dir", "recover_interrupted_saves", "remove_dir", "remove_step_folders", "staging_dir"]
+__all__ = ["checkpoint_folder_holding", "commit_dir", "recover_interrupted_saves", "remove_dir", "remove_step_folders", "staging_dir"]
 
 
 def staging_dir(final: str | Path) -> Path:
@@ -60,6 +60,19 @@ def remove_step_folders(output_dir: str | Path, *, keep: str | None) -> None:
     for old in Path(output_dir).glob("step_*"):
         if old.name != keep and old.is_dir() and re.fullmatch(r"step_\d+", old.name):
             remove_dir(old)
+
+
+def checkpoint_folder_holding(output_dir: str | Path, path: str | Path) -> Path | None:
+    """The ``epoch_N`` / ``step_N`` folder of ``output_dir`` that is or contains ``path`` (links
+    resolved), if any: a later save of the run replaces (epoch) or deletes (step) that folder."""
+    output_dir, path = Path(os.path.realpath(output_dir)), Path(os.path.realpath(path))
+    try:
+        first = path.relative_to(output_dir).parts[:1]
+    except ValueError:  # not inside output_dir
+        return None
+    if first and re.fullmatch(r"(?:epoch|step)_\d+", first[0]):
+        return output_dir / first[0]
+    return None
 
 
 # The names staging_dir, commit_dir and remove_dir give: .epoch_0.tmp-1234, .step_6.old-1234,
