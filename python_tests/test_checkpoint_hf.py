@@ -241,3 +241,44 @@ def test_malformed_json_index_and_safetensors_header_are_named(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
     with pytest.raises(ValueError, match=r"bad.safetensors is not a safetensors file: tensor 'w' must have dtype, shape and data_offsets"):
         SafetensorsReader(str(tmp_path / "bad.safetensors"))
+
+
+def test_unreadable_checkpoint_files_are_named(hf_models, tmp_path):
+    """A folder where a file should be, a truncated or empty .bin (an interrupted download), a
+    text file, an index entry naming a folder: each a ValueError or FileNotFoundError naming the
+    file, never a raw IsADirectoryError / RuntimeError / EOFError / KeyError."""
+    from qlora_ext.checkpoint.peft_adapter import read_adapter_config
+    from qlora_ext.checkpoint.readers import hf_weight_files
+    from qlora_ext.checkpoint.safetensors_io import SafetensorsReader
+
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'config.json'} cannot be read as a JSON file: Is a directory"):
+        read_json(tmp_path / "config.json")
+    (tmp_path / "model.safetensors").mkdir()
+    with pytest.raises(ValueError, match=r"model.safetensors cannot be read as a safetensors file: Is a directory"):
+        SafetensorsReader(str(tmp_path / "model.safetensors"))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"adapter_config.json is not valid JSON"):
+        read_adapter_config(adapter)
+    (adapter / "adapter_config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"adapter_config.json must hold a JSON object; got list"):
+        read_adapter_config(adapter)
+
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    model, source = hf_models[2]
+    shutil.copy(os.path.join(source, "config.json"), folder / "config.json")
+    weights = folder / "pytorch_model.bin"
+    torch.save(model.state_dict(), weights)
+    llama2_from_checkpoint(folder)  # whole, it loads
+    whole = weights.read_bytes()
+    for name, content in (("truncated", whole[: len(whole) // 2]), ("empty", b""), ("text", b"not a checkpoint\n")):
+        weights.write_bytes(content)
+        with pytest.raises(ValueError, match=rf"checkpoint file {weights} cannot be read as a torch state dict \(truncated, or not a checkpoint\): "):
+            llama2_from_checkpoint(folder)
+    weights.unlink()
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "."}}))
+    with pytest.raises(FileNotFoundError, match=r"names shards that do not exist \(or are no files\): \['\.'\]"):
+        hf_weight_files(str(folder))

@@ -218,13 +218,17 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON object file (config.json, params.json, an index).
 
     Raises:
-        ValueError: not valid UTF-8 JSON, or not an object; the message names the file.
+        FileNotFoundError: there is no such file.
+        ValueError: a folder or an unreadable file, not valid UTF-8 JSON, or not an object; the
+            message names the file.
     """
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{os.fspath(path)} is not valid JSON: {e}") from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise ValueError(f"{os.fspath(path)} cannot be read as a JSON file: {e.strerror}") from None
     if not isinstance(value, dict):
         raise ValueError(f"{os.fspath(path)} must hold a JSON object; got {type(value).__name__}")
     return value

@@ -18,6 +18,7 @@ from torch import nn
 
 from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext.checkpoint.atomic import StagedFiles
+from qlora_ext.checkpoint.config import read_json
 from qlora_ext.checkpoint.convert import hf_module_name, hf_to_ours, strip_wrappers
 from qlora_ext.checkpoint.load import _assign, _home_device, _targets, refuse_merged
 from qlora_ext.checkpoint.safetensors_io import SafetensorsReader, write_safetensors
@@ -163,7 +164,8 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no adapter_config.json in ``adapter_dir``.
-        ValueError: an adapter these builders cannot express (not LoRA, DoRA, rsLoRA, biases,
+        ValueError: an adapter_config.json that is no JSON object (the file is named), or an
+            adapter these builders cannot express (not LoRA, DoRA, rsLoRA, biases,
             per-module ranks, a partial MLP, other target modules).
 
     ``target_modules`` is read as PEFT matches it: an entry names every module whose path equals
@@ -179,8 +181,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         inner = sorted(p.parent for p in folder.glob(f"*/{ADAPTER_CONFIG_NAME}")) if folder.is_dir() else []
         hint = f"; its subfolder '{inner[0]}' holds one (a training checkpoint keeps its adapter there)" if inner else ""
         raise FileNotFoundError(f"argument 'adapter_dir' must hold {ADAPTER_CONFIG_NAME}; not found in {os.fspath(adapter_dir)!r}{hint}")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_json(path)
     expected = {"peft_type": "LORA", "use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False, "lora_bias": False}
     problems = [f"'{k}' must be {v!r}, got {config.get(k, v)!r}" for k, v in expected.items() if config.get(k, v) != v]
     init = config.get("init_lora_weights", True)

@@ -78,11 +78,17 @@ class TensorFiles(contextlib.ExitStack):
     def _add_torch(self, path: str) -> None:
         mapped = True
         try:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError:
-            # Files in torch's legacy (pre-zip) format cannot be mapped: read whole.
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            mapped = False
+            try:
+                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError:
+                # Files in torch's legacy (pre-zip) format cannot be mapped: read whole.
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                mapped = False
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001  (a truncated download, a text file, a folder: all unreadable alike)
+            raise ValueError(f"checkpoint file {path} cannot be read as a torch state dict (truncated, or not a checkpoint): "
+                             f"{type(e).__name__}: {e}") from None
         if not isinstance(state, dict):
             raise ValueError(f"checkpoint file {path} must hold a dict of tensors; got {type(state).__name__}")
         # Drop our dict at exit so the mapped storages can go.
@@ -133,9 +139,9 @@ def hf_weight_files(checkpoint_dir: str) -> list[str]:
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise ValueError(f"{index_path} must map tensor names to shard files under 'weight_map'; got {weight_map!r:.200}")
             names = sorted(set(weight_map.values()))
-            missing = [n for n in names if not os.path.exists(os.path.join(checkpoint_dir, n))]
+            missing = [n for n in names if not os.path.isfile(os.path.join(checkpoint_dir, n))]
             if missing:
-                raise FileNotFoundError(f"{index_path} names shards that do not exist: {missing}")
+                raise FileNotFoundError(f"{index_path} names shards that do not exist (or are no files): {missing}")
             return [os.path.join(checkpoint_dir, n) for n in names]
     looked_for = [name for pair in HF_INDEX_FILES for name in pair]
     raise FileNotFoundError(

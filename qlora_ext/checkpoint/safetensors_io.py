@@ -103,12 +103,16 @@ class SafetensorsReader:
         path: the file.
 
     Raises:
-        ValueError: a malformed header or a dtype this reader does not know.
+        ValueError: a folder or an unreadable file, a malformed header or a dtype this reader
+            does not know.
     """
 
     def __init__(self, path: str):
         self.path = path
-        self._file = open(path, "rb")
+        try:
+            self._file = open(path, "rb")
+        except (IsADirectoryError, PermissionError) as e:
+            raise ValueError(f"{path} cannot be read as a safetensors file: {e.strerror}") from None
         try:
             (length,) = struct.unpack("<Q", self._file.read(8))
             header = json.loads(self._file.read(length))
