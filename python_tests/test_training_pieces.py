@@ -160,6 +160,12 @@ def test_builtin_png_loss_curve(tmp_path, monkeypatch):
     idat = re.search(rb"IDAT(.*)", path.read_bytes(), re.S).group(1)
     pixels = zlib.decompressobj().decompress(idat)
     assert bytes((31, 119, 180)) in pixels
+    # a write that fails (here: a folder holds the name) leaves no partial file behind
+    blocked = tmp_path / "blocked"
+    (blocked / "loss.png").mkdir(parents=True)
+    with pytest.raises(OSError):
+        plot_loss_curves([curve], blocked / "loss.png")
+    assert [p.name for p in blocked.iterdir()] == ["loss.png"]
 
 
 def test_smoothing():

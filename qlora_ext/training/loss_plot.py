@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlora_ext.checkpoint.atomic import atomic_path
 from qlora_ext.training.png_canvas import Canvas, text_width
 
 _PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75), (23, 190, 207)]
@@ -58,10 +59,11 @@ def plot_loss_curves(curves: list[Curve], path: str | Path, smoothing: float | N
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:  # a failed write leaves no partial file behind
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return "matplotlib"
 
 

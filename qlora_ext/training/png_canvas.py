@@ -6,10 +6,11 @@ draws a plain but readable chart with no dependency beyond the standard library.
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from pathlib import Path
+
+from qlora_ext.checkpoint.atomic import atomic_write_bytes
 
 Color = tuple[int, int, int]
 
@@ -102,13 +103,7 @@ class Canvas:
             + chunk(b"IDAT", zlib.compress(raw, 9))
             + chunk(b"IEND", b"")
         )
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(png)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, png)  # a failed write leaves no partial file behind
 
 
 def text_width(text: str, scale: int = 2) -> int:
