@@ -4,6 +4,7 @@ HF checkpoint, the outputs it writes, the CLI's errors, NaN handling and torch.c
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,46 @@ def test_a_base_inside_a_checkpoint_folder_of_the_run_is_refused(tmp_path, tiny_
     finetune.train(load_config("tiny_qlora", small_run_overrides(elsewhere, small_data, out) + [
         "epochs=1", "max_steps_per_epoch=1", "eval.before_and_after=False", "save_adapter_weights_only=True"]))
     assert (out / "epoch_0").is_dir() and sorted(f.name for f in elsewhere.iterdir()) == sorted(f.name for f in Path(tiny_ckpt).iterdir())
+
+
+def test_a_save_the_file_system_refuses_stops_with_the_last_checkpoint_named(tmp_path, tiny_ckpt, small_data, monkeypatch, capsys):
+    """A full disk while saving epoch_1: a one-line error naming the checkpoint, the folder and
+    the intact epoch_0 (torch.save reports a full disk as a RuntimeError of its stream writer);
+    epoch_0 and the training state are untouched. Any other error is raised as it is."""
+    import errno
+
+    from qlora_ext.training import saving
+
+    out = tmp_path / "run"
+    args = small_run_overrides(tiny_ckpt, small_data, out) + ["epochs=2", "max_steps_per_epoch=1", "eval.before_and_after=False",
+                                                              "save_adapter_weights_only=True"]
+    real = saving.save_peft_adapter
+    calls = []
+
+    def fails_second(error):
+        def save(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                raise error
+            return real(*a, **k)
+        return save
+
+    monkeypatch.setattr(saving, "save_peft_adapter", fails_second(OSError(errno.ENOSPC, "No space left on device")))
+    assert finetune.main(["--config", "tiny_qlora", *args]) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"error: output_dir: cannot write checkpoint epoch_1 to '{out}' \([0-9.]+ GB free there\): OSError: "
+                     rf"\[Errno 28\] No space left on device; the last complete checkpoint, {out / 'epoch_0'}, is intact: "
+                     r"once the cause is fixed, resume_from_checkpoint=True continues from it", err), err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".epoch", "epoch"))) == ["epoch_0"]
+    assert torch.load(out / "recipe_state.pt", weights_only=False)["checkpoint_name"] == "epoch_0"
+    calls.clear()
+    monkeypatch.setattr(saving, "save_peft_adapter", fails_second(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")))
+    assert finetune.main(["--config", "tiny_qlora", *args]) == 1
+    assert "cannot write checkpoint epoch_1" in capsys.readouterr().err
+    calls.clear()
+    monkeypatch.setattr(saving, "save_peft_adapter", fails_second(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        finetune.main(["--config", "tiny_qlora", *args])
 
 
 def test_adapter_only_and_loss_decreases(tmp_path, tiny_ckpt, small_data):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -259,10 +260,23 @@ def train(cfg: Config) -> dict[str, Any]:
                 position = (epoch + 1, 0) if at_epoch_end else (epoch, step_in_epoch)
                 bar.clear()
                 t_save = time.perf_counter()
-                last_checkpoint = saving.save_checkpoint(
-                    output_dir, name, model, cfg, seed, optimizer=optimizer, scheduler=scheduler, adapter=adapter,
-                    epoch=position[0], step_in_epoch=position[1], global_step=global_step,
-                )
+                try:
+                    last_checkpoint = saving.save_checkpoint(
+                        output_dir, name, model, cfg, seed, optimizer=optimizer, scheduler=scheduler, adapter=adapter,
+                        epoch=position[0], step_in_epoch=position[1], global_step=global_step,
+                    )
+                except Exception as e:  # noqa: BLE001  (re-raised as is unless the file system failed)
+                    if not saving.is_write_failure(e):
+                        raise
+                    bar.close()
+                    loggers.close()
+                    free = shutil.disk_usage(output_dir).free
+                    last = (f"the last complete checkpoint, {last_checkpoint}, is intact: once the cause is fixed, "
+                            "resume_from_checkpoint=True continues from it") if last_checkpoint else "no checkpoint was saved before"
+                    raise saving.CheckpointWriteError(
+                        f"output_dir: cannot write checkpoint {name} to '{output_dir}' ({free / 1e9:.2f} GB free there): "
+                        f"{type(e).__name__}: {e}; {last}"
+                    ) from e
                 t_since += time.perf_counter() - t_save  # saving time is not training throughput
                 tqdm.write(f"Saved checkpoint {last_checkpoint}")
         bar.close()
@@ -329,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, checkpointing.ResumeError, MissingDependencyError, MetricLoggerError, model_setup.ModelSetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except steps.NonFiniteLossError as e:
+    except (steps.NonFiniteLossError, saving.CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

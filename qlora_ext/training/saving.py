@@ -36,6 +36,20 @@ ADJUSTABLE_ON_RESUME = ("optimizer.lr", "optimizer.weight_decay", "optimizer.bet
 ADAPTER_SUBDIR = "adapter"  # the PEFT adapter's folder inside a checkpoint folder
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a lost mount, permissions); the previous
+    checkpoint is untouched (every write is staged and committed whole)."""
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """Whether an exception raised while saving is the file system's: an OSError, or torch.save's
+    RuntimeError from its stream writer (how it reports a full disk)."""
+    if isinstance(error, OSError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text)
+
+
 def resume_fingerprint(cfg) -> dict[str, Any]:
     """The config values a resumed run must share with the run it continues (dotted keys)."""
     full = cfg.to_dict()
