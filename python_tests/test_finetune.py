@@ -4,6 +4,7 @@ HF checkpoint, the outputs it writes, the CLI's errors, NaN handling and torch.c
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -178,6 +179,27 @@ def test_a_save_the_file_system_refuses_stops_with_the_last_checkpoint_named(tmp
     monkeypatch.setattr(saving, "save_peft_adapter", fails_second(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         finetune.main(["--config", "tiny_qlora", *args])
+
+
+def test_a_second_run_on_a_busy_output_dir_is_refused(tmp_path, tiny_ckpt, small_data):
+    """Two trainers on one output_dir: the second had swept the first one's temporary files
+    mid-write (a FileNotFoundError) and interleaved the metrics log. Now it is refused while the
+    first holds the folder's lock (flock, per open file: here the test holds it), and runs once
+    the lock is free; a killed holder's lock goes with its process."""
+    from qlora_ext.training import run_lock
+    from qlora_ext.training.config import ConfigError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = load_config("tiny_qlora", small_run_overrides(tiny_ckpt, small_data, out) + [
+        "epochs=1", "max_steps_per_epoch=1", "eval.before_and_after=False", "save_adapter_weights_only=True"])
+    with run_lock.exclusive_output_dir(out):
+        with pytest.raises(ConfigError, match=rf"output_dir: '{out}' is in use by another training run \(pid {os.getpid()}\); "
+                                              r"wait for it to end, or choose another output_dir"):
+            finetune.train(cfg)
+        assert not (out / "config.yaml").exists()
+    finetune.train(cfg)
+    assert (out / "epoch_0").is_dir()
 
 
 def test_adapter_only_and_loss_decreases(tmp_path, tiny_ckpt, small_data):

@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from qlora_ext.checkpoint.atomic import atomic_write_text
-from qlora_ext.training import checkpoint_folders, checkpointing, evaluation, model_setup, saving, steps
+from qlora_ext.training import checkpoint_folders, checkpointing, evaluation, model_setup, run_lock, saving, steps
 from qlora_ext.training.config import Config, ConfigError, available_configs, load_config
 from qlora_ext.training.data import (
     DataError,
@@ -81,6 +81,12 @@ def train(cfg: Config) -> dict[str, Any]:
                 f"{key}: '{path}' lies in {inside}, a checkpoint folder of this run's output_dir '{output_dir}', which the "
                 f"run's saves replace or delete; copy it out of '{output_dir}' first, or choose another output_dir"
             )
+    with run_lock.exclusive_output_dir(output_dir):
+        return _train_in(output_dir, cfg, device, dtype)
+
+
+def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The run, once its output folder is checked and locked."""
     for note in checkpoint_folders.recover_interrupted_saves(output_dir):  # before reading the state that may name it
         print(f"Checkpoint folders: {note}")
     fingerprint = saving.resume_fingerprint(cfg)

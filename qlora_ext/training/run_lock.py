@@ -1,0 +1,51 @@
+"""One trainer per output folder. A second run started on the same ``output_dir`` would sweep
+the first one's temporary files mid-write and interleave its metrics log, so a run holds an
+exclusive lock on ``output_dir/.lock`` while it trains (``flock``: the operating system releases
+it when the process ends, however it ends, so a killed run never leaves a stale lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from qlora_ext.training.config import ConfigError
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive_output_dir(output_dir: str | Path) -> Iterator[None]:
+    """Holds the run lock of ``output_dir`` for the ``with`` block.
+
+    Raises:
+        ConfigError: another process holds it (its pid is named). Where the file system has no
+            locks (some network mounts), the run goes on unguarded.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: unguarded, as torchtune runs
+        yield
+        return
+    path = Path(output_dir) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip() or "unknown"
+            raise ConfigError(
+                f"output_dir: '{output_dir}' is in use by another training run (pid {holder}); wait for it to end, "
+                "or choose another output_dir"
+            ) from None
+        except OSError:  # a file system without locks
+            locked = False
+        if locked:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
