@@ -95,7 +95,7 @@ def test_compiled_layers_serve_training_only(monkeypatch):
     assert graphs >= 1 and not counters["graph_break"]
 
     class Tokenizer:  # what evaluation.answer uses of one
-        bos_id, eos_id = 1, 2
+        bos_id, eos_id, vocab_size = 1, 2, 64
 
         def encode(self, text, add_bos, add_eos, trim_leading_whitespace=False):
             return [1, 5, 6, 7][0 if add_bos else 1 :]
