@@ -105,6 +105,31 @@ def test_resume_refuses_a_different_config(tmp_path, setup):
         finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True", "model.lora_rank=4"]))
 
 
+def test_resume_refuses_another_base_and_accepts_the_same_one_moved(tmp_path, setup):
+    """The base's weights are part of what a resumed run must share: another checkpoint of the
+    same architecture (same files, same sizes) is refused, naming both; the same base in another
+    folder resumes. A state without that entry (an earlier version's) is not refused for it."""
+    ckpt, _ = setup
+    run = tmp_path / "run"
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1"]))
+    other = tmp_path / "other_base"
+    write_tiny_hf_checkpoint(other, seed=99)
+    assert sorted(f.stat().st_size for f in other.iterdir()) == sorted(f.stat().st_size for f in ckpt.iterdir())
+    resume = ["resume_from_checkpoint=True", "epochs=2"]
+    with pytest.raises(Exception, match=r"checkpointer.checkpoint_dir holds other weights \(1 file\(s\), \d+ bytes, sampled sha256 \w+\) "
+                                        r"than the base the checkpoint in .* was trained on \(1 file\(s\), \d+ bytes, sampled sha256 \w+\); "
+                                        r"resume on that base"):
+        finetune.train(load_config("tiny_qlora", _overrides(setup, run) + [f"checkpointer.checkpoint_dir={other}"] + resume))
+    moved = tmp_path / "moved_base"
+    shutil.copytree(ckpt, moved)
+    summary = finetune.train(load_config("tiny_qlora", _overrides(setup, run) + [f"checkpointer.checkpoint_dir={moved}"] + resume))
+    assert len(summary["losses"]) == 4  # the second epoch
+    state = torch.load(run / "recipe_state.pt", weights_only=False)
+    del state["fingerprint"]["checkpointer.weights"]  # as an earlier version wrote it
+    torch.save(state, run / "recipe_state.pt")
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + [f"checkpointer.checkpoint_dir={other}", "resume_from_checkpoint=True", "epochs=3"]))
+
+
 def test_a_drawn_seed_is_kept_and_a_finished_run_is_named(tmp_path, setup, capsys):
     # seed=null draws one; the run's own config.yaml (which records it) and seed=null both resume it.
     run = tmp_path / "run"

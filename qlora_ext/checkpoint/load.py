@@ -63,6 +63,35 @@ def _weight_files(checkpoint_dir: str, fmt: str, checkpoint_files: Sequence[str]
     return hf_weight_files(checkpoint_dir) if fmt == "hf" else meta_weight_files(checkpoint_dir)
 
 
+def weights_digest(checkpoint_dir: str | os.PathLike, checkpoint_files: Sequence[str] | None = None, samples: int = 16) -> str:
+    """A short description of the weights a checkpoint folder holds that changes when they do:
+    the weight files' names (inside the folder) and sizes, and a sha256 of ``samples`` 4 KiB
+    pieces spread over each file (a file under 64 KiB whole). Two checkpoints of one
+    architecture have equal sizes; their sampled bytes differ. Moving or copying the folder keeps
+    it. ``checkpoint_files`` as for ``load_checkpoint``.
+
+    Raises:
+        FileNotFoundError: no checkpoint there, or a named file is not there.
+    """
+    import hashlib
+
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    files = _weight_files(checkpoint_dir, checkpoint_format(checkpoint_dir), checkpoint_files)
+    digest, total = hashlib.sha256(), 0
+    for path in sorted(files):
+        size = os.path.getsize(path)
+        total += size
+        digest.update(f"{os.path.relpath(path, checkpoint_dir)}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= 16 * 4096:
+                digest.update(f.read())
+                continue
+            for i in range(samples):
+                f.seek((size - 4096) * i // (samples - 1))
+                digest.update(f.read(4096))
+    return f"{len(files)} file(s), {total} bytes, sampled sha256 {digest.hexdigest()[:16]}"
+
+
 def stored_dtype(checkpoint_dir: str | os.PathLike, checkpoint_files: Sequence[str] | None = None) -> torch.dtype | None:
     """The dtype a checkpoint stores its token embedding in (for a Meta checkpoint, or a HF one whose
     config.json declares none); None where there is no such tensor. Only the file's header or

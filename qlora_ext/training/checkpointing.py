@@ -115,9 +115,17 @@ def load_training_state(
             f"resume_from_checkpoint=true: config key 'seed' is {seed!r} but the checkpoint in {output_dir} was trained "
             f"with seed {state['seed']!r}; use the same value to resume, or seed=null to take the checkpoint's"
         )
-    for key in sorted(set(saved) | set(fingerprint)):
+    # A key only one side has is not compared: a state of an earlier version lacks the keys added
+    # since, and the fingerprint lacks what cannot be read (the base's weights: reported when the
+    # model is built).
+    for key in sorted(set(saved) & set(fingerprint)):
         if any(key == k or key.startswith(f"{k}.") for k in may_change):
             continue
+        if saved.get(key) != fingerprint.get(key) and key == "checkpointer.weights":
+            raise ResumeError(
+                f"resume_from_checkpoint=true: checkpointer.checkpoint_dir holds other weights ({fingerprint[key]}) than "
+                f"the base the checkpoint in {output_dir} was trained on ({saved[key]}); resume on that base"
+            )
         if saved.get(key) != fingerprint.get(key):
             raise ResumeError(
                 f"resume_from_checkpoint=true: config key '{key}' is {fingerprint.get(key)!r} but the checkpoint in "

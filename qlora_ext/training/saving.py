@@ -20,7 +20,7 @@ import yaml
 from torch import nn
 
 from qlora_ext.checkpoint import save_hf_checkpoint, save_hf_tokenizer, save_peft_adapter
-from qlora_ext.checkpoint.load import stored_dtype
+from qlora_ext.checkpoint.load import stored_dtype, weights_digest
 from qlora_ext.training import checkpoint_folders, checkpointing
 
 # Keys recorded with the training state. A resumed run must keep them, except those in
@@ -51,7 +51,10 @@ def is_write_failure(error: BaseException) -> bool:
 
 
 def resume_fingerprint(cfg) -> dict[str, Any]:
-    """The config values a resumed run must share with the run it continues (dotted keys)."""
+    """The config values a resumed run must share with the run it continues (dotted keys), and
+    ``checkpointer.weights``: what the base checkpoint holds (``weights_digest``), so that
+    resuming on another base of the same architecture is refused, while moving it is not. A base
+    that cannot be read gets no entry: building the model names the problem."""
     full = cfg.to_dict()
     out = {}
     for key in _RESUME_KEYS:
@@ -62,6 +65,10 @@ def resume_fingerprint(cfg) -> dict[str, Any]:
             out.update({f"{key}.{k}": v for k, v in node.items()})
         else:
             out[key] = node
+    try:
+        out["checkpointer.weights"] = weights_digest(cfg.checkpointer.checkpoint_dir, cfg.checkpointer.checkpoint_files)
+    except (OSError, ValueError):
+        pass
     return out  # the seed is checked apart (checkpointing.load_training_state): a null one takes the checkpoint's
 
 
