@@ -363,6 +363,12 @@ def test_unreadable_inputs_are_named(capsys, tmp_path):
         ([f"metric_logger.log_dir={binary}"], f"metric_logger.log_dir: '{binary}' must be a folder this user can create or write to"),
         (["--config", str(binary)], f"--config: {binary} cannot be read as UTF-8 YAML text"),
     ]
+    import gzip
+
+    packed = tmp_path / "alpaca.json.gz"
+    packed.write_bytes(gzip.compress(b'[{"instruction": "a", "input": "", "output": "b"}]'))
+    cases.append(([f"dataset.data_files={packed}"], f"dataset.data_files: '{packed}' cannot be read as UTF-8 JSON text (it is "
+                                                     "gzip-compressed: decompress it first, e.g. with gunzip)"))
     for args, needle in cases:
         if not any(a.startswith("output_dir=") for a in args):
             args = [*args, f"output_dir={tmp_path / 'run'}"]
@@ -385,6 +391,9 @@ def test_read_only_folders_are_found_at_setup(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(metric_logging, "open", read_only, raising=False)
     assert finetune.main([f"output_dir={tmp_path}", f"metric_logger.log_dir={tmp_path / 'logs'}"]) == 2
     assert f"metric_logger.log_dir: '{tmp_path / 'logs'}' must be a folder this user can create or write to" in capsys.readouterr().err
+    assert finetune.main([f"output_dir={tmp_path}"]) == 2  # log_dir unset: the logs go to output_dir/logs, named so
+    assert (f"output_dir (its logs/ folder, where metric_logger.log_dir=null puts the logs): '{tmp_path / 'logs'}' must be a folder "
+            "this user can create or write to") in capsys.readouterr().err
 
 
 def test_a_run_that_fails_in_setup_leaves_the_earlier_runs_log(tmp_path, tiny_ckpt, small_data, capsys):

@@ -110,7 +110,8 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
             resume_step=state["global_step"] if state else None,
         )
     except OSError as e:
-        raise ConfigError(f"metric_logger.log_dir: '{log_dir}' must be a folder this user can create or write to: {e}") from None
+        key = "metric_logger.log_dir" if cfg.metric_logger.log_dir else "output_dir (its logs/ folder, where metric_logger.log_dir=null puts the logs)"
+        raise ConfigError(f"{key}: '{log_dir}' must be a folder this user can create or write to: {e}") from None
 
     # -- tokenizer and data (read before the model, so a data mistake fails fast) -------------
     tokenizer = model_setup.load_tokenizer(cfg.tokenizer.path)

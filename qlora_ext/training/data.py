@@ -98,7 +98,9 @@ def load_alpaca_records(files: Sequence[str | Path]) -> list[dict[str, str]]:
         try:
             text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is not JSON
         except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"dataset.data_files: '{file}' cannot be read as UTF-8 JSON text: {e}") from None
+            compressed = isinstance(e, UnicodeDecodeError) and e.object[:2] == b"\x1f\x8b"
+            hint = " (it is gzip-compressed: decompress it first, e.g. with gunzip)" if compressed else ""
+            raise DataError(f"dataset.data_files: '{file}' cannot be read as UTF-8 JSON text{hint}: {e}") from None
         if text.lstrip().startswith("["):
             try:
                 items = json.loads(text)
