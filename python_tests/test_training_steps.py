@@ -105,7 +105,13 @@ def test_compiled_layers_serve_training_only(monkeypatch):
 
     cpu = torch.device("cpu")
     steps.validation_loss(model, [{"tokens": tokens, "labels": tokens}], cpu, torch.float32)
+    cache_lengths = []
+    real_setup = model.setup_caches
+    model.setup_caches = lambda *a, **k: (cache_lengths.append(k["max_seq_len"]), real_setup(*a, **k))[1]
     evaluation.answer(model, Tokenizer(), [{"instruction": "count", "input": ""}], 3, cpu, torch.float32)
+    prompt = evaluation.prompt_tokens(Tokenizer(), {"instruction": "count", "input": ""}, "alpaca")
+    assert cache_lengths == [len(prompt) + 3] and not model.caches_are_setup()  # sized for the answers, not max_seq_len
+    del model.setup_caches
     steps.token_loss_sum(model(tokens), tokens).backward()
     assert counters["stats"]["unique_graphs"] == graphs
     torch._dynamo.reset()

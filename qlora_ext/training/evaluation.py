@@ -28,12 +28,17 @@ def answer(
     prompts = [prompt_tokens(tokenizer, record, template) for record in records]
     was_training = model.training
     model.eval()
+    # Caches sized for these prompts, set up here: generate would size its own for the model's
+    # max_seq_len when the layers are compiled (compile=True), to reuse graphs these eager calls never use.
+    cache_len = min(max(len(p) for p in prompts) + max_new_tokens, model.max_seq_len)
+    model.setup_caches(len(prompts), model.tok_embeddings.weight.dtype, max_seq_len=cache_len)
     try:
         with autocast(device, dtype):  # one batch: rows of different lengths decode side by side
             out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
                            stop_tokens=[tokenizer.eos_id], pad_id=tokenizer.eos_id,
                            vocab_limit=tokenizer.vocab_size)  # a padded embedding's extra ids would not decode
     finally:
+        model.remove_caches()
         model.train(was_training)
     answers = []
     for prompt, row in zip(prompts, out.tolist()):
