@@ -76,6 +76,10 @@ def test_metrics_of_a_run_with_its_own_log_dir_are_found(tmp_path, monkeypatch):
     log.log({"loss": 1.5}, step=1)
     log.close()
     assert [r["loss"] for r in read_metrics(run)] == [1.5]
+    earlier = DiskLogger(run / "logs")  # an earlier run in the same folder, with the default log_dir
+    earlier.log({"loss": 0.5}, step=1)
+    earlier.close()
+    assert [r["loss"] for r in read_metrics(run)] == [1.5]  # config.yaml is the latest run's
     outside = tmp_path / "elsewhere"
     log = DiskLogger(outside)
     log.log({"loss": 2.5}, step=1)
@@ -83,7 +87,9 @@ def test_metrics_of_a_run_with_its_own_log_dir_are_found(tmp_path, monkeypatch):
     (run / "config.yaml").write_text(f"output_dir: qlora_output/run_b\nmetric_logger:\n  log_dir: {outside}\n")
     assert [r["loss"] for r in read_metrics(run)] == [2.5]
     (run / "config.yaml").write_text("output_dir: qlora_output/run_b\nmetric_logger:\n  log_dir: qlora_output/run_b/gone\n")
-    with pytest.raises(FileNotFoundError, match=r"no metrics.jsonl in .*run_b, .*run_b/logs or .*run_b/gone \(its config.yaml's metric_logger.log_dir\): "
+    assert [r["loss"] for r in read_metrics(run)] == [0.5]  # the configured folder is gone: the run folder's logs/
+    (run / "logs" / "metrics.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no metrics.jsonl in .*run_b, .*run_b/gone \(its config.yaml's metric_logger.log_dir\) or .*run_b/logs: "
                        r"give a training run's output_dir, or the folder holding its metrics.jsonl"):
         read_metrics(run)
 

@@ -149,14 +149,15 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     a run that set ``metric_logger.log_dir``, the folder its ``config.yaml`` names). Lines that are
     not JSON objects (a writer killed mid-line) are skipped with a warning."""
     path = Path(path)
-    candidates = [path, path / METRICS_FILE, path / "logs" / METRICS_FILE]
+    candidates = [path, path / METRICS_FILE]
     log_dir = _configured_log_dir(path)
-    if log_dir is not None:
+    if log_dir is not None:  # the latest run's (config.yaml is rewritten by each run), before an earlier run's logs/
         candidates.append(log_dir / METRICS_FILE)
+    candidates.append(path / "logs" / METRICS_FILE)
     for candidate in candidates:
         if candidate.is_file():
             return [record for _, record in _parsed_lines(candidate)]
-    where = f"{path}, {path / 'logs'} or {log_dir} (its config.yaml's metric_logger.log_dir)" if log_dir else f"{path} or {path / 'logs'}"
+    where = f"{path}, {log_dir} (its config.yaml's metric_logger.log_dir) or {path / 'logs'}" if log_dir else f"{path} or {path / 'logs'}"
     raise FileNotFoundError(
         f"no {METRICS_FILE} in {where}: give a training run's output_dir, or the folder holding its {METRICS_FILE}"
     )
