@@ -105,7 +105,7 @@ def test_resume_refuses_a_different_config(tmp_path, setup):
         finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True", "model.lora_rank=4"]))
 
 
-def test_resume_refuses_another_base_and_accepts_the_same_one_moved(tmp_path, setup):
+def test_resume_refuses_another_base_and_accepts_the_same_one_moved(tmp_path, setup, capsys):
     """The base's weights are part of what a resumed run must share: another checkpoint of the
     same architecture (same files, same sizes) is refused, naming both; the same base in another
     folder resumes. A state without that entry (an earlier version's) is not refused for it."""
@@ -127,7 +127,9 @@ def test_resume_refuses_another_base_and_accepts_the_same_one_moved(tmp_path, se
     state = torch.load(run / "recipe_state.pt", weights_only=False)
     del state["fingerprint"]["checkpointer.weights"]  # as an earlier version wrote it
     torch.save(state, run / "recipe_state.pt")
+    capsys.readouterr()
     finetune.train(load_config("tiny_qlora", _overrides(setup, run) + [f"checkpointer.checkpoint_dir={other}", "resume_from_checkpoint=True", "epochs=3"]))
+    assert "Changed since the checkpoint" not in capsys.readouterr().out  # nor is the missing entry a change
 
 
 def test_a_drawn_seed_is_kept_and_a_finished_run_is_named(tmp_path, setup, capsys):

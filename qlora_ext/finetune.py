@@ -270,7 +270,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                 try:
                     last_checkpoint = saving.save_checkpoint(
                         output_dir, name, model, cfg, seed, optimizer=optimizer, scheduler=scheduler, adapter=adapter,
-                        epoch=position[0], step_in_epoch=position[1], global_step=global_step,
+                        epoch=position[0], step_in_epoch=position[1], global_step=global_step, fingerprint=fingerprint,
                     )
                 except Exception as e:  # noqa: BLE001  (re-raised as is unless the file system failed)
                     if not saving.is_write_failure(e):

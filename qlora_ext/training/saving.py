@@ -74,12 +74,9 @@ def resume_fingerprint(cfg) -> dict[str, Any]:
 
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``"key old -> new"`` for each fingerprint key whose value differs (on an accepted resume,
-    only ADJUSTABLE_ON_RESUME keys can)."""
-    return [
-        f"{key} {saved.get(key)!r} -> {current.get(key)!r}"
-        for key in sorted(set(saved) | set(current))
-        if saved.get(key) != current.get(key)
-    ]
+    only ADJUSTABLE_ON_RESUME keys can); keys only one side has are not compared, as
+    ``checkpointing.load_training_state`` does not compare them."""
+    return [f"{key} {saved[key]!r} -> {current[key]!r}" for key in sorted(set(saved) & set(current)) if saved[key] != current[key]]
 
 
 def resolved_yaml(cfg, seed: int) -> str:
@@ -102,8 +99,10 @@ def save_checkpoint(
     epoch: int,
     step_in_epoch: int,
     global_step: int,
+    fingerprint: dict[str, Any],
 ) -> Path:
-    """Writes ``output_dir/name`` and then ``output_dir/recipe_state.pt``; returns the folder.
+    """Writes ``output_dir/name`` and then ``output_dir/recipe_state.pt`` (with ``fingerprint``,
+    the run's ``resume_fingerprint`` as taken at its start); returns the folder.
 
     Older ``step_*`` folders are removed once the new state is in place (epoch folders stay).
     """
@@ -129,7 +128,7 @@ def save_checkpoint(
         raise
     checkpointing.save_training_state(
         output_dir, checkpoint_name=name, epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
-        seed=seed, optimizer=optimizer, scheduler=scheduler, adapter=adapter, fingerprint=resume_fingerprint(cfg),
+        seed=seed, optimizer=optimizer, scheduler=scheduler, adapter=adapter, fingerprint=fingerprint,
     )
     checkpoint_folders.remove_step_folders(output_dir, keep=name)
     return final
