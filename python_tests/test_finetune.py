@@ -173,8 +173,14 @@ def test_a_save_the_file_system_refuses_stops_with_the_last_checkpoint_named(tmp
     assert torch.load(out / "recipe_state.pt", weights_only=False)["checkpoint_name"] == "epoch_0"
     calls.clear()
     monkeypatch.setattr(saving, "save_peft_adapter", fails_second(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")))
+
+    def lost_mount(path):
+        raise OSError(errno.ESTALE, "Stale file handle")
+
+    monkeypatch.setattr(finetune.shutil, "disk_usage", lost_mount)
     assert finetune.main(["--config", "tiny_qlora", *args]) == 1
-    assert "cannot write checkpoint epoch_1" in capsys.readouterr().err
+    assert f"cannot write checkpoint epoch_1 to '{out}' (free space unknown): RuntimeError" in capsys.readouterr().err
+    monkeypatch.undo()
     calls.clear()
     monkeypatch.setattr(saving, "save_peft_adapter", fails_second(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):

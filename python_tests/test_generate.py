@@ -397,15 +397,18 @@ def test_cli_refuses_a_model_larger_than_the_free_memory(checkpoint_with_tokeniz
     from qlora_ext.models import llama2 as builders
 
     count = transformers().LlamaForCausalLM.from_pretrained(checkpoint_with_tokenizer).num_parameters()
-    monkeypatch.setattr(cli, "_available_bytes", lambda device: count * 4 - 1)  # fp32 needs count * 4
+    monkeypatch.setattr(cli, "_available_bytes", lambda device: count * 2 - 1)  # fp32 needs count * 4, bf16 count * 2
     loads = []
     monkeypatch.setattr(builders, "llama2_from_checkpoint", lambda *a, **k: loads.append(a))
     assert cli.main(["--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "hi", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert re.search(rf"error: the model in --checkpoint-dir has {count / 1e9:.2f} B parameters: {count * 4 / 1e9:.1f} GB in float32, "
-                     rf"more than the {(count * 4 - 1) / 1e9:.1f} GB of memory available on cpu; pass --dtype bfloat16 \({count * 2 / 1e9:.1f} GB\), "
+                     rf"more than the {(count * 2 - 1) / 1e9:.1f} GB of memory available on cpu; pass --dtype bfloat16 \({count * 2 / 1e9:.1f} GB\), "
                      r"or --quantize-base with the --adapter-dir of a QLoRA run", err), err
     assert loads == []  # refused before loading
+    assert cli.main(["--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "hi", "--device", "cpu", "--dtype", "bfloat16"]) == 1
+    assert "available on cpu; it fits at no --dtype; pass --quantize-base with the --adapter-dir of a QLoRA run" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_available_bytes", lambda device: count * 4 - 1)
 
     def load_then_stop(*args, **kwargs):
         loads.append(args)

@@ -277,11 +277,14 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                         raise
                     bar.close()
                     loggers.close()
-                    free = shutil.disk_usage(output_dir).free
+                    try:
+                        free = f"{shutil.disk_usage(output_dir).free / 1e9:.2f} GB free there"
+                    except OSError:  # the folder itself is gone (a lost mount)
+                        free = "free space unknown"
                     last = (f"the last complete checkpoint, {last_checkpoint}, is intact: once the cause is fixed, "
                             "resume_from_checkpoint=True continues from it") if last_checkpoint else "no checkpoint was saved before"
                     raise saving.CheckpointWriteError(
-                        f"output_dir: cannot write checkpoint {name} to '{output_dir}' ({free / 1e9:.2f} GB free there): "
+                        f"output_dir: cannot write checkpoint {name} to '{output_dir}' ({free}): "
                         f"{type(e).__name__}: {e}; {last}"
                     ) from e
                 t_since += time.perf_counter() - t_save  # saving time is not training throughput

@@ -220,7 +220,8 @@ def _refuse_a_model_that_cannot_fit(args: argparse.Namespace, dtype: torch.dtype
     raise ValueError(
         f"the model in --checkpoint-dir has {count / 1e9:.2f} B parameters: {need / 1e9:.1f} GB in {str(dtype).removeprefix('torch.')}, "
         f"more than the {available / 1e9:.1f} GB of memory available on {args.device}; "
-        f"pass {' or '.join(smaller) or 'a smaller --dtype'}, or --quantize-base with the --adapter-dir of a QLoRA run"
+        + (f"pass {' or '.join(smaller)}, or --quantize-base" if smaller else "it fits at no --dtype; pass --quantize-base")
+        + " with the --adapter-dir of a QLoRA run"
     )
 
 

@@ -206,7 +206,7 @@ def generate(
     # Pads after a shorter prompt sit at later positions than its real tokens, so causal attention
     # never lets them in: each is overwritten by a new token before any query can reach it.
     out = torch.full((b, total), pad_id, dtype=torch.long, device=device)
-    rows = rows.to(device)  # the prefill's input: contiguous, whatever max_new_tokens (a view of out has out's strides)
+    rows = rows.to(device).contiguous()  # the prefill's input: contiguous, whatever max_new_tokens (a view of out has out's strides)
     out[:, :s] = rows
 
     if own_caches:
