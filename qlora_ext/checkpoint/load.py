@@ -11,6 +11,7 @@ of a base checkpoint: on the meta device they are initialized fresh (lora_b = 0)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 
@@ -63,18 +64,19 @@ def _weight_files(checkpoint_dir: str, fmt: str, checkpoint_files: Sequence[str]
     return hf_weight_files(checkpoint_dir) if fmt == "hf" else meta_weight_files(checkpoint_dir)
 
 
-def weights_digest(checkpoint_dir: str | os.PathLike, checkpoint_files: Sequence[str] | None = None, samples: int = 16) -> str:
+_DIGEST_PIECES = 16  # 4 KiB pieces that weights_digest reads of each weight file
+
+
+def weights_digest(checkpoint_dir: str | os.PathLike, checkpoint_files: Sequence[str] | None = None) -> str:
     """A short description of the weights a checkpoint folder holds that changes when they do:
-    the weight files' names (inside the folder) and sizes, and a sha256 of ``samples`` 4 KiB
-    pieces spread over each file (a file under 64 KiB whole). Two checkpoints of one
+    the weight files' names (inside the folder) and sizes, and a sha256 of 16 pieces of 4 KiB
+    spread over each file (a file of at most 64 KiB whole). Two checkpoints of one
     architecture have equal sizes; their sampled bytes differ. Moving or copying the folder keeps
     it. ``checkpoint_files`` as for ``load_checkpoint``.
 
     Raises:
         FileNotFoundError: no checkpoint there, or a named file is not there.
     """
-    import hashlib
-
     checkpoint_dir = os.fspath(checkpoint_dir)
     files = _weight_files(checkpoint_dir, checkpoint_format(checkpoint_dir), checkpoint_files)
     digest, total = hashlib.sha256(), 0
@@ -83,11 +85,11 @@ def weights_digest(checkpoint_dir: str | os.PathLike, checkpoint_files: Sequence
         total += size
         digest.update(f"{os.path.relpath(path, checkpoint_dir)}\0{size}\0".encode())
         with open(path, "rb") as f:
-            if size <= 16 * 4096:
+            if size <= _DIGEST_PIECES * 4096:
                 digest.update(f.read())
                 continue
-            for i in range(samples):
-                f.seek((size - 4096) * i // (samples - 1))
+            for i in range(_DIGEST_PIECES):
+                f.seek((size - 4096) * i // (_DIGEST_PIECES - 1))
                 digest.update(f.read(4096))
     return f"{len(files)} file(s), {total} bytes, sampled sha256 {digest.hexdigest()[:16]}"
 

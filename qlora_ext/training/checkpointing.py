@@ -119,17 +119,16 @@ def load_training_state(
     # since, and the fingerprint lacks what cannot be read (the base's weights: reported when the
     # model is built).
     for key in sorted(set(saved) & set(fingerprint)):
-        if any(key == k or key.startswith(f"{k}.") for k in may_change):
+        if saved[key] == fingerprint[key] or any(key == k or key.startswith(f"{k}.") for k in may_change):
             continue
-        if saved.get(key) != fingerprint.get(key) and key == "checkpointer.weights":
+        if key == "checkpointer.weights":  # not a config key: what the base checkpoint holds
             raise ResumeError(
                 f"resume_from_checkpoint=true: checkpointer.checkpoint_dir holds other weights ({fingerprint[key]}) than "
                 f"the base the checkpoint in {output_dir} was trained on ({saved[key]}); resume on that base"
             )
-        if saved.get(key) != fingerprint.get(key):
-            raise ResumeError(
-                f"resume_from_checkpoint=true: config key '{key}' is {fingerprint.get(key)!r} but the checkpoint in "
-                f"{output_dir} was trained with {saved.get(key)!r}; use the same value to resume"
-                + (f" (of the settings a resumed run must share, only {', '.join(may_change)} may change)" if may_change else "")
-            )
+        raise ResumeError(
+            f"resume_from_checkpoint=true: config key '{key}' is {fingerprint[key]!r} but the checkpoint in "
+            f"{output_dir} was trained with {saved[key]!r}; use the same value to resume"
+            + (f" (of the settings a resumed run must share, only {', '.join(may_change)} may change)" if may_change else "")
+        )
     return state
