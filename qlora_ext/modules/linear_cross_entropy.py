@@ -58,6 +58,22 @@ def _softmax_rows(logits: Tensor) -> Tensor:
     return torch.softmax(logits, dim=1)
 
 
+def _target_nll(probs: Tensor, t: Tensor, h: Tensor, weight: Tensor) -> Tensor:
+    """sum_i -log(probs[i, t[i]]): the chunk's loss from its softmax alone. Taking it as
+    ``row_max - target_logit - log(max prob)`` instead costs two more passes over the [c, vocab]
+    chunk (``amax`` of the logits, then of the probabilities), memory-bound on a CPU. A row whose
+    target probability is below float32's smallest normal (loss above ~87, where the log of a
+    subnormal loses digits, or of 0 is inf) gets its loss from its own logits, recomputed."""
+    p_t = probs.gather(1, t[:, None])  # [c, 1], float32
+    nll = p_t.log().neg_()
+    low = p_t < torch.finfo(torch.float32).tiny
+    if bool(low.any()):
+        rows = low.squeeze(1).nonzero().squeeze(1)
+        logits = torch.mm(h.index_select(0, rows), weight.t()).float()
+        nll[rows] = torch.logsumexp(logits, 1, keepdim=True) - logits.gather(1, t.index_select(0, rows)[:, None])
+    return nll.sum()
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
     """sum_i CE(hidden[i] @ weight.T, targets[i]) over rows that all count (no ignore_index)."""
 
@@ -75,12 +91,16 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 logits = torch.mm(h, weight.t(), out=buffer[: h.shape[0]])  # [c, vocab]
             else:  # bf16/fp16 matmul as the unfused path does, softmax in fp32
                 logits = torch.mm(h, weight.t()).float()
-            row_max = logits.amax(dim=1, keepdim=True)  # [c, 1]
-            target_logit = logits.gather(1, t[:, None])
-            probs = _softmax_rows(logits)
-            # The row's largest probability is exp(0) / row_sum, so log(row_sum) is exact from it
-            # even where the target's own probability underflows.
-            total += (row_max - target_logit - probs.amax(dim=1, keepdim=True).log()).sum()
+            if logits.device.type == "cpu":  # (elsewhere the passes are cheap, and the check below would sync)
+                probs = _softmax_rows(logits)
+                total += _target_nll(probs, t, h, weight)
+            else:
+                row_max = logits.amax(dim=1, keepdim=True)  # [c, 1]
+                target_logit = logits.gather(1, t[:, None])
+                probs = _softmax_rows(logits)
+                # The row's largest probability is exp(0) / row_sum, so log(row_sum) is exact from it
+                # even where the target's own probability underflows.
+                total += (row_max - target_logit - probs.amax(dim=1, keepdim=True).log()).sum()
             if want_grad:
                 probs.scatter_add_(1, t[:, None], probs.new_full((h.shape[0], 1), -1.0))  # softmax - one_hot
                 torch.mm(probs.to(weight.dtype), weight, out=grad_hidden[start : start + chunk])
