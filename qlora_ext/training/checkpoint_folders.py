@@ -13,6 +13,8 @@ from pathlib import Path
 
 from qlora_ext.checkpoint.atomic import fsync_dir
 
+_CHECKPOINT_NAME = re.compile(r"(?:epoch|step)_\d+")  # the folders the trainer saves: epoch_E, step_S
+
 __all__ = ["checkpoint_folder_holding", "commit_dir", "recover_interrupted_saves", "remove_dir", "remove_step_folders", "staging_dir"]
 
 
@@ -70,14 +72,14 @@ def checkpoint_folder_holding(output_dir: str | Path, path: str | Path) -> Path 
         first = path.relative_to(output_dir).parts[:1]
     except ValueError:  # not inside output_dir
         return None
-    if first and re.fullmatch(r"(?:epoch|step)_\d+", first[0]):
+    if first and _CHECKPOINT_NAME.fullmatch(first[0]):
         return output_dir / first[0]
     return None
 
 
 # The names staging_dir, commit_dir and remove_dir give: .epoch_0.tmp-1234, .step_6.old-1234,
 # .step_6.del-1234 (1234: the writer's pid).
-_LEFTOVER = re.compile(r"\.((?:epoch|step)_\d+)\.(tmp|old|del)-(\d+)")
+_LEFTOVER = re.compile(rf"\.({_CHECKPOINT_NAME.pattern})\.(tmp|old|del)-(\d+)")
 
 
 def _writer_may_be_running(pid: int) -> bool:
