@@ -278,6 +278,11 @@ def test_unreadable_checkpoint_files_are_named(hf_models, tmp_path):
         weights.write_bytes(content)
         with pytest.raises(ValueError, match=rf"checkpoint file {weights} cannot be read as a torch state dict \(truncated, or not a checkpoint\): "):
             llama2_from_checkpoint(folder)
+    # A pickle naming a class besides the tensors is refused as such, not called truncated.
+    torch.save({**model.state_dict(), "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}, weights)
+    with pytest.raises(ValueError, match=rf"checkpoint file {weights} holds Python objects besides tensors, and loading them "
+                       r"could run code \(torch.load\(weights_only=True\) refuses: Unsupported global: GLOBAL torch.optim.sgd.SGD\)"):
+        llama2_from_checkpoint(folder)
     weights.unlink()
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "."}}))
     with pytest.raises(FileNotFoundError, match=r"names shards that do not exist \(or are no files\): \['\.'\]"):

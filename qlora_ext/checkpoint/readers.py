@@ -17,6 +17,8 @@ import dataclasses
 import glob
 import mmap
 import os
+import pickle
+import re
 import sys
 from collections.abc import Callable
 
@@ -86,9 +88,20 @@ class TensorFiles(contextlib.ExitStack):
                 mapped = False
         except FileNotFoundError:
             raise
+        except pickle.UnpicklingError as e:
+            # A whole file whose pickle names Python objects other than tensors (a training
+            # script's class, an optimizer) is refused, never unpickled: that can run its code.
+            refused = re.search(r"WeightsUnpickler error: (Unsupported global: GLOBAL \S+)", str(e))
+            if refused is None:  # a text file or a broken pickle; torch's advice to unpickle it unsafely does not apply
+                detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+                raise ValueError(_unreadable_torch_file(path, detail.group(1) if detail else e)) from None
+            raise ValueError(
+                f"checkpoint file {path} holds Python objects besides tensors, and loading them could run code "
+                f"(torch.load(weights_only=True) refuses: {refused.group(1)}); save the model's state_dict() alone, "
+                "or convert the file to safetensors"
+            ) from None
         except Exception as e:  # noqa: BLE001  (a truncated download, a text file, a folder: all unreadable alike)
-            raise ValueError(f"checkpoint file {path} cannot be read as a torch state dict (truncated, or not a checkpoint): "
-                             f"{type(e).__name__}: {e}") from None
+            raise ValueError(_unreadable_torch_file(path, e)) from None
         if not isinstance(state, dict):
             raise ValueError(f"checkpoint file {path} must hold a dict of tensors; got {type(state).__name__}")
         # Drop our dict at exit so the mapped storages can go.
@@ -102,6 +115,11 @@ class TensorFiles(contextlib.ExitStack):
 
     def get(self, key: str) -> Tensor:
         return self._readers[key]()
+
+
+def _unreadable_torch_file(path: str, e: Exception | str) -> str:
+    reason = f"{type(e).__name__}: {e}" if isinstance(e, Exception) else e
+    return f"checkpoint file {path} cannot be read as a torch state dict (truncated, or not a checkpoint): {reason}"
 
 
 _MADV_DONTNEED = 4
