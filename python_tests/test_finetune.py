@@ -365,10 +365,18 @@ def test_unreadable_inputs_are_named(capsys, tmp_path):
     cases = [
         ([f"dataset.data_files={binary}"], "dataset.data_files: '" + str(binary) + "' cannot be read as UTF-8 JSON text"),
         ([f"tokenizer.path={binary}"], f"tokenizer.path: Llama2Tokenizer: argument 'path' must be a readable SentencePiece model file; '{binary}' is not"),
-        ([f"output_dir={binary}"], f"output_dir: '{binary}' must be a folder this user can create or write to"),
-        ([f"metric_logger.log_dir={binary}"], f"metric_logger.log_dir: '{binary}' must be a folder this user can create or write to"),
+        ([f"output_dir={binary}"], f"output_dir: '{binary}' must be a folder this user can create or write to: '{binary}' exists "
+                                   "and is not a folder"),
+        ([f"output_dir={binary / 'run'}"], f"output_dir: '{binary / 'run'}' must be a folder this user can create or write to: "
+                                           f"'{binary}' exists and is not a folder"),
+        ([f"metric_logger.log_dir={binary}"], f"metric_logger.log_dir: '{binary}' must be a folder this user can create or write "
+                                              f"to: '{binary}' exists and is not a folder"),
         (["--config", str(binary)], f"--config: {binary} cannot be read as UTF-8 YAML text"),
     ]
+    dangling = tmp_path / "gone"  # a symbolic link whose target was removed: mkdir alone says "File exists"
+    dangling.symlink_to(tmp_path / "removed")
+    for args in ([f"output_dir={dangling}"], [f"output_dir={dangling / 'run'}"], [f"metric_logger.log_dir={dangling}"]):
+        cases.append((args, f"'{dangling}' is a symbolic link to '{tmp_path / 'removed'}', which does not exist"))
     import gzip
 
     packed = tmp_path / "alpaca.json.gz"

@@ -73,7 +73,7 @@ def train(cfg: Config) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=output_dir).close()  # an existing folder may still be read-only
     except OSError as e:
-        raise ConfigError(f"output_dir: '{output_dir}' must be a folder this user can create or write to: {e}") from None
+        raise ConfigError(f"output_dir: '{output_dir}' must be a folder this user can create or write to: {_why_not_a_folder(output_dir, e)}") from None
     for key, path in (("checkpointer.checkpoint_dir", cfg.checkpointer.checkpoint_dir), ("tokenizer.path", cfg.tokenizer.path)):
         inside = path is not None and checkpoint_folders.checkpoint_folder_holding(output_dir, path)
         if inside:
@@ -83,6 +83,17 @@ def train(cfg: Config) -> dict[str, Any]:
             )
     with run_lock.exclusive_output_dir(output_dir):
         return _train_in(output_dir, cfg, device, dtype)
+
+
+def _why_not_a_folder(path: Path, error: OSError) -> str:
+    """What stopped ``path`` from being created or written: a dangling symbolic link or a file on
+    its way (where mkdir only says "File exists"), else the error itself."""
+    for place in (path, *path.parents):
+        if place.is_symlink() and not place.exists():
+            return f"'{place}' is a symbolic link to '{os.readlink(place)}', which does not exist"
+        if place.exists():
+            return str(error) if place.is_dir() else f"'{place}' exists and is not a folder"
+    return str(error)
 
 
 def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -111,7 +122,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
         )
     except OSError as e:
         key = "metric_logger.log_dir" if cfg.metric_logger.log_dir else "output_dir (its logs/ folder, where metric_logger.log_dir=null puts the logs)"
-        raise ConfigError(f"{key}: '{log_dir}' must be a folder this user can create or write to: {e}") from None
+        raise ConfigError(f"{key}: '{log_dir}' must be a folder this user can create or write to: {_why_not_a_folder(log_dir, e)}") from None
 
     # -- tokenizer and data (read before the model, so a data mistake fails fast) -------------
     tokenizer = model_setup.load_tokenizer(cfg.tokenizer.path)
