@@ -237,6 +237,36 @@ def test_commit_dir_replaces_whole_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0"]
 
 
+def test_a_replaced_folder_that_cannot_be_deleted_is_named(tmp_path, monkeypatch):
+    # A write-protected file in the replaced checkpoint (root ignores permissions, so the failure
+    # is simulated): the save still commits, and the leftover folder is named, not kept silently.
+    final = tmp_path / "epoch_0"
+    tmp = checkpoint_folders.staging_dir(final)
+    (tmp / "f.txt").write_text("one")
+    checkpoint_folders.commit_dir(tmp, final)
+    real_rmtree = checkpoint_folders.shutil.rmtree
+
+    def protected(path, ignore_errors=False):
+        if ".old-" not in str(path) and ".del-" not in str(path):
+            return real_rmtree(path, ignore_errors=ignore_errors)
+        if not ignore_errors:
+            raise PermissionError(13, "Permission denied", str(path / "f.txt"))
+
+    monkeypatch.setattr(checkpoint_folders.shutil, "rmtree", protected)
+    tmp = checkpoint_folders.staging_dir(final)
+    (tmp / "f.txt").write_text("two")
+    with pytest.warns(RuntimeWarning, match=rf"could not delete {tmp_path}/\.epoch_0\.old-\d+ \(the checkpoint folder {final} "
+                      r"replaced\): \[Errno 13\] Permission denied: .*f.txt'; delete it by hand"):
+        checkpoint_folders.commit_dir(tmp, final)
+    assert (final / "f.txt").read_text() == "two"
+    (tmp_path / "step_3").mkdir()
+    with pytest.warns(RuntimeWarning, match=rf"could not delete {tmp_path}/\.step_3\.del-\d+ \(what was {tmp_path / 'step_3'}\)"):
+        checkpoint_folders.remove_dir(tmp_path / "step_3")
+    monkeypatch.setattr(checkpoint_folders, "_writer_may_be_running", lambda pid: False)  # the next run: their writer is gone
+    notes = checkpoint_folders.recover_interrupted_saves(tmp_path)
+    assert len(notes) == 2 and all(n.startswith("could not delete") and "(left by a killed save)" in n for n in notes), notes
+
+
 def test_recover_interrupted_saves(tmp_path):
     import os
 

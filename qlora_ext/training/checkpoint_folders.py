@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 from qlora_ext.checkpoint.atomic import fsync_dir
@@ -42,7 +43,23 @@ def commit_dir(tmp: str | Path, final: str | Path) -> None:
     os.replace(tmp, final)
     fsync_dir(final.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _delete_or_warn(old, f"the checkpoint folder {final} replaced")
+
+
+def _delete_or_warn(folder: Path, what: str) -> str | None:
+    """Deletes ``folder`` as far as it can; where some of it stays (a write-protected file or
+    folder), warns once, naming it and why, and returns that line: a leftover copy of a merged
+    7B model is 13 GB that nothing else would mention."""
+    shutil.rmtree(folder, ignore_errors=True)
+    if not folder.exists():
+        return None
+    try:
+        shutil.rmtree(folder)  # again, for the reason
+        return None
+    except OSError as e:
+        line = f"could not delete {folder} ({what}): {e}; delete it by hand"
+        warnings.warn(line, RuntimeWarning, stacklevel=3)
+        return line
 
 
 def remove_dir(folder: str | Path) -> None:
@@ -53,7 +70,7 @@ def remove_dir(folder: str | Path) -> None:
     doomed = folder.with_name(f".{folder.name}.del-{os.getpid()}")
     os.replace(folder, doomed)
     fsync_dir(folder.parent)
-    shutil.rmtree(doomed, ignore_errors=True)
+    _delete_or_warn(doomed, f"what was {folder}")
 
 
 def remove_step_folders(output_dir: str | Path, *, keep: str | None) -> None:
@@ -109,7 +126,7 @@ def recover_interrupted_saves(output_dir: str | Path) -> list[str]:
     (which one output_dir does not support anyway) is never cut short.
 
     Returns:
-        One line per folder restored or removed.
+        One line per folder restored or removed, or that could not be deleted (and why).
     """
     output_dir = Path(output_dir)
     leftovers = []
@@ -123,10 +140,11 @@ def recover_interrupted_saves(output_dir: str | Path) -> list[str]:
             os.replace(path, final)
             notes.append(f"restored {final} from {path.name} (a save was killed while replacing it)")
     for path, _, _ in leftovers:
-        if path.exists():
-            shutil.rmtree(path, ignore_errors=True)  # one that cannot be removed does not stop the run
-            if not path.exists():
-                notes.append(f"removed {path} (left by a killed save)")
+        if path.exists():  # one that cannot be removed does not stop the run
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the returned line says it
+                failed = _delete_or_warn(path, "left by a killed save")
+            notes.append(failed or f"removed {path} (left by a killed save)")
     if notes:
         fsync_dir(output_dir)
     return notes
