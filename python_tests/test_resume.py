@@ -215,3 +215,17 @@ def test_resume_after_a_save_killed_between_its_renames(tmp_path, setup):
     from safetensors.torch import load_file
 
     assert load_file(run / "epoch_0" / "adapter" / "adapter_model.safetensors")  # the restored, real one
+
+
+def test_resume_names_its_source_when_the_checkpoint_folder_was_deleted(tmp_path, setup, capsys):
+    # The training state (adapter included) is recipe_state.pt; the folder saved with it may be gone.
+    run = tmp_path / "run"
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1"]))
+    shutil.rmtree(run / "epoch_0")
+    capsys.readouterr()
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=2", "resume_from_checkpoint=True"]))
+    out = capsys.readouterr().out
+    assert f"Resumed from {run / 'recipe_state.pt'} (saved with {run / 'epoch_0'}, since deleted): epoch 2, step 4" in out, out
+    capsys.readouterr()
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=3", "resume_from_checkpoint=True"]))
+    assert f"Resumed from {run / 'epoch_1'}: epoch 3, step 8" in capsys.readouterr().out

@@ -180,7 +180,10 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
         )
         checkpointing.set_rng_state(state["rng"])
         start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        print(f"Resumed from {output_dir / state['checkpoint_name']}: epoch {start_epoch + 1}, step {global_step}")
+        saved_with = output_dir / state["checkpoint_name"]
+        # The training state (with the adapter) is recipe_state.pt; the folder saved beside it may have been deleted since.
+        source = saved_with if saved_with.is_dir() else f"{output_dir / 'recipe_state.pt'} (saved with {saved_with}, since deleted)"
+        print(f"Resumed from {source}: epoch {start_epoch + 1}, step {global_step}")
         changed = saving.changed_settings(state["fingerprint"], fingerprint)
         if changed:
             print(f"Changed since the checkpoint, applied from step {global_step + 1}: {', '.join(changed)}")
