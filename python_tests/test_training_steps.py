@@ -3,11 +3,14 @@ activation checkpointing (same gradients, same names), device and dtype choice."
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
+from qlora_ext import generation
 from qlora_ext.models.llama2 import lora_llama2
 from qlora_ext.modules.peft import get_adapter_params, set_trainable_params
 from qlora_ext.training import evaluation, steps
@@ -197,3 +200,35 @@ def test_validation_loss_fused_equals_logits_path():
     with torch.no_grad():
         want = float(steps.token_loss_sum(model(tokens), tokens)) / steps.num_loss_tokens(tokens)
     assert fused == pytest.approx(want, rel=1e-5)
+
+
+def test_answers_fit_prompts_of_any_length_into_max_seq_len():
+    # Held-out prompts near or over the model's max_seq_len (32 here): the run's before/after
+    # answers get as many new tokens as fit, or a line saying the prompt fills it; no crash.
+    model, _ = _tiny_lora()
+
+    class Tokenizer:  # a token per word
+        bos_id, eos_id, vocab_size = 1, 2, 64
+
+        def encode(self, text, add_bos, add_eos, trim_leading_whitespace=False):
+            return [1] * add_bos + [5 + len(w) % 50 for w in text.split()]
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    def record(words):
+        return {"instruction": " ".join(["w"] * words), "input": ""}
+
+    tokenizer, cpu = Tokenizer(), torch.device("cpu")
+    lengths = {n: len(evaluation.prompt_tokens(tokenizer, record(n), "alpaca")) for n in (1, 10, 40)}
+    assert lengths[1] + 8 <= 32 < lengths[10] + 8 and lengths[10] < 32 <= lengths[40]
+    calls = []
+    real_generate = generation.generate
+    with mock.patch.object(generation, "generate", lambda model, prompts, **k: (calls.append((len(prompts), k["max_new_tokens"])),
+                                                                               real_generate(model, prompts, **k))[1]):
+        answers = evaluation.answer(model, tokenizer, [record(1), record(40), record(10), record(1)], 8, cpu, torch.float32)
+    assert sorted(calls) == [(1, 32 - lengths[10]), (2, 8)]  # the short prompts in one batch, the longer one with what fits
+    assert answers[1] == f"(not answered: its prompt of {lengths[40]} tokens fills the model's max_seq_len 32)"
+    alone = evaluation.answer(model, tokenizer, [record(1)], 8, cpu, torch.float32)
+    assert answers[0] == answers[3] == alone[0] and len(answers[2].split()) <= 32 - lengths[10]
+    assert evaluation.answer(model, tokenizer, [], 8, cpu, torch.float32) == [] and not model.caches_are_setup()

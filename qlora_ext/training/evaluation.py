@@ -20,17 +20,35 @@ def answer(
     model: nn.Module, tokenizer, records: list[dict[str, str]], max_new_tokens: int, device: torch.device, dtype: torch.dtype,
     template: str = "alpaca",
 ) -> list[str]:
-    """Greedy answers of the model to the records' prompts in ``template`` (generation stops at EOS)."""
+    """Greedy answers of the model to the records' prompts in ``template`` (generation stops at EOS).
+
+    A prompt too long for ``max_new_tokens`` more within the model's ``max_seq_len`` is answered
+    with as many tokens as fit; one that fills ``max_seq_len`` alone gets a line saying so."""
+    prompts = [prompt_tokens(tokenizer, record, template) for record in records]
+    answers = [""] * len(prompts)
+    rooms: dict[int, list[int]] = {}  # new tokens that fit -> the prompts (by index) that get that many
+    for i, prompt in enumerate(prompts):
+        room = min(max_new_tokens, model.max_seq_len - len(prompt))
+        if room > 0:
+            rooms.setdefault(room, []).append(i)
+        else:
+            answers[i] = f"(not answered: its prompt of {len(prompt)} tokens fills the model's max_seq_len {model.max_seq_len})"
+    for room, rows in rooms.items():  # usually one batch: every prompt has room for max_new_tokens
+        for i, text in zip(rows, _answer_batch(model, tokenizer, [prompts[i] for i in rows], room, device, dtype)):
+            answers[i] = text
+    return answers
+
+
+def _answer_batch(
+    model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, device: torch.device, dtype: torch.dtype,
+) -> list[str]:
     from qlora_ext.generation import generate
 
-    if not records:
-        return []
-    prompts = [prompt_tokens(tokenizer, record, template) for record in records]
     was_training = model.training
     model.eval()
     # Caches sized for these prompts, set up here: generate would size its own for the model's
     # max_seq_len when the layers are compiled (compile=True), to reuse graphs these eager calls never use.
-    cache_len = min(max(len(p) for p in prompts) + max_new_tokens, model.max_seq_len)
+    cache_len = max(len(p) for p in prompts) + max_new_tokens  # at most max_seq_len (answer's rooms)
     model.setup_caches(len(prompts), model.tok_embeddings.weight.dtype, max_seq_len=cache_len)
     try:
         with autocast(device, dtype):  # one batch: rows of different lengths decode side by side
