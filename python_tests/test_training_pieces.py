@@ -351,6 +351,34 @@ def test_tensorboard_logger_writes_events(tmp_path):
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [(e.step, round(e.value, 4)) for e in events.Scalars("loss")] == [(1, 1.0), (2, 0.5), (3, 0.3333)]
+    # A run started afresh in the same folder shows alone, as the disk log; a resumed one continues its curve.
+    for resume_step, values in ((None, {1: 2.0, 2: 3.0, 3: 4.0}), (2, {3: 5.0, 4: 6.0})):
+        loggers = MetricLoggers("tensorboard", tmp_path, resume_step=resume_step)
+        for s, v in values.items():
+            loggers.log({"loss": v}, step=s)
+        loggers.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.0), (2, 3.0), (3, 5.0), (4, 6.0)]
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 2.0), (2, 3.0), (3, 5.0), (4, 6.0)]
+
+
+def test_tensorboard_does_not_start_in_an_unwritable_log_dir(tmp_path, monkeypatch):
+    # The disk logger's check comes first: no TensorBoard writer thread is left running (its
+    # traceback followed the one-line error).
+    pytest.importorskip("tensorboard", reason="tensorboard (optional) is not installed")
+    import threading
+
+    from qlora_ext.training import metric_logging
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    threads = threading.active_count()
+    monkeypatch.setattr(metric_logging, "open", read_only, raising=False)
+    with pytest.raises(OSError, match="Read-only"):
+        MetricLoggers("tensorboard", tmp_path)
+    assert threading.active_count() == threads and not list(tmp_path.glob("events.out.tfevents.*"))
 
 
 def test_wandb_logger_drives_a_run(tmp_path, monkeypatch):

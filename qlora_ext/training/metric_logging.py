@@ -68,9 +68,11 @@ class DiskLogger:
 
 
 class TensorBoardLogger:
-    """Scalars to TensorBoard event files in ``log_dir``."""
+    """Scalars to TensorBoard event files in ``log_dir``. TensorBoard hides what earlier event
+    files of ``log_dir`` hold from ``purge_step`` on, so a run started afresh in an output_dir
+    (purge_step 0) or resumed (its resume step + 1) shows one curve, as the disk log holds one."""
 
-    def __init__(self, log_dir: str | Path):
+    def __init__(self, log_dir: str | Path, purge_step: int = 0):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -78,7 +80,7 @@ class TensorBoardLogger:
                 "metric_logger.type=tensorboard needs the tensorboard package: pip install tensorboard "
                 "(or pip install 'qlora_ext[tensorboard]'), or use metric_logger.type=disk"
             ) from None
-        self._writer = SummaryWriter(log_dir=str(log_dir))
+        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for name, value in metrics.items():
@@ -119,17 +121,15 @@ class MetricLoggers:
     """The disk logger plus the chosen one; ``log`` and ``close`` go to all."""
 
     def __init__(self, kind: str, log_dir: str | Path, *, project: str = "qlora_ext", config: dict | None = None, resume_step: int | None = None):
-        self.loggers: list[Any] = []
-        extra: Any = None
-        if kind == "tensorboard":
-            extra = TensorBoardLogger(log_dir)
-        elif kind == "wandb":
-            extra = WandBLogger(log_dir, project, config or {})
-        elif kind != "disk":
+        if kind not in ("disk", "tensorboard", "wandb"):
             raise ValueError(f"metric_logger.type must be one of disk, tensorboard, wandb; got {kind!r}")
-        self.loggers.append(DiskLogger(log_dir, resume_step=resume_step))
-        if extra is not None:
-            self.loggers.append(extra)
+        # The disk logger first: it makes log_dir and checks it can be written before
+        # TensorBoard's writer thread or a wandb run starts there.
+        self.loggers: list[Any] = [DiskLogger(log_dir, resume_step=resume_step)]
+        if kind == "tensorboard":
+            self.loggers.append(TensorBoardLogger(log_dir, purge_step=0 if resume_step is None else resume_step + 1))
+        elif kind == "wandb":
+            self.loggers.append(WandBLogger(log_dir, project, config or {}))
 
     @property
     def metrics_path(self) -> Path:
