@@ -172,11 +172,25 @@ def test_builtin_png_loss_curve(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         plot_loss_curves([curve], blocked / "loss.png")
     assert [p.name for p in blocked.iterdir()] == ["loss.png"]
+    # a run that logged one loss (max_steps_per_epoch=1): its point is drawn, not an empty frame
+    lone = tmp_path / "lone.png"
+    plot_loss_curves([Curve("run", [6], [2.0])], lone)
+    rows = zlib.decompressobj().decompress(re.search(rb"IDAT(.*)", lone.read_bytes(), re.S).group(1))
+
+    def pixel(x, y):  # rows of a filter byte and 800 RGB pixels
+        start = y * (1 + 800 * 3) + 1 + 3 * x
+        return tuple(rows[start : start + 3])
+
+    # the point sits at the plot's lower left corner (its x and y ticks start at it): a 7x7 square there
+    assert all(pixel(80 + dx, 480 - 56 + dy) == (31, 119, 180) for dx in range(-3, 4) for dy in range(-3, 4))
 
 
 def test_smoothing():
     assert smooth([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])  # debiased: no pull to zero
     assert smooth([0.0, 10.0], 0.0) == [0.0, 10.0]
+    # a NaN is passed through and the average goes on past it
+    got = smooth([1.0, float("nan"), 1.0, 3.0], 0.5)
+    assert math.isnan(got[1]) and got[0] == got[2] == 1.0 and got[3] == pytest.approx(1.875 / 0.875)
 
 
 def test_plot_cli_two_runs(tmp_path, capsys):

@@ -21,9 +21,13 @@ class Curve:
 
 
 def smooth(values: list[float], weight: float) -> list[float]:
-    """TensorBoard's debiased exponential moving average (weight 0 = no smoothing)."""
+    """TensorBoard's debiased exponential moving average (weight 0 = no smoothing); a NaN or
+    infinite value is passed through and left out of the average, which goes on past it."""
     out, last, norm = [], 0.0, 0.0
     for v in values:
+        if not math.isfinite(v):
+            out.append(v)
+            continue
         last = weight * last + (1.0 - weight) * v
         norm = weight * norm + (1.0 - weight)
         out.append(last / norm)
@@ -52,7 +56,8 @@ def plot_loss_curves(curves: list[Curve], path: str | Path, smoothing: float | N
         color = [v / 255 for v in _PALETTE[i % len(_PALETTE)]]
         w = default_smoothing(len(c.losses)) if smoothing is None else smoothing
         ax.plot(c.steps, c.losses, color=color, alpha=0.25, linewidth=1)
-        ax.plot(c.steps, smooth(c.losses, w), color=color, linewidth=2, label=f"{c.label} (smoothed {w:.2f})")
+        marker = "o" if sum(map(math.isfinite, c.losses)) == 1 else None  # a lone point draws no line
+        ax.plot(c.steps, smooth(c.losses, w), color=color, linewidth=2, marker=marker, label=f"{c.label} (smoothed {w:.2f})")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -123,6 +128,9 @@ def _plot_builtin(curves: list[Curve], path: Path, smoothing: float | None, titl
         smoothed = [(px(s), py(v)) for s, v in zip(c.steps, smooth(c.losses, w)) if math.isfinite(v)]
         for (a, b), (d, e) in zip(smoothed, smoothed[1:]):
             canvas.line(a, b, d, e, color, width=2)
+        if len(smoothed) == 1:  # a lone point draws no line: a square marks it
+            a, b = round(smoothed[0][0]), round(smoothed[0][1])
+            canvas.rect(a - 3, b - 3, a + 3, b + 3, color, fill=True)
         label = c.label[:40]
         y = top + 10 + 16 * i
         canvas.text(legend_x, y, label, color=color, anchor="right")
