@@ -220,7 +220,7 @@ def test_adapter_only_and_loss_decreases(tmp_path, tiny_ckpt, small_data):
     assert summary["val_loss_after"] < summary["val_loss_before"]
 
 
-def test_validation_loss_is_logged_periodically_and_at_epoch_ends(tmp_path, tiny_ckpt, small_data, monkeypatch):
+def test_validation_loss_is_logged_periodically_and_at_epoch_ends(tmp_path, tiny_ckpt, small_data, monkeypatch, capsys):
     # through every metric logger: the disk log and, here, a stand-in wandb module
     import sys
     import types
@@ -245,8 +245,13 @@ def test_validation_loss_is_logged_periodically_and_at_epoch_ends(tmp_path, tiny
     overrides = small_run_overrides(tiny_ckpt, small_data, out2) + [
         "dataset.validation_fraction=0.0", "eval.every_n_steps=1", "epochs=1", "max_steps_per_epoch=2", "save_adapter_weights_only=True",
     ]
-    assert finetune.train(load_config("tiny_qlora", overrides))["val_losses"] == []
+    capsys.readouterr()
+    assert finetune.train(load_config("tiny_qlora", overrides + ["eval.before_and_after=True"]))["val_losses"] == []
     assert not any("val_loss" in r for r in metrics(out2))
+    out = capsys.readouterr().out  # the before/after report it asks for cannot be shown, and says why
+    assert ("Note: eval.before_and_after shows the held-out loss and answers, and there are no held-out examples "
+            "(dataset.validation_fraction=0.0); set it above 0 to see them") in out
+    assert "held-out examples; 2 steps per epoch" in out
 
 
 def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, tiny_ckpt, small_data):

@@ -138,9 +138,15 @@ def test_optional_loggers_say_what_to_install(tmp_path, kind, package, monkeypat
         MetricLoggers(kind, tmp_path)
 
 
-def test_memory_stats_on_cpu():
+def test_memory_stats_on_cpu(monkeypatch):
     stats = memory_stats(torch.device("cpu"))
     assert 0.0 < stats["rss_memory"] <= stats["peak_rss_memory"] * 1.01 + 0.01
+    # the peak (ru_maxrss) can lag the current size (statm): never reported below it
+    from qlora_ext.training import memory
+
+    monkeypatch.setattr(memory, "_peak_rss_bytes", lambda: 100 << 20)
+    monkeypatch.setattr(memory, "_current_rss_bytes", lambda: 101 << 20)
+    assert memory_stats(torch.device("cpu")) == {"rss_memory": 101 / 1024, "peak_rss_memory": 101 / 1024}
     text = format_memory_stats(stats, "after model init")
     assert text.startswith("Memory Stats after model init::\nCPU resident memory: ")
 
@@ -202,6 +208,13 @@ def test_plot_cli_two_runs(tmp_path, capsys):
     out = tmp_path / "both.png"
     assert plot.main([str(tmp_path / "lora"), str(tmp_path / "qlora"), "-o", str(out)]) == 0
     assert out.is_file() and "lora: 20 steps" in capsys.readouterr().out
+    # a run given by its logs folder or its metrics file is labelled with the run's name; one step is "1 step"
+    assert plot.load_curve(str(tmp_path / "lora" / "logs")).label == "lora"
+    assert plot.load_curve(str(tmp_path / "qlora" / "logs" / "metrics.jsonl")).label == "qlora"
+    (tmp_path / "one" / "logs").mkdir(parents=True)
+    (tmp_path / "one" / "logs" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    assert plot.main([str(tmp_path / "one"), "-o", str(out)]) == 0
+    assert "one: 1 step, loss 2.0000" in capsys.readouterr().out
     assert plot.main([str(tmp_path / "nothing"), "-o", str(out)]) == 2
     # -o in a folder that does not exist yet: created; under a file, or a folder itself: an error naming -o
     assert plot.main([str(tmp_path / "lora"), "-o", str(tmp_path / "new" / "sub" / "lora.png")]) == 0

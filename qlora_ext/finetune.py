@@ -85,6 +85,10 @@ def train(cfg: Config) -> dict[str, Any]:
         return _train_in(output_dir, cfg, device, dtype)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _why_not_a_folder(path: Path, error: OSError) -> str:
     """What stopped ``path`` from being created or written: a dangling symbolic link or a file on
     its way (where mkdir only says "File exists"), else the error itself."""
@@ -136,7 +140,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
             f"dataset.data_files: {len(train_records)} training examples make no optimizer step with batch_size="
             f"{cfg.batch_size} and gradient_accumulation_steps={cfg.gradient_accumulation_steps}"
         )
-    print(f"Data: {len(train_records)} training and {len(val_records)} held-out examples; {steps_per_epoch} steps per epoch")
+    print(f"Data: {len(train_records)} training and {len(val_records)} held-out examples; {_count(steps_per_epoch, 'step')} per epoch")
 
     # -- model: base weights (NF4 for QLoRA) + fp32 adapters ---------------------------------
     torch.manual_seed(seed)
@@ -196,6 +200,9 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     summary: dict[str, Any] = {"output_dir": str(output_dir), "seed": seed, "losses": [], "val_losses": []}
     val_batches = eval_batches(val_ds, cfg.batch_size, tokenizer.pad_id, cfg.eval.max_batches) if len(val_ds) else []
     show = cfg.eval.before_and_after and state is None
+    if show and not val_records:
+        print(f"Note: eval.before_and_after shows the held-out loss and answers, and there are no held-out examples "
+              f"(dataset.validation_fraction={cfg.dataset.validation_fraction}); set it above 0 to see them")
     samples = evaluation.pick_samples(val_records, cfg.eval.num_samples)
     if show and val_batches:
         summary["val_loss_before"] = steps.validation_loss(model, val_batches, device, dtype)

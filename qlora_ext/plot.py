@@ -25,7 +25,15 @@ def load_curve(run_dir: str, label: str | None = None) -> Curve:
     records = [r for r in read_metrics(run_dir) if is_int(r.get("step")) and is_finite_real(r.get("loss"))]
     if not records:
         raise ValueError(f"RUN_DIR '{run_dir}': its metrics log has no records with a step and a finite loss yet")
-    return Curve(label or Path(run_dir).resolve().name, [r["step"] for r in records], [r["loss"] for r in records])
+    return Curve(label or _run_name(Path(run_dir)), [r["step"] for r in records], [r["loss"] for r in records])
+
+
+def _run_name(path: Path) -> str:
+    """The run folder's name, also when ``path`` is its metrics file or its ``logs`` folder."""
+    path = path.resolve()
+    if path.is_file():
+        path = path.parent
+    return path.parent.name if path.name == "logs" and path.parent.name else path.name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     note = "" if renderer == "matplotlib" else " (matplotlib is not installed: drawn by the built-in PNG writer; pip install matplotlib for a richer plot)"
     print(f"wrote {args.output}{note}")
     for c in curves:
-        print(f"  {c.label}: {len(c.losses)} steps, loss {c.losses[0]:.4f} -> {c.losses[-1]:.4f}")
+        print(f"  {c.label}: {len(c.losses)} step{'' if len(c.losses) == 1 else 's'}, loss {c.losses[0]:.4f} -> {c.losses[-1]:.4f}")
     return 0
 
 

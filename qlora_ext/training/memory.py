@@ -34,7 +34,9 @@ def memory_stats(device: torch.device, reset_peak: bool = False) -> dict[str, fl
         if reset_peak:
             torch.cuda.reset_peak_memory_stats(device)
         return out
-    return {"rss_memory": _current_rss_bytes() / _GIB, "peak_rss_memory": _peak_rss_bytes() / _GIB}
+    current = _current_rss_bytes()
+    # Two kernel counters (statm now, ru_maxrss at its last update): the peak is at least the current.
+    return {"rss_memory": current / _GIB, "peak_rss_memory": max(_peak_rss_bytes(), current) / _GIB}
 
 
 def format_memory_stats(stats: dict[str, float], title: str) -> str:
