@@ -221,7 +221,7 @@ def test_plot_cli_two_runs(tmp_path, capsys):
     assert (tmp_path / "new" / "sub" / "lora.png").is_file()
     capsys.readouterr()
     assert plot.main([str(tmp_path / "lora"), "-o", str(out / "x.png")]) == 2
-    assert f"argument -o/--output: cannot write '{out / 'x.png'}'" in capsys.readouterr().err
+    assert f"argument -o/--output: cannot write '{out / 'x.png'}': '{out}' exists and is not a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         plot.main([str(tmp_path / "lora"), "-o", str(tmp_path / "new")])
     assert f"argument -o/--output: '{tmp_path / 'new'}' is a folder" in capsys.readouterr().err

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from qlora_ext._paths import why_not_a_folder
 from qlora_ext.checkpoint.atomic import atomic_write_text
 from qlora_ext.training import checkpoint_folders, checkpointing, evaluation, model_setup, run_lock, saving, steps
 from qlora_ext.training.config import Config, ConfigError, available_configs, load_config
@@ -73,7 +74,7 @@ def train(cfg: Config) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=output_dir).close()  # an existing folder may still be read-only
     except OSError as e:
-        raise ConfigError(f"output_dir: '{output_dir}' must be a folder this user can create or write to: {_why_not_a_folder(output_dir, e)}") from None
+        raise ConfigError(f"output_dir: '{output_dir}' must be a folder this user can create or write to: {why_not_a_folder(output_dir, e)}") from None
     for key, path in (("checkpointer.checkpoint_dir", cfg.checkpointer.checkpoint_dir), ("tokenizer.path", cfg.tokenizer.path)):
         inside = path is not None and checkpoint_folders.checkpoint_folder_holding(output_dir, path)
         if inside:
@@ -87,17 +88,6 @@ def train(cfg: Config) -> dict[str, Any]:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def _why_not_a_folder(path: Path, error: OSError) -> str:
-    """What stopped ``path`` from being created or written: a dangling symbolic link or a file on
-    its way (where mkdir only says "File exists"), else the error itself."""
-    for place in (path, *path.parents):
-        if place.is_symlink() and not place.exists():
-            return f"'{place}' is a symbolic link to '{os.readlink(place)}', which does not exist"
-        if place.exists():
-            return str(error) if place.is_dir() else f"'{place}' exists and is not a folder"
-    return str(error)
 
 
 def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -126,7 +116,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
         )
     except OSError as e:
         key = "metric_logger.log_dir" if cfg.metric_logger.log_dir else "output_dir (its logs/ folder, where metric_logger.log_dir=null puts the logs)"
-        raise ConfigError(f"{key}: '{log_dir}' must be a folder this user can create or write to: {_why_not_a_folder(log_dir, e)}") from None
+        raise ConfigError(f"{key}: '{log_dir}' must be a folder this user can create or write to: {why_not_a_folder(log_dir, e)}") from None
 
     # -- tokenizer and data (read before the model, so a data mistake fails fast) -------------
     tokenizer = model_setup.load_tokenizer(cfg.tokenizer.path)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from qlora_ext._arguments import is_finite_real, is_int
+from qlora_ext._paths import why_not_a_folder
 from qlora_ext.training.loss_plot import Curve, plot_loss_curves
 from qlora_ext.training.metric_logging import read_metrics
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         output.parent.mkdir(parents=True, exist_ok=True)  # as the trainer creates its output_dir
         renderer = plot_loss_curves(curves, output, smoothing=args.smoothing, title=args.title)
     except OSError as e:
-        print(f"error: argument -o/--output: cannot write '{args.output}': {e}", file=sys.stderr)
+        print(f"error: argument -o/--output: cannot write '{args.output}': {why_not_a_folder(output.parent, e)}", file=sys.stderr)
         return 2
     note = "" if renderer == "matplotlib" else " (matplotlib is not installed: drawn by the built-in PNG writer; pip install matplotlib for a richer plot)"
     print(f"wrote {args.output}{note}")

@@ -1,0 +1,18 @@
+"""What stops a folder from being created or written, in words: mkdir alone says "File exists"
+for a dangling symbolic link or a file on the way, which does not tell what to change."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def why_not_a_folder(path: Path, error: OSError) -> str:
+    """The reason ``path`` (a folder to create or write into) failed with ``error``: a dangling
+    symbolic link or a file at it or on its way, else the error itself."""
+    for place in (path, *path.parents):
+        if place.is_symlink() and not place.exists():
+            return f"'{place}' is a symbolic link to '{os.readlink(place)}', which does not exist"
+        if place.exists():
+            return str(error) if place.is_dir() else f"'{place}' exists and is not a folder"
+    return str(error)
