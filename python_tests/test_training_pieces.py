@@ -104,7 +104,9 @@ def test_disk_logger_survives_a_killed_writer(tmp_path, capsys, monkeypatch):
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]  # the plot still reads it
     assert "skipped 1 line(s) that are not JSON records (lines [5]" in capsys.readouterr().err
     resumed = DiskLogger(tmp_path, resume_step=4)
+    assert "skipped 1 line(s)" in capsys.readouterr().err  # said at setup, before the first step's log (under tqdm's bar)
     resumed.log({"loss": 9.0}, step=5)
+    assert capsys.readouterr().err == ""
     resumed.close()
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)][-2:] == [(4, 1 / 4), (5, 9.0)]
     assert b"\x00" not in path.read_bytes()

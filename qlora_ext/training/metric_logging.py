@@ -41,15 +41,18 @@ class DiskLogger:
         self.path = Path(log_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         open(self.path, "a").close()  # a read-only folder fails here, not after the first step
-        self._resume_step = resume_step
+        # A resume's records, read (and any unreadable line warned of) now, during setup, not
+        # under the progress bar; written back at the first log.
+        self._kept = None if resume_step is None else [
+            line for line, record in _parsed_lines(self.path) if record.get("step", 0) <= resume_step
+        ]
         self._file: Any = None
 
     def _open(self) -> None:
-        if self._resume_step is None:
+        if self._kept is None:
             self._file = open(self.path, "w", encoding="utf-8")
             return
-        kept = [line for line, record in _parsed_lines(self.path) if record.get("step", 0) <= self._resume_step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        atomic_write_text(self.path, "".join(line + "\n" for line in self._kept))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
