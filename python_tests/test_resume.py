@@ -129,7 +129,9 @@ def test_resume_refuses_another_base_and_accepts_the_same_one_moved(tmp_path, se
     torch.save(state, run / "recipe_state.pt")
     capsys.readouterr()
     finetune.train(load_config("tiny_qlora", _overrides(setup, run) + [f"checkpointer.checkpoint_dir={other}", "resume_from_checkpoint=True", "epochs=3"]))
-    assert "Changed since the checkpoint" not in capsys.readouterr().out  # nor is the missing entry a change
+    out = capsys.readouterr().out
+    assert "Changed since the checkpoint, applied from step 9: epochs 2 -> 3 (the lr schedule now spans 12 steps)\n" in out
+    assert "checkpointer.weights" not in out  # nor is the missing entry a change
 
 
 def test_a_drawn_seed_is_kept_and_a_finished_run_is_named(tmp_path, setup, capsys):
@@ -173,8 +175,9 @@ def test_resume_applies_changed_optimizer_schedule_and_clipping(tmp_path, setup,
     finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True", *changed]))
     text = capsys.readouterr().out
     assert "Changed since the checkpoint, applied from step 5: " in text
-    for needle in ("clip_grad_norm 1.0 -> 0.5", "lr_scheduler.num_warmup_steps 2 -> 6", "optimizer.lr 0.01 -> 0.001", "optimizer.weight_decay 0.01 -> 0.0"):
-        assert needle in text
+    for needle in ("clip_grad_norm 1.0 -> 0.5", "lr_scheduler.num_warmup_steps 2 -> 6", "optimizer.lr 0.01 -> 0.001", "optimizer.weight_decay 0.01 -> 0.0",
+                   "optimizer.betas [0.9, 0.999] -> [0.8, 0.99]", "epochs 1 -> 2", "(the lr schedule now spans 8 steps)"):
+        assert needle in text, (needle, text)
     # steps 5..8 at the new peak lr under the new warmup (cosine over the 8 steps of 2 epochs)
     lrs = [r["lr"] for r in metrics(run) if "loss" in r and r["step"] > 4]
     expected = [1e-3 * cosine_with_warmup(s, num_warmup_steps=6, num_training_steps=8) for s in range(4, 8)]

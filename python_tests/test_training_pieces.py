@@ -336,6 +336,8 @@ def test_training_state_round_trip_and_mismatch(tmp_path):
     with pytest.raises(ckpt.ResumeError, match=r"config key 'model.lora_rank' is 16 but the checkpoint .* trained with 8"):
         ckpt.load_training_state(tmp_path, {"model.lora_rank": 16})
     assert ckpt.load_training_state(tmp_path, {"model.lora_rank": 16}, may_change=("model",))["global_step"] == 1
+    with pytest.raises(ckpt.ResumeError, match=r"config key 'model.lora_rank' is null but the checkpoint .* trained with 8"):
+        ckpt.load_training_state(tmp_path, {"model.lora_rank": None})  # as the config writes it, not Python's None
     with pytest.raises(ckpt.ResumeError, match=r"only optimizer.lr, lr_scheduler may change"):
         ckpt.load_training_state(tmp_path, {"model.lora_rank": 16}, may_change=("optimizer.lr", "lr_scheduler"))
     with pytest.raises(ckpt.ResumeError, match=r"there is no .*recipe_state.pt"):
@@ -360,10 +362,13 @@ def test_pick_samples_prefers_distinct_instructions():
 
 def test_resume_fingerprint_ignores_what_may_change_on_resume():
     from qlora_ext.training.config import load_config
-    from qlora_ext.training.saving import resume_fingerprint
+    from qlora_ext.training.saving import ADJUSTABLE_ON_RESUME, resume_fingerprint
 
     base = resume_fingerprint(load_config("tiny_qlora"))
-    assert resume_fingerprint(load_config("tiny_qlora", ["epochs=9", "log_every_n_steps=3", "output_dir=x", "compile=True"])) == base
+    assert resume_fingerprint(load_config("tiny_qlora", ["log_every_n_steps=3", "output_dir=x", "compile=True"])) == base
+    # epochs is recorded (a resume reports its change, which stretches the lr schedule) and may change
+    assert resume_fingerprint(load_config("tiny_qlora", ["epochs=9"])) == {**base, "epochs": 9}
+    assert "epochs" in ADJUSTABLE_ON_RESUME
     assert resume_fingerprint(load_config("tiny_qlora", ["model.lora_rank=4"]))["model.lora_rank"] == 4
     assert resume_fingerprint(load_config("tiny_qlora", ["batch_size=3"])) != base
 

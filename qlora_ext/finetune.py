@@ -180,7 +180,8 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
         print(f"Resumed from {source}: epoch {start_epoch + 1}, step {global_step}")
         changed = saving.changed_settings(state["fingerprint"], fingerprint)
         if changed:
-            print(f"Changed since the checkpoint, applied from step {global_step + 1}: {', '.join(changed)}")
+            schedule = f" (the lr schedule now spans {cfg.epochs * steps_per_epoch} steps)" if any(c.startswith("epochs ") for c in changed) else ""
+            print(f"Changed since the checkpoint, applied from step {global_step + 1}: {', '.join(changed)}{schedule}")
 
     # Written once setup has succeeded: a run that fails before it leaves an earlier run's
     # config.yaml (and, see DiskLogger, its metrics log) as they were.

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from qlora_ext.checkpoint.atomic import atomic_path
 
@@ -78,6 +79,14 @@ def save_training_state(
     return path
 
 
+def as_config_text(value: Any) -> str:
+    """A config value as the YAML config and ``key=value`` overrides write it: null, true, 0.01,
+    [0.9, 0.999], cosine_with_warmup (not Python's None, True, (0.9, 0.999), 'cosine_with_warmup')."""
+    if isinstance(value, tuple):
+        value = list(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip().removesuffix("...").strip()
+
+
 def load_training_state(
     output_dir: str | Path, fingerprint: dict[str, Any], may_change: tuple[str, ...] = (), seed: int | None = None
 ) -> dict[str, Any]:
@@ -127,8 +136,8 @@ def load_training_state(
                 f"the base the checkpoint in {output_dir} was trained on ({saved[key]}); resume on that base"
             )
         raise ResumeError(
-            f"resume_from_checkpoint=true: config key '{key}' is {fingerprint[key]!r} but the checkpoint in "
-            f"{output_dir} was trained with {saved[key]!r}; use the same value to resume"
+            f"resume_from_checkpoint=true: config key '{key}' is {as_config_text(fingerprint[key])} but the checkpoint in "
+            f"{output_dir} was trained with {as_config_text(saved[key])}; use the same value to resume"
             + (f" (of the settings a resumed run must share, only {', '.join(may_change)} may change)" if may_change else "")
         )
     return state

@@ -27,12 +27,16 @@ from qlora_ext.training import checkpoint_folders, checkpointing
 # ADJUSTABLE_ON_RESUME: the optimizer's hyperparameters, the schedule and clipping (what one changes
 # after a NaN loss), which the resumed run puts on the loaded optimizer and schedule. The model,
 # the data, its order and batching stay, or the resumed run would be a different run; keys not
-# listed (epochs, logging, saving, output paths) may change freely.
+# listed (logging, saving, output paths) may change freely.
 _RESUME_KEYS = (
     "model", "dataset", "tokenizer.max_seq_len", "batch_size", "gradient_accumulation_steps", "shuffle",
-    "max_steps_per_epoch", "optimizer", "lr_scheduler", "clip_grad_norm",
+    "max_steps_per_epoch", "optimizer", "lr_scheduler", "clip_grad_norm", "epochs",
 )
-ADJUSTABLE_ON_RESUME = ("optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "optimizer.eps", "lr_scheduler", "clip_grad_norm")
+# epochs may change (to train on); it is compared so that the change, which stretches the lr
+# schedule over the new number of steps, is reported.
+ADJUSTABLE_ON_RESUME = (
+    "optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "optimizer.eps", "lr_scheduler", "clip_grad_norm", "epochs",
+)
 ADAPTER_SUBDIR = "adapter"  # the PEFT adapter's folder inside a checkpoint folder
 
 
@@ -76,7 +80,10 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     """``"key old -> new"`` for each fingerprint key whose value differs (on an accepted resume,
     only ADJUSTABLE_ON_RESUME keys can); keys only one side has are not compared, as
     ``checkpointing.load_training_state`` does not compare them."""
-    return [f"{key} {saved[key]!r} -> {current[key]!r}" for key in sorted(set(saved) & set(current)) if saved[key] != current[key]]
+    return [
+        f"{key} {checkpointing.as_config_text(saved[key])} -> {checkpointing.as_config_text(current[key])}"
+        for key in sorted(set(saved) & set(current)) if saved[key] != current[key]
+    ]
 
 
 def resolved_yaml(cfg, seed: int) -> str:
