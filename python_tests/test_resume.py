@@ -232,3 +232,26 @@ def test_resume_names_its_source_when_the_checkpoint_folder_was_deleted(tmp_path
     capsys.readouterr()
     finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=3", "resume_from_checkpoint=True"]))
     assert f"Resumed from {run / 'epoch_1'}: epoch 3, step 8" in capsys.readouterr().out
+
+
+def test_a_fresh_run_stopped_before_its_first_save_does_not_leak_into_the_resumed_log(tmp_path, setup, monkeypatch, capsys):
+    # Run 1 saves epoch_0; a fresh run 2 in the same output_dir (another lr) is stopped before its
+    # own first save, its records in metrics.jsonl; resuming continues run 1 (its recipe_state.pt)
+    # and so must its log: run 1's records, then the continuation, as without run 2.
+    ref = tmp_path / "ref"
+    finetune.train(load_config("tiny_qlora", _overrides(setup, ref) + ["epochs=1"]))
+    finetune.train(load_config("tiny_qlora", _overrides(setup, ref) + ["resume_from_checkpoint=True"]))
+    run = tmp_path / "run"
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1"]))
+    _interrupt_at_micro_batch(monkeypatch, 2 * 2 + 1)  # in run 2's step 3, before its save at step 3
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["optimizer.lr=5e-2"]))
+    monkeypatch.undo()
+    assert [r["lr"] for r in metrics(run) if "lr" in r] != [r["lr"] for r in metrics(ref) if "lr" in r][:2]  # run 2's records
+    capsys.readouterr()
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True"]))
+    assert "are not those logged by the run this checkpoint belongs to" in capsys.readouterr().err
+    def curve(output_dir):
+        return [(r["step"], r.get("loss"), r.get("lr"), r.get("val_loss")) for r in metrics(output_dir)]
+
+    assert curve(run) == curve(ref) and [s for s, loss, _, _ in curve(ref) if loss is not None] == list(range(1, 9))

@@ -112,7 +112,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     try:
         loggers = MetricLoggers(
             cfg.metric_logger.type, log_dir, project=cfg.metric_logger.project, config=cfg.to_dict(),
-            resume_step=state["global_step"] if state else None,
+            resume_step=state["global_step"] if state else None, resume_log=state.get("metrics_log") if state else None,
         )
     except OSError as e:
         key = "metric_logger.log_dir" if cfg.metric_logger.log_dir else "output_dir (its logs/ folder, where metric_logger.log_dir=null puts the logs)"
@@ -283,6 +283,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                     last_checkpoint = saving.save_checkpoint(
                         output_dir, name, model, cfg, seed, optimizer=optimizer, scheduler=scheduler, adapter=adapter,
                         epoch=position[0], step_in_epoch=position[1], global_step=global_step, fingerprint=fingerprint,
+                        metrics_log=loggers.disk_log_text(),
                     )
                 except Exception as e:  # noqa: BLE001  (re-raised as is unless the file system failed)
                     if not saving.is_write_failure(e):

@@ -58,9 +58,11 @@ def save_training_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     adapter: dict[str, torch.Tensor],
     fingerprint: dict[str, Any],
+    metrics_log: str | None = None,
 ) -> Path:
     """Writes ``output_dir/recipe_state.pt`` atomically; ``(epoch, step_in_epoch)`` is where the
-    data resumes (optimizer steps already done in that epoch)."""
+    data resumes (optimizer steps already done in that epoch); ``metrics_log``, the metrics log as
+    it stands, is what a resume restores."""
     state = {
         "version": STATE_VERSION,
         "checkpoint_name": checkpoint_name,
@@ -73,6 +75,7 @@ def save_training_state(
         "rng": rng_state(),
         "adapter": {k: v.detach().to("cpu", copy=True) for k, v in adapter.items()},
         "fingerprint": fingerprint,
+        "metrics_log": metrics_log,
     }
     path = Path(output_dir) / STATE_FILE
     atomic_torch_save(state, path)

@@ -35,9 +35,12 @@ class DiskLogger:
     written, opening it for append). Then a new run starts the file afresh, and a
     resumed run keeps the records up to its resume step (rewritten atomically; lines a killed
     writer left unreadable are dropped with a warning), so the file always holds one curve.
+    A resume given ``resume_log`` (the log as it was when its checkpoint was saved, ``text()``)
+    restores that instead: a run started afresh in the folder after the checkpoint, and stopped
+    before its own first save, has replaced the file with its own records.
     """
 
-    def __init__(self, log_dir: str | Path, resume_step: int | None = None):
+    def __init__(self, log_dir: str | Path, resume_step: int | None = None, resume_log: str | None = None):
         self.path = Path(log_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         open(self.path, "a").close()  # a read-only folder fails here, not after the first step
@@ -46,7 +49,22 @@ class DiskLogger:
         self._kept = None if resume_step is None else [
             line for line, record in _parsed_lines(self.path) if record.get("step", 0) <= resume_step
         ]
+        if self._kept is not None and resume_log is not None:
+            saved = [line for line in resume_log.splitlines() if line.strip()]
+            if saved != self._kept:
+                print(f"warning: {self.path}: its records up to step {resume_step} are not those logged by the run "
+                      "this checkpoint belongs to (a run started afresh here after it?); the checkpoint's are restored",
+                      file=sys.stderr)
+            self._kept = saved
         self._file: Any = None
+
+    def text(self) -> str:
+        """The log's content so far, as this run will have written it (before its first ``log``:
+        a fresh run's empty file, a resume's kept records)."""
+        if self._file is None:
+            return "".join(line + "\n" for line in self._kept or [])
+        self._file.flush()
+        return self.path.read_text(encoding="utf-8")
 
     def _open(self) -> None:
         if self._kept is None:
@@ -123,12 +141,15 @@ class WandBLogger:
 class MetricLoggers:
     """The disk logger plus the chosen one; ``log`` and ``close`` go to all."""
 
-    def __init__(self, kind: str, log_dir: str | Path, *, project: str = "qlora_ext", config: dict | None = None, resume_step: int | None = None):
+    def __init__(
+        self, kind: str, log_dir: str | Path, *, project: str = "qlora_ext", config: dict | None = None,
+        resume_step: int | None = None, resume_log: str | None = None,
+    ):
         if kind not in ("disk", "tensorboard", "wandb"):
             raise ValueError(f"metric_logger.type must be one of disk, tensorboard, wandb; got {kind!r}")
         # The disk logger first: it makes log_dir and checks it can be written before
         # TensorBoard's writer thread or a wandb run starts there.
-        self.loggers: list[Any] = [DiskLogger(log_dir, resume_step=resume_step)]
+        self.loggers: list[Any] = [DiskLogger(log_dir, resume_step=resume_step, resume_log=resume_log)]
         if kind == "tensorboard":
             self.loggers.append(TensorBoardLogger(log_dir, purge_step=0 if resume_step is None else resume_step + 1))
         elif kind == "wandb":
@@ -137,6 +158,10 @@ class MetricLoggers:
     @property
     def metrics_path(self) -> Path:
         return self.loggers[0].path
+
+    def disk_log_text(self) -> str:
+        """The disk log's content so far (saved with a checkpoint's training state)."""
+        return self.loggers[0].text()
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for logger in self.loggers:

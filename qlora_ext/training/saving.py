@@ -107,9 +107,11 @@ def save_checkpoint(
     step_in_epoch: int,
     global_step: int,
     fingerprint: dict[str, Any],
+    metrics_log: str | None = None,
 ) -> Path:
     """Writes ``output_dir/name`` and then ``output_dir/recipe_state.pt`` (with ``fingerprint``,
-    the run's ``resume_fingerprint`` as taken at its start); returns the folder.
+    the run's ``resume_fingerprint`` as taken at its start, and ``metrics_log``, its metrics log
+    so far); returns the folder.
 
     Older ``step_*`` folders are removed once the new state is in place (epoch folders stay).
     """
@@ -136,6 +138,7 @@ def save_checkpoint(
     checkpointing.save_training_state(
         output_dir, checkpoint_name=name, epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
         seed=seed, optimizer=optimizer, scheduler=scheduler, adapter=adapter, fingerprint=fingerprint,
+        metrics_log=metrics_log,
     )
     checkpoint_folders.remove_step_folders(output_dir, keep=name)
     return final
