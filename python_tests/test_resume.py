@@ -255,3 +255,38 @@ def test_a_fresh_run_stopped_before_its_first_save_does_not_leak_into_the_resume
         return [(r["step"], r.get("loss"), r.get("lr"), r.get("val_loss")) for r in metrics(output_dir)]
 
     assert curve(run) == curve(ref) and [s for s, loss, _, _ in curve(ref) if loss is not None] == list(range(1, 9))
+
+
+def test_ctrl_c_and_sigterm_stop_with_a_line_naming_what_to_resume(tmp_path, setup, monkeypatch, capsys):
+    # Ctrl-C mid-training: exit status 130 and one line naming the checkpoint a resume continues
+    # from (not a traceback). SIGTERM during a save: 143, the half-written folder removed (as
+    # Ctrl-C's unwinding removes it), and the same kind of line.
+    import os
+    import signal
+
+    run = tmp_path / "run"
+    args = _overrides(setup, run)
+    handler = signal.getsignal(signal.SIGTERM)
+    _interrupt_at_micro_batch(monkeypatch, 2 * 4 + 1)  # in step 5: epoch_0 (step 4) was saved
+    assert finetune.main(args) == 130
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert f"Interrupted (Ctrl-C): {run} keeps the checkpoint epoch_0 (step 4), complete; run again with " \
+           "resume_from_checkpoint=True to continue from it." in err and "Traceback" not in err
+    real_save = saving.save_peft_adapter
+
+    def terminated_while_saving(*a, **k):
+        real_save(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(saving, "save_peft_adapter", terminated_while_saving)
+    assert finetune.main(args + ["resume_from_checkpoint=True"]) == 143
+    monkeypatch.undo()
+    assert "Interrupted (SIGTERM): " in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml", "epoch_0", "logs", "recipe_state.pt"]  # no .step_6.tmp-PID
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored after the run
+    # a fresh run stopped before its first save is told the state there is an earlier run's
+    _interrupt_at_micro_batch(monkeypatch, 1)
+    assert finetune.main(args) == 130
+    assert (f"Interrupted (Ctrl-C) before this run saved a checkpoint: the training state in {run} is an earlier run's "
+            "(epoch_0, step 4); resume_from_checkpoint=True would continue that run") in capsys.readouterr().err

@@ -30,8 +30,10 @@ import argparse
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -357,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_configs:
         print("\n".join(available_configs()))
         return 0
+    cfg, started = None, time.time()
+    # SIGTERM (a scheduler's or `docker stop`'s) stops the run as Ctrl-C does: a checkpoint being
+    # written is removed whole, the loggers are closed, and the same closing line is printed.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading.current_thread() is threading.main_thread() else None
     try:
         notes: list[str] = []
         cfg = load_config(args.config, args.overrides, notes)
@@ -369,7 +375,43 @@ def main(argv: list[str] | None = None) -> int:
     except (steps.NonFiniteLossError, saving.CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, _Terminated)
+        print(f"\n{_interrupted_line('SIGTERM' if terminated else 'Ctrl-C', cfg, started)}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so that it unwinds as from Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:  # noqa: ANN001
+    raise _Terminated
+
+
+def _interrupted_line(what: str, cfg: Config | None, started: float) -> str:
+    """What an interrupted run leaves: the checkpoint a resume continues from, or none (a
+    training state older than this run is an earlier run's, when this one started afresh)."""
+    if cfg is None:
+        return f"Interrupted ({what}) before the config was read."
+    output_dir = Path(cfg.output_dir)
+    try:
+        state = checkpointing.read_state_summary(output_dir)
+        earlier = state is not None and (output_dir / checkpointing.STATE_FILE).stat().st_mtime < started
+    except Exception:  # noqa: BLE001  (nothing readable to resume from: said as such)
+        state = None
+    if state is None:
+        return f"Interrupted ({what}): there is no checkpoint to resume from in {output_dir}; run again to start over."
+    name, step = state
+    if earlier and not cfg.resume_from_checkpoint:
+        return (f"Interrupted ({what}) before this run saved a checkpoint: the training state in {output_dir} is an earlier "
+                f"run's ({name}, step {step}); resume_from_checkpoint=True would continue that run, without it a run starts over.")
+    return (f"Interrupted ({what}): {output_dir} keeps the checkpoint {name} (step {step}), complete; "
+            "run again with resume_from_checkpoint=True to continue from it.")
 
 
 if __name__ == "__main__":
