@@ -45,7 +45,7 @@ def _interrupt_at_micro_batch(monkeypatch, n):
     monkeypatch.setattr(steps, "token_loss_sum", interrupted)
 
 
-def test_resumed_run_matches_uninterrupted_step_for_step(tmp_path, setup, monkeypatch):
+def test_resumed_run_matches_uninterrupted_step_for_step(tmp_path, setup, monkeypatch, capsys):
     full = tmp_path / "full"
     finetune.train(load_config("tiny_qlora", _overrides(setup, full)))
     reference = [(r["step"], r["loss"], r["lr"]) for r in metrics(full) if "loss" in r]
@@ -60,8 +60,11 @@ def test_resumed_run_matches_uninterrupted_step_for_step(tmp_path, setup, monkey
     state = torch.load(run / "recipe_state.pt", weights_only=False)
     assert (state["checkpoint_name"], state["epoch"], state["step_in_epoch"]) == ("step_6", 1, 2)
     assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert state["metrics_log"] == (run / "logs" / "metrics.jsonl").read_text()  # the log as it stood at the save
 
+    capsys.readouterr()
     finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True"]))
+    assert "warning" not in capsys.readouterr().err  # the log's records up to step 6 are the checkpoint's own
     resumed = [(r["step"], r["loss"], r["lr"]) for r in metrics(run) if "loss" in r]
     assert resumed == reference  # exactly: same data order, RNG, optimizer and schedule state
     val = [(r["step"], r["val_loss"]) for r in metrics(run) if "val_loss" in r]
