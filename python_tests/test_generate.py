@@ -417,3 +417,15 @@ def test_cli_refuses_a_model_larger_than_the_free_memory(checkpoint_with_tokeniz
     monkeypatch.setattr(builders, "llama2_from_checkpoint", load_then_stop)  # bfloat16 fits: it loads
     assert cli.main(["--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "hi", "--device", "cpu", "--dtype", "bfloat16"]) == 1
     assert "error: loaded" in capsys.readouterr().err and len(loads) == 1
+
+
+def test_cli_ctrl_c_ends_quietly(checkpoint_with_tokenizer, monkeypatch, capsys):
+    from qlora_ext import generate as cli
+    from qlora_ext.models import llama2 as builders
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(builders, "llama2_from_checkpoint", interrupted)  # Ctrl-C while loading
+    assert cli.main(["--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "hi", "--device", "cpu"]) == 130
+    assert capsys.readouterr().err == "\nInterrupted (Ctrl-C).\n"

@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         # A bad path or an unusable checkpoint is the user's to fix: say what, skip the traceback.
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while loading or generating: nothing to keep, no traceback
+        print("\nInterrupted (Ctrl-C).", file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace) -> int:
