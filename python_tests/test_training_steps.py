@@ -50,11 +50,11 @@ def test_accumulation_normalizes_by_all_tokens_of_the_window():
     torch.testing.assert_close(w.grad, want)
 
 
-def _tiny_lora(seed=0):
+def _tiny_lora(seed=0, lora_dropout=0.0):
     torch.manual_seed(seed)
     model = lora_llama2(["q_proj", "v_proj", "output_proj"], True, False, vocab_size=64, num_layers=2, num_heads=4,
                         num_kv_heads=2, embed_dim=64, max_seq_len=32, intermediate_dim=128, lora_rank=4, lora_alpha=8.0,
-                        quantize_base=True)
+                        lora_dropout=lora_dropout, quantize_base=True)
     adapter = get_adapter_params(model)
     for p in adapter.values():
         torch.nn.init.normal_(p, std=0.05)  # lora_b starts at zero; make both get gradients
@@ -232,3 +232,23 @@ def test_answers_fit_prompts_of_any_length_into_max_seq_len():
     alone = evaluation.answer(model, tokenizer, [record(1)], 8, cpu, torch.float32)
     assert answers[0] == answers[3] == alone[0] and len(answers[2].split()) <= 32 - lengths[10]
     assert evaluation.answer(model, tokenizer, [], 8, cpu, torch.float32) == [] and not model.caches_are_setup()
+
+
+def test_compiled_dropout_draws_as_eager():
+    # The same seed gives the same dropout masks compiled and eager (fallback_random), so a
+    # resumed compiled run, which restores the RNG state, repeats the uninterrupted one.
+    tokens = torch.randint(0, 64, (2, 16))
+    results = []
+    for compiled in (False, True):
+        model, adapter = _tiny_lora(lora_dropout=0.3)
+        if compiled:
+            steps.compile_layers(model)
+        torch.manual_seed(5)
+        loss = steps.token_loss_sum(model(tokens), tokens)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in adapter.items()}))
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in model.modules())
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for n in results[0][1]:
+        torch.testing.assert_close(results[1][1][n], results[0][1][n])
+    torch._dynamo.reset()

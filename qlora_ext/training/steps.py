@@ -144,9 +144,13 @@ def compile_layers(model: nn.Module) -> None:
 
     ``validation_loss`` and ``evaluation.answer`` run the layers eagerly
     (``torch.compiler.set_stance``): the compiled graphs are the training step's.
+
+    Random ops (LoRA and attention dropout) draw as eager mode does (inductor's
+    ``fallback_random``): with its own generator, a run resumed in a new process, its graphs
+    compiled afresh, drew other dropout masks than the uninterrupted run (bf16, helper-47).
     """
     for layer in model.layers:
-        layer.compile(fullgraph=True)
+        layer.compile(fullgraph=True, options={"fallback_random": True})
 
 
 @torch.no_grad()
