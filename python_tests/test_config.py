@@ -64,6 +64,17 @@ def test_overrides_are_typed_and_dotted(tmp_path):
     assert cfg.dataset.data_files == ["a.json"]  # a single file becomes a list
 
 
+def test_an_alpha_of_zero_is_noted():
+    # Legal, but the adapters' output is scaled by 0: the run would train nothing, and says so.
+    notes = []
+    assert load_config("tiny_qlora", ["model.lora_alpha=0"], notes).model.lora_alpha == 0
+    assert notes == ["model.lora_alpha=0 scales every adapter's output by 0 (scale = alpha / rank): training will not "
+                     "change what the model computes"]
+    notes.clear()
+    load_config("tiny_qlora", ["model.lora_alpha=0.5"], notes)
+    assert notes == []
+
+
 def test_string_and_path_overrides_are_taken_as_written():
     # YAML would cut a value at " #" and make dates, numbers and booleans of what are names here
     cfg = load_config(SEED_7B_QLORA, [

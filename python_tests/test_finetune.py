@@ -320,6 +320,27 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_ckpt, smal
     assert len(lrs) == 4 and lrs[2:] == pytest.approx([1e-3 * cosine_with_warmup(s, num_warmup_steps=2, num_training_steps=4) for s in (2, 3)])
 
 
+def test_a_non_finite_gradient_norm_stops_as_a_non_finite_loss_does(tmp_path, tiny_ckpt, small_data, monkeypatch, capsys):
+    # Clipping by an infinite norm zeroes the gradients (a NaN one poisons them): the run stops
+    # before applying the step, as for a NaN loss, instead of logging grad_norm Infinity and going on.
+    out = tmp_path / "run"
+    overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["save_every_n_steps=2", "max_steps_per_epoch=4",
+                                                                   "eval.before_and_after=False", "clip_grad_norm=1.0"]
+    real, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
+
+    def overflowing(parameters, max_norm, *args, **kwargs):
+        calls["n"] += 1
+        norm = real(parameters, max_norm, *args, **kwargs)
+        return norm * float("inf") if calls["n"] == 3 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflowing)
+    assert finetune.main(["--config", "tiny_qlora", *overrides]) == 1
+    err = capsys.readouterr().err
+    assert "the adapters' gradient norm is inf at epoch 1, step 3 (loss " in err and f"the last good checkpoint is {out / 'step_2'}" in err
+    assert torch.load(out / "recipe_state.pt", weights_only=False)["global_step"] == 2
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2]
+
+
 def test_compile_has_no_graph_breaks(tmp_path, tiny_ckpt, small_data, monkeypatch):
     """compile=True compiles each layer with fullgraph=True (a graph break is an error), and the
     before/after evaluation still runs (eagerly); the cheap aot_eager backend stands in for

@@ -88,6 +88,17 @@ def train(cfg: Config) -> dict[str, Any]:
         return _train_in(output_dir, cfg, device, dtype)
 
 
+def _non_finite_advice(last_checkpoint: Path | None) -> str:
+    if last_checkpoint:
+        return (
+            f"the last good checkpoint is {last_checkpoint}. Continue from it with resume_from_checkpoint=True "
+            f"and a lower optimizer.lr or a clip_grad_norm (of the training settings, only "
+            f"{', '.join(saving.ADJUSTABLE_ON_RESUME)} may change on resume); a bad record may be fixed in "
+            "its file, keeping the number of records (dataset.* may not change on resume)"
+        )
+    return "no checkpoint was saved yet. Rerun with a lower optimizer.lr or a clip_grad_norm, or fix the data"
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
@@ -230,22 +241,20 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
             if not math.isfinite(loss_value):
                 bar.close()
                 loggers.close()
-                if last_checkpoint:
-                    advice = (
-                        f"the last good checkpoint is {last_checkpoint}. Continue from it with resume_from_checkpoint=True "
-                        f"and a lower optimizer.lr or a clip_grad_norm (of the training settings, only "
-                        f"{', '.join(saving.ADJUSTABLE_ON_RESUME)} may change on resume); a bad record may be fixed in "
-                        "its file, keeping the number of records (dataset.* may not change on resume)"
-                    )
-                else:
-                    advice = "no checkpoint was saved yet. Rerun with a lower optimizer.lr or a clip_grad_norm, or fix the data"
                 raise steps.NonFiniteLossError(
                     f"loss is {loss_value} at epoch {epoch + 1}, step {global_step + 1}: training stopped before applying "
-                    f"it; {advice}"
+                    f"it; {_non_finite_advice(last_checkpoint)}"
                 )
             lr = optimizer.param_groups[0]["lr"]
             if cfg.clip_grad_norm is not None:
                 grad_norm = torch.nn.utils.clip_grad_norm_(list(adapter.values()), cfg.clip_grad_norm)
+                if not math.isfinite(grad_norm):  # clipping by an infinite norm zeroes (or NaNs) the gradients
+                    bar.close()
+                    loggers.close()
+                    raise steps.NonFiniteLossError(
+                        f"the adapters' gradient norm is {float(grad_norm)} at epoch {epoch + 1}, step {global_step + 1} "
+                        f"(loss {loss_value}): training stopped before applying it; {_non_finite_advice(last_checkpoint)}"
+                    )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -75,7 +75,8 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
             written (``parse_value``); later ones win. The seed tutorial's
             ``tokenizer_checkpoint=PATH`` sets ``tokenizer.path`` (``KEY_ALIASES``). On a
             torchtune config they use its keys, as ``tune run`` would, before it is translated.
-        notes: if given, gets a line for each torchtune setting that is read differently here.
+        notes: if given, gets a line for each torchtune setting that is read differently here,
+            and for a legal setting under which training changes nothing (``model.lora_alpha=0``).
 
     Raises:
         ConfigError: unknown config name, unreadable YAML, unknown key, bad value.
@@ -121,6 +122,9 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
             raise ConfigError(f"--config: {path} or its overrides: {e}") from None
     values = _resolve(raw, SCHEMA, prefix="")
     _check_cross_keys(values)
+    if notes is not None and values["model"]["lora_alpha"] == 0:
+        notes.append("model.lora_alpha=0 scales every adapter's output by 0 (scale = alpha / rank): training will not "
+                     "change what the model computes")
     return Config(values)
 
 
