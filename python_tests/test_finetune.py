@@ -399,6 +399,9 @@ def test_unreadable_inputs_are_named(capsys, tmp_path):
                                               f"to: '{binary}' exists and is not a folder"),
         (["--config", str(binary)], f"--config: {binary} cannot be read as UTF-8 YAML text"),
     ]
+    long_name = tmp_path / ("x" * 300) / "run"  # a name the file system refuses: its own error, no traceback
+    cases.append(([f"output_dir={long_name}"], f"output_dir: '{long_name}' must be a folder this user can create or write to: "
+                                              "[Errno 36] File name too long"))
     dangling = tmp_path / "gone"  # a symbolic link whose target was removed: mkdir alone says "File exists"
     dangling.symlink_to(tmp_path / "removed")
     for args in ([f"output_dir={dangling}"], [f"output_dir={dangling / 'run'}"], [f"metric_logger.log_dir={dangling}"]):

@@ -9,10 +9,12 @@ from pathlib import Path
 
 def why_not_a_folder(path: Path, error: OSError) -> str:
     """The reason ``path`` (a folder to create or write into) failed with ``error``: a dangling
-    symbolic link or a file at it or on its way, else the error itself."""
+    symbolic link or a file at it or on its way, else the error itself. (``os.path``'s tests,
+    which answer False on any error, not ``Path``'s, which raise on some: a name too long, a
+    folder that cannot be searched.)"""
     for place in (path, *path.parents):
-        if place.is_symlink() and not place.exists():
+        if os.path.islink(place) and not os.path.exists(place):
             return f"'{place}' is a symbolic link to '{os.readlink(place)}', which does not exist"
-        if place.exists():
-            return str(error) if place.is_dir() else f"'{place}' exists and is not a folder"
+        if os.path.lexists(place):
+            return str(error) if os.path.isdir(place) else f"'{place}' exists and is not a folder"
     return str(error)
