@@ -63,6 +63,17 @@ def test_disk_logger_appends_and_truncates_on_resume(tmp_path):
     assert read_metrics(tmp_path) == []
 
 
+def test_a_resume_into_an_empty_log_dir_restores_the_saved_log_quietly(tmp_path, capsys):
+    # A new metric_logger.log_dir on resume (logging settings may change), or a deleted log: the
+    # checkpoint's records fill it in, with no warning of another run's records.
+    saved_log = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3))
+    resumed = DiskLogger(tmp_path / "new_logs", resume_step=3, resume_log=saved_log)
+    resumed.log({"loss": 0.25}, step=4)
+    resumed.close()
+    assert capsys.readouterr().err == ""
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "new_logs")] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25)]
+
+
 def test_metrics_of_a_run_with_its_own_log_dir_are_found(tmp_path, monkeypatch):
     """A run that set metric_logger.log_dir (README: 'metric_logger.log_dir=${output_dir}/tb')
     keeps its metrics there; its output_dir still names the run: read_metrics (and so
@@ -391,10 +402,28 @@ def test_tensorboard_logger_writes_events(tmp_path):
         for s, v in values.items():
             loggers.log({"loss": v}, step=s)
         loggers.close()
-    events = EventAccumulator(str(tmp_path))
-    events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.0), (2, 3.0), (3, 5.0), (4, 6.0)]
+    def shown(folder):
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars("loss")]
+
+    assert shown(tmp_path) == [(1, 2.0), (2, 3.0), (3, 5.0), (4, 6.0)]
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 2.0), (2, 3.0), (3, 5.0), (4, 6.0)]
+    # A run that fails during setup (built, closed, nothing logged) leaves the curve shown, as the disk log.
+    MetricLoggers("tensorboard", tmp_path).close()
+    assert shown(tmp_path) == [(1, 2.0), (2, 3.0), (3, 5.0), (4, 6.0)]
+    # A fresh run stopped before its first save logged over it; the resume restores the checkpoint's
+    # log (resume_log) in both: TensorBoard shows what metrics.jsonl holds, not the stopped run's points.
+    saved_log = "".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in ((1, 2.0), (2, 3.0), (3, 5.0), (4, 6.0)))
+    stopped = MetricLoggers("tensorboard", tmp_path)
+    for s in (1, 2):
+        stopped.log({"loss": 9.0}, step=s)
+    stopped.close()
+    resumed = MetricLoggers("tensorboard", tmp_path, resume_step=4, resume_log=saved_log)
+    resumed.log({"loss": 7.0}, step=5)
+    resumed.close()
+    assert shown(tmp_path) == [(1, 2.0), (2, 3.0), (3, 5.0), (4, 6.0), (5, 7.0)]
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == shown(tmp_path)
 
 
 def test_tensorboard_does_not_start_in_an_unwritable_log_dir(tmp_path, monkeypatch):

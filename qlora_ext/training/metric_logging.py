@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from qlora_ext._arguments import is_finite_real
 from qlora_ext.checkpoint.atomic import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -51,12 +52,16 @@ class DiskLogger:
         ]
         if self._kept is not None and resume_log is not None:
             saved = [line for line in resume_log.splitlines() if line.strip()]
-            if saved != self._kept:
+            if self._kept and saved != self._kept:  # (none kept: a new log_dir, or the file deleted)
                 print(f"warning: {self.path}: its records up to step {resume_step} are not those logged by the run "
                       "this checkpoint belongs to (a run started afresh here after it?); the checkpoint's are restored",
                       file=sys.stderr)
             self._kept = saved
         self._file: Any = None
+
+    def kept_records(self) -> list[dict[str, Any]]:
+        """The records a resume keeps (none for a fresh run), as ``log`` was given them."""
+        return [record for _, record in _parsed_text(self._kept or [])[0]]
 
     def text(self) -> str:
         """The log's content so far, as this run will have written it (before its first ``log``:
@@ -89,11 +94,16 @@ class DiskLogger:
 
 
 class TensorBoardLogger:
-    """Scalars to TensorBoard event files in ``log_dir``. TensorBoard hides what earlier event
-    files of ``log_dir`` hold from ``purge_step`` on, so a run started afresh in an output_dir
-    (purge_step 0) or resumed (its resume step + 1) shows one curve, as the disk log holds one."""
+    """Scalars to TensorBoard event files in ``log_dir``, showing what the disk log holds.
 
-    def __init__(self, log_dir: str | Path, purge_step: int = 0):
+    The writer starts at the first ``log`` (a run that fails during setup leaves the earlier
+    run's curve shown, as the disk log keeps its file). It hides every point of the earlier
+    event files of ``log_dir`` (a purge from step 0), then writes ``replay``, the records a
+    resume keeps (the disk log's), so a run started afresh and a resumed one each show one curve,
+    the same as ``metrics.jsonl``, whatever a stopped run wrote there in between.
+    """
+
+    def __init__(self, log_dir: str | Path, replay: list[dict[str, Any]] | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -101,14 +111,25 @@ class TensorBoardLogger:
                 "metric_logger.type=tensorboard needs the tensorboard package: pip install tensorboard "
                 "(or pip install 'qlora_ext[tensorboard]'), or use metric_logger.type=disk"
             ) from None
-        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        self._start = lambda: SummaryWriter(log_dir=str(log_dir), purge_step=0)
+        self._replay = replay or []
+        self._writer: Any = None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self._writer is None:
+            self._writer = self._start()
+            for record in self._replay:
+                self._add(record, record["step"])
+        self._add(metrics, step)
+
+    def _add(self, metrics: dict[str, Any], step: int) -> None:
         for name, value in metrics.items():
-            self._writer.add_scalar(name, value, global_step=step)
+            if name != "step" and is_finite_real(value):
+                self._writer.add_scalar(name, value, global_step=step)
 
     def close(self) -> None:
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 class WandBLogger:
@@ -149,9 +170,10 @@ class MetricLoggers:
             raise ValueError(f"metric_logger.type must be one of disk, tensorboard, wandb; got {kind!r}")
         # The disk logger first: it makes log_dir and checks it can be written before
         # TensorBoard's writer thread or a wandb run starts there.
-        self.loggers: list[Any] = [DiskLogger(log_dir, resume_step=resume_step, resume_log=resume_log)]
+        disk = DiskLogger(log_dir, resume_step=resume_step, resume_log=resume_log)
+        self.loggers: list[Any] = [disk]
         if kind == "tensorboard":
-            self.loggers.append(TensorBoardLogger(log_dir, purge_step=0 if resume_step is None else resume_step + 1))
+            self.loggers.append(TensorBoardLogger(log_dir, replay=disk.kept_records()))
         elif kind == "wandb":
             self.loggers.append(WandBLogger(log_dir, project, config or {}))
 
@@ -218,8 +240,17 @@ def _parsed_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(line, record) of each line of a metrics log holding a JSON object; warns of the others."""
     if not path.exists():
         return []
+    out, broken = _parsed_text(path.read_text(encoding="utf-8", errors="replace").splitlines())
+    if broken:
+        print(f"warning: {path}: skipped {len(broken)} line(s) that are not JSON records (lines {broken[:10]}; "
+              "a run killed while writing leaves one)", file=sys.stderr)
+    return out
+
+
+def _parsed_text(lines: list[str]) -> tuple[list[tuple[str, dict[str, Any]]], list[int]]:
+    """(line, record) of each line holding a JSON object, and the (1-based) numbers of the others."""
     out, broken = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -230,7 +261,4 @@ def _parsed_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
             out.append((line, record))
         else:
             broken.append(number)
-    if broken:
-        print(f"warning: {path}: skipped {len(broken)} line(s) that are not JSON records (lines {broken[:10]}; "
-              "a run killed while writing leaves one)", file=sys.stderr)
-    return out
+    return out, broken
