@@ -293,3 +293,8 @@ def test_ctrl_c_and_sigterm_stop_with_a_line_naming_what_to_resume(tmp_path, set
     assert finetune.main(args) == 130
     assert (f"Interrupted (Ctrl-C) before this run saved a checkpoint: the training state in {run} is an earlier run's "
             "(epoch_0, step 4); resume_from_checkpoint=True would continue that run") in capsys.readouterr().err
+    monkeypatch.undo()
+    # stopped in the closing report, with training done: nothing to resume, and said so
+    monkeypatch.setattr(finetune.evaluation, "print_report", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
+    assert finetune.main(args + ["epochs=1"]) == 143
+    assert f"Interrupted (SIGTERM) after training finished: {run} keeps the checkpoint epoch_0 (step 4), complete.\n" in capsys.readouterr().err

@@ -370,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg, started = None, time.time()
     # SIGTERM (a scheduler's or `docker stop`'s) stops the run as Ctrl-C does: a checkpoint being
-    # written is removed whole, the loggers are closed, and the same closing line is printed.
+    # written is removed whole (the metrics log is flushed line by line), and the same closing
+    # line is printed.
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading.current_thread() is threading.main_thread() else None
     try:
         notes: list[str] = []
@@ -415,7 +416,9 @@ def _interrupted_line(what: str, cfg: Config | None, started: float) -> str:
         state = None
     if state is None:
         return f"Interrupted ({what}): there is no checkpoint to resume from in {output_dir}; run again to start over."
-    name, step = state
+    name, step, epochs_done = state
+    if epochs_done >= cfg.epochs and not earlier:
+        return f"Interrupted ({what}) after training finished: {output_dir} keeps the checkpoint {name} (step {step}), complete."
     if earlier and not cfg.resume_from_checkpoint:
         return (f"Interrupted ({what}) before this run saved a checkpoint: the training state in {output_dir} is an earlier "
                 f"run's ({name}, step {step}); resume_from_checkpoint=True would continue that run, without it a run starts over.")

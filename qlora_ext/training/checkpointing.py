@@ -82,14 +82,14 @@ def save_training_state(
     return path
 
 
-def read_state_summary(output_dir: str | Path) -> tuple[str, int] | None:
-    """(checkpoint name, global step) of ``output_dir``'s training state, or None without one;
-    read memory-mapped, so a large optimizer state is not loaded for it."""
+def read_state_summary(output_dir: str | Path) -> tuple[str, int, int] | None:
+    """(checkpoint name, global step, epochs completed) of ``output_dir``'s training state, or
+    None without one; read memory-mapped, so a large optimizer state is not loaded for it."""
     path = Path(output_dir) / STATE_FILE
     if not path.is_file():
         return None
     state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return state["checkpoint_name"], state["global_step"]
+    return state["checkpoint_name"], state["global_step"], state["epoch"]
 
 
 def as_config_text(value: Any) -> str:
