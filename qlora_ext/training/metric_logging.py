@@ -45,13 +45,13 @@ class DiskLogger:
         self.path = Path(log_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         open(self.path, "a").close()  # a read-only folder fails here, not after the first step
-        # A resume's records, read (and any unreadable line warned of) now, during setup, not
-        # under the progress bar; written back at the first log.
+        # A resume's (line, record) pairs, read (and any unreadable line warned of) now, during
+        # setup, not under the progress bar; written back at the first log.
         self._kept = None if resume_step is None else [
-            line for line, record in _parsed_lines(self.path) if record.get("step", 0) <= resume_step
+            (line, record) for line, record in _parsed_lines(self.path) if record.get("step", 0) <= resume_step
         ]
         if self._kept is not None and resume_log is not None:
-            saved = [line for line in resume_log.splitlines() if line.strip()]
+            saved, _ = _parsed_text(resume_log.splitlines())
             if self._kept and saved != self._kept:  # (none kept: a new log_dir, or the file deleted)
                 print(f"warning: {self.path}: its records up to step {resume_step} are not those logged by the run "
                       "this checkpoint belongs to (a run started afresh here after it?); the checkpoint's are restored",
@@ -61,13 +61,13 @@ class DiskLogger:
 
     def kept_records(self) -> list[dict[str, Any]]:
         """The records a resume keeps (none for a fresh run), as ``log`` was given them."""
-        return [record for _, record in _parsed_text(self._kept or [])[0]]
+        return [record for _, record in self._kept or []]
 
     def text(self) -> str:
         """The log's content so far, as this run will have written it (before its first ``log``:
         a fresh run's empty file, a resume's kept records)."""
         if self._file is None:
-            return "".join(line + "\n" for line in self._kept or [])
+            return "".join(line + "\n" for line, _ in self._kept or [])
         self._file.flush()
         return self.path.read_text(encoding="utf-8")
 
@@ -75,7 +75,7 @@ class DiskLogger:
         if self._kept is None:
             self._file = open(self.path, "w", encoding="utf-8")
             return
-        atomic_write_text(self.path, "".join(line + "\n" for line in self._kept))
+        atomic_write_text(self.path, "".join(line + "\n" for line, _ in self._kept))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
