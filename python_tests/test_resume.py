@@ -298,3 +298,25 @@ def test_ctrl_c_and_sigterm_stop_with_a_line_naming_what_to_resume(tmp_path, set
     monkeypatch.setattr(finetune.evaluation, "print_report", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
     assert finetune.main(args + ["epochs=1"]) == 143
     assert f"Interrupted (SIGTERM) after training finished: {run} keeps the checkpoint epoch_0 (step 4), complete.\n" in capsys.readouterr().err
+
+
+def test_a_run_stopped_in_its_final_evaluation_keeps_its_loss_curve(tmp_path, setup, monkeypatch, capsys):
+    # The curve shows the training steps alone, so it is drawn as soon as they end: a Ctrl-C in
+    # the (slow, generating) before/after evaluation no longer costs it.
+    from qlora_ext.training import evaluation
+
+    run = tmp_path / "run"
+    real_answer, calls = evaluation.answer, {"n": 0}
+
+    def stopped_after_training(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the answers after training
+            raise KeyboardInterrupt
+        return real_answer(*a, **k)
+
+    monkeypatch.setattr(evaluation, "answer", stopped_after_training)
+    overrides = ["epochs=1", "eval.before_and_after=True", "dataset.validation_fraction=0.25", "eval.num_samples=1",
+                 "eval.max_new_tokens=2"]
+    assert finetune.main(_overrides(setup, run) + overrides) == 130
+    assert calls["n"] == 2 and (run / "loss_curve.png").stat().st_size > 0
+    assert "Interrupted (Ctrl-C) after training finished" in capsys.readouterr().err

@@ -318,8 +318,11 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     after_training = memory_stats(device) if cfg.log_peak_memory_stats else {}
     model.skip_output_layer = False
     loggers.close()
+    # drawn before the evaluation below, so a run stopped there still leaves its curve
+    if cfg.metric_logger.plot_loss_curve:
+        summary["loss_curve"], summary["plot_renderer"] = _plot(loggers.metrics_path, output_dir)
 
-    # -- after training: held-out loss, the same samples, the loss curve ----------------------
+    # -- after training: held-out loss, the same samples ---------------------------------------
     if cfg.eval.before_and_after and val_batches:
         if summary["val_losses"] and summary["val_losses"][-1][0] == global_step:  # scored at the last epoch end
             summary["val_loss_after"] = summary["val_losses"][-1][1]
@@ -327,8 +330,6 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
             summary["val_loss_after"] = steps.validation_loss(model, val_batches, device, dtype)
     if cfg.eval.before_and_after and samples:
         summary["answers_after"] = evaluation.answer(model, tokenizer, samples, cfg.eval.max_new_tokens, device, dtype, cfg.dataset.template)
-    if cfg.metric_logger.plot_loss_curve:
-        summary["loss_curve"], summary["plot_renderer"] = _plot(loggers.metrics_path, output_dir)
     summary["checkpoint"] = str(last_checkpoint) if last_checkpoint else None
     summary["metrics"] = str(loggers.metrics_path)
     summary["peak_memory"] = _peak_memory(loggers.metrics_path, after_training)
