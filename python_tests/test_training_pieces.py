@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import sys
 import zlib
@@ -243,6 +244,17 @@ def test_plot_cli_two_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plot.main([str(tmp_path / "lora"), "-o", str(tmp_path / "curve.svg")])
     assert "the name must end in .png; got" in capsys.readouterr().err
+    # one run given twice (as its folder and as its logs): refused, both named; two runs of one name
+    # (in different folders) are labelled with their parent folders
+    assert plot.main([str(tmp_path / "lora"), str(tmp_path / "qlora"), str(tmp_path / "lora" / "logs"), "-o", str(out)]) == 2
+    assert (f"RUN_DIR '{tmp_path / 'lora'}' and '{tmp_path / 'lora' / 'logs'}' are the same run "
+            f"({tmp_path / 'lora' / 'logs' / 'metrics.jsonl'}); give each run once") in capsys.readouterr().err
+    (tmp_path / "again" / "lora").mkdir(parents=True)
+    shutil.copytree(tmp_path / "lora" / "logs", tmp_path / "again" / "lora" / "logs")
+    assert plot.run_labels([str(tmp_path / "lora"), str(tmp_path / "again" / "lora" / "logs"), str(tmp_path / "qlora")]) == [
+        f"{tmp_path.name}/lora", "again/lora", "qlora"]
+    assert plot.main([str(tmp_path / "lora"), str(tmp_path / "again" / "lora"), "-o", str(out)]) == 0
+    assert f"  {tmp_path.name}/lora: 20 steps" in capsys.readouterr().out
     # Logs with no usable loss (foreign or hand-edited): named, not a traceback.
     (tmp_path / "odd" / "logs").mkdir(parents=True)
     (tmp_path / "odd" / "logs" / "metrics.jsonl").write_text(

@@ -18,7 +18,7 @@ from pathlib import Path
 from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext._paths import why_not_a_folder
 from qlora_ext.training.loss_plot import Curve, plot_loss_curves
-from qlora_ext.training.metric_logging import read_metrics
+from qlora_ext.training.metric_logging import metrics_file, read_metrics
 
 
 def load_curve(run_dir: str, label: str | None = None) -> Curve:
@@ -29,12 +29,38 @@ def load_curve(run_dir: str, label: str | None = None) -> Curve:
     return Curve(label or _run_name(Path(run_dir)), [r["step"] for r in records], [r["loss"] for r in records])
 
 
-def _run_name(path: Path) -> str:
-    """The run folder's name, also when ``path`` is its metrics file or its ``logs`` folder."""
+def _run_folder(path: Path) -> Path:
+    """The run folder, also when ``path`` is its metrics file or its ``logs`` folder."""
     path = path.resolve()
     if path.is_file():
         path = path.parent
-    return path.parent.name if path.name == "logs" and path.parent.name else path.name
+    return path.parent if path.name == "logs" and path.parent.name else path
+
+
+def _run_name(path: Path) -> str:
+    return _run_folder(path).name
+
+
+def run_labels(run_dirs: list[str]) -> list[str]:
+    """Each run's folder name, with as many of its parent folders as it takes to tell apart runs
+    of the same name (``lora/run1`` and ``qlora/run1``)."""
+    folders = [_run_folder(Path(run)).parts for run in run_dirs]
+    labels = []
+    for parts in folders:
+        k = 1
+        while k < len(parts) and any(other != parts and other[-k:] == parts[-k:] for other in folders):
+            k += 1
+        labels.append(str(Path(*parts[-k:])))
+    return labels
+
+
+def _same_run_twice(run_dirs: list[str]) -> str | None:
+    """An error naming two RUN_DIRs that are one run (one metrics file), or None."""
+    files = [metrics_file(run).resolve() for run in run_dirs]
+    for i, file in enumerate(files):
+        if file in files[:i]:
+            return f"RUN_DIR '{run_dirs[files.index(file)]}' and '{run_dirs[i]}' are the same run ({file}); give each run once"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="trainer output_dir(s)")
     parser.add_argument("-o", "--output", default="loss_curves.png", help="PNG to write (default: %(default)s)")
     parser.add_argument("--smoothing", type=float, default=None, help="EMA weight in [0, 1) (default: by curve length)")
-    parser.add_argument("--labels", nargs="+", default=None, help="one legend label per RUN_DIR (default: folder names)")
+    parser.add_argument("--labels", nargs="+", default=None,
+                        help="one legend label per RUN_DIR (default: folder names, with parent folders where two are alike)")
     parser.add_argument("--title", default="training loss")
     args = parser.parse_args(argv)
     if args.smoothing is not None and not 0.0 <= args.smoothing < 1.0:
@@ -53,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.labels is not None and len(args.labels) != len(args.runs):
         parser.error(f"argument --labels: needs one label per RUN_DIR ({len(args.runs)}); got {len(args.labels)}")
     try:
-        curves = [load_curve(run, args.labels[i] if args.labels else None) for i, run in enumerate(args.runs)]
+        twice = _same_run_twice(args.runs)
+        if twice:
+            print(f"error: {twice}", file=sys.stderr)
+            return 2
+        labels = args.labels or run_labels(args.runs)
+        curves = [load_curve(run, label) for run, label in zip(args.runs, labels)]
     except (OSError, ValueError) as e:  # missing or unreadable logs, logs without losses
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -198,6 +198,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl file (a run folder, its logs folder, or the file itself; for
     a run that set ``metric_logger.log_dir``, the folder its ``config.yaml`` names). Lines that are
     not JSON objects (a writer killed mid-line) are skipped with a warning."""
+    return [record for _, record in _parsed_lines(metrics_file(path))]
+
+
+def metrics_file(path: str | Path) -> Path:
+    """The metrics.jsonl that ``read_metrics(path)`` reads; FileNotFoundError naming where it looked."""
     path = Path(path)
     candidates = [path, path / METRICS_FILE]
     log_dir = _configured_log_dir(path)
@@ -206,7 +211,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     candidates.append(path / "logs" / METRICS_FILE)
     for candidate in candidates:
         if candidate.is_file():
-            return [record for _, record in _parsed_lines(candidate)]
+            return candidate
     where = f"{path}, {log_dir} (its config.yaml's metric_logger.log_dir) or {path / 'logs'}" if log_dir else f"{path} or {path / 'logs'}"
     raise FileNotFoundError(
         f"no {METRICS_FILE} in {where}: give a training run's output_dir, or the folder holding its {METRICS_FILE}"
