@@ -99,13 +99,13 @@ def _reset_peak_memory(device: torch.device) -> None:
 
 def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1024**3
+        return torch.cuda.max_memory_allocated(device) / 1e9
     try:
         with open("/proc/self/status") as f:
             kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     except (OSError, StopIteration):
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kib / 1024**2  # KiB -> GiB
+    return kib * 1024 / 1e9  # KiB -> GB (1e9 bytes, the seed tutorial's unit and model_seed_7b's)
 
 
 def timed_steps(step, n_warmup: int, n_steps: int, device: torch.device) -> tuple[float, list[float]]:

@@ -109,7 +109,7 @@ def test_the_peak_memory_summary_counts_the_last_save(tmp_path, tiny_ckpt, small
     summary = finetune.train(load_config("tiny_qlora", overrides))
     assert [r["peak_memory_reserved"] for r in metrics(out) if "loss" in r] == [2.0, 3.0]  # init reading, then one per step
     assert readings == [1.0, 2.0, 3.0, 4.0] and summary["peak_memory"] == {"peak_memory_reserved": 4.0}
-    assert "Peak memory during training and its checkpoint saves: GPU reserved 4.00 GiB" in capsys.readouterr().out
+    assert "Peak memory during training and its checkpoint saves: GPU reserved 4.00 GB" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("folder", ["epoch_0", "step_3/sub"])

@@ -160,9 +160,10 @@ def test_memory_stats_on_cpu(monkeypatch):
 
     monkeypatch.setattr(memory, "_peak_rss_bytes", lambda: 100 << 20)
     monkeypatch.setattr(memory, "_current_rss_bytes", lambda: 101 << 20)
-    assert memory_stats(torch.device("cpu")) == {"rss_memory": 101 / 1024, "peak_rss_memory": 101 / 1024}
-    text = format_memory_stats(stats, "after model init")
-    assert text.startswith("Memory Stats after model init::\nCPU resident memory: ")
+    assert memory_stats(torch.device("cpu")) == {"rss_memory": (101 << 20) / 1e9, "peak_rss_memory": (101 << 20) / 1e9}
+    # in GB (1e9 bytes), as the seed tutorial's torchtune printed them
+    text = format_memory_stats({"peak_memory_reserved": 9.29, "rss_memory": 1.5}, "after model init")
+    assert text == "Memory Stats after model init::\nGPU peak memory reserved: 9.29 GB\nCPU resident memory: 1.50 GB"
 
 
 def _png_size(path):

@@ -339,7 +339,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
 
 def _peak_memory(metrics_path: Path, after_training: dict[str, float]) -> dict[str, float]:
     """The largest of each logged memory statistic over the run and of those taken after its
-    last step, so the last checkpoint save counts too (GiB)."""
+    last step, so the last checkpoint save counts too (GB)."""
     peaks: dict[str, float] = {}
     for record in [*read_metrics(metrics_path), after_training]:
         for key in ("peak_memory_alloc", "peak_memory_reserved", "peak_memory_active", "peak_rss_memory"):

@@ -99,7 +99,7 @@ def print_report(summary: dict[str, Any], samples: list[dict[str, str]], cfg) ->
         names = {"peak_memory_alloc": "GPU allocated", "peak_memory_reserved": "GPU reserved",
                  "peak_memory_active": "GPU active", "peak_rss_memory": "CPU resident"}
         lines.append("Peak memory during training and its checkpoint saves: "
-                     + ", ".join(f"{names[k]} {v:.2f} GiB" for k, v in summary["peak_memory"].items()))
+                     + ", ".join(f"{names[k]} {v:.2f} GB" for k, v in summary["peak_memory"].items()))
     if summary.get("answers_after"):
         lines.append("")
         lines.append("Held-out prompts (never trained on):")

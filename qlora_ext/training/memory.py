@@ -2,12 +2,13 @@
 process's resident memory on CPU. Printed after model init as torchtune does:
 
     Memory Stats after model init::
-    GPU peak memory allocation: 13.96 GiB
-    GPU peak memory reserved: 13.98 GiB
-    GPU peak memory active: 13.96 GiB
+    GPU peak memory allocation: 13.96 GB
+    GPU peak memory reserved: 13.98 GB
+    GPU peak memory active: 13.96 GB
 
-The unit is torchtune's, GiB (1024**3 bytes), so the figures compare with the seed tutorial's,
-which older torchtune labelled "GB"; the metrics log's values are in GiB too.
+The unit is the seed tutorial's: GB, 1e9 bytes (the torchtune that printed its figures divided by
+1e9; later versions print GiB, 7% smaller for the same bytes), so the figures compare with the
+seed's directly. The metrics log's values are in GB too.
 """
 
 from __future__ import annotations
@@ -18,25 +19,25 @@ import sys
 
 import torch
 
-_GIB = 1024**3
+_GB = 1e9  # bytes
 
 
 def memory_stats(device: torch.device, reset_peak: bool = False) -> dict[str, float]:
-    """Peak memory in GiB; on CUDA the allocator's peaks since the last reset (``reset_peak``
+    """Peak memory in GB (1e9 bytes); on CUDA the allocator's peaks since the last reset (``reset_peak``
     starts a new window), on CPU the resident set now and its peak over the process's life."""
     if device.type == "cuda":
         stats = torch.cuda.memory_stats(device)
         out = {
-            "peak_memory_alloc": stats.get("allocated_bytes.all.peak", 0) / _GIB,
-            "peak_memory_reserved": stats.get("reserved_bytes.all.peak", 0) / _GIB,
-            "peak_memory_active": stats.get("active_bytes.all.peak", 0) / _GIB,
+            "peak_memory_alloc": stats.get("allocated_bytes.all.peak", 0) / _GB,
+            "peak_memory_reserved": stats.get("reserved_bytes.all.peak", 0) / _GB,
+            "peak_memory_active": stats.get("active_bytes.all.peak", 0) / _GB,
         }
         if reset_peak:
             torch.cuda.reset_peak_memory_stats(device)
         return out
     current = _current_rss_bytes()
     # Two kernel counters (statm now, ru_maxrss at its last update): the peak is at least the current.
-    return {"rss_memory": current / _GIB, "peak_rss_memory": max(_peak_rss_bytes(), current) / _GIB}
+    return {"rss_memory": current / _GB, "peak_rss_memory": max(_peak_rss_bytes(), current) / _GB}
 
 
 def format_memory_stats(stats: dict[str, float], title: str) -> str:
@@ -49,7 +50,7 @@ def format_memory_stats(stats: dict[str, float], title: str) -> str:
         "peak_rss_memory": "CPU peak resident memory",
     }
     lines = [f"Memory Stats {title}::"]
-    lines += [f"{names.get(k, k)}: {v:.2f} GiB" for k, v in stats.items()]
+    lines += [f"{names.get(k, k)}: {v:.2f} GB" for k, v in stats.items()]
     return "\n".join(lines)
 
 
