@@ -276,13 +276,13 @@ def test_adapters_made_by_peft_load_with_peft_logits(base_dir, tmp_path, targets
     linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules="all-linear" if targets == "all-linear" else linears + ["lm_head"],
-        init_lora_weights=False, task_type="CAUSAL_LM",
+        init_lora_weights=False, task_type="CAUSAL_LM", lora_dropout=0.1,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT: "Setting save_embedding_layers to True" for lm_head
         peft_model = peft.get_peft_model(_hf(base_dir), config).eval()
         peft_model.save_pretrained(tmp_path)
-    ours = llama2_from_checkpoint(base_dir, adapter_dir=tmp_path).eval()
+    ours = llama2_from_checkpoint(base_dir, adapter_dir=tmp_path)  # in eval mode, as PEFT's: its dropout is off
     assert (ours.output.__class__ is LoRALinear) == (targets == "with_lm_head")
     tokens = torch.randint(0, 320, (2, 9))
     with torch.no_grad():

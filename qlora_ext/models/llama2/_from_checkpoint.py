@@ -60,7 +60,9 @@ def llama2_from_checkpoint(
             weights dequantize to it.
 
     Returns:
-        The loaded ``TransformerDecoder``.
+        The loaded ``TransformerDecoder``, in eval mode as transformers' and PEFT's
+        ``from_pretrained`` return theirs (an adapter's ``lora_dropout`` off); call ``.train()``
+        to fine-tune it further.
 
     Raises:
         FileNotFoundError / ValueError: as ``load_checkpoint`` and ``load_peft_adapter``.
@@ -85,4 +87,4 @@ def llama2_from_checkpoint(
     load_checkpoint(model, checkpoint_dir, device=device)
     if adapter_dir is not None:
         load_peft_adapter(model, adapter_dir)
-    return model
+    return model.eval()
