@@ -168,6 +168,8 @@ def test_unsupported_adapter_configs(tmp_path):
         ({"a_future_variant": True}, "'a_future_variant' must be empty, got True (a setting this loader does not implement)"),
         ({"r": None}, "'r' must be a positive integer, got None"),
         ({"lora_alpha": "16"}, "'lora_alpha' must be a finite number, got '16'"),
+        ({"bias": "some"}, "'bias' must be one of ['none', 'all', 'lora_only'], got 'some'"),
+        ({"layers_to_transform": "0"}, "'layers_to_transform' must be a layer index or a list of them, got '0'"),
     ]:
         write(**fields)
         with pytest.raises(ValueError) as err:
@@ -176,6 +178,11 @@ def test_unsupported_adapter_configs(tmp_path):
     for init in (True, False, "gaussian", "eva", "orthogonal"):
         write(init_lora_weights=init, loftq_config={}, kasa_config=None, megatron_core="megatron.core", qalora_group_size=16)
         assert read_adapter_config(tmp_path)["lora_rank"] == 8
+    # Llama has no biases (PEFT saves none for bias "all" / "lora_only"); the layers an adapter covers
+    # are checked by load_peft_adapter, which sees the model's
+    for fields in ({"bias": "all"}, {"bias": "lora_only"}, {"layers_to_transform": [0, 1], "layers_pattern": "layers"}, {"layers_to_transform": 0}):
+        write(**fields)
+        assert read_adapter_config(tmp_path)["lora_attn_modules"] == ["q_proj"]
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ["q_proj"]}))
     assert (read_adapter_config(tmp_path)["lora_rank"], read_adapter_config(tmp_path)["lora_alpha"]) == (8, 8)
     with pytest.raises(FileNotFoundError, match=r"argument 'adapter_dir' must hold adapter_config.json"):
@@ -185,7 +192,8 @@ def test_unsupported_adapter_configs(tmp_path):
     (tmp_path / "adapter_config.json").rename(tmp_path / "epoch_0" / "adapter" / "adapter_config.json")
     with pytest.raises(FileNotFoundError) as err:
         read_adapter_config(tmp_path / "epoch_0")
-    assert f"its subfolder '{tmp_path / 'epoch_0' / 'adapter'}' holds one" in str(err.value)
+    assert (f"its subfolder '{tmp_path / 'epoch_0' / 'adapter'}' holds one (a training checkpoint keeps its adapter there, and "
+            "PEFT saves an adapter with a name other than 'default' in a subfolder of that name)") in str(err.value)
 
 
 def _rewrite_adapter(folder, config_changes=None, edit=None):
@@ -261,6 +269,22 @@ def test_adapters_in_the_forms_peft_writes(base_dir, tmp_path):
     _rewrite_adapter(folder, {"target_modules": ["model.layers.0.self_attn.q_proj"]}, lambda t: t.pop("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"))
     assert read_adapter_config(folder)["lora_attn_modules"] == ["q_proj"]
     with pytest.raises(ValueError, match=r"missing: \['base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight'\]"):
+        llama2_from_checkpoint(base_dir, adapter_dir=folder)
+    # LoRA in some layers only (layers_to_transform, or layer paths as target_modules): said so;
+    # layers_to_transform naming every layer is plain LoRA
+    save_peft_adapter(_trained(base_dir, attn=("q_proj", "v_proj"), mlp=False, output=False), folder)
+    model_1 = llama2_from_checkpoint(base_dir, adapter_dir=folder)
+    _rewrite_adapter(folder, {"layers_to_transform": [1, 0]})
+    again = llama2_from_checkpoint(base_dir, adapter_dir=folder)
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), model_1.parameters()))
+
+    def layer_0_only(tensors):
+        for key in [k for k in tensors if ".layers.1." in k]:
+            tensors.pop(key)
+
+    _rewrite_adapter(folder, {"layers_to_transform": [0]}, layer_0_only)
+    with pytest.raises(ValueError, match=r"does not fit the model: the adapter has LoRA in some layers only \(self_attn.q_proj in layers "
+                                         r"\[0\]; self_attn.v_proj in layers \[0\]\), and qlora_ext's builders put it on a module in every layer; missing: "):
         llama2_from_checkpoint(base_dir, adapter_dir=folder)
     _rewrite_adapter(folder, {"target_modules": ["q_proj"]}, lambda t: t.update({
         "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight": torch.zeros(4, 256),

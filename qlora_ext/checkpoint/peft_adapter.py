@@ -165,7 +165,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     Raises:
         FileNotFoundError: no adapter_config.json in ``adapter_dir``.
         ValueError: an adapter_config.json that is no JSON object (the file is named), or an
-            adapter these builders cannot express (not LoRA, DoRA, rsLoRA, biases,
+            adapter these builders cannot express (not LoRA, DoRA, rsLoRA, LoRA biases,
             per-module ranks, a partial MLP, other target modules).
 
     ``target_modules`` is read as PEFT matches it: an entry names every module whose path equals
@@ -173,17 +173,26 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     as PEFT writes for ``"all-linear"``), and ``"all-linear"`` means every linear but ``lm_head``.
     Entries that match no Llama module (``query_key_value``) are skipped, as PEFT skips them.
     The builders put LoRA on a module type in every layer: an adapter that has it in some layers
-    only is refused by ``load_peft_adapter`` (its other layers' keys are missing).
+    only (``layers_to_transform``, or layer paths in ``target_modules``) is refused by
+    ``load_peft_adapter``, which sees the layers; one that lists every layer is plain LoRA.
+    ``bias`` "all" or "lora_only" trains the base's biases, and Llama has none: PEFT saves none,
+    and a bias in the weights would be refused there as an unexpected key.
     """
     path = os.path.join(os.fspath(adapter_dir), ADAPTER_CONFIG_NAME)
     if not os.path.exists(path):
         folder = Path(adapter_dir)
         inner = sorted(p.parent for p in folder.glob(f"*/{ADAPTER_CONFIG_NAME}")) if folder.is_dir() else []
-        hint = f"; its subfolder '{inner[0]}' holds one (a training checkpoint keeps its adapter there)" if inner else ""
+        hint = (f"; its subfolder '{inner[0]}' holds one (a training checkpoint keeps its adapter there, and PEFT saves "
+                f"an adapter with a name other than 'default' in a subfolder of that name)") if inner else ""
         raise FileNotFoundError(f"argument 'adapter_dir' must hold {ADAPTER_CONFIG_NAME}; not found in {os.fspath(adapter_dir)!r}{hint}")
     config = read_json(path)
-    expected = {"peft_type": "LORA", "use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False, "lora_bias": False}
+    expected = {"peft_type": "LORA", "use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "lora_bias": False}
     problems = [f"'{k}' must be {v!r}, got {config.get(k, v)!r}" for k, v in expected.items() if config.get(k, v) != v]
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        problems.append(f"'bias' must be one of ['none', 'all', 'lora_only'], got {config['bias']!r}")
+    layers = config.get("layers_to_transform")
+    if not (layers is None or is_int(layers) or (isinstance(layers, list) and all(is_int(i) for i in layers))):
+        problems.append(f"'layers_to_transform' must be a layer index or a list of them, got {layers!r}")
     init = config.get("init_lora_weights", True)
     if init not in _PLAIN_LORA_INITS:
         problems.append(
@@ -193,7 +202,8 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         )
     # Every other setting (those of LoRA variants and of PEFT versions to come) must be empty.
     for key, value in config.items():
-        if key not in expected and key not in _INERT_KEYS and key != "init_lora_weights" and value not in (None, False, {}, [], ""):
+        if key not in expected and key not in _INERT_KEYS and key not in ("init_lora_weights", "bias", "layers_to_transform") \
+                and value not in (None, False, {}, [], ""):
             problems.append(f"'{key}' must be empty, got {value!r} (a setting this loader does not implement)")
     rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)  # PEFT's defaults
     if not is_int(rank) or rank <= 0:
@@ -310,6 +320,9 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
         seen.add((match["module"], match["which"]))
     missing = [f"{_PREFIX}{name}.lora_{w}.weight" for name in modules for w in "AB" if (name, w) not in seen]
     problems = [f"{what}: {names[:20]}" for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", mismatched)) if names]
+    partial = _some_layers_only(modules, seen)
+    if partial:
+        problems.insert(0, partial)
     if problems:
         raise ValueError(f"load_peft_adapter: {adapter_dir} does not fit the model: " + "; ".join(problems))
     device = _home_device(model)
@@ -325,6 +338,23 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
             target.weight = nn.Parameter(value.to(target.weight.dtype), requires_grad=True)
         else:
             target.weight.copy_(value)
+
+
+def _some_layers_only(modules: dict[str, LoRALinear], seen: set[tuple[str, str]]) -> str | None:
+    """Why an adapter lacks whole modules: it has LoRA on a module type in some layers only
+    (``layers_to_transform``, or layer paths in ``target_modules``); None if it does not."""
+    layers: dict[str, tuple[list[int], list[int]]] = {}  # module type -> (layers with it, layers without)
+    for name in modules:
+        match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+        if match:
+            has = (name, "A") in seen or (name, "B") in seen
+            layers.setdefault(match[2], ([], []))[0 if has else 1].append(int(match[1]))
+    some = {kind: present for kind, (present, absent) in layers.items() if present and absent}
+    if not some:
+        return None
+    where = "; ".join(f"{kind} in layers {present}" for kind, present in some.items())
+    return (f"the adapter has LoRA in some layers only ({where}), and qlora_ext's builders put it on a module "
+            "in every layer")
 
 
 def _write_json(path: str, data: dict) -> None:
