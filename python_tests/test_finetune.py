@@ -517,3 +517,20 @@ def test_merged_model_keeps_the_stored_dtype_of_a_base_that_declares_none(tmp_pa
                                + ["epochs=1", "max_steps_per_epoch=1", "checkpointer.checkpoint_files=[weights.safetensors]"]))
     with safe_open(out / "epoch_0" / "model.safetensors", "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+
+def test_the_adapter_records_its_base_as_an_absolute_path(tmp_path, tiny_ckpt, small_data, monkeypatch):
+    """checkpointer.checkpoint_dir given relative to the working directory: the saved
+    adapter_config.json names the base absolutely, so PEFT's AutoPeftModelForCausalLM finds it
+    from anywhere (a relative name would be taken for a Hub repository)."""
+    out = tmp_path / "run"
+    monkeypatch.chdir(tiny_ckpt.parent)
+    overrides = small_run_overrides(tiny_ckpt, small_data, out) + [
+        f"checkpointer.checkpoint_dir={tiny_ckpt.name}", "epochs=1", "max_steps_per_epoch=1", "save_adapter_weights_only=True"]
+    finetune.train(load_config("tiny_qlora", overrides))
+    config = json.loads((out / "epoch_0" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_ckpt) and tiny_ckpt.is_absolute()
+    peft = pytest.importorskip("peft")
+    monkeypatch.chdir(tmp_path)
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(out / "epoch_0" / "adapter")
+    assert type(model).__name__ == "PeftModelForCausalLM"

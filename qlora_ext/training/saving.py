@@ -11,6 +11,7 @@ the merged weights, the adapter would be applied twice.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,8 @@ def save_checkpoint(
     tmp = checkpoint_folders.staging_dir(final)
     try:
         ckpt_dir = cfg.checkpointer.checkpoint_dir
-        save_peft_adapter(model, tmp / ADAPTER_SUBDIR, base_model_name_or_path=str(ckpt_dir))
+        # absolute, so that PEFT (AutoPeftModelForCausalLM) finds the base from any working directory
+        save_peft_adapter(model, tmp / ADAPTER_SUBDIR, base_model_name_or_path=os.path.abspath(ckpt_dir))
         if not cfg.save_adapter_weights_only:
             config_json = Path(ckpt_dir) / "config.json"
             base_config = json.loads(config_json.read_text()) if config_json.is_file() else None
