@@ -18,3 +18,8 @@ def why_not_a_folder(path: Path, error: OSError) -> str:
         if os.path.lexists(place):
             return str(error) if os.path.isdir(place) else f"'{place}' exists and is not a folder"
     return str(error)
+
+
+def unwritable_folder(key: str, path: Path, error: OSError) -> str:
+    """The error for config key ``key``, whose folder ``path`` could not be created or written."""
+    return f"{key}: '{path}' must be a folder this user can create or write to: {why_not_a_folder(path, error)}"

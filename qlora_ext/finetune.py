@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from qlora_ext._paths import why_not_a_folder
+from qlora_ext._paths import unwritable_folder
 from qlora_ext.checkpoint.atomic import atomic_write_text
 from qlora_ext.training import checkpoint_folders, checkpointing, evaluation, model_setup, run_lock, saving, steps
 from qlora_ext.training.config import Config, ConfigError, available_configs, load_config
@@ -58,7 +58,14 @@ from qlora_ext.training.data import (
 )
 from qlora_ext.training.loss_plot import Curve, plot_loss_curves
 from qlora_ext.training.memory import format_memory_stats, memory_stats
-from qlora_ext.training.metric_logging import MetricLoggerError, MetricLoggers, MissingDependencyError, read_metrics
+from qlora_ext.training.metric_logging import (
+    LOG_SUBDIR,
+    RUN_CONFIG_FILE,
+    MetricLoggerError,
+    MetricLoggers,
+    MissingDependencyError,
+    read_metrics,
+)
 from qlora_ext.training.optim import apply_hyperparameters, build_optimizer, build_scheduler
 
 DEFAULT_CONFIG = "tiny_qlora"
@@ -76,7 +83,7 @@ def train(cfg: Config) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=output_dir).close()  # an existing folder may still be read-only
     except OSError as e:
-        raise ConfigError(f"output_dir: '{output_dir}' must be a folder this user can create or write to: {why_not_a_folder(output_dir, e)}") from None
+        raise ConfigError(unwritable_folder("output_dir", output_dir, e)) from None
     for key, path in (("checkpointer.checkpoint_dir", cfg.checkpointer.checkpoint_dir), ("tokenizer.path", cfg.tokenizer.path)):
         inside = path is not None and checkpoint_folders.checkpoint_folder_holding(output_dir, path)
         if inside:
@@ -121,7 +128,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                     "nothing_left_to_train": True}
     seed = cfg.seed if cfg.seed is not None else (state["seed"] if state else int.from_bytes(os.urandom(4), "little") >> 1)
     print(f"Resolved config (seed {seed}):\n{cfg.to_yaml()}")
-    log_dir = Path(cfg.metric_logger.log_dir or output_dir / "logs")
+    log_dir = Path(cfg.metric_logger.log_dir or output_dir / LOG_SUBDIR)
     try:
         loggers = MetricLoggers(
             cfg.metric_logger.type, log_dir, project=cfg.metric_logger.project, config=cfg.to_dict(),
@@ -129,7 +136,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
         )
     except OSError as e:
         key = "metric_logger.log_dir" if cfg.metric_logger.log_dir else "output_dir (its logs/ folder, where metric_logger.log_dir=null puts the logs)"
-        raise ConfigError(f"{key}: '{log_dir}' must be a folder this user can create or write to: {why_not_a_folder(log_dir, e)}") from None
+        raise ConfigError(unwritable_folder(key, log_dir, e)) from None
 
     # -- tokenizer and data (read before the model, so a data mistake fails fast) -------------
     tokenizer = model_setup.load_tokenizer(cfg.tokenizer.path)
@@ -198,7 +205,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
 
     # Written once setup has succeeded: a run that fails before it leaves an earlier run's
     # config.yaml (and, see DiskLogger, its metrics log) as they were.
-    atomic_write_text(output_dir / "config.yaml", saving.resolved_yaml(cfg, seed))
+    atomic_write_text(output_dir / RUN_CONFIG_FILE, saving.resolved_yaml(cfg, seed))
 
     # -- before training: held-out loss and sample answers -----------------------------------
     summary: dict[str, Any] = {"output_dir": str(output_dir), "seed": seed, "losses": [], "val_losses": []}

@@ -17,7 +17,6 @@ printed in order, separated by lines of ``---``); timing goes to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -25,7 +24,8 @@ import time
 
 import torch
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from qlora_ext._dtypes import HF_DTYPES
+
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quantize-base", action="store_true",
                         help="keep the adapted linears' base weights in NF4: the base a QLoRA run's adapter was trained on")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+    parser.add_argument("--dtype", choices=sorted(HF_DTYPES), default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU; a dense model larger than the device's free memory "
                              "at this dtype is refused before loading, with the sizes at the smaller dtypes")
     args = parser.parse_args(argv)
@@ -78,13 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --device must be cpu, cuda or cuda:N; got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"argument --device: {args.device} was asked for but torch sees no CUDA GPU")
-    from qlora_ext.training.saving import ADAPTER_SUBDIR
+    from qlora_ext.training.saving import ADAPTER_SUBDIR, TRAINING_CONFIG_FILE
 
     inner = os.path.join(args.checkpoint_dir, ADAPTER_SUBDIR)
     if args.adapter_dir is not None and os.path.isdir(args.adapter_dir) and os.path.isdir(inner) and os.path.samefile(args.adapter_dir, inner):
         parser.error(f"argument --adapter-dir: '{args.adapter_dir}' is the adapter of the checkpoint folder, whose model has it "
                      "merged already; pass --checkpoint-dir alone, or the base model's folder with --adapter-dir")
-    if args.adapter_dir is not None and os.path.isfile(os.path.join(args.checkpoint_dir, "training_config.yaml")):
+    if args.adapter_dir is not None and os.path.isfile(os.path.join(args.checkpoint_dir, TRAINING_CONFIG_FILE)):
         _warn_if_merged_elsewhere(args.checkpoint_dir, args.adapter_dir)
     if args.quantize_base and args.adapter_dir is None:
         parser.error("argument --quantize-base needs --adapter-dir: only the adapted linears are kept in NF4")
@@ -93,7 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _what_it_holds(folder: str) -> str:
     """A hint for a folder that is no checkpoint: a PEFT adapter, or a run's checkpoint folders."""
-    if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+    from qlora_ext.checkpoint.peft_adapter import ADAPTER_CONFIG_NAME
+
+    if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_NAME)):
         return (" (it holds a PEFT adapter: pass the base model's folder as --checkpoint-dir and this one as "
                 "--adapter-dir)")
     inner = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name, "config.json")))
@@ -103,10 +105,12 @@ def _what_it_holds(folder: str) -> str:
 def _warn_if_merged_elsewhere(checkpoint_dir: str, adapter_dir: str) -> None:
     """A trainer's checkpoint folder holds a model with that run's adapter merged; an adapter
     trained on another base would be applied on top of it. Warn (the folder may have been copied)."""
+    from qlora_ext.checkpoint.config import read_json
+    from qlora_ext.checkpoint.peft_adapter import ADAPTER_CONFIG_NAME
+
     try:
-        with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-            base = json.load(f).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):  # the adapter's own loading names what is wrong with it
+        base = read_json(os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)).get("base_model_name_or_path")
+    except (OSError, ValueError):  # the adapter's own loading names what is wrong with it
         return
     if isinstance(base, str) and os.path.isdir(base) and os.path.samefile(base, checkpoint_dir):
         return
@@ -134,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
 
     tokenizer_path = args.tokenizer or os.path.join(args.checkpoint_dir, "tokenizer.model")
     tokenizer = llama2_tokenizer(tokenizer_path)
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32)
+    dtype = HF_DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32)
 
     _refuse_a_model_that_cannot_fit(args, dtype)
     start = time.perf_counter()
@@ -218,7 +222,7 @@ def _refuse_a_model_that_cannot_fit(args: argparse.Namespace, dtype: torch.dtype
     need = count * dtype.itemsize
     if need <= available:
         return
-    smaller = [f"--dtype {name} ({count * d.itemsize / 1e9:.1f} GB)" for name, d in sorted(_DTYPES.items())
+    smaller = [f"--dtype {name} ({count * d.itemsize / 1e9:.1f} GB)" for name, d in sorted(HF_DTYPES.items())
                if d.itemsize < dtype.itemsize and (args.device != "cpu" or d != torch.float16)]
     raise ValueError(
         f"the model in --checkpoint-dir has {count / 1e9:.2f} B parameters: {need / 1e9:.1f} GB in {str(dtype).removeprefix('torch.')}, "

@@ -23,14 +23,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from qlora_ext._dtypes import HF_DTYPES
 from qlora_ext._tables import ABSMAX_CODE_MAP, BLOCK_SIZE, NF4_VALUES, SCALER_BLOCK_SIZE
 from qlora_ext.nf4 import NF4Tensor, to_nf4
 
 _STATE_SUFFIX = ".quant_state.bitsandbytes__"
 _AUX = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-BNB4BIT_DTYPES = tuple(_DTYPES.values())  # the dtypes a quant state can name
+_DTYPE_NAMES = {dtype: name for name, dtype in HF_DTYPES.items()}
+BNB4BIT_DTYPES = tuple(HF_DTYPES.values())  # the dtypes a quant state can name
 # bnb_4bit_quant_storage: the dtype the packed bytes are stored as (transformers' choices).
 _STORAGE_DTYPES = (torch.uint8, torch.int8, torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
@@ -76,8 +76,8 @@ class Bnb4bitWeight:
             problems.append(f"blocksize must be {BLOCK_SIZE}; got {state.get('blocksize')!r}")
         if state.get("nested_blocksize") != SCALER_BLOCK_SIZE:
             problems.append(f"nested_blocksize must be {SCALER_BLOCK_SIZE}; got {state.get('nested_blocksize')!r}")
-        if state.get("dtype") not in _DTYPES:
-            problems.append(f"dtype must be one of {sorted(_DTYPES)}; got {state.get('dtype')!r}")
+        if state.get("dtype") not in HF_DTYPES:
+            problems.append(f"dtype must be one of {sorted(HF_DTYPES)}; got {state.get('dtype')!r}")
         if state.get("nested_dtype", "float32") != "float32":
             problems.append(f"nested_dtype must be 'float32'; got {state.get('nested_dtype')!r}")
         for suffix, table in ((".quant_map", NF4_VALUES), (".nested_quant_map", ABSMAX_CODE_MAP)):
@@ -88,7 +88,7 @@ class Bnb4bitWeight:
         if problems:
             raise ValueError(self._message(problems))
         self.shape = tuple(state["shape"])
-        self.dtype = _DTYPES[state["dtype"]]
+        self.dtype = HF_DTYPES[state["dtype"]]
         self.offset = float(state["nested_offset"])
 
     def _message(self, problems: list[str]) -> str:
@@ -123,7 +123,7 @@ def _storage_problems(name: str, files, shape) -> list[str]:
         problems.append(f"'{name}' must be stored as one of {[str(d) for d in _STORAGE_DTYPES]} (bnb_4bit_quant_storage); got {dtype}")
     elif packed_bytes != numel // 2:
         problems.append(f"'{name}' must hold {numel // 2} bytes (two codes per byte) for shape {shape}; got {packed_bytes} ({dtype} {list(files.shapes[name])})")
-    for suffix, want_dtype, want_numel in ((".absmax", (torch.uint8,), blocks), (".nested_absmax", _DTYPES.values(), -(-blocks // SCALER_BLOCK_SIZE))):
+    for suffix, want_dtype, want_numel in ((".absmax", (torch.uint8,), blocks), (".nested_absmax", HF_DTYPES.values(), -(-blocks // SCALER_BLOCK_SIZE))):
         key = name + suffix
         got_dtype, got_numel = files.dtypes[key], math.prod(files.shapes[key])
         if got_dtype not in want_dtype or got_numel != want_numel:

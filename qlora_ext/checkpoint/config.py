@@ -232,3 +232,11 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{os.fspath(path)} must hold a JSON object; got {type(value).__name__}")
     return value
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """A JSON file as transformers and PEFT write theirs: indented, keys sorted, a final newline
+    (the caller makes the write atomic: ``StagedFiles``)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")

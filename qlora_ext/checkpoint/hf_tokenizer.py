@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from qlora_ext.checkpoint.atomic import StagedFiles
+from qlora_ext.checkpoint.config import write_json
 
 __all__ = ["HF_TOKENIZER_FILES", "save_hf_tokenizer"]
 
@@ -64,7 +65,7 @@ def save_hf_tokenizer(out_dir: str | os.PathLike, tokenizer_model: str | os.Path
         for name in copied:
             if name != "tokenizer_config.json":
                 staged.write(name, lambda path, name=name: shutil.copyfile(source / name, path))
-        staged.write("tokenizer_config.json", lambda path: Path(path).write_text(json.dumps(config, indent=2) + "\n"))
+        staged.write("tokenizer_config.json", lambda path: write_json(path, config))
         return staged.commit()
 
 

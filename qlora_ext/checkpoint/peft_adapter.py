@@ -7,7 +7,6 @@ rows are in HF's rotary layout, so nothing is permuted.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch import nn
 
 from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext.checkpoint.atomic import StagedFiles
-from qlora_ext.checkpoint.config import read_json
+from qlora_ext.checkpoint.config import read_json, write_json
 from qlora_ext.checkpoint.convert import hf_module_name, hf_to_ours, strip_wrappers
 from qlora_ext.checkpoint.load import _assign, _home_device, _targets, refuse_merged
 from qlora_ext.checkpoint.safetensors_io import SafetensorsReader, write_safetensors
@@ -151,7 +150,7 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_mode
     owned = (ADAPTER_WEIGHTS_NAME, ADAPTER_WEIGHTS_BIN_NAME, ADAPTER_CONFIG_NAME)  # an older .bin would be stale
     with StagedFiles(out_dir, owns=lambda name: name in owned) as staged:
         staged.write(ADAPTER_WEIGHTS_NAME, lambda path: write_safetensors(path, specs, tensors.__getitem__, {"format": "pt"}))
-        staged.write(ADAPTER_CONFIG_NAME, lambda path: _write_json(path, config))
+        staged.write(ADAPTER_CONFIG_NAME, lambda path: write_json(path, config))
     return [os.path.join(os.fspath(out_dir), n) for n in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME)]
 
 
@@ -355,9 +354,3 @@ def _some_layers_only(modules: dict[str, LoRALinear], seen: set[tuple[str, str]]
     where = "; ".join(f"{kind} in layers {present}" for kind, present in some.items())
     return (f"the adapter has LoRA in some layers only ({where}), and qlora_ext's builders put it on a module "
             "in every layer")
-
-
-def _write_json(path: str, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")

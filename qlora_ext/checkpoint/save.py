@@ -11,7 +11,6 @@ only once every one of them is complete (``qlora_ext.checkpoint.atomic``).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from functools import partial
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 from qlora_ext._arguments import is_int
 from qlora_ext.checkpoint.atomic import StagedFiles
 from qlora_ext.checkpoint.bnb4bit import BNB4BIT_DTYPES, bnb4bit_entries, bnb4bit_quantization_config
-from qlora_ext.checkpoint.config import Llama2Config
+from qlora_ext.checkpoint.config import Llama2Config, write_json
 from qlora_ext.checkpoint.convert import is_decoder_linear_weight, ours_to_hf, strip_wrappers
 from qlora_ext.checkpoint.safetensors_io import tensor_nbytes, write_safetensors
 from qlora_ext.modules.lora_linear import LoRALinear
@@ -191,17 +190,11 @@ def save_hf_checkpoint(
                 "metadata": {"total_size": sum(tensor_nbytes(s[1], s[2]) for s in specs)},
                 "weight_map": {spec[0]: file_name for file_name, shard in zip(names, shards) for spec in shard},
             }
-            staged.write("model.safetensors.index.json", lambda path: _write_json(path, index))
-        staged.write("config.json", lambda path: _write_json(path, config))
+            staged.write("model.safetensors.index.json", lambda path: write_json(path, index))
+        staged.write("config.json", lambda path: write_json(path, config))
     kept = set(names) | ({"model.safetensors.index.json"} if len(shards) > 1 else set())
     return [os.path.join(out_dir, n) for n in sorted(kept | {"config.json"})]
 
 
 def _is_hf_checkpoint_file(name: str) -> bool:
     return name == "config.json" or bool(_HF_WEIGHT_FILE.fullmatch(name))
-
-
-def _write_json(path: str, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")

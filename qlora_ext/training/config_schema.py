@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from qlora_ext.models.llama2 import LORA_ATTN_MODULES
 from qlora_ext.training.data import TEMPLATES
 
 
@@ -38,8 +39,6 @@ class Opt:
 
 
 REQUIRED = object()
-
-LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
 
 # The builders of qlora_ext.models.llama2 the trainer can use. The two generic ones take the
 # architecture from the model.* keys below (or, where those are null, from the checkpoint's

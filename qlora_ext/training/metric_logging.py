@@ -18,6 +18,8 @@ from qlora_ext._arguments import is_finite_real
 from qlora_ext.checkpoint.atomic import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
+LOG_SUBDIR = "logs"  # the logs' folder inside output_dir where metric_logger.log_dir is null
+RUN_CONFIG_FILE = "config.yaml"  # the resolved config the trainer saves in output_dir (read for its log_dir)
 
 
 class MissingDependencyError(RuntimeError):
@@ -208,7 +210,7 @@ def metrics_file(path: str | Path) -> Path:
     log_dir = _configured_log_dir(path)
     if log_dir is not None:  # the latest run's (config.yaml is rewritten by each run), before an earlier run's logs/
         candidates.append(log_dir / METRICS_FILE)
-    candidates.append(path / "logs" / METRICS_FILE)
+    candidates.append(path / LOG_SUBDIR / METRICS_FILE)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
@@ -222,7 +224,7 @@ def _configured_log_dir(run_dir: Path) -> Path | None:
     """The ``metric_logger.log_dir`` a run's saved ``config.yaml`` names, if any. A relative one is
     taken as the trainer did (from its working directory) unless it lies inside the recorded
     ``output_dir``: then it is found inside ``run_dir``, wherever the run folder is now."""
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / RUN_CONFIG_FILE
     if not config_path.is_file():
         return None
     try:

@@ -4,14 +4,13 @@ as they arrive), and full-precision adapters that alone require grad."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from qlora_ext._dtypes import default_dtype
 from qlora_ext.checkpoint import load_checkpoint, read_checkpoint_config
 from qlora_ext.models import llama2 as llama2_models
 from qlora_ext.modules.peft import get_adapter_params, set_trainable_params
@@ -20,16 +19,6 @@ from qlora_ext.training.config_schema import ARCH_KEYS, GENERIC_BUILDERS
 
 class ModelSetupError(ValueError):
     """The tokenizer, checkpoint or model the config names cannot be used."""
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 def load_tokenizer(path: str):
@@ -73,7 +62,7 @@ def build_model(cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
         if m.builder in GENERIC_BUILDERS:
             arch = read_checkpoint_config(ckpt_dir, cfg.checkpointer.checkpoint_files).builder_kwargs()
             arch.update({k: getattr(m, k) for k in ARCH_KEYS if getattr(m, k) is not None})
-        with torch.device("meta"), _default_dtype(dtype):
+        with torch.device("meta"), default_dtype(dtype):
             model = _builder(m.builder)(**lora, **arch)
         load_checkpoint(model, ckpt_dir, device=device, checkpoint_files=cfg.checkpointer.checkpoint_files)
     except FileNotFoundError as e:

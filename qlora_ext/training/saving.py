@@ -20,6 +20,7 @@ import torch
 import yaml
 from torch import nn
 
+from qlora_ext._dtypes import HF_DTYPES
 from qlora_ext.checkpoint import save_hf_checkpoint, save_hf_tokenizer, save_peft_adapter
 from qlora_ext.checkpoint.load import stored_dtype, weights_digest
 from qlora_ext.training import checkpoint_folders, checkpointing
@@ -39,6 +40,7 @@ ADJUSTABLE_ON_RESUME = (
     "optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "optimizer.eps", "lr_scheduler", "clip_grad_norm", "epochs",
 )
 ADAPTER_SUBDIR = "adapter"  # the PEFT adapter's folder inside a checkpoint folder
+TRAINING_CONFIG_FILE = "training_config.yaml"  # the run's resolved config, in each checkpoint folder
 
 
 class CheckpointWriteError(RuntimeError):
@@ -132,7 +134,7 @@ def save_checkpoint(
         save_hf_tokenizer(tmp, cfg.tokenizer.path, source_dir=ckpt_dir)
         if (Path(ckpt_dir) / "generation_config.json").is_file():
             shutil.copyfile(Path(ckpt_dir) / "generation_config.json", tmp / "generation_config.json")
-        (tmp / "training_config.yaml").write_text(resolved_yaml(cfg, seed))
+        (tmp / TRAINING_CONFIG_FILE).write_text(resolved_yaml(cfg, seed))
         checkpoint_folders.commit_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -149,4 +151,4 @@ def save_checkpoint(
 def _declared_dtype(config: dict | None) -> torch.dtype | None:
     """The dtype a HF config.json declares (``torch_dtype``, or ``dtype`` in transformers 5)."""
     name = (config or {}).get("torch_dtype") or (config or {}).get("dtype")
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(name)
+    return HF_DTYPES.get(name)

@@ -7,27 +7,16 @@ plus one tensor.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
+from qlora_ext._dtypes import default_dtype
 from qlora_ext.checkpoint.load import load_checkpoint, read_checkpoint_config
 from qlora_ext.checkpoint.peft_adapter import adapter_weights_path, load_peft_adapter, read_adapter_config
 from qlora_ext.models.llama2._component_builders import lora_llama2
 from qlora_ext.modules.transformer import TransformerDecoder
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
-    before = torch.get_default_dtype()
-    if dtype is not None:
-        torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 def llama2_from_checkpoint(
@@ -82,7 +71,7 @@ def llama2_from_checkpoint(
     if adapter_dir is not None:
         lora = read_adapter_config(adapter_dir)
         adapter_weights_path(adapter_dir)  # a missing file is named before the base is loaded
-    with torch.device("meta"), _default_dtype(dtype):
+    with torch.device("meta"), default_dtype(dtype):
         model = lora_llama2(**lora, **kwargs, quantize_base=quantize_base)
     load_checkpoint(model, checkpoint_dir, device=device)
     if adapter_dir is not None:

@@ -1,0 +1,24 @@
+"""Floating-point dtypes by the names HF writes in config.json (``torch_dtype``) and in
+bitsandbytes quant states, and a scoped torch default dtype."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+# The floating-point dtypes by HF's names; the CLIs' --dtype choices too.
+HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """torch's default dtype set to ``dtype`` inside the block (None: left as it is), restored after."""
+    before = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
