@@ -1,4 +1,5 @@
-"""Typed wrappers over ``torch.ops.qlora.*``, each followed by its fake kernel and autograd.
+"""Typed wrappers over ``torch.ops.qlora.*``, each followed by its fake kernel and autograd; at the
+end, the CPU kernels' settings (``torch.ops.qlora_cpu.*``: which instruction set, bf16 BLAS tiles).
 
 The kernels are C++ (CPU) and CUDA, registered by the compiled library; the fake kernels here let
 ``torch.compile`` trace the ops without running them. Storage layout: DESIGN.md section 2.
