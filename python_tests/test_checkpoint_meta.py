@@ -74,6 +74,55 @@ def test_meta_model_parallel_shards_are_concatenated(tmp_path):
         assert rel_error(ours(tokens), hf_logits(hf, tokens)) <= 1e-5
 
 
+def test_meta_shards_go_by_their_rank_and_must_all_agree(tmp_path):
+    # consolidated.NN.pth is rank NN: listed in any order they load the same; a gap, a shard too
+    # many, or shards that differ where they must agree are refused by name, before anything loads.
+    import shutil
+
+    from qlora_ext.checkpoint import load_checkpoint
+
+    transformers()
+    hf = hf_llama(num_kv_heads=2, seed=4)
+    _write_meta(tmp_path, hf, shards=2)
+    tokens = torch.randint(0, 320, (1, 7))
+    want = hf_logits(hf, tokens)
+    ours = llama2_from_checkpoint(tmp_path).eval()
+    load_checkpoint(ours, tmp_path, checkpoint_files=["consolidated.01.pth", "consolidated.00.pth"])
+    with torch.no_grad():
+        assert rel_error(ours(tokens), want) <= 1e-5
+
+    def refused(folder, needle, **kwargs):
+        before = [p.detach().clone() for p in ours.parameters()]
+        with pytest.raises(ValueError) as err:
+            load_checkpoint(ours, folder, **kwargs)
+        assert needle in str(err.value), str(err.value)
+        assert all(torch.equal(a, b) for a, b in zip(before, ours.parameters()))  # nothing loaded
+
+    gap = tmp_path / "gap"
+    shutil.copytree(tmp_path, gap)
+    (gap / "consolidated.01.pth").rename(gap / "consolidated.02.pth")
+    refused(gap, "no shard for model-parallel rank(s) [1] (consolidated.01.pth); ranks 0 to 2 need one file each; "
+                 "found ['consolidated.00.pth', 'consolidated.02.pth']")
+    refused(tmp_path, "are both model-parallel rank 1", checkpoint_files=["consolidated.00.pth", "consolidated.01.pth", "./consolidated.01.pth"])
+    extra = tmp_path / "extra"
+    shutil.copytree(tmp_path, extra)
+    shutil.copy(extra / "consolidated.01.pth", extra / "consolidated.02.pth")
+    refused(extra, "of layers.0.attention.wq.weight, so the checkpoint was cut into 2 model-parallel shards; found 3: "
+                   "['consolidated.00.pth', 'consolidated.01.pth', 'consolidated.02.pth']")
+    odd = tmp_path / "odd"
+    shutil.copytree(tmp_path, odd)
+    shutil.copy(odd / "consolidated.01.pth", odd / "consolidated.old.pth")
+    refused(odd, f"Meta checkpoint file {odd / 'consolidated.old.pth'}: the shards of a model-parallel checkpoint must be named "
+                 "consolidated.NN.pth")
+    for key, cut in (("layers.1.attention.wv.weight", lambda t: t[:, :-8]), ("norm.weight", lambda t: t[:-1])):
+        bad = tmp_path / f"bad_{key}"
+        shutil.copytree(tmp_path, bad)
+        shard = torch.load(bad / "consolidated.01.pth")
+        shard[key] = cut(shard[key]).clone()
+        torch.save(shard, bad / "consolidated.01.pth")
+        refused(bad, f"Meta checkpoint: '{key}' is {list(shard[key].shape)} in {bad / 'consolidated.01.pth'}")
+
+
 def test_rotary_permutation_round_trip_and_pairing():
     w = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(16, 3)  # 2 heads of dim 8
     hf = meta_to_hf_rotary(w, num_heads=2)

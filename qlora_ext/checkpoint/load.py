@@ -28,7 +28,15 @@ from qlora_ext.checkpoint.convert import (
     ours_to_meta,
     strip_wrappers,
 )
-from qlora_ext.checkpoint.readers import Entry, TensorFiles, hf_entries, hf_weight_files, meta_entries, meta_weight_files
+from qlora_ext.checkpoint.readers import (
+    Entry,
+    TensorFiles,
+    hf_entries,
+    hf_weight_files,
+    meta_entries,
+    meta_shard_order,
+    meta_weight_files,
+)
 from qlora_ext.modules.lora_linear import LoRALinear
 from qlora_ext.modules.peft import get_adapter_params
 from qlora_ext.modules.position_embeddings import RotaryPositionalEmbeddings
@@ -60,7 +68,9 @@ def checkpoint_format(checkpoint_dir: str | os.PathLike) -> str:
 def _weight_files(checkpoint_dir: str, fmt: str, checkpoint_files: Sequence[str] | None) -> list[str]:
     """The weight files: those named (``checkpoint_files``, inside the folder), else found by name."""
     if checkpoint_files is not None:
-        return _named_files(checkpoint_dir, checkpoint_files)
+        paths = _named_files(checkpoint_dir, checkpoint_files)
+        # Meta shards listed in any order, as HF files may be; a single file under any name (torchtune's meta_model_0.pt)
+        return paths if fmt == "hf" or len(paths) == 1 else meta_shard_order(paths)
     return hf_weight_files(checkpoint_dir) if fmt == "hf" else meta_weight_files(checkpoint_dir)
 
 
@@ -189,6 +199,7 @@ def load_checkpoint(
             load_entries(model, hf_entries(files), rename=hf_to_ours, name_in_source=ours_to_hf, device=device, source=checkpoint_dir)
         else:
             shards = [stack.enter_context(TensorFiles([path])) for path in paths]
+            _check_meta_shard_count(shards, given.embed_dim)
 
             def to_hf_rotary(name: str, value: Tensor) -> Tensor:
                 if not is_rotary_projection(name):
@@ -199,6 +210,18 @@ def load_checkpoint(
             load_entries(model, meta_entries(shards), rename=meta_to_ours, name_in_source=ours_to_meta, transform=to_hf_rotary,
                          device=device, source=checkpoint_dir)
     return fmt
+
+
+def _check_meta_shard_count(shards: list[TensorFiles], dim: int) -> None:
+    """Rank 0's share of ``wq`` tells how many model-parallel shards the checkpoint was cut into;
+    a shard too many or too few is said so (else every split tensor had the wrong size)."""
+    key = "layers.0.attention.wq.weight"
+    rows = shards[0].shapes.get(key, (0,))[0]
+    if rows and dim % rows == 0 and dim // rows != len(shards):
+        raise ValueError(
+            f"load_checkpoint: {shards[0].paths[0]} holds {rows} of the {dim} rows of {key}, so the checkpoint was cut into "
+            f"{dim // rows} model-parallel shards; found {len(shards)}: {[os.path.basename(s.paths[0]) for s in shards]}"
+        )
 
 
 def _named_files(checkpoint_dir: str, names: Sequence[str]) -> list[str]:

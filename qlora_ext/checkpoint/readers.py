@@ -57,6 +57,7 @@ class TensorFiles(contextlib.ExitStack):
         self.dtypes: dict[str, torch.dtype] = {}
         self._readers: dict[str, Callable[[], Tensor]] = {}
         self._where: dict[str, str] = {}
+        self.paths = list(paths)
         for path in paths:
             if path.endswith(".safetensors"):
                 self._add_safetensors(path)
@@ -182,32 +183,74 @@ def hf_entries(files: TensorFiles) -> list[Entry]:
 
 
 def meta_weight_files(checkpoint_dir: str) -> list[str]:
-    """``consolidated.00.pth``, ``consolidated.01.pth``, ... in shard order.
+    """``consolidated.00.pth``, ``consolidated.01.pth``, ... in shard (model-parallel rank) order.
 
     Raises:
         FileNotFoundError: there are none.
+        ValueError: as ``meta_shard_order``.
     """
-    paths = sorted(glob.glob(os.path.join(checkpoint_dir, "consolidated.*.pth")))
+    paths = glob.glob(os.path.join(checkpoint_dir, "consolidated.*.pth"))
     if not paths:
         raise FileNotFoundError(
             f"no Meta weights in {checkpoint_dir}: looked for consolidated.*.pth; found {sorted(os.listdir(checkpoint_dir))}"
         )
-    return paths
+    return meta_shard_order(paths)
+
+
+_META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
+
+
+def meta_shard_order(paths: list[str]) -> list[str]:
+    """Meta's shard files in rank order, whatever order they come in: ``consolidated.NN.pth``
+    holds model-parallel rank NN, and ranks 0 to N-1 need one file each (a gap would shift every
+    later shard's rows into the wrong place).
+
+    Raises:
+        ValueError: a file not so named, two files of one rank, or a rank without a file.
+    """
+    ranked: dict[int, str] = {}
+    for path in paths:
+        match = _META_SHARD.fullmatch(os.path.basename(path))
+        if match is None:
+            raise ValueError(f"Meta checkpoint file {path}: the shards of a model-parallel checkpoint must be named "
+                             "consolidated.NN.pth, NN the shard's rank")
+        rank = int(match[1])
+        if rank in ranked:
+            raise ValueError(f"Meta checkpoint files {ranked[rank]} and {path} are both model-parallel rank {rank}")
+        ranked[rank] = path
+    missing = sorted(set(range(max(ranked) + 1)) - set(ranked))
+    if missing:
+        names = [os.path.basename(ranked[r]) for r in sorted(ranked)]
+        raise ValueError(
+            f"Meta checkpoint in {os.path.dirname(paths[0])}: no shard for model-parallel rank(s) {missing} "
+            f"(consolidated.{missing[0]:02d}.pth); ranks 0 to {max(ranked)} need one file each; found {names}"
+        )
+    return [ranked[rank] for rank in sorted(ranked)]
 
 
 def meta_entries(shards: list[TensorFiles]) -> list[Entry]:
-    """The entries of a Meta checkpoint; model-parallel shards are concatenated per tensor.
+    """The entries of a Meta checkpoint; model-parallel shards (in rank order) are concatenated
+    per tensor.
 
     Raises:
-        ValueError: shards hold different keys.
+        ValueError: shards hold different keys, or a tensor whose shards differ in a dim other
+            than the one they are concatenated along (any dim, for a replicated tensor).
     """
     keys = shards[0].keys()
-    for i, shard in enumerate(shards[1:], start=1):
+    for shard in shards[1:]:
         if shard.keys() != keys:
-            raise ValueError(f"Meta checkpoint shard {i} holds other keys than shard 0: {sorted(shard.keys() ^ keys)[:10]}")
+            raise ValueError(f"Meta checkpoint: {shard.paths[0]} holds other keys than {shards[0].paths[0]}: "
+                             f"{sorted(shard.keys() ^ keys)[:10]}")
     entries = []
     for key in sorted(keys):
         dim = meta_shard_dim(key) if len(shards) > 1 else None
+        first = shards[0].shapes[key]
+        for shard in shards[1:]:
+            shape = shard.shapes[key]
+            if len(shape) != len(first) or any(a != b for i, (a, b) in enumerate(zip(shape, first)) if i != dim):
+                rule = "every dim (it is replicated)" if dim is None else f"every dim but {dim}, which they are concatenated along"
+                raise ValueError(f"Meta checkpoint: '{key}' is {list(shape)} in {shard.paths[0]} and {list(first)} in "
+                                 f"{shards[0].paths[0]}; the model-parallel shards of a tensor agree in {rule}")
         if dim is None:
             entries.append(Entry(key, shards[0].shapes[key], lambda key=key: shards[0].get(key)))
             continue
