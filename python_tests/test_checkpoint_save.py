@@ -286,6 +286,12 @@ def test_adapters_in_the_forms_peft_writes(base_dir, tmp_path):
     with pytest.raises(ValueError, match=r"does not fit the model: the adapter has LoRA in some layers only \(self_attn.q_proj in layers "
                                          r"\[0\]; self_attn.v_proj in layers \[0\]\), and qlora_ext's builders put it on a module in every layer; missing: "):
         llama2_from_checkpoint(base_dir, adapter_dir=folder)
+    # the base's biases, as PEFT's bias="all" saves them for a model with attention_bias: refused, and why
+    save_peft_adapter(_trained(base_dir, attn=("q_proj", "v_proj"), mlp=False, output=False), folder)
+    _rewrite_adapter(folder, {"bias": "all"}, lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias": torch.zeros(256)}))
+    with pytest.raises(ValueError, match=r"does not fit the model: the adapter holds biases of the base model \(PEFT's bias='all' or "
+                                         r"'lora_only' on a model with attention or MLP biases\), and Llama-2 has none; unexpected: "):
+        llama2_from_checkpoint(base_dir, adapter_dir=folder)
     _rewrite_adapter(folder, {"target_modules": ["q_proj"]}, lambda t: t.update({
         "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight": torch.zeros(4, 256),
         "base_model.model.lm_head.base_layer.weight": torch.zeros(3, 3),

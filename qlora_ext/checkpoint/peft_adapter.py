@@ -322,6 +322,9 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
     partial = _some_layers_only(modules, seen)
     if partial:
         problems.insert(0, partial)
+    if any(key.endswith(".bias") for key in unexpected):
+        problems.insert(0, "the adapter holds biases of the base model (PEFT's bias='all' or 'lora_only' on a model with "
+                           "attention or MLP biases), and Llama-2 has none")
     if problems:
         raise ValueError(f"load_peft_adapter: {adapter_dir} does not fit the model: " + "; ".join(problems))
     device = _home_device(model)
