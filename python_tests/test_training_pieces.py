@@ -256,6 +256,10 @@ def test_plot_cli_two_runs(tmp_path, capsys):
         f"{tmp_path.name}/lora", "again/lora", "qlora"]
     assert plot.main([str(tmp_path / "lora"), str(tmp_path / "again" / "lora"), "-o", str(out)]) == 0
     assert f"  {tmp_path.name}/lora: 20 steps" in capsys.readouterr().out
+    # metrics files of their own names in one folder go by those names
+    for name in ("lr1e-4.jsonl", "lr3e-4.jsonl"):
+        shutil.copy(tmp_path / "lora" / "logs" / "metrics.jsonl", tmp_path / "again" / name)
+    assert plot.run_labels([str(tmp_path / "again" / "lr1e-4.jsonl"), str(tmp_path / "again" / "lr3e-4.jsonl")]) == ["lr1e-4", "lr3e-4"]
     # Logs with no usable loss (foreign or hand-edited): named, not a traceback.
     (tmp_path / "odd" / "logs").mkdir(parents=True)
     (tmp_path / "odd" / "logs" / "metrics.jsonl").write_text(

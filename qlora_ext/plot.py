@@ -18,7 +18,7 @@ from pathlib import Path
 from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext._paths import why_not_a_folder
 from qlora_ext.training.loss_plot import Curve, plot_loss_curves
-from qlora_ext.training.metric_logging import metrics_file, read_metrics
+from qlora_ext.training.metric_logging import METRICS_FILE, metrics_file, read_metrics
 
 
 def load_curve(run_dir: str, label: str | None = None) -> Curve:
@@ -43,8 +43,9 @@ def _run_name(path: Path) -> str:
 
 def run_labels(run_dirs: list[str]) -> list[str]:
     """Each run's folder name, with as many of its parent folders as it takes to tell apart runs
-    of the same name (``lora/run1`` and ``qlora/run1``)."""
-    folders = [_run_folder(Path(run)).parts for run in run_dirs]
+    of the same name (``lora/run1`` and ``qlora/run1``); a metrics file given by a name of its own
+    (``exp/lr1e-4.jsonl``) goes by that name."""
+    folders = [_run_folder(Path(run)).parts + _own_name(Path(run)) for run in run_dirs]
     labels = []
     for parts in folders:
         k = 1
@@ -52,6 +53,11 @@ def run_labels(run_dirs: list[str]) -> list[str]:
             k += 1
         labels.append(str(Path(*parts[-k:])))
     return labels
+
+
+def _own_name(path: Path) -> tuple[str, ...]:
+    """(the file's stem,) for a metrics file not named metrics.jsonl, else ()."""
+    return (path.stem,) if path.is_file() and path.name != METRICS_FILE else ()
 
 
 def _same_run_twice(run_dirs: list[str]) -> str | None:
