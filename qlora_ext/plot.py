@@ -18,7 +18,7 @@ from pathlib import Path
 from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext._paths import why_not_a_folder
 from qlora_ext.training.loss_plot import Curve, plot_loss_curves
-from qlora_ext.training.metric_logging import METRICS_FILE, metrics_file, read_metrics
+from qlora_ext.training.metric_logging import LOG_SUBDIR, METRICS_FILE, metrics_file, read_metrics
 
 
 def load_curve(run_dir: str, label: str | None = None) -> Curve:
@@ -34,7 +34,7 @@ def _run_folder(path: Path) -> Path:
     path = path.resolve()
     if path.is_file():
         path = path.parent
-    return path.parent if path.name == "logs" and path.parent.name else path
+    return path.parent if path.name == LOG_SUBDIR and path.parent.name else path
 
 
 def _run_name(path: Path) -> str:
