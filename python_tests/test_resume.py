@@ -320,3 +320,24 @@ def test_a_run_stopped_in_its_final_evaluation_keeps_its_loss_curve(tmp_path, se
     assert finetune.main(_overrides(setup, run) + overrides) == 130
     assert calls["n"] == 2 and (run / "loss_curve.png").stat().st_size > 0
     assert "Interrupted (Ctrl-C) after training finished" in capsys.readouterr().err
+
+
+def test_a_second_ctrl_c_while_the_closing_line_is_written_is_ignored(tmp_path, setup, monkeypatch, capsys):
+    # Ctrl-C pressed twice: the second one lands while the closing line is composed (the training
+    # state is read for it); it is ignored instead of printing a traceback over the line.
+    import os
+    import signal
+
+    run = tmp_path / "run"
+    real_line = finetune._interrupted_line
+
+    def pressed_again(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_line(*a, **k)
+
+    monkeypatch.setattr(finetune, "_interrupted_line", pressed_again)
+    _interrupt_at_micro_batch(monkeypatch, 2 * 4 + 1)  # in step 5: epoch_0 (step 4) was saved
+    handler = signal.getsignal(signal.SIGINT)
+    assert finetune.main(_overrides(setup, run)) == 130
+    assert f"Interrupted (Ctrl-C): {run} keeps the checkpoint epoch_0 (step 4)" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is handler  # restored

@@ -27,6 +27,7 @@ PEFT adapter in its ``adapter/`` subfolder) plus ``recipe_state.pt`` for resumin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shutil
@@ -395,12 +396,27 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:
         terminated = isinstance(e, _Terminated)
-        print(f"\n{_interrupted_line('SIGTERM' if terminated else 'Ctrl-C', cfg, started)}", file=sys.stderr)
+        with _interrupts_ignored():  # a second Ctrl-C while the line is composed: no traceback over it
+            print(f"\n{_interrupted_line('SIGTERM' if terminated else 'Ctrl-C', cfg, started)}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+@contextlib.contextmanager
+def _interrupts_ignored():
+    """SIGINT and SIGTERM ignored inside the block (main thread only), their handlers restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class _Terminated(KeyboardInterrupt):
