@@ -159,6 +159,49 @@ def test_checkpoint_files_as_a_filename_format(tmp_path):
     assert cfg.checkpointer.checkpoint_files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
 
 
+def _before_0_3(raw):
+    # torchtune 0.1/0.2 files: components under torchtune.utils, no lora_dropout, no max_seq_len,
+    # the multi-GPU recipe's fsdp section in the distributed ones, log_every_n_steps null in 0.1's LoRA file
+    raw["checkpointer"]["_component_"] = "torchtune.utils.FullModelHFCheckpointer"
+    raw["metric_logger"]["_component_"] = "torchtune.utils.metric_logging.DiskLogger"
+    del raw["model"]["lora_dropout"], raw["tokenizer"]["max_seq_len"]
+
+
+def test_torchtune_before_0_3_keeps_its_defaults(tmp_path):
+    # Where a torchtune 0.1/0.2 config was silent, its builders gave LoRA dropout 0.05 and its
+    # alpaca_dataset cut examples at 512 tokens; read as 0.0 and no limit, it trained otherwise.
+    notes: list[str] = []
+    cfg = load_config(_write(tmp_path, edit=_before_0_3), ["dataset.data_files=a.json"], notes)
+    assert (cfg.model.lora_dropout, cfg.tokenizer.max_seq_len) == (0.05, 512)
+    assert "model.lora_dropout: 0.05, as torchtune before 0.3 (this config's torchtune.utils components) applied where its config was silent" in notes
+    assert "tokenizer.max_seq_len: 512, as torchtune before 0.3 cut Alpaca examples (its alpaca_dataset's max_seq_len) where its config was silent" in notes
+    # what the file or an override says wins
+    cfg = load_config(_write(tmp_path, edit=_before_0_3), ["dataset.data_files=a.json", "model.lora_dropout=0.1", "dataset.max_seq_len=1024"])
+    assert (cfg.model.lora_dropout, cfg.tokenizer.max_seq_len) == (0.1, 1024)
+    # torchtune 0.3 and later: their own defaults are ours
+    cfg = load_config(_write(tmp_path, edit=lambda raw: raw["model"].pop("lora_dropout")), ["dataset.data_files=a.json"])
+    assert (cfg.model.lora_dropout, cfg.tokenizer.max_seq_len) == (0.0, None)
+
+
+def test_dataset_max_seq_len_and_other_recipes_settings(tmp_path):
+    # dataset.max_seq_len next to a 0.3+ file's tokenizer.max_seq_len: null was dropped, silently
+    assert load_config(_write(tmp_path), ["dataset.data_files=a.json", "dataset.max_seq_len=512"]).tokenizer.max_seq_len == 512
+    with pytest.raises(ConfigError, match=r"'dataset.max_seq_len: 512' contradicts 'tokenizer.max_seq_len: 256'; set one of them"):
+        load_config(_write(tmp_path), ["dataset.data_files=a.json", "dataset.max_seq_len=512", "tokenizer.max_seq_len=256"])
+    # torchtune's recipes read log_every_n_steps: null as 1 (0.1's 7B_lora_single_device.yaml has it)
+    assert load_config(_write(tmp_path, edit=_set("log_every_n_steps", None)), ["dataset.data_files=a.json"]).log_every_n_steps == 1
+
+    # the multi-GPU recipe's configs: its FSDP settings are dropped with a note
+    def distributed(raw):
+        raw["fsdp"] = {"cpu_offload": False}
+        raw["custom_sharded_layers"] = ["tok_embeddings", "output"]
+
+    notes: list[str] = []
+    load_config(_write(tmp_path, edit=distributed), ["dataset.data_files=a.json"], notes)
+    assert ("fsdp, custom_sharded_layers: settings of torchtune's multi-GPU recipe (lora_finetune_distributed), not used by this "
+            "one-device trainer; that recipe's batch_size is per GPU, so a batch here is one GPU's share") in notes
+
+
 def _set(dotted: str, value):
     def edit(raw):
         *parents, last = dotted.split(".")

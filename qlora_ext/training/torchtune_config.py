@@ -39,6 +39,8 @@ def translate(raw: dict) -> tuple[dict, list[str]]:
     notes: list[str] = []
     if "_component_" in raw:
         raise TorchtuneConfigError(f"'_component_' at the top level ({raw['_component_']!r}) is not a recipe config")
+    before_0_3 = _is_before_0_3(raw)
+    length_given = any("max_seq_len" in raw.get(key, {}) for key in ("dataset", "tokenizer") if isinstance(raw.get(key), dict))
     for key in list(raw):
         if isinstance(raw[key], dict) and key in _SECTIONS:
             section = raw.pop(key)
@@ -48,7 +50,39 @@ def translate(raw: dict) -> tuple[dict, list[str]]:
                 raw[key] = translated
     for key, (allowed, why) in _TOP_LEVEL.items():
         _refuse_unless(raw, key, allowed, why, "")
+    multi_gpu = [key for key in _MULTI_GPU_KEYS if key in raw]
+    for key in multi_gpu:
+        raw.pop(key)
+    if multi_gpu:
+        notes.append(f"{', '.join(multi_gpu)}: settings of torchtune's multi-GPU recipe (lora_finetune_distributed), not used "
+                     "by this one-device trainer; that recipe's batch_size is per GPU, so a batch here is one GPU's share")
+    if raw.get("log_every_n_steps", 1) is None:
+        raw["log_every_n_steps"] = 1  # torchtune's recipes read null as 1
+    if before_0_3:
+        _defaults_before_0_3(raw, length_given, notes)
     return raw, notes
+
+
+def _is_before_0_3(raw: dict) -> bool:
+    """torchtune before 0.3 kept its checkpointers and metric loggers in ``torchtune.utils`` (0.3
+    moved them to ``torchtune.training``), and its builders and dataset had other defaults."""
+    return any(isinstance(v, dict) and str(v.get("_component_", "")).startswith("torchtune.utils.") for v in raw.values())
+
+
+def _defaults_before_0_3(raw: dict, length_given: bool, notes: list[str]) -> None:
+    """What torchtune 0.1 and 0.2 did where their configs are silent: LoRA dropout 0.05 (their
+    builders' default; ours and torchtune 0.3's is 0.0), and Alpaca examples cut at 512 tokens
+    (their alpaca_dataset's max_seq_len)."""
+    model = raw.get("model")
+    if isinstance(model, dict) and "lora_dropout" not in model:
+        model["lora_dropout"] = 0.05
+        notes.append("model.lora_dropout: 0.05, as torchtune before 0.3 (this config's torchtune.utils components) "
+                     "applied where its config was silent")
+    tokenizer = raw.setdefault("tokenizer", {})
+    if isinstance(tokenizer, dict) and not length_given:
+        tokenizer["max_seq_len"] = 512
+        notes.append("tokenizer.max_seq_len: 512, as torchtune before 0.3 cut Alpaca examples (its alpaca_dataset's "
+                     "max_seq_len) where its config was silent")
 
 
 def _name(component: Any, section: str, accepted: dict[str, Any]) -> Any:
@@ -159,7 +193,12 @@ def _dataset(component: Any, section: dict, top: dict, notes: list[str]) -> dict
     _refuse_unless(section, "split", ("train", None), "the held-out split is dataset.validation_fraction", "dataset")
     _refuse_unless(section, "column_map", (None,), "records must use the Alpaca names instruction, input, output", "dataset")
     if "max_seq_len" in section:  # older torchtune set it on the dataset
-        top.setdefault("tokenizer", {}).setdefault("max_seq_len", section.pop("max_seq_len"))
+        value, tokenizer = section.pop("max_seq_len"), top.setdefault("tokenizer", {})
+        if tokenizer.get("max_seq_len") is None:  # (torchtune 0.3 and later write tokenizer.max_seq_len: null)
+            tokenizer["max_seq_len"] = value
+        elif value is not None and value != tokenizer["max_seq_len"]:
+            raise TorchtuneConfigError(f"'dataset.max_seq_len: {value}' contradicts 'tokenizer.max_seq_len: "
+                                       f"{tokenizer['max_seq_len']}'; set one of them")
     section.setdefault("train_on_input", True)  # torchtune's Alpaca default; ours is False
     return section
 
@@ -207,3 +246,5 @@ _TOP_LEVEL = {
     "optimizer_in_bwd": ((False, None), "the optimizer steps after each accumulated batch"),
     "low_cpu_ram": ((True, False, None), ""),  # the model is always loaded layer by layer
 }
+# Settings of torchtune's multi-GPU recipe: dropped, with a note.
+_MULTI_GPU_KEYS = ("fsdp", "fsdp_cpu_offload", "fsdp_sharding_strategy", "fsdp_reshard_after_forward", "custom_sharded_layers")
