@@ -9,8 +9,10 @@ section of ``config_schema.SCHEMA`` (``torchtune.models.llama2.qlora_llama2_7b``
 ``${dotted.key}`` interpolations (OmegaConf's syntax, as in ``log_dir: ${output_dir}``) are
 resolved first. What torchtune sets that changes nothing here is dropped (a disabled profiler,
 the loss class: the trainer's loss is always the chunked cross entropy), with a note where the
-user could expect otherwise; a component or setting this trainer does not have is refused with
-the reason and what it accepts. Keys left over go through the usual schema check.
+user could expect otherwise, as are the multi-GPU recipe's FSDP settings; a component or setting
+this trainer does not have is refused with the reason and what it accepts. A file of torchtune
+0.1/0.2 (components under ``torchtune.utils``) gets those versions' defaults where it is silent
+(LoRA dropout 0.05, a 512-token cut), with a note. Keys left over go through the usual schema check.
 """
 
 from __future__ import annotations
