@@ -202,8 +202,11 @@ def test_builtin_png_loss_curve(tmp_path, monkeypatch):
         start = y * (1 + 800 * 3) + 1 + 3 * x
         return tuple(rows[start : start + 3])
 
-    # the point sits at the plot's lower left corner (its x and y ticks start at it): a 7x7 square there
-    assert all(pixel(80 + dx, 480 - 56 + dy) == (31, 119, 180) for dx in range(-3, 4) for dy in range(-3, 4))
+    # the point sits in the middle of the frame (x ticks 2..10 around step 6, y ticks 1..3 around
+    # 2.0), not on its lower left corner: a 7x7 square there
+    middle_x, middle_y = (80 + 800 - 24) // 2, (56 + 480 - 56) // 2
+    assert all(pixel(middle_x + dx, middle_y + dy) == (31, 119, 180) for dx in range(-3, 4) for dy in range(-3, 4))
+    assert pixel(80, 480 - 56) != (31, 119, 180)
 
 
 def test_smoothing():

@@ -73,9 +73,11 @@ def plot_loss_curves(curves: list[Curve], path: str | Path, smoothing: float | N
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """About ``count`` round values covering [lo, hi]."""
+    """About ``count`` round values covering [lo, hi]; a single value (lo == hi) gets a range
+    around it, so that a lone point is drawn inside the frame, not on its corner."""
     if hi <= lo:
-        hi = lo + 1.0
+        half = abs(lo) / 2 if lo else 1.0
+        lo, hi = lo - half, lo + half
     raw = (hi - lo) / count
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
