@@ -251,7 +251,12 @@ def test_validation_loss_is_logged_periodically_and_at_epoch_ends(tmp_path, tiny
     out = capsys.readouterr().out  # the before/after report it asks for cannot be shown, and says why
     assert ("Note: eval.before_and_after shows the held-out loss and answers, and there are no held-out examples "
             "(dataset.validation_fraction=0.0); set it above 0 to see them") in out
-    assert "held-out examples; 2 steps per epoch" in out
+    # the examples past the steps' windows are named as left out (here max_steps_per_epoch stops early)
+    n = len(small_data.read_text().splitlines())
+    assert f"held-out examples; 2 steps per epoch of 2 x 4 examples: each epoch trains on 16, and the last {n - 16} of its shuffled order are left out" in out
+    # a warmup as long as the run: its peak is never reached, and the run says so
+    assert ("note: lr_scheduler.num_warmup_steps=2 is not below the run's 2 optimizer steps: the learning rate never reaches "
+            "optimizer.lr=0.01 (the last step runs at 0.005)") in out
 
 
 def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, tiny_ckpt, small_data):

@@ -21,7 +21,19 @@ from qlora_ext.training import checkpointing as ckpt
 from qlora_ext.training.loss_plot import Curve, plot_loss_curves, smooth
 from qlora_ext.training.memory import format_memory_stats, memory_stats
 from qlora_ext.training.metric_logging import DiskLogger, MetricLoggers, MissingDependencyError, read_metrics
-from qlora_ext.training.optim import build_optimizer, build_scheduler, cosine_with_warmup
+from qlora_ext.training.optim import build_optimizer, build_scheduler, cosine_with_warmup, warmup_note
+
+
+def test_warmup_note_when_the_warmup_outlasts_the_run():
+    assert warmup_note(num_warmup_steps=100, num_training_steps=101, lr=3e-4) is None
+    assert warmup_note(num_warmup_steps=0, num_training_steps=1, lr=3e-4) is None
+    # the last step (index 9) runs at 9/20 of the peak, as the schedule gives it
+    note = warmup_note(num_warmup_steps=20, num_training_steps=10, lr=2e-3)
+    assert note == ("lr_scheduler.num_warmup_steps=20 is not below the run's 10 optimizer steps: the learning rate never "
+                    "reaches optimizer.lr=0.002 (the last step runs at 0.0009)")
+    assert 2e-3 * cosine_with_warmup(9, num_warmup_steps=20, num_training_steps=10) == pytest.approx(9e-4)
+    assert warmup_note(num_warmup_steps=1, num_training_steps=1, lr=1e-3).endswith(
+        "the run's 1 optimizer step: the learning rate never reaches optimizer.lr=0.001 (the last step runs at 0, so the adapters do not change)")
 
 
 def test_cosine_with_warmup_shape():

@@ -67,7 +67,7 @@ from qlora_ext.training.metric_logging import (
     MissingDependencyError,
     read_metrics,
 )
-from qlora_ext.training.optim import apply_hyperparameters, build_optimizer, build_scheduler
+from qlora_ext.training.optim import apply_hyperparameters, build_optimizer, build_scheduler, warmup_note
 
 DEFAULT_CONFIG = "tiny_qlora"
 
@@ -151,7 +151,13 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
             f"dataset.data_files: {len(train_records)} training examples make no optimizer step with batch_size="
             f"{cfg.batch_size} and gradient_accumulation_steps={cfg.gradient_accumulation_steps}"
         )
-    print(f"Data: {len(train_records)} training and {len(val_records)} held-out examples; {_count(steps_per_epoch, 'step')} per epoch")
+    used = steps_per_epoch * cfg.gradient_accumulation_steps * cfg.batch_size
+    left_out = ""
+    if used < len(train_records):  # a window is whole batches of whole steps; the rest of the epoch's order waits
+        left_out = (f" of {cfg.gradient_accumulation_steps} x {cfg.batch_size} examples: each epoch trains on {used}, and the "
+                    f"last {len(train_records) - used} of its {'shuffled ' if cfg.shuffle else ''}order are left out")
+    print(f"Data: {len(train_records)} training and {len(val_records)} held-out examples; "
+          f"{_count(steps_per_epoch, 'step')} per epoch{left_out}")
 
     # -- model: base weights (NF4 for QLoRA) + fp32 adapters ---------------------------------
     torch.manual_seed(seed)
@@ -182,6 +188,10 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
         optimizer, cfg.lr_scheduler.name, num_warmup_steps=cfg.lr_scheduler.num_warmup_steps,
         num_training_steps=cfg.epochs * steps_per_epoch, num_cycles=cfg.lr_scheduler.num_cycles,
     )
+    note = warmup_note(num_warmup_steps=cfg.lr_scheduler.num_warmup_steps, num_training_steps=cfg.epochs * steps_per_epoch,
+                       lr=cfg.optimizer.lr)
+    if note:
+        print(f"note: {note}")
     start_epoch, start_step, global_step = 0, 0, 0
     if state is not None:
         model_setup.load_adapter_state(model, state["adapter"])

@@ -80,3 +80,16 @@ def apply_hyperparameters(
     for group, multiplier in zip(optimizer.param_groups, scheduler.lr_lambdas):
         group["lr"] = lr * multiplier(scheduler.last_epoch)  # what LambdaLR.get_lr computes
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def warmup_note(*, num_warmup_steps: int, num_training_steps: int, lr: float) -> str | None:
+    """A note when the warmup is not shorter than the run (easy with a small max_steps_per_epoch):
+    the learning rate then never reaches its peak, and a one-step run trains at 0. None otherwise."""
+    if num_warmup_steps < num_training_steps:
+        return None
+    last = lr * (num_training_steps - 1) / max(1, num_warmup_steps)  # the warmup's value at the last step
+    return (
+        f"lr_scheduler.num_warmup_steps={num_warmup_steps} is not below the run's {num_training_steps} optimizer "
+        f"step{'' if num_training_steps == 1 else 's'}: the learning rate never reaches optimizer.lr={lr:g} "
+        f"(the last step runs at {last:.3g}{', so the adapters do not change' if last == 0 else ''})"
+    )
