@@ -167,6 +167,8 @@ def test_key_and_shape_problems_are_listed(hf_models, tmp_path):
     del state["model.layers.1.mlp.up_proj.weight"]
     state["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
     state["model.norm.weight"] = torch.ones(255)
+    # an int weight (as an int dtype passed to a save once wrote) would load as the truncated values
+    state["model.layers.0.self_attn.o_proj.weight"] = state["model.layers.0.self_attn.o_proj.weight"].to(torch.int64)
     save_file(state, tmp_path / "model.safetensors")
     shutil.copy(os.path.join(folder, "config.json"), tmp_path / "config.json")
     with torch.device("meta"):
@@ -177,6 +179,7 @@ def test_key_and_shape_problems_are_listed(hf_models, tmp_path):
     assert "missing keys (1): ['model.layers.1.mlp.up_proj.weight']" in msg  # as the checkpoint names it
     assert "unexpected keys (1): ['model.layers.0.self_attn.extra.weight']" in msg
     assert "wrong shapes (1): ['model.norm.weight: checkpoint [255] vs model [256]']" in msg
+    assert "not floating point (1): ['model.layers.0.self_attn.o_proj.weight: torch.int64']" in msg
 
 
 def test_architecture_mismatch_and_unsupported_config(hf_models, tmp_path):

@@ -692,3 +692,19 @@ def test_max_shard_size_reads_as_save_pretrained_reads_it():
     for bad, rule in [("5TB", "bytes or like '5GB'"), ("", "bytes or like '5GB'"), (0, "at least 1 byte"), ("0MB", "at least 1 byte"), (True, "an int or a str")]:
         with pytest.raises(ValueError, match=rf"argument 'max_shard_size' must be {rule}"):
             _parse_size(bad)
+
+
+def test_save_refuses_a_dtype_that_is_not_a_checkpoint_float(tmp_path):
+    # an int or bool dtype would truncate every weight (int64: all zeros) and replace the good
+    # checkpoint with it; it is refused before anything is written
+    from qlora_ext.models.llama2 import qlora_llama2_tiny
+
+    model = qlora_llama2_tiny(["q_proj", "v_proj"], vocab_size=128, max_seq_len=64)
+    save_hf_checkpoint(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for dtype in [torch.int64, torch.bool, torch.float64, "bfloat16"]:
+        with pytest.raises(ValueError, match=rf"argument 'dtype' must be None \(each weight's own\) or one of .*; got {dtype!r}"):
+            save_hf_checkpoint(model, tmp_path, dtype=dtype)
+    with pytest.raises(TypeError, match="argument 'base_config' must be None or a config.json dict; got list"):
+        save_hf_checkpoint(model, tmp_path, base_config=[1, 2])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -257,7 +257,8 @@ def load_entries(
         source: names the checkpoint in error messages.
 
     Raises:
-        ValueError: missing, unexpected or wrongly shaped keys (listed, nothing loaded), LoRA
+        ValueError: missing, unexpected, wrongly shaped or not floating-point (an int or bool
+            dtype) keys (listed, nothing loaded), LoRA
             modules with a merged adapter (nothing loaded), or a weight to quantize that holds
             NaN or Inf (named; the tensors before it are loaded, and the message says how many).
         RuntimeError: a meta-device model still has meta tensors afterwards.
@@ -265,7 +266,7 @@ def load_entries(
     refuse_merged(model, "load_checkpoint")
     targets = _targets(model)
     adapters = {strip_wrappers(name) for name in get_adapter_params(model)}
-    plan, unexpected, mismatched = [], [], []
+    plan, unexpected, mismatched, not_float = [], [], [], []
     for entry in entries:
         ours = rename(entry.name)
         if ours == "":
@@ -277,6 +278,8 @@ def load_entries(
         have = tuple(getattr(module, attr).shape)
         if have != tuple(entry.shape):
             mismatched.append(f"{entry.name}: checkpoint {list(entry.shape)} vs model {list(have)}")
+        if entry.dtype is not None and not entry.dtype.is_floating_point:  # weights, norms and embeddings all are
+            not_float.append(f"{entry.name}: {entry.dtype}")
         plan.append((ours, entry))
     loaded = {ours for ours, _ in plan}
     missing = [name for name in targets if name not in loaded and name not in adapters]
@@ -284,7 +287,8 @@ def load_entries(
         missing = [name_in_source(name) or name for name in missing]
     problems = [
         f"{what} ({len(names)}): {names[:_LIST_LIMIT]}{' ...' if len(names) > _LIST_LIMIT else ''}"
-        for what, names in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", mismatched))
+        for what, names in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", mismatched),
+                            ("not floating point", not_float))
         if names
     ]
     if problems:

@@ -40,6 +40,7 @@ class Entry:
     name: str
     shape: tuple[int, ...]
     load: Callable[[], Tensor]
+    dtype: torch.dtype | None = None  # as stored (None: an NF4 weight folded from several tensors)
 
 
 class TensorFiles(contextlib.ExitStack):
@@ -178,7 +179,7 @@ def hf_entries(files: TensorFiles) -> list[Entry]:
         entries.append(Entry(name, weight.shape, weight.load))
         consumed |= {name, *bnb4bit_aux_keys(name, keys)}
     for key in sorted(keys - consumed):
-        entries.append(Entry(key, files.shapes[key], lambda key=key: files.get(key)))
+        entries.append(Entry(key, files.shapes[key], lambda key=key: files.get(key), files.dtypes[key]))
     return entries
 
 
@@ -252,9 +253,10 @@ def meta_entries(shards: list[TensorFiles]) -> list[Entry]:
                 raise ValueError(f"Meta checkpoint: '{key}' is {list(shape)} in {shard.paths[0]} and {list(first)} in "
                                  f"{shards[0].paths[0]}; the model-parallel shards of a tensor agree in {rule}")
         if dim is None:
-            entries.append(Entry(key, shards[0].shapes[key], lambda key=key: shards[0].get(key)))
+            entries.append(Entry(key, shards[0].shapes[key], lambda key=key: shards[0].get(key), shards[0].dtypes[key]))
             continue
         shape = list(shards[0].shapes[key])
         shape[dim] = sum(s.shapes[key][dim] for s in shards)
-        entries.append(Entry(key, tuple(shape), lambda key=key, dim=dim: torch.cat([s.get(key) for s in shards], dim)))
+        entries.append(Entry(key, tuple(shape), lambda key=key, dim=dim: torch.cat([s.get(key) for s in shards], dim),
+                             shards[0].dtypes[key]))
     return entries

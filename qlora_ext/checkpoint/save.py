@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from qlora_ext._arguments import is_int
+from qlora_ext._dtypes import HF_DTYPES
 from qlora_ext.checkpoint.atomic import StagedFiles
-from qlora_ext.checkpoint.bnb4bit import BNB4BIT_DTYPES, bnb4bit_entries, bnb4bit_quantization_config
+from qlora_ext.checkpoint.bnb4bit import bnb4bit_entries, bnb4bit_quantization_config
 from qlora_ext.checkpoint.config import Llama2Config, write_json
 from qlora_ext.checkpoint.convert import is_decoder_linear_weight, ours_to_hf, strip_wrappers
 from qlora_ext.checkpoint.safetensors_io import tensor_nbytes, write_safetensors
@@ -129,11 +130,13 @@ def save_hf_checkpoint(
     """
     out_dir = os.fspath(out_dir)
     limit = _parse_size(max_shard_size)
-    if bnb_4bit and dtype is not None and dtype not in BNB4BIT_DTYPES:
+    if dtype is not None and dtype not in HF_DTYPES.values():  # (also the dtypes a bitsandbytes quant state names)
         raise ValueError(
-            f"save_hf_checkpoint: argument 'dtype' must be None or one of {list(BNB4BIT_DTYPES)} with bnb_4bit=True "
-            f"(the dtypes a bitsandbytes quant state names); got {dtype}"
+            f"save_hf_checkpoint: argument 'dtype' must be None (each weight's own) or one of {list(HF_DTYPES.values())}; "
+            f"got {dtype!r}"
         )
+    if base_config is not None and not isinstance(base_config, dict):
+        raise TypeError(f"save_hf_checkpoint: argument 'base_config' must be None or a config.json dict; got {type(base_config).__name__}")
     if bnb_4bit and merge_adapters and any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError(
             "save_hf_checkpoint: bnb_4bit=True needs merge_adapters=False for a model with LoRA adapters "
