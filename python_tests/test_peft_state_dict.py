@@ -63,11 +63,23 @@ def test_merge_keeps_the_weight_dtype_and_sums_in_float32():
          "m: lora_b [3, 2] @ lora_a [2, 4] must be a [3, 4] update of rank 4"),
         ({"m.weight": torch.zeros(3, 4), "m.magnitude": torch.zeros(3)}, 2, 1.0, "holds DoRA magnitudes"),
         ({"m.weight": torch.zeros(3, 4), "m.lora_b.weight": torch.zeros(3, 2)}, 2, 1.0, "has m.lora_b.weight but no m.lora_a.weight"),
+        ({"m.weight": torch.zeros(3, 4, dtype=torch.int64), "m.lora_a.weight": torch.ones(2, 4), "m.lora_b.weight": torch.ones(3, 2)},
+         2, 1.0, "m.weight must be floating point; got torch.int64"),
     ],
 )
 def test_bad_input_is_named(state, rank, alpha, message):
     with pytest.raises(ValueError, match=r"get_merged_lora_ckpt: .*" + re.escape(message)):
         get_merged_lora_ckpt(state, rank, alpha)
+
+
+def test_a_refused_dict_is_left_unmerged():
+    # module b's pair is of another rank: nothing is merged, module a's pair included
+    state = {"a.weight": torch.zeros(4, 6), "a.lora_a.weight": torch.ones(2, 6), "a.lora_b.weight": torch.ones(4, 2),
+             "b.weight": torch.zeros(4, 6), "b.lora_a.weight": torch.ones(3, 6), "b.lora_b.weight": torch.ones(4, 3)}
+    before = {k: v.clone() for k, v in state.items()}
+    with pytest.raises(ValueError, match=r"b: lora_b \[4, 3\] @ lora_a \[3, 6\] must be a \[4, 6\] update of rank 2"):
+        get_merged_lora_ckpt(state, rank=2, alpha=2.0)
+    assert list(state) == list(before) and all(torch.equal(state[k], before[k]) for k in state)
 
 
 def test_adapter_state_dict_takes_torchtunes_device_argument():

@@ -83,7 +83,8 @@ def get_merged_lora_ckpt(state_dict: dict[str, Tensor], rank: int, alpha: float)
 
     Raises:
         ValueError: bad ``rank`` or ``alpha``; a LoRA matrix without its partner; a pair without its base weight or with shapes
-            that do not make one; DoRA magnitudes (not supported).
+            that do not make one; a weight that is not floating point; DoRA magnitudes (not supported). Every pair is
+            checked before any is merged: a refused dict is left as it was.
     """
     if not is_int(rank) or rank <= 0:
         raise ValueError(f"get_merged_lora_ckpt: argument 'rank' must be an integer > 0; got {rank!r}")
@@ -95,7 +96,7 @@ def get_merged_lora_ckpt(state_dict: dict[str, Tensor], rank: int, alpha: float)
     orphans = sorted(k for k in state_dict if k.endswith(".lora_b.weight") and k[: -len(".lora_b.weight")] not in modules)
     if orphans:
         raise ValueError(f"get_merged_lora_ckpt: argument 'state_dict' has {orphans[0]} but no {orphans[0][: -len('.lora_b.weight')]}.lora_a.weight")
-    for module in modules:
+    for module in modules:  # every pair is checked before any is merged: a refused dict is left as it was
         a, b = state_dict.get(f"{module}.lora_a.weight"), state_dict.get(f"{module}.lora_b.weight")
         weight = state_dict.get(f"{module}.weight")
         if b is None or weight is None:
@@ -106,6 +107,12 @@ def get_merged_lora_ckpt(state_dict: dict[str, Tensor], rank: int, alpha: float)
                 f"get_merged_lora_ckpt: {module}: lora_b {list(b.shape)} @ lora_a {list(a.shape)} must be a "
                 f"{list(weight.shape)} update of rank {rank}"
             )
+        for name, t in (("weight", weight), ("lora_a.weight", a), ("lora_b.weight", b)):
+            if not t.dtype.is_floating_point:
+                raise ValueError(f"get_merged_lora_ckpt: {module}.{name} must be floating point; got {t.dtype}")
+    for module in modules:
+        a, b = state_dict[f"{module}.lora_a.weight"], state_dict[f"{module}.lora_b.weight"]
+        weight = state_dict[f"{module}.weight"]
         delta = (alpha / rank) * (b.to(torch.float32) @ a.to(torch.float32))  # [out, in]
         state_dict[f"{module}.weight"] = (weight.to(torch.float32) + delta.to(weight.device)).to(weight.dtype)
         del state_dict[f"{module}.lora_a.weight"], state_dict[f"{module}.lora_b.weight"]
