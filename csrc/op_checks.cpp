@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <sstream>
 #include <vector>
 
@@ -16,6 +17,10 @@ std::string shape_str(const at::Tensor& t) {
   std::ostringstream s;
   s << t.sizes();
   return s.str();
+}
+
+void check_defined(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.defined(), "qlora::", op, ": argument '", arg, "' must be a tensor; got None");
 }
 
 void check_same_device(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
@@ -55,6 +60,7 @@ void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at:
 }  // namespace
 
 void check_float_dtype(const char* op, const char* arg, const at::Tensor& t) {
+  check_defined(op, arg, t);
   const auto d = t.scalar_type();
   TORCH_CHECK_TYPE(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf, "qlora::", op,
                    ": argument '", arg, "' must have dtype float32, bfloat16 or float16; got ", d);
@@ -75,12 +81,14 @@ int64_t check_components(const char* op, const at::Tensor& packed, const at::Ten
   const std::pair<const char*, const at::Tensor*> bytes[] = {{"packed", &packed},
                                                              {"absmax_codes", &absmax_codes}};
   for (const auto& [name, t] : bytes) {
+    check_defined(op, name, *t);
     TORCH_CHECK_TYPE(t->scalar_type() == at::kByte, "qlora::", op, ": argument '", name,
                      "' must have dtype uint8; got ", t->scalar_type());
   }
   const std::pair<const char*, const at::Tensor*> floats[] = {{"absmax_scales", &absmax_scales},
                                                               {"absmax_offset", &absmax_offset}};
   for (const auto& [name, t] : floats) {
+    check_defined(op, name, *t);
     TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "qlora::", op, ": argument '", name,
                      "' must have dtype float32; got ", t->scalar_type());
   }
@@ -115,7 +123,8 @@ int64_t check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax
                    "qlora::dequantize_nf4: argument 'dtype' must be float32, bfloat16 or float16; "
                    "got ",
                    dtype);
-  TORCH_CHECK_VALUE(c10::multiply_integers(shape) == numel,
+  const bool non_negative = std::all_of(shape.begin(), shape.end(), [](int64_t d) { return d >= 0; });
+  TORCH_CHECK_VALUE(non_negative && c10::multiply_integers(shape) == numel,
                     "qlora::dequantize_nf4: argument 'shape' must have ", numel,
                     " elements (what the components encode); got ", shape);
   return numel;

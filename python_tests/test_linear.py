@@ -288,6 +288,64 @@ def test_meta_tensor_among_cpu_arguments_is_rejected():
     assert y.is_meta and y.shape == (4, 96)
 
 
+def _bad_calls():
+    """(name, call) pairs of op calls the kernels refuse; each call takes a function that puts a
+    tensor on the device under test."""
+    nf4 = to_nf4(torch.randn(96, 192))
+    p, c, s, o = nf4.components()
+    x = torch.randn(4, 192)
+    return [
+        ("quantize 100 elements", lambda on: ops.quantize_nf4(on(torch.randn(100)))),
+        ("quantize empty", lambda on: ops.quantize_nf4(on(torch.randn(0, 64)))),
+        ("quantize int", lambda on: ops.quantize_nf4(on(torch.ones(64, dtype=torch.int32)))),
+        ("dequantize to int", lambda on: ops.dequantize_nf4(on(p), on(c), on(s), on(o), [96, 192], torch.int32)),
+        ("dequantize wrong shape", lambda on: ops.dequantize_nf4(on(p), on(c), on(s), on(o), [7], torch.float32)),
+        ("dequantize negative shape", lambda on: ops.dequantize_nf4(on(p), on(c), on(s), on(o), [-96, -192], torch.float32)),
+        ("codes of another length", lambda on: ops.dequantize_nf4(on(p), on(c[:-1]), on(s), on(o), [96, 192], torch.float32)),
+        ("scales of another length", lambda on: ops.dequantize_nf4(on(p), on(c), on(torch.ones(3)), on(o), [96, 192], torch.float32)),
+        ("packed of odd length", lambda on: ops.dequantize_nf4(on(p[:-1]), on(c), on(s), on(o), [96, 192], torch.float32)),
+        ("packed as int8", lambda on: ops.dequantize_nf4(on(p.to(torch.int8)), on(c), on(s), on(o), [96, 192], torch.float32)),
+        ("two offsets", lambda on: ops.dequantize_nf4(on(p), on(c), on(s), on(torch.ones(2)), [96, 192], torch.float32)),
+        ("linear x of another width", lambda on: ops.linear_nf4(on(torch.randn(4, 191)), on(p), on(c), on(s), on(o), 96)),
+        ("linear out_features not a divisor", lambda on: ops.linear_nf4(on(x), on(p), on(c), on(s), on(o), 100)),
+        ("linear int x", lambda on: ops.linear_nf4(on(x.long()), on(p), on(c), on(s), on(o), 96)),
+        ("linear bias shape", lambda on: ops.linear_nf4(on(x), on(p), on(c), on(s), on(o), 96, on(torch.randn(95)))),
+        ("linear bias dtype", lambda on: ops.linear_nf4(on(x), on(p), on(c), on(s), on(o), 96, on(torch.randn(96).half()))),
+        ("grad_input grad_y width", lambda on: ops.linear_nf4_grad_input(on(torch.randn(4, 97)), on(p), on(c), on(s), on(o), 192)),
+        ("grad_input in_features", lambda on: ops.linear_nf4_grad_input(on(torch.randn(4, 96)), on(p), on(c), on(s), on(o), -192)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_bad_calls())))
+def test_meta_calls_are_refused_as_cpu_calls_are(index):
+    # Meta tensors (and torch.compile's tracing) run the fake kernels: they apply the kernels'
+    # checks with the same messages, instead of returning a tensor of the asked-for shape (a
+    # meta-built LoRALinear of dims the kernels refuse then failed later with another message).
+    name, call = _bad_calls()[index]
+    with pytest.raises((ValueError, TypeError)) as on_cpu:
+        call(lambda t: t)
+    with pytest.raises((ValueError, TypeError)) as on_meta:
+        call(lambda t: t.to("meta"))
+    assert (type(on_meta.value), str(on_meta.value)) == (type(on_cpu.value), str(on_cpu.value).split("\n")[0]), name
+
+
+def test_meta_built_qlora_linear_of_bad_dims_is_refused():
+    from qlora_ext import LoRALinear
+
+    with pytest.raises(ValueError, match="qlora::quantize_nf4: argument 'weight' must have a number of elements divisible by 64"):
+        with torch.device("meta"):
+            LoRALinear(10, 10, rank=4, alpha=1.0, quantize_base=True)
+
+
+def test_none_for_a_tensor_is_named():
+    nf4 = to_nf4(torch.randn(96, 192))
+    p, c, s, o = nf4.components()
+    with pytest.raises(ValueError, match=r"qlora::linear_nf4: argument 'x' must be a tensor; got None"):
+        ops.linear_nf4(None, p, c, s, o, 96)
+    with pytest.raises(ValueError, match=r"qlora::dequantize_nf4: argument 'absmax_scales' must be a tensor; got None"):
+        ops.dequantize_nf4(p, c, None, o, [96, 192], torch.float32)
+
+
 @needs_cuda
 def test_x_on_cpu_and_weight_on_cuda_is_rejected():
     nf4 = to_nf4(torch.randn(96, 192, device="cuda"))

@@ -2,7 +2,8 @@
 end, the CPU kernels' settings (``torch.ops.qlora_cpu.*``: which instruction set, bf16 BLAS tiles).
 
 The kernels are C++ (CPU) and CUDA, registered by the compiled library; the fake kernels here let
-``torch.compile`` trace the ops without running them. Storage layout: DESIGN.md section 2.
+``torch.compile`` trace the ops without running them (and meta tensors go through them), with
+the kernels' argument checks (``_fake_checks``). Storage layout: DESIGN.md section 2.
 """
 
 from __future__ import annotations
@@ -13,26 +14,10 @@ import torch
 from torch import Tensor
 
 from qlora_ext import _extension  # noqa: F401  (registers torch.ops.qlora)
+from qlora_ext._fake_checks import check_bias, check_dequantize, check_matmul_input, check_quantizable
 from qlora_ext._tables import BLOCK_SIZE, SCALER_BLOCK_SIZE
 
 _ops = torch.ops.qlora
-
-
-def _check_same_device(op: str, ref_arg: str, ref: Tensor, **args: Tensor | None) -> None:
-    """The kernels' device rule, in the fake kernels too. The dispatcher sends a call with any
-    meta tensor to the fake kernel, so without this a meta component mixed with CPU ones would
-    return an uninitialised CPU tensor instead of an error."""
-    for name, t in args.items():
-        if t is not None and t.device != ref.device:
-            raise ValueError(
-                f"qlora::{op}: argument '{name}' must be on the same device as '{ref_arg}' ({ref.device}); got {t.device}"
-            )
-
-
-def _check_components(op: str, packed: Tensor, absmax_codes: Tensor, absmax_scales: Tensor, absmax_offset: Tensor) -> None:
-    _check_same_device(
-        op, "packed", packed, absmax_codes=absmax_codes, absmax_scales=absmax_scales, absmax_offset=absmax_offset
-    )
 
 
 def quantize_nf4(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -42,6 +27,7 @@ def quantize_nf4(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 @torch.library.register_fake("qlora::quantize_nf4")
 def _quantize_nf4_fake(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_quantizable("quantize_nf4", "weight", weight)
     nblocks = weight.numel() // BLOCK_SIZE
     groups = (nblocks + SCALER_BLOCK_SIZE - 1) // SCALER_BLOCK_SIZE
     return (
@@ -77,7 +63,7 @@ def dequantize_nf4(
 
 @torch.library.register_fake("qlora::dequantize_nf4")
 def _dequantize_nf4_fake(packed, absmax_codes, absmax_scales, absmax_offset, shape, dtype):
-    _check_components("dequantize_nf4", packed, absmax_codes, absmax_scales, absmax_offset)
+    check_dequantize((packed, absmax_codes, absmax_scales, absmax_offset), shape, dtype)
     return packed.new_empty(shape, dtype=dtype)
 
 
@@ -96,9 +82,8 @@ def linear_nf4(
 
 @torch.library.register_fake("qlora::linear_nf4")
 def _linear_nf4_fake(x, packed, absmax_codes, absmax_scales, absmax_offset, out_features, bias=None):
-    _check_components("linear_nf4", packed, absmax_codes, absmax_scales, absmax_offset)
-    _check_same_device("linear_nf4", "packed", packed, x=x)
-    _check_same_device("linear_nf4", "x", x, bias=bias)
+    check_matmul_input("linear_nf4", x, "x", (packed, absmax_codes, absmax_scales, absmax_offset), out_features, "out_features")
+    check_bias("linear_nf4", bias, x, out_features)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -116,8 +101,9 @@ def linear_nf4_grad_input(
 
 @torch.library.register_fake("qlora::linear_nf4_grad_input")
 def _linear_nf4_grad_input_fake(grad_y, packed, absmax_codes, absmax_scales, absmax_offset, in_features):
-    _check_components("linear_nf4_grad_input", packed, absmax_codes, absmax_scales, absmax_offset)
-    _check_same_device("linear_nf4_grad_input", "packed", packed, grad_y=grad_y)
+    check_matmul_input(
+        "linear_nf4_grad_input", grad_y, "grad_y", (packed, absmax_codes, absmax_scales, absmax_offset), in_features, "in_features"
+    )
     return grad_y.new_empty((*grad_y.shape[:-1], in_features))
 
 
