@@ -109,6 +109,14 @@ def test_assign_load_quantizes_a_dense_weight(on_meta):
     torch.testing.assert_close(lin(x), source.lora_b(source.lora_a(x)) + F.linear(x, to_nf4(sd["weight"]).dequantize()))
     with pytest.raises(RuntimeError, match="size mismatch for weight"):
         lin.load_state_dict({**sd, "weight": torch.randn(64, 256)}, assign=True)
+    # an entry that cannot be quantized is named by its key; a float64 one is taken, as without assign
+    bad = sd["weight"].clone()
+    bad[3, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"load_state_dict: entry 'weight' cannot be quantized for the NF4 base weight: "
+                                         r"qlora::quantize_nf4: argument 'weight' must hold only finite values"):
+        lin.load_state_dict({**sd, "weight": bad}, assign=True)
+    lin.load_state_dict({**sd, "weight": sd["weight"].double()}, assign=True)
+    assert torch.equal(lin.weight.packed, to_nf4(sd["weight"]).packed)
 
 
 def test_merge_and_unmerge_dense_base_are_exact_inverses():
@@ -243,7 +251,11 @@ def test_constructor_arguments_are_checked():
         (dict(out_dim=-3), "argument 'out_dim' must be a positive int; got -3"),
         (dict(alpha=float("nan")), "argument 'alpha' must be a finite number; got nan"),
         (dict(alpha=float("inf")), "argument 'alpha' must be a finite number; got inf"),
-        (dict(dropout=1.0), "argument 'dropout' must be in [0, 1); got 1.0"),
+        (dict(dropout=1.0), "argument 'dropout' must be a number in [0, 1); got 1.0"),
+        (dict(dropout=None), "argument 'dropout' must be a number in [0, 1); got None"),
+        (dict(dropout="0.1"), "argument 'dropout' must be a number in [0, 1); got '0.1'"),
+        (dict(in_dim=10, out_dim=10, quantize_base=True),
+         "quantize_base=True needs in_dim * out_dim divisible by 64 (the NF4 block size); got in_dim=10, out_dim=10"),
     ]:
         args = {"in_dim": 64, "out_dim": 32, "rank": 4, "alpha": 8.0, **kwargs}
         with pytest.raises(ValueError, match=re.escape(f"LoRALinear: {needle}")):

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 
 import pytest
 import torch
 from conftest import FLOAT_DTYPES, devices, dtype_id, needs_cuda
 
-from qlora_ext import NF4Tensor, to_nf4
+from qlora_ext import LoRALinear, NF4Tensor, linear_nf4, to_nf4
 from qlora_ext import _reference as ref
 
 
@@ -99,8 +100,23 @@ def test_to_nf4_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"must be 64 and 256.*got 64.0 and 256"):
         to_nf4(torch.randn(64), block_size=64.0)
     nf4 = to_nf4(torch.randn(8, 64))
-    with pytest.raises(ValueError, match=r"argument 'shape' must hold sizes that are ints >= 0; got \[-8, -64\]"):
-        NF4Tensor.from_components(*nf4.components(), (-8, -64), torch.float32)
+    for shape in [(-8, -64), 512, None]:
+        with pytest.raises(ValueError, match=rf"argument 'shape' must be a list or tuple of sizes that are ints >= 0; got {re.escape(repr(shape))}"):
+            NF4Tensor.from_components(*nf4.components(), shape, torch.float32)
+
+
+def test_a_trainable_nf4_weight_is_refused_in_training():
+    # an NF4 weight gets no gradient: training one (requires_grad=True) would leave it silently as it is
+    weight = torch.nn.Parameter(to_nf4(torch.randn(32, 64)), requires_grad=True)
+    x = torch.randn(4, 64)
+    with pytest.raises(ValueError, match=r"linear_nf4: argument 'weight' must be frozen \(requires_grad=False\)"):
+        linear_nf4(x, weight)
+    with torch.no_grad():  # inference is fine
+        torch.testing.assert_close(linear_nf4(x, weight), x @ weight.dequantize().t())
+    lin = LoRALinear(64, 32, rank=4, alpha=8.0, quantize_base=True)
+    lin.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"must be frozen"):
+        lin(x)
 
 
 @needs_cuda

@@ -84,8 +84,8 @@ class NF4Tensor(Tensor):
                 )
         if dtype not in _FLOAT_DTYPES:
             raise TypeError(f"NF4Tensor.from_components: argument 'dtype' must be float32, bfloat16 or float16; got {dtype}")
-        if any(not is_int(d) or d < 0 for d in shape):
-            raise ValueError(f"NF4Tensor.from_components: argument 'shape' must hold sizes that are ints >= 0; got {list(shape)}")
+        if not isinstance(shape, (torch.Size, tuple, list)) or any(not is_int(d) or d < 0 for d in shape):
+            raise ValueError(f"NF4Tensor.from_components: argument 'shape' must be a list or tuple of sizes that are ints >= 0; got {shape!r}")
         shape = torch.Size(shape)
         numel = shape.numel()
         nblocks = numel // BLOCK_SIZE
@@ -211,6 +211,11 @@ def linear_nf4(x: Tensor, weight: NF4Tensor, bias: Tensor | None = None) -> Tens
     """
     if not isinstance(weight, NF4Tensor) or weight.dim() != 2:
         raise TypeError(f"linear_nf4: argument 'weight' must be a 2-D NF4Tensor; got {_describe(weight)}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "linear_nf4: argument 'weight' must be frozen (requires_grad=False): an NF4 weight gets no gradient, "
+            "and training it would silently leave it as it is; train a LoRA adapter on it, or a dense weight"
+        )
     return ops.linear_nf4(x, *weight.components(), weight.shape[0], bias)
 
 

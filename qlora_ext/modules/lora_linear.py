@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlora_ext._arguments import is_finite_real, is_int
+from qlora_ext._tables import BLOCK_SIZE
 from qlora_ext.modules.lora_fused import lora_linear
 from qlora_ext.nf4 import NF4Tensor, linear_nf4, reparametrize_as_dtype_state_dict_post_hook, to_nf4
 
@@ -54,8 +55,13 @@ class LoRALinear(nn.Module):
                 raise ValueError(f"LoRALinear: argument '{name}' must be a positive int; got {value!r}")
         if not is_finite_real(alpha):
             raise ValueError(f"LoRALinear: argument 'alpha' must be a finite number; got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRALinear: argument 'dropout' must be in [0, 1); got {dropout}")
+        if not is_finite_real(dropout) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRALinear: argument 'dropout' must be a number in [0, 1); got {dropout!r}")
+        if quantize_base and (in_dim * out_dim) % BLOCK_SIZE != 0:
+            raise ValueError(
+                f"LoRALinear: quantize_base=True needs in_dim * out_dim divisible by {BLOCK_SIZE} (the NF4 block size); "
+                f"got in_dim={in_dim}, out_dim={out_dim}"
+            )
         in_dim, out_dim, rank = int(in_dim), int(out_dim), int(rank)  # numpy ints too, as plain ints (JSON)
         alpha = alpha if isinstance(alpha, (int, float)) else float(alpha)
         self.in_dim = in_dim
@@ -216,4 +222,9 @@ def _quantize_assigned_weight(module: LoRALinear, state_dict: dict, prefix: str,
         and not isinstance(value, NF4Tensor)
         and value.shape == module.weight.shape
     ):
-        state_dict[prefix + "weight"] = to_nf4(value)
+        quantizable = value.dtype in (torch.float32, torch.bfloat16, torch.float16) or not value.is_floating_point()
+        source = value if quantizable else value.to(module.weight.dtype)  # float64, as the copy without assign casts it
+        try:
+            state_dict[prefix + "weight"] = to_nf4(source)
+        except (TypeError, ValueError) as e:  # NaN or Inf, an int entry: name the entry, not to_nf4's argument
+            raise type(e)(f"load_state_dict: entry '{prefix}weight' cannot be quantized for the NF4 base weight: {e}") from None
