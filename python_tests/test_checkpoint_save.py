@@ -168,6 +168,8 @@ def test_unsupported_adapter_configs(tmp_path):
         ({"a_future_variant": True}, "'a_future_variant' must be empty, got True (a setting this loader does not implement)"),
         ({"r": None}, "'r' must be a positive integer, got None"),
         ({"lora_alpha": "16"}, "'lora_alpha' must be a finite number, got '16'"),
+        ({"lora_dropout": None}, "'lora_dropout' must be a number in [0, 1), got None"),
+        ({"lora_dropout": 1.5}, "'lora_dropout' must be a number in [0, 1), got 1.5"),
         ({"bias": "some"}, "'bias' must be one of ['none', 'all', 'lora_only'], got 'some'"),
         ({"layers_to_transform": "0"}, "'layers_to_transform' must be a layer index or a list of them, got '0'"),
     ]:

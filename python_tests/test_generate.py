@@ -81,6 +81,8 @@ def test_sampling_temperature_and_top_k():
     for bad in (-1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=rf"argument 'temperature' must be finite and >= 0; got {bad}"):
             sample(wide, temperature=bad)
+    with pytest.raises(ValueError, match=r"argument 'logits' must be a \[batch, vocab\] tensor \(one row per sequence\); got shape \[50\]"):
+        sample(wide[0], top_k=3)
 
 
 def test_tiny_temperature_is_greedy():

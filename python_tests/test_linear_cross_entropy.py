@@ -95,6 +95,11 @@ def test_bad_arguments_are_named():
         lce.linear_cross_entropy_sum(hidden, weight, targets[:, :36])
     with pytest.raises(ValueError, match=r"argument 'weight' must be frozen \(requires_grad=False\)"):
         lce.linear_cross_entropy_sum(hidden, weight.clone().requires_grad_(), targets)
+    # an int weight would truncate the hidden states cast to its dtype; float targets are no class ids
+    with pytest.raises(TypeError, match=r"argument 'weight' must be floating point; got torch.int64"):
+        lce.linear_cross_entropy_sum(hidden, weight.long(), targets)
+    with pytest.raises(TypeError, match=r"argument 'targets' must hold integer class ids; got torch.float32"):
+        lce.linear_cross_entropy_sum(hidden, weight, targets.float())
     targets[1, 5] = 301
     with pytest.raises(ValueError, match=r"argument 'targets' must be in \[0, 301\) or ignore_index=-100; got 301"):
         lce.linear_cross_entropy_sum(hidden, weight, targets)

@@ -32,9 +32,12 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None
         int64 token ids [b].
 
     Raises:
-        ValueError: a negative or non-finite ``temperature``, or a ``top_k`` that is not a
-            positive integer.
+        ValueError: ``logits`` that are not a 2-D tensor, a negative or non-finite
+            ``temperature``, or a ``top_k`` that is not a positive integer.
     """
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        got = f"shape {list(logits.shape)}" if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"sample: argument 'logits' must be a [batch, vocab] tensor (one row per sequence); got {got}")
     if not is_finite_real(temperature) or temperature < 0:  # also refuses NaN, None and bools
         raise ValueError(f"sample: argument 'temperature' must be finite and >= 0; got {temperature!r}")
     if top_k is not None and (not is_int(top_k) or top_k <= 0):

@@ -209,6 +209,9 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         problems.append(f"'r' must be a positive integer, got {rank!r}")
     if not is_finite_real(alpha):
         problems.append(f"'lora_alpha' must be a finite number, got {alpha!r}")
+    dropout = config.get("lora_dropout", 0.0)  # PEFT's default
+    if not is_finite_real(dropout) or not 0.0 <= dropout < 1.0:
+        problems.append(f"'lora_dropout' must be a number in [0, 1), got {dropout!r}")
     targets = config.get("target_modules") or []
     if isinstance(targets, str):
         if targets.lower() == "all-linear":  # PEFT's shorthand: every linear but the output head
@@ -237,7 +240,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         "apply_lora_to_output": "lm_head" in targets,
         "lora_rank": rank,
         "lora_alpha": alpha,
-        "lora_dropout": config.get("lora_dropout", 0.0),
+        "lora_dropout": dropout,
     }
 
 

@@ -133,8 +133,14 @@ def linear_cross_entropy_sum(hidden: Tensor, weight: Tensor, targets: Tensor, *,
         float32 scalar.
 
     Raises:
+        TypeError: hidden or weight not floating point, targets not of an integer dtype.
         ValueError: mismatched shapes or devices, a weight that requires grad, or a target out of range.
     """
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not t.is_floating_point():
+            raise TypeError(f"linear_cross_entropy_sum: argument '{name}' must be floating point; got {t.dtype}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"linear_cross_entropy_sum: argument 'targets' must hold integer class ids; got {targets.dtype}")
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"linear_cross_entropy_sum: argument 'weight' must be [vocab, {hidden.shape[-1]}] (hidden's last dim); "
