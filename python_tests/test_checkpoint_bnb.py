@@ -146,8 +146,16 @@ QS = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
             lambda s: s.pop("model.layers.0.self_attn.q_proj.weight"),
             r"cannot be read as NF4: missing keys \['model.layers.0.self_attn.q_proj.weight'\]$",
         ),
+        (  # was a bare JSONDecodeError
+            lambda s: s.__setitem__(QS, s[QS][:-5]),
+            rf"cannot be read as NF4: '{QS}' is not a UTF-8 JSON quant state: ",
+        ),
+        (  # LLM.int8 row scales (a load_in_8bit save): named as such, not as unexpected keys and int8 weights
+            lambda s: s.__setitem__("model.layers.0.self_attn.k_proj.SCB", torch.ones(256)),
+            r"bitsandbytes 8-bit weights \(load_in_8bit; keys like 'model.layers.0.self_attn.k_proj.SCB'\) are not supported",
+        ),
     ],
-    ids=["blocksize", "nested_blocksize", "quant_map", "fp4", "no_double_quant", "no_absmax", "no_packed_codes"],
+    ids=["blocksize", "nested_blocksize", "quant_map", "fp4", "no_double_quant", "no_absmax", "no_packed_codes", "bad_json", "int8"],
 )
 def test_unsupported_bnb_settings_are_named(bnb_checkpoint, tmp_path, edit, message):
     _, _, bnb_dir = bnb_checkpoint

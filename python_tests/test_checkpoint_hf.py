@@ -205,6 +205,13 @@ def test_architecture_mismatch_and_unsupported_config(hf_models, tmp_path):
     assert Llama2Config.from_hf({**config, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}).rope_base == 5e5
     with pytest.raises(ValueError, match=r"missing field 'hidden_size'"):
         Llama2Config.from_hf({k: v for k, v in config.items() if k != "hidden_size"})
+    # another quantization is named by its setting, not by a dump of its whole config
+    int8 = {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False, "bnb_4bit_quant_type": "fp4"}
+    with pytest.raises(ValueError, match=r"'quantization_config' must be bitsandbytes 4-bit \(load_in_4bit=True\) or absent, "
+                                         r"got bitsandbytes 8-bit \(load_in_8bit=True\)$"):
+        Llama2Config.from_hf({**config, "quantization_config": int8})
+    with pytest.raises(ValueError, match=r"or absent, got quant_method='gptq'$"):
+        Llama2Config.from_hf({**config, "quantization_config": {"quant_method": "gptq", "bits": 4}})
     with pytest.raises(FileNotFoundError, match=r"neither a HF checkpoint \(config.json\) nor a Meta one"):
         read_checkpoint_config(tmp_path)
 

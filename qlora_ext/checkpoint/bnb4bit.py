@@ -62,7 +62,12 @@ class Bnb4bitWeight:
         if quant_type != "nf4":
             problems.append(f"quant_type must be 'nf4'; got {quant_type!r}")
             raise ValueError(self._message(problems))
-        state = json.loads(bytes(files.get(state_keys[0]).tolist()).decode("utf-8"))
+        try:
+            state = json.loads(bytes(files.get(state_keys[0]).tolist()).decode("utf-8"))
+        except ValueError as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+            raise ValueError(self._message([f"'{state_keys[0]}' is not a UTF-8 JSON quant state: {e}"])) from None
+        if not isinstance(state, dict):
+            raise ValueError(self._message([f"'{state_keys[0]}' must hold a JSON object; got {type(state).__name__}"]))
         missing = [name + suffix for suffix in ("", *_AUX[:2]) if name + suffix not in keys]  # "": the packed codes
         if missing:
             problems.append(f"missing keys {missing}")

@@ -72,7 +72,13 @@ class Llama2Config:
         problems = [f"'{key}' must be {want!r}, got {got!r}" for key, (want, got) in expected.items() if want != got]
         quant = config.get("quantization_config")
         if quant is not None and not (quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_4bit")):
-            problems.append(f"'quantization_config' must be bitsandbytes 4-bit or absent, got {quant!r}")
+            if quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_8bit"):
+                what = "bitsandbytes 8-bit (load_in_8bit=True)"
+            elif isinstance(quant, dict) and "quant_method" in quant:
+                what = f"quant_method={quant['quant_method']!r}"
+            else:
+                what = repr(quant)
+            problems.append(f"'quantization_config' must be bitsandbytes 4-bit (load_in_4bit=True) or absent, got {what}")
         if problems:
             raise ValueError(f"Llama2Config.from_hf: unsupported config.json: {'; '.join(problems)}")
         return cls(

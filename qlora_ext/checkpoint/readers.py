@@ -172,6 +172,12 @@ def hf_weight_files(checkpoint_dir: str) -> list[str]:
 def hf_entries(files: TensorFiles) -> list[Entry]:
     """The entries of a HF checkpoint, bitsandbytes 4-bit weights folded into one NF4 entry each."""
     keys = files.keys()
+    int8 = sorted(k for k in keys if k.endswith((".SCB", ".weight_format")))
+    if int8:  # LLM.int8's row scales: the int8 weights beside them would otherwise show up as "not floating point"
+        raise ValueError(
+            f"HF checkpoint: bitsandbytes 8-bit weights (load_in_8bit; keys like {int8[0]!r}) are not supported; only "
+            "bitsandbytes 4-bit NF4 with double quantization, or dense weights"
+        )
     entries = []
     consumed: set[str] = set()
     for name in bnb4bit_weight_names(keys):
