@@ -36,7 +36,7 @@ TARGET_SHAPE = (4096, 4096)
 
 
 def nf4_nbytes(numel: int) -> int:
-    """Bytes of the NF4 storage (DESIGN.md 2.7): codes, absmax codes, scales, offset."""
+    """Bytes of the NF4 storage (docs/nf4_format.md): codes, absmax codes, scales, offset."""
     blocks = numel // 64
     return numel // 2 + blocks + 4 * math.ceil(blocks / 256) + 4
 

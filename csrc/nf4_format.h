@@ -1,4 +1,4 @@
-// The NF4 storage format shared by every kernel (DESIGN.md section 2): block sizes, the exact
+// The NF4 storage format shared by every kernel (docs/nf4_format.md): block sizes, the exact
 // float32 code tables, code selection, packing order, the fixed reduction order of the absmax
 // mean, and the raw view of the four storage tensors. Host and device; no torch includes, so the
 // C++ tests can use it on their own.

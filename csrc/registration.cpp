@@ -1,7 +1,7 @@
-// The one TORCH_LIBRARY block of namespace `qlora`: the four ops of DESIGN.md section 3, nothing
+// The one TORCH_LIBRARY block of namespace `qlora`: the four ops of docs/nf4_format.md, nothing
 // else. The CPU kernels' switches, which are not ops of the format, live in `qlora_cpu` below.
 // Kernels are registered per backend at the bottom of csrc/cpu/*.cpp and csrc/cuda/*.cu; fake
-// kernels and autograd live in qlora_ext/ops.py. Storage layout: DESIGN.md section 2.
+// kernels and autograd live in qlora_ext/ops.py. Storage layout: docs/nf4_format.md.
 #include <torch/library.h>
 
 TORCH_LIBRARY(qlora, m) {

@@ -24,7 +24,7 @@ def test_schema(name):
 
 
 def test_the_qlora_namespace_holds_exactly_the_four_ops():
-    # DESIGN.md section 3 fixes the op set; the CPU kernels' switches live in qlora_cpu.
+    # docs/nf4_format.md fixes the op set; the CPU kernels' switches live in qlora_cpu.
     names = {s.name for s in torch._C._jit_get_all_schemas() if s.name.startswith("qlora::")}
     assert names == {f"qlora::{n}" for n in SCHEMAS}
     assert {s.name for s in torch._C._jit_get_all_schemas() if s.name.startswith("qlora_cpu::")} == {

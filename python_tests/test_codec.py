@@ -153,7 +153,7 @@ def test_packed_bytes_identical_to_bitsandbytes(shape, dtype):
     bnb_packed, state = bnb_quantize(w)
     packed, codes, scales, offset = ops.quantize_nf4(w)
     assert torch.equal(packed, bnb_packed.view(-1))
-    # The 8-bit absmax codes follow the nearest-code rule (DESIGN.md 2.5); bitsandbytes' CPU kernel
+    # The 8-bit absmax codes follow the nearest-code rule (docs/nf4_format.md, step 5); bitsandbytes' CPU kernel
     # picks the other neighbour in rare near-ties, so compare the decoded absmax errors instead.
     absmax = w.reshape(-1, 64).float().abs().amax(dim=1)
     ours = ref.dequantize_absmax(codes, scales, offset)

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of every ``torch.ops.qlora`` op: the test oracle, never the fast path.
 
-Each function follows the NF4 format of DESIGN.md section 2 step by step, in float32, so that the
+Each function follows the NF4 format of docs/nf4_format.md step by step, in float32, so that the
 C++ and CUDA kernels can be checked against it bit for bit (codec) or within matmul tolerance
 (linear). Nothing here is tuned for speed.
 """

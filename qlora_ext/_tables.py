@@ -1,7 +1,7 @@
-"""The NF4 format's constants and code tables (DESIGN.md section 2).
+"""The NF4 format's constants and code tables (docs/nf4_format.md).
 
-Values are the float32 tables of ``shared/nf4_tables.json`` (bitsandbytes' NF4 code and its signed
-dynamic 8-bit map), written as the shortest decimals that round to those exact float32 bits.
+Values are bitsandbytes' float32 tables (its NF4 code and its signed dynamic 8-bit map), written
+as the shortest decimals that round to those exact float32 bits.
 ``csrc/nf4_format.h`` holds the same tables as hex bit patterns; a test checks that both agree.
 """
 

@@ -2,7 +2,7 @@
 
 It stands in for a dense tensor of its original shape and dtype (a tensor subclass, so it can be
 a module parameter, moved across devices, saved, deep-copied and traced by ``torch.compile``),
-while holding only the four storage tensors of DESIGN.md section 2, about 4.13 bits per weight.
+while holding only the four storage tensors of docs/nf4_format.md, about 4.13 bits per weight.
 
     nf4 = to_nf4(w)                  # quantize
     dense = nf4.dequantize()         # or nf4.to(torch.bfloat16): a dense tensor again

@@ -3,7 +3,7 @@ end, the CPU kernels' settings (``torch.ops.qlora_cpu.*``: which instruction set
 
 The kernels are C++ (CPU) and CUDA, registered by the compiled library; the fake kernels here let
 ``torch.compile`` trace the ops without running them (and meta tensors go through them), with
-the kernels' argument checks (``_fake_checks``). Storage layout: DESIGN.md section 2.
+the kernels' argument checks (``_fake_checks``). Storage layout: docs/nf4_format.md.
 """
 
 from __future__ import annotations

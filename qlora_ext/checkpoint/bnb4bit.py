@@ -8,7 +8,7 @@
     X.weight.quant_state.bitsandbytes__nf4     uint8 JSON             blocksizes, dtype, shape, offset
 
 (with ``bnb_4bit_quant_storage`` other than uint8, ``X.weight`` holds the same bytes viewed as that
-dtype), which is this package's NF4 format (DESIGN.md section 2) with other names: bitsandbytes' absmax
+dtype), which is this package's NF4 format (docs/nf4_format.md) with other names: bitsandbytes' absmax
 codes, nested absmax and nested offset are our ``absmax_codes``, ``absmax_scales`` and
 ``absmax_offset``. Read, they become an ``NF4Tensor`` as stored, without quantizing again; written
 (``bnb4bit_entries``), an ``NF4Tensor``'s storage is these keys byte for byte.
