@@ -141,6 +141,8 @@ def test_a_drawn_seed_is_kept_and_a_finished_run_is_named(tmp_path, setup, capsy
     # seed=null draws one; the run's own config.yaml (which records it) and seed=null both resume it.
     run = tmp_path / "run"
     first = finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1", "seed=null"]))
+    printed = capsys.readouterr().out  # the resolved config shown holds the drawn seed, as the saved one does
+    assert f"Resolved config (seed {first['seed']}):" in printed and f"\nseed: {first['seed']}\n" in printed
     saved = run / "config.yaml"
     assert f"seed: {first['seed']}" in saved.read_text()
     shutil.copy(saved, tmp_path / "again.yaml")

@@ -128,7 +128,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                     "checkpoint": str(output_dir / state["checkpoint_name"]), "metrics": None, "peak_memory": {},
                     "nothing_left_to_train": True}
     seed = cfg.seed if cfg.seed is not None else (state["seed"] if state else int.from_bytes(os.urandom(4), "little") >> 1)
-    print(f"Resolved config (seed {seed}):\n{cfg.to_yaml()}")
+    print(f"Resolved config (seed {seed}):\n{saving.resolved_yaml(cfg, seed)}")  # a drawn seed in place of seed: null
     log_dir = Path(cfg.metric_logger.log_dir or output_dir / LOG_SUBDIR)
     try:
         loggers = MetricLoggers(
