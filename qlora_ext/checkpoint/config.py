@@ -71,8 +71,8 @@ class Llama2Config:
         }
         problems = [f"'{key}' must be {want!r}, got {got!r}" for key, (want, got) in expected.items() if want != got]
         quant = config.get("quantization_config")
-        if quant is not None and not (quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_4bit")):
-            if quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_8bit"):
+        if quant is not None and not (isinstance(quant, dict) and quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_4bit")):
+            if isinstance(quant, dict) and quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_8bit"):
                 what = "bitsandbytes 8-bit (load_in_8bit=True)"
             elif isinstance(quant, dict) and "quant_method" in quant:
                 what = f"quant_method={quant['quant_method']!r}"

@@ -257,10 +257,10 @@ def load_entries(
         source: names the checkpoint in error messages.
 
     Raises:
-        ValueError: missing, unexpected, wrongly shaped or not floating-point (an int or bool
-            dtype) keys (listed, nothing loaded), LoRA
-            modules with a merged adapter (nothing loaded), or a weight to quantize that holds
-            NaN or Inf (named; the tensors before it are loaded, and the message says how many).
+        ValueError: missing, unexpected, wrongly shaped or not floating-point (int or bool) keys
+            (listed, nothing loaded), LoRA modules with a merged adapter (nothing loaded), or a
+            weight to quantize that holds NaN or Inf (named; the tensors before it are loaded, and
+            the message says how many).
         RuntimeError: a meta-device model still has meta tensors afterwards.
     """
     refuse_merged(model, "load_checkpoint")
