@@ -212,6 +212,8 @@ def test_architecture_mismatch_and_unsupported_config(hf_models, tmp_path):
         Llama2Config.from_hf({**config, "quantization_config": int8})
     with pytest.raises(ValueError, match=r"or absent, got quant_method='gptq'$"):
         Llama2Config.from_hf({**config, "quantization_config": {"quant_method": "gptq", "bits": 4}})
+    with pytest.raises(ValueError, match=r"or absent, got \['load_in_4bit'\]$"):
+        Llama2Config.from_hf({**config, "quantization_config": ["load_in_4bit"]})
     with pytest.raises(FileNotFoundError, match=r"neither a HF checkpoint \(config.json\) nor a Meta one"):
         read_checkpoint_config(tmp_path)
 
