@@ -54,6 +54,22 @@ def test_cached_greedy_equals_uncached(device):
         generate(model, prompt[:2], max_new_tokens=4)
 
 
+def test_positions_outside_the_model_or_its_caches_are_named():
+    # a raw index error from the cache's scatter or the RoPE table before; negative positions
+    # wrapped around silently without caches
+    model = _model()
+    x = torch.randint(0, 96, (1, 3))
+    with pytest.raises(ValueError, match=r"argument 'input_pos' must hold positions in \[0, 48\) \(max_seq_len\); got -3"):
+        model(x, input_pos=torch.tensor([-3, -2, -1]))
+    with pytest.raises(ValueError, match=r"must hold positions in \[0, 48\) \(max_seq_len\); got 50"):
+        model(x, input_pos=torch.tensor([48, 49, 50]))
+    model.setup_caches(1, torch.float32, max_seq_len=10)
+    with pytest.raises(ValueError, match=r"must hold positions in \[0, 10\) \(the KV caches' length\); got 10"):
+        model(x[:, :1], input_pos=torch.tensor([10]))
+    assert model(x[:, :1], input_pos=torch.tensor([9])).shape == (1, 1, 96)
+    model.remove_caches()
+
+
 def test_single_prompt_list_and_top_k_one_is_greedy():
     model = _model()
     grad_modes = []
@@ -89,7 +105,7 @@ def test_tiny_temperature_is_greedy():
     # Dividing the raw scores by 1e-30 made every one +-inf and the softmax NaN (multinomial failed).
     wide = torch.randn(300, 50) * 10
     gen = torch.Generator().manual_seed(2)
-    for temperature in (1e-30, 1e-45, 1e-6):
+    for temperature in (1e-30, 1e-45, 1e-6, 1e-46, 1e-300):  # the last two are 0 in float32: no 0 / 0
         assert torch.equal(sample(wide, temperature=temperature, top_k=5, generator=gen), wide.argmax(-1))
 
 

@@ -42,7 +42,7 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None
         raise ValueError(f"sample: argument 'temperature' must be finite and >= 0; got {temperature!r}")
     if top_k is not None and (not is_int(top_k) or top_k <= 0):
         raise ValueError(f"sample: argument 'top_k' must be a positive integer or None; got {top_k!r}")
-    if temperature == 0:
+    if float(torch.tensor(temperature, dtype=torch.float32)) == 0:  # also below float32's smallest (1e-46): 0 there
         return logits.argmax(dim=-1)
     logits = logits.float()
     # Scores relative to the row's best before dividing: a tiny temperature then sends the others

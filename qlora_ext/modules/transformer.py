@@ -135,7 +135,8 @@ class TransformerDecoder(nn.Module):
 
         Raises:
             ValueError: ``tokens`` is not 2-D or longer than max_seq_len, or ``input_pos`` is
-                missing while caches are enabled or has the wrong shape.
+                missing while caches are enabled, has the wrong shape or a position outside
+                [0, max_seq_len) (with caches: [0, their length)).
         """
         if tokens.dim() != 2:
             raise ValueError(f"TransformerDecoder: argument 'tokens' must be 2-D [batch, seq]; got shape {list(tokens.shape)}")
@@ -148,6 +149,16 @@ class TransformerDecoder(nn.Module):
             raise ValueError(
                 f"TransformerDecoder: argument 'input_pos' must have shape [{s}] or [{b}, {s}]; got {list(input_pos.shape)}"
             )
+        if input_pos is not None and input_pos.numel() and not torch.compiler.is_compiling():
+            # (one host sync, in eager calls with positions only: generation's steps, never training's)
+            limit = self._cache_len if self.caches_are_enabled() else self.max_seq_len
+            lo, hi = int(input_pos.min()), int(input_pos.max())
+            if lo < 0 or hi >= limit:
+                what = "the KV caches' length" if self.caches_are_enabled() else "max_seq_len"
+                raise ValueError(
+                    f"TransformerDecoder: argument 'input_pos' must hold positions in [0, {limit}) ({what}); "
+                    f"got {lo if lo < 0 else hi}"
+                )
         if self.caches_are_enabled():
             if input_pos is None:
                 raise ValueError("TransformerDecoder: argument 'input_pos' is required while KV caches are enabled; got None")
