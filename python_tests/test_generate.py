@@ -287,6 +287,24 @@ def test_cli_matches_python(checkpoint_with_tokenizer, tmp_path):
     assert "warning" not in stderr
 
 
+def test_cli_gives_each_prompt_the_room_it_has(checkpoint_with_tokenizer):
+    # A prompt near max_seq_len (128) gets the new tokens that fit, with a note; a short prompt
+    # batched with it still gets --max-new-tokens, as alone (it was cut to the long one's room).
+    folder = checkpoint_with_tokenizer
+    tokenizer = llama2_tokenizer(os.path.join(folder, "tokenizer.model"))
+    words = ("The quick fox " * 60).split()
+    while len(tokenizer.encode(" ".join(words), add_eos=False)) > 125:
+        words.pop()
+    long = " ".join(words)
+    room = 128 - len(tokenizer.encode(long, add_eos=False))
+    assert 0 < room < 6
+    both, stderr = _cli("--checkpoint-dir", folder, "--prompt", "A", "--prompt", long, "--temperature", "0", "--max-new-tokens", "6")
+    assert both == _expected(folder, "A") + "\n---\n" + _expected(folder, long, n=room)
+    assert (f"note: prompt 2 is {128 - room} tokens: {room} new tokens fit within the model's max_seq_len 128, "
+            "not --max-new-tokens 6") in stderr
+    assert "prompt 1" not in stderr
+
+
 def test_cli_alpaca_template(checkpoint_with_tokenizer, tmp_path):
     """--template alpaca: the prompt (and --input) inside the trainer's Alpaca prompt."""
     folder = tmp_path / "long"  # the fixture's model, with room for the template's ~200 tokens

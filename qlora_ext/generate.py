@@ -39,7 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "around it (default: none)")
     parser.add_argument("--input", default="", help="with --template alpaca or llama2_chat: the record's input (context) text")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model (default: CHECKPOINT_DIR/tokenizer.model)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="new tokens per prompt at most; fewer where the prompt leaves less room within the model's "
+                             "max_seq_len (a note says so)")
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=300, help="sample among the k most likely tokens; 0 = all")
     parser.add_argument("--seed", type=int, default=0)
@@ -167,23 +169,35 @@ def _run(args: argparse.Namespace) -> int:
             f"argument --prompt must leave room for new tokens: it is {longest} tokens (with BOS) and "
             f"the model's max_seq_len is {model.max_seq_len}; shorten it"
         )
+    # Each prompt gets --max-new-tokens, or what fits after it within max_seq_len: prompts of one
+    # room decode in one batch, so a long prompt does not cut the others' answers short.
+    rooms: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        room = min(args.max_new_tokens, model.max_seq_len - len(prompt))
+        rooms.setdefault(room, []).append(i)
+        if room < args.max_new_tokens:
+            print(f"note: prompt {i + 1} is {len(prompt)} tokens: {room} new tokens fit within the model's max_seq_len "
+                  f"{model.max_seq_len}, not --max-new-tokens {args.max_new_tokens}", file=sys.stderr)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    tokens = generate(
-        model,
-        prompts,
-        max_new_tokens=min(args.max_new_tokens, model.max_seq_len - longest),
-        temperature=args.temperature,
-        top_k=args.top_k or None,
-        stop_tokens=tokenizer.stop_tokens,
-        pad_id=tokenizer.pad_id,
-        generator=generator,
-        vocab_limit=tokenizer.vocab_size,  # a padded embedding's extra ids would not decode
-    )
+    news: list[list[int]] = [[] for _ in prompts]
+    for room, rows in rooms.items():  # usually one batch
+        tokens = generate(
+            model,
+            [prompts[i] for i in rows],
+            max_new_tokens=room,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            stop_tokens=tokenizer.stop_tokens,
+            pad_id=tokenizer.pad_id,
+            generator=generator,
+            vocab_limit=tokenizer.vocab_size,  # a padded embedding's extra ids would not decode
+        )
+        steps = tokens.shape[1] - max(len(prompts[i]) for i in rows)  # row i's new tokens: [len(prompt i), + steps)
+        for i, row in zip(rows, tokens.tolist()):
+            news[i] = row[len(prompts[i]) : len(prompts[i]) + steps]
     done = time.perf_counter()
-    steps = tokens.shape[1] - longest  # row i's new tokens are tokens[i, len(prompt i) : len(prompt i) + steps]
     texts, count = [], 0
-    for prompt, row in zip(prompts, tokens.tolist()):
-        new = row[len(prompt) : len(prompt) + steps]
+    for prompt, new in zip(prompts, news):
         ends = [i for i, t in enumerate(new) if t in tokenizer.stop_tokens]
         new = new[: ends[0]] if ends else new
         count += len(new)
