@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "max_seq_len (a note says so)")
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=300, help="sample among the k most likely tokens; 0 = all")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling seed: the same prompts and seed give the same text (a prompt's sample also "
+                             "depends on the other prompts it is decoded with)")
     parser.add_argument("--quantize-base", action="store_true",
                         help="keep the adapted linears' base weights in NF4: the base a QLoRA run's adapter was trained on")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
