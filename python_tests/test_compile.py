@@ -3,6 +3,8 @@ gradients equal to eager, no recompilation for the same shapes, dynamic batch si
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch._dynamo.testing
@@ -103,6 +105,30 @@ def test_generate_with_a_compiled_model_reuses_its_graphs(how):
         assert not model.caches_are_setup()  # generate's own caches are removed again
         graphs.append(counter.frame_count)
     assert graphs[-1] <= 3 and graphs[2] == graphs[-1], f"graphs compiled after each call: {graphs}"
+
+
+def test_generate_on_a_compiled_model_runs_past_the_recompile_limit():
+    # Each new batch size compiles a prefill and a decoding graph; with fullgraph=True torch
+    # failed hard (FailOnRecompileLimitHit) at the fifth one. generate runs that call eagerly.
+    from qlora_ext.generation import generate
+    from qlora_ext.models.llama2 import lora_llama2
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = lora_llama2(["q_proj", "v_proj"], vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+                        max_seq_len=64, intermediate_dim=128, lora_rank=4, lora_alpha=8, quantize_base=True).eval()
+    for layer in model.layers:
+        layer.compile(fullgraph=True, backend="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for b in range(1, 8):
+            prompt = [[1 + i, 2, 3] for i in range(b)]
+            got = generate(model, prompt, max_new_tokens=4, temperature=0.0)
+            with torch.compiler.set_stance("force_eager"):
+                assert torch.equal(got, generate(model, prompt, max_new_tokens=4, temperature=0.0)), b
+    eager_calls = [str(w.message) for w in caught if "recompile limit" in str(w.message)]
+    assert eager_calls and all("this call runs eagerly" in m for m in eager_calls)
+    assert not model.caches_are_setup()
 
 
 def test_a_merged_then_disabled_layer_compiles_with_fullgraph():

@@ -11,6 +11,7 @@ step feeds only the newest token. ``use_cache=False`` recomputes the whole seque
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -122,10 +123,12 @@ def generate(
         model: a ``TransformerDecoder``, normally in eval mode (dropout stays as the caller set
             it), or one compiled with ``torch.compile`` (whole, or module by module). If it has
             no KV caches, caches are set up for this call and removed afterwards: sized for it,
-            or for the model's ``max_seq_len`` when it is compiled, so that every call has the
-            same cache shapes and reuses the same graphs (a prefill and a decoding step; sized
-            per call, each call would compile anew until torch's recompile limit stops it).
-            Caches set up by the caller are reset and reused.
+            or for the model's ``max_seq_len`` when it is compiled, so that every call of a batch
+            size has the same cache shapes and reuses the same graphs (a prefill and a decoding
+            step; sized per call, each call would compile anew). Each new batch size compiles
+            two more; a call that meets torch's recompile limit (which a ``fullgraph=True`` model
+            would fail on) runs eagerly, with a warning. Caches set up by the caller are reset
+            and reused.
         prompt: [b, s] token ids (prompts of equal length), one prompt as a list of ints, or a
             list of such lists: prompts of different lengths, decoded together in one batch.
             Each row starts at position 0 and its new tokens follow its own last prompt token;
@@ -204,43 +207,69 @@ def generate(
         )
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     lengths = lengths.to(device)
+    rows = rows.to(device).contiguous()  # the prefill's input: contiguous, whatever max_new_tokens (a view of out has out's strides)
+    compiled = _is_compiled(model)
+    if own_caches:
+        model.setup_caches(b, model.tok_embeddings.weight.dtype, max_seq_len=limit if compiled else total)
+    args = (model, rows, lengths, total, max_new_tokens, temperature, top_k, stop, pad_id, generator, use_cache, vocab_limit)
+    rng = generator.get_state() if generator is not None else None
+    try:
+        try:
+            return _decode(*args)
+        except Exception as e:
+            # Each new batch size compiles a prefill and a decoding graph; past torch's recompile
+            # limit a fullgraph=True model fails instead of running eagerly. Rerun this call eagerly.
+            if not compiled or type(e).__name__ != "FailOnRecompileLimitHit":
+                raise
+            warnings.warn(
+                f"generate: the compiled model reached torch's recompile limit at batch size {b} (each new batch size "
+                "compiles new graphs); this call runs eagerly", stacklevel=3,
+            )
+            if rng is not None:
+                generator.set_state(rng)
+            with torch.compiler.set_stance("force_eager"):
+                return _decode(*args)
+    finally:
+        if own_caches:
+            model.remove_caches()
+
+
+def _decode(
+    model: nn.Module, rows: Tensor, lengths: Tensor, total: int, max_new_tokens: int, temperature: float, top_k: int | None,
+    stop: Tensor, pad_id: int, generator: torch.Generator | None, use_cache: bool, vocab_limit: int | None,
+) -> Tensor:
+    """generate's prefill and decoding steps, on checked arguments and caches set up (reset here):
+    rows [b, s] right-padded prompts of ``lengths`` [b]; returns generate's result."""
+    b, s = rows.shape
+    device = rows.device
     batch = torch.arange(b, device=device)
     # Every row right-padded to s + max_new_tokens; row i's step t writes position lengths[i] + t.
     # Pads after a shorter prompt sit at later positions than its real tokens, so causal attention
     # never lets them in: each is overwritten by a new token before any query can reach it.
     out = torch.full((b, total), pad_id, dtype=torch.long, device=device)
-    rows = rows.to(device).contiguous()  # the prefill's input: contiguous, whatever max_new_tokens (a view of out has out's strides)
     out[:, :s] = rows
-
-    if own_caches:
-        model.setup_caches(b, model.tok_embeddings.weight.dtype, max_seq_len=limit if _is_compiled(model) else total)
-    elif use_cache:
+    if use_cache:
         model.reset_caches()
-    try:
+        # [b, s] positions, as the decoding steps pass [b, 1]: one input rank, for compiled models
+        logits = model(rows, input_pos=torch.arange(s, device=device).expand(b, s))
+    else:
+        logits = model(rows)
+    logits = logits[batch, lengths - 1]  # [b, vocab]: after each row's last prompt token
+    if vocab_limit is not None:
+        logits = logits[:, :vocab_limit]
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        nxt = sample(logits, temperature=temperature, top_k=top_k, generator=generator)
+        nxt = nxt.masked_fill(done, pad_id)
+        pos = lengths + step  # [b]: where each row's new token goes
+        out[batch, pos] = nxt
+        done |= torch.isin(nxt, stop)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
         if use_cache:
-            # [b, s] positions, as the decoding steps pass [b, 1]: one input rank, for compiled models
-            logits = model(rows, input_pos=torch.arange(s, device=device).expand(b, s))
+            logits = model(nxt[:, None], input_pos=pos[:, None])[:, -1]
         else:
-            logits = model(rows)
-        logits = logits[batch, lengths - 1]  # [b, vocab]: after each row's last prompt token
+            logits = model(out[:, : s + step + 1])[batch, pos]
         if vocab_limit is not None:
             logits = logits[:, :vocab_limit]
-        done = torch.zeros(b, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            nxt = sample(logits, temperature=temperature, top_k=top_k, generator=generator)
-            nxt = nxt.masked_fill(done, pad_id)
-            pos = lengths + step  # [b]: where each row's new token goes
-            out[batch, pos] = nxt
-            done |= torch.isin(nxt, stop)
-            if step == max_new_tokens - 1 or bool(done.all()):
-                break
-            if use_cache:
-                logits = model(nxt[:, None], input_pos=pos[:, None])[:, -1]
-            else:
-                logits = model(out[:, : s + step + 1])[batch, pos]
-            if vocab_limit is not None:
-                logits = logits[:, :vocab_limit]
-    finally:
-        if own_caches:
-            model.remove_caches()
     return out[:, : s + step + 1]
