@@ -293,8 +293,8 @@ def test_bnb_4bit_save_is_what_transformers_writes_and_loads(bnb_checkpoint, tmp
         ({}, r"bnb_4bit=True needs merge_adapters=False .* save_peft_adapter"),
         (
             {"merge_adapters": False, "dtype": torch.float64},
-            r"argument 'dtype' must be None \(each weight's own\) or one of \[torch.float32, torch.bfloat16, torch.float16\]; "
-            r"got torch.float64",
+            r"argument 'dtype' must be None \(each weight's own\) or one of \[torch.float32, torch.bfloat16, torch.float16\] "
+            r"with bnb_4bit=True; got torch.float64",
         ),
     ],
     ids=["merge", "float64"],

@@ -524,6 +524,24 @@ def test_merged_model_keeps_the_stored_dtype_of_a_base_that_declares_none(tmp_pa
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
 
 
+def test_a_float64_base_trains_and_saves_in_float64(tmp_path, small_data):
+    """A base stored in float64 (config.json says so) loads, trains and saves its merged model in
+    float64 (a save that took only float32/bf16/fp16 had failed after training, nothing saved)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base = write_tiny_hf_checkpoint(tmp_path / "base")
+    save_file({k: v.double() for k, v in load_file(base / "model.safetensors").items()}, base / "model.safetensors",
+              metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "torch_dtype": "float64"}))
+    out = tmp_path / "run"
+    finetune.train(load_config("tiny_qlora", small_run_overrides(base, small_data, out) + ["epochs=1", "max_steps_per_epoch=1"]))
+    with safe_open(out / "epoch_0" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F64"}
+    assert (out / "recipe_state.pt").is_file()
+
+
 def test_the_adapter_records_its_base_as_an_absolute_path(tmp_path, tiny_ckpt, small_data, monkeypatch):
     """checkpointer.checkpoint_dir given relative to the working directory: the saved
     adapter_config.json names the base absolutely, so PEFT's AutoPeftModelForCausalLM finds it

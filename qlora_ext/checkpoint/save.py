@@ -132,10 +132,12 @@ def save_hf_checkpoint(
     """
     out_dir = os.fspath(out_dir)
     limit = _parse_size(max_shard_size)
-    if dtype is not None and dtype not in HF_DTYPES.values():  # (also the dtypes a bitsandbytes quant state names)
+    # float64 too (a float64 base saves as it was read), but not for bitsandbytes, whose quant state names only these
+    allowed = list(HF_DTYPES.values()) + ([] if bnb_4bit else [torch.float64])
+    if dtype is not None and dtype not in allowed:
         raise ValueError(
-            f"save_hf_checkpoint: argument 'dtype' must be None (each weight's own) or one of {list(HF_DTYPES.values())}; "
-            f"got {dtype!r}"
+            f"save_hf_checkpoint: argument 'dtype' must be None (each weight's own) or one of {allowed}"
+            f"{' with bnb_4bit=True' if bnb_4bit else ''}; got {dtype!r}"
         )
     if base_config is not None and not isinstance(base_config, dict):
         raise TypeError(f"save_hf_checkpoint: argument 'base_config' must be None or a config.json dict; got {type(base_config).__name__}")
