@@ -18,16 +18,25 @@ from torch import Tensor
 from qlora_ext._tables import BLOCK_SIZE, SCALER_BLOCK_SIZE
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# How c10 prints a dtype in the C++ messages ("got Long").
+# How c10 prints a dtype in the C++ messages ("got Long"): these by their C names, the others
+# (float8_e4m3fn, uint16 ...) by their torch name capitalized (Float8_e4m3fn, UInt16).
 _C10_NAMES = {
     torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
     torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
-    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+    torch.bool: "Bool", torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
 }
 
 
 def _name(dtype: torch.dtype) -> str:
-    return _C10_NAMES.get(dtype, str(dtype))
+    if dtype in _C10_NAMES:
+        return _C10_NAMES[dtype]
+    name = str(dtype).removeprefix("torch.")
+    return "UInt" + name[4:] if name.startswith("uint") else name[:1].upper() + name[1:]
+
+
+def check_defined(op: str, arg: str, t: Tensor | None) -> None:
+    if t is None:
+        raise ValueError(f"qlora::{op}: argument '{arg}' must be a tensor; got None")
 
 
 def check_same_device(op: str, ref_arg: str, ref: Tensor, **args: Tensor | None) -> None:
@@ -42,6 +51,7 @@ def check_same_device(op: str, ref_arg: str, ref: Tensor, **args: Tensor | None)
 
 
 def check_float_dtype(op: str, arg: str, t: Tensor) -> None:
+    check_defined(op, arg, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"qlora::{op}: argument '{arg}' must have dtype float32, bfloat16 or float16; got {_name(t.dtype)}")
 
@@ -61,6 +71,7 @@ def check_components(op: str, packed: Tensor, absmax_codes: Tensor, absmax_scale
     """The number of weight elements the components encode."""
     for name, t, want in (("packed", packed, torch.uint8), ("absmax_codes", absmax_codes, torch.uint8),
                           ("absmax_scales", absmax_scales, torch.float32), ("absmax_offset", absmax_offset, torch.float32)):
+        check_defined(op, name, t)
         if t.dtype != want:
             raise TypeError(f"qlora::{op}: argument '{name}' must have dtype {str(want).removeprefix('torch.')}; got {_name(t.dtype)}")
     check_same_device(op, "packed", packed, absmax_codes=absmax_codes, absmax_scales=absmax_scales, absmax_offset=absmax_offset)
