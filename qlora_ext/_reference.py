@@ -1,8 +1,8 @@
 """Pure-PyTorch reference of every ``torch.ops.qlora`` op: the test oracle, never the fast path.
 
-Each function follows the NF4 format of docs/nf4_format.md step by step, in float32, so that the
-C++ and CUDA kernels can be checked against it bit for bit (codec) or within matmul tolerance
-(linear). Nothing here is tuned for speed.
+Each function follows the NF4 format of docs/nf4_format.md step by step, in float32 (the absmax
+mean in float64), so that the C++ and CUDA kernels can be checked against it bit for bit (codec)
+or within matmul tolerance (linear). Nothing here is tuned for speed.
 """
 
 from __future__ import annotations

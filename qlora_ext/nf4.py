@@ -271,7 +271,7 @@ def _set_data(self: NF4Tensor, value: Tensor) -> None:
             f"NF4Tensor: '.data' must be set to an NF4Tensor; got {_describe(value)}. A module's NF4 "
             "weight cannot change dtype in place (nn.Module.to(dtype) tries to): use LoRALinear, whose "
             ".to(dtype) keeps the NF4 storage and changes its compute dtype, or assign a new "
-            "nn.Parameter(to_nf4(...))"
+            "nn.Parameter(to_nf4(...), requires_grad=False)"
         )
     with torch._C.DisableTorchFunctionSubclass():
         Tensor.data.__set__(self, value)

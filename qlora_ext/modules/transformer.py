@@ -152,7 +152,7 @@ class TransformerDecoder(nn.Module):
         if input_pos is not None and input_pos.numel() and not torch.compiler.is_compiling():
             # (one host sync, in eager calls with positions only: generation's steps, never training's)
             limit = self._cache_len if self.caches_are_enabled() else self.max_seq_len
-            lo, hi = int(input_pos.min()), int(input_pos.max())
+            lo, hi = torch.stack(torch.aminmax(input_pos)).tolist()
             if lo < 0 or hi >= limit:
                 what = "the KV caches' length" if self.caches_are_enabled() else "max_seq_len"
                 raise ValueError(
