@@ -231,8 +231,8 @@ def _metric_logger(component: Any, section: dict, top: dict, notes: list[str]) -
 
 def _profiler(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:
     if section.get("enabled", False):
-        raise TorchtuneConfigError("'profiler.enabled: True' is not supported: profile a step with "
-                                   "bench/model_train.py --profile")
+        raise TorchtuneConfigError("'profiler.enabled: True' is not supported: profile a step with torch.profiler, "
+                                   "or, in the source checkout, bench/model_train.py --profile")
     return None
 
 
