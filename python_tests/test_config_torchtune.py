@@ -223,6 +223,7 @@ def _set(dotted: str, value):
         (_set("lr_scheduler._component_", "torchtune.training.lr_schedulers.get_linear_schedule"), ["get_cosine_schedule_with_warmup"]),
         (_set("profiler.enabled", True), ["'profiler.enabled: True' is not supported"]),
         (_set("dataset.packed", True), ["'dataset.packed: True' is not supported", "padded"]),
+        (_set("dataset.field", "data"), ["'dataset.field: data' is not supported", "top-level JSON list"]),
         (_set("checkpointer.recipe_checkpoint", "recipe_state.pt"), ["checkpointer.recipe_checkpoint", "resume_from_checkpoint=True"]),
         (_set("enable_activation_offloading", True), ["'enable_activation_offloading: True' is not supported"]),
         (_set("model.use_dora", True), ["'model.use_dora: True'", "DoRA"]),

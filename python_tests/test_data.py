@@ -11,17 +11,16 @@ import torch
 from qlora_ext.training.data import (
     IGNORE_INDEX,
     PROMPT_NO_INPUT,
-    DataError,
     InstructDataset,
     alpaca_prompt,
     epoch_order,
     eval_batches,
     iterate_batches,
-    load_alpaca_records,
     padded_collate,
     split_records,
     tokenize_example,
 )
+from qlora_ext.training.data_files import DataError, load_alpaca_records
 
 
 class CharTokenizer:
@@ -71,6 +70,72 @@ def test_bad_files_and_records_are_named(tmp_path):
     (tmp_path / "number.jsonl").write_text('{"instruction": "x", "input": 5, "output": "y"}\n')
     with pytest.raises(DataError, match=r"number.jsonl:1: key 'input' must be a string or null when present; got 5"):
         load_alpaca_records([tmp_path / "number.jsonl"])
+
+
+def test_the_files_datasets_and_pandas_write(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+
+    lines = "\n".join(json.dumps(r, ensure_ascii=False) for r in RECORDS) + "\n"
+    want = load_alpaca_records([_write(tmp_path / "plain.jsonl", lines)])
+    # compressed as datasets' to_json("x.jsonl.gz") writes (and bzip2, xz): read as they are
+    for name, compress in (("a.jsonl.gz", gzip.compress), ("a.jsonl.bz2", bz2.compress), ("a.jsonl.xz", lzma.compress)):
+        (tmp_path / name).write_bytes(compress(lines.encode()))
+        assert load_alpaca_records([tmp_path / name]) == want, name
+    # a glob's matches, in sorted order; CRLF line ends
+    (tmp_path / "parts").mkdir()
+    _write(tmp_path / "parts" / "b.jsonl", lines.replace("\n", "\r\n"))
+    _write(tmp_path / "parts" / "a.json", json.dumps(RECORDS[:1]))
+    assert load_alpaca_records([tmp_path / "parts" / "*.json*"]) == want[:1] + want
+    with pytest.raises(DataError, match=r"the pattern '.*\*.parquet' matches no file"):
+        load_alpaca_records([tmp_path / "parts" / "*.parquet"])
+    # U+2028, U+2029 and U+0085 may stand raw in a JSON string (ensure_ascii=False writes them so);
+    # str.splitlines() broke such a record in two
+    odd = [{"instruction": "Join\u2028these\u2029lines\x85please", "input": "", "output": "ok"}, RECORDS[0]]
+    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in odd) + "\n"
+    assert "\u2028" in text
+    assert [r["instruction"] for r in load_alpaca_records([_write(tmp_path / "odd.jsonl", text)])] == [odd[0]["instruction"], "Add."]
+
+
+def test_other_forms_are_named(tmp_path):
+    cases = [
+        (_write(tmp_path / "pandas.json", json.dumps({k: {"0": v} for k, v in RECORDS[0].items()})),
+         r"is column-oriented JSON \(pandas' default to_json; keys: instruction, input, output\): write it one record per line"),
+        (_write(tmp_path / "wrapped.jsonl", json.dumps({"train": RECORDS}) + "\n"),
+         r"'.*wrapped.jsonl' is one JSON object \(keys: train\); it must be a JSON list"),
+        (_write(tmp_path / "chat.jsonl", json.dumps({"conversations": [{"from": "human", "value": "hi"}]}) + "\n"),
+         r"record .*chat.jsonl:1 has no 'instruction' \(its keys: conversations\); records must be "
+         r"\{instruction, input, output\} \(chat records are not supported\)"),
+        (_write(tmp_path / "pretty.jsonl", json.dumps(RECORDS[0], indent=1) + "\n" + json.dumps(RECORDS[1], indent=1)),
+         r"holds 2 JSON values one after another, over several lines each"),
+        (_write(tmp_path / "twice.jsonl", '{"instruction": "a", "output": "first", "output": "second"}\n'),
+         r"record .*twice.jsonl:1 has the key 'output' twice"),
+        (_write(tmp_path / "data.csv", "instruction,input,output\na,,b\n"), r"'.*data.csv' is a CSV file"),
+        (_write(tmp_path / "data.parquet", "PAR1xxxx"), r"'.*data.parquet' is a Parquet file"),
+    ]
+    for path, message in cases:
+        with pytest.raises(DataError, match=message):
+            load_alpaca_records([path])
+    # the message of a column-oriented file stays short, however many records it holds
+    big = {k: {str(i): v for i in range(5000)} for k, v in RECORDS[0].items()}
+    with pytest.raises(DataError, match=r"column-oriented JSON \(pandas' default to_json; keys") as err:
+        load_alpaca_records([_write(tmp_path / "big.json", json.dumps(big))])
+    assert len(str(err.value)) < 400
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "dataset_info.json").write_text("{}")
+    with pytest.raises(DataError, match=r"'.*saved' is a datasets.save_to_disk folder; export it as JSON lines"):
+        load_alpaca_records([tmp_path / "saved"])
+    with pytest.raises(DataError, match=r"'.*parts' is a folder; give its files"):
+        (tmp_path / "parts").mkdir()
+        load_alpaca_records([tmp_path / "parts"])
+    with pytest.raises(DataError, match=r"is not a file \(several files go in a list: dataset.data_files=\[a.json,b.jsonl\]\)"):
+        load_alpaca_records([f"{tmp_path / 'a.json'},{tmp_path / 'b.jsonl'}"])
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8", newline="")
+    return path
 
 
 def test_null_input_means_no_input(tmp_path):

@@ -527,7 +527,8 @@ def test_a_max_seq_len_that_leaves_no_response_is_named():
     # failed validation with a traceback.
     from qlora_ext.models.llama2 import llama2_tokenizer
     from qlora_ext.training.config import ASSETS_DIR
-    from qlora_ext.training.data import DataError, InstructDataset, check_loss_tokens, load_alpaca_records
+    from qlora_ext.training.data import InstructDataset, check_loss_tokens
+    from qlora_ext.training.data_files import DataError, load_alpaca_records
 
     tokenizer = llama2_tokenizer(ASSETS_DIR / "tokenizer.model")
     records = load_alpaca_records([str(ASSETS_DIR / "tiny_alpaca.jsonl")])[:40]
@@ -549,7 +550,7 @@ def test_a_max_seq_len_that_leaves_no_response_is_named():
 
 
 def test_an_empty_data_files_list_is_named():
-    from qlora_ext.training.data import DataError, load_alpaca_records
+    from qlora_ext.training.data_files import DataError, load_alpaca_records
 
     with pytest.raises(DataError, match=r"dataset.data_files: must name at least one JSON or JSONL file; got an empty list"):
         load_alpaca_records([])

@@ -11,7 +11,7 @@ import torch
 from qlora_ext.checkpoint import save_hf_checkpoint
 from qlora_ext.models.llama2 import llama2
 from qlora_ext.training.config import ASSETS_DIR
-from qlora_ext.training.data import load_alpaca_records
+from qlora_ext.training.data_files import load_alpaca_records
 
 TOKENIZER = ASSETS_DIR / "tokenizer.model"
 # The bundled tokenizer has 1024 pieces; everything else as small as NF4 blocks allow.

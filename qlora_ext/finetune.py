@@ -47,16 +47,15 @@ from qlora_ext.checkpoint.atomic import atomic_write_text
 from qlora_ext.training import checkpoint_folders, checkpointing, evaluation, model_setup, run_lock, saving, steps
 from qlora_ext.training.config import Config, ConfigError, available_configs, load_config
 from qlora_ext.training.data import (
-    DataError,
     InstructDataset,
     check_loss_tokens,
     epoch_order,
     eval_batches,
     iterate_batches,
-    load_alpaca_records,
     num_batches,
     split_records,
 )
+from qlora_ext.training.data_files import DataError, load_alpaca_records
 from qlora_ext.training.loss_plot import Curve, plot_loss_curves
 from qlora_ext.training.memory import format_memory_stats, memory_stats
 from qlora_ext.training.metric_logging import (

@@ -1,8 +1,8 @@
 """Instruction data in Alpaca form: reading, the prompt template, tokenizing with the loss mask,
 the held-out split, the seeded order of each epoch, and the padding collate.
 
-A record is ``{"instruction": str, "input": str (may be empty or absent), "output": str}``; files
-are a JSON list of records or JSONL (one record a line). An example becomes
+A record is ``{"instruction": str, "input": str (may be empty or absent), "output": str}``, read
+from a JSON list of records or JSONL (one record a line) by ``data_files``. An example becomes
 
     tokens = [BOS] + prompt + output + [EOS]
     labels = [-100] * (1 + len(prompt)) + output + [EOS]     (train_on_input=False)
@@ -15,14 +15,14 @@ and the seed tutorial) or its default ``Llama2ChatTemplate`` (template ``llama2_
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from qlora_ext.training.data_files import DataError
 
 IGNORE_INDEX = -100
 TEMPLATES = ("alpaca", "llama2_chat")  # see prompt_tokens
@@ -45,10 +45,6 @@ class Tokenizer(Protocol):
     pad_id: int
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = True, trim_leading_whitespace: bool = False) -> list[int]: ...
-
-
-class DataError(ValueError):
-    """A data file or record the trainer cannot use."""
 
 
 def alpaca_prompt(record: dict[str, str]) -> str:
@@ -79,77 +75,6 @@ def response_tokens(tokenizer: Tokenizer, output: str, template: str = "alpaca")
     spaces stripped; after the Alpaca prompt (which ends in a newline) the text continues without
     SentencePiece's word-start space, after ``" [/INST] "`` it starts a word."""
     return tokenizer.encode(output.rstrip(" "), add_bos=False, add_eos=True, trim_leading_whitespace=template == "alpaca")
-
-
-def load_alpaca_records(files: Sequence[str | Path]) -> list[dict[str, str]]:
-    """Reads and checks the records of JSON / JSONL files, in file order.
-
-    Raises:
-        DataError: a missing file, bad JSON, or a record without a string instruction/output.
-    """
-    records: list[dict[str, str]] = []
-    for file in files:
-        path = Path(file)
-        if not path.is_file():
-            raise DataError(
-                f"dataset.data_files: '{file}' is not a file (local JSON or JSONL files of "
-                "{instruction, input, output} records; downloads are not supported)"
-            )
-        try:
-            text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is not JSON
-        except (OSError, UnicodeDecodeError) as e:
-            compressed = isinstance(e, UnicodeDecodeError) and e.object[:2] == b"\x1f\x8b"
-            hint = " (it is gzip-compressed: decompress it first, e.g. with gunzip)" if compressed else ""
-            raise DataError(f"dataset.data_files: '{file}' cannot be read as UTF-8 JSON text{hint}: {e}") from None
-        if text.lstrip().startswith("["):
-            try:
-                items = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"dataset.data_files: '{file}' is not valid JSON: {e}") from None
-            located = [(f"{file}[{i}]", item) for i, item in enumerate(items)]
-        else:
-            located = []
-            for n, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    located.append((f"{file}:{n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    _refuse_one_object(file, text)
-                    raise DataError(f"dataset.data_files: '{file}' line {n} is not valid JSON: {e}") from None
-        for where, item in located:
-            records.append(_check_record(where, item))
-    if not files:
-        raise DataError("dataset.data_files: must name at least one JSON or JSONL file; got an empty list")
-    if not records:
-        raise DataError(f"dataset.data_files: no records in {', '.join(map(str, files))}")
-    return records
-
-
-def _refuse_one_object(file: str | Path, text: str) -> None:
-    # A pretty-printed JSON object (e.g. {"data": [records]}) fails as JSON lines on its line 1;
-    # say what it is rather than which line failed.
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError:
-        return
-    if isinstance(whole, dict):
-        raise DataError(
-            f"dataset.data_files: '{file}' is one JSON object (keys: {', '.join(map(str, whole))}); it must be a "
-            "JSON list of {instruction, input, output} records or one record per line (JSON lines)"
-        )
-
-
-def _check_record(where: str, item: Any) -> dict[str, str]:
-    if not isinstance(item, dict):
-        raise DataError(f"record {where} must be an object with instruction, input, output; got {type(item).__name__}")
-    for key in ("instruction", "output"):
-        if not isinstance(item.get(key), str):
-            raise DataError(f"record {where}: key '{key}' must be a string; got {item.get(key)!r}")
-    value = item.get("input")  # absent or null (as a dataset export may write it): no input
-    if value is not None and not isinstance(value, str):
-        raise DataError(f"record {where}: key 'input' must be a string or null when present; got {value!r}")
-    return {"instruction": item["instruction"], "input": value or "", "output": item["output"]}
 
 
 def tokenize_example(

@@ -194,6 +194,7 @@ def _dataset(component: Any, section: dict, top: dict, notes: list[str]) -> dict
     _refuse_unless(section, "packed", (False, None), "examples are padded per batch, not packed", "dataset")
     _refuse_unless(section, "split", ("train", None), "the held-out split is dataset.validation_fraction", "dataset")
     _refuse_unless(section, "column_map", (None,), "records must use the Alpaca names instruction, input, output", "dataset")
+    _refuse_unless(section, "field", (None,), "a file's records are its top-level JSON list or its lines", "dataset")
     if "max_seq_len" in section:  # older torchtune set it on the dataset
         value, tokenizer = section.pop("max_seq_len"), top.setdefault("tokenizer", {})
         if tokenizer.get("max_seq_len") is None:  # (torchtune 0.3 and later write tokenizer.max_seq_len: null)

@@ -1,0 +1,217 @@
+"""Reading instruction records from the files users bring: a JSON list of ``{instruction, input,
+output}`` records (as alpaca_data_cleaned.json) or JSON lines (one record a line, as
+``datasets.Dataset.to_json`` writes), plain or compressed with gzip, bzip2 or xz, named one by one
+or by a glob. Any other form (Parquet, CSV, Arrow, a ``save_to_disk`` folder, column-oriented JSON,
+chat records) is refused with what it is and how to turn it into one of these.
+"""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import json
+import lzma
+import reprlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+FORMS = "local JSON or JSONL files of {instruction, input, output} records"
+_COMPRESSED = {b"\x1f\x8b": ("gzip", gzip.decompress), b"BZh": ("bzip2", bz2.decompress),
+               b"\xfd7zXZ\x00": ("xz", lzma.decompress)}
+_CHAT_KEYS = {"conversations", "messages", "dialog", "chosen"}
+
+
+class DataError(ValueError):
+    """A data file or record the trainer cannot use."""
+
+
+def load_alpaca_records(files: Sequence[str | Path]) -> list[dict[str, str]]:
+    """Reads and checks the records of JSON / JSONL files, in the order given (a glob's matches
+    in sorted order).
+
+    Raises:
+        DataError: a missing or unreadable file, a form other than a JSON list or JSON lines, bad
+            JSON, or a record without a string instruction/output.
+    """
+    if not files:
+        raise DataError("dataset.data_files: must name at least one JSON or JSONL file; got an empty list")
+    records: list[dict[str, str]] = []
+    for file in [path for entry in files for path in _expand(entry)]:
+        for where, item in _items(file, _text(file)):
+            records.append(_check_record(where, item))
+    if not records:
+        raise DataError(f"dataset.data_files: no records in {', '.join(map(str, files))}")
+    return records
+
+
+def _expand(entry: str | Path) -> list[Path]:
+    """The file an entry names, or a glob's matches; refused with what the entry is otherwise."""
+    path = Path(entry)
+    if path.is_file():
+        return [path]
+    text = str(entry)
+    if any(c in text for c in "*?["):
+        matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not matches:
+            raise DataError(f"dataset.data_files: the pattern '{entry}' matches no file")
+        return matches
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            raise DataError(
+                f"dataset.data_files: '{entry}' is a datasets.save_to_disk folder; export it as JSON lines, e.g. "
+                "datasets.load_from_disk(folder).to_json('train.jsonl'), and give that file"
+            )
+        raise DataError(f"dataset.data_files: '{entry}' is a folder; give its files, e.g. '{path / '*.json'}' or a list")
+    if "://" in text:
+        raise DataError(f"dataset.data_files: '{entry}' is a URL; downloads are not supported: give {FORMS}")
+    hint = " (several files go in a list: dataset.data_files=[a.json,b.jsonl])" if "," in text else ""
+    raise DataError(f"dataset.data_files: '{entry}' is not a file{hint}; give {FORMS}")
+
+
+def _text(file: Path) -> str:
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise DataError(f"dataset.data_files: '{file}' cannot be read: {e}") from None
+    for magic, (kind, decompress) in _COMPRESSED.items():
+        if data.startswith(magic):
+            try:
+                data = decompress(data)
+            except (OSError, EOFError, lzma.LZMAError, ValueError) as e:
+                raise DataError(f"dataset.data_files: '{file}' is {kind}-compressed but cannot be decompressed: {e}") from None
+            break
+    other = _other_format(file, data)
+    if other:
+        raise DataError(f"dataset.data_files: '{file}' is {other}; give {FORMS}")
+    try:
+        return data.decode("utf-8-sig")  # a byte order mark (Windows editors) is not JSON
+    except UnicodeDecodeError as e:
+        raise DataError(f"dataset.data_files: '{file}' cannot be read as UTF-8 JSON text: {e}") from None
+
+
+def _other_format(file: Path, data: bytes) -> str | None:
+    """What a file that is neither JSON nor JSON lines is, where its first bytes or name tell."""
+    if data.startswith(b"PAR1"):
+        return "a Parquet file (export it with datasets or pandas: .to_json(path, orient='records', lines=True))"
+    if data.startswith((b"ARROW1", b"\xff\xff\xff\xff")):
+        return "an Arrow file (a datasets.save_to_disk shard: export the dataset with .to_json('train.jsonl'))"
+    if data.startswith(b"PK\x03\x04"):
+        return "a zip archive (extract its JSON files)"
+    if file.suffix.lower() in (".csv", ".tsv"):
+        return "a CSV file (convert it to JSON lines, e.g. pandas.read_csv(path).to_json(out, orient='records', lines=True))"
+    return None
+
+
+def _items(file: Path, text: str) -> list[tuple[str, Any]]:
+    """(where, item) of each record of a JSON list or of JSON lines."""
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text, object_pairs_hook=_unique_keys)
+        except json.JSONDecodeError as e:
+            raise DataError(f"dataset.data_files: '{file}' is not valid JSON: {e}") from None
+        except _DuplicateKey as e:
+            raise DataError(f"dataset.data_files: '{file}' has a record with the key '{e}' twice") from None
+        return [(f"{file}[{i}]", item) for i, item in enumerate(items)]
+    # Lines end at "\n" ("\r\n" leaves a "\r", which JSON takes as whitespace): JSON strings may
+    # hold U+2028, U+2029 and U+0085 raw, where str.splitlines() would also break.
+    located = []
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            located.append((f"{file}:{n}", json.loads(line, object_pairs_hook=_unique_keys)))
+        except json.JSONDecodeError as e:
+            _refuse_objects(file, text)
+            raise DataError(f"dataset.data_files: '{file}' line {n} is not valid JSON: {e}") from None
+        except _DuplicateKey as e:
+            raise DataError(f"dataset.data_files: record {file}:{n} has the key '{e}' twice") from None
+    if len(located) == 1 and _wrapper(located[0][1]):
+        raise _one_object_error(file, located[0][1])
+    return located
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Python's json keeps the last of repeated keys; datasets refuses such a record, and so do we.
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _refuse_objects(file: Path, text: str) -> None:
+    """For JSON that fails as lines: one (pretty-printed) object, or several one after another."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, dict):
+        raise _one_object_error(file, whole)
+    decoder, index, count = json.JSONDecoder(), 0, 0
+    try:
+        while index < len(text.rstrip()):
+            _, index = decoder.raw_decode(text, index)
+            index = len(text) - len(text[index:].lstrip())
+            count += 1
+    except json.JSONDecodeError:
+        return
+    if count > 1:
+        raise DataError(
+            f"dataset.data_files: '{file}' holds {count} JSON values one after another, over several lines each; write "
+            "one record per line (JSON lines) or a JSON list of records"
+        )
+
+
+def _column_oriented(item: Any) -> bool:
+    # pandas' default to_json: {"instruction": {"0": ..., "1": ...}, ...}
+    return isinstance(item, dict) and bool(item) and all(isinstance(v, dict) for v in item.values())
+
+
+def _wrapper(item: Any) -> bool:
+    """An object that holds records rather than being one: {"data": [records]}, column-oriented."""
+    return _column_oriented(item) or (
+        isinstance(item, dict) and "instruction" not in item and not _CHAT_KEYS & set(item)
+        and any(isinstance(v, (list, dict)) for v in item.values())
+    )
+
+
+def _one_object_error(file: Path, item: dict) -> DataError:
+    if _column_oriented(item):
+        return DataError(
+            f"dataset.data_files: '{file}' is column-oriented JSON (pandas' default to_json; keys: {_keys(item)}): "
+            "write it one record per line, with to_json(path, orient='records', lines=True)"
+        )
+    return DataError(
+        f"dataset.data_files: '{file}' is one JSON object (keys: {_keys(item)}); it must be a JSON list of "
+        "{instruction, input, output} records or one record per line (JSON lines)"
+    )
+
+
+def _keys(item: dict) -> str:
+    names = list(map(str, item))
+    return ", ".join(names[:8]) + (f", ... ({len(names)} keys)" if len(names) > 8 else "")
+
+
+def _check_record(where: str, item: Any) -> dict[str, str]:
+    if not isinstance(item, dict):
+        raise DataError(f"record {where} must be an object with instruction, input, output; got {type(item).__name__}")
+    for key in ("instruction", "output"):
+        if key not in item:
+            chat = " (chat records are not supported)" if _CHAT_KEYS & set(item) else ""
+            raise DataError(
+                f"record {where} has no '{key}' (its keys: {_keys(item)}); records must be "
+                f"{{instruction, input, output}}{chat}"
+            )
+        if not isinstance(item[key], str):
+            raise DataError(f"record {where}: key '{key}' must be a string; got {reprlib.repr(item[key])}")
+    value = item.get("input")  # absent or null (as a dataset export may write it): no input
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"record {where}: key 'input' must be a string or null when present; got {reprlib.repr(value)}")
+    return {"instruction": item["instruction"], "input": value or "", "output": item["output"]}
