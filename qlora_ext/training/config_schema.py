@@ -129,7 +129,7 @@ SCHEMA: dict[str, Any] = {
         "model_type": Opt("str", "LLAMA2", "the checkpoint's model family", choices=("LLAMA2",)),
     },
     "dataset": {
-        "data_files": Opt("path|list[path]", REQUIRED, "local JSON or JSONL files of {instruction, input, output} records"),
+        "data_files": Opt("path|list[path]", REQUIRED, "local JSON or JSONL files (or a glob; gzip, bzip2, xz too) of {instruction, input, output} records"),
         "template": Opt("str", "alpaca", "prompt template: alpaca, or llama2_chat ([INST] ... [/INST] around it, torchtune 0.3+'s default)",
                         choices=TEMPLATES),
         "train_on_input": Opt("bool", False, "also train on the prompt tokens (false: they are masked from the loss)"),
