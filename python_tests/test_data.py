@@ -133,6 +133,43 @@ def test_other_forms_are_named(tmp_path):
         load_alpaca_records([f"{tmp_path / 'a.json'},{tmp_path / 'b.jsonl'}"])
 
 
+def test_odd_inputs_are_named_or_read(tmp_path):
+    import gzip
+
+    rec = json.dumps(RECORDS[0])
+    # CR-only line ends (classic Mac) and raw tabs in a list's strings (as datasets reads them)
+    assert len(load_alpaca_records(_write(tmp_path / "cr.jsonl", rec + "\r" + rec + "\r"))) == 2
+    tab = load_alpaca_records([_write(tmp_path / "tab.json", '[{"instruction": "a\tb", "output": "c"}]')])
+    assert tab[0]["instruction"] == "a\tb"
+    # a glob through a symbolic link to its own folder reads each file once
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    _write(tmp_path / "d" / "a.json", json.dumps(RECORDS[:1]))
+    _write(tmp_path / "d" / "sub" / "b.jsonl", rec + "\n")
+    (tmp_path / "d" / "loop").symlink_to(tmp_path / "d")
+    assert len(load_alpaca_records([str(tmp_path / "d" / "**" / "*.json*")])) == 2
+    damaged = bytearray(gzip.compress((rec + "\n").encode() * 1000))
+    damaged[20:60] = bytes(b ^ 0x55 for b in damaged[20:60])
+    cases = [
+        (tmp_path / "damaged.jsonl.gz", bytes(damaged), r"is gzip-compressed but cannot be decompressed"),
+        (tmp_path / "digits.jsonl", ('{"instruction": "a", "output": "c", "n": 1' + "0" * 5000 + "}\n").encode(),
+         r"'.*digits.jsonl' line 1 is not valid JSON: Exceeds the limit"),
+        (tmp_path / "deep.json", ('[{"instruction": "a", "output": "c", "x": ' + "[" * 100000 + "]" * 100000 + "}]").encode(),
+         r"'.*deep.json' is not valid JSON: maximum recursion depth"),
+        (tmp_path / "surrogate.jsonl", b'{"instruction": "a\\ud800b", "output": "c"}\n',
+         r"record .*surrogate.jsonl:1: key 'instruction' holds a lone surrogate"),
+        (tmp_path / "data.csv.gz", gzip.compress(b"instruction,input,output\na,,b\n"), r"'.*data.csv.gz' is a CSV file"),
+        (tmp_path / "utf16.json", json.dumps(RECORDS).encode("utf-16"), r"cannot be read as UTF-8 JSON text \(it is UTF-16\).*save it as UTF-8"),
+    ]
+    for path, data, message in cases:
+        path.write_bytes(data)
+        with pytest.raises(DataError, match=message):
+            load_alpaca_records([path])
+    # a cut-off last line of a large file is named quickly (a whole-file rescan per failure was quadratic)
+    big = _write(tmp_path / "big.jsonl", (rec + "\n") * 20000 + rec[:10])
+    with pytest.raises(DataError, match=r"'.*big.jsonl' line 20001 is not valid JSON"):
+        load_alpaca_records([big])
+
+
 def _write(path, text):
     path.write_text(text, encoding="utf-8", newline="")
     return path

@@ -12,7 +12,9 @@ import glob
 import gzip
 import json
 import lzma
+import os
 import reprlib
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,14 +29,16 @@ class DataError(ValueError):
     """A data file or record the trainer cannot use."""
 
 
-def load_alpaca_records(files: Sequence[str | Path]) -> list[dict[str, str]]:
-    """Reads and checks the records of JSON / JSONL files, in the order given (a glob's matches
-    in sorted order).
+def load_alpaca_records(files: Sequence[str | Path] | str | Path) -> list[dict[str, str]]:
+    """Reads and checks the records of JSON / JSONL files (a list of them, or one), in the order
+    given (a glob's matches in sorted order, each file once).
 
     Raises:
         DataError: a missing or unreadable file, a form other than a JSON list or JSON lines, bad
             JSON, or a record without a string instruction/output.
     """
+    if isinstance(files, (str, Path)):
+        files = [files]
     if not files:
         raise DataError("dataset.data_files: must name at least one JSON or JSONL file; got an empty list")
     records: list[dict[str, str]] = []
@@ -53,7 +57,8 @@ def _expand(entry: str | Path) -> list[Path]:
         return [path]
     text = str(entry)
     if any(c in text for c in "*?["):
-        matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        # each file once: a ** pattern follows symbolic links to folders, to the same files again
+        matches = sorted({os.path.realpath(p): Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file()}.values())
         if not matches:
             raise DataError(f"dataset.data_files: the pattern '{entry}' matches no file")
         return matches
@@ -79,7 +84,7 @@ def _text(file: Path) -> str:
         if data.startswith(magic):
             try:
                 data = decompress(data)
-            except (OSError, EOFError, lzma.LZMAError, ValueError) as e:
+            except (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError) as e:
                 raise DataError(f"dataset.data_files: '{file}' is {kind}-compressed but cannot be decompressed: {e}") from None
             break
     other = _other_format(file, data)
@@ -88,7 +93,8 @@ def _text(file: Path) -> str:
     try:
         return data.decode("utf-8-sig")  # a byte order mark (Windows editors) is not JSON
     except UnicodeDecodeError as e:
-        raise DataError(f"dataset.data_files: '{file}' cannot be read as UTF-8 JSON text: {e}") from None
+        utf16 = " (it is UTF-16)" if data.startswith((b"\xff\xfe", b"\xfe\xff")) else ""
+        raise DataError(f"dataset.data_files: '{file}' cannot be read as UTF-8 JSON text{utf16}: {e}; save it as UTF-8") from None
 
 
 def _other_format(file: Path, data: bytes) -> str | None:
@@ -99,7 +105,10 @@ def _other_format(file: Path, data: bytes) -> str | None:
         return "an Arrow file (a datasets.save_to_disk shard: export the dataset with .to_json('train.jsonl'))"
     if data.startswith(b"PK\x03\x04"):
         return "a zip archive (extract its JSON files)"
-    if file.suffix.lower() in (".csv", ".tsv"):
+    if data.startswith(b"\x28\xb5\x2f\xfd"):
+        return "zstd-compressed (decompress it first, e.g. with unzstd)"
+    suffixes = [s.lower() for s in file.suffixes]
+    if ".csv" in suffixes or ".tsv" in suffixes:
         return "a CSV file (convert it to JSON lines, e.g. pandas.read_csv(path).to_json(out, orient='records', lines=True))"
     return None
 
@@ -107,26 +116,28 @@ def _other_format(file: Path, data: bytes) -> str | None:
 def _items(file: Path, text: str) -> list[tuple[str, Any]]:
     """(where, item) of each record of a JSON list or of JSON lines."""
     if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text, object_pairs_hook=_unique_keys)
-        except json.JSONDecodeError as e:
-            raise DataError(f"dataset.data_files: '{file}' is not valid JSON: {e}") from None
+        try:  # (strict=False: raw tabs and newlines in strings, as datasets' reader takes them in a list)
+            items = json.loads(text, object_pairs_hook=_unique_keys, strict=False)
         except _DuplicateKey as e:
             raise DataError(f"dataset.data_files: '{file}' has a record with the key '{e}' twice") from None
+        except (ValueError, RecursionError) as e:  # bad JSON; a 5000-digit number; nesting too deep
+            raise DataError(f"dataset.data_files: '{file}' is not valid JSON: {e}") from None
         return [(f"{file}[{i}]", item) for i, item in enumerate(items)]
-    # Lines end at "\n" ("\r\n" leaves a "\r", which JSON takes as whitespace): JSON strings may
-    # hold U+2028, U+2029 and U+0085 raw, where str.splitlines() would also break.
-    located = []
-    for n, line in enumerate(text.split("\n"), start=1):
+    # Lines end at "\n", "\r\n" or "\r" (JSON strings hold no raw CR or LF), not at U+2028, U+2029
+    # or U+0085, which JSON strings may hold raw and where str.splitlines() would also break.
+    located, first = [], True
+    for n, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
         if not line.strip():
             continue
         try:
             located.append((f"{file}:{n}", json.loads(line, object_pairs_hook=_unique_keys)))
-        except json.JSONDecodeError as e:
-            _refuse_objects(file, text)
-            raise DataError(f"dataset.data_files: '{file}' line {n} is not valid JSON: {e}") from None
         except _DuplicateKey as e:
             raise DataError(f"dataset.data_files: record {file}:{n} has the key '{e}' twice") from None
+        except (ValueError, RecursionError) as e:
+            if first:  # one object, or several, written over several lines each
+                _refuse_objects(file, text)
+            raise DataError(f"dataset.data_files: '{file}' line {n} is not valid JSON: {e}") from None
+        first = False
     if len(located) == 1 and _wrapper(located[0][1]):
         raise _one_object_error(file, located[0][1])
     return located
@@ -150,17 +161,18 @@ def _refuse_objects(file: Path, text: str) -> None:
     """For JSON that fails as lines: one (pretty-printed) object, or several one after another."""
     try:
         whole = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         whole = None
     if isinstance(whole, dict):
         raise _one_object_error(file, whole)
-    decoder, index, count = json.JSONDecoder(), 0, 0
+    decoder, end, count = json.JSONDecoder(), len(text.rstrip()), 0
+    index = len(text) - len(text.lstrip())
     try:
-        while index < len(text.rstrip()):
+        while index < end:
             _, index = decoder.raw_decode(text, index)
-            index = len(text) - len(text[index:].lstrip())
+            index = json.decoder.WHITESPACE.match(text, index).end()
             count += 1
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return
     if count > 1:
         raise DataError(
@@ -194,6 +206,14 @@ def _one_object_error(file: Path, item: dict) -> DataError:
     )
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _keys(item: dict) -> str:
     names = list(map(str, item))
     return ", ".join(names[:8]) + (f", ... ({len(names)} keys)" if len(names) > 8 else "")
@@ -202,6 +222,10 @@ def _keys(item: dict) -> str:
 def _check_record(where: str, item: Any) -> dict[str, str]:
     if not isinstance(item, dict):
         raise DataError(f"record {where} must be an object with instruction, input, output; got {type(item).__name__}")
+    for key in ("instruction", "input", "output"):
+        if isinstance(item.get(key), str) and not _utf8(item[key]):
+            raise DataError(f"record {where}: key '{key}' holds a lone surrogate (a \\ud800-\\udfff escape without its pair): "
+                            "it is no text a tokenizer can encode")
     for key in ("instruction", "output"):
         if key not in item:
             chat = " (chat records are not supported)" if _CHAT_KEYS & set(item) else ""
