@@ -43,7 +43,7 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None
         raise ValueError(f"sample: argument 'temperature' must be finite and >= 0; got {temperature!r}")
     if top_k is not None and (not is_int(top_k) or top_k <= 0):
         raise ValueError(f"sample: argument 'top_k' must be a positive integer or None; got {top_k!r}")
-    if float(torch.tensor(temperature, dtype=torch.float32)) == 0:  # also below float32's smallest (1e-46): 0 there
+    if temperature <= 2.0**-150:  # 0, or a value that rounds to 0 in float32 (1e-46): 0 / 0 would be NaN
         return logits.argmax(dim=-1)
     logits = logits.float()
     # Scores relative to the row's best before dividing: a tiny temperature then sends the others
