@@ -10,6 +10,8 @@ import torch
 
 # The floating-point dtypes by HF's names; the CLIs' --dtype choices too.
 HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The same three: what NF4 quantizes from and dequantizes to, and the kernels compute in.
+FLOAT_DTYPES = tuple(HF_DTYPES.values())
 
 
 @contextlib.contextmanager

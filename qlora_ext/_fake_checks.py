@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from qlora_ext._dtypes import FLOAT_DTYPES
 from qlora_ext._tables import BLOCK_SIZE, SCALER_BLOCK_SIZE
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # How c10 prints a dtype in the C++ messages ("got Long"): these by their C names, the others
 # (float8_e4m3fn, uint16 ...) by their torch name capitalized (Float8_e4m3fn, UInt16).
 _C10_NAMES = {

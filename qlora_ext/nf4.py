@@ -19,12 +19,12 @@ from torch import Tensor
 
 from qlora_ext import ops
 from qlora_ext._arguments import is_int
+from qlora_ext._dtypes import FLOAT_DTYPES
 from qlora_ext._tables import BLOCK_SIZE, SCALER_BLOCK_SIZE
 
 aten = torch.ops.aten
 
 _COMPONENTS = ("packed", "absmax_codes", "absmax_scales", "absmax_offset")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class NF4Tensor(Tensor):
@@ -82,7 +82,7 @@ class NF4Tensor(Tensor):
                     f"NF4Tensor.from_components: argument '{name}' must be on the device of 'packed' "
                     f"({packed.device}); got {t.device}"
                 )
-        if dtype not in _FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES:
             raise TypeError(f"NF4Tensor.from_components: argument 'dtype' must be float32, bfloat16 or float16; got {dtype}")
         if not isinstance(shape, (torch.Size, tuple, list)) or any(not is_int(d) or d < 0 for d in shape):
             raise ValueError(f"NF4Tensor.from_components: argument 'shape' must be a list or tuple of sizes that are ints >= 0; got {shape!r}")
@@ -294,7 +294,7 @@ def _clone(nf4: NF4Tensor, memory_format=None) -> NF4Tensor:
 
 def _dense(nf4: NF4Tensor, dtype: torch.dtype) -> Tensor:
     # NF4 values are exact in float32, so other dtypes (float64, integers) convert from that.
-    if dtype in _FLOAT_DTYPES:
+    if dtype in FLOAT_DTYPES:
         return nf4.dequantize(dtype)
     return nf4.dequantize(torch.float32).to(dtype)
 
@@ -310,7 +310,7 @@ def _copy_(dst: Tensor, src: Tensor, non_blocking: bool = False) -> Tensor:
     if src.shape != dst.shape:
         raise ValueError(f"NF4Tensor.copy_: argument 'src' must have shape {list(dst.shape)}; got {list(src.shape)}")
     if not isinstance(dst, NF4Tensor):
-        dense = _dense(src, dst.dtype if dst.dtype in _FLOAT_DTYPES else src.dtype)
+        dense = _dense(src, dst.dtype if dst.dtype in FLOAT_DTYPES else src.dtype)
         return dst.copy_(dense, non_blocking=non_blocking)
     if isinstance(src, NF4Tensor):
         components = src.components()

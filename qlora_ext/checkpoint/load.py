@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from qlora_ext._dtypes import FLOAT_DTYPES
 from qlora_ext.checkpoint.config import Llama2Config, read_json
 from qlora_ext.checkpoint.convert import (
     hf_to_ours,
@@ -43,7 +44,6 @@ from qlora_ext.modules.position_embeddings import RotaryPositionalEmbeddings
 from qlora_ext.nf4 import NF4Tensor, to_nf4
 
 _LIST_LIMIT = 20
-_QUANTIZABLE = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def checkpoint_format(checkpoint_dir: str | os.PathLike) -> str:
@@ -349,7 +349,7 @@ def _assign(module: nn.Module, attr: str, value: Tensor, device: torch.device) -
     if isinstance(current, NF4Tensor):
         if not isinstance(value, NF4Tensor):
             # Quantize from the checkpoint's own precision (fp16 -> NF4, not fp16 -> bf16 -> NF4).
-            source = value if value.dtype in _QUANTIZABLE else value.to(current.dtype)
+            source = value if value.dtype in FLOAT_DTYPES else value.to(current.dtype)
             value = to_nf4(source.to(where))
         new = NF4Tensor.from_components(*(t.to(where) for t in value.components()), current.shape, current.dtype)
         if current.is_meta:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from qlora_ext._arguments import is_int
-from qlora_ext._dtypes import HF_DTYPES
+from qlora_ext._dtypes import FLOAT_DTYPES
 from qlora_ext.checkpoint.atomic import StagedFiles
 from qlora_ext.checkpoint.bnb4bit import bnb4bit_entries, bnb4bit_quantization_config
 from qlora_ext.checkpoint.config import Llama2Config, write_json
@@ -133,7 +133,7 @@ def save_hf_checkpoint(
     out_dir = os.fspath(out_dir)
     limit = _parse_size(max_shard_size)
     # float64 too (a float64 base saves as it was read), but not for bitsandbytes, whose quant state names only these
-    allowed = list(HF_DTYPES.values()) + ([] if bnb_4bit else [torch.float64])
+    allowed = list(FLOAT_DTYPES) + ([] if bnb_4bit else [torch.float64])
     if dtype is not None and dtype not in allowed:
         raise ValueError(
             f"save_hf_checkpoint: argument 'dtype' must be None (each weight's own) or one of {allowed}"

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlora_ext._arguments import is_finite_real, is_int
+from qlora_ext._dtypes import FLOAT_DTYPES
 from qlora_ext._tables import BLOCK_SIZE
 from qlora_ext.modules.lora_fused import lora_linear
 from qlora_ext.nf4 import NF4Tensor, linear_nf4, reparametrize_as_dtype_state_dict_post_hook, to_nf4
@@ -101,7 +102,7 @@ class LoRALinear(nn.Module):
         finally:
             self._parameters["weight"] = weight
         target = fn(torch.empty(0, dtype=weight.dtype, device=weight.device))
-        dtype = target.dtype if target.dtype in (torch.float32, torch.bfloat16, torch.float16) else weight.dtype
+        dtype = target.dtype if target.dtype in FLOAT_DTYPES else weight.dtype
         components = [
             torch.empty_like(t, device=target.device) if t.is_meta else t.to(target.device) for t in weight.components()
         ]
@@ -222,7 +223,7 @@ def _quantize_assigned_weight(module: LoRALinear, state_dict: dict, prefix: str,
         and not isinstance(value, NF4Tensor)
         and value.shape == module.weight.shape
     ):
-        quantizable = value.dtype in (torch.float32, torch.bfloat16, torch.float16) or not value.is_floating_point()
+        quantizable = value.dtype in FLOAT_DTYPES or not value.is_floating_point()
         source = value if quantizable else value.to(module.weight.dtype)  # float64, as the copy without assign casts it
         try:
             state_dict[prefix + "weight"] = to_nf4(source)
