@@ -109,6 +109,21 @@ def test_tiny_temperature_is_greedy():
         assert torch.equal(sample(wide, temperature=temperature, top_k=5, generator=gen), wide.argmax(-1))
 
 
+def test_temperature_with_an_overflowing_reciprocal_is_greedy_without_dividing():
+    # On CUDA x / t is x * float32(1 / t): for t in (2**-150, ~2.9e-39] that is inf, and the best
+    # score 0 * inf = NaN. Such temperatures take the greedy path on every device: no draw.
+    wide = torch.randn(4, 50)
+    for temperature in (1e-45, 1e-40, 2e-39):
+        gen = torch.Generator().manual_seed(3)
+        state = gen.get_state()
+        assert torch.equal(sample(wide, temperature=temperature, generator=gen), wide.argmax(-1))
+        assert torch.equal(gen.get_state(), state), temperature
+    gen = torch.Generator().manual_seed(3)
+    state = gen.get_state()
+    sample(wide, temperature=3e-39, generator=gen)  # a finite reciprocal: sampled (from a one-hot softmax)
+    assert not torch.equal(gen.get_state(), state)
+
+
 def test_prompt_and_pad_id_outside_the_vocabulary_are_named():
     model = _model()
     vocab = model.tok_embeddings.num_embeddings

@@ -43,7 +43,9 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None
         raise ValueError(f"sample: argument 'temperature' must be finite and >= 0; got {temperature!r}")
     if top_k is not None and (not is_int(top_k) or top_k <= 0):
         raise ValueError(f"sample: argument 'top_k' must be a positive integer or None; got {top_k!r}")
-    if temperature <= 2.0**-150:  # 0, or a value that rounds to 0 in float32 (1e-46): 0 / 0 would be NaN
+    # 0, or a temperature whose float32 reciprocal overflows (below about 2.9e-39): CUDA divides a
+    # tensor by a Python scalar as a product with float32(1 / t), so the best score would be 0 * inf = NaN
+    if temperature < 1.0 / torch.finfo(torch.float32).max:
         return logits.argmax(dim=-1)
     logits = logits.float()
     # Scores relative to the row's best before dividing: a tiny temperature then sends the others
