@@ -168,6 +168,9 @@ def test_odd_inputs_are_named_or_read(tmp_path):
     big = _write(tmp_path / "big.jsonl", (rec + "\n") * 20000 + rec[:10])
     with pytest.raises(DataError, match=r"'.*big.jsonl' line 20001 is not valid JSON"):
         load_alpaca_records([big])
+    # ".csv" earlier in a JSON lines file's name (a converted export) is not its format
+    converted = _write(tmp_path / "export.csv.jsonl", rec + "\n")
+    assert load_alpaca_records([converted]) == [json.loads(rec)]
 
 
 def _write(path, text):

@@ -107,8 +107,10 @@ def _other_format(file: Path, data: bytes) -> str | None:
         return "a zip archive (extract its JSON files)"
     if data.startswith(b"\x28\xb5\x2f\xfd"):
         return "zstd-compressed (decompress it first, e.g. with unzstd)"
-    suffixes = [s.lower() for s in file.suffixes]
-    if ".csv" in suffixes or ".tsv" in suffixes:
+    suffixes = [s.lower() for s in file.suffixes]  # the format's suffix: the last, or the one before a compression suffix
+    if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst", ".zstd"):
+        suffixes = suffixes[:-1]
+    if suffixes and suffixes[-1] in (".csv", ".tsv"):
         return "a CSV file (convert it to JSON lines, e.g. pandas.read_csv(path).to_json(out, orient='records', lines=True))"
     return None
 
