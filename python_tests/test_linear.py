@@ -303,6 +303,8 @@ def _bad_calls():
         ("linear x None", lambda on: ops.linear_nf4(None, on(p), on(c), on(s), on(o), 96)),
         ("dequantize scales None", lambda on: ops.dequantize_nf4(on(p), on(c), None, on(o), [96, 192], torch.float32)),
         ("dequantize to int", lambda on: ops.dequantize_nf4(on(p), on(c), on(s), on(o), [96, 192], torch.int32)),
+        ("dequantize to qint8", lambda on: ops.dequantize_nf4(on(p), on(c), on(s), on(o), [96, 192], torch.qint8)),
+        ("dequantize to quint4x2", lambda on: ops.dequantize_nf4(on(p), on(c), on(s), on(o), [96, 192], torch.quint4x2)),
         ("dequantize wrong shape", lambda on: ops.dequantize_nf4(on(p), on(c), on(s), on(o), [7], torch.float32)),
         ("dequantize negative shape", lambda on: ops.dequantize_nf4(on(p), on(c), on(s), on(o), [-96, -192], torch.float32)),
         ("codes of another length", lambda on: ops.dequantize_nf4(on(p), on(c[:-1]), on(s), on(o), [96, 192], torch.float32)),

@@ -24,6 +24,7 @@ _C10_NAMES = {
     torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
     torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
     torch.bool: "Bool", torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+    torch.qint8: "QInt8", torch.quint8: "QUInt8", torch.qint32: "QInt32", torch.quint4x2: "QUInt4x2", torch.quint2x4: "QUInt2x4",
 }
 
 
