@@ -10,8 +10,9 @@ checkpoint folder the trainer wrote holds the merged model, so ``--checkpoint-di
 alone runs the fine-tuned model. ``--template alpaca`` (or ``llama2_chat``, as the run's
 ``dataset.template``) puts the prompt (and ``--input``) into the prompt the trainer trains on: an
 instruction-tuned model answers that, not bare text.
-The prompt and its continuation go to stdout (several ``--prompt`` are decoded in one batch and
-printed in order, separated by lines of ``---``); timing goes to stderr.
+The prompt and its continuation go to stdout (several ``--prompt`` are decoded in one batch, or
+one per room where max_seq_len leaves a long prompt less than --max-new-tokens, and printed in
+order, separated by lines of ``---``); timing goes to stderr.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapter-dir", default=None, help="PEFT LoRA adapter folder to apply")
     parser.add_argument("--prompt", required=True, action="append",
                         help="text to continue (with a --template: the instruction); repeat it for several prompts, "
-                             "decoded together in one batch and printed in order, separated by lines of '---'")
+                             "decoded together in one batch (one per room where max_seq_len leaves a long prompt less) and printed in order, separated by lines of '---'")
     parser.add_argument("--template", choices=("none", "alpaca", "llama2_chat"), default="none",
                         help="none: the prompt as given; alpaca / llama2_chat: the trainer's prompt of that dataset.template "
                              "around it (default: none)")
