@@ -208,6 +208,16 @@ def test_a_second_run_on_a_busy_output_dir_is_refused(tmp_path, tiny_ckpt, small
     assert (out / "epoch_0").is_dir()
 
 
+def test_too_few_examples_for_one_step_are_named(tmp_path, tiny_ckpt, small_data):
+    from qlora_ext.training.data_files import DataError
+
+    # 48 examples - 10% held out = 43: a batch of 64 makes no step
+    cfg = load_config("tiny_qlora", small_run_overrides(tiny_ckpt, small_data, tmp_path / "run") + ["batch_size=64"])
+    with pytest.raises(DataError, match=r"dataset.data_files: too few training examples \(43\) for one optimizer step "
+                                        r"with batch_size=64 and gradient_accumulation_steps=\d+"):
+        finetune.train(cfg)
+
+
 def test_adapter_only_and_loss_decreases(tmp_path, tiny_ckpt, small_data):
     out = tmp_path / "run"
     overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["epochs=4", "save_adapter_weights_only=True", "model.lora_rank=16"]

@@ -147,7 +147,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     if steps_per_epoch == 0:
         raise DataError(
-            f"dataset.data_files: {len(train_records)} training examples make no optimizer step with batch_size="
+            f"dataset.data_files: too few training examples ({len(train_records)}) for one optimizer step with batch_size="
             f"{cfg.batch_size} and gradient_accumulation_steps={cfg.gradient_accumulation_steps}"
         )
     used = steps_per_epoch * cfg.gradient_accumulation_steps * cfg.batch_size
