@@ -259,7 +259,8 @@ def test_validation_loss_is_logged_periodically_and_at_epoch_ends(tmp_path, tiny
     assert finetune.train(load_config("tiny_qlora", overrides + ["eval.before_and_after=True"]))["val_losses"] == []
     assert not any("val_loss" in r for r in metrics(out2))
     out = capsys.readouterr().out  # the before/after report it asks for cannot be shown, and says why
-    assert ("Note: eval.before_and_after shows the held-out loss and answers, and there are no held-out examples "
+    assert ("Note: eval.before_and_after shows the held-out loss and answers and eval.every_n_steps logs the held-out loss, "
+            "and there are no held-out examples "
             "(dataset.validation_fraction=0.0); set it above 0 to see them") in out
     # the examples past the steps' windows are named as left out (here max_steps_per_epoch stops early)
     n = len(small_data.read_text().splitlines())

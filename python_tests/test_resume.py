@@ -64,7 +64,9 @@ def test_resumed_run_matches_uninterrupted_step_for_step(tmp_path, setup, monkey
 
     capsys.readouterr()
     finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True"]))
-    assert "warning" not in capsys.readouterr().err  # the log's records up to step 6 are the checkpoint's own
+    printed = capsys.readouterr()
+    assert "warning" not in printed.err  # the log's records up to step 6 are the checkpoint's own
+    assert f"Training loss: {reference[6][1]:.4f} at step 7, the first after resuming, -> " in printed.out
     resumed = [(r["step"], r["loss"], r["lr"]) for r in metrics(run) if "loss" in r]
     assert resumed == reference  # exactly: same data order, RNG, optimizer and schedule state
     val = [(r["step"], r["val_loss"]) for r in metrics(run) if "val_loss" in r]

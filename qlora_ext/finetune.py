@@ -218,11 +218,14 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     atomic_write_text(output_dir / RUN_CONFIG_FILE, saving.resolved_yaml(cfg, seed))
 
     # -- before training: held-out loss and sample answers -----------------------------------
-    summary: dict[str, Any] = {"output_dir": str(output_dir), "seed": seed, "losses": [], "val_losses": []}
+    summary: dict[str, Any] = {"output_dir": str(output_dir), "seed": seed, "losses": [], "val_losses": [],
+                               "first_step": global_step + 1}
     val_batches = eval_batches(val_ds, cfg.batch_size, tokenizer.pad_id, cfg.eval.max_batches) if len(val_ds) else []
     show = cfg.eval.before_and_after and state is None
-    if show and not val_records:
-        print(f"Note: eval.before_and_after shows the held-out loss and answers, and there are no held-out examples "
+    if not val_records and (show or cfg.eval.every_n_steps):
+        wants = " and ".join(["eval.before_and_after shows the held-out loss and answers"] * bool(show)
+                             + ["eval.every_n_steps logs the held-out loss"] * bool(cfg.eval.every_n_steps))
+        print(f"Note: {wants}, and there are no held-out examples "
               f"(dataset.validation_fraction={cfg.dataset.validation_fraction}); set it above 0 to see them")
     samples = evaluation.pick_samples(val_records, cfg.eval.num_samples)
     if show and val_batches:

@@ -94,7 +94,9 @@ def print_report(summary: dict[str, Any], samples: list[dict[str, str]], cfg) ->
     elif "val_loss_after" in summary:
         lines.append(f"Held-out loss after training: {summary['val_loss_after']:.4f}")
     if summary.get("losses"):
-        lines.append(f"Training loss: {summary['losses'][0]:.4f} at the first step -> {summary['losses'][-1]:.4f} at the last")
+        first = summary.get("first_step", 1)
+        where = "the first step" if first == 1 else f"step {first}, the first after resuming,"
+        lines.append(f"Training loss: {summary['losses'][0]:.4f} at {where} -> {summary['losses'][-1]:.4f} at the last")
     if summary.get("peak_memory"):
         names = {"peak_memory_alloc": "GPU allocated", "peak_memory_reserved": "GPU reserved",
                  "peak_memory_active": "GPU active", "peak_rss_memory": "CPU resident"}
