@@ -504,13 +504,13 @@ def test_wandb_logger_drives_a_run(tmp_path, monkeypatch):
         pass
 
     def failing_init(project, dir, config):
-        raise UsageError("api_key not configured (no-tty)")
+        raise UsageError("api_key not configured (no-tty).")  # wandb's messages end with a period: not doubled
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=failing_init))
     from qlora_ext.training.metric_logging import MetricLoggerError
 
     with pytest.raises(MetricLoggerError, match=r"metric_logger.type=wandb: wandb.init\(project='seed-qlora'\) failed: "
-                                                     r"UsageError: api_key not configured \(no-tty\). Run `wandb login` first"):
+                                                     r"UsageError: api_key not configured \(no-tty\)\. Run `wandb login` first"):
         MetricLoggers("wandb", tmp_path / "again", project="seed-qlora", config={})
 
 

@@ -150,7 +150,7 @@ class WandBLogger:
             self._run = wandb.init(project=project, dir=str(log_dir), config=config)
         except Exception as e:  # noqa: BLE001  (wandb's own errors: no login, no network, a bad project)
             raise MetricLoggerError(
-                f"metric_logger.type=wandb: wandb.init(project={project!r}) failed: {type(e).__name__}: {e}. Run "
+                f"metric_logger.type=wandb: wandb.init(project={project!r}) failed: {type(e).__name__}: {str(e).rstrip('.')}. Run "
                 "`wandb login` first, or set WANDB_MODE=offline, or use metric_logger.type=disk"
             ) from None
 
