@@ -222,10 +222,13 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                                "first_step": global_step + 1}
     val_batches = eval_batches(val_ds, cfg.batch_size, tokenizer.pad_id, cfg.eval.max_batches) if len(val_ds) else []
     show = cfg.eval.before_and_after and state is None
-    if not val_records and (show or cfg.eval.every_n_steps):
-        wants = " and ".join(["eval.before_and_after shows the held-out loss and answers"] * bool(show)
-                             + ["eval.every_n_steps logs the held-out loss"] * bool(cfg.eval.every_n_steps))
-        print(f"Note: {wants}, and there are no held-out examples "
+    wants = []  # what asks for held-out examples
+    if show:
+        wants.append("eval.before_and_after shows the held-out loss and answers")
+    if cfg.eval.every_n_steps:
+        wants.append("eval.every_n_steps logs the held-out loss")
+    if wants and not val_records:
+        print(f"Note: {' and '.join(wants)}, and there are no held-out examples "
               f"(dataset.validation_fraction={cfg.dataset.validation_fraction}); set it above 0 to see them")
     samples = evaluation.pick_samples(val_records, cfg.eval.num_samples)
     if show and val_batches:

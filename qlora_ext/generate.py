@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapter-dir", default=None, help="PEFT LoRA adapter folder to apply")
     parser.add_argument("--prompt", required=True, action="append",
                         help="text to continue (with a --template: the instruction); repeat it for several prompts, "
-                             "decoded together in one batch (one per room where max_seq_len leaves a long prompt less) and printed in order, separated by lines of '---'")
+                             "decoded together in one batch (one per room where max_seq_len leaves a long prompt less) "
+                             "and printed in order, separated by lines of '---'")
     parser.add_argument("--template", choices=("none", "alpaca", "llama2_chat"), default="none",
                         help="none: the prompt as given; alpaca / llama2_chat: the trainer's prompt of that dataset.template "
                              "around it (default: none)")
