@@ -177,6 +177,22 @@ def test_bf16_activations_with_and_without_bf16_blas_tiles(shape, bf16_gemm, cpu
     assert_close_to_exact(x.grad, grad_y.double() @ dense.double(), grad_y @ dense.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("rows", [33, 64, 128, 129, 300])
+def test_bf16_backward_past_32_rows_takes_bf16_tiles(rows, cpu_isa, monkeypatch):
+    # With bf16 tiles on, the backward gives more than 32 rows to them: the fused kernel, tuned
+    # against float32 tiles up to 128 rows, took up to 2.8x as long as bf16 tiles from 33 rows on
+    # (an AMX Xeon). Two nonzeros per row of grad_y make each output one rounding of a sum of two
+    # exact products: bf16 tiles multiply W rounded to bf16, which the float32 fused kernel does not.
+    monkeypatch.setenv("QLORA_CPU_BF16_GEMM", "1")
+    n, k = 320, 256
+    nf4 = to_nf4(torch.randn(n, k) * 0.05)
+    grad_y = torch.zeros(rows, n, dtype=torch.bfloat16)
+    for row in range(rows):
+        grad_y[row, torch.randperm(n)[:2]] = torch.randn(2).bfloat16()
+    tiles = (grad_y.float() @ nf4.dequantize(torch.bfloat16).float()).bfloat16()
+    assert torch.equal(ops.linear_nf4_grad_input(grad_y, *nf4.components(), k), tiles)
+
+
 def test_bf16_blas_variable_is_checked(monkeypatch):
     nf4, _, x = case((64, 128), 40, torch.bfloat16, "cpu", batch=())
     monkeypatch.setenv("QLORA_CPU_BF16_GEMM", "yes")

@@ -58,6 +58,14 @@ struct CpuKernels {
 // limit is each table's max_gemv_cols_rows: this in the AVX2 and portable tables.)
 constexpr int64_t kMaxFusedRows = 16;
 
+// The backward's row limit where bf16 tiles (bf16 grad_y, a CPU with AVX512-BF16) take the
+// larger M, below a table's max_gemv_cols_rows (which is tuned against float32 tiles). With the
+// AVX-512 table's 128, 33-128 rows took up to 2.5x as long as bf16 tiles. Fused vs bf16 tiles,
+// 4096 x 4096: 3.8 vs 3.7 ms at 32 rows, 4.2 vs 4.2 at 36, 5.4 vs 4.0 at 48, 12.8 vs 5.2 at 128;
+// 11008 x 4096: 10.3 vs 10.2 at 32, 16.0 vs 11.9 at 48, 34.3 vs 14.6 at 128 (ad hoc, 2 threads, a
+// 2-core Xeon with AMX; at 1 thread bf16 tiles win from 36 rows).
+constexpr int64_t kMaxFusedGradRowsBf16Tiles = 32;
+
 const CpuKernels& portable_kernels();
 // Null when the binary was built without AVX-512 support.
 const CpuKernels* avx512_kernels();

@@ -277,7 +277,8 @@ const CpuKernels* avx512_kernels() {
   // The backward reads W from decoded slices in passes of 4 rows up to 128 rows: tiles + BLAS
   // decode all of W to float32 first, and took 1.1-1.6x as long at 64 and 128 rows on the Llama-2
   // 7B shapes and 768 x 768 (4096 x 4096: 10.5 vs 15.6 ms at 64, 22-26 vs 35-40 ms at 128), but
-  // won at 256 (37-43 vs 46 ms); ad hoc, the 2-core AVX-512 Xeon.
+  // won at 256 (37-43 vs 46 ms); ad hoc, the 2-core AVX-512 Xeon. Float32 tiles: bf16 ones take
+  // over from kMaxFusedGradRowsBf16Tiles rows.
   static const CpuKernels kernels{"avx512", quantize_blocks, dequantize_blocks,
                                   gemv_rows<Gemv>, gemv_cols<Gemv>, 128};
   return &kernels;

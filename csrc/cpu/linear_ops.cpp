@@ -1,5 +1,6 @@
 // CPU linear_nf4 and its backward. M <= 16 rows (decode-bound; the backward up to the kernel
-// table's max_gemv_cols_rows): fused kernels read the 4-bit codes directly. Larger M
+// table's max_gemv_cols_rows, or kMaxFusedGradRowsBf16Tiles where bf16 tiles take the larger M):
+// fused kernels read the 4-bit codes directly. Larger M
 // (compute-bound): W is decoded tile by tile into float32 buffers of a few MB and each tile goes
 // through BLAS; the whole dense W never exists. The tiles are shared out among the threads in one
 // parallel region (each thread decodes its tile and runs a single-threaded BLAS call on it): one
@@ -214,14 +215,17 @@ at::Tensor linear_nf4_grad_input(const at::Tensor& grad_y, const at::Tensor& pac
   const CpuKernels& k = active_cpu_kernels();
 
   const int64_t M = grad_y.numel() / N;
+  const bool tiles_in_bf16 = bf16_tiles(grad_y, K);
+  const int64_t max_fused_rows =
+      tiles_in_bf16 ? std::min(k.max_gemv_cols_rows, kMaxFusedGradRowsBf16Tiles) : k.max_gemv_cols_rows;
   at::Tensor gx;  // [M, K]
-  if (M > k.max_gemv_cols_rows && bf16_tiles(grad_y, K)) {
+  if (M > max_fused_rows && tiles_in_bf16) {
     gx = at::empty({M, K}, grad_y.options());
     banded_matmul(k, w.view, N, K, /*transposed=*/false, grad_y.reshape({M, N}).contiguous(), gx);
   } else {
     const at::Tensor g2 = as_float_matrix(grad_y, N);  // [M, N]
     gx = at::empty({M, K}, g2.options());
-    if (M > 0 && M <= k.max_gemv_cols_rows && K % kBlockSize == 0) {
+    if (M > 0 && M <= max_fused_rows && K % kBlockSize == 0) {
       at::parallel_for(0, K / kBlockSize, 1, [&](int64_t c0, int64_t c1) {
         k.gemv_cols(w.view, N, K, c0 * kBlockSize, c1 * kBlockSize, g2.const_data_ptr<float>(),
                     M, N, gx.mutable_data_ptr<float>(), K);
