@@ -163,6 +163,35 @@ def test_a_drawn_seed_is_kept_and_a_finished_run_is_named(tmp_path, setup, capsy
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+def test_a_fresh_run_over_an_earlier_one_says_what_it_replaces_and_what_stays(tmp_path, setup, monkeypatch, capsys):
+    # A run started afresh where a longer run saved: the earlier run's epoch folders past this
+    # run's epochs would stay beside this run's own, silently; stopped before its first save, the
+    # closing line does not offer to continue the earlier run, which is complete.
+    run = tmp_path / "run"
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run)))  # 2 epochs: epoch_0, epoch_1
+    capsys.readouterr()
+    _interrupt_at_micro_batch(monkeypatch, 1)
+    assert finetune.main(["--config", "tiny_qlora", *_overrides(setup, run), "epochs=1"]) == 130
+    printed = capsys.readouterr()
+    assert (f"Note: {run} holds an earlier run's checkpoints (epoch_0, epoch_1, recipe_state.pt); this run starts afresh "
+            "(resume_from_checkpoint=False) and its saves replace the training state, the step folders and the epoch folders "
+            "it reaches; epoch_1 stays as the earlier run left it (this run saves epoch_0). Choose another output_dir to keep "
+            "that run whole.\n") in printed.out
+    assert (f"Interrupted (Ctrl-C) before this run saved a checkpoint: the training state in {run} is an earlier run's "
+            "(epoch_1, step 8), which completed 2 epochs; run again to start over, or with resume_from_checkpoint=True and "
+            "epochs above 2 to train that run on.") in printed.err
+    monkeypatch.undo()
+    _interrupt_at_micro_batch(monkeypatch, 1)
+    assert finetune.main(["--config", "tiny_qlora", *_overrides(setup, run), "epochs=3"]) == 130
+    printed = capsys.readouterr()
+    assert "the epoch folders it reaches. Choose" in printed.out  # a longer run reaches every epoch folder there
+    assert "(epoch_1, step 8); resume_from_checkpoint=True would continue that run" in printed.err
+    monkeypatch.undo()
+    shutil.rmtree(run)
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1"]))
+    assert "holds an earlier run's" not in capsys.readouterr().out  # an empty folder: nothing to say
+
+
 def test_resume_applies_changed_optimizer_schedule_and_clipping(tmp_path, setup, monkeypatch, capsys):
     # What the NaN-loss advice asks for: resume with a lower lr (and other optimizer, schedule and
     # clipping settings); the loaded optimizer and schedule take the new values.

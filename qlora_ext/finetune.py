@@ -106,6 +106,23 @@ def _non_finite_advice(last_checkpoint: Path | None) -> str:
     return "no checkpoint was saved yet. Rerun with a lower optimizer.lr or a clip_grad_norm, or fix the data"
 
 
+def _earlier_run_note(output_dir: Path, epochs: int) -> str | None:
+    """For a run starting afresh where an earlier run saved: which of its checkpoints this run
+    replaces and which stay, so that an epoch folder left from a longer run is not taken for this one's."""
+    folders = checkpoint_folders.list_checkpoint_folders(output_dir)
+    has_state = (output_dir / checkpointing.STATE_FILE).is_file()
+    if not folders and not has_state:
+        return None
+    found = [*folders, *([checkpointing.STATE_FILE] if has_state else [])]
+    staying = [f for f in folders if f.startswith("epoch_") and int(f.split("_")[1]) >= epochs]
+    stay = (f"; {', '.join(staying)} {'stays' if len(staying) == 1 else 'stay'} as the earlier run left "
+            f"{'it' if len(staying) == 1 else 'them'} (this run saves {'epoch_0' if epochs == 1 else f'epoch_0 to epoch_{epochs - 1}'})"
+            ) if staying else ""
+    return (f"{output_dir} holds an earlier run's checkpoints ({', '.join(found)}); this run starts afresh "
+            f"(resume_from_checkpoint=False) and its saves replace the training state, the step folders and the "
+            f"epoch folders it reaches{stay}. Choose another output_dir to keep that run whole.")
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
@@ -122,10 +139,14 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
         checkpoint_folders.remove_step_folders(output_dir, keep=state["checkpoint_name"])
         if state["epoch"] >= cfg.epochs:  # a finished run re-launched: nothing is built, written or logged
             print(f"Nothing left to train: the checkpoint {output_dir / state['checkpoint_name']} has completed "
-                  f"{state['epoch']} epochs and epochs is {cfg.epochs}; set epochs above {state['epoch']} to train on")
+                  f"{_count(state['epoch'], 'epoch')} and epochs is {cfg.epochs}; set epochs above {state['epoch']} to train on")
             return {"output_dir": str(output_dir), "seed": state["seed"], "losses": [], "val_losses": [],
                     "checkpoint": str(output_dir / state["checkpoint_name"]), "metrics": None, "peak_memory": {},
                     "nothing_left_to_train": True}
+    else:
+        note = _earlier_run_note(output_dir, cfg.epochs)
+        if note:
+            print(f"Note: {note}")
     seed = cfg.seed if cfg.seed is not None else (state["seed"] if state else int.from_bytes(os.urandom(4), "little") >> 1)
     print(f"Resolved config (seed {seed}):\n{saving.resolved_yaml(cfg, seed)}")  # a drawn seed in place of seed: null
     log_dir = Path(cfg.metric_logger.log_dir or output_dir / LOG_SUBDIR)
@@ -459,6 +480,10 @@ def _interrupted_line(what: str, cfg: Config | None, started: float) -> str:
     if epochs_done >= cfg.epochs and not earlier:
         return f"Interrupted ({what}) after training finished: {output_dir} keeps the checkpoint {name} (step {step}), complete."
     if earlier and not cfg.resume_from_checkpoint:
+        if epochs_done >= cfg.epochs:
+            return (f"Interrupted ({what}) before this run saved a checkpoint: the training state in {output_dir} is an earlier "
+                    f"run's ({name}, step {step}), which completed {_count(epochs_done, 'epoch')}; run again to start over, "
+                    f"or with resume_from_checkpoint=True and epochs above {epochs_done} to train that run on.")
         return (f"Interrupted ({what}) before this run saved a checkpoint: the training state in {output_dir} is an earlier "
                 f"run's ({name}, step {step}); resume_from_checkpoint=True would continue that run, without it a run starts over.")
     return (f"Interrupted ({what}): {output_dir} keeps the checkpoint {name} (step {step}), complete; "

@@ -16,7 +16,7 @@ from qlora_ext.checkpoint.atomic import fsync_dir
 
 _CHECKPOINT_NAME = re.compile(r"(?:epoch|step)_\d+")  # the folders the trainer saves: epoch_E, step_S
 
-__all__ = ["checkpoint_folder_holding", "commit_dir", "recover_interrupted_saves", "remove_dir", "remove_step_folders", "staging_dir"]
+__all__ = ["checkpoint_folder_holding", "list_checkpoint_folders", "commit_dir", "recover_interrupted_saves", "remove_dir", "remove_step_folders", "staging_dir"]
 
 
 def staging_dir(final: str | Path) -> Path:
@@ -79,6 +79,12 @@ def remove_step_folders(output_dir: str | Path, *, keep: str | None) -> None:
     for old in Path(output_dir).glob("step_*"):
         if old.name != keep and old.is_dir() and re.fullmatch(r"step_\d+", old.name):
             remove_dir(old)
+
+
+def list_checkpoint_folders(output_dir: str | Path) -> list[str]:
+    """The names of ``output_dir``'s checkpoint folders (``epoch_E``, then ``step_S``), in number order."""
+    names = [p.name for p in Path(output_dir).iterdir() if p.is_dir() and _CHECKPOINT_NAME.fullmatch(p.name)]
+    return sorted(names, key=lambda n: (not n.startswith("epoch_"), int(n.split("_")[1])))
 
 
 def checkpoint_folder_holding(output_dir: str | Path, path: str | Path) -> Path | None:
