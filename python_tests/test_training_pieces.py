@@ -499,6 +499,24 @@ def test_wandb_logger_drives_a_run(tmp_path, monkeypatch):
         ("finish",),
     ]
     assert [r["step"] for r in read_metrics(tmp_path)] == [5]  # the disk log is always kept
+    # A resume at step 5 gets a new W&B run whose first log replays the kept records, as
+    # TensorBoard's does: one whole curve (records past step 5, from the stopped run, are dropped).
+    loggers = MetricLoggers("disk", tmp_path, resume_step=5)  # a run that went on to step 7 and stopped
+    for step in (6, 7):
+        loggers.log({"loss": 1.0 / step}, step=step)
+    loggers.close()
+    calls.clear()
+    loggers = MetricLoggers("wandb", tmp_path, project="seed-qlora", config={}, resume_step=5)
+    loggers.log({"loss": 0.5}, step=6)
+    loggers.log({"val_loss": 0.7}, step=6)
+    loggers.close()
+    assert calls == [
+        ("init", "seed-qlora", str(tmp_path), {}),
+        ("log", {"loss": 2.0, "lr": 1e-4}, 5),
+        ("log", {"loss": 0.5}, 6),
+        ("log", {"val_loss": 0.7}, 6),
+        ("finish",),
+    ]
 
     class UsageError(Exception):
         pass

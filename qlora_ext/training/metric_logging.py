@@ -135,9 +135,14 @@ class TensorBoardLogger:
 
 
 class WandBLogger:
-    """Metrics to a Weights & Biases run (``wandb login`` first, or WANDB_MODE=offline)."""
+    """Metrics to a Weights & Biases run (``wandb login`` first, or WANDB_MODE=offline).
 
-    def __init__(self, log_dir: str | Path, project: str, config: dict[str, Any]):
+    Each run, resumed or not, is a new W&B run; a resumed one's first ``log`` writes ``replay``
+    first, the records the resume keeps (the disk log's), so that its curve is whole, as
+    TensorBoard's and ``metrics.jsonl``'s are; the stopped run's W&B run stays as it ended.
+    """
+
+    def __init__(self, log_dir: str | Path, project: str, config: dict[str, Any], replay: list[dict[str, Any]] | None = None):
         try:
             import wandb
         except ImportError:
@@ -154,7 +159,12 @@ class WandBLogger:
                 "`wandb login` first, or set WANDB_MODE=offline, or use metric_logger.type=disk"
             ) from None
 
+        self._replay = replay or []
+
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        for record in self._replay:
+            self._run.log({name: value for name, value in record.items() if name != "step"}, step=record["step"])
+        self._replay = []
         self._run.log(metrics, step=step)
 
     def close(self) -> None:
@@ -177,7 +187,7 @@ class MetricLoggers:
         if kind == "tensorboard":
             self.loggers.append(TensorBoardLogger(log_dir, replay=disk.kept_records()))
         elif kind == "wandb":
-            self.loggers.append(WandBLogger(log_dir, project, config or {}))
+            self.loggers.append(WandBLogger(log_dir, project, config or {}, replay=disk.kept_records()))
 
     @property
     def metrics_path(self) -> Path:
