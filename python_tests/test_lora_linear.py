@@ -209,6 +209,19 @@ def test_module_to_meta_and_back_with_to_empty():
     assert lin.weight.packed.numel() == 256 * 128 // 2
 
 
+@pytest.mark.parametrize("quantize_base", [False, True])
+def test_forward_and_backward_on_the_meta_device(quantize_base):
+    # Shapes without data (a model built on meta to plan memory, or traced): the forward asked
+    # meta, a device without autocast, for its autocast state and failed.
+    with torch.device("meta"):
+        lin = LoRALinear(128, 64, rank=4, alpha=8, quantize_base=quantize_base)
+        x = torch.randn(2, 3, 128, requires_grad=True)
+    y = lin(x)
+    y.sum().backward()
+    assert y.shape == (2, 3, 64) and y.is_meta
+    assert x.grad.shape == x.shape and lin.lora_a.weight.grad.shape == (4, 128) and lin.lora_b.weight.grad.is_meta
+
+
 def test_quantized_layer_takes_8x_less_storage():
     # The seed tutorial's example: 1,081,344 bytes dense (its CUDA number) vs 177,152 quantized.
     dense = LoRALinear(512, 512, rank=8, alpha=0.1, quantize_base=False)

@@ -139,8 +139,9 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def _adapter_dtype(self, x: Tensor) -> torch.dtype:
-        """The dtype the adapter computes in: autocast's when it is on, else its weights'."""
-        if torch.is_autocast_enabled(x.device.type):
+        """The dtype the adapter computes in: autocast's when it is on, else its weights'. (A device
+        without autocast, such as meta, has no autocast state to ask.)"""
+        if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
         return torch.promote_types(self.lora_a.weight.dtype, self.lora_b.weight.dtype)
 
