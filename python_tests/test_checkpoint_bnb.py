@@ -305,3 +305,14 @@ def test_bnb_4bit_save_refuses_what_it_cannot_write(bnb_checkpoint, tmp_path, kw
     with pytest.raises(ValueError, match=message):
         save_hf_checkpoint(model, tmp_path / "out", bnb_4bit=True, **kwargs)
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_bnb_4bit_save_of_a_float64_model_names_the_weight(bnb_checkpoint, tmp_path):
+    # dtype=None keeps each weight's own: float64, which bitsandbytes' quant state cannot name.
+    _, dense_dir, _ = bnb_checkpoint
+    model = llama2_from_checkpoint(dense_dir, [], quantize_base=False).double()
+    with pytest.raises(ValueError, match=r"save_hf_checkpoint: bnb_4bit=True writes 4-bit weights that dequantize to one of "
+                                         r"\[torch.float32, torch.bfloat16, torch.float16\] .*; parameter 'layers.0.attn.q_proj.weight' "
+                                         r"is torch.float64: pass dtype=torch.float32"):
+        save_hf_checkpoint(model, tmp_path / "out", bnb_4bit=True)
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")

@@ -128,7 +128,9 @@ def save_hf_checkpoint(
         ValueError: a parameter without HF counterpart, a bad ``max_shard_size``, or ``bnb_4bit``
             with ``merge_adapters`` on a model that has adapters, with merged adapters (the 4-bit
             base would have to be quantized again without them; call ``unmerge_()`` first), or
-            with a ``dtype`` other than float32, bfloat16 and float16.
+            with a ``dtype`` (given, or a weight's own with ``dtype=None``) other than float32,
+            bfloat16 and float16.
+        TypeError: a ``base_config`` that is not a dict.
     """
     out_dir = os.fspath(out_dir)
     limit = _parse_size(max_shard_size)
@@ -159,6 +161,11 @@ def save_hf_checkpoint(
         hf_name = ours_to_hf(name)
         if hf_name is None:
             raise ValueError(f"save_hf_checkpoint: parameter '{name}' has no HF Llama counterpart")
+        if bnb_4bit and is_decoder_linear_weight(name) and want not in FLOAT_DTYPES:
+            raise ValueError(
+                f"save_hf_checkpoint: bnb_4bit=True writes 4-bit weights that dequantize to one of {list(FLOAT_DTYPES)} (the "
+                f"dtypes bitsandbytes' quant state names); parameter '{name}' is {want}: pass dtype=torch.float32 (or bfloat16, float16)"
+            )
         entries = bnb4bit_entries(hf_name, stored, want) if bnb_4bit and is_decoder_linear_weight(name) else [(hf_name, shape, want, producer)]
         for key, key_shape, key_dtype, key_producer in entries:
             specs.append((key, key_shape, key_dtype))
