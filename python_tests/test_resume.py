@@ -192,6 +192,28 @@ def test_a_fresh_run_over_an_earlier_one_says_what_it_replaces_and_what_stays(tm
     assert "holds an earlier run's" not in capsys.readouterr().out  # an empty folder: nothing to say
 
 
+def test_a_finished_run_relaunched_gets_back_its_config_and_log(tmp_path, setup, monkeypatch, capsys):
+    # A run started afresh over a finished one and stopped before its first save has replaced
+    # config.yaml and the metrics log; re-launching the finished run (nothing left to train) puts
+    # them back to its checkpoint's, so the folder describes the checkpoint it holds.
+    run = tmp_path / "run"
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1"]))
+    finished = {p: p.read_bytes() for p in (run / "config.yaml", run / "logs" / "metrics.jsonl")}
+    _interrupt_at_micro_batch(monkeypatch, 2 * 2 + 1)  # in step 3: steps 1 and 2 logged, nothing saved
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1", "optimizer.lr=1e-3"]))
+    monkeypatch.undo()
+    assert all(p.read_bytes() != text for p, text in finished.items())
+    capsys.readouterr()
+    summary = finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1", "resume_from_checkpoint=True"]))
+    assert summary["nothing_left_to_train"]
+    assert {p: p.read_bytes() for p in finished} == finished
+    out = capsys.readouterr().out
+    assert all(f"Restored {p} to the checkpoint's" in out for p in finished)
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1", "resume_from_checkpoint=True"]))
+    assert "Restored" not in capsys.readouterr().out  # matching files are left alone
+
+
 def test_resume_applies_changed_optimizer_schedule_and_clipping(tmp_path, setup, monkeypatch, capsys):
     # What the NaN-loss advice asks for: resume with a lower lr (and other optimizer, schedule and
     # clipping settings); the loaded optimizer and schedule take the new values.

@@ -60,6 +60,7 @@ from qlora_ext.training.loss_plot import Curve, plot_loss_curves
 from qlora_ext.training.memory import format_memory_stats, memory_stats
 from qlora_ext.training.metric_logging import (
     LOG_SUBDIR,
+    METRICS_FILE,
     RUN_CONFIG_FILE,
     MetricLoggerError,
     MetricLoggers,
@@ -123,6 +124,23 @@ def _earlier_run_note(output_dir: Path, epochs: int) -> str | None:
             f"epoch folders it reaches{stay}. Choose another output_dir to keep that run whole.")
 
 
+def _restore_finished_run_files(output_dir: Path, cfg: Config, state: dict[str, Any]) -> list[Path]:
+    """Puts back the finished run's config.yaml and metrics log (its checkpoint folder's
+    training_config.yaml, the log saved with its training state) where a later run, started
+    afresh or resumed and stopped before its first save, replaced them; returns what it rewrote
+    (nothing when they match, as after any run that ended with a save)."""
+    saved_config = output_dir / state["checkpoint_name"] / saving.TRAINING_CONFIG_FILE
+    log_dir = Path(cfg.metric_logger.log_dir or output_dir / LOG_SUBDIR)
+    restored = []
+    for path, text in ((output_dir / RUN_CONFIG_FILE, saved_config.read_text(encoding="utf-8") if saved_config.is_file() else None),
+                       (log_dir / METRICS_FILE, state.get("metrics_log"))):
+        if text is not None and (not path.is_file() or path.read_bytes() != text.encode("utf-8")):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, text)
+            restored.append(path)
+    return restored
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
@@ -137,9 +155,11 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
         state = checkpointing.load_training_state(output_dir, fingerprint, may_change=saving.ADJUSTABLE_ON_RESUME, seed=cfg.seed)
         # a run killed after saving, before deleting the step folder that save replaced
         checkpoint_folders.remove_step_folders(output_dir, keep=state["checkpoint_name"])
-        if state["epoch"] >= cfg.epochs:  # a finished run re-launched: nothing is built, written or logged
+        if state["epoch"] >= cfg.epochs:  # a finished run re-launched: nothing is built or trained
             print(f"Nothing left to train: the checkpoint {output_dir / state['checkpoint_name']} has completed "
                   f"{_count(state['epoch'], 'epoch')} and epochs is {cfg.epochs}; set epochs above {state['epoch']} to train on")
+            for path in _restore_finished_run_files(output_dir, cfg, state):
+                print(f"Restored {path} to the checkpoint's (a later run had started here and stopped before saving)")
             return {"output_dir": str(output_dir), "seed": state["seed"], "losses": [], "val_losses": [],
                     "checkpoint": str(output_dir / state["checkpoint_name"]), "metrics": None, "peak_memory": {},
                     "nothing_left_to_train": True}
