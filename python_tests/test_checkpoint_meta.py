@@ -1,6 +1,7 @@
 """Meta checkpoints in (consolidated.*.pth + params.json): the q/k rotary layout is converted so
 our logits match both transformers' LlamaForCausalLM and an independent Meta-style reference
-forward; model-parallel shards are concatenated; params.json sizing rules."""
+forward; model-parallel shards are concatenated; params.json sizing rules. And out
+(``save_meta_checkpoint``): the same keys, layout and params.json back."""
 
 from __future__ import annotations
 
@@ -179,3 +180,83 @@ def test_meta_keys_missing_are_named_as_meta_names_them(tmp_path):
         (tmp_path / "params.json").write_text(json.dumps({**params, "vocab_size": declared}))
         with pytest.raises(ValueError, match=rf"consolidated.00.pth holds no tok_embeddings.weight, and params.json gives no vocab_size \(it has {declared}\)"):
             read_checkpoint_config(tmp_path)
+
+
+@pytest.mark.parametrize("kv, settings", [(4, {}), (2, {"rope_theta": 500_000.0})], ids=["mha", "gqa-rope5e5"])
+def test_meta_save_is_what_meta_reads(tmp_path, kv, settings):
+    # A model read from a Meta checkpoint and saved again gives back the same tensors under the
+    # same keys (wq / wk in Meta's rotary layout again) and a params.json of the same model;
+    # Meta's own forward on the saved file reproduces transformers' logits.
+    from qlora_ext.checkpoint import save_meta_checkpoint
+
+    transformers()
+    hf = hf_llama(num_kv_heads=kv, seed=20 + kv, **settings)
+    (tmp_path / "src").mkdir()
+    state, params = _write_meta(tmp_path / "src", hf, shards=2)
+    ours = llama2_from_checkpoint(tmp_path / "src")
+    paths = save_meta_checkpoint(ours, tmp_path / "out")
+    assert paths == [str(tmp_path / "out" / "consolidated.00.pth"), str(tmp_path / "out" / "params.json")]
+    saved = torch.load(tmp_path / "out" / "consolidated.00.pth", weights_only=True)
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
+    saved_params = json.loads((tmp_path / "out" / "params.json").read_text())
+    assert Llama2Config.from_meta(saved_params) == Llama2Config.from_meta(params, vocab_size=320)
+    assert saved_params.get("rope_theta") == settings.get("rope_theta") and ("n_kv_heads" in saved_params) == (kv != 4)
+    tokens = torch.randint(0, 320, (2, 11))
+    assert rel_error(meta_reference_logits(saved, saved_params, tokens), hf_logits(hf, tokens)) <= 1e-5
+    back = llama2_from_checkpoint(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.equal(back(tokens), ours.eval()(tokens))
+
+
+def test_meta_save_merges_adapters_or_keeps_the_base(tmp_path):
+    # A QLoRA model: merged, the saved model computes what the adapted one does; with
+    # merge_adapters=False, the base (its NF4 weights dequantized); stale shards of an earlier,
+    # larger save in the folder are deleted, and a bad dtype is refused before anything is written.
+    from qlora_ext.checkpoint import save_meta_checkpoint
+
+    transformers()
+    (tmp_path / "src").mkdir()
+    _write_meta(tmp_path / "src", hf_llama(num_kv_heads=2, seed=5))
+    model = llama2_from_checkpoint(tmp_path / "src", ["q_proj", "k_proj", "v_proj"], apply_lora_to_mlp=True, quantize_base=True, lora_rank=4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.05)
+    out = tmp_path / "out"
+    out.mkdir()
+    _write_meta(out, hf_llama(num_kv_heads=2, seed=6), shards=2)  # an earlier save: consolidated.00 and .01
+    with pytest.raises(ValueError, match=r"save_meta_checkpoint: argument 'dtype' must be None \(each weight's own\) or one of "
+                                         r"\[torch.float32, torch.bfloat16, torch.float16, torch.float64\]; got torch.int8"):
+        save_meta_checkpoint(model, out, dtype=torch.int8)
+    assert sorted(p.name for p in out.iterdir()) == ["consolidated.00.pth", "consolidated.01.pth", "params.json"]
+    save_meta_checkpoint(model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["consolidated.00.pth", "params.json"]
+    tokens = torch.randint(0, 320, (2, 9))
+    merged = llama2_from_checkpoint(out).eval()
+    with torch.no_grad():
+        assert rel_error(merged(tokens), model.eval()(tokens)) <= 1e-5
+    save_meta_checkpoint(model, out, merge_adapters=False, dtype=torch.bfloat16)
+    base = torch.load(out / "consolidated.00.pth", weights_only=True)
+    assert {t.dtype for t in base.values()} == {torch.bfloat16}
+    v_proj = model.layers[1].attn.v_proj
+    assert torch.equal(base["layers.1.attention.wv.weight"], v_proj.weight.dequantize(torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    "dim, hidden, spelling",
+    [
+        (4096, 11008, {"multiple_of": 256}),  # 7B
+        (5120, 13824, {"multiple_of": 256}),  # 13B
+        (8192, 28672, {"ffn_dim_multiplier": 1.3, "multiple_of": 4096}),  # 70B
+        (256, 1000, {"multiple_of": 1000}),  # wider than 8/3 dim, no rule of Meta's gives it
+        (768, 1500, None),  # narrower than 8/3 dim: a multiplier below 1
+    ],
+)
+def test_params_json_spells_the_ffn_width_in_metas_rule(dim, hidden, spelling):
+    config = Llama2Config(vocab_size=32000, num_layers=2, num_heads=8, num_kv_heads=8, embed_dim=dim, intermediate_dim=hidden)
+    params = config.to_meta()
+    assert Llama2Config.from_meta(params) == config
+    assert params["vocab_size"] == 32000 and "n_kv_heads" not in params and "rope_theta" not in params
+    if spelling is not None:
+        assert {k: params[k] for k in ("ffn_dim_multiplier", "multiple_of") if k in params} == spelling

@@ -1,6 +1,6 @@
 """Checkpoint I/O for Llama-2 models: HF, Meta and bitsandbytes-4-bit checkpoints in; merged HF
-checkpoints, bitsandbytes-4-bit ones (``save_hf_checkpoint(..., bnb_4bit=True)``) and PEFT LoRA
-adapters out; every write atomic.
+checkpoints, bitsandbytes-4-bit ones (``save_hf_checkpoint(..., bnb_4bit=True)``), Meta ones
+(``save_meta_checkpoint``) and PEFT LoRA adapters out; every write atomic.
 
     from qlora_ext.checkpoint import load_checkpoint, save_hf_checkpoint, save_peft_adapter
 """
@@ -11,6 +11,7 @@ from qlora_ext.checkpoint.hf_tokenizer import save_hf_tokenizer
 from qlora_ext.checkpoint.load import checkpoint_format, load_checkpoint, read_checkpoint_config
 from qlora_ext.checkpoint.peft_adapter import load_peft_adapter, read_adapter_config, save_peft_adapter
 from qlora_ext.checkpoint.save import save_hf_checkpoint
+from qlora_ext.checkpoint.save_meta import save_meta_checkpoint
 
 __all__ = [
     "Llama2Config",
@@ -25,5 +26,6 @@ __all__ = [
     "read_checkpoint_config",
     "save_hf_checkpoint",
     "save_hf_tokenizer",
+    "save_meta_checkpoint",
     "save_peft_adapter",
 ]

@@ -181,6 +181,31 @@ class Llama2Config:
             rope_base=float(params.get("rope_theta", 10_000.0)),
         )
 
+    def to_meta(self) -> dict[str, Any]:
+        """Meta's ``params.json`` for this architecture, which ``from_meta`` reads back to it
+        (``max_seq_len`` aside: Meta does not record it). Fields Llama-2's own params.json lacks
+        are written only where needed (``n_kv_heads`` with GQA, ``rope_theta`` other than 10000),
+        and ``vocab_size`` is the model's, not -1. The FFN width is spelled in Meta's sizing rule
+        (``from_meta``): ``multiple_of`` 256 where that gives it (7B, 13B), else
+        ``ffn_dim_multiplier`` 1.3 with ``multiple_of`` 4096 (70B), else ``multiple_of`` equal to
+        the width, or, for a width below 8/3 of ``dim``, a multiplier that gives it.
+        """
+        params: dict[str, Any] = {"dim": self.embed_dim, "n_layers": self.num_layers, "n_heads": self.num_heads}
+        if self.num_kv_heads != self.num_heads:
+            params["n_kv_heads"] = self.num_kv_heads
+        params.update(vocab_size=self.vocab_size, norm_eps=self.norm_eps)
+        if self.rope_base != 10_000.0:
+            params["rope_theta"] = self.rope_base
+        base = int(2 * (4 * self.embed_dim) / 3)
+        spellings = [{"multiple_of": 256}, {"ffn_dim_multiplier": 1.3, "multiple_of": 4096}]
+        if self.intermediate_dim >= base:
+            spellings.append({"multiple_of": self.intermediate_dim})
+        spellings.append({"ffn_dim_multiplier": (self.intermediate_dim + 0.5) / base, "multiple_of": 1})
+        for spelling in spellings:
+            if Llama2Config.from_meta({**params, **spelling}, max_seq_len=self.max_seq_len) == self:
+                return {**params, **spelling}
+        raise ValueError(f"Llama2Config.to_meta: no params.json spelling gives intermediate_dim {self.intermediate_dim} for dim {self.embed_dim}")
+
     # -- a built model ----------------------------------------------------------------------------
 
     @classmethod
