@@ -201,6 +201,13 @@ def test_dataset_max_seq_len_and_other_recipes_settings(tmp_path):
     assert ("fsdp, custom_sharded_layers: settings of torchtune's multi-GPU recipe (lora_finetune_distributed), not used by this "
             "one-device trainer; that recipe's batch_size is per GPU, so a batch here is one GPU's share") in notes
 
+    # Meta's checkpointer: the Meta checkpoint is read, and the note says the save is in HF format
+    notes = []
+    load_config(_write(tmp_path, edit=_set("checkpointer._component_", "torchtune.training.FullModelMetaCheckpointer")),
+                ["dataset.data_files=a.json"], notes)
+    assert any(n.startswith("checkpointer: FullModelMetaCheckpointer reads the Meta checkpoint; the merged model is saved in HF "
+                            "format") for n in notes)
+
 
 def _set(dotted: str, value):
     def edit(raw):

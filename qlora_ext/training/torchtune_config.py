@@ -161,7 +161,9 @@ def _checkpoint_files(value: Any) -> Any:
 
 
 def _checkpointer(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:
-    _name(component, "checkpointer", {"FullModelHFCheckpointer": True, "FullModelMetaCheckpointer": True})
+    if _name(component, "checkpointer", {"FullModelHFCheckpointer": "hf", "FullModelMetaCheckpointer": "meta"}) == "meta":
+        notes.append("checkpointer: FullModelMetaCheckpointer reads the Meta checkpoint; the merged model is saved in HF format "
+                     "(model.safetensors + config.json, as for a HF base); qlora_ext.checkpoint.save_meta_checkpoint writes a Meta one")
     for key in ("adapter_checkpoint", "recipe_checkpoint"):
         _refuse_unless(section, key, (None,), "to continue a run, set resume_from_checkpoint=True: it reads "
                        "output_dir's last checkpoint (adapter and training state)", "checkpointer")
