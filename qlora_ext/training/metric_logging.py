@@ -158,7 +158,6 @@ class WandBLogger:
                 f"metric_logger.type=wandb: wandb.init(project={project!r}) failed: {type(e).__name__}: {str(e).rstrip('.')}. Run "
                 "`wandb login` first, or set WANDB_MODE=offline, or use metric_logger.type=disk"
             ) from None
-
         self._replay = replay or []
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
