@@ -203,13 +203,20 @@ def test_torch_save_keeps_parameter_and_requires_grad(requires_grad):
 
 
 def test_setting_data_to_a_dense_tensor_is_refused():
-    # nn.Module.to(dtype) on a module that is not a LoRALinear does `param.data = param.to(dtype)`,
-    # which would hide a dense copy inside the NF4 parameter.
+    # Only a dense tensor converted from the NF4 storage itself, unchanged since, may come back
+    # (nn.Module.to(dtype) does `param.data = param.to(dtype)`); any other would hide a dense copy
+    # inside the NF4 parameter.
     module = torch.nn.Module()
     nf4 = to_nf4(torch.randn(128, 64))
     module.weight = torch.nn.Parameter(nf4, requires_grad=False)
-    with pytest.raises(TypeError, match=r"'.data' must be set to an NF4Tensor; got Tensor of shape \[128, 64\]"):
-        module.to(torch.bfloat16)
+    with pytest.raises(TypeError, match=r"'.data' must be set to an NF4Tensor; got Tensor of shape \[128, 64\]\. A module's NF4"):
+        module.weight.data = torch.randn(128, 64)
+    changed = module.weight.to(torch.bfloat16)
+    changed.mul_(2)
+    with pytest.raises(TypeError, match=r"got Tensor of shape \[128, 64\] \(a conversion of an NF4Tensor, changed since\)"):
+        module.weight.data = changed
+    with pytest.raises(TypeError, match=r"\(a conversion of an NF4Tensor to torch.float64, which NF4 cannot hold\)"):
+        module.to(torch.float64)
     assert type(module.weight) is NF4Tensor and module.weight.dtype == torch.float32
     assert torch.equal(module.weight.packed, nf4.packed)
     with pytest.raises(RuntimeError):  # a wrapper holds no dense storage
@@ -218,6 +225,61 @@ def test_setting_data_to_a_dense_tensor_is_refused():
     module.weight.data = other  # an NF4Tensor may replace the data
     assert module.weight.shape == (256, 64) and module.weight.dtype == torch.bfloat16
     assert torch.equal(module.weight.dequantize(), other.dequantize())
+
+
+@pytest.mark.parametrize("convert", ["to", "half", "to_device_and_dtype"])
+def test_a_module_holding_an_nf4_weight_changes_dtype_keeping_it(convert):
+    # A module other than LoRALinear (torchtune's FrozenNF4Linear, say): .to(dtype) keeps the NF4
+    # bytes and changes the dtype it dequantizes to, as LoRALinear's and torchao's do.
+    linear = torch.nn.Linear(64, 128, bias=False)
+    nf4 = to_nf4(torch.randn(128, 64))
+    linear.weight = torch.nn.Parameter(nf4, requires_grad=False)
+    {"to": lambda: linear.to(torch.bfloat16), "half": linear.half, "to_device_and_dtype": lambda: linear.to("cpu", torch.float16)}[convert]()
+    want = torch.float16 if convert != "to" else torch.bfloat16
+    assert type(linear.weight) is NF4Tensor and isinstance(linear.weight, torch.nn.Parameter)
+    assert linear.weight.dtype == want and not linear.weight.requires_grad
+    assert all(a is b for a, b in zip(linear.weight.components(), nf4.components()))
+    x = torch.randn(3, 64, dtype=want)
+    assert torch.equal(linear(x), linear_nf4(x, NF4Tensor.from_components(*nf4.components(), nf4.shape, want)))
+
+
+def test_to_empty_and_empty_like_keep_the_layout():
+    # nn.Module.to_empty materializes a module built on meta with uninitialized NF4 storage,
+    # which a state-dict load then fills.
+    with torch.device("meta"):
+        linear = torch.nn.Linear(64, 128, bias=False)
+        linear.weight = torch.nn.Parameter(to_nf4(torch.randn(128, 64)), requires_grad=False)
+    linear.to_empty(device="cpu")
+    assert type(linear.weight) is NF4Tensor and linear.weight.packed.device.type == "cpu"
+    assert [t.shape for t in linear.weight.components()] == [(4096,), (128,), (1,), ()]
+    source = to_nf4(torch.randn(128, 64))
+    linear.load_state_dict({"weight": source})
+    assert torch.equal(linear.weight.packed, source.packed)
+    empty = torch.empty_like(source, dtype=torch.bfloat16)
+    assert type(empty) is NF4Tensor and empty.dtype == torch.bfloat16 and empty.packed.data_ptr() != source.packed.data_ptr()
+    with pytest.raises(TypeError, match=r"torch.empty_like of an NF4Tensor: argument 'dtype' must be float32, bfloat16 or float16; got torch.int8"):
+        torch.empty_like(source, dtype=torch.int8)
+
+
+def test_torchao_names():
+    # torchao's NF4Tensor spells dequantize() get_original_weight(), and has the block sizes.
+    nf4 = to_nf4(torch.randn(128, 64, dtype=torch.bfloat16))
+    assert torch.equal(nf4.get_original_weight(), nf4.dequantize()) and nf4.get_original_weight().dtype == torch.bfloat16
+    assert (nf4.block_size, nf4.scaler_block_size) == (64, 256)
+
+
+def test_linear_nf4_takes_torchaos_argument_names_and_follows_autocast():
+    # torchtune calls linear_nf4(input=..., weight=...); under autocast the result is in
+    # autocast's dtype, as F.linear's and torchao's are (it was float32 for float32 input).
+    nf4 = to_nf4(torch.randn(128, 64))
+    x, bias = torch.randn(3, 64), torch.randn(128)
+    assert torch.equal(linear_nf4(input=x, weight=nf4, bias=bias), linear_nf4(x, nf4, bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for got in (linear_nf4(x, nf4, bias), torch.nn.functional.linear(x, nf4, bias)):
+            assert got.dtype == torch.bfloat16 == torch.nn.functional.linear(x, nf4.dequantize(), bias).dtype
+            assert torch.equal(got, linear_nf4(x.bfloat16(), nf4, bias.bfloat16()))
+        lin = LoRALinear(64, 128, rank=4, alpha=8.0, quantize_base=True)
+        assert lin(x).dtype == torch.bfloat16 == LoRALinear(64, 128, rank=4, alpha=8.0)(x).dtype
 
 
 def test_to_with_copy_and_other_dtypes():

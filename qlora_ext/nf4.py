@@ -113,6 +113,20 @@ class NF4Tensor(Tensor):
         """The dense weight, in ``dtype`` (default: the original dtype)."""
         return ops.dequantize_nf4(*self.components(), self.shape, dtype or self.dtype)
 
+    def get_original_weight(self) -> Tensor:
+        """torchao's name for ``dequantize()``: the dense weight in the original dtype."""
+        return self.dequantize()
+
+    @property
+    def block_size(self) -> int:
+        """Weights per absmax (64; torchao's attribute)."""
+        return BLOCK_SIZE
+
+    @property
+    def scaler_block_size(self) -> int:
+        """Absmax values per scale (256; torchao's attribute)."""
+        return SCALER_BLOCK_SIZE
+
     def components(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(packed, absmax_codes, absmax_scales, absmax_offset)."""
         return self.packed, self.absmax_codes, self.absmax_scales, self.absmax_offset
@@ -204,10 +218,12 @@ def to_nf4(weight: Tensor, block_size: int = BLOCK_SIZE, scaler_block_size: int 
     return NF4Tensor(*ops.quantize_nf4(weight), weight.shape, weight.dtype)
 
 
-def linear_nf4(x: Tensor, weight: NF4Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x @ weight.T (+ bias)`` for x [..., in] and an NF4 weight [out, in], in x's dtype.
+def linear_nf4(input: Tensor, weight: NF4Tensor, bias: Tensor | None = None) -> Tensor:
+    """``input @ weight.T (+ bias)`` for input [..., in] and an NF4 weight [out, in], in input's
+    dtype, or under autocast in autocast's (as ``F.linear`` and torchao's ``linear_nf4``, whose
+    argument names these are; the op's messages call input ``x``).
 
-    Backward gives the gradient of x (and of bias) from the NF4 storage; the weight gets none.
+    Backward gives the gradient of input (and of bias) from the NF4 storage; the weight gets none.
     """
     if not isinstance(weight, NF4Tensor) or weight.dim() != 2:
         raise TypeError(f"linear_nf4: argument 'weight' must be a 2-D NF4Tensor; got {_describe(weight)}")
@@ -216,7 +232,13 @@ def linear_nf4(x: Tensor, weight: NF4Tensor, bias: Tensor | None = None) -> Tens
             "linear_nf4: argument 'weight' must be frozen (requires_grad=False): an NF4 weight gets no gradient, "
             "and training it would silently leave it as it is; train a LoRA adapter on it, or a dense weight"
         )
-    return ops.linear_nf4(x, *weight.components(), weight.shape[0], bias)
+    if isinstance(input, Tensor) and input.is_floating_point():
+        device_type = input.device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            input = input.to(dtype)
+            bias = bias.to(dtype) if isinstance(bias, Tensor) and bias.is_floating_point() else bias
+    return ops.linear_nf4(input, *weight.components(), weight.shape[0], bias)
 
 
 def reparametrize_as_dtype_state_dict_post_hook(
@@ -264,18 +286,31 @@ def _to(self: NF4Tensor, *args, copy: bool = False, **kwargs) -> Tensor:
 
 
 def _set_data(self: NF4Tensor, value: Tensor) -> None:
-    # nn.Module.to(dtype) on a module that is not a LoRALinear sets param.data to what
-    # Tensor.to(dtype) gave, a dense tensor, which would hide a dense copy inside this NF4Tensor.
+    # nn.Module.to(dtype) (and .half(), .to(device, dtype)) on a module that is not a LoRALinear
+    # sets param.data to what the conversion gave, a dense tensor: one made from an NF4Tensor, and
+    # not changed since, gives back that storage with its new dtype (as LoRALinear's .to(dtype)
+    # and torchao's NF4Tensor do); any other dense tensor would hide a dense copy in here.
+    source = getattr(value, "_qlora_nf4_source", None)
+    if not isinstance(value, NF4Tensor) and source is not None and source[1] == value._version and value.dtype in FLOAT_DTYPES:
+        value = NF4Tensor(*source[0], value.shape, value.dtype)
     if not isinstance(value, NF4Tensor):
         raise TypeError(
-            f"NF4Tensor: '.data' must be set to an NF4Tensor; got {_describe(value)}. A module's NF4 "
-            "weight cannot change dtype in place (nn.Module.to(dtype) tries to): use LoRALinear, whose "
-            ".to(dtype) keeps the NF4 storage and changes its compute dtype, or assign a new "
-            "nn.Parameter(to_nf4(...), requires_grad=False)"
+            f"NF4Tensor: '.data' must be set to an NF4Tensor; got {_describe(value)}{_why_not_rewrapped(value, source)}. "
+            "A module's NF4 weight changes dtype in place only through a conversion of itself (nn.Module.to(dtype), "
+            ".half(), .bfloat16()) to float32, bfloat16 or float16; assign a new nn.Parameter(to_nf4(...), "
+            "requires_grad=False) for new values"
         )
     with torch._C.DisableTorchFunctionSubclass():
         Tensor.data.__set__(self, value)
     self.packed, self.absmax_codes, self.absmax_scales, self.absmax_offset = value.components()
+
+
+def _why_not_rewrapped(value: Tensor, source) -> str:
+    if not isinstance(value, Tensor) or source is None:
+        return ""
+    if value.dtype not in FLOAT_DTYPES:
+        return f" (a conversion of an NF4Tensor to {value.dtype}, which NF4 cannot hold)"
+    return " (a conversion of an NF4Tensor, changed since)"
 
 
 _TORCH_FUNCTIONS: dict[Callable, Callable] = {F.linear: _linear, Tensor.to: _to, Tensor.data.__set__: _set_data}
@@ -293,13 +328,17 @@ def _clone(nf4: NF4Tensor, memory_format=None) -> NF4Tensor:
 
 
 def _dense(nf4: NF4Tensor, dtype: torch.dtype) -> Tensor:
-    # NF4 values are exact in float32, so other dtypes (float64, integers) convert from that.
-    if dtype in FLOAT_DTYPES:
-        return nf4.dequantize(dtype)
-    return nf4.dequantize(torch.float32).to(dtype)
+    # NF4 values are exact in float32, so other dtypes (float64, integers) convert from that. The
+    # result remembers its source storage (and its own version), for _set_data.
+    dense = nf4.dequantize(dtype) if dtype in FLOAT_DTYPES else nf4.dequantize(torch.float32).to(dtype)
+    if not dense.is_inference():  # (inference tensors have no version counter)
+        dense._qlora_nf4_source = (nf4.components(), dense._version)
+    return dense
 
 
 def _to_copy(nf4: NF4Tensor, dtype=None, device=None, non_blocking=False, **_) -> Tensor:
+    if dtype is not None and (device is None or torch.device(device) == nf4.device):
+        return _dense(nf4, dtype)  # a new tensor already: no copy of the storage first
     moved = NF4Tensor(*(t.to(device or t.device, copy=True, non_blocking=non_blocking) for t in nf4.components()), nf4.shape, nf4.dtype)
     return moved if dtype is None else _dense(moved, dtype)
 
@@ -325,6 +364,15 @@ def _is_same_size(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape
 
 
+def _empty_like(nf4: NF4Tensor, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None) -> NF4Tensor:
+    # nn.Module.to_empty (materializing a model built on the meta device): uninitialized storage
+    # of the same layout, to be filled by a checkpoint load.
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"torch.empty_like of an NF4Tensor: argument 'dtype' must be float32, bfloat16 or float16; got {dtype}")
+    components = (torch.empty_like(t, device=device or t.device, pin_memory=bool(pin_memory)) for t in nf4.components())
+    return NF4Tensor(*components, nf4.shape, dtype or nf4.dtype)
+
+
 _ATEN_OPS: dict[Callable, Callable] = {
     aten.detach.default: _detach,
     aten.alias.default: _detach,
@@ -332,4 +380,5 @@ _ATEN_OPS: dict[Callable, Callable] = {
     aten._to_copy.default: _to_copy,
     aten.copy_.default: _copy_,
     aten.is_same_size.default: _is_same_size,
+    aten.empty_like.default: _empty_like,
 }
