@@ -212,6 +212,30 @@ def test_a_finished_run_relaunched_gets_back_its_config_and_log(tmp_path, setup,
     assert all(f"Restored {p} to the checkpoint's" in out for p in finished)
     finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1", "resume_from_checkpoint=True"]))
     assert "Restored" not in capsys.readouterr().out  # matching files are left alone
+    # re-launched naming another log folder: the finished run's own (its config's) is the one checked
+    elsewhere = tmp_path / "elsewhere"
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1", "resume_from_checkpoint=True",
+                                                                       f"metric_logger.log_dir={elsewhere}"]))
+    assert "Restored" not in capsys.readouterr().out and not elsewhere.exists()
+
+
+def test_a_finished_run_relaunched_restores_its_log_where_its_config_keeps_it(tmp_path, setup, monkeypatch, capsys):
+    # The finished run and the stopped one logged to a folder of their own; the re-launch names
+    # none: the log goes back where the restored config.yaml says it is (where plot reads it).
+    from qlora_ext.training.metric_logging import metrics_file
+
+    run, logs = tmp_path / "run", tmp_path / "own_logs"
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1", f"metric_logger.log_dir={logs}"]))
+    finished = (logs / "metrics.jsonl").read_bytes()
+    _interrupt_at_micro_batch(monkeypatch, 2 * 2 + 1)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1", f"metric_logger.log_dir={logs}", "optimizer.lr=1e-3"]))
+    monkeypatch.undo()
+    capsys.readouterr()
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1", "resume_from_checkpoint=True"]))
+    assert f"Restored {logs / 'metrics.jsonl'} to the checkpoint's" in capsys.readouterr().out
+    assert (logs / "metrics.jsonl").read_bytes() == finished and metrics_file(run) == logs / "metrics.jsonl"
+    assert not (run / "logs").exists()
 
 
 def test_resume_applies_changed_optimizer_schedule_and_clipping(tmp_path, setup, monkeypatch, capsys):

@@ -532,6 +532,22 @@ def test_wandb_logger_drives_a_run(tmp_path, monkeypatch):
         MetricLoggers("wandb", tmp_path / "again", project="seed-qlora", config={})
 
 
+def test_a_hand_added_line_without_a_step_is_not_replayed(tmp_path, monkeypatch):
+    # The disk log keeps such a line on resume; the replay into W&B (or TensorBoard) skips it
+    # instead of failing on its missing step.
+    import types
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"comment": "hand-added"}\n{"step": 2, "loss": 1.5}\n')
+    logged = []
+    run = types.SimpleNamespace(log=lambda metrics, step: logged.append((step, dict(metrics))), finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kwargs: run))
+    loggers = MetricLoggers("wandb", tmp_path, config={}, resume_step=2)
+    loggers.log({"loss": 1.0}, step=3)
+    loggers.close()
+    assert logged == [(1, {"loss": 2.0}), (2, {"loss": 1.5}), (3, {"loss": 1.0})]
+    assert '{"comment": "hand-added"}' in (tmp_path / "metrics.jsonl").read_text()
+
+
 def test_matplotlib_loss_curves(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib (optional) is not installed")
     curves = [Curve(name, list(range(1, 31)), [k / s for s in range(1, 31)]) for name, k in (("lora", 1.0), ("qlora", 1.2))]

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm import tqdm
 
 from qlora_ext._paths import unwritable_folder
@@ -66,6 +67,7 @@ from qlora_ext.training.metric_logging import (
     MetricLoggers,
     MissingDependencyError,
     read_metrics,
+    run_log_dir,
 )
 from qlora_ext.training.optim import apply_hyperparameters, build_optimizer, build_scheduler, warmup_note
 
@@ -124,21 +126,42 @@ def _earlier_run_note(output_dir: Path, epochs: int) -> str | None:
             f"epoch folders it reaches{stay}. Choose another output_dir to keep that run whole.")
 
 
-def _restore_finished_run_files(output_dir: Path, cfg: Config, state: dict[str, Any]) -> list[Path]:
-    """Puts back the finished run's config.yaml and metrics log (its checkpoint folder's
-    training_config.yaml, the log saved with its training state) where a later run, started
-    afresh or resumed and stopped before its first save, replaced them; returns what it rewrote
-    (nothing when they match, as after any run that ended with a save)."""
+def _restore_finished_run_files(output_dir: Path, state: dict[str, Any]) -> list[str]:
+    """Puts back the finished run's config.yaml (its checkpoint folder's training_config.yaml) and
+    metrics log (the one saved with its training state, into the log folder that config names)
+    where a later run, started afresh or resumed and stopped before its first save, replaced
+    them; returns a line per file rewritten (none when they match, as after a run that ended
+    with a save)."""
     saved_config = output_dir / state["checkpoint_name"] / saving.TRAINING_CONFIG_FILE
-    log_dir = Path(cfg.metric_logger.log_dir or output_dir / LOG_SUBDIR)
-    restored = []
-    for path, text in ((output_dir / RUN_CONFIG_FILE, saved_config.read_text(encoding="utf-8") if saved_config.is_file() else None),
-                       (log_dir / METRICS_FILE, state.get("metrics_log"))):
-        if text is not None and (not path.is_file() or path.read_bytes() != text.encode("utf-8")):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, text)
-            restored.append(path)
-    return restored
+    config_text = saved_config.read_text(encoding="utf-8") if saved_config.is_file() else None
+    lines = [_put_back(output_dir / RUN_CONFIG_FILE, config_text)]
+    lines.append(_put_back(run_log_dir(output_dir) / METRICS_FILE, state.get("metrics_log")))  # where config.yaml, as restored, says
+    lines = [line for line in lines if line]
+    if lines and _logger_type(saved_config) == "tensorboard":
+        lines.append("Note: TensorBoard's event files still show the later run's curve, until a run there replays the log")
+    return lines
+
+
+def _put_back(path: Path, text: str | None) -> str | None:
+    """Writes ``text`` to ``path`` unless it holds it already (or there is no text); says what it did."""
+    if text is None or (path.is_file() and path.read_bytes() == text.encode("utf-8")):
+        return None
+    existed = path.is_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+    if existed:
+        return f"Restored {path} to the checkpoint's (a later run had started here and stopped before saving)"
+    return f"Wrote {path} from the checkpoint (it was missing)"
+
+
+def _logger_type(config_file: Path) -> str | None:
+    """The metric_logger.type a saved config names, if it can be read."""
+    try:
+        config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    logger = config.get("metric_logger") if isinstance(config, dict) else None
+    return logger.get("type") if isinstance(logger, dict) else None
 
 
 def _count(n: int, noun: str) -> str:
@@ -158,8 +181,8 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
         if state["epoch"] >= cfg.epochs:  # a finished run re-launched: nothing is built or trained
             print(f"Nothing left to train: the checkpoint {output_dir / state['checkpoint_name']} has completed "
                   f"{_count(state['epoch'], 'epoch')} and epochs is {cfg.epochs}; set epochs above {state['epoch']} to train on")
-            for path in _restore_finished_run_files(output_dir, cfg, state):
-                print(f"Restored {path} to the checkpoint's (a later run had started here and stopped before saving)")
+            for line in _restore_finished_run_files(output_dir, state):
+                print(line)
             return {"output_dir": str(output_dir), "seed": state["seed"], "losses": [], "val_losses": [],
                     "checkpoint": str(output_dir / state["checkpoint_name"]), "metrics": None, "peak_memory": {},
                     "nothing_left_to_train": True}

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from qlora_ext._arguments import is_finite_real
+from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext.checkpoint.atomic import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -62,8 +62,9 @@ class DiskLogger:
         self._file: Any = None
 
     def kept_records(self) -> list[dict[str, Any]]:
-        """The records a resume keeps (none for a fresh run), as ``log`` was given them."""
-        return [record for _, record in self._kept or []]
+        """The records a resume keeps (none for a fresh run), as ``log`` was given them; a line
+        without an int step (added by hand) stays in the file but is not a record to replay."""
+        return [record for _, record in self._kept or [] if is_int(record.get("step"))]
 
     def text(self) -> str:
         """The log's content so far, as this run will have written it (before its first ``log``:
@@ -227,6 +228,12 @@ def metrics_file(path: str | Path) -> Path:
     raise FileNotFoundError(
         f"no {METRICS_FILE} in {where}: give a training run's output_dir, or the folder holding its {METRICS_FILE}"
     )
+
+
+def run_log_dir(run_dir: str | Path) -> Path:
+    """The folder of a run's logs: the ``metric_logger.log_dir`` its saved ``config.yaml`` names,
+    else ``run_dir/logs``."""
+    return _configured_log_dir(Path(run_dir)) or Path(run_dir) / LOG_SUBDIR
 
 
 def _configured_log_dir(run_dir: Path) -> Path | None:
