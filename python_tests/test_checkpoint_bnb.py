@@ -311,8 +311,15 @@ def test_bnb_4bit_save_of_a_float64_model_names_the_weight(bnb_checkpoint, tmp_p
     # dtype=None keeps each weight's own: float64, which bitsandbytes' quant state cannot name.
     _, dense_dir, _ = bnb_checkpoint
     model = llama2_from_checkpoint(dense_dir, [], quantize_base=False).double()
+    model.tok_embeddings.float()  # the quant state's dtype is fine; a linear's own is not
     with pytest.raises(ValueError, match=r"save_hf_checkpoint: bnb_4bit=True writes 4-bit weights that dequantize to one of "
                                          r"\[torch.float32, torch.bfloat16, torch.float16\] .*; parameter 'layers.0.attn.q_proj.weight' "
                                          r"is torch.float64: pass dtype=torch.float32"):
         save_hf_checkpoint(model, tmp_path / "out", bnb_4bit=True)
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+    # A QLoRA model made float64: its NF4 linears stay float32, the embedding's dtype is float64
+    qlora = llama2_from_checkpoint(dense_dir, ["q_proj", "v_proj"], apply_lora_to_mlp=True, quantize_base=True).double()
+    with pytest.raises(ValueError, match=r"bnb_4bit=True records the model's dtype, that of tok_embeddings.weight, .* it is "
+                                         r"torch.float64: pass dtype=torch.float32"):
+        save_hf_checkpoint(qlora, tmp_path / "out", bnb_4bit=True, merge_adapters=False)
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")

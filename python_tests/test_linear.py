@@ -180,8 +180,8 @@ def test_bf16_activations_with_and_without_bf16_blas_tiles(shape, bf16_gemm, cpu
 @pytest.mark.parametrize("rows", [33, 64, 128, 129, 300])
 def test_bf16_backward_past_32_rows_takes_bf16_tiles(rows, cpu_isa, monkeypatch):
     # With bf16 tiles on, the backward gives more than 32 rows to them: the fused kernel, tuned
-    # against float32 tiles up to 128 rows, took up to 2.8x as long as bf16 tiles from 33 rows on
-    # (an AMX Xeon). Two nonzeros per row of grad_y make each output one rounding of a sum of two
+    # against float32 tiles up to 128 rows, took up to 2.5x as long as bf16 tiles from 33 rows on
+    # (2 threads on an AMX Xeon; 2.8x at 1 thread). Two nonzeros per row of grad_y make each output one rounding of a sum of two
     # exact products: bf16 tiles multiply W rounded to bf16, which the float32 fused kernel does not.
     monkeypatch.setenv("QLORA_CPU_BF16_GEMM", "1")
     n, k = 320, 256

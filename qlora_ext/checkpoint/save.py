@@ -155,6 +155,12 @@ def save_hf_checkpoint(
             f"adapters; LoRA modules {[strip_wrappers(n) for n in merged][:20]} have theirs merged (merged=True): "
             "call unmerge_() on them first"
         )
+    if bnb_4bit and dtype is None and model.tok_embeddings.weight.dtype not in FLOAT_DTYPES:  # the quant state's dtype
+        raise ValueError(
+            f"save_hf_checkpoint: bnb_4bit=True records the model's dtype, that of tok_embeddings.weight, in its quantization "
+            f"config, which names only {list(FLOAT_DTYPES)}; it is {model.tok_embeddings.weight.dtype}: pass dtype=torch.float32 "
+            "(or bfloat16, float16)"
+        )
     specs = []
     producers = {}
     for name, shape, want, producer, stored in merged_weights(model, dtype=dtype, merge_adapters=merge_adapters):
