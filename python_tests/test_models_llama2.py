@@ -37,6 +37,27 @@ def test_seed_snippet_runs_unchanged():
     assert type(qlora_model.layers[0].mlp.w1.weight) is nn.Parameter
 
 
+def test_lora_builders_take_torchtunes_arguments_in_its_order():
+    # torchtune's lora_llama2_7b(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output,
+    # lora_rank, lora_alpha, lora_dropout, use_dora, quantize_base): a positional call meaning
+    # use_dora=False built a QLoRA model here (quantize_base sat in its place); DoRA is refused.
+    import inspect
+
+    from qlora_ext.models.llama2 import lora_llama2_7b, lora_llama2_13b, lora_llama2_70b, lora_llama2_tiny
+
+    order = ["lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha", "lora_dropout",
+             "use_dora", "quantize_base"]
+    for builder in (lora_llama2_7b, lora_llama2_13b, lora_llama2_70b, lora_llama2_tiny):
+        assert list(inspect.signature(builder).parameters)[:8] == order
+    with torch.device("meta"):
+        model = lora_llama2_7b(["q_proj", "v_proj"], False, False, 8, 16, 0.0, False)
+        assert type(model.layers[0].attn.q_proj.weight) is nn.Parameter  # LoRA, dense base
+        assert type(lora_llama2_7b(["q_proj"], False, False, 8, 16, 0.0, False, True).layers[0].attn.q_proj.weight) is NF4Tensor
+        for call in (lambda: lora_llama2_7b(["q_proj"], False, False, 8, 16, 0.0, True), lambda: qlora_llama2_7b(["q_proj"], use_dora=True)):
+            with pytest.raises(ValueError, match=r"argument 'use_dora' must be False: DoRA is not supported here"):
+                call()
+
+
 @pytest.mark.parametrize(
     "builder, params, layers, heads, kv_heads, hidden",
     [

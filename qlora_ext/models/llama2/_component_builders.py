@@ -105,6 +105,7 @@ def lora_llama2(
     lora_rank: int,
     lora_alpha: float,
     lora_dropout: float = 0.0,
+    use_dora: bool = False,
     # QLoRA args
     quantize_base: bool = False,
 ) -> TransformerDecoder:
@@ -120,6 +121,7 @@ def lora_llama2(
         lora_rank: adapter rank.
         lora_alpha: adapter scaling numerator (the update is scaled by alpha / rank).
         lora_dropout: dropout on the adapter input.
+        use_dora: torchtune's DoRA switch; DoRA is not supported, so True is refused.
         quantize_base: store the base weights of the LoRA linears (only those) in NF4.
 
     Returns:
@@ -127,9 +129,13 @@ def lora_llama2(
         parameters keep ``requires_grad=True`` (use ``set_trainable_params`` to freeze them).
 
     Raises:
-        ValueError: unknown ``lora_attn_modules`` entries, inconsistent sizes, or a quantized
-            linear whose element count is not a multiple of 64.
+        ValueError: unknown ``lora_attn_modules`` entries, inconsistent sizes, a quantized
+            linear whose element count is not a multiple of 64, or ``use_dora`` not False.
     """
+    if use_dora is not False:
+        raise ValueError(
+            f"lora_llama2: argument 'use_dora' must be False: DoRA is not supported here (LoRA and QLoRA are); got {use_dora!r}"
+        )
     is_list = isinstance(lora_attn_modules, (list, tuple, set, frozenset)) and all(isinstance(m, str) for m in lora_attn_modules)
     unknown = sorted(set(lora_attn_modules) - set(LORA_ATTN_MODULES)) if is_list else []
     if unknown or not is_list:

@@ -55,7 +55,7 @@ def llama2_tiny(*, vocab_size: int = 512, max_seq_len: int = 512) -> Transformer
     return llama2(**LLAMA2_TINY, vocab_size=vocab_size, max_seq_len=max_seq_len)
 
 
-def _lora(arch: dict, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout, quantize_base):
+def _lora(arch: dict, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout, use_dora, quantize_base):
     return lora_llama2(
         lora_attn_modules,
         apply_lora_to_mlp,
@@ -64,6 +64,7 @@ def _lora(arch: dict, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
         quantize_base=quantize_base,
     )
 
@@ -75,6 +76,7 @@ def lora_llama2_7b(
     lora_rank: int = 8,
     lora_alpha: float = 16,
     lora_dropout: float = 0.0,
+    use_dora: bool = False,
     quantize_base: bool = False,
 ) -> TransformerDecoder:
     """Llama-2 7B with LoRA adapters (architecture as ``llama2_7b``).
@@ -87,9 +89,11 @@ def lora_llama2_7b(
         lora_rank: adapter rank.
         lora_alpha: adapter scaling numerator (scale = alpha / rank).
         lora_dropout: dropout on the adapter input.
+        use_dora: torchtune's DoRA switch, in its place among the arguments; DoRA is not
+            supported, so True is refused.
         quantize_base: base weights of the LoRA linears in NF4 (QLoRA).
     """
-    return _lora(LLAMA2_7B, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout, quantize_base)
+    return _lora(LLAMA2_7B, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout, use_dora, quantize_base)
 
 
 def lora_llama2_13b(
@@ -99,10 +103,11 @@ def lora_llama2_13b(
     lora_rank: int = 8,
     lora_alpha: float = 16,
     lora_dropout: float = 0.0,
+    use_dora: bool = False,
     quantize_base: bool = False,
 ) -> TransformerDecoder:
     """Llama-2 13B with LoRA adapters; arguments as for ``lora_llama2_7b``."""
-    return _lora(LLAMA2_13B, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout, quantize_base)
+    return _lora(LLAMA2_13B, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout, use_dora, quantize_base)
 
 
 def lora_llama2_70b(
@@ -112,10 +117,11 @@ def lora_llama2_70b(
     lora_rank: int = 8,
     lora_alpha: float = 16,
     lora_dropout: float = 0.0,
+    use_dora: bool = False,
     quantize_base: bool = False,
 ) -> TransformerDecoder:
     """Llama-2 70B (GQA) with LoRA adapters; arguments as for ``lora_llama2_7b``."""
-    return _lora(LLAMA2_70B, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout, quantize_base)
+    return _lora(LLAMA2_70B, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout, use_dora, quantize_base)
 
 
 def lora_llama2_tiny(
@@ -125,6 +131,7 @@ def lora_llama2_tiny(
     lora_rank: int = 8,
     lora_alpha: float = 16,
     lora_dropout: float = 0.0,
+    use_dora: bool = False,
     quantize_base: bool = False,
     *,
     vocab_size: int = 512,
@@ -135,7 +142,7 @@ def lora_llama2_tiny(
     Arguments as for ``lora_llama2_7b``, plus ``vocab_size`` and ``max_seq_len`` as for ``llama2_tiny``.
     """
     arch = dict(LLAMA2_TINY, vocab_size=vocab_size, max_seq_len=max_seq_len)
-    return _lora(arch, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout, quantize_base)
+    return _lora(arch, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout, use_dora, quantize_base)
 
 
 # QLoRA builders are the LoRA ones with NF4 base weights, as in torchtune: the base weights of the
