@@ -91,3 +91,44 @@ def test_adapter_state_dict_takes_torchtunes_device_argument():
     assert get_adapter_state_dict(state, device=None)["m.lora_a.weight"] is lora_a
     moved = get_adapter_state_dict(state, device="meta")
     assert all(t.device.type == "meta" for t in moved.values())
+
+
+def test_a_lora_linears_own_state_dict_and_custom_adapter_keys():
+    # torchtune's rule: a key holding "lora" is the adapter's, top-level keys included (a bare
+    # LoRALinear's state dict has lora_a.weight, merged into its "weight").
+    from qlora_ext import LoRALinear
+
+    lin = LoRALinear(8, 6, rank=2, alpha=2.0)
+    with torch.no_grad():
+        lin.lora_b.weight.normal_()
+    state = lin.state_dict()
+    assert sorted(get_adapter_state_dict(state)) == ["lora_a.weight", "lora_b.weight"]
+    want = lin.weight.detach() + lin.lora_b.weight.detach() @ lin.lora_a.weight.detach()
+    merged = get_merged_lora_ckpt(dict(state), rank=2, alpha=2.0)
+    assert sorted(merged) == ["weight"] and torch.allclose(merged["weight"], want, atol=1e-6)
+    custom = {"0.weight": torch.zeros(2, 2), "0.lora_up.weight": torch.ones(2, 2)}
+    assert list(get_adapter_state_dict(custom)) == ["0.lora_up.weight"]
+
+
+def test_validate_missing_and_unexpected_for_lora():
+    # torchtune's recipes load the base and the adapter with strict=False and check the key lists.
+    from qlora_ext.modules.peft import get_lora_module_names, validate_missing_and_unexpected_for_lora
+
+    attn = ["q_proj", "v_proj"]
+    assert get_lora_module_names(attn, True, True) == ["q_proj", "v_proj", "w1", "w2", "w3", "output"] and attn == ["q_proj", "v_proj"]
+    model = lora_llama2(attn, apply_lora_to_mlp=True, lora_rank=4, lora_alpha=8.0, **ARCH)
+    base_missing, base_unexpected = model.load_state_dict(llama2(**ARCH).state_dict(), strict=False)
+    adapter = get_adapter_state_dict(model.state_dict())
+    lora_missing, lora_unexpected = model.load_state_dict(adapter, strict=False)
+    assert base_missing and lora_missing and not base_unexpected and not lora_unexpected
+    validate_missing_and_unexpected_for_lora(attn, True, False, base_missing, base_unexpected, lora_missing, lora_unexpected)
+    with pytest.raises(AssertionError, match=r"Missing non-LoRA key layers.0.attn.k_proj.weight from base model dict \(the LoRA modules are"):
+        validate_missing_and_unexpected_for_lora(attn, True, False, base_missing + ["layers.0.attn.k_proj.weight"])
+    with pytest.raises(AssertionError, match=r"Missing LoRA key layers.1.mlp.w2.lora_a.weight from adapter state dict"):
+        validate_missing_and_unexpected_for_lora(attn, True, False, lora_missing=lora_missing + ["layers.1.mlp.w2.lora_a.weight"])
+    with pytest.raises(AssertionError, match=r"Missing LoRA key layers.0.attn.q_proj.magnitude from adapter state dict"):
+        validate_missing_and_unexpected_for_lora(attn, True, False, lora_missing=["layers.0.attn.q_proj.magnitude"])  # DoRA's
+    with pytest.raises(AssertionError, match=r"Unexpected key loading adapter: \['extra'\] are not the model's"):
+        validate_missing_and_unexpected_for_lora(attn, True, False, lora_unexpected=["extra"])
+    with pytest.raises(AssertionError, match=r"Unexpected key loading base model: \['extra'\] are not the model's"):
+        validate_missing_and_unexpected_for_lora(attn, True, False, base_unexpected=["extra"])

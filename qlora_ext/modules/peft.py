@@ -15,7 +15,8 @@ from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext.modules.lora_linear import LoRALinear
 
 __all__ = [
-    "LoRALinear", "disable_adapter", "get_adapter_params", "get_adapter_state_dict", "get_merged_lora_ckpt", "set_trainable_params",
+    "LoRALinear", "disable_adapter", "get_adapter_params", "get_adapter_state_dict", "get_lora_module_names", "get_merged_lora_ckpt",
+    "set_trainable_params", "validate_missing_and_unexpected_for_lora",
 ]
 
 
@@ -62,11 +63,55 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
 
 
 def get_adapter_state_dict(state_dict: dict[str, Tensor], device: torch.device | str | None = "cpu") -> dict[str, Tensor]:
-    """The adapter entries (``*.lora_a.*``, ``*.lora_b.*``, DoRA's ``*.magnitude``) of a model's
-    state dict, moved to ``device`` as torchtune's function does (None: left where they are).
-    Tensors already on ``device`` are the state dict's own, not copies."""
-    keep = {k: v for k, v in state_dict.items() if ".lora_a." in k or ".lora_b." in k or k.endswith(".magnitude")}
+    """The adapter entries of a model's state dict, those whose key holds "lora" or "magnitude"
+    (torchtune's rule: ``lora_a``, ``lora_b``, a custom adapter's ``lora_up``, DoRA's
+    ``magnitude``), moved to ``device`` as torchtune's function does (None: left where they
+    are). Tensors already on ``device`` are the state dict's own, not copies."""
+    keep = {k: v for k, v in state_dict.items() if "lora" in k or "magnitude" in k}
     return keep if device is None else {k: v.to(device) for k, v in keep.items()}
+
+
+def get_lora_module_names(lora_attn_modules: list[str], apply_lora_to_mlp: bool, apply_lora_to_output: bool) -> list[str]:
+    """The local names of the modules that get LoRA, as torchtune lists them: the attention
+    projections given, then ``w1``, ``w2``, ``w3`` with ``apply_lora_to_mlp``, then ``output``.
+    (A new list; ``lora_attn_modules`` is left as it is.)"""
+    return [*lora_attn_modules, *(["w1", "w2", "w3"] if apply_lora_to_mlp else []), *(["output"] if apply_lora_to_output else [])]
+
+
+def validate_missing_and_unexpected_for_lora(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool,
+    apply_lora_to_output: bool,
+    base_missing: list[str] | None = None,
+    base_unexpected: list[str] | None = None,
+    lora_missing: list[str] | None = None,
+    lora_unexpected: list[str] | None = None,
+) -> None:
+    """Checks the missing and unexpected keys of two ``load_state_dict(..., strict=False)`` calls
+    on a LoRA model, as torchtune's recipes do: the base weights may lack only LoRA parameters,
+    the adapter only non-LoRA ones, and neither may hold keys the model does not.
+
+    A key is a LoRA parameter when it has ``{module}.lora`` (or DoRA's ``{module}.magnitude``) in
+    it for a module named by ``get_lora_module_names`` (``layers.0.attn.q_proj.lora_a.weight``).
+
+    Raises:
+        AssertionError: in torchtune's words, naming the first offending key, or the unexpected keys.
+    """
+    modules = get_lora_module_names(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output)
+
+    def is_lora(key: str) -> bool:
+        return any(f"{module}.lora" in key or f"{module}.magnitude" in key for module in modules)
+
+    for key in base_missing or []:
+        if not is_lora(key):
+            raise AssertionError(f"Missing non-LoRA key {key} from base model dict (the LoRA modules are {modules})")
+    if base_unexpected:
+        raise AssertionError(f"Unexpected key loading base model: {sorted(base_unexpected)[:10]} are not the model's")
+    for key in lora_missing or []:
+        if is_lora(key):
+            raise AssertionError(f"Missing LoRA key {key} from adapter state dict")
+    if lora_unexpected:
+        raise AssertionError(f"Unexpected key loading adapter: {sorted(lora_unexpected)[:10]} are not the model's")
 
 
 def get_merged_lora_ckpt(state_dict: dict[str, Tensor], rank: int, alpha: float) -> dict[str, Tensor]:
@@ -90,30 +135,38 @@ def get_merged_lora_ckpt(state_dict: dict[str, Tensor], rank: int, alpha: float)
         raise ValueError(f"get_merged_lora_ckpt: argument 'rank' must be an integer > 0; got {rank!r}")
     if not is_finite_real(alpha):
         raise ValueError(f"get_merged_lora_ckpt: argument 'alpha' must be a finite number; got {alpha!r}")
-    if any(k.endswith(".magnitude") for k in state_dict):
+    if any(k == "magnitude" or k.endswith(".magnitude") for k in state_dict):
         raise ValueError("get_merged_lora_ckpt: argument 'state_dict' holds DoRA magnitudes; only LoRA is supported")
-    modules = sorted(k[: -len(".lora_a.weight")] for k in state_dict if k.endswith(".lora_a.weight"))
-    orphans = sorted(k for k in state_dict if k.endswith(".lora_b.weight") and k[: -len(".lora_b.weight")] not in modules)
+    # Each module's key prefix ("layers.0.attn.q_proj.", or "" for a LoRALinear's own state dict).
+    prefixes = sorted(_prefix(k, "lora_a.weight") for k in state_dict if _prefix(k, "lora_a.weight") is not None)
+    orphans = sorted(k for k in state_dict if _prefix(k, "lora_b.weight") not in (None, *prefixes))
     if orphans:
-        raise ValueError(f"get_merged_lora_ckpt: argument 'state_dict' has {orphans[0]} but no {orphans[0][: -len('.lora_b.weight')]}.lora_a.weight")
-    for module in modules:  # every pair is checked before any is merged: a refused dict is left as it was
-        a, b = state_dict.get(f"{module}.lora_a.weight"), state_dict.get(f"{module}.lora_b.weight")
-        weight = state_dict.get(f"{module}.weight")
+        raise ValueError(f"get_merged_lora_ckpt: argument 'state_dict' has {orphans[0]} but no {_prefix(orphans[0], 'lora_b.weight')}lora_a.weight")
+    for prefix in prefixes:  # every pair is checked before any is merged: a refused dict is left as it was
+        a, b = state_dict.get(f"{prefix}lora_a.weight"), state_dict.get(f"{prefix}lora_b.weight")
+        weight = state_dict.get(f"{prefix}weight")
         if b is None or weight is None:
-            missing = f"{module}.lora_b.weight" if b is None else f"{module}.weight"
-            raise ValueError(f"get_merged_lora_ckpt: argument 'state_dict' has {module}.lora_a.weight but no {missing}")
+            missing = f"{prefix}lora_b.weight" if b is None else f"{prefix}weight"
+            raise ValueError(f"get_merged_lora_ckpt: argument 'state_dict' has {prefix}lora_a.weight but no {missing}")
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank or (b.shape[0], a.shape[1]) != tuple(weight.shape):
             raise ValueError(
-                f"get_merged_lora_ckpt: {module}: lora_b {list(b.shape)} @ lora_a {list(a.shape)} must be a "
+                f"get_merged_lora_ckpt: {prefix.rstrip('.') or 'the LoRA module'}: lora_b {list(b.shape)} @ lora_a {list(a.shape)} must be a "
                 f"{list(weight.shape)} update of rank {rank}"
             )
         for name, t in (("weight", weight), ("lora_a.weight", a), ("lora_b.weight", b)):
             if not t.dtype.is_floating_point:
-                raise ValueError(f"get_merged_lora_ckpt: {module}.{name} must be floating point; got {t.dtype}")
-    for module in modules:
-        a, b = state_dict[f"{module}.lora_a.weight"], state_dict[f"{module}.lora_b.weight"]
-        weight = state_dict[f"{module}.weight"]
+                raise ValueError(f"get_merged_lora_ckpt: {prefix}{name} must be floating point; got {t.dtype}")
+    for prefix in prefixes:
+        a, b = state_dict[f"{prefix}lora_a.weight"], state_dict[f"{prefix}lora_b.weight"]
+        weight = state_dict[f"{prefix}weight"]
         delta = (alpha / rank) * (b.to(torch.float32) @ a.to(torch.float32))  # [out, in]
-        state_dict[f"{module}.weight"] = (weight.to(torch.float32) + delta.to(weight.device)).to(weight.dtype)
-        del state_dict[f"{module}.lora_a.weight"], state_dict[f"{module}.lora_b.weight"]
+        state_dict[f"{prefix}weight"] = (weight.to(torch.float32) + delta.to(weight.device)).to(weight.dtype)
+        del state_dict[f"{prefix}lora_a.weight"], state_dict[f"{prefix}lora_b.weight"]
     return state_dict
+
+
+def _prefix(key: str, suffix: str) -> str | None:
+    """The module prefix of ``key`` if it is ``{prefix}{suffix}`` ("" or ending in a dot), else None."""
+    if key == suffix:
+        return ""
+    return key[: -len(suffix)] if key.endswith(f".{suffix}") else None
