@@ -222,6 +222,19 @@ def test_forward_and_backward_on_the_meta_device(quantize_base):
     assert x.grad.shape == x.shape and lin.lora_a.weight.grad.shape == (4, 128) and lin.lora_b.weight.grad.is_meta
 
 
+def test_torchtunes_quantization_kwargs():
+    # torchtune's LoRALinear passes **quantization_kwargs to to_nf4: the format's own sizes are
+    # accepted, others refused, and none without quantize_base.
+    lin = LoRALinear(128, 64, rank=4, alpha=8, quantize_base=True, block_size=64, scaler_block_size=256)
+    assert type(lin.weight) is NF4Tensor
+    with pytest.raises(ValueError, match=r"quantization arguments must be \{'block_size': 64, 'scaler_block_size': 256\} .*; got \{'block_size': 32\}"):
+        LoRALinear(128, 64, rank=4, alpha=8, quantize_base=True, block_size=32)
+    with pytest.raises(ValueError, match=r"quantize_base is False, but quantization arguments were given: \{'block_size': 64\}"):
+        LoRALinear(128, 64, rank=4, alpha=8, block_size=64)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['blocksize'\]"):
+        LoRALinear(128, 64, rank=4, alpha=8, quantize_base=True, blocksize=64)
+
+
 def test_quantized_layer_takes_8x_less_storage():
     # The seed tutorial's example: 1,081,344 bytes dense (its CUDA number) vs 177,152 quantized.
     dense = LoRALinear(512, 512, rank=8, alpha=0.1, quantize_base=False)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext._dtypes import FLOAT_DTYPES
-from qlora_ext._tables import BLOCK_SIZE
+from qlora_ext._tables import BLOCK_SIZE, SCALER_BLOCK_SIZE
 from qlora_ext.modules.lora_fused import lora_linear
 from qlora_ext.nf4 import NF4Tensor, linear_nf4, reparametrize_as_dtype_state_dict_post_hook, to_nf4
 
@@ -30,6 +30,8 @@ class LoRALinear(nn.Module):
         quantize_base: store the base weight as an ``NF4Tensor`` (QLoRA). Its ``state_dict()``
             entry is then the dense weight in its original dtype, on CPU, and loading a dense
             weight quantizes it.
+        **quantization_kwargs: torchtune's ``block_size`` and ``scaler_block_size`` for
+            ``to_nf4``; accepted as 64 and 256 (the only format here), refused otherwise.
 
     ``lora_a`` starts kaiming-uniform and ``lora_b`` at zero, so a new adapter changes nothing.
     With a frozen base and the adapter computing in the input's dtype (or autocast's), forward and
@@ -49,8 +51,19 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         use_bias: bool = False,
         quantize_base: bool = False,
+        **quantization_kwargs,
     ):
         super().__init__()
+        # torchtune passes these to to_nf4: block_size and scaler_block_size, fixed here at 64 and 256.
+        unknown = sorted(set(quantization_kwargs) - {"block_size", "scaler_block_size"})
+        if unknown:
+            raise TypeError(f"LoRALinear: unexpected keyword argument(s) {unknown}; the quantization ones are block_size and scaler_block_size")
+        if not quantize_base and any(v is not None for v in quantization_kwargs.values()):
+            raise ValueError(f"LoRALinear: quantize_base is False, but quantization arguments were given: {quantization_kwargs}")
+        fixed = {"block_size": BLOCK_SIZE, "scaler_block_size": SCALER_BLOCK_SIZE}
+        other = {k: v for k, v in quantization_kwargs.items() if v is not None and v != fixed[k]}
+        if other:
+            raise ValueError(f"LoRALinear: quantization arguments must be {fixed} (the NF4 format of this package); got {other}")
         for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("rank", rank)):
             if not is_int(value) or value <= 0:
                 raise ValueError(f"LoRALinear: argument '{name}' must be a positive int; got {value!r}")
