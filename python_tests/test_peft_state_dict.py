@@ -106,8 +106,22 @@ def test_a_lora_linears_own_state_dict_and_custom_adapter_keys():
     want = lin.weight.detach() + lin.lora_b.weight.detach() @ lin.lora_a.weight.detach()
     merged = get_merged_lora_ckpt(dict(state), rank=2, alpha=2.0)
     assert sorted(merged) == ["weight"] and torch.allclose(merged["weight"], want, atol=1e-6)
-    custom = {"0.weight": torch.zeros(2, 2), "0.lora_up.weight": torch.ones(2, 2)}
-    assert list(get_adapter_state_dict(custom)) == ["0.lora_up.weight"]
+    # A custom adapter on torchtune's AdapterModule interface: its parameters and its state-dict
+    # entries are the same ones.
+    from qlora_ext.modules.peft import AdapterModule, get_adapter_params
+
+    class Adapter(torch.nn.Module, AdapterModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(2, 2))
+            self.lora_up = torch.nn.Linear(2, 2, bias=False)
+
+        def adapter_params(self):
+            return ["lora_up.weight"]
+
+    model = torch.nn.Sequential(Adapter())
+    assert list(get_adapter_params(model)) == list(get_adapter_state_dict(model.state_dict())) == ["0.lora_up.weight"]
+    assert AdapterModule in type(lin).__mro__
 
 
 def test_validate_missing_and_unexpected_for_lora():

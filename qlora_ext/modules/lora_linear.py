@@ -13,11 +13,12 @@ from torch import Tensor, nn
 from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext._dtypes import FLOAT_DTYPES
 from qlora_ext._tables import BLOCK_SIZE, SCALER_BLOCK_SIZE
+from qlora_ext.modules.adapter_module import AdapterModule
 from qlora_ext.modules.lora_fused import lora_linear
 from qlora_ext.nf4 import NF4Tensor, linear_nf4, reparametrize_as_dtype_state_dict_post_hook, to_nf4
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(nn.Module, AdapterModule):
     """``base(x) + (alpha / rank) * lora_b(lora_a(dropout(x)))`` with the base weight frozen.
 
     Args:

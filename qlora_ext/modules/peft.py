@@ -12,10 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from qlora_ext._arguments import is_finite_real, is_int
+from qlora_ext.modules.adapter_module import AdapterModule
 from qlora_ext.modules.lora_linear import LoRALinear
 
 __all__ = [
-    "LoRALinear", "disable_adapter", "get_adapter_params", "get_adapter_state_dict", "get_lora_module_names", "get_merged_lora_ckpt",
+    "AdapterModule", "LoRALinear", "disable_adapter", "get_adapter_params", "get_adapter_state_dict", "get_lora_module_names", "get_merged_lora_ckpt",
     "set_trainable_params", "validate_missing_and_unexpected_for_lora",
 ]
 
