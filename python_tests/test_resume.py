@@ -238,6 +238,21 @@ def test_a_finished_run_relaunched_restores_its_log_where_its_config_keeps_it(tm
     assert not (run / "logs").exists()
 
 
+def test_a_finished_tensorboard_run_relaunched_says_its_events_still_show_the_stopped_run(tmp_path, setup, monkeypatch, capsys):
+    pytest.importorskip("tensorboard", reason="tensorboard (optional) is not installed")
+    run = tmp_path / "run"
+    tb = ["epochs=1", "metric_logger.type=tensorboard"]
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + tb))
+    _interrupt_at_micro_batch(monkeypatch, 2 * 2 + 1)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train(load_config("tiny_qlora", _overrides(setup, run) + tb + ["optimizer.lr=1e-3"]))
+    monkeypatch.undo()
+    capsys.readouterr()
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + tb + ["resume_from_checkpoint=True"]))
+    out = capsys.readouterr().out
+    assert "Restored" in out and "Note: TensorBoard's event files still show the later run's curve" in out
+
+
 def test_resume_applies_changed_optimizer_schedule_and_clipping(tmp_path, setup, monkeypatch, capsys):
     # What the NaN-loss advice asks for: resume with a lower lr (and other optimizer, schedule and
     # clipping settings); the loaded optimizer and schedule take the new values.

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from qlora_ext._paths import unwritable_folder
@@ -68,6 +67,7 @@ from qlora_ext.training.metric_logging import (
     MissingDependencyError,
     read_metrics,
     run_log_dir,
+    run_logger_type,
 )
 from qlora_ext.training.optim import apply_hyperparameters, build_optimizer, build_scheduler, warmup_note
 
@@ -137,7 +137,7 @@ def _restore_finished_run_files(output_dir: Path, state: dict[str, Any]) -> list
     lines = [_put_back(output_dir / RUN_CONFIG_FILE, config_text)]
     lines.append(_put_back(run_log_dir(output_dir) / METRICS_FILE, state.get("metrics_log")))  # where config.yaml, as restored, says
     lines = [line for line in lines if line]
-    if lines and _logger_type(saved_config) == "tensorboard":
+    if lines and run_logger_type(output_dir) == "tensorboard":
         lines.append("Note: TensorBoard's event files still show the later run's curve, until a run there replays the log")
     return lines
 
@@ -152,16 +152,6 @@ def _put_back(path: Path, text: str | None) -> str | None:
     if existed:
         return f"Restored {path} to the checkpoint's (a later run had started here and stopped before saving)"
     return f"Wrote {path} from the checkpoint (it was missing)"
-
-
-def _logger_type(config_file: Path) -> str | None:
-    """The metric_logger.type a saved config names, if it can be read."""
-    try:
-        config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
-    logger = config.get("metric_logger") if isinstance(config, dict) else None
-    return logger.get("type") if isinstance(logger, dict) else None
 
 
 def _count(n: int, noun: str) -> str:

@@ -236,18 +236,28 @@ def run_log_dir(run_dir: str | Path) -> Path:
     return _configured_log_dir(Path(run_dir)) or Path(run_dir) / LOG_SUBDIR
 
 
+def run_logger_type(run_dir: str | Path) -> str | None:
+    """The ``metric_logger.type`` a run's saved ``config.yaml`` names, if it can be read."""
+    config = _saved_config(Path(run_dir))
+    logger = config.get("metric_logger") if config else None
+    return logger.get("type") if isinstance(logger, dict) else None
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """A run's saved ``config.yaml``, if there is one that reads as a mapping."""
+    try:
+        config = yaml.safe_load((run_dir / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def _configured_log_dir(run_dir: Path) -> Path | None:
     """The ``metric_logger.log_dir`` a run's saved ``config.yaml`` names, if any. A relative one is
     taken as the trainer did (from its working directory) unless it lies inside the recorded
     ``output_dir``: then it is found inside ``run_dir``, wherever the run folder is now."""
-    config_path = run_dir / RUN_CONFIG_FILE
-    if not config_path.is_file():
-        return None
-    try:
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
-    logger = config.get("metric_logger") if isinstance(config, dict) else None
+    config = _saved_config(run_dir)
+    logger = config.get("metric_logger") if config else None
     log_dir = logger.get("log_dir") if isinstance(logger, dict) else None
     if not isinstance(log_dir, str) or not log_dir:
         return None
