@@ -243,6 +243,28 @@ def test_a_module_holding_an_nf4_weight_changes_dtype_keeping_it(convert):
     assert torch.equal(linear(x), linear_nf4(x, NF4Tensor.from_components(*nf4.components(), nf4.shape, want)))
 
 
+def test_dtype_changes_under_inference_mode_and_between_modules():
+    # Under inference_mode (no version counters) .half() and .to(dtype) take other aten paths; and
+    # one module's weight converted into another's .data gets a copy of the storage, not a share.
+    def holding_nf4():
+        linear = torch.nn.Linear(64, 128, bias=False)
+        linear.weight = torch.nn.Parameter(to_nf4(torch.randn(128, 64)), requires_grad=False)
+        return linear
+
+    with torch.inference_mode():
+        for convert, want in ((lambda m: m.half(), torch.float16), (lambda m: m.to(torch.bfloat16), torch.bfloat16)):
+            linear = holding_nf4()
+            packed = linear.weight.packed
+            convert(linear)
+            assert type(linear.weight) is NF4Tensor and linear.weight.dtype == want and linear.weight.packed is packed
+    a, b = holding_nf4(), holding_nf4()
+    b.weight.data = a.weight.to(torch.float16)
+    assert torch.equal(b.weight.packed, a.weight.packed) and b.weight.packed.data_ptr() != a.weight.packed.data_ptr()
+    with torch.no_grad():
+        a.weight.copy_(torch.zeros(128, 64))
+    assert not torch.equal(b.weight.packed, a.weight.packed)
+
+
 def test_to_empty_and_empty_like_keep_the_layout():
     # nn.Module.to_empty materializes a module built on meta with uninitialized NF4 storage,
     # which a state-dict load then fills.
@@ -280,6 +302,9 @@ def test_linear_nf4_takes_torchaos_argument_names_and_follows_autocast():
             assert torch.equal(got, linear_nf4(x.bfloat16(), nf4, bias.bfloat16()))
         lin = LoRALinear(64, 128, rank=4, alpha=8.0, quantize_base=True)
         assert lin(x).dtype == torch.bfloat16 == LoRALinear(64, 128, rank=4, alpha=8.0)(x).dtype
+        # float64 stays float64 under autocast, as for F.linear (and is refused, as outside it)
+        with pytest.raises(TypeError, match=r"argument 'x' must have dtype float32, bfloat16 or float16; got Double"):
+            linear_nf4(x.double(), nf4)
 
 
 def test_to_with_copy_and_other_dtypes():

@@ -232,7 +232,7 @@ def linear_nf4(input: Tensor, weight: NF4Tensor, bias: Tensor | None = None) -> 
             "linear_nf4: argument 'weight' must be frozen (requires_grad=False): an NF4 weight gets no gradient, "
             "and training it would silently leave it as it is; train a LoRA adapter on it, or a dense weight"
         )
-    if isinstance(input, Tensor) and input.is_floating_point():
+    if isinstance(input, Tensor) and input.dtype in FLOAT_DTYPES:  # autocast leaves float64 as it is
         device_type = input.device.type
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
@@ -282,7 +282,7 @@ def _to(self: NF4Tensor, *args, copy: bool = False, **kwargs) -> Tensor:
         moved = NF4Tensor(*(t.to(device, non_blocking=non_blocking) for t in self.components()), self.shape, self.dtype)
     elif copy and dtype is None:
         moved = _clone(self)
-    return moved if dtype is None else _dense(moved, dtype)
+    return moved if dtype is None else _dense(moved, dtype, fresh=moved is not self)
 
 
 def _set_data(self: NF4Tensor, value: Tensor) -> None:
@@ -291,8 +291,11 @@ def _set_data(self: NF4Tensor, value: Tensor) -> None:
     # not changed since, gives back that storage with its new dtype (as LoRALinear's .to(dtype)
     # and torchao's NF4Tensor do); any other dense tensor would hide a dense copy in here.
     source = getattr(value, "_qlora_nf4_source", None)
-    if not isinstance(value, NF4Tensor) and source is not None and source[1] == value._version and value.dtype in FLOAT_DTYPES:
-        value = NF4Tensor(*source[0], value.shape, value.dtype)
+    if not isinstance(value, NF4Tensor) and source is not None and source[2] == _version(value) and value.dtype in FLOAT_DTYPES:
+        components, owner, _ = source
+        if owner is not None and owner is not self.packed:  # another NF4Tensor's storage: a copy, as for dense data
+            components = tuple(t.clone() for t in components)
+        value = NF4Tensor(*components, value.shape, value.dtype)
     if not isinstance(value, NF4Tensor):
         raise TypeError(
             f"NF4Tensor: '.data' must be set to an NF4Tensor; got {_describe(value)}{_why_not_rewrapped(value, source)}. "
@@ -327,20 +330,35 @@ def _clone(nf4: NF4Tensor, memory_format=None) -> NF4Tensor:
     return NF4Tensor(*(t.clone() for t in nf4.components()), nf4.shape, nf4.dtype)
 
 
-def _dense(nf4: NF4Tensor, dtype: torch.dtype) -> Tensor:
+def _dense(nf4: NF4Tensor, dtype: torch.dtype, *, fresh: bool = False) -> Tensor:
     # NF4 values are exact in float32, so other dtypes (float64, integers) convert from that. The
-    # result remembers its source storage (and its own version), for _set_data.
+    # result remembers, for _set_data, the storage it came from, that storage's owner (None when
+    # the storage is a fresh copy, moved to another device), and its own version (None for an
+    # inference tensor, which has no version counter; edits under inference_mode go unseen).
     dense = nf4.dequantize(dtype) if dtype in FLOAT_DTYPES else nf4.dequantize(torch.float32).to(dtype)
-    if not dense.is_inference():  # (inference tensors have no version counter)
-        dense._qlora_nf4_source = (nf4.components(), dense._version)
+    dense._qlora_nf4_source = (nf4.components(), None if fresh else nf4.packed, _version(dense))
     return dense
+
+
+def _version(t: Tensor) -> int | None:
+    return None if t.is_inference() else t._version
 
 
 def _to_copy(nf4: NF4Tensor, dtype=None, device=None, non_blocking=False, **_) -> Tensor:
     if dtype is not None and (device is None or torch.device(device) == nf4.device):
         return _dense(nf4, dtype)  # a new tensor already: no copy of the storage first
     moved = NF4Tensor(*(t.to(device or t.device, copy=True, non_blocking=non_blocking) for t in nf4.components()), nf4.shape, nf4.dtype)
-    return moved if dtype is None else _dense(moved, dtype)
+    return moved if dtype is None else _dense(moved, dtype, fresh=True)
+
+
+def _to_dtype(nf4: NF4Tensor, dtype: torch.dtype, non_blocking: bool = False, copy: bool = False, memory_format=None) -> Tensor:
+    return _dense(nf4, dtype)  # (under inference_mode, .half() and .to(dtype) come here)
+
+
+def _has_compatible_shallow_copy_type(nf4: NF4Tensor, other: Tensor) -> bool:
+    # nn.Module.to(dtype) under inference_mode asks before setting .data: yes, so that _set_data
+    # decides (it takes back a conversion of the storage, and refuses other data by name).
+    return True
 
 
 def _copy_(dst: Tensor, src: Tensor, non_blocking: bool = False) -> Tensor:
@@ -381,4 +399,6 @@ _ATEN_OPS: dict[Callable, Callable] = {
     aten.copy_.default: _copy_,
     aten.is_same_size.default: _is_same_size,
     aten.empty_like.default: _empty_like,
+    aten.to.dtype: _to_dtype,
+    aten._has_compatible_shallow_copy_type.default: _has_compatible_shallow_copy_type,
 }
