@@ -236,6 +236,13 @@ def test_meta_save_merges_adapters_or_keeps_the_base(tmp_path):
     merged = llama2_from_checkpoint(out).eval()
     with torch.no_grad():
         assert rel_error(merged(tokens), model.eval()(tokens)) <= 1e-5
+    # beside a HF checkpoint (config.json), which loaders would read instead: refused
+    from qlora_ext.checkpoint import save_hf_checkpoint
+
+    save_hf_checkpoint(model, tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"save_meta_checkpoint: argument 'out_dir' holds a HF checkpoint \(config.json, model.safetensors\)"):
+        save_meta_checkpoint(model, tmp_path / "hf")
+    assert not (tmp_path / "hf" / "params.json").exists()
     save_meta_checkpoint(model, out, merge_adapters=False, dtype=torch.bfloat16)
     base = torch.load(out / "consolidated.00.pth", weights_only=True)
     assert {t.dtype for t in base.values()} == {torch.bfloat16}

@@ -45,13 +45,20 @@ def save_meta_checkpoint(
         The paths written: ``consolidated.00.pth`` and ``params.json``.
 
     Raises:
-        ValueError: a parameter without Meta counterpart, or a ``dtype`` other than float32,
-            bfloat16, float16 and float64.
+        ValueError: a parameter without Meta counterpart, a ``dtype`` other than float32,
+            bfloat16, float16 and float64, or an ``out_dir`` holding a HF checkpoint (which
+            loaders would read instead).
         TypeError: ``model`` is not a Llama-2 ``TransformerDecoder``.
     """
     allowed = [*FLOAT_DTYPES, torch.float64]
     if dtype is not None and dtype not in allowed:
         raise ValueError(f"save_meta_checkpoint: argument 'dtype' must be None (each weight's own) or one of {allowed}; got {dtype!r}")
+    hf_files = sorted(n for n in os.listdir(out_dir) if n == "config.json" or n.endswith(".safetensors")) if os.path.isdir(out_dir) else []
+    if hf_files:  # loaders take a folder with config.json as HF: they would read those weights, not these
+        raise ValueError(
+            f"save_meta_checkpoint: argument 'out_dir' holds a HF checkpoint ({', '.join(hf_files[:5])}), which loaders would "
+            f"read instead of the Meta one; got '{os.fspath(out_dir)}': choose another folder, or delete those files"
+        )
     config = Llama2Config.from_model(model)
     weights = merged_weights(model, dtype=dtype, merge_adapters=merge_adapters)
     unnamed = [name for name, *_ in weights if ours_to_meta(name) is None]
