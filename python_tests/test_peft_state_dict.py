@@ -121,7 +121,8 @@ def test_a_lora_linears_own_state_dict_and_custom_adapter_keys():
 
     model = torch.nn.Sequential(Adapter())
     assert list(get_adapter_params(model)) == list(get_adapter_state_dict(model.state_dict())) == ["0.lora_up.weight"]
-    assert AdapterModule in type(lin).__mro__
+    assert AdapterModule in type(lin).__mro__ and isinstance(lin, AdapterModule) and isinstance(model[0], AdapterModule)
+    assert not isinstance(torch.nn.Linear(2, 2), AdapterModule)
 
 
 def test_validate_missing_and_unexpected_for_lora():

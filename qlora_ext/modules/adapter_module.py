@@ -1,12 +1,13 @@
 """torchtune's ``AdapterModule``: the interface of a module that holds adapter weights, for code
-that subclasses it or checks ``isinstance(m, AdapterModule)`` as torchtune's recipes do.
-``get_adapter_params`` only needs the method, as torchtune's does."""
+that subclasses it or checks ``isinstance(m, AdapterModule)`` (true for any object with an
+``adapter_params`` method, as with torchtune's). ``get_adapter_params`` only needs the method."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
+@runtime_checkable
 class AdapterModule(Protocol):
     """A module with adapter weights: ``adapter_params()`` names them, relative to the module
     (``["lora_a.weight", "lora_b.weight"]`` for ``LoRALinear``)."""
