@@ -251,6 +251,12 @@ def test_a_finished_tensorboard_run_relaunched_says_its_events_still_show_the_st
     finetune.train(load_config("tiny_qlora", _overrides(setup, run) + tb + ["resume_from_checkpoint=True"]))
     out = capsys.readouterr().out
     assert "Restored" in out and "Note: TensorBoard's event files still show the later run's curve" in out
+    import shutil as sh
+
+    sh.rmtree(run / "logs")  # a log that went missing, with no later run: written back, without the note
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + tb + ["resume_from_checkpoint=True"]))
+    out = capsys.readouterr().out
+    assert f"Wrote {run / 'logs' / 'metrics.jsonl'} from the checkpoint (it was missing)" in out and "TensorBoard" not in out
 
 
 def test_resume_applies_changed_optimizer_schedule_and_clipping(tmp_path, setup, monkeypatch, capsys):

@@ -537,7 +537,8 @@ def test_a_hand_added_line_without_a_step_is_not_replayed(tmp_path, monkeypatch)
     # instead of failing on its missing step.
     import types
 
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"comment": "hand-added"}\n{"step": 2, "loss": 1.5}\n')
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"comment": "hand-added"}\n{"step": null}\n{"step": "note"}\n'
+                                            '{"step": 2, "loss": 1.5}\n')
     logged = []
     run = types.SimpleNamespace(log=lambda metrics, step: logged.append((step, dict(metrics))), finish=lambda: None)
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kwargs: run))
@@ -545,7 +546,7 @@ def test_a_hand_added_line_without_a_step_is_not_replayed(tmp_path, monkeypatch)
     loggers.log({"loss": 1.0}, step=3)
     loggers.close()
     assert logged == [(1, {"loss": 2.0}), (2, {"loss": 1.5}), (3, {"loss": 1.0})]
-    assert '{"comment": "hand-added"}' in (tmp_path / "metrics.jsonl").read_text()
+    assert all(line in (tmp_path / "metrics.jsonl").read_text() for line in ('{"comment": "hand-added"}', '{"step": null}', '{"step": "note"}'))
 
 
 def test_matplotlib_loss_curves(tmp_path):

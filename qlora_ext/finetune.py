@@ -134,10 +134,10 @@ def _restore_finished_run_files(output_dir: Path, state: dict[str, Any]) -> list
     with a save)."""
     saved_config = output_dir / state["checkpoint_name"] / saving.TRAINING_CONFIG_FILE
     config_text = saved_config.read_text(encoding="utf-8") if saved_config.is_file() else None
-    lines = [_put_back(output_dir / RUN_CONFIG_FILE, config_text)]
-    lines.append(_put_back(run_log_dir(output_dir) / METRICS_FILE, state.get("metrics_log")))  # where config.yaml, as restored, says
-    lines = [line for line in lines if line]
-    if lines and run_logger_type(output_dir) == "tensorboard":
+    config_line = _put_back(output_dir / RUN_CONFIG_FILE, config_text)
+    log_line = _put_back(run_log_dir(output_dir) / METRICS_FILE, state.get("metrics_log"))  # where config.yaml, as restored, says
+    lines = [line for line in (config_line, log_line) if line]
+    if log_line and log_line.startswith("Restored") and run_logger_type(output_dir) == "tensorboard":
         lines.append("Note: TensorBoard's event files still show the later run's curve, until a run there replays the log")
     return lines
 

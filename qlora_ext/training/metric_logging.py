@@ -50,7 +50,8 @@ class DiskLogger:
         # A resume's (line, record) pairs, read (and any unreadable line warned of) now, during
         # setup, not under the progress bar; written back at the first log.
         self._kept = None if resume_step is None else [
-            (line, record) for line, record in _parsed_lines(self.path) if record.get("step", 0) <= resume_step
+            (line, record) for line, record in _parsed_lines(self.path)
+            if not is_int(record.get("step")) or record["step"] <= resume_step  # a hand-added line without a step stays
         ]
         if self._kept is not None and resume_log is not None:
             saved, _ = _parsed_text(resume_log.splitlines())
