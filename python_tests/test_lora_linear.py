@@ -229,6 +229,8 @@ def test_torchtunes_quantization_kwargs():
     assert type(lin.weight) is NF4Tensor
     with pytest.raises(ValueError, match=r"quantization arguments must be \{'block_size': 64, 'scaler_block_size': 256\} .*; got \{'block_size': 32\}"):
         LoRALinear(128, 64, rank=4, alpha=8, quantize_base=True, block_size=32)
+    with pytest.raises(ValueError, match=r"got \{'block_size': 64.0\}"):  # as to_nf4, sizes are ints
+        LoRALinear(128, 64, rank=4, alpha=8, quantize_base=True, block_size=64.0)
     with pytest.raises(ValueError, match=r"quantize_base is False, but quantization arguments were given: \{'block_size': 64\}"):
         LoRALinear(128, 64, rank=4, alpha=8, block_size=64)
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['blocksize'\]"):

@@ -53,7 +53,7 @@ def test_lora_builders_take_torchtunes_arguments_in_its_order():
         model = lora_llama2_7b(["q_proj", "v_proj"], False, False, 8, 16, 0.0, False)
         assert type(model.layers[0].attn.q_proj.weight) is nn.Parameter  # LoRA, dense base
         assert type(lora_llama2_7b(["q_proj"], False, False, 8, 16, 0.0, False, True).layers[0].attn.q_proj.weight) is NF4Tensor
-        for call in (lambda: lora_llama2_7b(["q_proj"], False, False, 8, 16, 0.0, True), lambda: qlora_llama2_7b(["q_proj"], use_dora=True)):
+        for call in (lambda: lora_llama2_7b(["q_proj"], False, False, 8, 16, 0.0, True), lambda: qlora_llama2_7b(["q_proj"], use_dora=1)):
             with pytest.raises(ValueError, match=r"argument 'use_dora' must be False: DoRA is not supported here"):
                 call()
 

@@ -62,7 +62,7 @@ class LoRALinear(nn.Module, AdapterModule):
         if not quantize_base and any(v is not None for v in quantization_kwargs.values()):
             raise ValueError(f"LoRALinear: quantize_base is False, but quantization arguments were given: {quantization_kwargs}")
         fixed = {"block_size": BLOCK_SIZE, "scaler_block_size": SCALER_BLOCK_SIZE}
-        other = {k: v for k, v in quantization_kwargs.items() if v is not None and v != fixed[k]}
+        other = {k: v for k, v in quantization_kwargs.items() if v is not None and (not is_int(v) or v != fixed[k])}
         if other:
             raise ValueError(f"LoRALinear: quantization arguments must be {fixed} (the NF4 format of this package); got {other}")
         for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("rank", rank)):

@@ -130,9 +130,9 @@ def lora_llama2(
 
     Raises:
         ValueError: unknown ``lora_attn_modules`` entries, inconsistent sizes, a quantized
-            linear whose element count is not a multiple of 64, or ``use_dora`` not False.
+            linear whose element count is not a multiple of 64, or a true ``use_dora``.
     """
-    if use_dora is not False:
+    if use_dora:
         raise ValueError(
             f"lora_llama2: argument 'use_dora' must be False: DoRA is not supported here (LoRA and QLoRA are); got {use_dora!r}"
         )
