@@ -710,3 +710,25 @@ def test_save_refuses_a_dtype_that_is_not_a_checkpoint_float(tmp_path):
     with pytest.raises(TypeError, match="argument 'base_config' must be None or a config.json dict; got list"):
         save_hf_checkpoint(model, tmp_path, base_config=[1, 2])
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_model_on_the_meta_device_is_refused_by_name(tmp_path):
+    # Built under torch.device("meta") and never loaded: no data to write (was torch's "Cannot
+    # copy out of meta tensor", after an empty folder was made). An adapter materialized on its own
+    # may be saved while the base stays on meta.
+    from qlora_ext.checkpoint import save_meta_checkpoint
+    from qlora_ext.models.llama2 import qlora_llama2_tiny
+
+    with torch.device("meta"):
+        model = qlora_llama2_tiny(["q_proj"])
+    for save, first in ((save_hf_checkpoint, "tok_embeddings.weight"), (save_meta_checkpoint, "tok_embeddings.weight"),
+                        (save_peft_adapter, "model.layers.0.self_attn.q_proj.lora_a.weight")):
+        with pytest.raises(ValueError, match=rf"{save.__name__}: argument 'model' has parameters on the meta device, which hold no "
+                                             rf"data \(e.g. '{first}'\); load its weights first"):
+            save(model, tmp_path / save.__name__)
+        assert not (tmp_path / save.__name__).exists()
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.lora_a.to_empty(device="cpu")
+            module.lora_b.to_empty(device="cpu")
+    assert len(save_peft_adapter(model, tmp_path / "adapter")) == 2

@@ -21,6 +21,7 @@ from qlora_ext.checkpoint.config import read_json, write_json
 from qlora_ext.checkpoint.convert import hf_module_name, hf_to_ours, strip_wrappers
 from qlora_ext.checkpoint.load import _assign, _home_device, _targets, refuse_merged
 from qlora_ext.checkpoint.safetensors_io import SafetensorsReader, write_safetensors
+from qlora_ext.checkpoint.save import refuse_meta_parameters
 from qlora_ext.modules.lora_linear import LoRALinear
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -105,9 +106,14 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_mode
 
     Raises:
         ValueError: the model has no LoRA modules, or their rank / alpha / dropout differ
-            between modules, or they cover some layers and not others.
+            between modules, or they cover some layers and not others; or adapter parameters
+            on the meta device.
     """
     modules = lora_modules(model)
+    refuse_meta_parameters(
+        ((f"{name}.{p}", module.get_parameter(p)) for name, module in modules.items() for p in module.adapter_params()),
+        "save_peft_adapter",
+    )
     if not modules:
         raise ValueError("save_peft_adapter: argument 'model' has no LoRALinear modules")
     settings = {(m.rank, m.alpha, _dropout_p(m)) for m in modules.values()}

@@ -49,6 +49,18 @@ def _parse_size(size: int | str) -> int:
     return size
 
 
+def refuse_meta_parameters(named_parameters, caller: str) -> None:
+    """Raises ValueError naming one of ``(name, parameter)`` on the meta device (shapes without
+    data: a model built under ``torch.device("meta")`` whose weights were never loaded), before
+    anything is written."""
+    on_meta = next((strip_wrappers(name) for name, p in named_parameters if p.is_meta), None)
+    if on_meta is not None:
+        raise ValueError(
+            f"{caller}: argument 'model' has parameters on the meta device, which hold no data (e.g. '{on_meta}'); "
+            "load its weights first (load_checkpoint), or build it on a real device"
+        )
+
+
 def merged_weights(model: nn.Module, *, dtype: torch.dtype | None = None, merge_adapters: bool = True):
     """(our name, shape, dtype, producer, stored) for every weight of a merged model, in module
     order; ``stored`` is the tensor as the model holds it (an ``NF4Tensor`` for a quantized base).
@@ -129,10 +141,11 @@ def save_hf_checkpoint(
             with ``merge_adapters`` on a model that has adapters, with merged adapters (the 4-bit
             base would have to be quantized again without them; call ``unmerge_()`` first), or
             with a ``dtype`` (given, or a weight's own with ``dtype=None``) other than float32,
-            bfloat16 and float16.
+            bfloat16 and float16; or a model with parameters on the meta device.
         TypeError: a ``base_config`` that is not a dict.
     """
     out_dir = os.fspath(out_dir)
+    refuse_meta_parameters(model.named_parameters(), "save_hf_checkpoint")
     limit = _parse_size(max_shard_size)
     # float64 too (a float64 base saves as it was read), but not for bitsandbytes, whose quant state names only these
     allowed = list(FLOAT_DTYPES) + ([] if bnb_4bit else [torch.float64])
