@@ -151,6 +151,21 @@ def test_params_json_sizes():
         Llama2Config.from_meta({**p7, "use_scaled_rope": True, "moe": {"experts": 8}}, vocab_size=32000)
 
 
+def test_context_length_of_meta_and_saved_hf_configs():
+    # Meta records none: Code Llama (rope_theta above 10000) gets 16384, as HF's conversion script
+    # gives it, Llama-2 4096; a HF save keeps the base's length over a shorter training cap.
+    p7 = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05, "vocab_size": -1}
+    assert Llama2Config.from_meta(p7, vocab_size=32000).max_seq_len == 4096
+    code = Llama2Config.from_meta({**p7, "rope_theta": 1e6}, vocab_size=32016)
+    assert code.max_seq_len == 16384 and Llama2Config.from_meta(p7, vocab_size=32000, max_seq_len=1024).max_seq_len == 1024
+    import dataclasses
+
+    capped = dataclasses.replace(code, max_seq_len=256)
+    assert capped.to_hf(base={"max_position_embeddings": 16384})["max_position_embeddings"] == 16384
+    assert capped.to_hf()["max_position_embeddings"] == 256
+    assert code.to_hf(base={"max_position_embeddings": 2048})["max_position_embeddings"] == 16384
+
+
 def test_vocab_size_read_from_embedding(tmp_path):
     transformers()
     _write_meta(tmp_path, hf_llama(num_kv_heads=4, seed=1))

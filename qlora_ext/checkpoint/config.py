@@ -63,13 +63,14 @@ class Llama2Config:
         expected = {
             "model_type": ("llama", config.get("model_type", "llama")),
             "hidden_act": ("silu", config.get("hidden_act", "silu")),
-            "rope type": ("default", rope_type),
             "attention_bias": (False, config.get("attention_bias", False)),
             "mlp_bias": (False, config.get("mlp_bias", False)),
             "tie_word_embeddings": (False, config.get("tie_word_embeddings", False)),
             "head_dim": (config["hidden_size"] // heads, config.get("head_dim") or config["hidden_size"] // heads),
         }
         problems = [f"'{key}' must be {want!r}, got {got!r}" for key, (want, got) in expected.items() if want != got]
+        if rope_type != "default":
+            problems.append(f"'rope_scaling' (or 'rope_parameters') type must be 'default', got {rope_type!r} (RoPE scaling is not implemented)")
         quant = config.get("quantization_config")
         if quant is not None and not (isinstance(quant, dict) and quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_4bit")):
             if isinstance(quant, dict) and quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_8bit"):
@@ -100,7 +101,9 @@ class Llama2Config:
         Args:
             dtype: recorded as ``torch_dtype`` (the dtype of the saved weights).
             base: an original config.json to keep unrelated fields of (tokens ids, ...);
-                its quantization settings are dropped, the architecture fields overwritten.
+                its quantization settings are dropped, the architecture fields overwritten, but
+                its ``max_position_embeddings`` is kept unless ``max_seq_len`` is longer (a
+                shorter one caps a fine-tuning run's sequences, not the model's context).
         """
         config = {k: v for k, v in (base or {}).items() if k not in ("quantization_config", "rope_parameters", "dtype")}
         config.update(
@@ -113,7 +116,8 @@ class Llama2Config:
             num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads,
             head_dim=self.head_dim,
-            max_position_embeddings=self.max_seq_len,
+            # the base's context length, unless this model's is longer (a shorter max_seq_len is a training-time cap)
+            max_position_embeddings=max(self.max_seq_len, _int_or(config.get("max_position_embeddings"), 0)),
             rms_norm_eps=self.norm_eps,
             rope_theta=self.rope_base,
             rope_scaling=None,
@@ -134,14 +138,15 @@ class Llama2Config:
     # -- Meta -------------------------------------------------------------------------------------
 
     @classmethod
-    def from_meta(cls, params: dict[str, Any], *, vocab_size: int | None = None, max_seq_len: int = 4096) -> Llama2Config:
+    def from_meta(cls, params: dict[str, Any], *, vocab_size: int | None = None, max_seq_len: int | None = None) -> Llama2Config:
         """Reads Meta's ``params.json``.
 
         Args:
             params: the parsed params.json (``dim``, ``n_layers``, ``n_heads``, optional
                 ``n_kv_heads``, ``multiple_of``, ``ffn_dim_multiplier``, ``norm_eps``, ``rope_theta``).
             vocab_size: used when params.json says -1 (Llama-2's do: the tokenizer decides).
-            max_seq_len: not recorded by Meta; Llama-2 was trained with 4096.
+            max_seq_len: not recorded by Meta; by default as HF's conversion script sets it:
+                16384 where ``rope_theta`` is above 10000 (Code Llama), else 4096 (Llama-2).
 
         Raises:
             ValueError: missing fields, no usable vocab size, or settings this model does not
@@ -176,7 +181,7 @@ class Llama2Config:
             num_kv_heads=params.get("n_kv_heads") or params["n_heads"],
             embed_dim=dim,
             intermediate_dim=hidden,
-            max_seq_len=max_seq_len,
+            max_seq_len=max_seq_len or (16_384 if float(params.get("rope_theta", 10_000.0)) > 10_000.0 else 4096),
             norm_eps=params.get("norm_eps", 1e-5),
             rope_base=float(params.get("rope_theta", 10_000.0)),
         )
@@ -243,6 +248,10 @@ class Llama2Config:
             if field.name not in ignore and a != b:
                 out.append(f"{field.name}: {a!r} vs {b!r}")
         return out
+
+
+def _int_or(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
