@@ -265,6 +265,19 @@ def test_dtype_changes_under_inference_mode_and_between_modules():
     assert not torch.equal(b.weight.packed, a.weight.packed)
 
 
+def test_a_dense_conversion_carries_nothing_of_the_nf4_storage():
+    # What lets .data take a conversion back is kept beside the dense tensor, not in it: saving
+    # or copying the dense weight writes the dense values alone.
+    nf4 = to_nf4(torch.randn(256, 256))
+    dense = nf4.to(torch.bfloat16)
+    assert dense.__dict__ == {} and copy.deepcopy(dense).__dict__ == {}
+    saved, plain = io.BytesIO(), io.BytesIO()
+    torch.save(dense, saved)
+    torch.save(dense.clone(), plain)
+    assert len(saved.getvalue()) == len(plain.getvalue())
+    assert torch.load(io.BytesIO(saved.getvalue()), weights_only=True).__dict__ == {}
+
+
 def test_to_empty_and_empty_like_keep_the_layout():
     # nn.Module.to_empty materializes a module built on meta with uninitialized NF4 storage,
     # which a state-dict load then fills.

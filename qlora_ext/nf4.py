@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from qlora_ext import ops
 from qlora_ext._arguments import is_int
@@ -290,7 +291,7 @@ def _set_data(self: NF4Tensor, value: Tensor) -> None:
     # sets param.data to what the conversion gave, a dense tensor: one made from an NF4Tensor, and
     # not changed since, gives back that storage with its new dtype (as LoRALinear's .to(dtype)
     # and torchao's NF4Tensor do); any other dense tensor would hide a dense copy in here.
-    source = getattr(value, "_qlora_nf4_source", None)
+    source = _CONVERSIONS.get(value) if isinstance(value, Tensor) else None
     if not isinstance(value, NF4Tensor) and source is not None and source[2] == _version(value) and value.dtype in FLOAT_DTYPES:
         components, owner, _ = source
         if owner is not None and owner is not self.packed:  # another NF4Tensor's storage: a copy, as for dense data
@@ -330,13 +331,19 @@ def _clone(nf4: NF4Tensor, memory_format=None) -> NF4Tensor:
     return NF4Tensor(*(t.clone() for t in nf4.components()), nf4.shape, nf4.dtype)
 
 
+# Dense tensors made by converting an NF4Tensor (held weakly, by identity, never on the tensor
+# itself, which torch.save and deepcopy would carry along) -> (the NF4 storage they came from,
+# that storage's owner: None when it is a fresh copy moved to another device, and their version
+# when made: None for an inference tensor, which has no version counter, so edits under
+# inference_mode go unseen). _set_data takes such a conversion back as NF4.
+_CONVERSIONS = WeakIdKeyDictionary()
+
+
 def _dense(nf4: NF4Tensor, dtype: torch.dtype, *, fresh: bool = False) -> Tensor:
-    # NF4 values are exact in float32, so other dtypes (float64, integers) convert from that. The
-    # result remembers, for _set_data, the storage it came from, that storage's owner (None when
-    # the storage is a fresh copy, moved to another device), and its own version (None for an
-    # inference tensor, which has no version counter; edits under inference_mode go unseen).
+    # NF4 values are exact in float32, so other dtypes (float64, integers) convert from that.
     dense = nf4.dequantize(dtype) if dtype in FLOAT_DTYPES else nf4.dequantize(torch.float32).to(dtype)
-    dense._qlora_nf4_source = (nf4.components(), None if fresh else nf4.packed, _version(dense))
+    if not torch.compiler.is_compiling():  # (a compiled region never sets .data from it)
+        _CONVERSIONS[dense] = (nf4.components(), None if fresh else nf4.packed, _version(dense))
     return dense
 
 
