@@ -1,5 +1,5 @@
 """Floating-point dtypes by the names HF writes in config.json (``torch_dtype``) and in
-bitsandbytes quant states, and a scoped torch default dtype."""
+bitsandbytes quant states, a scoped torch default dtype, and autocast's dtype."""
 
 from __future__ import annotations
 
@@ -24,3 +24,12 @@ def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(before)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device_type`` where it is on there, else None. The meta
+    device has no autocast state to ask (torch raises); ``torch.amp.is_autocast_available`` would
+    tell, but torch.compile before torch 2.12 cannot trace it, and a compiled region is fullgraph."""
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)

@@ -20,7 +20,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from qlora_ext import ops
 from qlora_ext._arguments import is_int
-from qlora_ext._dtypes import FLOAT_DTYPES
+from qlora_ext._dtypes import FLOAT_DTYPES, autocast_dtype
 from qlora_ext._tables import BLOCK_SIZE, SCALER_BLOCK_SIZE
 
 aten = torch.ops.aten
@@ -233,12 +233,10 @@ def linear_nf4(input: Tensor, weight: NF4Tensor, bias: Tensor | None = None) -> 
             "linear_nf4: argument 'weight' must be frozen (requires_grad=False): an NF4 weight gets no gradient, "
             "and training it would silently leave it as it is; train a LoRA adapter on it, or a dense weight"
         )
-    if isinstance(input, Tensor) and input.dtype in FLOAT_DTYPES:  # autocast leaves float64 as it is
-        device_type = input.device.type
-        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            input = input.to(dtype)
-            bias = bias.to(dtype) if isinstance(bias, Tensor) and bias.is_floating_point() else bias
+    dtype = autocast_dtype(input.device.type) if isinstance(input, Tensor) and input.dtype in FLOAT_DTYPES else None
+    if dtype is not None:  # (autocast leaves float64 as it is)
+        input = input.to(dtype)
+        bias = bias.to(dtype) if isinstance(bias, Tensor) and bias.is_floating_point() else bias
     return ops.linear_nf4(input, *weight.components(), weight.shape[0], bias)
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlora_ext._arguments import is_finite_real, is_int
-from qlora_ext._dtypes import FLOAT_DTYPES
+from qlora_ext._dtypes import FLOAT_DTYPES, autocast_dtype
 from qlora_ext._tables import BLOCK_SIZE, SCALER_BLOCK_SIZE
 from qlora_ext.modules.adapter_module import AdapterModule
 from qlora_ext.modules.lora_fused import lora_linear
@@ -153,11 +153,8 @@ class LoRALinear(nn.Module, AdapterModule):
         return F.linear(x, self.weight, self.bias)
 
     def _adapter_dtype(self, x: Tensor) -> torch.dtype:
-        """The dtype the adapter computes in: autocast's when it is on, else its weights'. (A device
-        without autocast, such as meta, has no autocast state to ask.)"""
-        if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return torch.promote_types(self.lora_a.weight.dtype, self.lora_b.weight.dtype)
+        """The dtype the adapter computes in: autocast's when it is on, else its weights'."""
+        return autocast_dtype(x.device.type) or torch.promote_types(self.lora_a.weight.dtype, self.lora_b.weight.dtype)
 
     # -- merging ---------------------------------------------------------------------------------
 
