@@ -209,6 +209,18 @@ def test_module_to_meta_and_back_with_to_empty():
     assert lin.weight.packed.numel() == 256 * 128 // 2
 
 
+def test_autocast_dtype_of_devices_without_autocast():
+    # meta, lazy and other device types have no autocast state: asking torch raises, so they have
+    # no autocast dtype (a lazy-tensor LoRALinear forward failed on it).
+    from qlora_ext._dtypes import autocast_dtype
+
+    assert autocast_dtype("meta") is None and autocast_dtype("lazy") is None and autocast_dtype("cpu") is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_dtype("cpu") == torch.bfloat16 and autocast_dtype("meta") is None
+        with torch.autocast("cpu", enabled=False):
+            assert autocast_dtype("cpu") is None
+
+
 @pytest.mark.parametrize("quantize_base", [False, True])
 def test_forward_and_backward_on_the_meta_device(quantize_base):
     # Shapes without data (a model built on meta to plan memory, or traced): the forward asked

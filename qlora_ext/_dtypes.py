@@ -27,9 +27,10 @@ def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast computes in on ``device_type`` where it is on there, else None. The meta
-    device has no autocast state to ask (torch raises); ``torch.amp.is_autocast_available`` would
-    tell, but torch.compile before torch 2.12 cannot trace it, and a compiled region is fullgraph."""
-    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+    """The dtype autocast computes in on ``device_type`` where it is on there, else None. A device
+    without autocast (meta, lazy, ...) has no state to ask (torch raises), which
+    ``torch.amp.is_autocast_available`` tells; torch.compile of torch 2.11 cannot trace that call,
+    so while compiling (CPU, CUDA: devices with autocast) it is left out, and meta is named."""
+    if device_type == "meta" or not (torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)):
         return None
-    return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
