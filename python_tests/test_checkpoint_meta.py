@@ -162,6 +162,8 @@ def test_context_length_of_meta_and_saved_hf_configs():
 
     capped = dataclasses.replace(code, max_seq_len=256)
     assert capped.to_hf(base={"max_position_embeddings": 16384})["max_position_embeddings"] == 16384
+    assert capped.to_hf(base={"max_position_embeddings": 16384.0})["max_position_embeddings"] == 16384
+    assert capped.to_hf(base={"max_position_embeddings": None})["max_position_embeddings"] == 256
     assert capped.to_hf()["max_position_embeddings"] == 256
     assert code.to_hf(base={"max_position_embeddings": 2048})["max_position_embeddings"] == 16384
 

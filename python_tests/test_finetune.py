@@ -567,3 +567,16 @@ def test_the_adapter_records_its_base_as_an_absolute_path(tmp_path, tiny_ckpt, s
     monkeypatch.chdir(tmp_path)
     model = peft.AutoPeftModelForCausalLM.from_pretrained(out / "epoch_0" / "adapter")
     assert type(model).__name__ == "PeftModelForCausalLM"
+
+
+def test_a_merged_save_of_a_meta_base_keeps_its_context_length(tmp_path):
+    # A Meta base records no context length (4096 read for Llama-2): a shorter model.max_seq_len
+    # caps the run's sequences, not the saved model's max_position_embeddings.
+    from qlora_ext.checkpoint import save_meta_checkpoint
+    from qlora_ext.models.llama2 import llama2_from_checkpoint
+
+    save_meta_checkpoint(llama2_from_checkpoint(write_tiny_hf_checkpoint(tmp_path / "hf")), tmp_path / "meta")
+    data = write_small_dataset(tmp_path / "data.jsonl")
+    finetune.train(load_config("tiny_qlora", small_run_overrides(tmp_path / "meta", data, tmp_path / "out") + [
+        "epochs=1", "max_steps_per_epoch=1", "model.max_seq_len=128", "eval.before_and_after=False"]))
+    assert json.loads((tmp_path / "out" / "epoch_0" / "config.json").read_text())["max_position_embeddings"] == 4096

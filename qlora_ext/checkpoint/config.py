@@ -251,6 +251,9 @@ class Llama2Config:
 
 
 def _int_or(value: Any, default: int) -> int:
+    """``value`` as an int where it is one (an integral float too, not a bool), else ``default``."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 

@@ -21,7 +21,7 @@ import yaml
 from torch import nn
 
 from qlora_ext._dtypes import HF_DTYPES
-from qlora_ext.checkpoint import save_hf_checkpoint, save_hf_tokenizer, save_peft_adapter
+from qlora_ext.checkpoint import read_checkpoint_config, save_hf_checkpoint, save_hf_tokenizer, save_peft_adapter
 from qlora_ext.checkpoint.load import stored_dtype, weights_digest
 from qlora_ext.training import checkpoint_folders, checkpointing
 
@@ -126,7 +126,9 @@ def save_checkpoint(
         save_peft_adapter(model, tmp / ADAPTER_SUBDIR, base_model_name_or_path=os.path.abspath(ckpt_dir))
         if not cfg.save_adapter_weights_only:
             config_json = Path(ckpt_dir) / "config.json"
-            base_config = json.loads(config_json.read_text()) if config_json.is_file() else None
+            # A Meta base records no context length: its reading of one is kept over a shorter model.max_seq_len.
+            base_config = (json.loads(config_json.read_text()) if config_json.is_file() else
+                           {"max_position_embeddings": read_checkpoint_config(ckpt_dir, cfg.checkpointer.checkpoint_files).max_seq_len})
             # Merged weights in the base checkpoint's dtype (bf16 for Llama-2): the one its config.json
             # declares, else the one it stores (a Meta checkpoint declares none), else the model's own.
             dtype = _declared_dtype(base_config) or stored_dtype(ckpt_dir, cfg.checkpointer.checkpoint_files)
