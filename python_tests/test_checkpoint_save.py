@@ -722,7 +722,7 @@ def test_a_model_on_the_meta_device_is_refused_by_name(tmp_path):
     with torch.device("meta"):
         model = qlora_llama2_tiny(["q_proj"])
     for save, first in ((save_hf_checkpoint, "tok_embeddings.weight"), (save_meta_checkpoint, "tok_embeddings.weight"),
-                        (save_peft_adapter, "model.layers.0.self_attn.q_proj.lora_a.weight")):
+                        (save_peft_adapter, "layers.0.attn.q_proj.lora_a.weight")):
         with pytest.raises(ValueError, match=rf"{save.__name__}: argument 'model' has parameters on the meta device, which hold no "
                                              rf"data \(e.g. '{first}'\); load its weights first"):
             save(model, tmp_path / save.__name__)
@@ -732,3 +732,13 @@ def test_a_model_on_the_meta_device_is_refused_by_name(tmp_path):
             module.lora_a.to_empty(device="cpu")
             module.lora_b.to_empty(device="cpu")
     assert len(save_peft_adapter(model, tmp_path / "adapter")) == 2
+    # the other way round: a real base with adapters on meta saves unmerged, not merged
+    model = qlora_llama2_tiny(["q_proj"])
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.lora_a.to("meta")
+    with pytest.raises(ValueError, match=r"save_hf_checkpoint: argument 'model' has parameters on the meta device, which hold no data "
+                                         r"\(e.g. 'layers.0.attn.q_proj.lora_a.weight'\)"):
+        save_hf_checkpoint(model, tmp_path / "merged")
+    assert len(save_hf_checkpoint(model, tmp_path / "unmerged", merge_adapters=False)) == 2
+    assert len(save_meta_checkpoint(model, tmp_path / "unmerged_meta", merge_adapters=False)) == 2

@@ -110,8 +110,8 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_mode
             on the meta device.
     """
     modules = lora_modules(model)
-    refuse_meta_parameters(
-        ((f"{name}.{p}", module.get_parameter(p)) for name, module in modules.items() for p in module.adapter_params()),
+    refuse_meta_parameters(  # (our names, as the other savers give them)
+        ((f"{name}.{p}", m.get_parameter(p)) for name, m in model.named_modules() if isinstance(m, LoRALinear) for p in m.adapter_params()),
         "save_peft_adapter",
     )
     if not modules:

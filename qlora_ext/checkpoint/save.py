@@ -61,6 +61,15 @@ def refuse_meta_parameters(named_parameters, caller: str) -> None:
         )
 
 
+def written_parameters(model: nn.Module, merge_adapters: bool) -> list[tuple[str, Tensor]]:
+    """(name, parameter) of what a merged save reads: all of them, but the adapters of unmerged
+    LoRA linears when ``merge_adapters`` is False."""
+    skipped = set() if merge_adapters else {
+        f"{name}.{p}" if name else p for name, m in model.named_modules() if isinstance(m, LoRALinear) and not m.merged for p in m.adapter_params()
+    }
+    return [(name, p) for name, p in model.named_parameters() if name not in skipped]
+
+
 def merged_weights(model: nn.Module, *, dtype: torch.dtype | None = None, merge_adapters: bool = True):
     """(our name, shape, dtype, producer, stored) for every weight of a merged model, in module
     order; ``stored`` is the tensor as the model holds it (an ``NF4Tensor`` for a quantized base).
@@ -145,7 +154,7 @@ def save_hf_checkpoint(
         TypeError: a ``base_config`` that is not a dict.
     """
     out_dir = os.fspath(out_dir)
-    refuse_meta_parameters(model.named_parameters(), "save_hf_checkpoint")
+    refuse_meta_parameters(written_parameters(model, merge_adapters), "save_hf_checkpoint")
     limit = _parse_size(max_shard_size)
     # float64 too (a float64 base saves as it was read), but not for bitsandbytes, whose quant state names only these
     allowed = list(FLOAT_DTYPES) + ([] if bnb_4bit else [torch.float64])

@@ -20,7 +20,7 @@ from qlora_ext._dtypes import FLOAT_DTYPES
 from qlora_ext.checkpoint.atomic import StagedFiles
 from qlora_ext.checkpoint.config import Llama2Config, write_json
 from qlora_ext.checkpoint.convert import hf_to_meta_rotary, is_rotary_projection, ours_to_meta
-from qlora_ext.checkpoint.save import merged_weights, refuse_meta_parameters
+from qlora_ext.checkpoint.save import merged_weights, refuse_meta_parameters, written_parameters
 
 _META_FILE = re.compile(r"params\.json|consolidated\.\d+\.pth")
 WEIGHTS_FILE = "consolidated.00.pth"
@@ -59,7 +59,7 @@ def save_meta_checkpoint(
             f"save_meta_checkpoint: argument 'out_dir' holds a HF checkpoint ({', '.join(hf_files[:5])}), which loaders would "
             f"read instead of the Meta one; got '{os.fspath(out_dir)}': choose another folder, or delete those files"
         )
-    refuse_meta_parameters(model.named_parameters(), "save_meta_checkpoint")
+    refuse_meta_parameters(written_parameters(model, merge_adapters), "save_meta_checkpoint")
     config = Llama2Config.from_model(model)
     weights = merged_weights(model, dtype=dtype, merge_adapters=merge_adapters)
     unnamed = [name for name, *_ in weights if ours_to_meta(name) is None]
