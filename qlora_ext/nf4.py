@@ -340,7 +340,9 @@ _CONVERSIONS = WeakIdKeyDictionary()
 def _dense(nf4: NF4Tensor, dtype: torch.dtype, *, fresh: bool = False) -> Tensor:
     # NF4 values are exact in float32, so other dtypes (float64, integers) convert from that.
     dense = nf4.dequantize(dtype) if dtype in FLOAT_DTYPES else nf4.dequantize(torch.float32).to(dtype)
-    if not torch.compiler.is_compiling():  # (a compiled region never sets .data from it)
+    # A compiled region never sets .data from it. (On torch 2.11 AOTAutograd's fake tensors get in:
+    # a few entries that go with the compiled graphs.)
+    if not torch.compiler.is_compiling():
         _CONVERSIONS[dense] = (nf4.components(), None if fresh else nf4.packed, _version(dense))
     return dense
 
