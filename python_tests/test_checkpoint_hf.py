@@ -205,6 +205,18 @@ def test_architecture_mismatch_and_unsupported_config(hf_models, tmp_path):
     with pytest.raises(ValueError, match=re.escape("'rope_scaling' (or 'rope_parameters') type must be 'default', got 'linear' (RoPE scaling is not implemented)")):
         Llama2Config.from_hf({**both, "rope_scaling": None, "rope_parameters": {"rope_type": "linear", "factor": 4.0}})
     assert Llama2Config.from_hf({**config, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}).rope_base == 5e5
+    # sizes and numbers of the wrong kind are named as config.json fields (were passed on to the
+    # builder, or crashed in float()); an integral float size and a null num_key_value_heads are read
+    # as transformers reads them
+    plain = {k: v for k, v in config.items() if k not in ("rope_parameters", "rope_scaling")}
+    wrong = {**plain, "max_position_embeddings": None, "vocab_size": "96", "rms_norm_eps": None, "rope_theta": None}
+    with pytest.raises(ValueError) as err:
+        Llama2Config.from_hf(wrong)
+    for part in ("'vocab_size' must be a positive integer, got '96'", "'max_position_embeddings' must be a positive integer, got None",
+                 "'rms_norm_eps' must be a positive number, got None", "'rope_theta' must be a positive number, got None"):
+        assert part in str(err.value)
+    read = Llama2Config.from_hf({**plain, "max_position_embeddings": 512.0, "num_key_value_heads": None})
+    assert read.max_seq_len == 512 and type(read.max_seq_len) is int and read.num_kv_heads == read.num_heads
     with pytest.raises(ValueError, match=r"missing field 'hidden_size'"):
         Llama2Config.from_hf({k: v for k, v in config.items() if k != "hidden_size"})
     # another quantization is named by its setting, not by a dump of its whole config

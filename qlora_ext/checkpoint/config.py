@@ -59,14 +59,26 @@ class Llama2Config:
         rope_type = next((t for r in (config.get("rope_scaling"), config.get("rope_parameters")) if isinstance(r, dict)
                           for t in [r.get("rope_type", r.get("type", "default"))] if t != "default"), "default")
         rope_base = rope.get("rope_theta", config.get("rope_theta", 10_000.0))
-        heads = config["num_attention_heads"]
+        # Absent fields mean transformers' LlamaConfig defaults, not Llama-2's own values (a null
+        # num_key_value_heads: one per attention head, as LlamaConfig reads it).
+        sizes = {key: _int_or(config.get(key, default), -1) for key, default in (
+            ("vocab_size", None), ("hidden_size", None), ("intermediate_size", None), ("num_hidden_layers", None),
+            ("num_attention_heads", None), ("max_position_embeddings", 2048))}
+        sizes["num_key_value_heads"] = _int_or(config.get("num_key_value_heads") or sizes["num_attention_heads"], -1)
+        numbers = {"rms_norm_eps": config.get("rms_norm_eps", 1e-6), "rope_theta": rope_base}
+        problems = [f"'{key}' must be a positive integer, got {config.get(key)!r}" for key, value in sizes.items() if value <= 0]
+        problems += [f"'{key}' must be a positive number, got {value!r}" for key, value in numbers.items()
+                     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")]
+        if problems:  # (the checks below divide by these)
+            raise ValueError(f"Llama2Config.from_hf: unsupported config.json: {'; '.join(problems)}")
+        head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]
         expected = {
             "model_type": ("llama", config.get("model_type", "llama")),
             "hidden_act": ("silu", config.get("hidden_act", "silu")),
             "attention_bias": (False, config.get("attention_bias", False)),
             "mlp_bias": (False, config.get("mlp_bias", False)),
             "tie_word_embeddings": (False, config.get("tie_word_embeddings", False)),
-            "head_dim": (config["hidden_size"] // heads, config.get("head_dim") or config["hidden_size"] // heads),
+            "head_dim": (head_dim, config.get("head_dim") or head_dim),
         }
         problems = [f"'{key}' must be {want!r}, got {got!r}" for key, (want, got) in expected.items() if want != got]
         if rope_type != "default":
@@ -83,15 +95,14 @@ class Llama2Config:
         if problems:
             raise ValueError(f"Llama2Config.from_hf: unsupported config.json: {'; '.join(problems)}")
         return cls(
-            vocab_size=config["vocab_size"],
-            num_layers=config["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=config.get("num_key_value_heads") or heads,
-            embed_dim=config["hidden_size"],
-            intermediate_dim=config["intermediate_size"],
-            # Absent fields mean transformers' LlamaConfig defaults, not Llama-2's own values.
-            max_seq_len=config.get("max_position_embeddings", 2048),
-            norm_eps=config.get("rms_norm_eps", 1e-6),
+            vocab_size=sizes["vocab_size"],
+            num_layers=sizes["num_hidden_layers"],
+            num_heads=sizes["num_attention_heads"],
+            num_kv_heads=sizes["num_key_value_heads"],
+            embed_dim=sizes["hidden_size"],
+            intermediate_dim=sizes["intermediate_size"],
+            max_seq_len=sizes["max_position_embeddings"],
+            norm_eps=numbers["rms_norm_eps"],
             rope_base=float(rope_base),
         )
 
