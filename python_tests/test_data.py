@@ -289,6 +289,8 @@ def test_split_is_seeded_disjoint_and_complete():
     assert split_records(records, 0.1, seed=3) == (train, val)
     assert split_records(records, 0.1, seed=4)[1] != val
     assert split_records(records, 0.0, seed=3) == (records, [])
+    # the nearest whole number, halves up alike (2.5 -> 3 as 3.5 -> 4; round() gave 2 and 4)
+    assert [len(split_records(records[:n], 0.1, seed=3)[1]) for n in (25, 35, 44, 5)] == [3, 4, 4, 1]
 
 
 def test_batches_resume_position_and_eval_batches():

@@ -142,10 +142,11 @@ def check_loss_tokens(dataset: InstructDataset, name: str, probe: int = 256) -> 
 
 
 def split_records(records: list, validation_fraction: float, seed: int) -> tuple[list, list]:
-    """(train, validation): a seeded random ``validation_fraction`` of the records held out."""
+    """(train, validation): a seeded random ``validation_fraction`` of the records held out (the
+    nearest whole number of them, a half rounded up, at least one)."""
     if validation_fraction <= 0.0:
         return list(records), []
-    n_val = max(1, int(round(len(records) * validation_fraction)))
+    n_val = max(1, math.floor(len(records) * validation_fraction + 0.5))  # (round() takes a half to even: 2.5 -> 2, 3.5 -> 4)
     if n_val >= len(records):
         raise DataError(
             f"dataset.validation_fraction={validation_fraction} leaves no training records out of {len(records)}"
