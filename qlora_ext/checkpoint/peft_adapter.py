@@ -23,6 +23,7 @@ from qlora_ext.checkpoint.load import _assign, _home_device, _targets, refuse_me
 from qlora_ext.checkpoint.safetensors_io import SafetensorsReader, write_safetensors
 from qlora_ext.checkpoint.save import refuse_meta_parameters
 from qlora_ext.modules.lora_linear import LoRALinear
+from qlora_ext.modules.peft import get_adapter_params
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -110,10 +111,7 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_mode
             on the meta device.
     """
     modules = lora_modules(model)
-    refuse_meta_parameters(  # (our names, as the other savers give them)
-        ((f"{name}.{p}", m.get_parameter(p)) for name, m in model.named_modules() if isinstance(m, LoRALinear) for p in m.adapter_params()),
-        "save_peft_adapter",
-    )
+    refuse_meta_parameters(get_adapter_params(model).items(), "save_peft_adapter")
     if not modules:
         raise ValueError("save_peft_adapter: argument 'model' has no LoRALinear modules")
     settings = {(m.rank, m.alpha, _dropout_p(m)) for m in modules.values()}
