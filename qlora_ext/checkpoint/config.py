@@ -181,7 +181,7 @@ class Llama2Config:
         dim = params["dim"]
         # Meta's FeedForward sizing (llama/model.py), which yields 11008 / 13824 / 28672.
         multiple_of = params.get("multiple_of", 256)
-        hidden = int(2 * (4 * dim) / 3)
+        hidden = _meta_ffn_base(dim)
         if params.get("ffn_dim_multiplier") is not None:
             hidden = int(params["ffn_dim_multiplier"] * hidden)
         hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
@@ -212,7 +212,7 @@ class Llama2Config:
         params.update(vocab_size=self.vocab_size, norm_eps=self.norm_eps)
         if self.rope_base != 10_000.0:
             params["rope_theta"] = self.rope_base
-        base = int(2 * (4 * self.embed_dim) / 3)
+        base = _meta_ffn_base(self.embed_dim)
         spellings = [{"multiple_of": 256}, {"ffn_dim_multiplier": 1.3, "multiple_of": 4096}]
         if self.intermediate_dim >= base:
             spellings.append({"multiple_of": self.intermediate_dim})
@@ -259,6 +259,11 @@ class Llama2Config:
             if field.name not in ignore and a != b:
                 out.append(f"{field.name}: {a!r} vs {b!r}")
         return out
+
+
+def _meta_ffn_base(dim: int) -> int:
+    """Meta's FFN width before ffn_dim_multiplier and multiple_of: 2/3 of 4 * dim."""
+    return int(2 * (4 * dim) / 3)
 
 
 def _int_or(value: Any, default: int) -> int:
