@@ -143,6 +143,24 @@ def test_cpu_moves_and_clone_keep_nf4():
     assert isinstance(nf4.detach(), NF4Tensor)
 
 
+def test_is_pinned_and_pin_memory_follow_the_storage():
+    # CPU-offload code asks every parameter is_pinned(); torchao's NF4Tensor answers, so must ours.
+    nf4 = to_nf4(torch.randn(128, 64))
+    assert nf4.is_pinned() is False
+    assert torch.nn.Parameter(nf4, requires_grad=False).is_pinned() is False
+    try:
+        dense_pinned = torch.randn(4).pin_memory()  # needs a GPU driver, as ours does
+    except RuntimeError as e:
+        with pytest.raises(RuntimeError, match=re.escape(str(e)[:40])):
+            nf4.pin_memory()
+        return
+    assert dense_pinned.is_pinned()
+    pinned = nf4.pin_memory()
+    assert isinstance(pinned, NF4Tensor) and pinned.is_pinned()
+    assert all(t.is_pinned() for t in pinned.components())
+    assert torch.equal(pinned.dequantize(), nf4.dequantize()) and not nf4.is_pinned()
+
+
 @pytest.mark.parametrize("device", devices())
 def test_deepcopy(device):
     nf4 = to_nf4(torch.randn(256, 64, device=device))

@@ -398,6 +398,16 @@ def _empty_like(nf4: NF4Tensor, dtype=None, layout=None, device=None, pin_memory
     return NF4Tensor(*components, nf4.shape, dtype or nf4.dtype)
 
 
+def _is_pinned(nf4: NF4Tensor, device=None) -> bool:
+    # Asked of every parameter by CPU-offload and DataLoader-style code: pinned when all the storage is.
+    return all(t.is_pinned(device) if device is not None else t.is_pinned() for t in nf4.components())
+
+
+def _pin_memory(nf4: NF4Tensor, device=None) -> NF4Tensor:
+    pinned = (t.pin_memory(device) if device is not None else t.pin_memory() for t in nf4.components())
+    return NF4Tensor(*pinned, nf4.shape, nf4.dtype)
+
+
 _ATEN_OPS: dict[Callable, Callable] = {
     aten.detach.default: _detach,
     aten.alias.default: _detach,
@@ -408,4 +418,6 @@ _ATEN_OPS: dict[Callable, Callable] = {
     aten.empty_like.default: _empty_like,
     aten.to.dtype: _to_dtype,
     aten._has_compatible_shallow_copy_type.default: _has_compatible_shallow_copy_type,
+    aten.is_pinned.default: _is_pinned,
+    aten._pin_memory.default: _pin_memory,
 }
