@@ -169,6 +169,15 @@ def test_attention_matches_naive_causal_gqa(kv_heads):
         mask = torch.rand(9, 9) > 0.4
         mask |= torch.eye(9, dtype=torch.bool)
         torch.testing.assert_close(attn(x, mask=mask.expand(2, 9, 9)), _naive_attention(x, attn, mask), rtol=1e-5, atol=1e-5)
+    # Training (no mask: shared heads read in place by SDPA's GQA) gives the naive gradients.
+    grads = []
+    for forward in (attn, lambda t: _naive_attention(t, attn)):
+        xg = x.clone().requires_grad_()
+        forward(xg).pow(2).sum().backward()
+        grads.append((xg.grad, attn.k_proj.weight.grad.clone(), attn.v_proj.weight.grad.clone()))
+        attn.zero_grad()
+    for ours, naive in zip(*grads):
+        torch.testing.assert_close(ours, naive, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_with_a_cache_and_no_mask_is_causal_over_the_cache():

@@ -116,8 +116,13 @@ class MultiHeadAttention(nn.Module):
             if mask is None:  # is_causal would align the queries with the cache's first positions
                 mask = causal_cache_mask(input_pos.to(k.device), b, k.shape[2])
 
-        if self.num_kv_heads != self.num_heads:
-            # Expand shared heads to a view-backed copy; every SDPA backend then sees plain MHA.
+        # Shared key/value heads: causal attention without a mask (training, a prefill without a
+        # cache) lets SDPA read them as they are (enable_gqa: CPU and CUDA flash kernels take it;
+        # no expanded copies of k and v, which autograd would keep per layer). With a mask, CUDA's
+        # memory-efficient kernel, which has no GQA, would give way to the math one, so the heads
+        # are expanded into a copy there and every backend sees plain MHA.
+        native_gqa = self.num_kv_heads != self.num_heads and mask is None
+        if self.num_kv_heads != self.num_heads and not native_gqa:
             groups = self.num_heads // self.num_kv_heads
             k = k.unsqueeze(2).expand(-1, -1, groups, -1, -1).flatten(1, 2)
             v = v.unsqueeze(2).expand(-1, -1, groups, -1, -1).flatten(1, 2)
@@ -129,6 +134,7 @@ class MultiHeadAttention(nn.Module):
             attn_mask=None if mask is None else mask.unsqueeze(1),  # broadcast over heads
             dropout_p=self.attn_dropout if self.training else 0.0,
             is_causal=mask is None,
+            enable_gqa=native_gqa,
         )  # [b, n_heads, s, head_dim]
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
         return self.output_proj(out)
