@@ -117,11 +117,15 @@ class MultiHeadAttention(nn.Module):
                 mask = causal_cache_mask(input_pos.to(k.device), b, k.shape[2])
 
         # Shared key/value heads: causal attention without a mask (training, a prefill without a
-        # cache) lets SDPA read them as they are (enable_gqa: CPU and CUDA flash kernels take it;
-        # no expanded copies of k and v, which autograd would keep per layer). With a mask, CUDA's
-        # memory-efficient kernel, which has no GQA, would give way to the math one, so the heads
-        # are expanded into a copy there and every backend sees plain MHA.
-        native_gqa = self.num_kv_heads != self.num_heads and mask is None
+        # cache) lets SDPA read them as they are (enable_gqa: the CPU kernel and CUDA's flash
+        # kernel, bf16/fp16, take it; no expanded copies of k and v, which autograd would keep per
+        # layer). Elsewhere CUDA's memory-efficient kernel, which has no GQA, would give way to the
+        # math one, so the heads are expanded into a copy and every backend sees plain MHA.
+        native_gqa = (
+            self.num_kv_heads != self.num_heads
+            and mask is None
+            and (q.device.type == "cpu" or q.dtype in (torch.bfloat16, torch.float16))
+        )
         if self.num_kv_heads != self.num_heads and not native_gqa:
             groups = self.num_heads // self.num_kv_heads
             k = k.unsqueeze(2).expand(-1, -1, groups, -1, -1).flatten(1, 2)
