@@ -216,6 +216,62 @@ def test_kv_cache_writes_at_positions_and_checks_batch():
         cache.update(torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4), torch.tensor([0]))
 
 
+def test_kv_cache_update_without_positions_writes_at_the_next_free_ones():
+    # torchtune's KVCache.update(k_val, v_val): sequential writes, counted by size
+    cache = KVCache(batch_size=2, max_seq_len=6, num_kv_heads=2, head_dim=4, dtype=torch.float32)
+    assert cache.size == 0
+    k, v = torch.randn(2, 2, 4, 4), torch.randn(2, 2, 4, 4)
+    cache.update(k[:, :, :3], v[:, :, :3])
+    kc, vc = cache.update(k[:, :, 3:], v[:, :, 3:])
+    assert cache.size == 4
+    torch.testing.assert_close(kc[:, :, :4], k)
+    torch.testing.assert_close(vc[:, :, :4], v)
+    assert kc[:, :, 4:].abs().sum() == 0
+    cache.update(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4), torch.tensor([5]))  # given positions: not counted
+    assert cache.size == 4
+    with pytest.raises(ValueError, match=r"argument 'k_val' must fit in the cache's 2 free positions \(max_seq_len=6, 4 written\); got 3"):
+        cache.update(torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4))
+    cache.reset()
+    assert cache.size == 0 and cache.k_cache.abs().sum() == 0
+    cache.update(k[:, :, :1], v[:, :, :1])
+    torch.testing.assert_close(cache.k_cache[:, :, 0], k[:, :, 0])
+
+
+def test_attention_takes_torchtunes_y_and_kv_cache_arguments():
+    attn = _attention().eval()
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        full = attn(x)
+        torch.testing.assert_close(attn(x, x), full)  # torchtune's layers call attn(h, h)
+        with pytest.raises(ValueError, match=r"argument 'y' must be x itself or None .*cross-attention is not supported.*shape \[2, 9, 64\]"):
+            attn(x, x.clone())
+        # A cache given to the constructor, used once enabled (torchtune's pattern)
+        cached = MultiHeadAttention(
+            embed_dim=64, num_heads=4, num_kv_heads=2, head_dim=16, q_proj=attn.q_proj, k_proj=attn.k_proj,
+            v_proj=attn.v_proj, output_proj=attn.output_proj, pos_embeddings=attn.pos_embeddings, max_seq_len=32,
+            kv_cache=KVCache(batch_size=2, max_seq_len=12, num_kv_heads=2, head_dim=16, dtype=torch.float32),
+        ).eval()
+        assert not cached.cache_enabled
+        cached.cache_enabled = True
+        prompt = x[:, :5]
+        parts = [cached(prompt, prompt, input_pos=torch.arange(5))]
+        parts += [cached(x[:, i : i + 1], input_pos=torch.tensor([i])) for i in range(5, 9)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_init_on_the_meta_device_follows_the_default_device():
+    # torchtune's recipes build on meta, then call rope_init() inside `with torch.device(...)`
+    with torch.device("meta"):
+        rope = RotaryPositionalEmbeddings(16, max_seq_len=8)
+    assert rope.cos.device.type == "meta"
+    with torch.device("cpu"):
+        rope.rope_init()
+    assert rope.cos.device.type == "cpu" and rope.sin.device.type == "cpu"
+    torch.testing.assert_close(rope.cos, RotaryPositionalEmbeddings(16, max_seq_len=8).cos, rtol=0, atol=0)
+    rope.rope_init()  # from a real device: stays there
+    assert rope.cos.device.type == "cpu"
+
+
 def _tiny(**kw):
     args = dict(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=16, intermediate_dim=96)
     return llama2(**{**args, **kw}).eval()
@@ -254,3 +310,60 @@ def test_decoder_argument_errors():
     model.setup_caches(1, torch.float32)
     with pytest.raises(ValueError, match=r"argument 'input_pos' is required while KV caches are enabled"):
         model(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_layer_and_decoder_take_torchtunes_cache_calls():
+    model = _tiny()
+    tokens = torch.randint(0, 64, (1, 7))
+    layer = model.layers[0]
+    with torch.no_grad():
+        full = model(tokens)
+        assert not layer.caches_are_setup() and not layer.caches_are_enabled()
+        # torchtune's generate recipe: setup_caches(batch_size=, dtype=, decoder_max_seq_len=)
+        model.setup_caches(batch_size=1, dtype=torch.float32, decoder_max_seq_len=9, encoder_max_seq_len=None)
+        assert model.decoder_max_cache_seq_len == 9 and model.encoder_max_cache_seq_len is None
+        assert layer.caches_are_setup() and layer.caches_are_enabled()
+        assert layer.attn.kv_cache.max_seq_len == 9
+        out = torch.cat([model(tokens[:, :4], input_pos=torch.arange(4)), model(tokens[:, 4:], input_pos=torch.arange(4, 7))], 1)
+        torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
+        layer.reset_cache()
+        assert layer.attn.kv_cache.k_cache.abs().sum() == 0
+        with pytest.raises(ValueError, match=r"arguments 'max_seq_len' and 'decoder_max_seq_len' name the same length; got 8 and 9"):
+            model.setup_caches(1, torch.float32, max_seq_len=8, decoder_max_seq_len=9)
+        model.remove_caches()
+        assert model.decoder_max_cache_seq_len is None
+        layer.setup_caches(1, torch.float32, encoder_max_seq_len=None, decoder_max_seq_len=5)
+        assert layer.attn.kv_cache.max_seq_len == 5 and layer.caches_are_enabled()
+
+
+def test_self_attention_layer_takes_attn_and_mlp_by_position_and_no_norms():
+    from qlora_ext.modules import FeedForward, TransformerSelfAttentionLayer
+
+    attn = _attention().eval()
+    mlp = FeedForward(gate_proj=torch.nn.Linear(64, 96, bias=False), down_proj=torch.nn.Linear(96, 64, bias=False),
+                      up_proj=torch.nn.Linear(64, 96, bias=False))
+    layer = TransformerSelfAttentionLayer(attn, mlp)  # torchtune's norms default to none (nn.Identity)
+    assert isinstance(layer.sa_norm, torch.nn.Identity) and isinstance(layer.mlp_norm, torch.nn.Identity)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        h = x + attn(x)
+        torch.testing.assert_close(layer(x), h + mlp(h))
+
+
+def test_decoding_step_takes_one_position_per_row_and_caches_refuse_repeated_positions():
+    model = _tiny()
+    tokens = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_caches(2, torch.float32, max_seq_len=8)
+        model(tokens[:, :5], input_pos=torch.arange(5))
+        # torchtune's generate passes a decoding step's positions as [b]
+        step = model(tokens[:, 5:], input_pos=torch.tensor([5, 5]))
+        torch.testing.assert_close(step, full[:, 5:], rtol=1e-5, atol=1e-5)
+        # Left padding at one position (torchtune's generate) would share a cache slot: refused
+        with pytest.raises(ValueError, match=r"argument 'input_pos' must increase along each row while KV caches are enabled"):
+            model(tokens[:, :4], input_pos=torch.tensor([[0, 0, 1, 2], [0, 1, 2, 3]]))
+        model.remove_caches()
+        model(tokens[:, :4], input_pos=torch.tensor([[0, 0, 1, 2], [0, 1, 2, 3]]))  # without caches: positions only rotate
+        # and [1, s]: the same positions for every row
+        torch.testing.assert_close(model(tokens, input_pos=torch.arange(6)[None]), full)

@@ -57,3 +57,12 @@ def test_trim_leading_whitespace_keeps_leading_newlines():
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"argument 'path' must be a SentencePiece model file; got '.*nope.model'"):
         llama2_tokenizer(tmp_path / "nope.model")
+
+
+def test_builder_takes_torchtunes_arguments(tokenizer):
+    from qlora_ext.models.llama2 import llama2_tokenizer
+
+    tok = llama2_tokenizer(tokenizer.path, max_seq_len=16, prompt_template=None)
+    assert tok.max_seq_len == 16 and tok.encode("hello") == tokenizer.encode("hello")
+    with pytest.raises(ValueError, match=r"argument 'prompt_template' must be None: .*no chat template.*got 'torchtune.models.llama2.Llama2ChatTemplate'"):
+        llama2_tokenizer(tokenizer.path, prompt_template="torchtune.models.llama2.Llama2ChatTemplate")

@@ -195,7 +195,7 @@ def generate(
     limit = model.max_seq_len
     own_caches = use_cache and not model.caches_are_setup()
     if use_cache and not own_caches:
-        limit = min(limit, model._cache_len)
+        limit = min(limit, model.decoder_max_cache_seq_len)
         cache_batch = model.layers[0].attn.kv_cache.batch_size
         if cache_batch != b:
             raise ValueError(

@@ -23,6 +23,8 @@ class MultiHeadAttention(nn.Module):
         v_proj: embed_dim -> num_kv_heads * head_dim.
         output_proj: num_heads * head_dim -> embed_dim.
         pos_embeddings: applied to queries and keys (e.g. RotaryPositionalEmbeddings), or None.
+        kv_cache: a KVCache to use once ``cache_enabled`` is set (torchtune's argument); usually
+            left None and made by ``setup_cache``.
         max_seq_len: longest sequence, the default KV-cache length.
         attn_dropout: dropout on the attention weights, in training mode only.
 
@@ -43,6 +45,7 @@ class MultiHeadAttention(nn.Module):
         v_proj: nn.Module,
         output_proj: nn.Module,
         pos_embeddings: nn.Module | None = None,
+        kv_cache: KVCache | None = None,
         max_seq_len: int = 4096,
         attn_dropout: float = 0.0,
     ):
@@ -65,7 +68,7 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = v_proj
         self.output_proj = output_proj
         self.pos_embeddings = pos_embeddings
-        self.kv_cache: KVCache | None = None
+        self.kv_cache: KVCache | None = kv_cache
         self.cache_enabled = False
 
     def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int, device=None) -> None:
@@ -86,11 +89,15 @@ class MultiHeadAttention(nn.Module):
         self.kv_cache = None
         self.cache_enabled = False
 
-    def forward(self, x: Tensor, *, mask: Tensor | None = None, input_pos: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, y: Tensor | None = None, *, mask: Tensor | None = None, input_pos: Tensor | None = None
+    ) -> Tensor:
         """Attends each position to itself and earlier positions.
 
         Args:
             x: [b, s, embed_dim].
+            y: x itself or None: torchtune's layers call ``attn(h, h)``; its cross-attention
+                (keys and values from another sequence) is not supported.
             mask: optional boolean [b, s, kv_len] (True = may attend), kv_len = s without a
                 cache and the cache length with one; replaces the built-in causal mask (with a
                 cache, each query sees the cached positions up to its own ``input_pos``).
@@ -98,7 +105,16 @@ class MultiHeadAttention(nn.Module):
 
         Returns:
             [b, s, embed_dim].
+
+        Raises:
+            ValueError: ``y`` is another tensor than ``x``, or the cache is enabled and
+                ``input_pos`` is None.
         """
+        if y is not None and y is not x:
+            raise ValueError(
+                "MultiHeadAttention: argument 'y' must be x itself or None (self-attention; cross-attention is not "
+                f"supported); got another tensor of shape {list(y.shape)}"
+            )
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)

@@ -11,7 +11,9 @@ class KVCache(nn.Module):
 
     Entries are written at the positions of the tokens being processed, so a prompt can be
     prefilled in one call and then extended one token at a time. Positions never written stay
-    zero; attention masks them out by position (see ``TransformerDecoder``).
+    zero; attention masks them out by position (see ``TransformerDecoder``). As torchtune's,
+    ``update`` without positions writes at the next free ones, and ``size`` counts the positions
+    written since the last ``reset``.
 
     Args:
         batch_size: sequences decoded together.
@@ -41,31 +43,56 @@ class KVCache(nn.Module):
         # Non-persistent: a cache is scratch state, never saved with the model.
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # torchtune's: the positions from the next free one on (cache_pos[0] is ``size``), kept as a
+        # tensor so that compiled decoding steps neither sync nor recompile on it.
+        self.register_buffer("cache_pos", torch.arange(max_seq_len, device=device), persistent=False)
+
+    @property
+    def size(self) -> int:
+        """Positions written by ``update`` without ``input_pos`` since the last ``reset`` (one host
+        sync); writes at given positions (``TransformerDecoder``'s generation) leave it alone."""
+        return int(self.cache_pos[0])
 
     def reset(self) -> None:
         """Forgets every cached position."""
         self.k_cache.zero_()
         self.v_cache.zero_()
+        self.cache_pos.sub_(self.cache_pos[0].clone())
 
-    def update(self, k_val: Tensor, v_val: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Writes new keys/values at ``input_pos`` and returns the whole caches.
+    def update(self, k_val: Tensor, v_val: Tensor, input_pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Writes new keys/values at ``input_pos`` (default: the next free positions, as
+        torchtune's ``update(k_val, v_val)`` does) and returns the whole caches.
 
         Args:
             k_val: [b, n_kv, s, head_dim], b equal to the cache's batch size.
             v_val: same shape as ``k_val``.
-            input_pos: [s] or [b, s] positions of the s new entries.
+            input_pos: [s] or [b, s] positions of the s new entries, or None.
 
         Returns:
             (k_cache, v_cache), each [b, n_kv, max_seq_len, head_dim].
 
         Raises:
-            ValueError: the batch size differs from the cache's.
+            ValueError: the batch size differs from the cache's, or (without ``input_pos``) the
+                s entries do not fit after the ``size`` written ones.
         """
         if k_val.shape[0] != self.batch_size:
             raise ValueError(
                 f"KVCache.update: argument 'k_val' must have batch size {self.batch_size} (the cache's); "
                 f"got {k_val.shape[0]}"
             )
+        if input_pos is not None:
+            return self._write(k_val, v_val, input_pos)
+        seq_len = k_val.shape[2]
+        if not torch.compiler.is_compiling() and self.size + seq_len > self.max_seq_len:
+            raise ValueError(
+                f"KVCache.update: argument 'k_val' must fit in the cache's {self.max_seq_len - self.size} free "
+                f"positions (max_seq_len={self.max_seq_len}, {self.size} written); got {seq_len} new ones"
+            )
+        caches = self._write(k_val, v_val, self.cache_pos[:seq_len])
+        self.cache_pos.add_(seq_len)  # after the write, which read its first seq_len positions
+        return caches
+
+    def _write(self, k_val: Tensor, v_val: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
         # scatter_ along the sequence dim handles per-row positions and stays one traced op.
         index = input_pos.expand(k_val.shape[0], -1) if input_pos.dim() == 1 else input_pos
         index = index[:, None, :, None].expand_as(k_val)  # [b, n_kv, s, d]

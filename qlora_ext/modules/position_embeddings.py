@@ -69,12 +69,14 @@ class RotaryPositionalEmbeddings(nn.Module):
         self.rope_init()
 
     def rope_init(self, device: torch.device | str | None = None) -> None:
-        """(Re)computes the cos/sin tables, on ``device`` (default: where they are now).
+        """(Re)computes the cos/sin tables, on ``device`` (default: where they are now, or, from the
+        meta device, torch's current default device).
 
-        A model built on the meta device calls this once its weights are materialized.
+        A model built on the meta device calls this once its weights are materialized: after
+        ``to_empty(device=...)``, or, as torchtune's recipes do, inside ``with torch.device(...)``.
         """
-        if device is None:
-            device = self.cos.device if hasattr(self, "cos") else None
+        if device is None and hasattr(self, "cos") and self.cos.device.type != "meta":
+            device = self.cos.device
         # Same arithmetic as HF's LlamaRotaryEmbedding (int64 arange cast to float32, then a
         # float32 power and outer product) so the tables agree with it bit for bit.
         inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim))

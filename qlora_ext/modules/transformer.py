@@ -15,16 +15,35 @@ class TransformerSelfAttentionLayer(nn.Module):
     Args:
         attn: the self-attention module.
         mlp: the feed-forward module.
-        sa_norm: normalization before attention.
-        mlp_norm: normalization before the feed-forward.
+        sa_norm: normalization before attention (default none: ``nn.Identity``, as torchtune's).
+        mlp_norm: normalization before the feed-forward (default none).
     """
 
-    def __init__(self, *, attn: MultiHeadAttention, mlp: nn.Module, sa_norm: nn.Module, mlp_norm: nn.Module):
+    def __init__(
+        self, attn: MultiHeadAttention, mlp: nn.Module, *, sa_norm: nn.Module | None = None, mlp_norm: nn.Module | None = None
+    ):
         super().__init__()
         self.attn = attn
         self.mlp = mlp
-        self.sa_norm = sa_norm
-        self.mlp_norm = mlp_norm
+        self.sa_norm = sa_norm if sa_norm is not None else nn.Identity()
+        self.mlp_norm = mlp_norm if mlp_norm is not None else nn.Identity()
+
+    # torchtune's per-layer cache calls (TransformerDecoder's own go through attn directly).
+    def setup_caches(
+        self, batch_size: int, dtype: torch.dtype, *, encoder_max_seq_len: int | None = None, decoder_max_seq_len: int, device=None
+    ) -> None:
+        """Gives ``attn`` a KV cache of ``decoder_max_seq_len`` positions (``encoder_max_seq_len``
+        is ignored, as torchtune's self-attention layer ignores it)."""
+        self.attn.setup_cache(batch_size, dtype, decoder_max_seq_len, device)
+
+    def caches_are_setup(self) -> bool:
+        return self.attn.kv_cache is not None
+
+    def caches_are_enabled(self) -> bool:
+        return self.attn.kv_cache is not None and self.attn.cache_enabled
+
+    def reset_cache(self) -> None:
+        self.attn.reset_cache()
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, input_pos: Tensor | None = None) -> Tensor:
         h = x + self.attn(self.sa_norm(x), mask=mask, input_pos=input_pos)
@@ -68,18 +87,38 @@ class TransformerDecoder(nn.Module):
         self.norm = norm
         self.output = output
         self.skip_output_layer = False
-        self._cache_len: int | None = None
+        # torchtune's names: the KV caches' length (None without caches); no encoder here
+        self.decoder_max_cache_seq_len: int | None = None
+        self.encoder_max_cache_seq_len: int | None = None
 
     # -- KV caches (generation) -------------------------------------------------------------------
 
-    def setup_caches(self, batch_size: int, dtype: torch.dtype, *, max_seq_len: int | None = None, device=None) -> None:
+    def setup_caches(
+        self,
+        batch_size: int,
+        dtype: torch.dtype,
+        *,
+        max_seq_len: int | None = None,
+        device=None,
+        encoder_max_seq_len: int | None = None,
+        decoder_max_seq_len: int | None = None,
+    ) -> None:
         """Gives every layer a KV cache of ``max_seq_len`` positions (default: the model's).
 
-        Forward then requires ``input_pos`` and attends over the cache.
+        Forward then requires ``input_pos`` and attends over the cache. torchtune's spelling
+        works too: ``decoder_max_seq_len`` is ``max_seq_len``, and ``encoder_max_seq_len`` is
+        ignored (no cross-attention layers, where torchtune ignores it as well).
 
         Raises:
-            ValueError: ``max_seq_len`` exceeds the model's, or ``batch_size`` is not positive.
+            ValueError: ``max_seq_len`` exceeds the model's or differs from a given
+                ``decoder_max_seq_len``, or ``batch_size`` is not positive.
         """
+        if decoder_max_seq_len is not None and max_seq_len is not None and decoder_max_seq_len != max_seq_len:
+            raise ValueError(
+                "TransformerDecoder.setup_caches: arguments 'max_seq_len' and 'decoder_max_seq_len' name the same "
+                f"length; got {max_seq_len} and {decoder_max_seq_len}"
+            )
+        max_seq_len = max_seq_len if max_seq_len is not None else decoder_max_seq_len
         max_seq_len = self.max_seq_len if max_seq_len is None else max_seq_len
         if not 0 < max_seq_len <= self.max_seq_len:
             raise ValueError(
@@ -91,14 +130,14 @@ class TransformerDecoder(nn.Module):
         device = device if device is not None else self.tok_embeddings.weight.device
         for layer in self.layers:
             layer.attn.setup_cache(batch_size, dtype, max_seq_len, device)
-        self._cache_len = max_seq_len
+        self.decoder_max_cache_seq_len = max_seq_len
 
     def caches_are_setup(self) -> bool:
-        return self._cache_len is not None
+        return self.decoder_max_cache_seq_len is not None
 
     def caches_are_enabled(self) -> bool:
         """True when caches exist and forward uses them."""
-        return self._cache_len is not None and all(layer.attn.cache_enabled for layer in self.layers)
+        return self.decoder_max_cache_seq_len is not None and all(layer.attn.cache_enabled for layer in self.layers)
 
     def reset_caches(self) -> None:
         """Zeroes every KV cache, ready for new sequences.
@@ -115,7 +154,7 @@ class TransformerDecoder(nn.Module):
         """Frees the KV caches; forward goes back to plain causal attention."""
         for layer in self.layers:
             layer.attn.remove_cache()
-        self._cache_len = None
+        self.decoder_max_cache_seq_len = None
 
     # -- forward ----------------------------------------------------------------------------------
 
@@ -126,8 +165,8 @@ class TransformerDecoder(nn.Module):
             tokens: [b, s] int64 token ids.
             mask: optional boolean [b, s, s] (with caches: [b, s, cache_len]), True = may attend;
                 by default attention is causal.
-            input_pos: [s] or [b, s] positions of the tokens (default ``arange(s)``); required
-                when caches are enabled.
+            input_pos: [s] or [b, s] positions of the tokens (default ``arange(s)``; also [1, s],
+                and [b] for one token per row); required when caches are enabled.
 
         Returns:
             float32 logits [b, s, vocab_size]; with ``skip_output_layer`` the normalized hidden
@@ -141,6 +180,11 @@ class TransformerDecoder(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"TransformerDecoder: argument 'tokens' must be 2-D [batch, seq]; got shape {list(tokens.shape)}")
         b, s = tokens.shape
+        # torchtune's generate also passes [b] (one token per row) and [1, s] (the same for every row)
+        if input_pos is not None and s == 1 and input_pos.shape == (b,):
+            input_pos = input_pos[:, None]
+        elif input_pos is not None and input_pos.shape == (1, s):
+            input_pos = input_pos[0]
         if s > self.max_seq_len:
             raise ValueError(
                 f"TransformerDecoder: argument 'tokens' must be at most max_seq_len={self.max_seq_len} long; got {s}"
@@ -151,19 +195,28 @@ class TransformerDecoder(nn.Module):
             )
         if input_pos is not None and input_pos.numel() and not torch.compiler.is_compiling():
             # (one host sync, in eager calls with positions only: generation's steps, never training's)
-            limit = self._cache_len if self.caches_are_enabled() else self.max_seq_len
-            lo, hi = torch.stack(torch.aminmax(input_pos)).tolist()
+            limit = self.decoder_max_cache_seq_len if self.caches_are_enabled() else self.max_seq_len
+            steps = input_pos.diff(dim=-1)
+            lo, hi, least_step = torch.stack((*torch.aminmax(input_pos), steps.min() if steps.numel() else input_pos.new_ones(()))).tolist()
             if lo < 0 or hi >= limit:
                 what = "the KV caches' length" if self.caches_are_enabled() else "max_seq_len"
                 raise ValueError(
                     f"TransformerDecoder: argument 'input_pos' must hold positions in [0, {limit}) ({what}); "
                     f"got {lo if lo < 0 else hi}"
                 )
+            if least_step < 1 and self.caches_are_enabled():
+                # Each position is a cache slot here: a repeated one (torchtune's generate gives left
+                # padding the position of the first token) would overwrite another token's keys.
+                raise ValueError(
+                    "TransformerDecoder: argument 'input_pos' must increase along each row while KV caches are enabled "
+                    "(each position is one cache slot); got a repeated or decreasing position. Pad prompts on the "
+                    "right, as qlora_ext.generation.generate does, or decode without caches"
+                )
         if self.caches_are_enabled():
             if input_pos is None:
                 raise ValueError("TransformerDecoder: argument 'input_pos' is required while KV caches are enabled; got None")
             if mask is None:  # built once for all layers
-                mask = causal_cache_mask(input_pos.to(tokens.device), b, self._cache_len)
+                mask = causal_cache_mask(input_pos.to(tokens.device), b, self.decoder_max_cache_seq_len)
 
         h = self.tok_embeddings(tokens)  # [b, s, d]
         for layer in self.layers:

@@ -1,4 +1,7 @@
-"""Llama-2's SentencePiece tokenizer (``tokenizer.model``), with torchtune's interface."""
+"""Llama-2's SentencePiece tokenizer (``tokenizer.model``) with torchtune's text interface:
+``encode``/``decode``, ``bos_id``, ``eos_id``, ``pad_id``, ``vocab_size``, ``stop_tokens``. torchtune's
+chat side (``tokenize_messages``, prompt templates) is not here: the trainer formats its
+instruction data itself."""
 
 from __future__ import annotations
 
@@ -10,6 +13,9 @@ class Llama2Tokenizer:
 
     Args:
         path: the ``tokenizer.model`` file.
+        max_seq_len: kept as an attribute, as torchtune's (which cuts only ``tokenize_messages``,
+            not here; ``encode`` never truncates, in either).
+        prompt_template: must be None: no chat templates here (see the module docstring).
 
     Attributes:
         bos_id, eos_id: the model's begin/end-of-sequence ids (1 and 2 for Llama-2).
@@ -19,11 +25,20 @@ class Llama2Tokenizer:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a readable SentencePiece model, or defines no BOS or EOS piece.
+        ValueError: the file is not a readable SentencePiece model, or defines no BOS or EOS piece,
+            or ``prompt_template`` is given.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, max_seq_len: int | None = None, prompt_template=None):
         from sentencepiece import SentencePieceProcessor
+
+        if prompt_template is not None:
+            raise ValueError(
+                "Llama2Tokenizer: argument 'prompt_template' must be None: this tokenizer encodes plain text (no "
+                "tokenize_messages, so no chat template; the trainer's dataset.template picks the prompt format); got "
+                f"{prompt_template!r}"
+            )
+        self.max_seq_len = max_seq_len
 
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -89,10 +104,12 @@ class Llama2Tokenizer:
         return self.spm.decode(list(ids))
 
 
-def llama2_tokenizer(path: str | os.PathLike) -> Llama2Tokenizer:
-    """The Llama-2 tokenizer from a ``tokenizer.model`` file (torchtune's builder name).
+def llama2_tokenizer(path: str | os.PathLike, max_seq_len: int | None = None, prompt_template=None) -> Llama2Tokenizer:
+    """The Llama-2 tokenizer from a ``tokenizer.model`` file (torchtune's builder name and
+    arguments; ``prompt_template`` must be None, see ``Llama2Tokenizer``).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        ValueError: as ``Llama2Tokenizer``.
     """
-    return Llama2Tokenizer(path)
+    return Llama2Tokenizer(path, max_seq_len, prompt_template)
