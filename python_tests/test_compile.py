@@ -158,3 +158,28 @@ def test_a_merged_then_disabled_layer_compiles_with_fullgraph():
     assert counter.frame_count == 1 and not compiled_layer.merged
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(compiled_layer.weight.dequantize(), eager.weight.dequantize(), rtol=0, atol=0)
+
+
+def test_force_eager_runs_compiled_code_eagerly_without_torch_2_12s_warning():
+    from qlora_ext._eager import NO_COMPILED_FRAMES, force_eager
+
+    backend = torch._dynamo.testing.CompileCounter()
+    f = torch.compile(lambda x: x.sin() + 1, fullgraph=True, backend=backend)
+
+    @force_eager()
+    def evaluate(x):
+        # torch 2.12 warns here that the fullgraph=True call compiled nothing; stand in for it
+        warnings.warn(f"{NO_COMPILED_FRAMES}. The frame was likely skipped", UserWarning)
+        return f(x)
+
+    x = torch.randn(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.testing.assert_close(evaluate(x), x.sin() + 1)
+        with force_eager():
+            f(x)
+            warnings.warn("another warning", UserWarning)  # only that one is silenced
+    assert backend.frame_count == 0  # nothing was compiled
+    assert [str(w.message) for w in caught] == ["another warning"]
+    f(x)
+    assert backend.frame_count == 1  # outside, the stance is back to compiling

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from qlora_ext._arguments import is_finite_real, is_int
+from qlora_ext._eager import force_eager
 
 
 def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
@@ -229,7 +230,7 @@ def generate(
             )
             if rng is not None:
                 generator.set_state(rng)
-            with torch.compiler.set_stance("force_eager"):
+            with force_eager():
                 return _decode(*args)
     finally:
         if own_caches:

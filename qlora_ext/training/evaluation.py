@@ -9,13 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlora_ext._eager import force_eager
 from qlora_ext.training.data import prompt_tokens
 from qlora_ext.training.saving import ADAPTER_SUBDIR
 from qlora_ext.training.steps import autocast
 
 
 @torch.no_grad()
-@torch.compiler.set_stance("force_eager")  # layers compiled for training run eagerly: each decode step is a new shape
+@force_eager()  # layers compiled for training run eagerly: each decode step is a new shape
 def answer(
     model: nn.Module, tokenizer, records: list[dict[str, str]], max_new_tokens: int, device: torch.device, dtype: torch.dtype,
     template: str = "alpaca",

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from qlora_ext._eager import force_eager
 from qlora_ext.modules.linear_cross_entropy import linear_cross_entropy_sum
 from qlora_ext.training.config import ConfigError
 from qlora_ext.training.data import IGNORE_INDEX
@@ -154,7 +155,7 @@ def compile_layers(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-@torch.compiler.set_stance("force_eager")  # layers compiled for training (compile_layers) run eagerly here
+@force_eager()  # layers compiled for training (compile_layers) run eagerly here
 def validation_loss(model: nn.Module, batches: Iterable[dict[str, Tensor]], device: torch.device, dtype: torch.dtype) -> float:
     """Mean token loss over the batches (the same masking and loss path as training)."""
     was_training = model.training
