@@ -367,3 +367,20 @@ def test_decoding_step_takes_one_position_per_row_and_caches_refuse_repeated_pos
         model(tokens[:, :4], input_pos=torch.tensor([[0, 0, 1, 2], [0, 1, 2, 3]]))  # without caches: positions only rotate
         # and [1, s]: the same positions for every row
         torch.testing.assert_close(model(tokens, input_pos=torch.arange(6)[None]), full)
+
+
+def test_decoder_returns_chunked_logits_after_set_num_output_chunks():
+    # torchtune's recipes: model.set_num_output_chunks(loss_fn.num_output_chunks) for CEWithChunkedOutputLoss
+    model = _tiny()
+    tokens = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        full = model(tokens)
+        model.set_num_output_chunks(4)
+        chunks = model(tokens)
+    assert isinstance(chunks, list) and [c.shape[1] for c in chunks] == [3, 3, 3, 1]
+    torch.testing.assert_close(torch.cat(chunks, 1).float(), full)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"argument 'num_output_chunks' must be a whole number >= 0; got"):
+            model.set_num_output_chunks(bad)
+    model.set_num_output_chunks(0)
+    assert isinstance(model(tokens), torch.Tensor)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from qlora_ext._arguments import is_int
 from qlora_ext.modules.attention import MultiHeadAttention, causal_cache_mask
 
 
@@ -64,7 +65,9 @@ class TransformerDecoder(nn.Module):
 
     With ``skip_output_layer`` set (torchtune's attribute), forward returns the final normalized
     hidden states [b, s, embed_dim] instead of logits, for a loss that applies ``output`` itself
-    (``qlora_ext.modules.linear_cross_entropy``).
+    (``qlora_ext.modules.linear_cross_entropy``). After ``set_num_output_chunks(n)`` (torchtune's,
+    for its ``CEWithChunkedOutputLoss``) it returns the logits as a list of n chunks along the
+    sequence, in the output layer's dtype (that loss upcasts each).
     """
 
     def __init__(
@@ -87,9 +90,25 @@ class TransformerDecoder(nn.Module):
         self.norm = norm
         self.output = output
         self.skip_output_layer = False
+        self.num_output_chunks = 0
         # torchtune's names: the KV caches' length (None without caches); no encoder here
         self.decoder_max_cache_seq_len: int | None = None
         self.encoder_max_cache_seq_len: int | None = None
+
+    def set_num_output_chunks(self, num_output_chunks: int) -> None:
+        """Makes forward return its logits in ``num_output_chunks`` chunks along the sequence
+        (0: one float32 tensor), as torchtune's decoder does for ``CEWithChunkedOutputLoss``."""
+        if not is_int(num_output_chunks) or num_output_chunks < 0:
+            raise ValueError(
+                f"TransformerDecoder.set_num_output_chunks: argument 'num_output_chunks' must be a whole number >= 0; "
+                f"got {num_output_chunks!r}"
+            )
+        self.num_output_chunks = int(num_output_chunks)
+
+    def chunked_output(self, last_hidden_state: Tensor) -> list[Tensor]:
+        """The output projection of [b, s, embed_dim] hidden states in ``num_output_chunks`` chunks
+        along s (torch.chunk's sizes)."""
+        return [self.output(chunk) for chunk in last_hidden_state.chunk(self.num_output_chunks, dim=1)]
 
     # -- KV caches (generation) -------------------------------------------------------------------
 
@@ -170,7 +189,7 @@ class TransformerDecoder(nn.Module):
 
         Returns:
             float32 logits [b, s, vocab_size]; with ``skip_output_layer`` the normalized hidden
-            states [b, s, embed_dim] instead.
+            states [b, s, embed_dim] instead; with ``num_output_chunks`` a list of logit chunks.
 
         Raises:
             ValueError: ``tokens`` is not 2-D or longer than max_seq_len, or ``input_pos`` is
@@ -224,4 +243,6 @@ class TransformerDecoder(nn.Module):
         h = self.norm(h)
         if self.skip_output_layer:
             return h  # [b, s, d]
+        if self.num_output_chunks > 0:
+            return self.chunked_output(h)
         return self.output(h).float()  # [b, s, vocab]
