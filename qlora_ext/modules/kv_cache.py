@@ -13,7 +13,7 @@ class KVCache(nn.Module):
     prefilled in one call and then extended one token at a time. Positions never written stay
     zero; attention masks them out by position (see ``TransformerDecoder``). As torchtune's,
     ``update`` without positions writes at the next free ones, and ``size`` counts the positions
-    written since the last ``reset``.
+    so written since the last ``reset``.
 
     Args:
         batch_size: sequences decoded together.
