@@ -235,6 +235,9 @@ def test_kv_cache_update_without_positions_writes_at_the_next_free_ones():
     assert cache.size == 0 and cache.k_cache.abs().sum() == 0
     cache.update(k[:, :, :1], v[:, :, :1])
     torch.testing.assert_close(cache.k_cache[:, :, 0], k[:, :, 0])
+    cache.cache_pos.fill_(-7)  # as uninitialized memory after to_empty() leaves it
+    cache.reset()
+    assert cache.cache_pos.tolist() == list(range(6))
 
 
 def test_attention_takes_torchtunes_y_and_kv_cache_arguments():
@@ -330,10 +333,18 @@ def test_layer_and_decoder_take_torchtunes_cache_calls():
         assert layer.attn.kv_cache.k_cache.abs().sum() == 0
         with pytest.raises(ValueError, match=r"arguments 'max_seq_len' and 'decoder_max_seq_len' name the same length; got 8 and 9"):
             model.setup_caches(1, torch.float32, max_seq_len=8, decoder_max_seq_len=9)
+        with pytest.raises(ValueError, match=r"argument 'decoder_max_seq_len' must be in \[1, 16\] \(the model's max_seq_len\); got 32"):
+            model.setup_caches(1, torch.float32, decoder_max_seq_len=32)
         model.remove_caches()
-        assert model.decoder_max_cache_seq_len is None
-        layer.setup_caches(1, torch.float32, encoder_max_seq_len=None, decoder_max_seq_len=5)
+        assert model.decoder_max_cache_seq_len is None and not model.caches_are_setup()
+        # Caches set up layer by layer (torchtune's layer calls) are the decoder's too
+        for each in model.layers:
+            each.setup_caches(1, torch.float32, encoder_max_seq_len=None, decoder_max_seq_len=5)
         assert layer.attn.kv_cache.max_seq_len == 5 and layer.caches_are_enabled()
+        assert model.caches_are_setup() and model.caches_are_enabled() and model.decoder_max_cache_seq_len == 5
+        torch.testing.assert_close(model(tokens[:, :4], input_pos=torch.arange(4)), full[:, :4], rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match=r"must hold positions in \[0, 5\) \(the KV caches' length\); got 9"):
+            model(tokens[:, :1], input_pos=torch.tensor([9]))
 
 
 def test_self_attention_layer_takes_attn_and_mlp_by_position_and_no_norms():
@@ -360,9 +371,17 @@ def test_decoding_step_takes_one_position_per_row_and_caches_refuse_repeated_pos
         # torchtune's generate passes a decoding step's positions as [b]
         step = model(tokens[:, 5:], input_pos=torch.tensor([5, 5]))
         torch.testing.assert_close(step, full[:, 5:], rtol=1e-5, atol=1e-5)
+        # torchtune's generate passes a one-token prompt's position as a 0-d tensor
+        model.reset_caches()
+        torch.testing.assert_close(model(tokens[:, :1], input_pos=torch.arange(6)[None][:, :1].squeeze()), full[:, :1])
         # Left padding at one position (torchtune's generate) would share a cache slot: refused
-        with pytest.raises(ValueError, match=r"argument 'input_pos' must increase along each row while KV caches are enabled"):
-            model(tokens[:, :4], input_pos=torch.tensor([[0, 0, 1, 2], [0, 1, 2, 3]]))
+        with pytest.raises(ValueError, match=r"argument 'input_pos' must increase along each row while KV caches are "
+                           r"enabled \(each position is one cache slot\); got \[0, 2, 2, 3\] in row 1\. Pad prompts on the right"):
+            model(tokens[:, :4], input_pos=torch.tensor([[0, 1, 2, 3], [0, 2, 2, 3]]))
+        with pytest.raises(ValueError, match=r"argument 'input_pos' must have shape \[4\], \[1, 4\] or \[2, 4\]; got \[2\]"):
+            model(tokens[:, :4], input_pos=torch.tensor([0, 1]))
+        with pytest.raises(ValueError, match=r"must have shape \[1\], \[1, 1\], \[2, 1\], \[2\] or \[\]; got \[3\]"):
+            model(tokens[:, :1], input_pos=torch.tensor([0, 1, 2]))
         model.remove_caches()
         model(tokens[:, :4], input_pos=torch.tensor([[0, 0, 1, 2], [0, 1, 2, 3]]))  # without caches: positions only rotate
         # and [1, s]: the same positions for every row

@@ -57,7 +57,7 @@ class KVCache(nn.Module):
         """Forgets every cached position."""
         self.k_cache.zero_()
         self.v_cache.zero_()
-        self.cache_pos.sub_(self.cache_pos[0].clone())
+        self.cache_pos.copy_(torch.arange(self.max_seq_len, device=self.cache_pos.device))
 
     def update(self, k_val: Tensor, v_val: Tensor, input_pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Writes new keys/values at ``input_pos`` (default: the next free positions, as

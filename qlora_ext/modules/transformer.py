@@ -91,9 +91,7 @@ class TransformerDecoder(nn.Module):
         self.output = output
         self.skip_output_layer = False
         self.num_output_chunks = 0
-        # torchtune's names: the KV caches' length (None without caches); no encoder here
-        self.decoder_max_cache_seq_len: int | None = None
-        self.encoder_max_cache_seq_len: int | None = None
+        self.encoder_max_cache_seq_len: int | None = None  # torchtune's name; no encoder here
 
     def set_num_output_chunks(self, num_output_chunks: int) -> None:
         """Makes forward return its logits in ``num_output_chunks`` chunks along the sequence
@@ -140,8 +138,9 @@ class TransformerDecoder(nn.Module):
         max_seq_len = max_seq_len if max_seq_len is not None else decoder_max_seq_len
         max_seq_len = self.max_seq_len if max_seq_len is None else max_seq_len
         if not 0 < max_seq_len <= self.max_seq_len:
+            name = "decoder_max_seq_len" if decoder_max_seq_len is not None else "max_seq_len"
             raise ValueError(
-                f"TransformerDecoder.setup_caches: argument 'max_seq_len' must be in [1, {self.max_seq_len}] "
+                f"TransformerDecoder.setup_caches: argument '{name}' must be in [1, {self.max_seq_len}] "
                 f"(the model's max_seq_len); got {max_seq_len}"
             )
         if batch_size <= 0:
@@ -149,14 +148,20 @@ class TransformerDecoder(nn.Module):
         device = device if device is not None else self.tok_embeddings.weight.device
         for layer in self.layers:
             layer.attn.setup_cache(batch_size, dtype, max_seq_len, device)
-        self.decoder_max_cache_seq_len = max_seq_len
+
+    @property
+    def decoder_max_cache_seq_len(self) -> int | None:
+        """The KV caches' length (torchtune's name), None without caches; read from the first
+        layer's, as torchtune's decoder asks its first layer, so caches set up per layer count."""
+        cache = self.layers[0].attn.kv_cache
+        return None if cache is None else cache.max_seq_len
 
     def caches_are_setup(self) -> bool:
-        return self.decoder_max_cache_seq_len is not None
+        return self.layers[0].attn.kv_cache is not None
 
     def caches_are_enabled(self) -> bool:
         """True when caches exist and forward uses them."""
-        return self.decoder_max_cache_seq_len is not None and all(layer.attn.cache_enabled for layer in self.layers)
+        return all(layer.attn.kv_cache is not None and layer.attn.cache_enabled for layer in self.layers)
 
     def reset_caches(self) -> None:
         """Zeroes every KV cache, ready for new sequences.
@@ -173,7 +178,6 @@ class TransformerDecoder(nn.Module):
         """Frees the KV caches; forward goes back to plain causal attention."""
         for layer in self.layers:
             layer.attn.remove_cache()
-        self.decoder_max_cache_seq_len = None
 
     # -- forward ----------------------------------------------------------------------------------
 
@@ -185,7 +189,9 @@ class TransformerDecoder(nn.Module):
             mask: optional boolean [b, s, s] (with caches: [b, s, cache_len]), True = may attend;
                 by default attention is causal.
             input_pos: [s] or [b, s] positions of the tokens (default ``arange(s)``; also [1, s],
-                and [b] for one token per row); required when caches are enabled.
+                and for one token per row [b], or a single position for all rows, as torchtune's
+                generate passes them); required when caches are enabled, and then increasing
+                along each row (a position is a cache slot).
 
         Returns:
             float32 logits [b, s, vocab_size]; with ``skip_output_layer`` the normalized hidden
@@ -194,13 +200,17 @@ class TransformerDecoder(nn.Module):
         Raises:
             ValueError: ``tokens`` is not 2-D or longer than max_seq_len, or ``input_pos`` is
                 missing while caches are enabled, has the wrong shape or a position outside
-                [0, max_seq_len) (with caches: [0, their length)).
+                [0, max_seq_len) (with caches: [0, their length)), or, with caches, a row whose
+                positions do not increase.
         """
         if tokens.dim() != 2:
             raise ValueError(f"TransformerDecoder: argument 'tokens' must be 2-D [batch, seq]; got shape {list(tokens.shape)}")
         b, s = tokens.shape
-        # torchtune's generate also passes [b] (one token per row) and [1, s] (the same for every row)
-        if input_pos is not None and s == 1 and input_pos.shape == (b,):
+        # torchtune's generate also passes [b] (one token per row), [1, s] (the same for every
+        # row), and for a one-token prompt a 0-d position
+        if input_pos is not None and s == 1 and input_pos.dim() == 0:
+            input_pos = input_pos.reshape(1)
+        elif input_pos is not None and s == 1 and input_pos.shape == (b,):
             input_pos = input_pos[:, None]
         elif input_pos is not None and input_pos.shape == (1, s):
             input_pos = input_pos[0]
@@ -209,8 +219,10 @@ class TransformerDecoder(nn.Module):
                 f"TransformerDecoder: argument 'tokens' must be at most max_seq_len={self.max_seq_len} long; got {s}"
             )
         if input_pos is not None and input_pos.shape not in ((s,), (b, s)):
+            shapes = list(dict.fromkeys(str(list(t)) for t in ((s,), (1, s), (b, s)) + (((b,), ()) if s == 1 else ())))
             raise ValueError(
-                f"TransformerDecoder: argument 'input_pos' must have shape [{s}] or [{b}, {s}]; got {list(input_pos.shape)}"
+                f"TransformerDecoder: argument 'input_pos' must have shape {', '.join(shapes[:-1])} or {shapes[-1]}; "
+                f"got {list(input_pos.shape)}"
             )
         if input_pos is not None and input_pos.numel() and not torch.compiler.is_compiling():
             # (one host sync, in eager calls with positions only: generation's steps, never training's)
@@ -226,10 +238,13 @@ class TransformerDecoder(nn.Module):
             if least_step < 1 and self.caches_are_enabled():
                 # Each position is a cache slot here: a repeated one (torchtune's generate gives left
                 # padding the position of the first token) would overwrite another token's keys.
+                rows = input_pos.reshape(-1, s)
+                row = int((rows.diff(dim=-1) < 1).any(dim=-1).nonzero()[0])
                 raise ValueError(
                     "TransformerDecoder: argument 'input_pos' must increase along each row while KV caches are enabled "
-                    "(each position is one cache slot); got a repeated or decreasing position. Pad prompts on the "
-                    "right, as qlora_ext.generation.generate does, or decode without caches"
+                    f"(each position is one cache slot); got {rows[row].tolist()}"
+                    + (f" in row {row}" if input_pos.dim() == 2 else "")
+                    + ". Pad prompts on the right, as qlora_ext.generation.generate does, or decode without caches"
                 )
         if self.caches_are_enabled():
             if input_pos is None:
