@@ -10,6 +10,11 @@ formulas for those (once per process, only where torch has none):
   of that, since the kernel skips the blocks above the diagonal. (torch counts causal attention
   in full on the GPU ops; the floor here should be the least work a step needs, not the most.)
 
+Grouped-query attention reaches SDPA with fewer key/value heads than query heads
+(``enable_gqa``). torch 2.13 and later count each query head against its shared key/value head;
+torch 2.11's SDPA formulas refuse those shapes, so there ``register()`` gives them the key/value
+shapes with the query's head count, which is the same count.
+
 The matrix rate is what the machine's own dense matrix product reaches: ``torch.mm`` of square
 float32 matrices on the CPU (at the threads the step uses), bf16 ones on a GPU. A step's floor is
 its FLOPs at that rate: no implementation of the same FLOPs beats it without faster matrix
@@ -61,7 +66,32 @@ def register() -> None:
     for op, formula in formulas.items():
         if op not in fc.flop_registry:
             fc.register_flop_formula(op)(formula)
+    _count_gqa_as_query_heads(fc)
     _REGISTERED = True
+
+
+def _count_gqa_as_query_heads(fc) -> None:
+    """Makes torch's SDPA FLOP counts (which its own formulas and those above call) take key/value
+    tensors with fewer heads than the query, as torch 2.13 and later do, where this torch refuses
+    them (torch 2.11)."""
+    try:
+        fc.sdpa_flop_count((1, 2, 4, 8), (1, 1, 4, 8), (1, 1, 4, 8))
+        return  # GQA counted already
+    except AssertionError:
+        pass
+    forward, backward = fc.sdpa_flop_count, fc.sdpa_backward_flop_count
+
+    def as_query_heads(query_shape, shape):
+        return (shape[0], query_shape[1], *shape[2:])
+
+    def sdpa_flop_count(query_shape, key_shape, value_shape):
+        return forward(query_shape, as_query_heads(query_shape, key_shape), as_query_heads(query_shape, value_shape))
+
+    def sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape):
+        return backward(grad_out_shape, query_shape, as_query_heads(query_shape, key_shape),
+                        as_query_heads(query_shape, value_shape))
+
+    fc.sdpa_flop_count, fc.sdpa_backward_flop_count = sdpa_flop_count, sdpa_backward_flop_count
 
 
 def count(step) -> int:

@@ -495,6 +495,10 @@ def test_flop_count_of_qlora_linear_ops_and_cpu_attention():
     assert flops.count(lambda: sdpa(q, k, v, is_causal=True)) == full // 2
     backward = 5 * full // 2  # torch's formula: the scores recomputed, then four products
     assert flops.count(lambda: sdpa(q, k, v, is_causal=True).sum().backward()) == (full + backward) // 2
+    # Grouped-query heads (enable_gqa, as MultiHeadAttention passes them) count as the expanded
+    # heads, on every torch (2.11's own formulas refuse the shapes)
+    k2, v2 = (torch.randn(2, 2, 32, 16, requires_grad=True) for _ in range(2))
+    assert flops.count(lambda: sdpa(q, k2, v2, is_causal=True, enable_gqa=True).sum().backward()) == (full + backward) // 2
 
 
 def test_flop_count_of_a_qlora_training_step_equals_plain_loras(monkeypatch):
