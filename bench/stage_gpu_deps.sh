@@ -18,6 +18,9 @@ trap 'rm -rf "$TMP"' EXIT
 "$PYTHON" -m pip download --quiet --no-deps --only-binary :all: -d "$TMP/wheels" bitsandbytes==0.50.2 torchao==0.18.0
 mkdir -p "$TMP/site-packages"
 for wheel in "$TMP"/wheels/*.whl; do "$PYTHON" -m zipfile -e "$wheel" "$TMP/site-packages"; done
+# torchao's wheel also installs its test suite as a top-level package `test`, which on PYTHONPATH
+# would stand in for the standard library's
+rm -rf "$TMP/site-packages/test"
 find "$TMP/site-packages/bitsandbytes" -name 'libbitsandbytes_*' \
   ! -name 'libbitsandbytes_cpu.so' ! -name 'libbitsandbytes_cuda130.so' -delete
 rm -rf "$DEST" && mkdir -p "$(dirname "$DEST")" && mv "$TMP/site-packages" "$DEST"

@@ -5,6 +5,7 @@ live in the benchmarks' output."""
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import subprocess
@@ -421,14 +422,22 @@ def test_training_benchmarks_run(tmp_path):
     assert [(t["name"], t["limit"]) for t in targets] == [
         ("train tiny qlora_ext: tokens/s over hf_peft_bnb", 2.0), ("train tiny qlora_ext_compiled: tokens/s over hf_peft_bnb", 2.0)
     ]
-    assert all(t["value"] > 0 for t in targets)
-    # HF + PEFT + bitsandbytes (test dependencies) runs too, so its stack cannot rot unnoticed.
-    assert train["hf_peft_bnb"].get("tokens_per_s", 0) > 0, train["hf_peft_bnb"]
+    # HF + PEFT + bitsandbytes (test dependencies) runs too, so its stack cannot rot unnoticed; where
+    # one of them is not installed (the GPU image has no bitsandbytes until bench/stage_gpu_deps.sh
+    # carries it) the row says how to install it and the targets have no value.
+    hf = train["hf_peft_bnb"]
+    hf_ran = all(importlib.util.find_spec(name) for name in ("transformers", "peft", "bitsandbytes"))
+    if hf_ran:
+        assert hf.get("tokens_per_s", 0) > 0 and 0 < hf["peak_memory_gb"] < 20, hf
+        assert all(t["value"] > 0 for t in targets), targets
+    else:
+        assert hf["status"] == "skipped" and "pip install transformers peft bitsandbytes" in hf["reason"], hf
+        assert all(t["value"] is None for t in targets), targets
     # torchtune is not a test dependency (it pulls in datasets): it runs, or says how to install it
     tune = train["torchtune_torchao"]
     assert tune.get("tokens_per_s", 0) > 0 and train["ratio_vs_torchtune_torchao"] > 0 or (
         tune["status"] == "skipped" and "pip install torchtune" in tune["reason"]), tune
-    for stack in ("qlora_ext", "lora_dense", "hf_peft_bnb"):
+    for stack in ("qlora_ext", "lora_dense"):
         assert 0 < train[stack]["peak_memory_gb"] < 20
     assert train["ratio_vs_lora_dense"] > 0
     # the floor: our step's FLOPs (the same as plain LoRA's) at the measured matrix rate
@@ -436,7 +445,8 @@ def test_training_benchmarks_run(tmp_path):
     # (floor_s below the measured step is a timing, which tests do not judge: on a loaded machine the
     # matrix rate behind the floor and the step are measured at different moments)
     assert train["floor_s"] > 0
-    assert train["best_ratio_vs_hf_peft_bnb"] > 0 and "at most" in targets[0]["note"]
+    if hf_ran:  # the largest ratio over HF that a step of our FLOPs can reach at that rate
+        assert train["best_ratio_vs_hf_peft_bnb"] > 0 and "at most" in targets[0]["note"]
     seed = json.loads((tmp_path / "model_seed_7b.json").read_text())
     eager, compiled = seed["cases"]["eager"], seed["cases"]["compiled"]
     assert seed["arch"] == "tiny" and eager["it_per_s"] > 0 and compiled["it_per_s"] > 0
