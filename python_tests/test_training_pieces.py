@@ -18,7 +18,7 @@ import torch
 from qlora_ext import plot
 from qlora_ext.training import checkpoint_folders
 from qlora_ext.training import checkpointing as ckpt
-from qlora_ext.training.loss_plot import Curve, plot_loss_curves, smooth
+from qlora_ext.training.loss_plot import Curve, builtin_renderer_note, plot_loss_curves, smooth
 from qlora_ext.training.memory import format_memory_stats, memory_stats
 from qlora_ext.training.metric_logging import DiskLogger, MetricLoggers, MissingDependencyError, read_metrics
 from qlora_ext.training.optim import build_optimizer, build_scheduler, cosine_with_warmup, warmup_note
@@ -219,6 +219,30 @@ def test_builtin_png_loss_curve(tmp_path, monkeypatch):
     middle_x, middle_y = (80 + 800 - 24) // 2, (56 + 480 - 56) // 2
     assert all(pixel(middle_x + dx, middle_y + dy) == (31, 119, 180) for dx in range(-3, 4) for dy in range(-3, 4))
     assert pixel(80, 480 - 56) != (31, 119, 180)
+
+
+def test_the_builtin_renderer_says_why_matplotlib_was_not_used(monkeypatch):
+    # Not installed, and installed but failing to import (matplotlib 3.6 built against NumPy 1,
+    # under NumPy 2, raised an ImportError at import): each note says which, and what draws more.
+    import builtins
+
+    real_import = builtins.__import__
+
+    def importing(error):
+        return lambda n, *a, **k: (_ for _ in ()).throw(error) if n == "matplotlib" else real_import(n, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", importing(ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")))
+    assert builtin_renderer_note() == (
+        "matplotlib is not installed, so the built-in PNG writer drew it; pip install matplotlib for a richer plot"
+    )
+    monkeypatch.setattr(builtins, "__import__", importing(ImportError("numpy.core.multiarray failed to import")))
+    assert builtin_renderer_note() == (
+        "matplotlib could not be imported (ImportError: numpy.core.multiarray failed to import), so the built-in PNG "
+        "writer drew it; pip install -U matplotlib (one built for the installed NumPy) for a richer plot"
+    )
+    # a module matplotlib itself needs, missing, is not matplotlib missing
+    monkeypatch.setattr(builtins, "__import__", importing(ModuleNotFoundError("No module named 'pyparsing'", name="pyparsing")))
+    assert builtin_renderer_note().startswith("matplotlib could not be imported (ModuleNotFoundError: No module named 'pyparsing')")
 
 
 def test_smoothing():

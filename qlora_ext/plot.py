@@ -17,7 +17,7 @@ from pathlib import Path
 
 from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext._paths import why_not_a_folder
-from qlora_ext.training.loss_plot import Curve, plot_loss_curves
+from qlora_ext.training.loss_plot import Curve, builtin_renderer_note, plot_loss_curves
 from qlora_ext.training.metric_logging import LOG_SUBDIR, METRICS_FILE, metrics_file, read_metrics
 
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: argument -o/--output: cannot write '{args.output}': {why_not_a_folder(output.parent, e)}", file=sys.stderr)
         return 2
-    note = "" if renderer == "matplotlib" else " (matplotlib is not installed: drawn by the built-in PNG writer; pip install matplotlib for a richer plot)"
+    note = "" if renderer == "matplotlib" else f" ({builtin_renderer_note()})"
     print(f"wrote {args.output}{note}")
     for c in curves:
         print(f"  {c.label}: {len(c.losses)} step{'' if len(c.losses) == 1 else 's'}, loss {c.losses[0]:.4f} -> {c.losses[-1]:.4f}")

@@ -11,6 +11,7 @@ from torch import nn
 
 from qlora_ext._eager import force_eager
 from qlora_ext.training.data import prompt_tokens
+from qlora_ext.training.loss_plot import builtin_renderer_note
 from qlora_ext.training.saving import ADAPTER_SUBDIR
 from qlora_ext.training.steps import autocast
 
@@ -127,7 +128,7 @@ def print_report(summary: dict[str, Any], samples: list[dict[str, str]], cfg) ->
     if summary.get("loss_curve"):
         note = ""
         if summary.get("plot_renderer") == "built-in":
-            note = "  (matplotlib is not installed, so the built-in PNG writer drew it; pip install matplotlib for a richer plot)"
+            note = f"  ({builtin_renderer_note()})"
         lines.append(f"  loss curve:              {summary['loss_curve']}{note}")
     lines.append(f"  resolved config:         {out}/config.yaml")
     lines.append("=" * 78)

@@ -39,13 +39,33 @@ def default_smoothing(num_points: int) -> float:
     return min(0.9, max(0.0, 1.0 - 10.0 / max(num_points, 1)))
 
 
+def _matplotlib():
+    """(the matplotlib module, "") or (None, why it cannot be used): not installed, or installed but
+    failing to import (a matplotlib built against NumPy 1 under NumPy 2, say)."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError as e:
+        if e.name == "matplotlib":
+            return None, "matplotlib is not installed"
+        return None, f"matplotlib could not be imported ({type(e).__name__}: {e})"
+    except ImportError as e:
+        return None, f"matplotlib could not be imported ({type(e).__name__}: {e})"
+    return matplotlib, ""
+
+
+def builtin_renderer_note() -> str:
+    """Why plot_loss_curves draws with its built-in PNG writer, and what draws a richer plot."""
+    why = _matplotlib()[1] or "matplotlib was not used"
+    fix = "pip install matplotlib" if why == "matplotlib is not installed" else "pip install -U matplotlib (one built for the installed NumPy)"
+    return f"{why}, so the built-in PNG writer drew it; {fix} for a richer plot"
+
+
 def plot_loss_curves(curves: list[Curve], path: str | Path, smoothing: float | None = None, title: str = "training loss") -> str:
     """Writes the PNG; returns which renderer drew it ("matplotlib" or "built-in")."""
     if not any(math.isfinite(loss) for c in curves for loss in c.losses):
         raise ValueError("plot_loss_curves: argument 'curves' must hold at least one finite loss value; got none")
-    try:
-        import matplotlib
-    except ImportError:
+    matplotlib, _ = _matplotlib()
+    if matplotlib is None:
         _plot_builtin(curves, Path(path), smoothing, title)
         return "built-in"
     matplotlib.use("Agg")
