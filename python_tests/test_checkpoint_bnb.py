@@ -128,7 +128,18 @@ QS = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
         (_edit_state(QS, nested_blocksize=512), r"nested_blocksize must be 256; got 512"),
         (
             lambda s: s.__setitem__("model.layers.0.self_attn.q_proj.weight.quant_map", torch.linspace(-1, 1, 16)),
-            r"model.layers.0.self_attn.q_proj.weight.quant_map must equal this package's table",
+            r"model.layers.0.self_attn.q_proj.weight.quant_map must equal this package's table \(qlora_ext._tables\); "
+            r"it differs at 14 of 16 entries, first at index 1: ",
+        ),
+        (  # what bitsandbytes 0.46 to 0.49 wrote when they quantized on a CPU
+            lambda s: s["model.layers.0.self_attn.q_proj.weight.nested_quant_map"].__setitem__(0, -1.0),
+            r"nested_quant_map must equal this package's table \(qlora_ext._tables\); it differs at 1 of 256 entries, first "
+            r"at index 0: -1.0 where the table has -0.99296\d+ \(bitsandbytes 0.46 to 0.49 quantized with -1.0 there on a CPU: "
+            r"save the model again with bitsandbytes >= 0.50, or load its unquantized checkpoint",
+        ),
+        (
+            lambda s: s.__setitem__("model.layers.0.self_attn.q_proj.weight.nested_quant_map", torch.zeros(128)),
+            r"nested_quant_map must equal this package's table \(qlora_ext._tables\); it has 128 entries, the table 256",
         ),
         (
             lambda s: s.__setitem__(QS.replace("nf4", "fp4"), s.pop(QS)),
@@ -155,7 +166,7 @@ QS = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
             r"bitsandbytes 8-bit weights \(load_in_8bit; keys like 'model.layers.0.self_attn.k_proj.SCB'\) are not supported",
         ),
     ],
-    ids=["blocksize", "nested_blocksize", "quant_map", "fp4", "no_double_quant", "no_absmax", "no_packed_codes", "bad_json", "int8"],
+    ids=["blocksize", "nested_blocksize", "quant_map", "nested_map_of_bnb_0.49_on_cpu", "nested_map_length", "fp4", "no_double_quant", "no_absmax", "no_packed_codes", "bad_json", "int8"],
 )
 def test_unsupported_bnb_settings_are_named(bnb_checkpoint, tmp_path, edit, message):
     _, _, bnb_dir = bnb_checkpoint

@@ -86,9 +86,9 @@ class Bnb4bitWeight:
         if state.get("nested_dtype", "float32") != "float32":
             problems.append(f"nested_dtype must be 'float32'; got {state.get('nested_dtype')!r}")
         for suffix, table in ((".quant_map", NF4_VALUES), (".nested_quant_map", ABSMAX_CODE_MAP)):
-            stored = files.get(name + suffix)
-            if not torch.equal(stored.float().reshape(-1), torch.tensor(table, dtype=torch.float32)):
-                problems.append(f"{name + suffix} must equal this package's table (qlora_ext._tables); it differs")
+            difference = _table_difference(files.get(name + suffix), table)
+            if difference:
+                problems.append(f"{name + suffix} must equal this package's table (qlora_ext._tables); {difference}")
         problems += _storage_problems(name, files, state.get("shape"))
         if problems:
             raise ValueError(self._message(problems))
@@ -112,6 +112,22 @@ class Bnb4bitWeight:
             self.shape,
             self.dtype,
         )
+
+
+def _table_difference(stored: Tensor, table: tuple[float, ...]) -> str:
+    """How a stored code table differs from ours ("" where it equals it)."""
+    stored, ours = stored.float().reshape(-1), torch.tensor(table, dtype=torch.float32)
+    if stored.numel() != ours.numel():
+        return f"it has {stored.numel()} entries, the table {ours.numel()}"
+    differ = (stored != ours).nonzero().reshape(-1).tolist()
+    if not differ:
+        return ""
+    i = differ[0]
+    what = f"it differs at {len(differ)} of {ours.numel()} entries, first at index {i}: {stored[i].item()!r} where the table has {ours[i].item()!r}"
+    if table is ABSMAX_CODE_MAP and differ == [0] and stored[0].item() == -1.0:
+        what += (" (bitsandbytes 0.46 to 0.49 quantized with -1.0 there on a CPU: save the model again with bitsandbytes "
+                 ">= 0.50, or load its unquantized checkpoint, which is quantized on loading)")
+    return what
 
 
 def _storage_problems(name: str, files, shape) -> list[str]:
