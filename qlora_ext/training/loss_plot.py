@@ -44,11 +44,9 @@ def _matplotlib():
     failing to import (a matplotlib built against NumPy 1 under NumPy 2, say)."""
     try:
         import matplotlib
-    except ModuleNotFoundError as e:
-        if e.name == "matplotlib":
-            return None, "matplotlib is not installed"
-        return None, f"matplotlib could not be imported ({type(e).__name__}: {e})"
     except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name == "matplotlib":
+            return None, "matplotlib is not installed"
         return None, f"matplotlib could not be imported ({type(e).__name__}: {e})"
     return matplotlib, ""
 
