@@ -59,3 +59,22 @@ def test_python_code_needs_no_newer_python_than_requires_python(tmp_path):
     assert ci_scripts, "no .ci/*.py found"
     checked = _vermin([*SOURCE_DIRS, *ci_scripts], oldest)
     assert checked.returncode == 0, f"needs a Python newer than {oldest}:\n{checked.stdout}{checked.stderr}"
+
+
+def test_importing_without_numpy_prints_no_torch_warning(tmp_path):
+    # The default run needs no NumPy, and `pip install .` brings none; torch then warns on import
+    # ("Failed to initialize NumPy"), which opened the default run's output. Here NumPy is made
+    # unimportable with a stand-in package on the path.
+    stand_in = tmp_path / "numpy"
+    stand_in.mkdir()
+    (stand_in / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'numpy'\", name='numpy')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), REPO]))
+
+    def stderr_of(code: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+    if "Failed to initialize NumPy" not in stderr_of("import torch"):
+        pytest.skip("this torch does not warn on import without NumPy")
+    assert "NumPy" not in stderr_of("import qlora_ext; import torch; torch.ones(2) + 1")
