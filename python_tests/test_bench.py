@@ -426,8 +426,8 @@ def test_training_benchmarks_run(tmp_path):
     # one of them is not installed (the GPU image has no bitsandbytes until bench/stage_gpu_deps.sh
     # carries it) the row says how to install it and the targets have no value.
     hf = train["hf_peft_bnb"]
-    hf_ran = all(importlib.util.find_spec(name) for name in ("transformers", "peft", "bitsandbytes"))
-    if hf_ran:
+    hf_installed = all(importlib.util.find_spec(name) for name in ("transformers", "peft", "bitsandbytes"))
+    if hf_installed:
         assert hf.get("tokens_per_s", 0) > 0 and 0 < hf["peak_memory_gb"] < 20, hf
         assert all(t["value"] > 0 for t in targets), targets
     else:
@@ -445,7 +445,7 @@ def test_training_benchmarks_run(tmp_path):
     # (floor_s below the measured step is a timing, which tests do not judge: on a loaded machine the
     # matrix rate behind the floor and the step are measured at different moments)
     assert train["floor_s"] > 0
-    if hf_ran:  # the largest ratio over HF that a step of our FLOPs can reach at that rate
+    if hf_installed:  # the largest ratio over HF that a step of our FLOPs can reach at that rate
         assert train["best_ratio_vs_hf_peft_bnb"] > 0 and "at most" in targets[0]["note"]
     seed = json.loads((tmp_path / "model_seed_7b.json").read_text())
     eager, compiled = seed["cases"]["eager"], seed["cases"]["compiled"]
