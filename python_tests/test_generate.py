@@ -138,7 +138,7 @@ def test_prompt_and_pad_id_outside_the_vocabulary_are_named():
         ([[1, 2], [3, 4.0]], r"argument 'prompt' must be .*; prompt 1 holds \['float', 'int'\]"),
         ([[1, 2], [3, vocab]], rf"argument 'prompt' must hold token ids in \[0, {vocab}\); got \[{vocab}\]"),
         (torch.zeros(0, 3, dtype=torch.long), r"argument 'prompt' must be \[batch, seq\] with batch and seq >= 1; got shape \[0, 3\]"),
-        (torch.nested.nested_tensor([torch.tensor([1, 2]), torch.tensor([3])]), r"argument 'prompt' must be a dense tensor; got a nested tensor"),
+        (torch.nested.nested_tensor([torch.tensor([1, 2]), torch.tensor([3])], layout=torch.jagged), r"argument 'prompt' must be a dense tensor; got a nested tensor"),
     ]:
         with pytest.raises(ValueError, match=needle):
             generate(model, prompt, max_new_tokens=2, temperature=0.0)
