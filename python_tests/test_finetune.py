@@ -170,7 +170,7 @@ def test_a_save_the_file_system_refuses_stops_with_the_last_checkpoint_named(tmp
                      rf"\[Errno 28\] No space left on device; the last complete checkpoint, {out / 'epoch_0'}, is intact: "
                      r"once the cause is fixed, resume_from_checkpoint=True continues from it", err), err
     assert sorted(p.name for p in out.iterdir() if p.name.startswith((".epoch", "epoch"))) == ["epoch_0"]
-    assert torch.load(out / "recipe_state.pt", weights_only=False)["checkpoint_name"] == "epoch_0"
+    assert torch.load(out / "recipe_state.pt", weights_only=True)["checkpoint_name"] == "epoch_0"
     calls.clear()
     monkeypatch.setattr(saving, "save_peft_adapter", fails_second(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")))
 
@@ -324,7 +324,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_ckpt, smal
     assert rc == 1
     assert "loss is nan at epoch 1, step 4" in err and f"the last good checkpoint is {out / 'step_2'}" in err
     assert "resume_from_checkpoint=True and a lower optimizer.lr or a clip_grad_norm" in err
-    state = torch.load(out / "recipe_state.pt", weights_only=False)
+    state = torch.load(out / "recipe_state.pt", weights_only=True)
     assert state["checkpoint_name"] == "step_2" and state["global_step"] == 2
     assert (out / "step_2" / "adapter" / "adapter_model.safetensors").is_file()
     # the advice works: the resume with a lower lr and clipping is accepted and finishes the epoch
@@ -353,7 +353,7 @@ def test_a_non_finite_gradient_norm_stops_as_a_non_finite_loss_does(tmp_path, ti
     assert finetune.main(["--config", "tiny_qlora", *overrides]) == 1
     err = capsys.readouterr().err
     assert "the adapters' gradient norm is inf at epoch 1, step 3 (loss " in err and f"the last good checkpoint is {out / 'step_2'}" in err
-    assert torch.load(out / "recipe_state.pt", weights_only=False)["global_step"] == 2
+    assert torch.load(out / "recipe_state.pt", weights_only=True)["global_step"] == 2
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2]
 
 

@@ -57,7 +57,7 @@ def test_resumed_run_matches_uninterrupted_step_for_step(tmp_path, setup, monkey
     with pytest.raises(KeyboardInterrupt):
         finetune.train(load_config("tiny_qlora", _overrides(setup, run)))
     monkeypatch.undo()
-    state = torch.load(run / "recipe_state.pt", weights_only=False)
+    state = torch.load(run / "recipe_state.pt", weights_only=True)
     assert (state["checkpoint_name"], state["epoch"], state["step_in_epoch"]) == ("step_6", 1, 2)
     assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert state["metrics_log"] == (run / "logs" / "metrics.jsonl").read_text()  # the log as it stood at the save
@@ -71,8 +71,8 @@ def test_resumed_run_matches_uninterrupted_step_for_step(tmp_path, setup, monkey
     assert resumed == reference  # exactly: same data order, RNG, optimizer and schedule state
     val = [(r["step"], r["val_loss"]) for r in metrics(run) if "val_loss" in r]
     assert val == [(r["step"], r["val_loss"]) for r in metrics(full) if "val_loss" in r] and [s for s, _ in val] == [4, 8]
-    a = torch.load(full / "recipe_state.pt", weights_only=False)["adapter"]
-    b = torch.load(run / "recipe_state.pt", weights_only=False)["adapter"]
+    a = torch.load(full / "recipe_state.pt", weights_only=True)["adapter"]
+    b = torch.load(run / "recipe_state.pt", weights_only=True)["adapter"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -93,7 +93,7 @@ def test_killed_while_saving_keeps_previous_checkpoint(tmp_path, setup, monkeypa
         finetune.train(load_config("tiny_qlora", _overrides(setup, run)))
     monkeypatch.undo()
     # the step-3 checkpoint and the state naming it are intact; the half-written save left nothing
-    state = torch.load(run / "recipe_state.pt", weights_only=False)
+    state = torch.load(run / "recipe_state.pt", weights_only=True)
     assert state["checkpoint_name"] == "step_3"
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["logs", "step_3"]
     from safetensors.torch import load_file
@@ -129,7 +129,7 @@ def test_resume_refuses_another_base_and_accepts_the_same_one_moved(tmp_path, se
     shutil.copytree(ckpt, moved)
     summary = finetune.train(load_config("tiny_qlora", _overrides(setup, run) + [f"checkpointer.checkpoint_dir={moved}"] + resume))
     assert len(summary["losses"]) == 4  # the second epoch
-    state = torch.load(run / "recipe_state.pt", weights_only=False)
+    state = torch.load(run / "recipe_state.pt", weights_only=True)
     del state["fingerprint"]["checkpointer.weights"]  # as an earlier version wrote it
     torch.save(state, run / "recipe_state.pt")
     capsys.readouterr()
@@ -286,7 +286,7 @@ def test_resume_applies_changed_optimizer_schedule_and_clipping(tmp_path, setup,
     expected = [1e-3 * cosine_with_warmup(s, num_warmup_steps=6, num_training_steps=8) for s in range(4, 8)]
     assert lrs == pytest.approx(expected, rel=1e-12) and lrs[0] > 0
     assert max_norms == [0.5] * 4
-    state = torch.load(run / "recipe_state.pt", weights_only=False)
+    state = torch.load(run / "recipe_state.pt", weights_only=True)
     group = state["optimizer"]["param_groups"][0]
     assert (group["weight_decay"], group["betas"], group["initial_lr"]) == (0.0, (0.8, 0.99), 1e-3)
     assert state["lr_scheduler"]["base_lrs"] == [1e-3] and state["global_step"] == 8

@@ -11,6 +11,7 @@ import shutil
 import struct
 import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -416,6 +417,36 @@ def test_training_state_round_trip_and_mismatch(tmp_path):
     ckpt.save_training_state(tmp_path, checkpoint_name="step_1", epoch=0, step_in_epoch=1, global_step=1, seed=3,
                              optimizer=opt, scheduler=sched, adapter={"x": p}, fingerprint={**fp, "seed": 3})
     assert ckpt.load_training_state(tmp_path, fp)["fingerprint"] == fp
+
+
+class _RunsCodeWhenUnpickled:
+    marker = None
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_training_state_that_would_run_code_is_refused(tmp_path):
+    # A run folder can come from elsewhere: its recipe_state.pt is read with torch.load(weights_only=True).
+    marker = tmp_path / "ran"
+    _RunsCodeWhenUnpickled.marker = marker
+    state = {"version": ckpt.STATE_VERSION, "checkpoint_name": "epoch_0", "global_step": 1, "epoch": 0,
+             "payload": _RunsCodeWhenUnpickled()}
+    torch.save(state, tmp_path / ckpt.STATE_FILE)
+    with pytest.raises(ckpt.ResumeError, match=r"recipe_state.pt cannot be read \(.*Weights only load failed"):
+        ckpt.load_training_state(tmp_path, {})
+    with pytest.raises(Exception, match="Weights only load failed"):
+        ckpt.read_state_summary(tmp_path)
+    assert not marker.exists()
+    # A state missing what a resume reads is named, not a KeyError.
+    del state["payload"]
+    torch.save(state, tmp_path / ckpt.STATE_FILE)
+    with pytest.raises(ckpt.ResumeError, match=r"lacks the entries \['step_in_epoch', 'seed', 'optimizer', 'lr_scheduler', "
+                                               r"'rng', 'adapter', 'fingerprint'\] of a training state"):
+        ckpt.load_training_state(tmp_path, {})
+    torch.save([1, 2], tmp_path / ckpt.STATE_FILE)
+    with pytest.raises(ckpt.ResumeError, match=r"has state version none \(it holds a list\), expected 1"):
+        ckpt.load_training_state(tmp_path, {})
 
 
 def test_pick_samples_prefers_distinct_instructions():

@@ -20,6 +20,9 @@ __all__ = ["ResumeError", "atomic_torch_save", "load_training_state", "rng_state
 
 STATE_FILE = "recipe_state.pt"
 STATE_VERSION = 1
+# What a resume reads from the state (besides "version"; "metrics_log" is optional).
+STATE_KEYS = ("checkpoint_name", "epoch", "step_in_epoch", "global_step", "seed", "optimizer", "lr_scheduler", "rng",
+              "adapter", "fingerprint")
 
 
 class ResumeError(RuntimeError):
@@ -88,7 +91,7 @@ def read_state_summary(output_dir: str | Path) -> tuple[str, int, int] | None:
     path = Path(output_dir) / STATE_FILE
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return state["checkpoint_name"], state["global_step"], state["epoch"]
 
 
@@ -123,12 +126,18 @@ def load_training_state(
             "run without it first, or set output_dir to the interrupted run's folder"
         )
     try:
-        # The state holds Python RNG state (tuples) besides tensors; it is our own file.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a run folder may come from elsewhere, and a pickle could run code. The
+        # state's Python RNG state (tuples of ints) is among what that loader allows.
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (any unreadable file is the same user-facing problem)
         raise ResumeError(f"resume_from_checkpoint=true: {path} cannot be read ({e})") from None
-    if state.get("version") != STATE_VERSION:
-        raise ResumeError(f"resume_from_checkpoint=true: {path} has state version {state.get('version')}, expected {STATE_VERSION}")
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        version = state.get("version") if isinstance(state, dict) else f"none (it holds a {type(state).__name__})"
+        raise ResumeError(f"resume_from_checkpoint=true: {path} has state version {version}, expected {STATE_VERSION}")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise ResumeError(f"resume_from_checkpoint=true: {path} lacks the entries {missing} of a training state; "
+                          "it is damaged or not one this trainer wrote")
     # The seed is compared with the one actually used (states of earlier versions also kept the
     # configured one among the fingerprint's keys).
     saved = state["fingerprint"] = {k: v for k, v in state["fingerprint"].items() if k != "seed"}
