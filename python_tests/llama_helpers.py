@@ -26,6 +26,17 @@ def rel_error(got: Tensor, want: Tensor) -> float:
     return ((got - want).norm() / want.norm()).item()
 
 
+class TouchesWhenUnpickled:
+    """Put in a pickle, it creates ``marker`` when unpickled, through os.system (a module
+    torch.load(weights_only=True) blocks): a file that must be refused, never loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 def hf_llama(num_kv_heads: int = 4, seed: int = 0, **overrides):
     """A random fp32 ``LlamaForCausalLM`` in eval mode, with non-trivial norm weights."""
     tf = transformers()

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from llama_helpers import hf_llama, hf_logits, rel_error, transformers
+from llama_helpers import TouchesWhenUnpickled, hf_llama, hf_logits, rel_error, transformers
 
 from qlora_ext import NF4Tensor
 from qlora_ext.checkpoint import Llama2Config, load_checkpoint, read_checkpoint_config
@@ -307,9 +307,31 @@ def test_unreadable_checkpoint_files_are_named(hf_models, tmp_path):
     # A pickle naming a class besides the tensors is refused as such, not called truncated.
     torch.save({**model.state_dict(), "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}, weights)
     with pytest.raises(ValueError, match=rf"checkpoint file {weights} holds Python objects besides tensors, and loading them "
-                       r"could run code \(torch.load\(weights_only=True\) refuses: Unsupported global: GLOBAL torch.optim.sgd.SGD\)"):
+                       r"could run code \(torch.load\(weights_only=True\) refuses to unpickle torch.optim.sgd.SGD\)"):
         llama2_from_checkpoint(folder)
+    # One whose unpickling would run a blocked module's function: refused alike, and torch's advice to
+    # load it with weights_only=False is not passed on.
+    marker = tmp_path / "ran"
+    torch.save({**model.state_dict(), "x": TouchesWhenUnpickled(marker)}, weights)
+    with pytest.raises(ValueError, match=r"holds Python objects besides tensors, .* refuses to unpickle posix.system\); save") as refused:
+        llama2_from_checkpoint(folder)
+    assert "weights_only` set to `False`" not in str(refused.value) and not marker.exists()
     weights.unlink()
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "."}}))
     with pytest.raises(FileNotFoundError, match=r"names shards that do not exist \(or are no files\): \['\.'\]"):
         hf_weight_files(str(folder))
+    # An index may only name shards inside the checkpoint's folder.
+    (tmp_path / "outside.bin").write_bytes(whole)
+    for shard in ("../outside.bin", str(tmp_path / "outside.bin"), "sub/../../outside.bin"):
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": shard}}))
+        with pytest.raises(ValueError, match=rf"pytorch_model.bin.index.json names shard files outside {folder}: \['{re.escape(shard)}'\]"):
+            hf_weight_files(str(folder))
+    (folder / "pytorch_model.bin.index.json").unlink()
+    # A pipe where a file should be is refused, not opened (reading it would wait forever).
+    os.mkfifo(folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=rf"{weights} cannot be read as a checkpoint file: it is not a regular file"):
+        llama2_from_checkpoint(folder)
+    (folder / "config.json").unlink()
+    os.mkfifo(folder / "config.json")
+    with pytest.raises(ValueError, match=r"config.json cannot be read as a JSON file: it is not a regular file"):
+        llama2_from_checkpoint(folder)

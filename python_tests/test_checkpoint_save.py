@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from llama_helpers import hf_llama, rel_error, transformers
+from llama_helpers import TouchesWhenUnpickled, hf_llama, rel_error, transformers
 
 from qlora_ext import LoRALinear, NF4Tensor, to_nf4
 from qlora_ext.checkpoint import (
@@ -329,6 +329,13 @@ def test_adapters_made_by_peft_load_with_peft_logits(base_dir, tmp_path, targets
     assert (tmp_path / "bin" / "adapter_model.bin").is_file() and not (tmp_path / "bin" / "adapter_model.safetensors").exists()
     with torch.no_grad():
         assert rel_error(llama2_from_checkpoint(base_dir, adapter_dir=tmp_path / "bin").eval()(tokens), want) <= 1e-5
+    # One holding a Python object whose unpickling would run code is refused, not loaded.
+    adapter_bin = tmp_path / "bin" / "adapter_model.bin"
+    torch.save({**torch.load(adapter_bin, weights_only=True), "x": TouchesWhenUnpickled(tmp_path / "ran")}, adapter_bin)
+    with pytest.raises(ValueError, match=r"load_peft_adapter: .*adapter_model.bin holds Python objects besides tensors, and loading "
+                                         r"them could run code \(torch.load\(weights_only=True\) refuses to unpickle posix.system\)"):
+        llama2_from_checkpoint(base_dir, adapter_dir=tmp_path / "bin")
+    assert not (tmp_path / "ran").exists()
     # Without weights, the folder is named before the base is loaded.
     (tmp_path / "bin" / "adapter_model.bin").unlink()
     import qlora_ext.models.llama2._from_checkpoint as from_checkpoint

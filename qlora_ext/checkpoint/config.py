@@ -273,6 +273,12 @@ def _int_or(value: Any, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
+def refuse_special_file(path: str | os.PathLike, what: str) -> None:
+    """Raises ValueError where ``path`` is a pipe, socket or device: reading one could block forever."""
+    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
+        raise ValueError(f"{os.fspath(path)} cannot be read as {what}: it is not a regular file (a pipe, socket or device)")
+
+
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON object file (config.json, params.json, an index).
 
@@ -281,6 +287,7 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
         ValueError: a folder or an unreadable file, not valid UTF-8 JSON, or not an object; the
             message names the file.
     """
+    refuse_special_file(path, "a JSON file")
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)

@@ -8,6 +8,7 @@ rows are in HF's rotary layout, so nothing is permuted.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from qlora_ext.checkpoint.atomic import StagedFiles
 from qlora_ext.checkpoint.config import read_json, write_json
 from qlora_ext.checkpoint.convert import hf_module_name, hf_to_ours, strip_wrappers
 from qlora_ext.checkpoint.load import _assign, _home_device, _targets, refuse_merged
+from qlora_ext.checkpoint.readers import python_objects_refused, refused_pickle_global
 from qlora_ext.checkpoint.safetensors_io import SafetensorsReader, write_safetensors
 from qlora_ext.checkpoint.save import refuse_meta_parameters
 from qlora_ext.modules.lora_linear import LoRALinear
@@ -294,6 +296,11 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
     else:
         try:
             tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            refused = refused_pickle_global(e)
+            if refused is None:
+                raise ValueError(f"load_peft_adapter: {weights_path} cannot be read as a torch state dict: {e}") from None
+            raise ValueError(python_objects_refused(f"load_peft_adapter: {weights_path}", refused)) from None
         except Exception as e:  # noqa: BLE001  (any unreadable file is the same user-facing problem)
             raise ValueError(f"load_peft_adapter: {weights_path} cannot be read as a torch state dict: {e}") from None
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from qlora_ext.checkpoint.bnb4bit import Bnb4bitWeight, bnb4bit_aux_keys, bnb4bit_weight_names
-from qlora_ext.checkpoint.config import read_json
+from qlora_ext.checkpoint.config import read_json, refuse_special_file
 from qlora_ext.checkpoint.convert import meta_shard_dim
 from qlora_ext.checkpoint.safetensors_io import SafetensorsReader
 
@@ -60,6 +60,7 @@ class TensorFiles(contextlib.ExitStack):
         self._where: dict[str, str] = {}
         self.paths = list(paths)
         for path in paths:
+            refuse_special_file(path, "a checkpoint file")
             if path.endswith(".safetensors"):
                 self._add_safetensors(path)
             else:
@@ -91,17 +92,11 @@ class TensorFiles(contextlib.ExitStack):
         except FileNotFoundError:
             raise
         except pickle.UnpicklingError as e:
-            # A whole file whose pickle names Python objects other than tensors (a training
-            # script's class, an optimizer) is refused, never unpickled: that can run its code.
-            refused = re.search(r"WeightsUnpickler error: (Unsupported global: GLOBAL \S+)", str(e))
+            refused = refused_pickle_global(e)
             if refused is None:  # a text file or a broken pickle; torch's advice to unpickle it unsafely does not apply
                 detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
                 raise ValueError(_unreadable_torch_file(path, detail.group(1) if detail else e)) from None
-            raise ValueError(
-                f"checkpoint file {path} holds Python objects besides tensors, and loading them could run code "
-                f"(torch.load(weights_only=True) refuses: {refused.group(1)}); save the model's state_dict() alone, "
-                "or convert the file to safetensors"
-            ) from None
+            raise ValueError(python_objects_refused(f"checkpoint file {path}", refused)) from None
         except Exception as e:  # noqa: BLE001  (a truncated download, a text file, a folder: all unreadable alike)
             raise ValueError(_unreadable_torch_file(path, e)) from None
         if not isinstance(state, dict):
@@ -117,6 +112,26 @@ class TensorFiles(contextlib.ExitStack):
 
     def get(self, key: str) -> Tensor:
         return self._readers[key]()
+
+
+# torch.load(weights_only=True) names what it refused in one of two ways: a global it does not
+# allow ("Unsupported global: GLOBAL torch.optim.sgd.SGD was not an allowed global ..."), or one
+# from a module it blocks outright ("unsupported GLOBAL posix.system whose module posix is blocked").
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)|unsupported GLOBAL ([\w.]+) whose module")
+
+
+def refused_pickle_global(error: pickle.UnpicklingError) -> str | None:
+    """The Python object (``module.name``) that ``torch.load(weights_only=True)`` refused to
+    unpickle, or None where the file is unreadable for another reason (truncated, not a pickle)."""
+    match = _REFUSED_GLOBAL.search(str(error))
+    return None if match is None else match[1] or match[2]
+
+
+def python_objects_refused(what: str, refused: str) -> str:
+    """The message for a pickle holding Python objects besides tensors. It is refused, never
+    unpickled, as that can run the objects' code; torch's advice to load it unsafely is not repeated."""
+    return (f"{what} holds Python objects besides tensors, and loading them could run code (torch.load(weights_only=True) "
+            f"refuses to unpickle {refused}); save the model's state_dict() alone, or convert the file to safetensors")
 
 
 def _unreadable_torch_file(path: str, e: Exception | str) -> str:
@@ -159,6 +174,12 @@ def hf_weight_files(checkpoint_dir: str) -> list[str]:
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise ValueError(f"{index_path} must map tensor names to shard files under 'weight_map'; got {weight_map!r:.200}")
             names = sorted(set(weight_map.values()))
+            # A shard is a file in the checkpoint's folder (it may be a link, as in the HF hub cache):
+            # an index must not make the loader read files elsewhere.
+            outside = [n for n in names if os.path.isabs(n) or os.path.normpath(n).split(os.sep)[0] == os.pardir]
+            if outside:
+                raise ValueError(f"{index_path} names shard files outside {checkpoint_dir}: {outside}; "
+                                 "shards are named relative to the checkpoint's folder, inside it")
             missing = [n for n in names if not os.path.isfile(os.path.join(checkpoint_dir, n))]
             if missing:
                 raise FileNotFoundError(f"{index_path} names shards that do not exist (or are no files): {missing}")
