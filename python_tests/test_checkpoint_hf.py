@@ -268,6 +268,36 @@ def test_malformed_json_index_and_safetensors_header_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"bad.safetensors is not a safetensors file: tensor 'w' must have dtype, shape and data_offsets"):
         SafetensorsReader(str(tmp_path / "bad.safetensors"))
 
+    def damaged(header_text: str, data: bytes = bytes(16), length: int | None = None) -> str:
+        encoded = header_text.encode()
+        path = tmp_path / "damaged.safetensors"
+        path.write_bytes(struct.pack("<Q", len(encoded) if length is None else length) + encoded + data)
+        return str(path)
+
+    def f32(offsets, shape=(2,), dtype="F32"):
+        return {"dtype": dtype, "shape": list(shape) if isinstance(shape, tuple) else shape, "data_offsets": offsets}
+
+    two = {"a": f32([0, 8]), "b": f32([8, 16])}
+    assert SafetensorsReader(damaged(json.dumps(two))).keys() == ["a", "b"]  # as written, it reads
+    for header_text, kwargs, needle in [
+        ("{}", {"length": 2**60}, r"its header length field says 1152921504606846976 bytes, more than the file's 18 bytes after it"),
+        ("{}", {"length": 2**64 - 1}, r"its header length field says 18446744073709551615 bytes"),
+        ("[1, 2]", {}, r"its header must be a JSON object; got list"),
+        ("[" * 100_000 + "]" * 100_000, {}, r"its header's JSON nests too deeply"),
+        ('{"a": %s, "a": %s}' % (json.dumps(f32([0, 8])), json.dumps(f32([8, 16]))), {}, r"the header names tensors more than once: \['a'\]"),
+        (json.dumps({"a": f32([0, 8]), "b": f32([0, 8])}), {"data": bytes(8)}, r"tensor '[ab]' has data offsets \[0, 8\] that overlap the tensor before it"),
+        (json.dumps({"a": f32([0, 8]), "b": f32([12, 20])}), {"data": bytes(20)}, r"tensor 'b' has data offsets \[12, 20\] that leave bytes 8 to 12 unused"),
+        (json.dumps(two), {"data": bytes(24)}, r"its tensors end at data byte 16, but the file has 24 data bytes"),
+        (json.dumps({"a": f32([0])}), {}, r"tensor 'a' must have data_offsets \[start, end\] of two integers >= 0; got \[0\]"),
+        (json.dumps({"a": f32(["0", "8"])}), {}, r"tensor 'a' must have data_offsets \[start, end\] of two integers >= 0; got \['0', '8'\]"),
+        (json.dumps({"a": f32([0, 8], shape=[2.0])}), {}, r"tensor 'a' must have a shape that is a list of sizes >= 0; got \[2.0\]"),
+        (json.dumps({"a": f32([0, 8], shape="ab")}), {}, r"tensor 'a' must have a shape that is a list of sizes >= 0; got 'ab'"),
+        (json.dumps({"a": f32([0, 8], dtype=["F32"])}), {}, r"tensor 'a' has dtype \['F32'\], which this reader does not support"),
+        (json.dumps({"__metadata__": [1], **two}), {}, r"its __metadata__ must be a JSON object; got \[1\]"),
+    ]:
+        with pytest.raises(ValueError, match=r"damaged.safetensors(:| is not a safetensors file:) " + needle):
+            SafetensorsReader(damaged(header_text, **kwargs))
+
 
 def test_unreadable_checkpoint_files_are_named(hf_models, tmp_path):
     """A folder where a file should be, a truncated or empty .bin (an interrupted download), a

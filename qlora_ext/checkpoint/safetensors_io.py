@@ -96,6 +96,90 @@ def write_safetensors(
             del tensor, data
 
 
+# The safetensors reference implementation refuses longer headers; a damaged length field could
+# otherwise ask for any amount of memory.
+_MAX_HEADER_BYTES = 100_000_000
+
+_Spec = tuple[torch.dtype, tuple[int, ...], int, int]
+
+
+def _is_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"the header names tensors more than once: {twice[:10]}")
+    return dict(pairs)
+
+
+def _read_header(path: str, file) -> tuple[dict, dict[str, _Spec], int]:  # noqa: ANN001
+    """(metadata, {name: (dtype, shape, start, end)}, offset of the data) of an open safetensors
+    file, every entry checked: a loader that checks all entries before loading any then never
+    meets a short or inconsistent file halfway through.
+
+    Raises:
+        ValueError: a malformed header, naming the file, the entry and the value.
+    """
+
+    def malformed(why: str) -> ValueError:
+        return ValueError(f"{path} is not a safetensors file: {why}")
+
+    file_size = os.fstat(file.fileno()).st_size
+    try:
+        (length,) = struct.unpack("<Q", file.read(8))
+    except struct.error as e:
+        raise malformed(str(e)) from None
+    if length > min(file_size - 8, _MAX_HEADER_BYTES):
+        raise malformed(f"its header length field says {length} bytes, more than the file's {file_size - 8} bytes after it "
+                        f"or the format's limit of {_MAX_HEADER_BYTES} (a truncated or corrupt file)")
+    try:
+        header = json.loads(file.read(length), object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise malformed("its header's JSON nests too deeply") from None
+    except ValueError as e:  # invalid JSON or UTF-8, or a tensor named twice
+        raise malformed(str(e)[:300]) from None
+    if not isinstance(header, dict):
+        raise malformed(f"its header must be a JSON object; got {type(header).__name__}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise malformed(f"its __metadata__ must be a JSON object; got {metadata!r:.100}")
+    base = 8 + length
+    data_size = file_size - base
+    specs: dict[str, _Spec] = {}
+    for name, spec in header.items():
+        if not isinstance(spec, dict) or any(key not in spec for key in ("dtype", "shape", "data_offsets")):
+            raise malformed(f"tensor '{name}' must have dtype, shape and data_offsets; got {spec!r:.200}")
+        code, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_size(n) for n in shape):
+            raise malformed(f"tensor '{name}' must have a shape that is a list of sizes >= 0; got {shape!r:.100}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(n) for n in offsets):
+            raise malformed(f"tensor '{name}' must have data_offsets [start, end] of two integers >= 0; got {offsets!r:.100}")
+        if not isinstance(code, str) or code not in _CODE_DTYPES:
+            raise ValueError(f"{path}: tensor '{name}' has dtype {code!r:.50}, which this reader does not support "
+                             f"(it reads {sorted(_CODE_DTYPES)})")
+        dtype, (start, end) = _CODE_DTYPES[code], offsets
+        if not start <= end <= data_size or end - start != tensor_nbytes(shape, dtype):
+            raise ValueError(
+                f"{path}: tensor '{name}' ({code} {shape}) has data offsets {[start, end]} that do not fit "
+                f"its size or the file's {data_size} data bytes (a truncated or corrupt file)"
+            )
+        specs[name] = (dtype, tuple(shape), start, end)
+    # As the format requires, the tensors' bytes follow one another with no gap and no overlap
+    # (two tensors sharing bytes would load the same values under two names).
+    position = 0
+    for name, (_, _, start, end) in sorted(specs.items(), key=lambda item: item[1][2:]):
+        if start != position:
+            what = "overlap the tensor before it" if start < position else f"leave bytes {position} to {start} unused"
+            raise malformed(f"tensor '{name}' has data offsets {[start, end]} that {what} (a corrupt file)")
+        position = end
+    if position != data_size:
+        raise malformed(f"its tensors end at data byte {position}, but the file has {data_size} data bytes (a corrupt file)")
+    return metadata, specs, base
+
+
 class SafetensorsReader:
     """Reads tensors of one safetensors file by name, each into its own memory.
 
@@ -114,33 +198,10 @@ class SafetensorsReader:
         except (IsADirectoryError, PermissionError) as e:
             raise ValueError(f"{path} cannot be read as a safetensors file: {e.strerror}") from None
         try:
-            (length,) = struct.unpack("<Q", self._file.read(8))
-            header = json.loads(self._file.read(length))
-        except (struct.error, ValueError) as e:
+            self.metadata, self._specs, self._base = _read_header(path, self._file)
+        except BaseException:
             self._file.close()
-            raise ValueError(f"{path} is not a safetensors file: {e}") from None
-        self.metadata = header.pop("__metadata__", {}) or {}
-        self._base = 8 + length
-        data_size = os.fstat(self._file.fileno()).st_size - self._base
-        self._specs: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for name, spec in header.items():
-            if not isinstance(spec, dict) or any(key not in spec for key in ("dtype", "shape", "data_offsets")):
-                self._file.close()
-                raise ValueError(f"{path} is not a safetensors file: tensor '{name}' must have dtype, shape and data_offsets; got {spec!r:.200}")
-            if spec["dtype"] not in _CODE_DTYPES:
-                self._file.close()
-                raise ValueError(f"{path}: tensor '{name}' has dtype {spec['dtype']}, which this reader does not support")
-            dtype, shape = _CODE_DTYPES[spec["dtype"]], tuple(spec["shape"])
-            start, end = spec["data_offsets"]
-            # Checked here, so a loader that checks every entry before loading any never finds a
-            # short or inconsistent file halfway through.
-            if not 0 <= start <= end <= data_size or end - start != tensor_nbytes(shape, dtype):
-                self._file.close()
-                raise ValueError(
-                    f"{path}: tensor '{name}' ({spec['dtype']} {list(shape)}) has data offsets {[start, end]} that do not fit "
-                    f"its size or the file's {data_size} data bytes (a truncated or corrupt file)"
-                )
-            self._specs[name] = (dtype, shape, start, end)
+            raise
 
     def keys(self) -> list[str]:
         return list(self._specs)
