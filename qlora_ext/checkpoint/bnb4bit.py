@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from qlora_ext._arguments import is_finite_real
 from qlora_ext._dtypes import HF_DTYPES
 from qlora_ext._tables import ABSMAX_CODE_MAP, BLOCK_SIZE, NF4_VALUES, SCALER_BLOCK_SIZE
 from qlora_ext.nf4 import NF4Tensor, to_nf4
@@ -47,8 +48,9 @@ class Bnb4bitWeight:
             ``dtypes``).
 
     Raises:
-        ValueError: a missing auxiliary key, fp4 instead of nf4, blocksizes other than 64/256, no
-            double quantization, code tables that differ from ours, an unknown dtype, or storage
+        ValueError: a missing auxiliary key, fp4 instead of nf4 (in the key or the quant state),
+            blocksizes other than 64/256, no double quantization, a nested offset or scales that
+            are not finite, code tables that differ from ours, an unknown dtype, or storage
             tensors whose dtype or size disagree with the quant state's shape.
     """
 
@@ -62,6 +64,9 @@ class Bnb4bitWeight:
         if quant_type != "nf4":
             problems.append(f"quant_type must be 'nf4'; got {quant_type!r}")
             raise ValueError(self._message(problems))
+        if files.dtypes[state_keys[0]] != torch.uint8 or len(files.shapes[state_keys[0]]) != 1:
+            raise ValueError(self._message([f"'{state_keys[0]}' must be a 1-D uint8 tensor (UTF-8 JSON bytes); got "
+                                            f"{files.dtypes[state_keys[0]]} of shape {list(files.shapes[state_keys[0]])}"]))
         try:
             state = json.loads(bytes(files.get(state_keys[0]).tolist()).decode("utf-8"))
         except ValueError as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
@@ -77,6 +82,10 @@ class Bnb4bitWeight:
             problems.append(f"double quantization is required (bnb_4bit_use_double_quant=True): missing {missing_nested}")
         if problems:
             raise ValueError(self._message(problems))
+        if state.get("quant_type") != "nf4":  # what bitsandbytes reads back, whatever the key's suffix says
+            problems.append(f"the quant_state's quant_type must be 'nf4'; got {state.get('quant_type')!r}")
+        if not is_finite_real(state["nested_offset"]):
+            problems.append(f"the quant_state's nested_offset must be a finite number; got {state['nested_offset']!r:.50}")
         if state.get("blocksize") != BLOCK_SIZE:
             problems.append(f"blocksize must be {BLOCK_SIZE}; got {state.get('blocksize')!r}")
         if state.get("nested_blocksize") != SCALER_BLOCK_SIZE:
@@ -90,6 +99,8 @@ class Bnb4bitWeight:
             if difference:
                 problems.append(f"{name + suffix} must equal this package's table (qlora_ext._tables); {difference}")
         problems += _storage_problems(name, files, state.get("shape"))
+        if not problems and not torch.isfinite(files.get(name + ".nested_absmax")).all():
+            problems.append(f"{name}.nested_absmax must hold finite scales; it has NaN or Inf")
         if problems:
             raise ValueError(self._message(problems))
         self.shape = tuple(state["shape"])
