@@ -215,6 +215,13 @@ def test_architecture_mismatch_and_unsupported_config(hf_models, tmp_path):
     for part in ("'vocab_size' must be a positive integer, got '96'", "'max_position_embeddings' must be a positive integer, got None",
                  "'rms_norm_eps' must be a positive number, got None", "'rope_theta' must be a positive number, got None"):
         assert part in str(err.value)
+    # A rope_scaling that is no object, and sizes past any Llama-2 that a damaged config gives (building
+    # them took minutes, or 14 GB for a RoPE table of 30 million positions), are named.
+    with pytest.raises(ValueError, match=r"unsupported config.json: 'rope_scaling' must be a JSON object or null, got 'linear'$"):
+        Llama2Config.from_hf({**plain, "rope_scaling": "linear"})
+    with pytest.raises(ValueError, match=r"'num_hidden_layers' must be at most 1024, got 100000; 'max_position_embeddings' must be "
+                                         r"at most 1048576 \(the RoPE table holds every position\), got 30000000$"):
+        Llama2Config.from_hf({**plain, "num_hidden_layers": 100_000, "max_position_embeddings": 3e7})
     read = Llama2Config.from_hf({**plain, "max_position_embeddings": 512.0, "num_key_value_heads": None})
     assert read.max_seq_len == 512 and type(read.max_seq_len) is int and read.num_kv_heads == read.num_heads
     with pytest.raises(ValueError, match=r"missing field 'hidden_size'"):

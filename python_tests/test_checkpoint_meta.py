@@ -149,6 +149,20 @@ def test_params_json_sizes():
         ValueError, match=r"unsupported params.json: 'use_scaled_rope' must be false or absent, got True; 'moe' must be absent, got"
     ):
         Llama2Config.from_meta({**p7, "use_scaled_rope": True, "moe": {"experts": 8}}, vocab_size=32000)
+    # Fields of the wrong kind are named as params.json's (they were TypeErrors or ZeroDivisionErrors).
+    wrong = {**p7, "dim": "4096", "multiple_of": 0, "n_kv_heads": 2.5, "rope_theta": "abc", "ffn_dim_multiplier": "1.3",
+             "norm_eps": None, "vocab_size": "320", "n_layers": 5000}
+    with pytest.raises(ValueError) as err:
+        Llama2Config.from_meta(wrong, vocab_size=32000)
+    assert str(err.value) == (
+        "Llama2Config.from_meta: unsupported params.json: 'dim' must be a positive integer, got '4096'; "
+        "'n_kv_heads' must be a positive integer, got 2.5; 'multiple_of' must be a positive integer, got 0; "
+        "'norm_eps' must be a positive number, got None; 'rope_theta' must be a positive number, got 'abc'; "
+        "'ffn_dim_multiplier' must be a positive number, got '1.3'; 'vocab_size' must be a positive integer or -1 "
+        "(the tokenizer's), got '320'; 'n_layers' must be at most 1024, got 5000"
+    )
+    assert Llama2Config.from_meta({**p7, "n_kv_heads": None, "vocab_size": None, "dim": 4096.0}, vocab_size=32000) == \
+        Llama2Config.from_meta(p7, vocab_size=32000)
 
 
 def test_context_length_of_meta_and_saved_hf_configs():

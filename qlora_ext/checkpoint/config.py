@@ -11,6 +11,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlora_ext._arguments import is_finite_real
+
+# Bounds past any Llama-2 (80 layers, 4096 positions; Code Llama 16384) that a damaged config
+# would cross: building that many layers takes minutes before the weights are even opened, and
+# the RoPE table holds a row per position (30 million rows took 14 GB).
+MAX_LAYERS = 1024
+MAX_POSITIONS = 1 << 20
+
+
+def _bound_problems(num_layers: object, num_layers_key: str, max_seq_len: object, max_seq_len_key: str) -> list[str]:
+    problems = []
+    if isinstance(num_layers, int) and num_layers > MAX_LAYERS:
+        problems.append(f"'{num_layers_key}' must be at most {MAX_LAYERS}, got {num_layers}")
+    if isinstance(max_seq_len, int) and max_seq_len > MAX_POSITIONS:
+        problems.append(f"'{max_seq_len_key}' must be at most {MAX_POSITIONS} (the RoPE table holds every position), got {max_seq_len}")
+    return problems
+
 
 @dataclasses.dataclass(frozen=True)
 class Llama2Config:
@@ -45,12 +62,17 @@ class Llama2Config:
         ``rope_theta`` 10000).
 
         Raises:
-            ValueError: listing every missing field and every setting this model does not
+            ValueError: listing every missing field, every size or number of the wrong kind or
+                past ``MAX_LAYERS`` / ``MAX_POSITIONS``, and every setting this model does not
                 implement (another architecture, activation, RoPE scaling, biases, tied embeddings,
                 a non-bitsandbytes quantization).
         """
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         problems = [f"missing field '{key}'" for key in required if key not in config]
+        if problems:
+            raise ValueError(f"Llama2Config.from_hf: unsupported config.json: {'; '.join(problems)}")
+        problems = [f"'{key}' must be a JSON object or null, got {config[key]!r:.100}" for key in ("rope_scaling", "rope_parameters")
+                    if config.get(key) is not None and not isinstance(config[key], dict)]
         if problems:
             raise ValueError(f"Llama2Config.from_hf: unsupported config.json: {'; '.join(problems)}")
         # transformers takes a legacy rope_scaling over rope_parameters (which it also writes, with
@@ -69,6 +91,7 @@ class Llama2Config:
         problems = [f"'{key}' must be a positive integer, got {config.get(key)!r}" for key, value in sizes.items() if value <= 0]
         problems += [f"'{key}' must be a positive number, got {value!r}" for key, value in numbers.items()
                      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")]
+        problems += _bound_problems(sizes["num_hidden_layers"], "num_hidden_layers", sizes["max_position_embeddings"], "max_position_embeddings")
         if problems:  # (the checks below divide by these)
             raise ValueError(f"Llama2Config.from_hf: unsupported config.json: {'; '.join(problems)}")
         head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]
@@ -160,14 +183,28 @@ class Llama2Config:
                 16384 where ``rope_theta`` is above 10000 (Code Llama), else 4096 (Llama-2).
 
         Raises:
-            ValueError: missing fields, no usable vocab size, or settings this model does not
-                implement (scaled RoPE, MoE), listed.
+            ValueError: missing fields or fields of the wrong kind, no usable vocab size, sizes
+                past ``MAX_LAYERS`` / ``MAX_POSITIONS``, or settings this model does not implement
+                (scaled RoPE, MoE), listed.
         """
         missing = [key for key in ("dim", "n_layers", "n_heads") if key not in params]
         if missing:
             raise ValueError(f"Llama2Config.from_meta: params.json lacks required fields {missing}; got keys {sorted(params)}")
-        vocab = params.get("vocab_size", -1)
-        vocab = vocab if vocab and vocab > 0 else vocab_size
+        sizes = {key: params.get(key, default) for key, default in (("dim", None), ("n_layers", None), ("n_heads", None),
+                                                                   ("n_kv_heads", None), ("multiple_of", 256))}
+        problems = [f"'{key}' must be a positive integer, got {value!r:.50}" for key, value in sizes.items()
+                    if not (value is None and key == "n_kv_heads") and not (_int_or(value, -1) > 0)]
+        numbers = {key: params.get(key, default) for key, default in (("norm_eps", 1e-5), ("rope_theta", 10_000.0),
+                                                                     ("ffn_dim_multiplier", None))}
+        problems += [f"'{key}' must be a positive number, got {value!r:.50}" for key, value in numbers.items()
+                     if not (value is None and key == "ffn_dim_multiplier") and not (is_finite_real(value) and value > 0)]
+        if not (_int_or(params.get("vocab_size", -1), 0) > 0 or params.get("vocab_size", -1) in (-1, None)):
+            problems.append(f"'vocab_size' must be a positive integer or -1 (the tokenizer's), got {params.get('vocab_size')!r:.50}")
+        problems += _bound_problems(_int_or(sizes["n_layers"], -1), "n_layers", max_seq_len, "max_seq_len")
+        if problems:
+            raise ValueError(f"Llama2Config.from_meta: unsupported params.json: {'; '.join(problems)}")
+        vocab = _int_or(params.get("vocab_size", -1), -1)
+        vocab = vocab if vocab > 0 else vocab_size
         if not vocab or vocab <= 0:
             raise ValueError(
                 "Llama2Config.from_meta: argument 'vocab_size' is needed because params.json has vocab_size "
@@ -178,23 +215,23 @@ class Llama2Config:
             unsupported.insert(0, f"'use_scaled_rope' must be false or absent, got {params['use_scaled_rope']!r}")
         if unsupported:
             raise ValueError(f"Llama2Config.from_meta: unsupported params.json: {'; '.join(unsupported)}")
-        dim = params["dim"]
+        dim, heads, multiple_of = (_int_or(sizes[key], -1) for key in ("dim", "n_heads", "multiple_of"))
         # Meta's FeedForward sizing (llama/model.py), which yields 11008 / 13824 / 28672.
-        multiple_of = params.get("multiple_of", 256)
         hidden = _meta_ffn_base(dim)
-        if params.get("ffn_dim_multiplier") is not None:
-            hidden = int(params["ffn_dim_multiplier"] * hidden)
+        if numbers["ffn_dim_multiplier"] is not None:
+            hidden = int(numbers["ffn_dim_multiplier"] * hidden)
         hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+        rope_base = float(numbers["rope_theta"])
         return cls(
             vocab_size=vocab,
-            num_layers=params["n_layers"],
-            num_heads=params["n_heads"],
-            num_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+            num_layers=_int_or(sizes["n_layers"], -1),
+            num_heads=heads,
+            num_kv_heads=_int_or(sizes["n_kv_heads"], -1) if sizes["n_kv_heads"] is not None else heads,
             embed_dim=dim,
             intermediate_dim=hidden,
-            max_seq_len=max_seq_len or (16_384 if float(params.get("rope_theta", 10_000.0)) > 10_000.0 else 4096),
-            norm_eps=params.get("norm_eps", 1e-5),
-            rope_base=float(params.get("rope_theta", 10_000.0)),
+            max_seq_len=max_seq_len or (16_384 if rope_base > 10_000.0 else 4096),
+            norm_eps=numbers["norm_eps"],
+            rope_base=rope_base,
         )
 
     def to_meta(self) -> dict[str, Any]:
