@@ -146,7 +146,7 @@ def test_loading_into_materialized_model_copies_in_place(hf_models):
         assert torch.equal(model(tokens), fresh(tokens))
 
 
-def test_a_non_finite_weight_to_quantize_is_named(hf_models, tmp_path):
+def test_a_non_finite_weight_is_named(hf_models, tmp_path):
     from safetensors.torch import load_file, save_file
 
     _, folder = hf_models[4]
@@ -157,7 +157,15 @@ def test_a_non_finite_weight_to_quantize_is_named(hf_models, tmp_path):
     with pytest.raises(ValueError, match=r"load_checkpoint: .*: entry model.layers.1.self_attn.q_proj.weight cannot be loaded: "
                        r".*argument 'weight' must hold only finite values.*The model now holds \d+ of the checkpoint's \d+ tensors: rebuild it"):
         llama2_from_checkpoint(tmp_path, ["q_proj"], lora_rank=4, lora_alpha=8, quantize_base=True)
-    llama2_from_checkpoint(tmp_path)  # a dense model takes the NaN as it is, as torch and transformers do
+    # A dense weight with a NaN is refused alike (it was loaded as it was, and the model output garbage).
+    with pytest.raises(ValueError, match=r"load_checkpoint: .*: entry model.layers.1.self_attn.q_proj.weight cannot be loaded: "
+                       r"it holds NaN or Inf. The model now holds \d+ of the checkpoint's \d+ tensors: rebuild it"):
+        llama2_from_checkpoint(tmp_path)
+    state["model.layers.1.self_attn.q_proj.weight"][5, 7] = 0.0
+    state["model.norm.weight"][3] = float("-inf")
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"entry model.norm.weight cannot be loaded: it holds NaN or Inf"):
+        llama2_from_checkpoint(tmp_path)
 
 
 def test_key_and_shape_problems_are_listed(hf_models, tmp_path):

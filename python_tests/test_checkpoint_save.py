@@ -105,6 +105,27 @@ def test_adapter_round_trip_and_config(base_dir, tmp_path):
     fewer = _trained(base_dir, attn=("q_proj", "k_proj", "v_proj", "output_proj"))
     with pytest.raises(ValueError, match=r"missing: \['base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight'"):
         load_peft_adapter(fewer, tmp_path)
+    # Weights that are integers or hold NaN are named, before any is loaded (an int32 one was copied in).
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    a_key, b_key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    bad = {**weights, a_key: weights[a_key].to(torch.int32), b_key: weights[b_key].clone().fill_(float("nan"))}
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    shutil.copy(tmp_path / "adapter_config.json", damaged / "adapter_config.json")
+    save_file(bad, damaged / "adapter_model.safetensors")
+    before = {k: v.clone() for k, v in again.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"not floating point: \['{a_key}: torch.int32'\]; holding NaN or Inf: \['{b_key}'\]$"):
+        load_peft_adapter(again, damaged)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in before.items())
+    # A damaged rank in adapter_config.json is named from the weights' shapes before a model of that rank is built.
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (damaged / "adapter_config.json").write_text(json.dumps({**config, "r": 1_000_000}))
+    save_file(weights, damaged / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: adapter_config.json gives 'r' 1000000, but lora_A weights of "
+                                         r"shape \[r, in\] have another rank \(\d+\): \['base_model.model.*: \[4, 256\]'"):
+        llama2_from_checkpoint(base_dir, adapter_dir=damaged, quantize_base=True)
 
 
 def test_adapter_round_trip_needs_no_numpy(tmp_path):

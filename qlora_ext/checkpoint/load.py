@@ -259,8 +259,8 @@ def load_entries(
     Raises:
         ValueError: missing, unexpected, wrongly shaped or not floating-point (int or bool) keys
             (listed, nothing loaded), LoRA modules with a merged adapter (nothing loaded), or a
-            weight to quantize that holds NaN or Inf (named; the tensors before it are loaded, and
-            the message says how many).
+            weight that holds NaN or Inf (named; the tensors before it are loaded, and the message
+            says how many).
         RuntimeError: a meta-device model still has meta tensors afterwards.
     """
     refuse_merged(model, "load_checkpoint")
@@ -301,8 +301,11 @@ def load_entries(
             value = transform(ours, value)
         module, attr = targets[ours]
         try:
+            # (to_nf4 checks a weight it quantizes; one stored in NF4 has had its scales checked)
+            if not isinstance(value, NF4Tensor) and not isinstance(getattr(module, attr), NF4Tensor) and not _all_finite(value):
+                raise ValueError("it holds NaN or Inf")
             _assign(module, attr, value, device)
-        except ValueError as e:  # a weight to quantize that holds NaN or Inf
+        except ValueError as e:  # a weight that holds NaN or Inf
             # Checking every weight first would read the checkpoint twice; say what state is left.
             raise ValueError(
                 f"load_checkpoint: {source}: entry {entry.name} cannot be loaded: {e}. The model now holds "
@@ -310,6 +313,13 @@ def load_entries(
             ) from None
         del value  # one checkpoint tensor alive at a time
     _materialize_rest(model, device)
+
+
+def _all_finite(tensor: Tensor, chunk: int = 1 << 24) -> bool:
+    """Whether a tensor holds no NaN or Inf; checked a slice at a time, so the check's own
+    temporaries stay small next to a large embedding."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def refuse_merged(model: nn.Module, caller: str) -> None:

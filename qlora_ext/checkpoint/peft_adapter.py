@@ -265,6 +265,31 @@ def adapter_weights_path(adapter_dir: str | os.PathLike) -> str:
     )
 
 
+def check_adapter_rank(adapter_dir: str | os.PathLike, rank: int) -> None:
+    """Checks, from the header of ``adapter_model.safetensors`` alone, that its lora_A weights
+    have the rank adapter_config.json gives: a model is built with that rank before the weights
+    are loaded, and a damaged ``r`` (a million) would otherwise size it. (An ``adapter_model.bin``
+    is checked on loading.)
+
+    Raises:
+        FileNotFoundError: as ``adapter_weights_path``.
+        ValueError: a lora_A weight of another rank, named.
+    """
+    path = adapter_weights_path(adapter_dir)
+    if not path.endswith(".safetensors"):
+        return
+    reader = SafetensorsReader(path)
+    try:
+        shapes = {key: reader.shape(key) for key in reader.keys()}
+    finally:
+        reader.close()
+    other = [f"{key}: {list(shape)}" for key, shape in shapes.items()
+             if (match := _KEY.match(key)) and match["which"] == "A" and (len(shape) != 2 or shape[0] != rank)]
+    if other:
+        raise ValueError(f"read_adapter_config: {path}: adapter_config.json gives 'r' {rank}, but lora_A weights of "
+                         f"shape [r, in] have another rank ({len(other)}): {other[:5]}")
+
+
 @torch.no_grad()
 def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
     """Loads a PEFT LoRA adapter into the model's LoRALinear modules, and the base weights PEFT
@@ -307,6 +332,9 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
             raise ValueError(f"load_peft_adapter: {weights_path} must hold a dict of tensors; got {type(tensors).__name__}")
     targets = _targets(model)
     unexpected, mismatched, seen, base_weights = [], [], set(), []
+    # Adapter weights are small: each is checked whole before any is loaded.
+    not_float = [f"{key}: {value.dtype}" for key, value in tensors.items() if not value.is_floating_point()]
+    not_finite = [key for key, value in tensors.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
     for key, value in tensors.items():
         match = _KEY.match(key)
         if match is None:
@@ -332,7 +360,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
             continue
         seen.add((match["module"], match["which"]))
     missing = [f"{_PREFIX}{name}.lora_{w}.weight" for name in modules for w in "AB" if (name, w) not in seen]
-    problems = [f"{what}: {names[:20]}" for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", mismatched)) if names]
+    problems = [f"{what}: {names[:20]}" for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", mismatched),
+                                                            ("not floating point", not_float), ("holding NaN or Inf", not_finite)) if names]
     partial = _some_layers_only(modules, seen)
     if partial:
         problems.insert(0, partial)

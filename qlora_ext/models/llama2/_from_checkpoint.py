@@ -14,7 +14,7 @@ import torch
 
 from qlora_ext._dtypes import default_dtype
 from qlora_ext.checkpoint.load import load_checkpoint, read_checkpoint_config
-from qlora_ext.checkpoint.peft_adapter import adapter_weights_path, load_peft_adapter, read_adapter_config
+from qlora_ext.checkpoint.peft_adapter import check_adapter_rank, load_peft_adapter, read_adapter_config
 from qlora_ext.models.llama2._component_builders import lora_llama2
 from qlora_ext.modules.transformer import TransformerDecoder
 
@@ -70,7 +70,7 @@ def llama2_from_checkpoint(
     )
     if adapter_dir is not None:
         lora = read_adapter_config(adapter_dir)
-        adapter_weights_path(adapter_dir)  # a missing file is named before the base is loaded
+        check_adapter_rank(adapter_dir, lora["lora_rank"])  # a missing file or a wrong rank is named before anything is built
     with torch.device("meta"), default_dtype(dtype):
         model = lora_llama2(**lora, **kwargs, quantize_base=quantize_base)
     load_checkpoint(model, checkpoint_dir, device=device)
