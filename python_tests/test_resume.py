@@ -110,6 +110,38 @@ def test_resume_refuses_a_different_config(tmp_path, setup):
         finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True", "model.lora_rank=4"]))
 
 
+def test_resume_checks_the_number_of_records_and_accepts_the_data_moved(tmp_path, setup, monkeypatch, capsys):
+    """The data files may be named otherwise on resume (moved, or relative from another folder),
+    with the change reported; another number of records (another file under the same relative
+    name, a file cut short) is refused, as the data position and the split depend on it. A state
+    without the count (an earlier version's) is not refused for it."""
+    ckpt, data = setup
+    run = tmp_path / "run"
+    here = tmp_path / "here"
+    here.mkdir()
+    shutil.copy(data, here / "data.jsonl")
+    monkeypatch.chdir(here)
+    relative = [o for o in _overrides(setup, run) if not o.startswith("dataset.data_files=")] + ["dataset.data_files=data.jsonl"]
+    finetune.train(load_config("tiny_qlora", relative + ["epochs=1"]))
+    assert torch.load(run / "recipe_state.pt", weights_only=True)["fingerprint"][saving.RECORDS_KEY] == 48
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_small_dataset(elsewhere / "data.jsonl", n=40)
+    monkeypatch.chdir(elsewhere)  # data.jsonl there is another file
+    resume = ["resume_from_checkpoint=True", "epochs=2"]
+    with pytest.raises(Exception, match=r"dataset.data_files hold 40 records, but the checkpoint in .* was trained on 48; the data "
+                                        r"position and the held-out split depend on them"):
+        finetune.train(load_config("tiny_qlora", relative + resume))
+    capsys.readouterr()
+    summary = finetune.train(load_config("tiny_qlora", _overrides(setup, run) + resume))  # the same records, by their absolute path
+    assert len(summary["losses"]) == 4
+    assert f"Changed since the checkpoint, applied from step 5: dataset.data_files [data.jsonl] -> [{data}], epochs 1 -> 2" in capsys.readouterr().out
+    state = torch.load(run / "recipe_state.pt", weights_only=True)
+    del state["fingerprint"][saving.RECORDS_KEY]  # as an earlier version wrote it
+    torch.save(state, run / "recipe_state.pt")
+    finetune.train(load_config("tiny_qlora", relative + ["resume_from_checkpoint=True", "epochs=3"]))
+
+
 def test_resume_refuses_another_base_and_accepts_the_same_one_moved(tmp_path, setup, capsys):
     """The base's weights are part of what a resumed run must share: another checkpoint of the
     same architecture (same files, same sizes) is refused, naming both; the same base in another

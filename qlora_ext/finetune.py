@@ -104,7 +104,7 @@ def _non_finite_advice(last_checkpoint: Path | None) -> str:
             f"the last good checkpoint is {last_checkpoint}. Continue from it with resume_from_checkpoint=True "
             f"and a lower optimizer.lr or a clip_grad_norm (of the training settings, only "
             f"{', '.join(saving.ADJUSTABLE_ON_RESUME)} may change on resume); a bad record may be fixed in "
-            "its file, keeping the number of records (dataset.* may not change on resume)"
+            "its file, keeping the number of records (checked on resume)"
         )
     return "no checkpoint was saved yet. Rerun with a lower optimizer.lr or a clip_grad_norm, or fix the data"
 
@@ -195,6 +195,9 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     # -- tokenizer and data (read before the model, so a data mistake fails fast) -------------
     tokenizer = model_setup.load_tokenizer(cfg.tokenizer.path)
     records = load_alpaca_records(cfg.dataset.data_files)
+    fingerprint[saving.RECORDS_KEY] = len(records)
+    if state is not None:
+        saving.check_resumed_records(state["fingerprint"], len(records), output_dir)
     train_records, val_records = split_records(records, cfg.dataset.validation_fraction, seed)
     steps_per_epoch = num_batches(len(train_records), cfg.batch_size) // cfg.gradient_accumulation_steps
     if cfg.max_steps_per_epoch is not None:

@@ -35,9 +35,12 @@ _RESUME_KEYS = (
     "max_steps_per_epoch", "optimizer", "lr_scheduler", "clip_grad_norm", "epochs",
 )
 # epochs may change (to train on); it is compared so that the change, which stretches the lr
-# schedule over the new number of steps, is reported.
+# schedule over the new number of steps, is reported. The data files may be named otherwise (moved,
+# or a relative path from another folder): what must stay is their number of records
+# (RECORDS_KEY), which the data position and the held-out split depend on; a record may be fixed in place.
 ADJUSTABLE_ON_RESUME = (
     "optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "optimizer.eps", "lr_scheduler", "clip_grad_norm", "epochs",
+    "dataset.data_files",
 )
 ADAPTER_SUBDIR = "adapter"  # the PEFT adapter's folder inside a checkpoint folder
 TRAINING_CONFIG_FILE = "training_config.yaml"  # the run's resolved config, in each checkpoint folder
@@ -77,6 +80,21 @@ def resume_fingerprint(cfg) -> dict[str, Any]:
     except (OSError, ValueError):
         pass
     return out  # the seed is checked apart (checkpointing.load_training_state): a null one takes the checkpoint's
+
+
+RECORDS_KEY = "dataset.records"  # the number of records the data files held (a fingerprint entry)
+
+
+def check_resumed_records(saved: dict[str, Any], records: int, output_dir: Path) -> None:
+    """Raises ResumeError where the data files hold another number of records than the run the
+    state was saved by trained on (a state without that entry, an earlier version's, passes)."""
+    trained_on = saved.get(RECORDS_KEY)
+    if trained_on is not None and trained_on != records:
+        raise checkpointing.ResumeError(
+            f"resume_from_checkpoint=true: dataset.data_files hold {records} records, but the checkpoint in {output_dir} was "
+            f"trained on {trained_on}; the data position and the held-out split depend on them: resume with those files "
+            "(they may have moved, and a record may be fixed in place), or start afresh"
+        )
 
 
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
