@@ -179,12 +179,50 @@ def test_a_save_the_file_system_refuses_stops_with_the_last_checkpoint_named(tmp
 
     monkeypatch.setattr(finetune.shutil, "disk_usage", lost_mount)
     assert finetune.main(["--config", "tiny_qlora", *args]) == 1
-    assert f"cannot write checkpoint epoch_1 to '{out}' (free space unknown): RuntimeError" in capsys.readouterr().err
+    assert (f"cannot write checkpoint epoch_1 to '{out}' (free space unknown): RuntimeError: [enforce fail at inline_container.cc:672] . "
+            "unexpected pos (torch.save's file writer stopped, as on a full disk); the last complete checkpoint") in capsys.readouterr().err
     monkeypatch.undo()
     calls.clear()
     monkeypatch.setattr(saving, "save_peft_adapter", fails_second(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         finetune.main(["--config", "tiny_qlora", *args])
+
+
+def test_other_writes_the_file_system_refuses_are_named_with_what_the_run_leaves(tmp_path, tiny_ckpt, small_data, monkeypatch, capsys):
+    """A full disk met by the metrics log (not a checkpoint save) ends with an error line naming
+    the intact checkpoint, not a traceback; one met by the loss plot after the run is a warning."""
+    import errno
+
+    from qlora_ext.training import metric_logging
+
+    out = tmp_path / "run"
+    args = small_run_overrides(tiny_ckpt, small_data, out) + ["epochs=2", "max_steps_per_epoch=2", "eval.before_and_after=False",
+                                                              "save_adapter_weights_only=True"]
+    real_log, logged = metric_logging.MetricLoggers.log, []
+
+    def full_after_the_first_save(self, metrics, step):
+        logged.append(step)
+        if step == 3:  # after epoch_0 (steps 1-2) was saved
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_log(self, metrics, step)
+
+    monkeypatch.setattr(metric_logging.MetricLoggers, "log", full_after_the_first_save)
+    assert finetune.main(["--config", "tiny_qlora", *args]) == 1
+    err = capsys.readouterr().err
+    assert (f"error: Interrupted (OSError: [Errno 28] No space left on device): {out} keeps the checkpoint epoch_0 (step 2), complete; "
+            "run again with resume_from_checkpoint=True to continue from it.") in err, err
+    assert "Traceback" not in err
+    monkeypatch.undo()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(finetune, "plot_loss_curves", full)
+    assert finetune.main(["--config", "tiny_qlora", *args, "resume_from_checkpoint=True"]) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: the loss curve could not be written to {out / 'loss_curve.png'} ([Errno 28] No space left on device); "
+            f"draw it later with python -m qlora_ext.plot {out}") in err, err
+    assert (out / "epoch_1").is_dir()
 
 
 def test_a_second_run_on_a_busy_output_dir_is_refused(tmp_path, tiny_ckpt, small_data):

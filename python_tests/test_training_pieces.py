@@ -449,6 +449,34 @@ def test_a_training_state_that_would_run_code_is_refused(tmp_path):
         ckpt.load_training_state(tmp_path, {})
 
 
+def test_a_lock_file_this_user_cannot_write_still_locks(tmp_path, monkeypatch):
+    # Another user's .lock (0644) in a shared folder: opened read-only, flock still excludes a
+    # second run (it was a raw PermissionError). As root ignores modes, the refusal is simulated.
+    from qlora_ext.training import run_lock
+    from qlora_ext.training.config import ConfigError
+
+    (tmp_path / run_lock.LOCK_NAME).write_text("")
+    real_open = os.open
+
+    def no_write(path, flags, *args):
+        if flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(run_lock.os, "open", no_write)
+    with run_lock.exclusive_output_dir(tmp_path):
+        with pytest.raises(ConfigError, match=r"is in use by another training run \(pid unknown\)"):
+            with run_lock.exclusive_output_dir(tmp_path):
+                pass
+    with run_lock.exclusive_output_dir(tmp_path):  # released
+        pass
+    (tmp_path / run_lock.LOCK_NAME).unlink()  # and where it cannot be opened at all, the error says what to do
+    with pytest.raises(ConfigError, match=rf"output_dir: its lock file '{tmp_path / run_lock.LOCK_NAME}' cannot be opened: "
+                                          r"Permission denied; make it writable"):
+        with run_lock.exclusive_output_dir(tmp_path):
+            pass
+
+
 def test_pick_samples_prefers_distinct_instructions():
     from qlora_ext.training.evaluation import pick_samples
 

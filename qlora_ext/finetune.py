@@ -387,9 +387,11 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                         free = "free space unknown"
                     last = (f"the last complete checkpoint, {last_checkpoint}, is intact: once the cause is fixed, "
                             "resume_from_checkpoint=True continues from it") if last_checkpoint else "no checkpoint was saved before"
+                    # torch.save reports a full disk in its own words ("unexpected pos ...")
+                    cause = "" if isinstance(e, OSError) else " (torch.save's file writer stopped, as on a full disk)"
                     raise saving.CheckpointWriteError(
                         f"output_dir: cannot write checkpoint {name} to '{output_dir}' ({free}): "
-                        f"{type(e).__name__}: {e}; {last}"
+                        f"{type(e).__name__}: {e}{cause}; {last}"
                     ) from e
                 t_since += time.perf_counter() - t_save  # saving time is not training throughput
                 tqdm.write(f"Saved checkpoint {last_checkpoint}")
@@ -433,7 +435,12 @@ def _plot(metrics_path: Path, output_dir: Path) -> tuple[str | None, str | None]
     if not records:
         return None, None
     path = output_dir / "loss_curve.png"
-    renderer = plot_loss_curves([Curve(output_dir.name, [r["step"] for r in records], [r["loss"] for r in records])], path)
+    try:
+        renderer = plot_loss_curves([Curve(output_dir.name, [r["step"] for r in records], [r["loss"] for r in records])], path)
+    except OSError as e:  # a full disk: the run and its checkpoints are complete, the picture is not needed for them
+        print(f"warning: the loss curve could not be written to {path} ({e}); draw it later with "
+              f"python -m qlora_ext.plot {output_dir}", file=sys.stderr)
+        return None, None
     return str(path), renderer
 
 
@@ -465,6 +472,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (steps.NonFiniteLossError, saving.CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001  (re-raised unless the file system failed)
+        # A write outside a checkpoint save (the metrics log, config.yaml) that fails, as on a full
+        # disk: said with what the run leaves, as for an interruption, not as a traceback.
+        if not saving.is_write_failure(e) or cfg is None:
+            raise
+        print(f"error: {_interrupted_line(f'{type(e).__name__}: {e}', cfg, started)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         terminated = isinstance(e, _Terminated)

@@ -21,8 +21,9 @@ def exclusive_output_dir(output_dir: str | Path) -> Iterator[None]:
     """Holds the run lock of ``output_dir`` for the ``with`` block.
 
     Raises:
-        ConfigError: another process holds it (its pid is named). Where the file system has no
-            locks (some network mounts), the run goes on unguarded.
+        ConfigError: another process holds it (its pid is named), or the lock file cannot be
+            opened. Where the file system has no locks (some network mounts), the run goes on
+            unguarded.
     """
     try:
         import fcntl
@@ -30,7 +31,16 @@ def exclusive_output_dir(output_dir: str | Path) -> Iterator[None]:
         yield
         return
     path = Path(output_dir) / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError as e:
+        # Another user's lock file in a shared folder: flock works on a read-only descriptor too
+        # (the holder's pid is then not recorded).
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            raise ConfigError(f"output_dir: its lock file '{path}' cannot be opened: {e.strerror}; make it writable "
+                              "for this user (or delete it while no run uses the folder), or choose another output_dir") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -44,8 +54,11 @@ def exclusive_output_dir(output_dir: str | Path) -> Iterator[None]:
         except OSError:  # a file system without locks
             locked = False
         if locked:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:  # the pid only names the holder to a second run; a full disk or a read-only descriptor skips it
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError:
+                pass
         yield
     finally:
         os.close(fd)  # releases the lock
