@@ -286,7 +286,7 @@ def check_adapter_rank(adapter_dir: str | os.PathLike, rank: int) -> None:
     other = [f"{key}: {list(shape)}" for key, shape in shapes.items()
              if (match := _KEY.match(key)) and match["which"] == "A" and (len(shape) != 2 or shape[0] != rank)]
     if other:
-        raise ValueError(f"read_adapter_config: {path}: adapter_config.json gives 'r' {rank}, but lora_A weights of "
+        raise ValueError(f"check_adapter_rank: {path}: adapter_config.json gives 'r' {rank}, but lora_A weights of "
                          f"shape [r, in] have another rank ({len(other)}): {other[:5]}")
 
 
