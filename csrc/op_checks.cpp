@@ -3,8 +3,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
-#include <algorithm>
 #include <sstream>
+#include <utility>
 #include <vector>
 
 #include "nf4_format.h"
@@ -28,6 +28,16 @@ void check_same_device(const char* op, const char* arg, const at::Tensor& t, con
   TORCH_CHECK_VALUE(t.device() == ref.device(), "qlora::", op, ": argument '", arg,
                     "' must be on the same device as '", ref_arg, "' (", ref.device(), "); got ",
                     t.device());
+}
+
+// The element count of a shape, or -1 where a size is negative or the product overflows int64
+// (c10::multiply_integers wraps around: [2**62 + 1, 64] would count 64 elements).
+int64_t checked_numel(at::IntArrayRef shape) {
+  int64_t n = 1;
+  for (const int64_t d : shape) {
+    if (d < 0 || __builtin_mul_overflow(n, d, &n)) return -1;
+  }
+  return n;
 }
 
 int64_t check_matmul_input(const char* op, const at::Tensor& x, const char* x_arg,
@@ -123,8 +133,7 @@ int64_t check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax
                    "qlora::dequantize_nf4: argument 'dtype' must be float32, bfloat16 or float16; "
                    "got ",
                    dtype);
-  const bool non_negative = std::all_of(shape.begin(), shape.end(), [](int64_t d) { return d >= 0; });
-  TORCH_CHECK_VALUE(non_negative && c10::multiply_integers(shape) == numel,
+  TORCH_CHECK_VALUE(checked_numel(shape) == numel,
                     "qlora::dequantize_nf4: argument 'shape' must have ", numel,
                     " elements (what the components encode); got ", shape);
   return numel;

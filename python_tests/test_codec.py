@@ -219,6 +219,9 @@ def test_dequantize_rejects_mismatched_components(device):
         ops.dequantize_nf4(packed.to(torch.int8), codes, scales, offset, shape, dt)
     with pytest.raises(ValueError, match=r"'shape' must have 19200 elements .*got \[300, 65\]"):
         ops.dequantize_nf4(packed, codes, scales, offset, [300, 65], dt)
+    # sizes whose product wraps around 2**64 to the components' count ((2**58 + 300) * 64): named as a mismatch
+    with pytest.raises(ValueError, match=rf"'shape' must have 19200 elements .*got \[{2**58 + 300}, 64\]"):
+        ops.dequantize_nf4(packed, codes, scales, offset, [2**58 + 300, 64], dt)
     with pytest.raises(TypeError, match=r"'dtype' must be float32, bfloat16 or float16; got Int"):
         ops.dequantize_nf4(packed, codes, scales, offset, shape, torch.int32)
 

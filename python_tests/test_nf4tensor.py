@@ -72,6 +72,8 @@ def test_from_components_round_trip_and_checks():
         NF4Tensor.from_components(p, c, s, o, (300, 64), torch.int8)
     with pytest.raises(TypeError, match=r"'packed' must be a plain tensor; got list"):
         NF4Tensor.from_components([1, 2], c, s, o, (300, 64), torch.float32)
+    with pytest.raises(ValueError, match=rf"'shape' must have fewer than 2\*\*63 elements; got \[{2**58 + 300}, 64\]"):
+        NF4Tensor.from_components(p, c, s, o, (2**58 + 300, 64), torch.float32)  # its torch.Size().numel() wraps to 19200
 
 
 def test_from_components_rejects_mixed_devices_without_a_gpu():
@@ -189,6 +191,20 @@ def test_torch_save_and_load(device, dtype, tmp_path):
     torch.save(nf4, buffer)
     buffer.seek(0)
     assert torch.equal(torch.load(buffer, weights_only=False).packed, nf4.packed)
+
+
+def test_a_saved_nf4tensor_whose_components_disagree_is_refused_on_loading(tmp_path):
+    # A damaged or hand-edited file: refused by torch.load, naming the component, not at first use.
+    nf4 = to_nf4(torch.randn(128, 320))
+    damaged = NF4Tensor(*nf4.components(), torch.Size([128, 160]), torch.float32)  # the private constructor checks nothing
+    torch.save({"w": damaged}, tmp_path / "w.pt")
+    with pytest.raises(ValueError, match=r"NF4Tensor.from_components: argument 'packed' must have 10240 elements for shape \[128, 160\]; got 20480"):
+        torch.load(tmp_path / "w.pt")
+    # Copied into an NF4 weight of its shape (a state dict load), it is named too.
+    short = NF4Tensor(nf4.packed, nf4.absmax_codes[:-1], nf4.absmax_scales, nf4.absmax_offset, nf4.shape, nf4.dtype)
+    with pytest.raises(ValueError, match=r"NF4Tensor.copy_: argument 'src' must have 640 absmax_codes for shape \[128, 320\]; got 639"):
+        with torch.no_grad():
+            to_nf4(torch.zeros(128, 320)).copy_(short)
 
 
 def test_parameter_keeps_the_nf4_type():

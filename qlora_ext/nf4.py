@@ -11,6 +11,7 @@ while holding only the four storage tensors of docs/nf4_format.md, about 4.13 bi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -87,8 +88,10 @@ class NF4Tensor(Tensor):
             raise TypeError(f"NF4Tensor.from_components: argument 'dtype' must be float32, bfloat16 or float16; got {dtype}")
         if not isinstance(shape, (torch.Size, tuple, list)) or any(not is_int(d) or d < 0 for d in shape):
             raise ValueError(f"NF4Tensor.from_components: argument 'shape' must be a list or tuple of sizes that are ints >= 0; got {shape!r}")
+        numel = math.prod(shape)  # in Python ints: torch.Size.numel() wraps around past 2**63
+        if numel >= 2**63:
+            raise ValueError(f"NF4Tensor.from_components: argument 'shape' must have fewer than 2**63 elements; got {list(shape)}")
         shape = torch.Size(shape)
-        numel = shape.numel()
         nblocks = numel // BLOCK_SIZE
         expected_sizes = {
             "packed": numel // 2,
@@ -181,7 +184,9 @@ class NF4Tensor(Tensor):
 def _rebuild_nf4tensor(
     packed, absmax_codes, absmax_scales, absmax_offset, shape, dtype, requires_grad=False, is_param=False
 ) -> NF4Tensor:
-    nf4 = NF4Tensor(packed, absmax_codes, absmax_scales, absmax_offset, torch.Size(shape), dtype)
+    # Through from_components' checks: a damaged or hand-edited file is refused as it is loaded,
+    # not at the first use of a weight whose components disagree with its shape.
+    nf4 = NF4Tensor.from_components(packed, absmax_codes, absmax_scales, absmax_offset, tuple(shape), dtype)
     if is_param:
         return torch.nn.Parameter(nf4, requires_grad=requires_grad)
     return nf4.requires_grad_(requires_grad)
@@ -378,6 +383,10 @@ def _copy_(dst: Tensor, src: Tensor, non_blocking: bool = False) -> Tensor:
         return dst.copy_(dense, non_blocking=non_blocking)
     if isinstance(src, NF4Tensor):
         components = src.components()
+        for name, d, s in zip(("packed", "absmax_codes", "absmax_scales", "absmax_offset"), dst.components(), components):
+            if d.numel() != s.numel():
+                raise ValueError(f"NF4Tensor.copy_: argument 'src' must have {d.numel()} {name} for shape {list(dst.shape)}; "
+                                 f"got {s.numel()}")
     else:
         components = ops.quantize_nf4(src.to(device=dst.device, dtype=dst.dtype))
     for d, s in zip(dst.components(), components):
