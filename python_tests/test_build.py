@@ -76,3 +76,20 @@ def test_cpu_kernel_isa_can_be_chosen():
             ops.set_cpu_kernel_isa("sse")
     finally:
         ops.set_cpu_kernel_isa(before)
+
+
+def test_a_cpu_kernel_isa_from_the_environment_that_cannot_be_used_is_said():
+    # QLORA_CPU_ISA with a misspelt name was silently replaced by the default kernels.
+    import subprocess
+    import sys
+
+    code = "import qlora_ext.ops as o; print(o.cpu_kernel_isa())"
+    env = {**os.environ, "QLORA_CPU_ISA": "portable"}
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "portable"
+    env["QLORA_CPU_ISA"] = "avx5l2"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "UserWarning: environment variable QLORA_CPU_ISA is ignored: qlora_cpu::set_cpu_kernel_isa: argument 'name' must be " \
+           "'auto', 'portable', 'avx2' or 'avx512'" in done.stderr and "got 'avx5l2'; the CPU kernels are" in done.stderr, done.stderr
+    assert done.stdout.strip() in ("avx512", "avx2", "portable")
+

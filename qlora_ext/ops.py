@@ -8,6 +8,8 @@ the kernels' argument checks (``_fake_checks``). Storage layout: docs/nf4_format
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -165,3 +167,17 @@ def cpu_bf16_gemm() -> bool:
     in float32: by default where the CPU has AVX512-BF16; ``QLORA_CPU_BF16_GEMM=0`` or ``=1`` in
     the environment decides instead, at each call."""
     return torch.ops.qlora_cpu.cpu_bf16_gemm()
+
+
+def _check_isa_from_environment() -> None:
+    """``QLORA_CPU_ISA`` in the environment picks the CPU kernels (the library reads it when the
+    first CPU op runs); a name this CPU or build cannot use is said here, not silently replaced."""
+    name = os.environ.get("QLORA_CPU_ISA")
+    if name:
+        try:
+            set_cpu_kernel_isa(name)
+        except ValueError as e:
+            warnings.warn(f"environment variable QLORA_CPU_ISA is ignored: {e}; the CPU kernels are {cpu_kernel_isa()!r}", stacklevel=2)
+
+
+_check_isa_from_environment()
