@@ -188,3 +188,36 @@ def test_interpolations_and_python_none_in_our_own_configs(tmp_path):
     assert load_config(str(own)).metric_logger.log_dir.endswith("/tb")
     with pytest.raises(ConfigError, match=r"interpolation '\$\{seed\}': 'seed' is null, which cannot be part of a longer value"):
         load_config("tiny_qlora", ["seed=null", "output_dir=/runs/${seed}"])
+
+
+def test_hostile_yaml_is_named_not_expanded(tmp_path):
+    """A key given twice (the later silently replaced the earlier, a whole section too), aliases
+    nested ten deep (each resolved copy multiplied them: gigabytes, then a MemoryError), keys that
+    each repeat the one before (exponential time), nesting past Python's recursion limit, and a
+    section formatted into a string: each a ConfigError naming it."""
+    base = (CONFIG_DIR / "tiny_qlora.yaml").read_text()
+    cases = [
+        (base + "\nbatch_size: 3\nbatch_size: 5\n", r"found the key 'batch_size' twice \(first on line \d+\)"),
+        ("model: {lora_rank: 64}\n" + base, r"found the key 'model' twice \(first on line 1\)"),
+        (base.replace("output_dir:", "unused_key: 1\noutput_dir:", 1) + "\n" + "a: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+         + "".join(f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]\n"
+                   for i in range(1, 10)), r"unknown config key 'unused_key'"),
+        ("seed: " + "[" * 20_000 + "]" * 20_000 + "\n", r"nests its values too deeply to be a config"),
+        (base.replace("\noutput_dir:", "\noutput_dir: runs/${model}  #", 1), r"interpolation '\$\{model\}': 'model' is a section, which cannot be part of a longer value"),
+    ]
+    for i, (text, needle) in enumerate(cases):
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=needle):
+            load_config(str(path))
+    # A YAML merge key may still be overridden, as YAML intends.
+    from qlora_ext.training.config import _UniqueKeyLoader
+    from qlora_ext.training.interpolation import InterpolationError, resolve_interpolations
+
+    growing = {"x0": "ab", **{f"x{i}": f"${{x{i - 1}}}" * 4 for i in range(1, 16)}}
+    with pytest.raises(InterpolationError, match=r"the value grows to \d+ characters, more than 1000000"):
+        resolve_interpolations(growing)
+
+    text = "a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n"
+    assert yaml.load(text, Loader=_UniqueKeyLoader) == {"a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}} == yaml.safe_load(text)
+

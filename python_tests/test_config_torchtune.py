@@ -146,6 +146,12 @@ def test_overrides_use_torchtune_keys(tmp_path):
     assert cfg.metric_logger.type == "tensorboard" and cfg.compile is True
 
 
+def test_overrides_of_our_path_keys_are_taken_as_written(tmp_path):
+    # YAML cut '/runs/a #2' at ' #' (a comment) where the key is one of ours of kind path.
+    cfg = load_config(_write(tmp_path), ["output_dir=/runs/a #2", "tokenizer_checkpoint=/t/tok #1.model", "dataset.data_files=d #v2.json"])
+    assert cfg.output_dir == "/runs/a #2" and cfg.tokenizer.path == "/t/tok #1.model" and cfg.dataset.data_files == ["d #v2.json"]
+
+
 def test_an_override_through_a_value_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"override 'seed.x=1': 'seed' in the config file is not a section"):
         load_config(_write(tmp_path), ["dataset.data_files=a.json", "seed=3", "seed.x=1"])

@@ -95,9 +95,11 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
             )
         path = bundled
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"--config: {path} nests its values too deeply to be a config") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config: {path} cannot be read as UTF-8 YAML text: {e}") from None
     if not isinstance(raw, dict):
@@ -109,6 +111,8 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
             raw, torchtune_notes = translate(resolve_interpolations(raw))
         except (InterpolationError, TorchtuneConfigError) as e:
             raise ConfigError(f"--config: {path} (a torchtune config): {e}") from None
+        except RecursionError:
+            raise ConfigError(f"--config: {path} (a torchtune config): its interpolations chain too deeply") from None
         if notes is not None:
             notes.extend(torchtune_notes)
         _check_known_keys(raw, SCHEMA, prefix="", where=f"in {path} or its overrides (read as a torchtune config)")
@@ -120,12 +124,37 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
             raw = resolve_interpolations(raw, defaults=_defaults(SCHEMA))
         except InterpolationError as e:
             raise ConfigError(f"--config: {path} or its overrides: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"--config: {path} or its overrides: its interpolations chain too deeply") from None
     values = _resolve(raw, SCHEMA, prefix="")
     _check_cross_keys(values)
     if notes is not None and values["model"]["lora_alpha"] == 0:
         notes.append("model.lora_alpha=0 scales every adapter's output by 0 (scale = alpha / rank): training will not "
                      "change what the model computes")
     return Config(values)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping (the later one would
+    silently replace the earlier, a whole section included), as torchtune's loader (OmegaConf) does;
+    keys a ``<<`` merge brings in may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            "while reading a mapping", node.start_mark, f"found the key {key!r} twice (first on line {seen[key].line + 1})",
+                            key_node.start_mark)
+                    seen[key] = key_node.start_mark
+                except TypeError:  # an unhashable key: the base class names it
+                    pass
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_override(text: str, kind: str | None = None) -> tuple[str, Any]:
@@ -186,9 +215,14 @@ def _apply_override(raw: dict, text: str) -> None:
 
 
 def _set_raw(raw: dict, text: str) -> None:
-    """An override set as is, with no schema to check it against yet (a torchtune config's keys)."""
-    key, value = parse_override(text)
+    """An override set with no schema to check it against yet (a torchtune config's keys); a value
+    for a key our schema has too is read as that key's kind (a path as written, not cut at `` #``)."""
+    key, value = _split_override(text)
     parts = KEY_ALIASES.get(key, key).split(".")
+    opt: Any = SCHEMA
+    for part in parts:
+        opt = opt.get(part) if isinstance(opt, dict) else None
+    value = parse_value(value, opt.kind, opt.nullable) if isinstance(opt, Opt) else parse_value(value)
     node = raw
     for depth, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
