@@ -163,6 +163,13 @@ def test_checkpoint_files_as_a_filename_format(tmp_path):
 
     cfg = load_config(_write(tmp_path, edit=edit), ["dataset.data_files=a.json"])
     assert cfg.checkpointer.checkpoint_files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    # A damaged max_filename listed a billion names (a MemoryError); other fields in the format were tracebacks.
+    for files, needle in [
+        ({"filename_format": "model-{}-of-{}.safetensors", "max_filename": "999999999"}, r"a numeric max_filename from 1 to 10000"),
+        ({"filename_format": "model-{name}-{}-of-{}", "max_filename": "2"}, r"filename_format 'model-\{name\}-\{\}-of-\{\}' cannot be filled"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            load_config(_write(tmp_path, edit=lambda raw: raw["checkpointer"].__setitem__("checkpoint_files", files)), ["dataset.data_files=a.json"])
 
 
 def _before_0_3(raw):

@@ -355,6 +355,11 @@ def test_cli_argument_errors(checkpoint_with_tokenizer, tmp_path):
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert out.returncode == 2 and "argument --temperature must be finite and >= 0; got nan" in out.stderr
+    out = subprocess.run(  # was "Overflow when unpacking long long", naming no argument
+        [sys.executable, "-m", "qlora_ext.generate", "--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "x", "--seed", str(10**23)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert out.returncode == 2 and f"argument --seed must be in [0, 2**63); got {10**23}" in out.stderr
     for device, needle in (("tpu", "argument --device must be cpu, cuda or cuda:N; got 'tpu'"),
                            ("cuda", None if torch.cuda.is_available() else "argument --device: cuda was asked for but torch sees no CUDA GPU")):
         if needle is None:

@@ -59,6 +59,15 @@ def test_missing_file(tmp_path):
         llama2_tokenizer(tmp_path / "nope.model")
 
 
+def test_a_file_far_larger_than_a_tokenizer_is_refused_by_its_size(tmp_path):
+    # A weight shard given as tokenizer.path: sentencepiece read it whole for half a minute (and crashed past 2 GiB).
+    big = tmp_path / "model-00001-of-00002.safetensors"
+    with open(big, "wb") as f:
+        f.truncate(3 << 30)  # sparse: no disk used
+    with pytest.raises(ValueError, match=rf"argument 'path' must be a SentencePiece model file .*at most 64 MiB\); .* has {3 << 30} bytes"):
+        llama2_tokenizer(big)
+
+
 def test_builder_takes_torchtunes_arguments(tokenizer):
     from qlora_ext.models.llama2 import llama2_tokenizer
 

@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --tokenizer is needed: the checkpoint folder '{args.checkpoint_dir}' holds no tokenizer.model")
     if args.input and args.template == "none":
         parser.error("argument --input needs --template alpaca or llama2_chat: only the Alpaca prompt has an input field")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"argument --seed must be in [0, 2**63); got {args.seed}")
     if args.max_new_tokens < 1:
         parser.error(f"argument --max-new-tokens must be >= 1; got {args.max_new_tokens}")
     if not (0 <= args.temperature < math.inf):  # also refuses nan

@@ -147,17 +147,24 @@ def _tokenizer(component: Any, section: dict, top: dict, notes: list[str]) -> di
     return section
 
 
+MAX_SHARDS = 10_000  # far past any checkpoint's shard count; a damaged max_filename would list billions
+
+
 def _checkpoint_files(value: Any) -> Any:
     """torchtune's ``{filename_format: model-{}-of-{}.safetensors, max_filename: "00002"}`` -> the names."""
     if not isinstance(value, dict):
         return value
     fmt, last = value.get("filename_format"), str(value.get("max_filename", ""))
-    if not isinstance(fmt, str) or fmt.count("{}") != 2 or not last.isdigit():
+    if not isinstance(fmt, str) or fmt.count("{}") != 2 or not last.isdigit() or not 0 < int(last) <= MAX_SHARDS:
         raise TorchtuneConfigError(
             f"'checkpointer.checkpoint_files' as a mapping needs filename_format with two {{}} and a numeric "
-            f"max_filename; got {value!r}"
+            f"max_filename from 1 to {MAX_SHARDS}; got {value!r:.300}"
         )
-    return [fmt.format(str(i).zfill(len(last)), last) for i in range(1, int(last) + 1)]
+    try:
+        return [fmt.format(str(i).zfill(len(last)), last) for i in range(1, int(last) + 1)]
+    except (IndexError, KeyError, ValueError) as e:  # other fields besides the two {}
+        raise TorchtuneConfigError(f"'checkpointer.checkpoint_files': filename_format {fmt!r} cannot be filled with the shard "
+                                   f"numbers alone ({type(e).__name__}: {e})") from None
 
 
 def _checkpointer(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+# SentencePiece models of large vocabularies stay well below this; a file above it is not one.
+MAX_TOKENIZER_BYTES = 64 << 20
 
 class Llama2Tokenizer:
     """Text <-> token ids through a SentencePiece model.
@@ -44,6 +46,10 @@ class Llama2Tokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Llama2Tokenizer: argument 'path' must be a SentencePiece model file; got {path!r}")
         self.path = path
+        size = os.path.getsize(path)
+        if size > MAX_TOKENIZER_BYTES:  # a weight shard given by mistake: sentencepiece would read it whole (or crash past 2 GiB)
+            raise ValueError(f"Llama2Tokenizer: argument 'path' must be a SentencePiece model file (Llama-2's is 0.5 MB; at most "
+                             f"{MAX_TOKENIZER_BYTES >> 20} MiB); {path!r} has {size} bytes: is it another file of the checkpoint?")
         try:
             self.spm = SentencePieceProcessor(model_file=path)
         except (OSError, RuntimeError) as e:  # sentencepiece raises RuntimeError for a file it cannot parse
