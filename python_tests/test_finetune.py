@@ -430,6 +430,10 @@ def test_compile_has_no_graph_breaks(tmp_path, tiny_ckpt, small_data, monkeypatc
         (["checkpointer.checkpoint_files=[model-1.safetensors]"], "checkpoint_files ['model-1.safetensors'] are not files in"),
         (["tokenizer.path=/nonexistent.model"], "tokenizer.path: '/nonexistent.model' is not a file"),
         (["resume_from_checkpoint=True", "output_dir=/tmp/qlora_ext_test_no_such_run"], "resume_from_checkpoint=true: there is no"),
+        # sizes that allocated before any check failed (a 768 GB adapter, an 8 TB RoPE table, threads)
+        (["model.lora_rank=1000000000"], "model.lora_rank must be at most the smaller side of every adapted linear"),
+        (["model.builder=qlora_llama2", "model.max_seq_len=1000000000000"], "config key 'model.max_seq_len'"),
+        (["num_threads=1000000000"], "config key 'num_threads'"),
     ],
 )
 def test_cli_errors_name_the_key(args, needle, capsys, tmp_path):

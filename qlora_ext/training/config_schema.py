@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from qlora_ext.checkpoint.config import MAX_LAYERS, MAX_POSITIONS
 from qlora_ext.models.llama2 import LORA_ATTN_MODULES
 from qlora_ext.training.data import TEMPLATES
 
@@ -39,6 +40,10 @@ class Opt:
 
 
 REQUIRED = object()
+
+# What a damaged or mistyped architecture override could otherwise allocate before any check
+# (a RoPE table per position, a module per layer): as a checkpoint's config.json is bounded.
+_ARCH_MAXIMA = {"max_seq_len": MAX_POSITIONS, "num_layers": MAX_LAYERS}
 
 # The builders of qlora_ext.models.llama2 the trainer can use. The two generic ones take the
 # architecture from the model.* keys below (or, where those are null, from the checkpoint's
@@ -81,7 +86,7 @@ SCHEMA: dict[str, Any] = {
         choices=("auto", "bf16", "fp32"),
     ),
     "num_threads": Opt(
-        "int", None, "CPU threads for torch (null: torch's default, one per core)", nullable=True, minimum=1
+        "int", None, "CPU threads for torch (null: torch's default, one per core)", nullable=True, minimum=1, maximum=4096
     ),
     "epochs": Opt("int", 1, "passes over the training data", minimum=1),
     "max_steps_per_epoch": Opt("int", None, "stop each epoch after this many optimizer steps", nullable=True, minimum=1),
@@ -113,6 +118,7 @@ SCHEMA: dict[str, Any] = {
                 f"architecture ({key}) for the generic builders; null = from the checkpoint's config.json",
                 nullable=True,
                 minimum=0,
+                maximum=_ARCH_MAXIMA.get(key),
             )
             for key in ARCH_KEYS
         },

@@ -13,6 +13,7 @@ from torch import nn
 from qlora_ext._dtypes import default_dtype
 from qlora_ext.checkpoint import load_checkpoint, read_checkpoint_config
 from qlora_ext.models import llama2 as llama2_models
+from qlora_ext.modules.lora_linear import LoRALinear
 from qlora_ext.modules.peft import get_adapter_params, set_trainable_params
 from qlora_ext.training.config_schema import ARCH_KEYS, GENERIC_BUILDERS
 
@@ -64,9 +65,12 @@ def build_model(cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
             arch.update({k: getattr(m, k) for k in ARCH_KEYS if getattr(m, k) is not None})
         with torch.device("meta"), default_dtype(dtype):
             model = _builder(m.builder)(**lora, **arch)
+        _check_rank(model, m.lora_rank)  # before the adapters are allocated
         load_checkpoint(model, ckpt_dir, device=device, checkpoint_files=cfg.checkpointer.checkpoint_files)
     except FileNotFoundError as e:
         raise ModelSetupError(f"checkpointer.checkpoint_dir: {e}") from None
+    except ModelSetupError:
+        raise
     except ValueError as e:
         raise ModelSetupError(f"model.builder={m.builder} with checkpointer.checkpoint_dir={ckpt_dir}: {e}") from None
     adapter = get_adapter_params(model)
@@ -79,6 +83,17 @@ def build_model(cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
         p.data = p.data.float()
     set_trainable_params(model, adapter)
     return model
+
+
+def _check_rank(model: nn.Module, rank: int) -> None:
+    """Raises ModelSetupError where the rank exceeds an adapted linear's smaller side: such a rank
+    adds nothing a full-rank update would not, and a mistyped one (a billion) would allocate before
+    anything else fails."""
+    limits = {name: min(module.in_dim, module.out_dim) for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+    if limits and rank > min(limits.values()):
+        name = min(limits, key=limits.get)
+        raise ModelSetupError(f"model.lora_rank must be at most the smaller side of every adapted linear ({limits[name]}, "
+                              f"of {name}); got {rank}")
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
