@@ -225,6 +225,24 @@ def test_other_writes_the_file_system_refuses_are_named_with_what_the_run_leaves
     assert (out / "epoch_1").is_dir()
 
 
+def test_a_damaged_tokenizer_config_of_the_base_stops_the_run_at_setup(tmp_path, tiny_ckpt, small_data, capsys):
+    # It is copied at each save: it failed there, after training, with a JSONDecodeError traceback and no checkpoint.
+    import shutil
+
+    from trainer_helpers import TOKENIZER
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_ckpt, base)
+    shutil.copyfile(TOKENIZER, base / "tokenizer.model")
+    (base / "tokenizer_config.json").write_text('{"add_bos_token": true, ')
+    out = tmp_path / "run"
+    args = small_run_overrides(base, small_data, out) + [f"tokenizer.path={base / 'tokenizer.model'}", "epochs=1", "max_steps_per_epoch=1"]
+    assert finetune.main(["--config", "tiny_qlora", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"error: checkpointer.checkpoint_dir: {base / 'tokenizer_config.json'} is not valid JSON" in err, err
+    assert not (out / "logs").exists() or not any(out.glob("epoch_*"))
+
+
 def test_a_second_run_on_a_busy_output_dir_is_refused(tmp_path, tiny_ckpt, small_data):
     """Two trainers on one output_dir: the second had swept the first one's temporary files
     mid-write (a FileNotFoundError) and interleaved the metrics log. Now it is refused while the

@@ -194,6 +194,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
 
     # -- tokenizer and data (read before the model, so a data mistake fails fast) -------------
     tokenizer = model_setup.load_tokenizer(cfg.tokenizer.path)
+    model_setup.check_tokenizer_files(cfg.tokenizer.path, cfg.checkpointer.checkpoint_dir)
     records = load_alpaca_records(cfg.dataset.data_files)
     fingerprint[saving.RECORDS_KEY] = len(records)
     if state is not None:

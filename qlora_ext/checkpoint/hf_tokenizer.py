@@ -11,15 +11,14 @@ Llama-2 ``tokenizer_config.json``.
 from __future__ import annotations
 
 import filecmp
-import json
 import os
 import shutil
 from pathlib import Path
 
 from qlora_ext.checkpoint.atomic import StagedFiles
-from qlora_ext.checkpoint.config import write_json
+from qlora_ext.checkpoint.config import read_json, write_json
 
-__all__ = ["HF_TOKENIZER_FILES", "save_hf_tokenizer"]
+__all__ = ["HF_TOKENIZER_FILES", "save_hf_tokenizer", "source_tokenizer_files"]
 
 # What transformers reads beside tokenizer.model; they describe that one file only.
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -48,15 +47,8 @@ def save_hf_tokenizer(out_dir: str | os.PathLike, tokenizer_model: str | os.Path
         ``LlamaTokenizer``, ``add_bos_token`` true, ``add_eos_token`` false, and the model's own BOS,
         EOS and UNK pieces.
     """
-    source = Path(source_dir) if source_dir is not None else None
-    copied: list[str] = []
-    if source is not None and (source / "tokenizer.model").is_file() and filecmp.cmp(source / "tokenizer.model", tokenizer_model, shallow=False):
-        copied = [name for name in HF_TOKENIZER_FILES if (source / name).is_file()]
-    if "tokenizer_config.json" in copied:
-        config = json.loads((source / "tokenizer_config.json").read_text())
-        if not isinstance(config, dict):
-            raise ValueError(f"save_hf_tokenizer: '{source / 'tokenizer_config.json'}' must hold a JSON object; got {type(config).__name__}")
-    else:
+    copied, config = source_tokenizer_files(tokenizer_model, source_dir)
+    if config is None:
         config = _llama2_tokenizer_config(tokenizer_model)
     config.update(add_bos_token=True, add_eos_token=False)  # as the trainer encodes prompts
     owned = {"tokenizer.model", *HF_TOKENIZER_FILES}
@@ -64,9 +56,25 @@ def save_hf_tokenizer(out_dir: str | os.PathLike, tokenizer_model: str | os.Path
         staged.write("tokenizer.model", lambda path: shutil.copyfile(tokenizer_model, path))
         for name in copied:
             if name != "tokenizer_config.json":
-                staged.write(name, lambda path, name=name: shutil.copyfile(source / name, path))
+                staged.write(name, lambda path, name=name: shutil.copyfile(Path(source_dir) / name, path))
         staged.write("tokenizer_config.json", lambda path: write_json(path, config))
         return staged.commit()
+
+
+def source_tokenizer_files(tokenizer_model: str | os.PathLike, source_dir: str | os.PathLike | None) -> tuple[list[str], dict | None]:
+    """The ``HF_TOKENIZER_FILES`` of ``source_dir`` that describe ``tokenizer_model`` (those of a
+    folder whose ``tokenizer.model`` has the same bytes), and its ``tokenizer_config.json`` as read
+    (None without one).
+
+    Raises:
+        ValueError: that tokenizer_config.json is not a UTF-8 JSON object (the file is named).
+    """
+    source = Path(source_dir) if source_dir is not None else None
+    if source is None or not (source / "tokenizer.model").is_file() or not filecmp.cmp(source / "tokenizer.model", tokenizer_model, shallow=False):
+        return [], None
+    copied = [name for name in HF_TOKENIZER_FILES if (source / name).is_file()]
+    config = read_json(source / "tokenizer_config.json") if "tokenizer_config.json" in copied else None
+    return copied, config
 
 
 def _llama2_tokenizer_config(tokenizer_model: str | os.PathLike) -> dict:

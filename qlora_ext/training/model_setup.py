@@ -12,6 +12,7 @@ from torch import nn
 
 from qlora_ext._dtypes import default_dtype
 from qlora_ext.checkpoint import load_checkpoint, read_checkpoint_config
+from qlora_ext.checkpoint.hf_tokenizer import source_tokenizer_files
 from qlora_ext.models import llama2 as llama2_models
 from qlora_ext.modules.lora_linear import LoRALinear
 from qlora_ext.modules.peft import get_adapter_params, set_trainable_params
@@ -30,6 +31,19 @@ def load_tokenizer(path: str):
         return llama2_models.llama2_tokenizer(path)
     except (OSError, ValueError) as e:
         raise ModelSetupError(f"tokenizer.path: {e}") from None
+
+
+def check_tokenizer_files(tokenizer_path: str, checkpoint_dir: str) -> None:
+    """Reads the checkpoint's HF tokenizer files that each checkpoint save copies beside the
+    tokenizer, so a damaged ``tokenizer_config.json`` stops the run at setup, not at its first save.
+
+    Raises:
+        ModelSetupError: naming the file.
+    """
+    try:
+        source_tokenizer_files(tokenizer_path, checkpoint_dir)
+    except (OSError, ValueError) as e:
+        raise ModelSetupError(f"checkpointer.checkpoint_dir: {e}") from None
 
 
 def _builder(name: str):
