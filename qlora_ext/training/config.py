@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -176,10 +177,15 @@ def parse_value(text: str, kind: str | None = None, nullable: bool = True) -> An
         return None
     if kind in ("str", "path") or (kind == "path|list[path]" and not text.lstrip().startswith("[")):
         return text
+    if kind == "int" and re.fullmatch(r"\s*[+-]?\d+\s*", text):
+        return int(text)  # in base 10: YAML 1.1 reads 010 as 8
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return text  # 0b11, 0x1f, 1:30 (base 60): YAML's other integer forms, named by the type check
+    return value
 
 
 def _split_override(text: str) -> tuple[str, str]:
