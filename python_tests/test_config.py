@@ -226,6 +226,7 @@ def test_integer_overrides_are_read_in_base_10():
     # YAML 1.1 read batch_size=010 as 8, 1:30 as 90 (base 60) and 0b11 as 3, silently.
     assert load_config("tiny_qlora", ["batch_size=010", "model.lora_rank=08"]).batch_size == 10
     assert load_config("tiny_qlora", ["model.lora_rank=08"]).model.lora_rank == 8
+    assert load_config("tiny_qlora", ["max_steps_per_epoch=1_000"]).max_steps_per_epoch == 1000  # as YAML reads it
     for text in ("0b11", "1:30", "0x10"):
         with pytest.raises(ConfigError, match=rf"config key 'batch_size' must be an integer .*; got '{text}'"):
             load_config("tiny_qlora", [f"batch_size={text}"])

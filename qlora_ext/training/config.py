@@ -177,8 +177,8 @@ def parse_value(text: str, kind: str | None = None, nullable: bool = True) -> An
         return None
     if kind in ("str", "path") or (kind == "path|list[path]" and not text.lstrip().startswith("[")):
         return text
-    if kind == "int" and re.fullmatch(r"\s*[+-]?\d+\s*", text):
-        return int(text)  # in base 10: YAML 1.1 reads 010 as 8
+    if kind == "int" and re.fullmatch(r"\s*[+-]?\d[\d_]*\s*", text):
+        return int(text.replace("_", ""))  # in base 10 (1_000 too): YAML 1.1 reads 010 as 8
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
