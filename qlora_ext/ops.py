@@ -177,7 +177,7 @@ def _check_isa_from_environment() -> None:
         try:
             set_cpu_kernel_isa(name)
         except ValueError as e:
-            warnings.warn(f"environment variable QLORA_CPU_ISA is ignored: {e}; the CPU kernels are {cpu_kernel_isa()!r}", stacklevel=2)
+            warnings.warn(f"environment variable QLORA_CPU_ISA is ignored: {e}; the CPU kernels are {cpu_kernel_isa()!r}")
 
 
 _check_isa_from_environment()
