@@ -166,6 +166,7 @@ def test_checkpoint_files_as_a_filename_format(tmp_path):
     # A damaged max_filename listed a billion names (a MemoryError); other fields in the format were tracebacks.
     for files, needle in [
         ({"filename_format": "model-{}-of-{}.safetensors", "max_filename": "999999999"}, r"a numeric max_filename from 1 to 10000"),
+        ({"filename_format": "model-{}-of-{}.safetensors", "max_filename": "\u00b2"}, r"a numeric max_filename from 1 to 10000"),  # isdigit, not int
         ({"filename_format": "model-{name}-{}-of-{}", "max_filename": "2"}, r"filename_format 'model-\{name\}-\{\}-of-\{\}' cannot be filled"),
     ]:
         with pytest.raises(ConfigError, match=needle):

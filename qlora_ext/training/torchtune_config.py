@@ -155,7 +155,7 @@ def _checkpoint_files(value: Any) -> Any:
     if not isinstance(value, dict):
         return value
     fmt, last = value.get("filename_format"), str(value.get("max_filename", ""))
-    if not isinstance(fmt, str) or fmt.count("{}") != 2 or not last.isdigit() or not 0 < int(last) <= MAX_SHARDS:
+    if not isinstance(fmt, str) or fmt.count("{}") != 2 or not last.isdecimal() or not 0 < int(last) <= MAX_SHARDS:
         raise TorchtuneConfigError(
             f"'checkpointer.checkpoint_files' as a mapping needs filename_format with two {{}} and a numeric "
             f"max_filename from 1 to {MAX_SHARDS}; got {value!r:.300}"
