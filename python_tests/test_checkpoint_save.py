@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -165,6 +166,14 @@ def test_adapter_config_records_dropout_task_and_base(base_dir, tmp_path):
     assert raw["task_type"] == "CAUSAL_LM" and raw["base_model_name_or_path"] == base_dir
     assert raw["target_modules"] == ["q_proj", "v_proj"] and raw["bias"] == "none"
     assert read_adapter_config(tmp_path)["lora_dropout"] == 0.1
+    # A path is recorded as its string; anything else is refused before a folder is made.
+    from pathlib import Path
+
+    save_peft_adapter(model, tmp_path / "as_path", base_model_name_or_path=Path(base_dir))
+    assert json.loads((tmp_path / "as_path" / "adapter_config.json").read_text())["base_model_name_or_path"] == base_dir
+    with pytest.raises(ValueError, match=r"argument 'base_model_name_or_path' must be a str, a path or None; got int"):
+        save_peft_adapter(model, tmp_path / "refused", base_model_name_or_path=7)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_unsupported_adapter_configs(tmp_path):
@@ -279,6 +288,14 @@ def test_adapters_in_the_forms_peft_writes(base_dir, tmp_path):
     _rewrite_adapter(folder, {"target_modules": r".*\.q_proj"})
     with pytest.raises(ValueError, match=r"'target_modules' must be a list of module names or 'all-linear', got the pattern '\.\*\\\\.q_proj'"):
         read_adapter_config(folder)
+    _rewrite_adapter(folder, {"target_modules": "lm_head"})
+    with pytest.raises(ValueError, match=r"got the pattern 'lm_head'$"):  # one problem, said once
+        read_adapter_config(folder)
+    for wrong in ([1, "q_proj"], ["q_proj", None], 5, [["q_proj"]], True):
+        _rewrite_adapter(folder, {"target_modules": wrong})
+        with pytest.raises(ValueError, match=r"'target_modules' must be a list of module names \(strings\) or 'all-linear', "
+                                             rf"got {re.escape(repr(wrong))}$"):
+            read_adapter_config(folder)
     _rewrite_adapter(folder, {"target_modules": ["q_proj", "model.layers.3.self_attn", "layers.0.input_layernorm", "model.embed_tokens", "5.self_attn", "12.mlp"]})
     with pytest.raises(ValueError, match=r"got \['12.mlp', '5.self_attn', 'layers.0.input_layernorm', 'model.embed_tokens', 'model.layers.3.self_attn'\]"):
         read_adapter_config(folder)
@@ -357,6 +374,10 @@ def test_adapters_made_by_peft_load_with_peft_logits(base_dir, tmp_path, targets
                                          r"them could run code \(torch.load\(weights_only=True\) refuses to unpickle posix.system\)"):
         llama2_from_checkpoint(base_dir, adapter_dir=tmp_path / "bin")
     assert not (tmp_path / "ran").exists()
+    # Names that are not strings: said so (they failed in the name matching, with a TypeError).
+    torch.save({0: torch.zeros(2)}, adapter_bin)
+    with pytest.raises(ValueError, match=r"adapter_model.bin must hold a dict of names \(str\) to tensors; got a dict with the key 0 \(int\)"):
+        llama2_from_checkpoint(base_dir, adapter_dir=tmp_path / "bin")
     # Without weights, the folder is named before the base is loaded.
     (tmp_path / "bin" / "adapter_model.bin").unlink()
     import qlora_ext.models.llama2._from_checkpoint as from_checkpoint

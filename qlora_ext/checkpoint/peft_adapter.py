@@ -58,6 +58,18 @@ _OTHER_MODULES = (
 )
 
 
+def _describe_mapping(value: Any) -> str:
+    """What a loaded adapter file holds, where it is not a dict of str -> tensor (for messages)."""
+    if not isinstance(value, dict):
+        return type(value).__name__
+    for key, item in value.items():
+        if not isinstance(key, str):
+            return f"a dict with the key {key!r} ({type(key).__name__})"
+        if not isinstance(item, torch.Tensor):
+            return f"a dict whose {key!r} is a {type(item).__name__}"
+    return "a dict"
+
+
 def _matched_targets(entry: str) -> set[str]:
     """The module types (q_proj, ..., lm_head) a ``target_modules`` entry matches in
     LlamaForCausalLM by PEFT's rule: a module whose path equals the entry or ends with "." + it."""
@@ -102,7 +114,7 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_mode
         model: a LoRA / QLoRA Llama-2 ``TransformerDecoder``.
         out_dir: the folder (created if needed); both files are replaced together (a crash
             midway leaves no adapter_config.json, never a mix), temporaries of a killed save removed.
-        base_model_name_or_path: recorded in the config (the HF checkpoint it adapts).
+        base_model_name_or_path: recorded in the config (the HF checkpoint it adapts); a str or path.
 
     Returns:
         The two paths written.
@@ -112,6 +124,11 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_mode
             between modules, or they cover some layers and not others; or adapter parameters
             on the meta device.
     """
+    if isinstance(base_model_name_or_path, os.PathLike):
+        base_model_name_or_path = os.fspath(base_model_name_or_path)
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise ValueError("save_peft_adapter: argument 'base_model_name_or_path' must be a str, a path or None; "
+                         f"got {type(base_model_name_or_path).__name__}")
     modules = lora_modules(model)
     refuse_meta_parameters(get_adapter_params(model).items(), "save_peft_adapter")
     if not modules:
@@ -219,12 +236,16 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     if not is_finite_real(dropout) or not 0.0 <= dropout < 1.0:
         problems.append(f"'lora_dropout' must be a number in [0, 1), got {dropout!r}")
     targets = config.get("target_modules") or []
+    targets_refused = False  # already named in problems: no second message about what they match
     if isinstance(targets, str):
         if targets.lower() == "all-linear":  # PEFT's shorthand: every linear but the output head
             targets = [linear.rsplit(".", 1)[1] for linear in _LAYER_LINEARS]
         else:
             problems.append(f"'target_modules' must be a list of module names or 'all-linear', got the pattern {targets!r}")
-            targets = []
+            targets, targets_refused = [], True
+    elif not isinstance(targets, list) or not all(isinstance(entry, str) for entry in targets):
+        problems.append(f"'target_modules' must be a list of module names (strings) or 'all-linear', got {targets!r}")
+        targets, targets_refused = [], True
     matched = {entry: _matched_targets(entry) for entry in targets}
     unsupported = sorted(entry for entry, names in matched.items() if not names and _names_other_module(entry))
     if unsupported:
@@ -233,7 +254,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
             f"(self_attn.q_proj, model.layers.0.self_attn.q_proj), got {unsupported}"
         )
     targets = set().union(*matched.values())
-    if not targets and not unsupported:
+    if not targets and not unsupported and not targets_refused:
         problems.append(f"'target_modules' must match a linear of a Llama model, got {config.get('target_modules')!r}")
     mlp = [t for t in _MLP if t in targets]
     if mlp and len(mlp) != len(_MLP):
@@ -328,8 +349,9 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
             raise ValueError(python_objects_refused(f"load_peft_adapter: {weights_path}", refused)) from None
         except Exception as e:  # noqa: BLE001  (any unreadable file is the same user-facing problem)
             raise ValueError(f"load_peft_adapter: {weights_path} cannot be read as a torch state dict: {e}") from None
-        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-            raise ValueError(f"load_peft_adapter: {weights_path} must hold a dict of tensors; got {type(tensors).__name__}")
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()):
+            raise ValueError(f"load_peft_adapter: {weights_path} must hold a dict of names (str) to tensors; "
+                             f"got {_describe_mapping(tensors)}")
     targets = _targets(model)
     unexpected, mismatched, seen, base_weights = [], [], set(), []
     # Adapter weights are small: each is checked whole before any is loaded.
