@@ -73,6 +73,23 @@ def test_an_alpha_of_zero_is_noted():
     notes.clear()
     load_config("tiny_qlora", ["model.lora_alpha=0.5"], notes)
     assert notes == []
+    # So is a clipping norm of 0 (torch's clip_grad_norm_ zeroes every gradient; HF's Trainer
+    # would not clip at all).
+    assert load_config("tiny_qlora", ["clip_grad_norm=0"], notes).clip_grad_norm == 0
+    assert notes == ["clip_grad_norm=0 clips every gradient to zero: training will not change what the model computes "
+                     "(clip_grad_norm=null turns clipping off)"]
+    notes.clear()
+    load_config("tiny_qlora", ["clip_grad_norm=0.1"], notes)
+    assert notes == []
+
+
+def test_an_adamw_eps_of_zero_is_refused():
+    # AdamW divides by sqrt(v) + eps: a parameter whose gradient is still zero (lora_a, while
+    # lora_b is zero) would become NaN at the first step.
+    with pytest.raises(ConfigError, match=r"config key 'optimizer.eps' must be > 0.0 \(AdamW eps \(0 would divide a zero "
+                                          r"gradient by zero\)\); got 0.0"):
+        load_config("tiny_qlora", ["optimizer.eps=0"])
+    assert load_config("tiny_qlora", ["optimizer.eps=1e-12"]).optimizer.eps == 1e-12
 
 
 def test_string_and_path_overrides_are_taken_as_written():

@@ -132,6 +132,9 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
     if notes is not None and values["model"]["lora_alpha"] == 0:
         notes.append("model.lora_alpha=0 scales every adapter's output by 0 (scale = alpha / rank): training will not "
                      "change what the model computes")
+    if notes is not None and values["clip_grad_norm"] == 0:  # (torch clips to norm 0; HF's Trainer reads 0 as no clipping)
+        notes.append("clip_grad_norm=0 clips every gradient to zero: training will not change what the model computes "
+                     "(clip_grad_norm=null turns clipping off)")
     return Config(values)
 
 
@@ -334,6 +337,8 @@ def _check_scalar(key: str, spec: Opt, value: Any) -> Any:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, spec.choices))}; got {value!r}")
     if spec.minimum is not None and value < spec.minimum:
         raise ConfigError(f"config key '{key}' must be >= {spec.minimum} ({spec.doc}); got {value!r}")
+    if spec.above is not None and not value > spec.above:
+        raise ConfigError(f"config key '{key}' must be > {spec.above} ({spec.doc}); got {value!r}")
     if spec.maximum is not None and value > spec.maximum:
         raise ConfigError(f"config key '{key}' must be <= {spec.maximum} ({spec.doc}); got {value!r}")
     return value
