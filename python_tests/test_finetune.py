@@ -4,6 +4,7 @@ HF checkpoint, the outputs it writes, the CLI's errors, NaN handling and torch.c
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -272,6 +273,56 @@ def test_too_few_examples_for_one_step_are_named(tmp_path, tiny_ckpt, small_data
     with pytest.raises(DataError, match=r"dataset.data_files: too few training examples \(43\) for one optimizer step "
                                         r"with batch_size=64 and gradient_accumulation_steps=\d+"):
         finetune.train(cfg)
+
+
+_CUT_TO_PROMPT = {"instruction": "Describe " + "the forest island silver orange " * 20, "input": "", "output": "Ok."}  # > 64 tokens
+_SHORT = {"instruction": "Greet.", "input": "", "output": "Hello there, friend."}
+
+
+def test_a_step_with_no_token_to_learn_from_leaves_the_adapters_and_logs_no_loss(tmp_path, tiny_ckpt, capsys):
+    # It logged loss 0.0 and AdamW still moved the adapters by their momentum.
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [_SHORT, _SHORT, _CUT_TO_PROMPT, _SHORT]))
+
+    def run(name, steps_):
+        overrides = small_run_overrides(tiny_ckpt, data, tmp_path / name) + [
+            "batch_size=1", "gradient_accumulation_steps=1", "shuffle=false", "dataset.validation_fraction=0", "epochs=1",
+            "tokenizer.max_seq_len=64", f"max_steps_per_epoch={steps_}", "lr_scheduler.name=constant_with_warmup",
+            "lr_scheduler.num_warmup_steps=0",  # (the same lr at step 2 in both runs)
+            "optimizer.weight_decay=0", "save_adapter_weights_only=true", "metric_logger.plot_loss_curve=false"]
+        summary = finetune.train(load_config("tiny_qlora", overrides))
+        return summary, load_file(tmp_path / name / "epoch_0" / "adapter" / "adapter_model.safetensors")
+
+    (_, two), (summary, three) = run("two", 2), run("three", 3)
+    assert "Step 3: tokenizer.max_seq_len=64 cuts each example of its batches to the prompt, leaving no token to learn from: " \
+           "the adapters are not updated" in capsys.readouterr().out
+    assert two.keys() == three.keys() and all(torch.equal(two[k], three[k]) for k in two)
+    assert len(summary["losses"]) == 2
+    logged = metrics(tmp_path / "three")
+    assert [r["step"] for r in logged] == [1, 2, 3] and "loss" in logged[1] and "loss" not in logged[2]
+    assert logged[2]["lr"] == 1e-2
+
+
+def test_held_out_batches_with_no_token_to_score_are_refused_at_setup(tmp_path, tiny_ckpt):
+    # The validation loss had failed with a traceback at the end of the first epoch, its training lost.
+    from qlora_ext.training.data import split_records
+    from qlora_ext.training.data_files import DataError
+
+    records = [_CUT_TO_PROMPT] * 10 + [_SHORT] * 30
+    assert [r is _CUT_TO_PROMPT for r in split_records(records, 0.2, 7)[1][:3]] == [True, True, True]  # (seed=7)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    overrides = small_run_overrides(tiny_ckpt, data, tmp_path / "run") + [
+        "batch_size=2", "gradient_accumulation_steps=1", "dataset.validation_fraction=0.2", "tokenizer.max_seq_len=64",
+        "eval.max_batches=1", "max_steps_per_epoch=2", "epochs=1"]
+    with pytest.raises(DataError, match=r"tokenizer.max_seq_len=64 cuts all 2 held-out examples scored \(eval.max_batches=1 x "
+                                        r"batch_size=2\) to their prompt \(up to \d+ tokens with BOS\), leaving no response "
+                                        r"token to learn from; raise tokenizer.max_seq_len \(or set dataset.train_on_input=true\), "
+                                        r"or raise eval.max_batches"):
+        finetune.train(load_config("tiny_qlora", overrides))
+    assert not (tmp_path / "run" / "epoch_0").exists()
+    summary = finetune.train(load_config("tiny_qlora", overrides + ["eval.max_batches=3"]))  # scores some
+    assert math.isfinite(summary["val_loss_after"])
 
 
 def test_adapter_only_and_loss_decreases(tmp_path, tiny_ckpt, small_data):

@@ -650,7 +650,7 @@ def test_a_max_seq_len_that_leaves_no_response_is_named():
 
     tokenizer = llama2_tokenizer(ASSETS_DIR / "tokenizer.model")
     records = load_alpaca_records([str(ASSETS_DIR / "tiny_alpaca.jsonl")])[:40]
-    with pytest.raises(DataError, match=r"tokenizer.max_seq_len=8 cuts 40 of the first 40 training examples to their prompt "
+    with pytest.raises(DataError, match=r"tokenizer.max_seq_len=8 cuts all 40 training examples to their prompt "
                                         r"\(up to \d+ tokens with BOS\), leaving no response token to learn from; raise "
                                         r"tokenizer.max_seq_len \(or set dataset.train_on_input=true\)"):
         check_loss_tokens(InstructDataset(records, tokenizer, 8, False), "training")
@@ -663,8 +663,39 @@ def test_a_max_seq_len_that_leaves_no_response_is_named():
     empty = sum(n >= cut for n in prompts)
     assert 0 < empty < 40
     note = check_loss_tokens(InstructDataset(records, tokenizer, cut, False), "held-out")
-    assert note == (f"tokenizer.max_seq_len={cut} cuts {empty} of the first 40 held-out examples to their prompt (up to "
+    assert note == (f"tokenizer.max_seq_len={cut} cuts {empty} of the 40 held-out examples to their prompt (up to "
                     f"{max(prompts)} tokens with BOS), leaving no response token to learn from: they add nothing to the loss")
+    # Only the held-out examples that are scored count: the first 2 here keep no token, which
+    # is named with what limits them (their batches had made the validation loss fail after an
+    # epoch of training).
+    long_first = sorted(records, key=lambda r: -len(prompt_tokens(tokenizer, r, "alpaca")))
+    dataset = InstructDataset(long_first, tokenizer, cut, False)
+    with pytest.raises(DataError, match=rf"tokenizer.max_seq_len={cut} cuts all 2 held-out examples scored \(eval.max_batches=1 x "
+                                        r"batch_size=2\) to their prompt .*; raise tokenizer.max_seq_len \(or set "
+                                        r"dataset.train_on_input=true\), or raise eval.max_batches$"):
+        check_loss_tokens(dataset, "held-out", 2, "eval.max_batches=1 x batch_size=2", "raise eval.max_batches")
+    assert check_loss_tokens(dataset, "held-out", None).startswith(f"tokenizer.max_seq_len={cut} cuts {empty} of the 40 held-out")
+
+
+def test_the_loss_token_check_samples_a_large_dataset_and_refuses_only_when_none_keeps_a_token():
+    # A file whose first 256 records were all too long was refused, though the rest trained.
+    from qlora_ext.models.llama2 import llama2_tokenizer
+    from qlora_ext.training.config import ASSETS_DIR
+    from qlora_ext.training.data import InstructDataset, check_loss_tokens
+    from qlora_ext.training.data_files import DataError
+
+    tokenizer = llama2_tokenizer(ASSETS_DIR / "tokenizer.model")
+    long_ = {"instruction": "Describe " + "the forest island silver orange " * 20, "input": "", "output": "Ok."}
+    short = {"instruction": "Greet.", "input": "", "output": "Hello there, friend."}
+    note = check_loss_tokens(InstructDataset([long_] * 300 + [short] * 300, tokenizer, 64, False), "training")
+    assert re.fullmatch(r"tokenizer.max_seq_len=64 cuts (\d+) of 256 sampled from the 600 training examples to their prompt "
+                        r"\(up to \d+ tokens with BOS\), leaving no response token to learn from: they add nothing to the loss", note)
+    assert 80 < int(note.split()[2]) < 176  # about half of the sample
+    # Every one sampled is cut, yet one further on keeps a token: a note, not a refusal.
+    note = check_loss_tokens(InstructDataset([long_] * 599 + [short], tokenizer, 64, False), "training", probe=16)
+    assert note is not None and "cuts 16 of 16 sampled from the 600 training examples" in note
+    with pytest.raises(DataError, match=r"cuts all 600 training examples"):
+        check_loss_tokens(InstructDataset([long_] * 600, tokenizer, 64, False), "training", probe=16)
 
 
 def test_an_empty_data_files_list_is_named():

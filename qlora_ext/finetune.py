@@ -223,8 +223,10 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     max_seq_len = model_setup.check_max_seq_len(model, cfg)
     train_ds = InstructDataset(train_records, tokenizer, max_seq_len, cfg.dataset.train_on_input, cfg.dataset.template)
     val_ds = InstructDataset(val_records, tokenizer, max_seq_len, cfg.dataset.train_on_input, cfg.dataset.template)
-    for dataset, name in ((train_ds, "training"), (val_ds, "held-out")):
-        note = check_loss_tokens(dataset, name)
+    # The held-out examples the validation loss scores: it needs a token to score among them.
+    scored = None if cfg.eval.max_batches is None else cfg.eval.max_batches * cfg.batch_size
+    scored_by = f"eval.max_batches={cfg.eval.max_batches} x batch_size={cfg.batch_size}"
+    for note in (check_loss_tokens(train_ds, "training"), check_loss_tokens(val_ds, "held-out", scored, scored_by, "raise eval.max_batches")):
         if note:
             print(f"note: {note}")
     adapter = model_setup.adapter_parameters(model)
@@ -308,48 +310,55 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
         tokens_since, t_since = 0, time.perf_counter()
         while step_in_epoch < steps_per_epoch:
             window = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
-            window_tokens = max(1, sum(steps.num_loss_tokens(b["labels"]) for b in window))
-            step_loss = torch.zeros((), device=device)
-            for batch in window:
-                tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
-                with steps.autocast(device, dtype):
-                    outputs = model(tokens)  # [b, s, d] hidden states, or [b, s, vocab] logits
-                loss = steps.token_loss_sum(outputs, labels, output_weight) / window_tokens
-                loss.backward()
-                step_loss += loss.detach()
-                tokens_since += int(batch["num_tokens"])
-            loss_value = step_loss.item()
-            if not math.isfinite(loss_value):
-                bar.close()
-                loggers.close()
-                raise steps.NonFiniteLossError(
-                    f"loss is {loss_value} at epoch {epoch + 1}, step {global_step + 1}: training stopped before applying "
-                    f"it; {_non_finite_advice(last_checkpoint)}"
-                )
-            lr = optimizer.param_groups[0]["lr"]
-            if cfg.clip_grad_norm is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(list(adapter.values()), cfg.clip_grad_norm)
-                if not math.isfinite(grad_norm):  # clipping by an infinite norm zeroes (or NaNs) the gradients
+            window_tokens = sum(steps.num_loss_tokens(b["labels"]) for b in window)
+            loss_value = grad_norm = None  # (a window with no token to learn from: no update)
+            if window_tokens == 0:
+                tqdm.write(f"Step {global_step + 1}: tokenizer.max_seq_len={max_seq_len} cuts each example of its batches "
+                           "to the prompt, leaving no token to learn from: the adapters are not updated")
+            else:
+                step_loss = torch.zeros((), device=device)
+                for batch in window:
+                    tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+                    with steps.autocast(device, dtype):
+                        outputs = model(tokens)  # [b, s, d] hidden states, or [b, s, vocab] logits
+                    loss = steps.token_loss_sum(outputs, labels, output_weight) / window_tokens
+                    loss.backward()
+                    step_loss += loss.detach()
+                    tokens_since += int(batch["num_tokens"])
+                loss_value = step_loss.item()
+                if not math.isfinite(loss_value):
                     bar.close()
                     loggers.close()
                     raise steps.NonFiniteLossError(
-                        f"the adapters' gradient norm is {float(grad_norm)} at epoch {epoch + 1}, step {global_step + 1} "
-                        f"(loss {loss_value}): training stopped before applying it; {_non_finite_advice(last_checkpoint)}"
+                        f"loss is {loss_value} at epoch {epoch + 1}, step {global_step + 1}: training stopped before applying "
+                        f"it; {_non_finite_advice(last_checkpoint)}"
                     )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                if cfg.clip_grad_norm is not None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(list(adapter.values()), cfg.clip_grad_norm)
+                    if not math.isfinite(grad_norm):  # clipping by an infinite norm zeroes (or NaNs) the gradients
+                        bar.close()
+                        loggers.close()
+                        raise steps.NonFiniteLossError(
+                            f"the adapters' gradient norm is {float(grad_norm)} at epoch {epoch + 1}, step {global_step + 1} "
+                            f"(loss {loss_value}): training stopped before applying it; {_non_finite_advice(last_checkpoint)}"
+                        )
+            lr = optimizer.param_groups[0]["lr"]
+            if loss_value is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                summary["losses"].append(loss_value)
+            scheduler.step()  # the schedule follows the step count, skipped steps included
             global_step += 1
             step_in_epoch += 1
-            summary["losses"].append(loss_value)
             bar.update(1)
-            bar.set_description(f"{epoch + 1}|{global_step}|Loss: {loss_value}")
+            bar.set_description(f"{epoch + 1}|{global_step}|Loss: {'none' if loss_value is None else loss_value}")
 
             last_step = epoch == cfg.epochs - 1 and step_in_epoch == steps_per_epoch
             if global_step % cfg.log_every_n_steps == 0 or last_step:  # the last one: a curve even for short runs
                 elapsed = time.perf_counter() - t_since
-                metrics = {"loss": loss_value, "lr": lr, "tokens_per_second": tokens_since / max(elapsed, 1e-9)}
-                if cfg.clip_grad_norm is not None:
+                metrics = {} if loss_value is None else {"loss": loss_value}  # (no token to learn from: no loss)
+                metrics.update(lr=lr, tokens_per_second=tokens_since / max(elapsed, 1e-9))
+                if grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)
                 if cfg.log_peak_memory_stats:
                     metrics.update(memory_stats(device, reset_peak=True))

@@ -116,29 +116,49 @@ class InstructDataset(torch.utils.data.Dataset):
         return tokenize_example(self.tokenizer, self.records[index], self.max_seq_len, self.train_on_input, self.template)
 
 
-def check_loss_tokens(dataset: InstructDataset, name: str, probe: int = 256) -> str | None:
-    """Tokenizes up to ``probe`` examples of ``dataset`` (the first ones) and checks that they
-    leave tokens to learn from after ``max_seq_len`` cuts them.
+def check_loss_tokens(dataset: InstructDataset, name: str, scored: int | None = None, scored_by: str = "", more_with: str = "",
+                      probe: int = 256) -> str | None:
+    """Checks that examples of ``dataset`` leave tokens to learn from after ``max_seq_len`` cuts them.
+
+    Args:
+        scored: only the first ``scored`` examples count (the held-out batches that are scored);
+            None: all of them.
+        scored_by: what sets ``scored``, for the messages (e.g. "eval.max_batches=1 x batch_size=2").
+        more_with: how to count more of them, for the message (e.g. "raise eval.max_batches").
+        probe: how many examples are tokenized for the note: all of them when there are no more,
+            else a fixed random sample (a file sorted by length is not judged by its first lines).
 
     Returns:
-        None, or a note when some of them keep none (they add nothing to the loss).
+        None, or a note when some of the probed examples keep none (they add nothing to the loss).
 
     Raises:
-        DataError: none of them keeps a loss token, naming ``tokenizer.max_seq_len``.
+        DataError: none of the counted examples keeps a loss token (looked for in all of them
+            before saying so), naming ``tokenizer.max_seq_len``.
     """
-    n = min(len(dataset), probe)
-    if n == 0:
+    count = len(dataset) if scored is None else min(scored, len(dataset))
+    if count == 0:
         return None
-    examples = [dataset[i] for i in range(n)]
-    empty = sum(1 for _, labels in examples if all(label == IGNORE_INDEX for label in labels[1:]))
-    if empty == 0:
+    order = list(range(count)) if count <= probe else torch.randperm(count, generator=torch.Generator().manual_seed(0)).tolist()
+    sample = order[:probe]
+
+    def keeps_none(index: int) -> bool:
+        return all(label == IGNORE_INDEX for label in dataset[index][1][1:])
+
+    empty = [i for i in sample if keeps_none(i)]
+    if not empty:
         return None
-    prompts = [len(prompt_tokens(dataset.tokenizer, dataset.records[i], dataset.template)) for i in range(n)]
-    what = (f"tokenizer.max_seq_len={dataset.max_seq_len} cuts {empty} of the first {n} {name} examples to their prompt "
-            f"(up to {max(prompts)} tokens with BOS), leaving no response token to learn from")
-    if empty == n:
-        raise DataError(f"{what}; raise tokenizer.max_seq_len" + ("" if dataset.train_on_input else " (or set dataset.train_on_input=true)"))
-    return f"{what}: they add nothing to the loss"
+    longest = max(len(prompt_tokens(dataset.tokenizer, dataset.records[i], dataset.template)) for i in empty)
+    limited = scored is not None and scored < len(dataset) and scored_by
+    what = f"{name} examples" + (f" scored ({scored_by})" if limited else "")
+    cut = f"tokenizer.max_seq_len={dataset.max_seq_len} cuts"
+    why = f"to their prompt (up to {longest} tokens with BOS), leaving no response token to learn from"
+    if len(empty) == len(sample) and all(keeps_none(i) for i in order[len(sample) :]):
+        remedy = "raise tokenizer.max_seq_len" + ("" if dataset.train_on_input else " (or set dataset.train_on_input=true)")
+        if limited and more_with:
+            remedy += f", or {more_with}"
+        raise DataError(f"{cut} all {count} {what} {why}; {remedy}")
+    some = f"{len(empty)} of the {count}" if len(sample) == count else f"{len(empty)} of {len(sample)} sampled from the {count}"
+    return f"{cut} {some} {what} {why}: they add nothing to the loss"
 
 
 def split_records(records: list, validation_fraction: float, seed: int) -> tuple[list, list]:

@@ -73,13 +73,16 @@ def pick_samples(records: list[dict[str, str]], count: int) -> list[dict[str, st
     """``count`` records, in order, preferring instructions that begin differently (a crude
     "kind of task": the first two words), so the samples show a mix of tasks."""
     seen: set[tuple[str, ...]] = set()
-    first = []
+    first, rest = [], []
     for r in records:
         kind = tuple(r["instruction"].lower().split()[:2])
         if kind not in seen:
             seen.add(kind)
             first.append(r)
-    rest = [r for r in records if r not in first]
+            if len(first) == count:
+                break
+        elif len(rest) < count:
+            rest.append(r)
     return (first + rest)[:count]
 
 
