@@ -54,6 +54,55 @@ def test_cached_greedy_equals_uncached(device):
         generate(model, prompt[:2], max_new_tokens=4)
 
 
+def test_disabled_or_partial_caches_decode_right_or_are_refused():
+    # generate decided on layer 0's cache alone: with caches disabled (torchtune's
+    # disable_kv_cache) or on some layers only, it fed one token a step to layers without one.
+    model = _model()
+    prompt = torch.randint(0, 96, (2, 5))
+    want = generate(model, prompt, max_new_tokens=10, temperature=0.0, use_cache=False)
+    model.setup_caches(2, torch.float32, max_seq_len=20)
+    for layer in model.layers:
+        layer.attn.cache_enabled = False
+    assert torch.equal(generate(model, prompt, max_new_tokens=10, temperature=0.0), want)  # decoded without them
+    assert torch.equal(generate(model, prompt, max_new_tokens=10, temperature=0.0, use_cache=False), want)
+    model.layers[0].attn.cache_enabled = True
+    with pytest.raises(ValueError, match=r"argument 'model' has its KV caches enabled on 1 of its 2 layers; enable them on all, "
+                                         r"or disable them on all"):
+        generate(model, prompt, max_new_tokens=10, temperature=0.0)
+    model.remove_caches()
+    model.layers[0].setup_caches(2, torch.float32, decoder_max_seq_len=20)  # torchtune's per-layer call
+    with pytest.raises(ValueError, match=r"argument 'model' has KV caches on 1 of its 2 layers; set them up on all"):
+        generate(model, prompt, max_new_tokens=10, temperature=0.0)
+
+
+def test_any_output_mode_generates_from_logits_of_the_sampled_positions_only():
+    # A model left in a training output mode generated from hidden states (skip_output_layer)
+    # or failed (chunked logits); and the prefill kept float32 logits of every prompt position.
+    model = _model()
+    prompt = [[1, 2, 3, 4, 5, 6], [7, 8]]
+    want = generate(model, prompt, max_new_tokens=6, temperature=0.0)
+    seen = []
+    model.output.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    for mode in ((True, 0), (False, 3)):
+        model.skip_output_layer, model.num_output_chunks = mode
+        for use_cache in (True, False):
+            seen.clear()
+            assert torch.equal(generate(model, prompt, max_new_tokens=6, temperature=0.0, use_cache=use_cache), want)
+            assert seen == [(2, 64)] * 6  # one [batch, embed_dim] row per sequence and step
+        assert (model.skip_output_layer, model.num_output_chunks) == mode  # restored
+
+
+def test_non_finite_logits_are_named():
+    # sampling failed in torch.multinomial, greedy returned garbage (an fp16 overflow, say)
+    model = _model()
+    with torch.no_grad():
+        model.output.weight[3, 0] = float("inf")  # (not an NF4 weight: output has no LoRA here)
+    for temperature in (0.0, 0.7):
+        with pytest.raises(ValueError, match=r"generate: the model's logits for new token 1 hold NaN or infinity; in float16 "
+                                             r"activations overflow past 65504"):
+            generate(model, [1, 2, 3], max_new_tokens=4, temperature=temperature)
+
+
 def test_positions_outside_the_model_or_its_caches_are_named():
     # a raw index error from the cache's scatter or the RoPE table before; negative positions
     # wrapped around silently without caches

@@ -98,6 +98,30 @@ def _prompt_rows(prompt: Tensor | list, pad_id: int, vocab: int) -> tuple[Tensor
     return rows, lengths
 
 
+def _cache_state(model: nn.Module) -> str:
+    """"none", "enabled" (every layer has a KV cache in use) or "disabled" (every layer has one,
+    none in use: torchtune's ``disable_kv_cache``).
+
+    Raises:
+        ValueError: caches on some layers only, or enabled on some only (a step fed one token
+            would then reach the layers without a cache alone, and decode wrongly).
+    """
+    layers = list(model.layers)
+    have = sum(layer.attn.kv_cache is not None for layer in layers)
+    used = sum(layer.attn.kv_cache is not None and layer.attn.cache_enabled for layer in layers)
+    if have == 0:
+        return "none"
+    if have < len(layers):
+        raise ValueError(f"generate: argument 'model' has KV caches on {have} of its {len(layers)} layers; set them up on all "
+                         "(model.setup_caches) or remove them (model.remove_caches)")
+    if used == len(layers):
+        return "enabled"
+    if used == 0:
+        return "disabled"
+    raise ValueError(f"generate: argument 'model' has its KV caches enabled on {used} of its {len(layers)} layers; enable "
+                     "them on all, or disable them on all to decode without them")
+
+
 def _is_compiled(model: nn.Module) -> bool:
     """Whether ``torch.compile`` wraps the model (``torch.compile(model)``) or any of its modules
     (``module.compile()``, as ``compile=True`` in the trainer does to each layer)."""
@@ -145,7 +169,8 @@ def generate(
         pad_id: filler after a row's stop token, and after the new tokens of a prompt shorter
             than the longest.
         use_cache: False recomputes the full sequence each step (a reference; slow) and needs a
-            model without KV caches.
+            model without KV caches in use. A model whose caches are disabled (torchtune's
+            ``disable_kv_cache``) decodes so too.
         vocab_limit: only ids below it are generated: a tokenizer's size, where the model's
             embedding has more rows than the tokenizer has pieces (padded, as some HF
             checkpoints are), so that every new id decodes. None: the model's whole vocabulary.
@@ -159,7 +184,8 @@ def generate(
             ``max_new_tokens`` not an integer >= 1, stop tokens that are not integers, the longest
             prompt plus new tokens longer than the model's max_seq_len (or than caches set up by
             the caller), a batch size other than that of caches set up by the caller,
-            ``use_cache=False`` on a model with KV caches, ``vocab_limit`` not in [1, vocabulary].
+            ``use_cache=False`` on a model with KV caches, ``vocab_limit`` not in [1, vocabulary],
+            KV caches on (or enabled on) some layers only; NaN or infinite logits.
     """
     device = model.tok_embeddings.weight.device
     vocab = model.tok_embeddings.num_embeddings
@@ -189,12 +215,15 @@ def generate(
         raise ValueError(f"generate: argument 'top_k' must be a positive integer or None; got {top_k!r}")
     if vocab_limit is not None and (not is_int(vocab_limit) or not 1 <= vocab_limit <= vocab):
         raise ValueError(f"generate: argument 'vocab_limit' must be an integer in [1, {vocab}] (the model's vocabulary) or None; got {vocab_limit!r}")
-    if not use_cache and model.caches_are_setup():
+    caches = _cache_state(model)
+    if not use_cache and caches == "enabled":
         raise ValueError("generate: argument 'use_cache' is False but the model has KV caches; call model.remove_caches() first")
+    if caches == "disabled":  # as torchtune's generate, inside its disable_kv_cache(model): no incremental decoding
+        use_cache = False
     b, s = rows.shape
     total = s + max_new_tokens
     limit = model.max_seq_len
-    own_caches = use_cache and not model.caches_are_setup()
+    own_caches = use_cache and caches == "none"
     if use_cache and not own_caches:
         limit = min(limit, model.decoder_max_cache_seq_len)
         cache_batch = model.layers[0].attn.kv_cache.batch_size
@@ -216,6 +245,12 @@ def generate(
         model.setup_caches(b, model.tok_embeddings.weight.dtype, max_seq_len=limit if compiled else total)
     args = (model, rows, lengths, total, max_new_tokens, temperature, top_k, stop, pad_id, generator, use_cache, vocab_limit)
     rng = generator.get_state() if generator is not None else None
+    # The decoder returns hidden states here, whatever output mode training left it in; the
+    # output layer is applied to the one position per row that is sampled from (the prefill's
+    # [b, s, vocab] float32 logits were GBs for long prompts).
+    decoder = getattr(model, "_orig_mod", model)  # (torch.compile's wrapper reads, not writes, the module's attributes)
+    output_mode = decoder.skip_output_layer, decoder.num_output_chunks
+    decoder.skip_output_layer, decoder.num_output_chunks = True, 0
     try:
         try:
             return _decode(*args)
@@ -233,6 +268,7 @@ def generate(
             with force_eager():
                 return _decode(*args)
     finally:
+        decoder.skip_output_layer, decoder.num_output_chunks = output_mode
         if own_caches:
             model.remove_caches()
 
@@ -254,14 +290,13 @@ def _decode(
     if use_cache:
         model.reset_caches()
         # [b, s] positions, as the decoding steps pass [b, 1]: one input rank, for compiled models
-        logits = model(rows, input_pos=torch.arange(s, device=device).expand(b, s))
+        hidden = model(rows, input_pos=torch.arange(s, device=device).expand(b, s))
     else:
-        logits = model(rows)
-    logits = logits[batch, lengths - 1]  # [b, vocab]: after each row's last prompt token
-    if vocab_limit is not None:
-        logits = logits[:, :vocab_limit]
+        hidden = model(rows)
+    hidden = hidden[batch, lengths - 1]  # [b, d]: after each row's last prompt token
     done = torch.zeros(b, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
+        logits = _next_logits(model, hidden, vocab_limit, step)
         nxt = sample(logits, temperature=temperature, top_k=top_k, generator=generator)
         nxt = nxt.masked_fill(done, pad_id)
         pos = lengths + step  # [b]: where each row's new token goes
@@ -270,9 +305,24 @@ def _decode(
         if step == max_new_tokens - 1 or bool(done.all()):
             break
         if use_cache:
-            logits = model(nxt[:, None], input_pos=pos[:, None])[:, -1]
+            hidden = model(nxt[:, None], input_pos=pos[:, None])[:, -1]
         else:
-            logits = model(out[:, : s + step + 1])[batch, pos]
-        if vocab_limit is not None:
-            logits = logits[:, :vocab_limit]
+            hidden = model(out[:, : s + step + 1])[batch, pos]
     return out[:, : s + step + 1]
+
+
+def _next_logits(model: nn.Module, hidden: Tensor, vocab_limit: int | None, step: int) -> Tensor:
+    """float32 logits [b, vocab] (or [b, vocab_limit]) of the normalized hidden states [b, d].
+
+    Raises:
+        ValueError: a logit is NaN or infinite (sampling would fail on it, argmax pick garbage).
+    """
+    logits = model.output(hidden).float()
+    if vocab_limit is not None:
+        logits = logits[:, :vocab_limit]
+    if not bool(torch.isfinite(logits).all()):  # (one host sync per token: the stop check makes one too)
+        raise ValueError(
+            f"generate: the model's logits for new token {step + 1} hold NaN or infinity; in float16 activations overflow "
+            "past 65504 (bfloat16 or float32 avoid that), otherwise the model's weights hold them"
+        )
+    return logits
