@@ -106,6 +106,16 @@ def test_adapter_round_trip_and_config(base_dir, tmp_path):
     fewer = _trained(base_dir, attn=("q_proj", "k_proj", "v_proj", "output_proj"))
     with pytest.raises(ValueError, match=r"missing: \['base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight'"):
         load_peft_adapter(fewer, tmp_path)
+    # An adapter of a base model of another size: said so; its weights are listed as of the wrong
+    # shape, not also as missing.
+    narrower = tmp_path / "narrower"
+    hf_llama(num_kv_heads=2, seed=21, hidden_size=128).save_pretrained(narrower)
+    with pytest.raises(ValueError) as refused:
+        llama2_from_checkpoint(str(narrower), adapter_dir=tmp_path)
+    message = str(refused.value)
+    assert re.search(r"does not fit the model: its weights have the shapes of another base model \(an adapter fits the model it "
+                     r"was trained on; its adapter_config.json's base_model_name_or_path may name it\); wrong shapes: \[.*\]$", message), message
+    assert "missing" not in message and "self_attn.q_proj.lora_A.weight: adapter [4, 256] vs model [4, 128]" in message
     # Weights that are integers or hold NaN are named, before any is loaded (an int32 one was copied in).
     from safetensors.torch import load_file, save_file
 
@@ -124,8 +134,8 @@ def test_adapter_round_trip_and_config(base_dir, tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (damaged / "adapter_config.json").write_text(json.dumps({**config, "r": 1_000_000}))
     save_file(weights, damaged / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors: adapter_config.json gives 'r' 1000000, but lora_A weights of "
-                                         r"shape \[r, in\] have another rank \(\d+\): \['base_model.model.*: \[4, 256\]'"):
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: adapter_config.json gives 'r' 1000000, but 13 lora_A weights "
+                                         r"\(of shape \[r, in\]\) have another rank: \['base_model.model.*: \[4, 256\]'.*\] and 8 more$"):
         llama2_from_checkpoint(base_dir, adapter_dir=damaged, quantize_base=True)
 
 

@@ -58,6 +58,11 @@ _OTHER_MODULES = (
 )
 
 
+def _listed(names: list[str], most: int) -> str:
+    """The first ``most`` names, and how many more there are."""
+    return str(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def _describe_mapping(value: Any) -> str:
     """What a loaded adapter file holds, where it is not a dict of str -> tensor (for messages)."""
     if not isinstance(value, dict):
@@ -307,8 +312,8 @@ def check_adapter_rank(adapter_dir: str | os.PathLike, rank: int) -> None:
     other = [f"{key}: {list(shape)}" for key, shape in shapes.items()
              if (match := _KEY.match(key)) and match["which"] == "A" and (len(shape) != 2 or shape[0] != rank)]
     if other:
-        raise ValueError(f"check_adapter_rank: {path}: adapter_config.json gives 'r' {rank}, but lora_A weights of "
-                         f"shape [r, in] have another rank ({len(other)}): {other[:5]}")
+        raise ValueError(f"check_adapter_rank: {path}: adapter_config.json gives 'r' {rank}, but {len(other)} lora_A weights "
+                         f"(of shape [r, in]) have another rank: {_listed(other, 5)}")
 
 
 @torch.no_grad()
@@ -377,16 +382,19 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
             unexpected.append(key)
             continue
         target = module.lora_a if match["which"] == "A" else module.lora_b
+        seen.add((match["module"], match["which"]))  # (a weight of the wrong shape is not also missing)
         if tuple(value.shape) != tuple(target.weight.shape):
             mismatched.append(f"{key}: adapter {list(value.shape)} vs model {list(target.weight.shape)}")
-            continue
-        seen.add((match["module"], match["which"]))
     missing = [f"{_PREFIX}{name}.lora_{w}.weight" for name in modules for w in "AB" if (name, w) not in seen]
-    problems = [f"{what}: {names[:20]}" for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", mismatched),
-                                                            ("not floating point", not_float), ("holding NaN or Inf", not_finite)) if names]
+    problems = [f"{what}: {_listed(names, 20)}" for what, names in (
+        ("missing", missing), ("unexpected", unexpected), ("wrong shapes", mismatched), ("not floating point", not_float),
+        ("holding NaN or Inf", not_finite)) if names]
     partial = _some_layers_only(modules, seen)
     if partial:
         problems.insert(0, partial)
+    if mismatched:
+        problems.insert(0, "its weights have the shapes of another base model (an adapter fits the model it was trained on; "
+                           "its adapter_config.json's base_model_name_or_path may name it)")
     if any(key.endswith(".bias") for key in unexpected):
         problems.insert(0, "the adapter holds biases of the base model (PEFT's bias='all' or 'lora_only' on a model with "
                            "attention or MLP biases), and Llama-2 has none")
