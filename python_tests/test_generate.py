@@ -186,6 +186,7 @@ def test_prompt_and_pad_id_outside_the_vocabulary_are_named():
         ([[1, 2], []], r"argument 'prompt' must be .*; prompt 1 is empty"),
         ([[1, 2], [3, 4.0]], r"argument 'prompt' must be .*; prompt 1 holds \['float', 'int'\]"),
         ([[1, 2], [3, vocab]], rf"argument 'prompt' must hold token ids in \[0, {vocab}\); got \[{vocab}\]"),
+        ([[1, 2], [2**70]], rf"argument 'prompt' must hold token ids in \[0, {vocab}\); got \[{2**70}\]"),  # (not an overflow)
         (torch.zeros(0, 3, dtype=torch.long), r"argument 'prompt' must be \[batch, seq\] with batch and seq >= 1; got shape \[0, 3\]"),
         (torch.nested.nested_tensor([torch.tensor([1, 2]), torch.tensor([3])], layout=torch.jagged), r"argument 'prompt' must be a dense tensor; got a nested tensor"),
     ]:
@@ -195,12 +196,13 @@ def test_prompt_and_pad_id_outside_the_vocabulary_are_named():
         generate(model, [1, 2], max_new_tokens=2, pad_id=-1)
     for kwargs, needle in [
         ({"max_new_tokens": 3.0}, r"argument 'max_new_tokens' must be an integer >= 1; got 3.0"),
-        ({"max_new_tokens": 2, "stop_tokens": [2.5]}, r"argument 'stop_tokens' must hold integer token ids; got \[2.5\]"),
+        ({"max_new_tokens": 2, "stop_tokens": [2.5]}, r"argument 'stop_tokens' must hold integer token ids \(int64\); got \[2.5\]"),
+        ({"max_new_tokens": 2, "stop_tokens": [2**70]}, rf"argument 'stop_tokens' must hold integer token ids \(int64\); got \[{2**70}\]"),
         ({"max_new_tokens": 2, "top_k": 5.0}, r"generate: argument 'top_k' must be a positive integer or None; got 5.0"),
         ({"max_new_tokens": 2, "top_k": True}, r"generate: argument 'top_k' must be a positive integer or None; got True"),
         ({"max_new_tokens": 2, "temperature": -0.5}, r"generate: argument 'temperature' must be finite and >= 0; got -0.5"),
-        ({"max_new_tokens": 2, "stop_tokens": "2"}, r"argument 'stop_tokens' must hold integer token ids; got \['2'\]"),
-        ({"max_new_tokens": 2, "stop_tokens": 3.0}, r"argument 'stop_tokens' must hold integer token ids; got \[3.0\]"),
+        ({"max_new_tokens": 2, "stop_tokens": "2"}, r"argument 'stop_tokens' must hold integer token ids \(int64\); got \['2'\]"),
+        ({"max_new_tokens": 2, "stop_tokens": 3.0}, r"argument 'stop_tokens' must hold integer token ids \(int64\); got \[3.0\]"),
         ({"max_new_tokens": 2, "temperature": None}, r"generate: argument 'temperature' must be finite and >= 0; got None"),
         ({"max_new_tokens": 2, "temperature": True}, r"generate: argument 'temperature' must be finite and >= 0; got True"),
         ({"max_new_tokens": 2, "generator": "seed"}, r"generate: argument 'generator' must be a torch.Generator or None; got str"),
@@ -454,6 +456,43 @@ def test_cli_argument_errors(checkpoint_with_tokenizer, tmp_path):
         out = subprocess.run([sys.executable, "-m", "qlora_ext.generate", *args, "--prompt", "x"], capture_output=True, text=True, env=env,
                              timeout=120)
         assert out.returncode == 2 and needle in out.stderr, out.stderr[-2000:]
+
+
+def test_cli_names_missing_paths_and_text_that_is_not_utf8(checkpoint_with_tokenizer, tmp_path, capsys):
+    # A missing --tokenizer or --adapter-dir ended with exit 1 under the API's argument names; a
+    # prompt holding bytes that are not UTF-8 (surrogate-escaped by Python) with a traceback.
+    from qlora_ext import generate as cli
+
+    base = ["--checkpoint-dir", checkpoint_with_tokenizer]
+    for args, needle in (
+        (["--tokenizer", str(tmp_path / "none.model"), "--prompt", "x"],
+         f"argument --tokenizer must be a SentencePiece tokenizer.model file; '{tmp_path / 'none.model'}' does not exist"),
+        (["--tokenizer", str(tmp_path), "--prompt", "x"], f"'{tmp_path}' is a folder"),
+        (["--adapter-dir", str(tmp_path / "none"), "--prompt", "x"],
+         f"argument --adapter-dir must be a PEFT adapter folder; '{tmp_path / 'none'}' does not exist"),
+        (["--prompt", "ok", "--prompt", "caf\udce9 au lait"],
+         "argument --prompt must be UTF-8 text; got 'caf' followed by a character that is not (the byte 0xe9)"),
+        (["--prompt", "x", "--template", "alpaca", "--input", "\ud800"], "argument --input must be UTF-8 text; got '' followed by"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(base + args)
+        assert exited.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_cli_output_that_cannot_be_written(checkpoint_with_tokenizer):
+    # A full device or a reader gone away: named, or quiet, never a traceback.
+    env = {**os.environ, "PYTHONPATH": REPO}
+    command = [sys.executable, "-m", "qlora_ext.generate", "--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "x",
+               "--max-new-tokens", "3"]
+    with open("/dev/full", "w") as full:
+        out = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
+        "error: cannot write the generated text to standard output: No space left on device"), out.stderr
+    reader_gone = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    reader_gone.stdout.close()
+    assert reader_gone.wait(timeout=120) == 1
+    assert reader_gone.stderr.read() == ""
+    reader_gone.stderr.close()
 
 
 def test_a_padded_vocabulary_generates_only_ids_the_tokenizer_decodes(tmp_path):

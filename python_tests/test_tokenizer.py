@@ -34,6 +34,15 @@ def test_encode_decode_round_trip(tokenizer):
     assert tokenizer.decode(plain) == "the quick fox"
 
 
+def test_text_that_is_not_unicode_is_named(tokenizer):
+    # sentencepiece's binding failed on a lone surrogate (bytes that are not UTF-8, read with
+    # surrogateescape) with "Unable to cast Python instance of type <class 'str'> to C++ type '?'"
+    for trim in (False, True):
+        with pytest.raises(ValueError, match=r"Llama2Tokenizer.encode: argument 'text' must be Unicode text; got a lone surrogate "
+                                             r"'\\udce9' at character 3 \(bytes that are not UTF-8\?\)"):
+            tokenizer.encode("caf\udce9", trim_leading_whitespace=trim)
+
+
 def test_trim_leading_whitespace(tokenizer):
     prompt = tokenizer.encode("Question: the river", add_eos=False)
     answer = tokenizer.encode("carries stories", add_bos=False, trim_leading_whitespace=True)

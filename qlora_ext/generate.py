@@ -67,6 +67,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      f"'{args.checkpoint_dir}' holds neither{_what_it_holds(args.checkpoint_dir)}")
     if args.tokenizer is None and not os.path.isfile(os.path.join(args.checkpoint_dir, "tokenizer.model")):
         parser.error(f"argument --tokenizer is needed: the checkpoint folder '{args.checkpoint_dir}' holds no tokenizer.model")
+    if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
+        parser.error(f"argument --tokenizer must be a SentencePiece tokenizer.model file; '{args.tokenizer}' "
+                     + ("is a folder" if os.path.isdir(args.tokenizer) else "does not exist"))
+    if args.adapter_dir is not None and not os.path.isdir(args.adapter_dir):
+        parser.error(f"argument --adapter-dir must be a PEFT adapter folder; '{args.adapter_dir}' "
+                     + ("is a file" if os.path.exists(args.adapter_dir) else "does not exist"))
+    for flag, texts in (("--prompt", args.prompt), ("--input", [args.input])):
+        for text in texts:
+            bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+            if bad is not None:  # bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape)
+                byte = f" (the byte 0x{ord(text[bad]) - 0xDC00:02x})" if "\udc80" <= text[bad] <= "\udcff" else ""
+                parser.error(f"argument {flag} must be UTF-8 text; got {text[:bad]!r} followed by a character that is not{byte}")
+    if sys.stdout is None:
+        parser.error("standard output is closed: there is nowhere to write the text (run without '>&-')")
     if args.input and args.template == "none":
         parser.error("argument --input needs --template alpaca or llama2_chat: only the Alpaca prompt has an input field")
     if not 0 <= args.seed < 2**63:
@@ -130,8 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return _run(args)
-    except (FileNotFoundError, ValueError) as e:
-        # A bad path or an unusable checkpoint is the user's to fix: say what, skip the traceback.
+    except BrokenPipeError:  # stdout's reader is gone (`| head -n 1`): nothing more to say to anyone
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # (Python's flush of stdout at exit would fail again)
+        return 1
+    except (OSError, ValueError) as e:
+        # A bad path, an unreadable or unusable checkpoint, an output that cannot be written: the
+        # user's to fix. Say what, skip the traceback.
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C while loading or generating: nothing to keep, no traceback
@@ -210,12 +229,17 @@ def _run(args: argparse.Namespace) -> int:
         # Decode prompt and continuation together: SentencePiece drops a leading space when
         # decoding the continuation on its own.
         texts.append(tokenizer.decode(prompt + new))
-    print("\n---\n".join(texts))
-    print(
-        f"loaded in {loaded - start:.1f} s; generated {count} tokens in {done - loaded:.2f} s "
-        f"({count / max(done - loaded, 1e-9):.1f} tokens/s)",
-        file=sys.stderr,
-    )
+    try:
+        print("\n---\n".join(texts), flush=True)  # (flushed here: a failed write is then named, not lost at exit)
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise OSError(f"cannot write the generated text to standard output: {e.strerror or e}") from None
+    try:  # only a report: the text is out
+        print(f"loaded in {loaded - start:.1f} s; generated {count} tokens in {done - loaded:.2f} s "
+              f"({count / max(done - loaded, 1e-9):.1f} tokens/s)", file=sys.stderr, flush=True)
+    except (OSError, AttributeError):  # (AttributeError: stderr closed, sys.stderr None)
+        pass
     return 0
 
 

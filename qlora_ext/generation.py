@@ -88,6 +88,9 @@ def _prompt_rows(prompt: Tensor | list, pad_id: int, vocab: int) -> tuple[Tensor
                 "generate: argument 'prompt' must be a [batch, seq] tensor, one prompt as a list of ints, "
                 f"or a list of such lists (prompts of any lengths); {what}"
             )
+        outside = [int(t) for row in lists for t in row if not 0 <= t < vocab]  # (before a tensor: a 2**70 would overflow it)
+        if outside:
+            raise ValueError(f"generate: argument 'prompt' must hold token ids in [0, {vocab}); got {outside[:5]}")
         lengths = torch.tensor([len(row) for row in lists], dtype=torch.long)
         rows = torch.full((len(lists), int(lengths.max())), pad_id, dtype=torch.long)
         for i, row in enumerate(lists):
@@ -205,8 +208,8 @@ def generate(
             stop_ids = list(stop_tokens)
         except TypeError:
             stop_ids = [stop_tokens]  # refused below, by its value
-    if not all(is_int(t) for t in stop_ids):
-        raise ValueError(f"generate: argument 'stop_tokens' must hold integer token ids; got {stop_ids}")
+    if not all(is_int(t) and -(2**63) <= t < 2**63 for t in stop_ids):
+        raise ValueError(f"generate: argument 'stop_tokens' must hold integer token ids (int64); got {stop_ids}")
     if not is_finite_real(temperature) or temperature < 0:  # as sample() checks, before the prefill rather than after it
         raise ValueError(f"generate: argument 'temperature' must be finite and >= 0; got {temperature!r}")
     if generator is not None and not isinstance(generator, torch.Generator):

@@ -86,8 +86,19 @@ class Llama2Tokenizer:
 
         Returns:
             The ids, a list of ints.
+
+        Raises:
+            ValueError: ``text`` holds a lone surrogate (no Unicode text: bytes that were not
+                UTF-8, decoded with ``errors="surrogateescape"``, or a ``\\ud800`` escape).
         """
-        ids = self._encode_trimmed(text) if trim_leading_whitespace else self.spm.encode(text)
+        try:
+            ids = self._encode_trimmed(text) if trim_leading_whitespace else self.spm.encode(text)
+        except RuntimeError:  # sentencepiece's binding cannot convert such a str (and names nothing)
+            at = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None) if isinstance(text, str) else None
+            if at is None:
+                raise
+            raise ValueError(f"Llama2Tokenizer.encode: argument 'text' must be Unicode text; got a lone surrogate "
+                             f"{text[at]!r} at character {at} (bytes that are not UTF-8?)") from None
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
 
     def _encode_trimmed(self, text: str) -> list[int]:
