@@ -119,6 +119,21 @@ def test_metrics_of_a_run_with_its_own_log_dir_are_found(tmp_path, monkeypatch):
         read_metrics(run)
 
 
+def test_a_relative_log_dir_outside_the_run_is_recorded_absolute(tmp_path, monkeypatch):
+    # config.yaml kept metric_logger.log_dir=tb as given: the plot, run from another folder, read
+    # the run folder's logs/ of an earlier run instead, and said nothing.
+    import yaml
+
+    from qlora_ext.training.config import load_config
+    from qlora_ext.training.saving import resolved_yaml
+
+    monkeypatch.chdir(tmp_path)
+    for log_dir, recorded in (("tb", str(tmp_path / "tb")), ("../tb", str(tmp_path.parent / "tb")),
+                              ("runB/tb", "runB/tb"), (str(tmp_path / "abs"), str(tmp_path / "abs"))):
+        cfg = load_config("tiny_qlora", ["output_dir=runB", f"metric_logger.log_dir={log_dir}"])
+        assert yaml.safe_load(resolved_yaml(cfg, 7))["metric_logger"]["log_dir"] == recorded
+
+
 def test_disk_logger_survives_a_killed_writer(tmp_path, capsys, monkeypatch):
     log = DiskLogger(tmp_path)
     for s in range(1, 6):
@@ -284,7 +299,15 @@ def test_plot_cli_two_runs(tmp_path, capsys):
         plot.main([str(tmp_path / "lora"), "--smoothing", "1.5"])
     with pytest.raises(SystemExit):
         plot.main([str(tmp_path / "lora"), "-o", str(tmp_path / "curve.svg")])
-    assert "the name must end in .png; got" in capsys.readouterr().err
+    assert "the name must be a name ending in .png; got" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # (Path(".png").suffix is "")
+        plot.main([str(tmp_path / "lora"), "-o", str(tmp_path / ".png")])
+    assert f"the name must be a name ending in .png; got '{tmp_path / '.png'}'" in capsys.readouterr().err
+    # A link is written through (it was replaced by a file, its target left stale).
+    (tmp_path / "pictures").mkdir()
+    (tmp_path / "latest.png").symlink_to(tmp_path / "pictures" / "run.png")
+    assert plot.main([str(tmp_path / "lora"), "-o", str(tmp_path / "latest.png")]) == 0
+    assert (tmp_path / "latest.png").is_symlink() and (tmp_path / "pictures" / "run.png").is_file()
     # one run given twice (as its folder and as its logs): refused, both named; two runs of one name
     # (in different folders) are labelled with their parent folders
     assert plot.main([str(tmp_path / "lora"), str(tmp_path / "qlora"), str(tmp_path / "lora" / "logs"), "-o", str(out)]) == 2
@@ -306,6 +329,34 @@ def test_plot_cli_two_runs(tmp_path, capsys):
         '{"step": 1, "loss": NaN}\n{"loss": 2.0}\n{"step": 3, "loss": "x"}\n[1, 2]\n')
     assert plot.main([str(tmp_path / "odd"), "-o", str(out)]) == 2
     assert "its metrics log has no records with a step and a finite loss yet" in capsys.readouterr().err
+    # Numbers at the edges of float: skipped, or drawn; never an overflow traceback, nor a tick
+    # loop that never ends (1e16 and its next float), nor a line of 10**12 pixels.
+    for name, records in (
+        ("huge_int_loss", [{"step": 1, "loss": 10**400}, {"step": 2, "loss": 1.0}]),
+        ("huge_int_step", [{"step": 10**400, "loss": 2.0}, {"step": 2, "loss": 1.0}]),
+        ("float_range", [{"step": 1, "loss": 1e308}, {"step": 2, "loss": -1e308}]),
+        ("next_float", [{"step": 1, "loss": 1e16}, {"step": 2, "loss": 1.0000000000000004e16}]),
+        ("close_steps", [{"step": 10**17, "loss": 1.0}, {"step": 10**17 + 5, "loss": 2.0}]),
+    ):
+        (tmp_path / name / "logs").mkdir(parents=True)
+        (tmp_path / name / "logs" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        assert plot.main([str(tmp_path / name), "-o", str(tmp_path / f"{name}.png")]) == 0, name
+        assert f"{name}: " in capsys.readouterr().out
+    assert len(plot.load_curve(str(tmp_path / "huge_int_loss")).losses) == 1
+    # A log saved with a byte-order mark (an editor's): its first record is read, not dropped.
+    (tmp_path / "bom" / "logs").mkdir(parents=True)
+    (tmp_path / "bom" / "logs" / "metrics.jsonl").write_text('\ufeff{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n')
+    assert plot.load_curve(str(tmp_path / "bom")).steps == [1, 2]
+
+
+def test_nice_ticks_are_few_and_cover_the_values():
+    from qlora_ext.training.loss_plot import nice_ticks
+
+    for lo, hi in ((0.0, 1.0), (1.37, 2.9), (5.0, 5.0), (0.0, 0.0), (0.1, 0.10000000000000002), (1e16, 1.0000000000000004e16),
+                   (-1e308, 1e308), (1e17, 1e17 + 5), (-3.0, -2.5)):
+        ticks = nice_ticks(lo, hi)
+        assert 2 <= len(ticks) <= 22 and ticks == sorted(ticks), (lo, hi, ticks)
+        assert ticks[0] <= lo and hi <= ticks[-1] + 1e-12 * max(1.0, abs(hi)), (lo, hi, ticks)
 
 
 def test_atomic_torch_save_keeps_old_file_on_failure(tmp_path, monkeypatch):

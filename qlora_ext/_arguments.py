@@ -14,5 +14,11 @@ def is_int(value: object) -> bool:
 
 
 def is_finite_real(value: object) -> bool:
-    """A real number (int, float, numpy scalar) that is neither a bool, NaN nor infinite."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    """A real number (int, float, numpy scalar) that is neither a bool, NaN nor infinite, nor an
+    int too large for a float (one that float arithmetic would overflow on)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range (a 400-digit one)
+        return False

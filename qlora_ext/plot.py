@@ -12,6 +12,7 @@ PNG writer.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -22,8 +23,9 @@ from qlora_ext.training.metric_logging import LOG_SUBDIR, METRICS_FILE, metrics_
 
 
 def load_curve(run_dir: str, label: str | None = None) -> Curve:
-    """The (step, loss) records of a run's metrics log (those with an int step and a finite loss)."""
-    records = [r for r in read_metrics(run_dir) if is_int(r.get("step")) and is_finite_real(r.get("loss"))]
+    """The (step, loss) records of a run's metrics log (those with an int64 step and a finite loss)."""
+    records = [r for r in read_metrics(run_dir)
+               if is_int(r.get("step")) and -(2**63) <= r["step"] < 2**63 and is_finite_real(r.get("loss"))]
     if not records:
         raise ValueError(f"RUN_DIR '{run_dir}': its metrics log has no records with a step and a finite loss yet")
     return Curve(label or _run_name(Path(run_dir)), [r["step"] for r in records], [r["loss"] for r in records])
@@ -98,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     if output.is_dir():
         parser.error(f"argument -o/--output: '{args.output}' is a folder; give the path of the PNG file to write")
-    if output.suffix.lower() != ".png":
-        parser.error(f"argument -o/--output: the picture is a PNG, so the name must end in .png; got '{args.output}'")
+    if output.suffix.lower() != ".png":  # (Path(".png").suffix is "": a name that is only the extension)
+        parser.error(f"argument -o/--output: the picture is a PNG, so the name must be a name ending in .png; got '{args.output}'")
+    output = Path(os.path.realpath(output))  # a link (latest.png) is written through, as matplotlib's savefig does
     try:
         output.parent.mkdir(parents=True, exist_ok=True)  # as the trainer creates its output_dir
         renderer = plot_loss_curves(curves, output, smoothing=args.smoothing, title=args.title)

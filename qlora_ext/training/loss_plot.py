@@ -93,18 +93,18 @@ def plot_loss_curves(curves: list[Curve], path: str | Path, smoothing: float | N
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     """About ``count`` round values covering [lo, hi]; a single value (lo == hi) gets a range
     around it, so that a lone point is drawn inside the frame, not on its corner."""
-    if hi <= lo:
-        half = abs(lo) / 2 if lo else 1.0
-        lo, hi = lo - half, lo + half
+    if not math.isfinite(hi - lo):  # a span beyond float's range: that of half the values, doubled
+        return [2 * t for t in nice_ticks(lo / 2, hi / 2, count)]
+    if hi - lo <= 1e-9 * max(abs(lo), abs(hi)):  # one value, or a span too fine for float steps to divide
+        mid = lo / 2 + hi / 2
+        half = abs(mid) / 2 if mid else 1.0
+        lo, hi = mid - half, mid + half
     raw = (hi - lo) / count
-    mag = 10 ** math.floor(math.log10(raw))
+    mag = 10.0 ** math.floor(math.log10(raw))  # (a float: 10 ** 307 as an int made every tick an int)
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     start = math.floor(lo / step) * step
-    ticks, v = [], start
-    while v <= hi + step * 0.5:
-        ticks.append(round(v, 10))
-        v += step
-    return ticks
+    n = min(math.ceil((hi - start) / step - 1e-9) + 1, 4 * count + 2)  # the last tick >= hi (bounded, whatever rounding does)
+    return [round(start + i * step, 10) for i in range(n)]
 
 
 def _fmt(v: float) -> str:
@@ -120,11 +120,14 @@ def _plot_builtin(curves: list[Curve], path: Path, smoothing: float | None, titl
     xticks = nice_ticks(min(steps), max(steps))
     x_lo, x_hi, y_lo, y_hi = xticks[0], xticks[-1], yticks[0], yticks[-1]
 
+    def fraction(v: float, lo: float, hi: float) -> float:  # where v lies in [lo, hi]; halves: no overflow near float's max
+        return (v / 2 - lo / 2) / max(hi / 2 - lo / 2, 1e-300)
+
     def px(step: float) -> float:
-        return left + (step - x_lo) / max(x_hi - x_lo, 1e-12) * (width - left - right)
+        return left + fraction(step, x_lo, x_hi) * (width - left - right)
 
     def py(loss: float) -> float:
-        return height - bottom - (loss - y_lo) / max(y_hi - y_lo, 1e-12) * (height - top - bottom)
+        return height - bottom - fraction(loss, y_lo, y_hi) * (height - top - bottom)
 
     for t in yticks:
         canvas.line(left, py(t), width - right, py(t), (230, 230, 230))

@@ -274,7 +274,7 @@ def _parsed_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(line, record) of each line of a metrics log holding a JSON object; warns of the others."""
     if not path.exists():
         return []
-    out, broken = _parsed_text(path.read_text(encoding="utf-8", errors="replace").splitlines())
+    out, broken = _parsed_text(path.read_text(encoding="utf-8-sig", errors="replace").splitlines())
     if broken:
         print(f"warning: {path}: skipped {len(broken)} line(s) that are not JSON records (lines {broken[:10]}; "
               "a run killed while writing leaves one)", file=sys.stderr)

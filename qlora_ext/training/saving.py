@@ -108,9 +108,17 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str
 
 
 def resolved_yaml(cfg, seed: int) -> str:
-    """The resolved config with the seed actually used (so the file reproduces the run)."""
+    """The resolved config with the seed actually used (so the file reproduces the run), and a
+    relative ``metric_logger.log_dir`` outside ``output_dir`` made absolute: ``python -m
+    qlora_ext.plot``, run from another folder, finds the logs by it (one inside ``output_dir`` is
+    found inside the run folder, wherever that is)."""
     values = cfg.to_dict()
     values["seed"] = seed
+    log_dir = values["metric_logger"].get("log_dir")
+    if log_dir and not os.path.isabs(log_dir):
+        inside = os.path.relpath(log_dir, values["output_dir"])
+        if inside == os.pardir or inside.startswith(os.pardir + os.sep):
+            values["metric_logger"]["log_dir"] = os.path.abspath(log_dir)
     return yaml.safe_dump(values, sort_keys=False, default_flow_style=None)
 
 
