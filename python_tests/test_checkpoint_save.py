@@ -686,6 +686,14 @@ def test_atomic_helpers(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".tmp-other.pt.abcdefgh", "state.pt"] and torch.load(target) == {"a": 2}
     with pytest.raises(ValueError, match=r"argument 'name' must be a plain file name; got '../x'"):
         StagedFiles(tmp_path).write("../x", lambda p: None)
+    # A name near the file system's limit of 255 bytes: its temporary's name is shortened (it
+    # failed with "File name too long" for a name a plain open() takes).
+    for long_name in ("x" * 251 + ".png", "é" * 125 + ".png"):
+        with atomic_path(tmp_path / long_name) as tmp:
+            assert len(os.fsencode(os.path.basename(tmp))) <= 255
+            with open(tmp, "wb") as f:
+                f.write(b"png")
+        assert (tmp_path / long_name).read_bytes() == b"png"
 
 
 def test_streamed_safetensors_agree_with_the_safetensors_package(tmp_path):

@@ -683,6 +683,41 @@ def test_a_hand_added_line_without_a_step_is_not_replayed(tmp_path, monkeypatch)
     assert all(line in (tmp_path / "metrics.jsonl").read_text() for line in ('{"comment": "hand-added"}', '{"step": null}', '{"step": "note"}'))
 
 
+def test_a_resume_from_its_checkpoint_log_keeps_hand_added_lines(tmp_path, capsys):
+    # The trainer resumes with the log its checkpoint saved: that replaced the file, and a line
+    # added by hand since was lost, with a warning about another run.
+    saved = '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    (tmp_path / "metrics.jsonl").write_text(saved + '{"note": "baseline, lr 2e-3"}\n{"step": 3, "loss": 1.2}\n')
+    logger = DiskLogger(tmp_path, resume_step=2, resume_log=saved)
+    logger.log({"loss": 1.1}, step=3)
+    logger.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == saved + '{"note": "baseline, lr 2e-3"}\n{"step": 3, "loss": 1.1}\n'
+    assert "warning" not in capsys.readouterr().err
+    # Records of steps that differ from the checkpoint's are still replaced, and said so.
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"note": "x"}\n')
+    logger = DiskLogger(tmp_path, resume_step=2, resume_log=saved)
+    logger.log({"loss": 1.1}, step=3)
+    logger.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == saved + '{"note": "x"}\n{"step": 3, "loss": 1.1}\n'
+    assert "are not those logged by the run this checkpoint belongs to" in capsys.readouterr().err
+
+
+def test_a_metrics_log_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    # A full disk's error names no file: the run's closing message said only "No space left on device".
+    import errno
+
+    logger = DiskLogger(tmp_path)
+    logger.log({"loss": 2.0}, step=1)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(logger._file, "write", full)
+    with pytest.raises(OSError, match=rf"\[Errno 28\] No space left on device \(writing the metrics log\): "
+                                      rf"'{re.escape(str(tmp_path / 'metrics.jsonl'))}'"):
+        logger.log({"loss": 1.0}, step=2)
+
+
 def test_matplotlib_loss_curves(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib (optional) is not installed")
     curves = [Curve(name, list(range(1, 31)), [k / s for s in range(1, 31)]) for name, k in (("lora", 1.0), ("qlora", 1.2))]

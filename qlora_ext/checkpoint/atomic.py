@@ -41,6 +41,10 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 def _temp_path(final_path: str) -> str:
     folder, name = os.path.split(os.path.abspath(final_path))
+    # The prefix and mkstemp's 8 characters make a name longer than the final one: a final name
+    # near the file system's 255 bytes gets a shortened one (a temporary sweep_temporaries misses).
+    while len(os.fsencode(f"{_TMP_PREFIX}{name}.")) + 8 > 255:
+        name = name[:-1]
     fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{name}.", dir=folder)
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the final checkpoint private to its writer

@@ -55,11 +55,13 @@ class DiskLogger:
         ]
         if self._kept is not None and resume_log is not None:
             saved, _ = _parsed_text(resume_log.splitlines())
-            if self._kept and saved != self._kept:  # (none kept: a new log_dir, or the file deleted)
+            stepped = [pair for pair in self._kept if is_int(pair[1].get("step"))]
+            if stepped and stepped != [pair for pair in saved if is_int(pair[1].get("step"))]:  # (none: a new log_dir, or the file deleted)
                 print(f"warning: {self.path}: its records up to step {resume_step} are not those logged by the run "
                       "this checkpoint belongs to (a run started afresh here after it?); the checkpoint's are restored",
                       file=sys.stderr)
-            self._kept = saved
+            # The checkpoint's records, and the lines added by hand since (without a step) after them.
+            self._kept = saved + [pair for pair in self._kept if not is_int(pair[1].get("step")) and pair not in saved]
         self._file: Any = None
 
     def kept_records(self) -> list[dict[str, Any]]:
@@ -83,10 +85,15 @@ class DiskLogger:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        if self._file is None:
-            self._open()
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._file.flush()
+        try:
+            if self._file is None:
+                self._open()
+            self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: the error of a write names no file; this one names the log
+            if e.filename is not None:
+                raise
+            raise OSError(e.errno, f"{e.strerror} (writing the metrics log)", str(self.path)) from None
 
     def close(self) -> None:
         if self._file is None:
