@@ -187,7 +187,7 @@ def test_prompt_and_pad_id_outside_the_vocabulary_are_named():
         ([[1, 2], [3, 4.0]], r"argument 'prompt' must be .*; prompt 1 holds \['float', 'int'\]"),
         ([[1, 2], [3, vocab]], rf"argument 'prompt' must hold token ids in \[0, {vocab}\); got \[{vocab}\]"),
         ([[1, 2], [2**70]], rf"argument 'prompt' must hold token ids in \[0, {vocab}\); got \[{2**70}\]"),  # (not an overflow)
-        (torch.zeros(0, 3, dtype=torch.long), r"argument 'prompt' must be \[batch, seq\] with batch and seq >= 1; got shape \[0, 3\]"),
+        (torch.zeros(0, 3, dtype=torch.long), r"argument 'prompt' must be \[batch, seq\] \(or one \[seq\]\) with batch and seq >= 1; got shape \[0, 3\]"),
         (torch.nested.nested_tensor([torch.tensor([1, 2]), torch.tensor([3])], layout=torch.jagged), r"argument 'prompt' must be a dense tensor; got a nested tensor"),
     ]:
         with pytest.raises(ValueError, match=needle):
@@ -243,6 +243,9 @@ def test_prompts_of_different_lengths_decode_as_each_alone():
         assert generate(model, prompts, max_new_tokens=10, temperature=0.0, pad_id=95).shape == (4, 17)
     finally:
         model.remove_caches()
+    # One prompt as a [seq] tensor, as torchtune's generate takes it: a batch of one.
+    assert torch.equal(generate(model, torch.tensor(prompts[0]), max_new_tokens=6, temperature=0.0),
+                       generate(model, [prompts[0]], max_new_tokens=6, temperature=0.0))
     square = torch.tensor([prompts[0], prompts[0][::-1]])
     assert torch.equal(generate(model, square.tolist(), max_new_tokens=6, temperature=0.0), generate(model, square, max_new_tokens=6, temperature=0.0))
     # The longest prompt bounds the length; a stop token ends one row and the batch ends when all did.

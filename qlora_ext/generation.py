@@ -65,8 +65,11 @@ def _prompt_rows(prompt: Tensor | list, pad_id: int, vocab: int) -> tuple[Tensor
         raise ValueError("generate: argument 'prompt' must be a dense tensor; got a nested tensor: pass its rows as a list "
                          "(prompt.unbind()) for prompts of different lengths")
     if isinstance(prompt, Tensor):
+        if prompt.dim() == 1:  # one prompt [seq], as torchtune's generate takes it
+            prompt = prompt[None]
         if prompt.dim() != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
-            raise ValueError(f"generate: argument 'prompt' must be [batch, seq] with batch and seq >= 1; got shape {list(prompt.shape)}")
+            raise ValueError(f"generate: argument 'prompt' must be [batch, seq] (or one [seq]) with batch and seq >= 1; "
+                             f"got shape {list(prompt.shape)}")
         if prompt.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"generate: argument 'prompt' must hold integer token ids; got dtype {prompt.dtype}")
         rows = prompt.long()
@@ -159,8 +162,9 @@ def generate(
             two more; a call that meets torch's recompile limit (which a ``fullgraph=True`` model
             would fail on) runs eagerly, with a warning. Caches set up by the caller are reset
             and reused.
-        prompt: [b, s] token ids (prompts of equal length), one prompt as a list of ints, or a
-            list of such lists: prompts of different lengths, decoded together in one batch.
+        prompt: [b, s] token ids (prompts of equal length), one prompt as a [s] tensor or a list
+            of ints, or a list of such lists: prompts of different lengths, decoded together in
+            one batch.
             Each row starts at position 0 and its new tokens follow its own last prompt token;
             the pads after a shorter prompt come later in the sequence, where causal attention
             keeps them from its tokens, and new tokens overwrite them (no attention mask needed).
