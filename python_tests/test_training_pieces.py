@@ -349,6 +349,20 @@ def test_plot_cli_two_runs(tmp_path, capsys):
     assert plot.load_curve(str(tmp_path / "bom")).steps == [1, 2]
 
 
+def test_the_builtin_legend_names_the_runs_that_fit_and_counts_the_rest(tmp_path, monkeypatch):
+    # 50 runs: the legend ran off the canvas, and later curves were drawn over earlier labels.
+    import qlora_ext.training.loss_plot as loss_plot
+    from qlora_ext.training.png_canvas import Canvas
+
+    texts, real_text = [], Canvas.text
+    monkeypatch.setattr(Canvas, "text", lambda self, x, y, text, **kw: (texts.append((y, text)), real_text(self, x, y, text, **kw))[1])
+    curves = [Curve(f"run{i:02d}", [1, 2, 3], [3.0 - i / 50, 2.0, 1.0]) for i in range(50)]
+    loss_plot._plot_builtin(curves, tmp_path / "many.png", None, "training loss")
+    legend = [(y, t) for y, t in texts if t.startswith("run") or t.endswith("more")]
+    assert [t for _, t in legend] == [f"run{i:02d}" for i in range(20)] + ["and 30 more"]
+    assert max(y for y, _ in legend) < 480 - 56  # inside the frame
+
+
 def test_nice_ticks_are_few_and_cover_the_values():
     from qlora_ext.training.loss_plot import nice_ticks
 

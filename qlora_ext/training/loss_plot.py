@@ -154,8 +154,14 @@ def _plot_builtin(curves: list[Curve], path: Path, smoothing: float | None, titl
         if len(smoothed) == 1:  # a lone point draws no line: a square marks it
             a, b = round(smoothed[0][0]), round(smoothed[0][1])
             canvas.rect(a - 3, b - 3, a + 3, b + 3, color, fill=True)
-        label = c.label[:40]
-        y = top + 10 + 16 * i
-        canvas.text(legend_x, y, label, color=color, anchor="right")
-        canvas.rect(legend_x - text_width(label) - 24, y + 2, legend_x - text_width(label) - 8, y + 6, color, fill=True)
+    rows = (height - bottom - top - 20) // 16  # legend lines that fit in the frame (drawn over the curves)
+    for i, c in enumerate(curves):
+        color = _PALETTE[i % len(_PALETTE)]
+        if i < rows - 1 or len(curves) <= rows:
+            label = c.label[:40]
+            y = top + 10 + 16 * i
+            canvas.text(legend_x, y, label, color=color, anchor="right")
+            canvas.rect(legend_x - text_width(label) - 24, y + 2, legend_x - text_width(label) - 8, y + 6, color, fill=True)
+        elif i == rows - 1:  # the rest are drawn, not named
+            canvas.text(legend_x, top + 10 + 16 * i, f"and {len(curves) - i} more", anchor="right")
     canvas.save_png(path)
