@@ -74,19 +74,21 @@ def machine_slug(device: str) -> str:
 
 
 def git_revision() -> str:
-    """HEAD of the checkout (``+dirty`` with uncommitted changes outside bench/results), or the
-    ``QLORA_BENCH_GIT_REVISION`` environment variable where there is no git checkout."""
-    env = os.environ.get("QLORA_BENCH_GIT_REVISION")
-    if env:
-        return env
+    """HEAD of the checkout (``+dirty`` with uncommitted changes outside what the tool itself
+    writes: bench/results, bench/README.md and README.md's status), or, where the code is not a
+    git checkout of its own (a copy on a GPU machine, perhaps inside another repository), the
+    ``QLORA_BENCH_GIT_REVISION`` environment variable that names what was copied."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+
     try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-        status = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", ".", ":(exclude)bench/results", ":(exclude)bench/README.md"],
-            capture_output=True, text=True, check=True, timeout=10,
-        ).stdout.strip()
+        top = Path(git("rev-parse", "--show-toplevel")).resolve()
+        if top != REPO.resolve():
+            raise subprocess.SubprocessError(f"{REPO} lies inside the git checkout {top}, not one of its own")
+        rev = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--", ".", ":(exclude)bench/results", ":(exclude)bench/README.md", ":(exclude)README.md")
     except (OSError, subprocess.SubprocessError):
-        return "unknown (no git checkout)"
+        return os.environ.get("QLORA_BENCH_GIT_REVISION") or "unknown (no git checkout)"
     return rev + ("+dirty" if status else "")
 
 

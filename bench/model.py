@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,18 @@ def script_targets(script_name: str, file_name: str, content) -> list[Target]:
     return out
 
 
+def _script_environment() -> dict[str, str]:
+    """The environment of a script: the qlora_ext this harness imported (the checkout's in-place
+    build, or the installed package) first on its path, and the CPU kernels this harness uses
+    (``--cpu-isa``), so that what the result's header says of them holds for the script too."""
+    import qlora_ext
+    from qlora_ext import ops
+
+    home = str(Path(qlora_ext.__file__).resolve().parent.parent)
+    path = [home] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != home]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "QLORA_CPU_ISA": ops.cpu_kernel_isa()}
+
+
 def _run_script(ctx: Context, path: Path, out_dir: Path) -> Report:
     with tempfile.TemporaryDirectory(prefix=f"{path.stem}-", dir=out_dir) as scratch:
         cmd = [sys.executable, str(path), "--device", ctx.device, "--out", scratch]
@@ -67,7 +80,7 @@ def _run_script(ctx: Context, path: Path, out_dir: Path) -> Report:
             cmd.append(f"--{ctx.mode}")
         ctx.log(f"running script {' '.join(cmd)}")
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=_script_environment())
         elapsed = time.perf_counter() - start
         ctx.log(f"{path.name} output:\n{proc.stdout}{proc.stderr}")
         if proc.returncode != 0:

@@ -56,7 +56,7 @@ def _cpu_seconds() -> float:
 
 def worker(case: str, device: str) -> dict:
     """Runs one build in this process and returns its measurements."""
-    sys.path.insert(0, REPO)
+    sys.path.append(REPO)  # (after an installed qlora_ext, as the harness runs it: bench/model.py)
     import gc
 
     import torch

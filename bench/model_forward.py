@@ -22,7 +22,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.append(REPO)  # (after an installed qlora_ext, as the harness runs it: bench/model.py)
 
 import torch
 

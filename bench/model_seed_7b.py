@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,7 +52,7 @@ def harness_targets(case: str, result: dict) -> list[dict]:
 
 def worker(case: str, device_name: str, arch_name: str, seq: int, warmup: int, steps: int) -> dict:
     """One case in this process: build, then time the training steps."""
-    sys.path.insert(0, str(REPO))
+    sys.path.append(str(REPO))  # (after an installed qlora_ext, as the harness runs it: bench/model.py)
     sys.path.insert(0, str(REPO / "bench"))
     import torch
 
@@ -80,7 +81,7 @@ def worker(case: str, device_name: str, arch_name: str, seq: int, warmup: int, s
         losses.append(step())
 
     first_step_s, times = timed_steps(recorded_step, warmup, steps, device)
-    median = sorted(times)[len(times) // 2]
+    median = statistics.median(times)
     out.update(first_step_s=first_step_s, step_s=times, step_s_median=median, it_per_s=1.0 / median,
                tokens_per_s=2 * seq / median, losses=[float(x) for x in losses])
     if device.type == "cuda":

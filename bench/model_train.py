@@ -139,7 +139,7 @@ def qlora_ext_step(
     ``torch.compile(fullgraph=True)`` (the trainer's compile=True), with ``activation_checkpointing``
     each layer is recomputed in backward (the trainer's enable_activation_checkpointing); without
     ``quantize_base`` the frozen base stays dense (LoRA, not QLoRA)."""
-    sys.path.insert(0, str(REPO))
+    sys.path.append(str(REPO))  # (after an installed qlora_ext, as the harness runs it: bench/model.py)
     from qlora_ext.models.llama2 import lora_llama2
     from qlora_ext.modules.peft import get_adapter_params, set_trainable_params
     from qlora_ext.training.steps import (
@@ -219,7 +219,7 @@ def _hf(arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.dty
 def _torchtune(arch: dict, batch: int, seq: int, device: torch.device, dtype: torch.dtype):
     """The same step as torchtune's lora_finetune_single_device recipe takes it: its QLoRA Llama-2
     (torchao NF4 base, built in the compute dtype), its chunked cross entropy, fused AdamW."""
-    sys.path.insert(0, str(REPO))
+    sys.path.append(str(REPO))  # (after an installed qlora_ext, as the harness runs it: bench/model.py)
     from bench.alternatives import load_torchtune
 
     load_torchtune()
@@ -264,7 +264,7 @@ def _worker(stack: str, name: str, args: dict, queue) -> None:
         step, model = build(arch, args["batch"], args["seq"], device, dtype)
         _reset_peak_memory(device)
         first_step_s, times = timed_steps(step, args["warmup"], args["steps"], device)
-        median = sorted(times)[len(times) // 2]
+        median = statistics.median(times)
         result = {
             "tokens_per_s": args["batch"] * args["seq"] / median,
             "step_s_median": median,
@@ -275,7 +275,7 @@ def _worker(stack: str, name: str, args: dict, queue) -> None:
         # FLOPs as torch counts them; the compiled stack runs the eager one's, and HF's are not
         # countable (bitsandbytes' CPU ops are unknown to torch's counter), but its work is the same
         if stack in ("qlora_ext", "lora_dense"):
-            sys.path.insert(0, str(REPO))
+            sys.path.append(str(REPO))  # (after an installed qlora_ext, as the harness runs it: bench/model.py)
             from bench import flops
 
             result["flops_per_step"] = flops.count(step)
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    sys.path.insert(0, str(REPO))
+    sys.path.append(str(REPO))  # (after an installed qlora_ext, as the harness runs it: bench/model.py)
     from bench import flops
 
     rate = flops.matrix_rate(torch.device(a.device))  # the floor's rate, before the stacks load the machine

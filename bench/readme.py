@@ -44,10 +44,9 @@ def render_results(results_dir: Path) -> str:
             try:
                 result = json.loads(path.read_text())
                 validate(result)
-            except (ValueError, OSError) as e:
-                parts.append(f"(unreadable result {path.relative_to(results_dir)}: {e})\n")
-                continue
-            parts.append(render_markdown(result))
+                parts.append(render_markdown(result))
+            except (ValueError, OSError, TypeError, KeyError, AttributeError) as e:  # (a file edited or damaged by hand)
+                parts.append(f"(unreadable result {path.relative_to(results_dir)}: {type(e).__name__}: {e})\n")
     return "\n".join(parts) if parts else "(no results stored yet)\n"
 
 
@@ -62,9 +61,9 @@ def render_status(results_dir: Path) -> str:
             try:
                 result = json.loads(path.read_text())
                 validate(result)
-            except (ValueError, OSError):
+                targets = target_lines(result)
+            except (ValueError, OSError, TypeError, KeyError, AttributeError):
                 continue  # render_results reports it
-            targets = target_lines(result)
             if targets:
                 lines.append(f"- {path.stem} ({result['mode']} run of {result['date'][:10]}, git {short_revision(result['git_revision'])}):")
                 lines.extend(f"  - {line}" for line in targets)
@@ -80,15 +79,27 @@ def rewrite(readme: Path, results_dir: Path, *, status: bool = False) -> bool:
     Raises:
         ValueError: the markers are missing or out of order.
     """
-    begin_mark, end_mark, begin_line = (STATUS_BEGIN, STATUS_END, STATUS_BEGIN_LINE) if status else (BEGIN, END, BEGIN_LINE)
-    body = render_status(results_dir) if status else render_results(results_dir)
-    text = readme.read_text()
-    begin = text.find(begin_mark)
-    end = text.find(end_mark)
-    if begin < 0 or end < 0 or end < begin:
-        raise ValueError(f"{readme}: needs a line starting with '{begin_mark}' and a later line '{end_mark}' around the generated section")
-    new = text[:begin] + begin_line + "\n\n" + body + "\n" + text[end:]
-    if new == text:
-        return False
-    write_text_atomic(readme, new)
-    return True
+    return rewrite_pages([(readme, status)], results_dir)[0]
+
+
+def rewrite_pages(pages: list[tuple[Path, bool]], results_dir: Path) -> list[bool]:
+    """``rewrite`` of each (page, status), all or none: every page is rendered and its markers
+    found before any is written. True for each page that changed.
+
+    Raises:
+        ValueError: a page's markers are missing or out of order (no page written).
+    """
+    texts = []
+    for readme, status in pages:
+        begin_mark, end_mark, begin_line = (STATUS_BEGIN, STATUS_END, STATUS_BEGIN_LINE) if status else (BEGIN, END, BEGIN_LINE)
+        body = render_status(results_dir) if status else render_results(results_dir)
+        text = readme.read_text()
+        begin = text.find(begin_mark)
+        end = text.find(end_mark)
+        if begin < 0 or end < 0 or end < begin:
+            raise ValueError(f"{readme}: needs a line starting with '{begin_mark}' and a later line '{end_mark}' around the generated section")
+        texts.append((text, text[:begin] + begin_line + "\n\n" + body + "\n" + text[end:]))
+    for (readme, _), (text, new) in zip(pages, texts):
+        if new != text:
+            write_text_atomic(readme, new)
+    return [new != text for text, new in texts]

@@ -122,6 +122,8 @@ class Report:
 
 def validate(result: dict) -> None:
     """Raises ValueError naming the first key of a result that is missing or of the wrong type."""
+    if not isinstance(result, dict):
+        raise ValueError(f"benchmark result: must be a JSON object; got {type(result).__name__}")
     for key, kind in RESULT_KEYS.items():
         if key not in result:
             raise ValueError(f"benchmark result: key '{key}' is missing")

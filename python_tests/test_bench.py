@@ -23,7 +23,7 @@ if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
 from bench import harness, machine, readme, registry  # noqa: E402
-from bench.__main__ import parse_args, run_one  # noqa: E402
+from bench.__main__ import parse_args, run_one, store  # noqa: E402
 from bench.context import Context  # noqa: E402
 from bench.model import runner, script_targets  # noqa: E402
 from bench.report import Report, Target, render_markdown, render_text, table_rows, target_lines, validate  # noqa: E402
@@ -153,6 +153,7 @@ def synthetic_result(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, module.__name__, module)
     ctx = Context("cpu", "smoke", ring_bytes=1 << 16)
     result = run_one("synthetic", module.__name__, ctx, tmp_path / "results")
+    assert store(result, tmp_path / "results") == tmp_path / "results" / result["machine"]["slug"] / "synthetic.json"
     return result, tmp_path / "results"
 
 
@@ -236,6 +237,22 @@ def test_readme_rewrite(synthetic_result, tmp_path):
     page.write_text("no markers\n")
     with pytest.raises(ValueError, match="needs a line starting with"):
         readme.rewrite(page, results_dir)
+    # Pages are rewritten all or none: the first is left as it was when the second has no markers.
+    page.write_text(f"{readme.BEGIN} old -->\nstale table\n{readme.END}\n")
+    (tmp_path / "no_markers.md").write_text("none\n")
+    with pytest.raises(ValueError, match="needs a line starting with"):
+        readme.rewrite_pages([(page, False), (tmp_path / "no_markers.md", True)], results_dir)
+    assert "stale table" in page.read_text()
+    # A stored result damaged by hand is named in its place; the others are rendered.
+    machine_dir = next(p for p in results_dir.iterdir() if p.is_dir())
+    broken = json.loads((machine_dir / "synthetic.json").read_text())
+    broken["rows"][0]["median_ms"] = None
+    (machine_dir / "broken.json").write_text(json.dumps(broken))
+    (machine_dir / "five.json").write_text("5")
+    text = readme.render_results(results_dir)
+    assert "broken.json: TypeError: " in text and "five.json: ValueError: benchmark result: must be a JSON object; got int" in text
+    assert render_markdown(result) in text
+    readme.render_status(results_dir)  # (skips them)
 
 
 def test_readme_status_lists_every_target(synthetic_result, tmp_path):
@@ -374,8 +391,78 @@ def test_cli_refuses_gpu_device_without_one():
     if ext.WITH_CUDA and torch.cuda.is_available():
         pytest.skip("a CUDA device is usable here")
     proc = subprocess.run([sys.executable, "-m", "bench", "codec", "--device", "cuda"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "--device cuda, but" in proc.stderr
+    assert proc.returncode == 2  # a usage error, not a failed benchmark (1) nor a missed target (3)
+    assert "python -m bench: error: argument --device: cuda, but" in proc.stderr
+
+
+def test_cli_usage_errors_are_named_with_status_2(tmp_path, capsys):
+    from bench.__main__ import main
+
+    (tmp_path / "a_file").write_text("")
+    for argv, needle in (
+        (["readme", "--quick"], "'readme' renders bench/results/ as stored and takes none of --quick"),
+        (["readme", "codec"], "'readme' only re-renders bench/README.md and README.md's status; give it alone"),
+        (["codec", "--smoke", "--device", "cpu", "--out", str(tmp_path / "a_file")],
+         f"argument --out: cannot make the results folder {tmp_path / 'a_file'}/"),
+    ):
+        assert main(argv) == 2, argv
+        assert f"python -m bench: error: {needle}" in capsys.readouterr().err
+
+
+def test_a_result_that_cannot_be_written_keeps_its_table_and_a_relative_out_is_the_callers(tmp_path, monkeypatch, capsys):
+    # A write failure lost the measured table with a traceback; a model script, run in the
+    # checkout, wrote a relative --out there while the harness looked in the caller's folder.
+    import bench.__main__ as cli
+
+    module = types.ModuleType("bench_synthetic_for_tests")
+    module.run = _synthetic_run
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(registry, "resolve", lambda name: [(name, module.__name__)])
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["codec", "--smoke", "--device", "cpu", "--out", "rel"]) == 0
+    stored = list((tmp_path / "rel").glob("*/codec.json"))
+    assert len(stored) == 1 and json.loads(stored[0].read_text())["benchmark"] == "codec"
+    capsys.readouterr()
+
+    def full(result, out_root):
+        raise OSError(28, "No space left on device", str(out_root / "x" / "codec.json"))
+
+    monkeypatch.setattr(cli, "store", full)
+    assert cli.main(["codec", "--smoke", "--device", "cpu", "--out", "rel"]) == 1
+    out = capsys.readouterr()
+    assert "scale 1024 fp32" in out.out  # the table
+    assert f"BENCHMARK RESULT NOT WRITTEN: codec: cannot write {tmp_path / 'rel' / 'x' / 'codec.json'}: No space left on device" in out.out
+    assert "Traceback" not in out.out + out.err
+
+
+def test_a_model_script_runs_with_the_harness_qlora_ext_and_cpu_kernels(monkeypatch):
+    # The scripts put the checkout first: with the package installed and no in-place build they
+    # failed to import it; and --cpu-isa reached the harness only, while the header credited them.
+    import qlora_ext
+    from bench.model import _script_environment
+    from qlora_ext import ops
+
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = _script_environment()
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(Path(qlora_ext.__file__).resolve().parent.parent), "/elsewhere"]
+    assert env["QLORA_CPU_ISA"] == ops.cpu_kernel_isa()
+
+
+def test_the_git_revision_is_the_checkouts_own(tmp_path, monkeypatch):
+    # QLORA_BENCH_GIT_REVISION named a revision even in a checkout with local changes, and a copy
+    # inside another repository took that repository's HEAD.
+    monkeypatch.setenv("QLORA_BENCH_GIT_REVISION", "copied-sha")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0 and Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=REPO, capture_output=True,
+                                                    text=True).stdout.strip()).resolve() == REPO.resolve():
+        assert machine.git_revision() in (head.stdout.strip(), head.stdout.strip() + "+dirty")
+    outer = tmp_path / "outer"
+    (outer / "copy").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    monkeypatch.setattr(machine, "REPO", outer / "copy")
+    assert machine.git_revision() == "copied-sha"
+    monkeypatch.delenv("QLORA_BENCH_GIT_REVISION")
+    assert machine.git_revision() == "unknown (no git checkout)"
 
 
 def test_a_test_that_needs_a_gpu_must_be_named_cuda():
