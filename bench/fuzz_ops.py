@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("argument --device: cuda was asked for but no CUDA GPU is available")
     if args.cases is not None and args.cases < 1:
         parser.error(f"argument --cases must be >= 1; got {args.cases}")
+    if not args.seconds > 0 or args.seconds == float("inf"):  # (also refuses nan: no case would run)
+        parser.error(f"argument --seconds must be a finite number > 0; got {args.seconds}")
     isas = cpu_isas()
     isa_before = ops.cpu_kernel_isa()
     start, index, failed = time.perf_counter(), args.first, 0

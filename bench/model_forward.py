@@ -66,6 +66,8 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "tmp"))
     parser.add_argument("--prompt-len", type=int, default=16)
     args = parser.parse_args()
+    if args.prompt_len < 1:
+        parser.error(f"argument --prompt-len must be >= 1; got {args.prompt_len}")
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     reps = 2 if args.smoke else (3 if args.quick else 5)

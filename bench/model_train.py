@@ -336,8 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         a.configs, a.steps, a.warmup, a.rounds = ["tiny"], 1, 1, 1
     elif a.quick:
         a.configs, a.steps, a.warmup, a.rounds = ["mid"], 3, 1, 1
-    if a.rounds < 1:
-        parser.error(f"argument --rounds must be >= 1; got {a.rounds}")
+    for flag, value, least in (("--rounds", a.rounds, 1), ("--steps", a.steps, 1), ("--warmup", a.warmup, 0), ("--batch", a.batch, 1),
+                               ("--seq", a.seq, 2), ("--timeout", a.timeout, 1), ("--threads", a.threads or 1, 1)):
+        if value < least:
+            parser.error(f"argument {flag} must be >= {least}; got {value}")
     args = dict(device=a.device, steps=a.steps, warmup=a.warmup, batch=a.batch, seq=a.seq, profile=a.profile, timeout=a.timeout,
                 threads=a.threads)
 
