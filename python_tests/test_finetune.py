@@ -325,6 +325,24 @@ def test_held_out_batches_with_no_token_to_score_are_refused_at_setup(tmp_path, 
     assert math.isfinite(summary["val_loss_after"])
 
 
+def test_a_compiler_that_torch_compile_cannot_use_is_named(tmp_path, monkeypatch, capsys):
+    # compile=True on a machine without a working C++ compiler ended in a 34-frame inductor traceback.
+    import torch._dynamo.exc
+
+    def no_compiler(cfg):
+        raise torch._dynamo.exc.BackendCompilerFailed(
+            lambda: None, RuntimeError("No working C++ compiler found in torch._inductor.config.cpp.cxx"), None)
+
+    monkeypatch.setattr(finetune, "train", no_compiler)
+    assert finetune.main(["compile=True", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: compile=True: torch.compile could not compile the model's layers (RuntimeError: No working C++ compiler found in "
+        "torch._inductor.config.cpp.cxx); compile=False trains without it (inductor needs a working C++ compiler on a CPU, Triton "
+        "on a GPU). Interrupted (torch.compile failed): there is no checkpoint to resume from in ")
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):  # without compile=True it is no matter of that key
+        finetune.main([f"output_dir={tmp_path / 'run'}"])
+
+
 def test_adapter_only_and_loss_decreases(tmp_path, tiny_ckpt, small_data):
     out = tmp_path / "run"
     overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["epochs=4", "save_adapter_weights_only=True", "model.lora_rank=16"]

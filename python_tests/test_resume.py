@@ -169,6 +169,11 @@ def test_resume_refuses_another_base_and_accepts_the_same_one_moved(tmp_path, se
     out = capsys.readouterr().out
     assert "Changed since the checkpoint, applied from step 9: epochs 2 -> 3 (the lr schedule now spans 12 steps)\n" in out
     assert "checkpointer.weights" not in out  # nor is the missing entry a change
+    # The compute dtype, as resolved, may change (on another device, say), and is reported: it
+    # was taken silently, and the run's config then said bf16 for steps trained in fp32.
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + [f"checkpointer.checkpoint_dir={other}", "resume_from_checkpoint=True",
+                                                                        "epochs=4", "dtype=bf16"]))
+    assert "Changed since the checkpoint, applied from step 13: dtype float32 -> bfloat16, epochs 3 -> 4" in capsys.readouterr().out
 
 
 def test_a_drawn_seed_is_kept_and_a_finished_run_is_named(tmp_path, setup, capsys):

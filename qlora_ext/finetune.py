@@ -163,6 +163,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     for note in checkpoint_folders.recover_interrupted_saves(output_dir):  # before reading the state that may name it
         print(f"Checkpoint folders: {note}")
     fingerprint = saving.resume_fingerprint(cfg)
+    fingerprint["dtype"] = str(dtype).removeprefix("torch.")  # as resolved (auto: by device); a change is reported
     state = None
     if cfg.resume_from_checkpoint:
         state = checkpointing.load_training_state(output_dir, fingerprint, may_change=saving.ADJUSTABLE_ON_RESUME, seed=cfg.seed)
@@ -483,7 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     except (steps.NonFiniteLossError, saving.CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except Exception as e:  # noqa: BLE001  (re-raised unless the file system failed)
+    except Exception as e:  # noqa: BLE001  (re-raised unless the file system or torch.compile's backend failed)
+        if cfg is not None and cfg.compile and _compiler_failure(e):  # (at the first step, or a later recompile)
+            inner = getattr(e, "inner_exception", None) or e  # (what the backend raised)
+            what = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:300]}"
+            print(f"error: compile=True: torch.compile could not compile the model's layers ({what}); compile=False trains "
+                  "without it (inductor needs a working C++ compiler on a CPU, Triton on a GPU). "
+                  + _interrupted_line("torch.compile failed", cfg, started), file=sys.stderr)
+            return 2
         # A write outside a checkpoint save (the metrics log, config.yaml) that fails, as on a full
         # disk: said with what the run leaves, as for an interruption, not as a traceback.
         if not saving.is_write_failure(e) or cfg is None:
@@ -499,6 +507,13 @@ def main(argv: list[str] | None = None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _compiler_failure(e: BaseException) -> bool:
+    """Whether ``e`` is torch.compile's backend failing (no C++ compiler for inductor, say): a
+    matter of the machine, not of the run, unlike an error inside the compiled code."""
+    dynamo_exc = sys.modules.get("torch._dynamo.exc")  # (not imported: nothing was compiled)
+    return dynamo_exc is not None and isinstance(e, dynamo_exc.BackendCompilerFailed)
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ _RESUME_KEYS = (
 # (RECORDS_KEY), which the data position and the held-out split depend on; a record may be fixed in place.
 ADJUSTABLE_ON_RESUME = (
     "optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "optimizer.eps", "lr_scheduler", "clip_grad_norm", "epochs",
-    "dataset.data_files",
+    "dataset.data_files", "dtype",  # (the compute dtype as resolved: a resume on another device may change it)
 )
 ADAPTER_SUBDIR = "adapter"  # the PEFT adapter's folder inside a checkpoint folder
 TRAINING_CONFIG_FILE = "training_config.yaml"  # the run's resolved config, in each checkpoint folder
