@@ -51,6 +51,42 @@ def test_torch_version_mismatch_says_how_to_rebuild():
         ext.check_torch_version("2.13.0+cpu", "2.14.1")
 
 
+def test_the_library_loaded_is_the_one_the_build_info_describes(tmp_path):
+    # An editable install imports the checkout's modules but finds _build_info (and its _C.so) in
+    # site-packages: the checkout's in-place _C.so, another environment's build or none, was loaded.
+    import shutil
+    import subprocess
+    import sys
+
+    import qlora_ext
+    from qlora_ext import _build_info
+
+    source = tmp_path / "checkout" / "qlora_ext"
+    shutil.copytree(os.path.dirname(qlora_ext.__file__), source,
+                    ignore=shutil.ignore_patterns("_C.so", "_build_info.py", "__pycache__"))
+    (source / "_C.so").write_bytes(b"another environment's build")  # loading it would fail
+    installed = tmp_path / "site" / "qlora_ext"
+    installed.mkdir(parents=True)
+    shutil.copy(_build_info.__file__, installed / "_build_info.py")
+    shutil.copy(os.path.join(os.path.dirname(_build_info.__file__), "_C.so"), installed / "_C.so")
+    script = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("qlora_ext._build_info", {str(installed / "_build_info.py")!r})
+info = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(info)
+sys.modules["qlora_ext._build_info"] = info  # as scikit-build-core's editable finder resolves it
+sys.path.insert(0, {str(source.parent)!r})
+import qlora_ext, torch
+assert qlora_ext.__file__.startswith({str(source)!r}), qlora_ext.__file__
+print(torch.ops.qlora.dequantize_nf4.default is not None)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-3000:]
+    (installed / "_C.so").unlink()  # gone: said so, not an OSError from the loader
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and f"qlora_ext's compiled library is missing (no {installed / '_C.so'})" in done.stderr
+
+
 def test_cpu_kernel_isa_can_be_chosen():
     before = ops.cpu_kernel_isa()
     try:

@@ -7,7 +7,6 @@ import os
 
 import torch
 
-_LIBRARY = os.path.join(os.path.dirname(__file__), "_C.so")
 _REBUILD = (
     "rebuild qlora_ext against the installed torch: from its source folder run "
     "`pip install scikit-build-core cmake ninja` (the build tools; build isolation would fetch them, "
@@ -24,17 +23,26 @@ def check_torch_version(built_against: str, imported: str) -> None:
         )
 
 
+def _missing(library: str) -> ImportError:
+    return ImportError(
+        f"qlora_ext's compiled library is missing (no {library}): install the package with "
+        "`pip install .`, or for a source checkout build it in place with "
+        "`cmake -S . -B build/dev -DQLORA_INPLACE=ON && cmake --build build/dev`"
+    )
+
+
 def _load() -> None:
     try:
         from qlora_ext import _build_info
     except ImportError:
-        raise ImportError(
-            f"qlora_ext's compiled library is missing (no {_LIBRARY}): install the package with "
-            "`pip install .`, or for a source checkout build it in place with "
-            "`cmake -S . -B build/dev -DQLORA_INPLACE=ON && cmake --build build/dev`"
-        ) from None
+        raise _missing(os.path.join(os.path.dirname(__file__), "_C.so")) from None
+    # The library beside the build info that describes it: an editable install finds both in
+    # site-packages while this module is the checkout's, whose in-place copy may be another build's.
+    library = os.path.join(os.path.dirname(_build_info.__file__), "_C.so")
+    if not os.path.isfile(library):
+        raise _missing(library)
     check_torch_version(_build_info.TORCH_VERSION, torch.__version__)
-    torch.ops.load_library(_LIBRARY)
+    torch.ops.load_library(library)
 
 
 _load()
