@@ -78,3 +78,23 @@ def test_importing_without_numpy_prints_no_torch_warning(tmp_path):
     if "Failed to initialize NumPy" not in stderr_of("import torch"):
         pytest.skip("this torch does not warn on import without NumPy")
     assert "NumPy" not in stderr_of("import qlora_ext; import torch; torch.ones(2) + 1")
+
+
+def test_qlora_cuda_takes_cmakes_boolean_spellings_and_refuses_others(tmp_path):
+    # -DQLORA_CUDA=off (or 0, FALSE) was taken as AUTO, and built the CUDA kernels.
+    cmake = os.path.join(os.path.dirname(sys.executable), "cmake")
+    cmake = cmake if os.path.isfile(cmake) else shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("no cmake (a test dependency)")
+
+    def configure(value):
+        return subprocess.run([cmake, "-S", REPO, "-B", str(tmp_path / value), f"-DQLORA_CUDA={value}", "-DQLORA_INPLACE=OFF",
+                               f"-DPython_EXECUTABLE={sys.executable}"], capture_output=True, text=True, timeout=300)
+
+    for value in ("off", "0"):
+        done = configure(value)
+        if "CMake 3.26 or higher is required" in done.stderr:
+            pytest.skip("cmake older than 3.26")
+        assert done.returncode == 0 and "qlora_ext: CPU only build against torch" in done.stdout, done.stdout + done.stderr
+    done = configure("maybe")
+    assert done.returncode != 0 and "qlora_ext: QLORA_CUDA must be AUTO, ON or OFF; got 'maybe'" in done.stderr
