@@ -98,3 +98,21 @@ def test_qlora_cuda_takes_cmakes_boolean_spellings_and_refuses_others(tmp_path):
         assert done.returncode == 0 and "qlora_ext: CPU only build against torch" in done.stdout, done.stdout + done.stderr
     done = configure("maybe")
     assert done.returncode != 0 and "qlora_ext: QLORA_CUDA must be AUTO, ON or OFF; got 'maybe'" in done.stderr
+
+
+def test_the_in_place_copy_warns_where_the_source_tree_cannot_be_written(tmp_path):
+    # pip install from a read-only source tree failed after the whole compile, on this copy.
+    cmake = os.path.join(os.path.dirname(sys.executable), "cmake")
+    cmake = cmake if os.path.isfile(cmake) else shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("no cmake (a test dependency)")
+    library = tmp_path / "_C.so"
+    library.write_bytes(b"library")
+    (tmp_path / "not_a_folder").write_text("")
+    script = os.path.join(REPO, "cmake", "copy_in_place.cmake")
+    (tmp_path / "pkg").mkdir()
+    for dest, copied in ((tmp_path / "not_a_folder", False), (tmp_path / "pkg", True)):
+        done = subprocess.run([cmake, f"-DFILES={library}", f"-DDEST={dest}", "-P", script], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr  # a warning, never a failed build
+        assert ("qlora_ext: could not copy _C.so into" in done.stderr) != copied, done.stderr
+    assert (tmp_path / "pkg" / "_C.so").read_bytes() == b"library"
