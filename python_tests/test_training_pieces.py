@@ -335,6 +335,8 @@ def test_plot_cli_two_runs(tmp_path, capsys):
         ("huge_int_loss", [{"step": 1, "loss": 10**400}, {"step": 2, "loss": 1.0}]),
         ("huge_int_step", [{"step": 10**400, "loss": 2.0}, {"step": 2, "loss": 1.0}]),
         ("float_range", [{"step": 1, "loss": 1e308}, {"step": 2, "loss": -1e308}]),
+        ("float_max", [{"step": 1, "loss": 1.7e308}, {"step": 2, "loss": -1.7e308}, {"step": 3, "loss": 1e308}]),
+        ("tiny", [{"step": 1, "loss": 3e-11}, {"step": 2, "loss": 2e-11}, {"step": 3, "loss": 1e-11}]),  # (ticks rounded to 0: a hang)
         ("next_float", [{"step": 1, "loss": 1e16}, {"step": 2, "loss": 1.0000000000000004e16}]),
         ("close_steps", [{"step": 10**17, "loss": 1.0}, {"step": 10**17 + 5, "loss": 2.0}]),
     ):
@@ -367,10 +369,13 @@ def test_nice_ticks_are_few_and_cover_the_values():
     from qlora_ext.training.loss_plot import nice_ticks
 
     for lo, hi in ((0.0, 1.0), (1.37, 2.9), (5.0, 5.0), (0.0, 0.0), (0.1, 0.10000000000000002), (1e16, 1.0000000000000004e16),
-                   (-1e308, 1e308), (1e17, 1e17 + 5), (-3.0, -2.5)):
+                   (-1e300, 1e300), (1e17, 1e17 + 5), (-3.0, -2.5), (1e-11, 3e-11), (2e-300, 2e-300)):
         ticks = nice_ticks(lo, hi)
-        assert 2 <= len(ticks) <= 22 and ticks == sorted(ticks), (lo, hi, ticks)
+        assert 2 <= len(ticks) <= 22 and ticks == sorted(ticks) and len(set(ticks)) == len(ticks), (lo, hi, ticks)
         assert ticks[0] <= lo and hi <= ticks[-1] + 1e-12 * max(1.0, abs(hi)), (lo, hi, ticks)
+    # Beyond an eighth of float's range the ticks stop (the values are drawn past the frame), finite.
+    ticks = nice_ticks(-1.7e308, 1.7e308)
+    assert all(math.isfinite(t) for t in ticks) and ticks[0] < -1e307 and ticks[-1] > 1e307
 
 
 def test_atomic_torch_save_keeps_old_file_on_failure(tmp_path, monkeypatch):

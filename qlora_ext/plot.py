@@ -31,6 +31,10 @@ def load_curve(run_dir: str, label: str | None = None) -> Curve:
     return Curve(label or _run_name(Path(run_dir)), [r["step"] for r in records], [r["loss"] for r in records])
 
 
+def _loss_text(v: float) -> str:
+    return f"{v:.4f}" if v == 0 or 1e-3 <= abs(v) < 1e6 else f"{v:.4g}"
+
+
 def _run_folder(path: Path) -> Path:
     """The run folder, also when ``path`` is its metrics file or its ``logs`` folder."""
     path = path.resolve()
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     note = "" if renderer == "matplotlib" else f" ({builtin_renderer_note()})"
     print(f"wrote {args.output}{note}")
     for c in curves:
-        print(f"  {c.label}: {len(c.losses)} step{'' if len(c.losses) == 1 else 's'}, loss {c.losses[0]:.4f} -> {c.losses[-1]:.4f}")
+        print(f"  {c.label}: {len(c.losses)} step{'' if len(c.losses) == 1 else 's'}, loss {_loss_text(c.losses[0])} -> "
+              f"{_loss_text(c.losses[-1])}")
     return 0
 
 

@@ -4,6 +4,7 @@ when it is installed and with the built-in raster writer (``png_canvas``) when i
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,8 +94,8 @@ def plot_loss_curves(curves: list[Curve], path: str | Path, smoothing: float | N
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     """About ``count`` round values covering [lo, hi]; a single value (lo == hi) gets a range
     around it, so that a lone point is drawn inside the frame, not on its corner."""
-    if not math.isfinite(hi - lo):  # a span beyond float's range: that of half the values, doubled
-        return [2 * t for t in nice_ticks(lo / 2, hi / 2, count)]
+    edge = sys.float_info.max / 8  # values beyond are drawn past the frame: every tick stays finite
+    lo, hi = min(max(lo, -edge), edge), min(max(hi, -edge), edge)
     if hi - lo <= 1e-9 * max(abs(lo), abs(hi)):  # one value, or a span too fine for float steps to divide
         mid = lo / 2 + hi / 2
         half = abs(mid) / 2 if mid else 1.0
@@ -104,7 +105,7 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     start = math.floor(lo / step) * step
     n = min(math.ceil((hi - start) / step - 1e-9) + 1, 4 * count + 2)  # the last tick >= hi (bounded, whatever rounding does)
-    return [round(start + i * step, 10) for i in range(n)]
+    return [float(f"{start + i * step:.12g}") for i in range(n)]  # (float noise rounded off, relative to the value)
 
 
 def _fmt(v: float) -> str:
@@ -120,8 +121,10 @@ def _plot_builtin(curves: list[Curve], path: Path, smoothing: float | None, titl
     xticks = nice_ticks(min(steps), max(steps))
     x_lo, x_hi, y_lo, y_hi = xticks[0], xticks[-1], yticks[0], yticks[-1]
 
-    def fraction(v: float, lo: float, hi: float) -> float:  # where v lies in [lo, hi]; halves: no overflow near float's max
-        return (v / 2 - lo / 2) / max(hi / 2 - lo / 2, 1e-300)
+    def fraction(v: float, lo: float, hi: float) -> float:
+        # where v lies in [lo, hi] (halves: no overflow near float's max), kept near the frame: a
+        # line to a point far outside it would be walked pixel by pixel
+        return min(max((v / 2 - lo / 2) / (hi / 2 - lo / 2), -1.0), 2.0)
 
     def px(step: float) -> float:
         return left + fraction(step, x_lo, x_hi) * (width - left - right)
