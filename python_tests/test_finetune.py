@@ -303,6 +303,24 @@ def test_a_step_with_no_token_to_learn_from_leaves_the_adapters_and_logs_no_loss
     assert logged[2]["lr"] == 1e-2
 
 
+def test_skipped_first_and_last_steps_are_reported_by_the_steps_that_have_losses(tmp_path, tiny_ckpt, capsys):
+    # The closing report called step 2's loss the first step's; a skipped first step made torch
+    # warn that the schedule was stepped before the optimizer.
+    import warnings
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [_CUT_TO_PROMPT, _SHORT, _SHORT, _CUT_TO_PROMPT]))
+    overrides = small_run_overrides(tiny_ckpt, data, tmp_path / "run") + [
+        "batch_size=1", "gradient_accumulation_steps=1", "shuffle=false", "dataset.validation_fraction=0", "epochs=1",
+        "tokenizer.max_seq_len=64", "save_adapter_weights_only=true", "metric_logger.plot_loss_curve=false"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*lr_scheduler\.step\(\)")  # that warning fails the run
+        summary = finetune.train(load_config("tiny_qlora", overrides))
+    assert summary["loss_steps"] == [2, 3] and summary["last_step"] == 4
+    losses = summary["losses"]
+    assert f"Training loss: {losses[0]:.4f} at step 2 -> {losses[1]:.4f} at step 3\n" in capsys.readouterr().out
+
+
 def test_held_out_batches_with_no_token_to_score_are_refused_at_setup(tmp_path, tiny_ckpt):
     # The validation loss had failed with a traceback at the end of the first epoch, its training lost.
     from qlora_ext.training.data import split_records

@@ -173,7 +173,7 @@ def test_resume_refuses_another_base_and_accepts_the_same_one_moved(tmp_path, se
     # was taken silently, and the run's config then said bf16 for steps trained in fp32.
     finetune.train(load_config("tiny_qlora", _overrides(setup, run) + [f"checkpointer.checkpoint_dir={other}", "resume_from_checkpoint=True",
                                                                         "epochs=4", "dtype=bf16"]))
-    assert "Changed since the checkpoint, applied from step 13: dtype float32 -> bfloat16, epochs 3 -> 4" in capsys.readouterr().out
+    assert "Changed since the checkpoint, applied from step 13: dtype fp32 -> bf16, epochs 3 -> 4" in capsys.readouterr().out
 
 
 def test_a_drawn_seed_is_kept_and_a_finished_run_is_named(tmp_path, setup, capsys):

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,8 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     for note in checkpoint_folders.recover_interrupted_saves(output_dir):  # before reading the state that may name it
         print(f"Checkpoint folders: {note}")
     fingerprint = saving.resume_fingerprint(cfg)
-    fingerprint["dtype"] = str(dtype).removeprefix("torch.")  # as resolved (auto: by device); a change is reported
+    # the compute dtype as resolved (auto: by device), by its config name; a change is reported
+    fingerprint["dtype"] = next((name for name, d in steps.DTYPES.items() if d == dtype), str(dtype))
     state = None
     if cfg.resume_from_checkpoint:
         state = checkpointing.load_training_state(output_dir, fingerprint, may_change=saving.ADJUSTABLE_ON_RESUME, seed=cfg.seed)
@@ -279,8 +281,8 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     atomic_write_text(output_dir / RUN_CONFIG_FILE, saving.resolved_yaml(cfg, seed))
 
     # -- before training: held-out loss and sample answers -----------------------------------
-    summary: dict[str, Any] = {"output_dir": str(output_dir), "seed": seed, "losses": [], "val_losses": [],
-                               "first_step": global_step + 1}
+    summary: dict[str, Any] = {"output_dir": str(output_dir), "seed": seed, "losses": [], "loss_steps": [], "val_losses": [],
+                               "first_step": global_step + 1}  # (loss_steps: the step of each loss; a skipped step has none)
     val_batches = eval_batches(val_ds, cfg.batch_size, tokenizer.pad_id, cfg.eval.max_batches) if len(val_ds) else []
     show = cfg.eval.before_and_after and state is None
     wants = []  # what asks for held-out examples
@@ -303,6 +305,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     output_weight = steps.fused_output_weight(model)
     model.skip_output_layer = output_weight is not None
     last_checkpoint = output_dir / state["checkpoint_name"] if state else None
+    skipped = 0  # steps whose window kept no token to learn from
     for epoch in range(start_epoch, cfg.epochs):
         order = epoch_order(len(train_ds), epoch, seed, cfg.shuffle)
         step_in_epoch = start_step if epoch == start_epoch else 0
@@ -314,8 +317,11 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
             window_tokens = sum(steps.num_loss_tokens(b["labels"]) for b in window)
             loss_value = grad_norm = None  # (a window with no token to learn from: no update)
             if window_tokens == 0:
-                tqdm.write(f"Step {global_step + 1}: tokenizer.max_seq_len={max_seq_len} cuts each example of its batches "
-                           "to the prompt, leaving no token to learn from: the adapters are not updated")
+                skipped += 1
+                if skipped <= 3:  # (a dataset with many such windows would fill the screen)
+                    more = "; further such steps are skipped without a line" if skipped == 3 else ""
+                    tqdm.write(f"Step {global_step + 1}: tokenizer.max_seq_len={max_seq_len} cuts each example of its batches "
+                               f"to the prompt, leaving no token to learn from: the adapters are not updated{more}")
             else:
                 step_loss = torch.zeros((), device=device)
                 for batch in window:
@@ -348,7 +354,10 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 summary["losses"].append(loss_value)
-            scheduler.step()  # the schedule follows the step count, skipped steps included
+                summary["loss_steps"].append(global_step + 1)
+            with warnings.catch_warnings():  # (after a skipped first step torch warns of a schedule it thinks is early)
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+                scheduler.step()  # the schedule follows the step count, skipped steps included
             global_step += 1
             step_in_epoch += 1
             bar.update(1)
@@ -407,6 +416,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                 t_since += time.perf_counter() - t_save  # saving time is not training throughput
                 tqdm.write(f"Saved checkpoint {last_checkpoint}")
         bar.close()
+    summary["last_step"] = global_step
     # the peaks since the last logged step: the last checkpoint save (GPU); the process's (CPU)
     after_training = memory_stats(device) if cfg.log_peak_memory_stats else {}
     model.skip_output_layer = False
