@@ -7,7 +7,7 @@ Runs benchmarks from the repository root, prints each one's table and writes it 
 bench/results/.
 
 Exit status: 0 when every benchmark ran; 1 when one failed (crashed, or its result could not be
-written); 2 for a usage error (an argument that cannot be used here); 3 with
+written) or --update-readme failed; 2 for a usage error (an argument that cannot be used here); 3 with
 --fail-on-missed-targets when a speed target was missed.
 """
 
@@ -206,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         missed += sum(t["met"] is False for t in result["targets"])
         try:
             path = store(result, out_root)
-        except OSError as e:
-            print(f"\nBENCHMARK RESULT NOT WRITTEN: {name}: cannot write {e.filename or out_root}: {e.strerror or e}\n", flush=True)
+        except OSError as e:  # (named by the result's path: e.filename is the temporary beside it)
+            path = out_root / result["machine"]["slug"] / f"{name}.json"
+            print(f"\nBENCHMARK RESULT NOT WRITTEN: {name}: cannot write {path}: {e.strerror or e}\n", flush=True)
             failed.append(name)
             continue
         ctx.log(f"wrote {path}")
