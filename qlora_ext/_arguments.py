@@ -13,6 +13,17 @@ def is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def lone_surrogate_at(text: str) -> int | None:
+    """The index of the first lone surrogate in ``text`` (U+D800..U+DFFF: bytes that were not UTF-8,
+    decoded with ``errors="surrogateescape"``, or a ``\\ud800`` JSON escape without its pair), or
+    None for Unicode text that every encoder (UTF-8, SentencePiece) takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 def is_finite_real(value: object) -> bool:
     """A real number (int, float, numpy scalar) that is neither a bool, NaN nor infinite, nor an
     int too large for a float (one that float arithmetic would overflow on)."""

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from qlora_ext._arguments import lone_surrogate_at
 from qlora_ext._dtypes import HF_DTYPES
 
 
@@ -75,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      + ("is a file" if os.path.exists(args.adapter_dir) else "does not exist"))
     for flag, texts in (("--prompt", args.prompt), ("--input", [args.input])):
         for text in texts:
-            bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+            bad = lone_surrogate_at(text)
             if bad is not None:  # bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape)
                 byte = f" (the byte 0x{ord(text[bad]) - 0xDC00:02x})" if "\udc80" <= text[bad] <= "\udcff" else ""
                 parser.error(f"argument {flag} must be UTF-8 text; got {text[:bad]!r} followed by a character that is not{byte}")

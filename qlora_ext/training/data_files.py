@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from qlora_ext._arguments import lone_surrogate_at
+
 FORMS = "local JSON or JSONL files of {instruction, input, output} records"
 _COMPRESSED = {b"\x1f\x8b": ("gzip", gzip.decompress), b"BZh": ("bzip2", bz2.decompress),
                b"\xfd7zXZ\x00": ("xz", lzma.decompress)}
@@ -208,13 +210,6 @@ def _one_object_error(file: Path, item: dict) -> DataError:
     )
 
 
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
 
 def _keys(item: dict) -> str:
     names = list(map(str, item))
@@ -225,7 +220,7 @@ def _check_record(where: str, item: Any) -> dict[str, str]:
     if not isinstance(item, dict):
         raise DataError(f"record {where} must be an object with instruction, input, output; got {type(item).__name__}")
     for key in ("instruction", "input", "output"):
-        if isinstance(item.get(key), str) and not _utf8(item[key]):
+        if isinstance(item.get(key), str) and lone_surrogate_at(item[key]) is not None:
             raise DataError(f"record {where}: key '{key}' holds a lone surrogate (a \\ud800-\\udfff escape without its pair): "
                             "it is no text a tokenizer can encode")
     for key in ("instruction", "output"):

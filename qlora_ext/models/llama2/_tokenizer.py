@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+from qlora_ext._arguments import lone_surrogate_at
+
 # SentencePiece models of large vocabularies stay well below this; a file above it is not one.
 MAX_TOKENIZER_BYTES = 64 << 20
 
@@ -94,7 +96,7 @@ class Llama2Tokenizer:
         try:
             ids = self._encode_trimmed(text) if trim_leading_whitespace else self.spm.encode(text)
         except RuntimeError:  # sentencepiece's binding cannot convert such a str (and names nothing)
-            at = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None) if isinstance(text, str) else None
+            at = lone_surrogate_at(text) if isinstance(text, str) else None
             if at is None:
                 raise
             raise ValueError(f"Llama2Tokenizer.encode: argument 'text' must be Unicode text; got a lone surrogate "
