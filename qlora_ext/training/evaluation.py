@@ -100,15 +100,14 @@ def print_report(summary: dict[str, Any], samples: list[dict[str, str]], cfg) ->
         lines.append(f"Held-out loss after training: {summary['val_loss_after']:.4f}")
     if summary.get("losses"):
         # the steps of the first and last losses: a step with no token to learn from has none
-        steps = summary.get("loss_steps") or [summary.get("first_step", 1), summary.get("last_step")]
-        first, last = steps[0], steps[-1]
+        first, last = summary["loss_steps"][0], summary["loss_steps"][-1]
         if first == 1:
             where = "the first step"
-        elif first == summary.get("first_step"):
+        elif first == summary["first_step"]:
             where = f"step {first}, the first after resuming,"
         else:
             where = f"step {first}"
-        end = "the last" if last == summary.get("last_step", last) else f"step {last}"
+        end = "the last" if last == summary["last_step"] else f"step {last}"
         lines.append(f"Training loss: {summary['losses'][0]:.4f} at {where} -> {summary['losses'][-1]:.4f} at {end}")
     if summary.get("peak_memory"):
         names = {"peak_memory_alloc": "GPU allocated", "peak_memory_reserved": "GPU reserved",
