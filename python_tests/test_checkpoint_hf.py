@@ -232,6 +232,17 @@ def test_architecture_mismatch_and_unsupported_config(hf_models, tmp_path):
         Llama2Config.from_hf({**plain, "num_hidden_layers": 100_000, "max_position_embeddings": 3e7})
     read = Llama2Config.from_hf({**plain, "max_position_embeddings": 512.0, "num_key_value_heads": None})
     assert read.max_seq_len == 512 and type(read.max_seq_len) is int and read.num_kv_heads == read.num_heads
+    # only a null or absent num_key_value_heads means one per head (0 and false were read so, as
+    # another model), and head counts the builders refuse are named by config.json's fields
+    for kv in (0, False):
+        with pytest.raises(ValueError, match=rf"'num_key_value_heads' must be a positive integer, got {kv}$"):
+            Llama2Config.from_hf({**plain, "num_key_value_heads": kv})
+    with pytest.raises(ValueError, match=r"config.json: 'hidden_size' must be a multiple of 'num_attention_heads' \(4\), got 30; "
+                                         r"'num_key_value_heads' must divide 'num_attention_heads' \(4\), got 3$"):
+        Llama2Config.from_hf({**plain, "hidden_size": 30, "num_attention_heads": 4, "num_key_value_heads": 3})
+    with pytest.raises(ValueError, match=r"'hidden_size' / 'num_attention_heads' \(the head size, rotated in pairs by RoPE\) must be "
+                                         r"even, got 12 / 4 = 3$"):
+        Llama2Config.from_hf({**plain, "hidden_size": 12, "num_attention_heads": 4, "num_key_value_heads": 2})
     with pytest.raises(ValueError, match=r"missing field 'hidden_size'"):
         Llama2Config.from_hf({k: v for k, v in config.items() if k != "hidden_size"})
     # another quantization is named by its setting, not by a dump of its whole config

@@ -163,6 +163,12 @@ def test_params_json_sizes():
     )
     assert Llama2Config.from_meta({**p7, "n_kv_heads": None, "vocab_size": None, "dim": 4096.0}, vocab_size=32000) == \
         Llama2Config.from_meta(p7, vocab_size=32000)
+    # head counts the builders refuse are named by params.json's fields, not the builders' arguments
+    with pytest.raises(ValueError, match=r"params.json: 'dim' must be a multiple of 'n_heads' \(32\), got 4100; "
+                                         r"'n_kv_heads' must divide 'n_heads' \(32\), got 3$"):
+        Llama2Config.from_meta({**p7, "dim": 4100, "n_kv_heads": 3}, vocab_size=32000)
+    with pytest.raises(ValueError, match=r"'n_kv_heads' must divide 'n_heads' \(32\), got 64$"):
+        Llama2Config.from_meta({**p7, "n_kv_heads": 64}, vocab_size=32000)
 
 
 def test_context_length_of_meta_and_saved_hf_configs():

@@ -86,13 +86,17 @@ class Llama2Config:
         sizes = {key: _int_or(config.get(key, default), -1) for key, default in (
             ("vocab_size", None), ("hidden_size", None), ("intermediate_size", None), ("num_hidden_layers", None),
             ("num_attention_heads", None), ("max_position_embeddings", 2048))}
-        sizes["num_key_value_heads"] = _int_or(config.get("num_key_value_heads") or sizes["num_attention_heads"], -1)
+        kv_heads = config.get("num_key_value_heads")
+        sizes["num_key_value_heads"] = sizes["num_attention_heads"] if kv_heads is None else _int_or(kv_heads, -1)
         numbers = {"rms_norm_eps": config.get("rms_norm_eps", 1e-6), "rope_theta": rope_base}
         problems = [f"'{key}' must be a positive integer, got {config.get(key)!r}" for key, value in sizes.items() if value <= 0]
         problems += [f"'{key}' must be a positive number, got {value!r}" for key, value in numbers.items()
                      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")]
         problems += _bound_problems(sizes["num_hidden_layers"], "num_hidden_layers", sizes["max_position_embeddings"], "max_position_embeddings")
-        if problems:  # (the checks below divide by these)
+        if not problems:  # (these divide by the sizes)
+            problems += _head_problems(sizes["hidden_size"], "hidden_size", sizes["num_attention_heads"], "num_attention_heads",
+                                       sizes["num_key_value_heads"], "num_key_value_heads")
+        if problems:
             raise ValueError(f"Llama2Config.from_hf: unsupported config.json: {'; '.join(problems)}")
         head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]
         expected = {
@@ -201,6 +205,10 @@ class Llama2Config:
         if not (_int_or(params.get("vocab_size", -1), 0) > 0 or params.get("vocab_size", -1) in (-1, None)):
             problems.append(f"'vocab_size' must be a positive integer or -1 (the tokenizer's), got {params.get('vocab_size')!r:.50}")
         problems += _bound_problems(_int_or(sizes["n_layers"], -1), "n_layers", max_seq_len, "max_seq_len")
+        if not problems:  # (these divide by the sizes)
+            heads = _int_or(sizes["n_heads"], -1)
+            kv_heads = heads if sizes["n_kv_heads"] is None else _int_or(sizes["n_kv_heads"], -1)
+            problems += _head_problems(_int_or(sizes["dim"], -1), "dim", heads, "n_heads", kv_heads, "n_kv_heads")
         if problems:
             raise ValueError(f"Llama2Config.from_meta: unsupported params.json: {'; '.join(problems)}")
         vocab = _int_or(params.get("vocab_size", -1), -1)
@@ -296,6 +304,20 @@ class Llama2Config:
             if field.name not in ignore and a != b:
                 out.append(f"{field.name}: {a!r} vs {b!r}")
         return out
+
+
+def _head_problems(dim: int, dim_key: str, heads: int, heads_key: str, kv_heads: int, kv_heads_key: str) -> list[str]:
+    """What the llama2 builders would refuse in these positive head counts, by the file's names:
+    the width split evenly into heads of an even size (RoPE rotates pairs), the heads into groups
+    of one key/value head each."""
+    problems = []
+    if dim % heads:
+        problems.append(f"'{dim_key}' must be a multiple of '{heads_key}' ({heads}), got {dim}")
+    elif (dim // heads) % 2:
+        problems.append(f"'{dim_key}' / '{heads_key}' (the head size, rotated in pairs by RoPE) must be even, got {dim} / {heads} = {dim // heads}")
+    if heads % kv_heads:
+        problems.append(f"'{kv_heads_key}' must divide '{heads_key}' ({heads}), got {kv_heads}")
+    return problems
 
 
 def _meta_ffn_base(dim: int) -> int:
