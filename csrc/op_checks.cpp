@@ -3,7 +3,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cctype>
 #include <sstream>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -17,6 +19,30 @@ std::string shape_str(const at::Tensor& t) {
   std::ostringstream s;
   s << t.sizes();
   return s.str();
+}
+
+// A dtype as Python spells it (torch.float64, where c10 prints Double): the C names by a table,
+// the others (Float8_e4m3fn, UInt16, QInt8 ...) are torch's in lower case.
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kComplexHalf: return "torch.complex32";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: {
+      std::string name = c10::toString(t);
+      for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      return "torch." + name;
+    }
+  }
 }
 
 void check_defined(const char* op, const char* arg, const at::Tensor& t) {
@@ -59,8 +85,8 @@ void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at:
                 int64_t out_features) {
   if (!bias.has_value()) return;
   TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "qlora::", op,
-                   ": argument 'bias' must have the dtype of 'x' (", x.scalar_type(), "); got ",
-                   bias->scalar_type());
+                   ": argument 'bias' must have the dtype of 'x' (", dtype_name(x.scalar_type()), "); got ",
+                   dtype_name(bias->scalar_type()));
   check_same_device(op, "bias", *bias, "x", x);
   TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, "qlora::", op,
                     ": argument 'bias' must have shape [", out_features, "]; got shape ",
@@ -73,7 +99,7 @@ void check_float_dtype(const char* op, const char* arg, const at::Tensor& t) {
   check_defined(op, arg, t);
   const auto d = t.scalar_type();
   TORCH_CHECK_TYPE(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf, "qlora::", op,
-                   ": argument '", arg, "' must have dtype float32, bfloat16 or float16; got ", d);
+                   ": argument '", arg, "' must have dtype float32, bfloat16 or float16; got ", dtype_name(d));
 }
 
 void check_quantizable(const char* op, const char* arg, const at::Tensor& weight) {
@@ -93,14 +119,14 @@ int64_t check_components(const char* op, const at::Tensor& packed, const at::Ten
   for (const auto& [name, t] : bytes) {
     check_defined(op, name, *t);
     TORCH_CHECK_TYPE(t->scalar_type() == at::kByte, "qlora::", op, ": argument '", name,
-                     "' must have dtype uint8; got ", t->scalar_type());
+                     "' must have dtype uint8; got ", dtype_name(t->scalar_type()));
   }
   const std::pair<const char*, const at::Tensor*> floats[] = {{"absmax_scales", &absmax_scales},
                                                               {"absmax_offset", &absmax_offset}};
   for (const auto& [name, t] : floats) {
     check_defined(op, name, *t);
     TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "qlora::", op, ": argument '", name,
-                     "' must have dtype float32; got ", t->scalar_type());
+                     "' must have dtype float32; got ", dtype_name(t->scalar_type()));
   }
   check_same_device(op, "absmax_codes", absmax_codes, "packed", packed);
   check_same_device(op, "absmax_scales", absmax_scales, "packed", packed);
@@ -132,7 +158,7 @@ int64_t check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
                    "qlora::dequantize_nf4: argument 'dtype' must be float32, bfloat16 or float16; "
                    "got ",
-                   dtype);
+                   dtype_name(dtype));
   TORCH_CHECK_VALUE(checked_numel(shape) == numel,
                     "qlora::dequantize_nf4: argument 'shape' must have ", numel,
                     " elements (what the components encode); got ", shape);

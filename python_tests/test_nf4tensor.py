@@ -350,7 +350,7 @@ def test_linear_nf4_takes_torchaos_argument_names_and_follows_autocast():
         lin = LoRALinear(64, 128, rank=4, alpha=8.0, quantize_base=True)
         assert lin(x).dtype == torch.bfloat16 == LoRALinear(64, 128, rank=4, alpha=8.0)(x).dtype
         # float64 stays float64 under autocast, as for F.linear (and is refused, as outside it)
-        with pytest.raises(TypeError, match=r"argument 'x' must have dtype float32, bfloat16 or float16; got Double"):
+        with pytest.raises(TypeError, match=r"^qlora::linear_nf4: argument 'x' must have dtype float32, bfloat16 or float16; got torch.float64$"):
             linear_nf4(x.double(), nf4)
 
 

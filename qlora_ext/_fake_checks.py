@@ -18,21 +18,9 @@ from torch import Tensor
 from qlora_ext._dtypes import FLOAT_DTYPES
 from qlora_ext._tables import BLOCK_SIZE, SCALER_BLOCK_SIZE
 
-# How c10 prints a dtype in the C++ messages ("got Long"): these by their C names, the others
-# (float8_e4m3fn, uint16 ...) by their torch name capitalized (Float8_e4m3fn, UInt16).
-_C10_NAMES = {
-    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
-    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
-    torch.bool: "Bool", torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
-    torch.qint8: "QInt8", torch.quint8: "QUInt8", torch.qint32: "QInt32", torch.quint4x2: "QUInt4x2", torch.quint2x4: "QUInt2x4",
-}
-
-
 def _name(dtype: torch.dtype) -> str:
-    if dtype in _C10_NAMES:
-        return _C10_NAMES[dtype]
-    name = str(dtype).removeprefix("torch.")
-    return "UInt" + name[4:] if name.startswith("uint") else name[:1].upper() + name[1:]
+    """A dtype as the C++ messages name it: as Python does (torch.float64)."""
+    return str(dtype)
 
 
 def check_defined(op: str, arg: str, t: Tensor | None) -> None:
