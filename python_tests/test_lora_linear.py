@@ -204,6 +204,9 @@ def test_module_dtype_cast_keeps_the_base_nf4(cast):
 def test_module_to_meta_and_back_with_to_empty():
     lin = LoRALinear(256, 128, rank=4, alpha=4, quantize_base=True).to("meta")
     assert isinstance(lin.weight, NF4Tensor) and lin.weight.is_meta and lin.weight.packed.is_meta
+    # its state dict is meta too (the state-dict hook moved the dense weight to the CPU: it raised)
+    state = lin.state_dict()
+    assert type(state["weight"]) is torch.Tensor and state["weight"].is_meta and state["weight"].shape == (128, 256)
     lin = lin.to_empty(device="cpu")
     assert isinstance(lin.weight, NF4Tensor) and lin.weight.packed.device.type == "cpu"
     assert lin.weight.packed.numel() == 256 * 128 // 2

@@ -97,6 +97,8 @@ def test_to_nf4_rejects_bad_arguments():
         to_nf4(to_nf4(torch.randn(4, 64)))
     with pytest.raises(ValueError, match=r"finite"):
         to_nf4(torch.full((64,), float("nan")))
+    with pytest.raises(TypeError, match=r"^to_nf4: argument 'weight' must have dtype float32, bfloat16 or float16; got torch.float64$"):
+        to_nf4(torch.randn(64, dtype=torch.float64))
     with pytest.raises(TypeError, match=r"to_nf4: argument 'weight' must be a torch.Tensor; got list"):
         to_nf4([[0.5] * 64])
     with pytest.raises(ValueError, match=r"must be 64 and 256.*got 64.0 and 256"):
@@ -249,6 +251,20 @@ def test_setting_data_to_a_dense_tensor_is_refused():
     changed.mul_(2)
     with pytest.raises(TypeError, match=r"got Tensor of shape \[128, 64\] \(a conversion of an NF4Tensor, changed since\)"):
         module.weight.data = changed
+    # changes no version counter sees (through .data, through numpy), and a conversion kept while
+    # the storage itself changed (a backup restored): the values decide (all were taken back as
+    # the NF4 storage, silently other values than those assigned)
+    for edit in (lambda d: d.data.mul_(2), lambda d: d.numpy().fill(0)):
+        changed = module.weight.to(torch.float32)
+        edit(changed)
+        with pytest.raises(TypeError, match=r"\(a conversion of an NF4Tensor, changed since\)"):
+            module.weight.data = changed
+    backup = module.weight.to(torch.float32)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(128, 64))
+    with pytest.raises(TypeError, match=r"\(a conversion of an NF4Tensor, changed since\)"):
+        module.weight.data = backup
+    module.weight.copy_(nf4)
     with pytest.raises(TypeError, match=r"\(a conversion of an NF4Tensor to torch.float64, which NF4 cannot hold\)"):
         module.to(torch.float64)
     assert type(module.weight) is NF4Tensor and module.weight.dtype == torch.float32
@@ -259,6 +275,20 @@ def test_setting_data_to_a_dense_tensor_is_refused():
     module.weight.data = other  # an NF4Tensor may replace the data
     assert module.weight.shape == (256, 64) and module.weight.dtype == torch.bfloat16
     assert torch.equal(module.weight.dequantize(), other.dequantize())
+
+
+def test_share_memory_shares_the_storage():
+    # Tensor.share_memory_ on an NF4Tensor crashed the interpreter, and LoRALinear.share_memory()
+    # shared nothing of its NF4 weight
+    nf4 = to_nf4(torch.randn(128, 64))
+    assert not nf4.is_shared()
+    assert nf4.share_memory_() is nf4 and nf4.is_shared() and all(t.is_shared() for t in nf4.components())
+    linear = torch.nn.Linear(64, 128, bias=False)
+    linear.weight = torch.nn.Parameter(to_nf4(torch.randn(128, 64)), requires_grad=False)
+    linear.share_memory()
+    assert type(linear.weight) is NF4Tensor and all(t.is_shared() for t in linear.weight.components())
+    lora = LoRALinear(64, 128, rank=4, alpha=8.0, quantize_base=True).share_memory()
+    assert all(t.is_shared() for t in lora.weight.components()) and lora.lora_a.weight.is_shared()
 
 
 @pytest.mark.parametrize("convert", ["to", "half", "to_device_and_dtype"])
@@ -324,6 +354,15 @@ def test_to_empty_and_empty_like_keep_the_layout():
     source = to_nf4(torch.randn(128, 64))
     linear.load_state_dict({"weight": source})
     assert torch.equal(linear.weight.packed, source.packed)
+    # on the meta device too (torch does not set .data there, and the weight became a dense
+    # parameter: the model materialized from it held the full-size weight)
+    with torch.device("meta"):
+        linear = torch.nn.Linear(64, 128, bias=False)
+        linear.weight = torch.nn.Parameter(to_nf4(torch.randn(128, 64)), requires_grad=False)
+    linear.bfloat16()
+    assert type(linear.weight) is NF4Tensor and linear.weight.dtype == torch.bfloat16 and linear.weight.packed.is_meta
+    linear.to_empty(device="cpu")
+    assert type(linear.weight) is NF4Tensor and linear.weight.packed.device.type == "cpu"
     empty = torch.empty_like(source, dtype=torch.bfloat16)
     assert type(empty) is NF4Tensor and empty.dtype == torch.bfloat16 and empty.packed.data_ptr() != source.packed.data_ptr()
     with pytest.raises(TypeError, match=r"torch.empty_like of an NF4Tensor: argument 'dtype' must be float32, bfloat16 or float16; got torch.int8"):
@@ -366,6 +405,22 @@ def test_to_with_copy_and_other_dtypes():
     for got in (nf4.to(torch.float64), nf4.double()):
         assert got.dtype == torch.float64 and torch.equal(got, exact.double())
     assert torch.equal(nf4.to(torch.int32), exact.to(torch.int32))
+    assert torch.equal(nf4.dequantize(torch.float64), exact.double())
+    # to(dtype, non_blocking, copy) with copy positional, as Tensor.to takes it
+    assert torch.equal(nf4.to(torch.bfloat16, False, True), nf4.dequantize(torch.bfloat16))
+    # a dense tensor converted to an NF4 weight's device and dtype (it failed inside the handler)
+    x = torch.randn(3, 64)
+    assert x.to(to_nf4(torch.randn(128, 64, dtype=torch.bfloat16))).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match=r"^NF4Tensor.dequantize: argument 'dtype' must be a torch.dtype or None; got 'bfloat16'$"):
+        nf4.dequantize("bfloat16")
+
+
+def test_f_linear_names_the_argument_that_is_nf4():
+    nf4, dense = to_nf4(torch.randn(128, 64)), torch.randn(128, 64)
+    with pytest.raises(TypeError, match=r"only 'weight' may be one; got bias NF4Tensor of shape \[128, 64\]"):
+        torch.nn.functional.linear(torch.randn(2, 64), dense, nf4)
+    with pytest.raises(TypeError, match=r"only 'weight' may be one; got input NF4Tensor of shape \[128, 64\]"):
+        torch.nn.functional.linear(nf4, dense)
 
 
 def test_dense_destination_copies_from_nf4():

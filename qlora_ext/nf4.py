@@ -37,7 +37,10 @@ class NF4Tensor(Tensor):
         absmax_codes: uint8 [numel / 64], the 8-bit code of each block's absmax.
         absmax_scales: float32 [ceil(numel / 64 / 256)], one scale per 256 absmax codes.
         absmax_offset: float32 scalar, the mean absmax, added back after decoding.
-        shape, dtype: those of the original weight.
+        shape, dtype: those of the original weight; the dtype is the one it dequantizes to by
+            default (``.to(dtype)`` on a module changes it without touching the storage). Each
+            value is decoded exactly in float32, so ``to(torch.float32)`` of a bfloat16 NF4Tensor
+            gives the NF4 values themselves, not their bfloat16 rounding (torchao rounds first).
     """
 
     packed: Tensor
@@ -114,8 +117,18 @@ class NF4Tensor(Tensor):
         return cls(*flat, absmax_offset.reshape(()), shape, dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The dense weight, in ``dtype`` (default: the original dtype)."""
-        return ops.dequantize_nf4(*self.components(), self.shape, dtype or self.dtype)
+        """The dense weight, in ``dtype`` (default: the original dtype; any dtype, as ``.to``:
+        other than float32, bfloat16 and float16, converted from the exact float32 values).
+
+        Raises:
+            TypeError: ``dtype`` is not a torch.dtype.
+        """
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"NF4Tensor.dequantize: argument 'dtype' must be a torch.dtype or None; got {dtype!r:.100}")
+        dtype = dtype or self.dtype
+        if dtype in FLOAT_DTYPES:
+            return ops.dequantize_nf4(*self.components(), self.shape, dtype)
+        return ops.dequantize_nf4(*self.components(), self.shape, torch.float32).to(dtype)
 
     def get_original_weight(self) -> Tensor:
         """torchao's name for ``dequantize()``: the dense weight in the original dtype."""
@@ -220,6 +233,8 @@ def to_nf4(weight: Tensor, block_size: int = BLOCK_SIZE, scaler_block_size: int 
         )
     if isinstance(weight, NF4Tensor):
         raise TypeError("to_nf4: argument 'weight' must be a dense tensor; got an NF4Tensor (already quantized)")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"to_nf4: argument 'weight' must have dtype float32, bfloat16 or float16; got {weight.dtype}")
     weight = weight.detach()
     return NF4Tensor(*ops.quantize_nf4(weight), weight.shape, weight.dtype)
 
@@ -262,7 +277,8 @@ def reparametrize_as_dtype_state_dict_post_hook(
     for name, value in list(state_dict.items()):
         if name.startswith(prefix) and isinstance(value, NF4Tensor):
             dense = value.dequantize(dtype or value.dtype)
-            state_dict[name] = dense.cpu() if offload_to_cpu else dense
+            # (a model built on the meta device has nothing to move: its state dict stays meta)
+            state_dict[name] = dense.cpu() if offload_to_cpu and not dense.is_meta else dense
 
 
 def _describe(t) -> str:
@@ -273,14 +289,20 @@ def _describe(t) -> str:
 
 
 def _linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    if not isinstance(weight, NF4Tensor):
-        raise TypeError(f"F.linear with an NF4Tensor: only 'weight' may be one; got input {_describe(input)}")
+    if not isinstance(weight, NF4Tensor) or isinstance(input, NF4Tensor) or isinstance(bias, NF4Tensor):
+        name, value = ("input", input) if isinstance(input, NF4Tensor) else ("bias", bias)
+        raise TypeError(f"F.linear with an NF4Tensor: only 'weight' may be one; got {name} {_describe(value)}")
     return linear_nf4(input, weight, bias)
 
 
-def _to(self: NF4Tensor, *args, copy: bool = False, **kwargs) -> Tensor:
+def _to(self: Tensor, *args, copy: bool = False, **kwargs) -> Tensor:
     # A dtype makes it dense (as torchao's NF4Tensor does); a device alone moves the NF4 storage.
-    device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+    if len(args) >= 2 and all(isinstance(a, bool) for a in args[-2:]):  # to(dtype, non_blocking, copy)
+        *args, copy = args
+    device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+    if not isinstance(self, NF4Tensor):  # dense.to(nf4): the NF4Tensor's device and dtype
+        with torch._C.DisableTorchFunctionSubclass():
+            return Tensor.to(self, device=device, dtype=dtype, non_blocking=non_blocking, copy=copy, memory_format=memory_format)
     moved = self
     if device is not None and torch.device(device) != self.device:
         moved = NF4Tensor(*(t.to(device, non_blocking=non_blocking) for t in self.components()), self.shape, self.dtype)
@@ -291,12 +313,14 @@ def _to(self: NF4Tensor, *args, copy: bool = False, **kwargs) -> Tensor:
 
 def _set_data(self: NF4Tensor, value: Tensor) -> None:
     # nn.Module.to(dtype) (and .half(), .to(device, dtype)) on a module that is not a LoRALinear
-    # sets param.data to what the conversion gave, a dense tensor: one made from an NF4Tensor, and
-    # not changed since, gives back that storage with its new dtype (as LoRALinear's .to(dtype)
-    # and torchao's NF4Tensor do); any other dense tensor would hide a dense copy in here.
+    # sets param.data to what the conversion gave, a dense tensor: one made from an NF4Tensor,
+    # holding exactly what that storage decodes to now, gives back that storage with its new dtype
+    # (as LoRALinear's .to(dtype) and torchao's NF4Tensor do); any other dense tensor would hide a
+    # dense copy in here. (Values are compared, not version counters: edits through .data, numpy
+    # or inference mode, and changes of the storage since, escape those.)
     source = _CONVERSIONS.get(value) if isinstance(value, Tensor) else None
-    if not isinstance(value, NF4Tensor) and source is not None and source[2] == _version(value) and value.dtype in FLOAT_DTYPES:
-        components, owner, _ = source
+    if not isinstance(value, NF4Tensor) and source is not None and value.dtype in FLOAT_DTYPES and _holds(value, source[0]):
+        components, owner = source
         if owner is not None and owner is not self.packed:  # another NF4Tensor's storage: a copy, as for dense data
             components = tuple(t.clone() for t in components)
         value = NF4Tensor(*components, value.shape, value.dtype)
@@ -312,6 +336,35 @@ def _set_data(self: NF4Tensor, value: Tensor) -> None:
     self.packed, self.absmax_codes, self.absmax_scales, self.absmax_offset = value.components()
 
 
+def _holds(dense: Tensor, components: tuple[Tensor, ...]) -> bool:
+    """Whether ``dense`` is exactly what ``components`` decode to in its dtype (a tensor on the
+    meta device has no values to differ)."""
+    if dense.is_meta:
+        return True
+    return torch.equal(dense, ops.dequantize_nf4(*components, dense.shape, dense.dtype))
+
+
+def _set_data_allowed(self: Tensor, other: Tensor) -> bool:
+    # nn.Module._apply asks this before setting param.data to what a conversion gave (and on the
+    # meta device torch answers no, so .bfloat16() replaced an NF4 parameter with a dense one):
+    # yes for an NF4 parameter, so that _set_data decides.
+    if isinstance(self, NF4Tensor):
+        return True
+    with torch._C.DisableTorchFunctionSubclass():
+        return torch._has_compatible_shallow_copy_type(self, other)
+
+
+def _share_memory_(self: NF4Tensor) -> NF4Tensor:
+    # (torch's own moves a storage the wrapper does not have, and crashed the interpreter)
+    for t in self.components():
+        t.share_memory_()
+    return self
+
+
+def _is_shared(self: NF4Tensor) -> bool:
+    return all(t.is_shared() for t in self.components())
+
+
 def _why_not_rewrapped(value: Tensor, source) -> str:
     if not isinstance(value, Tensor) or source is None:
         return ""
@@ -320,7 +373,14 @@ def _why_not_rewrapped(value: Tensor, source) -> str:
     return " (a conversion of an NF4Tensor, changed since)"
 
 
-_TORCH_FUNCTIONS: dict[Callable, Callable] = {F.linear: _linear, Tensor.to: _to, Tensor.data.__set__: _set_data}
+_TORCH_FUNCTIONS: dict[Callable, Callable] = {
+    F.linear: _linear,
+    Tensor.to: _to,
+    Tensor.data.__set__: _set_data,
+    torch._has_compatible_shallow_copy_type: _set_data_allowed,
+    Tensor.share_memory_: _share_memory_,
+    Tensor.is_shared: _is_shared,
+}
 
 
 # -- aten ops ----------------------------------------------------------------------------------
@@ -336,24 +396,19 @@ def _clone(nf4: NF4Tensor, memory_format=None) -> NF4Tensor:
 
 # Dense tensors made by converting an NF4Tensor (held weakly, by identity, never on the tensor
 # itself, which torch.save and deepcopy would carry along) -> (the NF4 storage they came from,
-# that storage's owner: None when it is a fresh copy moved to another device, and their version
-# when made: None for an inference tensor, which has no version counter, so edits under
-# inference_mode go unseen). _set_data takes such a conversion back as NF4.
+# and that storage's owner: None when it is a fresh copy moved to another device). _set_data
+# takes such a conversion back as NF4 while it still holds what the storage decodes to.
 _CONVERSIONS = WeakIdKeyDictionary()
 
 
 def _dense(nf4: NF4Tensor, dtype: torch.dtype, *, fresh: bool = False) -> Tensor:
     # NF4 values are exact in float32, so other dtypes (float64, integers) convert from that.
-    dense = nf4.dequantize(dtype) if dtype in FLOAT_DTYPES else nf4.dequantize(torch.float32).to(dtype)
+    dense = nf4.dequantize(dtype)
     # A compiled region never sets .data from it. (On torch 2.11 AOTAutograd's fake tensors get in:
     # a few entries that go with the compiled graphs.)
     if not torch.compiler.is_compiling():
-        _CONVERSIONS[dense] = (nf4.components(), None if fresh else nf4.packed, _version(dense))
+        _CONVERSIONS[dense] = (nf4.components(), None if fresh else nf4.packed)
     return dense
-
-
-def _version(t: Tensor) -> int | None:
-    return None if t.is_inference() else t._version
 
 
 def _to_copy(nf4: NF4Tensor, dtype=None, device=None, non_blocking=False, **_) -> Tensor:

@@ -120,6 +120,9 @@ class LoRALinear(nn.Module, AdapterModule):
         components = [
             torch.empty_like(t, device=target.device) if t.is_meta else t.to(target.device) for t in weight.components()
         ]
+        if target.device.type == "cpu" and target.is_shared():  # Module.share_memory(): fn shares in place
+            for t in components:
+                t.share_memory_()
         self._parameters["weight"] = nn.Parameter(NF4Tensor(*components, weight.shape, dtype), requires_grad=False)
         return self
 
