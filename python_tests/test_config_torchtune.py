@@ -94,12 +94,15 @@ def test_seed_config_in_torchtune_schema_equals_the_bundled_one(tmp_path):
     assert theirs["checkpointer"].pop("checkpoint_files") == ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
     assert ours["checkpointer"].pop("checkpoint_files") is None
     assert theirs["optimizer"].pop("fused") is True and ours["optimizer"].pop("fused") is None
+    # a torchtune 0.3+ file without prompt_template: Llama2ChatTemplate, as its torchtune applied
+    # (it was the Alpaca prompt alone, the bundled config's choice, the seed tutorial's)
+    assert theirs["dataset"].pop("template") == "llama2_chat" and ours["dataset"].pop("template") == "alpaca"
     assert theirs == ours  # every other key, defaults included; log_dir followed the overridden output_dir
     assert notes == [
-        "tokenizer: no prompt_template, so the Alpaca prompt alone, as torchtune before 0.3 (and the seed tutorial) trained; "
-        "torchtune 0.3 and later wrap it in Llama2ChatTemplate ([INST] ... [/INST]): "
-        "tokenizer.prompt_template=torchtune.models.llama2.Llama2ChatTemplate does that here too",
         "checkpoints go to output_dir (/runs/a), with the logs; checkpointer.output_dir (/tmp/Llama-2-7b-hf) is not used",
+        "tokenizer: no prompt_template, so Llama2ChatTemplate ([INST] ... [/INST]), the default of torchtune 0.3 and later "
+        "(this config's torchtune.training components); tokenizer.prompt_template=null gives the Alpaca prompt alone, as the "
+        "seed tutorial's torchtune trained",
     ]
 
 
@@ -144,6 +147,45 @@ def test_overrides_use_torchtune_keys(tmp_path):
     assert cfg.checkpointer.checkpoint_files == ["model.safetensors"] and cfg.tokenizer.path == "/t/tokenizer.model"
     assert cfg.model.builder == "qlora_llama2_7b"  # torchtune's qlora builders are lora ones with quantize_base
     assert cfg.metric_logger.type == "tensorboard" and cfg.compile is True
+    # an explicit quantize_base false wins over the qlora builder's, as in torchtune (it was ignored: NF4 all the same)
+    notes: list[str] = []
+    assert load_config(_write(tmp_path), ["dataset.data_files=a.json", "model.quantize_base=false"], notes).model.builder == "lora_llama2_7b"
+    assert "model: quantize_base false on qlora_llama2_7b keeps the base weights dense, as torchtune does: lora_llama2_7b" in notes
+    with pytest.raises(ConfigError, match=r"'model.quantize_base: yes please' must be true or false"):
+        load_config(_write(tmp_path), ["dataset.data_files=a.json", "model.quantize_base=yes please"])
+
+
+def test_tune_run_override_forms(tmp_path):
+    # ~key deletes a key, section=COMPONENT sets its _component_, max_filename keeps its zeros,
+    # as tune run reads them (refused as not key=value, a section replaced by a string, 00010 read as 8)
+    cfg = load_config(_write(tmp_path), ["dataset.data_files=a.json", "~checkpointer.checkpoint_files", "~tokenizer.max_seq_len",
+                                         "model=torchtune.models.llama2.lora_llama2_7b",
+                                         "metric_logger=torchtune.training.metric_logging.TensorBoardLogger"])
+    assert cfg.checkpointer.checkpoint_files is None and cfg.model.builder == "lora_llama2_7b"
+    assert cfg.metric_logger.type == "tensorboard" and cfg.metric_logger.log_dir.endswith("/logs")
+    with pytest.raises(ConfigError, match=r"override '~model._component_': a component cannot be removed"):
+        load_config(_write(tmp_path), ["dataset.data_files=a.json", "~model._component_"])
+    with pytest.raises(ConfigError, match=r"override '~model.lora_rnk': the config has no key 'model.lora_rnk' to remove"):
+        load_config(_write(tmp_path), ["dataset.data_files=a.json", "~model.lora_rnk"])
+    with pytest.raises(ConfigError, match=r"'~key' \(torchtune's deletion of a key\) applies to torchtune config files"):
+        load_config("tiny_qlora", ["~model.lora_rank"])
+    shards = {"filename_format": "model-{}-of-{}.safetensors", "max_filename": "00002"}
+    for text, count in (("00010", 10), ("00003", 3)):
+        cfg = load_config(_write(tmp_path, edit=_set("checkpointer.checkpoint_files", shards)),
+                          ["dataset.data_files=a.json", f"checkpointer.checkpoint_files.max_filename={text}"])
+        assert cfg.checkpointer.checkpoint_files == [f"model-{i:05d}-of-{text}.safetensors" for i in range(1, count + 1)]
+
+
+def test_a_config_that_does_not_train_or_lists_datasets_is_named(tmp_path, monkeypatch):
+    # generation/evaluation configs were called "a full fine-tune"; a dataset list "must be a section"
+    with pytest.raises(ConfigError, match=r"it has no 'optimizer' section: a config of a torchtune recipe that does not train"):
+        load_config(_write(tmp_path, edit=lambda raw: raw.pop("optimizer")), ["dataset.data_files=a.json"])
+    two = [{"_component_": "torchtune.datasets.alpaca_dataset"}, {"_component_": "torchtune.datasets.alpaca_cleaned_dataset"}]
+    with pytest.raises(ConfigError, match=r"'dataset' lists 2 datasets \(torchtune concatenates them\); this trainer reads one"):
+        load_config(_write(tmp_path, edit=_set("dataset", two)), [])
+    # --config ~/... names the home folder, as the path keys do
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config("~/" + _write(tmp_path).rsplit("/", 1)[-1], ["dataset.data_files=a.json"]).model.builder == "qlora_llama2_7b"
 
 
 def test_overrides_of_our_path_keys_are_taken_as_written(tmp_path):
@@ -187,6 +229,7 @@ def test_torchtune_before_0_3_keeps_its_defaults(tmp_path):
     notes: list[str] = []
     cfg = load_config(_write(tmp_path, edit=_before_0_3), ["dataset.data_files=a.json"], notes)
     assert (cfg.model.lora_dropout, cfg.tokenizer.max_seq_len) == (0.05, 512)
+    assert cfg.dataset.template == "alpaca" and not any(n.startswith("tokenizer:") for n in notes)  # it had no templates
     assert "model.lora_dropout: 0.05, as torchtune before 0.3 (this config's torchtune.utils components) applied where its config was silent" in notes
     assert "tokenizer.max_seq_len: 512, as torchtune before 0.3 cut Alpaca examples (its alpaca_dataset's max_seq_len) where its config was silent" in notes
     # what the file or an override says wins

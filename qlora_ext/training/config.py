@@ -82,7 +82,7 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
     Raises:
         ConfigError: unknown config name, unreadable YAML, unknown key, bad value.
     """
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if not path.is_file():
         # torchtune's names work too: llama2/7B_qlora_single_device -> llama2_7b_qlora_single_device,
         # and the short 7B_qlora_single_device of its config comments
@@ -194,6 +194,9 @@ def parse_value(text: str, kind: str | None = None, nullable: bool = True) -> An
 def _split_override(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     key = key.strip().removeprefix("--")
+    if key.startswith("~"):
+        raise ConfigError(f"override '{text}': '~key' (torchtune's deletion of a key) applies to torchtune config files; "
+                          "in this one set the key to a value instead (null where it may be null)")
     if not sep or not key:
         raise ConfigError(f"override '{text}': must have the form key=value (e.g. model.lora_rank=16)")
     return key, value
@@ -224,20 +227,44 @@ def _apply_override(raw: dict, text: str) -> None:
 
 
 def _set_raw(raw: dict, text: str) -> None:
-    """An override set with no schema to check it against yet (a torchtune config's keys); a value
-    for a key our schema has too is read as that key's kind (a path as written, not cut at `` #``)."""
+    """An override set with no schema to check it against yet (a torchtune config's keys), as
+    ``tune run`` sets it: ``~key`` deletes a key, ``section=COMPONENT`` sets a section's
+    ``_component_``, and ``max_filename`` keeps its leading zeros; a value for a key our schema
+    has too is read as that key's kind (a path as written, not cut at `` #``)."""
+    if text.strip().startswith("~"):
+        _delete_raw(raw, text)
+        return
     key, value = _split_override(text)
     parts = KEY_ALIASES.get(key, key).split(".")
     opt: Any = SCHEMA
     for part in parts:
         opt = opt.get(part) if isinstance(opt, dict) else None
-    value = parse_value(value, opt.kind, opt.nullable) if isinstance(opt, Opt) else parse_value(value)
+    if parts[-1] == "max_filename":  # "00002": YAML would read 2 (and 00010 as 8)
+        value = value.strip()
+    else:
+        value = parse_value(value, opt.kind, opt.nullable) if isinstance(opt, Opt) else parse_value(value)
     node = raw
     for depth, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override '{text}': '{'.'.join(parts[: depth + 1])}' in the config file is not a section")
-    node[parts[-1]] = value
+    if isinstance(node.get(parts[-1]), dict) and "_component_" in node[parts[-1]]:
+        node[parts[-1]]["_component_"] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _delete_raw(raw: dict, text: str) -> None:
+    """torchtune's ``~dotted.key``: the key leaves the config (a component may not)."""
+    dotted = text.strip()[1:].partition("=")[0].strip()
+    if "_component_" in dotted.split("."):
+        raise ConfigError(f"override '{text}': a component cannot be removed (as with tune run); override it with another")
+    parts, node = dotted.split("."), raw
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or parts[-1] not in node:
+        raise ConfigError(f"override '{text}': the config has no key '{dotted}' to remove")
+    del node[parts[-1]]
 
 
 def _unknown_key_message(key: str, schema: Any, parent: str, where: str) -> str:

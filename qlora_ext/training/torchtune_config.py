@@ -41,8 +41,20 @@ def translate(raw: dict) -> tuple[dict, list[str]]:
     notes: list[str] = []
     if "_component_" in raw:
         raise TorchtuneConfigError(f"'_component_' at the top level ({raw['_component_']!r}) is not a recipe config")
+    if "optimizer" not in raw:
+        raise TorchtuneConfigError(
+            "it has no 'optimizer' section: a config of a torchtune recipe that does not train (generation, evaluation, "
+            "quantization); this trainer reads fine-tuning configs, as lora_finetune_single_device's"
+        )
+    if isinstance(raw.get("dataset"), list):
+        raise TorchtuneConfigError(
+            f"'dataset' lists {len(raw['dataset'])} datasets (torchtune concatenates them); this trainer reads one: "
+            "a dataset section whose data_files names every file (dataset.data_files=[a.json,b.json]), when all hold "
+            "Alpaca records"
+        )
     before_0_3 = _is_before_0_3(raw)
     length_given = any("max_seq_len" in raw.get(key, {}) for key in ("dataset", "tokenizer") if isinstance(raw.get(key), dict))
+    template_absent = isinstance(raw.get("tokenizer"), dict) and "prompt_template" not in raw["tokenizer"]
     for key in list(raw):
         if isinstance(raw[key], dict) and key in _SECTIONS:
             section = raw.pop(key)
@@ -62,6 +74,17 @@ def translate(raw: dict) -> tuple[dict, list[str]]:
         raw["log_every_n_steps"] = 1  # torchtune's recipes read null as 1
     if before_0_3:
         _defaults_before_0_3(raw, length_given, notes)
+    dataset = raw.get("dataset")
+    if template_absent and isinstance(dataset, dict) and dataset.get("template") is None:
+        # what the file's torchtune did: 0.3 and later's llama2_tokenizer wraps the prompt in
+        # Llama2ChatTemplate by default; 0.1 and 0.2 had no template (the seed tutorial's Alpaca prompt alone)
+        dataset["template"] = "alpaca" if before_0_3 else "llama2_chat"
+        if not before_0_3:
+            notes.append(
+                "tokenizer: no prompt_template, so Llama2ChatTemplate ([INST] ... [/INST]), the default of torchtune 0.3 "
+                "and later (this config's torchtune.training components); tokenizer.prompt_template=null gives the "
+                "Alpaca prompt alone, as the seed tutorial's torchtune trained"
+            )
     return raw, notes
 
 
@@ -112,8 +135,15 @@ def _model(component: Any, section: dict, top: dict, notes: list[str]) -> dict |
             f"use one of {', '.join(MODEL_BUILDERS)}"
         )
     name = _name(component, "model", {b: b for b in MODEL_BUILDERS})
-    if section.pop("quantize_base", False) and not name.startswith("qlora_"):
-        name = f"q{name}"  # torchtune's qlora_* builders are its lora_* ones with quantize_base=True
+    # torchtune's qlora_* builders are its lora_* ones with quantize_base=True, which the config's own value overrides
+    quantize = section.pop("quantize_base", None)
+    if quantize not in (True, False, None):
+        raise TorchtuneConfigError(f"'model.quantize_base: {quantize}' must be true or false")
+    if quantize and not name.startswith("qlora_"):
+        name = f"q{name}"
+    elif quantize is False and name.startswith("qlora_"):
+        notes.append(f"model: quantize_base false on {name} keeps the base weights dense, as torchtune does: {name[1:]}")
+        name = name[1:]
     _refuse_unless(section, "use_dora", (False, None), "DoRA adapters are not implemented", "model")
     _refuse_unless(section, "attn_dropout", (0, 0.0, None), "attention dropout is not implemented", "model")
     return {"builder": name, **section}
@@ -123,13 +153,7 @@ def _tokenizer(component: Any, section: dict, top: dict, notes: list[str]) -> di
     _name(component, "tokenizer", {"llama2_tokenizer": True})
     dataset = top.setdefault("dataset", {})
     explicit = dataset.get("template") if isinstance(dataset, dict) else None  # our own key, in the yaml or an override
-    if "prompt_template" not in section and explicit is None:
-        notes.append(
-            "tokenizer: no prompt_template, so the Alpaca prompt alone, as torchtune before 0.3 (and the seed "
-            "tutorial) trained; torchtune 0.3 and later wrap it in Llama2ChatTemplate ([INST] ... [/INST]): "
-            "tokenizer.prompt_template=torchtune.models.llama2.Llama2ChatTemplate does that here too"
-        )
-    given = "prompt_template" in section
+    given = "prompt_template" in section  # (absent: translate applies the default of the file's torchtune version)
     template = section.pop("prompt_template", None)
     if template is not None and str(template).rsplit(".", 1)[-1] != "Llama2ChatTemplate":
         raise TorchtuneConfigError(
@@ -142,7 +166,7 @@ def _tokenizer(component: Any, section: dict, top: dict, notes: list[str]) -> di
             f"'dataset.template: {explicit}' contradicts 'tokenizer.prompt_template: {template}' (which means "
             f"dataset.template={chosen}); set one of them"
         )
-    if isinstance(dataset, dict) and explicit is None:  # else the dataset section's own check names it
+    if isinstance(dataset, dict) and explicit is None and given:  # else the dataset section's own check names it
         dataset["template"] = chosen
     return section
 
