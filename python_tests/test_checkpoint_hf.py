@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 
 import pytest
 import torch
@@ -372,6 +373,21 @@ def test_unreadable_checkpoint_files_are_named(hf_models, tmp_path):
     with pytest.raises(ValueError, match=r"holds Python objects besides tensors, .* refuses to unpickle posix.system\); save") as refused:
         llama2_from_checkpoint(folder)
     assert "weights_only` set to `False`" not in str(refused.value) and not marker.exists()
+    # A training checkpoint wrapping the weights is named as such (it was a list of missing keys).
+    torch.save({"state_dict": model.state_dict(), "step": 10}, weights)
+    with pytest.raises(ValueError, match=rf"checkpoint file {weights} holds no tensors at its top level, only 'state_dict' \(OrderedDict\), "
+                                         r"'step' \(int\) \(a training checkpoint wrapping the weights\?\); save the model's state_dict\(\) alone"):
+        llama2_from_checkpoint(folder)
+    # A record shorter than its pickle says, the zip's directory intact: torch.load(mmap=True) took
+    # the missing bytes from the next record, and the model loaded with wrong weights, silently.
+    torch.save(model.state_dict(), tmp_path / "whole.bin")
+    with zipfile.ZipFile(tmp_path / "whole.bin") as source, zipfile.ZipFile(weights, "w", zipfile.ZIP_STORED) as damaged:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            damaged.writestr(info.filename, data[: len(data) // 2] if info.filename.endswith("/data/1") else data)
+    with pytest.raises(ValueError, match=rf"checkpoint file {weights} cannot be read: its record data/1 holds \d+ bytes where its "
+                                         r"tensor data needs \d+ \(the file is damaged inside\)"):
+        llama2_from_checkpoint(folder)
     weights.unlink()
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "."}}))
     with pytest.raises(FileNotFoundError, match=r"names shards that do not exist \(or are no files\): \['\.'\]"):

@@ -104,7 +104,12 @@ def test_meta_shards_go_by_their_rank_and_must_all_agree(tmp_path):
     (gap / "consolidated.01.pth").rename(gap / "consolidated.02.pth")
     refused(gap, "no shard for model-parallel rank(s) [1] (consolidated.01.pth); ranks 0 to 2 need one file each; "
                  "found ['consolidated.00.pth', 'consolidated.02.pth']")
-    refused(tmp_path, "are both model-parallel rank 1", checkpoint_files=["consolidated.00.pth", "consolidated.01.pth", "./consolidated.01.pth"])
+    refused(tmp_path, "argument 'checkpoint_files' names each file once; got './consolidated.01.pth' twice",
+            checkpoint_files=["consolidated.00.pth", "consolidated.01.pth", "./consolidated.01.pth"])
+    twice = tmp_path / "twice"
+    shutil.copytree(tmp_path, twice, ignore=shutil.ignore_patterns("gap"))
+    shutil.copy(twice / "consolidated.01.pth", twice / "consolidated.1.pth")
+    refused(twice, "are both model-parallel rank 1", checkpoint_files=["consolidated.00.pth", "consolidated.01.pth", "consolidated.1.pth"])
     extra = tmp_path / "extra"
     shutil.copytree(tmp_path, extra)
     shutil.copy(extra / "consolidated.01.pth", extra / "consolidated.02.pth")

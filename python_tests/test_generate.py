@@ -482,6 +482,20 @@ def test_cli_names_missing_paths_and_text_that_is_not_utf8(checkpoint_with_token
         assert exited.value.code == 2 and needle in capsys.readouterr().err
 
 
+def test_cli_names_a_checkpoint_folder_it_cannot_read(checkpoint_with_tokenizer, monkeypatch, capsys):
+    # A folder without read permission ended in a PermissionError traceback (the tests run as root,
+    # for whom permissions do not apply: listing it fails here as it would for a user).
+    from qlora_ext import generate as cli
+
+    listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p=".": (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if os.fspath(p) == checkpoint_with_tokenizer else listdir(p))
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "x"])
+    assert exited.value.code == 2
+    assert f"argument --checkpoint-dir: checkpoint folder {checkpoint_with_tokenizer} cannot be read: Permission denied" in capsys.readouterr().err
+
+
 def test_cli_output_that_cannot_be_written(checkpoint_with_tokenizer):
     # A full device or a reader gone away: named, or quiet, never a traceback.
     if not os.path.exists("/dev/full"):

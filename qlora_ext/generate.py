@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except FileNotFoundError:
         parser.error(f"argument --checkpoint-dir must be a HF (config.json) or Meta (params.json) checkpoint folder; "
                      f"'{args.checkpoint_dir}' holds neither{_what_it_holds(args.checkpoint_dir)}")
+    except ValueError as e:
+        parser.error(f"argument --checkpoint-dir: {e}")
     if args.tokenizer is None and not os.path.isfile(os.path.join(args.checkpoint_dir, "tokenizer.model")):
         parser.error(f"argument --tokenizer is needed: the checkpoint folder '{args.checkpoint_dir}' holds no tokenizer.model")
     if args.tokenizer is not None and not os.path.isfile(args.tokenizer):

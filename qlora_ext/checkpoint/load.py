@@ -51,17 +51,22 @@ def checkpoint_format(checkpoint_dir: str | os.PathLike) -> str:
 
     Raises:
         FileNotFoundError: the folder is missing or holds neither.
+        ValueError: the folder cannot be listed, or its files cannot be reached (permissions).
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"argument 'checkpoint_dir' must be an existing folder; got {checkpoint_dir!r}")
-    if os.path.exists(os.path.join(checkpoint_dir, "config.json")):
+    try:
+        names = os.listdir(checkpoint_dir)
+        os.stat(os.path.join(checkpoint_dir, "."))  # a folder listed but not entered (no x permission) hides its files
+    except OSError as e:
+        raise ValueError(f"checkpoint folder {checkpoint_dir} cannot be read: {e.strerror}") from None
+    if "config.json" in names:
         return "hf"
-    if os.path.exists(os.path.join(checkpoint_dir, "params.json")):
+    if "params.json" in names:
         return "meta"
     raise FileNotFoundError(
-        f"{checkpoint_dir} is neither a HF checkpoint (config.json) nor a Meta one (params.json); "
-        f"found {sorted(os.listdir(checkpoint_dir))}"
+        f"{checkpoint_dir} is neither a HF checkpoint (config.json) nor a Meta one (params.json); found {sorted(names)}"
     )
 
 
@@ -228,6 +233,9 @@ def _named_files(checkpoint_dir: str, names: Sequence[str]) -> list[str]:
     if isinstance(names, str) or not names:
         raise ValueError(f"load_checkpoint: argument 'checkpoint_files' must be a non-empty list of file names; got {names!r}")
     paths = [os.path.join(checkpoint_dir, os.fspath(n)) for n in names]
+    twice = [n for i, (n, p) in enumerate(zip(names, paths)) if os.path.normpath(p) in map(os.path.normpath, paths[:i])]
+    if twice:
+        raise ValueError(f"load_checkpoint: argument 'checkpoint_files' names each file once; got {twice[0]!r} twice")
     missing = [n for n, p in zip(names, paths) if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"checkpoint_files {missing} are not files in {checkpoint_dir}; it holds {sorted(os.listdir(checkpoint_dir))}")

@@ -15,11 +15,13 @@ import contextlib
 import ctypes
 import dataclasses
 import glob
+import io
 import mmap
 import os
 import pickle
 import re
 import sys
+import zipfile
 from collections.abc import Callable
 
 import torch
@@ -49,7 +51,8 @@ class TensorFiles(contextlib.ExitStack):
     Use as a context manager; files stay open (mapped) until it exits.
 
     Raises:
-        ValueError: a key appears in two files.
+        ValueError: a key appears in two files; a torch file that cannot be read, holds no tensors
+            at its top level, or has a storage record shorter than its pickle says.
     """
 
     def __init__(self, paths: list[str]):
@@ -101,6 +104,13 @@ class TensorFiles(contextlib.ExitStack):
             raise ValueError(_unreadable_torch_file(path, e)) from None
         if not isinstance(state, dict):
             raise ValueError(f"checkpoint file {path} must hold a dict of tensors; got {type(state).__name__}")
+        if state and not any(isinstance(v, Tensor) for v in state.values()):
+            held = ", ".join(f"{k!r} ({type(v).__name__})" for k, v in list(state.items())[:8])
+            raise ValueError(f"checkpoint file {path} holds no tensors at its top level, only {held}{' ...' if len(state) > 8 else ''} "
+                             "(a training checkpoint wrapping the weights?); save the model's state_dict() alone")
+        short = _short_record(path) if mapped else None
+        if short is not None:  # a mapped load reads the rest from the next record: wrong weights, silently
+            raise ValueError(f"checkpoint file {path} cannot be read: {short}")
         # Drop our dict at exit so the mapped storages can go.
         self.callback(state.clear)
         for key, value in state.items():
@@ -132,6 +142,78 @@ def python_objects_refused(what: str, refused: str) -> str:
     unpickled, as that can run the objects' code; torch's advice to load it unsafely is not repeated."""
     return (f"{what} holds Python objects besides tensors, and loading them could run code (torch.load(weights_only=True) "
             f"refuses to unpickle {refused}); save the model's state_dict() alone, or convert the file to safetensors")
+
+
+# Bytes per element of the storage types a torch file's pickle names (torch.UntypedStorage counts bytes).
+_STORAGE_ITEMSIZE = {
+    "UntypedStorage": 1, "ByteStorage": 1, "CharStorage": 1, "BoolStorage": 1, "ShortStorage": 2, "HalfStorage": 2,
+    "BFloat16Storage": 2, "IntStorage": 4, "FloatStorage": 4, "LongStorage": 8, "DoubleStorage": 8,
+    "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16,
+}
+
+
+class _StandIn:
+    """What every global of the pickle becomes while its storages are counted: nothing is imported or run."""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+
+    def __call__(self, *args, **kwargs) -> _StandIn:
+        return _StandIn()
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+    def append(self, value) -> None:
+        pass
+
+    def extend(self, values) -> None:
+        pass
+
+
+class _StorageSizes(pickle.Unpickler):
+    """Reads a torch file's data.pkl for the byte size of each storage record it declares."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self.sizes: dict[str, int] = {}
+
+    def find_class(self, module: str, name: str) -> _StandIn:
+        return _StandIn(name)
+
+    def persistent_load(self, pid) -> _StandIn:
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            kind, key, numel = pid[1], pid[2], pid[4]
+            itemsize = _STORAGE_ITEMSIZE.get(getattr(kind, "name", None))
+            if itemsize is not None and isinstance(numel, int):
+                self.sizes[str(key)] = numel * itemsize
+        return _StandIn()
+
+
+def _short_record(path: str) -> str | None:
+    """A storage record of a zip-format torch file shorter than its pickle says, described; None
+    where every record holds its storage (or the file cannot be checked this way).
+    ``torch.load(mmap=True)`` does not compare the two, and takes the missing bytes from what
+    follows the record; its reading without mmap refuses such a file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = {info.filename: info.file_size for info in archive.infolist()}
+            pickled = next((name for name in records if name.endswith("data.pkl")), None)
+            if pickled is None:
+                return None
+            unpickler = _StorageSizes(archive.read(pickled))
+            unpickler.load()
+    except Exception:  # noqa: BLE001  (not a zip, or a pickle of another shape: torch.load read it, nothing to add)
+        return None
+    prefix = pickled[: -len("data.pkl")]
+    for key, nbytes in unpickler.sizes.items():
+        size = records.get(f"{prefix}data/{key}")
+        if size is not None and size < nbytes:
+            return f"its record data/{key} holds {size} bytes where its tensor data needs {nbytes} (the file is damaged inside)"
+    return None
 
 
 def _unreadable_torch_file(path: str, e: Exception | str) -> str:
