@@ -366,8 +366,9 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
             last_step = epoch == cfg.epochs - 1 and step_in_epoch == steps_per_epoch
             if global_step % cfg.log_every_n_steps == 0 or last_step:  # the last one: a curve even for short runs
                 elapsed = time.perf_counter() - t_since
-                metrics = {} if loss_value is None else {"loss": loss_value}  # (no token to learn from: no loss)
-                metrics.update(lr=lr, tokens_per_second=tokens_since / max(elapsed, 1e-9))
+                # (no token to learn from: no loss, and no rate applied)
+                metrics = {} if loss_value is None else {"loss": loss_value, "lr": lr}
+                metrics["tokens_per_second"] = tokens_since / max(elapsed, 1e-9)
                 if grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)
                 if cfg.log_peak_memory_stats:
