@@ -187,9 +187,12 @@ inline const CodeTables& code_tables() {
   return tables;
 }
 
-// 1 / max(absmax, 1e-38): an all-zero block scales to zeros and gets the zero code.
+// 1 / max(absmax, 1e-38): an all-zero block scales to zeros and gets the zero code. The floor's
+// inverse is a constant: 1e-38 is subnormal, and with flush-to-zero on (torch.set_flush_denormal)
+// a division by it at run time would give inf, and 0 * inf NaN.
+constexpr float kInverseMinAbsmax = 1.0f / kMinAbsmax;
 QLORA_HD float inverse_absmax(float absmax) {
-  return 1.0f / (absmax > kMinAbsmax ? absmax : kMinAbsmax);
+  return absmax > kMinAbsmax ? 1.0f / absmax : kInverseMinAbsmax;
 }
 
 QLORA_HD float clamp_unit(float v) { return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v); }

@@ -88,6 +88,24 @@ def test_zero_blocks_dequantize_to_exact_zeros(device):
     assert (packed[2] == 0x77).all()  # code 7 is exactly 0.0
 
 
+def test_zero_blocks_and_equal_absmax_with_flush_to_zero(cpu_isa):
+    # With torch.set_flush_denormal(True) the reference divided by the subnormal floor 1e-38 at run
+    # time (inf, then NaN codes: a zero block dequantized to nonzero values); the kernels owed their
+    # right answer to the compiler folding that division. Both now use the floor's inverse as a constant.
+    w = torch.randn(4, 64)
+    w[1] = 0.0
+    equal = torch.ones(4, 64)  # every block's absmax equal: the offset is all of it, each scale 0
+    try:
+        torch.set_flush_denormal(True)
+        for weight in (w, equal):
+            got, want = ops.quantize_nf4(weight), ref.quantize_nf4(weight)
+            assert all(torch.equal(g, r) for g, r in zip(got, want))
+            assert torch.equal(ops.dequantize_nf4(*got, [4, 64], torch.float32), ref.dequantize_nf4(*want, [4, 64], torch.float32))
+        assert torch.equal(ops.dequantize_nf4(*ops.quantize_nf4(w), [4, 64], torch.float32)[1], torch.zeros(64))
+    finally:
+        torch.set_flush_denormal(False)
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_non_contiguous_input_same_as_contiguous(device, dtype):
@@ -224,6 +242,10 @@ def test_dequantize_rejects_mismatched_components(device):
         ops.dequantize_nf4(packed, codes, scales, offset, [2**58 + 300, 64], dt)
     with pytest.raises(TypeError, match=r"'dtype' must be float32, bfloat16 or float16; got torch.int32"):
         ops.dequantize_nf4(packed, codes, scales, offset, shape, torch.int32)
+    # a shape that is no sequence: a TypeError naming nothing, or torch's internal assert for a tensor
+    for bad in (19200, None, torch.tensor([300, 64])):
+        with pytest.raises(TypeError, match=rf"^qlora::dequantize_nf4: argument 'shape' must be a list or tuple of ints; got {type(bad).__name__}$"):
+            ops.dequantize_nf4(packed, codes, scales, offset, bad, dt)
 
 
 @needs_cuda

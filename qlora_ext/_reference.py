@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 
 import torch
 
@@ -33,8 +34,13 @@ def _nearest_code(scaled: torch.Tensor, midpoints: torch.Tensor) -> torch.Tensor
     return torch.bucketize(scaled, midpoints, right=False).to(torch.uint8)
 
 
+# 1 / 1e-38 in float32, the kernels' compile-time constant (1e-38 is subnormal: with flush-to-zero on,
+# torch.set_flush_denormal, a division by it at run time gives inf, and an all-zero block NaN).
+_INVERSE_MIN_ABSMAX = struct.unpack("f", struct.pack("f", 1.0 / struct.unpack("f", struct.pack("f", 1e-38))[0]))[0]
+
+
 def _scale(values: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    inv = 1.0 / absmax.clamp_min(1e-38)
+    inv = torch.where(absmax > 1e-38, 1.0 / absmax, _INVERSE_MIN_ABSMAX)
     return (values * inv.unsqueeze(-1)).clamp(-1.0, 1.0)
 
 

@@ -60,6 +60,8 @@ def dequantize_nf4(
     dtype: torch.dtype,
 ) -> Tensor:
     """The dense tensor of ``shape`` and ``dtype`` that the four NF4 components encode."""
+    if isinstance(shape, (str, bytes, Tensor)) or not isinstance(shape, Sequence):
+        raise TypeError(f"qlora::dequantize_nf4: argument 'shape' must be a list or tuple of ints; got {type(shape).__name__}")
     return _ops.dequantize_nf4(packed, absmax_codes, absmax_scales, absmax_offset, list(shape), dtype)
 
 
