@@ -38,6 +38,21 @@ def test_a_bare_tokenizer_model_gets_a_llama2_config(tmp_path):
     assert _hf_ids(tmp_path / "out", TEXTS[0])[0] != ours.bos_id
 
 
+def test_a_tokenizer_model_that_is_missing_or_no_sentencepiece_model_is_named(tmp_path):
+    # sentencepiece's own RuntimeErrors (NOT_FOUND, "could not parse ModelProto") came through
+    with pytest.raises(FileNotFoundError, match=r"^save_hf_tokenizer: argument 'tokenizer_model' must be a SentencePiece model file; got "):
+        save_hf_tokenizer(tmp_path / "out", tmp_path / "none.model")
+    (tmp_path / "text.model").write_text("not a model\n")
+    with pytest.raises(ValueError, match=r"^save_hf_tokenizer: argument 'tokenizer_model' must be a readable SentencePiece model file; "):
+        save_hf_tokenizer(tmp_path / "out", tmp_path / "text.model")
+    assert not (tmp_path / "out").exists()
+    # a destination that is a file is named (NotADirectoryError came through)
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(ValueError, match=r"taken must be a folder to write into; it is a file$"):
+        save_hf_tokenizer(tmp_path / "taken", TOKENIZER)
+    assert (tmp_path / "taken").read_text() == "x"
+
+
 def test_the_source_folders_hf_files_come_along_with_its_tokenizer(tmp_path):
     transformers = pytest.importorskip("transformers")
     source = tmp_path / "base"

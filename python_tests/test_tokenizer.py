@@ -34,6 +34,23 @@ def test_encode_decode_round_trip(tokenizer):
     assert tokenizer.decode(plain) == "the quick fox"
 
 
+def test_arguments_of_another_kind_are_named(tokenizer):
+    # decode("abc") gave "abc" back (sentencepiece takes a str as pieces), an id past the vocabulary
+    # sentencepiece's OUT_OF_RANGE naming none, encode(123) "Input must be str or bytes"
+    import torch
+
+    assert tokenizer.decode(torch.tensor(tokenizer.encode("the quick fox"))) == "the quick fox"
+    with pytest.raises(TypeError, match=r"^Llama2Tokenizer.decode: argument 'ids' must be a sequence of token ids; got str$"):
+        tokenizer.decode("abc")
+    with pytest.raises(TypeError, match=r"^Llama2Tokenizer.decode: argument 'ids' must be a sequence of integer token ids; got \[1, 2.5\]$"):
+        tokenizer.decode([1, 2.5])
+    for bad in (320, -1):
+        with pytest.raises(ValueError, match=rf"^Llama2Tokenizer.decode: argument 'ids' must hold ids from 0 to 319 \(the vocabulary\); got {bad}$"):
+            tokenizer.decode([5, bad])
+    with pytest.raises(TypeError, match=r"^Llama2Tokenizer.encode: argument 'text' must be a str; got int$"):
+        tokenizer.encode(123)
+
+
 def test_text_that_is_not_unicode_is_named(tokenizer):
     # sentencepiece's binding failed on a lone surrogate (bytes that are not UTF-8, read with
     # surrogateescape) with "Unable to cast Python instance of type <class 'str'> to C++ type '?'"

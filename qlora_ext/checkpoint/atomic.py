@@ -130,12 +130,17 @@ class StagedFiles:
             (shards of an earlier, larger save) are deleted by the commit. Default: none.
         finders: the names loaders find the group by, in the order the commit puts them back; a
             loader must refuse a folder that lacks the last one present in the group.
+
+    Raises:
+        ValueError: ``folder`` names something other than a folder (a file).
     """
 
     def __init__(
         self, folder: str | os.PathLike, *, owns: Callable[[str], object] | None = None, finders: tuple[str, ...] | None = None
     ):
         self.folder = os.path.abspath(os.fspath(folder))
+        if os.path.lexists(self.folder) and not os.path.isdir(self.folder):
+            raise ValueError(f"{self.folder} must be a folder to write into; it is a file")
         self._owns = owns
         self._finders = finders
         self._staged: list[tuple[str, str]] = []

@@ -46,7 +46,15 @@ def save_hf_tokenizer(out_dir: str | os.PathLike, tokenizer_model: str | os.Path
         The paths written. Where no ``tokenizer_config.json`` came along, one is written: class
         ``LlamaTokenizer``, ``add_bos_token`` true, ``add_eos_token`` false, and the model's own BOS,
         EOS and UNK pieces.
+
+    Raises:
+        FileNotFoundError: ``tokenizer_model`` is not a file.
+        ValueError: it is no SentencePiece model, or ``source_dir``'s tokenizer_config.json is
+            not a UTF-8 JSON object.
     """
+    if not os.path.isfile(tokenizer_model):
+        raise FileNotFoundError(f"save_hf_tokenizer: argument 'tokenizer_model' must be a SentencePiece model file; "
+                                f"got {os.fspath(tokenizer_model)!r}")
     copied, config = source_tokenizer_files(tokenizer_model, source_dir)
     if config is None:
         config = _llama2_tokenizer_config(tokenizer_model)
@@ -81,7 +89,11 @@ def _llama2_tokenizer_config(tokenizer_model: str | os.PathLike) -> dict:
     """A Llama-2 ``tokenizer_config.json`` (as meta-llama/Llama-2-7b-hf's) for this model's pieces."""
     from sentencepiece import SentencePieceProcessor
 
-    spm = SentencePieceProcessor(model_file=os.fspath(tokenizer_model))
+    try:
+        spm = SentencePieceProcessor(model_file=os.fspath(tokenizer_model))
+    except (OSError, RuntimeError) as e:  # sentencepiece raises RuntimeError for a file it cannot parse
+        raise ValueError(f"save_hf_tokenizer: argument 'tokenizer_model' must be a readable SentencePiece model file; "
+                         f"{os.fspath(tokenizer_model)!r} is not: {e}") from None
     return {
         "tokenizer_class": "LlamaTokenizer",
         "add_bos_token": True,

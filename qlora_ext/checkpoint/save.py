@@ -152,7 +152,8 @@ def save_hf_checkpoint(
             with ``merge_adapters`` on a model that has adapters, with merged adapters (the 4-bit
             base would have to be quantized again without them; call ``unmerge_()`` first), or
             with a ``dtype`` (given, or a weight's own with ``dtype=None``) other than float32,
-            bfloat16 and float16; or a model with parameters on the meta device.
+            bfloat16 and float16; a model with parameters on the meta device; or an ``out_dir``
+            that is a file.
         TypeError: a ``base_config`` that is not a dict.
     """
     out_dir = os.fspath(out_dir)

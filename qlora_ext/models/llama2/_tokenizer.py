@@ -5,6 +5,7 @@ instruction data itself."""
 
 from __future__ import annotations
 
+import operator
 import os
 
 from qlora_ext._arguments import lone_surrogate_at
@@ -90,9 +91,12 @@ class Llama2Tokenizer:
             The ids, a list of ints.
 
         Raises:
+            TypeError: ``text`` is not a str.
             ValueError: ``text`` holds a lone surrogate (no Unicode text: bytes that were not
                 UTF-8, decoded with ``errors="surrogateescape"``, or a ``\\ud800`` escape).
         """
+        if not isinstance(text, str):
+            raise TypeError(f"Llama2Tokenizer.encode: argument 'text' must be a str; got {type(text).__name__}")
         try:
             ids = self._encode_trimmed(text) if trim_leading_whitespace else self.spm.encode(text)
         except RuntimeError:  # sentencepiece's binding cannot convert such a str (and names nothing)
@@ -119,8 +123,23 @@ class Llama2Tokenizer:
         return ids  # the prefix merged into the first piece: keep it rather than lose text
 
     def decode(self, ids: list[int]) -> str:
-        """The text of ``ids`` (BOS/EOS and other control pieces produce no text)."""
-        return self.spm.decode(list(ids))
+        """The text of ``ids`` (BOS/EOS and other control pieces produce no text).
+
+        Raises:
+            TypeError: ``ids`` is a string, or holds something other than integers.
+            ValueError: an id outside the vocabulary (0 to ``vocab_size`` - 1).
+        """
+        if isinstance(ids, (str, bytes)):  # (sentencepiece took a str as pieces, and gave it back)
+            raise TypeError(f"Llama2Tokenizer.decode: argument 'ids' must be a sequence of token ids; got {type(ids).__name__}")
+        try:
+            ids = [operator.index(i) for i in ids]  # (a tensor's elements too)
+        except TypeError:
+            raise TypeError(f"Llama2Tokenizer.decode: argument 'ids' must be a sequence of integer token ids; got {ids!r:.100}") from None
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"Llama2Tokenizer.decode: argument 'ids' must hold ids from 0 to {self.vocab_size - 1} (the "
+                             f"vocabulary); got {bad}")
+        return self.spm.decode(ids)
 
 
 def llama2_tokenizer(path: str | os.PathLike, max_seq_len: int | None = None, prompt_template=None) -> Llama2Tokenizer:
