@@ -132,6 +132,20 @@ def test_nf4_weights_quantized_on_arrival_into_meta_model(hf_models):
         assert rel_error(model(tokens), hf_logits(hf, tokens)) < 0.3
 
 
+def test_from_checkpoint_names_a_dtype_it_cannot_build(hf_models):
+    # torch.set_default_dtype's own message ("only floating-point types are supported as the default
+    # type"), or to_nf4's about an argument the caller never passed
+    _, folder = hf_models[2]
+    for bad in (torch.int32, "bfloat16"):
+        with pytest.raises(TypeError, match=rf"^llama2_from_checkpoint: argument 'dtype' must be a floating-point torch.dtype or None; "
+                                            rf"got {re.escape(repr(bad))}$"):
+            llama2_from_checkpoint(folder, dtype=bad)
+    with pytest.raises(TypeError, match=r"^llama2_from_checkpoint: argument 'dtype' must be float32, bfloat16 or float16 with "
+                                        r"quantize_base=True \(what NF4 weights dequantize to\); got torch.float64$"):
+        llama2_from_checkpoint(folder, ["q_proj"], quantize_base=True, dtype=torch.float64)
+    assert llama2_from_checkpoint(folder, ["q_proj"], dtype=torch.float64).tok_embeddings.weight.dtype == torch.float64
+
+
 def test_loading_into_materialized_model_copies_in_place(hf_models):
     _, folder = hf_models[4]
     config = read_checkpoint_config(folder)

@@ -188,7 +188,9 @@ def load_checkpoint(
             or of the wrong shape (all listed), or the config is unsupported, or a LoRA module of
             the model has its adapter merged into its base weight (call ``unmerge_()`` first);
             nothing is loaded then. A weight to quantize that holds NaN or Inf is found only when
-            it is read: the error names it and how many tensors were loaded before it.
+            it is read: the error names it and how many tensors were loaded before it. Also a
+            folder that cannot be listed.
+        TypeError: ``model`` is not a Llama-2 ``TransformerDecoder``.
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
     fmt = checkpoint_format(checkpoint_dir)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from qlora_ext._dtypes import default_dtype
+from qlora_ext._dtypes import FLOAT_DTYPES, default_dtype
 from qlora_ext.checkpoint.load import load_checkpoint, read_checkpoint_config
 from qlora_ext.checkpoint.peft_adapter import check_adapter_rank, load_peft_adapter, read_adapter_config
 from qlora_ext.models.llama2._component_builders import lora_llama2
@@ -55,7 +55,11 @@ def llama2_from_checkpoint(
 
     Raises:
         FileNotFoundError / ValueError: as ``load_checkpoint`` and ``load_peft_adapter``.
+        TypeError: ``dtype`` is not a floating-point dtype, or, with LoRA linears whose base is
+            quantized, not one NF4 dequantizes to (float32, bfloat16, float16).
     """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"llama2_from_checkpoint: argument 'dtype' must be a floating-point torch.dtype or None; got {dtype!r}")
     config = read_checkpoint_config(checkpoint_dir)
     kwargs = config.builder_kwargs()
     if max_seq_len is not None:
@@ -71,6 +75,10 @@ def llama2_from_checkpoint(
     if adapter_dir is not None:
         lora = read_adapter_config(adapter_dir)
         check_adapter_rank(adapter_dir, lora["lora_rank"])  # a missing file or a wrong rank is named before anything is built
+    has_lora = lora["lora_attn_modules"] or lora["apply_lora_to_mlp"] or lora["apply_lora_to_output"]
+    if quantize_base and has_lora and dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"llama2_from_checkpoint: argument 'dtype' must be float32, bfloat16 or float16 with quantize_base=True "
+                        f"(what NF4 weights dequantize to); got {dtype}")
     with torch.device("meta"), default_dtype(dtype):
         model = lora_llama2(**lora, **kwargs, quantize_base=quantize_base)
     load_checkpoint(model, checkpoint_dir, device=device)
