@@ -103,6 +103,11 @@ def test_to_nf4_rejects_bad_arguments():
         to_nf4([[0.5] * 64])
     with pytest.raises(ValueError, match=r"must be 64 and 256.*got 64.0 and 256"):
         to_nf4(torch.randn(64), block_size=64.0)
+    # a string that prints like the number is quoted (the message read "must be 64 ...; got 64")
+    with pytest.raises(ValueError, match=r"must be 64 and 256.*got '64' and 256$"):
+        to_nf4(torch.randn(64), block_size="64")
+    with pytest.raises(TypeError, match=r"argument 'dtype' must be float32, bfloat16 or float16; got 'float32'$"):
+        NF4Tensor.from_components(*to_nf4(torch.randn(64)).components(), (64,), "float32")
     nf4 = to_nf4(torch.randn(8, 64))
     for shape in [(-8, -64), 512, None]:
         with pytest.raises(ValueError, match=rf"argument 'shape' must be a list or tuple of sizes that are ints >= 0; got {re.escape(repr(shape))}"):

@@ -88,7 +88,7 @@ class NF4Tensor(Tensor):
                     f"({packed.device}); got {t.device}"
                 )
         if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"NF4Tensor.from_components: argument 'dtype' must be float32, bfloat16 or float16; got {dtype}")
+            raise TypeError(f"NF4Tensor.from_components: argument 'dtype' must be float32, bfloat16 or float16; got {dtype!r}")
         if not isinstance(shape, (torch.Size, tuple, list)) or any(not is_int(d) or d < 0 for d in shape):
             raise ValueError(f"NF4Tensor.from_components: argument 'shape' must be a list or tuple of sizes that are ints >= 0; got {shape!r}")
         numel = math.prod(shape)  # in Python ints: torch.Size.numel() wraps around past 2**63
@@ -229,7 +229,7 @@ def to_nf4(weight: Tensor, block_size: int = BLOCK_SIZE, scaler_block_size: int 
     if not (is_int(block_size) and is_int(scaler_block_size)) or (block_size, scaler_block_size) != (BLOCK_SIZE, SCALER_BLOCK_SIZE):
         raise ValueError(
             f"to_nf4: arguments 'block_size' and 'scaler_block_size' must be {BLOCK_SIZE} and "
-            f"{SCALER_BLOCK_SIZE} (the NF4 format of this package); got {block_size} and {scaler_block_size}"
+            f"{SCALER_BLOCK_SIZE} (the NF4 format of this package); got {block_size!r} and {scaler_block_size!r}"
         )
     if isinstance(weight, NF4Tensor):
         raise TypeError("to_nf4: argument 'weight' must be a dense tensor; got an NF4Tensor (already quantized)")
