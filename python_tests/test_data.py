@@ -101,7 +101,13 @@ def test_the_files_datasets_and_pandas_write(tmp_path):
 def test_other_forms_are_named(tmp_path):
     cases = [
         (_write(tmp_path / "pandas.json", json.dumps({k: {"0": v} for k, v in RECORDS[0].items()})),
-         r"is column-oriented JSON \(pandas' default to_json; keys: instruction, input, output\): write it one record per line"),
+         r"is column-oriented JSON \(pandas' default to_json, or columns as lists; keys: instruction, input, output\): write it one "
+         r"record per line"),
+        # columns as lists (df.to_dict("list"), Dataset.to_dict()) were read as one record whose instruction is no string
+        (_write(tmp_path / "columns.json", json.dumps({k: [v, v] for k, v in RECORDS[0].items()})),
+         r"'.*columns.json' is column-oriented JSON \(pandas' default to_json, or columns as lists; keys: instruction, input, output\)"),
+        (_write(tmp_path / "columns_pretty.json", json.dumps({k: [v, v] for k, v in RECORDS[0].items()}, indent=1)),
+         r"'.*columns_pretty.json' is column-oriented JSON"),
         (_write(tmp_path / "wrapped.jsonl", json.dumps({"train": RECORDS}) + "\n"),
          r"'.*wrapped.jsonl' is one JSON object \(keys: train\); it must be a JSON list"),
         (_write(tmp_path / "chat.jsonl", json.dumps({"conversations": [{"from": "human", "value": "hi"}]}) + "\n"),
@@ -119,7 +125,7 @@ def test_other_forms_are_named(tmp_path):
             load_alpaca_records([path])
     # the message of a column-oriented file stays short, however many records it holds
     big = {k: {str(i): v for i in range(5000)} for k, v in RECORDS[0].items()}
-    with pytest.raises(DataError, match=r"column-oriented JSON \(pandas' default to_json; keys") as err:
+    with pytest.raises(DataError, match=r"column-oriented JSON \(pandas' default to_json, or columns as lists; keys") as err:
         load_alpaca_records([_write(tmp_path / "big.json", json.dumps(big))])
     assert len(str(err.value)) < 400
     (tmp_path / "saved").mkdir()

@@ -186,8 +186,12 @@ def _refuse_objects(file: Path, text: str) -> None:
 
 
 def _column_oriented(item: Any) -> bool:
-    # pandas' default to_json: {"instruction": {"0": ..., "1": ...}, ...}
-    return isinstance(item, dict) and bool(item) and all(isinstance(v, dict) for v in item.values())
+    # pandas' default to_json: {"instruction": {"0": ..., "1": ...}, ...}; or columns as lists,
+    # {"instruction": [...], ...}, as json.dump of df.to_dict("list") or a datasets Dataset's to_dict()
+    if not isinstance(item, dict) or not item:
+        return False
+    return all(isinstance(v, dict) for v in item.values()) or (
+        isinstance(item.get("instruction"), list) and all(isinstance(v, list) for v in item.values()))
 
 
 def _wrapper(item: Any) -> bool:
@@ -201,7 +205,7 @@ def _wrapper(item: Any) -> bool:
 def _one_object_error(file: Path, item: dict) -> DataError:
     if _column_oriented(item):
         return DataError(
-            f"dataset.data_files: '{file}' is column-oriented JSON (pandas' default to_json; keys: {_keys(item)}): "
+            f"dataset.data_files: '{file}' is column-oriented JSON (pandas' default to_json, or columns as lists; keys: {_keys(item)}): "
             "write it one record per line, with to_json(path, orient='records', lines=True)"
         )
     return DataError(
