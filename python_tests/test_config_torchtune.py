@@ -153,6 +153,10 @@ def test_overrides_use_torchtune_keys(tmp_path):
     assert "model: quantize_base false on qlora_llama2_7b keeps the base weights dense, as torchtune does: lora_llama2_7b" in notes
     with pytest.raises(ConfigError, match=r"'model.quantize_base: yes please' must be true or false"):
         load_config(_write(tmp_path), ["dataset.data_files=a.json", "model.quantize_base=yes please"])
+    with pytest.raises(ConfigError, match=r"'model.quantize_base: 0' must be true or false"):
+        load_config(_write(tmp_path), ["dataset.data_files=a.json", "model.quantize_base=0"])
+    # null, as torchtune's modules test its truth: dense (it was read as absent: NF4)
+    assert load_config(_write(tmp_path), ["dataset.data_files=a.json", "model.quantize_base=null"]).model.builder == "lora_llama2_7b"
 
 
 def test_tune_run_override_forms(tmp_path):
@@ -163,8 +167,9 @@ def test_tune_run_override_forms(tmp_path):
                                          "metric_logger=torchtune.training.metric_logging.TensorBoardLogger"])
     assert cfg.checkpointer.checkpoint_files is None and cfg.model.builder == "lora_llama2_7b"
     assert cfg.metric_logger.type == "tensorboard" and cfg.metric_logger.log_dir.endswith("/logs")
-    with pytest.raises(ConfigError, match=r"override '~model._component_': a component cannot be removed"):
-        load_config(_write(tmp_path), ["dataset.data_files=a.json", "~model._component_"])
+    for section in ("~model._component_", "~lr_scheduler", "~optimizer"):  # (~lr_scheduler was undone by the defaults)
+        with pytest.raises(ConfigError, match=rf"override '{section}': a component cannot be removed"):
+            load_config(_write(tmp_path), ["dataset.data_files=a.json", section])
     with pytest.raises(ConfigError, match=r"override '~model.lora_rnk': the config has no key 'model.lora_rnk' to remove"):
         load_config(_write(tmp_path), ["dataset.data_files=a.json", "~model.lora_rnk"])
     with pytest.raises(ConfigError, match=r"'~key' \(torchtune's deletion of a key\) applies to torchtune config files"):

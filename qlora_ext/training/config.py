@@ -257,13 +257,13 @@ def _set_raw(raw: dict, text: str) -> None:
 def _delete_raw(raw: dict, text: str) -> None:
     """torchtune's ``~dotted.key``: the key leaves the config (a component may not)."""
     dotted = text.strip()[1:].partition("=")[0].strip()
-    if "_component_" in dotted.split("."):
-        raise ConfigError(f"override '{text}': a component cannot be removed (as with tune run); override it with another")
     parts, node = dotted.split("."), raw
     for part in parts[:-1]:
         node = node.get(part) if isinstance(node, dict) else None
     if not isinstance(node, dict) or parts[-1] not in node:
         raise ConfigError(f"override '{text}': the config has no key '{dotted}' to remove")
+    if parts[-1] == "_component_" or (isinstance(node[parts[-1]], dict) and "_component_" in node[parts[-1]]):
+        raise ConfigError(f"override '{text}': a component cannot be removed (as with tune run); override it with another")
     del node[parts[-1]]
 
 

@@ -135,13 +135,15 @@ def _model(component: Any, section: dict, top: dict, notes: list[str]) -> dict |
             f"use one of {', '.join(MODEL_BUILDERS)}"
         )
     name = _name(component, "model", {b: b for b in MODEL_BUILDERS})
-    # torchtune's qlora_* builders are its lora_* ones with quantize_base=True, which the config's own value overrides
+    # torchtune's qlora_* builders are its lora_* ones with quantize_base=True, which the config's own
+    # value overrides (null as false: torchtune's modules test its truth)
+    given = "quantize_base" in section
     quantize = section.pop("quantize_base", None)
-    if quantize not in (True, False, None):
+    if quantize is not None and type(quantize) is not bool:
         raise TorchtuneConfigError(f"'model.quantize_base: {quantize}' must be true or false")
     if quantize and not name.startswith("qlora_"):
         name = f"q{name}"
-    elif quantize is False and name.startswith("qlora_"):
+    elif given and not quantize and name.startswith("qlora_"):
         notes.append(f"model: quantize_base false on {name} keeps the base weights dense, as torchtune does: {name[1:]}")
         name = name[1:]
     _refuse_unless(section, "use_dora", (False, None), "DoRA adapters are not implemented", "model")
