@@ -136,9 +136,9 @@ def test_from_checkpoint_names_a_dtype_it_cannot_build(hf_models):
     # torch.set_default_dtype's own message ("only floating-point types are supported as the default
     # type"), or to_nf4's about an argument the caller never passed
     _, folder = hf_models[2]
-    for bad in (torch.int32, "bfloat16"):
-        with pytest.raises(TypeError, match=rf"^llama2_from_checkpoint: argument 'dtype' must be a floating-point torch.dtype or None; "
-                                            rf"got {re.escape(repr(bad))}$"):
+    for bad in (torch.int32, "bfloat16", torch.float8_e4m3fn):  # (float8: "couldn't find storage object Float8_e4m3fnStorage")
+        with pytest.raises(TypeError, match=rf"^llama2_from_checkpoint: argument 'dtype' must be float32, bfloat16, float16, float64 "
+                                            rf"or None; got {re.escape(repr(bad))}$"):
             llama2_from_checkpoint(folder, dtype=bad)
     with pytest.raises(TypeError, match=r"^llama2_from_checkpoint: argument 'dtype' must be float32, bfloat16 or float16 with "
                                         r"quantize_base=True \(what NF4 weights dequantize to\); got torch.float64$"):
@@ -338,6 +338,18 @@ def test_malformed_json_index_and_safetensors_header_are_named(tmp_path):
     ]:
         with pytest.raises(ValueError, match=r"damaged.safetensors(:| is not a safetensors file:) " + needle):
             SafetensorsReader(damaged(header_text, **kwargs))
+
+
+def test_a_dangling_config_link_is_not_taken_for_a_config(tmp_path):
+    # a HF cache snapshot whose blob is missing: a dangling config.json beside a Meta params.json
+    # is the Meta checkpoint (as before 723cb77), and alone it is named
+    from qlora_ext.checkpoint import checkpoint_format
+
+    (tmp_path / "config.json").symlink_to(tmp_path / "missing-blob")
+    with pytest.raises(FileNotFoundError, match=r"found \['config.json'\] \(config.json: a link to a missing file\)$"):
+        checkpoint_format(tmp_path)
+    (tmp_path / "params.json").write_text("{}")
+    assert checkpoint_format(tmp_path) == "meta"
 
 
 def test_unreadable_checkpoint_files_are_named(hf_models, tmp_path):

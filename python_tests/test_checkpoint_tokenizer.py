@@ -48,8 +48,9 @@ def test_a_tokenizer_model_that_is_missing_or_no_sentencepiece_model_is_named(tm
     assert not (tmp_path / "out").exists()
     # a destination that is a file is named (NotADirectoryError came through)
     (tmp_path / "taken").write_text("x")
-    with pytest.raises(ValueError, match=r"taken must be a folder to write into; it is a file$"):
-        save_hf_tokenizer(tmp_path / "taken", TOKENIZER)
+    for out in (tmp_path / "taken", tmp_path / "taken" / "sub"):
+        with pytest.raises(ValueError, match=rf"{out} cannot be a folder to write into: {tmp_path / 'taken'} exists and is not a folder$"):
+            save_hf_tokenizer(out, TOKENIZER)
     assert (tmp_path / "taken").read_text() == "x"
 
 

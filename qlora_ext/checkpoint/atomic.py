@@ -132,15 +132,18 @@ class StagedFiles:
             loader must refuse a folder that lacks the last one present in the group.
 
     Raises:
-        ValueError: ``folder`` names something other than a folder (a file).
+        ValueError: ``folder``, or the nearest of its parents that exists, is not a folder (a file).
     """
 
     def __init__(
         self, folder: str | os.PathLike, *, owns: Callable[[str], object] | None = None, finders: tuple[str, ...] | None = None
     ):
         self.folder = os.path.abspath(os.fspath(folder))
-        if os.path.lexists(self.folder) and not os.path.isdir(self.folder):
-            raise ValueError(f"{self.folder} must be a folder to write into; it is a file")
+        existing = self.folder
+        while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise ValueError(f"{self.folder} cannot be a folder to write into: {existing} exists and is not a folder")
         self._owns = owns
         self._finders = finders
         self._staged: list[tuple[str, str]] = []

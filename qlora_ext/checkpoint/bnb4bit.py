@@ -205,9 +205,9 @@ def bnb4bit_entries(name: str, weight: Tensor, dtype: torch.dtype) -> list[tuple
         name: the weight's key (``model.layers.0.self_attn.q_proj.weight``).
         weight: an ``NF4Tensor`` (its storage is written as it is) or a dense 2-D weight (quantized
             here, giving the 4-bit codes bitsandbytes' ``quantize_4bit`` gives, while an absmax
-            code may take the other neighbour in a near-tie and the offset differ in its last bit
-            (docs/nf4_format.md); once to size the quant state, and again when its keys are
-            written, so only one weight's codes are held).
+            code may take the other neighbour in a near-tie (docs/nf4_format.md) and the offset,
+            a mean summed in another order, differ in its last bits; once to size the quant
+            state, and again when its keys are written, so only one weight's codes are held).
         dtype: the dtype the weight dequantizes to (the quant state's ``dtype``); a dense weight
             is cast to it before quantizing, as bitsandbytes quantizes a checkpoint of that dtype.
 

@@ -61,12 +61,13 @@ def checkpoint_format(checkpoint_dir: str | os.PathLike) -> str:
         os.stat(os.path.join(checkpoint_dir, "."))  # a folder listed but not entered (no x permission) hides its files
     except OSError as e:
         raise ValueError(f"checkpoint folder {checkpoint_dir} cannot be read: {e.strerror}") from None
-    if "config.json" in names:
-        return "hf"
-    if "params.json" in names:
-        return "meta"
+    present = [name for name in ("config.json", "params.json") if name in names and os.path.exists(os.path.join(checkpoint_dir, name))]
+    if present:
+        return "hf" if present[0] == "config.json" else "meta"
+    dangling = [name for name in ("config.json", "params.json") if name in names]
     raise FileNotFoundError(
         f"{checkpoint_dir} is neither a HF checkpoint (config.json) nor a Meta one (params.json); found {sorted(names)}"
+        + (f" ({', '.join(dangling)}: a link to a missing file)" if dangling else "")
     )
 
 

@@ -136,9 +136,9 @@ def save_hf_checkpoint(
             double quantization, blocksize 64) and its ``quantization_config``, as transformers
             saves a model loaded with ``load_in_4bit``: it loads back in 4 bits, and so does
             ``load_checkpoint``. NF4 weights are written as stored, dense ones quantized (the
-            4-bit codes bitsandbytes would give; an absmax code or the offset may differ from
-            its in a near-tie, see docs/nf4_format.md); embeddings, norms and the output layer
-            stay dense.
+            4-bit codes bitsandbytes would give; an absmax code may take the other neighbour in
+            a near-tie, see docs/nf4_format.md, and the offset differ in its last bits);
+            embeddings, norms and the output layer stay dense.
             So a model read from a bitsandbytes checkpoint writes its LoRA linears' bytes back
             unchanged, and its linears without LoRA (dense since the load) quantized again.
             A model with LoRA adapters needs ``merge_adapters=False`` (save the adapters with

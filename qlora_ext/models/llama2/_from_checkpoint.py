@@ -55,11 +55,11 @@ def llama2_from_checkpoint(
 
     Raises:
         FileNotFoundError / ValueError: as ``load_checkpoint`` and ``load_peft_adapter``.
-        TypeError: ``dtype`` is not a floating-point dtype, or, with LoRA linears whose base is
-            quantized, not one NF4 dequantizes to (float32, bfloat16, float16).
+        TypeError: ``dtype`` is not one a model can be built in (float32, bfloat16, float16,
+            float64), or, with LoRA linears whose base is quantized, not one NF4 dequantizes to.
     """
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"llama2_from_checkpoint: argument 'dtype' must be a floating-point torch.dtype or None; got {dtype!r}")
+    if dtype is not None and dtype not in (*FLOAT_DTYPES, torch.float64):
+        raise TypeError(f"llama2_from_checkpoint: argument 'dtype' must be float32, bfloat16, float16, float64 or None; got {dtype!r}")
     config = read_checkpoint_config(checkpoint_dir)
     kwargs = config.builder_kwargs()
     if max_seq_len is not None:
