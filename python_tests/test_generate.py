@@ -496,6 +496,18 @@ def test_cli_names_a_checkpoint_folder_it_cannot_read(checkpoint_with_tokenizer,
     assert f"argument --checkpoint-dir: checkpoint folder {checkpoint_with_tokenizer} cannot be read: Permission denied" in capsys.readouterr().err
 
 
+def test_cli_under_an_ascii_locale_takes_utf8_prompts(checkpoint_with_tokenizer):
+    # LC_ALL=C with PYTHONUTF8=0: the UTF-8 bytes of "café" were refused as text that is not UTF-8
+    # (Python had decoded them as ASCII), and output the terminal cannot encode was a codec error
+    env = {**{k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "LANG", "LC_CTYPE")},
+           "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONPATH": REPO}
+    command = [sys.executable, "-m", "qlora_ext.generate", "--checkpoint-dir", checkpoint_with_tokenizer,
+               "--prompt", "What is the opposite of caf\u00e9?", "--max-new-tokens", "3", "--temperature", "0"]
+    out = subprocess.run(command, capture_output=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(b"What is the opposite of caf\\xe9?"), out.stdout  # (escaped: stdout is ASCII)
+
+
 def test_cli_output_that_cannot_be_written(checkpoint_with_tokenizer):
     # A full device or a reader gone away: named, or quiet, never a traceback.
     if not os.path.exists("/dev/full"):

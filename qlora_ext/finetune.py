@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from qlora_ext._console import stdout_reader_gone, tolerant_console
 from qlora_ext._paths import unwritable_folder
 from qlora_ext.checkpoint.atomic import atomic_write_text
 from qlora_ext.training import checkpoint_folders, checkpointing, evaluation, model_setup, run_lock, saving, steps
@@ -88,6 +89,9 @@ def train(cfg: Config) -> dict[str, Any]:
         tempfile.TemporaryFile(dir=output_dir).close()  # an existing folder may still be read-only
     except OSError as e:
         raise ConfigError(unwritable_folder("output_dir", output_dir, e)) from None
+    except UnicodeEncodeError:  # (a non-ASCII name under an ASCII locale, as LC_ALL=C with PYTHONUTF8=0)
+        raise ConfigError(f"output_dir: {str(output_dir)!r} cannot be a file name in this system's encoding "
+                          f"({sys.getfilesystemencoding()}); run with PYTHONUTF8=1 or under a UTF-8 locale") from None
     for key, path in (("checkpointer.checkpoint_dir", cfg.checkpointer.checkpoint_dir), ("tokenizer.path", cfg.tokenizer.path)):
         inside = path is not None and checkpoint_folders.checkpoint_folder_holding(output_dir, path)
         if inside:
@@ -474,9 +478,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="a bundled config name or a YAML path (default: %(default)s)")
     parser.add_argument("--list-configs", action="store_true", help="print the bundled config names and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.lora_rank=16")
-    args = parser.parse_args(argv)
+    tolerant_console()
+    args = parser.parse_intermixed_args(argv)  # (overrides before and after --config alike)
     if args.list_configs:
-        print("\n".join(available_configs()))
+        try:
+            print("\n".join(available_configs()), flush=True)
+        except BrokenPipeError:
+            return stdout_reader_gone()
+        except OSError as e:
+            print(f"error: cannot write to standard output: {e.strerror or e}", file=sys.stderr)
+            return 1
         return 0
     cfg, started = None, time.time()
     # SIGTERM (a scheduler's or `docker stop`'s) stops the run as Ctrl-C does: a checkpoint being

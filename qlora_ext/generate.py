@@ -26,6 +26,7 @@ import time
 import torch
 
 from qlora_ext._arguments import lone_surrogate_at
+from qlora_ext._console import recovered_utf8, stdout_reader_gone, tolerant_console
 from qlora_ext._dtypes import HF_DTYPES
 
 
@@ -76,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.adapter_dir is not None and not os.path.isdir(args.adapter_dir):
         parser.error(f"argument --adapter-dir must be a PEFT adapter folder; '{args.adapter_dir}' "
                      + ("is a file" if os.path.exists(args.adapter_dir) else "does not exist"))
+    args.prompt = [recovered_utf8(text) for text in args.prompt]  # (UTF-8 read under an ASCII locale)
+    args.input = recovered_utf8(args.input)
     for flag, texts in (("--prompt", args.prompt), ("--input", [args.input])):
         for text in texts:
             bad = lone_surrogate_at(text)
@@ -144,13 +147,12 @@ def _warn_if_merged_elsewhere(checkpoint_dir: str, adapter_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tolerant_console()
     args = parse_args(argv)
     try:
         return _run(args)
     except BrokenPipeError:  # stdout's reader is gone (`| head -n 1`): nothing more to say to anyone
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # (Python's flush of stdout at exit would fail again)
-        return 1
+        return stdout_reader_gone()
     except (OSError, ValueError) as e:
         # A bad path, an unreadable or unusable checkpoint, an output that cannot be written: the
         # user's to fix. Say what, skip the traceback.

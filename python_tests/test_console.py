@@ -1,0 +1,85 @@
+"""The command-line tools' standard streams: an ASCII locale (LC_ALL=C with PYTHONUTF8=0) and a
+stdout that cannot be written (a full device, a reader gone) end a tool with a line, never a
+traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qlora_ext import finetune
+from qlora_ext.training.config import CONFIG_DIR
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASCII = {**{k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "LANG", "LC_CTYPE")},
+         "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONPATH": REPO}
+
+
+def _run(args, **kwargs):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO},
+                          timeout=300, **kwargs)
+
+
+def _reader_gone(args):
+    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": REPO})
+    process.stdout.close()
+    code = process.wait(timeout=300)
+    err = process.stderr.read()
+    process.stderr.close()
+    return code, err
+
+
+def _needs_dev_full():
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full (Linux's always-full device)")
+
+
+def test_text_stdout_cannot_encode_is_escaped():
+    # a print of non-ASCII text under an ASCII locale raised UnicodeEncodeError (the trainer's
+    # closing report, after training, lost whole)
+    code = "from qlora_ext._console import tolerant_console; tolerant_console(); print('caf\\xe9 \\u65e5')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, env=ASCII, timeout=120)
+    assert out.returncode == 0 and out.stdout == b"caf\\xe9 \\u65e5\n", out.stderr
+
+
+def test_list_configs_and_plot_with_stdout_unwritable(tmp_path):
+    # tracebacks (BrokenPipeError, OSError: No space left on device) after the work was done
+    _needs_dev_full()
+    (tmp_path / "run" / "logs").mkdir(parents=True)
+    (tmp_path / "run" / "logs" / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1 / s}) + "\n" for s in (1, 2)))
+    commands = {
+        "list": ["-m", "qlora_ext.finetune", "--list-configs"],
+        "plot": ["-m", "qlora_ext.plot", str(tmp_path / "run"), "-o", str(tmp_path / "curve.png")],
+    }
+    for name, args in commands.items():
+        with open("/dev/full", "w") as full:
+            out = subprocess.run([sys.executable, *args], stdout=full, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "PYTHONPATH": REPO}, timeout=300)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, (name, out.stderr)
+        assert out.stderr.strip().endswith("cannot write to standard output: No space left on device"), (name, out.stderr)
+        assert _reader_gone(args) == (1, ""), name
+    assert (tmp_path / "curve.png").is_file()
+
+
+def test_overrides_before_and_after_config(capsys):
+    # key=value before --config used up the positional: those after it were "unrecognized arguments";
+    # here the later one is read as an override, and its unknown key named
+    assert finetune.main(["epochs=1", "--config", "tiny_qlora", "model.lora_rnk=3"]) == 2
+    assert "unknown config key 'model.lora_rnk'" in capsys.readouterr().err
+
+
+def test_an_output_dir_the_file_system_encoding_cannot_hold_is_named(tmp_path):
+    # a non-ASCII output_dir in a config file (read as UTF-8) under an ASCII locale: a traceback at mkdir
+    text = (CONFIG_DIR / "tiny_qlora.yaml").read_text(encoding="utf-8").replace(
+        "output_dir: qlora_output/tiny_qlora", f"output_dir: {tmp_path}/caf\u00e9")
+    (tmp_path / "cfg.yaml").write_text(text, encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "qlora_ext.finetune", "--config", str(tmp_path / "cfg.yaml")],
+                         capture_output=True, env=ASCII, timeout=300)
+    stderr = out.stderr.decode("ascii", "replace")
+    assert out.returncode == 2 and "Traceback" not in stderr, stderr
+    assert "cannot be a file name in this system's encoding (ascii); run with PYTHONUTF8=1 or under a UTF-8 locale" in stderr

@@ -1,0 +1,39 @@
+"""The command-line tools' standard streams: text they cannot encode, and a reader that is gone.
+
+Under an ASCII locale (``LC_ALL=C`` with ``PYTHONUTF8=0``) a print of non-ASCII text (an answer,
+a data record quoted in a report) raised UnicodeEncodeError, after the work was done. The tools
+write such characters as escapes instead. A stdout whose reader went away (``| head -n 1``) ends
+a tool quietly.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+
+
+def tolerant_console() -> None:
+    """Characters stdout and stderr cannot encode are written as backslash escapes."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, io.UnsupportedOperation):  # (None, closed, or not a text wrapper)
+            pass
+
+
+def stdout_reader_gone() -> int:
+    """After a BrokenPipeError on stdout: points stdout at /dev/null (Python's flush at exit would
+    fail again) and returns the exit status, 1."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
+
+
+def recovered_utf8(text: str) -> str:
+    """An argument whose UTF-8 bytes were decoded under an ASCII locale (each byte past 0x7f a
+    lone surrogate, by surrogateescape): the text those bytes spell; ``text`` where they are no UTF-8."""
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except UnicodeError:
+        return text
