@@ -30,6 +30,19 @@ def stdout_reader_gone() -> int:
     return 1
 
 
+def print_out(text: str) -> int:
+    """Prints ``text`` to stdout, flushed; returns the exit status: 0, or 1 where stdout cannot take
+    it (quietly for a reader gone, else with a line on stderr)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        return stdout_reader_gone()
+    except OSError as e:
+        print(f"error: cannot write to standard output: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def recovered_utf8(text: str) -> str:
     """An argument whose UTF-8 bytes were decoded under an ASCII locale (each byte past 0x7f a
     lone surrogate, by surrogateescape): the text those bytes spell; ``text`` where they are no UTF-8."""

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from qlora_ext._console import stdout_reader_gone, tolerant_console
+from qlora_ext._console import print_out, tolerant_console
 from qlora_ext._paths import unwritable_folder
 from qlora_ext.checkpoint.atomic import atomic_write_text
 from qlora_ext.training import checkpoint_folders, checkpointing, evaluation, model_setup, run_lock, saving, steps
@@ -481,14 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     tolerant_console()
     args = parser.parse_intermixed_args(argv)  # (overrides before and after --config alike)
     if args.list_configs:
-        try:
-            print("\n".join(available_configs()), flush=True)
-        except BrokenPipeError:
-            return stdout_reader_gone()
-        except OSError as e:
-            print(f"error: cannot write to standard output: {e.strerror or e}", file=sys.stderr)
-            return 1
-        return 0
+        return print_out("\n".join(available_configs()))
     cfg, started = None, time.time()
     # SIGTERM (a scheduler's or `docker stop`'s) stops the run as Ctrl-C does: a checkpoint being
     # written is removed whole (the metrics log is flushed line by line), and the same closing

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from qlora_ext._arguments import is_finite_real, is_int
-from qlora_ext._console import stdout_reader_gone, tolerant_console
+from qlora_ext._console import print_out, tolerant_console
 from qlora_ext._paths import why_not_a_folder
 from qlora_ext.training.loss_plot import Curve, builtin_renderer_note, plot_loss_curves
 from qlora_ext.training.metric_logging import LOG_SUBDIR, METRICS_FILE, metrics_file, read_metrics
@@ -119,14 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"wrote {args.output}{note}"] + [
         f"  {c.label}: {len(c.losses)} step{'' if len(c.losses) == 1 else 's'}, loss {_loss_text(c.losses[0])} -> {_loss_text(c.losses[-1])}"
         for c in curves]
-    try:
-        print("\n".join(lines), flush=True)
-    except BrokenPipeError:  # stdout's reader is gone: the picture is written, nothing more to say
-        return stdout_reader_gone()
-    except OSError as e:
-        print(f"error: wrote {args.output}, but cannot write to standard output: {e.strerror or e}", file=sys.stderr)
-        return 1
-    return 0
+    return print_out("\n".join(lines))  # (the picture is written either way)
 
 
 if __name__ == "__main__":
