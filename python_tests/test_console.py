@@ -73,13 +73,25 @@ def test_overrides_before_and_after_config(capsys):
     assert "unknown config key 'model.lora_rnk'" in capsys.readouterr().err
 
 
-def test_an_output_dir_the_file_system_encoding_cannot_hold_is_named(tmp_path):
-    # a non-ASCII output_dir in a config file (read as UTF-8) under an ASCII locale: a traceback at mkdir
-    text = (CONFIG_DIR / "tiny_qlora.yaml").read_text(encoding="utf-8").replace(
-        "output_dir: qlora_output/tiny_qlora", f"output_dir: {tmp_path}/caf\u00e9")
+@pytest.mark.parametrize("key, line", [
+    ("output_dir", "output_dir: qlora_output/tiny_qlora"),  # (was a traceback at mkdir)
+    ("dataset.data_files", '  data_files: "{assets}/tiny_alpaca.jsonl"'),  # (these three were "not a file" / "not a folder")
+    ("tokenizer.path", '  path: "{assets}/tokenizer.model"'),
+    ("checkpointer.checkpoint_dir", '  checkpoint_dir: "{assets}/tiny_llama2"'),
+])
+def test_a_path_the_file_system_encoding_cannot_hold_is_named(tmp_path, key, line):
+    # a non-ASCII path in a config file (read as UTF-8) under an ASCII locale
+    name = key.split(".")[-1]
+    path = f"{tmp_path}/caf\u00e9"
+    text = (CONFIG_DIR / "tiny_qlora.yaml").read_text(encoding="utf-8")
+    assert line in text
+    text = text.replace(line, f"{line[: line.index(name)]}{name}: {path}")
+    if key != "output_dir":
+        text = text.replace("output_dir: qlora_output/tiny_qlora", f"output_dir: {tmp_path}/run")
     (tmp_path / "cfg.yaml").write_text(text, encoding="utf-8")
     out = subprocess.run([sys.executable, "-m", "qlora_ext.finetune", "--config", str(tmp_path / "cfg.yaml")],
                          capture_output=True, env=ASCII, timeout=300)
     stderr = out.stderr.decode("ascii", "replace")
     assert out.returncode == 2 and "Traceback" not in stderr, stderr
-    assert "cannot be a file name in this system's encoding (ascii); run with PYTHONUTF8=1 or under a UTF-8 locale" in stderr
+    assert (f"{key}: '{tmp_path}/caf\\xe9' cannot be a file name in this system's encoding (ascii); "  # (\\xe9: stderr's escape)
+            "run with PYTHONUTF8=1 or under a UTF-8 locale") in stderr, stderr

@@ -37,12 +37,13 @@ def test_default_run_reduced(tmp_path, capsys):
     out = tmp_path / "run"
     rc = finetune.main([f"output_dir={out}", "max_steps_per_epoch=3", "epochs=1", "eval.max_batches=1",
                         "eval.num_samples=1", "eval.max_new_tokens=4", "log_every_n_steps=1"])
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert rc == 0
     assert "Memory Stats after model init::\nCPU resident memory:" in text
     assert "Held-out loss:" in text and "before ->" in text
     assert "prompt:" in text and "before:" in text and "after:" in text
-    assert "|3|Loss: " in text  # the progress bar: epoch|step|Loss
+    assert "|3|Loss: " in captured.err and "|Loss: " not in text  # the progress bar (epoch|step|Loss), on stderr as torchtune's
     assert "Resolved config (seed " in text and "model:\n  builder: qlora_llama2" in text
     ckpt = out / "epoch_0"
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "model.safetensors", "config.json", "tokenizer.model",
@@ -543,9 +544,31 @@ def test_compile_has_no_graph_breaks(tmp_path, tiny_ckpt, small_data, monkeypatc
 )
 def test_cli_errors_name_the_key(args, needle, capsys, tmp_path):
     if not any(a.startswith("output_dir=") for a in args):
-        args = [*args, f"output_dir={tmp_path / 'run'}"]
+        args = [*args, f"output_dir={tmp_path / 'runs' / 'run'}"]
     assert finetune.main(args) == 2
     assert needle in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # a refused run leaves no folder (it created two, and its .lock)
+
+
+def test_a_refused_run_keeps_what_it_did_not_create(capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    assert finetune.main([f"output_dir={out}", "dataset.data_files=/nonexistent.jsonl"]) == 2
+    assert "is not a file" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "logs"]  # the folder was there: it stays, as does what setup made
+    fresh = tmp_path / "fresh"
+    original = finetune.run_lock._remove_if_unused
+
+    def a_file_appears_first(output_dir, new_folders):  # (another process writes into the new folder)
+        (fresh / "notes.txt").write_text("kept")
+        original(output_dir, new_folders)
+
+    finetune.run_lock._remove_if_unused = a_file_appears_first
+    try:
+        assert finetune.main([f"output_dir={fresh}", "dataset.data_files=/nonexistent.jsonl"]) == 2
+    finally:
+        finetune.run_lock._remove_if_unused = original
+    assert sorted(p.name for p in fresh.iterdir()) == [".lock", "logs", "notes.txt"]
 
 
 def test_unreadable_inputs_are_named(capsys, tmp_path):

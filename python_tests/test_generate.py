@@ -428,7 +428,7 @@ def test_cli_argument_errors(checkpoint_with_tokenizer, tmp_path):
         [sys.executable, "-m", "qlora_ext.generate", "--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "The quick fox " * 60],
         capture_output=True, text=True, env=env, timeout=120,
     )
-    assert out.returncode == 1, out.stderr[-2000:]
+    assert out.returncode == 2, out.stderr[-2000:]  # a usage error, as argparse's
     assert re.search(r"error: argument --prompt must leave room for new tokens: it is \d+ tokens \(with BOS\) and the model's max_seq_len is 128", out.stderr)
     out = subprocess.run(
         [sys.executable, "-m", "qlora_ext.generate", "--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "x", "--quantize-base"],

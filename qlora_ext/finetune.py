@@ -44,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from qlora_ext._console import print_out, tolerant_console
-from qlora_ext._paths import unwritable_folder
+from qlora_ext._paths import unencodable_name, unwritable_folder
 from qlora_ext.checkpoint.atomic import atomic_write_text
 from qlora_ext.training import checkpoint_folders, checkpointing, evaluation, model_setup, run_lock, saving, steps
 from qlora_ext.training.config import Config, ConfigError, available_configs, load_config
@@ -84,14 +84,12 @@ def train(cfg: Config) -> dict[str, Any]:
     device = steps.resolve_device(cfg.device)
     dtype = steps.resolve_dtype(cfg.dtype, device)
     output_dir = Path(cfg.output_dir)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=output_dir).close()  # an existing folder may still be read-only
-    except OSError as e:
-        raise ConfigError(unwritable_folder("output_dir", output_dir, e)) from None
-    except UnicodeEncodeError:  # (a non-ASCII name under an ASCII locale, as LC_ALL=C with PYTHONUTF8=0)
-        raise ConfigError(f"output_dir: {str(output_dir)!r} cannot be a file name in this system's encoding "
-                          f"({sys.getfilesystemencoding()}); run with PYTHONUTF8=1 or under a UTF-8 locale") from None
+    data_files = cfg.dataset.data_files
+    for key, path in (("output_dir", output_dir), ("checkpointer.checkpoint_dir", cfg.checkpointer.checkpoint_dir),
+                      ("tokenizer.path", cfg.tokenizer.path),
+                      *(("dataset.data_files", f) for f in ([data_files] if isinstance(data_files, str) else data_files or []))):
+        if path is not None and unencodable_name(path):  # (else "not a file", or a traceback)
+            raise ConfigError(f"{key}: {unencodable_name(path)}")
     for key, path in (("checkpointer.checkpoint_dir", cfg.checkpointer.checkpoint_dir), ("tokenizer.path", cfg.tokenizer.path)):
         inside = path is not None and checkpoint_folders.checkpoint_folder_holding(output_dir, path)
         if inside:
@@ -99,7 +97,13 @@ def train(cfg: Config) -> dict[str, Any]:
                 f"{key}: '{path}' lies in {inside}, a checkpoint folder of this run's output_dir '{output_dir}', which the "
                 f"run's saves replace or delete; copy it out of '{output_dir}' first, or choose another output_dir"
             )
-    with run_lock.exclusive_output_dir(output_dir):
+    try:
+        new_folders = run_lock.missing_folders(output_dir)  # what mkdir creates: a run refused in setup removes them
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=output_dir).close()  # an existing folder may still be read-only
+    except OSError as e:
+        raise ConfigError(unwritable_folder("output_dir", output_dir, e)) from None
+    with run_lock.exclusive_output_dir(output_dir, new_folders=new_folders):
         return _train_in(output_dir, cfg, device, dtype)
 
 
@@ -314,7 +318,8 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
         order = epoch_order(len(train_ds), epoch, seed, cfg.shuffle)
         step_in_epoch = start_step if epoch == start_epoch else 0
         batches = iterate_batches(train_ds, order, cfg.batch_size, tokenizer.pad_id, step_in_epoch * cfg.gradient_accumulation_steps)
-        bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, dynamic_ncols=True, file=sys.stdout)
+        # on stderr, as torchtune's: `> log.txt` keeps the report lines and leaves the bar on the terminal
+        bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, dynamic_ncols=True, file=sys.stderr)
         tokens_since, t_since = 0, time.perf_counter()
         while step_in_epoch < steps_per_epoch:
             window = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]

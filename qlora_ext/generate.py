@@ -146,6 +146,11 @@ def _warn_if_merged_elsewhere(checkpoint_dir: str, adapter_dir: str) -> None:
           "applied on top of the already adapted model", file=sys.stderr)
 
 
+class _UsageError(ValueError):
+    """An argument that only the loaded model shows unusable (a prompt too long for it): exit
+    status 2, as argparse's for the arguments it checks itself."""
+
+
 def main(argv: list[str] | None = None) -> int:
     tolerant_console()
     args = parse_args(argv)
@@ -153,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except BrokenPipeError:  # stdout's reader is gone (`| head -n 1`): nothing more to say to anyone
         return stdout_reader_gone()
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as e:
         # A bad path, an unreadable or unusable checkpoint, an output that cannot be written: the
         # user's to fix. Say what, skip the traceback.
@@ -195,7 +203,7 @@ def _run(args: argparse.Namespace) -> int:
         prompts = [prompt_tokens(tokenizer, {"instruction": text, "input": args.input}, args.template) for text in args.prompt]
     longest = max(len(p) for p in prompts)
     if longest >= model.max_seq_len:
-        raise ValueError(
+        raise _UsageError(
             f"argument --prompt must leave room for new tokens: it is {longest} tokens (with BOS) and "
             f"the model's max_seq_len is {model.max_seq_len}; shorten it"
         )
