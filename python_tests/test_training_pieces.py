@@ -365,6 +365,22 @@ def test_the_builtin_legend_names_the_runs_that_fit_and_counts_the_rest(tmp_path
     assert max(y for y, _ in legend) < 480 - 56  # inside the frame
 
 
+def test_the_builtin_font_draws_accented_letters_as_their_base_letters():
+    # a non-ASCII run name in the built-in PNG's legend: every letter with an accent was "?"
+    from qlora_ext.training.png_canvas import Canvas, _drawable, text_width
+
+    assert _drawable("caf\u00e9-r\u00e9sum\u00e9 [r=8] 100%") == "CAFE-RESUME [R=8] 100%"
+    assert _drawable("\u00c5ngstr\u00f6m \ufb01t \u6f22") == "ANGSTROM FIT ?"  # (a ligature is its letters; no glyph: ?)
+    assert text_width("\ufb01") == text_width("fi")
+
+    def pixels(text):
+        canvas = Canvas(40, 12)
+        canvas.text(1, 1, text)
+        return bytes(canvas.pixels)
+
+    assert pixels("\u00e9") == pixels("e") != pixels("?")
+
+
 def test_nice_ticks_are_few_and_cover_the_values():
     from qlora_ext.training.loss_plot import nice_ticks
 

@@ -7,6 +7,7 @@ draws a plain but readable chart with no dependency beyond the standard library.
 from __future__ import annotations
 
 import struct
+import unicodedata
 import zlib
 from pathlib import Path
 
@@ -28,7 +29,21 @@ _GLYPHS: dict[str, tuple[int, ...]] = {
     ".": (0, 0, 0, 0, 2), "-": (0, 0, 7, 0, 0), "_": (0, 0, 0, 0, 7), "/": (1, 1, 2, 4, 4),
     ":": (0, 2, 0, 2, 0), " ": (0, 0, 0, 0, 0), "(": (1, 2, 2, 2, 1), ")": (4, 2, 2, 2, 4),
     "=": (0, 7, 0, 7, 0), "+": (0, 2, 7, 2, 0), ",": (0, 0, 0, 2, 4), "?": (7, 1, 2, 0, 2),
+    "[": (3, 2, 2, 2, 3), "]": (6, 2, 2, 2, 6), "|": (2, 2, 2, 2, 2), "'": (2, 2, 0, 0, 0),
+    "!": (2, 2, 2, 0, 2), "%": (5, 1, 2, 4, 5), "*": (0, 5, 2, 5, 0), "#": (5, 7, 5, 7, 5),
+    "<": (1, 2, 4, 2, 1), ">": (4, 2, 1, 2, 4), "&": (2, 5, 2, 5, 3), "@": (7, 5, 7, 4, 7),
 }
+
+
+def _drawable(text: str) -> str:
+    """``text`` in the font's characters: upper case, accents dropped (a non-ASCII run name in a
+    legend, "café" -> "CAFE"), and "?" for what has no glyph even then."""
+    out = []
+    for ch in text.upper():
+        if ch not in _GLYPHS:  # a letter with marks decomposes into its base letter and the marks
+            ch = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c)).upper()
+        out.extend(c if c in _GLYPHS else "?" for c in ch or "?")
+    return "".join(out)
 
 
 class Canvas:
@@ -74,7 +89,7 @@ class Canvas:
 
     def text(self, x: int, y: int, text: str, color: Color = (0, 0, 0), scale: int = 2, anchor: str = "left") -> None:
         """Draws ``text`` with its top at y; anchor "left", "right" or "center" at x."""
-        text = text.upper()
+        text = _drawable(text)
         width = text_width(text, scale)
         if anchor == "right":
             x -= width
@@ -107,4 +122,4 @@ class Canvas:
 
 
 def text_width(text: str, scale: int = 2) -> int:
-    return max(0, 4 * scale * len(text) - scale)
+    return max(0, 4 * scale * len(_drawable(text)) - scale)
