@@ -298,6 +298,7 @@ def _set(dotted: str, value):
         (_set("model.use_dora", True), ["'model.use_dora: True'", "DoRA"]),
         (_set("metric_logger.log_dir", "${oc.env:HOME}/logs"), ["${oc.env:HOME}", "resolvers"]),
         (_set("metric_logger.log_dir", "${out_dir}/logs"), ["${out_dir}", "no key 'out_dir'"]),
+        (_set("metric_logger.log_dir", "${checkpointer.${x}}/logs"), ["${checkpointer.${x}}", "nested references"]),
         (_set("output_dir", "${metric_logger.log_dir}"), ["refers to itself"]),
         (_set("model.lora_rnk", 8), ["unknown config key 'model.lora_rnk'", "torchtune config", "did you mean 'model.lora_rank'"]),
         (_set("dataset.source", "yahma/alpaca-cleaned"), ["dataset.data_files=PATH"]),

@@ -66,6 +66,9 @@ def resolve_interpolations(raw: dict, defaults: dict | None = None) -> dict:
             return objects[id(value)]
         if not isinstance(value, str) or "${" not in value:
             return value
+        if any("${" in m.group(1) for m in _INTERPOLATION.finditer(value)):  # (read as a key named 'a.${b')
+            raise InterpolationError(f"interpolation in {value[:80]!r}: nested references (${{a.${{b}}}}) are not supported; "
+                                     "write the key out")
         whole = _INTERPOLATION.fullmatch(value)
         if whole:
             return lookup(whole.group(1), chain)
