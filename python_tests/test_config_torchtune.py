@@ -4,6 +4,8 @@ torchtune's keys, what has no counterpart is refused with the reason, and one su
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -262,6 +264,21 @@ def test_dataset_max_seq_len_and_other_recipes_settings(tmp_path):
     load_config(_write(tmp_path, edit=distributed), ["dataset.data_files=a.json"], notes)
     assert ("fsdp, custom_sharded_layers: settings of torchtune's multi-GPU recipe (lora_finetune_distributed), not used by this "
             "one-device trainer; that recipe's batch_size is per GPU, so a batch here is one GPU's share") in notes
+    # its LoRA configs (llama2/7B_lora) have no FSDP key: the launch command in their comments says it
+    header = ("# Config for multi-device LoRA finetuning in lora_finetune_distributed.py\n#\n# To launch on 2 devices, run:\n"
+              "#   tune run --nnodes 1 --nproc_per_node 2 lora_finetune_distributed --config llama2/7B_lora\n")
+    body = Path(_write(tmp_path)).read_text()
+    path = tmp_path / "7B_lora.yaml"
+    path.write_text(header + body)
+    notes = []
+    load_config(str(path), ["dataset.data_files=a.json"], notes)
+    assert ("the file's comments run it with torchtune's multi-GPU recipe (lora_finetune_distributed), whose batch_size is per "
+            "GPU: a batch here is one GPU's share") in notes
+    # a single-device file that names the multi-GPU recipe in prose, not in its launch command: no note
+    path.write_text("# For 2+ GPUs use lora_finetune_distributed.\n#   tune run lora_finetune_single_device --config x\n" + body)
+    notes = []
+    load_config(str(path), ["dataset.data_files=a.json"], notes)
+    assert not any("multi-GPU" in n for n in notes)
 
     # Meta's checkpointer: the Meta checkpoint is read, and the note says the save is in HF format
     notes = []

@@ -21,7 +21,7 @@ import yaml
 
 from qlora_ext.training.config_schema import ARCH_KEYS, GENERIC_BUILDERS, REQUIRED, SCHEMA, Opt
 from qlora_ext.training.interpolation import InterpolationError, resolve_interpolations
-from qlora_ext.training.torchtune_config import TorchtuneConfigError, is_torchtune_config, translate
+from qlora_ext.training.torchtune_config import TorchtuneConfigError, is_torchtune_config, launch_recipe, translate
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -96,7 +96,8 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
             )
         path = bundled
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
     except RecursionError:
@@ -109,7 +110,7 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
         for override in overrides:
             _set_raw(raw, override)
         try:
-            raw, torchtune_notes = translate(resolve_interpolations(raw))
+            raw, torchtune_notes = translate(resolve_interpolations(raw), launched_by=launch_recipe(text))
         except (InterpolationError, TorchtuneConfigError) as e:
             raise ConfigError(f"--config: {path} (a torchtune config): {e}") from None
         except RecursionError:

@@ -18,6 +18,7 @@ this trainer does not have is refused with the reason and what it accepts. A fil
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Callable
 
 from qlora_ext.training.config_schema import MODEL_BUILDERS
@@ -31,8 +32,22 @@ def is_torchtune_config(raw: dict) -> bool:
     return "_component_" in raw or any(isinstance(v, dict) and "_component_" in v for v in raw.values())
 
 
-def translate(raw: dict) -> tuple[dict, list[str]]:
+# A comment of the file that launches it with a multi-GPU recipe:
+# "#   tune run --nnodes 1 --nproc_per_node 2 lora_finetune_distributed --config llama2/7B_lora"
+_LAUNCH_COMMENT = re.compile(r"^\s*#.*\btune run\b.*?\b(\w+_distributed)\b", re.MULTILINE)
+
+
+def launch_recipe(text: str) -> str | None:
+    """The multi-GPU recipe the comments of a torchtune config's ``text`` launch it with, if any
+    (its LoRA configs without ``_single_device``, as ``llama2/7B_lora``, have no FSDP key that says so)."""
+    found = _LAUNCH_COMMENT.search(text)
+    return found.group(1) if found else None
+
+
+def translate(raw: dict, launched_by: str | None = None) -> tuple[dict, list[str]]:
     """torchtune's config (interpolations resolved) -> (a raw config in our schema, notes).
+    ``launched_by``: the multi-GPU recipe its comments name (``launch_recipe``), for the note
+    that its batch size is per GPU.
 
     Raises:
         TorchtuneConfigError: a component or a setting the trainer does not have.
@@ -68,8 +83,11 @@ def translate(raw: dict) -> tuple[dict, list[str]]:
     for key in multi_gpu:
         raw.pop(key)
     if multi_gpu:
-        notes.append(f"{', '.join(multi_gpu)}: settings of torchtune's multi-GPU recipe (lora_finetune_distributed), not used "
-                     "by this one-device trainer; that recipe's batch_size is per GPU, so a batch here is one GPU's share")
+        notes.append(f"{', '.join(multi_gpu)}: settings of torchtune's multi-GPU recipe ({launched_by or 'lora_finetune_distributed'}), "
+                     "not used by this one-device trainer; that recipe's batch_size is per GPU, so a batch here is one GPU's share")
+    elif launched_by:
+        notes.append(f"the file's comments run it with torchtune's multi-GPU recipe ({launched_by}), whose batch_size is per GPU: "
+                     "a batch here is one GPU's share")
     if raw.get("log_every_n_steps", 1) is None:
         raw["log_every_n_steps"] = 1  # torchtune's recipes read null as 1
     if before_0_3:
