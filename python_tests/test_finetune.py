@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -380,7 +381,7 @@ def test_validation_loss_is_logged_periodically_and_at_epoch_ends(tmp_path, tiny
     import types
 
     wandb_logged = []
-    run = types.SimpleNamespace(log=lambda m, step: wandb_logged.append((step, dict(m))), finish=lambda: None)
+    run = types.SimpleNamespace(log=lambda m, step: wandb_logged.append((step, dict(m))), finish=lambda exit_code: None)
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kwargs: run))
     out = tmp_path / "run"
     overrides = small_run_overrides(tiny_ckpt, small_data, out) + [
@@ -524,6 +525,57 @@ def test_compile_has_no_graph_breaks(tmp_path, tiny_ckpt, small_data, monkeypatc
     assert "val_loss_after" in summary and len(summary["answers_after"]) == 1
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
     torch._dynamo.reset()
+
+
+def test_compiled_runs_with_other_ranks_in_one_process(tmp_path, tiny_ckpt, small_data, monkeypatch):
+    # torch keeps a function's graphs for the whole process, up to its recompile limit (8): each run
+    # with another rank added its own, and under fullgraph=True the 4th run failed with torch's
+    # FailOnRecompileLimitHit. Here the limit is 5, so that the second run would meet it.
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="aot_eager", **kw))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 5)
+    torch._dynamo.reset()
+    for rank in (8, 4):
+        out = tmp_path / f"rank{rank}"
+        overrides = small_run_overrides(tiny_ckpt, small_data, out) + [
+            "compile=True", "max_steps_per_epoch=2", "epochs=1", "eval.before_and_after=False", f"model.lora_rank={rank}",
+            "batch_size=1", "gradient_accumulation_steps=1",  # (examples of several lengths: the dynamic graphs too)
+        ]
+        assert len(finetune.train(load_config("tiny_qlora", overrides))["losses"]) == 2
+    torch._dynamo.reset()
+
+
+def test_a_stopped_run_closes_its_loggers(tmp_path, tiny_ckpt, small_data, monkeypatch):
+    # A run stopped by an error or Ctrl-C (in a notebook, a sweep) left its TensorBoard writer
+    # thread running and its W&B run unfinished; the disk log's file open until collected.
+    closed = []
+
+    class Recorded(finetune.MetricLoggers):
+        def close(self, failed=False):
+            closed.append(failed)
+            super().close(failed)
+
+    monkeypatch.setattr(finetune, "MetricLoggers", Recorded)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune.steps, "validation_loss", interrupted)
+    out = tmp_path / "run"
+    overrides = small_run_overrides(tiny_ckpt, small_data, out) + [
+        "max_steps_per_epoch=2", "epochs=1", "eval.before_and_after=False", "dataset.validation_fraction=0.25",
+        "metric_logger.type=tensorboard",
+    ]
+    threads = threading.active_count()
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train(load_config("tiny_qlora", overrides))
+    assert closed == [True] and threading.active_count() == threads  # (the writer's thread ended)
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2]  # what was logged is kept
+    # a run that fails before logging leaves an earlier run's log as it was
+    before = (out / "logs" / "metrics.jsonl").read_bytes()
+    closed.clear()
+    assert finetune.main([*overrides, "dataset.data_files=/nonexistent.jsonl"]) == 2
+    assert closed == [True] and (out / "logs" / "metrics.jsonl").read_bytes() == before
 
 
 @pytest.mark.parametrize(

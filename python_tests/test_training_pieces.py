@@ -651,7 +651,7 @@ def test_wandb_logger_drives_a_run(tmp_path, monkeypatch):
 
     calls = []
     run = types.SimpleNamespace(
-        log=lambda metrics, step: calls.append(("log", dict(metrics), step)), finish=lambda: calls.append(("finish",))
+        log=lambda metrics, step: calls.append(("log", dict(metrics), step)), finish=lambda exit_code: calls.append(("finish", exit_code))
     )
 
     def init(project, dir, config):
@@ -665,8 +665,13 @@ def test_wandb_logger_drives_a_run(tmp_path, monkeypatch):
     assert calls == [
         ("init", "seed-qlora", str(tmp_path), {"lr": 3e-4}),
         ("log", {"loss": 2.0, "lr": 1e-4}, 5),
-        ("finish",),
+        ("finish", 0),
     ]
+    calls.clear()  # a run stopped by an error: marked failed (it showed as running), once however often closed
+    loggers = MetricLoggers("wandb", tmp_path / "failed", project="seed-qlora", config={})
+    loggers.close(failed=True)
+    loggers.close()
+    assert calls[1:] == [("finish", 1)]
     assert [r["step"] for r in read_metrics(tmp_path)] == [5]  # the disk log is always kept
     # A resume at step 5 gets a new W&B run whose first log replays the kept records, as
     # TensorBoard's does: one whole curve (records past step 5, from the stopped run, are dropped).
@@ -684,7 +689,7 @@ def test_wandb_logger_drives_a_run(tmp_path, monkeypatch):
         ("log", {"loss": 2.0, "lr": 1e-4}, 5),
         ("log", {"loss": 0.5}, 6),
         ("log", {"val_loss": 0.7}, 6),
-        ("finish",),
+        ("finish", 0),
     ]
 
     class UsageError(Exception):
@@ -709,7 +714,7 @@ def test_a_hand_added_line_without_a_step_is_not_replayed(tmp_path, monkeypatch)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"comment": "hand-added"}\n{"step": null}\n{"step": "note"}\n'
                                             '{"step": 2, "loss": 1.5}\n')
     logged = []
-    run = types.SimpleNamespace(log=lambda metrics, step: logged.append((step, dict(metrics))), finish=lambda: None)
+    run = types.SimpleNamespace(log=lambda metrics, step: logged.append((step, dict(metrics))), finish=lambda exit_code: None)
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kwargs: run))
     loggers = MetricLoggers("wandb", tmp_path, config={}, resume_step=2)
     loggers.log({"loss": 1.0}, step=3)

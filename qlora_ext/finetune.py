@@ -103,8 +103,8 @@ def train(cfg: Config) -> dict[str, Any]:
         tempfile.TemporaryFile(dir=output_dir).close()  # an existing folder may still be read-only
     except OSError as e:
         raise ConfigError(unwritable_folder("output_dir", output_dir, e)) from None
-    with run_lock.exclusive_output_dir(output_dir, new_folders=new_folders):
-        return _train_in(output_dir, cfg, device, dtype)
+    with run_lock.exclusive_output_dir(output_dir, new_folders=new_folders), contextlib.ExitStack() as on_exit:
+        return _train_in(output_dir, cfg, device, dtype, on_exit)
 
 
 def _non_finite_advice(last_checkpoint: Path | None) -> str:
@@ -167,8 +167,11 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """The run, once its output folder is checked and locked."""
+def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.dtype,
+              on_exit: contextlib.ExitStack) -> dict[str, Any]:
+    """The run, once its output folder is checked and locked. ``on_exit`` closes the metric
+    loggers and the progress bar however the run ends (an error, Ctrl-C: in a notebook or a sweep
+    in one process, each stopped run left a TensorBoard thread or an unfinished W&B run)."""
     for note in checkpoint_folders.recover_interrupted_saves(output_dir):  # before reading the state that may name it
         print(f"Checkpoint folders: {note}")
     fingerprint = saving.resume_fingerprint(cfg)
@@ -202,6 +205,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     except OSError as e:
         key = "metric_logger.log_dir" if cfg.metric_logger.log_dir else "output_dir (its logs/ folder, where metric_logger.log_dir=null puts the logs)"
         raise ConfigError(unwritable_folder(key, log_dir, e)) from None
+    on_exit.push(lambda error_type, *_: loggers.close(failed=error_type is not None))
 
     # -- tokenizer and data (read before the model, so a data mistake fails fast) -------------
     tokenizer = model_setup.load_tokenizer(cfg.tokenizer.path)
@@ -248,6 +252,10 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     if cfg.enable_activation_checkpointing:
         steps.enable_activation_checkpointing(model)
     if cfg.compile:
+        # torch keeps compiled graphs per function for the whole process, 8 at most: runs with other
+        # ranks or alphas in one process (a sweep, a notebook) met that limit at the 4th and failed
+        # under fullgraph=True. Each run compiles afresh, as in a new process.
+        torch._dynamo.reset()
         steps.compile_layers(model)
 
     optimizer = build_optimizer(
@@ -320,6 +328,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
         batches = iterate_batches(train_ds, order, cfg.batch_size, tokenizer.pad_id, step_in_epoch * cfg.gradient_accumulation_steps)
         # on stderr, as torchtune's: `> log.txt` keeps the report lines and leaves the bar on the terminal
         bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, dynamic_ncols=True, file=sys.stderr)
+        on_exit.callback(bar.close)
         tokens_since, t_since = 0, time.perf_counter()
         while step_in_epoch < steps_per_epoch:
             window = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
@@ -343,8 +352,6 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                     tokens_since += int(batch["num_tokens"])
                 loss_value = step_loss.item()
                 if not math.isfinite(loss_value):
-                    bar.close()
-                    loggers.close()
                     raise steps.NonFiniteLossError(
                         f"loss is {loss_value} at epoch {epoch + 1}, step {global_step + 1}: training stopped before applying "
                         f"it; {_non_finite_advice(last_checkpoint)}"
@@ -352,8 +359,6 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                 if cfg.clip_grad_norm is not None:
                     grad_norm = torch.nn.utils.clip_grad_norm_(list(adapter.values()), cfg.clip_grad_norm)
                     if not math.isfinite(grad_norm):  # clipping by an infinite norm zeroes (or NaNs) the gradients
-                        bar.close()
-                        loggers.close()
                         raise steps.NonFiniteLossError(
                             f"the adapters' gradient norm is {float(grad_norm)} at epoch {epoch + 1}, step {global_step + 1} "
                             f"(loss {loss_value}): training stopped before applying it; {_non_finite_advice(last_checkpoint)}"
@@ -409,8 +414,6 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                 except Exception as e:  # noqa: BLE001  (re-raised as is unless the file system failed)
                     if not saving.is_write_failure(e):
                         raise
-                    bar.close()
-                    loggers.close()
                     try:
                         free = f"{shutil.disk_usage(output_dir).free / 1e9:.2f} GB free there"
                     except OSError:  # the folder itself is gone (a lost mount)

@@ -95,8 +95,11 @@ class DiskLogger:
                 raise
             raise OSError(e.errno, f"{e.strerror} (writing the metrics log)", str(self.path)) from None
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """``failed``: the run stopped by an error or Ctrl-C; a log it never wrote to stays as it was."""
         if self._file is None:
+            if failed:
+                return
             self._open()
         if not self._file.closed:
             self._file.flush()
@@ -138,9 +141,9 @@ class TensorBoardLogger:
             if name != "step" and is_finite_real(value):
                 self._writer.add_scalar(name, value, global_step=step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self._writer is not None:
-            self._writer.close()
+            self._writer.close()  # (stops its writer thread)
 
 
 class WandBLogger:
@@ -175,8 +178,8 @@ class WandBLogger:
         self._replay = []
         self._run.log(metrics, step=step)
 
-    def close(self) -> None:
-        self._run.finish()
+    def close(self, failed: bool = False) -> None:
+        self._run.finish(exit_code=1 if failed else 0)  # (a failed run shows as failed, not as running)
 
 
 class MetricLoggers:
@@ -192,6 +195,7 @@ class MetricLoggers:
         # TensorBoard's writer thread or a wandb run starts there.
         disk = DiskLogger(log_dir, resume_step=resume_step, resume_log=resume_log)
         self.loggers: list[Any] = [disk]
+        self._closed = False
         if kind == "tensorboard":
             self.loggers.append(TensorBoardLogger(log_dir, replay=disk.kept_records()))
         elif kind == "wandb":
@@ -209,9 +213,15 @@ class MetricLoggers:
         for logger in self.loggers:
             logger.log(metrics, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Closes each logger once (later calls do nothing). ``failed``: the run stopped by an
+        error or an interruption (the disk log keeps an earlier run's file if this one wrote
+        nothing; W&B marks the run failed)."""
+        if self._closed:
+            return
+        self._closed = True
         for logger in self.loggers:
-            logger.close()
+            logger.close(failed)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
