@@ -265,6 +265,22 @@ def test_a_second_run_on_a_busy_output_dir_is_refused(tmp_path, tiny_ckpt, small
         assert not (out / "config.yaml").exists()
     finetune.train(cfg)
     assert (out / "epoch_0").is_dir()
+    # Two runs with one metric_logger.log_dir (each its own output_dir) overwrote each other's
+    # metrics.jsonl (mixed records, lines cut into each other): that folder is locked too.
+    shared = tmp_path / "tb"
+    shared.mkdir()
+    overrides = [f"metric_logger.log_dir={shared}", "metric_logger.type=tensorboard"]
+    first = load_config("tiny_qlora", small_run_overrides(tiny_ckpt, small_data, tmp_path / "a") + overrides)
+    with run_lock.exclusive_output_dir(shared, key="metric_logger.log_dir"):  # (the first run, holding it)
+        with pytest.raises(ConfigError, match=rf"metric_logger.log_dir: '{shared}' is in use by another training run \(pid "
+                                              r"\d+\); wait for it to end, or choose another metric_logger.log_dir"):
+            finetune.train(first)
+    assert not (tmp_path / "a").exists()  # (refused in setup: the folders it made are gone)
+    # the default logs/ folder of a run is locked as well: another run's log_dir pointing there waits
+    other = load_config("tiny_qlora", small_run_overrides(tiny_ckpt, small_data, tmp_path / "b") + [f"metric_logger.log_dir={out}/logs"])
+    with run_lock.exclusive_output_dir(out / "logs", key="metric_logger.log_dir"):
+        with pytest.raises(ConfigError, match=r"metric_logger.log_dir: .* is in use by another training run"):
+            finetune.train(other)
 
 
 def test_too_few_examples_for_one_step_are_named(tmp_path, tiny_ckpt, small_data):
@@ -607,7 +623,7 @@ def test_a_refused_run_keeps_what_it_did_not_create(capsys, tmp_path):
     out.mkdir()
     assert finetune.main([f"output_dir={out}", "dataset.data_files=/nonexistent.jsonl"]) == 2
     assert "is not a file" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "logs"]  # the folder was there: it stays, as does what setup made
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the folder was there: it stays, with its lock (logs/ was new)
     fresh = tmp_path / "fresh"
     original = finetune.run_lock._remove_if_unused
 
@@ -620,7 +636,7 @@ def test_a_refused_run_keeps_what_it_did_not_create(capsys, tmp_path):
         assert finetune.main([f"output_dir={fresh}", "dataset.data_files=/nonexistent.jsonl"]) == 2
     finally:
         finetune.run_lock._remove_if_unused = original
-    assert sorted(p.name for p in fresh.iterdir()) == [".lock", "logs", "notes.txt"]
+    assert sorted(p.name for p in fresh.iterdir()) == [".lock", "notes.txt"]
 
 
 def test_unreadable_inputs_are_named(capsys, tmp_path):

@@ -77,7 +77,10 @@ DEFAULT_CONFIG = "tiny_qlora"
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Runs the whole fine-tuning described by ``cfg``; returns a summary (losses, paths)."""
+    """Runs the whole fine-tuning described by ``cfg``; returns a summary (losses, paths).
+
+    One run at a time per process: it seeds torch's global generator, sets its thread count and
+    starts torch.compile afresh, so runs in a sweep go one after another, not in threads."""
     # -- setup: device, precision, seed, output folder ----------------------------------------
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
@@ -198,6 +201,12 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     print(f"Resolved config (seed {seed}):\n{saving.resolved_yaml(cfg, seed)}")  # a drawn seed in place of seed: null
     log_dir = Path(cfg.metric_logger.log_dir or output_dir / LOG_SUBDIR)
     try:
+        if not (log_dir.is_dir() and os.path.samefile(log_dir, output_dir)):
+            # Two runs logging to one folder (a shared metric_logger.log_dir) overwrote each other's
+            # metrics.jsonl: the folder is locked as output_dir is.
+            new_folders = run_lock.missing_folders(log_dir)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            on_exit.enter_context(run_lock.exclusive_output_dir(log_dir, new_folders=new_folders, key="metric_logger.log_dir"))
         loggers = MetricLoggers(
             cfg.metric_logger.type, log_dir, project=cfg.metric_logger.project, config=cfg.to_dict(),
             resume_step=state["global_step"] if state else None, resume_log=state.get("metrics_log") if state else None,

@@ -44,8 +44,9 @@ def _remove_if_unused(output_dir: Path, new_folders: Sequence[Path]) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_output_dir(output_dir: str | Path, *, new_folders: Sequence[Path] = ()) -> Iterator[None]:
-    """Holds the run lock of ``output_dir`` for the ``with`` block. ``new_folders``: the folders
+def exclusive_output_dir(output_dir: str | Path, *, new_folders: Sequence[Path] = (), key: str = "output_dir") -> Iterator[None]:
+    """Holds the run lock of ``output_dir`` for the ``with`` block (``key``: the config key that
+    names the folder, for the errors; the metrics' folder is locked too). ``new_folders``: the folders
     the caller created for ``output_dir`` (``missing_folders`` before its mkdir); when the block
     raises with nothing but the lock file in ``output_dir`` (a run refused in setup), they are
     removed, so that a refused run leaves no trace.
@@ -70,8 +71,8 @@ def exclusive_output_dir(output_dir: str | Path, *, new_folders: Sequence[Path] 
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
-            raise ConfigError(f"output_dir: its lock file '{path}' cannot be opened: {e.strerror}; make it writable "
-                              "for this user (or delete it while no run uses the folder), or choose another output_dir") from None
+            raise ConfigError(f"{key}: its lock file '{path}' cannot be opened: {e.strerror}; make it writable "
+                              f"for this user (or delete it while no run uses the folder), or choose another {key}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -79,8 +80,8 @@ def exclusive_output_dir(output_dir: str | Path, *, new_folders: Sequence[Path] 
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip() or "unknown"
             raise ConfigError(
-                f"output_dir: '{output_dir}' is in use by another training run (pid {holder}); wait for it to end, "
-                "or choose another output_dir"
+                f"{key}: '{output_dir}' is in use by another training run (pid {holder}); wait for it to end, "
+                f"or choose another {key}"
             ) from None
         except OSError:  # a file system without locks
             locked = False
