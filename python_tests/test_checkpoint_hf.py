@@ -161,6 +161,37 @@ def test_loading_into_materialized_model_copies_in_place(hf_models):
         assert torch.equal(model(tokens), fresh(tokens))
 
 
+@pytest.mark.parametrize("fmt", ["hf", "meta"])
+def test_a_folder_replaced_while_it_is_read_is_named(hf_models, tmp_path, monkeypatch, fmt):
+    # A trainer's save swaps its epoch folder for a new one (two renames): a reader between reading
+    # the config (and index) and opening the shards got tensors of two saves, silently, or a folder not there.
+    from qlora_ext.checkpoint import load as load_module
+    from qlora_ext.checkpoint import save_meta_checkpoint
+
+    folder = tmp_path / "epoch_0"
+    if fmt == "hf":
+        shutil.copytree(hf_models[4][1], folder)
+    else:
+        model = llama2(**read_checkpoint_config(hf_models[4][1]).builder_kwargs())
+        load_checkpoint(model, hf_models[4][1])
+        save_meta_checkpoint(model, folder)
+    shutil.copytree(folder, tmp_path / "staged")
+    real = load_module.TensorFiles
+
+    class SavedMeanwhile(real):  # the save commits right after the reader opened the files
+        def __init__(self, paths):
+            super().__init__(paths)
+            if (tmp_path / "staged").exists():
+                os.rename(folder, tmp_path / "epoch_0.old")
+                os.rename(tmp_path / "staged", folder)
+
+    model = llama2(**read_checkpoint_config(folder).builder_kwargs())
+    monkeypatch.setattr(load_module, "TensorFiles", SavedMeanwhile)
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint {folder} was replaced while it was being read \(a save into it"):
+        load_checkpoint(model, folder)
+    load_checkpoint(model, folder)  # once the save is done
+
+
 def test_a_non_finite_weight_is_named(hf_models, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -184,7 +184,8 @@ def load_checkpoint(
         The format read: "hf" or "meta".
 
     Raises:
-        FileNotFoundError: no checkpoint in ``checkpoint_dir``, or a named file is not there.
+        FileNotFoundError: no checkpoint in ``checkpoint_dir``, or a named file is not there, or
+            the folder was replaced while being read (a save of another folder renamed onto it).
         ValueError: the architecture differs from the model's, or keys are missing, unexpected
             or of the wrong shape (all listed), or the config is unsupported, or a LoRA module of
             the model has its adapter merged into its base weight (call ``unmerge_()`` first);
@@ -195,6 +196,7 @@ def load_checkpoint(
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
     fmt = checkpoint_format(checkpoint_dir)
+    folder = _folder_identity(checkpoint_dir)
     wanted = Llama2Config.from_model(model)
     given = read_checkpoint_config(checkpoint_dir, checkpoint_files)
     diffs = given.differences(wanted)
@@ -204,9 +206,11 @@ def load_checkpoint(
     with contextlib.ExitStack() as stack:
         if fmt == "hf":
             files = stack.enter_context(TensorFiles(paths))
+            _check_not_replaced(checkpoint_dir, folder)
             load_entries(model, hf_entries(files), rename=hf_to_ours, name_in_source=ours_to_hf, device=device, source=checkpoint_dir)
         else:
             shards = [stack.enter_context(TensorFiles([path])) for path in paths]
+            _check_not_replaced(checkpoint_dir, folder)
             _check_meta_shard_count(shards, given.embed_dim)
 
             def to_hf_rotary(name: str, value: Tensor) -> Tensor:
@@ -218,6 +222,26 @@ def load_checkpoint(
             load_entries(model, meta_entries(shards), rename=meta_to_ours, name_in_source=ours_to_meta, transform=to_hf_rotary,
                          device=device, source=checkpoint_dir)
     return fmt
+
+
+def _folder_identity(folder: str) -> tuple[int, int]:
+    info = os.stat(folder)
+    return info.st_dev, info.st_ino
+
+
+def _check_not_replaced(checkpoint_dir: str, identity: tuple[int, int]) -> None:
+    """Every file is open (its content fixed however the folder changes): they came from one save
+    unless the folder was swapped for another since the config was read, as the trainer's save of
+    an epoch folder does (a reader in between got shards of two saves, or a folder not there)."""
+    try:
+        same = _folder_identity(checkpoint_dir) == identity
+    except FileNotFoundError:
+        same = False
+    if not same:
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint_dir} was replaced while it was being read (a save into it, as a training run's at "
+            "an epoch end); load it again once the save is done"
+        )
 
 
 def _check_meta_shard_count(shards: list[TensorFiles], dim: int) -> None:
