@@ -159,7 +159,10 @@ def cpu_kernel_isa() -> str:
 
 
 def set_cpu_kernel_isa(name: str) -> None:
-    """Chooses the CPU kernels: "auto" (the best this CPU runs), "avx512", "avx2" or "portable"."""
+    """Chooses the CPU kernels: "auto" (the best this CPU runs), "avx512", "avx2" or "portable".
+
+    For the whole process, every thread: a call already running finishes with the kernels it
+    started with, and each call reads the choice once, so it never mixes two."""
     torch.ops.qlora_cpu.set_cpu_kernel_isa(name)
 
 
