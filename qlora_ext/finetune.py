@@ -89,7 +89,7 @@ def train(cfg: Config) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     data_files = cfg.dataset.data_files
     for key, path in (("output_dir", output_dir), ("checkpointer.checkpoint_dir", cfg.checkpointer.checkpoint_dir),
-                      ("tokenizer.path", cfg.tokenizer.path),
+                      ("tokenizer.path", cfg.tokenizer.path), ("metric_logger.log_dir", cfg.metric_logger.log_dir),
                       *(("dataset.data_files", f) for f in ([data_files] if isinstance(data_files, str) else data_files or []))):
         if path is not None and unencodable_name(path):  # (else "not a file", or a traceback)
             raise ConfigError(f"{key}: {unencodable_name(path)}")
@@ -101,12 +101,11 @@ def train(cfg: Config) -> dict[str, Any]:
                 f"run's saves replace or delete; copy it out of '{output_dir}' first, or choose another output_dir"
             )
     try:
-        new_folders = run_lock.missing_folders(output_dir)  # what mkdir creates: a run refused in setup removes them
         output_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=output_dir).close()  # an existing folder may still be read-only
     except OSError as e:
         raise ConfigError(unwritable_folder("output_dir", output_dir, e)) from None
-    with run_lock.exclusive_output_dir(output_dir, new_folders=new_folders), contextlib.ExitStack() as on_exit:
+    with run_lock.exclusive_output_dir(output_dir), contextlib.ExitStack() as on_exit:
         return _train_in(output_dir, cfg, device, dtype, on_exit)
 
 
@@ -201,12 +200,12 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     print(f"Resolved config (seed {seed}):\n{saving.resolved_yaml(cfg, seed)}")  # a drawn seed in place of seed: null
     log_dir = Path(cfg.metric_logger.log_dir or output_dir / LOG_SUBDIR)
     try:
-        if not (log_dir.is_dir() and os.path.samefile(log_dir, output_dir)):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        if not os.path.samefile(log_dir, output_dir):
             # Two runs logging to one folder (a shared metric_logger.log_dir) overwrote each other's
             # metrics.jsonl: the folder is locked as output_dir is.
-            new_folders = run_lock.missing_folders(log_dir)
-            log_dir.mkdir(parents=True, exist_ok=True)
-            on_exit.enter_context(run_lock.exclusive_output_dir(log_dir, new_folders=new_folders, key="metric_logger.log_dir"))
+            key = "metric_logger.log_dir" if cfg.metric_logger.log_dir else "output_dir"
+            on_exit.enter_context(run_lock.exclusive_output_dir(log_dir, key=key))
         loggers = MetricLoggers(
             cfg.metric_logger.type, log_dir, project=cfg.metric_logger.project, config=cfg.to_dict(),
             resume_step=state["global_step"] if state else None, resume_log=state.get("metrics_log") if state else None,

@@ -7,9 +7,8 @@ it when the process ends, however it ends, so a killed run never leaves a stale 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 from qlora_ext.training.config import ConfigError
@@ -17,39 +16,12 @@ from qlora_ext.training.config import ConfigError
 LOCK_NAME = ".lock"
 
 
-def missing_folders(output_dir: str | Path) -> list[Path]:
-    """The folders that ``mkdir(parents=True)`` of ``output_dir`` would create, innermost first."""
-    output_dir = Path(output_dir)
-    return list(itertools.takewhile(lambda p: not os.path.lexists(p), (output_dir, *output_dir.parents)))
-
-
-def _remove_if_unused(output_dir: Path, new_folders: Sequence[Path]) -> None:
-    """After a run that stopped before writing anything (a refused run): removes what it left in
-    the folders it created (``new_folders``, innermost first), as long as that is only the lock
-    file and empty files and folders (the metrics log setup opens), and then those folders."""
-    if not new_folders:
-        return
-    try:
-        walk = list(os.walk(output_dir, topdown=False))  # (innermost first; output_dir last)
-        files = [Path(root) / name for root, _, names in walk for name in names]
-        lock = output_dir / LOCK_NAME
-        if not all(f == lock or (f.is_file() and not f.is_symlink() and f.stat().st_size == 0) for f in files):
-            return
-        for f in sorted(files, key=lambda f: f == lock):  # the lock last (a run waiting on it is refused)
-            os.unlink(f)
-        for folder in [*(Path(root) for root, _, _ in walk[:-1]), *new_folders]:
-            os.rmdir(folder)  # (fails on a folder that is not empty: what another process put there stays)
-    except OSError:
-        pass
-
-
 @contextlib.contextmanager
-def exclusive_output_dir(output_dir: str | Path, *, new_folders: Sequence[Path] = (), key: str = "output_dir") -> Iterator[None]:
+def exclusive_output_dir(output_dir: str | Path, *, key: str = "output_dir") -> Iterator[None]:
     """Holds the run lock of ``output_dir`` for the ``with`` block (``key``: the config key that
-    names the folder, for the errors; the metrics' folder is locked too). ``new_folders``: the folders
-    the caller created for ``output_dir`` (``missing_folders`` before its mkdir); when the block
-    raises with nothing but the lock file in ``output_dir`` (a run refused in setup), they are
-    removed, so that a refused run leaves no trace.
+    names the folder, for the errors; the metrics' folder is locked too). The lock file stays when
+    the run ends: removing it would let a run that opened it meanwhile lock a file no longer there,
+    beside one that creates it anew.
 
     Raises:
         ConfigError: another process holds it (its pid is named), or the lock file cannot be
@@ -61,7 +33,6 @@ def exclusive_output_dir(output_dir: str | Path, *, new_folders: Sequence[Path] 
     except ImportError:  # no flock on this platform: unguarded, as torchtune runs
         yield
         return
-    output_dir = Path(output_dir)
     path = Path(output_dir) / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -91,10 +62,6 @@ def exclusive_output_dir(output_dir: str | Path, *, new_folders: Sequence[Path] 
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             except OSError:
                 pass
-        try:
-            yield
-        except BaseException:
-            _remove_if_unused(output_dir, new_folders)
-            raise
+        yield
     finally:
         os.close(fd)  # releases the lock
