@@ -275,7 +275,8 @@ def test_dataset_max_seq_len_and_other_recipes_settings(tmp_path):
     assert ("the file's comments run it with torchtune's multi-GPU recipe (lora_finetune_distributed), whose batch_size is per "
             "GPU: a batch here is one GPU's share") in notes
     # a single-device file that names the multi-GPU recipe in prose, not in its launch command: no note
-    path.write_text("# For 2+ GPUs use lora_finetune_distributed.\n#   tune run lora_finetune_single_device --config x\n" + body)
+    path.write_text("# For 2+ GPUs use lora_finetune_distributed.\n#   tune run lora_finetune_single_device --config x  "
+                    "# (on 2 GPUs: lora_finetune_distributed)\n" + body)
     notes = []
     load_config(str(path), ["dataset.data_files=a.json"], notes)
     assert not any("multi-GPU" in n for n in notes)

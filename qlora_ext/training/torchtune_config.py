@@ -32,16 +32,21 @@ def is_torchtune_config(raw: dict) -> bool:
     return "_component_" in raw or any(isinstance(v, dict) and "_component_" in v for v in raw.values())
 
 
-# A comment of the file that launches it with a multi-GPU recipe:
+# A comment of the file with its launch command:
 # "#   tune run --nnodes 1 --nproc_per_node 2 lora_finetune_distributed --config llama2/7B_lora"
-_LAUNCH_COMMENT = re.compile(r"^\s*#.*\btune run\b.*?\b(\w+_distributed)\b", re.MULTILINE)
+_LAUNCH_COMMENT = re.compile(r"^\s*#.*\btune run\s+(.*)$", re.MULTILINE)
 
 
 def launch_recipe(text: str) -> str | None:
     """The multi-GPU recipe the comments of a torchtune config's ``text`` launch it with, if any
-    (its LoRA configs without ``_single_device``, as ``llama2/7B_lora``, have no FSDP key that says so)."""
-    found = _LAUNCH_COMMENT.search(text)
-    return found.group(1) if found else None
+    (its LoRA configs without ``_single_device``, as ``llama2/7B_lora``, have no FSDP key that says
+    so): the first word after ``tune run`` that is no option (``--nproc_per_node 2``), when it ends
+    in ``_distributed``."""
+    for command in _LAUNCH_COMMENT.finditer(text):
+        recipe = next((word for word in command.group(1).split() if not (word.startswith("-") or word.isdigit())), "")
+        if recipe.endswith("_distributed"):
+            return recipe
+    return None
 
 
 def translate(raw: dict, launched_by: str | None = None) -> tuple[dict, list[str]]:
