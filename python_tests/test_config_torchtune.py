@@ -311,6 +311,7 @@ def _set(dotted: str, value):
         (_set("profiler.enabled", True), ["'profiler.enabled: True' is not supported"]),
         (_set("dataset.packed", True), ["'dataset.packed: True' is not supported", "padded"]),
         (_set("dataset.field", "data"), ["'dataset.field: data' is not supported", "top-level JSON list"]),
+        (_set("dataset.column_map", {"outptu": "response"}), ["unknown config key 'dataset.column_map.outptu'", "did you mean"]),
         (_set("checkpointer.recipe_checkpoint", "recipe_state.pt"), ["checkpointer.recipe_checkpoint", "resume_from_checkpoint=True"]),
         (_set("enable_activation_offloading", True), ["'enable_activation_offloading: True' is not supported"]),
         (_set("model.use_dora", True), ["'model.use_dora: True'", "DoRA"]),
@@ -328,6 +329,16 @@ def test_what_has_no_counterpart_is_refused_with_the_reason(tmp_path, edit, need
         load_config(_write(tmp_path, edit=edit), overrides)
     for needle in needles:
         assert needle in str(e.value)
+
+
+def test_column_map_is_read(tmp_path):
+    # torchtune's dataset.column_map (its records' keys for instruction, input, output): was refused
+    cfg = load_config(_write(tmp_path, edit=_set("dataset.column_map", {"input": "context", "output": "response"})),
+                      ["dataset.data_files=a.json"])
+    assert cfg.dataset.column_map.to_dict() == {"instruction": "instruction", "input": "context", "output": "response"}
+    assert load_config(_write(tmp_path, edit=_set("dataset.column_map", None)), ["dataset.data_files=a.json"]).dataset.column_map.output == "output"
+    cfg = load_config(_write(tmp_path), ["dataset.data_files=a.json", "dataset.column_map.output=response"])  # (tune run's override)
+    assert cfg.dataset.column_map.output == "response"
 
 
 def test_a_torchtune_config_trains(tmp_path, capsys):

@@ -189,6 +189,22 @@ def test_null_input_means_no_input(tmp_path):
     assert load_alpaca_records([tmp_path / "a.jsonl"]) == [{"instruction": "Greet.", "input": "", "output": "Hi"}]
 
 
+def test_column_map_reads_records_named_otherwise(tmp_path):
+    # torchtune's column_map (a Dolly-style file: instruction, context, response): was refused
+    dolly = [{"instruction": r["instruction"], "context": r.get("input"), "response": r["output"], "category": "qa"} for r in RECORDS]
+    path = _write(tmp_path / "dolly.jsonl", "\n".join(json.dumps(r) for r in dolly) + "\n")
+    columns = {"input": "context", "output": "response"}
+    assert load_alpaca_records([path], columns) == [{k: r.get(k) or "" for k in ("instruction", "input", "output")} for r in RECORDS]
+    with pytest.raises(DataError, match=r"record .*dolly.jsonl:1 has no 'output' \(its keys: instruction, context, response, category\); "
+                                        r"records must be \{instruction, input, output\}; a file naming them otherwise takes "
+                                        r"dataset.column_map, e.g. dataset.column_map.output=response"):
+        load_alpaca_records([path])
+    with pytest.raises(DataError, match=r"has no 'answer' .*records must be \{instruction, context, answer\} \(dataset.column_map.output\)"):
+        load_alpaca_records([path], {"input": "context", "output": "answer"})
+    with pytest.raises(DataError, match=r"record .*bad.jsonl:1: key 'context' must be a string or null when present; got 3"):
+        load_alpaca_records([_write(tmp_path / "bad.jsonl", json.dumps({**dolly[0], "context": 3}) + "\n")], columns)
+
+
 def test_alpaca_template():
     assert alpaca_prompt(RECORDS[1]) == PROMPT_NO_INPUT.format(instruction="Greet.")
     with_input = alpaca_prompt(RECORDS[0])

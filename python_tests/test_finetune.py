@@ -550,6 +550,20 @@ def test_compile_has_no_graph_breaks(tmp_path, tiny_ckpt, small_data, monkeypatc
     torch._dynamo.reset()
 
 
+def test_a_dataset_with_other_column_names_trains(tmp_path, tiny_ckpt, small_data):
+    # dataset.column_map (torchtune's): the same run as with Alpaca names
+    dolly = tmp_path / "dolly.jsonl"
+    rows = [json.loads(line) for line in small_data.read_text().splitlines()]
+    dolly.write_text("".join(json.dumps({"instruction": r["instruction"], "context": r.get("input"), "response": r["output"]}) + "\n"
+                             for r in rows))
+    runs = []
+    for data, extra in ((small_data, []), (dolly, ["dataset.column_map.input=context", "dataset.column_map.output=response"])):
+        overrides = small_run_overrides(tiny_ckpt, data, tmp_path / f"run{len(runs)}") + [
+            "max_steps_per_epoch=2", "epochs=1", "eval.before_and_after=False", *extra]
+        runs.append(finetune.train(load_config("tiny_qlora", overrides))["losses"])
+    assert runs[0] == runs[1]
+
+
 def test_compiled_runs_with_other_ranks_in_one_process(tmp_path, tiny_ckpt, small_data, monkeypatch):
     # torch keeps a function's graphs for the whole process, up to its recompile limit (8): each run
     # with another rank added its own, and under fullgraph=True the 4th run failed with torch's

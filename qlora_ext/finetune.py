@@ -218,7 +218,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     # -- tokenizer and data (read before the model, so a data mistake fails fast) -------------
     tokenizer = model_setup.load_tokenizer(cfg.tokenizer.path)
     model_setup.check_tokenizer_files(cfg.tokenizer.path, cfg.checkpointer.checkpoint_dir)
-    records = load_alpaca_records(cfg.dataset.data_files)
+    records = load_alpaca_records(cfg.dataset.data_files, cfg.dataset.column_map.to_dict())
     fingerprint[saving.RECORDS_KEY] = len(records)
     if state is not None:
         saving.check_resumed_records(state["fingerprint"], len(records), output_dir)

@@ -146,6 +146,13 @@ SCHEMA: dict[str, Any] = {
             "float", 0.0, "fraction of examples held out for validation loss (seeded split; scored at each epoch end "
             "and every eval.every_n_steps)", minimum=0.0, maximum=0.5
         ),
+        # torchtune's column_map: the records' keys for the Alpaca fields (a Dolly-style file:
+        # column_map: {instruction: instruction, input: context, output: response})
+        "column_map": {
+            "instruction": Opt("str", "instruction", "the records' key holding the instruction"),
+            "input": Opt("str", "input", "the records' key holding the optional input"),
+            "output": Opt("str", "output", "the records' key holding the response"),
+        },
     },
     "optimizer": {
         "lr": Opt("float", 3e-4, "peak learning rate", minimum=0.0),

@@ -15,7 +15,7 @@ import lzma
 import os
 import reprlib
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +25,18 @@ FORMS = "local JSON or JSONL files of {instruction, input, output} records"
 _COMPRESSED = {b"\x1f\x8b": ("gzip", gzip.decompress), b"BZh": ("bzip2", bz2.decompress),
                b"\xfd7zXZ\x00": ("xz", lzma.decompress)}
 _CHAT_KEYS = {"conversations", "messages", "dialog", "chosen"}
+ALPACA_COLUMNS = {"instruction": "instruction", "input": "input", "output": "output"}
 
 
 class DataError(ValueError):
     """A data file or record the trainer cannot use."""
 
 
-def load_alpaca_records(files: Sequence[str | Path] | str | Path) -> list[dict[str, str]]:
+def load_alpaca_records(files: Sequence[str | Path] | str | Path, column_map: Mapping[str, str] | None = None) -> list[dict[str, str]]:
     """Reads and checks the records of JSON / JSONL files (a list of them, or one), in the order
-    given (a glob's matches in sorted order, each file once).
+    given (a glob's matches in sorted order, each file once). ``column_map`` (torchtune's, the
+    config's ``dataset.column_map``): the records' key for each of instruction, input and output,
+    where they are named otherwise; the records returned use the Alpaca names.
 
     Raises:
         DataError: a missing or unreadable file, a form other than a JSON list or JSON lines, bad
@@ -44,9 +47,10 @@ def load_alpaca_records(files: Sequence[str | Path] | str | Path) -> list[dict[s
     if not files:
         raise DataError("dataset.data_files: must name at least one JSON or JSONL file; got an empty list")
     records: list[dict[str, str]] = []
+    columns = {**ALPACA_COLUMNS, **(column_map or {})}
     for file in [path for entry in files for path in _expand(entry)]:
         for where, item in _items(file, _text(file)):
-            records.append(_check_record(where, item))
+            records.append(_check_record(where, item, columns))
     if not records:
         raise DataError(f"dataset.data_files: no records in {', '.join(map(str, files))}")
     return records
@@ -220,23 +224,25 @@ def _keys(item: dict) -> str:
     return ", ".join(names[:8]) + (f", ... ({len(names)} keys)" if len(names) > 8 else "")
 
 
-def _check_record(where: str, item: Any) -> dict[str, str]:
+def _check_record(where: str, item: Any, columns: Mapping[str, str]) -> dict[str, str]:
+    """The record as {instruction, input, output}; ``columns``: the record's key for each."""
+    names = ", ".join(columns.values())
     if not isinstance(item, dict):
-        raise DataError(f"record {where} must be an object with instruction, input, output; got {type(item).__name__}")
-    for key in ("instruction", "input", "output"):
+        raise DataError(f"record {where} must be an object with {names}; got {type(item).__name__}")
+    for key in columns.values():
         if isinstance(item.get(key), str) and lone_surrogate_at(item[key]) is not None:
             raise DataError(f"record {where}: key '{key}' holds a lone surrogate (a \\ud800-\\udfff escape without its pair): "
                             "it is no text a tokenizer can encode")
-    for key in ("instruction", "output"):
+    for field in ("instruction", "output"):
+        key = columns[field]
         if key not in item:
             chat = " (chat records are not supported)" if _CHAT_KEYS & set(item) else ""
-            raise DataError(
-                f"record {where} has no '{key}' (its keys: {_keys(item)}); records must be "
-                f"{{instruction, input, output}}{chat}"
-            )
+            mapped = (f" (dataset.column_map.{field})" if key != field else
+                      "; a file naming them otherwise takes dataset.column_map, e.g. dataset.column_map.output=response")
+            raise DataError(f"record {where} has no '{key}' (its keys: {_keys(item)}); records must be {{{names}}}{chat}{mapped}")
         if not isinstance(item[key], str):
             raise DataError(f"record {where}: key '{key}' must be a string; got {reprlib.repr(item[key])}")
-    value = item.get("input")  # absent or null (as a dataset export may write it): no input
+    value = item.get(columns["input"])  # absent or null (as a dataset export may write it): no input
     if value is not None and not isinstance(value, str):
-        raise DataError(f"record {where}: key 'input' must be a string or null when present; got {reprlib.repr(value)}")
-    return {"instruction": item["instruction"], "input": value or "", "output": item["output"]}
+        raise DataError(f"record {where}: key '{columns['input']}' must be a string or null when present; got {reprlib.repr(value)}")
+    return {"instruction": item[columns["instruction"]], "input": value or "", "output": item[columns["output"]]}

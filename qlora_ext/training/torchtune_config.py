@@ -251,7 +251,8 @@ def _dataset(component: Any, section: dict, top: dict, notes: list[str]) -> dict
         raise TorchtuneConfigError(f"'dataset.source: {source}' is not supported: dataset.data_files is read as JSON or JSONL")
     _refuse_unless(section, "packed", (False, None), "examples are padded per batch, not packed", "dataset")
     _refuse_unless(section, "split", ("train", None), "the held-out split is dataset.validation_fraction", "dataset")
-    _refuse_unless(section, "column_map", (None,), "records must use the Alpaca names instruction, input, output", "dataset")
+    if section.get("column_map") is None:  # (null, or absent: the Alpaca names)
+        section.pop("column_map", None)
     _refuse_unless(section, "field", (None,), "a file's records are its top-level JSON list or its lines", "dataset")
     if "max_seq_len" in section:  # older torchtune set it on the dataset
         value, tokenizer = section.pop("max_seq_len"), top.setdefault("tokenizer", {})
