@@ -331,6 +331,20 @@ def test_what_has_no_counterpart_is_refused_with_the_reason(tmp_path, edit, need
         assert needle in str(e.value)
 
 
+def test_the_launch_recipe_is_read_from_the_first_tune_run_comment():
+    from qlora_ext.training.torchtune_config import launch_recipe
+
+    for command in ("tune run --nnodes 1 --nproc_per_node 2 lora_finetune_distributed --config llama2/7B_lora",
+                    "tune run --nproc_per_node gpu lora_finetune_distributed --config llama2/7B_lora",  # (torchrun's gpu, auto, 1:2)
+                    "tune run --nnodes 1:2 --nproc_per_node 8 lora_finetune_distributed",
+                    "tune run --nnodes 2 --rdzv_endpoint host:29500 lora_finetune_distributed"):
+        assert launch_recipe(f"# Config for ...\n#   {command}\n") == "lora_finetune_distributed", command
+    for text in ("#   tune run lora_finetune_single_device --config x  # (on 2 GPUs: lora_finetune_distributed)\n",
+                 "#   tune run lora_finetune_single_device --config x\n# or: tune run --nproc_per_node 2 lora_finetune_distributed\n",
+                 "tune run --nproc_per_node 2 lora_finetune_distributed --config x\n"):  # (not a comment)
+        assert launch_recipe(text) is None, text
+
+
 def test_column_map_is_read(tmp_path):
     # torchtune's dataset.column_map (its records' keys for instruction, input, output): was refused
     cfg = load_config(_write(tmp_path, edit=_set("dataset.column_map", {"input": "context", "output": "response"})),

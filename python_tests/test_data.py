@@ -196,9 +196,15 @@ def test_column_map_reads_records_named_otherwise(tmp_path):
     columns = {"input": "context", "output": "response"}
     assert load_alpaca_records([path], columns) == [{k: r.get(k) or "" for k in ("instruction", "input", "output")} for r in RECORDS]
     with pytest.raises(DataError, match=r"record .*dolly.jsonl:1 has no 'output' \(its keys: instruction, context, response, category\); "
-                                        r"records must be \{instruction, input, output\}; a file naming them otherwise takes "
-                                        r"dataset.column_map, e.g. dataset.column_map.output=response"):
+                                        r"records must be \{instruction, input, output\}; where the file names it otherwise, "
+                                        r"dataset.column_map.output=KEY reads it from KEY$"):
         load_alpaca_records([path])
+    # a file of one record with a list among its values is a record, not an object wrapping records
+    one = _write(tmp_path / "one.jsonl", json.dumps({"prompt": "Greet.", "response": "Hi", "tags": ["a"]}) + "\n")
+    assert load_alpaca_records([one], {"instruction": "prompt", "output": "response"}) == [
+        {"instruction": "Greet.", "input": "", "output": "Hi"}]
+    with pytest.raises(DataError, match=r"'.*one.jsonl' is one JSON object \(keys: prompt, response, tags\)"):
+        load_alpaca_records([one])
     with pytest.raises(DataError, match=r"has no 'answer' .*records must be \{instruction, context, answer\} \(dataset.column_map.output\)"):
         load_alpaca_records([path], {"input": "context", "output": "answer"})
     with pytest.raises(DataError, match=r"record .*bad.jsonl:1: key 'context' must be a string or null when present; got 3"):

@@ -108,6 +108,9 @@ def test_resume_refuses_a_different_config(tmp_path, setup):
     finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1"]))
     with pytest.raises(Exception, match=r"config key 'model.lora_rank' is 4 but the checkpoint .* trained with 8"):
         finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True", "model.lora_rank=4"]))
+    # a key of a section in a section is named by itself (was the whole dataset.column_map, a key not settable as a whole)
+    with pytest.raises(Exception, match=r"config key 'dataset.column_map.output' is resp but the checkpoint .* trained with output"):
+        finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["resume_from_checkpoint=True", "dataset.column_map.output=resp"]))
 
 
 def test_resume_checks_the_number_of_records_and_accepts_the_data_moved(tmp_path, setup, monkeypatch, capsys):
@@ -254,6 +257,14 @@ def test_a_finished_run_relaunched_gets_back_its_config_and_log(tmp_path, setup,
     finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1", "resume_from_checkpoint=True",
                                                                        f"metric_logger.log_dir={elsewhere}"]))
     assert "Restored" not in capsys.readouterr().out and not elsewhere.exists()
+    # while another run logs into that folder (a shared log_dir), its log is not put back over that run's: refused
+    from qlora_ext.training import run_lock
+
+    (run / "logs" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # (that run's record)
+    with run_lock.exclusive_output_dir(run / "logs"):
+        with pytest.raises(Exception, match=rf"metric_logger.log_dir: '{run / 'logs'}' is in use by another training run"):
+            finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1", "resume_from_checkpoint=True"]))
+    assert (run / "logs" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 9.0}\n'
 
 
 def test_a_finished_run_relaunched_restores_its_log_where_its_config_keeps_it(tmp_path, setup, monkeypatch, capsys):

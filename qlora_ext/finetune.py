@@ -137,7 +137,16 @@ def _earlier_run_note(output_dir: Path, epochs: int) -> str | None:
             f"epoch folders it reaches{stay}. Choose another output_dir to keep that run whole.")
 
 
-def _restore_finished_run_files(output_dir: Path, state: dict[str, Any]) -> list[str]:
+def _lock_log_dir(on_exit: contextlib.ExitStack, log_dir: Path, output_dir: Path, key: str) -> None:
+    """Holds the run lock of the metrics folder (made if missing) until ``on_exit`` closes, unless
+    it is ``output_dir``, held already: two runs logging to one folder (a shared
+    metric_logger.log_dir) overwrote each other's metrics.jsonl."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if not os.path.samefile(log_dir, output_dir):
+        on_exit.enter_context(run_lock.exclusive_output_dir(log_dir, key=key))
+
+
+def _restore_finished_run_files(output_dir: Path, state: dict[str, Any], on_exit: contextlib.ExitStack) -> list[str]:
     """Puts back the finished run's config.yaml (its checkpoint folder's training_config.yaml) and
     metrics log (the one saved with its training state, into the log folder that config names)
     where a later run, started afresh or resumed and stopped before its first save, replaced
@@ -146,7 +155,10 @@ def _restore_finished_run_files(output_dir: Path, state: dict[str, Any]) -> list
     saved_config = output_dir / state["checkpoint_name"] / saving.TRAINING_CONFIG_FILE
     config_text = saved_config.read_text(encoding="utf-8") if saved_config.is_file() else None
     config_line = _put_back(output_dir / RUN_CONFIG_FILE, config_text)
-    log_line = _put_back(run_log_dir(output_dir) / METRICS_FILE, state.get("metrics_log"))  # where config.yaml, as restored, says
+    log_dir = run_log_dir(output_dir)  # where config.yaml, as restored, says
+    if state.get("metrics_log") is not None:  # (a run logging there now is not overwritten: refused)
+        _lock_log_dir(on_exit, log_dir, output_dir, "metric_logger.log_dir")
+    log_line = _put_back(log_dir / METRICS_FILE, state.get("metrics_log"))
     lines = [line for line in (config_line, log_line) if line]
     if log_line and log_line.startswith("Restored") and run_logger_type(output_dir) == "tensorboard":
         lines.append("Note: TensorBoard's event files still show the later run's curve, until a run there replays the log")
@@ -187,7 +199,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
         if state["epoch"] >= cfg.epochs:  # a finished run re-launched: nothing is built or trained
             print(f"Nothing left to train: the checkpoint {output_dir / state['checkpoint_name']} has completed "
                   f"{_count(state['epoch'], 'epoch')} and epochs is {cfg.epochs}; set epochs above {state['epoch']} to train on")
-            for line in _restore_finished_run_files(output_dir, state):
+            for line in _restore_finished_run_files(output_dir, state, on_exit):
                 print(line)
             return {"output_dir": str(output_dir), "seed": state["seed"], "losses": [], "val_losses": [],
                     "checkpoint": str(output_dir / state["checkpoint_name"]), "metrics": None, "peak_memory": {},
@@ -200,12 +212,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     print(f"Resolved config (seed {seed}):\n{saving.resolved_yaml(cfg, seed)}")  # a drawn seed in place of seed: null
     log_dir = Path(cfg.metric_logger.log_dir or output_dir / LOG_SUBDIR)
     try:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        if not os.path.samefile(log_dir, output_dir):
-            # Two runs logging to one folder (a shared metric_logger.log_dir) overwrote each other's
-            # metrics.jsonl: the folder is locked as output_dir is.
-            key = "metric_logger.log_dir" if cfg.metric_logger.log_dir else "output_dir"
-            on_exit.enter_context(run_lock.exclusive_output_dir(log_dir, key=key))
+        _lock_log_dir(on_exit, log_dir, output_dir, "metric_logger.log_dir" if cfg.metric_logger.log_dir else "output_dir")
         loggers = MetricLoggers(
             cfg.metric_logger.type, log_dir, project=cfg.metric_logger.project, config=cfg.to_dict(),
             resume_step=state["global_step"] if state else None, resume_log=state.get("metrics_log") if state else None,

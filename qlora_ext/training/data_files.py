@@ -49,7 +49,7 @@ def load_alpaca_records(files: Sequence[str | Path] | str | Path, column_map: Ma
     records: list[dict[str, str]] = []
     columns = {**ALPACA_COLUMNS, **(column_map or {})}
     for file in [path for entry in files for path in _expand(entry)]:
-        for where, item in _items(file, _text(file)):
+        for where, item in _items(file, _text(file), columns["instruction"]):
             records.append(_check_record(where, item, columns))
     if not records:
         raise DataError(f"dataset.data_files: no records in {', '.join(map(str, files))}")
@@ -121,8 +121,9 @@ def _other_format(file: Path, data: bytes) -> str | None:
     return None
 
 
-def _items(file: Path, text: str) -> list[tuple[str, Any]]:
-    """(where, item) of each record of a JSON list or of JSON lines."""
+def _items(file: Path, text: str, instruction: str = "instruction") -> list[tuple[str, Any]]:
+    """(where, item) of each record of a JSON list or of JSON lines (``instruction``: the records'
+    key of the instruction, which tells a lone record from an object that wraps records)."""
     if text.lstrip().startswith("["):
         try:  # (strict=False: raw tabs and newlines in strings, as datasets' reader takes them in a list)
             items = json.loads(text, object_pairs_hook=_unique_keys, strict=False)
@@ -146,7 +147,7 @@ def _items(file: Path, text: str) -> list[tuple[str, Any]]:
                 _refuse_objects(file, text)
             raise DataError(f"dataset.data_files: '{file}' line {n} is not valid JSON: {e}") from None
         first = False
-    if len(located) == 1 and _wrapper(located[0][1]):
+    if len(located) == 1 and _wrapper(located[0][1], instruction):
         raise _one_object_error(file, located[0][1])
     return located
 
@@ -189,19 +190,19 @@ def _refuse_objects(file: Path, text: str) -> None:
         )
 
 
-def _column_oriented(item: Any) -> bool:
+def _column_oriented(item: Any, instruction: str = "instruction") -> bool:
     # pandas' default to_json: {"instruction": {"0": ..., "1": ...}, ...}; or columns as lists,
     # {"instruction": [...], ...}, as json.dump of df.to_dict("list") or a datasets Dataset's to_dict()
     if not isinstance(item, dict) or not item:
         return False
     return all(isinstance(v, dict) for v in item.values()) or (
-        isinstance(item.get("instruction"), list) and all(isinstance(v, list) for v in item.values()))
+        isinstance(item.get(instruction), list) and all(isinstance(v, list) for v in item.values()))
 
 
-def _wrapper(item: Any) -> bool:
+def _wrapper(item: Any, instruction: str) -> bool:
     """An object that holds records rather than being one: {"data": [records]}, column-oriented."""
-    return _column_oriented(item) or (
-        isinstance(item, dict) and "instruction" not in item and not _CHAT_KEYS & set(item)
+    return _column_oriented(item, instruction) or (
+        isinstance(item, dict) and instruction not in item and not _CHAT_KEYS & set(item)
         and any(isinstance(v, (list, dict)) for v in item.values())
     )
 
@@ -237,9 +238,13 @@ def _check_record(where: str, item: Any, columns: Mapping[str, str]) -> dict[str
         key = columns[field]
         if key not in item:
             chat = " (chat records are not supported)" if _CHAT_KEYS & set(item) else ""
-            mapped = (f" (dataset.column_map.{field})" if key != field else
-                      "; a file naming them otherwise takes dataset.column_map, e.g. dataset.column_map.output=response")
-            raise DataError(f"record {where} has no '{key}' (its keys: {_keys(item)}); records must be {{{names}}}{chat}{mapped}")
+            if key != field:
+                hint = f" (dataset.column_map.{field})"
+            elif not chat:
+                hint = f"; where the file names it otherwise, dataset.column_map.{field}=KEY reads it from KEY"
+            else:
+                hint = ""
+            raise DataError(f"record {where} has no '{key}' (its keys: {_keys(item)}); records must be {{{names}}}{chat}{hint}")
         if not isinstance(item[key], str):
             raise DataError(f"record {where}: key '{key}' must be a string; got {reprlib.repr(item[key])}")
     value = item.get(columns["input"])  # absent or null (as a dataset export may write it): no input

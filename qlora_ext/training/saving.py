@@ -66,15 +66,20 @@ def resume_fingerprint(cfg) -> dict[str, Any]:
     resuming on another base of the same architecture is refused, while moving it is not. A base
     that cannot be read gets no entry: building the model names the problem."""
     full = cfg.to_dict()
-    out = {}
+    out: dict[str, Any] = {}
+
+    def add(key: str, node: Any) -> None:  # (a section's keys one by one: a change names its key)
+        if isinstance(node, dict):
+            for k, v in node.items():
+                add(f"{key}.{k}", v)
+        else:
+            out[key] = node
+
     for key in _RESUME_KEYS:
         node: Any = full
         for part in key.split("."):
             node = node[part]
-        if isinstance(node, dict):
-            out.update({f"{key}.{k}": v for k, v in node.items()})
-        else:
-            out[key] = node
+        add(key, node)
     try:
         out["checkpointer.weights"] = weights_digest(cfg.checkpointer.checkpoint_dir, cfg.checkpointer.checkpoint_files)
     except (OSError, ValueError):

@@ -40,13 +40,19 @@ _LAUNCH_COMMENT = re.compile(r"^\s*#.*\btune run\s+(.*)$", re.MULTILINE)
 def launch_recipe(text: str) -> str | None:
     """The multi-GPU recipe the comments of a torchtune config's ``text`` launch it with, if any
     (its LoRA configs without ``_single_device``, as ``llama2/7B_lora``, have no FSDP key that says
-    so): the first word after ``tune run`` that is no option (``--nproc_per_node 2``), when it ends
-    in ``_distributed``."""
-    for command in _LAUNCH_COMMENT.finditer(text):
-        recipe = next((word for word in command.group(1).split() if not (word.startswith("-") or word.isdigit())), "")
-        if recipe.endswith("_distributed"):
-            return recipe
-    return None
+    so): in the first ``tune run`` command, the word before ``--config`` (else the first word that
+    is neither an option nor an option's value, ``--nproc_per_node gpu``), when it ends in
+    ``_distributed``."""
+    command = _LAUNCH_COMMENT.search(text)
+    if command is None:
+        return None
+    words = command.group(1).split()
+    if "--config" in words[1:]:
+        recipe = words[words.index("--config", 1) - 1]
+    else:
+        options = {i + 1 for i, word in enumerate(words) if word.startswith("-") and "=" not in word}
+        recipe = next((w for i, w in enumerate(words) if not w.startswith("-") and i not in options), "")
+    return recipe if recipe.endswith("_distributed") else None
 
 
 def translate(raw: dict, launched_by: str | None = None) -> tuple[dict, list[str]]:
