@@ -620,6 +620,11 @@ def test_a_stopped_run_closes_its_loggers(tmp_path, tiny_ckpt, small_data, monke
     "args, needle",
     [
         (["model.lora_rnk=3"], "did you mean 'model.lora_rank'"),
+        # the seed's command with only `tune` replaced: the recipe name was "must have the form key=value"
+        (["run", "lora_finetune_single_device", "--config", "llama2/7B_qlora_single_device"],
+         "'run' is a word of torchtune's command line: python -m qlora_ext.finetune stands for `tune run RECIPE` as a whole"),
+        (["lora_finetune_single_device", "--config", "llama2/7B_qlora_single_device"],
+         "'lora_finetune_single_device' is a word of torchtune's command line"),
         (["--config", "nope"], "bundled configs:"),
         (["dataset.data_files=/nonexistent.jsonl"], "dataset.data_files: '/nonexistent.jsonl' is not a file"),
         (["checkpointer.checkpoint_dir=/nonexistent"], "checkpointer.checkpoint_dir: '/nonexistent' is not a folder"),

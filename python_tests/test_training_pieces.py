@@ -381,6 +381,24 @@ def test_the_builtin_font_draws_accented_letters_as_their_base_letters():
     assert pixels("\u00e9") == pixels("e") != pixels("?")
 
 
+def test_the_report_shows_a_held_out_input_on_its_own_line(capsys):
+    # "instruction [input]" on one line, pasted into generate --prompt, asked another question than
+    # the trainer's (generate takes the input as --input)
+    import types
+
+    from qlora_ext.training.evaluation import print_report
+
+    samples = [{"instruction": "Sort these numbers.", "input": "5 38 32", "output": "5 32 38"},
+               {"instruction": "Greet.", "input": "", "output": "Hi"}]
+    summary = {"output_dir": "/runs/a", "metrics": "/runs/a/logs/metrics.jsonl", "answers_after": ["5 32 38", "Hi"]}
+    print_report(summary, samples, types.SimpleNamespace(save_adapter_weights_only=True))
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("Held-out prompts (never trained on):")
+    assert lines[start + 1 : start + 9] == [
+        "  prompt:   Sort these numbers.", "  input:    5 38 32", "  expected: 5 32 38", "  after:    5 32 38", "",
+        "  prompt:   Greet.", "  expected: Hi", "  after:    Hi"]
+
+
 def test_nice_ticks_are_few_and_cover_the_values():
     from qlora_ext.training.loss_plot import nice_ticks
 

@@ -119,8 +119,10 @@ def print_report(summary: dict[str, Any], samples: list[dict[str, str]], cfg) ->
         lines.append("Held-out prompts (never trained on):")
         before = summary.get("answers_before") or [None] * len(samples)
         for record, b, a in zip(samples, before, summary["answers_after"]):
-            prompt = record["instruction"] + (f" [{record['input']}]" if record["input"] else "")
-            lines.append(f"  prompt:   {_one_line(prompt)}")
+            # the input on a line of its own: pasted into the instruction, generate --prompt got another prompt
+            lines.append(f"  prompt:   {_one_line(record['instruction'])}")
+            if record["input"]:
+                lines.append(f"  input:    {_one_line(record['input'])}")
             lines.append(f"  expected: {_one_line(record['output'])}")
             if b is not None:
                 lines.append(f"  before:   {_one_line(b)}")
