@@ -341,7 +341,8 @@ def test_the_launch_recipe_is_read_from_the_first_tune_run_comment():
         assert launch_recipe(f"# Config for ...\n#   {command}\n") == "lora_finetune_distributed", command
     for text in ("#   tune run lora_finetune_single_device --config x  # (on 2 GPUs: lora_finetune_distributed)\n",
                  "#   tune run lora_finetune_single_device --config x\n# or: tune run --nproc_per_node 2 lora_finetune_distributed\n",
-                 "tune run --nproc_per_node 2 lora_finetune_distributed --config x\n"):  # (not a comment)
+                 "tune run --nproc_per_node 2 lora_finetune_distributed --config x\n",  # (not a comment)
+                 "#   tune run lora_finetune_single_device --config x  # or: tune run --nproc_per_node 2 lora_finetune_distributed --config y\n"):
         assert launch_recipe(text) is None, text
 
 

@@ -203,8 +203,17 @@ def test_column_map_reads_records_named_otherwise(tmp_path):
     one = _write(tmp_path / "one.jsonl", json.dumps({"prompt": "Greet.", "response": "Hi", "tags": ["a"]}) + "\n")
     assert load_alpaca_records([one], {"instruction": "prompt", "output": "response"}) == [
         {"instruction": "Greet.", "input": "", "output": "Hi"}]
-    with pytest.raises(DataError, match=r"'.*one.jsonl' is one JSON object \(keys: prompt, response, tags\)"):
+    with pytest.raises(DataError, match=r"'.*one.jsonl' is one JSON object \(keys: prompt, response, tags\); .* records whose keys "
+                                        r"are named otherwise take dataset.column_map"):
         load_alpaca_records([one])
+    # a lone record with the Alpaca names where the map names others is a record missing the mapped key
+    alpaca = _write(tmp_path / "alpaca.jsonl", json.dumps({"instruction": "Greet.", "output": "Hi", "tags": ["a"]}) + "\n")
+    with pytest.raises(DataError, match=r"record .*alpaca.jsonl:1 has no 'prompt' .*\(dataset.column_map.instruction\)"):
+        load_alpaca_records([alpaca], {"instruction": "prompt"})
+    # column-oriented JSON is named so under a map too
+    columns_file = _write(tmp_path / "columns.json", json.dumps({"prompt": ["G", "X"], "response": ["H", "Y"]}))
+    with pytest.raises(DataError, match=r"is column-oriented JSON"):
+        load_alpaca_records([columns_file], {"instruction": "prompt", "output": "response"})
     with pytest.raises(DataError, match=r"has no 'answer' .*records must be \{instruction, context, answer\} \(dataset.column_map.output\)"):
         load_alpaca_records([path], {"input": "context", "output": "answer"})
     with pytest.raises(DataError, match=r"record .*bad.jsonl:1: key 'context' must be a string or null when present; got 3"):

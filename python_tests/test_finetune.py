@@ -625,6 +625,7 @@ def test_a_stopped_run_closes_its_loggers(tmp_path, tiny_ckpt, small_data, monke
          "'run' is a word of torchtune's command line: python -m qlora_ext.finetune stands for `tune run RECIPE` as a whole"),
         (["lora_finetune_single_device", "--config", "llama2/7B_qlora_single_device"],
          "'lora_finetune_single_device' is a word of torchtune's command line"),
+        (["model.foo_distributed"], "override 'model.foo_distributed': must have the form key=value"),  # (a key, not a recipe)
         (["--config", "nope"], "bundled configs:"),
         (["dataset.data_files=/nonexistent.jsonl"], "dataset.data_files: '/nonexistent.jsonl' is not a file"),
         (["checkpointer.checkpoint_dir=/nonexistent"], "checkpointer.checkpoint_dir: '/nonexistent' is not a folder"),

@@ -44,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from qlora_ext._console import print_out, tolerant_console
-from qlora_ext._paths import unencodable_name, unwritable_folder
+from qlora_ext._paths import unencodable_name, unwritable_folder, why_not_a_folder
 from qlora_ext.checkpoint.atomic import atomic_write_text
 from qlora_ext.training import checkpoint_folders, checkpointing, evaluation, model_setup, run_lock, saving, steps
 from qlora_ext.training.config import Config, ConfigError, available_configs, load_config
@@ -156,9 +156,16 @@ def _restore_finished_run_files(output_dir: Path, state: dict[str, Any], on_exit
     config_text = saved_config.read_text(encoding="utf-8") if saved_config.is_file() else None
     config_line = _put_back(output_dir / RUN_CONFIG_FILE, config_text)
     log_dir = run_log_dir(output_dir)  # where config.yaml, as restored, says
-    if state.get("metrics_log") is not None:  # (a run logging there now is not overwritten: refused)
-        _lock_log_dir(on_exit, log_dir, output_dir, "metric_logger.log_dir")
-    log_line = _put_back(log_dir / METRICS_FILE, state.get("metrics_log"))
+    log_line = None
+    if state.get("metrics_log") is not None:
+        try:
+            _lock_log_dir(on_exit, log_dir, output_dir, "metric_logger.log_dir")
+            log_line = _put_back(log_dir / METRICS_FILE, state["metrics_log"])
+        except ConfigError:  # another run logs there now: its log is not overwritten
+            log_line = (f"Left as it is: {log_dir / METRICS_FILE}, in a folder another training run holds; relaunch once "
+                        "that run has ended to put this run's log back")
+        except OSError as e:
+            log_line = f"Not restored: {log_dir / METRICS_FILE}: {why_not_a_folder(log_dir, e)}"
     lines = [line for line in (config_line, log_line) if line]
     if log_line and log_line.startswith("Restored") and run_logger_type(output_dir) == "tensorboard":
         lines.append("Note: TensorBoard's event files still show the later run's curve, until a run there replays the log")

@@ -198,7 +198,7 @@ def _split_override(text: str) -> tuple[str, str]:
     if key.startswith("~"):
         raise ConfigError(f"override '{text}': '~key' (torchtune's deletion of a key) applies to torchtune config files; "
                           "in this one set the key to a value instead (null where it may be null)")
-    if not sep and (key in ("tune", "run") or key.endswith(("_single_device", "_distributed"))):
+    if not sep and "." not in key and (key in ("tune", "run") or key.endswith(("_single_device", "_distributed"))):
         # `tune run lora_finetune_single_device --config ...` with only `tune` replaced
         raise ConfigError(f"'{text}' is a word of torchtune's command line: python -m qlora_ext.finetune stands for "
                           "`tune run RECIPE` as a whole; drop it (python -m qlora_ext.finetune --config NAME key=value ...)")

@@ -49,7 +49,7 @@ def load_alpaca_records(files: Sequence[str | Path] | str | Path, column_map: Ma
     records: list[dict[str, str]] = []
     columns = {**ALPACA_COLUMNS, **(column_map or {})}
     for file in [path for entry in files for path in _expand(entry)]:
-        for where, item in _items(file, _text(file), columns["instruction"]):
+        for where, item in _items(file, _text(file), columns):
             records.append(_check_record(where, item, columns))
     if not records:
         raise DataError(f"dataset.data_files: no records in {', '.join(map(str, files))}")
@@ -121,9 +121,9 @@ def _other_format(file: Path, data: bytes) -> str | None:
     return None
 
 
-def _items(file: Path, text: str, instruction: str = "instruction") -> list[tuple[str, Any]]:
-    """(where, item) of each record of a JSON list or of JSON lines (``instruction``: the records'
-    key of the instruction, which tells a lone record from an object that wraps records)."""
+def _items(file: Path, text: str, columns: Mapping[str, str] = ALPACA_COLUMNS) -> list[tuple[str, Any]]:
+    """(where, item) of each record of a JSON list or of JSON lines (``columns``: the records' keys,
+    which tell a lone record from an object that wraps records)."""
     if text.lstrip().startswith("["):
         try:  # (strict=False: raw tabs and newlines in strings, as datasets' reader takes them in a list)
             items = json.loads(text, object_pairs_hook=_unique_keys, strict=False)
@@ -144,11 +144,11 @@ def _items(file: Path, text: str, instruction: str = "instruction") -> list[tupl
             raise DataError(f"dataset.data_files: record {file}:{n} has the key '{e}' twice") from None
         except (ValueError, RecursionError) as e:
             if first:  # one object, or several, written over several lines each
-                _refuse_objects(file, text)
+                _refuse_objects(file, text, columns)
             raise DataError(f"dataset.data_files: '{file}' line {n} is not valid JSON: {e}") from None
         first = False
-    if len(located) == 1 and _wrapper(located[0][1], instruction):
-        raise _one_object_error(file, located[0][1])
+    if len(located) == 1 and _wrapper(located[0][1], columns):
+        raise _one_object_error(file, located[0][1], columns)
     return located
 
 
@@ -166,14 +166,14 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-def _refuse_objects(file: Path, text: str) -> None:
+def _refuse_objects(file: Path, text: str, columns: Mapping[str, str]) -> None:
     """For JSON that fails as lines: one (pretty-printed) object, or several one after another."""
     try:
         whole = json.loads(text)
     except (ValueError, RecursionError):
         whole = None
     if isinstance(whole, dict):
-        raise _one_object_error(file, whole)
+        raise _one_object_error(file, whole, columns)
     decoder, end, count = json.JSONDecoder(), len(text.rstrip()), 0
     index = len(text) - len(text.lstrip())
     try:
@@ -199,23 +199,25 @@ def _column_oriented(item: Any, instruction: str = "instruction") -> bool:
         isinstance(item.get(instruction), list) and all(isinstance(v, list) for v in item.values()))
 
 
-def _wrapper(item: Any, instruction: str) -> bool:
-    """An object that holds records rather than being one: {"data": [records]}, column-oriented."""
-    return _column_oriented(item, instruction) or (
-        isinstance(item, dict) and instruction not in item and not _CHAT_KEYS & set(item)
+def _wrapper(item: Any, columns: Mapping[str, str]) -> bool:
+    """An object that holds records rather than being one: {"data": [records]}, column-oriented;
+    not one that holds a record's key (the Alpaca names or the column_map's)."""
+    return _column_oriented(item, columns["instruction"]) or (
+        isinstance(item, dict) and not set(item) & {*columns.values(), *ALPACA_COLUMNS} and not _CHAT_KEYS & set(item)
         and any(isinstance(v, (list, dict)) for v in item.values())
     )
 
 
-def _one_object_error(file: Path, item: dict) -> DataError:
-    if _column_oriented(item):
+def _one_object_error(file: Path, item: dict, columns: Mapping[str, str]) -> DataError:
+    if _column_oriented(item, columns["instruction"]):
         return DataError(
             f"dataset.data_files: '{file}' is column-oriented JSON (pandas' default to_json, or columns as lists; keys: {_keys(item)}): "
             "write it one record per line, with to_json(path, orient='records', lines=True)"
         )
     return DataError(
         f"dataset.data_files: '{file}' is one JSON object (keys: {_keys(item)}); it must be a JSON list of "
-        "{instruction, input, output} records or one record per line (JSON lines)"
+        f"{{{', '.join(columns.values())}}} records or one record per line (JSON lines); records whose keys are named "
+        "otherwise take dataset.column_map"
     )
 
 

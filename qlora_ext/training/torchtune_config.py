@@ -34,7 +34,7 @@ def is_torchtune_config(raw: dict) -> bool:
 
 # A comment of the file with its launch command:
 # "#   tune run --nnodes 1 --nproc_per_node 2 lora_finetune_distributed --config llama2/7B_lora"
-_LAUNCH_COMMENT = re.compile(r"^\s*#.*\btune run\s+(.*)$", re.MULTILINE)
+_LAUNCH_COMMENT = re.compile(r"^\s*#.*?\btune run\s+(.*)$", re.MULTILINE)
 
 
 def launch_recipe(text: str) -> str | None:
