@@ -121,7 +121,7 @@ def _other_format(file: Path, data: bytes) -> str | None:
     return None
 
 
-def _items(file: Path, text: str, columns: Mapping[str, str] = ALPACA_COLUMNS) -> list[tuple[str, Any]]:
+def _items(file: Path, text: str, columns: Mapping[str, str]) -> list[tuple[str, Any]]:
     """(where, item) of each record of a JSON list or of JSON lines (``columns``: the records' keys,
     which tell a lone record from an object that wraps records)."""
     if text.lstrip().startswith("["):
@@ -190,7 +190,7 @@ def _refuse_objects(file: Path, text: str, columns: Mapping[str, str]) -> None:
         )
 
 
-def _column_oriented(item: Any, instruction: str = "instruction") -> bool:
+def _column_oriented(item: Any, instruction: str) -> bool:
     # pandas' default to_json: {"instruction": {"0": ..., "1": ...}, ...}; or columns as lists,
     # {"instruction": [...], ...}, as json.dump of df.to_dict("list") or a datasets Dataset's to_dict()
     if not isinstance(item, dict) or not item:
