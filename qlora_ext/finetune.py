@@ -91,8 +91,8 @@ def train(cfg: Config) -> dict[str, Any]:
     for key, path in (("output_dir", output_dir), ("checkpointer.checkpoint_dir", cfg.checkpointer.checkpoint_dir),
                       ("tokenizer.path", cfg.tokenizer.path), ("metric_logger.log_dir", cfg.metric_logger.log_dir),
                       *(("dataset.data_files", f) for f in ([data_files] if isinstance(data_files, str) else data_files or []))):
-        if path is not None and unencodable_name(path):  # (else "not a file", or a traceback)
-            raise ConfigError(f"{key}: {unencodable_name(path)}")
+        if path is not None and (why := unencodable_name(path)):  # (else "not a file", or a traceback)
+            raise ConfigError(f"{key}: {why}")
     for key, path in (("checkpointer.checkpoint_dir", cfg.checkpointer.checkpoint_dir), ("tokenizer.path", cfg.tokenizer.path)):
         inside = path is not None and checkpoint_folders.checkpoint_folder_holding(output_dir, path)
         if inside:
