@@ -16,7 +16,8 @@ from torch._dynamo.utils import counters
 from safetensors.torch import load_file
 
 from qlora_ext import finetune
-from qlora_ext.training import steps
+from qlora_ext.generation import NonFiniteLogitsError
+from qlora_ext.training import evaluation, steps
 from qlora_ext.training.config import ASSETS_DIR, load_config
 from qlora_ext.training.optim import cosine_with_warmup
 
@@ -304,6 +305,16 @@ _CUT_TO_PROMPT = {"instruction": "Describe " + "the forest island silver orange 
 _SHORT = {"instruction": "Greet.", "input": "", "output": "Hello there, friend."}
 
 
+def test_examples_cut_by_the_models_max_seq_len_name_it(tmp_path, tiny_ckpt, small_data, capsys):
+    # With tokenizer.max_seq_len null, the model's max_seq_len cuts: the message told the user to
+    # raise tokenizer.max_seq_len, which the next run refuses as longer than the model's.
+    overrides = small_run_overrides(tiny_ckpt, small_data, tmp_path / "run") + ["model.max_seq_len=16", "tokenizer.max_seq_len=null"]
+    assert finetune.main(["--config", "tiny_qlora", *overrides]) == 2
+    assert re.search(r"error: the model's max_seq_len 16 \(tokenizer.max_seq_len is null\) cuts all \d+ training examples to their "
+                     r"prompt \(up to \d+ tokens with BOS\), leaving no response token to learn from; shorten their prompts \(or set "
+                     r"dataset.train_on_input=true\)", capsys.readouterr().err)
+
+
 def test_a_step_with_no_token_to_learn_from_leaves_the_adapters_and_logs_no_loss(tmp_path, tiny_ckpt, capsys):
     # It logged loss 0.0 and AdamW still moved the adapters by their momentum.
     data = tmp_path / "data.jsonl"
@@ -478,7 +489,8 @@ def test_gradient_clipping_is_applied_and_logged(tmp_path, tiny_ckpt, small_data
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_ckpt, small_data, monkeypatch, capsys):
     out = tmp_path / "run"
-    overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["save_every_n_steps=2", "max_steps_per_epoch=4", "eval.before_and_after=False"]
+    overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["save_every_n_steps=2", "max_steps_per_epoch=4", "eval.before_and_after=False",
+                                                                   "clip_grad_norm=null"]
     real, calls = steps.token_loss_sum, {"n": 0}
 
     def poisoned(outputs, labels, output_weight=None):
@@ -523,6 +535,79 @@ def test_a_non_finite_gradient_norm_stops_as_a_non_finite_loss_does(tmp_path, ti
     assert "the adapters' gradient norm is inf at epoch 1, step 3 (loss " in err and f"the last good checkpoint is {out / 'step_2'}" in err
     assert torch.load(out / "recipe_state.pt", weights_only=True)["global_step"] == 2
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2]
+
+
+def test_a_nan_gradient_stops_the_run_without_clipping(tmp_path, tiny_ckpt, small_data, monkeypatch, capsys):
+    # clip_grad_norm=null (the 7B configs' default): a finite loss with a NaN gradient (0 * sqrt(0)'s
+    # derivative) was applied and saved as NaN adapters, exit 0.
+    out = tmp_path / "run"
+    overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["save_every_n_steps=2", "max_steps_per_epoch=4",
+                                                                   "eval.before_and_after=False", "clip_grad_norm=null"]
+    real, calls = steps.token_loss_sum, {"n": 0}
+
+    def nan_gradient(outputs, labels, output_weight=None):
+        calls["n"] += 1
+        loss = real(outputs, labels, output_weight)
+        return loss + 0 * torch.sqrt(0 * loss) if calls["n"] == 5 else loss  # micro-batch 5 = optimizer step 3
+
+    monkeypatch.setattr(steps, "token_loss_sum", nan_gradient)
+    assert finetune.main(["--config", "tiny_qlora", *overrides]) == 1
+    err = capsys.readouterr().err
+    assert "error: an adapter's gradient holds nan at epoch 1, step 3 (loss " in err
+    assert f"the last good checkpoint is {out / 'step_2'}" in err and "a lower optimizer.lr or a clip_grad_norm" in err
+    assert torch.load(out / "recipe_state.pt", weights_only=True)["global_step"] == 2
+    assert not (out / "step_4").exists() and not (out / "epoch_0").exists()
+
+
+def test_an_update_that_makes_the_adapters_non_finite_is_not_saved(tmp_path, tiny_ckpt, small_data, capsys):
+    # Finite loss and gradients, but AdamW's decoupled weight decay (lr x 1e45 > float32's range)
+    # makes lora_a infinite at the first update; it was found only by the next step's loss (or, at
+    # an epoch's end, saved).
+    out = tmp_path / "run"
+    overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["max_steps_per_epoch=4", "eval.before_and_after=False",
+                                                                   "optimizer.weight_decay=1e45", "clip_grad_norm=1.0"]
+    assert finetune.main(["--config", "tiny_qlora", *overrides]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"error: the update of epoch 1, step \d \(loss [0-9.]+, finite gradients\) made an adapter weight (inf|nan): "
+                     r"training stopped before saving it; no checkpoint was saved yet. Rerun with a lower optimizer.lr, or fix "
+                     r"the data", err), err  # (clip_grad_norm is set: not advised again)
+    assert not (out / "epoch_0").exists()
+
+
+def test_a_non_finite_held_out_loss_stops_before_the_save(tmp_path, tiny_ckpt, small_data, capsys):
+    # lr=1e10 leaves the adapters finite (up to about 1e17) and the training loss finite, but the
+    # model's held-out outputs NaN: the epoch's checkpoint was saved and the run exited 0.
+    out = tmp_path / "run"
+    overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["max_steps_per_epoch=3", "epochs=1", "optimizer.lr=1e10",
+                                                                   "dataset.validation_fraction=0.1", "eval.before_and_after=False"]
+    assert finetune.main(["--config", "tiny_qlora", *overrides]) == 1
+    err = capsys.readouterr().err
+    assert "error: the held-out loss is nan at epoch 1, step 3: the adapters make the model's outputs non-finite; training " \
+           "stopped before saving them; no checkpoint was saved yet." in err
+    assert not (out / "epoch_0").exists()
+    assert all(math.isfinite(value) for record in metrics(out) for value in record.values())  # (valid JSON: no NaN)
+
+
+def test_non_finite_logits_after_training_are_an_error_line(tmp_path, tiny_ckpt, small_data, monkeypatch, capsys):
+    # The samples answered after training are the last look at the model: non-finite logits there
+    # (not scored by a held-out loss) gave generate's ValueError traceback.
+    out = tmp_path / "run"
+    overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["max_steps_per_epoch=1", "epochs=1", "eval.num_samples=1",
+                                                                   "eval.max_new_tokens=2", "dataset.validation_fraction=0.1"]
+    real, calls = evaluation.answer, {"n": 0}
+
+    def nan_after_training(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise NonFiniteLogitsError("generate: the model's logits for new token 1 hold NaN or infinity")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "answer", nan_after_training)
+    assert finetune.main(["--config", "tiny_qlora", *overrides]) == 1
+    err = capsys.readouterr().err
+    assert f"error: after training, the model's logits for a held-out example's answer hold NaN or infinity: the adapters saved " \
+           f"in {out / 'epoch_0'} make its outputs non-finite; rerun with a lower optimizer.lr\n" in err
+    assert "Traceback" not in err
 
 
 def test_compile_has_no_graph_breaks(tmp_path, tiny_ckpt, small_data, monkeypatch):

@@ -46,6 +46,7 @@ from tqdm import tqdm
 from qlora_ext._console import print_out, tolerant_console
 from qlora_ext._paths import unencodable_name, unwritable_folder, why_not_a_folder
 from qlora_ext.checkpoint.atomic import atomic_write_text
+from qlora_ext.generation import NonFiniteLogitsError
 from qlora_ext.training import checkpoint_folders, checkpointing, evaluation, model_setup, run_lock, saving, steps
 from qlora_ext.training.config import Config, ConfigError, available_configs, load_config
 from qlora_ext.training.data import (
@@ -54,6 +55,7 @@ from qlora_ext.training.data import (
     epoch_order,
     eval_batches,
     iterate_batches,
+    max_seq_len_cut,
     num_batches,
     split_records,
 )
@@ -109,15 +111,20 @@ def train(cfg: Config) -> dict[str, Any]:
         return _train_in(output_dir, cfg, device, dtype, on_exit)
 
 
-def _non_finite_advice(last_checkpoint: Path | None) -> str:
+def _non_finite_remedy(cfg: Config) -> str:
+    return "a lower optimizer.lr" + (" or a clip_grad_norm" if cfg.clip_grad_norm is None else "")  # (not one already set)
+
+
+def _non_finite_advice(last_checkpoint: Path | None, cfg: Config) -> str:
+    remedy = _non_finite_remedy(cfg)
     if last_checkpoint:
         return (
             f"the last good checkpoint is {last_checkpoint}. Continue from it with resume_from_checkpoint=True "
-            f"and a lower optimizer.lr or a clip_grad_norm (of the training settings, only "
+            f"and {remedy} (of the training settings, only "
             f"{', '.join(saving.ADJUSTABLE_ON_RESUME)} may change on resume); a bad record may be fixed in "
             "its file, keeping the number of records (checked on resume)"
         )
-    return "no checkpoint was saved yet. Rerun with a lower optimizer.lr or a clip_grad_norm, or fix the data"
+    return f"no checkpoint was saved yet. Rerun with {remedy}, or fix the data"
 
 
 def _earlier_run_note(output_dir: Path, epochs: int) -> str | None:
@@ -263,7 +270,9 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     # The held-out examples the validation loss scores: it needs a token to score among them.
     scored = None if cfg.eval.max_batches is None else cfg.eval.max_batches * cfg.batch_size
     scored_by = f"eval.max_batches={cfg.eval.max_batches} x batch_size={cfg.batch_size}"
-    for note in (check_loss_tokens(train_ds, "training"), check_loss_tokens(val_ds, "held-out", scored, scored_by, "raise eval.max_batches")):
+    cut_by_model = cfg.tokenizer.max_seq_len is None
+    for note in (check_loss_tokens(train_ds, "training", cut_by_model=cut_by_model),
+                 check_loss_tokens(val_ds, "held-out", scored, scored_by, "raise eval.max_batches", cut_by_model=cut_by_model)):
         if note:
             print(f"note: {note}")
     adapter = model_setup.adapter_parameters(model)
@@ -360,7 +369,7 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                 skipped += 1
                 if skipped <= 3:  # (a dataset with many such windows would fill the screen)
                     more = "; further such steps are skipped without a line" if skipped == 3 else ""
-                    tqdm.write(f"Step {global_step + 1}: tokenizer.max_seq_len={max_seq_len} cuts each example of its batches "
+                    tqdm.write(f"Step {global_step + 1}: {max_seq_len_cut(max_seq_len, cut_by_model)} each example of its batches "
                                f"to the prompt, leaving no token to learn from: the adapters are not updated{more}")
             else:
                 step_loss = torch.zeros((), device=device)
@@ -376,19 +385,32 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                 if not math.isfinite(loss_value):
                     raise steps.NonFiniteLossError(
                         f"loss is {loss_value} at epoch {epoch + 1}, step {global_step + 1}: training stopped before applying "
-                        f"it; {_non_finite_advice(last_checkpoint)}"
+                        f"it; {_non_finite_advice(last_checkpoint, cfg)}"
                     )
                 if cfg.clip_grad_norm is not None:
                     grad_norm = torch.nn.utils.clip_grad_norm_(list(adapter.values()), cfg.clip_grad_norm)
-                    if not math.isfinite(grad_norm):  # clipping by an infinite norm zeroes (or NaNs) the gradients
-                        raise steps.NonFiniteLossError(
-                            f"the adapters' gradient norm is {float(grad_norm)} at epoch {epoch + 1}, step {global_step + 1} "
-                            f"(loss {loss_value}): training stopped before applying it; {_non_finite_advice(last_checkpoint)}"
-                        )
+                    # clipping by an infinite norm zeroes (or NaNs) the gradients
+                    bad_gradient = None if math.isfinite(grad_norm) else f"the adapters' gradient norm is {float(grad_norm)}"
+                else:  # (unclipped, a large finite gradient is AdamW's to scale; NaN or inf is not)
+                    largest = steps.largest_magnitude([p.grad for p in adapter.values() if p.grad is not None])
+                    bad_gradient = None if math.isfinite(largest) else f"an adapter's gradient holds {largest}"
+                if bad_gradient:
+                    raise steps.NonFiniteLossError(
+                        f"{bad_gradient} at epoch {epoch + 1}, step {global_step + 1} (loss {loss_value}): training "
+                        f"stopped before applying it; {_non_finite_advice(last_checkpoint, cfg)}"
+                    )
             lr = optimizer.param_groups[0]["lr"]
             if loss_value is not None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                # A finite gradient can still give a non-finite update (an overflowing weight decay or
+                # lr): the adapters are checked so that no checkpoint saves them.
+                largest = steps.largest_magnitude(list(adapter.values()))
+                if not math.isfinite(largest):
+                    raise steps.NonFiniteLossError(
+                        f"the update of epoch {epoch + 1}, step {global_step + 1} (loss {loss_value}, finite gradients) made an "
+                        f"adapter weight {largest}: training stopped before saving it; {_non_finite_advice(last_checkpoint, cfg)}"
+                    )
                 summary["losses"].append(loss_value)
                 summary["loss_steps"].append(global_step + 1)
             with warnings.catch_warnings():  # (after a skipped first step torch warns of a schedule it thinks is early)
@@ -418,6 +440,11 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                 bar.clear()
                 t_val = time.perf_counter()
                 val_loss = steps.validation_loss(model, val_batches, device, dtype)
+                if not math.isfinite(val_loss):  # (finite adapters can still overflow the model's activations)
+                    raise steps.NonFiniteLossError(
+                        f"the held-out loss is {val_loss} at epoch {epoch + 1}, step {global_step}: the adapters make the "
+                        f"model's outputs non-finite; training stopped before saving them; {_non_finite_advice(last_checkpoint, cfg)}"
+                    )
                 t_since += time.perf_counter() - t_val  # validation time is not training throughput either
                 loggers.log({"val_loss": val_loss}, step=global_step)
                 summary["val_losses"].append((global_step, val_loss))
@@ -467,7 +494,13 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
         else:
             summary["val_loss_after"] = steps.validation_loss(model, val_batches, device, dtype)
     if cfg.eval.before_and_after and samples:
-        summary["answers_after"] = evaluation.answer(model, tokenizer, samples, cfg.eval.max_new_tokens, device, dtype, cfg.dataset.template)
+        try:
+            summary["answers_after"] = evaluation.answer(model, tokenizer, samples, cfg.eval.max_new_tokens, device, dtype, cfg.dataset.template)
+        except NonFiniteLogitsError:  # (no held-out loss caught it: the loss of these samples is not scored)
+            raise steps.NonFiniteLossError(
+                f"after training, the model's logits for a held-out example's answer hold NaN or infinity: the adapters "
+                f"saved in {last_checkpoint} make its outputs non-finite; rerun with {_non_finite_remedy(cfg)}"
+            ) from None
     summary["checkpoint"] = str(last_checkpoint) if last_checkpoint else None
     summary["metrics"] = str(loggers.metrics_path)
     summary["peak_memory"] = _peak_memory(loggers.metrics_path, after_training)

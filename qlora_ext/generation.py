@@ -20,6 +20,10 @@ from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext._eager import force_eager
 
 
+class NonFiniteLogitsError(ValueError):
+    """The model's logits for a new token hold NaN or infinity."""
+
+
 def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Picks one token per row of ``logits`` [b, vocab].
 
@@ -192,7 +196,8 @@ def generate(
             prompt plus new tokens longer than the model's max_seq_len (or than caches set up by
             the caller), a batch size other than that of caches set up by the caller,
             ``use_cache=False`` on a model with KV caches, ``vocab_limit`` not in [1, vocabulary],
-            KV caches on (or enabled on) some layers only; NaN or infinite logits.
+            KV caches on (or enabled on) some layers only.
+        NonFiniteLogitsError: NaN or infinite logits (a ValueError too).
     """
     device = model.tok_embeddings.weight.device
     vocab = model.tok_embeddings.num_embeddings
@@ -322,13 +327,13 @@ def _next_logits(model: nn.Module, hidden: Tensor, vocab_limit: int | None, step
     """float32 logits [b, vocab] (or [b, vocab_limit]) of the normalized hidden states [b, d].
 
     Raises:
-        ValueError: a logit is NaN or infinite (sampling would fail on it, argmax pick garbage).
+        NonFiniteLogitsError: a logit is NaN or infinite (sampling would fail on it, argmax pick garbage).
     """
     logits = model.output(hidden).float()
     if vocab_limit is not None:
         logits = logits[:, :vocab_limit]
     if not bool(torch.isfinite(logits).all()):  # (one host sync per token: the stop check makes one too)
-        raise ValueError(
+        raise NonFiniteLogitsError(
             f"generate: the model's logits for new token {step + 1} hold NaN or infinity; in float16 activations overflow "
             "past 65504 (bfloat16 or float32 avoid that), otherwise the model's weights hold them"
         )

@@ -369,8 +369,6 @@ def _check_scalar(key: str, spec: Opt, value: Any) -> Any:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, spec.choices))}; got {value!r}")
     if spec.minimum is not None and value < spec.minimum:
         raise ConfigError(f"config key '{key}' must be >= {spec.minimum} ({spec.doc}); got {value!r}")
-    if spec.above is not None and not value > spec.above:
-        raise ConfigError(f"config key '{key}' must be > {spec.above} ({spec.doc}); got {value!r}")
     if spec.maximum is not None and value > spec.maximum:
         raise ConfigError(f"config key '{key}' must be <= {spec.maximum} ({spec.doc}); got {value!r}")
     return value

@@ -28,8 +28,6 @@ class Opt:
         choices: the allowed values (for lists: of each element).
         nullable: whether ``null`` is allowed.
         minimum, maximum: bounds for numbers (inclusive).
-        above: a bound for numbers that the value must exceed (where the bound itself breaks the
-            run: an AdamW eps of 0 turns a zero gradient into NaN weights).
     """
 
     kind: str
@@ -39,7 +37,6 @@ class Opt:
     nullable: bool = False
     minimum: float | None = None
     maximum: float | None = None
-    above: float | None = None
 
 
 REQUIRED = object()
@@ -158,7 +155,10 @@ SCHEMA: dict[str, Any] = {
         "lr": Opt("float", 3e-4, "peak learning rate", minimum=0.0),
         "weight_decay": Opt("float", 0.01, "AdamW weight decay", minimum=0.0),
         "betas": Opt("list[float]", [0.9, 0.999], "AdamW betas"),
-        "eps": Opt("float", 1e-8, "AdamW eps (0 would divide a zero gradient by zero)", above=0.0),
+        # 0 divides a zero gradient (lora_a's while lora_b is 0) by zero: NaN weights. float32, the
+        # adapters' arithmetic, rounds an eps below its smallest subnormal (1.4e-45) to 0.
+        "eps": Opt("float", 1e-8, "AdamW eps; float32 rounds smaller values toward 0, which divides a zero gradient by "
+                   "zero", minimum=1e-38),
         "fused": Opt("bool", None, "fused AdamW kernel (null: on CUDA and CPU)", nullable=True),
     },
     "lr_scheduler": {

@@ -116,8 +116,16 @@ class InstructDataset(torch.utils.data.Dataset):
         return tokenize_example(self.tokenizer, self.records[index], self.max_seq_len, self.train_on_input, self.template)
 
 
+def max_seq_len_cut(max_seq_len: int, cut_by_model: bool) -> str:
+    """What cuts the examples, for messages: ``tokenizer.max_seq_len=N cuts``, or the model's
+    max_seq_len where ``tokenizer.max_seq_len`` is null."""
+    if cut_by_model:
+        return f"the model's max_seq_len {max_seq_len} (tokenizer.max_seq_len is null) cuts"
+    return f"tokenizer.max_seq_len={max_seq_len} cuts"
+
+
 def check_loss_tokens(dataset: InstructDataset, name: str, scored: int | None = None, scored_by: str = "", more_with: str = "",
-                      probe: int = 256) -> str | None:
+                      probe: int = 256, cut_by_model: bool = False) -> str | None:
     """Checks that examples of ``dataset`` leave tokens to learn from after ``max_seq_len`` cuts them.
 
     Args:
@@ -127,13 +135,15 @@ def check_loss_tokens(dataset: InstructDataset, name: str, scored: int | None = 
         more_with: how to count more of them, for the message (e.g. "raise eval.max_batches").
         probe: how many examples are tokenized for the note: all of them when there are no more,
             else a fixed random sample (a file sorted by length is not judged by its first lines).
+        cut_by_model: the dataset's max_seq_len is the model's (``tokenizer.max_seq_len`` is
+            null), for the messages.
 
     Returns:
         None, or a note when some of the probed examples keep none (they add nothing to the loss).
 
     Raises:
         DataError: none of the counted examples keeps a loss token (looked for in all of them
-            before saying so), naming ``tokenizer.max_seq_len``.
+            before saying so), naming ``tokenizer.max_seq_len`` (or the model's max_seq_len).
     """
     count = len(dataset) if scored is None else min(scored, len(dataset))
     if count == 0:
@@ -150,10 +160,11 @@ def check_loss_tokens(dataset: InstructDataset, name: str, scored: int | None = 
     longest = max(len(prompt_tokens(dataset.tokenizer, dataset.records[i], dataset.template)) for i in empty)
     limited = scored is not None and scored < len(dataset) and scored_by
     what = f"{name} examples" + (f" scored ({scored_by})" if limited else "")
-    cut = f"tokenizer.max_seq_len={dataset.max_seq_len} cuts"
+    cut = max_seq_len_cut(dataset.max_seq_len, cut_by_model)
     why = f"to their prompt (up to {longest} tokens with BOS), leaving no response token to learn from"
     if len(empty) == len(sample) and all(keeps_none(i) for i in order[len(sample) :]):
-        remedy = "raise tokenizer.max_seq_len" + ("" if dataset.train_on_input else " (or set dataset.train_on_input=true)")
+        remedy = ("shorten their prompts" if cut_by_model else "raise tokenizer.max_seq_len") + (
+            "" if dataset.train_on_input else " (or set dataset.train_on_input=true)")
         if limited and more_with:
             remedy += f", or {more_with}"
         raise DataError(f"{cut} all {count} {what} {why}; {remedy}")

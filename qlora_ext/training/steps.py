@@ -25,7 +25,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf; training stops before the step is applied."""
+    """The loss, the adapters' gradients or weights, or the model's outputs became NaN or Inf;
+    training stops before the step is applied or saved."""
+
+
+@torch.no_grad()
+def largest_magnitude(tensors: list[Tensor]) -> float:
+    """The largest absolute value over ``tensors``: NaN if one holds a NaN (one host sync)."""
+    return float(torch.stack([norm.float() for norm in torch._foreach_norm(tensors, float("inf"))]).max())
 
 
 def resolve_device(name: str) -> torch.device:
