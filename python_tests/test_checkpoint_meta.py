@@ -207,6 +207,23 @@ def test_vocab_size_read_from_embedding(tmp_path):
         read_checkpoint_config(tmp_path)
 
 
+def test_llama2_from_checkpoint_reads_named_weight_files(tmp_path):
+    # torchtune 0.6's FullModelMetaCheckpointer writes model-00001-of-00001.bin beside params.json
+    transformers()
+    hf = hf_llama(num_kv_heads=2, seed=3)
+    _write_meta(tmp_path, hf)
+    tokens = torch.randint(0, 320, (1, 7))
+    with torch.no_grad():
+        want = llama2_from_checkpoint(tmp_path)(tokens)
+    (tmp_path / "consolidated.00.pth").rename(tmp_path / "model-00001-of-00001.bin")
+    with pytest.raises(FileNotFoundError, match=r"no Meta weights in .*; weight files of other names are read when named: "
+                                                r"checkpoint_files=\[...\] \(load_checkpoint, llama2_from_checkpoint\)"):
+        llama2_from_checkpoint(tmp_path)
+    with torch.no_grad():
+        got = llama2_from_checkpoint(tmp_path, checkpoint_files=["model-00001-of-00001.bin"])(tokens)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_meta_keys_missing_are_named_as_meta_names_them(tmp_path):
     transformers()
     state, _ = _write_meta(tmp_path, hf_llama(num_kv_heads=2, seed=4))

@@ -356,6 +356,22 @@ def test_cli_matches_python(checkpoint_with_tokenizer, tmp_path):
     assert "warning" not in stderr
 
 
+def test_cli_reads_weight_files_named_with_checkpoint_files(checkpoint_with_tokenizer, tmp_path):
+    # torchtune's checkpointers write weights under other names (hf_model_0001_0.pt in the seed's
+    # torchtune): found by no name, they are read when named.
+    folder = tmp_path / "torchtune_out"
+    shutil.copytree(checkpoint_with_tokenizer, folder)
+    (folder / "model.safetensors").rename(folder / "hf_model_0001_0.safetensors")
+    args = ("--checkpoint-dir", str(folder), "--prompt", "The quick fox", "--temperature", "0", "--max-new-tokens", "6")
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    refused = subprocess.run([sys.executable, "-m", "qlora_ext.generate", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode == 1 and "no HF weights in" in refused.stderr
+    assert "weight files of other names are read when named: checkpoint_files=[...]" in refused.stderr
+    assert "--checkpoint-files for the generate CLI" in refused.stderr
+    stdout, _ = _cli(*args, "--checkpoint-files", "hf_model_0001_0.safetensors")
+    assert stdout == _expected(checkpoint_with_tokenizer, "The quick fox")
+
+
 def test_cli_gives_each_prompt_the_room_it_has(checkpoint_with_tokenizer):
     # A prompt near max_seq_len (128) gets the new tokens that fit, with a note; a short prompt
     # batched with it still gets --max-new-tokens, as alone (it was cut to the long one's room).

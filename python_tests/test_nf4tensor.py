@@ -90,6 +90,13 @@ def test_from_components_rejects_cpu_and_cuda_mixed():
         NF4Tensor.from_components(p.cuda(), c, s.cuda(), o.cuda(), (4, 64), torch.float32)
 
 
+def test_to_nf4_takes_torchaos_keyword_names():
+    # torchao's to_nf4(tensor, block_size, scaler_block_size): a keyword call was a TypeError
+    weight = torch.randn(4, 64)
+    by_keyword = to_nf4(tensor=weight, block_size=64, scaler_block_size=256)
+    assert torch.equal(by_keyword.dequantize(), to_nf4(weight).dequantize())
+
+
 def test_to_nf4_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"'block_size' and 'scaler_block_size' must be 64 and 256.*got 128 and 256"):
         to_nf4(torch.randn(4, 128), block_size=128)
@@ -97,9 +104,9 @@ def test_to_nf4_rejects_bad_arguments():
         to_nf4(to_nf4(torch.randn(4, 64)))
     with pytest.raises(ValueError, match=r"finite"):
         to_nf4(torch.full((64,), float("nan")))
-    with pytest.raises(TypeError, match=r"^to_nf4: argument 'weight' must have dtype float32, bfloat16 or float16; got torch.float64$"):
+    with pytest.raises(TypeError, match=r"^to_nf4: argument 'tensor' must have dtype float32, bfloat16 or float16; got torch.float64$"):
         to_nf4(torch.randn(64, dtype=torch.float64))
-    with pytest.raises(TypeError, match=r"to_nf4: argument 'weight' must be a torch.Tensor; got list"):
+    with pytest.raises(TypeError, match=r"to_nf4: argument 'tensor' must be a torch.Tensor; got list"):
         to_nf4([[0.5] * 64])
     with pytest.raises(ValueError, match=r"must be 64 and 256.*got 64.0 and 256"):
         to_nf4(torch.randn(64), block_size=64.0)

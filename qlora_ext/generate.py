@@ -33,6 +33,9 @@ from qlora_ext._dtypes import HF_DTYPES
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m qlora_ext.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint-dir", required=True, help="HF or Meta Llama-2 checkpoint folder")
+    parser.add_argument("--checkpoint-files", nargs="+", default=None, metavar="FILE",
+                        help="the weight files inside --checkpoint-dir, where not HF's or Meta's usual names "
+                             "(torchtune's checkpointers' outputs); default: found by those names")
     parser.add_argument("--adapter-dir", default=None, help="PEFT LoRA adapter folder to apply")
     parser.add_argument("--prompt", required=True, action="append",
                         help="text to continue (with a --template: the instruction); repeat it for several prompts, "
@@ -184,6 +187,7 @@ def _run(args: argparse.Namespace) -> int:
     model = llama2_from_checkpoint(
         args.checkpoint_dir,
         adapter_dir=args.adapter_dir,
+        checkpoint_files=args.checkpoint_files,
         quantize_base=args.quantize_base,
         device=args.device,
         dtype=dtype,
@@ -274,7 +278,7 @@ def _refuse_a_model_that_cannot_fit(args: argparse.Namespace, dtype: torch.dtype
     if available is None:
         return
     with torch.device("meta"):
-        count = sum(p.numel() for p in llama2(**read_checkpoint_config(args.checkpoint_dir).builder_kwargs()).parameters())
+        count = sum(p.numel() for p in llama2(**read_checkpoint_config(args.checkpoint_dir, args.checkpoint_files).builder_kwargs()).parameters())
     need = count * dtype.itemsize
     if need <= available:
         return

@@ -209,11 +209,12 @@ def _rebuild_nf4tensor(
 torch.serialization.add_safe_globals([_rebuild_nf4tensor])
 
 
-def to_nf4(weight: Tensor, block_size: int = BLOCK_SIZE, scaler_block_size: int = SCALER_BLOCK_SIZE) -> NF4Tensor:
+def to_nf4(tensor: Tensor, block_size: int = BLOCK_SIZE, scaler_block_size: int = SCALER_BLOCK_SIZE) -> NF4Tensor:
     """Quantizes a float32, bfloat16 or float16 weight (numel divisible by 64) to NF4.
 
     Args:
-        weight: the dense weight; any shape, any device with qlora kernels (CPU, CUDA).
+        tensor: the dense weight; any shape, any device with qlora kernels (CPU, CUDA). (The
+            argument names are torchao's, so keyword calls of its ``to_nf4`` work too.)
         block_size: weights per absmax; the format fixes it at 64 (the argument mirrors torchao).
         scaler_block_size: absmax values per scale; fixed at 256.
 
@@ -221,21 +222,21 @@ def to_nf4(weight: Tensor, block_size: int = BLOCK_SIZE, scaler_block_size: int 
         The NF4Tensor, on the weight's device, with the weight's shape and dtype.
 
     Raises:
-        TypeError: ``weight`` is not a float tensor (or not a tensor at all).
+        TypeError: ``tensor`` is not a float tensor (or not a tensor at all).
         ValueError: empty weight, numel not divisible by 64, NaN or Inf in it, other block sizes.
     """
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"to_nf4: argument 'weight' must be a torch.Tensor; got {type(weight).__name__}")
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"to_nf4: argument 'tensor' must be a torch.Tensor; got {type(tensor).__name__}")
     if not (is_int(block_size) and is_int(scaler_block_size)) or (block_size, scaler_block_size) != (BLOCK_SIZE, SCALER_BLOCK_SIZE):
         raise ValueError(
             f"to_nf4: arguments 'block_size' and 'scaler_block_size' must be {BLOCK_SIZE} and "
             f"{SCALER_BLOCK_SIZE} (the NF4 format of this package); got {block_size!r} and {scaler_block_size!r}"
         )
-    if isinstance(weight, NF4Tensor):
-        raise TypeError("to_nf4: argument 'weight' must be a dense tensor; got an NF4Tensor (already quantized)")
-    if weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"to_nf4: argument 'weight' must have dtype float32, bfloat16 or float16; got {weight.dtype}")
-    weight = weight.detach()
+    if isinstance(tensor, NF4Tensor):
+        raise TypeError("to_nf4: argument 'tensor' must be a dense tensor; got an NF4Tensor (already quantized)")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"to_nf4: argument 'tensor' must have dtype float32, bfloat16 or float16; got {tensor.dtype}")
+    weight = tensor.detach()
     return NF4Tensor(*ops.quantize_nf4(weight), weight.shape, weight.dtype)
 
 

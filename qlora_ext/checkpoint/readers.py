@@ -239,6 +239,14 @@ def _copy_out(tensor: Tensor, mapped: bool) -> Tensor:
     return copy
 
 
+# Weight files under other names (torchtune's checkpointers write model-00001-of-00001.bin,
+# hf_model_0001_0.pt or meta_model_0.pt) are read when named, as torchtune's checkpointers take them.
+OTHER_NAMES_HINT = (
+    "; weight files of other names are read when named: checkpoint_files=[...] (load_checkpoint, "
+    "llama2_from_checkpoint), checkpointer.checkpoint_files in a trainer config, --checkpoint-files for the generate CLI"
+)
+
+
 def hf_weight_files(checkpoint_dir: str) -> list[str]:
     """The weight files of a HF checkpoint, looked for in transformers' order: the single
     ``model.safetensors``, its shards per the index, then the same for ``pytorch_model.bin``.
@@ -268,7 +276,7 @@ def hf_weight_files(checkpoint_dir: str) -> list[str]:
             return [os.path.join(checkpoint_dir, n) for n in names]
     looked_for = [name for pair in HF_INDEX_FILES for name in pair]
     raise FileNotFoundError(
-        f"no HF weights in {checkpoint_dir}: looked for {looked_for}; found {sorted(os.listdir(checkpoint_dir))}"
+        f"no HF weights in {checkpoint_dir}: looked for {looked_for}; found {sorted(os.listdir(checkpoint_dir))}{OTHER_NAMES_HINT}"
     )
 
 
@@ -303,6 +311,7 @@ def meta_weight_files(checkpoint_dir: str) -> list[str]:
     if not paths:
         raise FileNotFoundError(
             f"no Meta weights in {checkpoint_dir}: looked for consolidated.*.pth; found {sorted(os.listdir(checkpoint_dir))}"
+            f"{OTHER_NAMES_HINT}"
         )
     return meta_shard_order(paths)
 

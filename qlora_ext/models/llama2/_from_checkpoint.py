@@ -30,6 +30,7 @@ def llama2_from_checkpoint(
     lora_dropout: float = 0.0,
     quantize_base: bool = False,
     adapter_dir: str | os.PathLike | None = None,
+    checkpoint_files: Sequence[str] | None = None,
     max_seq_len: int | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
@@ -43,6 +44,9 @@ def llama2_from_checkpoint(
             ``quantize_base=True`` nothing is quantized (only LoRA linears are).
         adapter_dir: a PEFT adapter to load; its adapter_config.json then decides the LoRA
             layout and the LoRA arguments above are ignored.
+        checkpoint_files: the weight files, names inside ``checkpoint_dir``, where they are not
+            HF's or Meta's usual names (torchtune's checkpointers write ``model-00001-of-00001.bin``
+            beside params.json, or ``hf_model_0001_0.pt``); default: found by those names.
         max_seq_len: overrides the checkpoint's (RoPE table and KV-cache length).
         device: where the weights go.
         dtype: dtype of the dense weights and adapters (default: torch's default dtype); NF4
@@ -60,7 +64,7 @@ def llama2_from_checkpoint(
     """
     if dtype is not None and dtype not in (*FLOAT_DTYPES, torch.float64):
         raise TypeError(f"llama2_from_checkpoint: argument 'dtype' must be float32, bfloat16, float16, float64 or None; got {dtype!r}")
-    config = read_checkpoint_config(checkpoint_dir)
+    config = read_checkpoint_config(checkpoint_dir, checkpoint_files)
     kwargs = config.builder_kwargs()
     if max_seq_len is not None:
         kwargs["max_seq_len"] = max_seq_len
@@ -81,7 +85,7 @@ def llama2_from_checkpoint(
                         f"(what NF4 weights dequantize to); got {dtype}")
     with torch.device("meta"), default_dtype(dtype):
         model = lora_llama2(**lora, **kwargs, quantize_base=quantize_base)
-    load_checkpoint(model, checkpoint_dir, device=device)
+    load_checkpoint(model, checkpoint_dir, device=device, checkpoint_files=checkpoint_files)
     if adapter_dir is not None:
         load_peft_adapter(model, adapter_dir)
     return model.eval()
