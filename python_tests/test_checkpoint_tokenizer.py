@@ -104,6 +104,42 @@ def test_a_source_config_that_adds_eos_or_no_bos_is_set_to_encode_as_the_trainer
             assert _hf_ids(tmp_path / f"out{i}", text) == ours.encode(text, add_bos=True, add_eos=False)
 
 
+@pytest.mark.parametrize("flags", [{"add_bos_token": False}, {"add_bos_token": True, "add_eos_token": True}], ids=["no-bos", "eos"])
+def test_a_source_saved_by_transformers_without_bos_or_with_eos_is_set_to_encode_as_the_trainer(tmp_path, flags):
+    # transformers 5 saves the BOS/EOS rule in tokenizer.json's post-processor and goes by it when
+    # loading: forcing the config's flags alone left the copied folder without BOS (or with EOS).
+    transformers = pytest.importorskip("transformers")
+    ours = llama2_tokenizer(TOKENIZER)
+    source = tmp_path / "base"
+    source.mkdir()
+    shutil.copy(TOKENIZER, source / "tokenizer.model")
+    (source / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", **flags}))
+    transformers.AutoTokenizer.from_pretrained(source).save_pretrained(source)
+    assert (source / "tokenizer.json").is_file()
+    save_hf_tokenizer(tmp_path / "out", TOKENIZER, source_dir=source)
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    for text in TEXTS:
+        assert _hf_ids(tmp_path / "out", text) == ours.encode(text, add_bos=True, add_eos=False)
+
+
+def test_a_source_tokenizer_json_that_is_damaged_or_another_tokenizers_is_named(tmp_path):
+    # They were copied as they were: the checkpoints then failed to load in transformers, or
+    # tokenized with another vocabulary (a GPT-2 BPE tokenizer.json beside Llama's tokenizer.model).
+    source = tmp_path / "base"
+    source.mkdir()
+    shutil.copy(TOKENIZER, source / "tokenizer.model")
+    (source / "special_tokens_map.json").write_text("{not json")
+    with pytest.raises(ValueError, match=rf"^{source / 'special_tokens_map.json'} is not valid JSON"):
+        save_hf_tokenizer(tmp_path / "out", TOKENIZER, source_dir=source)
+    (source / "special_tokens_map.json").unlink()
+    (source / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {"<unk>": 0, "Hello": 1}}}))
+    with pytest.raises(ValueError, match=rf"^{source / 'tokenizer.json'} does not describe the tokenizer.model beside it: piece "
+                                         r"'<s>' is id 1 there and None in tokenizer.json, .*; remove it"):
+        save_hf_tokenizer(tmp_path / "out", TOKENIZER, source_dir=source)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_save_cut_short_leaves_every_file_in_place(tmp_path, monkeypatch):
     # The config had been taken away first, as a loader's "finder"; transformers then loaded the
     # folder without it, and without BOS.

@@ -245,6 +245,12 @@ def test_a_damaged_tokenizer_config_of_the_base_stops_the_run_at_setup(tmp_path,
     err = capsys.readouterr().err
     assert f"error: checkpointer.checkpoint_dir: {base / 'tokenizer_config.json'} is not valid JSON" in err, err
     assert not (out / "logs").exists() or not any(out.glob("epoch_*"))
+    # so is a tokenizer.json of another tokenizer, which transformers would read before tokenizer.model
+    (base / "tokenizer_config.json").write_text('{"add_bos_token": true}')
+    (base / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"Hello": 0}}}')
+    assert finetune.main(["--config", "tiny_qlora", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"error: checkpointer.checkpoint_dir: {base / 'tokenizer.json'} does not describe the tokenizer.model beside it" in err, err
 
 
 def test_a_second_run_on_a_busy_output_dir_is_refused(tmp_path, tiny_ckpt, small_data):

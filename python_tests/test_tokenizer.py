@@ -44,6 +44,13 @@ def test_arguments_of_another_kind_are_named(tokenizer):
         tokenizer.decode("abc")
     with pytest.raises(TypeError, match=r"^Llama2Tokenizer.decode: argument 'ids' must be a sequence of integer token ids; got \[1, 2.5\]$"):
         tokenizer.decode([1, 2.5])
+    # bytes-likes were read as ids (bytes alone was refused), a dict decoded its keys, True was id 1
+    for kind in (bytearray(b"ab"), memoryview(b"ab"), {5: "x"}, {5}):
+        with pytest.raises(TypeError, match=rf"^Llama2Tokenizer.decode: argument 'ids' must be a sequence of token ids; got {type(kind).__name__}$"):
+            tokenizer.decode(kind)
+    with pytest.raises(TypeError, match=r"^Llama2Tokenizer.decode: argument 'ids' must be a sequence of integer token ids; got \[True, 5\]$"):
+        tokenizer.decode([True, 5])
+    assert tokenizer.decode(i for i in tokenizer.encode("the quick fox")) == "the quick fox"  # (any iterable of ids)
     for bad in (320, -1):
         with pytest.raises(ValueError, match=rf"^Llama2Tokenizer.decode: argument 'ids' must hold ids from 0 to 319 \(the vocabulary\); got {bad}$"):
             tokenizer.decode([5, bad])

@@ -40,7 +40,8 @@ def save_hf_tokenizer(out_dir: str | os.PathLike, tokenizer_model: str | os.Path
         tokenizer_model: the SentencePiece model file.
         source_dir: the HF folder the tokenizer came from. Its ``HF_TOKENIZER_FILES`` are copied
             when its ``tokenizer.model`` has the same bytes as ``tokenizer_model``, its
-            ``tokenizer_config.json`` with ``add_bos_token`` true and ``add_eos_token`` false.
+            ``tokenizer_config.json`` with ``add_bos_token`` true and ``add_eos_token`` false, its
+            ``tokenizer.json`` with a post-processor that adds BOS only.
 
     Returns:
         The paths written. Where no ``tokenizer_config.json`` came along, one is written: class
@@ -49,51 +50,94 @@ def save_hf_tokenizer(out_dir: str | os.PathLike, tokenizer_model: str | os.Path
 
     Raises:
         FileNotFoundError: ``tokenizer_model`` is not a file.
-        ValueError: it is no SentencePiece model, or ``source_dir``'s tokenizer_config.json is
-            not a UTF-8 JSON object.
+        ValueError: it is no SentencePiece model, or ``source_dir``'s files are damaged or its
+            tokenizer.json is another tokenizer's (as ``source_tokenizer_files``).
     """
     if not os.path.isfile(tokenizer_model):
         raise FileNotFoundError(f"save_hf_tokenizer: argument 'tokenizer_model' must be a SentencePiece model file; "
                                 f"got {os.fspath(tokenizer_model)!r}")
-    copied, config = source_tokenizer_files(tokenizer_model, source_dir)
-    if config is None:
-        config = _llama2_tokenizer_config(tokenizer_model)
+    files = source_tokenizer_files(tokenizer_model, source_dir)
+    config = files.pop("tokenizer_config.json", None) or _llama2_tokenizer_config(tokenizer_model)
     config.update(add_bos_token=True, add_eos_token=False)  # as the trainer encodes prompts
+    if "tokenizer.json" in files:
+        # transformers 5 adds BOS and EOS as tokenizer.json's post-processor says, whatever the config
+        # says (a base saved with add_bos_token false has one that adds none): as the trainer, BOS only.
+        files["tokenizer.json"] = {**files["tokenizer.json"], "post_processor": _bos_only_post_processor(tokenizer_model)}
     owned = {"tokenizer.model", *HF_TOKENIZER_FILES}
     with StagedFiles(out_dir, owns=lambda name: name in owned, finders=()) as staged:
         staged.write("tokenizer.model", lambda path: shutil.copyfile(tokenizer_model, path))
-        for name in copied:
-            if name != "tokenizer_config.json":
-                staged.write(name, lambda path, name=name: shutil.copyfile(Path(source_dir) / name, path))
+        for name, content in files.items():
+            staged.write(name, lambda path, content=content: write_json(path, content))
         staged.write("tokenizer_config.json", lambda path: write_json(path, config))
         return staged.commit()
 
 
-def source_tokenizer_files(tokenizer_model: str | os.PathLike, source_dir: str | os.PathLike | None) -> tuple[list[str], dict | None]:
+def source_tokenizer_files(tokenizer_model: str | os.PathLike, source_dir: str | os.PathLike | None) -> dict[str, dict]:
     """The ``HF_TOKENIZER_FILES`` of ``source_dir`` that describe ``tokenizer_model`` (those of a
-    folder whose ``tokenizer.model`` has the same bytes), and its ``tokenizer_config.json`` as read
-    (None without one).
+    folder whose ``tokenizer.model`` has the same bytes), by name, as read; none for another folder.
 
     Raises:
-        ValueError: that tokenizer_config.json is not a UTF-8 JSON object (the file is named).
+        ValueError: one of them is not a UTF-8 JSON object, or tokenizer.json's vocabulary is not
+            tokenizer.model's pieces at the same ids (transformers reads tokenizer.json first); the
+            file is named.
     """
     source = Path(source_dir) if source_dir is not None else None
     if source is None or not (source / "tokenizer.model").is_file() or not filecmp.cmp(source / "tokenizer.model", tokenizer_model, shallow=False):
-        return [], None
-    copied = [name for name in HF_TOKENIZER_FILES if (source / name).is_file()]
-    config = read_json(source / "tokenizer_config.json") if "tokenizer_config.json" in copied else None
-    return copied, config
+        return {}
+    files = {name: read_json(source / name) for name in HF_TOKENIZER_FILES if (source / name).is_file()}
+    if "tokenizer.json" in files:
+        _check_same_pieces(files["tokenizer.json"], tokenizer_model, source / "tokenizer.json")
+    return files
+
+
+def _sentencepiece(tokenizer_model: str | os.PathLike):
+    from sentencepiece import SentencePieceProcessor
+
+    try:
+        return SentencePieceProcessor(model_file=os.fspath(tokenizer_model))
+    except (OSError, RuntimeError) as e:  # sentencepiece raises RuntimeError for a file it cannot parse
+        raise ValueError(f"save_hf_tokenizer: argument 'tokenizer_model' must be a readable SentencePiece model file; "
+                         f"{os.fspath(tokenizer_model)!r} is not: {e}") from None
+
+
+def _check_same_pieces(tokenizer_json: dict, tokenizer_model: str | os.PathLike, path: Path) -> None:
+    model = tokenizer_json.get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if isinstance(vocab, list):  # (a Unigram model's: [piece, score] by id)
+        vocab = {entry[0]: i for i, entry in enumerate(vocab) if isinstance(entry, list) and entry and isinstance(entry[0], str)}
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{path} holds no vocabulary (model.vocab): not a tokenizer.json of the tokenizer.model beside it; "
+                         "remove it (tokenizer.model is enough) or put the matching one")
+    spm = _sentencepiece(tokenizer_model)
+    for i in range(spm.get_piece_size()):
+        piece = spm.id_to_piece(i)
+        if vocab.get(piece) != i:
+            raise ValueError(
+                f"{path} does not describe the tokenizer.model beside it: piece {piece!r} is id {i} there and "
+                f"{vocab.get(piece)} in tokenizer.json, which transformers reads first (and would give the model other ids); "
+                "remove it (tokenizer.model is enough) or put the matching one"
+            )
+
+
+def _bos_only_post_processor(tokenizer_model: str | os.PathLike) -> dict:
+    """tokenizer.json's post-processor that puts BOS before a text (and before each of a pair), as
+    meta-llama/Llama-2-7b-hf's does."""
+    spm = _sentencepiece(tokenizer_model)
+    bos = spm.id_to_piece(spm.bos_id())
+    return {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [
+            {"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}},
+        ],
+        "special_tokens": {bos: {"id": bos, "ids": [spm.bos_id()], "tokens": [bos]}},
+    }
 
 
 def _llama2_tokenizer_config(tokenizer_model: str | os.PathLike) -> dict:
     """A Llama-2 ``tokenizer_config.json`` (as meta-llama/Llama-2-7b-hf's) for this model's pieces."""
-    from sentencepiece import SentencePieceProcessor
-
-    try:
-        spm = SentencePieceProcessor(model_file=os.fspath(tokenizer_model))
-    except (OSError, RuntimeError) as e:  # sentencepiece raises RuntimeError for a file it cannot parse
-        raise ValueError(f"save_hf_tokenizer: argument 'tokenizer_model' must be a readable SentencePiece model file; "
-                         f"{os.fspath(tokenizer_model)!r} is not: {e}") from None
+    spm = _sentencepiece(tokenizer_model)
     return {
         "tokenizer_class": "LlamaTokenizer",
         "add_bos_token": True,

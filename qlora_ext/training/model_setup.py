@@ -35,7 +35,8 @@ def load_tokenizer(path: str):
 
 def check_tokenizer_files(tokenizer_path: str, checkpoint_dir: str) -> None:
     """Reads the checkpoint's HF tokenizer files that each checkpoint save copies beside the
-    tokenizer, so a damaged ``tokenizer_config.json`` stops the run at setup, not at its first save.
+    tokenizer, so a damaged one (or a tokenizer.json of another tokenizer) stops the run at setup,
+    not at its first save.
 
     Raises:
         ModelSetupError: naming the file.

@@ -129,9 +129,14 @@ class Llama2Tokenizer:
             TypeError: ``ids`` is a string, or holds something other than integers.
             ValueError: an id outside the vocabulary (0 to ``vocab_size`` - 1).
         """
-        if isinstance(ids, (str, bytes)):  # (sentencepiece took a str as pieces, and gave it back)
+        # (sentencepiece took a str as pieces, and gave it back; bytes are read as ids; a dict or set
+        # has no order)
+        if isinstance(ids, (str, bytes, bytearray, memoryview, dict, set, frozenset)):
             raise TypeError(f"Llama2Tokenizer.decode: argument 'ids' must be a sequence of token ids; got {type(ids).__name__}")
         try:
+            ids = list(ids)
+            if any(isinstance(i, bool) for i in ids):  # (True is 1 to operator.index)
+                raise TypeError
             ids = [operator.index(i) for i in ids]  # (a tensor's elements too)
         except TypeError:
             raise TypeError(f"Llama2Tokenizer.decode: argument 'ids' must be a sequence of integer token ids; got {ids!r:.100}") from None
