@@ -87,6 +87,28 @@ def test_without_grad_and_with_no_counted_rows():
     assert float(loss.detach()) == 0.0 and not hidden.grad.any()
 
 
+def test_second_derivatives_are_refused():
+    # once_differentiable let create_graph=True through when the upstream gradient needed none: the
+    # gradient came back without history, dropping the second-order term silently.
+    hidden, weight, targets = _case("cpu", torch.float32)
+    loss = lce.linear_cross_entropy_sum(hidden, weight, targets, ignore_index=IGNORE)
+    with pytest.raises(RuntimeError, match=r"^linear_cross_entropy_sum: second derivatives \(backward with create_graph=True\) "
+                                           r"are not supported"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
+
+
+def test_compiles_with_inductor():
+    # The CPU softmax written over its input (out= itself) failed in inductor: KeyError 'buf1'.
+    torch._dynamo.reset()
+    hidden, weight, targets = _case("cpu", torch.float32, ignored=0.0)
+    got = torch.compile(lce.linear_cross_entropy_sum)(hidden, weight, targets)
+    (got_grad,) = torch.autograd.grad(got, hidden)
+    want = _reference(hidden, weight, targets)
+    (want_grad,) = torch.autograd.grad(want, hidden)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_arguments_are_named():
     hidden, weight, targets = _case("cpu", torch.float32)
     with pytest.raises(ValueError, match=r"argument 'weight' must be \[vocab, 48\].*got shape \[301, 47\]"):

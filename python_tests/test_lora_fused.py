@@ -62,26 +62,29 @@ def test_dropout_mask_is_applied_to_the_adapter_input_only():
     torch.testing.assert_close(lin(x), composed(lin, x, x, torch.float32))
 
 
-@pytest.mark.parametrize("base", ["nf4_bf16", "dense_fp32_with_bias"])
+@pytest.mark.parametrize("base", ["nf4_bf16", "dense_fp32_with_bias", "nf4_fp32_with_bias"])
 def test_autocast_bf16_runs_fp32_adapters_in_bf16_with_fp32_gradients(base):
     # The trainer's QLoRA (a bf16 NF4 base, fp32 adapters) and plain LoRA under AMP (an fp32 dense
-    # base: its backward used to multiply the bf16 output gradient by the fp32 weight and fail).
+    # base: its backward used to multiply the bf16 output gradient by the fp32 weight and fail); an
+    # fp32 NF4 base's fp32 bias met the bf16 input uncast ("'bias' must have the dtype of 'x'").
     torch.manual_seed(0)
     if base == "nf4_bf16":
         lin = LoRALinear(128, 96, rank=8, alpha=16.0, quantize_base=True).to(torch.bfloat16)
         lin.lora_a.float(), lin.lora_b.float()  # the trainer's fp32 adapters
     else:
-        lin = LoRALinear(128, 96, rank=8, alpha=16.0, use_bias=True)
+        lin = LoRALinear(128, 96, rank=8, alpha=16.0, use_bias=True, quantize_base=base.startswith("nf4"))
+        nn.init.normal_(lin.bias)
+        lin.bias.requires_grad_(True)
     nn.init.normal_(lin.lora_b.weight)
     x = torch.randn(4, 128, dtype=torch.bfloat16, requires_grad=True)
     grad_y = torch.randn(4, 96, dtype=torch.bfloat16)
-    params = (x, lin.lora_a.weight, lin.lora_b.weight)
+    params = (x, lin.lora_a.weight, lin.lora_b.weight) + ((lin.bias,) if lin.bias is not None else ())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = lin(x)
         want = composed(lin, x, x, torch.bfloat16)  # under autocast too: it casts an fp32 bias as for lin
     assert got.dtype == torch.bfloat16
     got_grads = grads(got, grad_y, *params)
-    assert [g.dtype for g in got_grads] == [torch.bfloat16, torch.float32, torch.float32]
+    assert [g.dtype for g in got_grads] == [torch.bfloat16, torch.float32, torch.float32] + [torch.float32] * (len(params) - 3)
     torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
     for g, w in zip(got_grads, grads(want, grad_y, *params)):
         torch.testing.assert_close(g.float(), w.float(), **TOL[torch.bfloat16])

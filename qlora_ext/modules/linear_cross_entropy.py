@@ -53,7 +53,7 @@ def _softmax_rows(logits: Tensor) -> Tensor:
     64 MB output would be page-faulted in anew), elsewhere into a new tensor (the caching allocator
     reuses its blocks). Loss and gradient of 512 x 32000 fp32 on the 2-core AMD EPYC: 138 -> 122 ms
     median (ad hoc)."""
-    if logits.device.type == "cpu":
+    if logits.device.type == "cpu" and not torch.compiler.is_compiling():  # (inductor cannot lower out= its input)
         return torch.ops.aten._softmax.out(logits, 1, False, out=logits)
     return torch.softmax(logits, dim=1)
 
@@ -109,8 +109,12 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         return total
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total: Tensor):  # noqa: ANN001, ANN206
+        if torch.is_grad_enabled():  # (once_differentiable let this through when grad_total needed no grad)
+            raise RuntimeError(
+                "linear_cross_entropy_sum: second derivatives (backward with create_graph=True) are not supported: its "
+                "gradient is computed in forward, with no history; use F.cross_entropy on hidden @ weight.T for them"
+            )
         (grad_hidden,) = ctx.saved_tensors
         return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
 

@@ -31,6 +31,8 @@ from qlora_ext.nf4 import NF4Tensor
 def _base_forward(x: Tensor, weight: tuple[Tensor, ...], out_features: int, bias: Tensor | None) -> Tensor:
     if len(weight) == 1:
         return F.linear(x, weight[0], bias)
+    if bias is not None:  # (under autocast a bf16 x meets an fp32 bias: cast as linear_nf4 and F.linear do)
+        bias = bias.to(x.dtype)
     return ops.linear_nf4(x, *weight, out_features, bias)
 
 
@@ -56,6 +58,7 @@ class _LoRALinearFunction(torch.autograd.Function):
         # written in differentiable ops of them, also gives second derivatives.
         ctx.save_for_backward(lora_input, a, a_weight, b_weight, *weight)
         ctx.scaling, ctx.in_features, ctx.lora_in_is_x = scaling, in_features, x_lora is None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
@@ -84,7 +87,7 @@ class _LoRALinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_x_lora = torch.mm(grad_a, a_w).view(lora_input.shape)
         if ctx.needs_input_grad[5]:
-            grad_bias = g.sum(0)
+            grad_bias = g.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_x_lora, grad_a_weight, grad_b_weight, None, grad_bias, None, *([None] * len(weight))
 
 
