@@ -138,3 +138,23 @@ def test_double_backward_matches_the_composed_formula():
         (grad_x,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
         results.append(torch.autograd.grad(grad_x.pow(2).sum(), params))
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quantize_base", [True, False], ids=["nf4", "dense"])
+def test_per_sample_gradients_with_torch_func(quantize_base):
+    # torch.func refused the fused function ("it must override the setup_context staticmethod"),
+    # even for a dense base, where torchtune's and PEFT's LoRA (plain ops) give per-sample gradients.
+    torch.manual_seed(0)
+    lin = LoRALinear(128, 64, rank=4, alpha=8.0, quantize_base=quantize_base)
+    nn.init.normal_(lin.lora_b.weight)
+    params = {name: p.detach() for name, p in lin.named_parameters() if "lora" in name}
+    xs = torch.randn(3, 5, 128)
+
+    def loss(p, x):
+        return torch.func.functional_call(lin, p, (x,)).pow(2).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, xs)
+    for i in range(3):
+        want = torch.autograd.grad(lin(xs[i]).pow(2).sum(), [lin.lora_a.weight, lin.lora_b.weight])
+        torch.testing.assert_close([per_sample["lora_a.weight"][i], per_sample["lora_b.weight"][i]], list(want))
+

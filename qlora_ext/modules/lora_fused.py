@@ -45,24 +45,40 @@ def _base_grad_input(grad_y: Tensor, weight: tuple[Tensor, ...], in_features: in
 class _LoRALinearFunction(torch.autograd.Function):
     """Inputs: x [..., in]; x_lora (dropout(x)) or None when the adapter sees x itself; the
     adapter weights A [rank, in] and B [out, rank]; scaling; bias or None; out_features; then the
-    base weight as one dense tensor or as its four NF4 components."""
+    base weight as one dense tensor and three Nones, or as its four NF4 components. Outputs:
+    y [..., out], and the adapter's intermediate [tokens, rank] for backward (not differentiable).
+
+    Written with ``setup_context`` (no ``ctx`` in forward) and ``generate_vmap_rule``, so that
+    torch.func's transforms (grad, vmap: per-sample gradients) take it as they take plain ops.
+    (A fixed argument list, no ``*weight``: torch.compile, tracing it without grad, counts a
+    ``*args`` as one parameter and then passes a ctx to forward.)"""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, x_lora, a_weight, b_weight, scaling, bias, out_features, *weight):
+    def forward(x, x_lora, a_weight, b_weight, scaling, bias, out_features, w0, w1, w2, w3):
+        weight = (w0,) if w1 is None else (w0, w1, w2, w3)
         in_features = x.shape[-1]
         lora_input = x if x_lora is None else x_lora
         y = _base_forward(x, weight, out_features, bias)  # [..., out], fresh
         a = torch.mm(lora_input.reshape(-1, in_features), a_weight.to(x.dtype).t())  # [t, rank]
         y.view(-1, out_features).addmm_(a, b_weight.to(x.dtype).t(), alpha=scaling)  # y += scaling * a @ B.T
-        # The inputs themselves are saved (not views or casts made here), so that backward,
-        # written in differentiable ops of them, also gives second derivatives.
-        ctx.save_for_backward(lora_input, a, a_weight, b_weight, *weight)
-        ctx.scaling, ctx.in_features, ctx.lora_in_is_x = scaling, in_features, x_lora is None
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
+        return y, a
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def setup_context(ctx, inputs, output):
+        x, x_lora, a_weight, b_weight, scaling, bias, out_features, *weight = inputs
+        weight = [w for w in weight if w is not None]
+        a = output[1]
+        ctx.mark_non_differentiable(a)
+        # The inputs themselves are saved (not views or casts made here), so that backward,
+        # written in differentiable ops of them, also gives second derivatives.
+        ctx.save_for_backward(x if x_lora is None else x_lora, a, a_weight, b_weight, *weight)
+        ctx.scaling, ctx.in_features, ctx.lora_in_is_x = scaling, x.shape[-1], x_lora is None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_a=None):
         lora_input, a, a_weight, b_weight, *weight = ctx.saved_tensors
         lora_in = lora_input.reshape(-1, ctx.in_features)  # [t, in]
         a_w, b_w = a_weight.to(grad_y.dtype), b_weight.to(grad_y.dtype)
@@ -88,7 +104,7 @@ class _LoRALinearFunction(torch.autograd.Function):
             grad_x_lora = torch.mm(grad_a, a_w).view(lora_input.shape)
         if ctx.needs_input_grad[5]:
             grad_bias = g.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_x_lora, grad_a_weight, grad_b_weight, None, grad_bias, None, *([None] * len(weight))
+        return grad_x, grad_x_lora, grad_a_weight, grad_b_weight, None, grad_bias, None, None, None, None, None
 
 
 def lora_linear(
@@ -118,5 +134,5 @@ def lora_linear(
     if isinstance(weight, NF4Tensor):
         base = weight.components()
     else:
-        base = (weight.detach(),)
-    return _LoRALinearFunction.apply(x, x_lora, a_weight, b_weight, scaling, bias, weight.shape[0], *base)
+        base = (weight.detach(), None, None, None)
+    return _LoRALinearFunction.apply(x, x_lora, a_weight, b_weight, scaling, bias, weight.shape[0], *base)[0]
