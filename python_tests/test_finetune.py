@@ -213,8 +213,8 @@ def test_other_writes_the_file_system_refuses_are_named_with_what_the_run_leaves
     monkeypatch.setattr(metric_logging.MetricLoggers, "log", full_after_the_first_save)
     assert finetune.main(["--config", "tiny_qlora", *args]) == 1
     err = capsys.readouterr().err
-    assert (f"error: Interrupted (OSError: [Errno 28] No space left on device): {out} keeps the checkpoint epoch_0 (step 2), complete; "
-            "run again with resume_from_checkpoint=True to continue from it.") in err, err
+    assert (f"error: Stopped (a write failed: OSError: [Errno 28] No space left on device): {out} keeps the checkpoint epoch_0 (step 2), "
+            "complete; run again with resume_from_checkpoint=True to continue from it.") in err, err
     assert "Traceback" not in err
     monkeypatch.undo()
 
@@ -227,6 +227,55 @@ def test_other_writes_the_file_system_refuses_are_named_with_what_the_run_leaves
     assert (f"warning: the loss curve could not be written to {out / 'loss_curve.png'} ([Errno 28] No space left on device); "
             f"draw it later with python -m qlora_ext.plot {out}") in err, err
     assert (out / "epoch_1").is_dir()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_under_the_metrics_log_or_stdout_is_named(tmp_path, tiny_ckpt, small_data):
+    # The log's own error (naming metrics.jsonl) was replaced by a bare OSError from closing it,
+    # which flushed the stuck line again; a full stdout (> log.txt on a full disk) named nothing.
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "metrics.jsonl").symlink_to("/dev/full")  # writes fail with ENOSPC
+    args = small_run_overrides(tiny_ckpt, small_data, out) + ["epochs=1", "max_steps_per_epoch=1", "eval.before_and_after=False"]
+    env = {**os.environ, "PYTHONPATH": str(Path(finetune.__file__).parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run([sys.executable, "-m", "qlora_ext.finetune", "--config", "tiny_qlora", *args], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert (f"error: Stopped (a write failed: OSError: [Errno 28] No space left on device (writing the metrics log): "
+            f"'{out / 'logs' / 'metrics.jsonl'}'): there is no checkpoint to resume from in {out}") in run.stderr, run.stderr[-2000:]
+    (out / "logs" / "metrics.jsonl").unlink()
+    with open("/dev/full", "w") as full:
+        run = subprocess.run([sys.executable, "-m", "qlora_ext.finetune", "--config", "tiny_qlora", *args], stdout=full,
+                             stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "error: Stopped (standard output cannot be written: No space left on device)" in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr
+
+
+def test_an_older_step_folder_that_cannot_be_removed_is_left_with_a_warning(tmp_path, tiny_ckpt, small_data, monkeypatch):
+    # After step_4 and the training state were saved, moving step_2 away failed (a write-protected
+    # folder): the run stopped with "cannot write checkpoint step_4 ... step_2 is intact", while
+    # the state on disk named step_4.
+    from qlora_ext.training import checkpoint_folders
+
+    out = tmp_path / "run"
+    args = small_run_overrides(tiny_ckpt, small_data, out) + ["epochs=1", "max_steps_per_epoch=4", "save_every_n_steps=2",
+                                                              "eval.before_and_after=False", "save_adapter_weights_only=True"]
+    real = checkpoint_folders.os.replace
+
+    def protected(src, dst):
+        if Path(src).name == "step_2" and ".del-" in str(dst):
+            raise PermissionError(1, "Operation not permitted", str(src), None, str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(checkpoint_folders.os, "replace", protected)
+    with pytest.warns(RuntimeWarning, match=rf"could not delete the older checkpoint {out / 'step_2'}: .*Operation not permitted"):
+        summary = finetune.train(load_config("tiny_qlora", args))
+    assert summary["last_step"] == 4 and (out / "epoch_0").is_dir() and (out / "step_2").is_dir()
+    assert torch.load(out / "recipe_state.pt", weights_only=True)["checkpoint_name"] == "epoch_0"
 
 
 def test_a_damaged_tokenizer_config_of_the_base_stops_the_run_at_setup(tmp_path, tiny_ckpt, small_data, capsys):

@@ -3,7 +3,8 @@
 Under an ASCII locale (``LC_ALL=C`` with ``PYTHONUTF8=0``) a print of non-ASCII text (an answer,
 a data record quoted in a report) raised UnicodeEncodeError, after the work was done. The tools
 write such characters as escapes instead. A stdout whose reader went away (``| head -n 1``) ends
-a tool quietly.
+a tool quietly. A stdout that cannot be written (a full disk under ``> log.txt``) is named as
+such, where the OSError of a failed write names no file.
 """
 
 from __future__ import annotations
@@ -41,6 +42,32 @@ def print_out(text: str) -> int:
         print(f"error: cannot write to standard output: {e.strerror or e}", file=sys.stderr)
         return 1
     return 0
+
+
+STDOUT_NAME = "<standard output>"
+
+
+class StdoutErrorsNamed:
+    """Stands in for ``sys.stdout`` while a tool works: an OSError of a write or flush names the
+    stream (as ``filename``, ``STDOUT_NAME``), so that it is told apart from the tool's files."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, STDOUT_NAME) from None  # (EPIPE: a BrokenPipeError still)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, STDOUT_NAME) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def recovered_utf8(text: str) -> str:

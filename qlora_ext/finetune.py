@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from qlora_ext._console import print_out, tolerant_console
+from qlora_ext._console import STDOUT_NAME, StdoutErrorsNamed, print_out, stdout_reader_gone, tolerant_console
 from qlora_ext._paths import unencodable_name, unwritable_folder, why_not_a_folder
 from qlora_ext.checkpoint.atomic import atomic_write_text
 from qlora_ext.generation import NonFiniteLogitsError
@@ -325,7 +325,10 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
 
     # Written once setup has succeeded: a run that fails before it leaves an earlier run's
     # config.yaml (and, see DiskLogger, its metrics log) as they were.
-    atomic_write_text(output_dir / RUN_CONFIG_FILE, saving.resolved_yaml(cfg, seed))
+    try:
+        atomic_write_text(output_dir / RUN_CONFIG_FILE, saving.resolved_yaml(cfg, seed))
+    except OSError as e:  # (a full disk's error names no file)
+        raise OSError(e.errno, f"{e.strerror} (writing the run's config)", str(output_dir / RUN_CONFIG_FILE)) from None
 
     # -- before training: held-out loss and sample answers -----------------------------------
     summary: dict[str, Any] = {"output_dir": str(output_dir), "seed": seed, "losses": [], "loss_steps": [], "val_losses": [],
@@ -549,7 +552,11 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a scheduler's or `docker stop`'s) stops the run as Ctrl-C does: a checkpoint being
     # written is removed whole (the metrics log is flushed line by line), and the same closing
     # line is printed.
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading.current_thread() is threading.main_thread() else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    stdout = sys.stdout
+    if main_thread:  # (sys.stdout is the process's: not swapped from a thread, whose runs may overlap)
+        sys.stdout = StdoutErrorsNamed(stdout)  # a full disk under `> log.txt` is said as such
     try:
         notes: list[str] = []
         cfg = load_config(args.config, args.overrides, notes)
@@ -574,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         # disk: said with what the run leaves, as for an interruption, not as a traceback.
         if not saving.is_write_failure(e) or cfg is None:
             raise
-        print(f"error: {_interrupted_line(f'{type(e).__name__}: {e}', cfg, started)}", file=sys.stderr)
+        print(f"error: {_interrupted_line(_failed_write(e), cfg, started, verb='Stopped')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         terminated = isinstance(e, _Terminated)
@@ -582,9 +589,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{_interrupted_line('SIGTERM' if terminated else 'Ctrl-C', cfg, started)}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     finally:
+        sys.stdout = stdout
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _failed_write(e: BaseException) -> str:
+    """What could not be written, for the closing line: the file the error names, or standard
+    output (a full disk under ``> log.txt``)."""
+    if isinstance(e, OSError) and e.filename == STDOUT_NAME:
+        stdout_reader_gone()  # (stdout to /dev/null: Python's flush at exit would fail again)
+        return f"standard output cannot be written: {e.strerror or e}"
+    return f"a write failed: {type(e).__name__}: {e}"
 
 
 def _compiler_failure(e: BaseException) -> bool:
@@ -616,11 +633,12 @@ def _raise_terminated(signum, frame) -> None:  # noqa: ANN001
     raise _Terminated
 
 
-def _interrupted_line(what: str, cfg: Config | None, started: float) -> str:
+def _interrupted_line(what: str, cfg: Config | None, started: float, verb: str = "Interrupted") -> str:
     """What an interrupted run leaves: the checkpoint a resume continues from, or none (a
-    training state older than this run is an earlier run's, when this one started afresh)."""
+    training state older than this run is an earlier run's, when this one started afresh).
+    ``verb`` opens the line: "Interrupted" (Ctrl-C, SIGTERM), or "Stopped" (a failed write)."""
     if cfg is None:
-        return f"Interrupted ({what}) before the config was read."
+        return f"{verb} ({what}) before the config was read."
     output_dir = Path(cfg.output_dir)
     try:
         state = checkpointing.read_state_summary(output_dir)
@@ -628,18 +646,18 @@ def _interrupted_line(what: str, cfg: Config | None, started: float) -> str:
     except Exception:  # noqa: BLE001  (nothing readable to resume from: said as such)
         state = None
     if state is None:
-        return f"Interrupted ({what}): there is no checkpoint to resume from in {output_dir}; run again to start over."
+        return f"{verb} ({what}): there is no checkpoint to resume from in {output_dir}; run again to start over."
     name, step, epochs_done = state
     if epochs_done >= cfg.epochs and not earlier:
-        return f"Interrupted ({what}) after training finished: {output_dir} keeps the checkpoint {name} (step {step}), complete."
+        return f"{verb} ({what}) after training finished: {output_dir} keeps the checkpoint {name} (step {step}), complete."
     if earlier and not cfg.resume_from_checkpoint:
         if epochs_done >= cfg.epochs:
-            return (f"Interrupted ({what}) before this run saved a checkpoint: the training state in {output_dir} is an earlier "
+            return (f"{verb} ({what}) before this run saved a checkpoint: the training state in {output_dir} is an earlier "
                     f"run's ({name}, step {step}), which completed {_count(epochs_done, 'epoch')}; run again to start over, "
                     f"or with resume_from_checkpoint=True and epochs above {epochs_done} to train that run on.")
-        return (f"Interrupted ({what}) before this run saved a checkpoint: the training state in {output_dir} is an earlier "
+        return (f"{verb} ({what}) before this run saved a checkpoint: the training state in {output_dir} is an earlier "
                 f"run's ({name}, step {step}); resume_from_checkpoint=True would continue that run, without it a run starts over.")
-    return (f"Interrupted ({what}): {output_dir} keeps the checkpoint {name} (step {step}), complete; "
+    return (f"{verb} ({what}): {output_dir} keeps the checkpoint {name} (step {step}), complete; "
             "run again with resume_from_checkpoint=True to continue from it.")
 
 

@@ -75,10 +75,14 @@ def remove_dir(folder: str | Path) -> None:
 
 def remove_step_folders(output_dir: str | Path, *, keep: str | None) -> None:
     """Deletes every ``step_N`` checkpoint folder of ``output_dir`` but ``keep`` (``remove_dir``):
-    only the newest checkpoint of a run is kept between epoch ends."""
+    only the newest checkpoint of a run is kept between epoch ends. One that cannot be moved away
+    (write-protected) stays, with a warning: the save before this is complete, and training goes on."""
     for old in Path(output_dir).glob("step_*"):
         if old.name != keep and old.is_dir() and re.fullmatch(r"step_\d+", old.name):
-            remove_dir(old)
+            try:
+                remove_dir(old)
+            except OSError as e:
+                warnings.warn(f"could not delete the older checkpoint {old}: {e}; delete it by hand", RuntimeWarning, stacklevel=2)
 
 
 def list_checkpoint_folders(output_dir: str | Path) -> list[str]:

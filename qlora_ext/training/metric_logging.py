@@ -6,6 +6,7 @@ package stops the run before training with the command that installs it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -101,10 +102,19 @@ class DiskLogger:
             if failed:
                 return
             self._open()
-        if not self._file.closed:
+        if self._file.closed:
+            return
+        try:
             self._file.flush()
             os.fsync(self._file.fileno())
-            self._file.close()
+        except OSError:
+            if not failed:
+                raise
+            # (a failed write of the log stopped the run, as on a full disk: its error, naming the
+            # log, is the one to report, not this repeat of it)
+        finally:
+            with contextlib.suppress(OSError):  # (closing flushes the stuck line once more)
+                self._file.close()
 
 
 class TensorBoardLogger:
