@@ -253,6 +253,29 @@ def test_a_full_disk_under_the_metrics_log_or_stdout_is_named(tmp_path, tiny_ckp
     assert run.returncode == 1, run.stderr[-2000:]
     assert "error: Stopped (standard output cannot be written: No space left on device)" in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr
+    # a closed stdout (>&-) is None in Python, and print writes nothing: the run trains on
+    command = " ".join(f"'{a}'" for a in [sys.executable, "-m", "qlora_ext.finetune", "--config", "tiny_qlora", *args])
+    run = subprocess.run(["bash", "-c", f"exec {command} >&-"], stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+    assert run.returncode == 0 and (out / "epoch_0").is_dir(), run.stderr[-2000:]
+
+
+def test_a_stdout_of_the_caller_that_fails_is_named_and_left_in_place(tmp_path, tiny_ckpt, small_data, monkeypatch, capsys):
+    # finetune.main embedded with a stdout object of its own (no file descriptor): its failure
+    # gave io.UnsupportedOperation while the line was composed (the redirect to /dev/null).
+    import errno
+    import io
+    import sys
+
+    class Full(io.TextIOBase):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    stream = Full()
+    monkeypatch.setattr(sys, "stdout", stream)
+    args = small_run_overrides(tiny_ckpt, small_data, tmp_path / "run") + ["epochs=1", "max_steps_per_epoch=1"]
+    assert finetune.main(["--config", "tiny_qlora", *args]) == 1
+    assert "error: Stopped (standard output cannot be written: No space left on device)" in capsys.readouterr().err
+    assert sys.stdout is stream
 
 
 def test_an_older_step_folder_that_cannot_be_removed_is_left_with_a_warning(tmp_path, tiny_ckpt, small_data, monkeypatch):

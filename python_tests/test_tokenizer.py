@@ -50,6 +50,8 @@ def test_arguments_of_another_kind_are_named(tokenizer):
             tokenizer.decode(kind)
     with pytest.raises(TypeError, match=r"^Llama2Tokenizer.decode: argument 'ids' must be a sequence of integer token ids; got \[True, 5\]$"):
         tokenizer.decode([True, 5])
+    with pytest.raises(TypeError, match=r"^Llama2Tokenizer.decode: argument 'ids' must be a sequence of integer token ids; got \[tensor\(True\)"):
+        tokenizer.decode(torch.tensor([True, False]))
     assert tokenizer.decode(i for i in tokenizer.encode("the quick fox")) == "the quick fox"  # (any iterable of ids)
     for bad in (320, -1):
         with pytest.raises(ValueError, match=rf"^Llama2Tokenizer.decode: argument 'ids' must hold ids from 0 to 319 \(the vocabulary\); got {bad}$"):

@@ -77,6 +77,25 @@ def test_disk_logger_appends_and_truncates_on_resume(tmp_path):
     assert read_metrics(tmp_path) == []
 
 
+def test_disk_logger_names_its_file_when_closing_it_fails(tmp_path, monkeypatch):
+    # a full disk met by the fsync at the end of a run gave an OSError naming no file
+    import errno
+
+    from qlora_ext.training import metric_logging
+
+    log = DiskLogger(tmp_path)
+    log.log({"loss": 1.0}, step=1)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(metric_logging.os, "fsync", full)
+    with pytest.raises(OSError, match=r"No space left on device \(writing the metrics log\)") as raised:
+        log.close()
+    assert raised.value.filename == str(tmp_path / "metrics.jsonl")
+    log.close(failed=True)  # (after a failure: quiet, closed)
+
+
 def test_a_resume_into_an_empty_log_dir_restores_the_saved_log_quietly(tmp_path, capsys):
     # A new metric_logger.log_dir on resume (logging settings may change), or a deleted log: the
     # checkpoint's records fill it in, with no warning of another run's records.

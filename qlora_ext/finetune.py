@@ -555,7 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     stdout = sys.stdout
-    if main_thread:  # (sys.stdout is the process's: not swapped from a thread, whose runs may overlap)
+    # (sys.stdout is the process's: not swapped from a thread, whose runs may overlap; None where
+    # the stream is closed, `>&-`, and print writes nothing)
+    if main_thread and stdout is not None:
         sys.stdout = StdoutErrorsNamed(stdout)  # a full disk under `> log.txt` is said as such
     try:
         notes: list[str] = []
@@ -599,7 +601,12 @@ def _failed_write(e: BaseException) -> str:
     """What could not be written, for the closing line: the file the error names, or standard
     output (a full disk under ``> log.txt``)."""
     if isinstance(e, OSError) and e.filename == STDOUT_NAME:
-        stdout_reader_gone()  # (stdout to /dev/null: Python's flush at exit would fail again)
+        try:
+            process_stdout = sys.stdout.fileno() == 1
+        except (AttributeError, OSError, ValueError):  # (io.UnsupportedOperation is both of the last two)
+            process_stdout = False
+        if process_stdout:  # (to /dev/null: Python's flush at exit would fail again; a caller's own stream is left)
+            stdout_reader_gone()
         return f"standard output cannot be written: {e.strerror or e}"
     return f"a write failed: {type(e).__name__}: {e}"
 

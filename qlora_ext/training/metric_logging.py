@@ -107,11 +107,11 @@ class DiskLogger:
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
-        except OSError:
+        except OSError as e:
+            # (after a failed write of the log stopped the run, as on a full disk, its error, naming
+            # the log, is the one to report, not this repeat of it)
             if not failed:
-                raise
-            # (a failed write of the log stopped the run, as on a full disk: its error, naming the
-            # log, is the one to report, not this repeat of it)
+                raise OSError(e.errno, f"{e.strerror} (writing the metrics log)", str(self.path)) from None
         finally:
             with contextlib.suppress(OSError):  # (closing flushes the stuck line once more)
                 self._file.close()

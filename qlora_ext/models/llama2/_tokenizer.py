@@ -8,6 +8,8 @@ from __future__ import annotations
 import operator
 import os
 
+import torch
+
 from qlora_ext._arguments import lone_surrogate_at
 
 # SentencePiece models of large vocabularies stay well below this; a file above it is not one.
@@ -135,7 +137,8 @@ class Llama2Tokenizer:
             raise TypeError(f"Llama2Tokenizer.decode: argument 'ids' must be a sequence of token ids; got {type(ids).__name__}")
         try:
             ids = list(ids)
-            if any(isinstance(i, bool) for i in ids):  # (True is 1 to operator.index)
+            # (True is 1 to operator.index; a bool tensor's elements are 0-d bool tensors)
+            if any(isinstance(i, bool) or (isinstance(i, torch.Tensor) and i.dtype == torch.bool) for i in ids):
                 raise TypeError
             ids = [operator.index(i) for i in ids]  # (a tensor's elements too)
         except TypeError:
