@@ -688,6 +688,27 @@ def test_non_finite_logits_after_training_are_an_error_line(tmp_path, tiny_ckpt,
     assert "Traceback" not in err
 
 
+def test_a_base_whose_outputs_are_non_finite_is_named_before_training(tmp_path, tiny_ckpt, small_data, capsys):
+    # The before-training held-out loss printed nan and training went on, to a first-step NaN
+    # loss advised away with a lower learning rate (the adapters start as the identity).
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_ckpt, base)
+    weights = load_file(base / "model.safetensors")
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], 3e38)  # finite, overflowing
+    save_file(weights, base / "model.safetensors")
+    args = small_run_overrides(base, small_data, tmp_path / "run") + ["epochs=1", "max_steps_per_epoch=1"]
+    for extra, what in ((["dataset.validation_fraction=0.1"], r"the held-out loss is nan"),
+                        (["dataset.validation_fraction=0"], r"the loss of the first step is nan")):
+        assert finetune.main(["--config", "tiny_qlora", *args, *extra]) == 1
+        err = capsys.readouterr().err
+        assert re.search(rf"error: {what} before training \(the adapters start as the identity\): the base model's outputs are "
+                         rf"non-finite, which no learning rate changes; check the weights in {re.escape(str(base))}\n", err), err
+
+
 def test_compile_has_no_graph_breaks(tmp_path, tiny_ckpt, small_data, monkeypatch):
     """compile=True compiles each layer with fullgraph=True (a graph break is an error), and the
     before/after evaluation still runs (eagerly); the cheap aot_eager backend stands in for

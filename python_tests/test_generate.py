@@ -370,6 +370,13 @@ def test_cli_reads_weight_files_named_with_checkpoint_files(checkpoint_with_toke
     assert "--checkpoint-files for the generate CLI" in refused.stderr
     stdout, _ = _cli(*args, "--checkpoint-files", "hf_model_0001_0.safetensors")
     assert stdout == _expected(checkpoint_with_tokenizer, "The quick fox")
+    # a usage error names the flag, exit 2 (it was load_checkpoint's wording, exit 1)
+    for files, message in ((["model.safetensors"], "argument --checkpoint-files must name weight files in --checkpoint-dir; "
+                                                    f"'model.safetensors' is not a file in '{folder}', which holds ["),
+                           (["hf_model_0001_0.safetensors"] * 2, "argument --checkpoint-files must name each file once")):
+        refused = subprocess.run([sys.executable, "-m", "qlora_ext.generate", *args, "--checkpoint-files", *files], capture_output=True,
+                                 text=True, env=env, timeout=300)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
 
 
 def test_cli_gives_each_prompt_the_room_it_has(checkpoint_with_tokenizer):

@@ -111,6 +111,14 @@ def train(cfg: Config) -> dict[str, Any]:
         return _train_in(output_dir, cfg, device, dtype, on_exit)
 
 
+def _base_non_finite(what: str, cfg: Config, dtype: torch.dtype) -> str:
+    """The message for outputs that are NaN or infinite before any update: the base's doing."""
+    overflow = "" if dtype == torch.float32 else (
+        f"; activations may overflow in {str(dtype).removeprefix('torch.')} where they do not in float32: dtype=fp32 tells")
+    return (f"{what} before training (the adapters start as the identity): the base model's outputs are non-finite, "
+            f"which no learning rate changes; check the weights in {cfg.checkpointer.checkpoint_dir}{overflow}")
+
+
 def _non_finite_remedy(cfg: Config) -> str:
     return "a lower optimizer.lr" + (" or a clip_grad_norm" if cfg.clip_grad_norm is None else "")  # (not one already set)
 
@@ -346,9 +354,14 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     samples = evaluation.pick_samples(val_records, cfg.eval.num_samples)
     if show and val_batches:
         summary["val_loss_before"] = steps.validation_loss(model, val_batches, device, dtype)
+        if not math.isfinite(summary["val_loss_before"]):
+            raise steps.NonFiniteLossError(_base_non_finite(f"the held-out loss is {summary['val_loss_before']}", cfg, dtype))
         print(f"Held-out loss before training: {summary['val_loss_before']:.4f}")
     if show and samples:
-        summary["answers_before"] = evaluation.answer(model, tokenizer, samples, cfg.eval.max_new_tokens, device, dtype, cfg.dataset.template)
+        try:
+            summary["answers_before"] = evaluation.answer(model, tokenizer, samples, cfg.eval.max_new_tokens, device, dtype, cfg.dataset.template)
+        except NonFiniteLogitsError:
+            raise steps.NonFiniteLossError(_base_non_finite("the logits of a held-out example's answer hold NaN or infinity", cfg, dtype)) from None
 
     # -- the loop ------------------------------------------------------------------------------
     # A frozen output projection is applied by the loss, chunk by chunk (no [b, s, vocab] logits).
@@ -385,6 +398,8 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                     step_loss += loss.detach()
                     tokens_since += int(batch["num_tokens"])
                 loss_value = step_loss.item()
+                if not math.isfinite(loss_value) and global_step == 0 and state is None:  # (no learning rate made this)
+                    raise steps.NonFiniteLossError(_base_non_finite(f"the loss of the first step is {loss_value}", cfg, dtype))
                 if not math.isfinite(loss_value):
                     raise steps.NonFiniteLossError(
                         f"loss is {loss_value} at epoch {epoch + 1}, step {global_step + 1}: training stopped before applying "

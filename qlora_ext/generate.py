@@ -72,6 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      f"'{args.checkpoint_dir}' holds neither{_what_it_holds(args.checkpoint_dir)}")
     except ValueError as e:
         parser.error(f"argument --checkpoint-dir: {e}")
+    for name in args.checkpoint_files or ():
+        if not os.path.isfile(os.path.join(args.checkpoint_dir, name)):
+            files = sorted(f for f in os.listdir(args.checkpoint_dir) if os.path.isfile(os.path.join(args.checkpoint_dir, f)))
+            parser.error(f"argument --checkpoint-files must name weight files in --checkpoint-dir; '{name}' is not a file in "
+                         f"'{args.checkpoint_dir}', which holds {files[:12]}{' ...' if len(files) > 12 else ''}")
+    if args.checkpoint_files and len(set(args.checkpoint_files)) < len(args.checkpoint_files):
+        parser.error(f"argument --checkpoint-files must name each file once; got {args.checkpoint_files}")
     if args.tokenizer is None and not os.path.isfile(os.path.join(args.checkpoint_dir, "tokenizer.model")):
         parser.error(f"argument --tokenizer is needed: the checkpoint folder '{args.checkpoint_dir}' holds no tokenizer.model")
     if args.tokenizer is not None and not os.path.isfile(args.tokenizer):

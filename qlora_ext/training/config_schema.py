@@ -157,8 +157,8 @@ SCHEMA: dict[str, Any] = {
         "betas": Opt("list[float]", [0.9, 0.999], "AdamW betas"),
         # 0 divides a zero gradient (lora_a's while lora_b is 0) by zero: NaN weights. float32, the
         # adapters' arithmetic, rounds an eps below its smallest subnormal (1.4e-45) to 0.
-        "eps": Opt("float", 1e-8, "AdamW eps; float32 rounds smaller values toward 0, which divides a zero gradient by "
-                   "zero", minimum=1e-38),
+        "eps": Opt("float", 1e-8, "AdamW eps; below it float32 holds it as a subnormal, or as 0, which divides a zero "
+                   "gradient by zero", minimum=1e-38),
         "fused": Opt("bool", None, "fused AdamW kernel (null: on CUDA and CPU)", nullable=True),
     },
     "lr_scheduler": {
