@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -51,6 +52,22 @@ def test_torch_version_mismatch_says_how_to_rebuild():
         ext.check_torch_version("2.13.0+cpu", "2.14.1")
 
 
+def test_torch_version_mismatch_names_the_library_and_a_checkouts_in_place_copy(tmp_path):
+    # Two environments sharing a checkout: the in-place copy of the other one's build was loaded,
+    # and the message named no file (rebuilding it broke the other environment in turn).
+    library = tmp_path / "site-packages" / "qlora_ext" / "_C.so"
+    with pytest.raises(ImportError, match=rf"but torch 2\.14\.1 is imported \({re.escape(str(library))}\); rebuild "):
+        ext.check_torch_version("2.13.0+cpu", "2.14.1", str(library))
+    checkout = tmp_path / "repo"
+    (checkout / "qlora_ext").mkdir(parents=True)
+    for name in ("pyproject.toml", "CMakeLists.txt"):
+        (checkout / name).write_text("")
+    with pytest.raises(ImportError, match=rf"is imported \({re.escape(str(checkout / 'qlora_ext' / '_C.so'))}\): that is the in-place "
+                                          rf"copy of the source checkout {re.escape(str(checkout))}, which Python started there finds "
+                                          r"first; run from another folder to use an installed qlora_ext, or rebuild"):
+        ext.check_torch_version("2.13.0+cpu", "2.14.1", str(checkout / "qlora_ext" / "_C.so"))
+
+
 def test_the_library_loaded_is_the_one_the_build_info_describes(tmp_path):
     # An editable install imports the checkout's modules but finds _build_info (and its _C.so) in
     # site-packages: the checkout's in-place _C.so, another environment's build or none, was loaded.
@@ -85,6 +102,13 @@ print(torch.ops.qlora.dequantize_nf4.default is not None)
     (installed / "_C.so").unlink()  # gone: said so, not an OSError from the loader
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and f"qlora_ext's compiled library is missing (no {installed / '_C.so'})" in done.stderr
+    # _C.so copied alone, without the build info written beside it: said so (it said _C.so was missing)
+    (source / "_C.so").unlink()
+    shutil.copy(os.path.join(os.path.dirname(_build_info.__file__), "_C.so"), source / "_C.so")
+    alone = f"import sys; sys.path.insert(0, {str(source.parent)!r}); import qlora_ext"
+    done = subprocess.run([sys.executable, "-c", alone], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and (f"qlora_ext's build info is missing: {source / '_C.so'} is there without the _build_info.py "
+                                     "the build writes beside it") in done.stderr, done.stderr[-2000:]
 
 
 def test_cpu_kernel_isa_can_be_chosen():

@@ -1,4 +1,5 @@
-"""pyproject.toml's promises: the console scripts, and the oldest Python it admits."""
+"""pyproject.toml's promises: the console scripts, the oldest Python it admits, and the wheel's
+pin of the torch it is built against."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-SOURCE_DIRS = ("qlora_ext", "bench", "python_tests", "scripts")  # and .ci/*.py: .ci/ also holds CI's virtual environments
+SOURCE_DIRS = ("qlora_ext", "bench", "python_tests", "scripts", "build_support")  # and .ci/*.py: .ci/ also holds CI's virtual environments
 
 
 def _pyproject() -> dict:
@@ -116,3 +117,34 @@ def test_the_in_place_copy_warns_where_the_source_tree_cannot_be_written(tmp_pat
         assert done.returncode == 0, done.stderr  # a warning, never a failed build
         assert ("qlora_ext: could not copy _C.so into" in done.stderr) != copied, done.stderr
     assert (tmp_path / "pkg" / "_C.so").read_bytes() == b"library"
+
+
+def test_the_wheel_requires_the_torch_it_is_built_against():
+    """The built package's dependencies start with torch==<the release built against> (pip had
+    installed a wheel built against one torch beside any other of the source's range, and kept it
+    on a later upgrade; the mismatch showed only at import)."""
+    import importlib.metadata
+    import importlib.util
+
+    import torch
+
+    settings = _pyproject()["tool"]["scikit-build"]["metadata"]["dependencies"]
+    assert (settings["provider"], settings["provider-path"]) == ("torch_pin", "build_support")
+    spec = importlib.util.spec_from_file_location("torch_pin", os.path.join(REPO, "build_support", "torch_pin.py"))
+    torch_pin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(torch_pin)
+    release = torch.__version__.split("+")[0]
+    requires = {key: value for key, value in settings.items() if key not in ("provider", "provider-path")}
+    assert torch_pin.dynamic_metadata("dependencies", requires) == [f"torch=={release}", *settings["requires"]]
+    with pytest.raises(ValueError, match=r"provides the 'dependencies' field only; asked for 'version'"):
+        torch_pin.dynamic_metadata("version", requires)
+    # the installed package, where it is the one imported here, says so in its metadata
+    import qlora_ext
+
+    try:
+        dist = importlib.metadata.distribution("qlora_ext")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if os.path.realpath(str(dist.locate_file("qlora_ext"))) == os.path.realpath(os.path.dirname(qlora_ext.__file__)):
+        assert f"torch=={release}" in dist.requires, dist.requires
+

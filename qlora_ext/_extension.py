@@ -15,12 +15,21 @@ _REBUILD = (
 )
 
 
-def check_torch_version(built_against: str, imported: str) -> None:
-    """Raises ImportError when the library was built for another torch than the imported one."""
-    if built_against != imported:
-        raise ImportError(
-            f"qlora_ext was built against torch {built_against}, but torch {imported} is imported; {_REBUILD}"
-        )
+def check_torch_version(built_against: str, imported: str, library: str | None = None) -> None:
+    """Raises ImportError when the library was built for another torch than the imported one,
+    naming ``library`` (the file) where given, and, for the in-place copy of a source checkout,
+    the installed package as the other way out."""
+    if built_against == imported:
+        return
+    message = f"qlora_ext was built against torch {built_against}, but torch {imported} is imported"
+    if library is None:
+        raise ImportError(f"{message}; {_REBUILD}")
+    message += f" ({library})"
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(library)))
+    if all(os.path.isfile(os.path.join(checkout, name)) for name in ("pyproject.toml", "CMakeLists.txt")):
+        raise ImportError(f"{message}: that is the in-place copy of the source checkout {checkout}, which Python started "
+                          f"there finds first; run from another folder to use an installed qlora_ext, or {_REBUILD}")
+    raise ImportError(f"{message}; {_REBUILD}")
 
 
 def _missing(library: str) -> ImportError:
@@ -35,13 +44,17 @@ def _load() -> None:
     try:
         from qlora_ext import _build_info
     except ImportError:
-        raise _missing(os.path.join(os.path.dirname(__file__), "_C.so")) from None
+        library = os.path.join(os.path.dirname(__file__), "_C.so")
+        if os.path.isfile(library):  # (copied alone: the build writes both)
+            raise ImportError(f"qlora_ext's build info is missing: {library} is there without the _build_info.py the build "
+                              "writes beside it (copy both, or build again)") from None
+        raise _missing(library) from None
     # The library beside the build info that describes it: an editable install finds both in
     # site-packages while this module is the checkout's, whose in-place copy may be another build's.
     library = os.path.join(os.path.dirname(_build_info.__file__), "_C.so")
     if not os.path.isfile(library):
         raise _missing(library)
-    check_torch_version(_build_info.TORCH_VERSION, torch.__version__)
+    check_torch_version(_build_info.TORCH_VERSION, torch.__version__, library)
     torch.ops.load_library(library)
 
 
