@@ -24,6 +24,7 @@ from qlora_ext.checkpoint import (
     load_peft_adapter,
     read_adapter_config,
     save_hf_checkpoint,
+    save_meta_checkpoint,
     save_peft_adapter,
 )
 from qlora_ext.models.llama2 import llama2_from_checkpoint
@@ -654,7 +655,10 @@ def test_temporaries_of_killed_saves_are_swept(base_dir, tmp_path):
     killed.write("model-00001-of-00009.safetensors", lambda path: open(path, "wb").write(b"partial"))
     killed.write("model.safetensors.index.json", lambda path: open(path, "wb").write(b"{"))
     killed.write("config.json", lambda path: None)
-    StagedFiles(adapter).write("adapter_model.safetensors", lambda path: open(path, "wb").write(b"partial"))
+    killed_adapter = StagedFiles(adapter)
+    killed_adapter.write("adapter_model.safetensors", lambda path: open(path, "wb").write(b"partial"))
+    for dead in (killed, killed_adapter):  # the kernel releases a killed process's lock of the folder
+        dead._unlock()
     # Not ours to delete: other names, other patterns.
     foreign = [".tmp-notes.txt.abcd1234", ".tmp-model.safetensors", ".tmp-config.json.TOOLONG12", "notes.txt"]
     for name in foreign:
@@ -665,6 +669,58 @@ def test_temporaries_of_killed_saves_are_swept(base_dir, tmp_path):
     save_peft_adapter(model, adapter)
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".tmp-") or n == "notes.txt") == sorted(foreign)
     assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_saves_into_one_folder_at_once_take_turns(base_dir, tmp_path):
+    # Every rank of a distributed job saving into one folder: each swept the other's temporaries
+    # (FileNotFoundError on its rename) and the folder was left without its config, unloadable.
+    import threading
+
+    model = _trained(base_dir)
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    save_peft_adapter(model, adapter)
+    errors = []
+
+    def save_repeatedly():
+        try:
+            for _ in range(8):
+                save_peft_adapter(model, adapter)
+                save_hf_checkpoint(model, merged, max_shard_size="300KB")
+        except Exception as e:  # noqa: BLE001  (collected for the assertion)
+            errors.append(e)
+
+    savers = [threading.Thread(target=save_repeatedly) for _ in range(3)]
+    for saver in savers:
+        saver.start()
+    for saver in savers:
+        saver.join()
+    assert errors == []
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not any(name.startswith(".tmp-") for name in os.listdir(merged))
+    reloaded = llama2_from_checkpoint(merged)
+    torch.testing.assert_close(reloaded.tok_embeddings.weight, model.tok_embeddings.weight)
+
+
+def test_checkpoint_functions_take_a_data_parallel_wrapper_as_its_model(base_dir, tmp_path):
+    # A DistributedDataParallel (here DataParallel, the same .module) wrapper's names start with
+    # "module.": "LoRA module 'module.layers.0...' has no HF Llama counterpart" (AttributeError
+    # for bnb_4bit=True); accelerate's unwrap_model is what users of PEFT expect.
+    model = _trained(base_dir)
+    wrapped = torch.nn.DataParallel(model)
+    save_peft_adapter(wrapped, tmp_path / "adapter")
+    save_hf_checkpoint(wrapped, tmp_path / "merged")
+    save_meta_checkpoint(wrapped, tmp_path / "meta")
+    reloaded = llama2_from_checkpoint(tmp_path / "merged")
+    torch.testing.assert_close(reloaded.tok_embeddings.weight, model.tok_embeddings.weight)
+    other = _trained(base_dir)
+    with torch.no_grad():
+        for p in other.parameters():
+            if p.requires_grad:
+                p.zero_()
+    load_peft_adapter(torch.nn.DataParallel(other), tmp_path / "adapter")
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        if "lora" in name:
+            torch.testing.assert_close(q, p)
 
 
 def test_atomic_helpers(tmp_path):

@@ -301,6 +301,18 @@ def test_an_older_step_folder_that_cannot_be_removed_is_left_with_a_warning(tmp_
     assert torch.load(out / "recipe_state.pt", weights_only=True)["checkpoint_name"] == "epoch_0"
 
 
+def test_a_torchrun_launch_of_several_processes_is_refused(tmp_path, tiny_ckpt, small_data, monkeypatch, capsys):
+    # Each rank trained alone: the second was refused output_dir as "in use by another training
+    # run (pid of its sibling)", and torchrun then killed the first.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    args = small_run_overrides(tiny_ckpt, small_data, tmp_path / "run")
+    assert finetune.main(["--config", "tiny_qlora", *args]) == 2
+    assert ("error: python -m qlora_ext.finetune trains on one device; it was started as process 1 of WORLD_SIZE=2 (torchrun "
+            "--nproc_per_node 2, say): run it without torchrun, or with one process") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_damaged_tokenizer_config_of_the_base_stops_the_run_at_setup(tmp_path, tiny_ckpt, small_data, capsys):
     # It is copied at each save: it failed there, after training, with a JSONDecodeError traceback and no checkpoint.
     import shutil

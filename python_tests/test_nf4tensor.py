@@ -469,6 +469,11 @@ def test_unsupported_op_says_how_to_get_a_dense_tensor():
     nf4 = to_nf4(torch.randn(64, 64))
     with pytest.raises(NotImplementedError, match=r"NF4Tensor does not support aten.add.Tensor; make it dense first"):
         nf4 + 1
+    # DistributedDataParallel's parameter broadcast views every parameter: how to leave NF4 ones out
+    with pytest.raises(NotImplementedError, match=r"does not support aten.view.default; .*leave the frozen NF4 weights out, with "
+                                                  r"DistributedDataParallel._set_params_and_buffers_to_ignore_for_model or "
+                                                  r"fully_shard\(ignored_params=...\)"):
+        torch.ops.aten.view.default(nf4, [-1])
 
 
 def test_repr_shows_metadata_not_values():

@@ -563,6 +563,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # (overrides before and after --config alike)
     if args.list_configs:
         return print_out("\n".join(available_configs()))
+    world = os.environ.get("WORLD_SIZE", "")
+    if world.isdigit() and int(world) > 1:  # (each process would train alone, over one output_dir)
+        print(f"error: python -m qlora_ext.finetune trains on one device; it was started as process {os.environ.get('RANK', '?')} "
+              f"of WORLD_SIZE={world} (torchrun --nproc_per_node {world}, say): run it without torchrun, or with one process",
+              file=sys.stderr)
+        return 2
     cfg, started = None, time.time()
     # SIGTERM (a scheduler's or `docker stop`'s) stops the run as Ctrl-C does: a checkpoint being
     # written is removed whole (the metrics log is flushed line by line), and the same closing

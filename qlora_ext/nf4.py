@@ -189,7 +189,9 @@ class NF4Tensor(Tensor):
         handler = _ATEN_OPS.get(func)
         if handler is None:
             raise NotImplementedError(
-                f"NF4Tensor does not support {func}; make it dense first with .dequantize() or .to(dtype)"
+                f"NF4Tensor does not support {func}; make it dense first with .dequantize() or .to(dtype) (DistributedDataParallel "
+                "and FSDP2 sync parameters so: leave the frozen NF4 weights out, with DistributedDataParallel."
+                "_set_params_and_buffers_to_ignore_for_model or fully_shard(ignored_params=...))"
             )
         return handler(*args, **(kwargs or {}))
 

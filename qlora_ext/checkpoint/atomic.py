@@ -9,8 +9,10 @@ renamed, so a crash while writing leaves every previous file untouched, and the 
 so that a crash while renaming leaves a folder loaders refuse, never a mix of old and new files.
 
 Temporaries are named ``.tmp-<final name>.<8 random characters>``. A process killed mid-save
-cannot delete its own, so a later save into the folder does (``sweep_temporaries``): two saves
-into one folder at the same time are not supported (they would replace each other's files anyway).
+cannot delete its own, so a later save into the folder does (``sweep_temporaries``). Two saves into
+one folder at the same time (every rank of a distributed job saving, say) take turns: a
+``StagedFiles`` holds an exclusive ``flock`` on the folder from its sweep to its commit, so the
+later one waits, sweeps nothing of the other's, and its files replace the other's whole.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # (Windows: saves into one folder at once are not serialized there)
+    fcntl = None
 
 _TMP_PREFIX = ".tmp-"
 # mkstemp's names: our prefix and the final name, a dot, then 8 of its random characters.
@@ -147,8 +154,31 @@ class StagedFiles:
         self._owns = owns
         self._finders = finders
         self._staged: list[tuple[str, str]] = []
-        if owns is not None:
-            sweep_temporaries(self.folder, owns)
+        self._locked = False
+        self._lock_fd: int | None = None
+        if os.path.isdir(self.folder):  # (else at the first write, which creates it)
+            self._lock()
+
+    def _lock(self) -> None:
+        """Waits for the folder's exclusive lock (another save into it finishing), then sweeps."""
+        self._locked = True
+        try:
+            self._lock_fd = os.open(self.folder, os.O_RDONLY)
+        except OSError:  # (a folder that cannot be opened: Windows)
+            self._lock_fd = None
+        if self._lock_fd is not None and fcntl is not None:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            except OSError:  # (a file system without locks: saves are not serialized there)
+                pass
+        if self._owns is not None:
+            sweep_temporaries(self.folder, self._owns)
+
+    def _unlock(self) -> None:
+        self._locked = False
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # (releases the flock)
+            self._lock_fd = None
 
     def write(self, name: str, writer: Callable[[str], object]) -> None:
         """Calls ``writer(temp_path)`` to produce the file ``name``, then syncs it to disk.
@@ -160,7 +190,9 @@ class StagedFiles:
             raise ValueError(f"StagedFiles.write: argument 'name' must be a plain file name; got {name!r}")
         if any(staged == name for staged, _ in self._staged):
             raise ValueError(f"StagedFiles.write: argument 'name' was already staged; got {name!r}")
-        os.makedirs(self.folder, exist_ok=True)
+        if not self._locked:
+            os.makedirs(self.folder, exist_ok=True)
+            self._lock()
         tmp = _temp_path(os.path.join(self.folder, name))
         self._staged.append((name, tmp))
         writer(tmp)
@@ -184,6 +216,7 @@ class StagedFiles:
         """
         staged, self._staged = self._staged, []
         if not staged:
+            self._unlock()
             return []
         finders = self._finders if self._finders is not None else (staged[-1][0],)
         order = [item for item in staged if item[0] not in finders]
@@ -212,6 +245,7 @@ class StagedFiles:
             self.discard()
             raise
         fsync_dir(self.folder)
+        self._unlock()
         return [os.path.join(self.folder, name) for name, _ in staged]
 
     def discard(self) -> None:
@@ -220,6 +254,7 @@ class StagedFiles:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
         self._staged = []
+        self._unlock()
 
     def __enter__(self) -> StagedFiles:
         return self

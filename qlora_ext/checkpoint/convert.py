@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from torch import Tensor
+from torch import Tensor, nn
 
 # (HF name, our name) with {} for the layer index. HF's rotary inv_freq (old checkpoints) is
 # derived data and dropped.
@@ -58,6 +58,14 @@ _META_IGNORED = re.compile(r"rope\.freqs")
 # in checkpoint names.
 _WRAPPER_PARTS = re.compile(r"(^|\.)(_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)(?=\.|$)")
 _LAYER = re.compile(r"^(?P<prefix>model\.layers|layers)\.(?P<i>\d+)\.(?P<rest>.+)$")
+
+
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The model a ``DistributedDataParallel`` (or ``DataParallel``) wrapper holds, as accelerate's
+    ``unwrap_model`` gives it: the checkpoint functions take the wrapper as the model itself."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
 
 
 def strip_wrappers(name: str) -> str:

@@ -19,7 +19,7 @@ from torch import nn
 from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext.checkpoint.atomic import StagedFiles
 from qlora_ext.checkpoint.config import read_json, write_json
-from qlora_ext.checkpoint.convert import hf_module_name, hf_to_ours, strip_wrappers
+from qlora_ext.checkpoint.convert import hf_module_name, hf_to_ours, strip_wrappers, unwrap_parallel
 from qlora_ext.checkpoint.load import _assign, _home_device, _targets, refuse_merged
 from qlora_ext.checkpoint.readers import python_objects_refused, refused_pickle_global
 from qlora_ext.checkpoint.safetensors_io import SafetensorsReader, write_safetensors
@@ -116,7 +116,7 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_mode
     """Writes the model's LoRA adapters as a PEFT LoRA adapter for ``LlamaForCausalLM``.
 
     Args:
-        model: a LoRA / QLoRA Llama-2 ``TransformerDecoder``.
+        model: a LoRA / QLoRA Llama-2 ``TransformerDecoder`` (or the DistributedDataParallel wrapping it).
         out_dir: the folder (created if needed); both files are replaced together (a crash
             midway leaves no adapter_config.json, never a mix), temporaries of a killed save removed.
         base_model_name_or_path: recorded in the config (the HF checkpoint it adapts); a str or path.
@@ -129,6 +129,7 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_mode
             between modules, or they cover some layers and not others; or adapter parameters
             on the meta device.
     """
+    model = unwrap_parallel(model)
     if isinstance(base_model_name_or_path, os.PathLike):
         base_model_name_or_path = os.fspath(base_model_name_or_path)
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
@@ -327,6 +328,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
             the wrong shape (all listed), or a LoRA module has its adapter merged into its base
             weight (call ``unmerge_()`` first); nothing is loaded then.
     """
+    model = unwrap_parallel(model)
     builder_args = read_adapter_config(adapter_dir)
     weights_path = adapter_weights_path(adapter_dir)
     refuse_merged(model, "load_peft_adapter")

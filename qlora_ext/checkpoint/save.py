@@ -23,7 +23,7 @@ from qlora_ext._dtypes import FLOAT_DTYPES
 from qlora_ext.checkpoint.atomic import StagedFiles
 from qlora_ext.checkpoint.bnb4bit import bnb4bit_entries, bnb4bit_quantization_config
 from qlora_ext.checkpoint.config import Llama2Config, write_json
-from qlora_ext.checkpoint.convert import is_decoder_linear_weight, ours_to_hf, strip_wrappers
+from qlora_ext.checkpoint.convert import is_decoder_linear_weight, ours_to_hf, strip_wrappers, unwrap_parallel
 from qlora_ext.checkpoint.safetensors_io import tensor_nbytes, write_safetensors
 from qlora_ext.modules.lora_linear import LoRALinear
 
@@ -118,7 +118,7 @@ def save_hf_checkpoint(
     ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``.
 
     Args:
-        model: a Llama-2 ``TransformerDecoder`` (dense, LoRA or QLoRA).
+        model: a Llama-2 ``TransformerDecoder`` (dense, LoRA or QLoRA; or the DistributedDataParallel wrapping it).
         out_dir: the folder (created if needed). Weight files of an earlier save there are
             replaced, and the ones this save does not write again (shards of a larger save, a
             single ``model.safetensors``) are deleted, as are temporaries a killed save left. A
@@ -156,6 +156,7 @@ def save_hf_checkpoint(
             that is a file.
         TypeError: a ``base_config`` that is not a dict.
     """
+    model = unwrap_parallel(model)
     out_dir = os.fspath(out_dir)
     refuse_meta_parameters(written_parameters(model, merge_adapters), "save_hf_checkpoint")
     limit = _parse_size(max_shard_size)

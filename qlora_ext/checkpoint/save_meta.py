@@ -19,7 +19,7 @@ from torch import nn
 from qlora_ext._dtypes import FLOAT_DTYPES
 from qlora_ext.checkpoint.atomic import StagedFiles
 from qlora_ext.checkpoint.config import Llama2Config, write_json
-from qlora_ext.checkpoint.convert import hf_to_meta_rotary, is_rotary_projection, ours_to_meta
+from qlora_ext.checkpoint.convert import hf_to_meta_rotary, is_rotary_projection, ours_to_meta, unwrap_parallel
 from qlora_ext.checkpoint.save import merged_weights, refuse_meta_parameters, written_parameters
 
 _META_FILE = re.compile(r"params\.json|consolidated\.\d+\.pth")
@@ -34,7 +34,7 @@ def save_meta_checkpoint(
     and torchtune's loaders) read back.
 
     Args:
-        model: a Llama-2 ``TransformerDecoder`` (dense, LoRA or QLoRA).
+        model: a Llama-2 ``TransformerDecoder`` (dense, LoRA or QLoRA; or the DistributedDataParallel wrapping it).
         out_dir: the folder (created if needed). An earlier Meta checkpoint there is replaced,
             the shards this save does not write again (``consolidated.01.pth`` ...) deleted.
         dtype: dtype of the saved weights (default: each weight's own, NF4 ones their original).
@@ -50,6 +50,7 @@ def save_meta_checkpoint(
             loaders would read instead), or a model with parameters on the meta device.
         TypeError: ``model`` is not a Llama-2 ``TransformerDecoder``.
     """
+    model = unwrap_parallel(model)
     allowed = [*FLOAT_DTYPES, torch.float64]
     if dtype is not None and dtype not in allowed:
         raise ValueError(f"save_meta_checkpoint: argument 'dtype' must be None (each weight's own) or one of {allowed}; got {dtype!r}")
