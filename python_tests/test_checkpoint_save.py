@@ -655,10 +655,8 @@ def test_temporaries_of_killed_saves_are_swept(base_dir, tmp_path):
     killed.write("model-00001-of-00009.safetensors", lambda path: open(path, "wb").write(b"partial"))
     killed.write("model.safetensors.index.json", lambda path: open(path, "wb").write(b"{"))
     killed.write("config.json", lambda path: None)
-    killed_adapter = StagedFiles(adapter)
-    killed_adapter.write("adapter_model.safetensors", lambda path: open(path, "wb").write(b"partial"))
-    for dead in (killed, killed_adapter):  # the kernel releases a killed process's lock of the folder
-        dead._unlock()
+    StagedFiles(adapter).write("adapter_model.safetensors", lambda path: open(path, "wb").write(b"partial"))
+    del killed  # (as a killed process's, its lock of the folder goes with it)
     # Not ours to delete: other names, other patterns.
     foreign = [".tmp-notes.txt.abcd1234", ".tmp-model.safetensors", ".tmp-config.json.TOOLONG12", "notes.txt"]
     for name in foreign:

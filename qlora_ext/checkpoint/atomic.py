@@ -174,9 +174,12 @@ class StagedFiles:
         if self._owns is not None:
             sweep_temporaries(self.folder, self._owns)
 
+    def __del__(self) -> None:  # (one dropped uncommitted: its lock, not its temporaries, goes with it)
+        self._unlock()
+
     def _unlock(self) -> None:
         self._locked = False
-        if self._lock_fd is not None:
+        if getattr(self, "_lock_fd", None) is not None:  # (None too where __init__ refused the folder)
             os.close(self._lock_fd)  # (releases the flock)
             self._lock_fd = None
 
