@@ -83,12 +83,13 @@ def test_an_alpha_of_zero_is_noted():
     assert notes == []
 
 
-@pytest.mark.parametrize("eps", ["0", "1e-46", "1e-300"])
+@pytest.mark.parametrize("eps", ["0", "1e-46", "1e-300", "1e-38"])
 def test_an_adamw_eps_that_float32_holds_as_zero_is_refused(eps):
     # AdamW divides by sqrt(v) + eps: a parameter whose gradient is still zero (lora_a, while
     # lora_b is zero) would become NaN at the first step; 1e-46 is 0 in float32.
-    with pytest.raises(ConfigError, match=r"config key 'optimizer.eps' must be >= 1e-38 \(AdamW eps; below it float32 holds "
-                                          rf"it as a subnormal, or as 0, which divides a zero gradient by zero\); got {float(eps)!r}"):
+    with pytest.raises(ConfigError, match=r"config key 'optimizer.eps' must be >= 1.2e-38 \(AdamW eps; below float32's "
+                                          rf"smallest normal number it may be flushed to 0, which divides a zero gradient by zero\); "
+                                          rf"got {float(eps)!r}"):
         load_config("tiny_qlora", [f"optimizer.eps={eps}"])
     assert load_config("tiny_qlora", ["optimizer.eps=1e-12"]).optimizer.eps == 1e-12
 

@@ -27,8 +27,9 @@ def check_torch_version(built_against: str, imported: str, library: str | None =
     message += f" ({library})"
     checkout = os.path.dirname(os.path.dirname(os.path.abspath(library)))
     if all(os.path.isfile(os.path.join(checkout, name)) for name in ("pyproject.toml", "CMakeLists.txt")):
-        raise ImportError(f"{message}: that is the in-place copy of the source checkout {checkout}, which Python started "
-                          f"there finds first; run from another folder to use an installed qlora_ext, or {_REBUILD}")
+        raise ImportError(f"{message}: that is the in-place copy of the source checkout {checkout}, found first on sys.path "
+                          f"(Python started in it, or PYTHONPATH naming it); without it there an installed qlora_ext is used, or "
+                          f"{_REBUILD}")
     raise ImportError(f"{message}; {_REBUILD}")
 
 

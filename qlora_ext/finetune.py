@@ -115,7 +115,7 @@ def _base_non_finite(what: str, cfg: Config, dtype: torch.dtype) -> str:
     """The message for outputs that are NaN or infinite before any update: the base's doing."""
     overflow = "" if dtype == torch.float32 else (
         f"; activations may overflow in {str(dtype).removeprefix('torch.')} where they do not in float32: dtype=fp32 tells")
-    return (f"{what} before training (the adapters start as the identity): the base model's outputs are non-finite, "
+    return (f"{what} (the adapters start as the identity): the base model's outputs are non-finite, "
             f"which no learning rate changes; check the weights in {cfg.checkpointer.checkpoint_dir}{overflow}")
 
 
@@ -355,13 +355,15 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
     if show and val_batches:
         summary["val_loss_before"] = steps.validation_loss(model, val_batches, device, dtype)
         if not math.isfinite(summary["val_loss_before"]):
-            raise steps.NonFiniteLossError(_base_non_finite(f"the held-out loss is {summary['val_loss_before']}", cfg, dtype))
+            raise steps.NonFiniteLossError(
+                _base_non_finite(f"the held-out loss is {summary['val_loss_before']} before training", cfg, dtype))
         print(f"Held-out loss before training: {summary['val_loss_before']:.4f}")
     if show and samples:
         try:
             summary["answers_before"] = evaluation.answer(model, tokenizer, samples, cfg.eval.max_new_tokens, device, dtype, cfg.dataset.template)
         except NonFiniteLogitsError:
-            raise steps.NonFiniteLossError(_base_non_finite("the logits of a held-out example's answer hold NaN or infinity", cfg, dtype)) from None
+            raise steps.NonFiniteLossError(_base_non_finite(
+                "the logits of a held-out example's answer hold NaN or infinity before training", cfg, dtype)) from None
 
     # -- the loop ------------------------------------------------------------------------------
     # A frozen output projection is applied by the loss, chunk by chunk (no [b, s, vocab] logits).
@@ -398,8 +400,11 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                     step_loss += loss.detach()
                     tokens_since += int(batch["num_tokens"])
                 loss_value = step_loss.item()
-                if not math.isfinite(loss_value) and global_step == 0 and state is None:  # (no learning rate made this)
-                    raise steps.NonFiniteLossError(_base_non_finite(f"the loss of the first step is {loss_value}", cfg, dtype))
+                # Before this run's first update (a fresh run's adapters are the identity), no learning rate made it
+                first_update = state is None and not summary["losses"]
+                if not math.isfinite(loss_value) and first_update:
+                    raise steps.NonFiniteLossError(
+                        _base_non_finite(f"the loss is {loss_value} at step {global_step + 1}, before any update", cfg, dtype))
                 if not math.isfinite(loss_value):
                     raise steps.NonFiniteLossError(
                         f"loss is {loss_value} at epoch {epoch + 1}, step {global_step + 1}: training stopped before applying "
@@ -412,6 +417,9 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                 else:  # (unclipped, a large finite gradient is AdamW's to scale; NaN or inf is not)
                     largest = steps.largest_magnitude([p.grad for p in adapter.values() if p.grad is not None])
                     bad_gradient = None if math.isfinite(largest) else f"an adapter's gradient holds {largest}"
+                if bad_gradient and first_update:
+                    raise steps.NonFiniteLossError(_base_non_finite(
+                        f"{bad_gradient} (loss {loss_value}) at step {global_step + 1}, before any update", cfg, dtype))
                 if bad_gradient:
                     raise steps.NonFiniteLossError(
                         f"{bad_gradient} at epoch {epoch + 1}, step {global_step + 1} (loss {loss_value}): training "

@@ -156,9 +156,10 @@ SCHEMA: dict[str, Any] = {
         "weight_decay": Opt("float", 0.01, "AdamW weight decay", minimum=0.0),
         "betas": Opt("list[float]", [0.9, 0.999], "AdamW betas"),
         # 0 divides a zero gradient (lora_a's while lora_b is 0) by zero: NaN weights. float32, the
-        # adapters' arithmetic, rounds an eps below its smallest subnormal (1.4e-45) to 0.
-        "eps": Opt("float", 1e-8, "AdamW eps; below it float32 holds it as a subnormal, or as 0, which divides a zero "
-                   "gradient by zero", minimum=1e-38),
+        # adapters' arithmetic, rounds an eps below its smallest subnormal (1.4e-45) to 0, and one
+        # below its smallest normal number (1.18e-38) too where subnormals are flushed.
+        "eps": Opt("float", 1e-8, "AdamW eps; below float32's smallest normal number it may be flushed to 0, which "
+                   "divides a zero gradient by zero", minimum=1.2e-38),
         "fused": Opt("bool", None, "fused AdamW kernel (null: on CUDA and CPU)", nullable=True),
     },
     "lr_scheduler": {
