@@ -699,17 +699,42 @@ def test_saves_into_one_folder_at_once_take_turns(base_dir, tmp_path):
     torch.testing.assert_close(reloaded.tok_embeddings.weight, model.tok_embeddings.weight)
 
 
+def test_a_save_that_fails_in_its_sweep_leaves_the_folder_unlocked(base_dir, tmp_path):
+    # The folder's lock was kept by the half-built StagedFiles (alive in the traceback): a retry
+    # from the except block waited forever.
+    import threading
+
+    model = _trained(base_dir)
+    adapter = tmp_path / "adapter"
+    (adapter / ".tmp-adapter_config.json.abcd1234").mkdir(parents=True)  # a "temporary" the sweep cannot delete
+    retried = []
+    try:
+        save_peft_adapter(model, adapter)
+    except IsADirectoryError:
+        (adapter / ".tmp-adapter_config.json.abcd1234").rmdir()
+        retry = threading.Thread(target=lambda: retried.append(save_peft_adapter(model, adapter)))
+        retry.start()
+        retry.join(timeout=120)
+        assert not retry.is_alive(), "the retry waits on the failed save's lock"
+    assert retried and sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def test_checkpoint_functions_take_a_data_parallel_wrapper_as_its_model(base_dir, tmp_path):
     # A DistributedDataParallel (here DataParallel, the same .module) wrapper's names start with
     # "module.": "LoRA module 'module.layers.0...' has no HF Llama counterpart" (AttributeError
     # for bnb_4bit=True); accelerate's unwrap_model is what users of PEFT expect.
     model = _trained(base_dir)
     wrapped = torch.nn.DataParallel(model)
-    save_peft_adapter(wrapped, tmp_path / "adapter")
+    save_peft_adapter(torch.compile(wrapped), tmp_path / "adapter")  # (PyTorch's DDP guide compiles the wrapper)
     save_hf_checkpoint(wrapped, tmp_path / "merged")
     save_meta_checkpoint(wrapped, tmp_path / "meta")
     reloaded = llama2_from_checkpoint(tmp_path / "merged")
     torch.testing.assert_close(reloaded.tok_embeddings.weight, model.tok_embeddings.weight)
+    again = llama2_from_checkpoint(tmp_path / "merged")
+    with torch.no_grad():
+        again.tok_embeddings.weight.zero_()
+    load_checkpoint(torch.nn.DataParallel(again), tmp_path / "merged")
+    torch.testing.assert_close(again.tok_embeddings.weight, model.tok_embeddings.weight)
     other = _trained(base_dir)
     with torch.no_grad():
         for p in other.parameters():

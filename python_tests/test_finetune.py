@@ -311,6 +311,10 @@ def test_a_torchrun_launch_of_several_processes_is_refused(tmp_path, tiny_ckpt, 
     assert ("error: python -m qlora_ext.finetune trains on one device; it was started as process 1 of WORLD_SIZE=2 (torchrun "
             "--nproc_per_node 2, say): run it without torchrun, or with one process") in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    # a WORLD_SIZE left in a job script, with no RANK (torchrun sets both), is one process: not refused
+    monkeypatch.delenv("RANK")
+    assert finetune.main(["--config", "tiny_qlora", *args, "batch_size=0"]) == 2
+    assert "torchrun" not in capsys.readouterr().err
 
 
 def test_a_damaged_tokenizer_config_of_the_base_stops_the_run_at_setup(tmp_path, tiny_ckpt, small_data, capsys):
@@ -719,6 +723,17 @@ def test_a_base_whose_outputs_are_non_finite_is_named_before_training(tmp_path, 
         err = capsys.readouterr().err
         assert re.search(rf"error: {what} \(the adapters start as the identity\): the base model's outputs are "
                          rf"non-finite, which no learning rate changes; check the weights in {re.escape(str(base))}\n", err), err
+
+
+def test_a_gradient_that_overflows_at_the_first_update_names_the_adapters_scale(tmp_path, tiny_ckpt, small_data, capsys):
+    # A finite loss with an infinite gradient norm (alpha 1e30) was blamed on the base's outputs.
+    args = small_run_overrides(tiny_ckpt, small_data, tmp_path / "run") + ["epochs=1", "max_steps_per_epoch=1", "model.lora_alpha=1e30",
+                                                                            "clip_grad_norm=1.0", "dataset.validation_fraction=0"]
+    assert finetune.main(["--config", "tiny_qlora", *args]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"error: the adapters' gradient norm is inf \(loss [0-9.]+\) at step 1, before any update: the backward "
+                     r"overflows, which no learning rate changes; the adapters' scale model.lora_alpha / model.lora_rank = "
+                     r"[0-9.e+]+ multiplies their gradients\n", err), err
 
 
 def test_compile_has_no_graph_breaks(tmp_path, tiny_ckpt, small_data, monkeypatch):

@@ -374,7 +374,8 @@ def test_cli_reads_weight_files_named_with_checkpoint_files(checkpoint_with_toke
     for files, message in ((["model.safetensors"], "argument --checkpoint-files must name weight files in --checkpoint-dir; "
                                                     f"'model.safetensors' is not a file in '{folder}', which holds ["),
                            (["hf_model_0001_0.safetensors"] * 2, "argument --checkpoint-files must name each file once"),
-                           (["hf_model_0001_0.safetensors", "./hf_model_0001_0.safetensors"], "must name each file once")):
+                           (["hf_model_0001_0.safetensors", "./hf_model_0001_0.safetensors"], "must name each file once"),
+                           (["hf_model_0001_0.safetensors", str(folder / "hf_model_0001_0.safetensors")], "must name each file once")):
         refused = subprocess.run([sys.executable, "-m", "qlora_ext.generate", *args, "--checkpoint-files", *files], capture_output=True,
                                  text=True, env=env, timeout=300)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr

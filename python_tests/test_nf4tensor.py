@@ -467,7 +467,8 @@ def test_copy_from_dense_quantizes_and_from_nf4_copies():
 
 def test_unsupported_op_says_how_to_get_a_dense_tensor():
     nf4 = to_nf4(torch.randn(64, 64))
-    with pytest.raises(NotImplementedError, match=r"NF4Tensor does not support aten.add.Tensor; make it dense first"):
+    with pytest.raises(NotImplementedError, match=r"^NF4Tensor does not support aten.add.Tensor; make it dense first with "
+                                                  r"\.dequantize\(\) or \.to\(dtype\)$"):
         nf4 + 1
     # DistributedDataParallel's parameter broadcast views every parameter: how to leave NF4 ones out
     with pytest.raises(NotImplementedError, match=r"does not support aten.view.default; .*leave the frozen NF4 weights out, with "

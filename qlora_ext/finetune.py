@@ -417,9 +417,13 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                 else:  # (unclipped, a large finite gradient is AdamW's to scale; NaN or inf is not)
                     largest = steps.largest_magnitude([p.grad for p in adapter.values() if p.grad is not None])
                     bad_gradient = None if math.isfinite(largest) else f"an adapter's gradient holds {largest}"
-                if bad_gradient and first_update:
-                    raise steps.NonFiniteLossError(_base_non_finite(
-                        f"{bad_gradient} (loss {loss_value}) at step {global_step + 1}, before any update", cfg, dtype))
+                if bad_gradient and first_update:  # (a finite loss: the base's outputs are finite; the backward overflowed)
+                    raise steps.NonFiniteLossError(
+                        f"{bad_gradient} (loss {loss_value}) at step {global_step + 1}, before any update: the backward "
+                        f"overflows, which no learning rate changes; the adapters' scale model.lora_alpha / model.lora_rank = "
+                        f"{cfg.model.lora_alpha / cfg.model.lora_rank:g} multiplies their gradients"
+                        + ("" if dtype == torch.float32 else f", and {str(dtype).removeprefix('torch.')} overflows where float32 does not")
+                    )
                 if bad_gradient:
                     raise steps.NonFiniteLossError(
                         f"{bad_gradient} at epoch {epoch + 1}, step {global_step + 1} (loss {loss_value}): training "
@@ -572,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_configs:
         return print_out("\n".join(available_configs()))
     world = os.environ.get("WORLD_SIZE", "")
-    if world.isdigit() and int(world) > 1:  # (each process would train alone, over one output_dir)
+    # torchrun's processes (RANK set with it; a WORLD_SIZE left in a job script alone is not one)
+    if world.isascii() and world.isdigit() and int(world) > 1 and "RANK" in os.environ:
         print(f"error: python -m qlora_ext.finetune trains on one device; it was started as process {os.environ.get('RANK', '?')} "
               f"of WORLD_SIZE={world} (torchrun --nproc_per_node {world}, say): run it without torchrun, or with one process",
               file=sys.stderr)

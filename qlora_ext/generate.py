@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             files = sorted(f for f in os.listdir(args.checkpoint_dir) if os.path.isfile(os.path.join(args.checkpoint_dir, f)))
             parser.error(f"argument --checkpoint-files must name weight files in --checkpoint-dir; '{name}' is not a file in "
                          f"'{args.checkpoint_dir}', which holds {files[:12]}{' ...' if len(files) > 12 else ''}")
-    if args.checkpoint_files and len({os.path.normpath(f) for f in args.checkpoint_files}) < len(args.checkpoint_files):
+    named = {os.path.realpath(os.path.join(args.checkpoint_dir, f)) for f in args.checkpoint_files or ()}
+    if args.checkpoint_files and len(named) < len(args.checkpoint_files):
         parser.error(f"argument --checkpoint-files must name each file once; got {args.checkpoint_files}")
     if args.tokenizer is None and not os.path.isfile(os.path.join(args.checkpoint_dir, "tokenizer.model")):
         parser.error(f"argument --tokenizer is needed: the checkpoint folder '{args.checkpoint_dir}' holds no tokenizer.model")

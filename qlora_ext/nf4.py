@@ -188,10 +188,13 @@ class NF4Tensor(Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         handler = _ATEN_OPS.get(func)
         if handler is None:
+            # (DistributedDataParallel broadcasts parameters through views, FSDP2 shards them by splits)
+            sync = func.namespace != "aten" or func.__name__.split(".")[0] in ("view", "split", "cat", "narrow", "chunk")
             raise NotImplementedError(
-                f"NF4Tensor does not support {func}; make it dense first with .dequantize() or .to(dtype) (DistributedDataParallel "
-                "and FSDP2 sync parameters so: leave the frozen NF4 weights out, with DistributedDataParallel."
-                "_set_params_and_buffers_to_ignore_for_model or fully_shard(ignored_params=...))"
+                f"NF4Tensor does not support {func}; make it dense first with .dequantize() or .to(dtype)" + (
+                    " (DistributedDataParallel and FSDP2 sync parameters so: leave the frozen NF4 weights out, with "
+                    "DistributedDataParallel._set_params_and_buffers_to_ignore_for_model or fully_shard(ignored_params=...))"
+                    if sync else "")
             )
         return handler(*args, **(kwargs or {}))
 

@@ -12,7 +12,8 @@ Temporaries are named ``.tmp-<final name>.<8 random characters>``. A process kil
 cannot delete its own, so a later save into the folder does (``sweep_temporaries``). Two saves into
 one folder at the same time (every rank of a distributed job saving, say) take turns: a
 ``StagedFiles`` holds an exclusive ``flock`` on the folder from its sweep to its commit, so the
-later one waits, sweeps nothing of the other's, and its files replace the other's whole.
+later one waits, sweeps nothing of the other's, and its files replace the other's whole. (A child
+forked during a save holds that lock too, until it exits.)
 """
 
 from __future__ import annotations
@@ -166,13 +167,17 @@ class StagedFiles:
             self._lock_fd = os.open(self.folder, os.O_RDONLY)
         except OSError:  # (a folder that cannot be opened: Windows)
             self._lock_fd = None
-        if self._lock_fd is not None and fcntl is not None:
-            try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            except OSError:  # (a file system without locks: saves are not serialized there)
-                pass
-        if self._owns is not None:
-            sweep_temporaries(self.folder, self._owns)
+        try:
+            if self._lock_fd is not None and fcntl is not None:
+                try:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+                except OSError:  # (a file system without locks: saves are not serialized there)
+                    pass
+            if self._owns is not None:
+                sweep_temporaries(self.folder, self._owns)
+        except BaseException:  # (a sweep that fails, Ctrl-C: a retry of the save must not wait on this one)
+            self._unlock()
+            raise
 
     def __del__(self) -> None:  # (one dropped uncommitted: its lock, not its temporaries, goes with it)
         self._unlock()

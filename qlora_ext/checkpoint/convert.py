@@ -61,11 +61,16 @@ _LAYER = re.compile(r"^(?P<prefix>model\.layers|layers)\.(?P<i>\d+)\.(?P<rest>.+
 
 
 def unwrap_parallel(model: nn.Module) -> nn.Module:
-    """The model a ``DistributedDataParallel`` (or ``DataParallel``) wrapper holds, as accelerate's
-    ``unwrap_model`` gives it: the checkpoint functions take the wrapper as the model itself."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    """The model a ``DistributedDataParallel`` (or ``DataParallel``) wrapper holds, through
+    ``torch.compile``'s wrapper on either side, as accelerate's ``unwrap_model`` gives it: the
+    checkpoint functions take the wrapper as the model itself."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # (torch.compile's OptimizedModule)
+            model = model._orig_mod
+        else:
+            return model
 
 
 def strip_wrappers(name: str) -> str:

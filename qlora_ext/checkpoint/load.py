@@ -28,6 +28,7 @@ from qlora_ext.checkpoint.convert import (
     ours_to_hf,
     ours_to_meta,
     strip_wrappers,
+    unwrap_parallel,
 )
 from qlora_ext.checkpoint.readers import (
     Entry,
@@ -173,7 +174,8 @@ def load_checkpoint(
     q/k rows permuted to the HF rotary layout).
 
     Args:
-        model: the model, on the meta device or already materialized.
+        model: the model, on the meta device or already materialized (or the DistributedDataParallel
+            wrapping it).
         checkpoint_dir: the folder.
         device: where weights of a meta-device model go (default: where the model's other
             weights are, else CPU); a materialized model's weights stay where they are.
@@ -194,6 +196,7 @@ def load_checkpoint(
             folder that cannot be listed.
         TypeError: ``model`` is not a Llama-2 ``TransformerDecoder``.
     """
+    model = unwrap_parallel(model)
     checkpoint_dir = os.fspath(checkpoint_dir)
     fmt = checkpoint_format(checkpoint_dir)
     folder = _folder_identity(checkpoint_dir)
