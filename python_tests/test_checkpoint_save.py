@@ -719,6 +719,32 @@ def test_a_save_that_fails_in_its_sweep_leaves_the_folder_unlocked(base_dir, tmp
     assert retried and sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+def test_a_failed_write_discards_the_group_and_its_lock(tmp_path):
+    # Used without a with block, a StagedFiles whose writer failed kept the folder locked: the
+    # retry in the same process waited forever.
+    import threading
+
+    def full(path):
+        raise OSError(28, "No space left on device")
+
+    staged = StagedFiles(tmp_path)
+    staged.write("a.json", lambda path: open(path, "w").close())
+    with pytest.raises(OSError, match="No space left"):
+        staged.write("b.json", full)
+    assert os.listdir(tmp_path) == []  # both temporaries gone
+    done = []
+
+    def retry():
+        again = StagedFiles(tmp_path)
+        again.write("a.json", lambda path: open(path, "w").close())
+        done.append(again.commit())
+
+    thread = threading.Thread(target=retry)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and done and os.listdir(tmp_path) == ["a.json"]
+
+
 def test_checkpoint_functions_take_a_data_parallel_wrapper_as_its_model(base_dir, tmp_path):
     # A DistributedDataParallel (here DataParallel, the same .module) wrapper's names start with
     # "module.": "LoRA module 'module.layers.0...' has no HF Llama counterpart" (AttributeError

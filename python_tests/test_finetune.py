@@ -733,7 +733,8 @@ def test_a_gradient_that_overflows_at_the_first_update_names_the_adapters_scale(
     err = capsys.readouterr().err
     assert re.search(r"error: the adapters' gradient norm is inf \(loss [0-9.]+\) at step 1, before any update: the backward "
                      r"overflows, which no learning rate changes; the adapters' scale model.lora_alpha / model.lora_rank = "
-                     r"[0-9.e+]+ multiplies their gradients\n", err), err
+                     r"[0-9.e+]+ multiplies their gradients: a lower model.lora_alpha shrinks it, and where it is small the base's "
+                     r"weights in .* make it\n", err), err
 
 
 def test_compile_has_no_graph_breaks(tmp_path, tiny_ckpt, small_data, monkeypatch):

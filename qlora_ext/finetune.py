@@ -421,8 +421,8 @@ def _train_in(output_dir: Path, cfg: Config, device: torch.device, dtype: torch.
                     raise steps.NonFiniteLossError(
                         f"{bad_gradient} (loss {loss_value}) at step {global_step + 1}, before any update: the backward "
                         f"overflows, which no learning rate changes; the adapters' scale model.lora_alpha / model.lora_rank = "
-                        f"{cfg.model.lora_alpha / cfg.model.lora_rank:g} multiplies their gradients"
-                        + ("" if dtype == torch.float32 else f", and {str(dtype).removeprefix('torch.')} overflows where float32 does not")
+                        f"{cfg.model.lora_alpha / cfg.model.lora_rank:g} multiplies their gradients: a lower model.lora_alpha "
+                        f"shrinks it, and where it is small the base's weights in {cfg.checkpointer.checkpoint_dir} make it"
                     )
                 if bad_gradient:
                     raise steps.NonFiniteLossError(

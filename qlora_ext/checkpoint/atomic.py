@@ -189,7 +189,8 @@ class StagedFiles:
             self._lock_fd = None
 
     def write(self, name: str, writer: Callable[[str], object]) -> None:
-        """Calls ``writer(temp_path)`` to produce the file ``name``, then syncs it to disk.
+        """Calls ``writer(temp_path)`` to produce the file ``name``, then syncs it to disk; if that
+        fails, the whole group is discarded (``discard``) and the error propagates.
 
         Raises:
             ValueError: ``name`` is not a plain file name, or was staged already.
@@ -203,8 +204,12 @@ class StagedFiles:
             self._lock()
         tmp = _temp_path(os.path.join(self.folder, name))
         self._staged.append((name, tmp))
-        writer(tmp)
-        _fsync_file(tmp)
+        try:
+            writer(tmp)
+            _fsync_file(tmp)
+        except BaseException:  # (the group is broken: its temporaries go, and the lock, also without a with block)
+            self.discard()
+            raise
 
     def commit(self) -> list[str]:
         """Moves every staged file into place; returns the final paths, in staging order.
