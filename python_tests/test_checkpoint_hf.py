@@ -276,6 +276,11 @@ def test_architecture_mismatch_and_unsupported_config(hf_models, tmp_path):
     with pytest.raises(ValueError, match=r"'num_hidden_layers' must be at most 1024, got 100000; 'max_position_embeddings' must be "
                                          r"at most 1048576 \(the RoPE table holds every position\), got 30000000$"):
         Llama2Config.from_hf({**plain, "num_hidden_layers": 100_000, "max_position_embeddings": 3e7})
+    # widths past int64 element counts (torch.empty overflowed) and a rope_theta past float's range
+    # (float() overflowed) are named too
+    with pytest.raises(ValueError, match=r"config.json: 'rope_theta' must be a positive number, got 10{49}; 'vocab_size' must be at most "
+                                         r"16777216, got 10{30}; 'intermediate_size' must be at most 16777216, got 4611686018427387904$"):
+        Llama2Config.from_hf({**plain, "vocab_size": 10**30, "intermediate_size": 2**62, "rope_theta": 10**50 * 10**300})
     read = Llama2Config.from_hf({**plain, "max_position_embeddings": 512.0, "num_key_value_heads": None})
     assert read.max_seq_len == 512 and type(read.max_seq_len) is int and read.num_kv_heads == read.num_heads
     # only a null or absent num_key_value_heads means one per head (0 and false were read so, as
@@ -331,6 +336,15 @@ def test_malformed_json_index_and_safetensors_header_are_named(tmp_path):
         read_json(tmp_path / "config.json")
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"config.json must hold a JSON object; got list"):
+        read_json(tmp_path / "config.json")
+    # nesting past Python's recursion limit, and a number of more digits than Python converts (whose
+    # advice to raise that limit is not the reader's), were a RecursionError and a bare message
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON: it nests arrays or objects too deeply to read$"):
+        read_json(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text('{"vocab_size": ' + "1" * 5000 + "}")
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON: Exceeds the limit \(4300 digits\) for integer string "
+                                         r"conversion: value has 5000 digits$"):
         read_json(tmp_path / "config.json")
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
     with pytest.raises(ValueError, match=r"model.safetensors.index.json must map tensor names to shard files under 'weight_map'; got None"):

@@ -6,6 +6,7 @@ forward; model-parallel shards are concatenated; params.json sizing rules. And o
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -166,6 +167,15 @@ def test_params_json_sizes():
         "'ffn_dim_multiplier' must be a positive number, got '1.3'; 'vocab_size' must be a positive integer or -1 "
         "(the tokenizer's), got '320'; 'n_layers' must be at most 1024, got 5000"
     )
+    # widths past int64 element counts, and an FFN multiplier whose product is past float's range, are
+    # named (torch.empty, or int(inf), raised)
+    with pytest.raises(ValueError, match=r"params.json: 'vocab_size' must be at most 16777216, got 10{30}; 'dim' must be at most "
+                                         r"16777216, got 10{20}$"):
+        Llama2Config.from_meta({**p7, "vocab_size": 10**30, "dim": 10**20}, vocab_size=32000)
+    for multiplier in (1e308, 1e4):
+        with pytest.raises(ValueError, match=rf"params.json: 'ffn_dim_multiplier' {re.escape(repr(multiplier))} and 'multiple_of' 256 give an FFN "
+                                             r"width above 16777216 \(for 'dim' 4096\)$"):
+            Llama2Config.from_meta({**p7, "ffn_dim_multiplier": multiplier}, vocab_size=32000)
     assert Llama2Config.from_meta({**p7, "n_kv_heads": None, "vocab_size": None, "dim": 4096.0}, vocab_size=32000) == \
         Llama2Config.from_meta(p7, vocab_size=32000)
     # head counts the builders refuse are named by params.json's fields, not the builders' arguments

@@ -109,6 +109,15 @@ def test_string_and_path_overrides_are_taken_as_written():
     assert cfg.dataset.data_files == ["a.json", "b #2.json"] and cfg.metric_logger.log_dir is None and cfg.model.lora_rank == 16
     with pytest.raises(ConfigError, match=r"config key 'metric_logger.project' must not be null"):
         load_config(SEED_7B_QLORA, ["metric_logger.project=~"])
+    # one pair of quotes around a whole string or path is the shell's or a list of arguments', as
+    # OmegaConf (tune run) reads it: it made a folder '"runs' and a device '"cpu"'
+    cfg = load_config(SEED_7B_QLORA, ['output_dir="runs/x"', "metric_logger.project='my proj'", 'dataset.data_files="a b.json"',
+                                      'device="cpu"', 'checkpointer.checkpoint_dir="null"'])
+    assert (cfg.output_dir, cfg.metric_logger.project, cfg.dataset.data_files, cfg.device) == ("runs/x", "my proj", ["a b.json"], "cpu")
+    assert cfg.checkpointer.checkpoint_dir == "null"  # (quoted: a name, not null)
+    cfg = load_config(SEED_7B_QLORA, ["output_dir='it's'", 'metric_logger.project="a"b"', "tokenizer.path='", "device='cpu'"])
+    assert (cfg.output_dir, cfg.metric_logger.project, cfg.tokenizer.path) == ("'it's'", '"a"b"', "'")  # not one pair: as written
+    assert cfg.device == "cpu"
 
 
 def test_config_from_path_and_assets_placeholder(tmp_path):
@@ -249,4 +258,20 @@ def test_integer_overrides_are_read_in_base_10():
     for text in ("0b11", "1:30", "0x10"):
         with pytest.raises(ConfigError, match=rf"config key 'batch_size' must be an integer .*; got '{text}'"):
             load_config("tiny_qlora", [f"batch_size={text}"])
+    # a float key too (model.lora_alpha=010 was 8.0, optimizer.lr=0x10 16.0, num_cycles=1:30 90.0)
+    cfg = load_config("tiny_qlora", ["model.lora_alpha=010", "optimizer.lr=3e-4", "lr_scheduler.num_cycles=0.5"])
+    assert (cfg.model.lora_alpha, cfg.optimizer.lr, cfg.lr_scheduler.num_cycles) == (10.0, 3e-4, 0.5)
+    for key, text in (("optimizer.lr", "0x10"), ("lr_scheduler.num_cycles", "1:30"), ("model.lora_alpha", "0b11")):
+        with pytest.raises(ConfigError, match=rf"config key '{key}' must be a number .*; got '{text}'"):
+            load_config("tiny_qlora", [f"{key}={text}"])
+    # an integer past float's range for a float key, and one past every width for a size, are named
+    # (an OverflowError; torch.empty's overflow when the model was built)
+    with pytest.raises(ConfigError, match=r"config key 'model.lora_alpha' must be a number .*; got 9{60}$"):
+        load_config("tiny_qlora", ["model.lora_alpha=" + "9" * 400])
+    for key in ("model.lora_rank", "model.vocab_size", "model.embed_dim", "model.intermediate_dim"):
+        with pytest.raises(ConfigError, match=rf"config key '{key}' must be <= 16777216 .*; got 10{{24}}$"):
+            load_config("tiny_qlora", [f"{key}=1{'0' * 24}"])
+    # a value nested past Python's recursion limit: a RecursionError
+    with pytest.raises(ConfigError, match=r"override 'model.lora_attn_modules=\[\[\[.*': its value nests lists or mappings too deeply"):
+        load_config("tiny_qlora", ["model.lora_attn_modules=" + "[" * 5000 + "]" * 5000])
 

@@ -252,6 +252,13 @@ def test_dataset_max_seq_len_and_other_recipes_settings(tmp_path):
     assert load_config(_write(tmp_path), ["dataset.data_files=a.json", "dataset.max_seq_len=512"]).tokenizer.max_seq_len == 512
     with pytest.raises(ConfigError, match=r"'dataset.max_seq_len: 512' contradicts 'tokenizer.max_seq_len: 256'; set one of them"):
         load_config(_write(tmp_path), ["dataset.data_files=a.json", "dataset.max_seq_len=512", "tokenizer.max_seq_len=256"])
+    # a tokenizer that is not a section, where dataset.max_seq_len moves to: named (an AttributeError);
+    # a null one is an empty section, whose path is then required
+    with pytest.raises(ConfigError, match=r"'tokenizer' must be a section \(its _component_, path and max_seq_len\), where "
+                                          r"'dataset.max_seq_len' moves to; got '/data/tokenizer.model'$"):
+        load_config(_write(tmp_path, edit=_set("tokenizer", "/data/tokenizer.model")), ["dataset.data_files=a.json", "dataset.max_seq_len=512"])
+    with pytest.raises(ConfigError, match=r"config key 'tokenizer.path' is required"):
+        load_config(_write(tmp_path, edit=_set("tokenizer", None)), ["dataset.data_files=a.json", "dataset.max_seq_len=512"])
     # torchtune's recipes read log_every_n_steps: null as 1 (0.1's 7B_lora_single_device.yaml has it)
     assert load_config(_write(tmp_path, edit=_set("log_every_n_steps", None)), ["dataset.data_files=a.json"]).log_every_n_steps == 1
 

@@ -288,6 +288,21 @@ def test_smoothing():
     assert math.isnan(got[1]) and got[0] == got[2] == 1.0 and got[3] == pytest.approx(1.875 / 0.875)
 
 
+def test_plot_reads_the_metrics_of_a_run_whose_config_or_a_line_is_unreadable(tmp_path, capsys):
+    # a config.yaml not in UTF-8, or nested past Python's recursion limit, and a metrics line nested so,
+    # were an error naming no file, or a RecursionError: the saved config is only consulted for logs
+    (tmp_path / "run" / "logs").mkdir(parents=True)
+    lines = [json.dumps({"step": s, "loss": 2.0 / s}) for s in (1, 2)]
+    (tmp_path / "run" / "logs" / "metrics.jsonl").write_text("\n".join([lines[0], "[" * 100_000 + "]" * 100_000, lines[1]]) + "\n")
+    out = tmp_path / "p.png"
+    for config in ("output_dir: caf\xe9\n".encode("latin-1"), b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n"):
+        (tmp_path / "run" / "config.yaml").write_bytes(config)
+        assert plot.main([str(tmp_path / "run"), "-o", str(out)]) == 0
+        captured = capsys.readouterr()
+        assert "run: 2 steps, loss 2.0000 -> 1.0000" in captured.out
+        assert "metrics.jsonl: skipped 1 line(s) that are not JSON records (lines [2]" in captured.err
+
+
 def test_plot_cli_two_runs(tmp_path, capsys):
     for name, scale in (("lora", 1.0), ("qlora", 1.2)):
         (tmp_path / name / "logs").mkdir(parents=True)

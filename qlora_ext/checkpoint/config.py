@@ -15,17 +15,21 @@ from qlora_ext._arguments import is_finite_real
 
 # Bounds past any Llama-2 (80 layers, 4096 positions; Code Llama 16384) that a damaged config
 # would cross: building that many layers takes minutes before the weights are even opened, and
-# the RoPE table holds a row per position (30 million rows took 14 GB).
+# the RoPE table holds a row per position (30 million rows took 14 GB). Widths (vocabulary, model,
+# FFN; Llama-2 70B's largest is 32000 x 28672) are bounded far above any model's, below sizes
+# whose products would pass torch's 64-bit element counts.
 MAX_LAYERS = 1024
 MAX_POSITIONS = 1 << 20
+MAX_WIDTH = 1 << 24
 
 
-def _bound_problems(num_layers: object, num_layers_key: str, max_seq_len: object, max_seq_len_key: str) -> list[str]:
+def _bound_problems(bounded: dict[str, tuple[object, int]]) -> list[str]:
+    """``{key: (value, maximum)}`` -> a problem for each int value above its maximum."""
     problems = []
-    if isinstance(num_layers, int) and num_layers > MAX_LAYERS:
-        problems.append(f"'{num_layers_key}' must be at most {MAX_LAYERS}, got {num_layers}")
-    if isinstance(max_seq_len, int) and max_seq_len > MAX_POSITIONS:
-        problems.append(f"'{max_seq_len_key}' must be at most {MAX_POSITIONS} (the RoPE table holds every position), got {max_seq_len}")
+    for key, (value, maximum) in bounded.items():
+        if isinstance(value, int) and value > maximum:
+            why = " (the RoPE table holds every position)" if maximum == MAX_POSITIONS else ""
+            problems.append(f"'{key}' must be at most {maximum}{why}, got {value}")
     return problems
 
 
@@ -63,7 +67,7 @@ class Llama2Config:
 
         Raises:
             ValueError: listing every missing field, every size or number of the wrong kind or
-                past ``MAX_LAYERS`` / ``MAX_POSITIONS``, and every setting this model does not
+                past ``MAX_LAYERS`` / ``MAX_POSITIONS`` / ``MAX_WIDTH``, and every setting this model does not
                 implement (another architecture, activation, RoPE scaling, biases, tied embeddings,
                 a non-bitsandbytes quantization).
         """
@@ -90,9 +94,12 @@ class Llama2Config:
         sizes["num_key_value_heads"] = sizes["num_attention_heads"] if kv_heads is None else _int_or(kv_heads, -1)
         numbers = {"rms_norm_eps": config.get("rms_norm_eps", 1e-6), "rope_theta": rope_base}
         problems = [f"'{key}' must be a positive integer, got {config.get(key)!r}" for key, value in sizes.items() if value <= 0]
-        problems += [f"'{key}' must be a positive number, got {value!r}" for key, value in numbers.items()
-                     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")]
-        problems += _bound_problems(sizes["num_hidden_layers"], "num_hidden_layers", sizes["max_position_embeddings"], "max_position_embeddings")
+        problems += [f"'{key}' must be a positive number, got {value!r:.50}" for key, value in numbers.items()
+                     if not (is_finite_real(value) and value > 0)]
+        problems += _bound_problems({
+            **{key: (sizes[key], MAX_WIDTH) for key in ("vocab_size", "hidden_size", "intermediate_size")},
+            "num_hidden_layers": (sizes["num_hidden_layers"], MAX_LAYERS),
+            "max_position_embeddings": (sizes["max_position_embeddings"], MAX_POSITIONS)})
         if not problems:  # (these divide by the sizes)
             problems += _head_problems(sizes["hidden_size"], "hidden_size", sizes["num_attention_heads"], "num_attention_heads",
                                        sizes["num_key_value_heads"], "num_key_value_heads")
@@ -188,7 +195,7 @@ class Llama2Config:
 
         Raises:
             ValueError: missing fields or fields of the wrong kind, no usable vocab size, sizes
-                past ``MAX_LAYERS`` / ``MAX_POSITIONS``, or settings this model does not implement
+                past ``MAX_LAYERS`` / ``MAX_POSITIONS`` / ``MAX_WIDTH``, or settings this model does not implement
                 (scaled RoPE, MoE), listed.
         """
         missing = [key for key in ("dim", "n_layers", "n_heads") if key not in params]
@@ -204,7 +211,9 @@ class Llama2Config:
                      if not (value is None and key == "ffn_dim_multiplier") and not (is_finite_real(value) and value > 0)]
         if not (_int_or(params.get("vocab_size", -1), 0) > 0 or params.get("vocab_size", -1) in (-1, None)):
             problems.append(f"'vocab_size' must be a positive integer or -1 (the tokenizer's), got {params.get('vocab_size')!r:.50}")
-        problems += _bound_problems(_int_or(sizes["n_layers"], -1), "n_layers", max_seq_len, "max_seq_len")
+        problems += _bound_problems({
+            **{key: (_int_or(params.get(key), -1), MAX_WIDTH) for key in ("vocab_size", "dim", "multiple_of")},
+            "n_layers": (_int_or(sizes["n_layers"], -1), MAX_LAYERS), "max_seq_len": (max_seq_len, MAX_POSITIONS)})
         if not problems:  # (these divide by the sizes)
             heads = _int_or(sizes["n_heads"], -1)
             kv_heads = heads if sizes["n_kv_heads"] is None else _int_or(sizes["n_kv_heads"], -1)
@@ -227,8 +236,14 @@ class Llama2Config:
         # Meta's FeedForward sizing (llama/model.py), which yields 11008 / 13824 / 28672.
         hidden = _meta_ffn_base(dim)
         if numbers["ffn_dim_multiplier"] is not None:
-            hidden = int(numbers["ffn_dim_multiplier"] * hidden)
+            scaled = numbers["ffn_dim_multiplier"] * hidden
+            hidden = int(scaled) if scaled <= MAX_WIDTH else MAX_WIDTH + 1  # (a float past int's: inf)
         hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+        if hidden > MAX_WIDTH:
+            raise ValueError(
+                f"Llama2Config.from_meta: unsupported params.json: 'ffn_dim_multiplier' {numbers['ffn_dim_multiplier']!r:.50} and "
+                f"'multiple_of' {multiple_of} give an FFN width above {MAX_WIDTH} (for 'dim' {dim})"
+            )
         rope_base = float(numbers["rope_theta"])
         return cls(
             vocab_size=vocab,
@@ -350,13 +365,22 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{os.fspath(path)} is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{os.fspath(path)} is not valid JSON: {json_error_text(e)}") from None
     except (IsADirectoryError, PermissionError) as e:
         raise ValueError(f"{os.fspath(path)} cannot be read as a JSON file: {e.strerror}") from None
     if not isinstance(value, dict):
         raise ValueError(f"{os.fspath(path)} must hold a JSON object; got {type(value).__name__}")
     return value
+
+
+def json_error_text(error: Exception) -> str:
+    """Why ``json.load`` failed, for a message: its JSONDecodeError, UnicodeDecodeError or other
+    ValueError (a number of over 4300 digits: Python's advice to raise that limit is left out, as
+    no reader of a checkpoint or dataset should), or a RecursionError (nesting too deep)."""
+    if isinstance(error, RecursionError):
+        return "it nests arrays or objects too deeply to read"
+    return str(error).split("; use sys.set_int_max_str_digits()")[0]
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:

@@ -172,22 +172,28 @@ def parse_value(text: str, kind: str | None = None, nullable: bool = True) -> An
     """An override's value: parsed as YAML (``16``, ``true``, ``[q_proj,v_proj]``), except for a key
     of schema kind ``str`` or ``path``, and ``path|list[path]`` unless written as a ``[...]`` list,
     whose value is the text as written (YAML would cut ``/runs/a #2`` at `` #`` and read
-    ``2024-06-01`` as a date). Empty, ``null`` or ``~`` is null for every kind, and Python's ``None``
-    (or ``none``) too, except for a string or path key that may not be null (``output_dir=none`` is
-    a folder)."""
+    ``2024-06-01`` as a date), less one pair of quotes around it all (``output_dir="runs/x"``
+    written in a list of arguments, as OmegaConf, and so ``tune run``, reads it). Empty, ``null``
+    or ``~`` is null for every kind, and Python's ``None`` (or ``none``) too, except for a string
+    or path key that may not be null (``output_dir=none`` is a folder). For an int or float key,
+    digits are read in base 10 (YAML 1.1 reads ``010`` as 8), and YAML's other integer forms
+    (``0x10``, ``0b11``, ``1:30``) are left as text, which the key's type check refuses."""
     if text.strip() in ("", "null", "Null", "NULL", "~"):
         return None
     if text.strip() in ("None", "none") and (nullable or kind not in ("str", "path", "path|list[path]")):
         return None
     if kind in ("str", "path") or (kind == "path|list[path]" and not text.lstrip().startswith("[")):
+        quoted = text.strip()
+        if len(quoted) >= 2 and quoted[0] == quoted[-1] and quoted[0] in "'\"" and quoted[0] not in quoted[1:-1]:
+            return quoted[1:-1]
         return text
-    if kind == "int" and re.fullmatch(r"\s*[+-]?\d[\d_]*\s*", text):
+    if kind in ("int", "float") and re.fullmatch(r"\s*[+-]?\d[\d_]*\s*", text):
         return int(text.replace("_", ""))  # in base 10 (1_000 too): YAML 1.1 reads 010 as 8
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+    if kind in ("int", "float") and isinstance(value, int) and not isinstance(value, bool):
         return text  # 0b11, 0x1f, 1:30 (base 60): YAML's other integer forms, named by the type check
     return value
 
@@ -207,6 +213,14 @@ def _split_override(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _override_value(text: str, value: str, opt: Any) -> Any:
+    """``parse_value`` of an override's value, for a key of schema entry ``opt`` (or of none)."""
+    try:
+        return parse_value(value, opt.kind, opt.nullable) if isinstance(opt, Opt) else parse_value(value)
+    except RecursionError:  # ([[[[... thousands deep)
+        raise ConfigError(f"override '{text:.80}': its value nests lists or mappings too deeply to read") from None
+
+
 def _apply_override(raw: dict, text: str) -> None:
     key, value = _split_override(text)
     key = KEY_ALIASES.get(key, key)
@@ -223,7 +237,7 @@ def _apply_override(raw: dict, text: str) -> None:
                     f"override '{text}': '{here}' is a section; set one of its keys: "
                     f"{', '.join(f'{here}.{k}' for k in schema[part])}"
                 )
-            node[part] = parse_value(value, schema[part].kind, schema[part].nullable)
+            node[part] = _override_value(text, value, schema[part])
         else:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -247,7 +261,7 @@ def _set_raw(raw: dict, text: str) -> None:
     if parts[-1] == "max_filename":  # "00002": YAML would read 2 (and 00010 as 8)
         value = value.strip()
     else:
-        value = parse_value(value, opt.kind, opt.nullable) if isinstance(opt, Opt) else parse_value(value)
+        value = _override_value(text, value, opt)
     node = raw
     for depth, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
@@ -355,8 +369,8 @@ def _check_scalar(key: str, spec: Opt, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             value = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config key '{key}' must be a number ({spec.doc}); got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):  # (OverflowError: an int past float's range)
+            raise ConfigError(f"config key '{key}' must be a number ({spec.doc}); got {value!r:.60}") from None
         if not math.isfinite(value):  # NaN passes every range check below
             raise ConfigError(f"config key '{key}' must be a finite number ({spec.doc}); got {value!r}")
     elif kind in ("str", "path"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qlora_ext.checkpoint.config import MAX_LAYERS, MAX_POSITIONS
+from qlora_ext.checkpoint.config import MAX_LAYERS, MAX_POSITIONS, MAX_WIDTH
 from qlora_ext.models.llama2 import LORA_ATTN_MODULES
 from qlora_ext.training.data import TEMPLATES
 
@@ -43,7 +43,8 @@ REQUIRED = object()
 
 # What a damaged or mistyped architecture override could otherwise allocate before any check
 # (a RoPE table per position, a module per layer): as a checkpoint's config.json is bounded.
-_ARCH_MAXIMA = {"max_seq_len": MAX_POSITIONS, "num_layers": MAX_LAYERS}
+_ARCH_MAXIMA = {"max_seq_len": MAX_POSITIONS, "num_layers": MAX_LAYERS,
+                **{key: MAX_WIDTH for key in ("vocab_size", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim")}}
 
 # The builders of qlora_ext.models.llama2 the trainer can use. The two generic ones take the
 # architecture from the model.* keys below (or, where those are null, from the checkpoint's
@@ -108,7 +109,7 @@ SCHEMA: dict[str, Any] = {
         ),
         "apply_lora_to_mlp": Opt("bool", False, "LoRA on the MLP (w1, w2, w3)"),
         "apply_lora_to_output": Opt("bool", False, "LoRA on the final output projection"),
-        "lora_rank": Opt("int", 8, "rank of each adapter", minimum=1),
+        "lora_rank": Opt("int", 8, "rank of each adapter", minimum=1, maximum=MAX_WIDTH),
         "lora_alpha": Opt("float", 16.0, "adapter scaling numerator (scale = alpha / rank)", minimum=0.0),
         "lora_dropout": Opt("float", 0.0, "dropout on each adapter's input", minimum=0.0, maximum=0.99),
         **{

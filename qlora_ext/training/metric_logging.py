@@ -275,7 +275,7 @@ def _saved_config(run_dir: Path) -> dict[str, Any] | None:
     """A run's saved ``config.yaml``, if there is one that reads as a mapping."""
     try:
         config = yaml.safe_load((run_dir / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError, RecursionError):  # (ValueError: not UTF-8)
         return None
     return config if isinstance(config, dict) else None
 
@@ -316,7 +316,7 @@ def _parsed_text(lines: list[str]) -> tuple[list[tuple[str, dict[str, Any]]], li
             continue
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             record = None
         if isinstance(record, dict):
             out.append((line, record))

@@ -261,7 +261,12 @@ def _dataset(component: Any, section: dict, top: dict, notes: list[str]) -> dict
         section.pop("column_map", None)
     _refuse_unless(section, "field", (None,), "a file's records are its top-level JSON list or its lines", "dataset")
     if "max_seq_len" in section:  # older torchtune set it on the dataset
-        value, tokenizer = section.pop("max_seq_len"), top.setdefault("tokenizer", {})
+        value, tokenizer = section.pop("max_seq_len"), top.get("tokenizer")
+        if tokenizer is None:
+            tokenizer = top["tokenizer"] = {}
+        elif not isinstance(tokenizer, dict):
+            raise TorchtuneConfigError(f"'tokenizer' must be a section (its _component_, path and max_seq_len), where "
+                                       f"'dataset.max_seq_len' moves to; got {tokenizer!r:.100}")
         if tokenizer.get("max_seq_len") is None:  # (torchtune 0.3 and later write tokenizer.max_seq_len: null)
             tokenizer["max_seq_len"] = value
         elif value is not None and value != tokenizer["max_seq_len"]:
