@@ -45,6 +45,19 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(f"tests that need a GPU must have 'cuda' in their names (gpu_check.sh runs -k cuda): {unnamed}")
 
 
+def at_odd_address(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A contiguous copy of ``t`` whose data starts ``offset`` bytes past a 16-byte boundary, on
+    ``t``'s device: what ``torch.frombuffer(..., offset=1)``, a numpy view or a safetensors file
+    with a float tensor after an odd number of bytes gives (torch allocates aligned blocks)."""
+    nbytes = t.numel() * t.element_size()
+    storage = torch.UntypedStorage(nbytes + 32, device=t.device)
+    start = (-storage.data_ptr()) % 16 + offset
+    out = torch.empty(0, dtype=t.dtype, device=t.device).set_(storage[start:start + nbytes], 0, t.shape, t.contiguous().stride())
+    out.copy_(t)
+    assert out.data_ptr() % 16 == offset and out.is_contiguous()
+    return out
+
+
 def dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

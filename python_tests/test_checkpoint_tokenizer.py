@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -88,7 +89,7 @@ def test_another_tokenizer_does_not_take_the_source_folders_files(tmp_path):
     save_hf_tokenizer(tmp_path / "out", other, source_dir=source)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tokenizer.model", "tokenizer_config.json"]
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["add_bos_token"] is True
-    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == open(other, "rb").read()
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == Path(other).read_bytes()
 
 
 def test_a_source_config_that_adds_eos_or_no_bos_is_set_to_encode_as_the_trainer(tmp_path):

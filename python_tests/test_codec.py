@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, devices, dtype_id, needs_cuda, torchao_nf4
+from conftest import FLOAT_DTYPES, at_odd_address, devices, dtype_id, needs_cuda, torchao_nf4
 
 from qlora_ext import _reference as ref
 from qlora_ext import ops
@@ -119,6 +119,24 @@ def test_non_contiguous_input_same_as_contiguous(device, dtype):
     assert not strided_packed.is_contiguous()
     got = ops.dequantize_nf4(strided_packed, *components[1:], w.shape, dtype)
     assert torch.equal(got, ops.dequantize_nf4(*components, w.shape, dtype))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_misaligned_arguments_same_as_aligned(device, dtype, cpu_isa):
+    # A weight, absmax_scales or absmax_offset whose data is not aligned for its type was read
+    # through typed pointers on the CPU (undefined behaviour: UBSan stopped there) and, for the
+    # scales and offset, on CUDA (a misaligned-address fault): each is copied aligned first.
+    w = random_weight((128, 320), dtype, device)
+    components = ops.quantize_nf4(w)
+    for offset in (1, 2):
+        for a, b in zip(ops.quantize_nf4(at_odd_address(w, offset)), components):
+            assert torch.equal(a, b)
+    expected = ops.dequantize_nf4(*components, w.shape, dtype)
+    packed, codes, scales, offset_ = components
+    for args in ((packed, codes, at_odd_address(scales, 1), offset_), (packed, codes, scales, at_odd_address(offset_, 2)),
+                 (at_odd_address(packed, 1), at_odd_address(codes, 3), at_odd_address(scales, 3), at_odd_address(offset_, 1))):
+        assert torch.equal(ops.dequantize_nf4(*args, w.shape, dtype), expected)
 
 
 @pytest.mark.parametrize("device", devices())

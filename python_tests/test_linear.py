@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FLOAT_DTYPES, devices, dtype_id, needs_cuda, unit_roundoff
+from conftest import FLOAT_DTYPES, at_odd_address, devices, dtype_id, needs_cuda, unit_roundoff
 
 from qlora_ext import _reference as ref
 from qlora_ext import linear_nf4, ops, to_nf4
@@ -91,6 +91,25 @@ def test_strided_input_and_gradient_give_the_contiguous_result(rows, dtype, devi
     y_c = linear_nf4(x_c, nf4)
     y_c.backward(grad_y.contiguous())
     assert torch.equal(y, y_c) and torch.equal(x.grad, x_c.grad)
+
+
+@pytest.mark.parametrize("rows", [1, 17])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("device", devices())
+def test_misaligned_arguments_give_the_aligned_result(rows, dtype, device, cpu_isa):
+    # x, grad_y, the bias and the float NF4 components at addresses not aligned for their type were
+    # read through typed pointers (UBSan's misaligned loads on the CPU; on CUDA, grad_y, the bias
+    # and the scales were only made contiguous): each is copied aligned first.
+    nf4, _, x = case((320, 192), rows, dtype, device, batch=())  # 1 row: the fused kernels; 17: the tiles
+    bias = torch.randn(320, device=device).to(dtype)
+    grad_y = torch.randn(rows, 320, device=device).to(dtype)
+    packed, codes, scales, offset = nf4.components()
+    expected_y = ops.linear_nf4(x, packed, codes, scales, offset, 320, bias)
+    expected_gx = ops.linear_nf4_grad_input(grad_y, packed, codes, scales, offset, 192)
+    odd = (at_odd_address(packed, 1), at_odd_address(codes, 3), at_odd_address(scales, 1), at_odd_address(offset, 2))
+    for shift in (1, 2):
+        assert torch.equal(ops.linear_nf4(at_odd_address(x, shift), *odd, 320, at_odd_address(bias, shift)), expected_y)
+        assert torch.equal(ops.linear_nf4_grad_input(at_odd_address(grad_y, shift), *odd, 192), expected_gx)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)

@@ -21,7 +21,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4(const at::Tensor& weight) {
   check_quantizable("quantize_nf4", "weight", weight);
-  const at::Tensor w = weight.contiguous();
+  const at::Tensor w = contiguous_aligned(weight, weight.element_size());
   const int64_t nblocks = w.numel() / kBlockSize;
   const int64_t groups = (nblocks + kScalerBlockSize - 1) / kScalerBlockSize;
   const auto bytes = w.options().dtype(at::kByte);

@@ -165,7 +165,7 @@ bool bf16_tiles(const at::Tensor& act, int64_t K) {
 }
 
 at::Tensor as_float_matrix(const at::Tensor& t, int64_t cols) {
-  return t.reshape({-1, cols}).to(at::kFloat).contiguous();
+  return contiguous_aligned(t.reshape({-1, cols}).to(at::kFloat), alignof(float));
 }
 
 at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,

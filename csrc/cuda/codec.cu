@@ -24,16 +24,6 @@ template void launch_dequantize_tile<__nv_bfloat16>(const Nf4View&, int64_t, int
 template void launch_dequantize_tile<__half>(const Nf4View&, int64_t, int64_t, int64_t, int64_t,
                                              int64_t, __half*, cudaStream_t);
 
-at::Tensor contiguous_aligned(const at::Tensor& t, int64_t alignment) {
-  at::Tensor c = t.contiguous();
-  if (reinterpret_cast<uintptr_t>(c.const_data_ptr()) % alignment == 0) return c;
-  c = c.clone();  // a fresh block: 512-byte aligned from the caching allocator
-  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(c.const_data_ptr()) % alignment == 0,
-                        "qlora: the CUDA allocator returned memory aligned to less than ",
-                        alignment, " bytes");
-  return c;
-}
-
 Nf4View nf4_view(const at::Tensor& packed, const at::Tensor& absmax_codes,
                  const at::Tensor& absmax_scales, const at::Tensor& absmax_offset) {
   TORCH_INTERNAL_ASSERT(packed.is_contiguous() && absmax_codes.is_contiguous() &&
@@ -130,7 +120,7 @@ at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& absmax_cod
       check_dequantize_args(packed, absmax_codes, absmax_scales, absmax_offset, shape, dtype);
   const c10::cuda::CUDAGuard guard(packed.device());
   const at::Tensor p = contiguous_aligned(packed, 4), c = absmax_codes.contiguous(),
-                   s = absmax_scales.contiguous(), o = absmax_offset.contiguous();
+                   s = contiguous_aligned(absmax_scales, 4), o = contiguous_aligned(absmax_offset, 4);
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
   const Nf4View view = nf4_view(p, c, s, o);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

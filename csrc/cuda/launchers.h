@@ -1,4 +1,4 @@
-// Host-side helpers that codec.cu defines and linear.cu uses too.
+// Host-side helpers that codec.cu defines and linear.cu uses too (and ../aligned.h's).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,6 +11,7 @@
 #include <tuple>
 #include <utility>
 
+#include "../aligned.h"
 #include "../nf4_format.h"
 
 namespace qlora::cuda {
@@ -53,7 +54,6 @@ void dispatch_float(at::ScalarType t, F&& f) {
   }
 }
 
-// `t` contiguous and its data `alignment`-byte aligned (a copy only when it is not).
-at::Tensor contiguous_aligned(const at::Tensor& t, int64_t alignment);
+using qlora::contiguous_aligned;  // (../aligned.h)
 
 }  // namespace qlora::cuda

@@ -131,7 +131,7 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
   const int64_t N = out_features;
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor p = contiguous_aligned(packed, 4), c = absmax_codes.contiguous(),
-                   s = absmax_scales.contiguous(), o = absmax_offset.contiguous();
+                   s = contiguous_aligned(absmax_scales, 4), o = contiguous_aligned(absmax_offset, 4);
   const Nf4View w = nf4_view(p, c, s, o);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -140,7 +140,7 @@ at::Tensor linear_nf4(const at::Tensor& x, const at::Tensor& packed,
   const int64_t M = x2.size(0);
   at::Tensor y = at::empty({M, N}, x2.options());  // [M, N]
   if (M > 0 && M <= kMaxFusedRows && K % 8 == 0) {
-    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    const at::Tensor b = bias.has_value() ? contiguous_aligned(*bias, bias->element_size()) : at::Tensor();
     dispatch_float(x.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       const T* xp = reinterpret_cast<const T*>(x2.const_data_ptr());
@@ -181,11 +181,12 @@ at::Tensor linear_nf4_grad_input(const at::Tensor& grad_y, const at::Tensor& pac
   const int64_t K = in_features;
   const c10::cuda::CUDAGuard guard(grad_y.device());
   const at::Tensor p = contiguous_aligned(packed, 4), c = absmax_codes.contiguous(),
-                   s = absmax_scales.contiguous(), o = absmax_offset.contiguous();
+                   s = contiguous_aligned(absmax_scales, 4), o = contiguous_aligned(absmax_offset, 4);
   const Nf4View w = nf4_view(p, c, s, o);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  const at::Tensor g2 = grad_y.reshape({-1, N}).contiguous();  // [M, N]
+  // [M, N], rows 8-element aligned where N % 8 == 0 (as x forward)
+  const at::Tensor g2 = contiguous_aligned(grad_y.reshape({-1, N}), 8 * grad_y.element_size());
   const int64_t M = g2.size(0);
   at::Tensor gx = at::empty({M, K}, g2.options());  // [M, K]
   if (M > 0 && M <= kMaxFusedRows && K % 8 == 0) {
