@@ -161,6 +161,15 @@ QS = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
             lambda s: s.__setitem__(QS, s[QS][:-5]),
             rf"cannot be read as NF4: '{QS}' is not a UTF-8 JSON quant state: ",
         ),
+        (  # was a RecursionError; and Python's advice on long numbers is left out
+            lambda s: s.__setitem__(QS, torch.tensor(list(b"[" * 50_000 + b"]" * 50_000), dtype=torch.uint8)),
+            rf"'{QS}' is not a UTF-8 JSON quant state: it nests its values too deeply to read$",
+        ),
+        (
+            lambda s: s.__setitem__(QS, torch.tensor(list(b'{"nested_offset": ' + b"1" * 5000 + b"}"), dtype=torch.uint8)),
+            rf"'{QS}' is not a UTF-8 JSON quant state: Exceeds the limit \(4300 digits\) for integer string conversion: value has "
+            r"5000 digits$",
+        ),
         (  # LLM.int8 row scales (a load_in_8bit save): named as such, not as unexpected keys and int8 weights
             lambda s: s.__setitem__("model.layers.0.self_attn.k_proj.SCB", torch.ones(256)),
             r"bitsandbytes 8-bit weights \(load_in_8bit; keys like 'model.layers.0.self_attn.k_proj.SCB'\) are not supported",
@@ -178,7 +187,7 @@ QS = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
         ),
     ],
     ids=["blocksize", "nested_blocksize", "quant_map", "nested_map_of_bnb_0.49_on_cpu", "nested_map_length", "fp4", "no_double_quant",
-         "no_absmax", "no_packed_codes", "bad_json", "int8", "json_fp4", "nan_offset", "text_offset", "inf_nested_absmax", "float_state"],
+         "no_absmax", "no_packed_codes", "bad_json", "deep_json", "long_number_json", "int8", "json_fp4", "nan_offset", "text_offset", "inf_nested_absmax", "float_state"],
 )
 def test_unsupported_bnb_settings_are_named(bnb_checkpoint, tmp_path, edit, message):
     _, _, bnb_dir = bnb_checkpoint

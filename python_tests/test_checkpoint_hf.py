@@ -278,8 +278,9 @@ def test_architecture_mismatch_and_unsupported_config(hf_models, tmp_path):
         Llama2Config.from_hf({**plain, "num_hidden_layers": 100_000, "max_position_embeddings": 3e7})
     # widths past int64 element counts (torch.empty overflowed) and a rope_theta past float's range
     # (float() overflowed) are named too
-    with pytest.raises(ValueError, match=r"config.json: 'rope_theta' must be a positive number, got 10{49}; 'vocab_size' must be at most "
-                                         r"16777216, got 10{30}; 'intermediate_size' must be at most 16777216, got 4611686018427387904$"):
+    with pytest.raises(ValueError, match=r"config.json: 'rope_theta' must be a positive number within float's range \(about 1.8e308\), got an "
+                                         r"integer of 351 digits; 'vocab_size' must be at most 16777216, got 10{30}; 'intermediate_size' must "
+                                         r"be at most 16777216, got 4611686018427387904$"):
         Llama2Config.from_hf({**plain, "vocab_size": 10**30, "intermediate_size": 2**62, "rope_theta": 10**50 * 10**300})
     read = Llama2Config.from_hf({**plain, "max_position_embeddings": 512.0, "num_key_value_heads": None})
     assert read.max_seq_len == 512 and type(read.max_seq_len) is int and read.num_kv_heads == read.num_heads
@@ -340,8 +341,10 @@ def test_malformed_json_index_and_safetensors_header_are_named(tmp_path):
     # nesting past Python's recursion limit, and a number of more digits than Python converts (whose
     # advice to raise that limit is not the reader's), were a RecursionError and a bare message
     (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(ValueError, match=r"config.json is not valid JSON: it nests arrays or objects too deeply to read$"):
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON: it nests its values too deeply to read$"):
         read_json(tmp_path / "config.json")
+    with pytest.raises(ValueError, match=r"'.*config\\x00.json' cannot be opened: embedded null byte$"):  # (not "not valid JSON")
+        read_json(str(tmp_path / "config\0.json"))
     (tmp_path / "config.json").write_text('{"vocab_size": ' + "1" * 5000 + "}")
     with pytest.raises(ValueError, match=r"config.json is not valid JSON: Exceeds the limit \(4300 digits\) for integer string "
                                          r"conversion: value has 5000 digits$"):
@@ -370,6 +373,7 @@ def test_malformed_json_index_and_safetensors_header_are_named(tmp_path):
         ("{}", {"length": 2**64 - 1}, r"its header length field says 18446744073709551615 bytes"),
         ("[1, 2]", {}, r"its header must be a JSON object; got list"),
         ("[" * 100_000 + "]" * 100_000, {}, r"its header's JSON nests too deeply"),
+        ('{"a": ' + "1" * 5000 + "}", {}, r"Exceeds the limit \(4300 digits\) for integer string conversion: value has 5000 digits$"),
         ('{"a": %s, "a": %s}' % (json.dumps(f32([0, 8])), json.dumps(f32([8, 16]))), {}, r"the header names tensors more than once: \['a'\]"),
         (json.dumps({"a": f32([0, 8]), "b": f32([0, 8])}), {"data": bytes(8)}, r"tensor '[ab]' has data offsets \[0, 8\] that overlap the tensor before it"),
         (json.dumps({"a": f32([0, 8]), "b": f32([12, 20])}), {"data": bytes(20)}, r"tensor 'b' has data offsets \[12, 20\] that leave bytes 8 to 12 unused"),

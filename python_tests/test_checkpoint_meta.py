@@ -173,9 +173,14 @@ def test_params_json_sizes():
                                          r"16777216, got 10{20}$"):
         Llama2Config.from_meta({**p7, "vocab_size": 10**30, "dim": 10**20}, vocab_size=32000)
     for multiplier in (1e308, 1e4):
-        with pytest.raises(ValueError, match=rf"params.json: 'ffn_dim_multiplier' {re.escape(repr(multiplier))} and 'multiple_of' 256 give an FFN "
-                                             r"width above 16777216 \(for 'dim' 4096\)$"):
+        with pytest.raises(ValueError, match=rf"params.json: 'dim' 4096, 'ffn_dim_multiplier' {re.escape(repr(multiplier))} and 'multiple_of' "
+                                             r"256 give an FFN width \(Meta's rule\) above 16777216$"):
             Llama2Config.from_meta({**p7, "ffn_dim_multiplier": multiplier}, vocab_size=32000)
+    with pytest.raises(ValueError, match=r"params.json: 'dim' 8388608 and 'multiple_of' 256 give an FFN width \(Meta's rule\) above 16777216$"):
+        Llama2Config.from_meta({**p7, "dim": 8388608, "n_heads": 1}, vocab_size=32000)  # (8/3 of dim, no multiplier)
+    with pytest.raises(ValueError, match=r"params.json: 'rope_theta' must be a positive number within float's range \(about 1.8e308\), got "
+                                         r"an integer of 401 digits$"):
+        Llama2Config.from_meta({**p7, "rope_theta": 10**400}, vocab_size=32000)
     assert Llama2Config.from_meta({**p7, "n_kv_heads": None, "vocab_size": None, "dim": 4096.0}, vocab_size=32000) == \
         Llama2Config.from_meta(p7, vocab_size=32000)
     # head counts the builders refuse are named by params.json's fields, not the builders' arguments

@@ -3,6 +3,8 @@ the rule, the value and the choices."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -118,6 +120,12 @@ def test_string_and_path_overrides_are_taken_as_written():
     cfg = load_config(SEED_7B_QLORA, ["output_dir='it's'", 'metric_logger.project="a"b"', "tokenizer.path='", "device='cpu'"])
     assert (cfg.output_dir, cfg.metric_logger.project, cfg.tokenizer.path) == ("'it's'", '"a"b"', "'")  # not one pair: as written
     assert cfg.device == "cpu"
+    # an empty path, quoted or in a file, is refused: output_dir="" ran in the working directory and
+    # swept its step_* folders away
+    for override in ('output_dir=""', "output_dir=''", 'tokenizer.path=" "', 'dataset.data_files=""', "dataset.data_files=['']"):
+        key = override.partition("=")[0]
+        with pytest.raises(ConfigError, match=rf"config key '{key}(\[0\])?' must be a path, not empty"):
+            load_config(SEED_7B_QLORA, [override])
 
 
 def test_config_from_path_and_assets_placeholder(tmp_path):
@@ -250,7 +258,7 @@ def test_hostile_yaml_is_named_not_expanded(tmp_path):
     assert yaml.load(text, Loader=_UniqueKeyLoader) == {"a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}} == yaml.safe_load(text)
 
 
-def test_integer_overrides_are_read_in_base_10():
+def test_integer_overrides_are_read_in_base_10(tmp_path):
     # YAML 1.1 read batch_size=010 as 8, 1:30 as 90 (base 60) and 0b11 as 3, silently.
     assert load_config("tiny_qlora", ["batch_size=010", "model.lora_rank=08"]).batch_size == 10
     assert load_config("tiny_qlora", ["model.lora_rank=08"]).model.lora_rank == 8
@@ -266,12 +274,27 @@ def test_integer_overrides_are_read_in_base_10():
             load_config("tiny_qlora", [f"{key}={text}"])
     # an integer past float's range for a float key, and one past every width for a size, are named
     # (an OverflowError; torch.empty's overflow when the model was built)
-    with pytest.raises(ConfigError, match=r"config key 'model.lora_alpha' must be a number .*; got 9{60}$"):
+    with pytest.raises(ConfigError, match=r"config key 'model.lora_alpha' must be a number within float's range \(about 1.8e308\) .*; "
+                                          r"got an integer of 400 digits$"):
         load_config("tiny_qlora", ["model.lora_alpha=" + "9" * 400])
+    # more digits than Python converts, in an override or a file: named, without Python's advice
+    for override in ("optimizer.lr=1" + "0" * 5000, "model.lora_rank=1" + "0" * 5000, "dataset.data_files=[1" + "0" * 5000 + "]"):
+        with pytest.raises(ConfigError, match=rf"override '{re.escape(override[:80])}': its value cannot be read: Exceeds the limit "
+                                              r"\(4300 digits\) for integer string conversion: value has 5001 digits$"):
+            load_config("tiny_qlora", [override])
+    path = tmp_path / "long.yaml"
+    path.write_text(re.sub(r"(?m)^seed:.*$", "seed: 1" + "0" * 5000, (CONFIG_DIR / "tiny_qlora.yaml").read_text()))
+    with pytest.raises(ConfigError, match=r"--config: .*long.yaml is not valid YAML here: Exceeds the limit \(4300 digits\) for integer "
+                                          r"string conversion: value has 5001 digits$"):
+        load_config(str(path))
+    # YAML 1.1's base-60 floats (num_cycles=1:30.0 was 90.0)
+    for key, text in (("lr_scheduler.num_cycles", "1:30.0"), ("model.lora_alpha", "1:00.5")):
+        with pytest.raises(ConfigError, match=rf"config key '{key}' must be a number .*; got '{text}'"):
+            load_config("tiny_qlora", [f"{key}={text}"])
     for key in ("model.lora_rank", "model.vocab_size", "model.embed_dim", "model.intermediate_dim"):
         with pytest.raises(ConfigError, match=rf"config key '{key}' must be <= 16777216 .*; got 10{{24}}$"):
             load_config("tiny_qlora", [f"{key}=1{'0' * 24}"])
     # a value nested past Python's recursion limit: a RecursionError
-    with pytest.raises(ConfigError, match=r"override 'model.lora_attn_modules=\[\[\[.*': its value nests lists or mappings too deeply"):
+    with pytest.raises(ConfigError, match=r"override 'model.lora_attn_modules=\[\[\[.*': its value cannot be read: it nests its values too deeply to read$"):
         load_config("tiny_qlora", ["model.lora_attn_modules=" + "[" * 5000 + "]" * 5000])
 

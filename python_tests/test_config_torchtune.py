@@ -259,6 +259,9 @@ def test_dataset_max_seq_len_and_other_recipes_settings(tmp_path):
         load_config(_write(tmp_path, edit=_set("tokenizer", "/data/tokenizer.model")), ["dataset.data_files=a.json", "dataset.max_seq_len=512"])
     with pytest.raises(ConfigError, match=r"config key 'tokenizer.path' is required"):
         load_config(_write(tmp_path, edit=_set("tokenizer", None)), ["dataset.data_files=a.json", "dataset.max_seq_len=512"])
+    # an override with more digits than Python converts was its ValueError and traceback
+    with pytest.raises(ConfigError, match=r"override 'seed=10+': its value cannot be read: Exceeds the limit \(4300 digits\)"):
+        load_config(_write(tmp_path), ["dataset.data_files=a.json", "seed=1" + "0" * 5000])
     # torchtune's recipes read log_every_n_steps: null as 1 (0.1's 7B_lora_single_device.yaml has it)
     assert load_config(_write(tmp_path, edit=_set("log_every_n_steps", None)), ["dataset.data_files=a.json"]).log_every_n_steps == 1
 

@@ -161,7 +161,7 @@ def test_odd_inputs_are_named_or_read(tmp_path):
          r"'.*digits.jsonl' line 1 is not valid JSON: Exceeds the limit \(4300 digits\) for integer string conversion: value has "
          r"5001 digits$"),  # (without Python's advice to raise that limit)
         (tmp_path / "deep.json", ('[{"instruction": "a", "output": "c", "x": ' + "[" * 100000 + "]" * 100000 + "}]").encode(),
-         r"'.*deep.json' is not valid JSON: it nests arrays or objects too deeply to read$"),
+         r"'.*deep.json' is not valid JSON: it nests its values too deeply to read$"),
         (tmp_path / "surrogate.jsonl", b'{"instruction": "a\\ud800b", "output": "c"}\n',
          r"record .*surrogate.jsonl:1: key 'instruction' holds a lone surrogate"),
         (tmp_path / "data.csv.gz", gzip.compress(b"instruction,input,output\na,,b\n"), r"'.*data.csv.gz' is a CSV file"),

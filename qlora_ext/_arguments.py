@@ -1,6 +1,6 @@
 """Predicates for argument checks: what counts as an integer or a finite number (Python's and
-numpy's; never a bool, which Python counts as an int). The callers raise their own errors, naming
-the argument, the rule and the value."""
+numpy's; never a bool, which Python counts as an int); and why a JSON or YAML text did not parse.
+The callers raise their own errors, naming the argument, the rule and the value."""
 
 from __future__ import annotations
 
@@ -33,3 +33,12 @@ def is_finite_real(value: object) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an int beyond float's range (a 400-digit one)
         return False
+
+
+def parse_error_text(error: Exception) -> str:
+    """Why ``json.load`` or ``yaml.safe_load`` failed, for a message: its own error (invalid JSON or
+    UTF-8; a number of over 4300 digits, less Python's advice to raise that limit, which is no
+    reader's to take), or, for a RecursionError, the nesting."""
+    if isinstance(error, RecursionError):
+        return "it nests its values too deeply to read"
+    return str(error).split("; use sys.set_int_max_str_digits()")[0]

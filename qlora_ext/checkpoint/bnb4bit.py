@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from qlora_ext._arguments import is_finite_real
+from qlora_ext._arguments import is_finite_real, parse_error_text
 from qlora_ext._dtypes import HF_DTYPES
 from qlora_ext._tables import ABSMAX_CODE_MAP, BLOCK_SIZE, NF4_VALUES, SCALER_BLOCK_SIZE
 from qlora_ext.nf4 import NF4Tensor, to_nf4
@@ -69,8 +69,8 @@ class Bnb4bitWeight:
                                             f"{files.dtypes[state_keys[0]]} of shape {list(files.shapes[state_keys[0]])}"]))
         try:
             state = json.loads(bytes(files.get(state_keys[0]).tolist()).decode("utf-8"))
-        except ValueError as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
-            raise ValueError(self._message([f"'{state_keys[0]}' is not a UTF-8 JSON quant state: {e}"])) from None
+        except (ValueError, RecursionError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+            raise ValueError(self._message([f"'{state_keys[0]}' is not a UTF-8 JSON quant state: {parse_error_text(e)}"])) from None
         if not isinstance(state, dict):
             raise ValueError(self._message([f"'{state_keys[0]}' must hold a JSON object; got {type(state).__name__}"]))
         missing = [name + suffix for suffix in ("", *_AUX[:2]) if name + suffix not in keys]  # "": the packed codes

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlora_ext._arguments import is_finite_real
+from qlora_ext._arguments import is_finite_real, is_int, parse_error_text
 
 # Bounds past any Llama-2 (80 layers, 4096 positions; Code Llama 16384) that a damaged config
 # would cross: building that many layers takes minutes before the weights are even opened, and
@@ -94,8 +94,7 @@ class Llama2Config:
         sizes["num_key_value_heads"] = sizes["num_attention_heads"] if kv_heads is None else _int_or(kv_heads, -1)
         numbers = {"rms_norm_eps": config.get("rms_norm_eps", 1e-6), "rope_theta": rope_base}
         problems = [f"'{key}' must be a positive integer, got {config.get(key)!r}" for key, value in sizes.items() if value <= 0]
-        problems += [f"'{key}' must be a positive number, got {value!r:.50}" for key, value in numbers.items()
-                     if not (is_finite_real(value) and value > 0)]
+        problems += [problem for key, value in numbers.items() if (problem := _positive_number_problem(key, value))]
         problems += _bound_problems({
             **{key: (sizes[key], MAX_WIDTH) for key in ("vocab_size", "hidden_size", "intermediate_size")},
             "num_hidden_layers": (sizes["num_hidden_layers"], MAX_LAYERS),
@@ -207,8 +206,8 @@ class Llama2Config:
                     if not (value is None and key == "n_kv_heads") and not (_int_or(value, -1) > 0)]
         numbers = {key: params.get(key, default) for key, default in (("norm_eps", 1e-5), ("rope_theta", 10_000.0),
                                                                      ("ffn_dim_multiplier", None))}
-        problems += [f"'{key}' must be a positive number, got {value!r:.50}" for key, value in numbers.items()
-                     if not (value is None and key == "ffn_dim_multiplier") and not (is_finite_real(value) and value > 0)]
+        problems += [problem for key, value in numbers.items()
+                     if not (value is None and key == "ffn_dim_multiplier") and (problem := _positive_number_problem(key, value))]
         if not (_int_or(params.get("vocab_size", -1), 0) > 0 or params.get("vocab_size", -1) in (-1, None)):
             problems.append(f"'vocab_size' must be a positive integer or -1 (the tokenizer's), got {params.get('vocab_size')!r:.50}")
         problems += _bound_problems({
@@ -240,10 +239,10 @@ class Llama2Config:
             hidden = int(scaled) if scaled <= MAX_WIDTH else MAX_WIDTH + 1  # (a float past int's: inf)
         hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
         if hidden > MAX_WIDTH:
-            raise ValueError(
-                f"Llama2Config.from_meta: unsupported params.json: 'ffn_dim_multiplier' {numbers['ffn_dim_multiplier']!r:.50} and "
-                f"'multiple_of' {multiple_of} give an FFN width above {MAX_WIDTH} (for 'dim' {dim})"
-            )
+            given = f"'dim' {dim}" + (f", 'ffn_dim_multiplier' {numbers['ffn_dim_multiplier']!r:.50}"
+                                      if numbers["ffn_dim_multiplier"] is not None else "")
+            raise ValueError(f"Llama2Config.from_meta: unsupported params.json: {given} and 'multiple_of' {multiple_of} give an "
+                             f"FFN width (Meta's rule) above {MAX_WIDTH}")
         rope_base = float(numbers["rope_theta"])
         return cls(
             vocab_size=vocab,
@@ -335,6 +334,15 @@ def _head_problems(dim: int, dim_key: str, heads: int, heads_key: str, kv_heads:
     return problems
 
 
+def _positive_number_problem(key: str, value: Any) -> str | None:
+    """What is wrong with ``value`` as a positive, finite number read as a float, if anything."""
+    if is_finite_real(value) and value > 0:
+        return None
+    if is_int(value) and value > 0:  # past float's range: float() would overflow
+        return f"'{key}' must be a positive number within float's range (about 1.8e308), got an integer of {len(str(value))} digits"
+    return f"'{key}' must be a positive number, got {value!r:.50}"
+
+
 def _meta_ffn_base(dim: int) -> int:
     """Meta's FFN width before ffn_dim_multiplier and multiple_of: 2/3 of 4 * dim."""
     return int(2 * (4 * dim) / 3)
@@ -363,24 +371,21 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     """
     refuse_special_file(path, "a JSON file")
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"{os.fspath(path)} is not valid JSON: {json_error_text(e)}") from None
+        f = open(path, encoding="utf-8")
     except (IsADirectoryError, PermissionError) as e:
         raise ValueError(f"{os.fspath(path)} cannot be read as a JSON file: {e.strerror}") from None
+    except ValueError as e:  # (a path with a NUL character)
+        raise ValueError(f"{os.fspath(path)!r} cannot be opened: {e}") from None
+    with f:
+        try:
+            value = json.load(f)
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{os.fspath(path)} is not valid JSON: {parse_error_text(e)}") from None
+        except (IsADirectoryError, PermissionError) as e:
+            raise ValueError(f"{os.fspath(path)} cannot be read as a JSON file: {e.strerror}") from None
     if not isinstance(value, dict):
         raise ValueError(f"{os.fspath(path)} must hold a JSON object; got {type(value).__name__}")
     return value
-
-
-def json_error_text(error: Exception) -> str:
-    """Why ``json.load`` failed, for a message: its JSONDecodeError, UnicodeDecodeError or other
-    ValueError (a number of over 4300 digits: Python's advice to raise that limit is left out, as
-    no reader of a checkpoint or dataset should), or a RecursionError (nesting too deep)."""
-    if isinstance(error, RecursionError):
-        return "it nests arrays or objects too deeply to read"
-    return str(error).split("; use sys.set_int_max_str_digits()")[0]
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:

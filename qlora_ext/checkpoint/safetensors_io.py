@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from qlora_ext._arguments import parse_error_text
+
 _DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float32: "F32",
     torch.bfloat16: "BF16",
@@ -139,8 +141,8 @@ def _read_header(path: str, file) -> tuple[dict, dict[str, _Spec], int]:  # noqa
         header = json.loads(file.read(length), object_pairs_hook=_unique_keys)
     except RecursionError:
         raise malformed("its header's JSON nests too deeply") from None
-    except ValueError as e:  # invalid JSON or UTF-8, or a tensor named twice
-        raise malformed(str(e)[:300]) from None
+    except ValueError as e:  # invalid JSON or UTF-8, a 5000-digit number, or a tensor named twice
+        raise malformed(parse_error_text(e)[:300]) from None
     if not isinstance(header, dict):
         raise malformed(f"its header must be a JSON object; got {type(header).__name__}")
     metadata = header.pop("__metadata__", None) or {}

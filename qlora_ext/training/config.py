@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from qlora_ext._arguments import parse_error_text
 from qlora_ext.training.config_schema import ARCH_KEYS, GENERIC_BUILDERS, REQUIRED, SCHEMA, Opt
 from qlora_ext.training.interpolation import InterpolationError, resolve_interpolations
 from qlora_ext.training.torchtune_config import TorchtuneConfigError, is_torchtune_config, launch_recipe, translate
@@ -73,7 +74,7 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
             recipe config (``_component_`` sections, read by ``torchtune_config``).
         overrides: ``"dotted.key=value"`` strings; values are parsed as YAML (``16``, ``True``,
             ``null``, ``[q_proj,v_proj]``), except that string and path keys take the text as
-            written (``parse_value``); later ones win. The seed tutorial's
+            written, less one pair of quotes around it all (``parse_value``); later ones win. The seed tutorial's
             ``tokenizer_checkpoint=PATH`` sets ``tokenizer.path`` (``KEY_ALIASES``). On a
             torchtune config they use its keys, as ``tune run`` would, before it is translated.
         notes: if given, gets a line for each torchtune setting that is read differently here,
@@ -104,6 +105,8 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
         raise ConfigError(f"--config: {path} nests its values too deeply to be a config") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config: {path} cannot be read as UTF-8 YAML text: {e}") from None
+    except ValueError as e:  # an integer of over 4300 digits
+        raise ConfigError(f"--config: {path} is not valid YAML here: {parse_error_text(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of keys to values; got {type(raw).__name__}")
     if is_torchtune_config(raw):
@@ -177,7 +180,8 @@ def parse_value(text: str, kind: str | None = None, nullable: bool = True) -> An
     or ``~`` is null for every kind, and Python's ``None`` (or ``none``) too, except for a string
     or path key that may not be null (``output_dir=none`` is a folder). For an int or float key,
     digits are read in base 10 (YAML 1.1 reads ``010`` as 8), and YAML's other integer forms
-    (``0x10``, ``0b11``, ``1:30``) are left as text, which the key's type check refuses."""
+    (``0x10``, ``0b11``, ``1:30``) and base-60 floats (``1:30.0``) are left as text, which the key's
+    type check refuses."""
     if text.strip() in ("", "null", "Null", "NULL", "~"):
         return None
     if text.strip() in ("None", "none") and (nullable or kind not in ("str", "path", "path|list[path]")):
@@ -195,6 +199,8 @@ def parse_value(text: str, kind: str | None = None, nullable: bool = True) -> An
         return text
     if kind in ("int", "float") and isinstance(value, int) and not isinstance(value, bool):
         return text  # 0b11, 0x1f, 1:30 (base 60): YAML's other integer forms, named by the type check
+    if kind == "float" and isinstance(value, float) and ":" in text:
+        return text  # 1:30.0, YAML 1.1's base-60 float (90.0)
     return value
 
 
@@ -217,8 +223,8 @@ def _override_value(text: str, value: str, opt: Any) -> Any:
     """``parse_value`` of an override's value, for a key of schema entry ``opt`` (or of none)."""
     try:
         return parse_value(value, opt.kind, opt.nullable) if isinstance(opt, Opt) else parse_value(value)
-    except RecursionError:  # ([[[[... thousands deep)
-        raise ConfigError(f"override '{text:.80}': its value nests lists or mappings too deeply to read") from None
+    except (RecursionError, ValueError) as e:  # ([[[[... thousands deep; an integer of over 4300 digits)
+        raise ConfigError(f"override '{text:.80}': its value cannot be read: {parse_error_text(e)}") from None
 
 
 def _apply_override(raw: dict, text: str) -> None:
@@ -369,13 +375,18 @@ def _check_scalar(key: str, spec: Opt, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             value = float(value)
-        except (TypeError, ValueError, OverflowError):  # (OverflowError: an int past float's range)
-            raise ConfigError(f"config key '{key}' must be a number ({spec.doc}); got {value!r:.60}") from None
+        except OverflowError:  # an int past float's range
+            raise ConfigError(f"config key '{key}' must be a number within float's range (about 1.8e308) ({spec.doc}); "
+                              f"got an integer of {len(str(value))} digits") from None
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' must be a number ({spec.doc}); got {value!r}") from None
         if not math.isfinite(value):  # NaN passes every range check below
             raise ConfigError(f"config key '{key}' must be a finite number ({spec.doc}); got {value!r}")
     elif kind in ("str", "path"):
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' must be a string ({spec.doc}); got {value!r}")
+        if kind == "path" and not value.strip():  # (output_dir="" was the working directory, its step_* folders swept)
+            raise ConfigError(f"config key '{key}' must be a path, not empty ({spec.doc}); got {value!r}")
         if kind == "path":
             value = value.replace("{assets}", str(ASSETS_DIR))
             value = os.path.expanduser(value)

@@ -19,8 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from qlora_ext._arguments import lone_surrogate_at
-from qlora_ext.checkpoint.config import json_error_text
+from qlora_ext._arguments import lone_surrogate_at, parse_error_text
 
 FORMS = "local JSON or JSONL files of {instruction, input, output} records"
 _COMPRESSED = {b"\x1f\x8b": ("gzip", gzip.decompress), b"BZh": ("bzip2", bz2.decompress),
@@ -131,7 +130,7 @@ def _items(file: Path, text: str, columns: Mapping[str, str]) -> list[tuple[str,
         except _DuplicateKey as e:
             raise DataError(f"dataset.data_files: '{file}' has a record with the key '{e}' twice") from None
         except (ValueError, RecursionError) as e:  # bad JSON; a 5000-digit number; nesting too deep
-            raise DataError(f"dataset.data_files: '{file}' is not valid JSON: {json_error_text(e)}") from None
+            raise DataError(f"dataset.data_files: '{file}' is not valid JSON: {parse_error_text(e)}") from None
         return [(f"{file}[{i}]", item) for i, item in enumerate(items)]
     # Lines end at "\n", "\r\n" or "\r" (JSON strings hold no raw CR or LF), not at U+2028, U+2029
     # or U+0085, which JSON strings may hold raw and where str.splitlines() would also break.
@@ -146,7 +145,7 @@ def _items(file: Path, text: str, columns: Mapping[str, str]) -> list[tuple[str,
         except (ValueError, RecursionError) as e:
             if first:  # one object, or several, written over several lines each
                 _refuse_objects(file, text, columns)
-            raise DataError(f"dataset.data_files: '{file}' line {n} is not valid JSON: {json_error_text(e)}") from None
+            raise DataError(f"dataset.data_files: '{file}' line {n} is not valid JSON: {parse_error_text(e)}") from None
         first = False
     if len(located) == 1 and _wrapper(located[0][1], columns):
         raise _one_object_error(file, located[0][1], columns)
