@@ -96,3 +96,36 @@ def test_a_path_the_file_system_encoding_cannot_hold_is_named(tmp_path, key, lin
     assert out.returncode == 2 and "Traceback" not in stderr, stderr
     assert (f"{key}: '{tmp_path}/caf\\xe9' cannot be a file name in this system's encoding (ascii); "  # (\\xe9: stderr's escape)
             "run with PYTHONUTF8=1 or under a UTF-8 locale") in stderr, stderr
+
+
+def test_a_base_config_json_with_non_ascii_text_is_saved_under_an_ascii_locale(tmp_path):
+    # The save read the base's config.json in the locale's encoding (everything else reads it as
+    # UTF-8, as transformers does): a UnicodeDecodeError after training, and no checkpoint.
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(CONFIG_DIR.parent / "assets" / "tiny_llama2", base)
+    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    (base / "config.json").write_text(json.dumps({**config, "_name_or_path": "/data/mod\u00e8les/tiny"}, ensure_ascii=False),
+                                      encoding="utf-8")
+    args = ["-m", "qlora_ext.finetune", f"checkpointer.checkpoint_dir={base}", f"output_dir={tmp_path / 'run'}", "epochs=1",
+            "max_steps_per_epoch=1", "eval.before_and_after=false", "metric_logger.plot_loss_curve=false"]
+    out = subprocess.run([sys.executable, *args], capture_output=True, env=ASCII, timeout=300)
+    assert out.returncode == 0, out.stderr.decode("ascii", "replace")[-2000:]
+    saved = json.loads((tmp_path / "run" / "epoch_0" / "config.json").read_text(encoding="utf-8"))
+    assert saved["_name_or_path"] == "/data/mod\u00e8les/tiny"
+
+
+def test_generate_with_stderr_closed_writes_only_the_text(tmp_path):
+    # 2>&- makes sys.stderr None, and print(..., file=None) writes to stdout: the timing report
+    # ended up in the generated text.
+    assets = CONFIG_DIR.parent / "assets"
+    args = ["-m", "qlora_ext.generate", "--checkpoint-dir", str(assets / "tiny_llama2"), "--tokenizer", str(assets / "tokenizer.model"),
+            "--prompt", "hi", "--max-new-tokens", "3", "--temperature", "0"]
+    command = " ".join(f"'{a}'" for a in [sys.executable, *args])
+    closed = subprocess.run(["bash", "-c", f"exec {command} 2>&-"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": REPO}, timeout=300)
+    both = _run(args)
+    assert closed.returncode == 0 == both.returncode, both.stderr
+    assert "tokens/s" in both.stderr and "tokens/s" not in closed.stdout
+    assert closed.stdout == both.stdout

@@ -845,7 +845,10 @@ def test_a_stopped_run_closes_its_loggers(tmp_path, tiny_ckpt, small_data, monke
         (["tokenizer.path=/nonexistent.model"], "tokenizer.path: '/nonexistent.model' is not a file"),
         (["resume_from_checkpoint=True", "output_dir=/tmp/qlora_ext_test_no_such_run"], "resume_from_checkpoint=true: there is no"),
         # sizes that allocated before any check failed (a 768 GB adapter, an 8 TB RoPE table, threads)
-        (["model.lora_rank=1000000000"], "model.lora_rank must be at most the smaller side of every adapted linear"),
+        (["model.lora_rank=100000"], "model.lora_rank must be at most the smaller side of every adapted linear"),
+        (["model.lora_rank=1000000000"], "config key 'model.lora_rank' must be <= 16777216"),
+        # an empty list of weight files was named by the loader's argument, after the data was read
+        (["checkpointer.checkpoint_files=[]"], "config key 'checkpointer.checkpoint_files' must name at least one file, or be null"),
         (["model.builder=qlora_llama2", "model.max_seq_len=1000000000000"], "config key 'model.max_seq_len'"),
         (["num_threads=1000000000"], "config key 'num_threads'"),
     ],

@@ -521,6 +521,25 @@ def test_cli_names_a_checkpoint_folder_it_cannot_read(checkpoint_with_tokenizer,
     assert f"argument --checkpoint-dir: checkpoint folder {checkpoint_with_tokenizer} cannot be read: Permission denied" in capsys.readouterr().err
 
 
+def test_cli_names_a_tokenizer_larger_than_the_model(tmp_path, capsys):
+    # exit 1 and no file named, where an argument the loaded model shows unusable is a usage error
+    from safetensors.torch import load_file, save_file
+
+    from qlora_ext import generate as cli
+    from qlora_ext.training.config import ASSETS_DIR
+
+    weights = load_file(str(ASSETS_DIR / "tiny_llama2" / "model.safetensors"))
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[key] = weights[key][:512].contiguous()
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    config = json.loads((ASSETS_DIR / "tiny_llama2" / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": 512}))
+    tokenizer = str(ASSETS_DIR / "tokenizer.model")
+    assert cli.main(["--checkpoint-dir", str(tmp_path), "--tokenizer", tokenizer, "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    assert (f"error: argument --tokenizer must be the model's: {tokenizer} has 1024 pieces but the model in {tmp_path} only 512 "
+            "embeddings; pass the matching --tokenizer") in capsys.readouterr().err
+
+
 def test_cli_under_an_ascii_locale_takes_utf8_prompts(checkpoint_with_tokenizer):
     # LC_ALL=C with PYTHONUTF8=0: the UTF-8 bytes of "café" were refused as text that is not UTF-8
     # (Python had decoded them as ASCII), and output the terminal cannot encode was a codec error

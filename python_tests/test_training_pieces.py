@@ -571,11 +571,22 @@ def test_a_training_state_that_would_run_code_is_refused(tmp_path):
     state = {"version": ckpt.STATE_VERSION, "checkpoint_name": "epoch_0", "global_step": 1, "epoch": 0,
              "payload": _RunsCodeWhenUnpickled()}
     torch.save(state, tmp_path / ckpt.STATE_FILE)
-    with pytest.raises(ckpt.ResumeError, match=r"recipe_state.pt cannot be read \(.*Weights only load failed"):
+    with pytest.raises(ckpt.ResumeError, match=r"recipe_state.pt cannot be read: it holds Python objects besides tensors "
+                                               r"\(torch.load\(weights_only=True\) refuses to unpickle [^)]+\), which this "
+                                               r"trainer never writes; restore it from a copy, or start afresh"):
         ckpt.load_training_state(tmp_path, {})
     with pytest.raises(Exception, match="Weights only load failed"):
         ckpt.read_state_summary(tmp_path)
     assert not marker.exists()
+    # a damaged or truncated state is said to be one, without torch's advice to load it unsafely
+    good = tmp_path / "good.pt"
+    torch.save({"version": ckpt.STATE_VERSION, "x": torch.zeros(10_000)}, good)
+    for data, reason in ((b"not a torch file", r"UnpicklingError"), (good.read_bytes()[:20_000], r"[A-Za-z]+Error(: .*)?")):
+        (tmp_path / ckpt.STATE_FILE).write_bytes(data)
+        with pytest.raises(ckpt.ResumeError, match=rf"recipe_state.pt cannot be read: it is damaged or truncated, or not a training "
+                                                   rf"state \({reason}\); restore it from a copy, or start afresh") as error:
+            ckpt.load_training_state(tmp_path, {})
+        assert "weights_only" not in str(error.value)
     # A state missing what a resume reads is named, not a KeyError.
     del state["payload"]
     torch.save(state, tmp_path / ckpt.STATE_FILE)

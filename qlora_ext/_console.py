@@ -15,7 +15,11 @@ import sys
 
 
 def tolerant_console() -> None:
-    """Characters stdout and stderr cannot encode are written as backslash escapes."""
+    """Characters stdout and stderr cannot encode are written as backslash escapes. A closed
+    stderr (``2>&-``: ``sys.stderr`` is None) becomes /dev/null: ``print(..., file=None)`` would
+    write its messages and reports into stdout, among the program's output."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115  (for the process's life)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.reconfigure(errors="backslashreplace")

@@ -201,9 +201,9 @@ def _run(args: argparse.Namespace) -> int:
         dtype=dtype,
     ).eval()
     if model.tok_embeddings.num_embeddings < tokenizer.vocab_size:
-        raise SystemExit(
-            f"error: the tokenizer has {tokenizer.vocab_size} pieces but the model only "
-            f"{model.tok_embeddings.num_embeddings} embeddings; pass the matching --tokenizer"
+        raise _UsageError(
+            f"argument --tokenizer must be the model's: {tokenizer_path} has {tokenizer.vocab_size} pieces but the model in "
+            f"{args.checkpoint_dir} only {model.tok_embeddings.num_embeddings} embeddings; pass the matching --tokenizer"
         )
     loaded = time.perf_counter()
 
@@ -263,7 +263,7 @@ def _run(args: argparse.Namespace) -> int:
     try:  # only a report: the text is out
         print(f"loaded in {loaded - start:.1f} s; generated {count} tokens in {done - loaded:.2f} s "
               f"({count / max(done - loaded, 1e-9):.1f} tokens/s)", file=sys.stderr, flush=True)
-    except (OSError, AttributeError):  # (AttributeError: stderr closed, sys.stderr None)
+    except OSError:  # (a closed stderr is /dev/null: tolerant_console)
         pass
     return 0
 

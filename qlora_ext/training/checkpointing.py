@@ -7,6 +7,7 @@ folder it belongs to), replaced atomically *after* that folder is committed (see
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 import yaml
 
 from qlora_ext.checkpoint.atomic import atomic_path
+from qlora_ext.checkpoint.readers import refused_pickle_global
 
 __all__ = ["ResumeError", "atomic_torch_save", "load_training_state", "rng_state", "save_training_state", "set_rng_state"]
 
@@ -130,7 +132,16 @@ def load_training_state(
         # state's Python RNG state (tuples of ints) is among what that loader allows.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (any unreadable file is the same user-facing problem)
-        raise ResumeError(f"resume_from_checkpoint=true: {path} cannot be read ({e})") from None
+        refused = refused_pickle_global(e) if isinstance(e, pickle.UnpicklingError) else None
+        if refused is not None:  # (torch's own text advises an unsafe load)
+            why = (f"it holds Python objects besides tensors (torch.load(weights_only=True) refuses to unpickle {refused}), "
+                   "which this trainer never writes")
+        else:
+            # (an UnpicklingError's own text advises the unsafe load weights_only=False)
+            reason = "" if isinstance(e, pickle.UnpicklingError) else (str(e).strip().splitlines() or [""])[0][:200]
+            why = f"it is damaged or truncated, or not a training state ({type(e).__name__}{': ' + reason if reason else ''})"
+        raise ResumeError(f"resume_from_checkpoint=true: {path} cannot be read: {why}; restore it from a copy, or start "
+                          "afresh without resume_from_checkpoint (in another output_dir, or after removing this one)") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         version = state.get("version") if isinstance(state, dict) else f"none (it holds a {type(state).__name__})"
         raise ResumeError(f"resume_from_checkpoint=true: {path} has state version {version}, expected {STATE_VERSION}")

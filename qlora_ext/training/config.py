@@ -408,6 +408,9 @@ def _check_cross_keys(values: dict) -> None:
                 f"config key 'model.{fixed[0]}' can only be set with a generic builder "
                 f"({', '.join(GENERIC_BUILDERS)}); model.builder={model['builder']} fixes the architecture"
             )
+    if values["checkpointer"]["checkpoint_files"] == []:
+        raise ConfigError("config key 'checkpointer.checkpoint_files' must name at least one file, or be null (the files are then "
+                          "found from the index file or the standard names); got []")
     if len(set(model["lora_attn_modules"])) != len(model["lora_attn_modules"]):
         raise ConfigError(f"config key 'model.lora_attn_modules' must not repeat a module; got {model['lora_attn_modules']}")
     if len(values["optimizer"]["betas"]) != 2 or not all(0.0 <= b < 1.0 for b in values["optimizer"]["betas"]):

@@ -10,7 +10,6 @@ the merged weights, the adapter would be applied twice.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 
 from qlora_ext._dtypes import HF_DTYPES
 from qlora_ext.checkpoint import read_checkpoint_config, save_hf_checkpoint, save_hf_tokenizer, save_peft_adapter
+from qlora_ext.checkpoint.config import read_json
 from qlora_ext.checkpoint.load import stored_dtype, weights_digest
 from qlora_ext.training import checkpoint_folders, checkpointing
 
@@ -158,7 +158,7 @@ def save_checkpoint(
         if not cfg.save_adapter_weights_only:
             config_json = Path(ckpt_dir) / "config.json"
             # A Meta base records no context length: its reading of one is kept over a shorter model.max_seq_len.
-            base_config = (json.loads(config_json.read_text()) if config_json.is_file() else
+            base_config = (read_json(config_json) if config_json.is_file() else  # (UTF-8 whatever the locale, as HF reads it)
                            {"max_position_embeddings": read_checkpoint_config(ckpt_dir, cfg.checkpointer.checkpoint_files).max_seq_len})
             # Merged weights in the base checkpoint's dtype (bf16 for Llama-2): the one its config.json
             # declares, else the one it stores (a Meta checkpoint declares none), else the model's own.
