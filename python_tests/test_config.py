@@ -284,7 +284,7 @@ def test_integer_overrides_are_read_in_base_10(tmp_path):
             load_config("tiny_qlora", [override])
     path = tmp_path / "long.yaml"
     path.write_text(re.sub(r"(?m)^seed:.*$", "seed: 1" + "0" * 5000, (CONFIG_DIR / "tiny_qlora.yaml").read_text()))
-    with pytest.raises(ConfigError, match=r"--config: .*long.yaml is not valid YAML here: Exceeds the limit \(4300 digits\) for integer "
+    with pytest.raises(ConfigError, match=r"--config: .*long.yaml cannot be read: Exceeds the limit \(4300 digits\) for integer "
                                           r"string conversion: value has 5001 digits$"):
         load_config(str(path))
     # YAML 1.1's base-60 floats (num_cycles=1:30.0 was 90.0)

@@ -106,7 +106,7 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config: {path} cannot be read as UTF-8 YAML text: {e}") from None
     except ValueError as e:  # an integer of over 4300 digits
-        raise ConfigError(f"--config: {path} is not valid YAML here: {parse_error_text(e)}") from None
+        raise ConfigError(f"--config: {path} cannot be read: {parse_error_text(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of keys to values; got {type(raw).__name__}")
     if is_torchtune_config(raw):
