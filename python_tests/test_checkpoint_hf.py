@@ -279,9 +279,11 @@ def test_architecture_mismatch_and_unsupported_config(hf_models, tmp_path):
     # widths past int64 element counts (torch.empty overflowed) and a rope_theta past float's range
     # (float() overflowed) are named too
     with pytest.raises(ValueError, match=r"config.json: 'rope_theta' must be a positive number within float's range \(about 1.8e308\), got an "
-                                         r"integer of 351 digits; 'vocab_size' must be at most 16777216, got 10{30}; 'intermediate_size' must "
+                                         r"integer of 1163 bits; 'vocab_size' must be at most 16777216, got 10{30}; 'intermediate_size' must "
                                          r"be at most 16777216, got 4611686018427387904$"):
         Llama2Config.from_hf({**plain, "vocab_size": 10**30, "intermediate_size": 2**62, "rope_theta": 10**50 * 10**300})
+    with pytest.raises(ValueError, match=r"'rope_theta' must be a positive number within float's range .*, got an integer of 16610 bits$"):
+        Llama2Config.from_hf({**plain, "rope_theta": 10**5000})  # (from Python: str() of it would pass Python's 4300 digits)
     read = Llama2Config.from_hf({**plain, "max_position_embeddings": 512.0, "num_key_value_heads": None})
     assert read.max_seq_len == 512 and type(read.max_seq_len) is int and read.num_kv_heads == read.num_heads
     # only a null or absent num_key_value_heads means one per head (0 and false were read so, as

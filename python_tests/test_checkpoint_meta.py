@@ -179,7 +179,7 @@ def test_params_json_sizes():
     with pytest.raises(ValueError, match=r"params.json: 'dim' 8388608 and 'multiple_of' 256 give an FFN width \(Meta's rule\) above 16777216$"):
         Llama2Config.from_meta({**p7, "dim": 8388608, "n_heads": 1}, vocab_size=32000)  # (8/3 of dim, no multiplier)
     with pytest.raises(ValueError, match=r"params.json: 'rope_theta' must be a positive number within float's range \(about 1.8e308\), got "
-                                         r"an integer of 401 digits$"):
+                                         r"an integer of 1329 bits$"):
         Llama2Config.from_meta({**p7, "rope_theta": 10**400}, vocab_size=32000)
     assert Llama2Config.from_meta({**p7, "n_kv_heads": None, "vocab_size": None, "dim": 4096.0}, vocab_size=32000) == \
         Llama2Config.from_meta(p7, vocab_size=32000)

@@ -126,6 +126,11 @@ def test_string_and_path_overrides_are_taken_as_written():
         key = override.partition("=")[0]
         with pytest.raises(ConfigError, match=rf"config key '{key}(\[0\])?' must be a path, not empty"):
             load_config(SEED_7B_QLORA, [override])
+    # ... except where null may be given: there it is null, as the trainer always read it (log_dir: "" in a
+    # saved config.yaml meant output_dir/logs)
+    assert load_config(SEED_7B_QLORA, ['metric_logger.log_dir=""']).metric_logger.log_dir is None
+    with pytest.raises(ConfigError, match=r"config key 'dataset.data_files' must name at least one JSON or JSONL file; got \[\]$"):
+        load_config(SEED_7B_QLORA, ["dataset.data_files=[]"])
 
 
 def test_config_from_path_and_assets_placeholder(tmp_path):
@@ -277,6 +282,8 @@ def test_integer_overrides_are_read_in_base_10(tmp_path):
     with pytest.raises(ConfigError, match=r"config key 'model.lora_alpha' must be a number within float's range \(about 1.8e308\) .*; "
                                           r"got an integer of 400 digits$"):
         load_config("tiny_qlora", ["model.lora_alpha=" + "9" * 400])
+    with pytest.raises(ConfigError, match=r"config key 'optimizer.lr' must be a number within float's range .*; got an integer of 400 digits$"):
+        load_config("tiny_qlora", ["optimizer.lr=-" + "9" * 400])
     # more digits than Python converts, in an override or a file: named, without Python's advice
     for override in ("optimizer.lr=1" + "0" * 5000, "model.lora_rank=1" + "0" * 5000, "dataset.data_files=[1" + "0" * 5000 + "]"):
         with pytest.raises(ConfigError, match=rf"override '{re.escape(override[:80])}': its value cannot be read: Exceeds the limit "

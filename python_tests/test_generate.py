@@ -538,6 +538,10 @@ def test_cli_names_a_tokenizer_larger_than_the_model(tmp_path, capsys):
     assert cli.main(["--checkpoint-dir", str(tmp_path), "--tokenizer", tokenizer, "--prompt", "hi", "--max-new-tokens", "2"]) == 2
     assert (f"error: argument --tokenizer must be the model's: {tokenizer} has 1024 pieces but the model in {tmp_path} only 512 "
             "embeddings; pass the matching --tokenizer") in capsys.readouterr().err
+    shutil.copy(tokenizer, tmp_path / "tokenizer.model")  # the folder's own, with no --tokenizer given: not blamed on it
+    assert cli.main(["--checkpoint-dir", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    assert (f"error: the checkpoint folder's tokenizer.model must be the model's: {tmp_path / 'tokenizer.model'} has 1024 pieces "
+            "but the model") in capsys.readouterr().err
 
 
 def test_cli_under_an_ascii_locale_takes_utf8_prompts(checkpoint_with_tokenizer):

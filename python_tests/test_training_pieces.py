@@ -564,7 +564,7 @@ class _RunsCodeWhenUnpickled:
         return (Path.touch, (self.marker,))
 
 
-def test_a_training_state_that_would_run_code_is_refused(tmp_path):
+def test_a_training_state_that_would_run_code_is_refused(tmp_path, monkeypatch):
     # A run folder can come from elsewhere: its recipe_state.pt is read with torch.load(weights_only=True).
     marker = tmp_path / "ran"
     _RunsCodeWhenUnpickled.marker = marker
@@ -587,6 +587,11 @@ def test_a_training_state_that_would_run_code_is_refused(tmp_path):
                                                    rf"state \({reason}\); restore it from a copy, or start afresh") as error:
             ckpt.load_training_state(tmp_path, {})
         assert "weights_only" not in str(error.value)
+    # a file the user may not read is not called damaged (nor its removal advised)
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(a[0]))))
+        with pytest.raises(ckpt.ResumeError, match=r"recipe_state.pt cannot be read: Permission denied$"):
+            ckpt.load_training_state(tmp_path, {})
     # A state missing what a resume reads is named, not a KeyError.
     del state["payload"]
     torch.save(state, tmp_path / ckpt.STATE_FILE)

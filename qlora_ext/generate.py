@@ -201,8 +201,9 @@ def _run(args: argparse.Namespace) -> int:
         dtype=dtype,
     ).eval()
     if model.tok_embeddings.num_embeddings < tokenizer.vocab_size:
+        whose = "argument --tokenizer" if args.tokenizer is not None else "the checkpoint folder's tokenizer.model"
         raise _UsageError(
-            f"argument --tokenizer must be the model's: {tokenizer_path} has {tokenizer.vocab_size} pieces but the model in "
+            f"{whose} must be the model's: {tokenizer_path} has {tokenizer.vocab_size} pieces but the model in "
             f"{args.checkpoint_dir} only {model.tok_embeddings.num_embeddings} embeddings; pass the matching --tokenizer"
         )
     loaded = time.perf_counter()

@@ -339,7 +339,7 @@ def _positive_number_problem(key: str, value: Any) -> str | None:
     if is_finite_real(value) and value > 0:
         return None
     if is_int(value) and value > 0:  # past float's range: float() would overflow
-        return f"'{key}' must be a positive number within float's range (about 1.8e308), got an integer of {len(str(value))} digits"
+        return f"'{key}' must be a positive number within float's range (about 1.8e308), got an integer of {value.bit_length()} bits"
     return f"'{key}' must be a positive number, got {value!r:.50}"
 
 

@@ -7,6 +7,7 @@ folder it belongs to), replaced atomically *after* that folder is committed (see
 
 from __future__ import annotations
 
+import errno
 import pickle
 import random
 from pathlib import Path
@@ -132,6 +133,9 @@ def load_training_state(
         # state's Python RNG state (tuples of ints) is among what that loader allows.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (any unreadable file is the same user-facing problem)
+        # permissions or the disk, not the file (a truncated one is EINVAL from torch's zip reader)
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EIO, errno.EISDIR):
+            raise ResumeError(f"resume_from_checkpoint=true: {path} cannot be read: {e.strerror}") from None
         refused = refused_pickle_global(e) if isinstance(e, pickle.UnpicklingError) else None
         if refused is not None:  # (torch's own text advises an unsafe load)
             why = (f"it holds Python objects besides tensors (torch.load(weights_only=True) refuses to unpickle {refused}), "

@@ -377,7 +377,7 @@ def _check_scalar(key: str, spec: Opt, value: Any) -> Any:
             value = float(value)
         except OverflowError:  # an int past float's range
             raise ConfigError(f"config key '{key}' must be a number within float's range (about 1.8e308) ({spec.doc}); "
-                              f"got an integer of {len(str(value))} digits") from None
+                              f"got an integer of {len(str(abs(value)))} digits") from None
         except (TypeError, ValueError):
             raise ConfigError(f"config key '{key}' must be a number ({spec.doc}); got {value!r}") from None
         if not math.isfinite(value):  # NaN passes every range check below
@@ -386,6 +386,8 @@ def _check_scalar(key: str, spec: Opt, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' must be a string ({spec.doc}); got {value!r}")
         if kind == "path" and not value.strip():  # (output_dir="" was the working directory, its step_* folders swept)
+            if spec.nullable:  # as null (metric_logger.log_dir: "" always meant the default)
+                return None
             raise ConfigError(f"config key '{key}' must be a path, not empty ({spec.doc}); got {value!r}")
         if kind == "path":
             value = value.replace("{assets}", str(ASSETS_DIR))
@@ -408,6 +410,8 @@ def _check_cross_keys(values: dict) -> None:
                 f"config key 'model.{fixed[0]}' can only be set with a generic builder "
                 f"({', '.join(GENERIC_BUILDERS)}); model.builder={model['builder']} fixes the architecture"
             )
+    if values["dataset"]["data_files"] == []:
+        raise ConfigError("config key 'dataset.data_files' must name at least one JSON or JSONL file; got []")
     if values["checkpointer"]["checkpoint_files"] == []:
         raise ConfigError("config key 'checkpointer.checkpoint_files' must name at least one file, or be null (the files are then "
                           "found from the index file or the standard names); got []")
