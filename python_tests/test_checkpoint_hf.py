@@ -374,7 +374,7 @@ def test_malformed_json_index_and_safetensors_header_are_named(tmp_path):
         ("{}", {"length": 2**60}, r"its header length field says 1152921504606846976 bytes, more than the file's 18 bytes after it"),
         ("{}", {"length": 2**64 - 1}, r"its header length field says 18446744073709551615 bytes"),
         ("[1, 2]", {}, r"its header must be a JSON object; got list"),
-        ("[" * 100_000 + "]" * 100_000, {}, r"its header's JSON nests too deeply"),
+        ("[" * 100_000 + "]" * 100_000, {}, r"it nests its values too deeply to read$"),
         ('{"a": ' + "1" * 5000 + "}", {}, r"Exceeds the limit \(4300 digits\) for integer string conversion: value has 5000 digits$"),
         ('{"a": %s, "a": %s}' % (json.dumps(f32([0, 8])), json.dumps(f32([8, 16]))), {}, r"the header names tensors more than once: \['a'\]"),
         (json.dumps({"a": f32([0, 8]), "b": f32([0, 8])}), {"data": bytes(8)}, r"tensor '[ab]' has data offsets \[0, 8\] that overlap the tensor before it"),

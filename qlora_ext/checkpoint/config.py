@@ -23,14 +23,13 @@ MAX_POSITIONS = 1 << 20
 MAX_WIDTH = 1 << 24
 
 
-def _bound_problems(bounded: dict[str, tuple[object, int]]) -> list[str]:
-    """``{key: (value, maximum)}`` -> a problem for each int value above its maximum."""
-    problems = []
-    for key, (value, maximum) in bounded.items():
-        if isinstance(value, int) and value > maximum:
-            why = " (the RoPE table holds every position)" if maximum == MAX_POSITIONS else ""
-            problems.append(f"'{key}' must be at most {maximum}{why}, got {value}")
-    return problems
+_POSITIONS_WHY = " (the RoPE table holds every position)"
+
+
+def _bound_problems(bounded: dict[str, tuple[object, int, str]]) -> list[str]:
+    """``{key: (value, maximum, why)}`` -> a problem for each int value above its maximum."""
+    return [f"'{key}' must be at most {maximum}{why}, got {value}"
+            for key, (value, maximum, why) in bounded.items() if isinstance(value, int) and value > maximum]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,9 +95,9 @@ class Llama2Config:
         problems = [f"'{key}' must be a positive integer, got {config.get(key)!r}" for key, value in sizes.items() if value <= 0]
         problems += [problem for key, value in numbers.items() if (problem := _positive_number_problem(key, value))]
         problems += _bound_problems({
-            **{key: (sizes[key], MAX_WIDTH) for key in ("vocab_size", "hidden_size", "intermediate_size")},
-            "num_hidden_layers": (sizes["num_hidden_layers"], MAX_LAYERS),
-            "max_position_embeddings": (sizes["max_position_embeddings"], MAX_POSITIONS)})
+            **{key: (sizes[key], MAX_WIDTH, "") for key in ("vocab_size", "hidden_size", "intermediate_size")},
+            "num_hidden_layers": (sizes["num_hidden_layers"], MAX_LAYERS, ""),
+            "max_position_embeddings": (sizes["max_position_embeddings"], MAX_POSITIONS, _POSITIONS_WHY)})
         if not problems:  # (these divide by the sizes)
             problems += _head_problems(sizes["hidden_size"], "hidden_size", sizes["num_attention_heads"], "num_attention_heads",
                                        sizes["num_key_value_heads"], "num_key_value_heads")
@@ -211,8 +210,8 @@ class Llama2Config:
         if not (_int_or(params.get("vocab_size", -1), 0) > 0 or params.get("vocab_size", -1) in (-1, None)):
             problems.append(f"'vocab_size' must be a positive integer or -1 (the tokenizer's), got {params.get('vocab_size')!r:.50}")
         problems += _bound_problems({
-            **{key: (_int_or(params.get(key), -1), MAX_WIDTH) for key in ("vocab_size", "dim", "multiple_of")},
-            "n_layers": (_int_or(sizes["n_layers"], -1), MAX_LAYERS), "max_seq_len": (max_seq_len, MAX_POSITIONS)})
+            **{key: (_int_or(params.get(key), -1), MAX_WIDTH, "") for key in ("vocab_size", "dim", "multiple_of")},
+            "n_layers": (_int_or(sizes["n_layers"], -1), MAX_LAYERS, ""), "max_seq_len": (max_seq_len, MAX_POSITIONS, _POSITIONS_WHY)})
         if not problems:  # (these divide by the sizes)
             heads = _int_or(sizes["n_heads"], -1)
             kv_heads = heads if sizes["n_kv_heads"] is None else _int_or(sizes["n_kv_heads"], -1)
@@ -381,8 +380,6 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
             value = json.load(f)
         except (ValueError, RecursionError) as e:
             raise ValueError(f"{os.fspath(path)} is not valid JSON: {parse_error_text(e)}") from None
-        except (IsADirectoryError, PermissionError) as e:
-            raise ValueError(f"{os.fspath(path)} cannot be read as a JSON file: {e.strerror}") from None
     if not isinstance(value, dict):
         raise ValueError(f"{os.fspath(path)} must hold a JSON object; got {type(value).__name__}")
     return value

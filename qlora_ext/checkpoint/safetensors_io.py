@@ -139,9 +139,7 @@ def _read_header(path: str, file) -> tuple[dict, dict[str, _Spec], int]:  # noqa
                         f"or the format's limit of {_MAX_HEADER_BYTES} (a truncated or corrupt file)")
     try:
         header = json.loads(file.read(length), object_pairs_hook=_unique_keys)
-    except RecursionError:
-        raise malformed("its header's JSON nests too deeply") from None
-    except ValueError as e:  # invalid JSON or UTF-8, a 5000-digit number, or a tensor named twice
+    except (ValueError, RecursionError) as e:  # invalid JSON or UTF-8, a 5000-digit number, nesting, a tensor named twice
         raise malformed(parse_error_text(e)[:300]) from None
     if not isinstance(header, dict):
         raise malformed(f"its header must be a JSON object; got {type(header).__name__}")

@@ -101,11 +101,9 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
         raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
-    except RecursionError:
-        raise ConfigError(f"--config: {path} nests its values too deeply to be a config") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config: {path} cannot be read as UTF-8 YAML text: {e}") from None
-    except ValueError as e:  # an integer of over 4300 digits
+    except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting
         raise ConfigError(f"--config: {path} cannot be read: {parse_error_text(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of keys to values; got {type(raw).__name__}")
