@@ -183,3 +183,19 @@ def test_force_eager_runs_compiled_code_eagerly_without_torch_2_12s_warning():
     assert [str(w.message) for w in caught] == ["another warning"]
     f(x)
     assert backend.frame_count == 1  # outside, the stance is back to compiling
+
+
+@pytest.mark.parametrize("transform", ["jvp", "per_sample_grad"])
+def test_torch_func_transforms_under_compile_match_eager(transform):
+    # Traced by torch.compile, the transforms take the same forward-mode functions as in eager:
+    # else the NF4 linear gives jvp a zero tangent, and the fused LoRA function has no jvp.
+    torch._dynamo.reset()
+    model = make_model("lora_linear", "cpu")
+    x, t = torch.randn(3, 5, 256), torch.randn(3, 5, 256)
+    if transform == "jvp":
+        def f(x, t):
+            return torch.func.jvp(model, (x,), (t,))[1]
+    else:
+        def f(x, t):
+            return torch.func.vmap(torch.func.grad(lambda x: model(x).pow(2).sum()))(x + t)
+    torch.testing.assert_close(torch.compile(f, backend="aot_eager")(x, t), f(x, t), rtol=1e-4, atol=1e-4)

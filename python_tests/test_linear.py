@@ -246,6 +246,69 @@ def test_double_backward(device):
 
 
 @pytest.mark.parametrize("device", devices())
+def test_forward_mode_ad_matches_the_dense_linear(device, no_vmap_fallback):
+    # torch.func.jvp through the op alone gave a zero tangent, and a dual level none at all
+    # (register_autograd has no forward rule); jacfwd gave zeros, hessian and jacrev raised.
+    nf4, dense, x = case((64, 128), 3, torch.float32, device, batch=(2,))
+    bias, x_t, bias_t = torch.randn(64, device=device), torch.randn_like(x), torch.randn(64, device=device)
+
+    def ours(x, b):
+        return linear_nf4(x, nf4, b)
+
+    def theirs(x, b):
+        return F.linear(x, dense, b)
+
+    close = dict(rtol=1e-5, atol=1e-4)
+    for tangents in [(x_t, bias_t), (x_t, torch.zeros_like(bias_t)), (torch.zeros_like(x_t), bias_t)]:
+        got, want = (torch.func.jvp(f, (x, bias), tangents) for f in (ours, theirs))
+        torch.testing.assert_close(got, want, **close)
+    with torch.autograd.forward_ad.dual_level():
+        y = ours(torch.autograd.forward_ad.make_dual(x, x_t), None)
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(y).tangent, theirs(x_t, None), **close)
+    x0 = x[0, 0]
+    for transform in (torch.func.jacfwd, torch.func.jacrev):
+        torch.testing.assert_close(transform(ours)(x0, bias), transform(theirs)(x0, bias), **close)
+    # forward over reverse: the tangent goes through the backward op too
+    got, want = (torch.func.hessian(lambda x: f(x, bias).pow(2).sum())(x0) for f in (ours, theirs))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    got, want = (torch.func.jvp(torch.func.vmap(lambda x: f(x, bias)), (x,), (x_t,)) for f in (ours, theirs))
+    torch.testing.assert_close(got, want, **close)
+    got, want = (torch.func.vmap(torch.func.grad(lambda x: f(x, bias).pow(2).sum()))(x[0]) for f in (ours, theirs))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_vmap_gives_each_sample_its_own_result(device, dtype, no_vmap_fallback):
+    # torch ran both ops once per sample ("a performance drop", it warned); now they have rules
+    nf4, _, x = case((64, 128), 3, dtype, device, batch=(5,))  # x [5, 3, 128]
+    other = to_nf4(torch.randn(64, 128, device=device).to(dtype))
+    bias, grad_y = torch.randn(5, 64, device=device).to(dtype), torch.randn(5, 3, 64, device=device).to(dtype)
+    both = [torch.stack(pair) for pair in zip(nf4.components(), other.components())]  # a weight per sample
+
+    def lin(x, *weight, bias=None):
+        return ops.linear_nf4(x, *weight, 64, bias)
+
+    def grad_input(g, *weight):
+        return ops.linear_nf4_grad_input(g, *weight, 128)
+
+    cases = [  # (vmapped call, in_dims, its arguments, the sample-by-sample result)
+        (lin, 1, (x.transpose(0, 1).contiguous(), *nf4.components()), [lin(x[i], *nf4.components()) for i in range(5)]),
+        (lambda x, b: lin(x, *nf4.components(), bias=b), 0, (x, bias), [lin(x[i], *nf4.components(), bias=bias[i]) for i in range(5)]),
+        (lambda b: lin(x[0], *nf4.components(), bias=b), 0, (bias,), [lin(x[0], *nf4.components(), bias=bias[i]) for i in range(5)]),
+        (lin, 0, (x[:2], *both), [lin(x[0], *nf4.components()), lin(x[1], *other.components())]),
+        (grad_input, (0, None, None, None, None), (grad_y, *nf4.components()), [grad_input(grad_y[i], *nf4.components()) for i in range(5)]),
+        (grad_input, 0, (grad_y[:2], *both), [grad_input(grad_y[0], *nf4.components()), grad_input(grad_y[1], *other.components())]),
+    ]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for f, in_dims, args, want in cases:
+        if in_dims == 1:
+            in_dims = (1, None, None, None, None)
+        got = torch.func.vmap(f, in_dims=in_dims)(*args)
+        torch.testing.assert_close(got, torch.stack(want), **tol)
+
+
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("rows", [3, 24])
 @pytest.mark.parametrize("shape", WEIGHT_SHAPES, ids=str)

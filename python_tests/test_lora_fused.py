@@ -141,9 +141,10 @@ def test_double_backward_matches_the_composed_formula():
 
 
 @pytest.mark.parametrize("quantize_base", [True, False], ids=["nf4", "dense"])
-def test_per_sample_gradients_with_torch_func(quantize_base):
+def test_per_sample_gradients_with_torch_func(quantize_base, no_vmap_fallback):
     # torch.func refused the fused function ("it must override the setup_context staticmethod"),
     # even for a dense base, where torchtune's and PEFT's LoRA (plain ops) give per-sample gradients.
+    # Then vmap ran its addmm_ and the NF4 ops sample by sample (no batching rules).
     torch.manual_seed(0)
     lin = LoRALinear(128, 64, rank=4, alpha=8.0, quantize_base=quantize_base)
     nn.init.normal_(lin.lora_b.weight)
@@ -161,3 +162,34 @@ def test_per_sample_gradients_with_torch_func(quantize_base):
         for got, expected in zip([per_sample["lora_a.weight"][i], per_sample["lora_b.weight"][i]], want):
             torch.testing.assert_close(got, expected, rtol=1.3e-6, atol=1e-6 * expected.abs().max().item())
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("quantize_base", [True, False], ids=["nf4", "dense"])
+@pytest.mark.parametrize("device", devices())
+def test_forward_mode_ad_matches_the_composed_formula(quantize_base, dtype, device, no_vmap_fallback):
+    # The fused function had no jvp: torch.func.jvp, jacfwd and dual tensors raised "You must
+    # implement the jvp function", where torchtune's and PEFT's LoRA (plain ops) work.
+    torch.manual_seed(0)
+    lin = LoRALinear(192, 136, rank=8, alpha=16.0, quantize_base=quantize_base, use_bias=True).to(device, dtype)
+    nn.init.normal_(lin.lora_b.weight)
+    base_w = lin.weight.dequantize(dtype) if quantize_base else lin.weight.detach()
+    x, x_lora = (torch.randn(2, 5, 192, device=device, dtype=dtype) for _ in range(2))
+    primals = (x, x_lora, lin.lora_a.weight.detach(), lin.lora_b.weight.detach(), lin.bias.detach())
+    tangents = tuple(torch.randn_like(p) for p in primals)
+
+    def fused(x, x_lora, a, b, bias):
+        return lora_linear(x, lin.weight, bias, a, b, lin.scaling, x_lora)
+
+    def formula(x, x_lora, a, b, bias):
+        return F.linear(x, base_w, bias) + lin.scaling * F.linear(F.linear(x_lora, a), b)
+
+    for without in (None, 0, 1, 2, 3, 4):  # every tangent, then each one left out (zero)
+        t = tuple(torch.zeros_like(v) if i == without else v for i, v in enumerate(tangents))
+        got, want = (torch.func.jvp(f, primals, t) for f in (fused, formula))
+        torch.testing.assert_close(got, want, **TOL[dtype])
+    # the adapter sees x itself (no dropout), through a dual level
+    want = torch.func.jvp(lambda x: formula(x, x, *primals[2:]), (x,), (tangents[0],))[1]
+    with torch.autograd.forward_ad.dual_level():
+        y = lin(torch.autograd.forward_ad.make_dual(x, tangents[0]))
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(y).tangent, want, **TOL[dtype])

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from qlora_ext import _extension  # noqa: F401  (registers torch.ops.qlora)
 from qlora_ext._fake_checks import check_bias, check_dequantize, check_matmul_input, check_quantizable
@@ -81,6 +82,8 @@ def linear_nf4(
     bias: Tensor | None = None,
 ) -> Tensor:
     """``x @ W.T (+ bias)`` with W [out_features, in] given as its four NF4 components."""
+    if transform_active():
+        return _LinearNF4ForwardAD.apply(x, packed, absmax_codes, absmax_scales, absmax_offset, out_features, bias)
     return _ops.linear_nf4(x, packed, absmax_codes, absmax_scales, absmax_offset, out_features, bias)
 
 
@@ -100,6 +103,8 @@ def linear_nf4_grad_input(
     in_features: int,
 ) -> Tensor:
     """``grad_y @ W`` with W [out, in_features] given as its four NF4 components."""
+    if transform_active():
+        return _GradInputNF4ForwardAD.apply(grad_y, packed, absmax_codes, absmax_scales, absmax_offset, in_features)
     return _ops.linear_nf4_grad_input(grad_y, packed, absmax_codes, absmax_scales, absmax_offset, in_features)
 
 
@@ -151,6 +156,106 @@ def _grad_input_backward(ctx, grad_grad_x: Tensor):
 torch.library.register_autograd(
     "qlora::linear_nf4_grad_input", _grad_input_backward, setup_context=_grad_input_setup_context
 )
+
+
+# torch.func and forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd / hessian).
+# register_autograd has no forward rule, and torch runs an op whose inputs need no gradient below
+# autograd: a dual x's tangent was silently dropped (a zero tangent from torch.func.jvp); and
+# torch.func.grad / jacrev refused the op ("it must override the setup_context staticmethod").
+# While a dual level or a torch.func transform is active, the wrappers above go through these
+# functions instead; both ops are linear in their first argument (and in bias), so the tangent is
+# the same op applied to the tangents. Otherwise (training, torch.compile) the ops are called
+# directly, as before.
+
+
+def transform_active() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jvp ...) or a forward-mode dual level
+    (``torch.autograd.forward_ad``) is active."""
+    return forward_ad._current_level >= 0 or torch._C._functorch.get_dynamic_layer_stack_depth() > 0
+
+
+class _LinearNF4ForwardAD(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, packed, absmax_codes, absmax_scales, absmax_offset, out_features, bias):
+        return _ops.linear_nf4(x, packed, absmax_codes, absmax_scales, absmax_offset, out_features, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _linear_setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[1:5])
+        ctx.x_shape, ctx.x_dtype, ctx.out_features = inputs[0].shape, inputs[0].dtype, inputs[5]
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        return _linear_backward(ctx, grad_y)
+
+    @staticmethod
+    def jvp(ctx, x_tangent, _packed, _codes, _scales, _offset, _out_features, bias_tangent):
+        # The weight's components are not differentiable (as in backward: the weight is frozen).
+        weight = ctx.saved_tensors
+        if x_tangent is None:
+            x_tangent = torch.zeros(ctx.x_shape, dtype=ctx.x_dtype, device=weight[0].device)
+        return linear_nf4(x_tangent, *weight, ctx.out_features, bias_tangent)
+
+
+class _GradInputNF4ForwardAD(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_y, packed, absmax_codes, absmax_scales, absmax_offset, in_features):
+        return _ops.linear_nf4_grad_input(grad_y, packed, absmax_codes, absmax_scales, absmax_offset, in_features)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _grad_input_setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[1:5])
+        ctx.in_features = inputs[5]
+
+    @staticmethod
+    def backward(ctx, grad_grad_x: Tensor):
+        return _grad_input_backward(ctx, grad_grad_x)
+
+    @staticmethod
+    def jvp(ctx, grad_y_tangent, _packed, _codes, _scales, _offset, _in_features):
+        return linear_nf4_grad_input(grad_y_tangent, *ctx.saved_tensors, ctx.in_features)
+
+
+# vmap (torch.func.vmap: per-sample gradients, jacrev). Without these rules torch ran the linear ops
+# once per sample, with a warning. Both take any leading dims, so a batched x or grad_y is one call
+# with its batch dim in front; a weight batched too (one per sample) is one call per sample.
+
+
+def _batch_in_front(t: Tensor, dim: int | None, batch_size: int) -> Tensor:
+    return t.movedim(dim, 0) if dim is not None else t.expand(batch_size, *t.shape)
+
+
+def _call_per_sample(op, batch_size: int, in_dims, args) -> tuple[Tensor, int]:
+    samples = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims))) for i in range(batch_size)]
+    return torch.stack(samples), 0
+
+
+@torch.library.register_vmap("qlora::linear_nf4")
+def _linear_nf4_vmap(info, in_dims, x, packed, absmax_codes, absmax_scales, absmax_offset, out_features, bias=None):
+    weight = (packed, absmax_codes, absmax_scales, absmax_offset)
+    if any(d is not None for d in in_dims[1:5]):
+        return _call_per_sample(_ops.linear_nf4, info.batch_size, in_dims, (x, *weight, out_features, bias))
+    x = _batch_in_front(x, in_dims[0], info.batch_size)
+    bias_dim = in_dims[6] if len(in_dims) > 6 else None
+    if bias_dim is None:
+        return _ops.linear_nf4(x, *weight, out_features, bias), 0
+    y = _ops.linear_nf4(x, *weight, out_features)  # a bias per sample: [batch, out] onto [batch, ..., out]
+    bias = bias.movedim(bias_dim, 0)
+    return y + bias.view(bias.shape[0], *[1] * (y.dim() - 2), bias.shape[-1]).to(y.dtype), 0
+
+
+@torch.library.register_vmap("qlora::linear_nf4_grad_input")
+def _linear_nf4_grad_input_vmap(info, in_dims, grad_y, packed, absmax_codes, absmax_scales, absmax_offset, in_features):
+    weight = (packed, absmax_codes, absmax_scales, absmax_offset)
+    if any(d is not None for d in in_dims[1:5]):
+        return _call_per_sample(_ops.linear_nf4_grad_input, info.batch_size, in_dims, (grad_y, *weight, in_features))
+    return _ops.linear_nf4_grad_input(_batch_in_front(grad_y, in_dims[0], info.batch_size), *weight, in_features), 0
 
 
 def cpu_kernel_isa() -> str:

@@ -62,6 +62,8 @@ class _LoRALinearFunction(torch.autograd.Function):
         lora_input = x if x_lora is None else x_lora
         y = _base_forward(x, weight, out_features, bias)  # [..., out], fresh
         a = torch.mm(lora_input.reshape(-1, in_features), a_weight.to(x.dtype).t())  # [t, rank]
+        if ops.transform_active():  # vmap has no in-place rule (it ran addmm_ sample by sample)
+            return y + scaling * torch.mm(a, b_weight.to(x.dtype).t()).view(y.shape), a
         y.view(-1, out_features).addmm_(a, b_weight.to(x.dtype).t(), alpha=scaling)  # y += scaling * a @ B.T
         return y, a
 
@@ -96,7 +98,8 @@ class _LoRALinearFunction(torch.autograd.Function):
             grad_b_weight = (torch.mm(a.t(), g) * ctx.scaling).t().to(b_weight.dtype)
         if ctx.needs_input_grad[0]:
             grad_x = _base_grad_input(grad_y, weight, ctx.in_features)  # [..., in], fresh
-            if ctx.lora_in_is_x and torch.is_grad_enabled():  # create_graph: no in-place on an op's output
+            # create_graph: no in-place on an op's output; vmap: no in-place rule
+            if ctx.lora_in_is_x and (torch.is_grad_enabled() or ops.transform_active()):
                 grad_x = grad_x + torch.mm(grad_a, a_w).view(grad_x.shape)
             elif ctx.lora_in_is_x:
                 grad_x.view(-1, ctx.in_features).addmm_(grad_a, a_w)
@@ -105,6 +108,43 @@ class _LoRALinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[5]:
             grad_bias = g.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_x_lora, grad_a_weight, grad_b_weight, None, grad_bias, None, None, None, None, None
+
+
+class _LoRALinearForwardAD(_LoRALinearFunction):
+    """The same function with a forward-mode rule (torch.func.jvp, jacfwd, torch.autograd.forward_ad),
+    taken only while a torch.func transform or a dual level is active: torch.compile does not trace
+    a function that has a ``jvp``."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _LoRALinearFunction.setup_context(ctx, inputs, output)
+        x, x_lora, a_weight, b_weight, _, _, out_features, *weight = inputs
+        ctx.save_for_forward(x if x_lora is None else x_lora, output[1], a_weight, b_weight, *(w for w in weight if w is not None))
+        ctx.out_shape, ctx.out_features = (*x.shape[:-1], out_features), out_features
+
+    @staticmethod
+    def jvp(ctx, x_t, x_lora_t, a_weight_t, b_weight_t, _scaling, bias_t, _out_features, *_weight_t):
+        """y's tangent: each input's tangent through y's (bi)linear terms; the frozen weight has none."""
+        lora_input, a, a_weight, b_weight, *weight = ctx.saved_tensors
+        dtype = a.dtype
+        lora_in = lora_input.reshape(-1, ctx.in_features)
+        y_t = a.new_zeros(ctx.out_shape)
+        if x_t is not None or bias_t is not None:
+            base_in = x_t if x_t is not None else lora_input.new_zeros(lora_input.shape)
+            y_t = y_t + _base_forward(base_in, tuple(weight), ctx.out_features, bias_t)
+        lora_in_t = x_t if ctx.lora_in_is_x else x_lora_t
+        a_t = None  # the tangent of a = lora_in @ A.T
+        if lora_in_t is not None:
+            a_t = torch.mm(lora_in_t.reshape(-1, ctx.in_features), a_weight.to(dtype).t())
+        if a_weight_t is not None:
+            term = torch.mm(lora_in, a_weight_t.to(dtype).t())
+            a_t = term if a_t is None else a_t + term
+        flat = y_t.view(-1, ctx.out_features)
+        if a_t is not None:
+            flat = flat + ctx.scaling * torch.mm(a_t, b_weight.to(dtype).t())
+        if b_weight_t is not None:
+            flat = flat + ctx.scaling * torch.mm(a, b_weight_t.to(dtype).t())
+        return flat.view(ctx.out_shape), None
 
 
 def lora_linear(
@@ -135,4 +175,5 @@ def lora_linear(
         base = weight.components()
     else:
         base = (weight.detach(), None, None, None)
-    return _LoRALinearFunction.apply(x, x_lora, a_weight, b_weight, scaling, bias, weight.shape[0], *base)[0]
+    function = _LoRALinearForwardAD if ops.transform_active() else _LoRALinearFunction
+    return function.apply(x, x_lora, a_weight, b_weight, scaling, bias, weight.shape[0], *base)[0]
