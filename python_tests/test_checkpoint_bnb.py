@@ -177,6 +177,7 @@ QS = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
         (_edit_state(QS, quant_type="fp4"), r"the quant_state's quant_type must be 'nf4'; got 'fp4'"),  # bitsandbytes reads this one
         (_edit_state(QS, nested_offset=float("nan")), r"the quant_state's nested_offset must be a finite number; got nan"),
         (_edit_state(QS, nested_offset="abc"), r"the quant_state's nested_offset must be a finite number; got 'abc'"),
+        (_edit_state(QS, dtype=["float32"]), r"dtype must be one of \[.*\]; got \['float32'\]"),  # (was a TypeError: unhashable)
         (
             lambda s: s["model.layers.0.self_attn.q_proj.weight.nested_absmax"].__setitem__(0, float("inf")),
             r"model.layers.0.self_attn.q_proj.weight.nested_absmax must hold finite scales; it has NaN or Inf",
@@ -187,7 +188,7 @@ QS = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
         ),
     ],
     ids=["blocksize", "nested_blocksize", "quant_map", "nested_map_of_bnb_0.49_on_cpu", "nested_map_length", "fp4", "no_double_quant",
-         "no_absmax", "no_packed_codes", "bad_json", "deep_json", "long_number_json", "int8", "json_fp4", "nan_offset", "text_offset", "inf_nested_absmax", "float_state"],
+         "no_absmax", "no_packed_codes", "bad_json", "deep_json", "long_number_json", "int8", "json_fp4", "nan_offset", "text_offset", "list_dtype", "inf_nested_absmax", "float_state"],
 )
 def test_unsupported_bnb_settings_are_named(bnb_checkpoint, tmp_path, edit, message):
     _, _, bnb_dir = bnb_checkpoint

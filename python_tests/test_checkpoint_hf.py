@@ -146,6 +146,13 @@ def test_from_checkpoint_names_a_dtype_it_cannot_build(hf_models):
     assert llama2_from_checkpoint(folder, ["q_proj"], dtype=torch.float64).tok_embeddings.weight.dtype == torch.float64
 
 
+def test_from_checkpoint_names_lora_attn_modules_given_as_one_string(hf_models):
+    # It was shown split into characters: "got ['q', '_', 'p', 'r', 'o', 'j']"
+    _, folder = hf_models[2]
+    with pytest.raises(ValueError, match=r"argument 'lora_attn_modules' must be a list .*; got 'q_proj'$"):
+        llama2_from_checkpoint(folder, "q_proj")
+
+
 def test_loading_into_materialized_model_copies_in_place(hf_models):
     _, folder = hf_models[4]
     config = read_checkpoint_config(folder)

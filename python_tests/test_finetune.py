@@ -138,6 +138,10 @@ def test_a_base_inside_a_checkpoint_folder_of_the_run_is_refused(tmp_path, tiny_
     tokenizer_inside = small_run_overrides(tiny_ckpt, small_data, out) + [f"tokenizer.path={base / 'tokenizer.model'}"]
     with pytest.raises(ConfigError, match=r"tokenizer.path: .* lies in "):
         finetune.train(load_config("tiny_qlora", tokenizer_inside))
+    # a metrics log there: the first save deleted it, and the run stopped blaming the checkpoint
+    log_inside = small_run_overrides(tiny_ckpt, small_data, out) + [f"metric_logger.log_dir={out / folder / 'logs'}"]
+    with pytest.raises(ConfigError, match=r"metric_logger.log_dir: .* lies in .*; choose a log_dir outside the checkpoint folders$"):
+        finetune.train(load_config("tiny_qlora", log_inside))
     elsewhere = out / "bases" / "tiny"  # inside output_dir, but in no checkpoint folder: kept as it is
     shutil.copytree(tiny_ckpt, elsewhere)
     finetune.train(load_config("tiny_qlora", small_run_overrides(elsewhere, small_data, out) + [
@@ -959,9 +963,12 @@ def test_checkpoint_folder_loads_in_transformers_and_peft(tmp_path, tiny_ckpt, s
     assert torch.allclose(via_peft, want, rtol=1e-4, atol=1e-4)
 
 
-def test_merged_model_keeps_the_stored_dtype_of_a_base_that_declares_none(tmp_path, small_data):
+@pytest.mark.parametrize("declared", [None, ["bfloat16"]], ids=["absent", "not_a_name"])
+def test_merged_model_keeps_the_stored_dtype_of_a_base_that_declares_none(tmp_path, small_data, declared):
     """A base whose config.json names no dtype (or a Meta one, which has no config.json) is saved
-    merged in the dtype its weights are stored in, not in the float32 the CPU run computed in."""
+    merged in the dtype its weights are stored in, not in the float32 the CPU run computed in.
+    A torch_dtype that is not a name (a hand-edited list) is taken as none: the save had raised
+    TypeError after training, nothing saved."""
     from safetensors import safe_open
 
     from qlora_ext.checkpoint import save_hf_checkpoint
@@ -975,6 +982,8 @@ def test_merged_model_keeps_the_stored_dtype_of_a_base_that_declares_none(tmp_pa
     config = json.loads((base / "config.json").read_text())
     for key in ("torch_dtype", "dtype"):
         config.pop(key, None)
+    if declared is not None:
+        config["torch_dtype"] = declared
     (base / "config.json").write_text(json.dumps(config))
     assert stored_dtype(base) == torch.bfloat16
     out = tmp_path / "run"

@@ -35,6 +35,16 @@ def test_console_scripts_point_at_the_module_clis(capsys):
         assert done.value.code == 0 and "usage: python -m " + module in capsys.readouterr().out
 
 
+def test_the_clis_answer_help_without_docstrings(capsys, monkeypatch):
+    """python -OO strips the module docstrings their help is made of: --help raised AttributeError."""
+    for name in ("finetune", "generate", "plot"):
+        module = importlib.import_module(f"qlora_ext.{name}")
+        monkeypatch.setattr(module, "__doc__", None)
+        with pytest.raises(SystemExit) as done:
+            module.main(["--help"])
+        assert done.value.code == 0 and f"usage: python -m qlora_ext.{name}" in capsys.readouterr().out
+
+
 def _vermin(paths: list[str], oldest: str) -> subprocess.CompletedProcess:
     """vermin (a test dependency) reports each file that needs a Python newer than ``oldest``."""
     vermin = shutil.which("vermin", path=os.path.dirname(sys.executable)) or shutil.which("vermin")

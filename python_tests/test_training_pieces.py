@@ -3,6 +3,7 @@ atomic writes and the training-state file."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -693,6 +694,33 @@ def test_tensorboard_logger_writes_events(tmp_path):
     resumed.close()
     assert shown(tmp_path) == [(1, 2.0), (2, 3.0), (3, 5.0), (4, 6.0), (5, 7.0)]
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == shown(tmp_path)
+
+
+def test_every_logger_is_closed_when_one_fails_to_close(tmp_path, monkeypatch):
+    # A full disk at the disk log's fsync stopped the loop: TensorBoard's writer thread kept running
+    # (a W&B run stayed "running"), and the run's later close(failed=True) did nothing.
+    closed = []
+
+    class Other:
+        def log(self, metrics, step):
+            pass
+
+        def close(self, failed=False):
+            closed.append(failed)
+
+    loggers = MetricLoggers("disk", tmp_path)
+    loggers.loggers.append(Other())
+    loggers.log({"loss": 1.0}, step=1)
+
+    def full_disk(failed=False):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(loggers.loggers[0], "close", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        loggers.close()
+    assert closed == [False]
+    loggers.close(failed=True)  # once only
+    assert closed == [False]
 
 
 def test_tensorboard_does_not_start_in_an_unwritable_log_dir(tmp_path, monkeypatch):

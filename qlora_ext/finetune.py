@@ -95,12 +95,16 @@ def train(cfg: Config) -> dict[str, Any]:
                       *(("dataset.data_files", f) for f in ([data_files] if isinstance(data_files, str) else data_files or []))):
         if path is not None and (why := unencodable_name(path)):  # (else "not a file", or a traceback)
             raise ConfigError(f"{key}: {why}")
-    for key, path in (("checkpointer.checkpoint_dir", cfg.checkpointer.checkpoint_dir), ("tokenizer.path", cfg.tokenizer.path)):
+    for key, path, remedy in (
+        ("checkpointer.checkpoint_dir", cfg.checkpointer.checkpoint_dir, f"copy it out of '{output_dir}' first, or choose another output_dir"),
+        ("tokenizer.path", cfg.tokenizer.path, f"copy it out of '{output_dir}' first, or choose another output_dir"),
+        ("metric_logger.log_dir", cfg.metric_logger.log_dir, "choose a log_dir outside the checkpoint folders"),  # (a save deleted the log)
+    ):
         inside = path is not None and checkpoint_folders.checkpoint_folder_holding(output_dir, path)
         if inside:
             raise ConfigError(
                 f"{key}: '{path}' lies in {inside}, a checkpoint folder of this run's output_dir '{output_dir}', which the "
-                f"run's saves replace or delete; copy it out of '{output_dir}' first, or choose another output_dir"
+                f"run's saves replace or delete; {remedy}"
             )
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -564,9 +568,10 @@ def _plot(metrics_path: Path, output_dir: Path) -> tuple[str | None, str | None]
 
 
 def main(argv: list[str] | None = None) -> int:
+    paragraphs = (__doc__ or "").split("\n\n")  # (python -OO leaves no docstring)
     parser = argparse.ArgumentParser(
-        prog="python -m qlora_ext.finetune", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        prog="python -m qlora_ext.finetune", description=paragraphs[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n\n".join(paragraphs[1:]),
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="a bundled config name or a YAML path (default: %(default)s)")
     parser.add_argument("--list-configs", action="store_true", help="print the bundled config names and exit")

@@ -31,7 +31,7 @@ from qlora_ext._dtypes import HF_DTYPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m qlora_ext.generate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m qlora_ext.generate", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--checkpoint-dir", required=True, help="HF or Meta Llama-2 checkpoint folder")
     parser.add_argument("--checkpoint-files", nargs="+", default=None, metavar="FILE",
                         help="the weight files inside --checkpoint-dir, where not HF's or Meta's usual names "

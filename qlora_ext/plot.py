@@ -78,9 +78,10 @@ def _same_run_twice(run_dirs: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     tolerant_console()
+    paragraphs = (__doc__ or "").split("\n\n", 2)  # (python -OO leaves no docstring)
     parser = argparse.ArgumentParser(
-        prog="python -m qlora_ext.plot", description=__doc__.split("\n\n")[0].rstrip(":") + ".",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2],
+        prog="python -m qlora_ext.plot", description=paragraphs[0].rstrip(":") + "." if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n\n".join(paragraphs[2:]),
     )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="trainer output_dir(s)")
     parser.add_argument("-o", "--output", default="loss_curves.png", help="PNG to write (default: %(default)s)")

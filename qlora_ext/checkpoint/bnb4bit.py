@@ -90,7 +90,7 @@ class Bnb4bitWeight:
             problems.append(f"blocksize must be {BLOCK_SIZE}; got {state.get('blocksize')!r}")
         if state.get("nested_blocksize") != SCALER_BLOCK_SIZE:
             problems.append(f"nested_blocksize must be {SCALER_BLOCK_SIZE}; got {state.get('nested_blocksize')!r}")
-        if state.get("dtype") not in HF_DTYPES:
+        if not isinstance(state.get("dtype"), str) or state["dtype"] not in HF_DTYPES:
             problems.append(f"dtype must be one of {sorted(HF_DTYPES)}; got {state.get('dtype')!r}")
         if state.get("nested_dtype", "float32") != "float32":
             problems.append(f"nested_dtype must be 'float32'; got {state.get('nested_dtype')!r}")

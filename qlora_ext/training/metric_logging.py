@@ -226,12 +226,20 @@ class MetricLoggers:
     def close(self, failed: bool = False) -> None:
         """Closes each logger once (later calls do nothing). ``failed``: the run stopped by an
         error or an interruption (the disk log keeps an earlier run's file if this one wrote
-        nothing; W&B marks the run failed)."""
+        nothing; W&B marks the run failed). Every logger is closed, whichever fails (a full disk
+        at the disk log's fsync left TensorBoard's writer thread running); the first error is
+        raised after."""
         if self._closed:
             return
         self._closed = True
+        first_error = None
         for logger in self.loggers:
-            logger.close(failed)
+            try:
+                logger.close(failed)
+            except BaseException as e:  # (Ctrl-C too: the others still close)
+                first_error = first_error or e
+        if first_error is not None:
+            raise first_error
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

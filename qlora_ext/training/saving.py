@@ -184,4 +184,4 @@ def save_checkpoint(
 def _declared_dtype(config: dict | None) -> torch.dtype | None:
     """The dtype a HF config.json declares (``torch_dtype``, or ``dtype`` in transformers 5)."""
     name = (config or {}).get("torch_dtype") or (config or {}).get("dtype")
-    return HF_DTYPES.get(name)
+    return HF_DTYPES.get(name) if isinstance(name, str) else None  # (not a name: as "auto", the stored dtype)

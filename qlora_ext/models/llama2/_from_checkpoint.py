@@ -69,7 +69,7 @@ def llama2_from_checkpoint(
     if max_seq_len is not None:
         kwargs["max_seq_len"] = max_seq_len
     lora = dict(
-        lora_attn_modules=list(lora_attn_modules),
+        lora_attn_modules=lora_attn_modules if isinstance(lora_attn_modules, str) else list(lora_attn_modules),  # (a str is refused by name)
         apply_lora_to_mlp=apply_lora_to_mlp,
         apply_lora_to_output=apply_lora_to_output,
         lora_rank=lora_rank,
