@@ -928,6 +928,194 @@ def test_a_run_that_fails_in_setup_leaves_the_earlier_runs_log(tmp_path, tiny_ck
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
+def test_a_metric_logger_that_cannot_start_stops_the_cli_at_setup_and_leaves_the_earlier_run(tmp_path, tiny_ckpt, small_data, monkeypatch, capsys):
+    # tensorboard or wandb not installed, or wandb.init failing (no login): exit 2 with the fix,
+    # before the model is built; the earlier run's log and config stay, and the folders' locks are
+    # released (the next run starts).
+    import builtins
+    import sys
+    import types
+
+    out = tmp_path / "run"
+    overrides = small_run_overrides(tiny_ckpt, small_data, out) + ["max_steps_per_epoch=1", "epochs=1", "eval.before_and_after=False",
+                                                                   "metric_logger.plot_loss_curve=false"]
+    assert finetune.main(overrides) == 0
+    before = {name: (out / name).read_bytes() for name in ("logs/metrics.jsonl", "config.yaml")}
+    real_import = builtins.__import__
+
+    def without(package):
+        def importing(name, *args, **kwargs):
+            if name.split(".")[0] == package or name == "torch.utils.tensorboard":
+                raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+            return real_import(name, *args, **kwargs)
+        return importing
+
+    class UsageError(Exception):
+        pass
+
+    def failing_init(**kwargs):
+        raise UsageError("api_key not configured (no-tty).")
+
+    cases = [
+        ("tensorboard", lambda: monkeypatch.setattr(builtins, "__import__", without("tensorboard")),
+         "error: metric_logger.type=tensorboard needs the tensorboard package: pip install tensorboard (or pip install "
+         "'qlora_ext[tensorboard]'), or use metric_logger.type=disk\n"),
+        ("wandb", lambda: monkeypatch.setattr(builtins, "__import__", without("wandb")),
+         "error: metric_logger.type=wandb needs the wandb package: pip install wandb (or pip install 'qlora_ext[wandb]'), "
+         "or use metric_logger.type=disk\n"),
+        ("wandb", lambda: monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=failing_init)),
+         "error: metric_logger.type=wandb: wandb.init(project='qlora_ext') failed: UsageError: api_key not configured (no-tty). "
+         "Run `wandb login` first, or set WANDB_MODE=offline, or use metric_logger.type=disk\n"),
+    ]
+    for kind, absent, message in cases:
+        absent()
+        if kind == "wandb" and message.startswith("error: metric_logger.type=wandb needs"):
+            monkeypatch.delitem(sys.modules, "wandb", raising=False)
+        capsys.readouterr()
+        assert finetune.main([*overrides, f"metric_logger.type={kind}", "optimizer.lr=0.5"]) == 2, message
+        captured = capsys.readouterr()
+        assert captured.err == message and "Model:" not in captured.out
+        assert {name: (out / name).read_bytes() for name in before} == before
+        monkeypatch.undo()
+    assert finetune.main(overrides) == 0  # nothing left locked
+
+
+def test_the_configs_notes_are_printed_before_an_error_stops_the_run(tmp_path, capsys):
+    assert finetune.main([f"output_dir={tmp_path / 'run'}", "model.lora_alpha=0", "dataset.data_files=/nonexistent.jsonl"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith("note: model.lora_alpha=0 scales every adapter's output by 0")
+    assert "error: dataset.data_files: '/nonexistent.jsonl' is not a file" in captured.err
+
+
+def test_ctrl_c_before_the_config_or_beside_a_damaged_state_says_there_is_nothing_to_resume(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "load_config", interrupted)
+    assert finetune.main([f"output_dir={tmp_path / 'run'}"]) == 130
+    assert capsys.readouterr().err == "\nInterrupted (Ctrl-C) before the config was read.\n"
+    monkeypatch.undo()
+    # a training state that cannot be read offers no resume; the file is left as it was
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "recipe_state.pt").write_bytes(b"not a training state")
+    monkeypatch.setattr(finetune, "load_alpaca_records", interrupted)
+    assert finetune.main([f"output_dir={out}"]) == 130
+    assert capsys.readouterr().err.endswith(
+        f"\nInterrupted (Ctrl-C): there is no checkpoint to resume from in {out}; run again to start over.\n")
+    assert (out / "recipe_state.pt").read_bytes() == b"not a training state"
+
+
+def test_the_cli_in_a_worker_thread_keeps_the_process_signal_handlers(tmp_path, monkeypatch):
+    # A sweep or a notebook's worker thread: signal handlers can only be set from the main thread
+    # (signal.signal raises there); errors and Ctrl-C still end as exit codes with their lines.
+    import contextlib
+    import io
+    import signal
+    import sys
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    results = {}
+
+    def work(key, args):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            results[key] = (finetune.main(args), err.getvalue())
+
+    handler, stdout = signal.getsignal(signal.SIGTERM), sys.stdout
+    for key, args in (("usage", ["--config", "nope", f"output_dir={tmp_path / 'run'}"]), ("ctrl-c", [f"output_dir={tmp_path / 'run'}"])):
+        if key == "ctrl-c":
+            monkeypatch.setattr(finetune, "load_config", interrupted)
+        worker = threading.Thread(target=work, args=(key, args))
+        worker.start()
+        worker.join()
+    assert results["usage"][0] == 2 and "'nope' is neither a file nor a bundled config" in results["usage"][1]
+    assert results["ctrl-c"] == (130, "\nInterrupted (Ctrl-C) before the config was read.\n")
+    assert signal.getsignal(signal.SIGTERM) is handler and sys.stdout is stdout
+
+
+def test_a_run_config_that_cannot_be_written_is_named(tmp_path, tiny_ckpt, small_data, monkeypatch, capsys):
+    # A full disk's error names no file: the closing line names config.yaml, and what the run leaves.
+    import errno
+
+    real = finetune.atomic_write_text
+
+    def full(path, text):
+        if Path(path).name == "config.yaml":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, text)
+
+    monkeypatch.setattr(finetune, "atomic_write_text", full)
+    out = tmp_path / "run"
+    args = small_run_overrides(tiny_ckpt, small_data, out) + ["max_steps_per_epoch=1", "epochs=1", "eval.before_and_after=False"]
+    assert finetune.main(args) == 1
+    err = capsys.readouterr().err
+    assert (f"error: Stopped (a write failed: OSError: [Errno 28] No space left on device (writing the run's config): "
+            f"'{out / 'config.yaml'}'): there is no checkpoint to resume from in {out}; run again to start over.\n") in err
+    assert "Traceback" not in err and not (out / "config.yaml").exists() and not (out / "epoch_0").exists()
+
+
+def test_non_finite_logits_before_training_are_named_as_the_bases(tmp_path, tiny_ckpt, small_data, monkeypatch, capsys):
+    # The answers shown before training come from the base alone: non-finite logits there are the base's doing.
+    def nan_logits(*args, **kwargs):
+        raise NonFiniteLogitsError("generate: the model's logits for new token 1 hold NaN or infinity")
+
+    monkeypatch.setattr(evaluation, "answer", nan_logits)
+    out = tmp_path / "run"
+    args = small_run_overrides(tiny_ckpt, small_data, out) + ["max_steps_per_epoch=1", "epochs=1", "eval.num_samples=1",
+                                                              "eval.max_new_tokens=2", "dataset.validation_fraction=0.1"]
+    assert finetune.main(args) == 1
+    err = capsys.readouterr().err
+    assert (f"error: the logits of a held-out example's answer hold NaN or infinity before training (the adapters start as the "
+            f"identity): the base model's outputs are non-finite, which no learning rate changes; check the weights in {tiny_ckpt}\n") in err
+    assert "Traceback" not in err and not (out / "epoch_0").exists()
+
+
+def test_a_run_of_many_steps_with_no_token_to_learn_from_names_only_the_first_three(tmp_path, tiny_ckpt, capsys):
+    # (log_peak_memory_stats=false: no memory statistics are logged or printed)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [_CUT_TO_PROMPT] * 5 + [_SHORT]))
+    overrides = small_run_overrides(tiny_ckpt, data, tmp_path / "run") + [
+        "batch_size=1", "gradient_accumulation_steps=1", "shuffle=false", "dataset.validation_fraction=0", "epochs=1",
+        "tokenizer.max_seq_len=64", "save_adapter_weights_only=true", "metric_logger.plot_loss_curve=false",
+        "log_peak_memory_stats=false"]
+    summary = finetune.train(load_config("tiny_qlora", overrides))
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "leaving no token to learn from: the adapters are not updated" in line]
+    assert [line.split(":")[0] for line in lines] == ["Step 1", "Step 2", "Step 3"]
+    assert lines[2].endswith("; further such steps are skipped without a line") and not lines[1].endswith("without a line")
+    assert summary["loss_steps"] == [6]
+    logged = metrics(tmp_path / "run")
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert not any(key.endswith("memory") for r in logged for key in r) and "Memory Stats" not in out
+
+
+def test_a_run_whose_logged_steps_have_no_loss_draws_no_curve(tmp_path, tiny_ckpt, capsys):
+    # Only the last step is logged (log_every_n_steps past it), and it kept no token: no loss to draw.
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [_SHORT, _CUT_TO_PROMPT]))
+    overrides = small_run_overrides(tiny_ckpt, data, tmp_path / "run") + [
+        "batch_size=1", "gradient_accumulation_steps=1", "shuffle=false", "dataset.validation_fraction=0", "epochs=1",
+        "tokenizer.max_seq_len=64", "save_adapter_weights_only=true", "log_every_n_steps=5"]
+    summary = finetune.train(load_config("tiny_qlora", overrides))
+    logged = metrics(tmp_path / "run")
+    assert [r["step"] for r in logged] == [2] and "loss" not in logged[0]
+    assert summary["loss_curve"] is None and not (tmp_path / "run" / "loss_curve.png").exists()
+    assert summary["losses"] and (tmp_path / "run" / "epoch_0").is_dir()
+
+
+def test_a_path_the_file_system_encoding_cannot_hold_is_named_in_process(tmp_path, capsys):
+    # (a lone surrogate: no encoding holds it, whatever the locale; from a notebook's main(argv))
+    name = tmp_path / "run\ud800"
+    assert finetune.main([f"output_dir={name}"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: output_dir: {str(name)!r} cannot be a file name in this system's encoding" in err
+    assert "run with PYTHONUTF8=1 or under a UTF-8 locale" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_list_configs(capsys):
     assert finetune.main(["--list-configs"]) == 0
     assert "llama2_7b_qlora_single_device" in capsys.readouterr().out

@@ -495,3 +495,23 @@ def test_a_second_ctrl_c_while_the_closing_line_is_written_is_ignored(tmp_path, 
     assert finetune.main(_overrides(setup, run)) == 130
     assert f"Interrupted (Ctrl-C): {run} keeps the checkpoint epoch_0 (step 4)" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is handler  # restored
+
+
+def test_a_finished_run_relaunched_from_a_state_without_its_log_restores_only_its_config(tmp_path, setup, capsys):
+    # A training state saved before the metrics log was saved with it ("metrics_log" is optional):
+    # the re-launch puts back config.yaml, and leaves the log as it is, saying nothing of it.
+    run = tmp_path / "run"
+    finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1"]))
+    state = torch.load(run / "recipe_state.pt", weights_only=True)
+    del state["metrics_log"]
+    torch.save(state, run / "recipe_state.pt")
+    finished_config = (run / "config.yaml").read_bytes()
+    (run / "config.yaml").write_text("output_dir: elsewhere\n")  # a later run's, stopped before its first save
+    (run / "logs" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    capsys.readouterr()
+    summary = finetune.train(load_config("tiny_qlora", _overrides(setup, run) + ["epochs=1", "resume_from_checkpoint=True"]))
+    assert summary["nothing_left_to_train"]
+    out = capsys.readouterr().out
+    assert f"Restored {run / 'config.yaml'} to the checkpoint's" in out and "metrics.jsonl" not in out
+    assert (run / "config.yaml").read_bytes() == finished_config
+    assert (run / "logs" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 9.0}\n'

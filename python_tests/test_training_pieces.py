@@ -386,6 +386,67 @@ def test_plot_cli_two_runs(tmp_path, capsys):
     assert plot.load_curve(str(tmp_path / "bom")).steps == [1, 2]
 
 
+@pytest.mark.parametrize("content", [b"", b"\n  \n\n", bytes(range(256)) * 8], ids=["empty", "blank", "binary"])
+def test_plot_of_an_empty_or_damaged_log_is_an_error_line_and_leaves_it(tmp_path, capsys, content):
+    # A run stopped before its first logged step leaves an empty log; a damaged one reads as no records.
+    (tmp_path / "run" / "logs").mkdir(parents=True)
+    log = tmp_path / "run" / "logs" / "metrics.jsonl"
+    log.write_bytes(content)
+    out = tmp_path / "curve.png"
+    assert plot.main([str(tmp_path / "run"), "-o", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert f"error: RUN_DIR '{tmp_path / 'run'}': its metrics log has no records with a step and a finite loss yet\n" in captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert log.read_bytes() == content and not out.exists()
+
+
+def test_plot_of_a_log_that_cannot_be_read_is_an_error_line(tmp_path, capsys, monkeypatch):
+    # (root ignores file modes: the refusal is simulated)
+    (tmp_path / "run" / "logs").mkdir(parents=True)
+    log = tmp_path / "run" / "logs" / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n')
+    real = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self.name == "metrics.jsonl":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    out = tmp_path / "curve.png"
+    assert plot.main([str(tmp_path / "run"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: [Errno 13] Permission denied: '{log}'\n" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--labels", "a", "b"], "argument --labels: needs one label per RUN_DIR (1); got 2"),
+    (["--smoothing", "nan"], "argument --smoothing: must be in [0, 1); got nan"),
+    (["--smoothing", "-0.1"], "argument --smoothing: must be in [0, 1); got -0.1"),
+    (["--smoothing", "x"], "argument --smoothing: invalid float value: 'x'"),
+])
+def test_plot_usage_errors_exit_2_naming_the_argument(tmp_path, capsys, args, needle):
+    (tmp_path / "run" / "logs").mkdir(parents=True)
+    (tmp_path / "run" / "logs" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    out = tmp_path / "curve.png"
+    with pytest.raises(SystemExit) as exited:
+        plot.main([str(tmp_path / "run"), "-o", str(out), *args])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"python -m qlora_ext.plot: error: {needle}\n" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_plot_labels_given_name_the_curves(tmp_path, capsys):
+    for name in ("a", "b"):
+        (tmp_path / name / "logs").mkdir(parents=True)
+        (tmp_path / name / "logs" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n')
+    assert plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "c.png"), "--labels", "lora", "qlora"]) == 0
+    out = capsys.readouterr().out
+    assert "  lora: 2 steps, loss 2.0000 -> 1.0000\n  qlora: 2 steps" in out
+
+
 def test_the_builtin_legend_names_the_runs_that_fit_and_counts_the_rest(tmp_path, monkeypatch):
     # 50 runs: the legend ran off the canvas, and later curves were drawn over earlier labels.
     import qlora_ext.training.loss_plot as loss_plot
@@ -852,6 +913,79 @@ def test_a_metrics_log_that_cannot_be_written_is_named(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=rf"\[Errno 28\] No space left on device \(writing the metrics log\): "
                                       rf"'{re.escape(str(tmp_path / 'metrics.jsonl'))}'"):
         logger.log({"loss": 1.0}, step=2)
+
+
+def test_the_disk_logs_text_before_its_first_log_is_what_the_run_keeps(tmp_path):
+    # A checkpoint saved before the first logged step (save_every_n_steps=1, log_every_n_steps=5)
+    # saves this text: a fresh run's is empty (the earlier run's file is not read), a resume's is
+    # its kept records; the file itself is not touched until the first log.
+    earlier = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3))
+    (tmp_path / "metrics.jsonl").write_text(earlier)
+    assert DiskLogger(tmp_path).text() == ""
+    resumed = DiskLogger(tmp_path, resume_step=2)
+    assert resumed.text() == "".join(earlier.splitlines(keepends=True)[:2])
+    assert (tmp_path / "metrics.jsonl").read_text() == earlier
+    resumed.log({"loss": 0.25}, step=3)
+    assert resumed.text() == "".join(earlier.splitlines(keepends=True)[:2]) + json.dumps({"step": 3, "loss": 0.25}) + "\n"
+    resumed.close()
+
+
+def test_a_failed_runs_close_does_not_repeat_the_logs_write_error(tmp_path, monkeypatch):
+    # After a full disk stopped the run (its error, naming the log, is the one reported), the
+    # close on the way out meets the same error at its fsync: quiet, and the file is closed.
+    from qlora_ext.training import metric_logging
+
+    log = DiskLogger(tmp_path)
+    log.log({"loss": 1.0}, step=1)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(metric_logging.os, "fsync", full)
+    log.close(failed=True)
+    assert log._file.closed
+    monkeypatch.undo()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+
+
+def test_an_error_that_names_its_file_is_passed_on_as_it_is(tmp_path, monkeypatch):
+    # Only an error naming no file (a full disk's write) gets the log's name added; one that names
+    # its file (the resume's rewrite of the log refused) is raised unchanged, not renamed.
+    from qlora_ext.training import metric_logging
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n')
+    log = DiskLogger(tmp_path, resume_step=1)
+    target = str(tmp_path / "metrics.jsonl")
+
+    def refused(path, text):
+        raise PermissionError(13, "Permission denied", target)
+
+    monkeypatch.setattr(metric_logging, "atomic_write_text", refused)
+    with pytest.raises(PermissionError) as raised:
+        log.log({"loss": 0.5}, step=2)
+    assert raised.value.filename == target and raised.value.strerror == "Permission denied"
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n'  # left as it was
+
+
+def test_an_unknown_metric_logger_type_is_named_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"^metric_logger.type must be one of disk, tensorboard, wandb; got 'csv'$"):
+        MetricLoggers("csv", tmp_path / "logs")
+    assert not (tmp_path / "logs").exists()
+
+
+def test_read_metrics_skips_blank_lines_and_a_saved_output_dir_that_is_not_text(tmp_path, monkeypatch, capsys):
+    # Blank lines (an editor's) are no records and no warning; a config.yaml whose output_dir is not
+    # a string (hand-edited) still leads to its log_dir, taken from the working directory.
+    run = tmp_path / "run"
+    (run / "tb").mkdir(parents=True)
+    (run / "tb" / "metrics.jsonl").write_text('\n{"step": 1, "loss": 2.0}\n   \n\n{"step": 2, "loss": 1.0}\n')
+    (run / "config.yaml").write_text("output_dir: 5\nmetric_logger:\n  log_dir: tb\n")
+    monkeypatch.chdir(run)
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    assert capsys.readouterr().err == ""
+    monkeypatch.chdir(tmp_path)  # elsewhere: no tb there, and no logs/ in the run: named, both places
+    with pytest.raises(FileNotFoundError, match=r"no metrics.jsonl in .*run, tb \(its config.yaml's metric_logger.log_dir\) or .*run/logs"):
+        read_metrics(run)
 
 
 def test_matplotlib_loss_curves(tmp_path):
