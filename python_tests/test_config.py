@@ -123,8 +123,8 @@ def test_string_and_path_overrides_are_taken_as_written():
     # an empty path, quoted or in a file, is refused: output_dir="" ran in the working directory and
     # swept its step_* folders away
     for override in ('output_dir=""', "output_dir=''", 'tokenizer.path=" "', 'dataset.data_files=""', "dataset.data_files=['']"):
-        key = override.partition("=")[0]
-        with pytest.raises(ConfigError, match=rf"config key '{key}(\[0\])?' must be a path, not empty"):
+        key = override.partition("=")[0] + ("[0]" if "[" in override else "")  # (one path is named as given, not as [0])
+        with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}' must be a path, not empty"):
             load_config(SEED_7B_QLORA, [override])
     # ... except where null may be given: there it is null, as the trainer always read it (log_dir: "" in a
     # saved config.yaml meant output_dir/logs)
@@ -173,7 +173,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
          ["'metric_logger._component_'", "not torchtune's _component_", "metric_logger.type", "type, log_dir, project"]),
         ("optimizer.lr=nan", ["'optimizer.lr'", "finite number", "got nan"]),
         ("clip_grad_norm=.inf", ["'clip_grad_norm'", "finite number", "got inf"]),
-        ("lr_scheduler.num_cycles=1e400", ["'lr_scheduler.num_cycles'", "finite number", "got inf"]),
+        ("lr_scheduler.num_cycles=1e400", ["'lr_scheduler.num_cycles'", "finite number", "got 1e400"]),  # (as given, not inf)
         ("dataset.validation_fraction=nan", ["'dataset.validation_fraction'", "finite number", "got nan"]),
         ("optimizer.betas=[0.9,.nan]", ["'optimizer.betas[1]'", "finite number", "got nan"]),
         ("seed=9223372036854775808", ["'seed'", "<= 9223372036854775807", "2**63", "got 9223372036854775808"]),

@@ -350,7 +350,8 @@ def _check_value(key: str, spec: Opt, value: Any) -> Any:
     kind = spec.kind
     if kind == "path|list[path]":
         kind = "list[path]"
-        value = [value] if isinstance(value, str) else value
+        if isinstance(value, str):  # one path, named as given (not as element [0] of a list)
+            return [_check_scalar(key, Opt("path", None, spec.doc, choices=spec.choices), value)]
     if kind.startswith("list["):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be a list ({spec.doc}); got {value!r}")
@@ -369,6 +370,7 @@ def _check_scalar(key: str, spec: Opt, value: Any) -> Any:
             raise ConfigError(f"config key '{key}' must be an integer ({spec.doc}); got {value!r}")
     elif kind == "float":
         # YAML 1.1 reads "3e-4" (no dot) as a string, so numeric strings are accepted here.
+        given = value
         try:
             if isinstance(value, bool):
                 raise ValueError
@@ -378,8 +380,8 @@ def _check_scalar(key: str, spec: Opt, value: Any) -> Any:
                               f"got an integer of {len(str(abs(value)))} digits") from None
         except (TypeError, ValueError):
             raise ConfigError(f"config key '{key}' must be a number ({spec.doc}); got {value!r}") from None
-        if not math.isfinite(value):  # NaN passes every range check below
-            raise ConfigError(f"config key '{key}' must be a finite number ({spec.doc}); got {value!r}")
+        if not math.isfinite(value):  # NaN passes every range check below; 1e400 is given, inf is not
+            raise ConfigError(f"config key '{key}' must be a finite number ({spec.doc}); got {given if isinstance(given, str) else repr(value)}")
     elif kind in ("str", "path"):
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' must be a string ({spec.doc}); got {value!r}")
