@@ -446,13 +446,14 @@ inline int64_t tile_extent(int64_t extent, int64_t tiles) {
   return std::min(extent, round_up(ceil_div(extent, tiles), extent >= 128 ? 64 : 8));
 }
 
-// How many tiles, kMinTiles to kMaxTiles (never the whole dense W; a small workspace stays in L2
-// between the decode and the GEMM), the large-M path decodes W in for an [M, out_cols] product on
-// a GPU of `sms` SMs: the count whose cuBLAS calls (one per tile) lose least to wave quantization,
-// judged under both output tiles of cuBLAS's large kernels, 128 x 128 and 128 x 256 (a GEMM of
-// 1.3 waves runs its last wave a third full); on a tie, fewer (larger) GEMMs. At M = 2048 on 132
-// SMs: 2 tiles for 4096 output columns (3 would be GEMMs of 1.33 waves) and for 11008. Untuned: no
-// GPU has measured it (linear.cu lets QLORA_CUDA_LARGE_M_TILES override it for that).
+// How many tiles, kMinTiles to kMaxTiles, the large-M path decodes W in for an [M, out_cols]
+// product on a GPU of `sms` SMs (never the whole dense W: the workspace is one tile, up to half of
+// W, e.g. 0.98 GiB of bf16 for a 128256 x 8192 lm_head at 2 tiles): the count whose cuBLAS calls
+// (one per tile) lose least to wave quantization, judged under both output tiles of cuBLAS's large
+// kernels, 128 x 128 and 128 x 256 (a GEMM of 1.3 waves runs its last wave a third full); on a
+// tie, fewer (larger) GEMMs. At M = 2048 on 132 SMs: 2 tiles for 4096 output columns (3 would be
+// GEMMs of 1.33 waves) and for 11008. Untuned: no GPU has measured it (linear.cu lets
+// QLORA_CUDA_LARGE_M_TILES override it for that).
 constexpr int kMinTiles = 2, kMaxTiles = 4;
 
 inline int large_m_tiles(int64_t M, int64_t out_cols, int sms) {
