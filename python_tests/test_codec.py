@@ -70,6 +70,35 @@ def test_cuda_codec_identical_to_cpu(shape, dtype):
         assert torch.equal(d_cpu, d_cuda.cpu())
 
 
+def _check_the_last_groups(n: int, device: str) -> None:
+    """Quantizes and dequantizes n bf16 weights on device; checks the last two scale groups (the
+    end of the tensor) against the CPU kernels run on that slice: the packed codes are the CPU's
+    (they depend on their block alone), and the dequantized weights are what the CPU makes of the
+    same components. The offset is the mean of every absmax."""
+    w = torch.randn(n, device=device, dtype=torch.bfloat16)
+    packed, codes, scales, offset = ops.quantize_nf4(w)
+    nblocks = n // 64
+    first = ((nblocks - 1) // 256 - 1) * 256  # the first block of the last two groups
+    tail = w[first * 64:].cpu()
+    assert torch.equal(packed[first * 32:].cpu(), ops.quantize_nf4(tail)[0])
+    absmax = w.view(-1, 64).abs().amax(1).float()
+    torch.testing.assert_close(offset.cpu().double(), absmax.double().mean().cpu(), rtol=1e-6, atol=0)
+    parts = (packed[first * 32:].cpu(), codes[first:].cpu(), scales[first // 256:].cpu(), offset.cpu())
+    dense = ops.dequantize_nf4(packed, codes, scales, offset, [n], torch.bfloat16)
+    assert torch.equal(dense[first * 64:].cpu(), ops.dequantize_nf4(*parts, [tail.numel()], torch.bfloat16))
+
+
+def test_the_last_groups_of_a_weight_check():
+    # (the check of the next test, on a size the CPU runs in a moment)
+    _check_the_last_groups(256 * 64 * 3 + 64, "cpu")
+
+
+@needs_cuda
+def test_cuda_codec_past_2_31_elements():
+    # 4 GiB of bf16: element and byte offsets past 2**31 (index math in 64 bits)
+    _check_the_last_groups(2**31 + 64, "cuda")
+
+
 def test_quantize_outputs_are_not_differentiable():
     w = torch.randn(64, 64, requires_grad=True)
     assert not any(t.requires_grad for t in ops.quantize_nf4(w))

@@ -502,6 +502,56 @@ def test_cuda_small_m_forward_on_tensor_cores(shape, rows, dtype):
         assert_close_to_exact(linear_nf4(x, nf4, b), want, torch_same)
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_packed_codes_four_bytes_past_alignment_and_in_not_a_multiple_of_32(device, rows):
+    # On CUDA, packed codes 4 bytes past a 16-byte boundary take the 4-byte code loads (not the
+    # 16-byte ones, nor the aligned copy an odd address gets), as does in % 32 != 0 (4104): the
+    # same products, bit for bit, as from aligned codes, and close to the exact product.
+    for dtype in (torch.float32, torch.bfloat16):
+        nf4, dense, x = case((136, 4104), rows, dtype, device, batch=())
+        packed, codes, scales, offset = nf4.components()
+        grad_y = torch.randn(rows, 136, device=device).to(dtype)
+        y = ops.linear_nf4(x, packed, codes, scales, offset, 136)
+        gx = ops.linear_nf4_grad_input(grad_y, packed, codes, scales, offset, 4104)
+        assert_close_to_exact(y, x.double() @ dense.double().t(), F.linear(x, dense.to(dtype)))
+        assert_close_to_exact(gx, grad_y.double() @ dense.double(), grad_y @ dense.to(dtype))
+        for shift in (4, 8):
+            shifted = at_odd_address(packed, shift)
+            assert torch.equal(ops.linear_nf4(x, shifted, codes, scales, offset, 136), y)
+            assert torch.equal(ops.linear_nf4_grad_input(grad_y, shifted, codes, scales, offset, 4104), gx)
+
+
+@needs_cuda
+def test_cuda_ops_run_on_the_current_stream():
+    # Each op called on a side stream whose inputs are written there after a delay: an op that
+    # ran on another stream (the default one) would read them before they exist.
+    dtype = torch.bfloat16
+    nf4, _, x = case((4096, 4096), 64, dtype, "cuda", batch=())
+    w = torch.randn(4096, 4096, device="cuda").to(dtype)
+    gy = torch.randn(64, 4096, device="cuda").to(dtype)
+    calls = {  # rows 1: the fused kernels; 8: tensor cores; 64: the tiles and cuBLAS
+        **{f"linear_{m}": (lambda a, m=m: linear_nf4(a[:m], nf4), x) for m in (1, 8, 64)},
+        **{f"grad_input_{m}": (lambda a, m=m: ops.linear_nf4_grad_input(a[:m], *nf4.components(), 4096), gy) for m in (1, 64)},
+        "quantize": (lambda a: ops.quantize_nf4(a), w),
+        "dequantize": (lambda a: ops.dequantize_nf4(*ops.quantize_nf4(a), [4096, 4096], dtype), w),
+    }
+    for name, (call, source) in calls.items():
+        want = call(source)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(200_000_000)  # (GPU clock cycles: a tenth of a second or so)
+            fresh = source * 1  # written on the side stream, after the sleep
+            got = call(fresh)
+        torch.cuda.current_stream().wait_stream(side)
+        for g, e in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            if g.is_floating_point():  # (cuBLAS need not choose the same algorithm on each stream)
+                torch.testing.assert_close(g, e, rtol=1e-2, atol=1e-2, msg=name)
+            else:
+                assert torch.equal(g, e), name
+
+
 @needs_cuda
 @pytest.mark.parametrize("variable, good, rule, rows", [
     ("QLORA_CUDA_MMA_MIN_ROWS", "17", "must be a whole number >= 1", 8),  # 17: 8 bf16 rows on CUDA cores
