@@ -109,6 +109,20 @@ def test_compiles_with_inductor():
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
 
 
+def test_under_torch_func_it_is_the_formula(no_vmap_fallback):
+    # Its autograd function had no setup_context (torch.func refused it), and it picks the counted
+    # rows by value (nonzero, min), which vmap cannot batch: per-sample gradients failed.
+    torch.manual_seed(0)
+    hidden, weight, targets = _case("cpu", torch.float32, shape=(4, 9))
+    hidden = hidden.detach()
+    per_sample = torch.func.vmap(torch.func.grad(lambda h, t: lce.linear_cross_entropy_sum(h, weight, t, ignore_index=IGNORE)))
+    want = torch.func.vmap(torch.func.grad(_reference), in_dims=(0, None, 0))(hidden, weight, targets)
+    torch.testing.assert_close(per_sample(hidden, targets), want)
+    t = torch.randn_like(hidden)
+    got = torch.func.jvp(lambda h: lce.linear_cross_entropy_sum(h, weight, targets, ignore_index=IGNORE), (hidden,), (t,))
+    torch.testing.assert_close(got, torch.func.jvp(lambda h: _reference(h, weight, targets), (hidden,), (t,)))
+
+
 def test_bad_arguments_are_named():
     hidden, weight, targets = _case("cpu", torch.float32)
     with pytest.raises(ValueError, match=r"argument 'weight' must be \[vocab, 48\].*got shape \[301, 47\]"):

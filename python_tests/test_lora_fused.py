@@ -193,3 +193,80 @@ def test_forward_mode_ad_matches_the_composed_formula(quantize_base, dtype, devi
     with torch.autograd.forward_ad.dual_level():
         y = lin(torch.autograd.forward_ad.make_dual(x, tangents[0]))
         torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(y).tangent, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("quantize_base", [True, False], ids=["nf4", "dense"])
+def test_jvp_of_vmap_matches_the_composed_formula(quantize_base, no_vmap_fallback):
+    # jvp(vmap(...)) (and hessian of a loss vmapped over samples) hit torch's internal assert
+    # "Expected both tensor and its forward grad to be floating point" on the adapter's intermediate.
+    torch.manual_seed(0)
+    lin = LoRALinear(64, 32, rank=4, alpha=8.0, quantize_base=quantize_base)
+    nn.init.normal_(lin.lora_b.weight)
+    x, t = torch.randn(3, 5, 64), torch.randn(3, 5, 64)
+    base_w = lin.weight.dequantize(torch.float32) if quantize_base else lin.weight.detach()
+    a, b = lin.lora_a.weight.detach(), lin.lora_b.weight.detach()
+
+    def formula(x):
+        return F.linear(x, base_w) + lin.scaling * F.linear(F.linear(x, a), b)
+
+    got, want = (torch.func.jvp(torch.func.vmap(f), (x,), (t,)) for f in (lin, formula))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got, want = (torch.func.hessian(lambda x: torch.func.vmap(f)(x).pow(2).sum())(x[:, :1]) for f in (lin, formula))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_forward_mode_ad_through_a_dense_base_weight():
+    # A tangent on the frozen dense weight (jvp over every parameter, as an NTK computation does)
+    # was dropped: the fused function detaches its base. PEFT's LoRA (plain ops) gives it.
+    torch.manual_seed(0)
+    lin = LoRALinear(64, 32, rank=4, alpha=8.0, use_bias=True)
+    nn.init.normal_(lin.lora_b.weight)
+    params = {name: p.detach() for name, p in lin.named_parameters()}
+    tangents = {name: torch.randn_like(p) for name, p in params.items()}
+    x = torch.randn(3, 64)
+
+    def formula(p):
+        return F.linear(x, p["weight"], p["bias"]) + lin.scaling * F.linear(F.linear(x, p["lora_a.weight"]), p["lora_b.weight"])
+
+    got = torch.func.jvp(lambda p: torch.func.functional_call(lin, p, (x,)), (params,), (tangents,))
+    torch.testing.assert_close(got, torch.func.jvp(formula, (params,), (tangents,)), rtol=1e-5, atol=1e-5)
+    with torch.autograd.forward_ad.dual_level():
+        dual = {name: torch.autograd.forward_ad.make_dual(p, tangents[name]) for name, p in params.items()}
+        y = torch.func.functional_call(lin, dual, (x,))
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(y).tangent, got[1], rtol=1e-5, atol=1e-5)
+
+
+def test_an_open_dual_level_leaves_ordinary_calls_as_they_were(monkeypatch):
+    # Dual levels are process-wide: one open (in another thread, or around code whose tensors carry
+    # no tangent) sent every LoRALinear through the forward-mode function, which torch.compile
+    # refuses ("Unsupported custom jvp").
+    from qlora_ext.modules import lora_fused
+
+    lin = LoRALinear(64, 32, rank=4, alpha=8.0, quantize_base=True)
+    x = torch.randn(3, 64, requires_grad=True)
+    want = lin(x)
+
+    def refused(*args):
+        raise AssertionError("the forward-mode function was taken")
+
+    monkeypatch.setattr(lora_fused._LoRALinearForwardAD, "apply", refused)
+    compiled = torch.compile(lin, fullgraph=True, backend="aot_eager")
+    with torch.autograd.forward_ad.dual_level():
+        torch.testing.assert_close(lin(x), want)
+        torch.testing.assert_close(compiled(x), want)
+
+
+def test_an_nf4_weight_given_to_a_transform_is_named():
+    lin = LoRALinear(64, 32, rank=4, alpha=8.0, quantize_base=True)
+    x = torch.randn(3, 64)
+    params = dict(lin.named_parameters())
+    with pytest.raises(TypeError, match=r"^LoRALinear: a torch.func transform was given the frozen NF4 weight .* with the "
+                                        r"transform over trainable only$"):
+        torch.func.grad(lambda p: torch.func.functional_call(lin, p, (x,)).sum())(params)
+    # as the message says: the NF4 weight apart, the transform over the adapter only
+    trainable = {name: p.detach() for name, p in params.items() if "lora" in name}
+    frozen = {name: p for name, p in params.items() if "lora" not in name}
+    per_sample = torch.func.vmap(torch.func.grad(lambda p, x: torch.func.functional_call(lin, (p, frozen), (x,)).sum()),
+                                 in_dims=(None, 0))(trainable, x)
+    want = torch.autograd.grad(lin(x[1]).sum(), lin.lora_a.weight)[0]
+    torch.testing.assert_close(per_sample["lora_a.weight"][1], want)

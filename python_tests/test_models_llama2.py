@@ -198,6 +198,30 @@ def test_bf16_model_gives_float32_logits():
     assert model(torch.randint(0, 64, (1, 5))).dtype == torch.float32
 
 
+def test_per_sample_adapter_gradients_of_a_float32_qlora_model():
+    # Opacus-style per-sample gradients (torch.func.vmap over grad): RMSNorm's and RoPE's float32
+    # autograd functions had no setup_context, so torch.func refused any fp32 model.
+    torch.manual_seed(0)
+    model = qlora_llama2_tiny(["q_proj", "v_proj"], apply_lora_to_mlp=True)
+    for name, p in model.named_parameters():
+        if "lora_b" in name:
+            nn.init.normal_(p, std=0.02)
+    trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    frozen = {name: p for name, p in model.named_parameters() if not p.requires_grad}
+    tokens = torch.randint(0, 512, (3, 1, 7))  # 3 samples of one 7-token row
+
+    def loss(params, t):
+        return torch.func.functional_call(model, (params, frozen), (t,)).logsumexp(-1).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(trainable, tokens)
+    for i in range(3):
+        model.zero_grad()
+        model(tokens[i]).logsumexp(-1).sum().backward()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

@@ -87,6 +87,32 @@ def test_rope_float32_backward_matches_formula(positions):
     )
 
 
+def test_rms_norm_and_rope_under_torch_func_match_their_eager_gradients(no_vmap_fallback):
+    # Their float32 autograd functions had no setup_context: torch.func refused them ("it must
+    # override the setup_context staticmethod"), and a dual tensor found no jvp; they take the
+    # formula there, which gives what the functions give eagerly.
+    torch.manual_seed(0)
+    norm, rope = RMSNorm(32), RotaryPositionalEmbeddings(32, max_seq_len=8)
+    with torch.no_grad():
+        norm.scale.copy_(torch.rand(32) + 0.5)
+    xs = torch.randn(4, 1, 6, 2, 32)  # 4 samples of [b=1, s=6, heads=2, d=32]
+
+    def loss(x):
+        return rope(norm(x)).pow(2).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss))(xs)
+    for i in range(4):
+        x = xs[i].clone().requires_grad_()
+        torch.testing.assert_close(per_sample[i], torch.autograd.grad(loss(x), x)[0], rtol=1e-5, atol=1e-5)
+    t = torch.randn_like(xs[0])
+    _, tangent = torch.func.jvp(lambda x: rope(norm(x)), (xs[0],), (t,))
+    with torch.autograd.forward_ad.dual_level():
+        dual = rope(norm(torch.autograd.forward_ad.make_dual(xs[0], t)))
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(dual).tangent, tangent)
+    eps = 1e-3  # against central differences
+    torch.testing.assert_close(tangent, (rope(norm(xs[0] + eps * t)) - rope(norm(xs[0] - eps * t))) / (2 * eps), rtol=1e-2, atol=1e-2)
+
+
 def test_rope_rotates_halves_by_position_angle():
     dim, base = 16, 10_000.0
     rope = RotaryPositionalEmbeddings(dim, max_seq_len=32, base=base)

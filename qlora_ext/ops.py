@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad
 
 from qlora_ext import _extension  # noqa: F401  (registers torch.ops.qlora)
 from qlora_ext._fake_checks import check_bias, check_dequantize, check_matmul_input, check_quantizable
 from qlora_ext._tables import BLOCK_SIZE, SCALER_BLOCK_SIZE
+from qlora_ext._transforms import forward_ad_reaches, functorch_active
 
 _ops = torch.ops.qlora
 
@@ -82,8 +82,10 @@ def linear_nf4(
     bias: Tensor | None = None,
 ) -> Tensor:
     """``x @ W.T (+ bias)`` with W [out_features, in] given as its four NF4 components."""
-    if transform_active():
-        return _LinearNF4ForwardAD.apply(x, packed, absmax_codes, absmax_scales, absmax_offset, out_features, bias)
+    forward_mode = forward_ad_reaches(x, bias)
+    if forward_mode or functorch_active():  # (see the functions' comment below)
+        function = _LinearNF4ForwardAD if forward_mode else _LinearNF4Function
+        return function.apply(x, packed, absmax_codes, absmax_scales, absmax_offset, out_features, bias)
     return _ops.linear_nf4(x, packed, absmax_codes, absmax_scales, absmax_offset, out_features, bias)
 
 
@@ -103,8 +105,10 @@ def linear_nf4_grad_input(
     in_features: int,
 ) -> Tensor:
     """``grad_y @ W`` with W [out, in_features] given as its four NF4 components."""
-    if transform_active():
-        return _GradInputNF4ForwardAD.apply(grad_y, packed, absmax_codes, absmax_scales, absmax_offset, in_features)
+    forward_mode = forward_ad_reaches(grad_y)
+    if forward_mode or functorch_active():
+        function = _GradInputNF4ForwardAD if forward_mode else _GradInputNF4Function
+        return function.apply(grad_y, packed, absmax_codes, absmax_scales, absmax_offset, in_features)
     return _ops.linear_nf4_grad_input(grad_y, packed, absmax_codes, absmax_scales, absmax_offset, in_features)
 
 
@@ -159,22 +163,17 @@ torch.library.register_autograd(
 
 
 # torch.func and forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd / hessian).
-# register_autograd has no forward rule, and torch runs an op whose inputs need no gradient below
-# autograd: a dual x's tangent was silently dropped (a zero tangent from torch.func.jvp); and
-# torch.func.grad / jacrev refused the op ("it must override the setup_context staticmethod").
-# While a dual level or a torch.func transform is active, the wrappers above go through these
-# functions instead; both ops are linear in their first argument (and in bias), so the tangent is
-# the same op applied to the tangents. Otherwise (training, torch.compile) the ops are called
-# directly, as before.
+# register_autograd's function has no setup_context, which torch.func needs (grad and jacrev
+# refused the op), and no forward rule: torch runs an op whose inputs need no gradient below
+# autograd, so a dual x's tangent was silently dropped (a zero tangent from torch.func.jvp). While
+# a transform is at work (qlora_ext._transforms), the wrappers above go through these functions
+# instead: the first with backward only, the second with a forward rule too, taken only where
+# forward mode reaches the call (torch.compile refuses a function with a jvp). Both ops are linear
+# in their first argument (and in bias), so the tangent is the same op applied to the tangents.
+# Otherwise (training, torch.compile) the ops are called directly.
 
 
-def transform_active() -> bool:
-    """Whether a ``torch.func`` transform (vmap, grad, jvp ...) or a forward-mode dual level
-    (``torch.autograd.forward_ad``) is active."""
-    return forward_ad._current_level >= 0 or torch._C._functorch.get_dynamic_layer_stack_depth() > 0
-
-
-class _LinearNF4ForwardAD(torch.autograd.Function):
+class _LinearNF4Function(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
@@ -184,12 +183,18 @@ class _LinearNF4ForwardAD(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _linear_setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*inputs[1:5])
-        ctx.x_shape, ctx.x_dtype, ctx.out_features = inputs[0].shape, inputs[0].dtype, inputs[5]
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         return _linear_backward(ctx, grad_y)
+
+
+class _LinearNF4ForwardAD(_LinearNF4Function):
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _linear_setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[1:5])
+        ctx.x_shape, ctx.x_dtype, ctx.out_features = inputs[0].shape, inputs[0].dtype, inputs[5]
 
     @staticmethod
     def jvp(ctx, x_tangent, _packed, _codes, _scales, _offset, _out_features, bias_tangent):
@@ -200,7 +205,7 @@ class _LinearNF4ForwardAD(torch.autograd.Function):
         return linear_nf4(x_tangent, *weight, ctx.out_features, bias_tangent)
 
 
-class _GradInputNF4ForwardAD(torch.autograd.Function):
+class _GradInputNF4Function(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
@@ -210,12 +215,18 @@ class _GradInputNF4ForwardAD(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _grad_input_setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*inputs[1:5])
-        ctx.in_features = inputs[5]
 
     @staticmethod
     def backward(ctx, grad_grad_x: Tensor):
         return _grad_input_backward(ctx, grad_grad_x)
+
+
+class _GradInputNF4ForwardAD(_GradInputNF4Function):
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _grad_input_setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[1:5])
+        ctx.in_features = inputs[5]
 
     @staticmethod
     def jvp(ctx, grad_y_tangent, _packed, _codes, _scales, _offset, _in_features):

@@ -18,7 +18,10 @@ from __future__ import annotations
 import threading
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from qlora_ext._transforms import transforms_reach
 
 # Bytes of fp32 logits per chunk: large enough that each chunk's matrix products stay compute-bound
 # (on the 2-core AVX-512 CPU, [rows, d] x [d, 32000] runs about 8% faster at 384-512 rows than at
@@ -167,6 +170,9 @@ def linear_cross_entropy_sum(hidden: Tensor, weight: Tensor, targets: Tensor, *,
         )
     vocab = weight.shape[0]
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # [n, d], [n]
+    if transforms_reach(hidden):  # torch.func, forward-mode AD: the formula (no rows picked by value, no jvp needed)
+        logits = torch.mm(hidden.to(weight.dtype), weight.t()).float()
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
     counted = targets != ignore_index
     rows = counted.nonzero().squeeze(1)
     if rows.numel() != targets.numel():  # only the rows that count

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qlora_ext import ops
+from qlora_ext._transforms import forward_ad_reaches, functorch_active
 from qlora_ext.nf4 import NF4Tensor
 
 
@@ -40,6 +41,16 @@ def _base_grad_input(grad_y: Tensor, weight: tuple[Tensor, ...], in_features: in
     if len(weight) == 1:  # under autocast a dense fp32 weight met a bf16 x in forward: cast as it did
         return grad_y @ weight[0].to(grad_y.dtype)
     return ops.linear_nf4_grad_input(grad_y, *weight, in_features)
+
+
+def _save_for_backward(ctx, inputs, output) -> None:
+    x, x_lora, a_weight, b_weight, scaling, bias, out_features, *weight = inputs
+    weight = [w for w in weight if w is not None]
+    # The inputs themselves are saved (not views or casts made here), so that backward, written in
+    # differentiable ops of them, also gives second derivatives.
+    ctx.save_for_backward(x if x_lora is None else x_lora, output[1], a_weight, b_weight, *weight)
+    ctx.scaling, ctx.in_features, ctx.lora_in_is_x = scaling, x.shape[-1], x_lora is None
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 class _LoRALinearFunction(torch.autograd.Function):
@@ -62,22 +73,15 @@ class _LoRALinearFunction(torch.autograd.Function):
         lora_input = x if x_lora is None else x_lora
         y = _base_forward(x, weight, out_features, bias)  # [..., out], fresh
         a = torch.mm(lora_input.reshape(-1, in_features), a_weight.to(x.dtype).t())  # [t, rank]
-        if ops.transform_active():  # vmap has no in-place rule (it ran addmm_ sample by sample)
+        if functorch_active():  # vmap has no in-place rule (it ran addmm_ sample by sample)
             return y + scaling * torch.mm(a, b_weight.to(x.dtype).t()).view(y.shape), a
         y.view(-1, out_features).addmm_(a, b_weight.to(x.dtype).t(), alpha=scaling)  # y += scaling * a @ B.T
         return y, a
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, x_lora, a_weight, b_weight, scaling, bias, out_features, *weight = inputs
-        weight = [w for w in weight if w is not None]
-        a = output[1]
-        ctx.mark_non_differentiable(a)
-        # The inputs themselves are saved (not views or casts made here), so that backward,
-        # written in differentiable ops of them, also gives second derivatives.
-        ctx.save_for_backward(x if x_lora is None else x_lora, a, a_weight, b_weight, *weight)
-        ctx.scaling, ctx.in_features, ctx.lora_in_is_x = scaling, x.shape[-1], x_lora is None
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(output[1])
+        _save_for_backward(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, grad_y, grad_a=None):
@@ -99,7 +103,7 @@ class _LoRALinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _base_grad_input(grad_y, weight, ctx.in_features)  # [..., in], fresh
             # create_graph: no in-place on an op's output; vmap: no in-place rule
-            if ctx.lora_in_is_x and (torch.is_grad_enabled() or ops.transform_active()):
+            if ctx.lora_in_is_x and (torch.is_grad_enabled() or functorch_active()):
                 grad_x = grad_x + torch.mm(grad_a, a_w).view(grad_x.shape)
             elif ctx.lora_in_is_x:
                 grad_x.view(-1, ctx.in_features).addmm_(grad_a, a_w)
@@ -112,12 +116,14 @@ class _LoRALinearFunction(torch.autograd.Function):
 
 class _LoRALinearForwardAD(_LoRALinearFunction):
     """The same function with a forward-mode rule (torch.func.jvp, jacfwd, torch.autograd.forward_ad),
-    taken only while a torch.func transform or a dual level is active: torch.compile does not trace
-    a function that has a ``jvp``."""
+    taken only where forward mode reaches the call (qlora_ext._transforms): torch.compile does not
+    trace a function that has a ``jvp``."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _LoRALinearFunction.setup_context(ctx, inputs, output)
+        # The intermediate a stays differentiable here, with its own tangent: for a non-differentiable
+        # output torch wants None from jvp, but under jvp(vmap(...)) None hits an internal assert.
+        _save_for_backward(ctx, inputs, output)
         x, x_lora, a_weight, b_weight, _, _, out_features, *weight = inputs
         ctx.save_for_forward(x if x_lora is None else x_lora, output[1], a_weight, b_weight, *(w for w in weight if w is not None))
         ctx.out_shape, ctx.out_features = (*x.shape[:-1], out_features), out_features
@@ -144,7 +150,7 @@ class _LoRALinearForwardAD(_LoRALinearFunction):
             flat = flat + ctx.scaling * torch.mm(a_t, b_weight.to(dtype).t())
         if b_weight_t is not None:
             flat = flat + ctx.scaling * torch.mm(a, b_weight_t.to(dtype).t())
-        return flat.view(ctx.out_shape), None
+        return flat.view(ctx.out_shape), a_t if a_t is not None else torch.zeros_like(a)
 
 
 def lora_linear(
@@ -175,5 +181,6 @@ def lora_linear(
         base = weight.components()
     else:
         base = (weight.detach(), None, None, None)
-    function = _LoRALinearForwardAD if ops.transform_active() else _LoRALinearFunction
+    forward_mode = forward_ad_reaches(x, x_lora, a_weight, b_weight, bias)
+    function = _LoRALinearForwardAD if forward_mode else _LoRALinearFunction
     return function.apply(x, x_lora, a_weight, b_weight, scaling, bias, weight.shape[0], *base)[0]

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext._dtypes import FLOAT_DTYPES, autocast_dtype
 from qlora_ext._tables import BLOCK_SIZE, SCALER_BLOCK_SIZE
+from qlora_ext._transforms import forward_ad_reaches, functorch_active, unwrapped
 from qlora_ext.modules.adapter_module import AdapterModule
 from qlora_ext.modules.lora_fused import lora_linear
 from qlora_ext.nf4 import NF4Tensor, linear_nf4, reparametrize_as_dtype_state_dict_post_hook, to_nf4
@@ -140,12 +141,20 @@ class LoRALinear(nn.Module, AdapterModule):
         return self.alpha / self.rank
 
     def forward(self, x: Tensor) -> Tensor:
+        if functorch_active() and not isinstance(self.weight, NF4Tensor) and isinstance(unwrapped(self.weight), NF4Tensor):
+            raise TypeError(
+                "LoRALinear: a torch.func transform was given the frozen NF4 weight as an argument to differentiate (or "
+                "map); pass the NF4 weights apart, e.g. torch.func.functional_call(model, (trainable, frozen), args) "
+                "with the transform over trainable only"
+            )
         if self.disabled and self.merged:
             self.unmerge_()  # base-only output needs the base without the adapter, as PEFT does
         if self.disabled or self.merged:
             return self._base(x)
         x_lora = None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
-        if self._adapter_dtype(x) == x.dtype and not self.weight.requires_grad:
+        # (a dense weight with a tangent needs no gradient either, but the fused function's base is frozen)
+        dense_tangent = not isinstance(self.weight, NF4Tensor) and forward_ad_reaches(self.weight, self.bias)
+        if self._adapter_dtype(x) == x.dtype and not self.weight.requires_grad and not dense_tangent:
             return lora_linear(x, self.weight, self.bias, self.lora_a.weight, self.lora_b.weight, self.scaling, x_lora)
         lora_out = self.lora_b(self.lora_a(x if x_lora is None else x_lora))
         return self._base(x) + self.scaling * lora_out

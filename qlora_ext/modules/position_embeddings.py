@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from qlora_ext._arguments import is_finite_real
+from qlora_ext._transforms import transforms_reach
 
 
 class _RotateHalfFunction(torch.autograd.Function):
@@ -105,8 +106,8 @@ class RotaryPositionalEmbeddings(nn.Module):
         # Cast the tables to x's dtype before multiplying, as HF does, so bf16 runs round alike.
         cos = cos.unsqueeze(-2).to(x.dtype)  # [..., s, 1, d]: broadcast over heads
         sin = sin.unsqueeze(-2).to(x.dtype)
-        if x.dtype == torch.float32 and not torch.compiler.is_compiling():
-            return _RotateHalfFunction.apply(x, cos, sin)
+        if x.dtype == torch.float32 and not torch.compiler.is_compiling() and not transforms_reach(x):
+            return _RotateHalfFunction.apply(x, cos, sin)  # (torch.func and forward-mode AD take the formula)
         half = self.dim // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from qlora_ext._arguments import is_finite_real
+from qlora_ext._transforms import transforms_reach
 
 
 def _inv_rms(x: Tensor, eps: float) -> Tensor:
@@ -66,7 +67,8 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and self.scale.dtype == torch.float32 and not torch.compiler.is_compiling():
+        fused = x.dtype == torch.float32 and self.scale.dtype == torch.float32 and not torch.compiler.is_compiling()
+        if fused and not transforms_reach(x, self.scale):  # (torch.func and forward-mode AD take the formula)
             return _RMSNormFunction.apply(x, self.scale, self.eps)
         # The statistic is taken in float32 even for bf16 activations (as Llama and HF do): the
         # mean of squares of 4096 bf16 values loses too much otherwise. Casting back before the
