@@ -18,24 +18,25 @@ from torch.autograd import forward_ad
 
 def functorch_active() -> bool:
     """A torch.func transform is active (calls inside vmap, grad, jvp, jacrev ...)."""
-    return torch._C._functorch.get_dynamic_layer_stack_depth() > 0
+    # (asked so, torch.compile's dynamo answers it too, on torch 2.11 as on 2.14: it did not trace
+    # get_dynamic_layer_stack_depth on 2.11, and took the interpreter stack for never None)
+    return isinstance(torch._C._functorch.peek_interpreter_stack(), torch._C._functorch.CInterpreter)
 
 
 def forward_ad_reaches(*tensors: Tensor | None) -> bool:
     """Forward-mode AD may need the call's output tangent: a torch.func jvp (jacfwd, hessian,
     linearize ...) is active, or one of ``tensors`` has a tangent at an open dual level."""
-    jvp = torch._C._functorch.TransformType.Jvp
-    if functorch_active():
+    functorch = functorch_active()
+    if functorch:
         if torch.compiler.is_compiling():
             # dynamo cannot trace these functions under a transform ("You tried to vmap over
             # ApplyTemplate"); one with a jvp it refuses cleanly, running that part eagerly
             return True
+        jvp = torch._C._functorch.TransformType.Jvp
         if any(interpreter.key() == jvp for interpreter in torch._C._functorch.get_interpreter_stack() or ()):
             return True
-    if forward_ad._current_level >= 0:
-        if functorch_active():  # (unpack_dual cannot look into a vmapped tensor)
-            return True
-        return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    if forward_ad._current_level >= 0:  # (unpack_dual cannot look into a vmapped tensor: under torch.func, yes)
+        return functorch or any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
     return False
 
 
