@@ -71,9 +71,10 @@ def _seed(request):
 @pytest.fixture
 def no_vmap_fallback():
     """torch.func.vmap raises at an op without a batching rule, rather than running it sample by sample."""
+    before = torch._C._functorch._is_vmap_fallback_enabled()
     torch._C._functorch._set_vmap_fallback_enabled(False)
     yield
-    torch._C._functorch._set_vmap_fallback_enabled(True)
+    torch._C._functorch._set_vmap_fallback_enabled(before)
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:

@@ -123,6 +123,31 @@ def test_under_torch_func_it_is_the_formula(no_vmap_fallback):
     torch.testing.assert_close(got, torch.func.jvp(lambda h: _reference(h, weight, targets), (hidden,), (t,)))
 
 
+def test_under_torch_func_the_weights_tangent_autocast_and_bad_targets_are_as_without(no_vmap_fallback):
+    # A dual output weight found the chunked function (no jvp); under CPU autocast the formula's
+    # product was rounded to bf16 while the chunked one stays float32 (per-sample losses 2e-4 off
+    # the eager ones); a target out of range gave torch's IndexError, not this function's error.
+    torch.manual_seed(0)
+    hidden, weight, targets = _case("cpu", torch.float32, shape=(4, 9))
+    hidden = hidden.detach()
+    t = torch.randn_like(weight)
+    want = torch.func.jvp(lambda w: _reference(hidden, w, targets), (weight,), (t,))[1]
+    with torch.autograd.forward_ad.dual_level():
+        loss = lce.linear_cross_entropy_sum(hidden, torch.autograd.forward_ad.make_dual(weight, t), targets, ignore_index=IGNORE)
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(loss).tangent, want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (the losses; a backward run under autocast is the caller's)
+        per_sample = torch.func.vmap(lambda h, t: lce.linear_cross_entropy_sum(h, weight, t, ignore_index=IGNORE))(hidden, targets)
+        for i in range(4):
+            eager = lce.linear_cross_entropy_sum(hidden[i], weight, targets[i], ignore_index=IGNORE)
+            torch.testing.assert_close(per_sample[i], eager, rtol=1e-6, atol=1e-5)
+    targets[0, 0] = 301
+    message = r"argument 'targets' must be in \[0, 301\) or ignore_index=-100; got 301"
+    with pytest.raises(ValueError, match=message):
+        torch.func.grad(lambda h: lce.linear_cross_entropy_sum(h, weight, targets, ignore_index=IGNORE))(hidden)
+    with pytest.raises(ValueError, match=message):
+        torch.func.jvp(lambda h: lce.linear_cross_entropy_sum(h, weight, targets, ignore_index=IGNORE), (hidden,), (hidden,))
+
+
 def test_bad_arguments_are_named():
     hidden, weight, targets = _case("cpu", torch.float32)
     with pytest.raises(ValueError, match=r"argument 'weight' must be \[vocab, 48\].*got shape \[301, 47\]"):

@@ -6,7 +6,7 @@ autograd comes from ``torch.library.register_autograd`` (no setup_context that t
 no forward-mode rule), and the fused autograd functions of the modules add in place and keep
 buffers. While a transform is at work they give way to forms the transforms take; otherwise (and
 so under ``torch.compile`` of ordinary training) nothing changes. Dual levels are process-wide, so
-forward mode counts only where a call's own tensors carry a tangent.
+outside torch.func transforms forward mode counts only where a call's own tensors carry a tangent.
 """
 
 from __future__ import annotations
@@ -18,14 +18,18 @@ from torch.autograd import forward_ad
 
 def functorch_active() -> bool:
     """A torch.func transform is active (calls inside vmap, grad, jvp, jacrev ...)."""
-    # (asked so, torch.compile's dynamo answers it too, on torch 2.11 as on 2.14: it did not trace
-    # get_dynamic_layer_stack_depth on 2.11, and took the interpreter stack for never None)
+    # Asked this way so that torch.compile (dynamo) can answer it while tracing, on torch 2.11 as
+    # on 2.14. Other ways failed: dynamo on 2.11 cannot call get_dynamic_layer_stack_depth, and
+    # `peek_interpreter_stack() is not None` was always True under dynamo.
     return isinstance(torch._C._functorch.peek_interpreter_stack(), torch._C._functorch.CInterpreter)
 
 
 def forward_ad_reaches(*tensors: Tensor | None) -> bool:
     """Forward-mode AD may need the call's output tangent: a torch.func jvp (jacfwd, hessian,
-    linearize ...) is active, or one of ``tensors`` has a tangent at an open dual level."""
+    linearize ...) is active, or one of ``tensors`` has a tangent at an open dual level. Inside any
+    torch.func transform it also answers yes while a dual level is open (the tangents of vmapped
+    tensors cannot be looked up) and while torch.compile traces (see below): a function with a jvp
+    gives the same results, only a little more work."""
     functorch = functorch_active()
     if functorch:
         if torch.compiler.is_compiling():
@@ -50,3 +54,13 @@ def unwrapped(t: Tensor) -> Tensor:
     while torch._C._functorch.is_functorch_wrapped_tensor(t):
         t = torch._C._functorch.get_unwrapped(t)
     return t
+
+
+def vmapped(t: Tensor) -> bool:
+    """``t`` is batched by a torch.func.vmap (under any other transforms' wrappers): its values
+    cannot be read (``int(t)``, ``bool(t.any())``, boolean-mask indexing)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if torch._C._functorch.is_batchedtensor(t):
+            return True
+        t = torch._C._functorch.get_unwrapped(t)
+    return False

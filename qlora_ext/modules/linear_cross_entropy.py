@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qlora_ext._transforms import transforms_reach
+from qlora_ext._transforms import transforms_reach, vmapped
 
 # Bytes of fp32 logits per chunk: large enough that each chunk's matrix products stay compute-bound
 # (on the 2-core AVX-512 CPU, [rows, d] x [d, 32000] runs about 8% faster at 384-512 rows than at
@@ -122,6 +122,15 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
 
 
+def _check_targets(targets: Tensor, vocab: int, ignore_index: int) -> None:
+    bad = targets[(targets != ignore_index) & ((targets < 0) | (targets >= vocab))]
+    if bad.numel():
+        raise ValueError(
+            f"linear_cross_entropy_sum: argument 'targets' must be in [0, {vocab}) or ignore_index={ignore_index}; "
+            f"got {int(bad[0])}"
+        )
+
+
 def linear_cross_entropy_sum(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100) -> Tensor:
     """Summed cross entropy of ``hidden @ weight.T`` against ``targets``, skipping ``ignore_index``.
 
@@ -170,19 +179,21 @@ def linear_cross_entropy_sum(hidden: Tensor, weight: Tensor, targets: Tensor, *,
         )
     vocab = weight.shape[0]
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # [n, d], [n]
-    if transforms_reach(hidden):  # torch.func, forward-mode AD: the formula (no rows picked by value, no jvp needed)
-        logits = torch.mm(hidden.to(weight.dtype), weight.t()).float()
+    if transforms_reach(hidden, weight):
+        # torch.func and forward-mode AD take the formula: no rows picked by value (vmap cannot),
+        # no autograd function without a jvp. Its product in the weight's dtype, as below, also
+        # under autocast (which would round an fp32 one to bf16).
+        if not vmapped(targets):  # (vmap cannot read the values either)
+            _check_targets(targets, vocab, ignore_index)
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = torch.mm(hidden.to(weight.dtype), weight.t()).float()
         return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
     counted = targets != ignore_index
     rows = counted.nonzero().squeeze(1)
     if rows.numel() != targets.numel():  # only the rows that count
         hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
-        bad = targets[(targets < 0) | (targets >= vocab)][0]
-        raise ValueError(
-            f"linear_cross_entropy_sum: argument 'targets' must be in [0, {vocab}) or ignore_index={ignore_index}; "
-            f"got {int(bad)}"
-        )
+        _check_targets(targets, vocab, ignore_index)
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
     return _LinearCrossEntropySum.apply(hidden.contiguous(), weight, targets, _chunk_rows(vocab, hidden.device))

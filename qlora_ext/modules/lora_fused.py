@@ -12,7 +12,9 @@ linear (512 tokens, rank 8, fp32, in/out among 256, 768 and 2048) took 15-36% le
 (measured ad hoc, not in bench/).
 
 Backward is written in differentiable ops of the inputs, so second derivatives work (with
-``create_graph`` it recomputes that intermediate and adds out of place).
+``create_graph`` it recomputes that intermediate and adds out of place). Under torch.func
+transforms (vmap has no in-place rule) the adds are out of place too, and where forward-mode AD
+reaches the call a subclass with a ``jvp`` is taken (qlora_ext._transforms).
 
 The weight gets no gradient (that is what "frozen" means here; a trainable base takes the
 composed path in ``LoRALinear``), and the adapter computes in the input's dtype.

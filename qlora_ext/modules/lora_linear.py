@@ -38,7 +38,8 @@ class LoRALinear(nn.Module, AdapterModule):
     ``lora_a`` starts kaiming-uniform and ``lora_b`` at zero, so a new adapter changes nothing.
     With a frozen base and the adapter computing in the input's dtype (or autocast's), forward and
     backward run as one autograd function (``qlora_ext.modules.lora_fused``) that adds the adapter
-    into the base output in place; otherwise (a trainable base weight) module by module.
+    into the base output in place (out of place under torch.func transforms); otherwise (a
+    trainable base weight, or a dense one with a forward-mode tangent) module by module.
     Set ``disabled = True`` (or use ``qlora_ext.modules.peft.disable_adapter``) for base-only
     output; a merged adapter is then taken back out of the base first (``unmerge_``, as PEFT does).
     ``load_state_dict(..., assign=True)`` quantizes a dense ``weight`` entry for an NF4 base.
@@ -152,7 +153,8 @@ class LoRALinear(nn.Module, AdapterModule):
         if self.disabled or self.merged:
             return self._base(x)
         x_lora = None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
-        # (a dense weight with a tangent needs no gradient either, but the fused function's base is frozen)
+        # A tangent on a dense base (forward-mode AD over every parameter) leaves it requires_grad=False,
+        # but the fused function would drop it: the composed path keeps it.
         dense_tangent = not isinstance(self.weight, NF4Tensor) and forward_ad_reaches(self.weight, self.bias)
         if self._adapter_dtype(x) == x.dtype and not self.weight.requires_grad and not dense_tangent:
             return lora_linear(x, self.weight, self.bias, self.lora_a.weight, self.lora_b.weight, self.scaling, x_lora)
