@@ -10,7 +10,10 @@
 // hardware's memory model and its rounding inside mma) is bench/gpu_check.sh's job.
 //
 //   test_cuda_emulated               the fixed cases (ctest)
+//   test_cuda_emulated --extended [P] edge shapes and values (about 60 s on 2 cores; ctest), or
+//                                    only the cases whose "dtype name" contains P
 //   test_cuda_emulated --random S    60 random shapes from seed S (about 25 s on 2 cores)
+// Built with -fsanitize=address, every buffer is an exact heap block instead (see GuardedBuffer).
 #include "cuda_emulator.h"  // first: it defines what the kernel headers expect from nvcc
 
 #include <signal.h>
@@ -19,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -43,29 +47,46 @@ GuardSide& guard_side() {
 
 // `n` elements of T in host memory between two inaccessible pages, flush against the one
 // guard_side() says. The start is aligned as the kernels' vector accesses need (16 bytes, 32 for
-// float), and the size is rounded up to that alignment only. Filled with 0xff bytes (NaN in every
-// float type), so that an element no kernel wrote shows.
+// float), or `phase` bytes past such an address (a pointer the host passes with less alignment,
+// e.g. packed codes only 4-byte aligned), and the end lies at most that alignment before the
+// page. Filled with 0xff bytes (NaN in every float type), so that an element no kernel wrote
+// shows. Built with AddressSanitizer (-fsanitize=address), the buffer is instead a heap block of
+// exactly n elements (plus `phase` bytes before them): ASan's redzones then catch an access even
+// one byte past the end, which the alignment slack before a guard page hides.
 template <typename T>
 class GuardedBuffer {
  public:
-  explicit GuardedBuffer(int64_t n) : n_(n) {
+  explicit GuardedBuffer(int64_t n, int64_t phase = 0) : n_(n) {
     const int64_t align = std::max<int64_t>(16, 8 * sizeof(T));
-    bytes_ = round_up_to(std::max<int64_t>(n, 1) * sizeof(T), align);
+    bytes_ = std::max<int64_t>(n, 1) * sizeof(T);
+#if defined(__SANITIZE_ADDRESS__)
+    void* p = nullptr;
+    if (posix_memalign(&p, 64, bytes_ + phase) != 0) std::abort();
+    base_ = static_cast<char*>(p);
+    map_bytes_ = 0;
+    data_ = reinterpret_cast<T*>(base_ + phase);
+#else
     const int64_t page = sysconf(_SC_PAGESIZE);
-    map_bytes_ = page + round_up_to(bytes_, page) + page;
+    const int64_t span = round_up_to(bytes_ + phase, align);
+    map_bytes_ = page + round_up_to(span, page) + page;
     void* p = mmap(nullptr, map_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) std::abort();
     base_ = static_cast<char*>(p);
     if (mprotect(base_, page, PROT_NONE) != 0) std::abort();
     if (mprotect(base_ + map_bytes_ - page, page, PROT_NONE) != 0) std::abort();
     data_ = reinterpret_cast<T*>(guard_side() == GuardSide::kAfter
-                                     ? base_ + map_bytes_ - page - bytes_
-                                     : base_ + page);
+                                     ? base_ + map_bytes_ - page - span + phase
+                                     : base_ + page + phase);
+#endif
     poison();
   }
   GuardedBuffer(const GuardedBuffer&) = delete;
   GuardedBuffer& operator=(const GuardedBuffer&) = delete;
+#if defined(__SANITIZE_ADDRESS__)
+  ~GuardedBuffer() { std::free(base_); }
+#else
   ~GuardedBuffer() { munmap(base_, map_bytes_); }
+#endif
 
   T* data() { return data_; }
   const T* data() const { return data_; }
@@ -167,6 +188,13 @@ std::vector<T> random_weights(int64_t numel, unsigned seed) {
   return w;
 }
 
+// Where the components of an NF4 weight start relative to an aligned address: the ops pass the
+// packed codes 4-byte aligned (contiguous_aligned(packed, 4)), the absmax codes at any byte, the
+// scales and offset 4-byte aligned.
+struct Phases {
+  int64_t packed = 0, codes = 0, scales = 0, offset = 0;
+};
+
 // An NF4 weight made by the CPU kernel cores, in guarded buffers, with its decoded float32 values.
 struct Nf4Weight {
   int64_t numel, nblocks, groups;
@@ -174,15 +202,20 @@ struct Nf4Weight {
   GuardedBuffer<float> scales, offset;
   std::vector<float> dense;
 
-  explicit Nf4Weight(const std::vector<float>& w)
+  explicit Nf4Weight(const std::vector<float>& w, Phases ph = {})
       : numel(static_cast<int64_t>(w.size())),
         nblocks(numel / kBlockSize),
         groups((nblocks + kScalerBlockSize - 1) / kScalerBlockSize),
-        packed(numel / 2),
-        codes(nblocks),
-        scales(groups),
-        offset(1),
+        packed(numel / 2, ph.packed),
+        codes(nblocks, ph.codes),
+        scales(groups, ph.scales),
+        offset(1, ph.offset),
         dense(numel) {
+    if (numel % kBlockSize != 0) {  // the ops refuse such a weight; its last weights have no absmax
+      std::fprintf(stderr, "test error: an NF4 weight of %lld elements, not whole blocks of 64\n",
+                   static_cast<long long>(numel));
+      std::abort();
+    }
     std::vector<float> absmax(nblocks);
     cpu::portable_kernels().quantize_blocks(w.data(), cpu::DType::kFloat32, 0, nblocks,
                                              packed.data(), absmax.data());
@@ -207,10 +240,12 @@ void copy_as(const std::vector<float>& from, GuardedBuffer<T>& to) {
 
 // |got - want| within float32 accumulation error of the terms' magnitudes (`abs_sum`) plus the
 // rounding of a result stored as T; a NaN (an element nobody wrote) fails.
+// (plus half the spacing of T's subnormals: float16 results under 6.1e-5 round to 6e-8 steps).
 template <typename T>
 bool close(T got, double want, double abs_sum) {
   const double g = Elem<T>::to_float(got);
-  return std::isfinite(g) && std::abs(g - want) <= 2e-5 * abs_sum + 1e-30 +
+  const double subnormal_half_step = std::is_same_v<T, __half> ? std::ldexp(1.0, -25) : 0.0;
+  return std::isfinite(g) && std::abs(g - want) <= 2e-5 * abs_sum + 1e-30 + subnormal_half_step +
                                                      Elem<T>::rounding * std::abs(want);
 }
 
@@ -365,7 +400,7 @@ void check_tile(const Nf4Weight& w, LinearShape s, int64_t row0, int64_t rows, i
 
 template <typename T>
 void dequantize_tiles_match_slices() {
-  for (const LinearShape s : {LinearShape{40, 64}, {130, 200}, {16, 36}, {9, 512}}) {
+  for (const LinearShape s : {LinearShape{40, 64}, {136, 200}, {16, 36}, {9, 512}}) {
     const Nf4Weight w(random_floats(s.N * s.K, 60 + s.N));
     for (const int64_t tiles : {2, 3, 4}) {
       const int64_t rows = cuda::tile_extent(s.N, tiles);
@@ -388,8 +423,9 @@ void dequantize_tiles_match_slices() {
 // by the tensor-core one (launch_gemv_rows_mma, whose weights are rounded to T before the product,
 // as its registers hold them).
 template <typename T, bool tensor_cores>
-void check_forward(const Nf4Weight& w, LinearShape s, int M, bool with_bias, unsigned seed) {
-  GuardedBuffer<T> x(M * s.K), bias(s.N), y(M * s.N);
+void check_forward(const Nf4Weight& w, LinearShape s, int M, bool with_bias, unsigned seed,
+                   int64_t bias_phase = 0) {
+  GuardedBuffer<T> x(M * s.K), bias(s.N, bias_phase), y(M * s.N);
   copy_as(random_floats(M * s.K, seed), x);
   copy_as(random_floats(s.N, seed + 1), bias);
   const T* b = with_bias ? bias.data() : nullptr;
@@ -426,7 +462,7 @@ void gemv_rows_matches_float64() {
   // one row; one word per row (K = 8: a single lane works); odd N; fewer NF4 blocks along K than
   // the tensor-core kernel's 16 warps (9), and more (40: each warp prefetches its next block); more
   // 16-byte chunks per row than the CUDA-core kernel loads ahead (K = 11008: 344 > 4 x 32)
-  const LinearShape shapes[] = {{1, 64},   {8, 8},     {37, 64}, {45, 200},
+  const LinearShape shapes[] = {{1, 64},   {8, 8},     {37, 64}, {40, 200},
                                 {33, 576}, {19, 2560}, {5, 11008}};
   for (const LinearShape s : shapes) {
     if (tensor_cores && s.K % kBlockSize != 0) continue;
@@ -440,8 +476,8 @@ void gemv_rows_matches_float64() {
 // gx = gy W by the backward (gemv_cols: passes of 8 rows of gy, slices of W's rows summed in
 // order), including more slices than kMaxSlices would allow at kRowsPerSlice rows each.
 template <typename T>
-void check_backward(const Nf4Weight& w, LinearShape s, int M, unsigned seed) {
-  GuardedBuffer<T> gy(M * s.N), gx(M * s.K);
+void check_backward(const Nf4Weight& w, LinearShape s, int M, unsigned seed, int64_t gy_phase = 0) {
+  GuardedBuffer<T> gy(M * s.N, gy_phase), gx(M * s.K);
   copy_as(random_floats(M * s.N, seed), gy);
   GuardedBuffer<float> partial(cuda::cols_slices(s.N).slices * M * s.K);
   run_in_both_orders(
@@ -459,7 +495,12 @@ void check_backward(const Nf4Weight& w, LinearShape s, int M, unsigned seed) {
         sum += term;
         abs_sum += std::abs(term);
       }
-      wrong += !close(gx[m * s.K + k], sum, abs_sum);
+      const bool ok = close(gx[m * s.K + k], sum, abs_sum);
+      if (!ok && wrong < 5) {
+        std::fprintf(stderr, "    gx[%d, %lld] = %.9g, want %.9g (sum |terms| %.9g)\n", m,
+                     static_cast<long long>(k), Elem<T>::to_float(gx[m * s.K + k]), sum, abs_sum);
+      }
+      wrong += !ok;
     }
   }
   report("backward (M, -)", Elem<T>::name, s, M, 0, wrong);
@@ -475,7 +516,7 @@ void gemv_cols_matches_float64() {
   const Case cases[] = {{{1, 64}, {1, 3}},
                         {{8, 8}, {2, 16}},
                         {{37, 64}, {1, 2, 3, 5, 8, 9, 13, 16}},
-                        {{300, 200}, {1, 4, 11}},
+                        {{296, 200}, {1, 4, 11}},
                         {{45, 1024}, {2, 16}},
                         {{33000, 64}, {2}}};
   for (const Case& c : cases) {
@@ -513,6 +554,290 @@ void random_cases(int count, unsigned seed) {
   }
 }
 
+// ---- extended cases (--extended) ---------------------------------------------------------------
+// Edge shapes and values on top of the fixed cases: block counts at the edges of a group of 256
+// blocks and of a CTA, all-zero, subnormal and huge blocks, NaN and Inf of every kind, every M of
+// the small-M linear paths, the large-M path's tile loops for every tile count, rows that are not
+// whole NF4 blocks (the scalar decoder), and components at the least alignment the ops pass.
+
+enum class Kind { kRandom, kAllZero, kZeroBlocks, kOneHuge, kSubnormal, kMixed };
+constexpr Kind kKinds[] = {Kind::kRandom,    Kind::kAllZero,   Kind::kZeroBlocks,
+                           Kind::kOneHuge,   Kind::kSubnormal, Kind::kMixed};
+const char* kind_name(Kind k) {
+  switch (k) {
+    case Kind::kRandom: return "random";
+    case Kind::kAllZero: return "all-zero";
+    case Kind::kZeroBlocks: return "zero-blocks";
+    case Kind::kOneHuge: return "one-huge";
+    case Kind::kSubnormal: return "subnormal";
+    case Kind::kMixed: return "mixed";
+  }
+  return "?";
+}
+
+// The largest finite value of T, and a scale whose normal multiples are subnormal in T.
+template <typename T>
+float max_finite() {
+  if constexpr (std::is_same_v<T, __half>) return 65504.0f;
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return cpu::bf16_to_float(0x7f7f);
+  else return std::numeric_limits<float>::max();
+}
+template <typename T>
+float subnormal_scale() {
+  return std::is_same_v<T, __half> ? 1e-6f : 1e-40f;
+}
+
+// `nblocks` NF4 blocks of weights of kind `kind` as T; one-huge blocks hold `huge` (with a random
+// sign) at a random position among small normal values.
+template <typename T>
+std::vector<T> special_weights(Kind kind, int64_t nblocks, unsigned seed, float huge) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> position(0, kBlockSize - 1);
+  std::vector<T> w(nblocks * kBlockSize);
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int mixed = static_cast<int>(b % 4);
+    const bool zero = kind == Kind::kAllZero || (kind == Kind::kZeroBlocks && b % 3 != 0) ||
+                      (kind == Kind::kMixed && mixed == 0);
+    const bool tiny = kind == Kind::kSubnormal || (kind == Kind::kMixed && mixed == 1);
+    const bool with_huge = kind == Kind::kOneHuge || (kind == Kind::kMixed && mixed == 3);
+    for (int64_t i = 0; i < kBlockSize; ++i) {
+      const float v = zero ? 0.0f : (tiny ? subnormal_scale<T>() : 0.02f) * normal(rng);
+      w[b * kBlockSize + i] = Elem<T>::from(v);
+    }
+    if (with_huge) {
+      w[b * kBlockSize + position(rng)] = Elem<T>::from(rng() % 2 ? huge : -huge);
+    }
+  }
+  return w;
+}
+
+template <typename T>
+std::vector<float> as_floats(const std::vector<T>& w) {
+  std::vector<float> f(w.size());
+  for (size_t i = 0; i < w.size(); ++i) f[i] = Elem<T>::to_float(w[i]);
+  return f;
+}
+
+// The quantize pipeline against the CPU cores, byte for byte; returns the number of mismatching
+// components (offset, scales, packed, codes) and reports them.
+template <typename T>
+int quantize_mismatches(const std::vector<T>& w, const char* what) {
+  const int64_t nblocks = static_cast<int64_t>(w.size()) / kBlockSize;
+  const Quantized q(w);
+  const int64_t groups = q.groups;
+  std::vector<uint8_t> ref_packed(nblocks * kBlockSize / 2), ref_codes(nblocks);
+  std::vector<float> ref_absmax(nblocks), ref_scales(groups);
+  float ref_offset;
+  cpu::portable_kernels().quantize_blocks(w.data(), Elem<T>::dtype, 0, nblocks, ref_packed.data(),
+                                          ref_absmax.data());
+  test::double_quantize(ref_absmax.data(), nblocks, &ref_offset, ref_codes.data(),
+                        ref_scales.data());
+  int64_t bad_scales = 0, bad_packed = 0, bad_codes = 0;
+  for (int64_t g = 0; g < groups; ++g) bad_scales += !same_bits(q.scales[g], ref_scales[g]);
+  for (size_t i = 0; i < ref_packed.size(); ++i) bad_packed += q.packed[i] != ref_packed[i];
+  for (int64_t i = 0; i < nblocks; ++i) bad_codes += q.codes[i] != ref_codes[i];
+  const bool bad_offset = !same_bits(q.offset[0], ref_offset);
+  const int bad = bad_offset + (bad_scales > 0) + (bad_packed > 0) + (bad_codes > 0);
+  if (bad > 0) {
+    std::fprintf(stderr,
+                 "  quantize %s %s nblocks=%lld: offset %s (%.9g vs %.9g), %lld scales, %lld "
+                 "packed bytes, %lld absmax codes differ\n",
+                 Elem<T>::name, what, static_cast<long long>(nblocks),
+                 bad_offset ? "differs" : "same", q.offset[0], ref_offset,
+                 static_cast<long long>(bad_scales), static_cast<long long>(bad_packed),
+                 static_cast<long long>(bad_codes));
+  }
+  return bad;
+}
+
+constexpr int64_t kEdgeBlockCounts[] = {1, 2, 31, 32, 33, 255, 256, 257, 511, 512, 513};
+
+template <typename T>
+void ext_quantize() {
+  for (const int64_t nblocks : kEdgeBlockCounts) {
+    for (const Kind kind : kKinds) {
+      const std::vector<T> w =
+          special_weights<T>(kind, nblocks, 1000 + static_cast<unsigned>(nblocks),
+                             max_finite<T>());
+      CHECK_EQ(quantize_mismatches(w, kind_name(kind)), 0);
+    }
+  }
+  // every block at the largest finite value, or at its negation: a finite offset and scale 0
+  for (const float v : {max_finite<T>(), -max_finite<T>(), subnormal_scale<T>()}) {
+    const std::vector<T> w(257 * kBlockSize, Elem<T>::from(v));
+    CHECK_EQ(quantize_mismatches(w, "constant"), 0);
+  }
+}
+
+// NaN (quiet, negative, signalling) and Inf of either sign at the first, a middle and the last
+// element: the CPU's scan sees a non-finite value, and the CUDA offset is not finite.
+template <typename T>
+void ext_quantize_non_finite() {
+  std::vector<uint16_t> bits16;
+  std::vector<uint32_t> bits32;
+  if constexpr (std::is_same_v<T, float>) {
+    bits32 = {0x7fc00000u, 0xffc00000u, 0x7f800001u, 0xff800001u, 0x7f800000u, 0xff800000u};
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    bits16 = {0x7fc0, 0xffc0, 0x7f81, 0xff81, 0x7f80, 0xff80};
+  } else {
+    bits16 = {0x7e00, 0xfe00, 0x7c01, 0xfc01, 0x7c00, 0xfc00};
+  }
+  const size_t patterns = std::is_same_v<T, float> ? bits32.size() : bits16.size();
+  int64_t missed = 0, cpu_missed = 0, cases = 0;
+  for (const int64_t nblocks : {1, 256, 257}) {
+    for (const int64_t at : {int64_t{0}, nblocks * kBlockSize / 2 + 3, nblocks * kBlockSize - 1}) {
+      for (size_t p = 0; p < patterns; ++p) {
+        std::vector<T> w = special_weights<T>(p % 2 ? Kind::kAllZero : Kind::kMixed, nblocks,
+                                              2000 + static_cast<unsigned>(p), max_finite<T>());
+        if constexpr (std::is_same_v<T, float>) {
+          std::memcpy(&w[at], &bits32[p], 4);
+        } else {
+          std::memcpy(&w[at], &bits16[p], 2);
+        }
+        std::vector<uint8_t> packed(nblocks * kBlockSize / 2);
+        std::vector<float> absmax(nblocks);
+        const uint32_t seen = cpu::portable_kernels().quantize_blocks(
+            w.data(), Elem<T>::dtype, 0, nblocks, packed.data(), absmax.data());
+        cpu_missed += seen < kNonFiniteBits;
+        const Quantized q(w);
+        if (std::isfinite(q.offset[0])) {
+          ++missed;
+          std::fprintf(stderr, "  %s nblocks=%lld: pattern %zu at %lld gives a finite offset %g\n",
+                       Elem<T>::name, static_cast<long long>(nblocks), p,
+                       static_cast<long long>(at), q.offset[0]);
+        }
+        ++cases;
+      }
+    }
+  }
+  CHECK_EQ(cpu_missed, 0);
+  CHECK_EQ(missed, 0);
+  std::printf("         (%lld non-finite cases)\n", static_cast<long long>(cases));
+}
+
+// Dequantize (the op: the whole weight as one row) of special weights, with the packed codes 4, 8
+// or 12 bytes past 16-byte alignment and the absmax codes at any byte: the CPU cores' values.
+template <typename T>
+void ext_dequantize() {
+  int variant = 0;
+  for (const int64_t nblocks : kEdgeBlockCounts) {
+    for (const Kind kind : kKinds) {
+      const Phases ph{4 * (variant % 4), variant % 3, 4 * (variant % 2), 4 * (variant % 2)};
+      ++variant;
+      const Nf4Weight w(
+          as_floats(special_weights<float>(kind, nblocks, 3000 + static_cast<unsigned>(nblocks),
+                                           max_finite<float>() / 2)),
+          ph);
+      GuardedBuffer<T> out(w.numel);
+      run_in_both_orders(
+          [&] {
+            cuda::launch_dequantize_tile<T>(w.view(), w.numel, 0, 1, 0, w.numel, out.data(),
+                                            nullptr);
+          },
+          out);
+      std::vector<T> ref(w.numel);
+      cpu::portable_kernels().dequantize_blocks(w.view(), 0, nblocks, ref.data(), Elem<T>::dtype);
+      int64_t wrong = 0;
+      for (int64_t i = 0; i < w.numel; ++i) wrong += !same_bits(out[i], ref[i]);
+      if (wrong != 0) {
+        std::fprintf(stderr, "  dequantize %s %s nblocks=%lld packed phase %lld: %lld wrong\n",
+                     Elem<T>::name, kind_name(kind), static_cast<long long>(nblocks),
+                     static_cast<long long>(ph.packed), static_cast<long long>(wrong));
+      }
+      CHECK_EQ(wrong, 0);
+    }
+  }
+}
+
+// The large-M paths of linear.cu, emulated: W decoded in tiles of tile_extent(extent, tiles) rows
+// (forward) or columns (backward), for each tile count large_m_tiles can choose, into slices of
+// one workspace of the first tile's size; each tile must equal its slice of the decoded weight.
+template <typename T>
+void check_large_m_tiles(const Nf4Weight& w, LinearShape s) {
+  for (int64_t tiles = cuda::kMinTiles; tiles <= cuda::kMaxTiles; ++tiles) {
+    const int64_t rows = cuda::tile_extent(s.N, tiles);
+    for (int64_t n0 = 0; n0 < s.N; n0 += rows) {
+      check_tile<T>(w, s, n0, std::min(rows, s.N - n0), 0, s.K);
+    }
+    const int64_t cols = cuda::tile_extent(s.K, tiles);
+    for (int64_t k0 = 0; k0 < s.K; k0 += cols) {
+      check_tile<T>(w, s, 0, s.N, k0, std::min(cols, s.K - k0));
+    }
+  }
+}
+
+// Shapes for the linear paths: N not a multiple of 8 or 32 (a CTA's rows of gemv_rows and of the
+// tensor-core kernel), K = 64, 72 (not whole 32-weight chunks), 4104 (8 past a multiple of 64),
+// 4160 (more 16-byte chunks per lane than are loaded ahead, with the packed codes at each
+// phase: 16-byte aligned takes the wide kernel), K % 32 == 0 but not 64, and N around the
+// backward's 128-row slices. The phases of the components go round with the shapes.
+const LinearShape kExtShapes[] = {{1, 64},  {3, 64},   {33, 64},  {65, 64},   {129, 64},
+                                  {2, 96},  {16, 40},  {8, 72},   {40, 72},   {136, 72},
+                                  {100, 192}, {31, 128}, {7, 320}, {8, 4104}, {1, 4160},
+                                  {2, 4160}, {5, 4160}};
+// Rows that are not whole multiples of 8 weights: the linear ops take the tile path at any M.
+const LinearShape kOddShapes[] = {{16, 36}, {16, 100}, {16, 4100}, {64, 1}, {32, 6}};
+
+template <typename T>
+void ext_linear() {
+  int variant = 0;
+  for (const LinearShape s : kExtShapes) {
+    const Kind kind = kKinds[variant % 6];
+    const Phases ph{4 * (variant % 4), variant % 3, 4 * (variant % 2), 0};
+    ++variant;
+    const std::vector<float> dense = as_floats(special_weights<float>(
+        kind == Kind::kOneHuge || kind == Kind::kMixed ? kind : Kind::kRandom,
+        s.N * s.K / kBlockSize, 4000 + static_cast<unsigned>(s.N + s.K), 2000.0f));
+    const Nf4Weight w(dense, ph);
+    // every M on the small shapes; on the others each template's edges (MAXM 1, 2, 4, 8, 16, the
+    // tensor-core kernel's 8-row m tiles, the backward's passes of 8 rows) and two more in turn
+    std::vector<int> ms = {1, 2, 3, 4, 5, 8, 9, 16, 6 + variant % 2, 10 + variant % 6};
+    if (s.N * s.K <= 2048) {
+      ms.clear();
+      for (int M = 1; M <= cuda::kMaxFusedRows; ++M) ms.push_back(M);
+    }
+    for (const int M : ms) {
+      const bool with_bias = (M + variant) % 2 == 0;
+      const int64_t bias_phase = M % 3 == 0 ? static_cast<int64_t>(sizeof(T)) : 0;
+      // (one warp per row of W: the long shapes' forward is the costly part, and they are here
+      // for the backward's slices; the CUDA-core forward takes its MAXM edges there only). The
+      // forward runs in the pass with guard pages after the buffers (it indexes up from them).
+      const bool forward = guard_side() == GuardSide::kAfter;
+      if (forward && (s.N < 100 || M == 1 || M == 2 || M == 8 || M == 16)) {
+        check_forward<T, false>(w, s, M, with_bias, 500 + M, bias_phase);
+      }
+      if constexpr (!std::is_same_v<T, float>) {
+        if (forward && s.K % kBlockSize == 0) {
+          check_forward<T, true>(w, s, M, !with_bias, 600 + M, bias_phase);
+        }
+      }
+      check_backward<T>(w, s, M, 700 + M, 4 * (M % 4));
+    }
+    if (guard_side() == GuardSide::kAfter && s.K % 32 == 0 && ph.packed % 16 != 0) {  // the wide CUDA-core forward too
+      const Nf4Weight aligned(dense);
+      for (const int M : {1, 3, 16}) check_forward<T, false>(aligned, s, M, M == 3, 800 + M);
+    }
+    check_large_m_tiles<T>(w, s);
+  }
+  for (const LinearShape s : kOddShapes) {
+    const Nf4Weight w(random_floats(s.N * s.K, 4500 + static_cast<unsigned>(s.K)), Phases{4, 1, 4, 0});
+    check_large_m_tiles<T>(w, s);
+  }
+  // the tile count stays 2 to 4 for every M of the large-M path on these shapes
+  for (const LinearShape s : kExtShapes) {
+    for (int64_t M = 17; M <= 130; M = M == 20 ? 64 : M + 1) {
+      for (const int sms : {108, 132}) {
+        for (const int64_t cols : {s.N, s.K}) {
+          const int tiles = cuda::large_m_tiles(M, cols, sms);
+          CHECK(tiles >= cuda::kMinTiles && tiles <= cuda::kMaxTiles);
+        }
+      }
+    }
+  }
+}
+
+
 // ---- host logic -------------------------------------------------------------------------------
 
 // The large-M path's tile count: 2 to 4 for any shape, and the wave arithmetic of its comment (at
@@ -532,8 +857,19 @@ void large_m_tiles_choice() {
   CHECK_EQ(cuda::large_m_tiles(256, 4096, 132), 2);  // under a wave whatever the split: fewest
 }
 
+// `--extended PATTERN`: only the cases whose "dtype name" contains PATTERN (e.g. "float16 ext"
+// or "quantize"), for a run under valgrind.
+const char*& case_filter() {
+  static const char* pattern = nullptr;
+  return pattern;
+}
+
 template <typename T>
 void run(const char* what, void (*f)()) {
+  if (case_filter() != nullptr &&
+      (std::string(Elem<T>::name) + " " + what).find(case_filter()) == std::string::npos) {
+    return;
+  }
   const int before = test::failures();
   f();
   std::printf("%-6s %-8s %s\n", test::failures() == before ? "ok" : "FAIL", Elem<T>::name, what);
@@ -555,6 +891,14 @@ void run_all() {
   run<T>("gemv_cols (backward): float64 product", gemv_cols_matches_float64<T>);
 }
 
+template <typename T>
+void run_extended() {
+  run<T>("extended quantize: edge block counts x special weights", ext_quantize<T>);
+  run<T>("extended quantize: NaN / Inf of every kind", ext_quantize_non_finite<T>);
+  run<T>("extended dequantize: edge block counts, special weights, offsets", ext_dequantize<T>);
+  run<T>("extended linear: M 1..16 fwd (+mma) / bwd, large-M tiles", ext_linear<T>);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -573,7 +917,17 @@ int main(int argc, char** argv) {
   std::printf("%zu __shared__ variables found (filled with 0xff before each block)\n",
               emu::shared_variables().size());
   CHECK(!emu::shared_variables().empty());
-  if (argc == 3 && std::strcmp(argv[1], "--random") == 0) {  // --random SEED: more cases, any time
+  if ((argc == 2 || argc == 3) && std::strcmp(argv[1], "--extended") == 0) {  // edge cases
+    if (argc == 3) case_filter() = argv[2];
+    for (const GuardSide side : {GuardSide::kAfter, GuardSide::kBefore}) {
+      guard_side() = side;
+      std::printf("-- buffers flush against a guard page %s them\n",
+                  side == GuardSide::kAfter ? "after" : "before");
+      run_extended<float>();
+      run_extended<__nv_bfloat16>();
+      run_extended<__half>();
+    }
+  } else if (argc == 3 && std::strcmp(argv[1], "--random") == 0) {  // --random SEED: more cases, any time
     const unsigned seed = static_cast<unsigned>(std::strtoul(argv[2], nullptr, 10));
     random_cases<float>(20, seed);
     random_cases<__nv_bfloat16>(20, seed + 1);
