@@ -398,20 +398,28 @@ void check_tile(const Nf4Weight& w, LinearShape s, int64_t row0, int64_t rows, i
   CHECK_EQ(wrong, 0);
 }
 
+// The large-M paths of linear.cu, emulated: W decoded in tiles of tile_extent(extent, tiles) rows
+// (forward) or columns (backward), for each tile count large_m_tiles can choose, into slices of
+// one workspace of the first tile's size; each tile must equal its slice of the decoded weight.
+template <typename T>
+void check_large_m_tiles(const Nf4Weight& w, LinearShape s) {
+  for (int64_t tiles = cuda::kMinTiles; tiles <= cuda::kMaxTiles; ++tiles) {
+    const int64_t rows = cuda::tile_extent(s.N, tiles);
+    for (int64_t n0 = 0; n0 < s.N; n0 += rows) {
+      check_tile<T>(w, s, n0, std::min(rows, s.N - n0), 0, s.K);
+    }
+    const int64_t cols = cuda::tile_extent(s.K, tiles);
+    for (int64_t k0 = 0; k0 < s.K; k0 += cols) {
+      check_tile<T>(w, s, 0, s.N, k0, std::min(cols, s.K - k0));
+    }
+  }
+}
+
 template <typename T>
 void dequantize_tiles_match_slices() {
   for (const LinearShape s : {LinearShape{40, 64}, {136, 200}, {16, 36}, {9, 512}}) {
     const Nf4Weight w(random_floats(s.N * s.K, 60 + s.N));
-    for (const int64_t tiles : {2, 3, 4}) {
-      const int64_t rows = cuda::tile_extent(s.N, tiles);
-      for (int64_t n0 = 0; n0 < s.N; n0 += rows) {
-        check_tile<T>(w, s, n0, std::min(rows, s.N - n0), 0, s.K);
-      }
-      const int64_t cols = cuda::tile_extent(s.K, tiles);
-      for (int64_t k0 = 0; k0 < s.K; k0 += cols) {
-        check_tile<T>(w, s, 0, s.N, k0, std::min(cols, s.K - k0));
-      }
-    }
+    check_large_m_tiles<T>(w, s);
     check_tile<T>(w, s, 1, s.N - 2, 3, s.K - 5);  // odd columns: one thread per weight
   }
 }
@@ -746,23 +754,6 @@ void ext_dequantize() {
                      static_cast<long long>(ph.packed), static_cast<long long>(wrong));
       }
       CHECK_EQ(wrong, 0);
-    }
-  }
-}
-
-// The large-M paths of linear.cu, emulated: W decoded in tiles of tile_extent(extent, tiles) rows
-// (forward) or columns (backward), for each tile count large_m_tiles can choose, into slices of
-// one workspace of the first tile's size; each tile must equal its slice of the decoded weight.
-template <typename T>
-void check_large_m_tiles(const Nf4Weight& w, LinearShape s) {
-  for (int64_t tiles = cuda::kMinTiles; tiles <= cuda::kMaxTiles; ++tiles) {
-    const int64_t rows = cuda::tile_extent(s.N, tiles);
-    for (int64_t n0 = 0; n0 < s.N; n0 += rows) {
-      check_tile<T>(w, s, n0, std::min(rows, s.N - n0), 0, s.K);
-    }
-    const int64_t cols = cuda::tile_extent(s.K, tiles);
-    for (int64_t k0 = 0; k0 < s.K; k0 += cols) {
-      check_tile<T>(w, s, 0, s.N, k0, std::min(cols, s.K - k0));
     }
   }
 }
