@@ -417,7 +417,7 @@ def test_plot_of_a_log_that_cannot_be_read_is_an_error_line(tmp_path, capsys, mo
     out = tmp_path / "curve.png"
     assert plot.main([str(tmp_path / "run"), "-o", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"error: [Errno 13] Permission denied: '{log}'\n" in err and "Traceback" not in err
+    assert f"error: RUN_DIR '{tmp_path / 'run'}': cannot read {log}: Permission denied\n" in err and "Traceback" not in err
     assert not out.exists()
 
 

@@ -25,7 +25,13 @@ from qlora_ext.training.metric_logging import LOG_SUBDIR, METRICS_FILE, metrics_
 
 def load_curve(run_dir: str, label: str | None = None) -> Curve:
     """The (step, loss) records of a run's metrics log (those with an int64 step and a finite loss)."""
-    records = [r for r in read_metrics(run_dir)
+    try:
+        all_records = read_metrics(run_dir)
+    except OSError as e:
+        if e.strerror is None:  # read_metrics's own message (no metrics file), which names the folders
+            raise
+        raise OSError(f"RUN_DIR '{run_dir}': cannot read {e.filename or 'its metrics log'}: {e.strerror}") from None
+    records = [r for r in all_records
                if is_int(r.get("step")) and -(2**63) <= r["step"] < 2**63 and is_finite_real(r.get("loss"))]
     if not records:
         raise ValueError(f"RUN_DIR '{run_dir}': its metrics log has no records with a step and a finite loss yet")
