@@ -305,3 +305,17 @@ def test_integer_overrides_are_read_in_base_10(tmp_path):
     with pytest.raises(ConfigError, match=r"override 'model.lora_attn_modules=\[\[\[.*': its value cannot be read: it nests its values too deeply to read$"):
         load_config("tiny_qlora", ["model.lora_attn_modules=" + "[" * 5000 + "]" * 5000])
 
+
+
+def test_dates_in_a_config_file_are_text_as_torchtune_reads_them(tmp_path):
+    # OmegaConf (torchtune's loader) leaves 2024-06-01 as text; YAML 1.1 made it a datetime.date that no
+    # key takes, and an impossible date (2024-13-45) an error naming neither key nor line.
+    path = tmp_path / "dated.yaml"
+    path.write_text("model: {builder: qlora_llama2, embed_dim: 64}\ncheckpointer: {checkpoint_dir: x}\ntokenizer: {path: t.model}\n"
+                    "dataset: {data_files: [2024-06-01]}\noutput_dir: 2024-06-01\n")
+    cfg = load_config(str(path))
+    assert cfg.output_dir == "2024-06-01" and cfg.dataset.data_files == ["2024-06-01"]
+    assert load_config(str(path), ["dataset.data_files=[2024-06-02]"]).dataset.data_files == ["2024-06-02"]
+    path.write_text(path.read_text() + "seed: 2024-13-45\n")
+    with pytest.raises(ConfigError, match=r"config key 'seed' must be an integer .*; got '2024-13-45'"):
+        load_config(str(path))

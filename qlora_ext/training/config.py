@@ -143,7 +143,7 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load's loader, refusing a key given twice in one mapping (the later one would
     silently replace the earlier, a whole section included), as torchtune's loader (OmegaConf) does;
-    keys a ``<<`` merge brings in may be overridden, as YAML intends."""
+    keys a ``<<`` merge brings in may be overridden, as YAML intends. Dates stay text (below)."""
 
     def construct_mapping(self, node, deep=False):  # noqa: ANN001
         if isinstance(node, yaml.MappingNode):
@@ -163,6 +163,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# A date-like value (2024-06-01, a folder's name) is text, as OmegaConf, torchtune's config loader, reads it;
+# YAML 1.1 would make it a datetime.date, which no key takes (and 2024-13-45 an error naming no key).
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def parse_override(text: str, kind: str | None = None) -> tuple[str, Any]:
     """``"a.b=value"`` -> ``("a.b", parsed value)``; see ``parse_value`` for ``kind``."""
     key, value = _split_override(text)
@@ -172,8 +180,7 @@ def parse_override(text: str, kind: str | None = None) -> tuple[str, Any]:
 def parse_value(text: str, kind: str | None = None, nullable: bool = True) -> Any:
     """An override's value: parsed as YAML (``16``, ``true``, ``[q_proj,v_proj]``), except for a key
     of schema kind ``str`` or ``path``, and ``path|list[path]`` unless written as a ``[...]`` list,
-    whose value is the text as written (YAML would cut ``/runs/a #2`` at `` #`` and read
-    ``2024-06-01`` as a date), less one pair of quotes around it all (``output_dir="runs/x"``
+    whose value is the text as written (YAML would cut ``/runs/a #2`` at `` #``), less one pair of quotes around it all (``output_dir="runs/x"``
     written in a list of arguments, as OmegaConf, and so ``tune run``, reads it). Empty, ``null``
     or ``~`` is null for every kind, and Python's ``None`` (or ``none``) too, except for a string
     or path key that may not be null (``output_dir=none`` is a folder). For an int or float key,
@@ -192,7 +199,7 @@ def parse_value(text: str, kind: str | None = None, nullable: bool = True) -> An
     if kind in ("int", "float") and re.fullmatch(r"\s*[+-]?\d[\d_]*\s*", text):
         return int(text.replace("_", ""))  # in base 10 (1_000 too): YAML 1.1 reads 010 as 8
     try:
-        value = yaml.safe_load(text)
+        value = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError:
         return text
     if kind in ("int", "float") and isinstance(value, int) and not isinstance(value, bool):
