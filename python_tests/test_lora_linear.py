@@ -113,7 +113,7 @@ def test_assign_load_quantizes_a_dense_weight(on_meta):
     bad = sd["weight"].clone()
     bad[3, 5] = float("inf")
     with pytest.raises(ValueError, match=r"load_state_dict: entry 'weight' cannot be quantized for the NF4 base weight: "
-                                         r"qlora::quantize_nf4: argument 'weight' must hold only finite values"):
+                                         r"to_nf4: argument 'tensor' must hold only finite values"):
         lin.load_state_dict({**sd, "weight": bad}, assign=True)
     lin.load_state_dict({**sd, "weight": sd["weight"].double()}, assign=True)
     assert torch.equal(lin.weight.packed, to_nf4(sd["weight"]).packed)
@@ -318,3 +318,19 @@ def test_seed_tutorial_import_lines_carry_over():
     from qlora_ext.nf4 import to_nf4 as nf4_to
 
     assert PeftLoRALinear is LoRALinear and nf4_to is to_nf4 and callable(nf4_linear) and callable(qlora_llama2_7b)
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_loading_a_value_beyond_the_weight_dtype_names_it(assign):
+    # an fp32 entry holding 1e6 (finite) loaded into a float16 NF4 base is cast to float16 first: the error
+    # named "the first inf at index [2, 3]", a value the checkpoint does not hold
+    m = LoRALinear(64, 4, rank=2, alpha=4.0, quantize_base=True).half()
+    sd = {k: v.float() for k, v in m.state_dict().items()}
+    sd["weight"][2, 3] = 1e6
+    if assign:  # the entry is quantized as given (float32): it is in range there
+        m.load_state_dict(sd, assign=True)
+        assert m.weight.dtype == torch.float32
+        return
+    with pytest.raises(RuntimeError, match=r"argument 'src' must hold values within float16's range \(the weight's dtype; largest "
+                                           r"finite 65504\); got 1e\+06 at index \[2, 3\], which is inf in float16"):
+        m.load_state_dict(sd)

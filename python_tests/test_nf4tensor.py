@@ -479,3 +479,14 @@ def test_unsupported_op_says_how_to_get_a_dense_tensor():
 
 def test_repr_shows_metadata_not_values():
     assert repr(to_nf4(torch.randn(2, 64))) == "NF4Tensor(shape=[2, 64], dtype=torch.float32, device=cpu)"
+
+
+def test_to_nf4_errors_name_its_own_argument():
+    # the empty / size / NaN errors named the op's argument ("qlora::quantize_nf4: argument 'weight'"),
+    # which a caller of to_nf4 never passed
+    nan = torch.randn(4, 64)
+    nan[2, 7] = float("nan")
+    for bad, message in ((torch.ones(10, 10), r"divisible by 64"), (torch.ones(0, 64), r"must not be empty"),
+                         (nan, r"must hold only finite values.*the first nan at index \[2, 7\]")):
+        with pytest.raises(ValueError, match=rf"^to_nf4: argument 'tensor' .*{message}"):
+            to_nf4(tensor=bad)

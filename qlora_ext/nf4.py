@@ -242,7 +242,14 @@ def to_nf4(tensor: Tensor, block_size: int = BLOCK_SIZE, scaler_block_size: int 
     if tensor.dtype not in FLOAT_DTYPES:
         raise TypeError(f"to_nf4: argument 'tensor' must have dtype float32, bfloat16 or float16; got {tensor.dtype}")
     weight = tensor.detach()
-    return NF4Tensor(*ops.quantize_nf4(weight), weight.shape, weight.dtype)
+    try:
+        components = ops.quantize_nf4(weight)
+    except ValueError as e:  # empty, numel % 64, NaN or Inf: named as the argument the caller passed
+        op_argument = "qlora::quantize_nf4: argument 'weight'"
+        if not str(e).startswith(op_argument):
+            raise
+        raise ValueError("to_nf4: argument 'tensor'" + str(e)[len(op_argument):]) from None
+    return NF4Tensor(*components, weight.shape, weight.dtype)
 
 
 def linear_nf4(input: Tensor, weight: NF4Tensor, bias: Tensor | None = None) -> Tensor:
@@ -449,10 +456,30 @@ def _copy_(dst: Tensor, src: Tensor, non_blocking: bool = False) -> Tensor:
                 raise ValueError(f"NF4Tensor.copy_: argument 'src' must have {d.numel()} {name} for shape {list(dst.shape)}; "
                                  f"got {s.numel()}")
     else:
-        components = ops.quantize_nf4(src.to(device=dst.device, dtype=dst.dtype))
+        cast = src.to(device=dst.device, dtype=dst.dtype)
+        try:
+            components = ops.quantize_nf4(cast)
+        except ValueError:
+            _refuse_overflow(src, cast)  # the non-finite value may be one the cast made
+            raise
     for d, s in zip(dst.components(), components):
         d.copy_(s.reshape(d.shape), non_blocking=non_blocking)
     return dst
+
+
+def _refuse_overflow(src: Tensor, cast: Tensor) -> None:
+    """A ValueError naming the first finite value of ``src`` that is infinite in ``cast`` (its
+    conversion to the weight's dtype), if there is one."""
+    if src.dtype == cast.dtype:
+        return
+    overflowed = torch.isfinite(src.to(cast.device)) & ~torch.isfinite(cast)
+    if overflowed.any():
+        index = [int(i) for i in overflowed.nonzero()[0]]
+        name = str(cast.dtype).removeprefix("torch.")
+        raise ValueError(
+            f"NF4Tensor.copy_: argument 'src' must hold values within {name}'s range (the weight's dtype; largest "
+            f"finite {torch.finfo(cast.dtype).max:g}); got {src[tuple(index)].item():g} at index {index}, which is inf in {name}"
+        )
 
 
 def _is_same_size(a: Tensor, b: Tensor) -> bool:
