@@ -381,7 +381,7 @@ def test_adapters_made_by_peft_load_with_peft_logits(base_dir, tmp_path, targets
     # One holding a Python object whose unpickling would run code is refused, not loaded.
     adapter_bin = tmp_path / "bin" / "adapter_model.bin"
     torch.save({**torch.load(adapter_bin, weights_only=True), "x": TouchesWhenUnpickled(tmp_path / "ran")}, adapter_bin)
-    with pytest.raises(ValueError, match=r"load_peft_adapter: .*adapter_model.bin holds Python objects besides tensors, and loading "
+    with pytest.raises(ValueError, match=r"check_adapter_rank: .*adapter_model.bin holds Python objects besides tensors, and loading "
                                          r"them could run code \(torch.load\(weights_only=True\) refuses to unpickle posix.system\)"):
         llama2_from_checkpoint(base_dir, adapter_dir=tmp_path / "bin")
     assert not (tmp_path / "ran").exists()

@@ -32,6 +32,7 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN_NAME = "adapter_model.bin"  # what PEFT writes with safe_serialization=False (read, never written)
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+_EMBEDDING, _OUTPUT = "tok_embeddings.weight", "output.weight"  # (our names of the weights a vocabulary sizes)
 _ATTN = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "output_proj"}
 _MLP = ("gate_proj", "up_proj", "down_proj")
 # The LoRA-able linears of a LlamaForCausalLM decoder layer, as paths inside the layer.
@@ -293,28 +294,52 @@ def adapter_weights_path(adapter_dir: str | os.PathLike) -> str:
 
 
 def check_adapter_rank(adapter_dir: str | os.PathLike, rank: int) -> None:
-    """Checks, from the header of ``adapter_model.safetensors`` alone, that its lora_A weights
-    have the rank adapter_config.json gives: a model is built with that rank before the weights
-    are loaded, and a damaged ``r`` (a million) would otherwise size it. (An ``adapter_model.bin``
-    is checked on loading.)
+    """Checks, from the header of ``adapter_model.safetensors`` alone (an ``adapter_model.bin`` is
+    read whole), that its lora_A weights have the rank adapter_config.json gives: a model is built
+    with that rank before the weights are loaded, and a damaged ``r`` (a million) would otherwise
+    size it.
 
     Raises:
         FileNotFoundError: as ``adapter_weights_path``.
-        ValueError: a lora_A weight of another rank, named.
+        ValueError: a lora_A weight of another rank, named; an unreadable ``adapter_model.bin``.
     """
     path = adapter_weights_path(adapter_dir)
-    if not path.endswith(".safetensors"):
-        return
-    reader = SafetensorsReader(path)
-    try:
-        shapes = {key: reader.shape(key) for key in reader.keys()}
-    finally:
-        reader.close()
+    if path.endswith(".safetensors"):
+        reader = SafetensorsReader(path)
+        try:
+            shapes = {key: reader.shape(key) for key in reader.keys()}
+        finally:
+            reader.close()
+    else:  # a pickle has no header to read: the file (small, as adapters are) is read whole
+        shapes = {key: tuple(value.shape) for key, value in _read_bin(path, "check_adapter_rank").items()}
+    other = _other_rank(shapes, rank)
+    if other:
+        raise ValueError(f"check_adapter_rank: {path}: {other}")
+
+
+def _other_rank(shapes: dict[str, tuple[int, ...]], rank: int) -> str | None:
+    """Why the lora_A weights among ``shapes`` do not have adapter_config.json's rank, or None."""
     other = [f"{key}: {list(shape)}" for key, shape in shapes.items()
              if (match := _KEY.match(key)) and match["which"] == "A" and (len(shape) != 2 or shape[0] != rank)]
-    if other:
-        raise ValueError(f"check_adapter_rank: {path}: adapter_config.json gives 'r' {rank}, but {len(other)} lora_A weights "
-                         f"(of shape [r, in]) have another rank: {_listed(other, 5)}")
+    if not other:
+        return None
+    return f"adapter_config.json gives 'r' {rank}, but {len(other)} lora_A weights (of shape [r, in]) have another rank: {_listed(other, 5)}"
+
+
+def _read_bin(path: str, who: str) -> dict[str, torch.Tensor]:
+    """The tensors of an ``adapter_model.bin`` (a torch state dict, read without running code)."""
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = refused_pickle_global(e)
+        if refused is None:
+            raise ValueError(f"{who}: {path} cannot be read as a torch state dict: {e}") from None
+        raise ValueError(python_objects_refused(f"{who}: {path}", refused)) from None
+    except Exception as e:  # noqa: BLE001  (any unreadable file is the same user-facing problem)
+        raise ValueError(f"{who}: {path} cannot be read as a torch state dict: {e}") from None
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()):
+        raise ValueError(f"{who}: {path} must hold a dict of names (str) to tensors; got {_describe_mapping(tensors)}")
+    return tensors
 
 
 @torch.no_grad()
@@ -347,20 +372,11 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
         finally:
             reader.close()
     else:
-        try:
-            tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            refused = refused_pickle_global(e)
-            if refused is None:
-                raise ValueError(f"load_peft_adapter: {weights_path} cannot be read as a torch state dict: {e}") from None
-            raise ValueError(python_objects_refused(f"load_peft_adapter: {weights_path}", refused)) from None
-        except Exception as e:  # noqa: BLE001  (any unreadable file is the same user-facing problem)
-            raise ValueError(f"load_peft_adapter: {weights_path} cannot be read as a torch state dict: {e}") from None
-        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()):
-            raise ValueError(f"load_peft_adapter: {weights_path} must hold a dict of names (str) to tensors; "
-                             f"got {_describe_mapping(tensors)}")
+        tensors = _read_bin(weights_path, "load_peft_adapter")
     targets = _targets(model)
-    unexpected, mismatched, seen, base_weights = [], [], set(), []
+    unexpected, mismatched, base_weights = [], [], []
+    seen: dict[tuple[str, str], str] = {}  # (module, A or B) -> its key
+    twice, other_models, other_vocab = [], False, []
     # Adapter weights are small: each is checked whole before any is loaded.
     not_float = [f"{key}: {value.dtype}" for key, value in tensors.items() if not value.is_floating_point()]
     not_finite = [key for key, value in tensors.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
@@ -376,6 +392,10 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
             have = tuple(getattr(*targets[ours]).shape)
             if tuple(value.shape) != have:
                 mismatched.append(f"{key}: adapter {list(value.shape)} vs model {list(have)}")
+                if ours in (_EMBEDDING, _OUTPUT) and value.dim() == 2 and value.shape[1] == have[1]:
+                    other_vocab.append((value.shape[0], have[0]))  # PEFT saves the embeddings of a resized vocabulary
+                else:
+                    other_models = True
                 continue
             base_weights.append((ours, value))
             continue
@@ -384,17 +404,28 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
             unexpected.append(key)
             continue
         target = module.lora_a if match["which"] == "A" else module.lora_b
-        seen.add((match["module"], match["which"]))  # (a weight of the wrong shape is not also missing)
+        first = seen.setdefault((match["module"], match["which"]), key)  # (a weight of the wrong shape is not also missing)
+        if first != key:  # lora_A.weight and lora_A.<adapter name>.weight: which one is meant is not known
+            twice.append(f"{first} and {key}")
         if tuple(value.shape) != tuple(target.weight.shape):
             mismatched.append(f"{key}: adapter {list(value.shape)} vs model {list(target.weight.shape)}")
+            features = 1 if match["which"] == "A" else 0  # the dim of lora_A [r, in] / lora_B [out, r] that is not the rank
+            if value.dim() != 2 or value.shape[features] != target.weight.shape[features]:
+                other_models = True
     missing = [f"{_PREFIX}{name}.lora_{w}.weight" for name in modules for w in "AB" if (name, w) not in seen]
     problems = [f"{what}: {_listed(names, 20)}" for what, names in (
         ("missing", missing), ("unexpected", unexpected), ("wrong shapes", mismatched), ("not floating point", not_float),
-        ("holding NaN or Inf", not_finite)) if names]
-    partial = _some_layers_only(modules, seen)
+        ("holding NaN or Inf", not_finite), ("two tensors for one weight (one adapter per file)", twice)) if names]
+    partial = _some_layers_only(modules, set(seen))
     if partial:
         problems.insert(0, partial)
-    if mismatched:
+    other_rank = _other_rank({key: tuple(value.shape) for key, value in tensors.items()}, builder_args["lora_rank"])
+    if other_rank:
+        problems.insert(0, other_rank)
+    if other_vocab:
+        problems.insert(0, f"it holds embeddings of a vocabulary resized to {other_vocab[0][0]} tokens (tokens added to the tokenizer), "
+                           f"and the model has {other_vocab[0][1]}: qlora_ext's builders do not resize a vocabulary")
+    if other_models:
         problems.insert(0, "its weights have the shapes of another base model (an adapter fits the model it was trained on; "
                            "its adapter_config.json's base_model_name_or_path may name it)")
     if any(key.endswith(".bias") for key in unexpected):
