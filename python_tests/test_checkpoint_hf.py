@@ -208,7 +208,7 @@ def test_a_non_finite_weight_is_named(hf_models, tmp_path):
     save_file(state, tmp_path / "model.safetensors")
     shutil.copy(os.path.join(folder, "config.json"), tmp_path / "config.json")
     with pytest.raises(ValueError, match=r"load_checkpoint: .*: entry model.layers.1.self_attn.q_proj.weight cannot be loaded: "
-                       r".*argument 'weight' must hold only finite values.*The model now holds \d+ of the checkpoint's \d+ tensors: rebuild it"):
+                       r".*to_nf4: argument 'tensor' must hold only finite values.*The model now holds \d+ of the checkpoint's \d+ tensors: rebuild it"):
         llama2_from_checkpoint(tmp_path, ["q_proj"], lora_rank=4, lora_alpha=8, quantize_base=True)
     # A dense weight with a NaN is refused alike (it was loaded as it was, and the model output garbage).
     with pytest.raises(ValueError, match=r"load_checkpoint: .*: entry model.layers.1.self_attn.q_proj.weight cannot be loaded: "
