@@ -58,7 +58,9 @@ class Bnb4bitWeight:
         self.name = name
         self._get = files.get
         keys = files.keys()
-        state_keys = [k for k in keys if k.startswith(name + _STATE_SUFFIX)]
+        state_keys = sorted(k for k in keys if k.startswith(name + _STATE_SUFFIX))
+        if len(state_keys) > 1:  # (bitsandbytes refuses them too; which one holds is not known)
+            raise ValueError(self._message([f"it must have one quant state; got {len(state_keys)}: {state_keys}"]))
         quant_type = state_keys[0][len(name + _STATE_SUFFIX) :] if state_keys else None
         problems = []
         if quant_type != "nf4":
@@ -155,7 +157,7 @@ def _storage_problems(name: str, files, shape) -> list[str]:
         problems.append(f"'{name}' must be stored as one of {[str(d) for d in _STORAGE_DTYPES]} (bnb_4bit_quant_storage); got {dtype}")
     elif packed_bytes != numel // 2:
         problems.append(f"'{name}' must hold {numel // 2} bytes (two codes per byte) for shape {shape}; got {packed_bytes} ({dtype} {list(files.shapes[name])})")
-    for suffix, want_dtype, want_numel in ((".absmax", (torch.uint8,), blocks), (".nested_absmax", HF_DTYPES.values(), -(-blocks // SCALER_BLOCK_SIZE))):
+    for suffix, want_dtype, want_numel in ((".absmax", (torch.uint8,), blocks), (".nested_absmax", (torch.float32,), -(-blocks // SCALER_BLOCK_SIZE))):
         key = name + suffix
         got_dtype, got_numel = files.dtypes[key], math.prod(files.shapes[key])
         if got_dtype not in want_dtype or got_numel != want_numel:
