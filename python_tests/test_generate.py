@@ -75,6 +75,22 @@ def test_disabled_or_partial_caches_decode_right_or_are_refused():
         generate(model, prompt, max_new_tokens=10, temperature=0.0)
 
 
+def test_caches_set_up_under_inference_mode_are_named_outside_it():
+    # generate outside inference mode failed in torch ("Inplace update to inference tensor outside InferenceMode")
+    model = _model()
+    prompt = torch.randint(0, 96, (1, 5))
+    want = generate(model, prompt, max_new_tokens=6, temperature=0.0, use_cache=False)
+    with torch.inference_mode():
+        model.setup_caches(1, torch.float32, max_seq_len=20)
+        assert torch.equal(generate(model, prompt, max_new_tokens=6, temperature=0.0), want)
+    with pytest.raises(ValueError, match=r"argument 'model' has KV caches set up under torch.inference_mode\(\), which cannot be "
+                                         r"written outside it; call generate inside torch.inference_mode\(\), or set them up again"):
+        generate(model, prompt, max_new_tokens=6, temperature=0.0)
+    for layer in model.layers:  # disabled, they are not written: decoded without them
+        layer.attn.cache_enabled = False
+    assert torch.equal(generate(model, prompt, max_new_tokens=6, temperature=0.0), want)
+
+
 def test_any_output_mode_generates_from_logits_of_the_sampled_positions_only():
     # A model left in a training output mode generated from hidden states (skip_output_layer)
     # or failed (chunked logits); and the prefill kept float32 logits of every prompt position.
@@ -505,6 +521,29 @@ def test_cli_names_missing_paths_and_text_that_is_not_utf8(checkpoint_with_token
         with pytest.raises(SystemExit) as exited:
             cli.main(base + args)
         assert exited.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_cli_names_a_tokenizer_or_adapter_folder_it_cannot_use(checkpoint_with_tokenizer, tmp_path, capsys):
+    # A --tokenizer that is no SentencePiece model (a HF tokenizer.json) or an --adapter-dir without the
+    # adapter's files ended with exit 1 under the API's argument names ('path', 'adapter_dir').
+    from qlora_ext import generate as cli
+
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "config_only").mkdir()
+    (tmp_path / "config_only" / "adapter_config.json").write_text("{}")
+    base = ["--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "x", "--max-new-tokens", "2"]
+    assert cli.main(base + ["--tokenizer", str(tmp_path / "tokenizer.json")]) == 2
+    assert (f"error: argument --tokenizer must be a readable SentencePiece model file; '{tmp_path / 'tokenizer.json'}' is not: "
+            in capsys.readouterr().err)
+    for folder, lacks in (("empty", "adapter_config.json nor adapter weights"), ("config_only", "adapter weights"),
+                          (checkpoint_with_tokenizer, "adapter_config.json nor adapter weights (it holds a model checkpoint: "
+                                                      "pass it as --checkpoint-dir)")):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(base + ["--adapter-dir", str(tmp_path / folder)])
+        assert exited.value.code == 2
+        assert (f"argument --adapter-dir must be a PEFT adapter folder (adapter_config.json and adapter_model.safetensors or .bin); "
+                f"'{tmp_path / folder}' has no {lacks}\n") in capsys.readouterr().err
 
 
 def test_cli_names_a_checkpoint_folder_it_cannot_read(checkpoint_with_tokenizer, monkeypatch, capsys):

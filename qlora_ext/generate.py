@@ -122,11 +122,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.adapter_dir is not None and os.path.isdir(args.adapter_dir) and os.path.isdir(inner) and os.path.samefile(args.adapter_dir, inner):
         parser.error(f"argument --adapter-dir: '{args.adapter_dir}' is the adapter of the checkpoint folder, whose model has it "
                      "merged already; pass --checkpoint-dir alone, or the base model's folder with --adapter-dir")
+    if args.adapter_dir is not None:
+        lacks = _adapter_files_missing(args.adapter_dir)
+        if lacks:
+            parser.error(f"argument --adapter-dir must be a PEFT adapter folder (adapter_config.json and adapter_model.safetensors "
+                         f"or .bin); '{args.adapter_dir}' has no {lacks}"
+                         + (" (it holds a model checkpoint: pass it as --checkpoint-dir)" if _is_model_checkpoint(args.adapter_dir) else ""))
     if args.adapter_dir is not None and os.path.isfile(os.path.join(args.checkpoint_dir, TRAINING_CONFIG_FILE)):
         _warn_if_merged_elsewhere(args.checkpoint_dir, args.adapter_dir)
     if args.quantize_base and args.adapter_dir is None:
         parser.error("argument --quantize-base needs --adapter-dir: only the adapted linears are kept in NF4")
     return args
+
+
+def _adapter_files_missing(folder: str) -> str:
+    """What a PEFT adapter folder lacks ("" when it has its config and a weights file)."""
+    from qlora_ext.checkpoint.peft_adapter import ADAPTER_CONFIG_NAME, adapter_weights_path
+
+    lacks = [] if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_NAME)) else [ADAPTER_CONFIG_NAME]
+    try:
+        adapter_weights_path(folder)
+    except FileNotFoundError:
+        lacks.append("adapter weights")
+    return " nor ".join(lacks)
+
+
+def _is_model_checkpoint(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name)) for name in ("config.json", "params.json"))
 
 
 def _what_it_holds(folder: str) -> str:
@@ -187,7 +209,13 @@ def _run(args: argparse.Namespace) -> int:
     from qlora_ext.models.llama2 import llama2_from_checkpoint, llama2_tokenizer
 
     tokenizer_path = args.tokenizer or os.path.join(args.checkpoint_dir, "tokenizer.model")
-    tokenizer = llama2_tokenizer(tokenizer_path)
+    whose_tokenizer = "argument --tokenizer" if args.tokenizer is not None else "the checkpoint folder's tokenizer.model"
+    try:
+        tokenizer = llama2_tokenizer(tokenizer_path)
+    except ValueError as e:  # not a SentencePiece model (a HF tokenizer.json, say): named as the flag
+        api_argument = "Llama2Tokenizer: argument 'path'"
+        text = str(e)
+        raise _UsageError(whose_tokenizer + text[len(api_argument):] if text.startswith(api_argument) else f"{whose_tokenizer}: {text}") from None
     dtype = HF_DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32)
 
     _refuse_a_model_that_cannot_fit(args, dtype)
@@ -201,9 +229,8 @@ def _run(args: argparse.Namespace) -> int:
         dtype=dtype,
     ).eval()
     if model.tok_embeddings.num_embeddings < tokenizer.vocab_size:
-        whose = "argument --tokenizer" if args.tokenizer is not None else "the checkpoint folder's tokenizer.model"
         raise _UsageError(
-            f"{whose} must be the model's: {tokenizer_path} has {tokenizer.vocab_size} pieces but the model in "
+            f"{whose_tokenizer} must be the model's: {tokenizer_path} has {tokenizer.vocab_size} pieces but the model in "
             f"{args.checkpoint_dir} only {model.tok_embeddings.num_embeddings} embeddings; pass the matching --tokenizer"
         )
     loaded = time.perf_counter()

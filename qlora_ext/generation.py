@@ -114,7 +114,8 @@ def _cache_state(model: nn.Module) -> str:
 
     Raises:
         ValueError: caches on some layers only, or enabled on some only (a step fed one token
-            would then reach the layers without a cache alone, and decode wrongly).
+            would then reach the layers without a cache alone, and decode wrongly); caches made
+            under inference mode and enabled, outside it.
     """
     layers = list(model.layers)
     have = sum(layer.attn.kv_cache is not None for layer in layers)
@@ -125,6 +126,10 @@ def _cache_state(model: nn.Module) -> str:
         raise ValueError(f"generate: argument 'model' has KV caches on {have} of its {len(layers)} layers; set them up on all "
                          "(model.setup_caches) or remove them (model.remove_caches)")
     if used == len(layers):
+        if layers[0].attn.kv_cache.k_cache.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError("generate: argument 'model' has KV caches set up under torch.inference_mode(), which cannot be "
+                             "written outside it; call generate inside torch.inference_mode(), or set them up again outside it "
+                             "(model.remove_caches(), then model.setup_caches)")
         return "enabled"
     if used == 0:
         return "disabled"
