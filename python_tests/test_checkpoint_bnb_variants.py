@@ -216,6 +216,11 @@ def test_quantization_config_without_quant_method_is_bitsandbytes(bnb_variant, t
     model = llama2_from_checkpoint(folder, ALL_ATTN, quantize_base=True).eval()
     with torch.no_grad():
         assert rel_error(model(tokens), dequantized(tokens).logits) <= 1e-5
+    # a null quant_method alike (load_in_4bit decides, for transformers)
+    config["quantization_config"]["quant_method"] = None
+    (folder / "config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        assert rel_error(llama2_from_checkpoint(folder, ALL_ATTN, quantize_base=True).eval()(tokens), dequantized(tokens).logits) <= 1e-5
 
 
 class _OrderedKeys(set):

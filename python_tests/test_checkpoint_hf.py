@@ -221,6 +221,28 @@ def test_a_non_finite_weight_is_named(hf_models, tmp_path):
         llama2_from_checkpoint(tmp_path)
 
 
+def test_a_weight_beyond_the_model_dtype_is_named(hf_models, tmp_path):
+    # A finite 1e6 in a float32 checkpoint loaded as float16 became inf, silently (dense or NF4).
+    from safetensors.torch import load_file, save_file
+
+    _, folder = hf_models[4]
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    shutil.copy(os.path.join(folder, "config.json"), tmp_path / "config.json")
+    for key in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.input_layernorm.weight"):
+        bad = dict(state)
+        bad[key] = bad[key].clone()
+        bad[key].view(-1)[3] = -1e6
+        save_file(bad, tmp_path / "model.safetensors")
+        for quantize_base in (False, True):
+            with pytest.raises(ValueError, match=rf"entry {key} cannot be loaded: it holds 1e\+06, beyond the range of float16 \(the "
+                                                 r"model's dtype; largest finite 65504\), where it would be inf; load the model in a wider dtype"):
+                llama2_from_checkpoint(tmp_path, ["q_proj"], lora_rank=4, quantize_base=quantize_base, dtype=torch.float16)
+        assert llama2_from_checkpoint(tmp_path, dtype=torch.bfloat16).layers[0] is not None  # in range there
+    bad[key].view(-1)[3] = 65510.0  # past the largest float16, short of the rounding to inf: taken (as 65504)
+    save_file(bad, tmp_path / "model.safetensors")
+    assert llama2_from_checkpoint(tmp_path, dtype=torch.float16).layers[0].sa_norm.scale.view(-1)[3] == 65504
+
+
 def test_key_and_shape_problems_are_listed(hf_models, tmp_path):
     from safetensors.torch import load_file, save_file
 

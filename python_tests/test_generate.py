@@ -536,14 +536,27 @@ def test_cli_names_a_tokenizer_or_adapter_folder_it_cannot_use(checkpoint_with_t
     assert cli.main(base + ["--tokenizer", str(tmp_path / "tokenizer.json")]) == 2
     assert (f"error: argument --tokenizer must be a readable SentencePiece model file; '{tmp_path / 'tokenizer.json'}' is not: "
             in capsys.readouterr().err)
+    (tmp_path / "model").mkdir()
+    shutil.copy(os.path.join(checkpoint_with_tokenizer, "config.json"), tmp_path / "model")
     for folder, lacks in (("empty", "adapter_config.json nor adapter weights"), ("config_only", "adapter weights"),
-                          (checkpoint_with_tokenizer, "adapter_config.json nor adapter weights (it holds a model checkpoint: "
-                                                      "pass it as --checkpoint-dir)")):
+                          ("model", "adapter_config.json nor adapter weights (it holds a model checkpoint: pass it as --checkpoint-dir)")):
         with pytest.raises(SystemExit) as exited:
             cli.main(base + ["--adapter-dir", str(tmp_path / folder)])
         assert exited.value.code == 2
         assert (f"argument --adapter-dir must be a PEFT adapter folder (adapter_config.json and adapter_model.safetensors or .bin); "
                 f"'{tmp_path / folder}' has no {lacks}\n") in capsys.readouterr().err
+    # a trainer's checkpoint folder (its adapter in adapter/): the subfolder is named, as the API names it
+    (tmp_path / "epoch_0" / "adapter").mkdir(parents=True)
+    (tmp_path / "epoch_0" / "adapter" / "adapter_config.json").write_text("{}")
+    shutil.copy(os.path.join(checkpoint_with_tokenizer, "config.json"), tmp_path / "epoch_0")
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--adapter-dir", str(tmp_path / "epoch_0")])
+    assert f"has no adapter_config.json nor adapter weights; its subfolder '{tmp_path / 'epoch_0' / 'adapter'}' holds one" in capsys.readouterr().err
+    # the checkpoint folder itself: no advice to pass it as --checkpoint-dir, which it is
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--adapter-dir", checkpoint_with_tokenizer])
+    err = capsys.readouterr().err
+    assert "has no adapter_config.json nor adapter weights\n" in err and "pass it as --checkpoint-dir" not in err
 
 
 def test_cli_names_a_checkpoint_folder_it_cannot_read(checkpoint_with_tokenizer, monkeypatch, capsys):

@@ -113,7 +113,7 @@ def test_assign_load_quantizes_a_dense_weight(on_meta):
     bad = sd["weight"].clone()
     bad[3, 5] = float("inf")
     with pytest.raises(ValueError, match=r"load_state_dict: entry 'weight' cannot be quantized for the NF4 base weight: "
-                                         r"to_nf4: argument 'tensor' must hold only finite values"):
+                                         r"it must hold only finite values"):
         lin.load_state_dict({**sd, "weight": bad}, assign=True)
     lin.load_state_dict({**sd, "weight": sd["weight"].double()}, assign=True)
     assert torch.equal(lin.weight.packed, to_nf4(sd["weight"]).packed)
@@ -333,4 +333,7 @@ def test_loading_a_value_beyond_the_weight_dtype_names_it(assign):
         return
     with pytest.raises(RuntimeError, match=r"argument 'src' must hold values within float16's range \(the weight's dtype; largest "
                                            r"finite 65504\); got 1e\+06 at index \[2, 3\], which is inf in float16"):
+        m.load_state_dict(sd)
+    sd["weight"][2, 3] = float("nan")  # NaN in the entry itself: named as copy_'s argument, not the op's
+    with pytest.raises(RuntimeError, match=r"NF4Tensor.copy_: argument 'src' must hold only finite values .*the first nan at index \[2, 3\]"):
         m.load_state_dict(sd)

@@ -166,17 +166,27 @@ def test_a_bin_adapter_of_another_rank_is_named_before_the_model_is_built(base_d
             llama2_from_checkpoint(base_dir, adapter_dir=tmp_path)
 
 
-def test_an_adapter_with_resized_embeddings_says_so(base_dir, tmp_path):
+@pytest.mark.parametrize("targets", [["q_proj"], ["q_proj", "lm_head"]], ids=["q", "q_lm_head"])
+def test_an_adapter_with_resized_embeddings_says_so(base_dir, tmp_path, targets):
     # PEFT saves the embeddings of a model whose vocabulary was extended (added pad/chat tokens);
-    # the refusal should say that, not that the adapter belongs to another base model.
+    # the refusal should say that, not that the adapter belongs to another base model (with lm_head
+    # targeted, its lora_B is [322, r] too).
     peft = pytest.importorskip("peft")
     hf = transformers().LlamaForCausalLM.from_pretrained(base_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf.resize_token_embeddings(322)
-        peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+        peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=targets)).save_pretrained(tmp_path)
     with pytest.raises(ValueError) as err:
         llama2_from_checkpoint(base_dir, adapter_dir=tmp_path)
     message = str(err.value)
-    assert "embed_tokens.weight: adapter [322, 256] vs model [320, 256]" in message
+    assert "weight: adapter [322, 256] vs model [320, 256]" in message  # (embed_tokens' or, targeted, lm_head's base_layer)
     assert "another base model" not in message and re.search(r"vocabulary|resized|added tokens", message), message
+
+
+def test_an_empty_adapter_bin_says_why_it_cannot_be_read(base_dir, tmp_path):
+    # (an EOFError has no text: the message ended in "cannot be read as a torch state dict: ")
+    _peft_adapter(base_dir, tmp_path, dict(r=4, target_modules=["q_proj"]), safe_serialization=False)
+    (tmp_path / "adapter_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"adapter_model.bin cannot be read as a torch state dict: it is empty$"):
+        llama2_from_checkpoint(base_dir, adapter_dir=tmp_path)

@@ -401,6 +401,25 @@ def test_plot_of_an_empty_or_damaged_log_is_an_error_line_and_leaves_it(tmp_path
     assert log.read_bytes() == content and not out.exists()
 
 
+def test_plot_of_a_run_folder_that_cannot_be_searched_names_the_run(tmp_path, capsys, monkeypatch):
+    # a logs/ folder without search permission (simulated: root ignores modes) failed in is_file() with a raw
+    # "[Errno 13] ... logs/metrics.jsonl", before the log's own read
+    for run in ("a", "b"):
+        (tmp_path / run / "logs").mkdir(parents=True)
+        (tmp_path / run / "logs" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    real_stat, denied = os.stat, str(tmp_path / "a" / "logs") + os.sep
+
+    def stat(path, *args, **kwargs):
+        if os.fspath(path).startswith(denied):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    assert plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: RUN_DIR '{tmp_path / 'a'}': cannot read {tmp_path / 'a' / 'logs' / 'metrics.jsonl'}: Permission denied\n" in err
+
+
 def test_plot_of_a_log_that_cannot_be_read_is_an_error_line(tmp_path, capsys, monkeypatch):
     # (root ignores file modes: the refusal is simulated)
     (tmp_path / "run" / "logs").mkdir(parents=True)

@@ -126,8 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         lacks = _adapter_files_missing(args.adapter_dir)
         if lacks:
             parser.error(f"argument --adapter-dir must be a PEFT adapter folder (adapter_config.json and adapter_model.safetensors "
-                         f"or .bin); '{args.adapter_dir}' has no {lacks}"
-                         + (" (it holds a model checkpoint: pass it as --checkpoint-dir)" if _is_model_checkpoint(args.adapter_dir) else ""))
+                         f"or .bin); '{args.adapter_dir}' has no {lacks}{_adapter_hint(args.adapter_dir, args.checkpoint_dir)}")
     if args.adapter_dir is not None and os.path.isfile(os.path.join(args.checkpoint_dir, TRAINING_CONFIG_FILE)):
         _warn_if_merged_elsewhere(args.checkpoint_dir, args.adapter_dir)
     if args.quantize_base and args.adapter_dir is None:
@@ -147,8 +146,17 @@ def _adapter_files_missing(folder: str) -> str:
     return " nor ".join(lacks)
 
 
-def _is_model_checkpoint(folder: str) -> bool:
-    return any(os.path.isfile(os.path.join(folder, name)) for name in ("config.json", "params.json"))
+def _adapter_hint(adapter_dir: str, checkpoint_dir: str) -> str:
+    """Where a folder without an adapter has one: in a subfolder; or that it is a model checkpoint."""
+    from qlora_ext.checkpoint.peft_adapter import adapter_in_subfolder
+
+    inner = adapter_in_subfolder(adapter_dir)
+    if inner:
+        return f"; {inner}"
+    is_model = any(os.path.isfile(os.path.join(adapter_dir, name)) for name in ("config.json", "params.json"))
+    if is_model and not os.path.samefile(adapter_dir, checkpoint_dir):
+        return " (it holds a model checkpoint: pass it as --checkpoint-dir)"
+    return ""
 
 
 def _what_it_holds(folder: str) -> str:

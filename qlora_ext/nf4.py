@@ -242,14 +242,19 @@ def to_nf4(tensor: Tensor, block_size: int = BLOCK_SIZE, scaler_block_size: int 
     if tensor.dtype not in FLOAT_DTYPES:
         raise TypeError(f"to_nf4: argument 'tensor' must have dtype float32, bfloat16 or float16; got {tensor.dtype}")
     weight = tensor.detach()
+    return NF4Tensor(*_quantize(weight, "to_nf4: argument 'tensor'"), weight.shape, weight.dtype)
+
+
+def _quantize(weight: Tensor, argument: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``ops.quantize_nf4(weight)``, its errors on the weight (empty, numel % 64, NaN or Inf)
+    naming the caller's ``argument`` ("to_nf4: argument 'tensor'") rather than the op's."""
     try:
-        components = ops.quantize_nf4(weight)
-    except ValueError as e:  # empty, numel % 64, NaN or Inf: named as the argument the caller passed
+        return ops.quantize_nf4(weight)
+    except ValueError as e:
         op_argument = "qlora::quantize_nf4: argument 'weight'"
         if not str(e).startswith(op_argument):
             raise
-        raise ValueError("to_nf4: argument 'tensor'" + str(e)[len(op_argument):]) from None
-    return NF4Tensor(*components, weight.shape, weight.dtype)
+        raise ValueError(argument + str(e)[len(op_argument):]) from None
 
 
 def linear_nf4(input: Tensor, weight: NF4Tensor, bias: Tensor | None = None) -> Tensor:
@@ -458,7 +463,7 @@ def _copy_(dst: Tensor, src: Tensor, non_blocking: bool = False) -> Tensor:
     else:
         cast = src.to(device=dst.device, dtype=dst.dtype)
         try:
-            components = ops.quantize_nf4(cast)
+            components = _quantize(cast, "NF4Tensor.copy_: argument 'src'")
         except ValueError:
             _refuse_overflow(src, cast)  # the non-finite value may be one the cast made
             raise

@@ -25,17 +25,22 @@ from qlora_ext.training.metric_logging import LOG_SUBDIR, METRICS_FILE, metrics_
 
 def load_curve(run_dir: str, label: str | None = None) -> Curve:
     """The (step, loss) records of a run's metrics log (those with an int64 step and a finite loss)."""
-    try:
-        all_records = read_metrics(run_dir)
-    except OSError as e:
-        if e.strerror is None:  # read_metrics's own message (no metrics file), which names the folders
-            raise
-        raise OSError(f"RUN_DIR '{run_dir}': cannot read {e.filename or 'its metrics log'}: {e.strerror}") from None
-    records = [r for r in all_records
+    records = [r for r in _read_run(read_metrics, run_dir)
                if is_int(r.get("step")) and -(2**63) <= r["step"] < 2**63 and is_finite_real(r.get("loss"))]
     if not records:
         raise ValueError(f"RUN_DIR '{run_dir}': its metrics log has no records with a step and a finite loss yet")
     return Curve(label or _run_name(Path(run_dir)), [r["step"] for r in records], [r["loss"] for r in records])
+
+
+def _read_run(read, run_dir: str):
+    """``read(run_dir)``, an OSError of the file system (a folder or log that cannot be read)
+    naming the RUN_DIR."""
+    try:
+        return read(run_dir)
+    except OSError as e:
+        if e.strerror is None:  # metrics_file's own message (no metrics file), which names the folders
+            raise
+        raise OSError(f"RUN_DIR '{run_dir}': cannot read {e.filename or 'its metrics log'}: {e.strerror}") from None
 
 
 def _loss_text(v: float) -> str:
@@ -75,7 +80,7 @@ def _own_name(path: Path) -> tuple[str, ...]:
 
 def _same_run_twice(run_dirs: list[str]) -> str | None:
     """An error naming two RUN_DIRs that are one run (one metrics file), or None."""
-    files = [metrics_file(run).resolve() for run in run_dirs]
+    files = [_read_run(metrics_file, run).resolve() for run in run_dirs]
     for i, file in enumerate(files):
         if file in files[:i]:
             return f"RUN_DIR '{run_dirs[files.index(file)]}' and '{run_dirs[i]}' are the same run ({file}); give each run once"

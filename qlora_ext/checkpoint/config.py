@@ -116,7 +116,7 @@ class Llama2Config:
         if rope_type != "default":
             problems.append(f"'rope_scaling' (or 'rope_parameters') type must be 'default', got {rope_type!r} (RoPE scaling is not implemented)")
         quant = config.get("quantization_config")
-        if isinstance(quant, dict) and "quant_method" not in quant and (quant.get("load_in_4bit") or quant.get("load_in_8bit")):
+        if isinstance(quant, dict) and quant.get("quant_method") is None and (quant.get("load_in_4bit") or quant.get("load_in_8bit")):
             quant = {**quant, "quant_method": "bitsandbytes"}  # as transformers reads a config without one
         if quant is not None and not (isinstance(quant, dict) and quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_4bit")):
             if isinstance(quant, dict) and quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_8bit"):

@@ -342,6 +342,8 @@ def load_entries(
             # (to_nf4 checks a weight it quantizes; one stored in NF4 has had its scales checked)
             if not isinstance(value, NF4Tensor) and not isinstance(getattr(module, attr), NF4Tensor) and not _all_finite(value):
                 raise ValueError("it holds NaN or Inf")
+            if not isinstance(value, NF4Tensor):
+                _refuse_beyond_range(value, getattr(module, attr).dtype)
             _assign(module, attr, value, device)
         except ValueError as e:  # a weight that holds NaN or Inf
             # Checking every weight first would read the checkpoint twice; say what state is left.
@@ -358,6 +360,22 @@ def _all_finite(tensor: Tensor, chunk: int = 1 << 24) -> bool:
     temporaries stay small next to a large embedding."""
     flat = tensor.reshape(-1)
     return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
+def _refuse_beyond_range(tensor: Tensor, dtype: torch.dtype, chunk: int = 1 << 24) -> None:
+    """A ValueError where a finite value of ``tensor`` is beyond the range of ``dtype`` (the model's),
+    where it would be inf (1e6 in an fp32 checkpoint loaded as float16); checked a slice at a time."""
+    if not (tensor.is_floating_point() and dtype.is_floating_point) or torch.finfo(tensor.dtype).max <= torch.finfo(dtype).max:
+        return
+    limit = torch.finfo(dtype).max
+    flat = tensor.reshape(-1)
+    for i in range(0, flat.numel(), chunk):
+        low, high = torch.aminmax(flat[i : i + chunk])  # (no temporary the size of the slice, as abs() would make)
+        largest = max(-low.item(), high.item())
+        # (NaN compares false: named by the finiteness checks; a value a little past the limit rounds to it)
+        if largest > limit and torch.tensor(largest, dtype=tensor.dtype).to(dtype).isinf():
+            raise ValueError(f"it holds {largest:g}, beyond the range of {str(dtype).removeprefix('torch.')} (the model's dtype; "
+                             f"largest finite {limit:g}), where it would be inf; load the model in a wider dtype")
 
 
 def refuse_merged(model: nn.Module, caller: str) -> None:

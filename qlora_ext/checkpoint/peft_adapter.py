@@ -209,11 +209,9 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """
     path = os.path.join(os.fspath(adapter_dir), ADAPTER_CONFIG_NAME)
     if not os.path.exists(path):
-        folder = Path(adapter_dir)
-        inner = sorted(p.parent for p in folder.glob(f"*/{ADAPTER_CONFIG_NAME}")) if folder.is_dir() else []
-        hint = (f"; its subfolder '{inner[0]}' holds one (a training checkpoint keeps its adapter there, and PEFT saves "
-                f"an adapter with a name other than 'default' in a subfolder of that name)") if inner else ""
-        raise FileNotFoundError(f"argument 'adapter_dir' must hold {ADAPTER_CONFIG_NAME}; not found in {os.fspath(adapter_dir)!r}{hint}")
+        inner = adapter_in_subfolder(adapter_dir)
+        raise FileNotFoundError(f"argument 'adapter_dir' must hold {ADAPTER_CONFIG_NAME}; not found in {os.fspath(adapter_dir)!r}"
+                                + (f"; {inner}" if inner else ""))
     config = read_json(path)
     expected = {"peft_type": "LORA", "use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "lora_bias": False}
     problems = [f"'{k}' must be {v!r}, got {config.get(k, v)!r}" for k, v in expected.items() if config.get(k, v) != v]
@@ -278,6 +276,16 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     }
 
 
+def adapter_in_subfolder(folder: str | os.PathLike) -> str:
+    """Where a folder without adapter_config.json has an adapter in a subfolder, a hint saying so
+    (a training checkpoint keeps its adapter in ``adapter/``); else ""."""
+    inner = sorted(p.parent for p in Path(folder).glob(f"*/{ADAPTER_CONFIG_NAME}")) if os.path.isdir(folder) else []
+    if not inner:
+        return ""
+    return (f"its subfolder '{inner[0]}' holds one (a training checkpoint keeps its adapter there, and PEFT saves "
+            f"an adapter with a name other than 'default' in a subfolder of that name)")
+
+
 def adapter_weights_path(adapter_dir: str | os.PathLike) -> str:
     """The adapter's weights file: ``adapter_model.safetensors``, else PEFT's ``adapter_model.bin``.
 
@@ -336,7 +344,8 @@ def _read_bin(path: str, who: str) -> dict[str, torch.Tensor]:
             raise ValueError(f"{who}: {path} cannot be read as a torch state dict: {e}") from None
         raise ValueError(python_objects_refused(f"{who}: {path}", refused)) from None
     except Exception as e:  # noqa: BLE001  (any unreadable file is the same user-facing problem)
-        raise ValueError(f"{who}: {path} cannot be read as a torch state dict: {e}") from None
+        why = str(e) or ("it is empty" if os.path.getsize(path) == 0 else type(e).__name__)  # (an EOFError says nothing)
+        raise ValueError(f"{who}: {path} cannot be read as a torch state dict: {why}") from None
     if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()):
         raise ValueError(f"{who}: {path} must hold a dict of names (str) to tensors; got {_describe_mapping(tensors)}")
     return tensors
@@ -411,7 +420,10 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
             mismatched.append(f"{key}: adapter {list(value.shape)} vs model {list(target.weight.shape)}")
             features = 1 if match["which"] == "A" else 0  # the dim of lora_A [r, in] / lora_B [out, r] that is not the rank
             if value.dim() != 2 or value.shape[features] != target.weight.shape[features]:
-                other_models = True
+                if match["module"] == "lm_head" and features == 0 and value.dim() == 2:  # lm_head's out: the vocabulary
+                    other_vocab.append((value.shape[0], target.weight.shape[0]))
+                else:
+                    other_models = True
     missing = [f"{_PREFIX}{name}.lora_{w}.weight" for name in modules for w in "AB" if (name, w) not in seen]
     problems = [f"{what}: {_listed(names, 20)}" for what, names in (
         ("missing", missing), ("unexpected", unexpected), ("wrong shapes", mismatched), ("not floating point", not_float),

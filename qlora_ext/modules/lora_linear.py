@@ -254,4 +254,5 @@ def _quantize_assigned_weight(module: LoRALinear, state_dict: dict, prefix: str,
         try:
             state_dict[prefix + "weight"] = to_nf4(source)
         except (TypeError, ValueError) as e:  # NaN or Inf, an int entry: name the entry, not to_nf4's argument
-            raise type(e)(f"load_state_dict: entry '{prefix}weight' cannot be quantized for the NF4 base weight: {e}") from None
+            why = str(e).replace("to_nf4: argument 'tensor' ", "it ", 1)
+            raise type(e)(f"load_state_dict: entry '{prefix}weight' cannot be quantized for the NF4 base weight: {why}") from None
