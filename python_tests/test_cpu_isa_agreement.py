@@ -6,8 +6,6 @@ _C.so as well (helper-139), where an access past an input's end stops the test."
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from conftest import FLOAT_DTYPES, dtype_id

@@ -552,11 +552,11 @@ def test_cli_names_a_tokenizer_or_adapter_folder_it_cannot_use(checkpoint_with_t
     with pytest.raises(SystemExit):
         cli.main(base + ["--adapter-dir", str(tmp_path / "epoch_0")])
     assert f"has no adapter_config.json nor adapter weights; its subfolder '{tmp_path / 'epoch_0' / 'adapter'}' holds one" in capsys.readouterr().err
-    # the checkpoint folder itself: no advice to pass it as --checkpoint-dir, which it is
+    # the checkpoint folder itself (torchtune's epoch_N holds its merged model and adapter side by side): refused
     with pytest.raises(SystemExit):
         cli.main(base + ["--adapter-dir", checkpoint_with_tokenizer])
-    err = capsys.readouterr().err
-    assert "has no adapter_config.json nor adapter weights\n" in err and "pass it as --checkpoint-dir" not in err
+    assert (f"argument --adapter-dir: '{checkpoint_with_tokenizer}' is the --checkpoint-dir folder: a folder holding a model and "
+            "an adapter side by side (torchtune's epoch_N) holds the model with that adapter merged already") in capsys.readouterr().err
 
 
 def test_cli_names_a_checkpoint_folder_it_cannot_read(checkpoint_with_tokenizer, monkeypatch, capsys):

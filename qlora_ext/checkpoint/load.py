@@ -329,6 +329,10 @@ def load_entries(
                             ("not floating point", not_float))
         if names
     ]
+    if any(name.endswith(("attn.q_proj.weight", "sa_norm.scale")) for name in unexpected):
+        problems.insert(0, "its keys are torchtune's own (FullModelTorchTuneCheckpointer's: this package's parameter names, "
+                           "with the q/k rows in Meta's rotary layout), which are not read; have torchtune write it with "
+                           "FullModelHFCheckpointer or FullModelMetaCheckpointer")
     if problems:
         raise ValueError(f"load_checkpoint: {source} does not fit the model: " + "; ".join(problems))
 

@@ -30,6 +30,7 @@ from qlora_ext.modules.peft import get_adapter_params
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN_NAME = "adapter_model.bin"  # what PEFT writes with safe_serialization=False (read, never written)
+TORCHTUNE_ADAPTER_NAME = "adapter_model.pt"  # torchtune's own adapter state dict (named in messages, never read)
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 _EMBEDDING, _OUTPUT = "tok_embeddings.weight", "output.weight"  # (our names of the weights a vocabulary sizes)
@@ -211,7 +212,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     if not os.path.exists(path):
         inner = adapter_in_subfolder(adapter_dir)
         raise FileNotFoundError(f"argument 'adapter_dir' must hold {ADAPTER_CONFIG_NAME}; not found in {os.fspath(adapter_dir)!r}"
-                                + (f"; {inner}" if inner else ""))
+                                + (f"; {inner}" if inner else torchtune_adapter_hint(adapter_dir)))
     config = read_json(path)
     expected = {"peft_type": "LORA", "use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "lora_bias": False}
     problems = [f"'{k}' must be {v!r}, got {config.get(k, v)!r}" for k, v in expected.items() if config.get(k, v) != v]
@@ -297,8 +298,18 @@ def adapter_weights_path(adapter_dir: str | os.PathLike) -> str:
         if os.path.isfile(path):
             return path
     raise FileNotFoundError(
-        f"argument 'adapter_dir' must hold {ADAPTER_WEIGHTS_NAME} (or {ADAPTER_WEIGHTS_BIN_NAME}); not found in {os.fspath(adapter_dir)!r}"
+        f"argument 'adapter_dir' must hold {ADAPTER_WEIGHTS_NAME} (or {ADAPTER_WEIGHTS_BIN_NAME}); not found in "
+        f"{os.fspath(adapter_dir)!r}{torchtune_adapter_hint(adapter_dir)}"
     )
+
+
+def torchtune_adapter_hint(folder: str | os.PathLike) -> str:
+    """For a folder holding torchtune's own adapter file, what it is and what to use instead; else ""."""
+    if not os.path.isfile(os.path.join(os.fspath(folder), TORCHTUNE_ADAPTER_NAME)):
+        return ""
+    return (f"; its {TORCHTUNE_ADAPTER_NAME} is torchtune's own adapter format (its parameter names, q/k rows in Meta's rotary "
+            "layout), which is not read: use the PEFT-format adapter_model.safetensors and adapter_config.json that "
+            "torchtune's FullModelHFCheckpointer writes beside it")
 
 
 def check_adapter_rank(adapter_dir: str | os.PathLike, rank: int) -> None:
@@ -440,6 +451,9 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
     if other_models:
         problems.insert(0, "its weights have the shapes of another base model (an adapter fits the model it was trained on; "
                            "its adapter_config.json's base_model_name_or_path may name it)")
+    if any("lora_magnitude_vector" in key for key in unexpected):  # (torchtune's DoRA runs write no use_dora)
+        problems.insert(0, "the adapter holds DoRA magnitudes (lora_magnitude_vector): it is a DoRA adapter, which qlora_ext "
+                           "does not support")
     if any(key.endswith(".bias") for key in unexpected):
         problems.insert(0, "the adapter holds biases of the base model (PEFT's bias='all' or 'lora_only' on a model with "
                            "attention or MLP biases), and Llama-2 has none")

@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable
 
@@ -251,12 +252,18 @@ def hf_weight_files(checkpoint_dir: str) -> list[str]:
     """The weight files of a HF checkpoint, looked for in transformers' order: the single
     ``model.safetensors``, its shards per the index, then the same for ``pytorch_model.bin``.
 
+    An index none of whose shards is there, beside a complete ``pytorch_model*.bin`` set, is passed
+    over with a warning: torchtune's ``tune download`` skipped ``*.safetensors`` files (its
+    ``--ignore-patterns`` default before 0.5) and kept their index.
+
     Raises:
         FileNotFoundError: none of the known file names is there, or a shard the index names is
             missing.
     """
+    without_shards = None  # the FileNotFoundError of an index none of whose shards is here
     for index_name, single_name in HF_INDEX_FILES:
         if os.path.exists(os.path.join(checkpoint_dir, single_name)):
+            _warn_passed_over(without_shards, single_name)
             return [os.path.join(checkpoint_dir, single_name)]
         index_path = os.path.join(checkpoint_dir, index_name)
         if os.path.exists(index_path):
@@ -272,12 +279,29 @@ def hf_weight_files(checkpoint_dir: str) -> list[str]:
                                  "shards are named relative to the checkpoint's folder, inside it")
             missing = [n for n in names if not os.path.isfile(os.path.join(checkpoint_dir, n))]
             if missing:
-                raise FileNotFoundError(f"{index_path} names shards that do not exist (or are no files): {missing}")
+                error = FileNotFoundError(f"{index_path} names shards that do not exist (or are no files): {missing}")
+                if len(missing) < len(names) or without_shards is not None:
+                    raise error
+                without_shards = error
+                continue
+            _warn_passed_over(without_shards, f"{index_name} and its shards")
             return [os.path.join(checkpoint_dir, n) for n in names]
+    if without_shards is not None:
+        raise without_shards
     looked_for = [name for pair in HF_INDEX_FILES for name in pair]
-    raise FileNotFoundError(
-        f"no HF weights in {checkpoint_dir}: looked for {looked_for}; found {sorted(os.listdir(checkpoint_dir))}{OTHER_NAMES_HINT}"
-    )
+    found = sorted(os.listdir(checkpoint_dir))
+    if "adapter_config.json" in found:  # torchtune's save_adapter_weights_only epoch folder (config.json copied beside)
+        hint = ("; it holds an adapter without its model: load the base model's folder, with this one as the adapter "
+                "(adapter_dir, --adapter-dir)")
+    else:
+        hint = OTHER_NAMES_HINT
+    raise FileNotFoundError(f"no HF weights in {checkpoint_dir}: looked for {looked_for}; found {found}{hint}")
+
+
+def _warn_passed_over(without_shards: FileNotFoundError | None, reading: str) -> None:
+    if without_shards is not None:
+        warnings.warn(f"{without_shards} (torchtune's tune download skips *.safetensors files); reading {reading} instead",
+                      UserWarning, stacklevel=3)
 
 
 def hf_entries(files: TensorFiles) -> list[Entry]:

@@ -28,6 +28,13 @@ STATE_KEYS = ("checkpoint_name", "epoch", "step_in_epoch", "global_step", "seed"
               "adapter", "fingerprint")
 
 
+_TORCHTUNE_STATE = (
+    "torchtune's training state, which this trainer cannot continue (another optimizer and data order); start a "
+    "new run from the model the torchtune run saved (checkpointer.checkpoint_dir=its epoch_N folder), or from the base "
+    "with its adapter, in another output_dir"
+)
+
+
 class ResumeError(RuntimeError):
     """No usable training state, or one from an incompatible config."""
 
@@ -124,6 +131,9 @@ def load_training_state(
     """
     path = Path(output_dir) / STATE_FILE
     if not path.is_file():
+        torchtune_state = Path(output_dir) / "recipe_state" / STATE_FILE  # where torchtune 0.5+ keeps its own
+        if torchtune_state.is_file():
+            raise ResumeError(f"resume_from_checkpoint=true: {output_dir} is a torchtune run ({torchtune_state}: {_TORCHTUNE_STATE})")
         raise ResumeError(
             f"resume_from_checkpoint=true: there is no {path} (no checkpoint to resume from); "
             "run without it first, or set output_dir to the interrupted run's folder"
@@ -146,6 +156,8 @@ def load_training_state(
             why = f"it is damaged or truncated, or not a training state ({type(e).__name__}{': ' + reason if reason else ''})"
         raise ResumeError(f"resume_from_checkpoint=true: {path} cannot be read: {why}; restore it from a copy, or start "
                           "afresh without resume_from_checkpoint (in another output_dir, or after removing this one)") from None
+    if isinstance(state, dict) and "version" not in state and {"epochs_run", "total_epochs"} <= state.keys():
+        raise ResumeError(f"resume_from_checkpoint=true: {path} is {_TORCHTUNE_STATE}")
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         version = state.get("version") if isinstance(state, dict) else f"none (it holds a {type(state).__name__})"
         raise ResumeError(f"resume_from_checkpoint=true: {path} has state version {version}, expected {STATE_VERSION}")

@@ -226,9 +226,13 @@ def _checkpointer(component: Any, section: dict, top: dict, notes: list[str]) ->
     if _name(component, "checkpointer", {"FullModelHFCheckpointer": "hf", "FullModelMetaCheckpointer": "meta"}) == "meta":
         notes.append("checkpointer: FullModelMetaCheckpointer reads the Meta checkpoint; the merged model is saved in HF format "
                      "(model.safetensors + config.json, as for a HF base); qlora_ext.checkpoint.save_meta_checkpoint writes a Meta one")
+    if top.get("resume_from_checkpoint") is True:  # (the advice below is taken already)
+        why = ("resume_from_checkpoint=True reads output_dir's last checkpoint of this trainer (adapter and training state); "
+               "a torchtune run's state cannot be continued: start a new run from the model it saved (its epoch_N folder)")
+    else:
+        why = "to continue a run, set resume_from_checkpoint=True: it reads output_dir's last checkpoint (adapter and training state)"
     for key in ("adapter_checkpoint", "recipe_checkpoint"):
-        _refuse_unless(section, key, (None,), "to continue a run, set resume_from_checkpoint=True: it reads "
-                       "output_dir's last checkpoint (adapter and training state)", "checkpointer")
+        _refuse_unless(section, key, (None,), why, "checkpointer")
     _refuse_unless(section, "safe_serialization", (True, None), "checkpoints are always written as safetensors", "checkpointer")
     ckpt_out = section.pop("output_dir", None)
     if ckpt_out is not None:

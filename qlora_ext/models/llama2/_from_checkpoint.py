@@ -77,6 +77,7 @@ def llama2_from_checkpoint(
         lora_dropout=lora_dropout,
     )
     if adapter_dir is not None:
+        refuse_adapter_beside_its_merged_model(checkpoint_dir, adapter_dir)
         lora = read_adapter_config(adapter_dir)
         check_adapter_rank(adapter_dir, lora["lora_rank"])  # a missing file or a wrong rank is named before anything is built
     has_lora = lora["lora_attn_modules"] or lora["apply_lora_to_mlp"] or lora["apply_lora_to_output"]
@@ -89,3 +90,15 @@ def llama2_from_checkpoint(
     if adapter_dir is not None:
         load_peft_adapter(model, adapter_dir)
     return model.eval()
+
+
+def refuse_adapter_beside_its_merged_model(checkpoint_dir: str | os.PathLike, adapter_dir: str | os.PathLike) -> None:
+    """Raises ValueError where ``adapter_dir`` is the checkpoint folder itself: a folder holding a
+    model and an adapter side by side (torchtune's ``epoch_N``) holds the model with that adapter
+    merged already, and applying it again would count it twice."""
+    if os.path.isdir(adapter_dir) and os.path.isdir(checkpoint_dir) and os.path.samefile(adapter_dir, checkpoint_dir):
+        raise ValueError(
+            f"argument 'adapter_dir' is the checkpoint folder itself ({os.fspath(checkpoint_dir)!r}): a folder holding a model and "
+            "an adapter side by side (torchtune's epoch_N) holds the model with that adapter merged already. Load the folder "
+            "alone, or the base model's folder with this adapter; an adapter beside an unmerged base goes in a folder of its own"
+        )
