@@ -47,19 +47,6 @@ IN_FEATURES = (64, 128, 192, 256, 320, 448, 1088, 2112, 4160, 100, 36, 8)
 ROWS = (1, 2, 3, 5, 8, 12, 13, 16, 17, 31, 64, 129, 300)
 
 
-def cpu_isas() -> list[str]:
-    """The kernel tables this CPU and build have."""
-    before, found = ops.cpu_kernel_isa(), []
-    for isa in ("avx512", "avx2", "portable"):
-        try:
-            ops.set_cpu_kernel_isa(isa)
-            found.append(isa)
-        except ValueError:
-            pass
-    ops.set_cpu_kernel_isa(before)
-    return found
-
-
 # Below this many outputs the largest error is too noisy a draw to set against torch's (one
 # output of 128 terms erred 3x torch's, a coin toss); there the a-priori bound of any order of
 # summing n terms in float32 is checked instead: n u |terms| (+ the rounding to x's dtype).
@@ -176,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --cases must be >= 1; got {args.cases}")
     if not args.seconds > 0 or args.seconds == float("inf"):  # (also refuses nan: no case would run)
         parser.error(f"argument --seconds must be a finite number > 0; got {args.seconds}")
-    isas = cpu_isas()
+    isas = ops.available_cpu_kernel_isas()
     isa_before = ops.cpu_kernel_isa()
     start, index, failed = time.perf_counter(), args.first, 0
     try:

@@ -77,6 +77,20 @@ def no_vmap_fallback():
     torch._C._functorch._set_vmap_fallback_enabled(before)
 
 
+@pytest.fixture(params=["avx512", "avx2", "portable"])
+def cpu_isa(request):
+    """Runs a test once per CPU kernel table (one this CPU or build lacks is skipped)."""
+    from qlora_ext import ops
+
+    before = ops.cpu_kernel_isa()
+    try:
+        ops.set_cpu_kernel_isa(request.param)
+    except ValueError:
+        pytest.skip(f"{request.param} kernels not available on this CPU/build")
+    yield request.param
+    ops.set_cpu_kernel_isa(before)
+
+
 def unit_roundoff(dtype: torch.dtype) -> float:
     return {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
 

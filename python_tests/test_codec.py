@@ -14,18 +14,6 @@ from qlora_ext import ops
 SHAPES = [(512, 768), (300, 64), (3, 5, 128), (64,), (1, 4096 * 64 + 64), (11008 // 8, 4096 // 8)]
 
 
-@pytest.fixture(params=["avx512", "avx2", "portable"])
-def cpu_isa(request):
-    """Runs a test once per CPU kernel table (avx512 skipped where the CPU lacks it)."""
-    before = ops.cpu_kernel_isa()
-    try:
-        ops.set_cpu_kernel_isa(request.param)
-    except ValueError:
-        pytest.skip(f"{request.param} kernels not available on this CPU/build")
-    yield request.param
-    ops.set_cpu_kernel_isa(before)
-
-
 def random_weight(shape, dtype, device="cpu"):
     # Normal weights with a few heavy rows, as in trained models.
     w = torch.randn(shape, device=device) * 0.02

@@ -29,19 +29,6 @@ MAP_MID = ((MAP[:-1] + MAP[1:]) / np.float32(2)).astype(np.float32)
 COMPONENTS = ("packed", "absmax_codes", "absmax_scales", "absmax_offset")
 
 
-def isas():
-    names = []
-    before = ops.cpu_kernel_isa()
-    for name in ("avx512", "avx2", "portable"):
-        try:
-            ops.set_cpu_kernel_isa(name)
-            names.append(name)
-        except ValueError:
-            pass
-    ops.set_cpu_kernel_isa(before)
-    return names
-
-
 def rule_packed(w: torch.Tensor) -> np.ndarray:
     """Steps 1-4 in numpy float32: codes = number of midpoints strictly below the scaled value."""
     x = w.detach().resolve_neg().reshape(-1, 64).float().numpy()
@@ -78,7 +65,7 @@ def check_codec(w: torch.Tensor, *, with_bnb: bool = True):
     want = ref.quantize_nf4(w)
     before = ops.cpu_kernel_isa()
     try:
-        for isa in isas():
+        for isa in ops.available_cpu_kernel_isas():
             ops.set_cpu_kernel_isa(isa)
             got = ops.quantize_nf4(w)
             for name, g, r in zip(COMPONENTS, got, want):

@@ -15,20 +15,7 @@ from qlora_ext import ops
 Q = torch.ops.qlora
 
 
-def _tables():
-    before = ops.cpu_kernel_isa()
-    have = []
-    for name in ("avx512", "avx2", "portable"):
-        try:
-            ops.set_cpu_kernel_isa(name)
-            have.append(name)
-        except ValueError:
-            pass
-    ops.set_cpu_kernel_isa(before)
-    return have
-
-
-TABLES = _tables()
+TABLES = ops.available_cpu_kernel_isas()
 SIMD = [t for t in TABLES if t != "portable"]
 
 

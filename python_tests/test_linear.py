@@ -23,17 +23,6 @@ WEIGHT_SHAPES = [(320, 192), (96, 448), (64, 100), (128, 36)]
 ROWS = [1, 5, 16, 17, 40]
 
 
-@pytest.fixture(params=["avx512", "avx2", "portable"])
-def cpu_isa(request):
-    before = ops.cpu_kernel_isa()
-    try:
-        ops.set_cpu_kernel_isa(request.param)
-    except ValueError:
-        pytest.skip(f"{request.param} kernels not available here")
-    yield request.param
-    ops.set_cpu_kernel_isa(before)
-
-
 def assert_close_to_exact(got: torch.Tensor, exact: torch.Tensor, torch_same_precision: torch.Tensor, factor: float = 2.0):
     """Our error vs the float64 result is at most ``factor`` times PyTorch's own error in the same
     precision, plus one rounding of the output."""

@@ -282,6 +282,20 @@ def set_cpu_kernel_isa(name: str) -> None:
     torch.ops.qlora_cpu.set_cpu_kernel_isa(name)
 
 
+def available_cpu_kernel_isas() -> list[str]:
+    """The CPU kernel tables this CPU and build run, best first ("avx512", "avx2", "portable").
+    Found by choosing each in turn (then the one in use again): call it while no op runs."""
+    before, found = cpu_kernel_isa(), []
+    for name in ("avx512", "avx2", "portable"):
+        try:
+            set_cpu_kernel_isa(name)
+            found.append(name)
+        except ValueError:
+            pass
+    set_cpu_kernel_isa(before)
+    return found
+
+
 def cpu_bf16_gemm() -> bool:
     """Whether CPU ``linear_nf4`` multiplies bf16 activations (more rows than the fused small-M
     kernels take) by bf16 tiles of W with torch's bf16 BLAS, rounding each output once, rather than
