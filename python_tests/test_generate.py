@@ -480,6 +480,7 @@ def test_cli_argument_errors(checkpoint_with_tokenizer, tmp_path):
     trained = tmp_path / "epoch_0"  # as the trainer writes one: the merged model, its adapter in adapter/
     shutil.copytree(checkpoint_with_tokenizer, trained)
     (trained / "adapter").mkdir()
+    (trained / "training_config.yaml").write_text("{}\n")  # (what marks a training checkpoint)
     adapter_only = tmp_path / "adapter_only"
     adapter_only.mkdir()
     (adapter_only / "adapter_config.json").write_text("{}")
@@ -489,7 +490,8 @@ def test_cli_argument_errors(checkpoint_with_tokenizer, tmp_path):
         (["--checkpoint-dir", missing], f"argument --checkpoint-dir must be a checkpoint folder; '{missing}' is not a folder"),
         (["--checkpoint-dir", checkpoint_with_tokenizer, "--input", "y"], "argument --input needs --template alpaca or llama2_chat"),
         (["--checkpoint-dir", str(trained), "--adapter-dir", str(trained / "adapter")],
-         "is the adapter of the checkpoint folder, whose model has it merged already"),
+         f"argument --adapter-dir: '{trained / 'adapter'}' is the adapter of the training checkpoint '{trained}', whose model has "
+         "it merged already"),
         (["--checkpoint-dir", str(tmp_path)], f"argument --checkpoint-dir must be a HF (config.json) or Meta (params.json) "
          f"checkpoint folder; '{tmp_path}' holds neither (checkpoint folders inside it: epoch_0, no_tokenizer)"),
         (["--checkpoint-dir", str(adapter_only)], "holds neither (it holds a PEFT adapter: pass the base model's folder as "
@@ -552,11 +554,11 @@ def test_cli_names_a_tokenizer_or_adapter_folder_it_cannot_use(checkpoint_with_t
     with pytest.raises(SystemExit):
         cli.main(base + ["--adapter-dir", str(tmp_path / "epoch_0")])
     assert f"has no adapter_config.json nor adapter weights; its subfolder '{tmp_path / 'epoch_0' / 'adapter'}' holds one" in capsys.readouterr().err
-    # the checkpoint folder itself (torchtune's epoch_N holds its merged model and adapter side by side): refused
+    # the checkpoint folder itself, without an adapter: no advice to pass it as --checkpoint-dir, which it is
     with pytest.raises(SystemExit):
         cli.main(base + ["--adapter-dir", checkpoint_with_tokenizer])
-    assert (f"argument --adapter-dir: '{checkpoint_with_tokenizer}' is the --checkpoint-dir folder: a folder holding a model and "
-            "an adapter side by side (torchtune's epoch_N) holds the model with that adapter merged already") in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has no adapter_config.json nor adapter weights\n" in err and "pass it as --checkpoint-dir" not in err
 
 
 def test_cli_names_a_checkpoint_folder_it_cannot_read(checkpoint_with_tokenizer, monkeypatch, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -112,11 +113,12 @@ def test_epoch_folder_as_its_own_adapter_dir_is_refused(run):
     # checkpoint and adapter applied the adapter twice, silently (API and CLI)
     root = run[0]
     ep = root / "out" / "epoch_0"
-    with pytest.raises(ValueError, match=r"argument 'adapter_dir' is the checkpoint folder itself .*: a folder holding a model and "
-                                         r"an adapter side by side \(torchtune's epoch_N\) holds the model with that adapter merged"):
+    message = (r"is the checkpoint folder itself, a torchtune output folder \(it holds adapter_model.pt\): torchtune writes the "
+               r"model there with that adapter merged already")
+    with pytest.raises(ValueError, match=rf"llama2_from_checkpoint: argument 'adapter_dir': '.*' {message}"):
         llama2_from_checkpoint(ep, adapter_dir=ep)
     result = _cli("--checkpoint-dir", str(ep), "--adapter-dir", str(ep))
-    assert result.returncode == 2 and "is the --checkpoint-dir folder: a folder holding a model and an adapter" in result.stderr, result.stderr
+    assert result.returncode == 2 and re.search(rf"argument --adapter-dir: '.*' {message}", result.stderr), result.stderr
 
 
 def test_torchtune_adapter_pt_is_named(run, tmp_path_factory):
@@ -154,7 +156,8 @@ def test_torchtune_native_model_file_loads_right_or_is_named(run, tmp_path_facto
         tune[new] = value
     torch.save(tune, folder / "model-00001-of-00001.bin")
     (folder / "params.json").write_text(json.dumps(meta_params(merged)))
-    with pytest.raises(ValueError, match=r"does not fit the model: its keys are torchtune's own \(FullModelTorchTuneCheckpointer's"):
+    with pytest.raises(ValueError, match=r"does not fit the model: its keys are this package's parameter names \(a qlora_ext model's "
+                                         r"state_dict\(\), or torchtune's FullModelTorchTuneCheckpointer output"):
         llama2_from_checkpoint(folder, checkpoint_files=["model-00001-of-00001.bin"])
 
 
@@ -251,3 +254,15 @@ def test_an_adapter_only_epoch_folder_as_the_checkpoint_says_what_to_pass(run, t
     with pytest.raises(FileNotFoundError, match=r"no HF weights in .*; it holds an adapter without its model: load the base "
                                                 r"model's folder, with this one as the adapter \(adapter_dir, --adapter-dir\)$"):
         llama2_from_checkpoint(folder)
+
+
+@pytest.mark.parametrize("what", ["bare_llama_model", "qlora_ext_state_dict"])
+def test_the_torchtune_keys_hint_is_for_such_keys_only(run, tmp_path, what):
+    # "self_attn.q_proj.weight" ended with "attn.q_proj.weight": a bare LlamaModel's keys were called torchtune's
+    root, base, _, _ = run
+    shutil.copy(root / "base" / "config.json", tmp_path)
+    state = dict(base.model.state_dict()) if what == "bare_llama_model" else llama2_from_checkpoint(root / "base").state_dict()
+    torch.save(state, tmp_path / "weights.pt")
+    with pytest.raises(ValueError) as e:
+        llama2_from_checkpoint(tmp_path, checkpoint_files=["weights.pt"])
+    assert ("its keys are this package's parameter names" in str(e.value)) == (what == "qlora_ext_state_dict"), str(e.value)[:300]

@@ -116,21 +116,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --device must be cpu, cuda or cuda:N; got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"argument --device: {args.device} was asked for but torch sees no CUDA GPU")
-    from qlora_ext.training.saving import ADAPTER_SUBDIR, TRAINING_CONFIG_FILE
+    from qlora_ext.checkpoint.merged_adapter import TRAINING_CONFIG_FILE, refuse_adapter_merged_into
 
-    inner = os.path.join(args.checkpoint_dir, ADAPTER_SUBDIR)
-    if args.adapter_dir is not None and os.path.isdir(args.adapter_dir) and os.path.isdir(inner) and os.path.samefile(args.adapter_dir, inner):
-        parser.error(f"argument --adapter-dir: '{args.adapter_dir}' is the adapter of the checkpoint folder, whose model has it "
-                     "merged already; pass --checkpoint-dir alone, or the base model's folder with --adapter-dir")
-    if args.adapter_dir is not None and os.path.isdir(args.adapter_dir) and os.path.samefile(args.adapter_dir, args.checkpoint_dir):
-        parser.error(f"argument --adapter-dir: '{args.adapter_dir}' is the --checkpoint-dir folder: a folder holding a model and an "
-                     "adapter side by side (torchtune's epoch_N) holds the model with that adapter merged already; pass "
-                     "--checkpoint-dir alone, or the base model's folder with --adapter-dir")
+    if args.adapter_dir is not None:
+        try:
+            refuse_adapter_merged_into(args.checkpoint_dir, args.adapter_dir, "argument --adapter-dir")
+        except ValueError as e:
+            parser.error(str(e))
     if args.adapter_dir is not None:
         lacks = _adapter_files_missing(args.adapter_dir)
         if lacks:
             parser.error(f"argument --adapter-dir must be a PEFT adapter folder (adapter_config.json and adapter_model.safetensors "
-                         f"or .bin); '{args.adapter_dir}' has no {lacks}{_adapter_hint(args.adapter_dir)}")
+                         f"or .bin); '{args.adapter_dir}' has no {lacks}{_adapter_hint(args.adapter_dir, args.checkpoint_dir)}")
     if args.adapter_dir is not None and os.path.isfile(os.path.join(args.checkpoint_dir, TRAINING_CONFIG_FILE)):
         _warn_if_merged_elsewhere(args.checkpoint_dir, args.adapter_dir)
     if args.quantize_base and args.adapter_dir is None:
@@ -150,8 +147,9 @@ def _adapter_files_missing(folder: str) -> str:
     return " nor ".join(lacks)
 
 
-def _adapter_hint(adapter_dir: str) -> str:
-    """Where a folder without an adapter has one: in a subfolder; or that it is a model checkpoint."""
+def _adapter_hint(adapter_dir: str, checkpoint_dir: str) -> str:
+    """Where a folder without an adapter has one: in a subfolder; or that it is a model checkpoint
+    (not already given as --checkpoint-dir)."""
     from qlora_ext.checkpoint.peft_adapter import adapter_in_subfolder, torchtune_adapter_hint
 
     inner = adapter_in_subfolder(adapter_dir)
@@ -159,7 +157,8 @@ def _adapter_hint(adapter_dir: str) -> str:
         return f"; {inner}"
     if torchtune_adapter_hint(adapter_dir):
         return torchtune_adapter_hint(adapter_dir)
-    if any(os.path.isfile(os.path.join(adapter_dir, name)) for name in ("config.json", "params.json")):
+    is_model = any(os.path.isfile(os.path.join(adapter_dir, name)) for name in ("config.json", "params.json"))
+    if is_model and not os.path.samefile(adapter_dir, checkpoint_dir):
         return " (it holds a model checkpoint: pass it as --checkpoint-dir)"
     return ""
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
+import re
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from qlora_ext._dtypes import FLOAT_DTYPES
+from qlora_ext._reference import dequantize_absmax
 from qlora_ext.checkpoint.config import Llama2Config, read_json
 from qlora_ext.checkpoint.convert import (
     hf_to_ours,
@@ -329,10 +332,11 @@ def load_entries(
                             ("not floating point", not_float))
         if names
     ]
-    if any(name.endswith(("attn.q_proj.weight", "sa_norm.scale")) for name in unexpected):
-        problems.insert(0, "its keys are torchtune's own (FullModelTorchTuneCheckpointer's: this package's parameter names, "
-                           "with the q/k rows in Meta's rotary layout), which are not read; have torchtune write it with "
-                           "FullModelHFCheckpointer or FullModelMetaCheckpointer")
+    if any(re.search(r"(^|\.)layers\.\d+\.(attn\.q_proj\.weight|sa_norm\.scale)$", name) for name in unexpected):
+        problems.insert(0, "its keys are this package's parameter names (a qlora_ext model's state_dict(), or torchtune's "
+                           "FullModelTorchTuneCheckpointer output, whose q/k rows are in Meta's rotary layout), which a checkpoint "
+                           "is not read in: load a qlora_ext state dict with model.load_state_dict(); have torchtune write its "
+                           "model with FullModelHFCheckpointer or FullModelMetaCheckpointer")
     if problems:
         raise ValueError(f"load_checkpoint: {source} does not fit the model: " + "; ".join(problems))
 
@@ -346,8 +350,9 @@ def load_entries(
             # (to_nf4 checks a weight it quantizes; one stored in NF4 has had its scales checked)
             if not isinstance(value, NF4Tensor) and not isinstance(getattr(module, attr), NF4Tensor) and not _all_finite(value):
                 raise ValueError("it holds NaN or Inf")
-            if not isinstance(value, NF4Tensor):
-                _refuse_beyond_range(value, getattr(module, attr).dtype)
+            # NF4 storage dequantizes to at most its largest block absmax
+            in_range = dequantize_absmax(*value.components()[1:]) if isinstance(value, NF4Tensor) else value
+            refuse_beyond_range(in_range, getattr(module, attr).dtype)
             _assign(module, attr, value, device)
         except ValueError as e:  # a weight that holds NaN or Inf
             # Checking every weight first would read the checkpoint twice; say what state is left.
@@ -366,7 +371,7 @@ def _all_finite(tensor: Tensor, chunk: int = 1 << 24) -> bool:
     return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
-def _refuse_beyond_range(tensor: Tensor, dtype: torch.dtype, chunk: int = 1 << 24) -> None:
+def refuse_beyond_range(tensor: Tensor, dtype: torch.dtype, chunk: int = 1 << 24) -> None:
     """A ValueError where a finite value of ``tensor`` is beyond the range of ``dtype`` (the model's),
     where it would be inf (1e6 in an fp32 checkpoint loaded as float16); checked a slice at a time."""
     if not (tensor.is_floating_point() and dtype.is_floating_point) or torch.finfo(tensor.dtype).max <= torch.finfo(dtype).max:
@@ -376,8 +381,8 @@ def _refuse_beyond_range(tensor: Tensor, dtype: torch.dtype, chunk: int = 1 << 2
     for i in range(0, flat.numel(), chunk):
         low, high = torch.aminmax(flat[i : i + chunk])  # (no temporary the size of the slice, as abs() would make)
         largest = max(-low.item(), high.item())
-        # (NaN compares false: named by the finiteness checks; a value a little past the limit rounds to it)
-        if largest > limit and torch.tensor(largest, dtype=tensor.dtype).to(dtype).isinf():
+        # (NaN and Inf are named by the finiteness checks; a value a little past the limit rounds to it)
+        if math.isfinite(largest) and largest > limit and torch.tensor(largest, dtype=tensor.dtype).to(dtype).isinf():
             raise ValueError(f"it holds {largest:g}, beyond the range of {str(dtype).removeprefix('torch.')} (the model's dtype; "
                              f"largest finite {limit:g}), where it would be inf; load the model in a wider dtype")
 

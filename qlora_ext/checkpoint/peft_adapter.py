@@ -20,7 +20,8 @@ from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext.checkpoint.atomic import StagedFiles
 from qlora_ext.checkpoint.config import read_json, write_json
 from qlora_ext.checkpoint.convert import hf_module_name, hf_to_ours, strip_wrappers, unwrap_parallel
-from qlora_ext.checkpoint.load import _assign, _home_device, _targets, refuse_merged
+from qlora_ext.checkpoint.load import _assign, _home_device, _targets, refuse_beyond_range, refuse_merged
+from qlora_ext.checkpoint.merged_adapter import torchtune_adapter_files
 from qlora_ext.checkpoint.readers import python_objects_refused, refused_pickle_global
 from qlora_ext.checkpoint.safetensors_io import SafetensorsReader, write_safetensors
 from qlora_ext.checkpoint.save import refuse_meta_parameters
@@ -30,7 +31,6 @@ from qlora_ext.modules.peft import get_adapter_params
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN_NAME = "adapter_model.bin"  # what PEFT writes with safe_serialization=False (read, never written)
-TORCHTUNE_ADAPTER_NAME = "adapter_model.pt"  # torchtune's own adapter state dict (named in messages, never read)
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 _EMBEDDING, _OUTPUT = "tok_embeddings.weight", "output.weight"  # (our names of the weights a vocabulary sizes)
@@ -305,9 +305,10 @@ def adapter_weights_path(adapter_dir: str | os.PathLike) -> str:
 
 def torchtune_adapter_hint(folder: str | os.PathLike) -> str:
     """For a folder holding torchtune's own adapter file, what it is and what to use instead; else ""."""
-    if not os.path.isfile(os.path.join(os.fspath(folder), TORCHTUNE_ADAPTER_NAME)):
+    torchtune = torchtune_adapter_files(folder)
+    if not torchtune:
         return ""
-    return (f"; its {TORCHTUNE_ADAPTER_NAME} is torchtune's own adapter format (its parameter names, q/k rows in Meta's rotary "
+    return (f"; its {torchtune[0]} is torchtune's own adapter format (its parameter names, q/k rows in Meta's rotary "
             "layout), which is not read: use the PEFT-format adapter_model.safetensors and adapter_config.json that "
             "torchtune's FullModelHFCheckpointer writes beside it")
 
@@ -396,7 +397,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
     targets = _targets(model)
     unexpected, mismatched, base_weights = [], [], []
     seen: dict[tuple[str, str], str] = {}  # (module, A or B) -> its key
-    twice, other_models, other_vocab = [], False, []
+    twice, other_models, other_vocab, beyond = [], False, [], []
     # Adapter weights are small: each is checked whole before any is loaded.
     not_float = [f"{key}: {value.dtype}" for key, value in tensors.items() if not value.is_floating_point()]
     not_finite = [key for key, value in tensors.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
@@ -417,6 +418,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
                 else:
                     other_models = True
                 continue
+            _check_range(key, value, getattr(*targets[ours]).dtype, beyond)
             base_weights.append((ours, value))
             continue
         module = modules.get(match["module"])
@@ -424,6 +426,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
             unexpected.append(key)
             continue
         target = module.lora_a if match["which"] == "A" else module.lora_b
+        _check_range(key, value, target.weight.dtype, beyond)
         first = seen.setdefault((match["module"], match["which"]), key)  # (a weight of the wrong shape is not also missing)
         if first != key:  # lora_A.weight and lora_A.<adapter name>.weight: which one is meant is not known
             twice.append(f"{first} and {key}")
@@ -438,7 +441,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
     missing = [f"{_PREFIX}{name}.lora_{w}.weight" for name in modules for w in "AB" if (name, w) not in seen]
     problems = [f"{what}: {_listed(names, 20)}" for what, names in (
         ("missing", missing), ("unexpected", unexpected), ("wrong shapes", mismatched), ("not floating point", not_float),
-        ("holding NaN or Inf", not_finite), ("two tensors for one weight (one adapter per file)", twice)) if names]
+        ("holding NaN or Inf", not_finite), ("two tensors for one weight (one adapter per file)", twice),
+        ("beyond the model's dtype", beyond)) if names]
     partial = _some_layers_only(modules, set(seen))
     if partial:
         problems.insert(0, partial)
@@ -472,6 +476,14 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
             target.weight = nn.Parameter(value.to(target.weight.dtype), requires_grad=True)
         else:
             target.weight.copy_(value)
+
+
+def _check_range(key: str, value: torch.Tensor, dtype: torch.dtype, beyond: list[str]) -> None:
+    """Adds ``key`` to ``beyond`` where a finite value of it would be inf in ``dtype`` (the model's)."""
+    try:
+        refuse_beyond_range(value, dtype)
+    except ValueError as e:
+        beyond.append(f"{key}: {e}")
 
 
 def _some_layers_only(modules: dict[str, LoRALinear], seen: set[tuple[str, str]]) -> str | None:

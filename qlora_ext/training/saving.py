@@ -21,6 +21,7 @@ from torch import nn
 
 from qlora_ext._dtypes import HF_DTYPES
 from qlora_ext.checkpoint import read_checkpoint_config, save_hf_checkpoint, save_hf_tokenizer, save_peft_adapter
+from qlora_ext.checkpoint.merged_adapter import ADAPTER_SUBDIR, TRAINING_CONFIG_FILE
 from qlora_ext.checkpoint.config import read_json
 from qlora_ext.checkpoint.load import stored_dtype, weights_digest
 from qlora_ext.training import checkpoint_folders, checkpointing
@@ -42,8 +43,6 @@ ADJUSTABLE_ON_RESUME = (
     "optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "optimizer.eps", "lr_scheduler", "clip_grad_norm", "epochs",
     "dataset.data_files", "dtype",  # (the compute dtype as resolved: a resume on another device may change it)
 )
-ADAPTER_SUBDIR = "adapter"  # the PEFT adapter's folder inside a checkpoint folder
-TRAINING_CONFIG_FILE = "training_config.yaml"  # the run's resolved config, in each checkpoint folder
 
 
 class CheckpointWriteError(RuntimeError):

@@ -14,6 +14,7 @@ import torch
 
 from qlora_ext._dtypes import FLOAT_DTYPES, default_dtype
 from qlora_ext.checkpoint.load import load_checkpoint, read_checkpoint_config
+from qlora_ext.checkpoint.merged_adapter import refuse_adapter_merged_into
 from qlora_ext.checkpoint.peft_adapter import check_adapter_rank, load_peft_adapter, read_adapter_config
 from qlora_ext.models.llama2._component_builders import lora_llama2
 from qlora_ext.modules.transformer import TransformerDecoder
@@ -77,7 +78,7 @@ def llama2_from_checkpoint(
         lora_dropout=lora_dropout,
     )
     if adapter_dir is not None:
-        refuse_adapter_beside_its_merged_model(checkpoint_dir, adapter_dir)
+        refuse_adapter_merged_into(checkpoint_dir, adapter_dir, "llama2_from_checkpoint: argument 'adapter_dir'")
         lora = read_adapter_config(adapter_dir)
         check_adapter_rank(adapter_dir, lora["lora_rank"])  # a missing file or a wrong rank is named before anything is built
     has_lora = lora["lora_attn_modules"] or lora["apply_lora_to_mlp"] or lora["apply_lora_to_output"]
@@ -90,15 +91,3 @@ def llama2_from_checkpoint(
     if adapter_dir is not None:
         load_peft_adapter(model, adapter_dir)
     return model.eval()
-
-
-def refuse_adapter_beside_its_merged_model(checkpoint_dir: str | os.PathLike, adapter_dir: str | os.PathLike) -> None:
-    """Raises ValueError where ``adapter_dir`` is the checkpoint folder itself: a folder holding a
-    model and an adapter side by side (torchtune's ``epoch_N``) holds the model with that adapter
-    merged already, and applying it again would count it twice."""
-    if os.path.isdir(adapter_dir) and os.path.isdir(checkpoint_dir) and os.path.samefile(adapter_dir, checkpoint_dir):
-        raise ValueError(
-            f"argument 'adapter_dir' is the checkpoint folder itself ({os.fspath(checkpoint_dir)!r}): a folder holding a model and "
-            "an adapter side by side (torchtune's epoch_N) holds the model with that adapter merged already. Load the folder "
-            "alone, or the base model's folder with this adapter; an adapter beside an unmerged base goes in a folder of its own"
-        )

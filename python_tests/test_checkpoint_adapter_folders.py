@@ -1,0 +1,83 @@
+"""A checkpoint folder and an adapter folder given together: loaded once (a base and its adapter in
+one folder, as transformers loads them) or refused where the model has that adapter merged already
+(a training checkpoint's own adapter/, a torchtune output folder); torchtune's own adapter files named."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from llama_helpers import hf_llama, rel_error
+
+from qlora_ext.checkpoint import save_hf_checkpoint, save_peft_adapter
+from qlora_ext.models.llama2 import llama2_from_checkpoint
+
+TOKENS = torch.arange(3, 20)[None]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base")
+    hf_llama().save_pretrained(folder)
+    return folder
+
+
+def _adapted(base):
+    model = llama2_from_checkpoint(base, ["q_proj", "v_proj"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def test_an_unmerged_base_and_its_adapter_in_one_folder_load_as_transformers_loads_them(base, tmp_path):
+    # save_hf_checkpoint(merge_adapters=False) + save_peft_adapter into one folder: the adapter applies once, as
+    # LlamaForCausalLM.from_pretrained(folder) applies it (no torchtune file says the model is merged)
+    model = _adapted(base)
+    save_hf_checkpoint(model, tmp_path, merge_adapters=False)
+    save_peft_adapter(model, tmp_path)
+    with torch.no_grad():
+        assert rel_error(llama2_from_checkpoint(tmp_path, adapter_dir=tmp_path)(TOKENS), model(TOKENS)) < 1e-6
+
+
+@pytest.mark.parametrize("layout", ["model_only", "adapter_only"])
+def test_a_folder_given_as_both_is_not_said_to_hold_a_model_and_its_adapter_when_it_does_not(base, tmp_path, layout):
+    # a folder without an adapter, or without a model, is not said to hold a model merged with its adapter
+    shutil.copy(base / "config.json", tmp_path)
+    if layout == "model_only":
+        shutil.copy(base / "model.safetensors", tmp_path)
+    else:
+        save_peft_adapter(_adapted(base), tmp_path)
+    with pytest.raises((ValueError, OSError)) as e:
+        llama2_from_checkpoint(tmp_path, adapter_dir=tmp_path)
+    assert "holds the model with that adapter merged already" not in str(e.value), str(e.value)
+
+
+def test_the_api_refuses_a_trainer_checkpoint_with_its_own_adapter_subfolder_as_the_cli_does(base, tmp_path):
+    # epoch_N/ (merged) + epoch_N/adapter/: the CLI refused, the API applied the adapter twice
+    model = _adapted(base)
+    ep = tmp_path / "epoch_0"
+    save_hf_checkpoint(model, ep)
+    save_peft_adapter(model, ep / "adapter", base_model_name_or_path=str(base))
+    (ep / "training_config.yaml").write_text("{}\n")
+    with pytest.raises(ValueError, match="merged already"):
+        llama2_from_checkpoint(ep, adapter_dir=ep / "adapter")
+
+
+def test_torchtune_0_4s_adapter_epoch_pt_is_named_too(base, tmp_path):
+    # torchtune 0.2-0.4 write adapter_{epoch}.pt (0.5+ adapter_model.pt)
+    torch.save({"layers.0.attn.q_proj.lora_a.weight": torch.zeros(8, 256)}, tmp_path / "adapter_0.pt")
+    with pytest.raises(FileNotFoundError, match="torchtune's own adapter format"):
+        llama2_from_checkpoint(base, adapter_dir=tmp_path)
+
+
+def test_a_torchtune_epoch_folder_as_both_is_still_refused(base, tmp_path):
+    # merged model + adapter side by side, with torchtune's own adapter file
+    model = _adapted(base)
+    save_hf_checkpoint(model, tmp_path)
+    save_peft_adapter(model, tmp_path)
+    torch.save({}, tmp_path / "adapter_model.pt")  # torchtune writes its own adapter file beside the PEFT one
+    with pytest.raises(ValueError, match="merged already"):
+        llama2_from_checkpoint(tmp_path, adapter_dir=tmp_path)

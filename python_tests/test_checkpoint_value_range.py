@@ -1,0 +1,62 @@
+"""Checkpoint values beyond the model's dtype (1e6 in float32 loaded as float16) are refused by name,
+whatever carries them (dense entries, bitsandbytes NF4 storage, PEFT adapters); NaN and Inf are named as such."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from llama_helpers import hf_llama
+
+from qlora_ext.checkpoint import save_hf_checkpoint, save_peft_adapter
+from qlora_ext.models.llama2 import llama2_from_checkpoint
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base")
+    hf_llama().save_pretrained(folder)
+    return folder
+
+
+def _adapted(base):
+    model = llama2_from_checkpoint(base, ["q_proj", "v_proj"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def test_inf_into_an_nf4_base_is_named_as_inf_not_as_a_range(tmp_path):
+    # an inf is no value beyond a dtype's range: "load the model in a wider dtype" would not help
+    model = hf_llama()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"to_nf4: argument 'tensor' must hold only finite values .*the first inf at index \[0, 0\]"):
+        llama2_from_checkpoint(tmp_path, ["q_proj"], quantize_base=True, dtype=torch.bfloat16)
+
+
+def test_an_adapter_value_beyond_float16_is_refused_as_a_checkpoint_value_is(base, tmp_path):
+    # a PEFT adapter's 1e5 loaded into float16 as inf
+    from safetensors.torch import load_file, save_file
+
+    save_peft_adapter(_adapted(base), tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key][0, 0] = 1e5
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="beyond the range of float16"):
+        llama2_from_checkpoint(base, adapter_dir=tmp_path, dtype=torch.float16)
+
+
+def test_a_bitsandbytes_weight_beyond_float16_is_refused_for_a_dense_float16_model(tmp_path):
+    # NF4 storage whose block absmax is beyond float16, dequantized into a dense float16 weight, was inf
+    model = hf_llama()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = 1e5
+    model.save_pretrained(tmp_path / "src")
+    save_hf_checkpoint(llama2_from_checkpoint(tmp_path / "src"), tmp_path / "bnb", bnb_4bit=True, merge_adapters=False,
+                       dtype=torch.float32)
+    with pytest.raises(ValueError, match="beyond the range of float16"):
+        llama2_from_checkpoint(tmp_path / "bnb", dtype=torch.float16)
