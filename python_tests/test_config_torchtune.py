@@ -390,3 +390,40 @@ def test_a_torchtune_config_trains(tmp_path, capsys):
     assert (out / "epoch_0" / "adapter" / "adapter_model.safetensors").is_file()
     saved = load_config(str(out / "config.yaml"))  # the resolved config is ours, and reloads
     assert saved.model.builder == "qlora_llama2" and saved.dataset.train_on_input is True and saved.dataset.template == "llama2_chat"
+
+
+def _with_dataset(tmp_path, dataset):
+    raw = yaml.safe_load(TORCHTUNE_7B_QLORA)
+    raw["dataset"] = dataset
+    path = tmp_path / "torchtune.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
+@pytest.mark.parametrize("component, source", [
+    ("torchtune.datasets.alpaca_dataset", "yahma/alpaca-cleaned"),
+    ("torchtune.datasets.alpaca_cleaned_dataset", "tatsu-lab/alpaca"),
+])
+def test_either_alpaca_hub_source_with_local_files_reads_the_files(tmp_path, component, source):
+    # alpaca_cleaned_dataset is alpaca_dataset with source=yahma/alpaca-cleaned; with local files given, the
+    # other spelling was refused ("'dataset.source: ...' is not supported"), with no word of what to do
+    cfg = load_config(_with_dataset(tmp_path, {"_component_": component, "source": source}), ["dataset.data_files=a.json"])
+    assert cfg.dataset.data_files == ["a.json"] and cfg.dataset.train_on_input is True
+
+
+def test_dataset_sources_and_formats_this_trainer_cannot_read_say_what_to_do(tmp_path):
+    alpaca = "torchtune.datasets.alpaca_dataset"
+    for dataset, overrides, message in (
+        ({"_component_": alpaca, "source": "someone/my-alpaca"}, ["dataset.data_files=a.json"],
+         r"'dataset.source: someone/my-alpaca' is not supported: this trainer reads the local files dataset.data_files names "
+         r"\(JSON or JSONL\); remove dataset.source, or set it to json"),
+        ({"_component_": alpaca, "source": "json"}, [],  # (not a Hub download)
+         r"'dataset': source json reads the files dataset.data_files names: set dataset.data_files=PATH"),
+        ({"_component_": alpaca, "split": "train[:90%]"}, ["dataset.data_files=a.json"],
+         r"'dataset.split: train\[:90%\]' is not supported: it picks part of the records: give a file holding just those"),
+        ({"_component_": "torchtune.datasets.instruct_dataset", "column_map": {"input": "prompt"}}, ["dataset.data_files=a.json"],
+         r"'dataset._component_' is 'torchtune.datasets.instruct_dataset', which formats raw input -> output records or chat "
+         r"turns without the Alpaca prompt; .* convert the records to instruction/input/output fields"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(_with_dataset(tmp_path, dataset), overrides)

@@ -250,17 +250,26 @@ _HUB_SOURCES = {"alpaca_dataset": "tatsu-lab/alpaca", "alpaca_cleaned_dataset": 
 
 
 def _dataset(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:
+    if str(component).startswith("torchtune.") and str(component).rsplit(".", 1)[-1] in ("instruct_dataset", "chat_dataset"):
+        raise TorchtuneConfigError(
+            f"'dataset._component_' is {component!r}, which formats raw input -> output records or chat turns without the "
+            "Alpaca prompt; this trainer trains on Alpaca records with the Alpaca prompt (alpaca_dataset): convert the "
+            "records to instruction/input/output fields, knowing that the prompts then change"
+        )
     name = _name(component, "dataset", {n: n for n in _HUB_SOURCES})
     source = section.pop("source", _HUB_SOURCES[name])
     if "data_files" not in section:
+        where = ("source json reads the files dataset.data_files names" if source == "json" else
+                 f"torchtune's {name} downloads {source} from the Hugging Face Hub; this trainer reads local files")
         raise TorchtuneConfigError(
-            f"'dataset': torchtune's {name} downloads {source} from the Hugging Face Hub; this trainer reads local "
-            f"files: set dataset.data_files=PATH (JSON or JSONL of instruction/input/output records)"
+            f"'dataset': {where}: set dataset.data_files=PATH (JSON or JSONL of instruction/input/output records)"
         )
-    if source not in ("json", _HUB_SOURCES[name]):
-        raise TorchtuneConfigError(f"'dataset.source: {source}' is not supported: dataset.data_files is read as JSON or JSONL")
+    if source not in ("json", *_HUB_SOURCES.values()):  # (an Alpaca Hub name with local files: the files are that dataset)
+        raise TorchtuneConfigError(f"'dataset.source: {source}' is not supported: this trainer reads the local files "
+                                   "dataset.data_files names (JSON or JSONL); remove dataset.source, or set it to json")
     _refuse_unless(section, "packed", (False, None), "examples are padded per batch, not packed", "dataset")
-    _refuse_unless(section, "split", ("train", None), "the held-out split is dataset.validation_fraction", "dataset")
+    _refuse_unless(section, "split", ("train", None), "it picks part of the records: give a file holding just those "
+                   "(dataset.validation_fraction holds out a random fraction of them for a validation loss)", "dataset")
     if section.get("column_map") is None:  # (null, or absent: the Alpaca names)
         section.pop("column_map", None)
     _refuse_unless(section, "field", (None,), "a file's records are its top-level JSON list or its lines", "dataset")
