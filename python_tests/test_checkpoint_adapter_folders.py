@@ -81,3 +81,39 @@ def test_a_torchtune_epoch_folder_as_both_is_still_refused(base, tmp_path):
     torch.save({}, tmp_path / "adapter_model.pt")  # torchtune writes its own adapter file beside the PEFT one
     with pytest.raises(ValueError, match="merged already"):
         llama2_from_checkpoint(tmp_path, adapter_dir=tmp_path)
+
+
+def test_a_torchtune_0_4_output_dir_inside_the_base_folder_loads_base_plus_adapter(tmp_path):
+    # torchtune 0.1-0.2's configs wrote output into the base model's own folder: its standard files stay the
+    # unmerged base, beside adapter_0.pt and the merged hf_model_0001_0.pt; only the merged file named is refused
+    base, alone = tmp_path / "Llama-2-7b-hf", tmp_path / "alone"
+    hf_llama().save_pretrained(base)
+    model = _adapted(base)
+    save_peft_adapter(model, base)
+    save_peft_adapter(model, alone)
+    torch.save({}, base / "adapter_0.pt")  # torchtune's own adapter file
+    save_hf_checkpoint(model, tmp_path / "merged")
+    (tmp_path / "merged" / "model.safetensors").rename(base / "hf_model_0001_0.pt")
+    with torch.no_grad():
+        want = llama2_from_checkpoint(base, adapter_dir=alone)(TOKENS)
+        assert rel_error(llama2_from_checkpoint(base, adapter_dir=base)(TOKENS), want) < 1e-6
+    with pytest.raises(ValueError, match="merged already"):
+        llama2_from_checkpoint(base, adapter_dir=base, checkpoint_files=["hf_model_0001_0.pt"])
+
+
+def test_an_adapter_folder_that_cannot_be_listed_is_left_to_the_adapter_checks(base, tmp_path, monkeypatch, capsys):
+    # os.listdir's PermissionError (simulated: root ignores modes) ended the CLI's argument check in a traceback
+    import os
+
+    from qlora_ext import generate as cli
+    from qlora_ext.training.config import ASSETS_DIR
+
+    (tmp_path / "adapter").mkdir()
+    listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p=".": (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(p)))
+                        if os.fspath(p) == str(tmp_path / "adapter") else listdir(p))
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--checkpoint-dir", str(base), "--adapter-dir", str(tmp_path / "adapter"), "--prompt", "x",
+                  "--tokenizer", str(ASSETS_DIR / "tokenizer.model")])
+    assert exited.value.code == 2 and "argument --adapter-dir must be a PEFT adapter folder" in capsys.readouterr().err
+

@@ -421,6 +421,9 @@ def test_dataset_sources_and_formats_this_trainer_cannot_read_say_what_to_do(tmp
          r"'dataset': source json reads the files dataset.data_files names: set dataset.data_files=PATH"),
         ({"_component_": alpaca, "split": "train[:90%]"}, ["dataset.data_files=a.json"],
          r"'dataset.split: train\[:90%\]' is not supported: it picks part of the records: give a file holding just those"),
+        ({"_component_": "torchtune.datasets.instruct_dataset", "source": "json", "template": "torchtune.data.AlpacaInstructTemplate"},
+         ["dataset.data_files=a.json"], r"'dataset._component_' is 'torchtune.datasets.instruct_dataset' with the Alpaca template, "
+         r"which is torchtune's alpaca_dataset: set dataset._component_=torchtune.datasets.alpaca_dataset"),
         ({"_component_": "torchtune.datasets.instruct_dataset", "column_map": {"input": "prompt"}}, ["dataset.data_files=a.json"],
          r"'dataset._component_' is 'torchtune.datasets.instruct_dataset', which formats raw input -> output records or chat "
          r"turns without the Alpaca prompt; .* convert the records to instruction/input/output fields"),

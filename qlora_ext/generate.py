@@ -120,9 +120,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     if args.adapter_dir is not None:
         try:
-            refuse_adapter_merged_into(args.checkpoint_dir, args.adapter_dir, "argument --adapter-dir")
+            refuse_adapter_merged_into(args.checkpoint_dir, args.adapter_dir, "argument --adapter-dir", args.checkpoint_files)
         except ValueError as e:
             parser.error(str(e))
+        except OSError:  # (a folder that cannot be read: the adapter's own checks below name it)
+            pass
     if args.adapter_dir is not None:
         lacks = _adapter_files_missing(args.adapter_dir)
         if lacks:

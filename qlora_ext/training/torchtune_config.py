@@ -250,6 +250,11 @@ _HUB_SOURCES = {"alpaca_dataset": "tatsu-lab/alpaca", "alpaca_cleaned_dataset": 
 
 
 def _dataset(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:
+    if str(component).startswith("torchtune.") and str(section.get("template")).endswith("AlpacaInstructTemplate"):
+        raise TorchtuneConfigError(
+            f"'dataset._component_' is {component!r} with the Alpaca template, which is torchtune's alpaca_dataset: set "
+            "dataset._component_=torchtune.datasets.alpaca_dataset (the same records and prompt) and drop dataset.template"
+        )
     if str(component).startswith("torchtune.") and str(component).rsplit(".", 1)[-1] in ("instruct_dataset", "chat_dataset"):
         raise TorchtuneConfigError(
             f"'dataset._component_' is {component!r}, which formats raw input -> output records or chat turns without the "

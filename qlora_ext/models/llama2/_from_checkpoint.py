@@ -78,7 +78,7 @@ def llama2_from_checkpoint(
         lora_dropout=lora_dropout,
     )
     if adapter_dir is not None:
-        refuse_adapter_merged_into(checkpoint_dir, adapter_dir, "llama2_from_checkpoint: argument 'adapter_dir'")
+        refuse_adapter_merged_into(checkpoint_dir, adapter_dir, "llama2_from_checkpoint: argument 'adapter_dir'", checkpoint_files)
         lora = read_adapter_config(adapter_dir)
         check_adapter_rank(adapter_dir, lora["lora_rank"])  # a missing file or a wrong rank is named before anything is built
     has_lora = lora["lora_attn_modules"] or lora["apply_lora_to_mlp"] or lora["apply_lora_to_output"]
