@@ -50,6 +50,19 @@ def hf_llama(num_kv_heads: int = 4, seed: int = 0, **overrides):
     return model
 
 
+def lora_llama_with_adapter(base_dir, modules=("q_proj", "v_proj")):
+    """Our model of the HF checkpoint in ``base_dir`` with LoRA on ``modules``, its lora_b drawn
+    nonzero (so that the adapter changes the output)."""
+    from qlora_ext.models.llama2 import llama2_from_checkpoint
+
+    model = llama2_from_checkpoint(base_dir, list(modules))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
 def hf_logits(model, tokens: Tensor) -> Tensor:
     with torch.no_grad():
         return model(tokens).logits.float()

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from llama_helpers import hf_llama, rel_error
+from llama_helpers import hf_llama, lora_llama_with_adapter, rel_error
 
 from qlora_ext.checkpoint import save_hf_checkpoint, save_peft_adapter
 from qlora_ext.models.llama2 import llama2_from_checkpoint
@@ -23,19 +23,10 @@ def base(tmp_path_factory):
     return folder
 
 
-def _adapted(base):
-    model = llama2_from_checkpoint(base, ["q_proj", "v_proj"])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_b" in name:
-                p.normal_(0, 0.05)
-    return model
-
-
 def test_an_unmerged_base_and_its_adapter_in_one_folder_load_as_transformers_loads_them(base, tmp_path):
     # save_hf_checkpoint(merge_adapters=False) + save_peft_adapter into one folder: the adapter applies once, as
     # LlamaForCausalLM.from_pretrained(folder) applies it (no torchtune file says the model is merged)
-    model = _adapted(base)
+    model = lora_llama_with_adapter(base)
     save_hf_checkpoint(model, tmp_path, merge_adapters=False)
     save_peft_adapter(model, tmp_path)
     with torch.no_grad():
@@ -49,7 +40,7 @@ def test_a_folder_given_as_both_is_not_said_to_hold_a_model_and_its_adapter_when
     if layout == "model_only":
         shutil.copy(base / "model.safetensors", tmp_path)
     else:
-        save_peft_adapter(_adapted(base), tmp_path)
+        save_peft_adapter(lora_llama_with_adapter(base), tmp_path)
     with pytest.raises((ValueError, OSError)) as e:
         llama2_from_checkpoint(tmp_path, adapter_dir=tmp_path)
     assert "holds the model with that adapter merged already" not in str(e.value), str(e.value)
@@ -57,7 +48,7 @@ def test_a_folder_given_as_both_is_not_said_to_hold_a_model_and_its_adapter_when
 
 def test_the_api_refuses_a_trainer_checkpoint_with_its_own_adapter_subfolder_as_the_cli_does(base, tmp_path):
     # epoch_N/ (merged) + epoch_N/adapter/: the CLI refused, the API applied the adapter twice
-    model = _adapted(base)
+    model = lora_llama_with_adapter(base)
     ep = tmp_path / "epoch_0"
     save_hf_checkpoint(model, ep)
     save_peft_adapter(model, ep / "adapter", base_model_name_or_path=str(base))
@@ -75,7 +66,7 @@ def test_torchtune_0_4s_adapter_epoch_pt_is_named_too(base, tmp_path):
 
 def test_a_torchtune_epoch_folder_as_both_is_still_refused(base, tmp_path):
     # merged model + adapter side by side, with torchtune's own adapter file
-    model = _adapted(base)
+    model = lora_llama_with_adapter(base)
     save_hf_checkpoint(model, tmp_path)
     save_peft_adapter(model, tmp_path)
     torch.save({}, tmp_path / "adapter_model.pt")  # torchtune writes its own adapter file beside the PEFT one
@@ -88,7 +79,7 @@ def test_a_torchtune_0_4_output_dir_inside_the_base_folder_loads_base_plus_adapt
     # unmerged base, beside adapter_0.pt and the merged hf_model_0001_0.pt; only the merged file named is refused
     base, alone = tmp_path / "Llama-2-7b-hf", tmp_path / "alone"
     hf_llama().save_pretrained(base)
-    model = _adapted(base)
+    model = lora_llama_with_adapter(base)
     save_peft_adapter(model, base)
     save_peft_adapter(model, alone)
     torch.save({}, base / "adapter_0.pt")  # torchtune's own adapter file

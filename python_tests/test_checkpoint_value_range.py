@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from llama_helpers import hf_llama
+from llama_helpers import hf_llama, lora_llama_with_adapter
 
 from qlora_ext.checkpoint import save_hf_checkpoint, save_peft_adapter
 from qlora_ext.models.llama2 import llama2_from_checkpoint
@@ -16,15 +16,6 @@ def base(tmp_path_factory):
     folder = tmp_path_factory.mktemp("base")
     hf_llama().save_pretrained(folder)
     return folder
-
-
-def _adapted(base):
-    model = llama2_from_checkpoint(base, ["q_proj", "v_proj"])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_b" in name:
-                p.normal_(0, 0.05)
-    return model
 
 
 def test_inf_into_an_nf4_base_is_named_as_inf_not_as_a_range(tmp_path):
@@ -41,7 +32,7 @@ def test_an_adapter_value_beyond_float16_is_refused_as_a_checkpoint_value_is(bas
     # a PEFT adapter's 1e5 loaded into float16 as inf
     from safetensors.torch import load_file, save_file
 
-    save_peft_adapter(_adapted(base), tmp_path)
+    save_peft_adapter(lora_llama_with_adapter(base), tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     key = next(k for k in tensors if "lora_B" in k)
     tensors[key][0, 0] = 1e5
