@@ -125,7 +125,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(str(e))
         except OSError:  # (a folder that cannot be read: the adapter's own checks below name it)
             pass
-    if args.adapter_dir is not None:
         lacks = _adapter_files_missing(args.adapter_dir)
         if lacks:
             parser.error(f"argument --adapter-dir must be a PEFT adapter folder (adapter_config.json and adapter_model.safetensors "
@@ -157,8 +156,9 @@ def _adapter_hint(adapter_dir: str, checkpoint_dir: str) -> str:
     inner = adapter_in_subfolder(adapter_dir)
     if inner:
         return f"; {inner}"
-    if torchtune_adapter_hint(adapter_dir):
-        return torchtune_adapter_hint(adapter_dir)
+    torchtune_hint = torchtune_adapter_hint(adapter_dir)
+    if torchtune_hint:
+        return torchtune_hint
     is_model = any(os.path.isfile(os.path.join(adapter_dir, name)) for name in ("config.json", "params.json"))
     if is_model and not os.path.samefile(adapter_dir, checkpoint_dir):
         return " (it holds a model checkpoint: pass it as --checkpoint-dir)"
