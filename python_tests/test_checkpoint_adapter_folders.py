@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from llama_helpers import hf_llama, lora_llama_with_adapter, rel_error
+from safetensors.torch import load_file, save_file
 
 from qlora_ext.checkpoint import save_hf_checkpoint, save_peft_adapter
 from qlora_ext.models.llama2 import llama2_from_checkpoint
@@ -108,3 +109,46 @@ def test_an_adapter_folder_that_cannot_be_listed_is_left_to_the_adapter_checks(b
                   "--tokenizer", str(ASSETS_DIR / "tokenizer.model")])
     assert exited.value.code == 2 and "argument --adapter-dir must be a PEFT adapter folder" in capsys.readouterr().err
 
+
+# torchtune's own file names, with the base sharded as the Hub's is
+@pytest.fixture(scope="module")
+def sharded_base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("Llama-2-7b-hf")
+    hf_llama().save_pretrained(folder, max_shard_size="1MB")  # model-0000i-of-0000n.safetensors + index, as the Hub's
+    return folder
+
+
+def test_the_base_shards_of_a_folder_torchtune_0_2_wrote_into_load_with_its_adapter(sharded_base, tmp_path):
+    # torchtune 0.1-0.2 configs: output_dir == checkpoint_dir, so the base folder gains hf_model_0001_0.pt (merged),
+    # adapter_0.pt and the PEFT adapter; the base's own shards are still the unmerged base.
+    folder = tmp_path / "Llama-2-7b-hf"
+    shutil.copytree(sharded_base, folder)
+    save_peft_adapter(lora_llama_with_adapter(folder), folder)
+    torch.save({}, folder / "adapter_0.pt")
+    torch.save({}, folder / "hf_model_0001_0.pt")
+    shards = sorted(p.name for p in folder.glob("model-*-of-*.safetensors"))
+    want = llama2_from_checkpoint(folder, adapter_dir=folder)  # (the standard files: accepted today)
+    got = llama2_from_checkpoint(folder, adapter_dir=folder, checkpoint_files=shards)  # refused today
+    tokens = torch.randint(0, 320, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(got(tokens), want(tokens))
+
+
+def test_a_torchtune_0_4_safetensors_output_folder_with_its_adapter_is_refused(sharded_base, tmp_path):
+    # FullModelHFCheckpointer(safe_serialization=True), torchtune 0.3-0.4: model-0{i}-of-0{n}_{epoch}.safetensors
+    # (merged) beside adapter_{epoch}.pt, adapter_model.bin and adapter_config.json
+    out = tmp_path / "out"
+    save_peft_adapter(lora_llama_with_adapter(sharded_base), out)
+    torch.save(load_file(out / "adapter_model.safetensors"), out / "adapter_model.bin")
+    (out / "adapter_model.safetensors").unlink()
+    torch.save({}, out / "adapter_0.pt")
+    shutil.copy(sharded_base / "config.json", out)
+    state = {}
+    for shard in sorted(sharded_base.glob("model-*.safetensors")):
+        state.update(load_file(shard))
+    keys = sorted(state)
+    names = ["model-00001-of-00002_0.safetensors", "model-00002-of-00002_0.safetensors"]
+    save_file({k: state[k] for k in keys[: len(keys) // 2]}, out / names[0], metadata={"format": "pt"})
+    save_file({k: state[k] for k in keys[len(keys) // 2 :]}, out / names[1], metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"argument 'adapter_dir'.*torchtune output folder \(it holds adapter_0.pt\)"):
+        llama2_from_checkpoint(out, adapter_dir=out, checkpoint_files=names)
