@@ -8,6 +8,7 @@ import torch
 from llama_helpers import hf_llama, lora_llama_with_adapter
 
 from qlora_ext.checkpoint import save_hf_checkpoint, save_peft_adapter
+from qlora_ext.checkpoint.load import refuse_beyond_range
 from qlora_ext.models.llama2 import llama2_from_checkpoint
 
 
@@ -51,3 +52,9 @@ def test_a_bitsandbytes_weight_beyond_float16_is_refused_for_a_dense_float16_mod
                        dtype=torch.float32)
     with pytest.raises(ValueError, match="beyond the range of float16"):
         llama2_from_checkpoint(tmp_path / "bnb", dtype=torch.float16)
+
+
+def test_a_negative_value_beyond_the_dtype_is_named_with_its_sign():
+    # -65520 is -inf in float16; the message said "it holds 65520"
+    with pytest.raises(ValueError, match=r"it holds -65520\b"):
+        refuse_beyond_range(torch.tensor([1.0, -65520.0, 3.0]), torch.float16)

@@ -379,11 +379,12 @@ def refuse_beyond_range(tensor: Tensor, dtype: torch.dtype, chunk: int = 1 << 24
     limit = torch.finfo(dtype).max
     flat = tensor.reshape(-1)
     for i in range(0, flat.numel(), chunk):
-        low, high = torch.aminmax(flat[i : i + chunk])  # (no temporary the size of the slice, as abs() would make)
-        largest = max(-low.item(), high.item())
+        low, high = (v.item() for v in torch.aminmax(flat[i : i + chunk]))  # (no temporary the size of the slice, as abs() would make)
+        value = low if -low > high else high  # (the one of larger magnitude, with its sign)
+        largest = abs(value)
         # (NaN and Inf are named by the finiteness checks; a value a little past the limit rounds to it)
         if math.isfinite(largest) and largest > limit and torch.tensor(largest, dtype=tensor.dtype).to(dtype).isinf():
-            raise ValueError(f"it holds {largest:g}, beyond the range of {str(dtype).removeprefix('torch.')} (the model's dtype; "
+            raise ValueError(f"it holds {value:g}, beyond the range of {str(dtype).removeprefix('torch.')} (the model's dtype; "
                              f"largest finite {limit:g}), where it would be inf; load the model in a wider dtype")
 
 
