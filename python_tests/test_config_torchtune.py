@@ -430,3 +430,27 @@ def test_dataset_sources_and_formats_this_trainer_cannot_read_say_what_to_do(tmp
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(_with_dataset(tmp_path, dataset), overrides)
+
+
+def _config_with_dataset(tmp_path, dataset):
+    raw = yaml.safe_load(TORCHTUNE_7B_QLORA)
+    raw["dataset"] = dataset
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_the_instruct_dataset_advice_keeps_its_train_on_input_default(tmp_path):
+    # torchtune's instruct_dataset defaults to train_on_input=False, alpaca_dataset to True: switching the
+    # component as advised, without the flag, trains on the prompts too
+    path = _config_with_dataset(tmp_path, {"_component_": "torchtune.datasets.instruct_dataset", "source": "json",
+                              "template": "torchtune.data.AlpacaInstructTemplate"})
+    with pytest.raises(ConfigError, match=r"train_on_input=False"):
+        load_config(path, ["dataset.data_files=a.json"])
+
+
+def test_a_data_files_dict_with_the_split_is_read_as_torchtune_reads_it(tmp_path):
+    # HF datasets' (and so torchtune's) data_files={split: files}; split defaults to train
+    path = _config_with_dataset(tmp_path, {"_component_": "torchtune.datasets.alpaca_dataset", "source": "json",
+                              "data_files": {"train": "a.json"}})
+    assert load_config(path).dataset.data_files == ["a.json"]

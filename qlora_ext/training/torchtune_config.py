@@ -251,9 +251,11 @@ _HUB_SOURCES = {"alpaca_dataset": "tatsu-lab/alpaca", "alpaca_cleaned_dataset": 
 
 def _dataset(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:
     if str(component).startswith("torchtune.") and str(section.get("template")).endswith("AlpacaInstructTemplate"):
+        keep = ("" if "train_on_input" in section else  # (instruct_dataset's default is False, alpaca_dataset's True)
+                ", and set dataset.train_on_input=False, instruct_dataset's default (alpaca_dataset's is True)")
         raise TorchtuneConfigError(
             f"'dataset._component_' is {component!r} with the Alpaca template, which is torchtune's alpaca_dataset: set "
-            "dataset._component_=torchtune.datasets.alpaca_dataset (the same records and prompt) and drop dataset.template"
+            f"dataset._component_=torchtune.datasets.alpaca_dataset (the same records and prompt) and drop dataset.template{keep}"
         )
     if str(component).startswith("torchtune.") and str(component).rsplit(".", 1)[-1] in ("instruct_dataset", "chat_dataset"):
         raise TorchtuneConfigError(
@@ -272,6 +274,13 @@ def _dataset(component: Any, section: dict, top: dict, notes: list[str]) -> dict
     if source not in ("json", *_HUB_SOURCES.values()):  # (an Alpaca Hub name with local files: the files are that dataset)
         raise TorchtuneConfigError(f"'dataset.source: {source}' is not supported: this trainer reads the local files "
                                    "dataset.data_files names (JSON or JSONL); remove dataset.source, or set it to json")
+    files = section.get("data_files")
+    if isinstance(files, dict):  # HF datasets' {split: files}, of which dataset.split picks one (as load_dataset does)
+        split = section.pop("split", None) or "train"
+        if split not in files:
+            raise TorchtuneConfigError(f"'dataset.data_files' maps the splits {sorted(files)} to files, and dataset.split "
+                                       f"{split!r} is none of them")
+        section["data_files"] = files[split]
     _refuse_unless(section, "packed", (False, None), "examples are padded per batch, not packed", "dataset")
     _refuse_unless(section, "split", ("train", None), "it picks part of the records: give a file holding just those "
                    "(dataset.validation_fraction holds out a random fraction of them for a validation loss)", "dataset")
