@@ -26,6 +26,8 @@ VARIANTS = {
     "regex": (dict(r=4, lora_alpha=8, target_modules=r".*\.(q_proj|v_proj)"), r"'target_modules' must be a list .* got the pattern"),
     "rank_pattern": (dict(QV, rank_pattern={"q_proj": 8}), r"'rank_pattern' must be empty, got \{'q_proj': 8\}"),
     "alpha_pattern": (dict(QV, alpha_pattern={"v_proj": 32}), r"'alpha_pattern' must be empty, got \{'v_proj': 32\}"),
+    "rank_and_alpha_patterns_equal_to_their_defaults": (dict(QV, rank_pattern={"q_proj": 4}, alpha_pattern={"v_proj": 8}), None),
+    "rank_pattern_one_differs": (dict(QV, rank_pattern={"q_proj": 4, "v_proj": 8}), r"'rank_pattern' must be empty, got \{'v_proj': 8\}"),
     "rslora": (dict(QV, use_rslora=True), r"'use_rslora' must be False, got True"),
     "dora": (dict(QV, use_dora=True), r"'use_dora' must be False, got True"),
     "lora_bias": (dict(QV, lora_bias=True), r"'lora_bias' must be False, got True"),

@@ -196,7 +196,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         FileNotFoundError: no adapter_config.json in ``adapter_dir``.
         ValueError: an adapter_config.json that is no JSON object (the file is named), or an
             adapter these builders cannot express (not LoRA, DoRA, rsLoRA, LoRA biases,
-            per-module ranks, a partial MLP, other target modules).
+            per-module ranks or alphas other than its own, a partial MLP, other target modules).
 
     ``target_modules`` is read as PEFT matches it: an entry names every module whose path equals
     it or ends with "." + it (``q_proj``, ``self_attn.q_proj``, ``model.layers.0.self_attn.q_proj``
@@ -228,8 +228,11 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
             "the base weights, or a LoRA variant: PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) "
             "converts such an adapter to plain LoRA)"
         )
-    # Every other setting (those of LoRA variants and of PEFT versions to come) must be empty.
+    # Every other setting (those of LoRA variants and of PEFT versions to come) must be empty; a per-module rank or
+    # alpha equal to the adapter's own changes nothing.
     for key, value in config.items():
+        if key in ("rank_pattern", "alpha_pattern") and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if v != config.get("r" if key == "rank_pattern" else "lora_alpha")}
         if key not in expected and key not in _INERT_KEYS and key not in ("init_lora_weights", "bias", "layers_to_transform") \
                 and value not in (None, False, {}, [], ""):
             problems.append(f"'{key}' must be empty, got {value!r} (a setting this loader does not implement)")
