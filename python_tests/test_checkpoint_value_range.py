@@ -58,3 +58,16 @@ def test_a_negative_value_beyond_the_dtype_is_named_with_its_sign():
     # -65520 is -inf in float16; the message said "it holds 65520"
     with pytest.raises(ValueError, match=r"it holds -65520\b"):
         refuse_beyond_range(torch.tensor([1.0, -65520.0, 3.0]), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_the_finiteness_check_sees_a_bad_value_in_any_slice(dtype, bad):
+    from qlora_ext.checkpoint.load import _all_finite
+
+    for where in (0, 99, 100, 250, 1023):  # the first and last element of a slice, and the last slice's end
+        tensor = torch.randn(1024, dtype=dtype)
+        assert _all_finite(tensor, chunk=100)
+        tensor[where] = bad
+        assert not _all_finite(tensor, chunk=100), where
+        assert not _all_finite(tensor.view(32, 32).t(), chunk=100), where  # (a strided view)
