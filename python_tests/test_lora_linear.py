@@ -337,3 +337,89 @@ def test_loading_a_value_beyond_the_weight_dtype_names_it(assign):
     sd["weight"][2, 3] = float("nan")  # NaN in the entry itself: named as copy_'s argument, not the op's
     with pytest.raises(RuntimeError, match=r"NF4Tensor.copy_: argument 'src' must hold only finite values .*the first nan at index \[2, 3\]"):
         m.load_state_dict(sd)
+
+
+# nn.Module operations torchtune users apply: hooks on the adapter's submodules, load pre-hooks with assign=True
+def _composed_by_modules(m: LoRALinear, x):
+    # torchtune's forward: base + (alpha / rank) * lora_b(lora_a(dropout(x))), module by module
+    return m._base(x) + m.scaling * m.lora_b(m.lora_a(x))
+
+
+@pytest.mark.parametrize("quantize_base", [True, False], ids=["nf4", "dense"])
+def test_hooks_on_lora_a_and_lora_b_are_called_and_take_effect(quantize_base):
+    torch.manual_seed(0)
+    m = LoRALinear(64, 64, rank=4, alpha=8, quantize_base=quantize_base)
+    nn.init.normal_(m.lora_b.weight)
+    x = torch.randn(3, 64)
+    calls = []
+    m.lora_a.register_forward_pre_hook(lambda mod, i: calls.append("lora_a pre"))
+    m.lora_a.register_forward_hook(lambda mod, i, o: calls.append("lora_a"))
+    m.lora_b.register_full_backward_hook(lambda mod, gi, go: calls.append("lora_b backward"))
+    m(x).sum().backward()
+    assert sorted(calls) == ["lora_a", "lora_a pre", "lora_b backward"]
+
+    base = m._base(x).detach()
+    m.lora_b.register_forward_hook(lambda mod, i, o: o * 0)  # a hook that silences the adapter
+    torch.testing.assert_close(m(x), base)
+
+
+@pytest.mark.parametrize("quantize_base", [True, False], ids=["nf4", "dense"])
+def test_legacy_weight_norm_on_lora_a_follows_optimizer_steps(quantize_base):
+    torch.manual_seed(0)
+    m = LoRALinear(64, 64, rank=4, alpha=8, quantize_base=quantize_base)
+    nn.init.normal_(m.lora_b.weight)
+    torch.nn.utils.weight_norm(m.lora_a, "weight")  # recomputes lora_a.weight in a forward pre-hook
+    opt = torch.optim.SGD([m.lora_a.weight_g, m.lora_a.weight_v], lr=0.5)
+    x = torch.randn(3, 64)
+    for _ in range(2):
+        m(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    w = torch._weight_norm(m.lora_a.weight_v, m.lora_a.weight_g, 0)
+    expected = m._base(x) + m.scaling * (x @ w.T @ m.lora_b.weight.T)
+    torch.testing.assert_close(m(x), expected)
+
+
+@pytest.mark.parametrize("quantize_base", [True, False], ids=["nf4", "dense"])
+def test_adapter_modules_with_a_bias_or_own_forward_are_used_as_modules(quantize_base):
+    torch.manual_seed(0)
+    x = torch.randn(3, 64)
+    m = LoRALinear(64, 64, rank=4, alpha=8, quantize_base=quantize_base)
+    m.lora_a = nn.Linear(64, 4, bias=True)
+    nn.init.normal_(m.lora_a.bias)
+    nn.init.normal_(m.lora_b.weight)
+    torch.testing.assert_close(m(x), _composed_by_modules(m, x))
+
+    class Tripled(nn.Linear):
+        def forward(self, x):
+            return 3 * super().forward(x)
+
+    m = LoRALinear(64, 64, rank=4, alpha=8, quantize_base=quantize_base)
+    m.lora_b = Tripled(4, 64, bias=False)
+    nn.init.normal_(m.lora_b.weight)
+    torch.testing.assert_close(m(x), _composed_by_modules(m, x))
+
+
+def test_assign_load_through_a_later_renaming_pre_hook_keeps_the_base_nf4():
+    torch.manual_seed(0)
+    src = LoRALinear(128, 64, rank=8, alpha=16, quantize_base=True)
+    state = src.state_dict()
+    state["w"] = state.pop("weight")  # a checkpoint with another name for the base weight
+
+    def rename(module, state_dict, prefix, *_):
+        if prefix + "w" in state_dict:
+            state_dict[prefix + "weight"] = state_dict.pop(prefix + "w")
+
+    m = LoRALinear(128, 64, rank=8, alpha=16, quantize_base=True)
+    m.register_load_state_dict_pre_hook(rename)  # runs after LoRALinear's own pre-hook
+    m.load_state_dict(state, assign=True)
+    assert isinstance(m.weight, NF4Tensor) and isinstance(m.weight, nn.Parameter)
+    assert not m.weight.requires_grad
+    torch.testing.assert_close(m.weight.dequantize(), src.weight.dequantize(), atol=1e-3, rtol=0)
+
+
+def test_a_float64_input_to_an_nf4_base_names_the_module_and_what_to_do():
+    m = LoRALinear(64, 64, rank=4, alpha=8, quantize_base=True).double()  # the NF4 base stays float32
+    assert isinstance(m.weight, NF4Tensor) and m.lora_a.weight.dtype == torch.float64
+    with pytest.raises(TypeError, match=r"LoRALinear: an NF4 base weight computes in float32, bfloat16 or float16; got input of dtype torch.float64"):
+        m(torch.randn(2, 64, dtype=torch.float64))

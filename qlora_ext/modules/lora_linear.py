@@ -128,6 +128,17 @@ class LoRALinear(nn.Module, AdapterModule):
         self._parameters["weight"] = nn.Parameter(NF4Tensor(*components, weight.shape, dtype), requires_grad=False)
         return self
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        before = self._parameters.get("weight")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        after = self._parameters.get("weight")
+        if isinstance(before, NF4Tensor) and isinstance(after, Tensor) and not isinstance(after, NF4Tensor):
+            # assign=True put a dense entry in place that our pre-hook did not see: a load pre-hook
+            # registered after it (so run after it) renamed or made the entry. Quantize it now.
+            entries = {prefix + "weight": after.detach()}
+            _quantize_assigned_weight(self, entries, prefix, {"assign_to_params_buffers": True})
+            self._parameters["weight"] = nn.Parameter(entries[prefix + "weight"], requires_grad=before.requires_grad)
+
     def initialize_parameters(self) -> None:
         """Resets the adapter: lora_a kaiming-uniform (as nn.Linear), lora_b zeros."""
         nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
@@ -148,6 +159,12 @@ class LoRALinear(nn.Module, AdapterModule):
                 "map); pass the NF4 weights apart, e.g. torch.func.functional_call(model, (trainable, frozen), args) "
                 "with the transform over trainable only"
             )
+        if isinstance(self.weight, NF4Tensor) and isinstance(x, Tensor) and x.is_floating_point() and x.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"LoRALinear: an NF4 base weight computes in float32, bfloat16 or float16; got input of dtype {x.dtype}. "
+                "Module.double() / .to(torch.float64) keep NF4 weights in their dtype (NF4 dequantizes to those three): "
+                "use .float() for the model and its inputs, or quantize_base=False for a float64 model"
+            )
         if self.disabled and self.merged:
             self.unmerge_()  # base-only output needs the base without the adapter, as PEFT does
         if self.disabled or self.merged:
@@ -156,10 +173,23 @@ class LoRALinear(nn.Module, AdapterModule):
         # A tangent on a dense base (forward-mode AD over every parameter) leaves it requires_grad=False,
         # but the fused function would drop it: the composed path keeps it.
         dense_tangent = not isinstance(self.weight, NF4Tensor) and forward_ad_reaches(self.weight, self.bias)
-        if self._adapter_dtype(x) == x.dtype and not self.weight.requires_grad and not dense_tangent:
+        if self._adapter_dtype(x) == x.dtype and not self.weight.requires_grad and not dense_tangent and self._plain_adapter():
             return lora_linear(x, self.weight, self.bias, self.lora_a.weight, self.lora_b.weight, self.scaling, x_lora)
         lora_out = self.lora_b(self.lora_a(x if x_lora is None else x_lora))
         return self._base(x) + self.scaling * lora_out
+
+    def _plain_adapter(self) -> bool:
+        # The fused function computes x @ A.T @ B.T from the weights alone: only where lora_a and
+        # lora_b are bias-free nn.Linear running nn.Linear.forward, with no module hooks (theirs or
+        # global ones: torchtune's composition calls them, and the legacy weight_norm recomputes
+        # the weight in one). A parametrization is read through .weight, so it may stay fused.
+        for m in (self.lora_a, self.lora_b):
+            if not isinstance(m, nn.Linear) or type(m).forward is not nn.Linear.forward or m.bias is not None:
+                return False
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return False
+        g = torch.nn.modules.module
+        return not (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks or g._global_backward_pre_hooks)
 
     def _base(self, x: Tensor) -> Tensor:
         if isinstance(self.weight, NF4Tensor):
