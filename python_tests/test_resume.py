@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qlora_ext import finetune
-from qlora_ext.training import saving, steps
+from qlora_ext.training import checkpointing, saving, steps
 from qlora_ext.training.config import load_config
 from qlora_ext.training.optim import cosine_with_warmup
 
@@ -515,3 +515,58 @@ def test_a_finished_run_relaunched_from_a_state_without_its_log_restores_only_it
     assert f"Restored {run / 'config.yaml'} to the checkpoint's" in out and "metrics.jsonl" not in out
     assert (run / "config.yaml").read_bytes() == finished_config
     assert (run / "logs" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 9.0}\n'
+
+
+# Ctrl-C (or a full disk) while recipe_state.pt is written, after the checkpoint folder was renamed into place: the
+# folder and the state are one checkpoint, so the folder it replaced comes back (helper-145)
+def _one_epoch_overrides(setup, out, *extra):
+    ckpt, data = setup
+    return small_run_overrides(ckpt, data, out) + [
+        "epochs=1", "max_steps_per_epoch=2", "eval.before_and_after=False", "save_adapter_weights_only=True", *extra]
+
+
+def _interrupt_state_write(monkeypatch, on_call=1):
+    real, calls = checkpointing.save_training_state, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == on_call:
+            raise KeyboardInterrupt("Ctrl-C while recipe_state.pt is written")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "save_training_state", interrupted)
+
+
+def _adapter_file_bytes(folder):
+    return (folder / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_interrupted_state_write_keeps_the_earlier_runs_folder_its_state_names(tmp_path, setup, monkeypatch):
+    run = tmp_path / "run"
+    finetune.train(load_config("tiny_qlora", _one_epoch_overrides(setup, run)))  # run A: epoch_0 + its state
+    a_adapter = _adapter_file_bytes(run / "epoch_0")
+    a_config = (run / "epoch_0" / "training_config.yaml").read_text()
+
+    _interrupt_state_write(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):  # run B, afresh, other lr: interrupted while its state is written
+        finetune.train(load_config("tiny_qlora", _one_epoch_overrides(setup, run, "optimizer.lr=5e-2")))
+    monkeypatch.undo()
+
+    state = torch.load(run / "recipe_state.pt", weights_only=True)
+    assert state["checkpoint_name"] == "epoch_0" and state["fingerprint"]["optimizer.lr"] == 1e-2  # still A's
+    # ... and so must be the folder it names (was B's, with lr 0.05 in its training_config.yaml)
+    assert (run / "epoch_0" / "training_config.yaml").read_text() == a_config
+    assert _adapter_file_bytes(run / "epoch_0") == a_adapter
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".epoch_0")]
+
+
+def test_interrupted_state_write_discards_the_new_step_folder(tmp_path, setup, monkeypatch):
+    run = tmp_path / "run"
+    # saves at step 1 (complete) and step 2 (its state write interrupted)
+    _interrupt_state_write(monkeypatch, on_call=2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train(load_config("tiny_qlora", _one_epoch_overrides(setup, run, "save_every_n_steps=1", "max_steps_per_epoch=3")))
+    monkeypatch.undo()
+    state = torch.load(run / "recipe_state.pt", weights_only=True)
+    assert state["checkpoint_name"] == "step_1"
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["logs", "step_1"]  # was also step_2

@@ -16,7 +16,8 @@ from qlora_ext.checkpoint.atomic import fsync_dir
 
 _CHECKPOINT_NAME = re.compile(r"(?:epoch|step)_\d+")  # the folders the trainer saves: epoch_E, step_S
 
-__all__ = ["checkpoint_folder_holding", "list_checkpoint_folders", "commit_dir", "recover_interrupted_saves", "remove_dir", "remove_step_folders", "staging_dir"]
+__all__ = ["checkpoint_folder_holding", "list_checkpoint_folders", "commit_dir", "discard_old", "recover_interrupted_saves", "remove_dir", "remove_step_folders",
+           "restore_dir", "staging_dir"]
 
 
 def staging_dir(final: str | Path) -> Path:
@@ -29,8 +30,10 @@ def staging_dir(final: str | Path) -> Path:
     return tmp
 
 
-def commit_dir(tmp: str | Path, final: str | Path) -> None:
-    """Moves a completely written staging folder to ``final`` (replacing an older one)."""
+def commit_dir(tmp: str | Path, final: str | Path, *, keep_old: bool = False) -> Path | None:
+    """Moves a completely written staging folder to ``final`` (replacing an older one). With
+    ``keep_old``, the folder it replaced is not deleted but returned (``.NAME.old-PID``), for the
+    caller to delete once the save is complete (``_delete_or_warn``) or put back (``restore_dir``)."""
     tmp, final = Path(tmp), Path(final)
     for f in tmp.rglob("*"):
         if f.is_file():
@@ -42,6 +45,26 @@ def commit_dir(tmp: str | Path, final: str | Path) -> None:
         os.replace(final, old)
     os.replace(tmp, final)
     fsync_dir(final.parent)
+    if keep_old:
+        return old
+    if old is not None:
+        _delete_or_warn(old, f"the checkpoint folder {final} replaced")
+    return None
+
+
+def restore_dir(final: str | Path, old: Path | None) -> None:
+    """Undoes ``commit_dir(..., keep_old=True)``: ``final`` goes (``remove_dir``) and the folder it
+    replaced, if any, takes its name again."""
+    final = Path(final)
+    if final.exists():
+        remove_dir(final)
+    if old is not None and old.exists():
+        os.replace(old, final)
+        fsync_dir(final.parent)
+
+
+def discard_old(final: str | Path, old: Path | None) -> None:
+    """Deletes the folder ``commit_dir(..., keep_old=True)`` kept, once the save is complete."""
     if old is not None:
         _delete_or_warn(old, f"the checkpoint folder {final} replaced")
 

@@ -167,15 +167,29 @@ def save_checkpoint(
         if (Path(ckpt_dir) / "generation_config.json").is_file():
             shutil.copyfile(Path(ckpt_dir) / "generation_config.json", tmp / "generation_config.json")
         (tmp / TRAINING_CONFIG_FILE).write_text(resolved_yaml(cfg, seed))
-        checkpoint_folders.commit_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    checkpointing.save_training_state(
-        output_dir, checkpoint_name=name, epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
-        seed=seed, optimizer=optimizer, scheduler=scheduler, adapter=adapter, fingerprint=fingerprint,
-        metrics_log=metrics_log,
-    )
+    # The folder and recipe_state.pt are one checkpoint: until the state naming the new folder is
+    # in place, the folder it replaces is kept, and put back if the state is not written (Ctrl-C,
+    # a full disk), so the state on disk always names a folder saved with it.
+    replaced = None
+    committed = False
+    try:
+        replaced = checkpoint_folders.commit_dir(tmp, final, keep_old=True)
+        committed = True
+        checkpointing.save_training_state(
+            output_dir, checkpoint_name=name, epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
+            seed=seed, optimizer=optimizer, scheduler=scheduler, adapter=adapter, fingerprint=fingerprint,
+            metrics_log=metrics_log,
+        )
+    except BaseException:
+        if committed:
+            checkpoint_folders.restore_dir(final, replaced)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    checkpoint_folders.discard_old(final, replaced)
     checkpoint_folders.remove_step_folders(output_dir, keep=name)
     return final
 
