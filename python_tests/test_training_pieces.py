@@ -1061,3 +1061,20 @@ def test_an_empty_data_files_list_is_named():
 
     with pytest.raises(DataError, match=r"dataset.data_files: must name at least one JSON or JSONL file; got an empty list"):
         load_alpaca_records([])
+
+
+def test_plot_refuses_a_binary_file_given_as_run_dir(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    log = "".join(json.dumps({"step": s, "loss": 3.0 - s}) + "\n" for s in (1, 2, 3))
+    (run / "logs" / "metrics.jsonl").write_text(log)
+    torch.save({"metrics_log": log, "adapter": {"w": torch.zeros(4)}}, run / "recipe_state.pt")
+    out = tmp_path / "curve.png"
+    assert plot.main([str(run / "recipe_state.pt"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "recipe_state.pt" in err and "not a metrics log" in err
+    assert not out.exists()
+    # the run folder, its logs folder and its metrics file still plot
+    for given in (run, run / "logs", run / "logs" / "metrics.jsonl"):
+        assert plot.main([str(given), "-o", str(out)]) == 0
+        assert "3 steps" in capsys.readouterr().out

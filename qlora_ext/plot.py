@@ -23,8 +23,28 @@ from qlora_ext.training.loss_plot import Curve, builtin_renderer_note, plot_loss
 from qlora_ext.training.metric_logging import LOG_SUBDIR, METRICS_FILE, metrics_file, read_metrics
 
 
+def _check_text_log(run_dir: str) -> None:
+    """A RUN_DIR that is a file must be a metrics log (JSON lines, UTF-8 text): a run's binary
+    files (recipe_state.pt holds its log as pickled text) gave a curve of fragments."""
+    path = Path(run_dir)
+    if not path.is_file():
+        return
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    binary = b"\0" in head
+    if not binary:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as e:
+            binary = e.start < len(head) - 4  # (not a multi-byte character cut by the read)
+    if binary:
+        raise ValueError(f"RUN_DIR '{run_dir}' is a binary file, not a metrics log: give a training run's output_dir, "
+                         f"or its {METRICS_FILE}")
+
+
 def load_curve(run_dir: str, label: str | None = None) -> Curve:
     """The (step, loss) records of a run's metrics log (those with an int64 step and a finite loss)."""
+    _check_text_log(run_dir)
     records = [r for r in _read_run(read_metrics, run_dir)
                if is_int(r.get("step")) and -(2**63) <= r["step"] < 2**63 and is_finite_real(r.get("loss"))]
     if not records:
