@@ -4,6 +4,7 @@ torchtune's keys, what has no counterpart is refused with the reason, and one su
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -454,3 +455,19 @@ def test_a_data_files_dict_with_the_split_is_read_as_torchtune_reads_it(tmp_path
     path = _config_with_dataset(tmp_path, {"_component_": "torchtune.datasets.alpaca_dataset", "source": "json",
                               "data_files": {"train": "a.json"}})
     assert load_config(path).dataset.data_files == ["a.json"]
+
+
+@pytest.mark.parametrize("override, advice", [
+    ("checkpointer.output_dir=/runs/x", "give output_dir=/runs/x"),
+    ("dataset.max_seq_len=512", "give tokenizer.max_seq_len=512"),
+    ("model=torchtune.models.llama2.lora_llama2_7b", "give model.builder=lora_llama2_7b"),
+    ("metric_logger=torchtune.training.metric_logging.WandBLogger", "give metric_logger.type=wandb"),
+    ("dataset.source=json", "drop it: the files dataset.data_files names are read as JSON"),
+    ("profiler.enabled=False", "drop it: this trainer has no profiler setting"),
+])
+def test_torchtune_override_keys_on_the_bundled_config_name_ours(override, advice):
+    # `--config llama2/7B_qlora_single_device` (the tutorial's name) reads the bundled config, in this trainer's keys:
+    # torchtune's own override keys, taken on a torchtune YAML, were refused naming no key of ours (helper-145)
+    with pytest.raises(ConfigError, match=re.escape(f"(that is torchtune's key, and this config is in this trainer's keys: {advice}")):
+        load_config("llama2/7B_qlora_single_device", [override])
+    assert load_config("tiny_qlora", ["tokenizer.max_seq_len=512"]).tokenizer.max_seq_len == 512  # (the key advised works)

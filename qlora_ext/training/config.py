@@ -22,7 +22,7 @@ import yaml
 from qlora_ext._arguments import parse_error_text
 from qlora_ext.training.config_schema import ARCH_KEYS, GENERIC_BUILDERS, REQUIRED, SCHEMA, Opt
 from qlora_ext.training.interpolation import InterpolationError, resolve_interpolations
-from qlora_ext.training.torchtune_config import TorchtuneConfigError, is_torchtune_config, launch_recipe, translate
+from qlora_ext.training.torchtune_config import TorchtuneConfigError, is_torchtune_config, launch_recipe, our_override_for, translate
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -241,12 +241,12 @@ def _apply_override(raw: dict, text: str) -> None:
         here = ".".join(parts[: depth + 1])
         if not isinstance(schema, dict) or part not in schema:
             parent = ".".join(parts[:depth])
-            raise ConfigError(_unknown_key_message(here, schema, parent, where=f"in override '{text}'"))
+            raise ConfigError(_unknown_key_message(here, schema, parent, where=f"in override '{text}'") + _torchtune_hint(key, value))
         if depth == len(parts) - 1:
             if isinstance(schema[part], dict):
                 raise ConfigError(
                     f"override '{text}': '{here}' is a section; set one of its keys: "
-                    f"{', '.join(f'{here}.{k}' for k in schema[part])}"
+                    f"{', '.join(f'{here}.{k}' for k in schema[part])}{_torchtune_hint(key, value)}"
                 )
             node[part] = _override_value(text, value, schema[part])
         else:
@@ -254,6 +254,12 @@ def _apply_override(raw: dict, text: str) -> None:
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{text}': '{here}' in the config file is not a section")
             schema = schema[part]
+
+
+def _torchtune_hint(key: str, value: str) -> str:
+    """The override to give instead of one in torchtune's keys, this config being in ours."""
+    ours = our_override_for(key, value)
+    return f" (that is torchtune's key, and this config is in this trainer's keys: {ours})" if ours else ""
 
 
 def _set_raw(raw: dict, text: str) -> None:

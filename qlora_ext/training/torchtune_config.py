@@ -318,10 +318,11 @@ def _loss(component: Any, section: dict, top: dict, notes: list[str]) -> dict | 
     return None  # the trainer's loss is always cross entropy over chunks of the output projection
 
 
+_LOGGER_TYPES = {"DiskLogger": "disk", "StdoutLogger": "disk", "TensorBoardLogger": "tensorboard", "WandBLogger": "wandb"}
+
+
 def _metric_logger(component: Any, section: dict, top: dict, notes: list[str]) -> dict | None:
-    kind = _name(component, "metric_logger", {
-        "DiskLogger": "disk", "StdoutLogger": "disk", "TensorBoardLogger": "tensorboard", "WandBLogger": "wandb",
-    })
+    kind = _name(component, "metric_logger", _LOGGER_TYPES)
     if component.endswith("StdoutLogger"):
         notes.append("metric_logger: the terminal shows the metrics anyway; they are also written to disk")
     return {"type": kind, **section}
@@ -348,3 +349,21 @@ _TOP_LEVEL = {
 }
 # Settings of torchtune's multi-GPU recipe: dropped, with a note.
 _MULTI_GPU_KEYS = ("fsdp", "fsdp_cpu_offload", "fsdp_sharding_strategy", "fsdp_reshard_after_forward", "custom_sharded_layers")
+
+
+def our_override_for(key: str, value: str) -> str | None:
+    """For an override in torchtune's keys given on a config in this trainer's keys (the bundled
+    ``llama2/7B_qlora_single_device``): what to give instead; None where the key is not torchtune's."""
+    value, section = value.strip(), key.split(".")[0]
+    ours = {"checkpointer.output_dir": "output_dir", "dataset.max_seq_len": "tokenizer.max_seq_len"}.get(key)
+    if ours:
+        return f"give {ours}={value}"
+    if key == "model" and value.startswith("torchtune."):
+        return f"give model.builder={value.rsplit('.', 1)[-1]}"
+    if key == "metric_logger" and value.rsplit(".", 1)[-1] in _LOGGER_TYPES:
+        return f"give metric_logger.type={_LOGGER_TYPES[value.rsplit('.', 1)[-1]]}"
+    if key == "dataset.source":
+        return "drop it: the files dataset.data_files names are read as JSON or JSON lines"
+    if section in ("profiler", "loss"):
+        return f"drop it: this trainer has no {section} setting" + (" (its loss is cross entropy)" if section == "loss" else "")
+    return None
