@@ -221,6 +221,22 @@ def test_column_map_reads_records_named_otherwise(tmp_path):
         load_alpaca_records([_write(tmp_path / "bad.jsonl", json.dumps({**dolly[0], "context": 3}) + "\n")], columns)
 
 
+def test_a_column_map_input_key_no_record_holds_is_named(tmp_path):
+    # a typo (contxt for context) trained every example without its input, silently (helper-145)
+    dolly = [{"instruction": r["instruction"], "context": r.get("input"), "response": r["output"]} for r in RECORDS]
+    path = _write(tmp_path / "dolly.jsonl", "\n".join(json.dumps(r) for r in dolly) + "\n")
+    with pytest.raises(DataError, match=r"^dataset.column_map.input: no record has the key 'contxt' \(the first record's keys: "
+                                        r"instruction, context, response\); name the records' input key, or remove"):
+        load_alpaca_records([path], {"input": "contxt", "output": "response"})
+    # records without the default 'input' key are records without an input, as before
+    plain = _write(tmp_path / "plain.jsonl", json.dumps({"instruction": "Greet.", "output": "Hi"}) + "\n")
+    assert load_alpaca_records([plain]) == [{"instruction": "Greet.", "input": "", "output": "Hi"}]
+    # one record holding the mapped key is enough (the others have no input)
+    mixed = _write(tmp_path / "mixed.jsonl", json.dumps({"instruction": "A", "response": "B"}) + "\n"
+                   + json.dumps({"instruction": "C", "ctx": "D", "response": "E"}) + "\n")
+    assert [r["input"] for r in load_alpaca_records([mixed], {"input": "ctx", "output": "response"})] == ["", "D"]
+
+
 def test_alpaca_template():
     assert alpaca_prompt(RECORDS[1]) == PROMPT_NO_INPUT.format(instruction="Greet.")
     with_input = alpaca_prompt(RECORDS[0])

@@ -40,7 +40,8 @@ def load_alpaca_records(files: Sequence[str | Path] | str | Path, column_map: Ma
 
     Raises:
         DataError: a missing or unreadable file, a form other than a JSON list or JSON lines, bad
-            JSON, or a record without a string instruction/output.
+            JSON, a record without a string instruction/output, or a ``column_map`` input key
+            that no record holds.
     """
     if isinstance(files, (str, Path)):
         files = [files]
@@ -48,11 +49,17 @@ def load_alpaca_records(files: Sequence[str | Path] | str | Path, column_map: Ma
         raise DataError("dataset.data_files: must name at least one JSON or JSONL file; got an empty list")
     records: list[dict[str, str]] = []
     columns = {**ALPACA_COLUMNS, **(column_map or {})}
+    input_seen, first_keys = False, None
     for file in [path for entry in files for path in _expand(entry)]:
         for where, item in _items(file, _text(file), columns):
             records.append(_check_record(where, item, columns))
+            input_seen = input_seen or columns["input"] in item
+            first_keys = first_keys or _keys(item)
     if not records:
         raise DataError(f"dataset.data_files: no records in {', '.join(map(str, files))}")
+    if not input_seen and columns["input"] != ALPACA_COLUMNS["input"]:  # (a typo would drop every input silently)
+        raise DataError(f"dataset.column_map.input: no record has the key '{columns['input']}' (the first record's keys: "
+                        f"{first_keys}); name the records' input key, or remove dataset.column_map.input for records without one")
     return records
 
 
