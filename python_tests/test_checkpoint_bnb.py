@@ -25,7 +25,9 @@ from llama_helpers import hf_llama, hf_logits, rel_error, transformers
 
 from qlora_ext import NF4Tensor, to_nf4
 from qlora_ext.checkpoint import load_checkpoint, save_hf_checkpoint
-from qlora_ext.models.llama2 import llama2_from_checkpoint
+from qlora_ext.checkpoint.safetensors_io import SafetensorsReader
+from qlora_ext.models.llama2 import llama2_from_checkpoint, lora_llama2
+from qlora_ext.modules.peft import disable_adapter
 
 ALL_ATTN = ["q_proj", "k_proj", "v_proj", "output_proj"]
 BF16_TOLERANCE = 1.6e-2  # torch.testing's default rtol for bfloat16
@@ -356,3 +358,32 @@ def test_bnb_4bit_save_of_a_float64_model_names_the_weight(bnb_checkpoint, tmp_p
                                          r"torch.float64: pass dtype=torch.float32"):
         save_hf_checkpoint(qlora, tmp_path / "out", bnb_4bit=True, merge_adapters=False)
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+# the saved 4-bit weights decode to the model's own base weights (helper-148's mutant: nested_offset written as 0.0)
+def test_bnb_4bit_save_keeps_each_weights_offset_and_the_base_logits(tmp_path):
+    torch.manual_seed(0)
+    model = lora_llama2(ALL_ATTN, True, False, vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                        embed_dim=64, max_seq_len=32, intermediate_dim=128, lora_rank=4, lora_alpha=8.0,
+                        quantize_base=True).eval()
+    for name, p in model.named_parameters():
+        if "lora_b" in name:
+            p.data.normal_()  # an adapter that changes the output: it must not reach the base file
+    save_hf_checkpoint(model, tmp_path, merge_adapters=False, bnb_4bit=True)
+
+    q = model.layers[1].attn.q_proj.weight
+    reader = SafetensorsReader(str(next(tmp_path.glob("*.safetensors"))))
+    try:
+        state = json.loads(bytes(reader.get("model.layers.1.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4").tolist()))
+    finally:
+        reader.close()
+    assert torch.tensor(state["nested_offset"], dtype=torch.float32).item() == q.absmax_offset.item() != 0.0
+
+    back = llama2_from_checkpoint(tmp_path, ALL_ATTN, apply_lora_to_mlp=True, quantize_base=True).eval()
+    for a, b in zip(back.layers[1].attn.q_proj.weight.components(), q.components()):
+        assert torch.equal(a, b)
+    tokens = torch.randint(0, 64, (2, 13))
+    with torch.no_grad(), disable_adapter(model):
+        want = model(tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens), want, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import warnings
@@ -27,7 +28,8 @@ from qlora_ext.checkpoint import (
     save_meta_checkpoint,
     save_peft_adapter,
 )
-from qlora_ext.models.llama2 import llama2_from_checkpoint
+from qlora_ext.checkpoint.config import Llama2Config
+from qlora_ext.models.llama2 import llama2, llama2_from_checkpoint
 
 ALL_ATTN = ["q_proj", "k_proj", "v_proj", "output_proj"]
 
@@ -914,3 +916,35 @@ def test_a_model_on_the_meta_device_is_refused_by_name(tmp_path):
         save_hf_checkpoint(model, tmp_path / "merged")
     assert len(save_hf_checkpoint(model, tmp_path / "unmerged", merge_adapters=False)) == 2
     assert len(save_meta_checkpoint(model, tmp_path / "unmerged_meta", merge_adapters=False)) == 2
+
+
+# (helper-148's surviving mutants: the base's context length, the 8-aligned safetensors data)
+_ARCH = dict(vocab_size=64, num_layers=1, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128)
+
+
+def test_hf_config_keeps_the_base_context_length_unless_the_model_is_longer(tmp_path):
+    # A run trained with a short max_seq_len (a training-time cap) keeps the base model's context
+    # length in the merged config.json; a longer one is written.
+    short = Llama2Config(**_ARCH, max_seq_len=32)
+    assert short.to_hf(base={"max_position_embeddings": 4096})["max_position_embeddings"] == 4096
+    assert short.to_hf(base={"max_position_embeddings": 16})["max_position_embeddings"] == 32
+    assert short.to_hf()["max_position_embeddings"] == 32
+    torch.manual_seed(0)
+    save_hf_checkpoint(llama2(**_ARCH, max_seq_len=32), tmp_path, base_config={"max_position_embeddings": 4096, "bos_token_id": 1})
+    assert json.loads((tmp_path / "config.json").read_text())["max_position_embeddings"] == 4096
+
+
+def test_saved_safetensors_data_starts_8_aligned(tmp_path):
+    # The safetensors format pads its JSON header with spaces so that every tensor's data is
+    # aligned (memory-mapped loaders then give aligned tensors); the writer's comment says it does.
+    torch.manual_seed(0)
+    # a vocabulary and names whose header length is not a multiple of 8 by chance: try a few sizes
+    for vocab in (64, 65, 66, 67):
+        out = tmp_path / str(vocab)
+        save_hf_checkpoint(llama2(**{**_ARCH, "vocab_size": vocab}, max_seq_len=32), out)
+        for path in out.glob("*.safetensors"):
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = f.read(length)
+            assert (8 + length) % 8 == 0, (path, length)
+            assert header.decode("utf-8").rstrip(" ").endswith("}")

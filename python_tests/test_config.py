@@ -3,11 +3,13 @@ the rule, the value and the choices."""
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import pytest
 import yaml
 
+from qlora_ext.models.llama2 import lora_llama2_7b
 from qlora_ext.training.config import ASSETS_DIR, CONFIG_DIR, ConfigError, available_configs, load_config
 
 SEED_7B_QLORA = "llama2_7b_qlora_single_device"
@@ -319,3 +321,24 @@ def test_dates_in_a_config_file_are_text_as_torchtune_reads_them(tmp_path):
     path.write_text(path.read_text() + "seed: 2024-13-45\n")
     with pytest.raises(ConfigError, match=r"config key 'seed' must be an integer .*; got '2024-13-45'"):
         load_config(str(path))
+
+
+# the schema's own defaults and limits (a config that leaves the adapter settings out)
+def _minimal(tmp_path, *extra):
+    path = tmp_path / "minimal.yaml"
+    path.write_text("model:\n  builder: qlora_llama2_7b\ntokenizer:\n  path: /x/tokenizer.model\n"
+                    "checkpointer:\n  checkpoint_dir: /x\ndataset:\n  data_files: /x/data.json\n")
+    return load_config(str(path), list(extra))
+
+
+def test_lora_defaults_of_the_config_are_the_builders(tmp_path):
+    # A config that leaves the adapter settings out trains what lora_llama2_7b() (torchtune's defaults) builds.
+    cfg = _minimal(tmp_path)
+    builder = inspect.signature(lora_llama2_7b).parameters
+    for key in ("lora_rank", "lora_alpha", "lora_dropout"):
+        assert getattr(cfg.model, key) == builder[key].default, key
+
+
+def test_lora_dropout_of_one_is_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.lora_dropout"):
+        _minimal(tmp_path, "model.lora_dropout=1.0")

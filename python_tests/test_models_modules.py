@@ -429,3 +429,24 @@ def test_decoder_returns_chunked_logits_after_set_num_output_chunks():
             model.set_num_output_chunks(bad)
     model.set_num_output_chunks(0)
     assert isinstance(model(tokens), torch.Tensor)
+
+
+_TINY = dict(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=32, intermediate_dim=128)
+
+
+def test_attention_dropout_acts_in_training_mode_only():
+    """Mutant A3 (modules/attention.py): ``dropout_p=self.attn_dropout`` also in eval mode.
+    The builder documents attn_dropout as "attention dropout (training only)": an eval model with
+    attn_dropout > 0 must give the logits of the same weights with attn_dropout=0, every call."""
+    torch.manual_seed(0)
+    dropped = llama2(**_TINY, attn_dropout=0.5)
+    plain = llama2(**_TINY)
+    plain.load_state_dict(dropped.state_dict())
+    tokens = torch.randint(0, 64, (2, 16))
+    dropped.eval(), plain.eval()
+    with torch.no_grad():
+        want = plain(tokens)
+        torch.testing.assert_close(dropped(tokens), want, rtol=0, atol=0)
+        torch.testing.assert_close(dropped(tokens), want, rtol=0, atol=0)
+        dropped.train()
+        assert not torch.equal(dropped(tokens), want)  # and it does drop in training mode

@@ -1078,3 +1078,10 @@ def test_plot_refuses_a_binary_file_given_as_run_dir(tmp_path, capsys):
     for given in (run, run / "logs", run / "logs" / "metrics.jsonl"):
         assert plot.main([str(given), "-o", str(out)]) == 0
         assert "3 steps" in capsys.readouterr().out
+
+
+def test_build_optimizer_takes_every_hyperparameter():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = build_optimizer([p], lr=1e-3, weight_decay=0.05, betas=[0.8, 0.99], eps=1e-6, fused=None, device=torch.device("cpu"))
+    group = opt.param_groups[0]
+    assert (group["lr"], group["weight_decay"], tuple(group["betas"]), group["eps"]) == (1e-3, 0.05, (0.8, 0.99), 1e-6)

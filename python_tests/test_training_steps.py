@@ -252,3 +252,37 @@ def test_compiled_dropout_draws_as_eager():
     for n in results[0][1]:
         torch.testing.assert_close(results[1][1][n], results[0][1][n])
     torch._dynamo.reset()
+
+
+# mode and precision of the steps (helper-148's surviving mutants)
+def test_validation_loss_runs_in_eval_mode_and_restores_either_mode():
+    """Mutants S3 (``model.train(True)`` in place of ``model.train(was_training)``) and S5 (no
+    ``model.eval()``) in training/steps.py: a held-out loss is deterministic (no dropout) and an eval
+    model stays in eval mode."""
+    model, _ = _tiny_lora(lora_dropout=0.5)
+    tokens = torch.randint(0, 64, (2, 16))
+    batches = [{"tokens": tokens, "labels": tokens}]
+    cpu = torch.device("cpu")
+    model.eval()
+    want = steps.validation_loss(model, batches, cpu, torch.float32)
+    assert not model.training and all(not m.training for m in model.modules())
+    model.train()
+    got = [steps.validation_loss(model, batches, cpu, torch.float32) for _ in range(3)]
+    assert got == [want] * 3  # no dropout in the held-out loss
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_bf16_autocast_runs_the_model_in_bf16():
+    """Mutant S4 (training/steps.py ``autocast`` returning a null context for bf16): the existing
+    test checks only that the fp32 adapters get fp32 gradients, which they also do without
+    autocast. Under ``steps.autocast(cpu, bf16)`` the projections must compute in bf16."""
+    model, _ = _tiny_lora()
+    seen = []
+    hook = model.layers[0].attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    tokens = torch.randint(0, 64, (2, 16))
+    with steps.autocast(torch.device("cpu"), torch.bfloat16):
+        model(tokens)
+    with steps.autocast(torch.device("cpu"), torch.float32):
+        model(tokens)
+    hook.remove()
+    assert seen == [torch.bfloat16, torch.float32]
