@@ -706,3 +706,73 @@ def test_cli_ctrl_c_ends_quietly(checkpoint_with_tokenizer, monkeypatch, capsys)
     monkeypatch.setattr(builders, "llama2_from_checkpoint", interrupted)  # Ctrl-C while loading
     assert cli.main(["--checkpoint-dir", checkpoint_with_tokenizer, "--prompt", "hi", "--device", "cpu"]) == 130
     assert capsys.readouterr().err == "\nInterrupted (Ctrl-C).\n"
+
+
+# argument checks of generate() / sample() and the CLI's tokenizer hint (helper-149)
+def _small_lora_model(device=None):
+    kwargs = dict(vocab_size=96, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=48, intermediate_dim=128,
+                  lora_rank=4, lora_alpha=8)
+    if device is not None:
+        with torch.device(device):
+            return lora_llama2(["q_proj", "v_proj"], **kwargs).eval()
+    torch.manual_seed(0)
+    model = lora_llama2(["q_proj", "v_proj"], **kwargs)
+    with torch.no_grad():
+        model.output.weight.mul_(30)
+    return model.eval()
+
+
+def test_a_model_on_the_meta_device_is_named():
+    with pytest.raises(ValueError, match=r"generate: argument 'model' has weights on the meta device"):
+        generate(_small_lora_model("meta"), [1, 2, 3], max_new_tokens=2)
+
+
+def test_a_model_that_is_no_decoder_is_named():
+    hf = hf_llama(num_kv_heads=2)
+    with pytest.raises(ValueError, match=r"generate: argument 'model' must be a qlora_ext TransformerDecoder .*got LlamaForCausalLM"):
+        generate(hf, [1, 2, 3], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16])
+def test_prompt_tensors_of_any_integer_dtype_decode_as_int64(dtype):
+    model = _small_lora_model()
+    want = generate(model, torch.tensor([1, 5, 7]), max_new_tokens=3, temperature=0.0)
+    assert torch.equal(generate(model, torch.tensor([1, 5, 7], dtype=dtype), max_new_tokens=3, temperature=0.0), want)
+    with pytest.raises(ValueError, match=r"must hold integer token ids; got dtype torch.bool"):
+        generate(model, torch.tensor([True, False]), max_new_tokens=3)
+
+
+@pytest.mark.parametrize("value", ["no", None, 1])
+def test_use_cache_must_be_a_bool(value):
+    with pytest.raises(ValueError, match=rf"generate: argument 'use_cache' must be True or False; got {value!r}"):
+        generate(_small_lora_model(), [1, 2, 3], max_new_tokens=2, use_cache=value)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_sample_names_logits_it_cannot_sample_from(temperature, bad):
+    with pytest.raises(ValueError, match=r"sample: argument 'logits' must hold no NaN or \+infinity.*row 1"):
+        sample(torch.tensor([[0.0, 1.0], [bad, 1.0]]), temperature=temperature)
+    with pytest.raises(ValueError, match=r"row 0"):
+        sample(torch.full((1, 3), float("-inf")), temperature=temperature)
+    # -inf masks a token out, as in HF's logits processors
+    assert sample(torch.tensor([[float("-inf"), 1.0]]), temperature=temperature).tolist() == [1]
+
+
+def test_cli_names_the_tokenizer_kept_beside_a_trainer_adapter(tmp_path):
+    # The default run's base (qlora_ext/assets/tiny_llama2) holds no tokenizer.model; the trainer's
+    # checkpoint folder around adapter/ does: README's `--checkpoint-dir BASE --adapter-dir folder/adapter`.
+    base = tmp_path / "base"
+    hf_llama(num_kv_heads=2).save_pretrained(base)
+    run = tmp_path / "epoch_0"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    spm = tmp_path / "spm"
+    spm.mkdir()
+    shutil.copy(train_tokenizer(str(spm)), run / "tokenizer.model")
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-m", "qlora_ext.generate", "--checkpoint-dir", str(base), "--adapter-dir",
+                          str(run / "adapter"), "--prompt", "x"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2
+    assert f"pass --tokenizer {run / 'tokenizer.model'}" in out.stderr, out.stderr

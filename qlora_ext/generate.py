@@ -81,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.checkpoint_files and len(named) < len(args.checkpoint_files):
         parser.error(f"argument --checkpoint-files must name each file once; got {args.checkpoint_files}")
     if args.tokenizer is None and not os.path.isfile(os.path.join(args.checkpoint_dir, "tokenizer.model")):
-        parser.error(f"argument --tokenizer is needed: the checkpoint folder '{args.checkpoint_dir}' holds no tokenizer.model")
+        parser.error(f"argument --tokenizer is needed: the checkpoint folder '{args.checkpoint_dir}' holds no tokenizer.model"
+                     + _tokenizer_beside_adapter(args.adapter_dir))
     if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
         parser.error(f"argument --tokenizer must be a SentencePiece tokenizer.model file; '{args.tokenizer}' "
                      + ("is a folder" if os.path.isdir(args.tokenizer) else "does not exist"))
@@ -134,6 +135,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quantize_base and args.adapter_dir is None:
         parser.error("argument --quantize-base needs --adapter-dir: only the adapted linears are kept in NF4")
     return args
+
+
+def _tokenizer_beside_adapter(adapter_dir: str | None) -> str:
+    """A hint naming the tokenizer.model kept beside an adapter (in its folder, or in the training
+    checkpoint folder it sits in, as the trainer writes them); "" when there is none."""
+    if adapter_dir is None:
+        return ""
+    for folder in (adapter_dir, os.path.dirname(os.path.abspath(adapter_dir))):
+        path = os.path.join(folder, "tokenizer.model")
+        if os.path.isfile(path):
+            return f"; the adapter's training run kept its tokenizer: pass --tokenizer {path}"
+    return ""
 
 
 def _adapter_files_missing(folder: str) -> str:

@@ -48,6 +48,18 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None
         raise ValueError(f"sample: argument 'temperature' must be finite and >= 0; got {temperature!r}")
     if top_k is not None and (not is_int(top_k) or top_k <= 0):
         raise ValueError(f"sample: argument 'top_k' must be a positive integer or None; got {top_k!r}")
+    if logits.numel():
+        bad = torch.isnan(logits) | (logits == float("inf"))
+        dead = (logits == float("-inf")).all(dim=-1)
+        if bool(bad.any() | dead.any()):
+            row = int((bad.any(dim=-1) | dead).nonzero()[0])
+            raise ValueError(f"sample: argument 'logits' must hold no NaN or +infinity, and a finite score in each row "
+                             f"(-infinity masks a token out); row {row} is {logits[row].tolist()[:8]}")
+    return _sample(logits, temperature, top_k, generator)
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """sample() on checked arguments (generate checks its logits itself)."""
     # 0, or a temperature whose float32 reciprocal overflows (below about 2.9e-39): CUDA divides a
     # tensor by a Python scalar as a product with float32(1 / t), so the best score would be 0 * inf = NaN
     if temperature < 1.0 / torch.finfo(torch.float32).max:
@@ -74,7 +86,7 @@ def _prompt_rows(prompt: Tensor | list, pad_id: int, vocab: int) -> tuple[Tensor
         if prompt.dim() != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
             raise ValueError(f"generate: argument 'prompt' must be [batch, seq] (or one [seq]) with batch and seq >= 1; "
                              f"got shape {list(prompt.shape)}")
-        if prompt.dtype not in (torch.int32, torch.int64):
+        if prompt.dtype == torch.bool or prompt.dtype.is_floating_point or prompt.dtype.is_complex:
             raise ValueError(f"generate: argument 'prompt' must hold integer token ids; got dtype {prompt.dtype}")
         rows = prompt.long()
         lengths = torch.full((rows.shape[0],), rows.shape[1], dtype=torch.long)
@@ -204,6 +216,15 @@ def generate(
             KV caches on (or enabled on) some layers only.
         NonFiniteLogitsError: NaN or infinite logits (a ValueError too).
     """
+    if not all(hasattr(model, name) for name in ("tok_embeddings", "layers", "output", "setup_caches")):
+        raise ValueError(f"generate: argument 'model' must be a qlora_ext TransformerDecoder (llama2_from_checkpoint, "
+                         f"llama2_7b, lora_llama2 ...), with tok_embeddings, layers and output; got {type(model).__name__}")
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"generate: argument 'model' has weights on the meta device (shapes without values), {meta} among "
+                         "them; load a checkpoint into it (load_state_dict(..., assign=True)) or build it on a real device")
+    if not isinstance(use_cache, bool):
+        raise ValueError(f"generate: argument 'use_cache' must be True or False; got {use_cache!r}")
     device = model.tok_embeddings.weight.device
     vocab = model.tok_embeddings.num_embeddings
     if not is_int(pad_id) or not 0 <= pad_id < vocab:
@@ -314,7 +335,7 @@ def _decode(
     done = torch.zeros(b, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         logits = _next_logits(model, hidden, vocab_limit, step)
-        nxt = sample(logits, temperature=temperature, top_k=top_k, generator=generator)
+        nxt = _sample(logits, temperature, top_k, generator)
         nxt = nxt.masked_fill(done, pad_id)
         pos = lengths + step  # [b]: where each row's new token goes
         out[batch, pos] = nxt
