@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from qlora_ext import finetune
-from qlora_ext.training import checkpointing, saving, steps
+from qlora_ext.checkpoint import atomic
+from qlora_ext.training import checkpoint_folders, checkpointing, saving, steps
 from qlora_ext.training.config import load_config
 from qlora_ext.training.optim import cosine_with_warmup
 
@@ -570,3 +571,61 @@ def test_interrupted_state_write_discards_the_new_step_folder(tmp_path, setup, m
     state = torch.load(run / "recipe_state.pt", weights_only=True)
     assert state["checkpoint_name"] == "step_1"
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["logs", "step_1"]  # was also step_2
+
+
+# an interruption after recipe_state.pt is in place, or inside commit_dir after its renames (helper-150)
+def _step_save_overrides(setup, out, *extra):
+    ckpt, data = setup
+    return small_run_overrides(ckpt, data, out) + [
+        "epochs=1", "max_steps_per_epoch=3", "eval.before_and_after=False", "save_adapter_weights_only=True",
+        "save_every_n_steps=1", *extra]
+
+
+def test_ctrl_c_after_the_state_is_renamed_into_place_keeps_the_folder_it_names(tmp_path, setup, monkeypatch):
+    run = tmp_path / "run"
+    real_save, real_fsync, calls = checkpointing.save_training_state, atomic.fsync_dir, {"n": 0}
+
+    def save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] != 2:
+            return real_save(*args, **kwargs)
+
+        def fsync_then_interrupt(path):  # Ctrl-C while atomic_path syncs the folder, after os.replace
+            real_fsync(path)
+            raise KeyboardInterrupt("Ctrl-C after recipe_state.pt was renamed into place")
+
+        monkeypatch.setattr(atomic, "fsync_dir", fsync_then_interrupt)
+        try:
+            return real_save(*args, **kwargs)
+        finally:
+            monkeypatch.setattr(atomic, "fsync_dir", real_fsync)
+
+    monkeypatch.setattr(checkpointing, "save_training_state", save)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train(load_config("tiny_qlora", _step_save_overrides(setup, run)))
+    monkeypatch.undo()
+    named = torch.load(run / "recipe_state.pt", weights_only=True)["checkpoint_name"]
+    assert (run / named).is_dir(), f"recipe_state.pt names {named}; folders: {sorted(p.name for p in run.iterdir())}"
+
+
+def test_ctrl_c_inside_commit_dir_after_the_old_folder_moved_aside_puts_it_back(tmp_path, setup, monkeypatch):
+    run = tmp_path / "run"
+    finetune.train(load_config("tiny_qlora", _step_save_overrides(setup, run, "save_every_n_steps=100", "max_steps_per_epoch=2")))
+    before = (run / "epoch_0" / "training_config.yaml").read_text()
+    real_fsync, calls = checkpoint_folders.fsync_dir, {"n": 0}
+
+    def interrupt(path):  # Ctrl-C while commit_dir syncs the folder after its renames (once)
+        real_fsync(path)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt("Ctrl-C in commit_dir's fsync_dir")
+
+    monkeypatch.setattr(checkpoint_folders, "fsync_dir", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train(load_config("tiny_qlora", _step_save_overrides(setup, run, "save_every_n_steps=100", "max_steps_per_epoch=2",
+                                                            "optimizer.lr=5e-2")))
+    monkeypatch.undo()
+    state = torch.load(run / "recipe_state.pt", weights_only=True)
+    assert state["checkpoint_name"] == "epoch_0"
+    # the state is the first run's, so must be the folder it names (and no hidden copy left for the next start to delete)
+    assert (run / "epoch_0" / "training_config.yaml").read_text() == before

@@ -41,7 +41,7 @@ def commit_dir(tmp: str | Path, final: str | Path, *, keep_old: bool = False) ->
                 os.fsync(fh.fileno())
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = aside_dir(final)
         os.replace(final, old)
     os.replace(tmp, final)
     fsync_dir(final.parent)
@@ -50,6 +50,12 @@ def commit_dir(tmp: str | Path, final: str | Path, *, keep_old: bool = False) ->
     if old is not None:
         _delete_or_warn(old, f"the checkpoint folder {final} replaced")
     return None
+
+
+def aside_dir(final: str | Path) -> Path:
+    """Where ``commit_dir`` moves the folder ``final`` it replaces (``.NAME.old-PID``)."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.old-{os.getpid()}")
 
 
 def restore_dir(final: str | Path, old: Path | None) -> None:

@@ -173,25 +173,40 @@ def save_checkpoint(
     # The folder and recipe_state.pt are one checkpoint: until the state naming the new folder is
     # in place, the folder it replaces is kept, and put back if the state is not written (Ctrl-C,
     # a full disk), so the state on disk always names a folder saved with it.
+    state_path = output_dir / checkpointing.STATE_FILE
+    state_before = _file_identity(state_path)
+    aside = checkpoint_folders.aside_dir(final)  # where commit_dir moves the folder it replaces
     replaced = None
-    committed = False
     try:
         replaced = checkpoint_folders.commit_dir(tmp, final, keep_old=True)
-        committed = True
         checkpointing.save_training_state(
             output_dir, checkpoint_name=name, epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
             seed=seed, optimizer=optimizer, scheduler=scheduler, adapter=adapter, fingerprint=fingerprint,
             metrics_log=metrics_log,
         )
     except BaseException:
-        if committed:
-            checkpoint_folders.restore_dir(final, replaced)
-        else:
+        old = aside if aside.exists() else None
+        if _file_identity(state_path) != state_before:  # the new state is in place (interrupted after its rename)
+            checkpoint_folders.discard_old(final, old)
+        elif not tmp.exists():  # the new folder was renamed into place (perhaps inside commit_dir)
+            checkpoint_folders.restore_dir(final, old)
+        else:  # (commit_dir moved the older folder aside, if at all, but not this one in)
             shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and not final.exists():
+                os.replace(old, final)
         raise
     checkpoint_folders.discard_old(final, replaced)
     checkpoint_folders.remove_step_folders(output_dir, keep=name)
     return final
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime, size) of a file, None without one: tells whether an atomic write replaced it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _declared_dtype(config: dict | None) -> torch.dtype | None:
