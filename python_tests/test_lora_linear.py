@@ -423,3 +423,37 @@ def test_a_float64_input_to_an_nf4_base_names_the_module_and_what_to_do():
     assert isinstance(m.weight, NF4Tensor) and m.lora_a.weight.dtype == torch.float64
     with pytest.raises(TypeError, match=r"LoRALinear: an NF4 base weight computes in float32, bfloat16 or float16; got input of dtype torch.float64"):
         m(torch.randn(2, 64, dtype=torch.float64))
+
+
+def _rename_w_entry(module, state_dict, prefix, *_):
+    if prefix + "w" in state_dict:
+        state_dict[prefix + "weight"] = state_dict.pop(prefix + "w")
+
+
+def test_a_float64_entry_through_a_later_renaming_pre_hook_loads_as_under_its_own_name():
+    torch.manual_seed(0)
+    state = LoRALinear(128, 64, rank=8, alpha=16, quantize_base=True).state_dict()
+    state["weight"] = state["weight"].double()  # a float64 checkpoint
+
+    direct = LoRALinear(128, 64, rank=8, alpha=16, quantize_base=True)
+    direct.load_state_dict(state, assign=True)
+
+    renamed = {**state}
+    renamed["w"] = renamed.pop("weight")
+    m = LoRALinear(128, 64, rank=8, alpha=16, quantize_base=True)
+    m.register_load_state_dict_pre_hook(_rename_w_entry)
+    m.load_state_dict(renamed, assign=True)  # TypeError now: "it must have dtype float32, bfloat16 or float16; got torch.float64"
+    assert isinstance(m.weight, NF4Tensor) and m.weight.dtype == direct.weight.dtype == torch.float32
+    torch.testing.assert_close(m.weight.dequantize(), direct.weight.dequantize())
+
+
+def test_an_entry_that_cannot_be_quantized_leaves_the_nf4_base():
+    m = LoRALinear(128, 64, rank=8, alpha=16, quantize_base=True)
+    m.register_load_state_dict_pre_hook(_rename_w_entry)
+    state = {k: v for k, v in m.state_dict().items() if k != "weight"}
+    state["w"] = torch.full((64, 128), float("nan"))
+    try:
+        m.load_state_dict(state, assign=True)
+    except ValueError:
+        pass
+    assert isinstance(m.weight, NF4Tensor)  # not the dense NaN entry

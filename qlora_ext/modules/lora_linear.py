@@ -135,6 +135,9 @@ class LoRALinear(nn.Module, AdapterModule):
         if isinstance(before, NF4Tensor) and isinstance(after, Tensor) and not isinstance(after, NF4Tensor):
             # assign=True put a dense entry in place that our pre-hook did not see: a load pre-hook
             # registered after it (so run after it) renamed or made the entry. Quantize it now.
+            # The NF4 base goes back first: the hook casts to its dtype, and an entry that cannot be
+            # quantized (NaN, Inf) leaves it, as where the hook sees the entry under its own name.
+            self._parameters["weight"] = before
             entries = {prefix + "weight": after.detach()}
             _quantize_assigned_weight(self, entries, prefix, {"assign_to_params_buffers": True})
             self._parameters["weight"] = nn.Parameter(entries[prefix + "weight"], requires_grad=before.requires_grad)
