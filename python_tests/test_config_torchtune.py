@@ -471,3 +471,11 @@ def test_torchtune_override_keys_on_the_bundled_config_name_ours(override, advic
     with pytest.raises(ConfigError, match=re.escape(f"(that is torchtune's key, and this config is in this trainer's keys: {advice}")):
         load_config("llama2/7B_qlora_single_device", [override])
     assert load_config("tiny_qlora", ["tokenizer.max_seq_len=512"]).tokenizer.max_seq_len == 512  # (the key advised works)
+
+
+def test_a_sliced_split_of_a_data_files_dict_is_refused_for_the_slice(tmp_path):
+    path = _config_with_dataset(tmp_path, {"_component_": "torchtune.datasets.alpaca_dataset", "source": "json",
+                                           "data_files": {"train": "a.json"}, "split": "train[:95%]"})
+    # now: "'dataset.data_files' maps the splits ['train'] to files, and dataset.split 'train[:95%]' is none of them"
+    with pytest.raises(ConfigError, match=r"dataset.split: train\[:95%\]' is not supported: it picks part of the records"):
+        load_config(str(path))

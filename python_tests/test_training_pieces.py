@@ -1085,3 +1085,14 @@ def test_build_optimizer_takes_every_hyperparameter():
     opt = build_optimizer([p], lr=1e-3, weight_decay=0.05, betas=[0.8, 0.99], eps=1e-6, fused=None, device=torch.device("cpu"))
     group = opt.param_groups[0]
     assert (group["lr"], group["weight_decay"], tuple(group["betas"]), group["eps"]) == (1e-3, 0.05, (0.8, 0.99), 1e-6)
+
+
+@pytest.mark.parametrize("damage", [b"\0" * 40, b'{"step": 9, "note": "\xe9'], ids=["nul-block", "latin-1-byte"])
+def test_a_metrics_file_with_a_damaged_line_plots_as_its_run_folder_does(tmp_path, damage):
+    logs = tmp_path / "run" / "logs"
+    logs.mkdir(parents=True)
+    lines = [json.dumps({"step": i, "loss": 2.0 / i}).encode() for i in range(1, 6)]
+    (logs / "metrics.jsonl").write_bytes(b"\n".join(lines[:3] + [damage] + lines[3:]) + b"\n")
+    by_folder = plot.load_curve(str(tmp_path / "run"))
+    by_file = plot.load_curve(str(logs / "metrics.jsonl"))  # ValueError now: "is a binary file, not a metrics log"
+    assert by_file.steps == by_folder.steps == [1, 2, 3, 4, 5]

@@ -31,6 +31,8 @@ def _check_text_log(run_dir: str) -> None:
         return
     with open(path, "rb") as f:
         head = f.read(1 << 16)
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):  # JSON lines, maybe with a damaged line (read_metrics skips it)
+        return
     binary = b"\0" in head
     if not binary:
         try:

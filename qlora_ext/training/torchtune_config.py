@@ -277,6 +277,10 @@ def _dataset(component: Any, section: dict, top: dict, notes: list[str]) -> dict
     files = section.get("data_files")
     if isinstance(files, dict):  # HF datasets' {split: files}, of which dataset.split picks one (as load_dataset does)
         split = section.pop("split", None) or "train"
+        name = re.split(r"[\[+]", str(split))[0]  # (train[:95%]: a slice, refused below with why)
+        if name != split and name in files:
+            section["split"] = split
+            split = name
         if split not in files:
             raise TorchtuneConfigError(f"'dataset.data_files' maps the splits {sorted(files)} to files, and dataset.split "
                                        f"{split!r} is none of them")
