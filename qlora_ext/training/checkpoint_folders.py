@@ -33,7 +33,7 @@ def staging_dir(final: str | Path) -> Path:
 def commit_dir(tmp: str | Path, final: str | Path, *, keep_old: bool = False) -> Path | None:
     """Moves a completely written staging folder to ``final`` (replacing an older one). With
     ``keep_old``, the folder it replaced is not deleted but returned (``.NAME.old-PID``), for the
-    caller to delete once the save is complete (``_delete_or_warn``) or put back (``restore_dir``)."""
+    caller to delete once the save is complete (``discard_old``) or put back (``restore_dir``)."""
     tmp, final = Path(tmp), Path(final)
     for f in tmp.rglob("*"):
         if f.is_file():
