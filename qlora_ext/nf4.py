@@ -281,16 +281,17 @@ def linear_nf4(input: Tensor, weight: NF4Tensor, bias: Tensor | None = None) -> 
 def reparametrize_as_dtype_state_dict_post_hook(
     module: torch.nn.Module,
     state_dict: dict,
-    prefix: str,
+    prefix: str = "",
     *args,
     dtype: torch.dtype | None = None,
     offload_to_cpu: bool = True,
 ) -> None:
     """State-dict post-hook: the module's NF4Tensor entries become dense tensors.
 
-    Each entry is dequantized in ``dtype`` (default: its original dtype) and moved to CPU before
-    the next, so only one dense weight exists on the device at a time. Register it with
-    ``module._register_state_dict_hook`` (``LoRALinear`` does for a quantized base).
+    Each entry is dequantized in ``dtype`` (default: its original dtype, where torchtune's
+    default is bfloat16) and moved to CPU before the next, so only one dense weight exists on the
+    device at a time. Register it with ``module._register_state_dict_hook`` (``LoRALinear`` does
+    for a quantized base), or call it as torchtune's: ``hook(model, state_dict, dtype=...)``.
     """
     for name, value in list(state_dict.items()):
         if name.startswith(prefix) and isinstance(value, NF4Tensor):
@@ -461,6 +462,8 @@ def _copy_(dst: Tensor, src: Tensor, non_blocking: bool = False) -> Tensor:
                 raise ValueError(f"NF4Tensor.copy_: argument 'src' must have {d.numel()} {name} for shape {list(dst.shape)}; "
                                  f"got {s.numel()}")
     else:
+        if type(src) is not Tensor and type(src) is not torch.nn.Parameter and callable(getattr(src, "get_original_weight", None)):
+            src = src.get_original_weight()  # torchao's NF4Tensor (a torchtune state dict): quantize its values again
         cast = src.to(device=dst.device, dtype=dst.dtype)
         try:
             components = _quantize(cast, "NF4Tensor.copy_: argument 'src'")

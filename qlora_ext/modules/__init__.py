@@ -8,6 +8,7 @@ from qlora_ext.modules.peft import disable_adapter, get_adapter_params, set_trai
 from qlora_ext.modules.position_embeddings import RotaryPositionalEmbeddings
 from qlora_ext.modules.rms_norm import RMSNorm
 from qlora_ext.modules.transformer import TransformerDecoder, TransformerSelfAttentionLayer
+from qlora_ext.nf4 import reparametrize_as_dtype_state_dict_post_hook
 
 __all__ = [
     "FeedForward",
@@ -20,5 +21,6 @@ __all__ = [
     "TransformerSelfAttentionLayer",
     "disable_adapter",
     "get_adapter_params",
+    "reparametrize_as_dtype_state_dict_post_hook",
     "set_trainable_params",
 ]

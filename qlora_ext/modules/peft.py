@@ -15,20 +15,34 @@ from qlora_ext._arguments import is_finite_real, is_int
 from qlora_ext.modules.adapter_module import AdapterModule
 from qlora_ext.modules.lora_linear import LoRALinear
 
+# torchtune's names for the attention projections LoRA can go on (a Literal there, a tuple here).
+LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
+
 __all__ = [
-    "AdapterModule", "LoRALinear", "disable_adapter", "get_adapter_params", "get_adapter_state_dict", "get_lora_module_names", "get_merged_lora_ckpt",
+    "AdapterModule", "LORA_ATTN_MODULES", "LoRALinear", "disable_adapter", "get_adapter_params", "get_adapter_state_dict", "get_lora_module_names", "get_merged_lora_ckpt",
     "set_trainable_params", "validate_missing_and_unexpected_for_lora",
 ]
 
 
 def get_adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Fully-qualified name -> parameter, for every module that has ``adapter_params()``."""
+    """Fully-qualified name -> parameter, for every module that has ``adapter_params()``.
+
+    Raises:
+        AssertionError: (torchtune's) a module lists a name in ``adapter_params()`` that is not one of its parameters.
+    """
     params = {}
     for module_name, module in model.named_modules():
         if hasattr(module, "adapter_params") and callable(module.adapter_params):
+            wanted = list(module.adapter_params())
             for name, param in module.named_parameters(recurse=True):
-                if name in module.adapter_params():
+                if name in wanted:
                     params[f"{module_name}.{name}" if module_name else name] = param
+                    wanted.remove(name)
+            if wanted:  # torchtune asserts the same: a name not found would stay frozen, silently
+                raise AssertionError(
+                    f"Adapter params {wanted} not converted: {module_name or 'the model'} ({type(module).__name__}) lists them in "
+                    "adapter_params() but has no parameter of that name (a typo, or a parametrization that renamed it)"
+                )
     return params
 
 

@@ -12,6 +12,7 @@ materializes the weights one tensor at a time as it reads them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 
 import torch
 from torch import nn
@@ -21,11 +22,11 @@ from qlora_ext.modules.attention import MultiHeadAttention
 from qlora_ext.modules.feed_forward import FeedForward
 from qlora_ext.modules.lora_init import qlora_linear
 from qlora_ext.modules.lora_linear import LoRALinear
+from qlora_ext.modules.peft import LORA_ATTN_MODULES
 from qlora_ext.modules.position_embeddings import RotaryPositionalEmbeddings
 from qlora_ext.modules.rms_norm import RMSNorm
 from qlora_ext.modules.transformer import TransformerDecoder, TransformerSelfAttentionLayer
 
-LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
 _NF4_BLOCK = 64
 
 
@@ -136,13 +137,19 @@ def lora_llama2(
         raise ValueError(
             f"lora_llama2: argument 'use_dora' must be False: DoRA is not supported here (LoRA and QLoRA are); got {use_dora!r}"
         )
-    is_list = isinstance(lora_attn_modules, (list, tuple, set, frozenset)) and all(isinstance(m, str) for m in lora_attn_modules)
+    # Any sequence or set of names (a list, a tuple, omegaconf's ListConfig ...), as torchtune takes; not a str.
+    is_list = (
+        isinstance(lora_attn_modules, (Sequence, AbstractSet))
+        and not isinstance(lora_attn_modules, (str, bytes))
+        and all(isinstance(m, str) for m in lora_attn_modules)
+    )
     unknown = sorted(set(lora_attn_modules) - set(LORA_ATTN_MODULES)) if is_list else []
     if unknown or not is_list:
         raise ValueError(
             f"lora_llama2: argument 'lora_attn_modules' must be a list drawn from {list(LORA_ATTN_MODULES)}; "
-            f"got {lora_attn_modules!r}"
+            f"got {lora_attn_modules!r} (a {type(lora_attn_modules).__name__})"
         )
+    lora_attn_modules = list(lora_attn_modules)
     _check_sizes(vocab_size, num_layers, num_heads, num_kv_heads, embed_dim, max_seq_len, intermediate_dim)
     head_dim = embed_dim // num_heads
     hidden_dim = intermediate_dim if intermediate_dim is not None else scale_hidden_dim_for_mlp(embed_dim)
