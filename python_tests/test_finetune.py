@@ -1236,3 +1236,13 @@ def test_a_merged_save_of_a_meta_base_keeps_its_context_length(tmp_path):
     finetune.train(load_config("tiny_qlora", small_run_overrides(tmp_path / "meta", data, tmp_path / "out") + [
         "epochs=1", "max_steps_per_epoch=1", "model.max_seq_len=128", "eval.before_and_after=False"]))
     assert json.loads((tmp_path / "out" / "epoch_0" / "config.json").read_text())["max_position_embeddings"] == 4096
+
+
+def test_a_dashed_override_is_told_to_drop_the_dashes(capsys):
+    # torchtune users write --key=value out of habit; argparse said only "unrecognized arguments"
+    with pytest.raises(SystemExit) as exit_:
+        finetune.main(["--optimizer.lr=3e-4", "--bogus"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --optimizer.lr=3e-4 --bogus (overrides are written without dashes: optimizer.lr=3e-4)" in err
+

@@ -577,7 +577,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list-configs", action="store_true", help="print the bundled config names and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.lora_rank=16")
     tolerant_console()
-    args = parser.parse_intermixed_args(argv)  # (overrides before and after --config alike)
+    args, unknown = parser.parse_known_intermixed_args(argv)  # (overrides before and after --config alike)
+    if unknown:
+        dashed = [a for a in unknown if a.startswith("--") and "=" in a]  # torchtune users' habit, argparse's spelling
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}"
+                     + (f" (overrides are written without dashes: {' '.join(a[2:] for a in dashed)})" if dashed else ""))
     if args.list_configs:
         return print_out("\n".join(available_configs()))
     world = os.environ.get("WORLD_SIZE", "")

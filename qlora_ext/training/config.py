@@ -310,6 +310,9 @@ def _unknown_key_message(key: str, schema: Any, parent: str, where: str) -> str:
     valid = ", ".join(schema)
     hint = difflib.get_close_matches(name, list(schema), n=1)
     hint_text = f"; did you mean '{(parent + '.') if parent else ''}{hint[0]}'?" if hint else ""
+    nested = [f"{section}.{name}" for section, keys in schema.items() if isinstance(keys, dict) and name in keys]
+    if not hint and nested and not parent:  # lr for optimizer.lr, lora_rank for model.lora_rank
+        hint_text = f"; did you mean {' or '.join(repr(k) for k in nested)}?"
     if name == "_component_":  # a torchtune spelling on one of our configs
         hint_text = (
             "; this config has qlora_ext's keys, not torchtune's _component_ (a torchtune recipe config file given with "
