@@ -300,3 +300,26 @@ def test_quantize_refuses_cuda_graph_capture():
             ops.quantize_nf4(w)
     for c, g in zip(ops.quantize_nf4(w.cpu()), ops.quantize_nf4(w)):
         assert torch.equal(c, g.cpu())
+
+
+# the NaN/Inf check merges each thread's largest |w| into one atomic: a non-finite value in any thread's share of the
+# groups is found, not only in the share of the thread that finishes last (helper-151's surviving C++ mutant)
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_non_finite_found_in_every_threads_share_of_groups(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        groups = 4 * threads  # several groups of 256 blocks per thread
+        base = torch.randn(groups * 256 * 64) * 0.02
+        for trial in range(12):
+            for bad in (float("nan"), float("inf")):
+                # a non-finite value in the first group, the last group, or one in between:
+                # each lies in one thread's share, the other threads see only finite values
+                group = (0, groups - 1, trial % groups)[trial % 3]
+                w = base.clone()
+                index = group * 256 * 64 + 17
+                w[index] = bad
+                with pytest.raises(ValueError, match=r"'weight' must hold only finite values"):
+                    ops.quantize_nf4(w)
+    finally:
+        torch.set_num_threads(before)
