@@ -195,7 +195,7 @@ def test_prompt_and_pad_id_outside_the_vocabulary_are_named():
     for prompt, needle in [
         ([5, vocab], rf"argument 'prompt' must hold token ids in \[0, {vocab}\); got \[{vocab}\]"),
         (torch.tensor([[3, -1]]), r"argument 'prompt' must hold token ids in \[0, \d+\); got \[-1\]"),
-        (torch.ones(1, 3), r"argument 'prompt' must hold integer token ids; got dtype torch.float32"),
+        (torch.ones(1, 3), r"argument 'prompt' must hold integer token ids \(8 to 64 bits\); got dtype torch.float32"),
         ([1, [2]], r"argument 'prompt' must be a \[batch, seq\] tensor, one prompt as a list of ints, or a list of such lists "
                    r"\(prompts of any lengths\); got a list holding \['int', 'list'\]"),
         ([], r"argument 'prompt' must be .*; got an empty list"),
@@ -738,8 +738,10 @@ def test_prompt_tensors_of_any_integer_dtype_decode_as_int64(dtype):
     model = _small_lora_model()
     want = generate(model, torch.tensor([1, 5, 7]), max_new_tokens=3, temperature=0.0)
     assert torch.equal(generate(model, torch.tensor([1, 5, 7], dtype=dtype), max_new_tokens=3, temperature=0.0), want)
-    with pytest.raises(ValueError, match=r"must hold integer token ids; got dtype torch.bool"):
+    with pytest.raises(ValueError, match=r"must hold integer token ids \(8 to 64 bits\); got dtype torch.bool"):
         generate(model, torch.tensor([True, False]), max_new_tokens=3)
+    with pytest.raises(ValueError, match=r"must hold integer token ids \(8 to 64 bits\); got dtype torch.uint4"):
+        generate(model, torch.empty(3, dtype=torch.uint4), max_new_tokens=3)  # (sub-byte ints: torch cannot copy them)
 
 
 @pytest.mark.parametrize("value", ["no", None, 1])
@@ -776,3 +778,45 @@ def test_cli_names_the_tokenizer_kept_beside_a_trainer_adapter(tmp_path):
                           str(run / "adapter"), "--prompt", "x"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 2
     assert f"pass --tokenizer {run / 'tokenizer.model'}" in out.stderr, out.stderr
+
+
+# review of the argument checks above (helper-153)
+_GEN_ARCH = dict(vocab_size=96, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=48,
+                 intermediate_dim=128, lora_rank=4, lora_alpha=8, quantize_base=True)
+
+
+def test_generate_names_meta_rope_buffers_left_by_assign_load():
+    # generate's own advice for a meta model (load_state_dict(..., assign=True)) leaves RoPE's
+    # non-persistent cos/sin on meta: a RuntimeError "Tensor on device meta is not on the expected device cpu!"
+    real = lora_llama2(["q_proj", "v_proj"], **_GEN_ARCH).eval()
+    with torch.device("meta"):
+        model = lora_llama2(["q_proj", "v_proj"], **_GEN_ARCH)
+    model.load_state_dict(real.state_dict(), assign=True)
+    with pytest.raises(ValueError, match=r"argument 'model' has .*meta device.*pos_embeddings.*rope_init"):
+        generate(model.eval(), [1, 2, 3], max_new_tokens=2, temperature=0.0)
+    # and following the message makes it decode as the real model
+    for layer in model.layers:
+        layer.attn.pos_embeddings.rope_init("cpu")
+    assert torch.equal(generate(model, [1, 2, 3], max_new_tokens=3, temperature=0.0),
+                       generate(real, [1, 2, 3], max_new_tokens=3, temperature=0.0))
+
+
+def test_sample_names_the_nan_it_refuses():
+    logits = torch.zeros(2, 32000)
+    logits[1, 20000] = float("nan")
+    # the message showed row 1's first 8 scores, [0.0, ... 0.0], not the NaN
+    with pytest.raises(ValueError, match=r"row 1 has nan at column 20000"):
+        sample(logits)
+
+
+def test_sample_refuses_an_empty_vocabulary_by_name():
+    for t in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"sample: argument 'logits'"):  # was IndexError / RuntimeError
+            sample(torch.zeros(2, 0), temperature=t)
+
+
+def test_generate_names_an_out_of_range_uint64_id_as_given():
+    model = lora_llama2(["q_proj"], **_GEN_ARCH).eval()
+    prompt = torch.tensor([[2**64 - 1, 4]], dtype=torch.uint64)
+    with pytest.raises(ValueError, match=r"in \[0, 96\); got \[18446744073709551615\]"):  # was "got [-1]"
+        generate(model, prompt, max_new_tokens=1)

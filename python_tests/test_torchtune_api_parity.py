@@ -8,6 +8,7 @@ import collections.abc
 
 import pytest
 import torch
+from conftest import torchao_nf4
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
@@ -100,7 +101,7 @@ def test_reparametrize_hook_exported_where_torchtune_has_it():
 # -- a torchao NF4Tensor entry loaded into an NF4 base --------------------------------------------
 
 def test_load_torchao_nf4_entry_into_nf4_base():
-    nf4tensor = pytest.importorskip("torchao.dtypes.nf4tensor")
+    nf4tensor = torchao_nf4()  # (it moved: torchao 0.18 has no torchao.dtypes.nf4tensor)
     torch.manual_seed(0)
     w = torch.randn(128, 128)
     tao = nf4tensor.to_nf4(w)
@@ -109,3 +110,24 @@ def test_load_torchao_nf4_entry_into_nf4_base():
     lin.load_state_dict(sd)
     # quantized again from torchao's dequantized values, as a dense entry of them would be
     assert torch.equal(lin.weight.dequantize(), to_nf4(tao.get_original_weight()).dequantize())
+
+
+def test_torchao_nf4_entry_loads_with_assign_too():
+    ao = torchao_nf4()
+    torch.manual_seed(0)
+    tao = ao.to_nf4(torch.randn(128, 128))
+    lin = LoRALinear(128, 128, rank=4, alpha=8, quantize_base=True)
+    lin.load_state_dict({**lin.state_dict(), "weight": tao}, assign=True)  # NotImplementedError from torchao's dispatch
+    assert torch.equal(lin.weight.dequantize(), to_nf4(tao.get_original_weight()).dequantize())
+
+
+def test_get_adapter_params_of_a_compiled_lora_linear():
+    lin = LoRALinear(8, 8, rank=2, alpha=4)
+    model = torch.nn.Sequential(torch.compile(lin, backend="eager"), torch.nn.Linear(8, 8))
+    # before 59f29fd: {'0._orig_mod.lora_a.weight', ...}; now an AssertionError blaming a typo
+    params = get_adapter_params(model)
+    assert sorted(params) == ["0._orig_mod.lora_a.weight", "0._orig_mod.lora_b.weight"]
+    assert params["0._orig_mod.lora_a.weight"] is lin.lora_a.weight
+    assert sorted(get_adapter_params(torch.compile(lin, backend="eager"))) == ["_orig_mod.lora_a.weight", "_orig_mod.lora_b.weight"]
+
+

@@ -48,13 +48,20 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None
         raise ValueError(f"sample: argument 'temperature' must be finite and >= 0; got {temperature!r}")
     if top_k is not None and (not is_int(top_k) or top_k <= 0):
         raise ValueError(f"sample: argument 'top_k' must be a positive integer or None; got {top_k!r}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"sample: argument 'logits' must have a vocabulary of at least 1 score per row; got shape {list(logits.shape)}")
     if logits.numel():
         bad = torch.isnan(logits) | (logits == float("inf"))
         dead = (logits == float("-inf")).all(dim=-1)
         if bool(bad.any() | dead.any()):
             row = int((bad.any(dim=-1) | dead).nonzero()[0])
+            if bool(bad[row].any()):
+                col = int(bad[row].nonzero()[0])
+                what = f"row {row} has {logits[row, col].item()} at column {col}"
+            else:
+                what = f"row {row} is -infinity throughout"
             raise ValueError(f"sample: argument 'logits' must hold no NaN or +infinity, and a finite score in each row "
-                             f"(-infinity masks a token out); row {row} is {logits[row].tolist()[:8]}")
+                             f"(-infinity masks a token out); {what}")
     return _sample(logits, temperature, top_k, generator)
 
 
@@ -75,6 +82,9 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: to
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+_TOKEN_ID_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.int64, torch.uint64)
+
+
 def _prompt_rows(prompt: Tensor | list, pad_id: int, vocab: int) -> tuple[Tensor, Tensor]:
     """The prompts as a right-padded [b, s] int64 tensor and their lengths [b] (on the CPU)."""
     if isinstance(prompt, Tensor) and prompt.is_nested:
@@ -86,8 +96,8 @@ def _prompt_rows(prompt: Tensor | list, pad_id: int, vocab: int) -> tuple[Tensor
         if prompt.dim() != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
             raise ValueError(f"generate: argument 'prompt' must be [batch, seq] (or one [seq]) with batch and seq >= 1; "
                              f"got shape {list(prompt.shape)}")
-        if prompt.dtype == torch.bool or prompt.dtype.is_floating_point or prompt.dtype.is_complex:
-            raise ValueError(f"generate: argument 'prompt' must hold integer token ids; got dtype {prompt.dtype}")
+        if prompt.dtype not in _TOKEN_ID_DTYPES:  # (not bool, float, complex, nor the sub-byte ints torch cannot copy)
+            raise ValueError(f"generate: argument 'prompt' must hold integer token ids (8 to 64 bits); got dtype {prompt.dtype}")
         rows = prompt.long()
         lengths = torch.full((rows.shape[0],), rows.shape[1], dtype=torch.long)
     else:
@@ -115,8 +125,9 @@ def _prompt_rows(prompt: Tensor | list, pad_id: int, vocab: int) -> tuple[Tensor
         for i, row in enumerate(lists):
             rows[i, : len(row)] = torch.tensor([int(t) for t in row], dtype=torch.long)
     outside = (rows < 0) | (rows >= vocab)
-    if bool(outside.any()):
-        raise ValueError(f"generate: argument 'prompt' must hold token ids in [0, {vocab}); got {rows[outside][:5].tolist()}")
+    if bool(outside.any()):  # (the values given: a uint64 id past 2**63 is negative in rows)
+        given = prompt[outside] if isinstance(prompt, Tensor) else rows[outside]
+        raise ValueError(f"generate: argument 'prompt' must hold token ids in [0, {vocab}); got {given[:5].tolist()}")
     return rows, lengths
 
 
@@ -222,7 +233,14 @@ def generate(
     meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
     if meta is not None:
         raise ValueError(f"generate: argument 'model' has weights on the meta device (shapes without values), {meta} among "
-                         "them; load a checkpoint into it (load_state_dict(..., assign=True)) or build it on a real device")
+                         "them; load a checkpoint into it (qlora_ext.checkpoint.load_checkpoint, or load_state_dict(..., "
+                         "assign=True) and then each pos_embeddings.rope_init(device)) or build it on a real device")
+    # RoPE's cos/sin are not in a state dict: load_state_dict(..., assign=True) leaves them on meta
+    meta = next((name for name, b in model.named_buffers() if b.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"generate: argument 'model' has buffers on the meta device, {meta} among them (RoPE's cos and sin, "
+                         "which no state dict holds, after a build on the meta device); call each layer's "
+                         "attn.pos_embeddings.rope_init(device), or load with qlora_ext.checkpoint.load_checkpoint")
     if not isinstance(use_cache, bool):
         raise ValueError(f"generate: argument 'use_cache' must be True or False; got {use_cache!r}")
     device = model.tok_embeddings.weight.device

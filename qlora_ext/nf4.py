@@ -447,6 +447,15 @@ def _has_compatible_shallow_copy_type(nf4: NF4Tensor, other: Tensor) -> bool:
     return True
 
 
+def foreign_nf4_values(t: Tensor) -> Tensor:
+    """torchao's NF4Tensor (an entry of a torchtune state dict) as its dense values, to quantize
+    again; any other tensor as it is."""
+    if type(t) is not Tensor and type(t) is not torch.nn.Parameter and not isinstance(t, NF4Tensor) \
+            and callable(getattr(t, "get_original_weight", None)):
+        return t.get_original_weight()
+    return t
+
+
 def _copy_(dst: Tensor, src: Tensor, non_blocking: bool = False) -> Tensor:
     # Loading a state dict copies into parameters: a dense source is quantized on the way in, and
     # an NF4 source is dequantized into a dense destination.
@@ -462,8 +471,7 @@ def _copy_(dst: Tensor, src: Tensor, non_blocking: bool = False) -> Tensor:
                 raise ValueError(f"NF4Tensor.copy_: argument 'src' must have {d.numel()} {name} for shape {list(dst.shape)}; "
                                  f"got {s.numel()}")
     else:
-        if type(src) is not Tensor and type(src) is not torch.nn.Parameter and callable(getattr(src, "get_original_weight", None)):
-            src = src.get_original_weight()  # torchao's NF4Tensor (a torchtune state dict): quantize its values again
+        src = foreign_nf4_values(src)
         cast = src.to(device=dst.device, dtype=dst.dtype)
         try:
             components = _quantize(cast, "NF4Tensor.copy_: argument 'src'")

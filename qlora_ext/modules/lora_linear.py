@@ -16,7 +16,7 @@ from qlora_ext._tables import BLOCK_SIZE, SCALER_BLOCK_SIZE
 from qlora_ext._transforms import forward_ad_reaches, functorch_active, unwrapped
 from qlora_ext.modules.adapter_module import AdapterModule
 from qlora_ext.modules.lora_fused import lora_linear
-from qlora_ext.nf4 import NF4Tensor, linear_nf4, reparametrize_as_dtype_state_dict_post_hook, to_nf4
+from qlora_ext.nf4 import NF4Tensor, foreign_nf4_values, linear_nf4, reparametrize_as_dtype_state_dict_post_hook, to_nf4
 
 
 class LoRALinear(nn.Module, AdapterModule):
@@ -276,6 +276,8 @@ def _quantize_assigned_weight(module: LoRALinear, state_dict: dict, prefix: str,
     # copying into the NF4 parameter quantizes (NF4Tensor.copy_). A wrong shape is left for
     # load_state_dict's own size check.
     value = state_dict.get(prefix + "weight")
+    if local_metadata.get("assign_to_params_buffers", False) and isinstance(value, Tensor):
+        value = foreign_nf4_values(value)  # torchao's NF4Tensor: its values, quantized here as a dense entry is
     if (
         local_metadata.get("assign_to_params_buffers", False)
         and isinstance(value, Tensor)

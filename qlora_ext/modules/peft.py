@@ -6,6 +6,7 @@ state dict into its base weights. ``LoRALinear`` is importable from here as from
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -31,7 +32,10 @@ def get_adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
         AssertionError: (torchtune's) a module lists a name in ``adapter_params()`` that is not one of its parameters.
     """
     params = {}
+    compiled = sys.modules.get("torch._dynamo.eval_frame")  # (not imported yet: nothing is compiled)
     for module_name, module in model.named_modules():
+        if compiled is not None and isinstance(module, compiled.OptimizedModule):
+            continue  # torch.compile's wrapper forwards adapter_params() to the module it wraps, visited next as _orig_mod
         if hasattr(module, "adapter_params") and callable(module.adapter_params):
             wanted = list(module.adapter_params())
             for name, param in module.named_parameters(recurse=True):
