@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from qlora_ext.models.llama2 import lora_llama2_7b
-from qlora_ext.training.config import ASSETS_DIR, CONFIG_DIR, ConfigError, available_configs, load_config
+from qlora_ext.training.config import ASSETS_DIR, CONFIG_DIR, SCHEMA, ConfigError, available_configs, load_config
 
 SEED_7B_QLORA = "llama2_7b_qlora_single_device"
 
@@ -344,3 +344,30 @@ def test_lora_defaults_of_the_config_are_the_builders(tmp_path):
 def test_lora_dropout_of_one_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.lora_dropout"):
         _minimal(tmp_path, "model.lora_dropout=1.0")
+
+
+# a section's key given at top level is answered with the dotted key, before difflib's near top-level key (helper-154)
+_SECTION_KEYS = sorted({(sec, k) for sec, keys in SCHEMA.items() if isinstance(keys, dict) for k in keys if k not in SCHEMA})
+
+
+@pytest.mark.parametrize("section, key", _SECTION_KEYS, ids=[f"{s}.{k}" for s, k in _SECTION_KEYS])
+def test_a_section_key_at_top_level_names_its_section(section, key):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_qlora", [f"{key}=1"])
+    assert f"'{section}.{key}'" in str(e.value).split("(valid keys")[0], str(e.value)
+
+
+@pytest.mark.parametrize("override, misleading", [("num_heads=32", "'num_threads'"), ("vocab_size=32000", "'batch_size'"),
+                                                  ("every_n_steps=50", "'log_every_n_steps'"), ("type=wandb", "'dtype'")])
+def test_a_section_key_is_not_answered_with_another_valid_top_level_key(override, misleading):
+    # following the hint would set a different, valid key (num_threads=32, batch_size=32000)
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_qlora", [override])
+    assert f"did you mean {misleading}?" not in str(e.value)
+
+
+def test_in_a_yaml_file_too(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("num_heads: 32\n")
+    with pytest.raises(ConfigError, match=r"did you mean 'model.num_heads'\?"):
+        load_config(str(path))

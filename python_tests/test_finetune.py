@@ -1244,5 +1244,11 @@ def test_a_dashed_override_is_told_to_drop_the_dashes(capsys):
         finetune.main(["--optimizer.lr=3e-4", "--bogus"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "unrecognized arguments: --optimizer.lr=3e-4 --bogus (overrides are written without dashes: optimizer.lr=3e-4)" in err
+    assert "unrecognized arguments: --optimizer.lr=3e-4 --bogus (overrides are written key=value, without dashes: optimizer.lr=3e-4)" in err
+    with pytest.raises(SystemExit):  # HF's --key value: the value is taken as an override, the key is left
+        finetune.main(["--optimizer.lr", "3e-4"])
+    assert "unrecognized arguments: --optimizer.lr (overrides are written key=value, without dashes)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        finetune.main(["---epochs=2"])
+    assert "without dashes: epochs=2)" in capsys.readouterr().err
 

@@ -820,3 +820,21 @@ def test_generate_names_an_out_of_range_uint64_id_as_given():
     prompt = torch.tensor([[2**64 - 1, 4]], dtype=torch.uint64)
     with pytest.raises(ValueError, match=r"in \[0, 96\); got \[18446744073709551615\]"):  # was "got [-1]"
         generate(model, prompt, max_new_tokens=1)
+
+
+def test_kv_caches_left_on_meta_are_named_as_caches():
+    real = lora_llama2(["q_proj", "v_proj"], **_GEN_ARCH).eval()
+    with torch.device("meta"):
+        model = lora_llama2(["q_proj", "v_proj"], **_GEN_ARCH)
+        model.setup_caches(1, torch.float32)  # torchtune's recipes set caches up inside a device context
+    model.load_state_dict(real.state_dict(), assign=True)
+    for layer in model.layers:
+        layer.attn.pos_embeddings.rope_init("cpu")  # as the RoPE message asks
+    with pytest.raises(ValueError) as e:
+        generate(model.eval(), [1, 2, 3], max_new_tokens=2, temperature=0.0)
+    msg = str(e.value)
+    assert "kv_cache" in msg and "setup_caches" in msg, msg
+    assert "rope_init" not in msg, msg  # (it was just called: not the remedy)
+    model.setup_caches(1, torch.float32)  # following the message decodes as the real model
+    assert torch.equal(generate(model, [1, 2, 3], max_new_tokens=3, temperature=0.0),
+                       generate(real, [1, 2, 3], max_new_tokens=3, temperature=0.0))

@@ -579,9 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     tolerant_console()
     args, unknown = parser.parse_known_intermixed_args(argv)  # (overrides before and after --config alike)
     if unknown:
-        dashed = [a for a in unknown if a.startswith("--") and "=" in a]  # torchtune users' habit, argparse's spelling
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}"
-                     + (f" (overrides are written without dashes: {' '.join(a[2:] for a in dashed)})" if dashed else ""))
+        # torchtune users' --key=value, HF users' --key value
+        dashed = [a.lstrip("-") for a in unknown if a.startswith("--") and "=" in a]
+        hint = " (overrides are written key=value, without dashes" + (f": {' '.join(dashed)})" if dashed else ")")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (hint if any(a.startswith("--") for a in unknown) else ""))
     if args.list_configs:
         return print_out("\n".join(available_configs()))
     world = os.environ.get("WORLD_SIZE", "")

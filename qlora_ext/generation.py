@@ -236,11 +236,16 @@ def generate(
                          "them; load a checkpoint into it (qlora_ext.checkpoint.load_checkpoint, or load_state_dict(..., "
                          "assign=True) and then each pos_embeddings.rope_init(device)) or build it on a real device")
     # RoPE's cos/sin are not in a state dict: load_state_dict(..., assign=True) leaves them on meta
-    meta = next((name for name, b in model.named_buffers() if b.is_meta), None)
+    meta_buffers = [name for name, b in model.named_buffers() if b.is_meta]
+    meta = next((name for name in meta_buffers if ".kv_cache." not in f".{name}"), None)
     if meta is not None:
         raise ValueError(f"generate: argument 'model' has buffers on the meta device, {meta} among them (RoPE's cos and sin, "
                          "which no state dict holds, after a build on the meta device); call each layer's "
                          "attn.pos_embeddings.rope_init(device), or load with qlora_ext.checkpoint.load_checkpoint")
+    if meta_buffers:  # caches set up while the model was on meta (inside `with torch.device("meta")`)
+        raise ValueError(f"generate: argument 'model' has KV caches on the meta device, {meta_buffers[0]} among them "
+                         "(set up before its weights were loaded); call model.setup_caches(batch_size, dtype) again, or "
+                         "model.remove_caches() to let generate size them")
     if not isinstance(use_cache, bool):
         raise ValueError(f"generate: argument 'use_cache' must be True or False; got {use_cache!r}")
     device = model.tok_embeddings.weight.device

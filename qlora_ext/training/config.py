@@ -311,7 +311,8 @@ def _unknown_key_message(key: str, schema: Any, parent: str, where: str) -> str:
     hint = difflib.get_close_matches(name, list(schema), n=1)
     hint_text = f"; did you mean '{(parent + '.') if parent else ''}{hint[0]}'?" if hint else ""
     nested = [f"{section}.{name}" for section, keys in schema.items() if isinstance(keys, dict) and name in keys]
-    if not hint and nested and not parent:  # lr for optimizer.lr, lora_rank for model.lora_rank
+    if nested and not parent:  # lr for optimizer.lr, lora_rank for model.lora_rank; an exact section key
+        # beats difflib's near top-level key (num_heads is model.num_heads, not num_threads)
         hint_text = f"; did you mean {' or '.join(repr(k) for k in nested)}?"
     if name == "_component_":  # a torchtune spelling on one of our configs
         hint_text = (
