@@ -149,7 +149,7 @@ def test_from_checkpoint_names_a_dtype_it_cannot_build(hf_models):
 def test_from_checkpoint_names_lora_attn_modules_given_as_one_string(hf_models):
     # It was shown split into characters: "got ['q', '_', 'p', 'r', 'o', 'j']"
     _, folder = hf_models[2]
-    with pytest.raises(ValueError, match=r"argument 'lora_attn_modules' must be a list .*; got 'q_proj'$"):
+    with pytest.raises(ValueError, match=r"argument 'lora_attn_modules' must be a list .*; got 'q_proj' \(a str\)$"):
         llama2_from_checkpoint(folder, "q_proj")
 
 
