@@ -10,14 +10,13 @@ step feeds only the newest token. ``use_cache=False`` recomputes the whole seque
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import torch
 from torch import Tensor, nn
 
 from qlora_ext._arguments import is_finite_real, is_int
-from qlora_ext._eager import force_eager
+from qlora_ext._eager import force_eager, is_compile_wrapper
 
 
 class NonFiniteLogitsError(ValueError):
@@ -163,9 +162,7 @@ def _cache_state(model: nn.Module) -> str:
 def _is_compiled(model: nn.Module) -> bool:
     """Whether ``torch.compile`` wraps the model (``torch.compile(model)``) or any of its modules
     (``module.compile()``, as ``compile=True`` in the trainer does to each layer)."""
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported yet: nothing is compiled
-    wrapper = eval_frame.OptimizedModule if eval_frame is not None else ()
-    return any(isinstance(m, wrapper) or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    return any(is_compile_wrapper(m) or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
 
 
 @torch.no_grad()

@@ -6,13 +6,13 @@ state dict into its base weights. ``LoRALinear`` is importable from here as from
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from qlora_ext._arguments import is_finite_real, is_int
+from qlora_ext._eager import is_compile_wrapper
 from qlora_ext.modules.adapter_module import AdapterModule
 from qlora_ext.modules.lora_linear import LoRALinear
 
@@ -32,9 +32,8 @@ def get_adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
         AssertionError: (torchtune's) a module lists a name in ``adapter_params()`` that is not one of its parameters.
     """
     params = {}
-    compiled = sys.modules.get("torch._dynamo.eval_frame")  # (not imported yet: nothing is compiled)
     for module_name, module in model.named_modules():
-        if compiled is not None and isinstance(module, compiled.OptimizedModule):
+        if is_compile_wrapper(module):
             continue  # torch.compile's wrapper forwards adapter_params() to the module it wraps, visited next as _orig_mod
         if hasattr(module, "adapter_params") and callable(module.adapter_params):
             wanted = list(module.adapter_params())
